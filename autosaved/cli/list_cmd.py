@@ -1,0 +1,65 @@
+"""``autosaved list [JOB]``: jobs, or one job's versions. Asks the daemon; reads the state dir when the
+daemon is down (or when ``--offline`` is given)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..errors import DaemonUnavailable, NotFound
+from ..storage.local import Store
+from .common import AdminClient, add_client_options, human_bytes, print_json, state_dir, table
+
+
+def add_parser(sub: Any, name: str) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(name, help="list jobs, or the versions of one job")
+    p.add_argument("job", nargs="?")
+    add_client_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON array")
+    p.add_argument("--offline", action="store_true", help="read the state dir, do not ask the daemon")
+
+
+def _offline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    store = Store(state_dir(args))
+    uid = os.geteuid()
+    if args.job:
+        infos = store.job(uid, args.job).list_versions()
+        if not infos:
+            raise NotFound(f"no versions of job {args.job!r} in {store.root}")
+        return [i.to_json() for i in infos]
+    out = []
+    for js in store.jobs(None if uid == 0 else uid):
+        ids = js.version_ids()
+        out.append({"job": js.job, "owner": js.owner, "versions": len(ids), "latest": ids[-1] if ids else None,
+                    "bytes": js.stored_bytes(), "dirty": False})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]]
+    if args.offline:
+        rows = _offline(args)
+    else:
+        try:
+            with AdminClient(args) as client:
+                result = client.call(lambda core: core.list(args.job))
+            rows = result["versions"] if args.job else result["jobs"]
+        except DaemonUnavailable:
+            print("autosaved list: daemon not reachable; reading the state dir directly", file=sys.stderr)
+            rows = _offline(args)
+    if args.json:
+        print_json(rows)
+        return 0
+    if args.job:
+        print(table([[str(r["id"]), str(r["step"] if r["step"] is not None else "-"), r["time"], human_bytes(r["bytes"]),
+                      r["reason"], "ok" if r["ok"] else f"CORRUPT: {r['error']}"] for r in rows],
+                    ["VERSION", "STEP", "TIME", "SIZE", "REASON", "VERIFIED"]))
+    elif rows:
+        print(table([[r["job"], str(r["owner"]), str(r["versions"]), str(r["latest"] or "-"), human_bytes(r["bytes"]),
+                      "yes" if r.get("dirty") else "no"] for r in rows],
+                    ["JOB", "OWNER", "VERSIONS", "LATEST", "STORED", "UNSAVED"]))
+    else:
+        print("no jobs")
+    return 0

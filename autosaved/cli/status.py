@@ -1,0 +1,37 @@
+"""``autosaved status``: is the daemon up, and what do its jobs look like. Exit 0 when it answers."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import AdminClient, add_client_options, human_bytes, print_json, table
+
+
+def add_parser(sub: Any, name: str) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(name, help="show the daemon and its jobs")
+    add_client_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    with AdminClient(args) as client:
+        result: dict[str, Any] = client.call(lambda core: core.status(all_jobs=True))
+    payload = {"daemon": result["daemon"], "jobs": result["jobs"]}
+    if args.json:
+        print_json(payload)
+        return 0
+    d = payload["daemon"]
+    print(f"autosaved {d['version']} pid {d['pid']} up {d['uptime_s']:.0f}s at {d['address']}")
+    print(f"state dir {d['state_dir']}; saves {d['saves']} ({human_bytes(d['bytes_written'])} written), "
+          f"failures {d['save_failures']}, holding {human_bytes(d['held_bytes'])} in memory")
+    rows = [[j["job"], str(j["owner"]), "yes" if j["dirty"] else "no", human_bytes(j["dirty_bytes"]),
+             str(j["latest_version"] or "-"), str(j["step"] if j["step"] is not None else "-"),
+             j["last_save_time"] or "-", j["last_save_reason"] or "-", j["last_error"] or ""]
+            for j in payload["jobs"]]
+    if rows:
+        print()
+        print(table(rows, ["JOB", "OWNER", "DIRTY", "UNSAVED", "VERSION", "STEP", "LAST SAVE", "REASON", "ERROR"]))
+    else:
+        print("no jobs yet")
+    return 0

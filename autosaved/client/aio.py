@@ -1,0 +1,100 @@
+"""The awaitable client (anyio on the asyncio backend): the same API as :class:`Client`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import anyio
+import zmq
+import zmq.asyncio
+
+from ..codec import TensorMode
+from ..errors import StateLost
+from .base import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, Ack, ack_from, check_reachable, configure, resolve_address, timed_out
+from .core import ClientCore, Request
+
+
+class AsyncClient:
+    """``async with autosaved.AsyncClient("job") as c: await c.update({...})``.
+
+    Requests are serialised by a lock, so one client may be shared by several tasks.
+    """
+
+    def __init__(self, job: str, *, address: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 save_timeout: float = DEFAULT_SAVE_TIMEOUT, policy: Mapping[str, Any] | None = None,
+                 on_state_lost: Callable[[StateLost], Awaitable[None]] | None = None) -> None:
+        self._core = ClientCore(job, policy=policy)
+        self.address = resolve_address(address)
+        self.timeout = timeout
+        self.save_timeout = save_timeout
+        self.on_state_lost = on_state_lost
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._lock = anyio.Lock()
+
+    @property
+    def job(self) -> str:
+        return self._core.job
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self.close()
+
+    async def connect(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self._core.hello())
+        return result
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    async def _call(self, req: Request, tensors: TensorMode = "numpy") -> Any:
+        timeout = self.save_timeout if req.long else self.timeout
+        async with self._lock:
+            if self._sock is None:
+                check_reachable(self.address)
+                self._sock = self._ctx.socket(zmq.DEALER)
+                configure(self._sock, self.address)
+            sock = self._sock
+            await sock.send_multipart(req.frames, copy=True)
+            with anyio.move_on_after(timeout):
+                while True:
+                    # poll-then-recv: a timeout cancels the poll, never a recv holding a message.
+                    if not await sock.poll(1000, zmq.POLLIN):
+                        continue
+                    frames = [f.buffer for f in await sock.recv_multipart(copy=False)]
+                    header = self._core.matches(req, frames)
+                    if header is not None:
+                        return self._core.finish(req, header, frames, tensors)
+            self.close()
+            raise timed_out(self.address, req.op, timeout)
+
+    async def update(self, delta: Mapping[str | int, Any], *, step: int | None = None,
+                     meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> Ack:
+        req = self._core.update(delta, step=step, meta=meta, wait=wait)
+        try:
+            return ack_from(await self._call(req), req.seq)
+        except StateLost as lost:
+            if self.on_state_lost is None:
+                raise
+            await self.on_state_lost(lost)
+            req = self._core.update(delta, step=step, meta=meta, wait=wait)
+            return ack_from(await self._call(req), req.seq)
+
+    async def save(self) -> int:
+        version: int = await self._call(self._core.save())
+        return version
+
+    async def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
+        return await self._call(self._core.restore(version), tensors)
+
+    async def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(self._core.status())
+        return result

@@ -1,0 +1,65 @@
+"""What the sync and async drivers share besides the protocol core: address checks, error texts,
+socket options, and the result types."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from ..config import discover_address
+from ..errors import DaemonUnavailable
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_SAVE_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class Ack:
+    """How far an update got: ``level`` is ``accepted`` (in daemon memory) or ``committed`` (inside the
+    committed version ``version``)."""
+
+    level: str
+    seq: int
+    version: int | None = None
+
+
+def resolve_address(address: str | None) -> str:
+    return address or discover_address()
+
+
+def _how_to_start(address: str) -> str:
+    return (f"Start it with `autosaved serve --address {address}` (or `systemctl start autosaved` on a host "
+            "that runs it as a service), or point AUTOSAVED_ADDRESS at a running daemon.")
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast, with a useful message, when an ipc socket file is not there at all."""
+    if address.startswith("ipc://"):
+        path = address.removeprefix("ipc://")
+        if not os.path.exists(path):
+            raise DaemonUnavailable(
+                f"no autosaved daemon at {address} (the socket file does not exist). {_how_to_start(address)}",
+                details={"address": address},
+            )
+
+
+def timed_out(address: str, op: str, timeout: float) -> DaemonUnavailable:
+    return DaemonUnavailable(
+        f"the autosaved daemon at {address} did not answer {op!r} within {timeout:g}s; it may be stopped, "
+        f"hung or overloaded. {_how_to_start(address)}",
+        details={"address": address, "op": op, "timeout": timeout},
+    )
+
+
+def configure(sock: Any, address: str) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 50)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.connect(address)
+
+
+def ack_from(header: dict[str, Any], seq: int) -> Ack:
+    return Ack(level=str(header.get("ack")), seq=seq, version=header.get("version"))

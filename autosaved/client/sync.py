@@ -1,0 +1,108 @@
+"""The blocking client: ``with autosaved.Client("job") as c: c.update({...})``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from ..codec import TensorMode
+from ..errors import StateLost
+from .base import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, Ack, ack_from, check_reachable, configure, resolve_address, timed_out
+from .core import ClientCore, Request
+
+
+class Client:
+    """A connection from a trainer to the local autosaved daemon, for one job.
+
+    ``timeout`` bounds every ordinary request (seconds); ``save_timeout`` bounds requests that wait for a
+    commit (``save()``, ``update(wait="committed")``, ``restore()``). ``on_state_lost`` is called with the
+    :class:`~autosaved.StateLost` error when the daemon restarted and lost acknowledged deltas; the update
+    that found out is sent again after it returns. Without it, ``update()`` raises ``StateLost``.
+    """
+
+    def __init__(self, job: str, *, address: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 save_timeout: float = DEFAULT_SAVE_TIMEOUT, policy: Mapping[str, Any] | None = None,
+                 on_state_lost: Callable[[StateLost], None] | None = None) -> None:
+        self._core = ClientCore(job, policy=policy)
+        self.address = resolve_address(address)
+        self.timeout = timeout
+        self.save_timeout = save_timeout
+        self.on_state_lost = on_state_lost
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    @property
+    def job(self) -> str:
+        return self._core.job
+
+    def __enter__(self) -> Client:
+        self.connect()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def connect(self) -> dict[str, Any]:
+        """Say hello: checks the daemon is there and registers this client's policy overrides."""
+        result: dict[str, Any] = self._call(self._core.hello())
+        return result
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            check_reachable(self.address)
+            self._sock = self._ctx.socket(zmq.DEALER)
+            configure(self._sock, self.address)
+        return self._sock
+
+    def _call(self, req: Request, tensors: TensorMode = "numpy") -> Any:
+        timeout = self.save_timeout if req.long else self.timeout
+        sock = self._socket()
+        sock.send_multipart(req.frames, copy=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                # Drop the socket: a request still queued in it must not reach a daemon later.
+                self.close()
+                raise timed_out(self.address, req.op, timeout)
+            frames = [f.buffer for f in sock.recv_multipart(copy=False)]
+            header = self._core.matches(req, frames)
+            if header is not None:
+                return self._core.finish(req, header, frames, tensors)
+
+    def update(self, delta: Mapping[str | int, Any], *, step: int | None = None,
+               meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> Ack:
+        """Deep-merge ``delta`` into the job's state (mappings merge, other values replace,
+        ``autosaved.DELETE`` removes) and return once the daemon acknowledged it at level ``wait``."""
+        req = self._core.update(delta, step=step, meta=meta, wait=wait)
+        try:
+            return ack_from(self._call(req), req.seq)
+        except StateLost as lost:
+            if self.on_state_lost is None:
+                raise
+            self.on_state_lost(lost)
+            req = self._core.update(delta, step=step, meta=meta, wait=wait)
+            return ack_from(self._call(req), req.seq)
+
+    def save(self) -> int:
+        """Commit a version that contains every update so far; returns its id."""
+        version: int = self._call(self._core.save())
+        return version
+
+    def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
+        """The job's newest state (everything the daemon accepted), or stored version ``version``;
+        ``None`` when the job has no state. Arrays come back as numpy, or torch with ``tensors="torch"``."""
+        return self._call(self._core.restore(version), tensors)
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(self._core.status())
+        return result

@@ -1,0 +1,255 @@
+"""Configuration: TOML file + environment + flags → one frozen :class:`Config`.
+
+Like uvicorn's, loading is split from the values: :func:`load_config` reads and validates every source
+and returns an immutable object; an error names the key and what is wrong with it. Precedence, highest
+first: command-line flags, ``AUTOSAVED_*`` environment variables, the TOML file, embedded defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+from .errors import ConfigError
+
+SYSTEM_CONFIG: Final = Path("/etc/autosaved/autosaved.toml")
+SYSTEM_STATE_DIR: Final = Path("/var/lib/autosaved")
+SYSTEM_SOCKET: Final = Path("/run/autosaved/autosaved.sock")
+SOCKET_NAME: Final = "autosaved.sock"
+
+_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_UNITS_B = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_OFF = ("off", "none", "never", "")
+
+
+def parse_duration(value: Any, key: str, *, allow_off: bool = False) -> float | None:
+    """Seconds from a number or a string like ``"500ms"``, ``"30s"``, ``"10m"``, ``"1h30m"``."""
+    if allow_off and (value is None or value is False or (isinstance(value, str) and value.strip().lower() in _OFF)):
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 30, \"30s\" or \"10m\", got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)", value.strip().lower())
+        if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d)|\s", "", value.strip().lower()):
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise ConfigError(
+                    f"{key}: {value!r} is not a duration (use seconds or units ms, s, m, h, d: \"10m\")"
+                ) from None
+        else:
+            seconds = sum(float(n) * _UNITS_S[u] for n, u in parts)
+    else:
+        raise ConfigError(f"{key}: expected a duration, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{key}: duration must be a non-negative finite number, got {value!r}")
+    return seconds
+
+
+def parse_size(value: Any, key: str, *, allow_off: bool = False) -> int | None:
+    """Bytes from an int or a string like ``"4GiB"``, ``"512MB"``, ``"64k"``."""
+    if allow_off and (value is None or value is False or (isinstance(value, str) and value.strip().lower() in _OFF)):
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 1048576 or \"4GiB\", got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, float) and value.is_integer():
+        size = int(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS_B:
+            raise ConfigError(f"{key}: {value!r} is not a size (use bytes or units like \"512MiB\", \"4GiB\", \"1GB\")")
+        size = int(float(match.group(1)) * _UNITS_B[match.group(2).lower()])
+    else:
+        raise ConfigError(f"{key}: expected a size, got {type(value).__name__}")
+    if size < 0:
+        raise ConfigError(f"{key}: size must not be negative, got {value!r}")
+    return size
+
+
+def _parse_count(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: expected an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """When to save a job. ``None`` turns a rule off. Durations in seconds, sizes in bytes."""
+
+    interval: float | None = 600.0
+    idle: float | None = 30.0
+    dirty_bytes: int | None = 1024**3
+    min_gap: float = 10.0
+    keep_last: int = 3
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], *, base: PolicySettings | None = None, where: str = "policy") -> PolicySettings:
+        """Validate a (partial) policy table on top of ``base``; unknown keys are an error."""
+        settings = base or cls()
+        known = {f.name for f in fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = f"{where}.{key}"
+            if key not in known:
+                raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
+            if key in ("interval", "idle"):
+                changes[key] = parse_duration(value, name, allow_off=True)
+            elif key == "min_gap":
+                changes[key] = parse_duration(value, name)
+            elif key == "dirty_bytes":
+                changes[key] = parse_size(value, name, allow_off=True)
+            elif key == "keep_last":
+                changes[key] = _parse_count(value, name, 1)
+        return replace(settings, **changes)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_state_dir() -> Path:
+    if _is_root():
+        return SYSTEM_STATE_DIR
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "autosaved"
+
+
+def default_socket_path(state_dir: Path | None = None) -> Path:
+    """Where this user's daemon listens: /run/autosaved for root, else $XDG_RUNTIME_DIR/autosaved, else a
+    0700 ``run`` dir inside the state dir (created by the daemon)."""
+    if _is_root():
+        return SYSTEM_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return Path(runtime) / "autosaved" / SOCKET_NAME
+    return (state_dir or default_state_dir()) / "run" / SOCKET_NAME
+
+
+def discover_address() -> str:
+    """The address a client uses when none is given: $AUTOSAVED_ADDRESS, else this user's own daemon,
+    else the host's system daemon if its socket exists, else this user's default (to name in errors)."""
+    env = os.environ.get("AUTOSAVED_ADDRESS")
+    if env:
+        return env
+    own = default_socket_path()
+    if own.exists() or not SYSTEM_SOCKET.exists():
+        return f"ipc://{own}"
+    return f"ipc://{SYSTEM_SOCKET}"
+
+
+def discover_state_dir() -> Path:
+    env = os.environ.get("AUTOSAVED_STATE_DIR")
+    return Path(env) if env else default_state_dir()
+
+
+@dataclass(frozen=True)
+class Config:
+    address: str
+    state_dir: Path
+    config_file: Path | None = None
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    max_message_bytes: int = 16 * 1024**3
+    shutdown_deadline: float = 25.0
+    chunk_size: int = 8 * 1024**2
+    log_level: str = "info"
+
+    def socket_path(self) -> Path | None:
+        return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None
+
+
+_TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level"}
+
+
+def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
+    """Apply a TOML table to ``base``; every problem names its key."""
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    changes: dict[str, Any] = {}
+    if "address" in raw:
+        changes["address"] = _parse_address(raw["address"], "address")
+    if "state_dir" in raw:
+        if not isinstance(raw["state_dir"], str) or not raw["state_dir"]:
+            raise ConfigError("state_dir: expected a path string")
+        changes["state_dir"] = Path(raw["state_dir"]).expanduser()
+    if "policy" in raw:
+        if not isinstance(raw["policy"], Mapping):
+            raise ConfigError("policy: expected a table ([policy])")
+        changes["policy"] = PolicySettings.parse(raw["policy"], base=base.policy)
+    if "max_message_bytes" in raw:
+        changes["max_message_bytes"] = parse_size(raw["max_message_bytes"], "max_message_bytes")
+    if "shutdown_deadline" in raw:
+        changes["shutdown_deadline"] = parse_duration(raw["shutdown_deadline"], "shutdown_deadline")
+    if "chunk_size" in raw:
+        size = parse_size(raw["chunk_size"], "chunk_size")
+        if size is None or not 64 * 1024 <= size <= 1024**3:
+            raise ConfigError("chunk_size: must be between 64KiB and 1GiB")
+        changes["chunk_size"] = size
+    if "log_level" in raw:
+        level = str(raw["log_level"]).lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: expected debug, info, warning or error, got {raw['log_level']!r}")
+        changes["log_level"] = level
+    return replace(base, **changes)
+
+
+def _parse_address(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not re.match(r"^(ipc|tcp)://.+", value):
+        raise ConfigError(f"{key}: expected an ipc:// or tcp:// address, got {value!r}")
+    path = value.removeprefix("ipc://")
+    if value.startswith("ipc://") and len(os.fsencode(path)) > 107:
+        raise ConfigError(f"{key}: the socket path {path!r} is longer than the 107 bytes a Unix socket allows")
+    return value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+
+
+def load_config(
+    *, config_file: str | Path | None = None, address: str | None = None, state_dir: str | Path | None = None
+) -> Config:
+    """Resolve the daemon's configuration from flags (the arguments), environment, file and defaults."""
+    env = os.environ
+    file_arg = config_file or env.get("AUTOSAVED_CONFIG")
+    path = Path(file_arg) if file_arg else (SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None)
+    raw = read_toml(path) if path else {}
+
+    chosen_state = state_dir or env.get("AUTOSAVED_STATE_DIR")
+    base_state = Path(chosen_state) if chosen_state else default_state_dir()
+    cfg = Config(address=f"ipc://{default_socket_path(base_state)}", state_dir=base_state, config_file=path)
+    cfg = parse_config_table(raw, cfg)
+    if chosen_state:
+        cfg = replace(cfg, state_dir=Path(chosen_state))
+        if "address" not in raw:
+            cfg = replace(cfg, address=f"ipc://{default_socket_path(cfg.state_dir)}")
+    chosen_address = address or env.get("AUTOSAVED_ADDRESS")
+    if chosen_address:
+        cfg = replace(cfg, address=_parse_address(chosen_address, "--address" if address else "AUTOSAVED_ADDRESS"))
+    return replace(cfg, state_dir=cfg.state_dir.expanduser().absolute())

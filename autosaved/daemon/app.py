@@ -1,0 +1,354 @@
+"""The daemon's lifecycle: startup → serve → flush → exit.
+
+Structure (after uvicorn and apscheduler 4): ``Daemon.run`` acquires the locks, binds the socket, starts
+the rpc loop, the scheduler and the signal watcher in one anyio task group, tells systemd READY=1, and
+waits for a stop request. Signal handlers only set that request; the flush then happens in the main
+flow: new updates are refused (``shutting_down``), every dirty job is committed, and only then does the
+task group close.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import zmq
+import zmq.asyncio
+
+from .. import __version__
+from ..config import Config
+from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolError, StorageError
+from ..policy import SaveReason, decide
+from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
+from ..storage.local import Store
+from .jobs import Job, JobKey
+from .lock import PidLock
+from .notify import Notifier
+from .rpc import Handlers, Request
+from .writer import Writer
+
+log = logging.getLogger("autosaved.daemon")
+
+
+def peer_uid(frame: zmq.Frame, default: int) -> int:
+    """The uid of the process on the other end of an ipc connection.
+
+    libzmq reports ``Peer-Address`` on ipc as ``<addr>:<uid>:<gid>:<pid>`` from SO_PEERCRED; on tcp there
+    is no uid and the peer is treated as the daemon's own user (tcp is for trusted setups only).
+    """
+    try:
+        addr = frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, KeyError):
+        return default
+    parts = str(addr).split(":")
+    if len(parts) >= 4 and parts[-3].isdigit():
+        return int(parts[-3])
+    return default
+
+
+class Daemon:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.notifier = notifier or Notifier()
+        self.boot = secrets.token_hex(8)
+        self.pid = os.getpid()
+        self.uid = os.geteuid()
+        self.started_at = time.time()
+        self.store = Store(config.state_dir)
+        self.jobs: dict[JobKey, Job] = {}
+        self.shutting_down = False
+        self.exit_code = 0
+        self.handlers = Handlers(self)
+        self.writer = Writer(chunk_size=config.chunk_size, clock=clock, on_done=self._save_done)
+        self._wake = anyio.Event()
+        self._save_finished = anyio.Event()
+        self._stop = anyio.Event()
+        self._load_locks: dict[JobKey, anyio.Lock] = {}
+        self._send_lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._locks: list[PidLock] = []
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self.requests = 0
+        self.errors = 0
+
+    # -- wiring ----------------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Wake the scheduler: something changed that may make a save due sooner."""
+        self._wake.set()
+
+    def _save_done(self) -> None:
+        self._save_finished.set()
+        self._wake.set()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def get_job(self, owner: int, name: str) -> Job:
+        key = (owner, name)
+        job = self.jobs.get(key)
+        if job is not None:
+            return job
+        lock = self._load_locks.setdefault(key, anyio.Lock())
+        async with lock:
+            job = self.jobs.get(key)
+            if job is not None:
+                return job
+            store = self.store.job(owner, name)
+
+            def load() -> tuple[Any, list[int]]:
+                store.clean_tmp()
+                return store.load_newest(load_data=False), store.version_ids()
+
+            try:
+                loaded, ids = await anyio.to_thread.run_sync(load)
+            except OSError as exc:
+                raise StorageError(f"cannot open job {name!r}: {exc}") from exc
+            job = Job(owner=owner, name=name, store=store, settings=self.config.policy)
+            if loaded is not None:
+                job.root = loaded.tree
+                job.sessions = dict(loaded.sessions)
+                job.durable = dict(loaded.sessions)
+                job.latest_version = loaded.info.id
+                job.step = loaded.info.step
+                job.meta = dict(loaded.info.meta)
+                job.last_save_time = loaded.info.time
+                log.info("loaded job=%s owner=%d version=%d", name, owner, loaded.info.id)
+            job.next_version = ids[-1] + 1 if ids else 1
+            self.jobs[key] = job
+            self._load_locks.pop(key, None)
+            return job
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _prepare_paths(self) -> None:
+        state_dir = self.config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        lock = PidLock(state_dir / "daemon.lock", f"state dir {state_dir}")
+        lock.acquire()
+        self._locks.append(lock)
+        sock_path = self.config.socket_path()
+        if sock_path is not None:
+            if not sock_path.parent.exists():
+                sock_path.parent.mkdir(parents=True, mode=0o700)
+            sock_lock = PidLock(sock_path.with_name(sock_path.name + ".lock"), f"socket {sock_path}")
+            sock_lock.acquire()
+            self._locks.append(sock_lock)
+
+    def _bind(self) -> zmq.asyncio.Socket:
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        # A frame over the limit makes libzmq drop that peer's connection: the cheapest defence against a
+        # client that would make the daemon allocate without bound. The total over all frames is
+        # checked per message, with an error reply.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        try:
+            sock.bind(self.config.address)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise AutosavedError(f"cannot listen on {self.config.address}: {exc}") from None
+        path = self.config.socket_path()
+        if path is not None:
+            os.chmod(path, 0o660)
+        return sock
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
+        self._prepare_paths()
+        try:
+            self._sock = self._bind()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._rpc_loop)
+                tg.start_soon(self._scheduler_loop)
+                tg.start_soon(self._signal_loop)
+                log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
+                         self.config.state_dir, self.pid, __version__)
+                self.notifier.ready(f"serving {self.config.address}")
+                task_status.started()
+                await self._stop.wait()
+                await self._flush_all()
+                tg.cancel_scope.cancel()
+        finally:
+            if self._sock is not None:
+                self._sock.close(0)
+            if self._ctx is not None:
+                self._ctx.term()
+            for lock in self._locks:
+                lock.release()
+            self.notifier.close()
+        return self.exit_code
+
+    async def _signal_loop(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self._stop.is_set():
+                    log.info("received %s: saving every dirty job, then exiting", signal.Signals(signum).name)
+                    self.request_stop()
+                else:
+                    log.info("received %s again: still saving", signal.Signals(signum).name)
+
+    async def _flush_all(self) -> None:
+        """Commit every accepted delta, within the shutdown deadline."""
+        self.shutting_down = True
+        deadline = self.config.shutdown_deadline
+        self.notifier.stopping(f"saving {sum(j.dirty for j in self.jobs.values())} dirty jobs")
+        with anyio.move_on_after(deadline):
+            while True:
+                now = self.clock()
+                pending = [j for j in self.jobs.values() if j.dirty or j.saving]
+                if not pending:
+                    break
+                next_retry = math.inf
+                for job in pending:
+                    if job.saving:
+                        continue
+                    if job.retry_at is not None and job.retry_at > now:
+                        next_retry = min(next_retry, job.retry_at)
+                        continue
+                    assert self._tg is not None
+                    self.writer.begin(job, SaveReason.SHUTDOWN, self._tg)
+                self._save_finished = anyio.Event()
+                with anyio.move_on_after(max(0.0, next_retry - now) if next_retry < math.inf else math.inf):
+                    await self._save_finished.wait()
+        lost = [j for j in self.jobs.values() if j.dirty]
+        for job in lost:
+            log.error("shutdown deadline passed before job=%s was saved (dirty_bytes=%d, error=%s)",
+                      job.name, job.dirty_bytes, job.last_error)
+        if lost:
+            self.exit_code = 1
+        else:
+            log.info("all jobs saved; exiting")
+
+    # -- scheduler -------------------------------------------------------------------------------
+
+    async def _scheduler_loop(self) -> None:
+        assert self._tg is not None
+        while True:
+            self._wake = anyio.Event()
+            now = self.clock()
+            wake_at = math.inf
+            if not self.shutting_down:
+                for job in list(self.jobs.values()):
+                    decision = decide(job.view(), now)
+                    if decision.reason is not None:
+                        self.writer.begin(job, decision.reason, self._tg)
+                    elif decision.next_wake_at is not None:
+                        wake_at = min(wake_at, decision.next_wake_at)
+            with anyio.move_on_after(max(0.0, wake_at - now)):
+                await self._wake.wait()
+
+    # -- rpc -------------------------------------------------------------------------------------
+
+    async def _rpc_loop(self) -> None:
+        assert self._sock is not None and self._tg is not None
+        sock = self._sock
+        while True:
+            # poll-then-recv: cancelling a pending recv could lose a message, cancelling a poll cannot.
+            if not await sock.poll(1000, zmq.POLLIN):
+                continue
+            frames = await sock.recv_multipart(copy=False)
+            self._tg.start_soon(self._handle, frames)
+
+    async def _handle(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            return  # nothing to answer: a ROUTER frame with no content
+        identity = frames[0].bytes
+        self.requests += 1
+        seq: int | None = None
+        try:
+            total = sum(len(f) for f in frames[1:])
+            if total > self.config.max_message_bytes:
+                raise MessageTooLarge(
+                    f"message of {total} bytes is over the daemon's max_message_bytes ({self.config.max_message_bytes})"
+                )
+            header_frame = frames[1]
+            header = unpack_header(header_frame.buffer)
+            raw_seq = header.get("seq")
+            seq = raw_seq if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) else None
+            op, seq = check_request(header)
+            request = Request(
+                op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
+                owner=peer_uid(header_frame, self.uid), header_size=len(header_frame),
+            )
+            reply = await self.handlers.dispatch(request)
+            out = ok_reply(seq, self.boot, **reply.fields)
+            await self._send(identity, out, reply.frames)
+        except AutosavedError as exc:
+            self.errors += 1
+            if not isinstance(exc, ProtocolError):
+                log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)
+            else:
+                log.warning("bad request seq=%s: %s", seq, exc.message)
+            await self._send(identity, error_reply(seq, self.boot, exc), ())
+        except Exception as exc:
+            self.errors += 1
+            log.exception("internal error handling a request")
+            await self._send(identity, error_reply(seq, self.boot, InternalError(f"internal error: {exc!r}")), ())
+
+    async def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
+        assert self._sock is not None
+        async with self._send_lock:
+            try:
+                await self._sock.send_multipart([identity, pack_header(header), *frames], copy=False)
+            except zmq.ZMQError as exc:
+                log.warning("could not send a reply: %s", exc)
+
+    # -- reports ---------------------------------------------------------------------------------
+
+    def status(self, owner: int | None) -> dict[str, Any]:
+        jobs = [j.status() for j in self.jobs.values() if owner is None or j.owner == owner]
+        return {
+            "daemon": {
+                "pid": self.pid,
+                "boot": self.boot,
+                "version": __version__,
+                "address": self.config.address,
+                "state_dir": str(self.config.state_dir),
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "shutting_down": self.shutting_down,
+                "requests": self.requests,
+                "errors": self.errors,
+                "saves": self.writer.saves,
+                "save_failures": self.writer.failures,
+                "bytes_written": self.writer.bytes_written,
+                "held_bytes": sum(j.held_bytes() for j in self.jobs.values()),
+            },
+            "jobs": jobs,
+        }
+
+    def list_jobs(self, owner: int | None) -> list[dict[str, Any]]:
+        """Jobs on disk and in memory (runs in a worker thread: it lists directories)."""
+        out: dict[tuple[int, str], dict[str, Any]] = {}
+        for store in self.store.jobs(owner):
+            ids = store.version_ids()
+            out[(store.owner, store.job)] = {
+                "job": store.job, "owner": store.owner, "versions": len(ids),
+                "latest": ids[-1] if ids else None, "bytes": store.stored_bytes(), "dirty": False,
+            }
+        for job in list(self.jobs.values()):
+            if owner is not None and job.owner != owner:
+                continue
+            entry = out.setdefault(job.key, {"job": job.name, "owner": job.owner, "versions": 0, "latest": None, "bytes": 0})
+            entry["dirty"] = job.dirty
+        return sorted(out.values(), key=lambda e: (e["owner"], e["job"]))
+
+
+def serve(config: Config) -> int:
+    """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code."""
+    daemon = Daemon(config)
+    return anyio.run(daemon.run, backend="asyncio")
+

@@ -1,0 +1,196 @@
+"""The daemon's job table: the latest state of every job it serves, and what is not yet saved."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ..config import PolicySettings
+from ..policy import JobView, SaveReason
+from ..state import State, merge
+from ..tree import iter_blobs
+from ..storage.local import JobStore
+
+JobKey = tuple[int, str]
+
+
+@dataclass
+class CommitWaiter:
+    """A request waiting until a committed version covers ``generation``."""
+
+    generation: int
+    done: anyio.Event = field(default_factory=anyio.Event)
+    version: int | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class Job:
+    owner: int
+    name: str
+    store: JobStore
+    settings: PolicySettings
+    root: State = field(default_factory=dict)
+    # Every applied update increments ``generation``; a save commits the generation it snapshotted.
+    generation: int = 0
+    saved_generation: int = 0
+    dirty_bytes: int = 0
+    dirty_since: float | None = None
+    last_update_at: float | None = None
+    last_save_at: float | None = None
+    retry_at: float | None = None
+    failures: int = 0
+    explicit_requested: bool = False
+    saving: bool = False
+    step: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    # session id → seq of the last update applied (``sessions``) / covered by the newest version (``durable``)
+    sessions: dict[str, int] = field(default_factory=dict)
+    durable: dict[str, int] = field(default_factory=dict)
+    next_version: int = 1
+    latest_version: int | None = None
+    last_save_reason: str | None = None
+    last_save_time: str | None = None
+    last_error: str | None = None
+    saves: int = 0
+    bytes_written: int = 0
+    waiters: list[CommitWaiter] = field(default_factory=list)
+    io_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def key(self) -> JobKey:
+        return (self.owner, self.name)
+
+    @property
+    def dirty(self) -> bool:
+        return self.generation > self.saved_generation
+
+    def apply(self, delta: State, *, session: str, seq: int, step: int | None, meta: dict[str, Any] | None,
+              size: int, now: float) -> int:
+        """Merge one delta; returns the new generation. Runs in one event-loop step, so it is atomic."""
+        self.root = merge(self.root, delta)
+        self.generation += 1
+        self.sessions[session] = seq
+        if step is not None:
+            self.step = step
+        if meta:
+            self.meta.update(meta)
+        self.dirty_bytes += size
+        if self.dirty_since is None:
+            self.dirty_since = now
+        self.last_update_at = now
+        return self.generation
+
+    def view(self) -> JobView:
+        return JobView(
+            settings=self.settings,
+            dirty=self.dirty,
+            dirty_bytes=self.dirty_bytes,
+            dirty_since=self.dirty_since,
+            last_update_at=self.last_update_at,
+            last_save_at=self.last_save_at,
+            explicit_requested=self.explicit_requested,
+            saving=self.saving,
+            not_before=self.retry_at,
+        )
+
+    def finish_waiters(self, error: Exception | None = None) -> None:
+        """Release waiters the newest commit covers (or all of them, with ``error``)."""
+        keep = []
+        for w in self.waiters:
+            if error is not None:
+                w.error = error
+                w.done.set()
+            elif w.generation <= self.saved_generation:
+                w.version = self.latest_version
+                w.done.set()
+            else:
+                keep.append(w)
+        self.waiters = keep
+
+    def held_bytes(self) -> int:
+        """Bytes of state this job keeps in daemon memory (stored-only leaves excluded)."""
+        return sum(b.nbytes for b in iter_blobs(self.root) if b.data is not None)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "job": self.name,
+            "owner": self.owner,
+            "dirty": self.dirty,
+            "dirty_bytes": self.dirty_bytes,
+            "saving": self.saving,
+            "step": self.step,
+            "latest_version": self.latest_version,
+            "last_save_time": self.last_save_time,
+            "last_save_reason": self.last_save_reason,
+            "saves": self.saves,
+            "bytes_written": self.bytes_written,
+            "held_bytes": self.held_bytes(),
+            "last_error": self.last_error,
+            "policy": self.settings.to_wire(),
+        }
+
+
+@dataclass(frozen=True)
+class SaveTicket:
+    """What a save took from a job at snapshot time; everything the writer needs, nothing it can race on."""
+
+    job: Job
+    reason: SaveReason
+    version: int
+    generation: int
+    root: State
+    step: int | None
+    meta: dict[str, Any]
+    sessions: dict[str, int]
+    dirty_bytes: int
+    dirty_since: float | None
+    started_at: float
+
+
+def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
+    ticket = SaveTicket(
+        job=job, reason=reason, version=job.next_version, generation=job.generation, root=job.root,
+        step=job.step, meta=dict(job.meta), sessions=dict(job.sessions), dirty_bytes=job.dirty_bytes,
+        dirty_since=job.dirty_since, started_at=now,
+    )
+    job.next_version += 1
+    job.saving = True
+    job.explicit_requested = False
+    job.dirty_bytes = 0
+    job.dirty_since = None
+    return ticket
+
+
+def commit_succeeded(ticket: SaveTicket, time_iso: str, bytes_written: int) -> None:
+    job = ticket.job
+    job.saving = False
+    job.saved_generation = max(job.saved_generation, ticket.generation)
+    job.latest_version = ticket.version
+    job.durable = dict(ticket.sessions)
+    job.last_save_at = ticket.started_at
+    job.last_save_reason = str(ticket.reason)
+    job.last_save_time = time_iso
+    job.last_error = None
+    job.failures = 0
+    job.retry_at = None
+    job.saves += 1
+    job.bytes_written += bytes_written
+    if not job.dirty:
+        job.dirty_since = None
+    job.finish_waiters()
+
+
+def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:
+    """Put back what the snapshot took, so the state is saved again after a backoff."""
+    job = ticket.job
+    job.saving = False
+    job.dirty_bytes += ticket.dirty_bytes
+    if ticket.dirty_since is not None:
+        job.dirty_since = ticket.dirty_since if job.dirty_since is None else min(job.dirty_since, ticket.dirty_since)
+    job.failures += 1
+    job.retry_at = now + min(60.0, 0.5 * 2 ** min(job.failures, 7))
+    job.last_error = str(error)
+    job.finish_waiters(error)

@@ -1,0 +1,56 @@
+"""sd_notify without libsystemd: the protocol is one datagram to ``$NOTIFY_SOCKET`` (a path, or an
+abstract socket when it starts with ``@``). Outside systemd ``NOTIFY_SOCKET`` is unset and every call
+is a no-op."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger("autosaved.notify")
+
+
+class Notifier:
+    def __init__(self, address: str | None = None) -> None:
+        self.address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+        self._sock: socket.socket | None = None
+        watchdog = os.environ.get("WATCHDOG_USEC")
+        watchdog_pid = os.environ.get("WATCHDOG_PID")
+        ours = watchdog_pid is None or watchdog_pid == str(os.getpid())
+        self.watchdog_interval: float | None = int(watchdog) / 1e6 / 2 if watchdog and watchdog.isdigit() and ours else None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def send(self, *fields: str) -> None:
+        if not self.address:
+            return
+        target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto("\n".join(fields).encode(), target)
+        except OSError as exc:
+            log.warning("sd_notify to %s failed: %s", self.address, exc)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def stopping(self, status: str) -> None:
+        self.send("STOPPING=1", f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> None:
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -1,0 +1,209 @@
+"""Request handlers: one coroutine per op, each turning a validated request into a reply.
+
+Handlers raise :class:`~autosaved.errors.AutosavedError` for anything the client did wrong or the daemon
+could not do; the server turns that into an error reply. Nothing a client sends can make a handler
+write outside its own job's folder: the job name is validated before any path is built from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+
+from ..config import PolicySettings
+from ..errors import NotFound, ProtocolError, ShuttingDown, StateLost
+from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames, validate_job_name
+from ..state import State, delta_bytes
+from ..tree import from_node, to_node
+from .jobs import CommitWaiter, Job
+
+if TYPE_CHECKING:
+    from .app import Daemon
+
+log = logging.getLogger("autosaved.rpc")
+MAX_META_BYTES = 64 * 1024
+
+
+@dataclass
+class Request:
+    op: str
+    seq: int
+    header: dict[str, Any]
+    frames: Sequence[memoryview]
+    owner: int
+    header_size: int
+
+
+@dataclass
+class Reply:
+    fields: dict[str, Any]
+    frames: Sequence[memoryview | bytes] = ()
+
+
+def _opt_int(header: dict[str, Any], key: str) -> int | None:
+    value = header.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ProtocolError(f"{key} must be an integer")
+    return value
+
+
+def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
+    meta = header.get("meta")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise ProtocolError("meta must be a map with string keys")
+    try:
+        encoded = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"meta must be JSON-like: {exc}") from None
+    if len(encoded) > MAX_META_BYTES:
+        raise ProtocolError(f"meta is {len(encoded)} bytes; the limit is {MAX_META_BYTES}")
+    return meta
+
+
+class Handlers:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    async def dispatch(self, req: Request) -> Reply:
+        handler = getattr(self, f"op_{req.op}")
+        reply: Reply = await handler(req)
+        return reply
+
+    def _job_name(self, req: Request) -> str:
+        return validate_job_name(req.header.get("job"))
+
+    async def op_ping(self, req: Request) -> Reply:
+        return Reply({"pid": self.d.pid})
+
+    async def op_hello(self, req: Request) -> Reply:
+        job = await self.d.get_job(req.owner, self._job_name(req))
+        self._apply_policy(job, req.header.get("policy"))
+        session = req.header.get("session")
+        durable = job.durable.get(session, 0) if isinstance(session, str) else 0
+        return Reply({"durable": durable, "latest_version": job.latest_version, "policy": job.settings.to_wire()})
+
+    def _apply_policy(self, job: Job, raw: Any) -> None:
+        if raw is None:
+            return
+        if not isinstance(raw, dict):
+            raise ProtocolError("policy must be a map")
+        settings = PolicySettings.parse(raw, base=self.d.config.policy, where="policy")
+        if settings != job.settings:
+            job.settings = settings
+            self.d.poke()
+
+    async def op_update(self, req: Request) -> Reply:
+        h = req.header
+        name = self._job_name(req)
+        session = h.get("session")
+        if not isinstance(session, str) or not 0 < len(session) <= 64:
+            raise ProtocolError("update needs a session id (a string of at most 64 characters)")
+        wait = h.get("wait", "accepted")
+        if wait not in ACK_LEVELS:
+            raise ProtocolError(f"wait must be one of {', '.join(ACK_LEVELS)}, not {wait!r}")
+        step = _opt_int(h, "step")
+        meta = _meta(h)
+        acked = _opt_int(h, "acked") or 0
+        blobs = blobs_from_frames(h.get("blobs"), req.frames)
+        delta = from_node(h.get("tree"), blobs, allow_delete=True)
+        if not isinstance(delta, dict):
+            raise ProtocolError("an update's delta must be a mapping")
+        if self.d.shutting_down:
+            raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
+
+        job = await self.d.get_job(req.owner, name)
+        client_boot = h.get("boot")
+        if client_boot is not None and client_boot != self.d.boot and acked > job.durable.get(session, 0):
+            raise StateLost(
+                f"the daemon restarted and lost updates of job {name!r} it had acknowledged (up to seq "
+                f"{acked}; the newest saved one is seq {job.durable.get(session, 0)}); send the full state again",
+                details={"acked_seq": acked, "durable_seq": job.durable.get(session, 0)},
+            )
+        self._apply_policy(job, h.get("policy"))
+        if self.d.shutting_down:  # re-check: get_job may have awaited
+            raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
+        generation = job.apply(
+            delta, session=session, seq=req.seq, step=step, meta=meta,
+            size=delta_bytes(delta, req.header_size), now=self.d.clock(),
+        )
+        if wait == "accepted":
+            self.d.poke()
+            return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation})
+        # "logged" is served as "committed" until the write-ahead log lands: a stronger guarantee, not a weaker one.
+        version = await self._wait_committed(job, generation)
+        return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version})
+
+    async def _wait_committed(self, job: Job, generation: int) -> int | None:
+        waiter = CommitWaiter(generation)
+        job.waiters.append(waiter)
+        job.explicit_requested = True
+        self.d.poke()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.version
+
+    async def op_save(self, req: Request) -> Reply:
+        name = self._job_name(req)
+        if self.d.shutting_down:
+            raise ShuttingDown("the daemon is shutting down; every dirty job is being saved already")
+        job = await self.d.get_job(req.owner, name)
+        if not job.dirty and not job.saving and job.latest_version is not None:
+            return Reply({"version": job.latest_version, "new": False})
+        if job.latest_version is None and not job.dirty:
+            job.generation += 1  # an explicit save of a job with no version commits its (empty) state
+        version = await self._wait_committed(job, job.generation)
+        return Reply({"version": version, "new": True})
+
+    async def op_restore(self, req: Request) -> Reply:
+        name = self._job_name(req)
+        version = _opt_int(req.header, "version")
+        job = self.d.jobs.get((req.owner, name))
+        store = job.store if job else self.d.store.job(req.owner, name)
+        if version is None and job is not None and (job.dirty or job.latest_version is not None or job.root):
+            tree: State | None = job.root
+            info: dict[str, Any] = {"version": job.latest_version, "step": job.step, "live": True}
+        else:
+            if version is None:
+                loaded = await anyio.to_thread.run_sync(store.load_newest)
+            else:
+                loaded = await anyio.to_thread.run_sync(lambda: store.load(version))
+            if loaded is None:
+                return Reply({"tree": None, "blobs": [], "version": None})
+            tree = loaded.tree
+            info = {"version": loaded.info.id, "step": loaded.info.step, "live": False}
+        node, blobs = to_node(tree)
+        frames = await anyio.to_thread.run_sync(lambda: [store.read_blob(b) for b in blobs])
+        return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info}, frames)
+
+    async def op_status(self, req: Request) -> Reply:
+        job_name = req.header.get("job")
+        if job_name is None:
+            return Reply(self.d.status(owner=None if req.owner in (0, self.d.uid) else req.owner))
+        name = validate_job_name(job_name)
+        job = self.d.jobs.get((req.owner, name))
+        if job is None:
+            store = self.d.store.job(req.owner, name)
+            ids = await anyio.to_thread.run_sync(store.version_ids)
+            if not ids:
+                raise NotFound(f"no job named {name!r}")
+            return Reply({"job": name, "owner": req.owner, "dirty": False, "latest_version": ids[-1], "live": False})
+        return Reply({**job.status(), "live": True})
+
+    async def op_list(self, req: Request) -> Reply:
+        job_name = req.header.get("job")
+        if job_name is None:
+            owner = None if req.owner == 0 else req.owner
+            return Reply({"jobs": await anyio.to_thread.run_sync(lambda: self.d.list_jobs(owner))})
+        store = self.d.store.job(req.owner, validate_job_name(job_name))
+        infos = await anyio.to_thread.run_sync(store.list_versions)
+        if not infos and (req.owner, store.job) not in self.d.jobs:
+            raise NotFound(f"no job named {store.job!r}")
+        return Reply({"versions": [i.to_json() for i in infos]})

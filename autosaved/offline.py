@@ -1,0 +1,45 @@
+"""Reading the state dir directly, with no daemon: the host rebooted, or the daemon is broken.
+
+Restoring must never depend on the daemon, so this path shares only the storage code with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .codec import TensorMode, unpack
+from .config import discover_state_dir
+from .errors import CorruptVersion
+from .storage.local import JobStore
+
+log = logging.getLogger("autosaved")
+
+
+class CorruptVersionWarning(UserWarning):
+    """A newer version failed verification and an older one was returned instead."""
+
+
+def restore(job: str, *, state_dir: str | Path | None = None, version: int | None = None,
+            tensors: TensorMode = "numpy", owner: int | None = None) -> Any:
+    """The newest verified state of ``job`` (or stored version ``version``), read from the state dir.
+
+    Returns ``None`` when the job has no version. A corrupt newer version is skipped with a
+    :class:`CorruptVersionWarning`; a corrupt version asked for by id raises :class:`CorruptVersion`.
+    ``owner`` is the uid whose job to read (default: the calling user).
+    """
+    store = JobStore(Path(state_dir) if state_dir else discover_state_dir(),
+                     os.geteuid() if owner is None else owner, job)
+    if version is not None:
+        return unpack(store.load(version).tree, tensors=tensors)
+    for vid in reversed(store.version_ids()):
+        try:
+            loaded = store.load(vid)
+        except CorruptVersion as exc:
+            warnings.warn(f"skipping corrupt version {vid} of {job!r}: {exc}", CorruptVersionWarning, stacklevel=2)
+            continue
+        return unpack(loaded.tree, tensors=tensors)
+    return None

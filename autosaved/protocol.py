@@ -1,0 +1,132 @@
+"""Wire records: what travels between the SDK and the daemon. No socket code lives here.
+
+A request is a ZeroMQ multipart message ``[header, *blob_frames]``; the header is a msgpack map with
+``v`` (protocol version), ``op``, ``seq`` and the op's fields. Binary leaves of the state travel as
+their own frames, in the order of the tree's ``{"b": i}`` references, so big arrays are never copied
+into the header. A reply is ``[header, *blob_frames]`` with ``ok: true`` and op results, or
+``ok: false`` with a stable error ``code`` and a human ``message``.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import msgpack
+
+from .errors import AutosavedError, InvalidJobName, ProtocolError, error_for_code
+from .tree import Blob
+
+PROTOCOL_VERSION: Final = 1
+MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
+MAX_JOB_NAME: Final = 128
+
+OPS: Final = frozenset({"hello", "update", "save", "restore", "status", "list", "ping"})
+AckLevel = Literal["accepted", "logged", "committed"]
+ACK_LEVELS: Final[tuple[AckLevel, ...]] = ("accepted", "logged", "committed")
+
+_JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=,-]*$")
+
+
+def validate_job_name(name: object) -> str:
+    """Return ``name`` if it is a safe job name, else raise :class:`InvalidJobName` saying why.
+
+    A job name becomes a directory name, so it must not be able to point anywhere else: letters,
+    digits and ``_ . @ + = , -``, not starting with a dot or dash, at most 128 characters.
+    """
+    if not isinstance(name, str):
+        raise InvalidJobName(f"job name must be a string, not {type(name).__name__}")
+    if not name:
+        raise InvalidJobName("job name is empty")
+    if len(name) > MAX_JOB_NAME:
+        raise InvalidJobName(f"job name is {len(name)} characters long; the limit is {MAX_JOB_NAME}")
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise InvalidJobName(f"job name {name!r} contains control characters")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise InvalidJobName(f"job name {name!r} contains a path separator or is a relative path")
+    if not _JOB_NAME.match(name):
+        raise InvalidJobName(
+            f"job name {name!r} may only use letters, digits and _ . @ + = , - and must start with a "
+            "letter, digit or _"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Message:
+    header: dict[str, Any]
+    frames: Sequence[memoryview | bytes]
+
+
+def pack_header(header: dict[str, Any]) -> bytes:
+    return msgpack.packb(header, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_header(raw: bytes | memoryview) -> dict[str, Any]:
+    """Decode a header frame; ``ProtocolError`` for anything that is not a sane msgpack map."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes is over the {MAX_HEADER_BYTES} byte limit")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=False, max_bin_len=MAX_HEADER_BYTES)
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    return header
+
+
+def check_request(header: dict[str, Any]) -> tuple[str, int]:
+    """Check the fields every request has; returns (op, seq)."""
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this daemon speaks {PROTOCOL_VERSION})",
+            details={"code": "bad_version"},
+        )
+    op = header.get("op")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op!r}", details={"code": "unknown_op"})
+    seq = header.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        raise ProtocolError("request has no integer seq")
+    return op, seq
+
+
+def blob_descriptors(blobs: Sequence[Blob]) -> list[dict[str, Any]]:
+    return [b.descriptor() for b in blobs]
+
+
+def blobs_from_frames(descs: Any, frames: Sequence[memoryview]) -> list[Blob]:
+    """Pair untrusted blob descriptors with the frames that carry their bytes."""
+    if descs is None:
+        descs = []
+    if not isinstance(descs, list) or len(descs) != len(frames):
+        raise ProtocolError(f"message names {len(descs) if isinstance(descs, list) else '?'} blobs but carries {len(frames)} frames")
+    blobs = []
+    for desc, frame in zip(descs, frames, strict=True):
+        kind, dtype, shape, nbytes = Blob.check_descriptor(desc)
+        if frame.nbytes != nbytes:
+            raise ProtocolError(f"blob frame has {frame.nbytes} bytes, descriptor says {nbytes}")
+        blobs.append(Blob(kind=kind, dtype=dtype, shape=shape, nbytes=nbytes, data=frame))
+    return blobs
+
+
+def ok_reply(seq: int, boot: str, **fields: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "ok": True, "seq": seq, "boot": boot, **fields}
+
+
+def error_reply(seq: int | None, boot: str, err: AutosavedError) -> dict[str, Any]:
+    code = err.details.get("code", err.code) if isinstance(err, ProtocolError) else err.code
+    details = {k: v for k, v in err.details.items() if k != "code"}
+    return {"v": PROTOCOL_VERSION, "ok": False, "seq": seq, "boot": boot, "code": code,
+            "message": err.message, "details": details}
+
+
+def raise_for_reply(header: dict[str, Any]) -> None:
+    if not header.get("ok"):
+        raise error_for_code(
+            str(header.get("code", "error")), str(header.get("message", "unknown error")), header.get("details")
+        )

@@ -1,0 +1,380 @@
+"""The local-directory store: one folder per job, versions as manifests over content-addressed chunks.
+
+Layout under the state dir::
+
+    jobs/<owner uid>/<job>/versions/<id>.json    committed manifests (a version exists iff its manifest does)
+    jobs/<owner uid>/<job>/objects/<ab>/<sha256> chunks, shared by every version that contains them
+    jobs/<owner uid>/<job>/tmp/                  temp files; anything here after a crash is garbage
+
+A save writes each chunk it lacks (temp, fsync, rename), fsyncs the object directories, then commits the
+manifest (temp, fsync, rename, fsync ``versions/``). A crash at any instant leaves either no new manifest
+(the previous version is newest and whole) or a complete one. Unchanged leaves hash to chunks the store
+already has, so a save writes only what changed. Retention deletes manifests first and chunks second, so
+a crash during garbage collection can only leave unreferenced chunks, which the next collection removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CorruptVersion, NotFound, StorageError
+from ..protocol import validate_job_name
+from ..tree import Blob, Chunk, from_node, to_node
+from .fsutil import atomic_write, fsync_dir, read_exact, temp_name, write_fsync
+from .manifest import (
+    FORMAT_VERSION,
+    HASH_NAME,
+    VersionInfo,
+    blob_from_record,
+    blob_record,
+    seal,
+    unseal,
+    utc_now_iso,
+)
+
+log = logging.getLogger("autosaved.storage")
+
+_VERSION_FILE = re.compile(r"^(\d{12})\.json$")
+DIR_MODE = 0o750
+# Hashing runs in threads: hashlib releases the GIL on large buffers, so two cores hash twice as fast.
+_HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
+
+
+def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
+    pieces = [data[i : i + chunk_size] for i in range(0, data.nbytes, chunk_size)] or [data[:0]]
+    digests = list(_HASH_POOL.map(lambda p: hashlib.sha256(p).hexdigest(), pieces))
+    return tuple(Chunk(d, p.nbytes) for d, p in zip(digests, pieces, strict=True))
+
+
+@dataclass
+class SaveResult:
+    info: VersionInfo
+    bytes_written: int
+    chunks_written: int
+
+
+@dataclass
+class LoadedVersion:
+    info: VersionInfo
+    tree: Any
+    sessions: dict[str, int]
+
+
+class JobStore:
+    """The stored versions of one job. Not safe for concurrent writers: the daemon serialises saves of a
+    job, and readers (offline restore, ``list``) only ever see committed manifests."""
+
+    def __init__(self, root: Path, owner: int, job: str) -> None:
+        self.job = validate_job_name(job)
+        self.owner = owner
+        self.path = root / "jobs" / str(owner) / job
+        self.versions_dir = self.path / "versions"
+        self.objects_dir = self.path / "objects"
+        self.tmp_dir = self.path / "tmp"
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def ensure_dirs(self) -> None:
+        for d in (self.path.parent.parent, self.path.parent, self.path, self.versions_dir, self.objects_dir, self.tmp_dir):
+            if not d.is_dir():
+                d.mkdir(mode=DIR_MODE, exist_ok=True)
+                fsync_dir(d.parent)
+
+    def clean_tmp(self) -> None:
+        """Remove temp files a crashed save left behind."""
+        if self.tmp_dir.is_dir():
+            for leftover in self.tmp_dir.iterdir():
+                leftover.unlink(missing_ok=True)
+
+    def _object_path(self, digest: str) -> Path:
+        return self.objects_dir / digest[:2] / digest
+
+    def write_version(
+        self,
+        tree: Any,
+        *,
+        version: int,
+        step: int | None,
+        reason: str,
+        meta: dict[str, Any],
+        sessions: dict[str, int],
+        chunk_size: int,
+    ) -> SaveResult:
+        try:
+            return self._write_version(tree, version, step, reason, meta, sessions, chunk_size)
+        except OSError as exc:
+            raise StorageError(f"saving {self.job} version {version} failed: {exc}") from exc
+
+    def _write_version(
+        self, tree: Any, version: int, step: int | None, reason: str, meta: dict[str, Any],
+        sessions: dict[str, int], chunk_size: int,
+    ) -> SaveResult:
+        self.ensure_dirs()
+        node, blobs = to_node(tree)
+        records: list[dict[str, Any]] = []
+        written = chunks_written = 0
+        dirs_touched: set[Path] = set()
+        for blob in blobs:
+            chunks = self._chunks_of(blob, chunk_size)
+            offset = 0
+            for chunk in chunks:
+                target = self._object_path(chunk.digest)
+                if blob.data is not None and not target.exists():
+                    if not target.parent.is_dir():
+                        target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+                        dirs_touched.add(self.objects_dir)
+                    tmp = temp_name(self.tmp_dir, chunk.digest)
+                    written += write_fsync(tmp, [blob.data[offset : offset + chunk.size]])
+                    os.replace(tmp, target)
+                    dirs_touched.add(target.parent)
+                    chunks_written += 1
+                elif blob.data is None and not target.exists():
+                    raise StorageError(f"chunk {chunk.digest} of a stored leaf is missing from {self.objects_dir}")
+                offset += chunk.size
+            records.append(blob_record(blob, chunks))
+        for d in sorted(dirs_touched, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(d)
+
+        info = VersionInfo(
+            job=self.job, id=version, step=step, time=utc_now_iso(), bytes=sum(b.nbytes for b in blobs),
+            reason=reason, meta=meta,
+        )
+        body = {
+            "format": FORMAT_VERSION, "hash": HASH_NAME, "job": self.job, "version": version, "step": step,
+            "time": info.time, "reason": reason, "meta": meta, "bytes": info.bytes, "sessions": sessions,
+            "tree": node, "blobs": records,
+        }
+        manifest = seal(body)
+        atomic_write(self.versions_dir / f"{version:012d}.json", manifest, self.tmp_dir)
+        return SaveResult(info=info, bytes_written=written + len(manifest), chunks_written=chunks_written)
+
+    @staticmethod
+    def _chunks_of(blob: Blob, chunk_size: int) -> tuple[Chunk, ...]:
+        if blob.data is None:
+            assert blob.chunks is not None
+            return blob.chunks
+        cached = blob.digests.get(chunk_size)
+        if cached is None:
+            cached = chunk_digests(blob.data, chunk_size)
+            blob.digests[chunk_size] = cached  # blobs are immutable, so the hash stays true
+        return cached
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def version_ids(self) -> list[int]:
+        try:
+            names = os.listdir(self.versions_dir)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot list {self.versions_dir}: {exc.strerror}") from exc
+        return sorted(int(m.group(1)) for n in names if (m := _VERSION_FILE.match(n)))
+
+    def read_manifest(self, version: int) -> dict[str, Any]:
+        path = self.versions_dir / f"{version:012d}.json"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"job {self.job!r} has no version {version}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
+        doc = unseal(raw, f"{self.job} version {version}")
+        if doc.get("job") != self.job or doc.get("version") != version:
+            raise CorruptVersion(f"{self.job} version {version}: manifest names another job or version")
+        return doc
+
+    def _info(self, doc: dict[str, Any], ok: bool = True, error: str | None = None) -> VersionInfo:
+        return VersionInfo(
+            job=self.job, id=int(doc["version"]), step=doc.get("step"), time=str(doc.get("time")),
+            bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")), meta=dict(doc.get("meta") or {}),
+            ok=ok, error=error,
+        )
+
+    def load(self, version: int, *, load_data: bool = True, verify: bool = True) -> LoadedVersion:
+        """Read one version. With ``verify`` every chunk is hashed; any mismatch raises CorruptVersion.
+        Without ``load_data`` the blobs keep only their chunk lists (the daemon's lazy base state)."""
+        where = f"{self.job} version {version}"
+        doc = self.read_manifest(version)
+        try:
+            blobs = [blob_from_record(rec, where) for rec in doc["blobs"]]
+            tree = from_node(doc["tree"], blobs)
+        except CorruptVersion:
+            raise
+        except Exception as exc:
+            raise CorruptVersion(f"{where}: unreadable state tree ({exc})") from None
+        for blob in blobs:
+            assert blob.chunks is not None
+            if load_data:
+                buf = bytearray(blob.nbytes)
+                self._read_chunks(blob.chunks, memoryview(buf), verify, where)
+                blob.data = memoryview(buf)
+            elif verify:
+                self._verify_chunks(blob.chunks, where)
+        sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
+        return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions)
+
+    def _read_chunks(self, chunks: tuple[Chunk, ...], into: memoryview, verify: bool, where: str) -> None:
+        offset = 0
+        for chunk in chunks:
+            view = into[offset : offset + chunk.size]
+            try:
+                read_exact(self._object_path(chunk.digest), chunk.size, view)
+            except FileNotFoundError:
+                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
+            except OSError as exc:
+                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}…: {exc}") from None
+            offset += chunk.size
+        if verify:
+            pieces: list[tuple[Chunk, memoryview]] = []
+            offset = 0
+            for chunk in chunks:
+                pieces.append((chunk, into[offset : offset + chunk.size]))
+                offset += chunk.size
+            for chunk, ok in zip(chunks, _HASH_POOL.map(lambda p: hashlib.sha256(p[1]).hexdigest() == p[0].digest, pieces), strict=True):
+                if not ok:
+                    raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
+
+    def read_blob(self, blob: Blob) -> memoryview:
+        """The bytes of a blob: in memory already, or read from its chunks and verified."""
+        if blob.data is not None:
+            return blob.data
+        assert blob.chunks is not None
+        buf = bytearray(blob.nbytes)
+        self._read_chunks(blob.chunks, memoryview(buf), True, f"{self.job} (live state)")
+        return memoryview(buf)
+
+    def _verify_chunks(self, chunks: tuple[Chunk, ...], where: str, seen: set[str] | None = None) -> None:
+        for chunk in chunks:
+            if seen is not None and chunk.digest in seen:
+                continue
+            buf = bytearray(chunk.size)
+            self._read_chunks((chunk,), memoryview(buf), True, where)
+            if seen is not None:
+                seen.add(chunk.digest)
+
+    def verify(self, version: int, seen: set[str] | None = None) -> VersionInfo:
+        """Re-hash one version; returns its info with ``ok`` and ``error`` set instead of raising."""
+        try:
+            doc = self.read_manifest(version)
+        except CorruptVersion as exc:
+            return VersionInfo(job=self.job, id=version, step=None, time="", bytes=0, reason="", meta={}, ok=False, error=str(exc))
+        where = f"{self.job} version {version}"
+        try:
+            for rec in doc["blobs"]:
+                blob = blob_from_record(rec, where)
+                assert blob.chunks is not None
+                self._verify_chunks(blob.chunks, where, seen)
+            from_node(doc["tree"], [blob_from_record(r, where) for r in doc["blobs"]])
+        except Exception as exc:
+            return self._info(doc, ok=False, error=str(exc))
+        return self._info(doc)
+
+    def list_versions(self, *, verify: bool = True) -> list[VersionInfo]:
+        seen: set[str] = set()
+        out = []
+        for vid in self.version_ids():
+            if verify:
+                out.append(self.verify(vid, seen))
+            else:
+                try:
+                    out.append(self._info(self.read_manifest(vid)))
+                except CorruptVersion as exc:
+                    out.append(VersionInfo(self.job, vid, None, "", 0, "", {}, ok=False, error=str(exc)))
+        return out
+
+    def load_newest(self, *, load_data: bool = True) -> LoadedVersion | None:
+        """The newest version that verifies; corrupt newer ones are logged and skipped, never returned."""
+        for vid in reversed(self.version_ids()):
+            try:
+                return self.load(vid, load_data=load_data)
+            except CorruptVersion as exc:
+                log.warning("skipping corrupt version: %s", exc)
+        return None
+
+    # -- retention -------------------------------------------------------------------------------
+
+    def apply_retention(self, keep_last: int, protect: set[int] | None = None) -> list[int]:
+        """Delete versions beyond the newest ``keep_last`` (never one in ``protect``), then collect the
+        chunks no remaining version references. Returns the deleted version ids."""
+        ids = self.version_ids()
+        keep = set(ids[-keep_last:]) | (protect or set())
+        doomed = [v for v in ids if v not in keep]
+        for vid in doomed:
+            (self.versions_dir / f"{vid:012d}.json").unlink(missing_ok=True)
+        if doomed:
+            fsync_dir(self.versions_dir)
+            self.collect_garbage()
+        return doomed
+
+    def referenced_digests(self) -> set[str] | None:
+        """Digests every manifest references; ``None`` when a manifest cannot be read (GC must then not
+        run: it could delete chunks of a version it failed to parse)."""
+        refs: set[str] = set()
+        for vid in self.version_ids():
+            try:
+                doc = self.read_manifest(vid)
+            except CorruptVersion:
+                return None
+            for rec in doc["blobs"]:
+                refs.update(str(d) for d, _ in rec["chunks"])
+        return refs
+
+    def collect_garbage(self) -> int:
+        refs = self.referenced_digests()
+        if refs is None:
+            log.warning("%s: not collecting garbage while a manifest is unreadable", self.job)
+            return 0
+        removed = 0
+        for sub in self._object_dirs():
+            for name in os.listdir(sub):
+                if name not in refs:
+                    (sub / name).unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def _object_dirs(self) -> Iterator[Path]:
+        if self.objects_dir.is_dir():
+            for sub in sorted(self.objects_dir.iterdir()):
+                if sub.is_dir():
+                    yield sub
+
+    def stored_bytes(self) -> int:
+        total = 0
+        for sub in self._object_dirs():
+            for entry in os.scandir(sub):
+                total += entry.stat().st_size
+        return total
+
+
+class Store:
+    """All jobs under one state dir."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def job(self, owner: int, job: str) -> JobStore:
+        return JobStore(self.root, owner, job)
+
+    def jobs(self, owner: int | None = None) -> list[JobStore]:
+        """Jobs of ``owner`` (all owners when ``None``) that have a folder."""
+        base = self.root / "jobs"
+        owners = [str(owner)] if owner is not None else (sorted(os.listdir(base)) if base.is_dir() else [])
+        out = []
+        for o in owners:
+            d = base / o
+            if not o.isdigit() or not d.is_dir():
+                continue
+            for name in sorted(os.listdir(d)):
+                try:
+                    out.append(JobStore(self.root, int(o), name))
+                except Exception:
+                    log.warning("ignoring folder with an invalid job name: %s", d / name)
+        return out

@@ -1,0 +1,238 @@
+"""The state tree model shared by the client, the daemon and storage.
+
+A state is a tree of mappings (keys ``str`` or ``int``), lists, tuples and scalar leaves (``None``, bool,
+int, float, str); binary leaves (bytes, numpy arrays, torch tensors) are :class:`Blob` objects that carry
+their dtype and shape and whose bytes travel and are stored apart from the tree.
+
+A tree is turned into a *node*, a structure that both msgpack and JSON encode losslessly, plus a list of
+blobs: every mapping, list and tuple becomes a one-key dict tagged by its kind, so a tuple comes back a
+tuple and an ``int`` key comes back an ``int`` (JSON would turn it into a string, msgpack would lose
+tuples). The daemon never needs numpy or torch: to it an array is an opaque :class:`Blob`.
+
+Node tags: ``{"m": [[key, node], ...]}`` mapping, ``{"l": [...]}`` list, ``{"t": [...]}`` tuple,
+``{"b": index}`` blob, ``{"F": "nan" | "inf" | "-inf"}`` non-finite float, ``{"I": "digits"}`` an int
+outside 64 bits, ``{"x": 0}`` the ``DELETE`` marker (deltas only).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .errors import InvalidValue, ProtocolError
+
+MAX_DEPTH: Final = 64
+_INT64_MIN, _INT64_MAX = -(2**63), 2**64 - 1
+
+
+class _DeleteMarker:
+    """Sentinel: as a value in a delta mapping, removes that key from the state."""
+
+    _instance: _DeleteMarker | None = None
+
+    def __new__(cls) -> _DeleteMarker:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "autosaved.DELETE"
+
+    def __reduce__(self) -> str:
+        return "DELETE"
+
+
+DELETE: Final = _DeleteMarker()
+
+BLOB_KINDS: Final = ("bytes", "ndarray", "torch")
+
+# Item sizes of the torch dtypes we carry; numpy dtypes carry their own size in the dtype string.
+TORCH_ITEMSIZE: Final = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "uint16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+_NUMPY_DTYPE = re.compile(r"^[<>|=]([biufc])(\d{1,2})$")
+
+
+def dtype_itemsize(kind: str, dtype: str) -> int:
+    """Item size of a blob dtype, or ``ProtocolError`` when the dtype is not one autosaved carries."""
+    if kind == "bytes":
+        if dtype != "bytes":
+            raise ProtocolError(f"bytes blob with dtype {dtype!r}")
+        return 1
+    if kind == "torch":
+        size = TORCH_ITEMSIZE.get(dtype)
+        if size is None:
+            raise ProtocolError(f"unsupported torch dtype {dtype!r}")
+        return size
+    match = _NUMPY_DTYPE.match(dtype)
+    if not match or int(match.group(2)) not in (1, 2, 4, 8, 16):
+        raise ProtocolError(f"unsupported array dtype {dtype!r}")
+    return int(match.group(2))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A content-addressed piece of a stored blob."""
+
+    digest: str
+    size: int
+
+
+@dataclass(eq=False)
+class Blob:
+    """A binary leaf. ``data`` holds its bytes in memory; a blob loaded lazily from storage has
+    ``data is None`` and ``chunks`` naming where its bytes live. Blobs are immutable once built:
+    a new value for the same key is a new Blob, which is what lets snapshots share them."""
+
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    data: memoryview | None = None
+    chunks: tuple[Chunk, ...] | None = None
+    # Hashes of the chunks of ``data`` once the writer computed them, keyed by chunk size.
+    digests: dict[int, tuple[Chunk, ...]] = field(default_factory=dict)
+
+    def descriptor(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
+
+    @staticmethod
+    def check_descriptor(desc: Any) -> tuple[str, str, tuple[int, ...], int]:
+        """Validate an untrusted blob descriptor; returns (kind, dtype, shape, nbytes)."""
+        if not isinstance(desc, dict):
+            raise ProtocolError("blob descriptor must be a map")
+        kind, dtype, shape, nbytes = (desc.get(k) for k in ("kind", "dtype", "shape", "nbytes"))
+        if kind not in BLOB_KINDS or not isinstance(dtype, str):
+            raise ProtocolError(f"bad blob kind/dtype {kind!r}/{dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise ProtocolError("blob shape must be a list of non-negative ints")
+        if len(shape) > 32:
+            raise ProtocolError("blob has too many dimensions")
+        itemsize = dtype_itemsize(kind, dtype)
+        expected = math.prod(shape) * itemsize
+        if kind == "bytes" and len(shape) != 1:
+            raise ProtocolError("bytes blob must be one-dimensional")
+        if nbytes != expected:
+            raise ProtocolError(f"blob size {nbytes!r} does not match shape {shape} of {dtype}")
+        return kind, dtype, tuple(shape), expected
+
+
+def path_str(path: Sequence[str | int]) -> str:
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
+    """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs)."""
+    blobs: list[Blob] = []
+
+    def enc(value: Any, path: list[str | int]) -> Any:
+        if value is None or isinstance(value, bool | str):
+            return value
+        if isinstance(value, int):
+            return value if _INT64_MIN <= value <= _INT64_MAX else {"I": str(value)}
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return value
+            return {"F": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+        if isinstance(value, Blob):
+            blobs.append(value)
+            return {"b": len(blobs) - 1}
+        if isinstance(value, Mapping):
+            items = []
+            for key, sub in value.items():
+                if isinstance(key, bool) or not isinstance(key, str | int):
+                    raise InvalidValue(
+                        f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
+                    )
+                items.append([key, enc(sub, [*path, key])])
+            return {"m": items}
+        if isinstance(value, list):
+            return {"l": [enc(v, [*path, i]) for i, v in enumerate(value)]}
+        if isinstance(value, tuple):
+            return {"t": [enc(v, [*path, i]) for i, v in enumerate(value)]}
+        if value is DELETE:
+            if allow_delete:
+                return {"x": 0}
+            raise InvalidValue(f"{path_str(path)}: autosaved.DELETE is only allowed as a value in update()")
+        raise InvalidValue(
+            f"{path_str(path)} is a {type(value).__module__}.{type(value).__qualname__}, which autosaved cannot "
+            "store (supported: None, bool, int, float, str, bytes, list, tuple, dict, numpy arrays, "
+            "torch tensors)"
+        )
+
+    return enc(tree, []), blobs
+
+
+def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False) -> Any:
+    """Decode an untrusted node back into a tree with :class:`Blob` leaves.
+
+    Raises ``ProtocolError`` for anything malformed: unknown tags, bad keys, blob indexes out of range,
+    nesting deeper than ``MAX_DEPTH``, a DELETE outside a mapping.
+    """
+
+    used: set[int] = set()
+
+    def dec(n: Any, depth: int, in_mapping: bool) -> Any:
+        if depth > MAX_DEPTH:
+            raise ProtocolError(f"state nested deeper than {MAX_DEPTH} levels")
+        if n is None or isinstance(n, bool | int | float | str):
+            return n
+        if not isinstance(n, dict) or len(n) != 1:
+            raise ProtocolError(f"malformed node of type {type(n).__name__}")
+        ((tag, body),) = n.items()
+        if tag == "m" and isinstance(body, list):
+            out: dict[str | int, Any] = {}
+            for item in body:
+                if not isinstance(item, list | tuple) or len(item) != 2:
+                    raise ProtocolError("malformed mapping item")
+                key, sub = item
+                if isinstance(key, bool) or not isinstance(key, str | int):
+                    raise ProtocolError(f"mapping key of type {type(key).__name__}")
+                out[key] = dec(sub, depth + 1, True)
+            return out
+        if tag in ("l", "t") and isinstance(body, list):
+            items = [dec(sub, depth + 1, False) for sub in body]
+            return items if tag == "l" else tuple(items)
+        if tag == "b" and isinstance(body, int) and not isinstance(body, bool):
+            if not 0 <= body < len(blobs) or body in used:
+                raise ProtocolError(f"blob reference {body} out of range or reused")
+            used.add(body)
+            return blobs[body]
+        if tag == "F" and body in ("nan", "inf", "-inf"):
+            return float(body)
+        if tag == "I" and isinstance(body, str) and re.fullmatch(r"-?\d{1,4000}", body):
+            return int(body)
+        if tag == "x" and allow_delete and in_mapping:
+            return DELETE
+        raise ProtocolError(f"unknown or misplaced node tag {tag!r}")
+
+    tree = dec(node, 0, False)
+    if len(used) != len(blobs):
+        raise ProtocolError("message carries blobs the state does not reference")
+    return tree
+
+
+def iter_blobs(tree: Any) -> list[Blob]:
+    """Every Blob of a tree, in encoding order."""
+    return to_node(tree, allow_delete=True)[1]
