@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import InvalidValue
-from .tree import DELETE, Blob, TORCH_ITEMSIZE, path_str
+from .tree import DELETE, TORCH_ITEMSIZE, Blob, path_str
 
 TensorMode = Literal["numpy", "torch"]
 
@@ -43,6 +43,12 @@ def _is_tensor(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.Tensor)
 
 
+def _bytes_view(arr: Any) -> memoryview:
+    """A flat byte view of a C-contiguous array, without copying."""
+    view: memoryview = memoryview(arr.reshape(-1).view(np.uint8))
+    return view
+
+
 def _array_blob(arr: np.ndarray[Any, Any], path: list[str | int]) -> Blob:
     if arr.dtype.kind not in "biufc" or arr.dtype.hasobject:
         raise InvalidValue(f"{path_str(path)} is a numpy array of dtype {arr.dtype}, which autosaved cannot store")
@@ -52,7 +58,7 @@ def _array_blob(arr: np.ndarray[Any, Any], path: list[str | int]) -> Blob:
         dtype=contiguous.dtype.str,
         shape=tuple(int(n) for n in contiguous.shape),
         nbytes=int(contiguous.nbytes),
-        data=memoryview(contiguous.reshape(-1).view(np.uint8)),
+        data=_bytes_view(contiguous),
     )
 
 
@@ -69,7 +75,7 @@ def _tensor_blob(tensor: Any, path: list[str | int]) -> Blob:
         dtype=name,
         shape=tuple(int(n) for n in cpu.shape),
         nbytes=cpu.numel() * cpu.element_size(),
-        data=memoryview(flat.numpy()),
+        data=_bytes_view(flat.numpy()),
     )
 
 

@@ -97,7 +97,9 @@ class PolicySettings:
     keep_last: int = 3
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any], *, base: PolicySettings | None = None, where: str = "policy") -> PolicySettings:
+    def parse(
+        cls, raw: Mapping[str, Any], *, base: PolicySettings | None = None, where: str = "policy"
+    ) -> PolicySettings:
         """Validate a (partial) policy table on top of ``base``; unknown keys are an error."""
         settings = base or cls()
         known = {f.name for f in fields(cls)}

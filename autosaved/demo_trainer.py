@@ -18,13 +18,13 @@ from .client.sync import Client
 FEATURES = 16
 
 
-def initial_state(seed: int = 7) -> dict[str, Any]:
+def initial_state(seed: int = 7) -> dict[str | int, Any]:
     rng = np.random.default_rng(seed)
     return {"w": np.zeros(FEATURES, dtype=np.float64), "step": 0, "rng": rng.bit_generator.state,
             "losses": [], "config": {"lr": 0.05, "batch": 32, "seed": seed}}
 
 
-def train_step(state: dict[str, Any]) -> dict[str, Any]:
+def train_step(state: dict[str | int, Any]) -> dict[str | int, Any]:
     rng = np.random.default_rng()
     rng.bit_generator.state = state["rng"]
     true_w = np.linspace(-1.0, 1.0, FEATURES)
@@ -37,7 +37,7 @@ def train_step(state: dict[str, Any]) -> dict[str, Any]:
             "losses": [*state["losses"][-9:], loss]}
 
 
-def digest(state: dict[str, Any]) -> str:
+def digest(state: dict[str | int, Any]) -> str:
     return hashlib.sha256(state["w"].tobytes() + repr(state["rng"]).encode()).hexdigest()[:16]
 
 

@@ -17,20 +17,17 @@ Rules (any one fires a save):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .config import PolicySettings
 
 
-class SaveReason(str, Enum):
+class SaveReason(StrEnum):
     EXPLICIT = "explicit"
     DIRTY_BYTES = "dirty_bytes"
     INTERVAL = "interval"
     IDLE = "idle"
     SHUTDOWN = "shutdown"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

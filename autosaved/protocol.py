@@ -104,7 +104,8 @@ def blobs_from_frames(descs: Any, frames: Sequence[memoryview]) -> list[Blob]:
     if descs is None:
         descs = []
     if not isinstance(descs, list) or len(descs) != len(frames):
-        raise ProtocolError(f"message names {len(descs) if isinstance(descs, list) else '?'} blobs but carries {len(frames)} frames")
+        named = len(descs) if isinstance(descs, list) else "?"
+        raise ProtocolError(f"message names {named} blobs but carries {len(frames)} frames")
     blobs = []
     for desc, frame in zip(descs, frames, strict=True):
         kind, dtype, shape, nbytes = Blob.check_descriptor(desc)

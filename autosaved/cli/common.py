@@ -30,6 +30,10 @@ class AdminClient(Client):
     def __init__(self, args: argparse.Namespace, job: str = "_cli") -> None:
         super().__init__(job, address=args.address, timeout=args.timeout)
 
+    def __enter__(self) -> AdminClient:
+        self.connect()
+        return self
+
     def connect(self) -> dict[str, Any]:
         # A ping, not a hello: a hello would register the placeholder job with the daemon.
         result: dict[str, Any] = self._call(self._core.ping())

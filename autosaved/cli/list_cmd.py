@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         try:
             with AdminClient(args) as client:
-                result = client.call(lambda core: core.list(args.job))
+                result = client.call(lambda core: core.list_jobs(args.job))
             rows = result["versions"] if args.job else result["jobs"]
         except DaemonUnavailable:
             print("autosaved list: daemon not reachable; reading the state dir directly", file=sys.stderr)
@@ -53,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     if args.job:
-        print(table([[str(r["id"]), str(r["step"] if r["step"] is not None else "-"), r["time"], human_bytes(r["bytes"]),
-                      r["reason"], "ok" if r["ok"] else f"CORRUPT: {r['error']}"] for r in rows],
+        print(table([[str(r["id"]), str(r["step"] if r["step"] is not None else "-"), r["time"],
+                      human_bytes(r["bytes"]), r["reason"], "ok" if r["ok"] else f"CORRUPT: {r['error']}"]
+                     for r in rows],
                     ["VERSION", "STEP", "TIME", "SIZE", "REASON", "VERIFIED"]))
     elif rows:
         print(table([[r["job"], str(r["owner"]), str(r["versions"]), str(r["latest"] or "-"), human_bytes(r["bytes"]),

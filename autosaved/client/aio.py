@@ -12,7 +12,16 @@ import zmq.asyncio
 
 from ..codec import TensorMode
 from ..errors import StateLost
-from .base import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, Ack, ack_from, check_reachable, configure, resolve_address, timed_out
+from .base import (
+    DEFAULT_SAVE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    Ack,
+    ack_from,
+    check_reachable,
+    configure,
+    resolve_address,
+    timed_out,
+)
 from .core import ClientCore, Request
 
 
@@ -67,7 +76,7 @@ class AsyncClient:
             with anyio.move_on_after(timeout):
                 while True:
                     # poll-then-recv: a timeout cancels the poll, never a recv holding a message.
-                    if not await sock.poll(1000, zmq.POLLIN):
+                    if not await sock.poll(1000):
                         continue
                     frames = [f.buffer for f in await sock.recv_multipart(copy=False)]
                     header = self._core.matches(req, frames)

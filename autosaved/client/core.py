@@ -99,7 +99,7 @@ class ClientCore:
     def status(self, all_jobs: bool = False) -> Request:
         return self._request("status", {"job": None} if all_jobs else {})
 
-    def list(self, job: str | None) -> Request:
+    def list_jobs(self, job: str | None) -> Request:
         return self._request("list", {"job": job})
 
     def matches(self, req: Request, frames: list[memoryview]) -> dict[str, Any] | None:

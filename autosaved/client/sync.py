@@ -11,7 +11,16 @@ import zmq
 
 from ..codec import TensorMode
 from ..errors import StateLost
-from .base import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, Ack, ack_from, check_reachable, configure, resolve_address, timed_out
+from .base import (
+    DEFAULT_SAVE_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    Ack,
+    ack_from,
+    check_reachable,
+    configure,
+    resolve_address,
+    timed_out,
+)
 from .core import ClientCore, Request
 
 
@@ -32,8 +41,8 @@ class Client:
         self.timeout = timeout
         self.save_timeout = save_timeout
         self.on_state_lost = on_state_lost
-        self._ctx = zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock: zmq.Socket[bytes] | None = None
 
     @property
     def job(self) -> str:
@@ -56,7 +65,7 @@ class Client:
             self._sock.close(0)
             self._sock = None
 
-    def _socket(self) -> zmq.Socket:
+    def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
             check_reachable(self.address)
             self._sock = self._ctx.socket(zmq.DEALER)

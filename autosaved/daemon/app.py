@@ -258,7 +258,7 @@ class Daemon:
         sock = self._sock
         while True:
             # poll-then-recv: cancelling a pending recv could lose a message, cancelling a poll cannot.
-            if not await sock.poll(1000, zmq.POLLIN):
+            if not await sock.poll(1000):
                 continue
             frames = await sock.recv_multipart(copy=False)
             self._tg.start_soon(self._handle, frames)
@@ -342,7 +342,9 @@ class Daemon:
         for job in list(self.jobs.values()):
             if owner is not None and job.owner != owner:
                 continue
-            entry = out.setdefault(job.key, {"job": job.name, "owner": job.owner, "versions": 0, "latest": None, "bytes": 0})
+            entry = out.setdefault(
+                job.key, {"job": job.name, "owner": job.owner, "versions": 0, "latest": None, "bytes": 0}
+            )
             entry["dirty"] = job.dirty
         return sorted(out.values(), key=lambda e: (e["owner"], e["job"]))
 

@@ -10,8 +10,8 @@ import anyio
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
 from ..state import State, merge
-from ..tree import iter_blobs
 from ..storage.local import JobStore
+from ..tree import iter_blobs
 
 JobKey = tuple[int, str]
 

@@ -18,7 +18,10 @@ class Notifier:
         watchdog = os.environ.get("WATCHDOG_USEC")
         watchdog_pid = os.environ.get("WATCHDOG_PID")
         ours = watchdog_pid is None or watchdog_pid == str(os.getpid())
-        self.watchdog_interval: float | None = int(watchdog) / 1e6 / 2 if watchdog and watchdog.isdigit() and ours else None
+        # Ping at half the watchdog period, as sd_watchdog_enabled(3) recommends.
+        self.watchdog_interval: float | None = (
+            int(watchdog) / 1e6 / 2 if watchdog and watchdog.isdigit() and ours else None
+        )
 
     @property
     def enabled(self) -> bool:

@@ -83,7 +83,8 @@ class JobStore:
     # -- writing ---------------------------------------------------------------------------------
 
     def ensure_dirs(self) -> None:
-        for d in (self.path.parent.parent, self.path.parent, self.path, self.versions_dir, self.objects_dir, self.tmp_dir):
+        owners_dir, owner_dir = self.path.parent.parent, self.path.parent
+        for d in (owners_dir, owner_dir, self.path, self.versions_dir, self.objects_dir, self.tmp_dir):
             if not d.is_dir():
                 d.mkdir(mode=DIR_MODE, exist_ok=True)
                 fsync_dir(d.parent)
@@ -238,7 +239,8 @@ class JobStore:
             for chunk in chunks:
                 pieces.append((chunk, into[offset : offset + chunk.size]))
                 offset += chunk.size
-            for chunk, ok in zip(chunks, _HASH_POOL.map(lambda p: hashlib.sha256(p[1]).hexdigest() == p[0].digest, pieces), strict=True):
+            matches = _HASH_POOL.map(lambda p: hashlib.sha256(p[1]).hexdigest() == p[0].digest, pieces)
+            for chunk, ok in zip(chunks, matches, strict=True):
                 if not ok:
                     raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
 
@@ -265,7 +267,7 @@ class JobStore:
         try:
             doc = self.read_manifest(version)
         except CorruptVersion as exc:
-            return VersionInfo(job=self.job, id=version, step=None, time="", bytes=0, reason="", meta={}, ok=False, error=str(exc))
+            return VersionInfo(self.job, version, None, "", 0, "", {}, ok=False, error=str(exc))
         where = f"{self.job} version {version}"
         try:
             for rec in doc["blobs"]:
