@@ -52,11 +52,12 @@ def _bytes_view(arr: Any) -> memoryview:
 def _array_blob(arr: np.ndarray[Any, Any], path: list[str | int]) -> Blob:
     if arr.dtype.kind not in "biufc" or arr.dtype.hasobject:
         raise InvalidValue(f"{path_str(path)} is a numpy array of dtype {arr.dtype}, which autosaved cannot store")
-    contiguous = np.ascontiguousarray(arr)
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+    contiguous = arr if arr.flags.c_contiguous else arr.copy(order="C")
     return Blob(
         kind="ndarray",
         dtype=contiguous.dtype.str,
-        shape=tuple(int(n) for n in contiguous.shape),
+        shape=tuple(int(n) for n in arr.shape),
         nbytes=int(contiguous.nbytes),
         data=_bytes_view(contiguous),
     )
@@ -82,7 +83,7 @@ def _tensor_blob(tensor: Any, path: list[str | int]) -> Blob:
 def pack(value: Any, *, allow_delete: bool = False) -> Any:
     """Validate a user value and turn its binary leaves into Blobs (no copy for contiguous arrays)."""
 
-    def conv(v: Any, path: list[str | int]) -> Any:
+    def conv(v: Any, path: list[str | int], in_mapping: bool = False) -> Any:
         if v is None or isinstance(v, bool | int | float | str):
             return v
         if isinstance(v, bytes | bytearray | memoryview):
@@ -101,16 +102,18 @@ def pack(value: Any, *, allow_delete: bool = False) -> Any:
                     raise InvalidValue(
                         f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
                     )
-                out[key] = conv(sub, [*path, key])
+                out[key] = conv(sub, [*path, key], True)
             return out
         if isinstance(v, list):
             return [conv(s, [*path, i]) for i, s in enumerate(v)]
         if isinstance(v, tuple):
             return tuple(conv(s, [*path, i]) for i, s in enumerate(v))
         if v is DELETE:
-            if allow_delete and path:
+            if allow_delete and in_mapping:
                 return v
-            raise InvalidValue(f"{path_str(path)}: autosaved.DELETE is only allowed as a value inside update()")
+            raise InvalidValue(
+                f"{path_str(path)}: autosaved.DELETE is only allowed as a value of a mapping inside update()"
+            )
         raise InvalidValue(
             f"{path_str(path)} is a {type(v).__module__}.{type(v).__qualname__}, which autosaved cannot store "
             "(supported: None, bool, int, float, str, bytes, list, tuple, dict, numpy arrays, torch tensors)"

@@ -26,6 +26,7 @@ class PrivateDaemon:
         self.state_dir = self.root / "state"
         self.sock_dir = Path(tempfile.mkdtemp(prefix="as-", dir="/tmp"))
         self.address = f"ipc://{self.sock_dir}/d.sock"
+        self.root.mkdir(parents=True, exist_ok=True)
         self.config_path = self.root / "autosaved.toml"
         self.config_path.write_text(config)
         self.log_path = self.root / "daemon.log"

@@ -25,7 +25,8 @@ from typing import Any, Final
 from .errors import InvalidValue, ProtocolError
 
 MAX_DEPTH: Final = 64
-_INT64_MIN, _INT64_MAX = -(2**63), 2**64 - 1
+# msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
+_MSGPACK_INT_MIN, _MSGPACK_INT_MAX = -(2**63), 2**64 - 1
 
 
 class _DeleteMarker:
@@ -146,11 +147,11 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
     """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs)."""
     blobs: list[Blob] = []
 
-    def enc(value: Any, path: list[str | int]) -> Any:
+    def enc(value: Any, path: list[str | int], in_mapping: bool = False) -> Any:
         if value is None or isinstance(value, bool | str):
             return value
         if isinstance(value, int):
-            return value if _INT64_MIN <= value <= _INT64_MAX else {"I": str(value)}
+            return value if _MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX else {"I": str(value)}
         if isinstance(value, float):
             if math.isfinite(value):
                 return value
@@ -165,14 +166,14 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
                     raise InvalidValue(
                         f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
                     )
-                items.append([key, enc(sub, [*path, key])])
+                items.append([key, enc(sub, [*path, key], True)])
             return {"m": items}
         if isinstance(value, list):
             return {"l": [enc(v, [*path, i]) for i, v in enumerate(value)]}
         if isinstance(value, tuple):
             return {"t": [enc(v, [*path, i]) for i, v in enumerate(value)]}
         if value is DELETE:
-            if allow_delete:
+            if allow_delete and in_mapping:
                 return {"x": 0}
             raise InvalidValue(f"{path_str(path)}: autosaved.DELETE is only allowed as a value in update()")
         raise InvalidValue(

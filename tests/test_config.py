@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autosaved.config import PolicySettings, load_config, parse_duration, parse_size
+from autosaved.errors import ConfigError
+
+
+@pytest.mark.parametrize(("text", "seconds"), [(30, 30.0), (0.5, 0.5), ("30s", 30.0), ("10m", 600.0),
+                                                ("1h30m", 5400.0), ("500ms", 0.5), ("2d", 172800.0), ("1.5", 1.5)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text, "k") == seconds
+
+
+@pytest.mark.parametrize("bad", ["ten minutes", "-5s", "5 parsecs", True, [1]])
+def test_bad_durations_name_the_key(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"policy\.idle"):
+        parse_duration(bad, "policy.idle")
+
+
+@pytest.mark.parametrize(("text", "size"), [(1024, 1024), ("4GiB", 4 * 1024**3), ("512MB", 512 * 10**6),
+                                            ("64k", 64000), ("1.5MiB", 1572864)])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text, "k") == size
+
+
+def test_policy_off_and_unknown_keys() -> None:
+    p = PolicySettings.parse({"idle": "off", "interval": "5m", "dirty_bytes": "1GiB"})
+    assert p.idle is None and p.interval == 300.0 and p.dirty_bytes == 1024**3
+    with pytest.raises(ConfigError, match=r"policy\.intervall: unknown key"):
+        PolicySettings.parse({"intervall": "5m"})
+    with pytest.raises(ConfigError, match=r"policy\.keep_last"):
+        PolicySettings.parse({"keep_last": 0})
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}/from-file"\naddress = "ipc:///tmp/file.sock"\n[policy]\nidle = "7s"\n')
+    monkeypatch.setenv("AUTOSAVED_ADDRESS", "ipc:///tmp/env.sock")
+    c = load_config(config_file=cfg)
+    assert c.address == "ipc:///tmp/env.sock" and c.state_dir == tmp_path / "from-file" and c.policy.idle == 7.0
+    c = load_config(config_file=cfg, address="tcp://127.0.0.1:5555", state_dir=tmp_path / "flag")
+    assert c.address == "tcp://127.0.0.1:5555" and c.state_dir == tmp_path / "flag"
+
+
+def test_bad_files_are_clear(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[policy\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
+        load_config(config_file=cfg)
+    cfg.write_text('[policy]\nidle = "soon"\n')
+    with pytest.raises(ConfigError, match=r"policy\.idle"):
+        load_config(config_file=cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(config_file=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="107 bytes"):
+        load_config(config_file=None, address="ipc:///" + "x" * 200)
+
+
+def test_default_paths_follow_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from autosaved import config
+
+    monkeypatch.setattr(config, "_is_root", lambda: False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    assert config.default_state_dir() == tmp_path / "state" / "autosaved"
+    assert config.default_socket_path() == tmp_path / "run" / "autosaved" / "autosaved.sock"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert config.default_socket_path() == tmp_path / "state" / "autosaved" / "run" / "autosaved.sock"
+    monkeypatch.setattr(config, "_is_root", lambda: True)
+    assert config.default_state_dir() == Path("/var/lib/autosaved")
