@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+# Called by writers with the number of bytes about to be written; it may block (it runs in a worker
+# thread) to hold a save to the rate the I/O throttle allows.
+Pacer = Callable[[int], None]
+# Writes go to the kernel in pieces of this size, so a pacer can interleave them with others' I/O.
+WRITE_PIECE = 1024 * 1024
 
 
 def fsync_dir(path: Path) -> None:
@@ -17,10 +23,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o640) -> int:
+def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o640, *,
+                pace: Pacer | None = None, drop_cache: bool = False) -> int:
     """Create ``path`` (must not exist), write ``pieces``, fsync; returns bytes written.
 
-    On any error the partial file is removed, so a failed write never leaves a file that looks whole.
+    With ``pace``, data goes out in ``WRITE_PIECE`` slices, each announced to the pacer first. With
+    ``drop_cache``, the file's pages are dropped from the page cache once durable, so checkpoint bytes
+    do not evict the trainer's own cached data. On any error the partial file is removed, so a failed
+    write never leaves a file that looks whole.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     written = 0
@@ -28,10 +38,14 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
         for piece in pieces:
             view = memoryview(piece).cast("B")
             while view.nbytes:
-                n = os.write(fd, view)
+                if pace is not None:
+                    pace(min(view.nbytes, WRITE_PIECE))
+                n = os.write(fd, view[:WRITE_PIECE] if pace is not None else view)
                 written += n
                 view = view[n:]
         os.fsync(fd)
+        if drop_cache:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import CorruptVersion, NotFound, StorageError
 from ..protocol import validate_job_name
 from ..tree import Blob, Chunk, from_node, to_node
-from .fsutil import atomic_write, fsync_dir, read_exact, temp_name, write_fsync
+from .fsutil import Pacer, atomic_write, fsync_dir, read_exact, temp_name, write_fsync
 from .manifest import (
     FORMAT_VERSION,
     HASH_NAME,
@@ -108,15 +108,18 @@ class JobStore:
         meta: dict[str, Any],
         sessions: dict[str, int],
         chunk_size: int,
+        pace: Pacer | None = None,
     ) -> SaveResult:
+        """Commit ``tree`` as version ``version``. ``pace`` (see :data:`fsutil.Pacer`) throttles the
+        chunk writes; the manifest, a few KB, is never held back."""
         try:
-            return self._write_version(tree, version, step, reason, meta, sessions, chunk_size)
+            return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace)
         except OSError as exc:
             raise StorageError(f"saving {self.job} version {version} failed: {exc}") from exc
 
     def _write_version(
         self, tree: Any, version: int, step: int | None, reason: str, meta: dict[str, Any],
-        sessions: dict[str, int], chunk_size: int,
+        sessions: dict[str, int], chunk_size: int, pace: Pacer | None,
     ) -> SaveResult:
         self.ensure_dirs()
         node, blobs = to_node(tree)
@@ -133,7 +136,8 @@ class JobStore:
                         target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
                         dirs_touched.add(self.objects_dir)
                     tmp = temp_name(self.tmp_dir, chunk.digest)
-                    written += write_fsync(tmp, [blob.data[offset : offset + chunk.size]])
+                    written += write_fsync(tmp, [blob.data[offset : offset + chunk.size]], pace=pace,
+                                           drop_cache=True)
                     os.replace(tmp, target)
                     dirs_touched.add(target.parent)
                     chunks_written += 1
