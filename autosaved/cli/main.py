@@ -9,7 +9,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import AutosavedError
-from . import demo, list_cmd, save, serve, status
+from . import bench, demo, list_cmd, save, serve, status
 
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve,
@@ -17,6 +17,7 @@ COMMANDS: dict[str, ModuleType] = {
     "list": list_cmd,
     "save": save,
     "demo": demo,
+    "bench": bench,
 }
 
 

@@ -1,0 +1,25 @@
+"""``autosaved bench``: measurements side by side in one run, on a private daemon in a temp dir.
+
+``autosaved bench [--size 1GiB] [--json]`` measures the data path (see :mod:`.bench_data`);
+``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.bench_throttle`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from . import bench_data, bench_throttle
+
+
+def add_parser(sub: Any, name: str) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(name, help="benchmark autosaved against the alternatives")
+    bench_data.add_arguments(p)
+    modes = p.add_subparsers(dest="bench_mode", metavar="MODE", required=False)
+    bench_throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench_mode == "throttle":
+        return bench_throttle.run(args)
+    return bench_data.run(args)
