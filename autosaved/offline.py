@@ -25,9 +25,10 @@ class CorruptVersionWarning(UserWarning):
 
 def restore(job: str, *, state_dir: str | Path | None = None, version: int | None = None,
             tensors: TensorMode = "numpy", owner: int | None = None) -> Any:
-    """The newest verified state of ``job`` (or stored version ``version``), read from the state dir.
+    """The newest durable state of ``job`` (its newest verified version plus the write-ahead log records
+    after it), or the stored version ``version``, read from the state dir.
 
-    Returns ``None`` when the job has no version. A corrupt newer version is skipped with a
+    Returns ``None`` when the job has nothing stored. A corrupt newer version is skipped with a
     :class:`CorruptVersionWarning`; a corrupt version asked for by id raises :class:`CorruptVersion`.
     ``owner`` is the uid whose job to read (default: the calling user).
     """
@@ -35,11 +36,10 @@ def restore(job: str, *, state_dir: str | Path | None = None, version: int | Non
                      os.geteuid() if owner is None else owner, job)
     if version is not None:
         return unpack(store.load(version).tree, tensors=tensors)
-    for vid in reversed(store.version_ids()):
-        try:
-            loaded = store.load(vid)
-        except CorruptVersion as exc:
-            warnings.warn(f"skipping corrupt version {vid} of {job!r}: {exc}", CorruptVersionWarning, stacklevel=2)
-            continue
-        return unpack(loaded.tree, tensors=tensors)
-    return None
+
+    def skipped(exc: CorruptVersion) -> None:
+        warnings.warn(f"skipping corrupt version of {job!r}: {exc}", CorruptVersionWarning, stacklevel=3)
+
+    # Read-only: the log is replayed on top of the newest verified version, but never repaired here.
+    recovered = store.recover(load_data=True, repair=False, on_skip=skipped)
+    return None if recovered is None else unpack(recovered.tree, tensors=tensors)

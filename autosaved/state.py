@@ -11,17 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .tree import DELETE, Blob, iter_blobs
+from .tree import DELETE, Blob, Replace, iter_blobs
 
 State = dict[str | int, Any]
 
 
 def merge(base: State, delta: Mapping[str | int, Any]) -> State:
-    """Return ``base`` with ``delta`` deep-merged: mappings merge, other values replace, DELETE removes."""
+    """Return ``base`` with ``delta`` deep-merged: mappings merge, other values replace, DELETE removes,
+    a :class:`Replace` sets a mapping wholesale."""
     out = dict(base)
     for key, value in delta.items():
         if value is DELETE:
             out.pop(key, None)
+        elif isinstance(value, Replace):
+            out[key] = merge({}, value.mapping)
         elif isinstance(value, Mapping) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         elif isinstance(value, Mapping):
@@ -29,6 +32,29 @@ def merge(base: State, delta: Mapping[str | int, Any]) -> State:
         else:
             out[key] = value
     return out
+
+
+def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]) -> State:
+    """One delta with the effect of applying ``first`` then ``second``.
+
+    A mapping that follows a DELETE or a non-mapping value must replace, not merge (merging it onto
+    whatever the key held before ``first`` would resurrect deleted keys), hence :class:`Replace`.
+    """
+    out = dict(first)
+    for key, value in second.items():
+        before = out.get(key, _MISSING)
+        if value is DELETE or isinstance(value, Replace) or not isinstance(value, Mapping) or before is _MISSING:
+            out[key] = value
+        elif isinstance(before, Replace):
+            out[key] = Replace(merge(before.mapping, value))
+        elif isinstance(before, Mapping):
+            out[key] = merge_deltas(before, value)
+        else:  # DELETE or a plain value came first
+            out[key] = Replace(merge({}, value))
+    return out
+
+
+_MISSING: Any = object()
 
 
 def tree_bytes(tree: Any) -> int:

@@ -11,7 +11,8 @@ tuples). The daemon never needs numpy or torch: to it an array is an opaque :cla
 
 Node tags: ``{"m": [[key, node], ...]}`` mapping, ``{"l": [...]}`` list, ``{"t": [...]}`` tuple,
 ``{"b": index}`` blob, ``{"F": "nan" | "inf" | "-inf"}`` non-finite float, ``{"I": "digits"}`` an int
-outside 64 bits, ``{"x": 0}`` the ``DELETE`` marker (deltas only).
+outside 64 bits, ``{"x": 0}`` the ``DELETE`` marker (deltas only), ``{"r": node}`` a :class:`Replace`
+(write-ahead log records only).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class _DeleteMarker:
 
 
 DELETE: Final = _DeleteMarker()
+
+
+@dataclass(frozen=True)
+class Replace:
+    """In a combined delta (the daemon's write-ahead log only): set this key to ``mapping`` wholesale
+    instead of merging into what it held. Clients never send it."""
+
+    mapping: dict[str | int, Any]
 
 BLOB_KINDS: Final = ("bytes", "ndarray", "torch")
 
@@ -172,6 +181,8 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
             return {"l": [enc(v, [*path, i]) for i, v in enumerate(value)]}
         if isinstance(value, tuple):
             return {"t": [enc(v, [*path, i]) for i, v in enumerate(value)]}
+        if isinstance(value, Replace) and allow_delete and in_mapping:
+            return {"r": enc(value.mapping, path)}
         if value is DELETE:
             if allow_delete and in_mapping:
                 return {"x": 0}
@@ -185,7 +196,7 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
     return enc(tree, []), blobs
 
 
-def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False) -> Any:
+def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, allow_replace: bool = False) -> Any:
     """Decode an untrusted node back into a tree with :class:`Blob` leaves.
 
     Raises ``ProtocolError`` for anything malformed: unknown tags, bad keys, blob indexes out of range,
@@ -226,6 +237,11 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False) -
             return int(body)
         if tag == "x" and allow_delete and in_mapping:
             return DELETE
+        if tag == "r" and allow_replace and in_mapping:
+            inner = dec(body, depth + 1, False)
+            if not isinstance(inner, dict):
+                raise ProtocolError("a replace node must hold a mapping")
+            return Replace(inner)
         raise ProtocolError(f"unknown or misplaced node tag {tag!r}")
 
     tree = dec(node, 0, False)

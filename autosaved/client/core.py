@@ -129,7 +129,7 @@ class ClientCore:
         if req.op == "update":
             self.acked = req.seq
             self.durable = int(header.get("durable") or 0)
-            if header.get("ack") == "committed":
+            if header.get("ack") in ("logged", "committed"):
                 self.durable = req.seq
             return header
         if req.op == "save":

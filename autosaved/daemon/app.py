@@ -29,9 +29,11 @@ from ..config import Config
 from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolError, StorageError
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
-from ..storage.local import Store
+from ..storage.local import Recovered, Store
+from ..storage.wal import WalWriter
 from .jobs import Job, JobKey
 from .lock import PidLock
+from .logger import LogCommitter
 from .notify import Notifier
 from .rpc import Handlers, Request
 from .writer import Writer
@@ -71,6 +73,7 @@ class Daemon:
         self.exit_code = 0
         self.handlers = Handlers(self)
         self.writer = Writer(chunk_size=config.chunk_size, clock=clock, on_done=self._save_done)
+        self.log = LogCommitter(self._spawn, self.poke)
         self._wake = anyio.Event()
         self._save_finished = anyio.Event()
         self._stop = anyio.Event()
@@ -88,6 +91,10 @@ class Daemon:
     def poke(self) -> None:
         """Wake the scheduler: something changed that may make a save due sooner."""
         self._wake.set()
+
+    def _spawn(self, func: Any, *args: Any) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(func, *args)
 
     def _save_done(self) -> None:
         self._save_finished.set()
@@ -108,24 +115,33 @@ class Daemon:
                 return job
             store = self.store.job(owner, name)
 
-            def load() -> tuple[Any, list[int]]:
+            def load() -> tuple[Recovered | None, list[int]]:
                 store.clean_tmp()
-                return store.load_newest(load_data=False), store.version_ids()
+                return store.recover(load_data=False, repair=True), store.version_ids()
 
             try:
-                loaded, ids = await anyio.to_thread.run_sync(load)
+                recovered, ids = await anyio.to_thread.run_sync(load)
             except OSError as exc:
                 raise StorageError(f"cannot open job {name!r}: {exc}") from exc
-            job = Job(owner=owner, name=name, store=store, settings=self.config.policy)
-            if loaded is not None:
-                job.root = loaded.tree
-                job.sessions = dict(loaded.sessions)
-                job.durable = dict(loaded.sessions)
-                job.latest_version = loaded.info.id
-                job.step = loaded.info.step
-                job.meta = dict(loaded.info.meta)
-                job.last_save_time = loaded.info.time
-                log.info("loaded job=%s owner=%d version=%d", name, owner, loaded.info.id)
+            job = Job(owner=owner, name=name, store=store, settings=self.config.policy, wal=WalWriter(store.log_dir))
+            if recovered is not None:
+                job.root = recovered.tree
+                job.sessions = dict(recovered.sessions)
+                job.durable = dict(recovered.sessions)
+                job.step = recovered.step
+                job.meta = dict(recovered.meta)
+                job.last_lsn = recovered.replay.max_lsn
+                if recovered.version is not None:
+                    job.latest_version = recovered.version.info.id
+                    job.last_save_time = recovered.version.info.time
+                    job.last_lsn = max(job.last_lsn, recovered.version.wal_lsn)
+                if recovered.replay.records:
+                    # Logged deltas newer than the newest version: save them as a version soon.
+                    now = self.clock()
+                    job.generation = 1
+                    job.dirty_since = job.last_update_at = now
+                log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
+                         job.latest_version, len(recovered.replay.records))
             job.next_version = ids[-1] + 1 if ids else 1
             self.jobs[key] = job
             self._load_locks.pop(key, None)
@@ -325,6 +341,8 @@ class Daemon:
                 "saves": self.writer.saves,
                 "save_failures": self.writer.failures,
                 "bytes_written": self.writer.bytes_written,
+                "wal_syncs": self.log.syncs,
+                "wal_records": self.log.records,
                 "held_bytes": sum(j.held_bytes() for j in self.jobs.values()),
             },
             "jobs": jobs,

@@ -9,11 +9,21 @@ import anyio
 
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
-from ..state import State, merge
+from ..state import State, merge, merge_deltas
 from ..storage.local import JobStore
+from ..storage.wal import Record, WalWriter
 from ..tree import iter_blobs
 
 JobKey = tuple[int, str]
+
+
+@dataclass
+class LogWaiter:
+    """A logged request waiting for its record's fsync (shared with the others in its group commit)."""
+
+    record: Record
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: Exception | None = None
 
 
 @dataclass
@@ -58,6 +68,20 @@ class Job:
     bytes_written: int = 0
     waiters: list[CommitWaiter] = field(default_factory=list)
     io_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Write-ahead log. ``unlogged`` is every delta since the last point the log or a committed version
+    # covered, merged into one; the next logged record carries it (see storage/wal.py).
+    wal: WalWriter | None = None
+    wal_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    unlogged: State = field(default_factory=dict)
+    unlogged_sessions: dict[str, int] = field(default_factory=dict)
+    unlogged_generation: int = 0
+    last_lsn: int = 0
+    rotate_log: bool = False
+    wal_broken: str | None = None
+    # A snapshot covering this lsn (the last record of the failed batch) must commit before logging resumes.
+    wal_broken_lsn: int = 0
+    log_pending: list[LogWaiter] = field(default_factory=list)
+    log_flushing: bool = False
 
     @property
     def key(self) -> JobKey:
@@ -73,6 +97,9 @@ class Job:
         self.root = merge(self.root, delta)
         self.generation += 1
         self.sessions[session] = seq
+        self.unlogged = merge_deltas(self.unlogged, delta)
+        self.unlogged_sessions[session] = seq
+        self.unlogged_generation = self.generation
         if step is not None:
             self.step = step
         if meta:
@@ -82,6 +109,16 @@ class Job:
             self.dirty_since = now
         self.last_update_at = now
         return self.generation
+
+    def take_log_record(self) -> Record:
+        """The next log record: everything not yet covered by the log or a commit. Taken in the same
+        event-loop step as the apply, so records reach the log in lsn order."""
+        self.last_lsn += 1
+        record = Record(lsn=self.last_lsn, sessions=dict(self.unlogged_sessions), step=self.step,
+                        meta=dict(self.meta), delta=self.unlogged)
+        self.unlogged = {}
+        self.unlogged_sessions = {}
+        return record
 
     def view(self) -> JobView:
         return JobView(
@@ -129,6 +166,8 @@ class Job:
             "bytes_written": self.bytes_written,
             "held_bytes": self.held_bytes(),
             "last_error": self.last_error,
+            "wal_lsn": self.last_lsn,
+            "wal_error": self.wal_broken,
             "policy": self.settings.to_wire(),
         }
 
@@ -148,14 +187,17 @@ class SaveTicket:
     dirty_bytes: int
     dirty_since: float | None
     started_at: float
+    wal_lsn: int
 
 
 def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
     ticket = SaveTicket(
         job=job, reason=reason, version=job.next_version, generation=job.generation, root=job.root,
         step=job.step, meta=dict(job.meta), sessions=dict(job.sessions), dirty_bytes=job.dirty_bytes,
-        dirty_since=job.dirty_since, started_at=now,
+        dirty_since=job.dirty_since, started_at=now, wal_lsn=job.last_lsn,
     )
+    # Records after this snapshot go to a new segment, so the commit can drop the old ones whole.
+    job.rotate_log = True
     job.next_version += 1
     job.saving = True
     job.explicit_requested = False
@@ -169,7 +211,12 @@ def commit_succeeded(ticket: SaveTicket, time_iso: str, bytes_written: int) -> N
     job.saving = False
     job.saved_generation = max(job.saved_generation, ticket.generation)
     job.latest_version = ticket.version
-    job.durable = dict(ticket.sessions)
+    raise_durable(job, ticket.sessions)
+    if job.wal_broken and ticket.wal_lsn >= job.wal_broken_lsn:
+        job.wal_broken = None
+    if ticket.generation >= job.unlogged_generation:
+        job.unlogged = {}
+        job.unlogged_sessions = {}
     job.last_save_at = ticket.started_at
     job.last_save_reason = str(ticket.reason)
     job.last_save_time = time_iso
@@ -181,6 +228,12 @@ def commit_succeeded(ticket: SaveTicket, time_iso: str, bytes_written: int) -> N
     if not job.dirty:
         job.dirty_since = None
     job.finish_waiters()
+
+
+def raise_durable(job: Job, sessions: dict[str, int]) -> None:
+    """Record that these session seqs survive a crash now (never lowering what the log already made so)."""
+    for session, seq in sessions.items():
+        job.durable[session] = max(job.durable.get(session, 0), seq)
 
 
 def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:

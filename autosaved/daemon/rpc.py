@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from ..config import PolicySettings
-from ..errors import NotFound, ProtocolError, ShuttingDown, StateLost
+from ..errors import NotFound, ProtocolError, ShuttingDown, StateLost, StorageError
 from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames, validate_job_name
 from ..state import State, delta_bytes
 from ..tree import from_node, to_node
-from .jobs import CommitWaiter, Job
+from .jobs import CommitWaiter, Job, LogWaiter
 
 if TYPE_CHECKING:
     from .app import Daemon
@@ -129,6 +129,11 @@ class Handlers:
         self._apply_policy(job, h.get("policy"))
         if self.d.shutting_down:  # re-check: get_job may have awaited
             raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
+        if wait == "logged" and job.wal_broken:
+            raise StorageError(
+                f"the write-ahead log of {name!r} is unavailable after an I/O error ({job.wal_broken}); a snapshot "
+                "is being saved. This update was not applied; retry, or use wait='committed'."
+            )
         generation = job.apply(
             delta, session=session, seq=req.seq, step=step, meta=meta,
             size=delta_bytes(delta, req.header_size), now=self.d.clock(),
@@ -136,7 +141,11 @@ class Handlers:
         if wait == "accepted":
             self.d.poke()
             return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation})
-        # "logged" is served as "committed" until the write-ahead log lands: a stronger guarantee, not a weaker one.
+        if wait == "logged":
+            waiter = LogWaiter(job.take_log_record())  # same event-loop step as the apply: lsn order holds
+            self.d.poke()
+            await self.d.log.submit(job, waiter)
+            return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn})
         version = await self._wait_committed(job, generation)
         return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version})
 

@@ -48,6 +48,7 @@ class Writer:
                     lambda: job.store.write_version(
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
                         meta=ticket.meta, sessions=ticket.sessions, chunk_size=self.chunk_size,
+                        wal_lsn=ticket.wal_lsn,
                     )
                 )
         except (StorageError, AutosavedError, OSError) as exc:
@@ -67,6 +68,18 @@ class Writer:
                  job.name, job.owner, ticket.version, ticket.step, ticket.reason, result.info.bytes,
                  result.bytes_written, result.chunks_written, (time.perf_counter() - started) * 1000)
         self.on_done()
+        if job.wal is not None:
+            wal = job.wal
+            try:
+                async with job.wal_lock:
+                    if job.rotate_log:
+                        # No record was appended since a snapshot: the open segment holds only covered
+                        # records, so close it now rather than at the next append.
+                        wal.rotate()
+                        job.rotate_log = False
+                    await anyio.to_thread.run_sync(lambda: wal.drop_through(ticket.wal_lsn))
+            except OSError as exc:
+                log.warning("could not drop covered log segments job=%s error=%s", job.name, exc)
         try:
             keep = job.settings.keep_last
             deleted = await anyio.to_thread.run_sync(

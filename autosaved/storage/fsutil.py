@@ -8,6 +8,8 @@ import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .faults import point
+
 # Called by writers with the number of bytes about to be written; it may block (it runs in a worker
 # thread) to hold a save to the rate the I/O throttle allows.
 Pacer = Callable[[int], None]
@@ -15,16 +17,31 @@ Pacer = Callable[[int], None]
 WRITE_PIECE = 1024 * 1024
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path, kind: str = "dir") -> None:
+    point(kind, "fsync_dir", "before", path)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    point(kind, "fsync_dir", "after", path)
+
+
+def make_dirs(path: Path, mode: int = 0o750) -> None:
+    """Create ``path`` and any missing parents, fsyncing each new entry's parent so the new directory
+    survives a crash along with what is written into it."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(mode=mode, exist_ok=True)
+        fsync_dir(d.parent)
 
 
 def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o640, *,
-                pace: Pacer | None = None, drop_cache: bool = False) -> int:
+                pace: Pacer | None = None, drop_cache: bool = False, kind: str = "chunk") -> int:
     """Create ``path`` (must not exist), write ``pieces``, fsync; returns bytes written.
 
     With ``pace``, data goes out in ``WRITE_PIECE`` slices, each announced to the pacer first. With
@@ -32,6 +49,7 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
     do not evict the trainer's own cached data. On any error the partial file is removed, so a failed
     write never leaves a file that looks whole.
     """
+    point(kind, "open", "before", path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     written = 0
     try:
@@ -40,10 +58,14 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
             while view.nbytes:
                 if pace is not None:
                     pace(min(view.nbytes, WRITE_PIECE))
+                point(kind, "write", "before", path)
                 n = os.write(fd, view[:WRITE_PIECE] if pace is not None else view)
                 written += n
                 view = view[n:]
+                point(kind, "write", "after", path)
+        point(kind, "fsync", "before", path)
         os.fsync(fd)
+        point(kind, "fsync", "after", path)
         if drop_cache:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except BaseException:
@@ -58,16 +80,22 @@ def temp_name(directory: Path, stem: str) -> Path:
     return directory / f".{stem}.{secrets.token_hex(6)}.tmp"
 
 
-def atomic_write(target: Path, data: bytes, tmp_dir: Path, mode: int = 0o640) -> None:
+def rename(src: Path, dst: Path, kind: str) -> None:
+    point(kind, "rename", "before", dst)
+    os.replace(src, dst)
+    point(kind, "rename", "after", dst)
+
+
+def atomic_write(target: Path, data: bytes, tmp_dir: Path, mode: int = 0o640, kind: str = "manifest") -> None:
     """Make ``target`` contain ``data`` atomically and durably (temp, fsync, rename, fsync dir)."""
     tmp = temp_name(tmp_dir, target.name)
-    write_fsync(tmp, [data], mode)
+    write_fsync(tmp, [data], mode, kind=kind)
     try:
-        os.replace(tmp, target)
+        rename(tmp, target, kind)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(target.parent)
+    fsync_dir(target.parent, kind)
 
 
 def read_exact(path: Path, size: int, into: memoryview) -> None:

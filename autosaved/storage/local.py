@@ -4,6 +4,7 @@ Layout under the state dir::
 
     jobs/<owner uid>/<job>/versions/<id>.json    committed manifests (a version exists iff its manifest does)
     jobs/<owner uid>/<job>/objects/<ab>/<sha256> chunks, shared by every version that contains them
+    jobs/<owner uid>/<job>/log/<lsn>.wal         write-ahead log segments (see :mod:`.wal`)
     jobs/<owner uid>/<job>/tmp/                  temp files; anything here after a crash is garbage
 
 A save writes each chunk it lacks (temp, fsync, rename), fsyncs the object directories, then commits the
@@ -19,7 +20,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,9 @@ from typing import Any
 
 from ..errors import CorruptVersion, NotFound, StorageError
 from ..protocol import validate_job_name
+from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
-from .fsutil import Pacer, atomic_write, fsync_dir, read_exact, temp_name, write_fsync
+from .fsutil import Pacer, atomic_write, fsync_dir, make_dirs, read_exact, rename, temp_name, write_fsync
 from .manifest import (
     FORMAT_VERSION,
     HASH_NAME,
@@ -39,6 +41,7 @@ from .manifest import (
     unseal,
     utc_now_iso,
 )
+from .wal import Replay, read_log
 
 log = logging.getLogger("autosaved.storage")
 
@@ -62,10 +65,22 @@ class SaveResult:
 
 
 @dataclass
+class Recovered:
+    version: LoadedVersion | None
+    tree: Any
+    sessions: dict[str, int]
+    step: int | None
+    meta: dict[str, Any]
+    replay: Replay
+
+
+@dataclass
 class LoadedVersion:
     info: VersionInfo
     tree: Any
     sessions: dict[str, int]
+    # The last write-ahead log record the version covers.
+    wal_lsn: int = 0
 
 
 class JobStore:
@@ -79,15 +94,13 @@ class JobStore:
         self.versions_dir = self.path / "versions"
         self.objects_dir = self.path / "objects"
         self.tmp_dir = self.path / "tmp"
+        self.log_dir = self.path / "log"
 
     # -- writing ---------------------------------------------------------------------------------
 
     def ensure_dirs(self) -> None:
-        owners_dir, owner_dir = self.path.parent.parent, self.path.parent
-        for d in (owners_dir, owner_dir, self.path, self.versions_dir, self.objects_dir, self.tmp_dir):
-            if not d.is_dir():
-                d.mkdir(mode=DIR_MODE, exist_ok=True)
-                fsync_dir(d.parent)
+        for d in (self.versions_dir, self.objects_dir, self.tmp_dir):
+            make_dirs(d, DIR_MODE)
 
     def clean_tmp(self) -> None:
         """Remove temp files a crashed save left behind."""
@@ -109,17 +122,18 @@ class JobStore:
         sessions: dict[str, int],
         chunk_size: int,
         pace: Pacer | None = None,
+        wal_lsn: int = 0,
     ) -> SaveResult:
         """Commit ``tree`` as version ``version``. ``pace`` (see :data:`fsutil.Pacer`) throttles the
         chunk writes; the manifest, a few KB, is never held back."""
         try:
-            return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace)
+            return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace, wal_lsn)
         except OSError as exc:
             raise StorageError(f"saving {self.job} version {version} failed: {exc}") from exc
 
     def _write_version(
         self, tree: Any, version: int, step: int | None, reason: str, meta: dict[str, Any],
-        sessions: dict[str, int], chunk_size: int, pace: Pacer | None,
+        sessions: dict[str, int], chunk_size: int, pace: Pacer | None, wal_lsn: int,
     ) -> SaveResult:
         self.ensure_dirs()
         node, blobs = to_node(tree)
@@ -138,7 +152,11 @@ class JobStore:
                     tmp = temp_name(self.tmp_dir, chunk.digest)
                     written += write_fsync(tmp, [blob.data[offset : offset + chunk.size]], pace=pace,
                                            drop_cache=True)
-                    os.replace(tmp, target)
+                    try:
+                        rename(tmp, target, "chunk")
+                    except BaseException:
+                        tmp.unlink(missing_ok=True)
+                        raise
                     dirs_touched.add(target.parent)
                     chunks_written += 1
                 elif blob.data is None and not target.exists():
@@ -146,7 +164,7 @@ class JobStore:
                 offset += chunk.size
             records.append(blob_record(blob, chunks))
         for d in sorted(dirs_touched, key=lambda p: len(p.parts), reverse=True):
-            fsync_dir(d)
+            fsync_dir(d, "chunk")
 
         info = VersionInfo(
             job=self.job, id=version, step=step, time=utc_now_iso(), bytes=sum(b.nbytes for b in blobs),
@@ -155,7 +173,7 @@ class JobStore:
         body = {
             "format": FORMAT_VERSION, "hash": HASH_NAME, "job": self.job, "version": version, "step": step,
             "time": info.time, "reason": reason, "meta": meta, "bytes": info.bytes, "sessions": sessions,
-            "tree": node, "blobs": records,
+            "wal_lsn": wal_lsn, "tree": node, "blobs": records,
         }
         manifest = seal(body)
         atomic_write(self.versions_dir / f"{version:012d}.json", manifest, self.tmp_dir)
@@ -224,7 +242,7 @@ class JobStore:
             elif verify:
                 self._verify_chunks(blob.chunks, where)
         sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
-        return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions)
+        return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)))
 
     def _read_chunks(self, chunks: tuple[Chunk, ...], into: memoryview, verify: bool, where: str) -> None:
         offset = 0
@@ -296,14 +314,38 @@ class JobStore:
                     out.append(VersionInfo(self.job, vid, None, "", 0, "", {}, ok=False, error=str(exc)))
         return out
 
-    def load_newest(self, *, load_data: bool = True) -> LoadedVersion | None:
-        """The newest version that verifies; corrupt newer ones are logged and skipped, never returned."""
+    def load_newest(self, *, load_data: bool = True,
+                    on_skip: Callable[[CorruptVersion], None] | None = None) -> LoadedVersion | None:
+        """The newest version that verifies; corrupt newer ones are reported and skipped, never returned."""
         for vid in reversed(self.version_ids()):
             try:
                 return self.load(vid, load_data=load_data)
             except CorruptVersion as exc:
                 log.warning("skipping corrupt version: %s", exc)
+                if on_skip is not None:
+                    on_skip(exc)
         return None
+
+    def recover(self, *, load_data: bool = True, repair: bool = False,
+                on_skip: Callable[[CorruptVersion], None] | None = None) -> Recovered | None:
+        """The newest durable state: the newest verified version plus the write-ahead log records after
+        it. ``repair`` (only for the daemon, which owns the log) cuts torn log tails off."""
+        base = self.load_newest(load_data=load_data, on_skip=on_skip)
+        replay = read_log(self.log_dir, base.wal_lsn if base else 0, repair=repair)
+        for warning in replay.warnings:
+            log.warning("%s: %s", self.job, warning)
+        if base is None and not replay.records:
+            return None
+        rec = Recovered(version=base, tree=base.tree if base else {}, sessions=dict(base.sessions) if base else {},
+                        step=base.info.step if base else None, meta=dict(base.info.meta) if base else {},
+                        replay=replay)
+        for record in replay.records:
+            rec.tree = merge(rec.tree, record.delta)
+            rec.sessions.update(record.sessions)
+            if record.step is not None:
+                rec.step = record.step
+            rec.meta.update(record.meta)
+        return rec
 
     # -- retention -------------------------------------------------------------------------------
 
