@@ -221,3 +221,14 @@ def test_demo_resumes_exactly() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed at step 60" in proc.stdout and "identical" in proc.stdout
+
+
+def test_dead_daemon_never_blocks_the_trainer(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    d = make_daemon(NO_AUTO_POLICY)
+    c = autosaved.Client("dead", address=d.address, timeout=0.5)
+    c.connect()
+    d.kill()  # the socket file stays behind, nobody listens
+    for _ in range(3):
+        with pytest.raises(autosaved.DaemonUnavailable, match="did not answer"):
+            c.update({"a": 1})
+    c.close()

@@ -72,8 +72,9 @@ class AsyncClient:
                 self._sock = self._ctx.socket(zmq.DEALER)
                 configure(self._sock, self.address)
             sock = self._sock
-            await sock.send_multipart(req.frames, copy=True)
             with anyio.move_on_after(timeout):
+                # With no daemon connected a DEALER send waits forever: the timeout covers it too.
+                await sock.send_multipart(req.frames, copy=True)
                 while True:
                     # poll-then-recv: a timeout cancels the poll, never a recv holding a message.
                     if not await sock.poll(1000):

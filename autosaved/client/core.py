@@ -83,7 +83,7 @@ class ClientCore:
         if self.policy:
             fields["policy"] = self.policy
         data = [b.data for b in blobs if b.data is not None]
-        return self._request("update", fields, data, long=wait != "accepted")
+        return self._request("update", fields, data, long=wait == "committed")
 
     def save(self) -> Request:
         return self._request("save", {}, long=True)

@@ -75,8 +75,14 @@ class Client:
     def _call(self, req: Request, tensors: TensorMode = "numpy") -> Any:
         timeout = self.save_timeout if req.long else self.timeout
         sock = self._socket()
-        sock.send_multipart(req.frames, copy=True)
         deadline = time.monotonic() + timeout
+        # With no daemon connected a DEALER send blocks forever: bound it like the reply.
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+        try:
+            sock.send_multipart(req.frames, copy=True)
+        except zmq.Again:
+            self.close()
+            raise timed_out(self.address, req.op, timeout) from None
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):

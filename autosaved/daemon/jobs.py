@@ -246,4 +246,7 @@ def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:
     job.failures += 1
     job.retry_at = now + min(60.0, 0.5 * 2 ** min(job.failures, 7))
     job.last_error = str(error)
+    if ticket.reason in (SaveReason.EXPLICIT, SaveReason.SHUTDOWN):
+        # Policy-triggered saves fire again by themselves; a requested one must be retried explicitly.
+        job.explicit_requested = True
     job.finish_waiters(error)
