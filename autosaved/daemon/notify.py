@@ -36,8 +36,13 @@ class Notifier:
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a datagram socket whose reader lags blocks the sender once its queue is
+                # full, and this runs on the event loop. A dropped notification is better than a hang.
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
             self._sock.sendto("\n".join(fields).encode(), target)
+        except BlockingIOError:
+            log.warning("sd_notify to %s dropped %s: the receiver is not reading", self.address, fields[0])
         except OSError as exc:
             log.warning("sd_notify to %s failed: %s", self.address, exc)
 
