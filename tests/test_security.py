@@ -187,7 +187,8 @@ def test_quotas_give_clear_errors_and_apply_nothing(shared_daemon: PrivateDaemon
             except autosaved.AutosavedError as exc:
                 out["bytes"] = [exc.code, exc.message]
             c.update({"w": b"z" * 900_000})   # replacing a leaf is fine: the total stays under 1 MiB
-            out["q1"] = len(c.restore()["w"])
+            state = c.restore()
+            out["q1"] = [len(state["w"]), "more" in state]
         with autosaved.Client("q2", address=ADDRESS) as c:
             c.update({"n": 1})
         try:
@@ -197,7 +198,7 @@ def test_quotas_give_clear_errors_and_apply_nothing(shared_daemon: PrivateDaemon
         print(json.dumps(out))
     """)
     assert got["bytes"][0] == "quota" and "quota.max_bytes" in got["bytes"][1]  # type: ignore[index]
-    assert got["q1"] == 900_000
+    assert got["q1"] == [900_000, False]  # the refused update left nothing behind
     assert got["jobs"][0] == "quota" and "quota.max_jobs" in got["jobs"][1]  # type: ignore[index]
     assert "already has 2 jobs (the limit is 2)" in got["jobs"][1]  # type: ignore[index]
     # quotas are per user: b starts from zero
