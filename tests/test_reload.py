@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.config import Config, PolicySettings
+from autosaved.config import Config, PolicySettings, QuotaSettings, parse_config_table
 from autosaved.daemon.reload import reread
 from autosaved.errors import ConfigError
 from autosaved.private import PrivateDaemon
@@ -82,3 +82,26 @@ def test_reread_pins_restart_only_keys(tmp_path: Path) -> None:
     path.write_text("[quota]\nmax_bytes = \"lots\"\n")
     with pytest.raises(ConfigError, match=r"quota\.max_bytes"):
         reread(current)
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"metrics_address": "9464"}, "metrics_address: expected \"host:port\""),
+    ({"metrics_address": "127.0.0.1:70000"}, "metrics_address"),
+    ({"quota": {"max_jobs": 0}}, r"quota\.max_jobs: expected an integer ≥ 1"),
+    ({"quota": {"max_byte": 1}}, r"quota\.max_byte: unknown key"),
+    ({"quota": {"max_bytes": "big"}}, r"quota\.max_bytes: 'big' is not a size"),
+    ({"socket_group": True}, "socket_group: expected a group name or gid"),
+])
+def test_new_keys_are_validated_by_name(table: dict[str, object], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config_table(table, Config(address="ipc:///tmp/x.sock", state_dir=tmp_path))
+
+
+def test_new_keys_parse(tmp_path: Path) -> None:
+    cfg = parse_config_table({"metrics_address": "[::1]:9464", "socket_group": "autosaved",
+                              "quota": {"max_bytes": "10GiB", "max_jobs": 20}},
+                             Config(address="ipc:///tmp/x.sock", state_dir=tmp_path))
+    assert cfg.metrics_address == ("::1", 9464) and cfg.socket_group == "autosaved"
+    assert cfg.quota == QuotaSettings(max_bytes=10 * 1024**3, max_jobs=20)
+    off = parse_config_table({"metrics_address": "off", "quota": {"max_jobs": "off"}}, cfg)
+    assert off.metrics_address is None and off.quota.max_jobs is None

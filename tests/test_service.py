@@ -204,3 +204,13 @@ def test_watchdog_stops_when_the_rpc_loop_makes_no_progress(listener: NotifyList
     # pings only while progress was recent (its first 0.2 s), none in the 0.6 s after
     assert pings and all(t <= frozen_at + 0.3 for t in pings), [t - frozen_at for t in pings]
     assert "STATUS=ok" in listener.texts()
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed on this host")
+def test_sysusers_file_creates_the_service_user_and_group(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    proc = subprocess.run(["systemd-sysusers", "--dry-run", f"--root={tmp_path}",
+                           str(UNIT_DIR / "autosaved.sysusers.conf")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Creating group 'autosaved'" in proc.stderr + proc.stdout
+    assert "Creating user 'autosaved'" in proc.stderr + proc.stdout
