@@ -17,6 +17,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -166,7 +167,7 @@ class Daemon:
             gid = self._socket_gid()
             if gid is not None:
                 # Only the daemon's user and this group may enter the socket's directory.
-                os.chown(sock_path.parent, -1, gid)
+                self._give_to_group(sock_path.parent, gid)
                 os.chmod(sock_path.parent, 0o750)
             sock_lock = PidLock(sock_path.with_name(sock_path.name + ".lock"), f"socket {sock_path}")
             sock_lock.acquire()
@@ -191,8 +192,17 @@ class Daemon:
             os.chmod(path, 0o660)
             gid = self._socket_gid()
             if gid is not None:
-                os.chown(path, -1, gid)
+                self._give_to_group(path, gid)
         return sock
+
+    def _give_to_group(self, path: Path, gid: int) -> None:
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            raise AutosavedError(
+                f"socket_group: cannot give {path} to group {self.config.socket_group!r}: {exc.strerror}; the "
+                "daemon's user must be a member of that group (under systemd, set Group= instead)"
+            ) from None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         self._prepare_paths()
