@@ -34,7 +34,7 @@ from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack
 from ..storage.local import Store
 from .jobs import Job, JobKey
 from .lock import PidLock
-from .metrics import Histogram, JobSample, Sample, serve_metrics
+from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .reload import Reloader
 from .rpc import Handlers, Request
@@ -208,6 +208,7 @@ class Daemon:
         self._prepare_paths()
         try:
             self._sock = self._bind()
+            metrics = await open_metrics(*self.config.metrics_address) if self.config.metrics_address else None
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._rpc_loop)
@@ -215,12 +216,8 @@ class Daemon:
                 tg.start_soon(self._signal_loop)
                 tg.start_soon(self.reloader.watch)
                 tg.start_soon(self._watchdog)
-                if self.config.metrics_address is not None:
-                    host, port = self.config.metrics_address
-                    try:
-                        await tg.start(serve_metrics, host, port, self.metrics_sample)
-                    except OSError as exc:
-                        raise AutosavedError(f"metrics_address: cannot listen on {host}:{port}: {exc}") from None
+                if metrics is not None:
+                    tg.start_soon(serve_metrics, metrics, self.metrics_sample)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
                 self.notifier.ready(f"serving {self.config.address}")

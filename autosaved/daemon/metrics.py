@@ -14,10 +14,11 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import anyio
 import anyio.abc
+
+from ..errors import AutosavedError
 
 log = logging.getLogger("autosaved.metrics")
 
@@ -156,6 +157,14 @@ def _response(status: str, body: str, content_type: str = "text/plain; charset=u
 
 
 async def _handle(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
+    # An error escaping a handler would end serve(), and with it the daemon: it must end this request only.
+    try:
+        await _answer(stream, sample)
+    except Exception:
+        log.exception("metrics request failed")
+
+
+async def _answer(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
     async with stream:
         request = b""
         with anyio.move_on_after(5):
@@ -177,10 +186,16 @@ async def _handle(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) ->
             await stream.send(reply)
 
 
-async def serve_metrics(host: str, port: int, sample: Callable[[], Sample],
-                        *, task_status: anyio.abc.TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+async def open_metrics(host: str, port: int) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+    """Bind the endpoint; before the daemon's task group starts, so a busy port is a plain startup error."""
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    except OSError as exc:
+        raise AutosavedError(f"metrics_address: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     log.info("metrics endpoint listening address=http://%s:%d/metrics", host, port)
-    task_status.started()
+    return listener
+
+
+async def serve_metrics(listener: anyio.abc.Listener[anyio.abc.SocketStream], sample: Callable[[], Sample]) -> None:
     async with listener:
         await listener.serve(lambda stream: _handle(stream, sample))

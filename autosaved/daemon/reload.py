@@ -79,7 +79,10 @@ class Reloader:
         d.writer.chunk_size = new.chunk_size
         logging.getLogger("autosaved").setLevel(new.log_level.upper())
         for job in d.jobs.values():
-            job.settings = PolicySettings.parse(job.policy_overrides or {}, base=new.policy, where="policy")
+            try:
+                job.settings = PolicySettings.parse(job.policy_overrides or {}, base=new.policy, where="policy")
+            except ConfigError as exc:  # overrides were checked when sent; this is only a safety net
+                log.warning("config reload: job=%s keeps its old policy: %s", job.name, exc.message)
         d.poke()
 
     async def watch(self) -> None:
@@ -94,6 +97,9 @@ class Reloader:
 
         # The directory, not the file: an editor that renames a new file over the old one would leave an
         # inotify watch on the file itself pointing at a deleted inode.
-        async for _changes in watchfiles.awatch(target.parent, watch_filter=ours, debounce=200, step=50,
-                                                 recursive=False):
-            await self.reload("file-change")
+        try:
+            async for _changes in watchfiles.awatch(target.parent, watch_filter=ours, debounce=200, step=50,
+                                                     recursive=False):
+                await self.reload("file-change")
+        except Exception as exc:  # a watcher that dies must not take the daemon down with it
+            log.error("watching %s failed (%s); the config is now reloaded on SIGHUP only", target, exc)
