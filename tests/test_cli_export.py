@@ -117,12 +117,13 @@ def test_step_and_version_pick_stored_versions_and_export_import_round_trips(
     assert torch.equal(w1, _state(1)["model"]["fc.weight"])  # type: ignore[index]
     assert cli(saved, "restore", "ex", "--step", "9", "--out", str(tmp_path / "nope"), check=3).stderr
 
+    assert json.loads(cli(saved, "save", "ex", "--json").stdout) == {"job": "ex", "version": 3}
     exported = json.loads(cli(saved, "export", "ex", "--out", str(tmp_path / "exp"), "--json").stdout)
-    assert exported["version"] == 2 and exported["live"] is False  # the newest *committed* version
+    assert exported["version"] == 3 and exported["live"] is False  # the newest *committed* version
     original = autosaved.restore("ex", state_dir=saved.state_dir)
 
     deleted = json.loads(cli(saved, "delete", "ex", "--json").stdout)
-    assert deleted == {"job": "ex", "owner": os.geteuid(), "deleted_versions": 2}
+    assert deleted == {"job": "ex", "owner": os.geteuid(), "deleted_versions": 3}
     assert not (saved.state_dir / "jobs" / str(os.geteuid()) / "ex").exists()
     assert "no job named 'ex'" in cli(saved, "delete", "ex", check=3).stderr
 
