@@ -122,6 +122,28 @@ class PolicySettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@dataclass(frozen=True)
+class QuotaSettings:
+    """Per-user limits (root is exempt). ``None`` means no limit."""
+
+    max_bytes: int | None = None
+    max_jobs: int | None = None
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], where: str = "quota") -> QuotaSettings:
+        known = {f.name for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        max_jobs = raw.get("max_jobs")
+        if max_jobs is not None and not (isinstance(max_jobs, str) and max_jobs.strip().lower() in _OFF):
+            max_jobs = _parse_count(max_jobs, f"{where}.max_jobs", 1)
+        else:
+            max_jobs = None
+        return cls(max_bytes=parse_size(raw.get("max_bytes"), f"{where}.max_bytes", allow_off=True),
+                   max_jobs=max_jobs)
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -172,12 +194,20 @@ class Config:
     shutdown_deadline: float = 25.0
     chunk_size: int = 8 * 1024**2
     log_level: str = "info"
+    # Group allowed into the socket directory besides the daemon's user (name or gid); None: the daemon's group.
+    socket_group: str | int | None = None
+    # host:port of the Prometheus text endpoint; None: off.
+    metrics_address: tuple[str, int] | None = None
+    quota: QuotaSettings = field(default_factory=lambda: QuotaSettings())
 
     def socket_path(self) -> Path | None:
         return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None
 
 
-_TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level"}
+_TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
+             "socket_group", "metrics_address", "quota"}
+# Keys a running daemon cannot change: they are bound to its socket, its files or its listeners.
+RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
@@ -210,7 +240,28 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
         if level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: expected debug, info, warning or error, got {raw['log_level']!r}")
         changes["log_level"] = level
+    if "socket_group" in raw:
+        group = raw["socket_group"]
+        if isinstance(group, bool) or not isinstance(group, str | int) or group == "" or (
+                isinstance(group, int) and group < 0):
+            raise ConfigError(f"socket_group: expected a group name or gid, got {group!r}")
+        changes["socket_group"] = group
+    if "metrics_address" in raw:
+        changes["metrics_address"] = _parse_host_port(raw["metrics_address"], "metrics_address")
+    if "quota" in raw:
+        if not isinstance(raw["quota"], Mapping):
+            raise ConfigError("quota: expected a table ([quota])")
+        changes["quota"] = QuotaSettings.parse(raw["quota"])
     return replace(base, **changes)
+
+
+def _parse_host_port(value: Any, key: str) -> tuple[str, int] | None:
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _OFF):
+        return None
+    match = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d{1,5})", value) if isinstance(value, str) else None
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(f"{key}: expected \"host:port\" like \"127.0.0.1:9464\" or \"off\", got {value!r}")
+    return match.group(1), int(match.group(2))
 
 
 def _parse_address(value: Any, key: str) -> str:

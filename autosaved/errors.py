@@ -83,7 +83,15 @@ class CorruptVersion(StorageError):
 
 
 class Forbidden(AutosavedError, PermissionError):
+    """The caller may not act on that job (another user's, and the caller is not root)."""
+
     code = "forbidden"
+
+
+class QuotaExceeded(AutosavedError):
+    """A per-user limit (``quota.max_jobs``, ``quota.max_bytes``) would be exceeded; nothing was applied."""
+
+    code = "quota"
 
 
 class ConfigError(AutosavedError, ValueError):
@@ -117,6 +125,7 @@ _BY_CODE: dict[str, type[AutosavedError]] = {
         StorageError,
         CorruptVersion,
         Forbidden,
+        QuotaExceeded,
         ConfigError,
         AlreadyRunning,
         InternalError,

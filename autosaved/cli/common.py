@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from ..client.core import ClientCore, Request
 from ..client.sync import Client
+from ..codec import TensorMode
 from ..config import discover_state_dir
+from ..errors import NotFound
+from ..protocol import blobs_from_frames, raise_for_reply
+from ..storage.local import JobStore
+from ..tree import from_node
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +31,51 @@ def state_dir(args: argparse.Namespace) -> Path:
     return Path(args.state_dir) if args.state_dir else discover_state_dir()
 
 
+def add_owner_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--owner", type=int, metavar="UID",
+                        help="act on a job of another user (root only; default: your own jobs)")
+
+
+class OwnerCore(ClientCore):
+    """The protocol core, plus an ``owner`` field on every request (honoured for root only), and
+    restores that return the raw tree (blob leaves) instead of numpy/torch values, for export."""
+
+    def __init__(self, job: str, owner: int | None) -> None:
+        super().__init__(job)
+        self.owner = owner
+
+    def _request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
+                 long: bool = False) -> Request:
+        if self.owner is not None:
+            fields = {**fields, "owner": self.owner}
+        return super()._request(op, fields, blobs, long)
+
+    def delete(self) -> Request:
+        return self._request("delete", {})
+
+    def raw_restore(self, version: int | None) -> Request:
+        req = self.restore(version)
+        req.info["raw"] = True
+        return req
+
+    def finish(self, req: Request, header: dict[str, Any], frames: list[memoryview],
+               tensors: TensorMode = "numpy") -> Any:
+        if req.op == "restore" and req.info.get("raw"):
+            raise_for_reply(header)
+            self.boot = header.get("boot")
+            if header.get("tree") is None:
+                return header, None
+            return header, from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:]))
+        return super().finish(req, header, frames, tensors)
+
+
 class AdminClient(Client):
-    """A Client for requests that are not about one job (status of all jobs, list)."""
+    """A Client for requests that are not about one job (status of all jobs, list), or about a job that
+    may belong to another user (``--owner``, root only)."""
 
     def __init__(self, args: argparse.Namespace, job: str = "_cli") -> None:
         super().__init__(job, address=args.address, timeout=args.timeout)
+        self._core = OwnerCore(job, getattr(args, "owner", None))
 
     def __enter__(self) -> AdminClient:
         self.connect()
@@ -66,3 +113,47 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def find_step(versions: list[dict[str, Any]], step: int, job: str) -> int:
+    """The newest version id whose step is ``step``."""
+    ids = [v["id"] for v in versions if v.get("step") == step and v.get("ok", True)]
+    if not ids:
+        raise NotFound(f"job {job!r} has no verified version at step {step}")
+    return int(max(ids))
+
+
+def offline_store(args: argparse.Namespace, job: str) -> JobStore:
+    owner = args.owner if getattr(args, "owner", None) is not None else os.geteuid()
+    return JobStore(state_dir(args), owner, job)
+
+
+class Progress:
+    """A byte counter on stderr (``label 42% 1.2 GiB/2.9 GiB``), redrawn at most 10 times a second; silent
+    unless stderr is a terminal or ``force`` is set, so scripts and logs stay clean. Call it with the
+    number of bytes about to be written (it is a storage ``Pacer``)."""
+
+    def __init__(self, label: str, *, force: bool = False, total: int = 0) -> None:
+        self.label = label
+        self.total = total
+        self.done = 0
+        self.enabled = force or sys.stderr.isatty()
+        self._drawn = 0.0
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn >= 0.1 or self.done >= self.total):
+            self._drawn = now
+            pct = f"{100 * self.done // self.total}% " if self.total else ""
+            sys.stderr.write(f"\r{self.label} {pct}{human_bytes(self.done)}/{human_bytes(self.total)}")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self._drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", action="store_true", help="show progress on stderr even when it is not a tty")

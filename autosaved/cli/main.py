@@ -9,16 +9,34 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import AutosavedError
-from . import bench, demo, list_cmd, save, serve, status
+from . import bench, delete, demo, export, import_cmd, list_cmd, restore, save, serve, status
 
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve,
     "status": status,
     "list": list_cmd,
     "save": save,
+    "restore": restore,
+    "export": export,
+    "import": import_cmd,
+    "delete": delete,
     "demo": demo,
     "bench": bench,
 }
+
+
+# Shell-friendly exit codes: scripts can tell "try again later" from "fix the input" from "not there".
+EXIT_CODES: dict[str, int] = {
+    "bad_config": 2, "bad_job": 2, "bad_value": 2, "bad_request": 2, "bad_export": 2, "already_running": 2,
+    "not_found": 3,
+    "forbidden": 4, "quota": 4,
+}
+
+
+def exit_code(error_code: str) -> int:
+    """0 success; 1 failure (daemon unreachable, I/O, corrupt data); 2 bad input or configuration;
+    3 no such job or version; 4 not allowed (another user's job, over quota)."""
+    return EXIT_CODES.get(error_code, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except AutosavedError as exc:
         print(f"autosaved {args.command}: {exc}", file=sys.stderr)
-        return 2 if exc.code in ("bad_config", "bad_job", "already_running") else 1
+        return exit_code(exc.code)
     except KeyboardInterrupt:
         return 130

@@ -9,6 +9,7 @@ task group close.
 
 from __future__ import annotations
 
+import grp
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import secrets
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -34,7 +36,9 @@ from ..storage.wal import WalWriter
 from .jobs import Job, JobKey
 from .lock import PidLock
 from .logger import LogCommitter
-from .notify import Notifier
+from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
+from .notify import Notifier, watchdog_loop
+from .reload import Reloader
 from .rpc import Handlers, Request
 from .writer import Writer
 
@@ -85,6 +89,11 @@ class Daemon:
         self._ctx: zmq.asyncio.Context | None = None
         self.requests = 0
         self.errors = 0
+        self.reloader = Reloader(self)
+        self.save_durations = Histogram()
+        self.writer.observe_duration = self.save_durations.observe
+        # When the rpc loop last went round: the watchdog pings only while this keeps moving.
+        self.progress_at = clock()
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -149,9 +158,21 @@ class Daemon:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def _socket_gid(self) -> int | None:
+        group = self.config.socket_group
+        if group is None or isinstance(group, int):
+            return group
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise AutosavedError(f"socket_group: there is no group named {group!r}") from None
+
     def _prepare_paths(self) -> None:
+        # Job state is private to the daemon: clients reach it only through the daemon, which checks who
+        # they are. The socket's group is the clients' group, so files must not be group-readable either.
+        os.umask(0o077)
         state_dir = self.config.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         lock = PidLock(state_dir / "daemon.lock", f"state dir {state_dir}")
         lock.acquire()
         self._locks.append(lock)
@@ -159,6 +180,11 @@ class Daemon:
         if sock_path is not None:
             if not sock_path.parent.exists():
                 sock_path.parent.mkdir(parents=True, mode=0o700)
+            gid = self._socket_gid()
+            if gid is not None:
+                # Only the daemon's user and this group may enter the socket's directory.
+                self._give_to_group(sock_path.parent, gid)
+                os.chmod(sock_path.parent, 0o750)
             sock_lock = PidLock(sock_path.with_name(sock_path.name + ".lock"), f"socket {sock_path}")
             sock_lock.acquire()
             self._locks.append(sock_lock)
@@ -180,17 +206,34 @@ class Daemon:
         path = self.config.socket_path()
         if path is not None:
             os.chmod(path, 0o660)
+            gid = self._socket_gid()
+            if gid is not None:
+                self._give_to_group(path, gid)
         return sock
+
+    def _give_to_group(self, path: Path, gid: int) -> None:
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            raise AutosavedError(
+                f"socket_group: cannot give {path} to group {self.config.socket_group!r}: {exc.strerror}; the "
+                "daemon's user must be a member of that group (under systemd, set Group= instead)"
+            ) from None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         self._prepare_paths()
         try:
             self._sock = self._bind()
+            metrics = await open_metrics(*self.config.metrics_address) if self.config.metrics_address else None
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._rpc_loop)
                 tg.start_soon(self._scheduler_loop)
                 tg.start_soon(self._signal_loop)
+                tg.start_soon(self.reloader.watch)
+                tg.start_soon(self._watchdog)
+                if metrics is not None:
+                    tg.start_soon(serve_metrics, metrics, self.metrics_sample)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
                 self.notifier.ready(f"serving {self.config.address}")
@@ -209,9 +252,12 @@ class Daemon:
         return self.exit_code
 
     async def _signal_loop(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
-                if not self._stop.is_set():
+                if signum == signal.SIGHUP:
+                    assert self._tg is not None
+                    self._tg.start_soon(self.reloader.reload, "SIGHUP")
+                elif not self._stop.is_set():
                     log.info("received %s: saving every dirty job, then exiting", signal.Signals(signum).name)
                     self.request_stop()
                 else:
@@ -273,6 +319,7 @@ class Daemon:
         assert self._sock is not None and self._tg is not None
         sock = self._sock
         while True:
+            self.progress_at = self.clock()
             # poll-then-recv: cancelling a pending recv could lose a message, cancelling a poll cannot.
             if not await sock.poll(1000):
                 continue
@@ -324,6 +371,36 @@ class Daemon:
                 log.warning("could not send a reply: %s", exc)
 
     # -- reports ---------------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        # The rpc loop polls with a 1 s timeout, so it goes round at least once a second while healthy.
+        period = (self.notifier.watchdog_interval or 0.0) * 2
+        await watchdog_loop(self.notifier, progress_at=lambda: self.progress_at, clock=self.clock,
+                            status=self.status_line, stale_after=max(period, 3.0))
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: jobs, unsaved bytes, the newest save."""
+        jobs = list(self.jobs.values())
+        dirty = [j for j in jobs if j.dirty]
+        newest = max((j for j in jobs if j.last_save_time), key=lambda j: j.last_save_time or "", default=None)
+        last = (f"last save {newest.name} v{newest.latest_version} at {newest.last_save_time}"
+                if newest is not None else "no save yet")
+        failing = sum(1 for j in jobs if j.last_error)
+        return (f"{len(jobs)} jobs, {len(dirty)} dirty ({sum(j.dirty_bytes for j in dirty)} bytes unsaved), "
+                f"{last}" + (f", {failing} failing" if failing else ""))
+
+    def metrics_sample(self) -> Sample:
+        return Sample(
+            uptime_s=time.time() - self.started_at, requests=self.requests, request_errors=self.errors,
+            saves=self.writer.saves, save_failures=self.writer.failures, bytes_written=self.writer.bytes_written,
+            reloads=self.reloader.reloads, reload_failures=self.reloader.failures, durations=self.save_durations,
+            jobs=tuple(
+                JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
+                          dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), consecutive_failures=j.failures,
+                          saving=j.saving, last_save_time=j.last_save_time)
+                for j in self.jobs.values()
+            ),
+        )
 
     def status(self, owner: int | None) -> dict[str, Any]:
         jobs = [j.status() for j in self.jobs.values() if owner is None or j.owner == owner]

@@ -42,6 +42,8 @@ class Job:
     name: str
     store: JobStore
     settings: PolicySettings
+    # The client's raw policy overrides, kept so a config reload can recompute ``settings`` on new defaults.
+    policy_overrides: dict[str, Any] | None = None
     root: State = field(default_factory=dict)
     # Every applied update increments ``generation``; a save commits the generation it snapshotted.
     generation: int = 0

@@ -7,6 +7,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
+
+import anyio
 
 log = logging.getLogger("autosaved.notify")
 
@@ -33,8 +36,13 @@ class Notifier:
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a datagram socket whose reader lags blocks the sender once its queue is
+                # full, and this runs on the event loop. A dropped notification is better than a hang.
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                           | socket.SOCK_NONBLOCK)
             self._sock.sendto("\n".join(fields).encode(), target)
+        except BlockingIOError:
+            log.warning("sd_notify to %s dropped %s: the receiver is not reading", self.address, fields[0])
         except OSError as exc:
             log.warning("sd_notify to %s failed: %s", self.address, exc)
 
@@ -57,3 +65,33 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+async def watchdog_loop(notifier: Notifier, *, progress_at: Callable[[], float], clock: Callable[[], float],
+                        status: Callable[[], str], stale_after: float, status_every: float = 2.0) -> None:
+    """Ping the watchdog and report STATUS= while the daemon makes progress.
+
+    This runs as a task on the event loop, never in a thread: a hung loop then stops the pings and
+    systemd restarts the daemon. ``progress_at`` is when the rpc loop last went round; once that is
+    older than ``stale_after`` the pings stop too, so a loop that runs but no longer serves is caught.
+    """
+    if not notifier.enabled:
+        return
+    interval = notifier.watchdog_interval
+    tick = min(interval, status_every) if interval is not None else status_every
+    last_status = ""
+    next_status = 0.0
+    while True:
+        now = clock()
+        if interval is not None:
+            if now - progress_at() <= stale_after:
+                notifier.watchdog()
+            else:
+                log.error("the rpc loop made no progress for %.1fs; not pinging the watchdog", now - progress_at())
+        if now >= next_status:
+            text = status()
+            if text != last_status:
+                notifier.status(text)
+                last_status = text
+            next_status = now + status_every
+        await anyio.sleep(tick)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import anyio.to_thread
 
 from ..config import PolicySettings
-from ..errors import NotFound, ProtocolError, ShuttingDown, StateLost, StorageError
+from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames, validate_job_name
-from ..state import State, delta_bytes
+from ..state import State, delta_bytes, merge, tree_bytes
 from ..tree import from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
 
@@ -72,9 +72,53 @@ class Handlers:
         self.d = daemon
 
     async def dispatch(self, req: Request) -> Reply:
+        req.owner = self._effective_owner(req)
         handler = getattr(self, f"op_{req.op}")
         reply: Reply = await handler(req)
         return reply
+
+    @staticmethod
+    def _effective_owner(req: Request) -> int:
+        """Whose jobs a request acts on: the peer's own, or, for root only, the uid in ``owner``."""
+        asked = req.header.get("owner")
+        if asked is None or asked == req.owner:
+            return req.owner
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked < 0:
+            raise ProtocolError("owner must be a uid (a non-negative integer)")
+        if req.owner != 0:
+            raise Forbidden(f"uid {req.owner} may not act on jobs of uid {asked}; only root may")
+        return asked
+
+    async def _check_job_quota(self, owner: int, name: str) -> None:
+        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt)."""
+        limit = self.d.config.quota.max_jobs
+        if limit is None or owner == 0 or (owner, name) in self.d.jobs:
+            return
+
+        def existing() -> set[str]:
+            return {s.job for s in self.d.store.jobs(owner)} | {n for o, n in self.d.jobs if o == owner}
+
+        names = await anyio.to_thread.run_sync(existing)
+        if name not in names and len(names) >= limit:
+            raise QuotaExceeded(
+                f"quota.max_jobs: uid {owner} already has {len(names)} jobs (the limit is {limit}); delete one "
+                "with `autosaved delete JOB` or ask the administrator to raise the quota",
+                details={"quota": "max_jobs", "limit": limit, "used": len(names)},
+            )
+
+    def _check_bytes_quota(self, job: Job, delta: State) -> None:
+        """Refuse an update that would make the owner's states larger than ``quota.max_bytes``."""
+        limit = self.d.config.quota.max_bytes
+        if limit is None or job.owner == 0:
+            return
+        after = tree_bytes(merge(job.root, delta))
+        others = sum(tree_bytes(j.root) for j in self.d.jobs.values() if j.owner == job.owner and j is not job)
+        if others + after > limit:
+            raise QuotaExceeded(
+                f"quota.max_bytes: this update would make the jobs of uid {job.owner} hold {others + after} "
+                f"bytes of state (the limit is {limit}); the update was not applied",
+                details={"quota": "max_bytes", "limit": limit, "used": others + tree_bytes(job.root)},
+            )
 
     def _job_name(self, req: Request) -> str:
         return validate_job_name(req.header.get("job"))
@@ -83,7 +127,9 @@ class Handlers:
         return Reply({"pid": self.d.pid})
 
     async def op_hello(self, req: Request) -> Reply:
-        job = await self.d.get_job(req.owner, self._job_name(req))
+        name = self._job_name(req)
+        await self._check_job_quota(req.owner, name)
+        job = await self.d.get_job(req.owner, name)
         self._apply_policy(job, req.header.get("policy"))
         session = req.header.get("session")
         durable = job.durable.get(session, 0) if isinstance(session, str) else 0
@@ -95,6 +141,7 @@ class Handlers:
         if not isinstance(raw, dict):
             raise ProtocolError("policy must be a map")
         settings = PolicySettings.parse(raw, base=self.d.config.policy, where="policy")
+        job.policy_overrides = dict(raw)
         if settings != job.settings:
             job.settings = settings
             self.d.poke()
@@ -118,6 +165,7 @@ class Handlers:
         if self.d.shutting_down:
             raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
 
+        await self._check_job_quota(req.owner, name)
         job = await self.d.get_job(req.owner, name)
         client_boot = h.get("boot")
         if client_boot is not None and client_boot != self.d.boot and acked > job.durable.get(session, 0):
@@ -134,6 +182,7 @@ class Handlers:
                 f"the write-ahead log of {name!r} is unavailable after an I/O error ({job.wal_broken}); a snapshot "
                 "is being saved. This update was not applied; retry, or use wait='committed'."
             )
+        self._check_bytes_quota(job, delta)
         generation = job.apply(
             delta, session=session, seq=req.seq, step=step, meta=meta,
             size=delta_bytes(delta, req.header_size), now=self.d.clock(),
@@ -163,6 +212,7 @@ class Handlers:
         name = self._job_name(req)
         if self.d.shutting_down:
             raise ShuttingDown("the daemon is shutting down; every dirty job is being saved already")
+        await self._check_job_quota(req.owner, name)
         job = await self.d.get_job(req.owner, name)
         if not job.dirty and not job.saving and job.latest_version is not None:
             return Reply({"version": job.latest_version, "new": False})
@@ -216,3 +266,25 @@ class Handlers:
         if not infos and (req.owner, store.job) not in self.d.jobs:
             raise NotFound(f"no job named {store.job!r}")
         return Reply({"versions": [i.to_json() for i in infos]})
+
+    async def op_delete(self, req: Request) -> Reply:
+        """Forget a job: its live state and every stored version. A client that sends to it again starts
+        a new, empty job of that name."""
+        name = self._job_name(req)
+        key = (req.owner, name)
+        job = self.d.jobs.pop(key, None)
+        store = job.store if job is not None else self.d.store.job(req.owner, name)
+        if job is None and not await anyio.to_thread.run_sync(store.path.exists):
+            raise NotFound(f"no job named {name!r}")
+        versions = await anyio.to_thread.run_sync(store.version_ids)
+        if job is not None:
+            # A save already writing must finish (or fail) before its folder goes away.
+            async with job.io_lock, job.wal_lock:
+                job.finish_waiters(NotFound(f"job {name!r} was deleted"))
+                if job.wal is not None:
+                    job.wal.close()
+                await anyio.to_thread.run_sync(store.delete)
+        else:
+            await anyio.to_thread.run_sync(store.delete)
+        log.info("deleted job=%s owner=%d versions=%d reason=request", name, req.owner, len(versions))
+        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions)})

@@ -26,6 +26,8 @@ class Writer:
         self.saves = 0
         self.failures = 0
         self.bytes_written = 0
+        # Told each committed save's duration in seconds (the metrics histogram).
+        self.observe_duration: Callable[[float], None] = lambda _seconds: None
 
     def begin(self, job: Job, reason: SaveReason, tg: anyio.abc.TaskGroup) -> None:
         """Snapshot ``job`` now (synchronously, so no update can slip in half-way) and save it in ``tg``."""
@@ -62,6 +64,7 @@ class Writer:
             commit_failed(ticket, StorageError(f"save interrupted: {exc!r}"), self.clock())
             raise
         commit_succeeded(ticket, result.info.time, result.bytes_written)
+        self.observe_duration(time.perf_counter() - started)
         self.saves += 1
         self.bytes_written += result.bytes_written
         log.info("saved job=%s owner=%d version=%d step=%s reason=%s bytes=%d written=%d chunks=%d ms=%.1f",

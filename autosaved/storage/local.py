@@ -20,6 +20,8 @@ import hashlib
 import logging
 import os
 import re
+import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -394,6 +396,19 @@ class JobStore:
                 if sub.is_dir():
                     yield sub
 
+    def delete(self) -> None:
+        """Remove the job's folder. It is first renamed away (atomic), so a crash half-way through the
+        removal leaves a hidden ``.deleted.*`` folder that the next delete sweeps, never a half job."""
+        parent = self.path.parent
+        if self.path.exists():
+            grave = parent / f".deleted.{self.job}.{secrets.token_hex(4)}"
+            os.replace(self.path, grave)
+            fsync_dir(parent)
+        if parent.is_dir():
+            for leftover in parent.iterdir():
+                if leftover.name.startswith(".deleted."):
+                    shutil.rmtree(leftover, ignore_errors=True)
+
     def stored_bytes(self) -> int:
         total = 0
         for sub in self._object_dirs():
@@ -421,6 +436,8 @@ class Store:
             if not o.isdigit() or not d.is_dir():
                 continue
             for name in sorted(os.listdir(d)):
+                if name.startswith(".deleted."):
+                    continue  # a job being deleted (see JobStore.delete)
                 try:
                     out.append(JobStore(self.root, int(o), name))
                 except Exception:

@@ -1,0 +1,45 @@
+"""``autosaved import DIR [--job NAME]``: commit an export folder as a new version of a job.
+
+The job's state becomes exactly the exported one (keys the job has and the export lacks are removed),
+tuples, int keys and dtypes included; the version is committed before the command returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..codec import unpack
+from ..protocol import validate_job_name
+from ..tree import DELETE
+from .common import AdminClient, add_client_options, add_owner_option, print_json
+from .exchange import read_export
+
+
+def add_parser(sub: Any, name: str) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(name, help="commit an exported folder as a new version")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--job", help="job to import into (default: the exported job's name)")
+    add_client_options(p)
+    add_owner_option(p)
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def run(args: argparse.Namespace) -> int:
+    tree, info = read_export(args.folder)
+    job = validate_job_name(args.job or info.get("job"))
+    state = unpack(tree, tensors="numpy")
+    step = info.get("step") if isinstance(info.get("step"), int) else None
+    meta = {"imported_from": str(args.folder.absolute()), "imported_version": info.get("version")}
+    with AdminClient(args, job=job) as client:
+        _, current = client.call(lambda core: core.raw_restore(None))
+        stale = {k: DELETE for k in (current or {}) if k not in state}
+        ack = client.update({**state, **stale}, step=step, meta=meta, wait="committed")
+    summary = {"job": job, "version": ack.version, "step": step, "from": str(args.folder),
+               "removed_keys": sorted(map(str, stale))}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{job}: imported {args.folder} as version {ack.version}")
+    return 0

@@ -1,0 +1,100 @@
+"""``autosaved restore JOB --out DIR``: write a job's state as safetensors + JSON (see :mod:`.exchange`).
+
+By default the newest state the daemon holds (including updates it accepted but has not saved yet);
+``--version`` or ``--step`` picks a stored version instead. Reads the state dir directly with
+``--offline`` or when the daemon is down (that needs read access to the state dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import DaemonUnavailable, NotFound
+from .common import (
+    AdminClient,
+    Progress,
+    add_client_options,
+    add_owner_option,
+    add_progress_option,
+    find_step,
+    offline_store,
+    print_json,
+)
+from .exchange import write_export
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="a stored version id")
+    which.add_argument("--step", type=int, help="the newest stored version at this step")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (created if missing)")
+    add_client_options(p)
+    add_owner_option(p)
+    p.add_argument("--offline", action="store_true", help="read the state dir, do not ask the daemon")
+    add_progress_option(p)
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def add_parser(sub: Any, name: str) -> None:
+    add_arguments(sub.add_parser(name, help="write a job's state as safetensors + JSON"))
+
+
+def _from_daemon(args: argparse.Namespace, live: bool) -> tuple[Any, dict[str, Any]]:
+    with AdminClient(args, job=args.job) as client:
+        version = args.version
+        if args.step is not None:
+            version = find_step(client.call(lambda core: core.list_jobs(args.job))["versions"], args.step, args.job)
+        elif version is None and not live:
+            version = client.call(lambda core: core.status())["latest_version"]
+            if version is None:
+                raise NotFound(f"job {args.job!r} has no committed version yet")
+        header, tree = client.call(lambda core: core.raw_restore(version))
+    if tree is None:
+        raise NotFound(f"job {args.job!r} has no state")
+    info = {"job": args.job, "owner": os.geteuid() if args.owner is None else args.owner,
+            "version": header.get("version"), "step": header.get("step"), "live": bool(header.get("live"))}
+    return tree, info
+
+
+def _from_state_dir(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    store = offline_store(args, args.job)
+    version = args.version
+    if args.step is not None:
+        version = find_step([i.to_json() for i in store.list_versions(verify=False)], args.step, args.job)
+    loaded = store.load(version) if version is not None else store.load_newest()
+    if loaded is None:
+        raise NotFound(f"job {args.job!r} has no version in {store.path}")
+    i = loaded.info
+    info = {"job": args.job, "owner": store.owner, "version": i.id, "step": i.step, "time": i.time,
+            "meta": i.meta, "live": False}
+    return loaded.tree, info
+
+
+def export(args: argparse.Namespace, *, live: bool, verb: str) -> int:
+    if args.offline:
+        tree, info = _from_state_dir(args)
+    else:
+        try:
+            tree, info = _from_daemon(args, live)
+        except DaemonUnavailable:
+            print(f"autosaved {verb}: daemon not reachable; reading the state dir directly", file=sys.stderr)
+            tree, info = _from_state_dir(args)
+    progress = Progress(f"writing {args.out}", force=args.progress)
+    summary = write_export(tree, info, args.out, progress)
+    progress.finish()
+    if args.json:
+        print_json(summary)
+    else:
+        what = "live state" if summary.get("live") else f"version {summary['version']}"
+        print(f"{args.job}: {what} (step {summary.get('step')}) written to {args.out}: {summary['tensors']} "
+              f"tensors in {summary['files'][0]}, the rest in {summary['files'][1]}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return export(args, live=True, verb="restore")

@@ -1,0 +1,89 @@
+"""The Prometheus endpoint: the exposition text (pure) and the live endpoint of a real daemon."""
+
+from __future__ import annotations
+
+import re
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+import autosaved
+from autosaved.daemon.metrics import Histogram, JobSample, Sample, render
+from autosaved.private import PrivateDaemon
+
+from .conftest import NO_AUTO_POLICY
+
+
+def _sample(**over: object) -> Sample:
+    h = Histogram()
+    for s in (0.03, 0.3, 7.0):
+        h.observe(s)
+    job = JobSample(job='a"b', owner=1000, saves=2, bytes_written=4096, dirty_bytes=10, held_bytes=20,
+                    consecutive_failures=0, saving=False, last_save_time="2026-01-01T00:00:00.000Z")
+    base = dict(uptime_s=1.5, requests=7, request_errors=1, saves=2, save_failures=1, bytes_written=4096,
+                reloads=0, reload_failures=0, durations=h, jobs=(job,))
+    return Sample(**{**base, **over})  # type: ignore[arg-type]
+
+
+def test_render_is_valid_exposition_text() -> None:
+    text = render(_sample())
+    assert 'autosaved_job_dirty_bytes{job="a\\"b",owner="1000"} 10' in text
+    assert "autosaved_save_errors_total 1" in text
+    assert 'autosaved_save_duration_seconds_bucket{le="0.05"} 1' in text
+    assert 'autosaved_save_duration_seconds_bucket{le="0.5"} 2' in text
+    assert 'autosaved_save_duration_seconds_bucket{le="+Inf"} 3' in text
+    assert "autosaved_save_duration_seconds_count 3" in text
+    assert 'autosaved_job_last_save_timestamp_seconds{job="a\\"b",owner="1000"} 1767225600' in text
+    assert "autosaved_throttle_bytes_per_second" not in text
+    assert "autosaved_throttle_bytes_per_second 1048576" in render(_sample(throttle_rate=1048576.0))
+    # every sample line belongs to a metric declared with HELP and TYPE
+    declared = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name = re.split(r"[{ ]", line)[0]
+            assert re.sub(r"_(bucket|sum|count)$", "", name) in declared, line
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_live_endpoint_reports_saves_and_dirty_bytes(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    port = _free_port()
+    d = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY)
+    url = f"http://127.0.0.1:{port}/metrics"
+    with autosaved.Client("m1", address=d.address) as c:
+        c.update({"w": b"x" * 5000}, step=1)
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+        dirty = re.search(r'autosaved_job_dirty_bytes\{job="m1",owner="\d+"\} (\d+)', text)
+        assert dirty is not None and int(dirty.group(1)) >= 5000
+        c.save()
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    assert re.search(r'autosaved_job_saves_total\{job="m1",owner="\d+"\} 1$', text, re.M)
+    assert re.search(r'autosaved_job_dirty_bytes\{job="m1",owner="\d+"\} 0$', text, re.M)
+    assert "autosaved_save_duration_seconds_count 1" in text
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+    assert err.value.code == 404
+
+
+def test_metrics_are_off_by_default_and_a_busy_port_is_a_clear_error(
+    make_daemon: Callable[..., PrivateDaemon],
+) -> None:
+    d = make_daemon(NO_AUTO_POLICY)
+    assert "metrics endpoint" not in d.log()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        bad = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n', start=False)
+        with pytest.raises(autosaved.AutosavedError, match=rf"metrics_address: cannot listen on 127.0.0.1:{port}"):
+            bad.start(timeout=20)
