@@ -13,7 +13,7 @@ it onto a state that misses earlier deltas. The client then raises :class:`~auto
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,11 @@ from ..protocol import (
     unpack_header,
     validate_job_name,
 )
-from ..tree import from_node, to_node
+from ..shm import Placement
+from ..tree import Blob, from_node, to_node
+
+# Moves the bulk blobs of an update into shared memory and says where (None: all inline).
+Placer = Callable[[Sequence[Blob]], Placement | None]
 
 
 @dataclass
@@ -65,7 +69,7 @@ class ClientCore:
         return self._request("hello", {"session": self.session, "policy": self.policy})
 
     def update(self, delta: Mapping[str | int, Any], *, step: int | None, meta: Mapping[str, Any] | None,
-               wait: str) -> Request:
+               wait: str, placer: Placer | None = None) -> Request:
         if not isinstance(delta, Mapping):
             raise InvalidValue(f"update() takes a mapping, not {type(delta).__name__}")
         if wait not in ACK_LEVELS:
@@ -82,8 +86,15 @@ class ClientCore:
         }
         if self.policy:
             fields["policy"] = self.policy
-        data = [b.data for b in blobs if b.data is not None]
-        return self._request("update", fields, data, long=wait != "accepted")
+        placement = placer(blobs) if placer is not None else None
+        placed: set[int] = set()
+        if placement is not None:
+            fields["shm"] = placement.to_wire()
+            placed = {i for i, _ in placement.refs}
+        data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
+        req = self._request("update", fields, data, long=wait != "accepted")
+        req.info["placed"] = placement is not None
+        return req
 
     def save(self) -> Request:
         return self._request("save", {}, long=True)

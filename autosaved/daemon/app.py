@@ -9,11 +9,14 @@ task group close.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import secrets
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +24,8 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
+import msgpack
+import psutil
 import zmq
 import zmq.asyncio
 
@@ -29,7 +34,9 @@ from ..config import Config
 from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolError, StorageError
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
+from ..shm import SlotTable, fd_socket_path, referenced_mappings
 from ..storage.local import Store
+from ..tree import iter_blobs
 from .jobs import Job, JobKey
 from .lock import PidLock
 from .notify import Notifier
@@ -82,6 +89,8 @@ class Daemon:
         self._ctx: zmq.asyncio.Context | None = None
         self.requests = 0
         self.errors = 0
+        shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
+        self.slots = SlotTable(shm_cap)
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -175,6 +184,9 @@ class Daemon:
                 tg.start_soon(self._rpc_loop)
                 tg.start_soon(self._scheduler_loop)
                 tg.start_soon(self._signal_loop)
+                fd_path = fd_socket_path(self.config.address)
+                if fd_path is not None:
+                    await tg.start(self._fd_loop, fd_path)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
                 self.notifier.ready(f"serving {self.config.address}")
@@ -307,6 +319,64 @@ class Daemon:
             except zmq.ZMQError as exc:
                 log.warning("could not send a reply: %s", exc)
 
+    # -- shared-memory slots ----------------------------------------------------------------------
+
+    async def _fd_loop(self, path: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients' memfds (see :mod:`autosaved.shm`); one connection per client, whose end
+        reclaims its slots."""
+        # A socket left by a crashed daemon: we hold the socket lock, so no live daemon uses it.
+        if os.path.exists(path):
+            os.unlink(path)
+        listener = await anyio.create_unix_listener(path, mode=0o660, kind=socket.SOCK_SEQPACKET)
+        task_status.started()
+        try:
+            await listener.serve(self._fd_conn)
+        finally:
+            await listener.aclose()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _fd_conn(self, stream: Any) -> None:
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        conn = self.slots.open(uid, pid)
+        log.debug("slot connection opened pid=%d uid=%d", pid, uid)
+        try:
+            async with stream:
+                await stream.send(msgpack.packb({"token": conn.token, "boot": self.boot}))
+                while True:
+                    msg, fds = await stream.receive_fds(4096, 4)
+                    if not msg:
+                        break
+                    try:
+                        req = msgpack.unpackb(msg)
+                        op = req.get("op") if isinstance(req, dict) else None
+                    except Exception:
+                        op, req = None, {}
+                    if op == "add":
+                        reply = self.slots.add(conn, req.get("slot"), req.get("size"), fds)
+                    else:
+                        for fd in fds:
+                            os.close(fd)
+                        if op == "drop":
+                            self.slots.drop(conn, req.get("slot"))
+                            reply = {"ok": True}
+                        else:
+                            reply = {"ok": False, "message": "unknown slot request"}
+                    if not reply["ok"]:
+                        log.warning("refused a shared-memory slot pid=%d: %s", pid, reply["message"])
+                    await stream.send(msgpack.packb(reply))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
+            self.slots.close(conn)
+
+    def referenced_mappings(self) -> set[int]:
+        """Slot mappings that some live state or snapshot being written still reads."""
+        roots = [j.root for j in self.jobs.values()] + [t.root for t in self.writer.in_flight.values()]
+        return referenced_mappings(b for root in roots for b in iter_blobs(root))
+
     # -- reports ---------------------------------------------------------------------------------
 
     def status(self, owner: int | None) -> dict[str, Any]:
@@ -326,6 +396,8 @@ class Daemon:
                 "save_failures": self.writer.failures,
                 "bytes_written": self.writer.bytes_written,
                 "held_bytes": sum(j.held_bytes() for j in self.jobs.values()),
+                "rss_bytes": psutil.Process().memory_info().rss,
+                "shm": self.slots.report(),
             },
             "jobs": jobs,
         }

@@ -18,8 +18,9 @@ import anyio.to_thread
 from ..config import PolicySettings
 from ..errors import NotFound, ProtocolError, ShuttingDown, StateLost
 from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames, validate_job_name
+from ..shm import SlotConn
 from ..state import State, delta_bytes
-from ..tree import from_node, to_node
+from ..tree import Blob, from_node, to_node
 from .jobs import CommitWaiter, Job
 
 if TYPE_CHECKING:
@@ -111,7 +112,17 @@ class Handlers:
         step = _opt_int(h, "step")
         meta = _meta(h)
         acked = _opt_int(h, "acked") or 0
-        blobs = blobs_from_frames(h.get("blobs"), req.frames)
+        conn: SlotConn | None = None
+        placed: dict[int, memoryview] = {}
+        if h.get("shm") is not None:
+            descs = h.get("blobs")
+            try:
+                conn, placed = self.d.slots.views(req.owner, h["shm"], len(descs) if isinstance(descs, list) else 0)
+            except LookupError as exc:
+                raise ProtocolError(str(exc), details={"code": "slot_unknown"}) from None
+            except ValueError as exc:
+                raise ProtocolError(f"shm: {exc}") from None
+        blobs = blobs_from_frames(h.get("blobs"), req.frames, placed)
         delta = from_node(h.get("tree"), blobs, allow_delete=True)
         if not isinstance(delta, dict):
             raise ProtocolError("an update's delta must be a mapping")
@@ -135,10 +146,18 @@ class Handlers:
         )
         if wait == "accepted":
             self.d.poke()
-            return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation})
+            return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation,
+                          **self._held(conn)})
         # "logged" is served as "committed" until the write-ahead log lands: a stronger guarantee, not a weaker one.
         version = await self._wait_committed(job, generation)
-        return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version})
+        return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version,
+                      **self._held(conn)})
+
+    def _held(self, conn: SlotConn | None) -> dict[str, Any]:
+        """Which of the client's slots the daemon still references: the client must not write into those."""
+        if conn is None:
+            return {}
+        return {"held": self.d.slots.held_of(conn, self.d.referenced_mappings())}
 
     async def _wait_committed(self, job: Job, generation: int) -> int | None:
         waiter = CommitWaiter(generation)
@@ -180,7 +199,16 @@ class Handlers:
             tree = loaded.tree
             info = {"version": loaded.info.id, "step": loaded.info.step, "live": False}
         node, blobs = to_node(tree)
-        frames = await anyio.to_thread.run_sync(lambda: [store.read_blob(b) for b in blobs])
+        live = self.d.slots.live_mappings()
+
+        def read(blob: Blob) -> memoryview:
+            # A live client may write into its slot once the daemon lets go of it, which could happen
+            # before ZeroMQ has sent this reply: copy those bytes. Slots of gone clients are never reused.
+            if blob.data is not None and id(blob.data.obj) in live:
+                return memoryview(bytes(blob.data))
+            return store.read_blob(blob)
+
+        frames = await anyio.to_thread.run_sync(lambda: [read(b) for b in blobs])
         return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info}, frames)
 
     async def op_status(self, req: Request) -> Reply:
