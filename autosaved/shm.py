@@ -50,6 +50,8 @@ ALIGN: Final = 64
 GRANULE: Final = 2 * 1024 * 1024
 MAX_SLOTS: Final = 4
 NO_SLOT: Final = -1
+# After a failure, updates travel inline this many times before the shared-memory path is tried again.
+RETRY_AFTER: Final = 32
 
 
 def fd_socket_path(address: str) -> str | None:
@@ -126,19 +128,29 @@ class SlotPool:
     lent: set[int] = field(default_factory=set)
     disabled_reason: str | None = None
     _next_id: int = 1
+    _retry_in: int = 0
 
     def place(self, blobs: Sequence[Blob]) -> Placement | None:
         """Copy the bulk blobs into a free slot (their ``data`` then points there, so the caller's arrays
         are free again) and say where; ``None`` sends everything inline."""
         big = [i for i, b in enumerate(blobs) if b.nbytes >= INLINE_MAX and b.data is not None]
-        if not big or self.disabled_reason is not None:
+        if self.disabled_reason is not None:
+            self._retry_in -= 1
+            if self._retry_in > 0:
+                return None
+            self.disabled_reason = None  # memory may have come free since: try again
+        if not big:
             return self._inline()
         offsets, total = [], 0
         for i in big:
             offsets.append(total)
             total = _round_up(total + blobs[i].nbytes, ALIGN)
         try:
-            slot = self._free_slot(total)
+            try:
+                slot = self._free_slot(total)
+            except ConnectionError:
+                self.reset()  # the daemon we talked to is gone; a new one may be listening
+                slot = self._free_slot(total)
         except (OSError, SlotRefused) as exc:
             self._fallback(str(exc))
             return None
@@ -165,9 +177,10 @@ class SlotPool:
             self.lent = {int(s) for s in held} & set(self.slots)
 
     def _fallback(self, why: str) -> None:
-        if self.disabled_reason is None:
-            log.warning("shared-memory path unavailable (%s); sending large leaves inline", why)
+        log.warning("shared-memory path unavailable (%s); sending large leaves inline for the next %d updates",
+                    why, RETRY_AFTER)
         self.disabled_reason = why
+        self._retry_in = RETRY_AFTER
         self.reset()
 
     def _free_slot(self, size: int) -> Slot | None:
@@ -240,9 +253,10 @@ class SlotPool:
             self.conn = None
         self.token = None
 
-    def retry_later(self) -> None:
-        """Allow the shared-memory path again (the daemon we fell back from may have been replaced)."""
+    def retry_now(self) -> None:
+        """Allow the shared-memory path again (the daemon we fell back from has been replaced)."""
         self.disabled_reason = None
+        self._retry_in = 0
 
 
 class SlotRefused(Exception):

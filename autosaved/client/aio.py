@@ -117,7 +117,7 @@ class AsyncClient:
                 if exc.code != "slot_unknown":
                     raise
                 self._slots.reset()
-                self._slots.retry_later()
+                self._slots.retry_now()
                 req = await anyio.to_thread.run_sync(build)
                 header = await self._call_locked(req)
             self._slots.settle(header.get("held"))

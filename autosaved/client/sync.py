@@ -114,7 +114,7 @@ class Client:
                 raise
             # A new daemon does not know our slots: start a fresh pool and send once more.
             self._slots.reset()
-            self._slots.retry_later()
+            self._slots.retry_now()
             req = self._core.update(delta, step=step, meta=meta, wait=wait, placer=self._slots.place)
             header = self._call(req)
         self._slots.settle(header.get("held"))
