@@ -32,13 +32,14 @@ import os
 import secrets
 import socket
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgpack
 import numpy as np
 
+from .errors import AutosavedError
 from .tree import Blob
 
 log = logging.getLogger("autosaved.shm")
@@ -46,7 +47,8 @@ log = logging.getLogger("autosaved.shm")
 # Leaves below glibc's mmap threshold (128 KiB) are copied into reused heap memory on the inline path,
 # so they cost about what a slot copy costs; above it every inline copy faults in fresh pages.
 INLINE_MAX: Final = 128 * 1024
-ALIGN: Final = 64
+# Leaves start on page boundaries, so a restore can map each one's pages in one call.
+ALIGN: Final = mmap.PAGESIZE
 GRANULE: Final = 2 * 1024 * 1024
 MAX_SLOTS: Final = 4
 NO_SLOT: Final = -1
@@ -97,7 +99,7 @@ class Slot:
 
     def close(self) -> None:
         self.array = np.empty(0, dtype=np.uint8)  # our own view would keep the mapping open
-        _release(self.mapping)
+        release_mapping(self.mapping)
         os.close(self.fd)
 
 
@@ -166,6 +168,32 @@ class SlotPool:
         self.lent.add(slot.id)
         assert self.token is not None
         return Placement(self.token, slot.id, [(i, off) for i, off in zip(big, offsets, strict=True)])
+
+    def restore_conn(self) -> str | None:
+        """Our connection's token, so the daemon can hand a restore over as a memfd; ``None``: inline."""
+        if self.disabled_reason is not None:
+            return None
+        try:
+            self._ensure_conn()
+        except (OSError, SlotRefused, ValueError, KeyError):
+            self.reset()
+            return None
+        return self.token
+
+    def receive(self, wire: Any) -> dict[int, memoryview]:
+        """The memfd a restore reply announced (it was sent before the reply), as blob index → view."""
+        if self.conn is None:
+            raise AutosavedError("no fd connection to receive the restore buffer on")
+        msg, fds, _flags, _addr = socket.recv_fds(self.conn, 4096, 1)
+        info = msgpack.unpackb(msg) if msg else {}
+        if len(fds) != 1 or info.get("seq") != wire.get("seq"):
+            for fd in fds:
+                os.close(fd)
+            self.reset()
+            raise AutosavedError("the daemon's restore buffer did not arrive")
+        mapping = map_received(fds[0], int(wire["size"]))
+        view = memoryview(mapping)
+        return {int(i): view[int(off) :] for i, off in wire["refs"]}
 
     def _inline(self) -> Placement | None:
         # Even an all-inline update names our connection, so the reply tells which slots came free.
@@ -273,6 +301,8 @@ class SlotConn:
     pid: int
     slots: dict[int, mmap.mmap] = field(default_factory=dict)
     sizes: dict[int, int] = field(default_factory=dict)
+    # Sends a message with fds to this client (set by the daemon's connection task).
+    send_fds: Callable[[bytes, list[int]], Awaitable[None]] | None = None
 
 
 class SlotTable:
@@ -323,14 +353,14 @@ class SlotTable:
         mapping = conn.slots.pop(slot_id, None)
         conn.sizes.pop(slot_id, None)
         if mapping is not None:
-            _release(mapping)
+            release_mapping(mapping)
 
     def close(self, conn: SlotConn) -> None:
         """The client is gone: forget its slots. Mappings still referenced by a state stay alive through
         those references and are freed with them."""
         self.conns.pop(conn.token, None)
         for mapping in conn.slots.values():
-            _release(mapping)
+            release_mapping(mapping)
         self.reclaimed += len(conn.slots)
         conn.slots.clear()
         conn.sizes.clear()
@@ -371,7 +401,29 @@ class SlotTable:
                 "mapped_bytes": self.mapped_bytes, "max_bytes": self.max_bytes, "reclaimed_slots": self.reclaimed}
 
 
-def _release(mapping: mmap.mmap) -> None:
+def layout(blobs: Sequence[Blob]) -> tuple[list[tuple[int, int]], int]:
+    """Where the bulk blobs go in one buffer: (blob index, offset) pairs and the buffer's size."""
+    refs, total = [], 0
+    for i, blob in enumerate(blobs):
+        if blob.nbytes >= INLINE_MAX:
+            refs.append((i, total))
+            total = _round_up(total + blob.nbytes, ALIGN)
+    return refs, total
+
+
+def map_received(fd: int, size: int) -> mmap.mmap:
+    """Map a memfd the daemon filled for a restore. Shared, not private: a private writable mapping would
+    copy every page when populated, and nobody else writes this memfd any more."""
+    try:
+        st = os.fstat(fd)
+        if st.st_size < size:
+            raise OSError(f"restore buffer is {st.st_size} bytes, expected {size}")
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+    finally:
+        os.close(fd)
+
+
+def release_mapping(mapping: mmap.mmap) -> None:
     # A view still alive (a state or snapshot in the daemon) keeps the mapping; it goes with the last view.
     with contextlib.suppress(BufferError):
         mapping.close()

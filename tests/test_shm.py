@@ -210,3 +210,23 @@ def test_fd_socket_refuses_unsealed_memfds(daemon: PrivateDaemon) -> None:
     """)
     proc = run_python(code)
     assert "'ok': False" in proc.stdout and "sealed" in proc.stdout
+
+
+def test_restore_through_a_memfd_is_verified_and_writable(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    d = make_daemon(NO_AUTO_POLICY)
+    w = np.random.default_rng(1).standard_normal(3 * INLINE_MAX).astype(np.float32)
+    with autosaved.Client("rm", address=d.address) as c:
+        c.update({"w": w, "small": np.arange(3)})
+        version = c.save()
+        back = c.restore(version)
+        assert np.array_equal(back["w"], w) and back["w"].flags.writeable
+        assert c._slots.conn is not None  # the restore went through the fd connection
+        back["w"][:] = 0  # the caller owns what it restored; the daemon's copy is untouched
+        assert np.array_equal(c.restore(version)["w"], w)
+        objects = sorted(p for p in (d.state_dir / "jobs").rglob("objects/*/*") if p.stat().st_size > 1000)
+        raw = bytearray(objects[0].read_bytes())
+        raw[100] ^= 0xFF
+        objects[0].write_bytes(bytes(raw))
+        with pytest.raises(autosaved.AutosavedError, match="does not match its hash"):
+            c.restore(version)
+        assert np.array_equal(c.restore()["w"], w)  # the live state is still served

@@ -88,7 +88,8 @@ class AsyncClient:
                 frames = [f.buffer for f in await sock.recv_multipart(copy=False)]
                 header = self._core.matches(req, frames)
                 if header is not None:
-                    return self._core.finish(req, header, frames, tensors)
+                    placed = self._slots.receive(header["shm"]) if req.op == "restore" and header.get("shm") else None
+                    return self._core.finish(req, header, frames, tensors, placed)
         self.close()
         raise timed_out(self.address, req.op, timeout)
 
@@ -128,7 +129,9 @@ class AsyncClient:
         return version
 
     async def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
-        return await self._call(self._core.restore(version), tensors)
+        async with self._lock:
+            conn = await anyio.to_thread.run_sync(self._slots.restore_conn)
+            return await self._call_locked(self._core.restore(version, conn), tensors)
 
     async def status(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call(self._core.status())

@@ -99,10 +99,11 @@ class ClientCore:
     def save(self) -> Request:
         return self._request("save", {}, long=True)
 
-    def restore(self, version: int | None) -> Request:
+    def restore(self, version: int | None, shm_conn: str | None = None) -> Request:
+        """``shm_conn`` names the client's fd connection, over which the daemon may send the bulk leaves."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise ValueError(f"version must be an int version id, not {version!r}")
-        return self._request("restore", {"version": version}, long=True)
+        return self._request("restore", {"version": version, "shm_conn": shm_conn}, long=True)
 
     def ping(self) -> Request:
         return self._request("ping", {"job": None})
@@ -123,8 +124,9 @@ class ClientCore:
         return header if header.get("seq") == req.seq else None
 
     def finish(self, req: Request, header: dict[str, Any], frames: list[memoryview],
-               tensors: TensorMode = "numpy") -> Any:
-        """Turn a reply into the call's result, or raise the error it carries."""
+               tensors: TensorMode = "numpy", placed: dict[int, memoryview] | None = None) -> Any:
+        """Turn a reply into the call's result, or raise the error it carries. ``placed``: the leaves
+        a restore reply sent through shared memory (see :meth:`SlotPool.receive`)."""
         if header.get("code") == "state_lost":
             # We now know this daemon; what it has durable is all there is.
             self.boot = header.get("boot")
@@ -149,7 +151,7 @@ class ClientCore:
         if req.op == "restore":
             if header.get("tree") is None:
                 return None
-            blobs = blobs_from_frames(header.get("blobs"), frames[1:])
+            blobs = blobs_from_frames(header.get("blobs"), frames[1:], placed)
             return unpack(from_node(header["tree"], blobs), tensors=tensors)
         return header
 

@@ -90,7 +90,8 @@ class Client:
             frames = [f.buffer for f in sock.recv_multipart(copy=False)]
             header = self._core.matches(req, frames)
             if header is not None:
-                return self._core.finish(req, header, frames, tensors)
+                placed = self._slots.receive(header["shm"]) if req.op == "restore" and header.get("shm") else None
+                return self._core.finish(req, header, frames, tensors, placed)
 
     def update(self, delta: Mapping[str | int, Any], *, step: int | None = None,
                meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> Ack:
@@ -128,7 +129,7 @@ class Client:
     def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
         """The job's newest state (everything the daemon accepted), or stored version ``version``;
         ``None`` when the job has no state. Arrays come back as numpy, or torch with ``tensors="torch"``."""
-        return self._call(self._core.restore(version), tensors)
+        return self._call(self._core.restore(version, self._slots.restore_conn()), tensors)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call(self._core.status())

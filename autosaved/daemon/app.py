@@ -181,12 +181,13 @@ class Daemon:
             self._sock = self._bind()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                fd_path = fd_socket_path(self.config.address)
+                if fd_path is not None:
+                    # Before the rpc loop: a client that got an answer may use the fd socket right away.
+                    await tg.start(self._fd_loop, fd_path)
                 tg.start_soon(self._rpc_loop)
                 tg.start_soon(self._scheduler_loop)
                 tg.start_soon(self._signal_loop)
-                fd_path = fd_socket_path(self.config.address)
-                if fd_path is not None:
-                    await tg.start(self._fd_loop, fd_path)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
                 self.notifier.ready(f"serving {self.config.address}")
@@ -341,9 +342,20 @@ class Daemon:
         pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         conn = self.slots.open(uid, pid)
         log.debug("slot connection opened pid=%d uid=%d", pid, uid)
+        send_lock = anyio.Lock()
+
+        async def send_fds(msg: bytes, fds: list[int]) -> None:
+            async with send_lock:  # replies here and restore buffers from request handlers share the stream
+                await stream.send_fds(msg, fds)
+
+        async def send(msg: bytes) -> None:
+            async with send_lock:
+                await stream.send(msg)
+
+        conn.send_fds = send_fds
         try:
             async with stream:
-                await stream.send(msgpack.packb({"token": conn.token, "boot": self.boot}))
+                await send(msgpack.packb({"token": conn.token, "boot": self.boot}))
                 while True:
                     msg, fds = await stream.receive_fds(4096, 4)
                     if not msg:
@@ -365,7 +377,7 @@ class Daemon:
                             reply = {"ok": False, "message": "unknown slot request"}
                     if not reply["ok"]:
                         log.warning("refused a shared-memory slot pid=%d: %s", pid, reply["message"])
-                    await stream.send(msgpack.packb(reply))
+                    await send(msgpack.packb(reply))
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:
