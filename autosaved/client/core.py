@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import TensorMode, pack, unpack
+from ..codec import PinnedBuffers, TensorMode, pack, unpack
 from ..config import PolicySettings
 from ..errors import InvalidValue
 from ..protocol import (
@@ -58,6 +58,7 @@ class ClientCore:
         self.boot: str | None = None
         self.acked = 0
         self.durable = 0
+        self.pinned: PinnedBuffers = {}
 
     def _request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
                  long: bool = False) -> Request:
@@ -78,7 +79,7 @@ class ClientCore:
             raise InvalidValue(f"step must be an int, not {type(step).__name__}")
         if meta is not None and not isinstance(meta, Mapping):
             raise InvalidValue(f"meta must be a mapping, not {type(meta).__name__}")
-        node, blobs = to_node(pack(delta, allow_delete=True), allow_delete=True)
+        node, blobs = to_node(pack(delta, allow_delete=True, pinned=self.pinned), allow_delete=True)
         fields: dict[str, Any] = {
             "session": self.session, "boot": self.boot, "acked": self.acked, "tree": node,
             "blobs": blob_descriptors(blobs), "wait": wait, "step": step,
