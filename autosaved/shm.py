@@ -390,8 +390,18 @@ class SlotTable:
         return conn, out
 
     def held_of(self, conn: SlotConn, referenced: set[int]) -> list[int]:
-        """The ids of ``conn``'s slots whose mapping is among ``referenced`` (``id()`` of mappings)."""
-        return [sid for sid, m in conn.slots.items() if id(m) in referenced]
+        """The ids of ``conn``'s slots whose mapping is among ``referenced`` (``id()`` of mappings).
+
+        The others go back to the client; their pages leave the daemon's page tables too (a save read
+        them), so the daemon's RSS counts only slots a state still uses."""
+        held = []
+        for sid, mapping in conn.slots.items():
+            if id(mapping) in referenced:
+                held.append(sid)
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    mapping.madvise(mmap.MADV_DONTNEED)
+        return held
 
     def live_mappings(self) -> set[int]:
         return {id(m) for c in self.conns.values() for m in c.slots.values()}

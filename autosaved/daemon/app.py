@@ -89,6 +89,8 @@ class Daemon:
         self._ctx: zmq.asyncio.Context | None = None
         self.requests = 0
         self.errors = 0
+        # Trees a restore is reading from: their slots must stay lent until the bytes are copied out.
+        self.restoring: dict[int, Any] = {}
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
         self.slots = SlotTable(shm_cap)
 
@@ -387,6 +389,7 @@ class Daemon:
     def referenced_mappings(self) -> set[int]:
         """Slot mappings that some live state or snapshot being written still reads."""
         roots = [j.root for j in self.jobs.values()] + [t.root for t in self.writer.in_flight.values()]
+        roots += list(self.restoring.values())
         return referenced_mappings(b for root in roots for b in iter_blobs(root))
 
     # -- reports ---------------------------------------------------------------------------------

@@ -203,6 +203,13 @@ class Handlers:
                 return Reply({"tree": None, "blobs": [], "version": None})
             tree = loaded.tree
             info = {"version": loaded.info.id, "step": loaded.info.step, "live": False}
+        self.d.restoring[id(req)] = tree
+        try:
+            return await self._send_tree(req, store, tree, info)
+        finally:
+            del self.d.restoring[id(req)]
+
+    async def _send_tree(self, req: Request, store: JobStore, tree: State | None, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
         shm = await self._restore_through_memfd(req, store, blobs)
         placed = {i for i, _ in shm["refs"]} if shm else set()
