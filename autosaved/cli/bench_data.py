@@ -13,12 +13,15 @@ One run, one host, one state (a dict of float32 arrays totalling ``--size``), si
 - ``restore_s`` / ``raw_read_s``: ``Client.restore`` of that version vs reading the bytes back, both after
   dropping the files' pages from the page cache (``POSIX_FADV_DONTNEED``) so both read the disk.
 
+The four I/O measures are medians of 3 rounds, each running its pair back to back.
+
 It runs its own private daemon in a temp dir; it never touches the user's daemon or state.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import statistics
@@ -41,6 +44,7 @@ KEYS = ("memcpy_s", "update_blocking_s", "torch_save_s", "dcp_async_blocking_s",
         "restore_s", "raw_read_s")
 LEAF_BYTES = 64 * 1024**2
 REPEATS = 5
+IO_ROUNDS = 3
 # Nothing saves on its own during the run: each measurement sees exactly the work it names.
 _DAEMON_CONFIG = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'
 
@@ -150,22 +154,30 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
             Client("bench", address=daemon.address, save_timeout=3600) as client:
         out["update_blocking_s"] = _median(lambda: client.update(state))
         rss = [client._call(client._core.status(all_jobs=True))["daemon"]["rss_bytes"]]
-        fresh = make_state(total, seed=1)  # bytes the store has never seen, so the save writes them all
-        client.update(fresh)
-        out["persist_s"] = _timed(client.save)
-        # After a save the daemon has read every slot page, so they count in its RSS too: the worst case.
-        rss.append(client._call(client._core.status(all_jobs=True))["daemon"]["rss_bytes"])
-        out["_daemon_rss"] = max(rss)
-        version = client.save()
         raw = daemon.state_dir / "raw.bin"
-        out["raw_write_s"] = _timed(lambda: write_fsync(raw, [v.data for v in fresh.values()],
-                                                              drop_cache=True))
-        objects = [p for p in (daemon.state_dir / "jobs").rglob("objects/*/*") if p.is_file()]
-        _drop_cache([*objects, raw])
-        out["restore_s"] = _timed(lambda: client.restore(version))
-        # A fresh buffer, as restore gets: both pay for faulting in new memory.
-        out["raw_read_s"] = _timed(lambda: read_exact(raw, nbytes, memoryview(bytearray(nbytes))))
+        persist, raw_write, restore, raw_read = [], [], [], []
+        # Disks on shared hosts swing: each pair runs back to back, IO_ROUNDS times, and medians are kept.
+        for round_ in range(IO_ROUNDS):
+            fresh = make_state(total, seed=round_ + 1)  # bytes the store has never seen: the save writes all
+            client.update(fresh)
+            persist.append(_timed(client.save))
+            # After a save the daemon has read every slot page, so they count in its RSS: the worst case.
+            rss.append(client._call(client._core.status(all_jobs=True))["daemon"]["rss_bytes"])
+            version = client.save()
+            raw.unlink(missing_ok=True)
+            pieces = [v.data for v in fresh.values()]
+            raw_write.append(_timed(functools.partial(write_fsync, raw, pieces, drop_cache=True)))
+            del fresh, pieces
+            objects = [p for p in (daemon.state_dir / "jobs").rglob("objects/*/*") if p.is_file()]
+            _drop_cache([*objects, raw])
+            restore.append(_timed(functools.partial(client.restore, version)))
+            # A fresh buffer, as restore gets: both pay for faulting in new memory.
+            raw_read.append(_timed(lambda: read_exact(raw, nbytes, memoryview(bytearray(nbytes)))))
         raw.unlink()
+        out["_daemon_rss"] = max(rss)
+        for key, times in (("persist_s", persist), ("raw_write_s", raw_write), ("restore_s", restore),
+                           ("raw_read_s", raw_read)):
+            out[key] = statistics.median(times)
     out["torch_save_s"] = _torch_save_s(state, work_dir)
     out["dcp_async_blocking_s"] = _dcp_async_blocking_s(state, work_dir)
     return {"bytes": out["bytes"], "host": out["host"], **{k: out[k] for k in KEYS}, "_daemon_rss": out["_daemon_rss"]}
