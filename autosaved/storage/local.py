@@ -22,7 +22,7 @@ import mmap
 import os
 import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +51,18 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; old
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
 
-def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
+def _sha256_hex(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def submit_digests(data: memoryview, chunk_size: int) -> list[tuple[int, Future[str]]]:
+    """Start hashing ``data``'s chunks in the pool; (size, digest future) per chunk."""
     pieces = [data[i : i + chunk_size] for i in range(0, data.nbytes, chunk_size)] or [data[:0]]
-    digests = list(_HASH_POOL.map(lambda p: hashlib.sha256(p).hexdigest(), pieces))
-    return tuple(Chunk(d, p.nbytes) for d, p in zip(digests, pieces, strict=True))
+    return [(p.nbytes, _HASH_POOL.submit(_sha256_hex, p)) for p in pieces]
+
+
+def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
+    return tuple(Chunk(f.result(), n) for n, f in submit_digests(data, chunk_size))
 
 
 @dataclass
@@ -129,7 +137,12 @@ class JobStore:
         records: list[dict[str, Any]] = []
         written = chunks_written = 0
         dirs_touched: set[Path] = set()
+        # Every leaf is hashed in the pool ahead of the writes below, so hashing overlaps writing.
+        ahead = {id(b): submit_digests(b.data, chunk_size) for b in blobs
+                 if b.data is not None and chunk_size not in b.digests}
         for blob in blobs:
+            if id(blob) in ahead:
+                blob.digests[chunk_size] = tuple(Chunk(f.result(), n) for n, f in ahead[id(blob)])
             chunks = self._chunks_of(blob, chunk_size)
             offset = 0
             for chunk in chunks:
@@ -242,7 +255,7 @@ class JobStore:
             except OSError as exc:
                 raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}…: {exc}") from None
             if verify:
-                pending.append((chunk, _HASH_POOL.submit(lambda v: hashlib.sha256(v).hexdigest(), view)))
+                pending.append((chunk, _HASH_POOL.submit(_sha256_hex, view)))
             offset += chunk.size
         for chunk, digest in pending:
             if digest.result() != chunk.digest:
@@ -291,7 +304,7 @@ class JobStore:
             start = (offset + pos) // mmap.PAGESIZE * mmap.PAGESIZE
             with contextlib.suppress(OSError):  # map the new pages in one go, not one fault at a time
                 mapping.madvise(_MADV_POPULATE_READ, start, offset + pos + chunk.size - start)
-            pending.append((chunk, _HASH_POOL.submit(lambda v: hashlib.sha256(v).hexdigest(), piece)))
+            pending.append((chunk, _HASH_POOL.submit(_sha256_hex, piece)))
             pos += chunk.size
         for chunk, digest in pending:
             if digest.result() != chunk.digest:
