@@ -292,6 +292,7 @@ class SlotConn:
     pid: int
     slots: dict[int, mmap.mmap] = field(default_factory=dict)
     sizes: dict[int, int] = field(default_factory=dict)
+    held: set[int] = field(default_factory=set)
     # Sends a message with fds to this client (set by the daemon's connection task).
     send_fds: Callable[[bytes, list[int]], Awaitable[None]] | None = None
 
@@ -387,9 +388,10 @@ class SlotTable:
         for sid, mapping in conn.slots.items():
             if id(mapping) in referenced:
                 held.append(sid)
-            else:
+            elif sid in conn.held:  # just released: once per release, not on every update
                 with contextlib.suppress(OSError, ValueError):
                     mapping.madvise(mmap.MADV_DONTNEED)
+        conn.held = set(held)
         return held
 
     def live_mappings(self) -> set[int]:
