@@ -230,3 +230,34 @@ def test_restore_through_a_memfd_is_verified_and_writable(make_daemon: Callable[
         with pytest.raises(autosaved.AutosavedError, match="does not match its hash"):
             c.restore(version)
         assert np.array_equal(c.restore()["w"], w)  # the live state is still served
+
+
+def test_hostile_shm_references_get_error_replies(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    from .test_wire import RawPeer, header
+
+    d = make_daemon(NO_AUTO_POLICY)
+    with autosaved.Client("own", address=d.address) as c:
+        c.update({"w": np.zeros(INLINE_MAX, dtype=np.uint8)})
+        token = c._slots.token
+        slot = next(iter(c._slots.slots))
+        desc = {"kind": "ndarray", "dtype": "|u1", "shape": [INLINE_MAX], "nbytes": INLINE_MAX}
+        tree = {"m": [["w", {"b": 0}]]}
+        peer = RawPeer(d.address)
+        cases = [
+            ({"conn": "nope", "slot": 1, "refs": [[0, 0]]}, "slot_unknown"),
+            ({"conn": token, "slot": 999, "refs": [[0, 0]]}, "slot_unknown"),
+            ("garbage", "bad_request"),
+            ({"conn": token, "slot": slot, "refs": [[0, 1 << 40]]}, "bad_request"),  # past the slot's end
+            ({"conn": token, "slot": slot, "refs": [[0, -1]]}, "bad_request"),
+            ({"conn": token, "slot": slot, "refs": [[0, 0], [0, 0]]}, "bad_request"),
+            ({"conn": token, "slot": slot, "refs": [[5, 0]]}, "bad_request"),
+        ]
+        try:
+            for i, (shm, code) in enumerate(cases):
+                peer.send(header(seq=i + 1, job="own", tree=tree, blobs=[desc], shm=shm))
+                reply = peer.reply()
+                assert reply is not None and reply["ok"] is False and reply["code"] == code, (shm, reply)
+        finally:
+            peer.close()
+        c.update({"after": 1})  # the daemon kept serving, and the state is untouched
+        assert np.array_equal(c.restore()["w"], np.zeros(INLINE_MAX, dtype=np.uint8))

@@ -93,9 +93,7 @@ class ClientCore:
             fields["shm"] = placement.to_wire()
             placed = {i for i, _ in placement.refs}
         data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
-        req = self._request("update", fields, data, long=wait != "accepted")
-        req.info["placed"] = placement is not None
-        return req
+        return self._request("update", fields, data, long=wait != "accepted")
 
     def save(self) -> Request:
         return self._request("save", {}, long=True)
