@@ -72,6 +72,13 @@ def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
     return meta
 
 
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    view = data.cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class Handlers:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
@@ -238,18 +245,18 @@ class Handlers:
             return None
 
         def fill() -> int:
-            # Stored leaves go file → memfd in the kernel; live ones are one memcpy. The memfd is not
-            # preallocated: it is only written through syscalls, which fail with ENOSPC, never SIGBUS.
+            # Stored leaves go file → memfd in the kernel (sendfile), live ones with pwrite. The memfd is
+            # not preallocated and only ever written through syscalls: no memory gives ENOSPC, never SIGBUS.
             fd = os.memfd_create("autosaved-restore", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, total)
                 mapping = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
                 for i, off in refs:
-                    if blobs[i].data is None:
+                    data = blobs[i].data
+                    if data is None:
                         store.send_blob(blobs[i], fd, off, mapping)
                     else:
-                        with memoryview(mapping) as view:
-                            store.read_blob(blobs[i], view[off : off + blobs[i].nbytes])
+                        _pwrite_all(fd, data, off)
                 release_mapping(mapping)
             except BaseException:
                 os.close(fd)

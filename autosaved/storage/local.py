@@ -15,7 +15,6 @@ a crash during garbage collection can only leave unreferenced chunks, which the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import mmap
@@ -46,7 +45,6 @@ log = logging.getLogger("autosaved.storage")
 
 _VERSION_FILE = re.compile(r"^(\d{12})\.json$")
 DIR_MODE = 0o750
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; older kernels just fault
 # Hashing runs in threads: hashlib releases the GIL on large buffers, so two cores hash twice as fast.
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
@@ -261,23 +259,19 @@ class JobStore:
             if digest.result() != chunk.digest:
                 raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
 
-    def read_blob(self, blob: Blob, into: memoryview | None = None) -> memoryview:
-        """The bytes of a blob: in memory already, or read from its chunks and verified. With ``into``
-        (``blob.nbytes`` long) they are put there."""
+    def read_blob(self, blob: Blob) -> memoryview:
+        """The bytes of a blob: in memory already, or read from its chunks and verified."""
         if blob.data is not None:
-            if into is None:
-                return blob.data
-            into[:] = blob.data.cast("B")
-            return into
+            return blob.data
         assert blob.chunks is not None
-        buf = memoryview(bytearray(blob.nbytes)) if into is None else into
-        self._read_chunks(blob.chunks, buf, True, f"{self.job} (live state)")
-        return buf
+        buf = bytearray(blob.nbytes)
+        self._read_chunks(blob.chunks, memoryview(buf), True, f"{self.job} (live state)")
+        return memoryview(buf)
 
     def send_blob(self, blob: Blob, out_fd: int, offset: int, mapping: mmap.mmap) -> None:
         """Copy a stored blob into ``out_fd`` at ``offset`` inside the kernel (``sendfile``: no user-space
         copy, no page faults on fresh memory) and verify each chunk through ``mapping``, a shared mapping
-        of ``out_fd`` (``offset`` page-aligned), while the next chunk is copied."""
+        of ``out_fd``, while the next chunk is copied."""
         check = memoryview(mapping)[offset : offset + blob.nbytes]
         assert blob.chunks is not None
         where = f"{self.job} (restore)"
@@ -301,9 +295,6 @@ class JobStore:
             finally:
                 os.close(fd)
             piece = check[pos : pos + chunk.size]
-            start = (offset + pos) // mmap.PAGESIZE * mmap.PAGESIZE
-            with contextlib.suppress(OSError):  # map the new pages in one go, not one fault at a time
-                mapping.madvise(_MADV_POPULATE_READ, start, offset + pos + chunk.size - start)
             pending.append((chunk, _HASH_POOL.submit(_sha256_hex, piece)))
             pos += chunk.size
         for chunk, digest in pending:
