@@ -199,13 +199,16 @@ class Config:
     # host:port of the Prometheus text endpoint; None: off.
     metrics_address: tuple[str, int] | None = None
     quota: QuotaSettings = field(default_factory=lambda: QuotaSettings())
+    # Shared-memory slots the daemon maps for all clients together; None: half of physical memory.
+    max_shm_bytes: int | None = None
 
     def socket_path(self) -> Path | None:
         return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None
 
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
-             "socket_group", "metrics_address", "quota"}
+             "socket_group", "metrics_address", "quota",
+             "max_shm_bytes"}
 # Keys a running daemon cannot change: they are bound to its socket, its files or its listeners.
 RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address")
 
@@ -235,6 +238,8 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
         if size is None or not 64 * 1024 <= size <= 1024**3:
             raise ConfigError("chunk_size: must be between 64KiB and 1GiB")
         changes["chunk_size"] = size
+    if "max_shm_bytes" in raw:
+        changes["max_shm_bytes"] = parse_size(raw["max_shm_bytes"], "max_shm_bytes")
     if "log_level" in raw:
         level = str(raw["log_level"]).lower()
         if level not in ("debug", "info", "warning", "error"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -99,19 +99,30 @@ def blob_descriptors(blobs: Sequence[Blob]) -> list[dict[str, Any]]:
     return [b.descriptor() for b in blobs]
 
 
-def blobs_from_frames(descs: Any, frames: Sequence[memoryview]) -> list[Blob]:
-    """Pair untrusted blob descriptors with the frames that carry their bytes."""
+def blobs_from_frames(descs: Any, frames: Sequence[memoryview],
+                      placed: Mapping[int, memoryview] | None = None) -> list[Blob]:
+    """Pair untrusted blob descriptors with the bytes that carry them: the views in ``placed`` (blob
+    index → view into a shared-memory slot, at least as long as the blob) and, in order, the frames."""
+    placed = placed or {}
     if descs is None:
         descs = []
-    if not isinstance(descs, list) or len(descs) != len(frames):
+    if not isinstance(descs, list) or len(descs) != len(frames) + len(placed):
         named = len(descs) if isinstance(descs, list) else "?"
-        raise ProtocolError(f"message names {named} blobs but carries {len(frames)} frames")
+        raise ProtocolError(f"message names {named} blobs but carries {len(frames)} frames "
+                            f"and {len(placed)} shared-memory leaves")
     blobs = []
-    for desc, frame in zip(descs, frames, strict=True):
+    inline = iter(frames)
+    for i, desc in enumerate(descs):
         kind, dtype, shape, nbytes = Blob.check_descriptor(desc)
-        if frame.nbytes != nbytes:
-            raise ProtocolError(f"blob frame has {frame.nbytes} bytes, descriptor says {nbytes}")
-        blobs.append(Blob(kind=kind, dtype=dtype, shape=shape, nbytes=nbytes, data=frame))
+        if i in placed:
+            data = placed[i][:nbytes]
+            if data.nbytes != nbytes:
+                raise ProtocolError(f"blob {i} of {nbytes} bytes runs past the end of its shared-memory slot")
+        else:
+            data = next(inline)
+            if data.nbytes != nbytes:
+                raise ProtocolError(f"blob frame has {data.nbytes} bytes, descriptor says {nbytes}")
+        blobs.append(Blob(kind=kind, dtype=dtype, shape=shape, nbytes=nbytes, data=data))
     return blobs
 
 

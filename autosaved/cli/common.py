@@ -59,14 +59,14 @@ class OwnerCore(ClientCore):
         return req
 
     def finish(self, req: Request, header: dict[str, Any], frames: list[memoryview],
-               tensors: TensorMode = "numpy") -> Any:
+               tensors: TensorMode = "numpy", placed: dict[int, memoryview] | None = None) -> Any:
         if req.op == "restore" and req.info.get("raw"):
             raise_for_reply(header)
             self.boot = header.get("boot")
             if header.get("tree") is None:
                 return header, None
-            return header, from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:]))
-        return super().finish(req, header, frames, tensors)
+            return header, from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:], placed))
+        return super().finish(req, header, frames, tensors, placed)
 
 
 class AdminClient(Client):

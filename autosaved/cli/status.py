@@ -25,6 +25,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"autosaved {d['version']} pid {d['pid']} up {d['uptime_s']:.0f}s at {d['address']}")
     print(f"state dir {d['state_dir']}; saves {d['saves']} ({human_bytes(d['bytes_written'])} written), "
           f"failures {d['save_failures']}, holding {human_bytes(d['held_bytes'])} in memory")
+    shm = d.get("shm")
+    if shm:
+        print(f"shared memory: {shm['clients']} clients, {shm['slots']} slots, {human_bytes(shm['mapped_bytes'])} "
+              f"mapped (limit {human_bytes(shm['max_bytes'])}); daemon RSS {human_bytes(d.get('rss_bytes'))}")
     rows = [[j["job"], str(j["owner"]), "yes" if j["dirty"] else "no", human_bytes(j["dirty_bytes"]),
              str(j["latest_version"] or "-"), str(j["step"] if j["step"] is not None else "-"),
              j["last_save_time"] or "-", j["last_save_reason"] or "-", j["last_error"] or ""]

@@ -13,11 +13,11 @@ it onto a state that misses earlier deltas. The client then raises :class:`~auto
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import TensorMode, pack, unpack
+from ..codec import PinnedBuffers, TensorMode, pack, unpack
 from ..config import PolicySettings
 from ..errors import InvalidValue
 from ..protocol import (
@@ -30,7 +30,11 @@ from ..protocol import (
     unpack_header,
     validate_job_name,
 )
-from ..tree import from_node, to_node
+from ..shm import Placement
+from ..tree import Blob, from_node, to_node
+
+# Moves the bulk blobs of an update into shared memory and says where (None: all inline).
+Placer = Callable[[Sequence[Blob]], Placement | None]
 
 
 @dataclass
@@ -54,6 +58,7 @@ class ClientCore:
         self.boot: str | None = None
         self.acked = 0
         self.durable = 0
+        self.pinned: PinnedBuffers = {}
 
     def _request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
                  long: bool = False) -> Request:
@@ -65,7 +70,7 @@ class ClientCore:
         return self._request("hello", {"session": self.session, "policy": self.policy})
 
     def update(self, delta: Mapping[str | int, Any], *, step: int | None, meta: Mapping[str, Any] | None,
-               wait: str) -> Request:
+               wait: str, placer: Placer | None = None) -> Request:
         if not isinstance(delta, Mapping):
             raise InvalidValue(f"update() takes a mapping, not {type(delta).__name__}")
         if wait not in ACK_LEVELS:
@@ -74,7 +79,7 @@ class ClientCore:
             raise InvalidValue(f"step must be an int, not {type(step).__name__}")
         if meta is not None and not isinstance(meta, Mapping):
             raise InvalidValue(f"meta must be a mapping, not {type(meta).__name__}")
-        node, blobs = to_node(pack(delta, allow_delete=True), allow_delete=True)
+        node, blobs = to_node(pack(delta, allow_delete=True, pinned=self.pinned), allow_delete=True)
         fields: dict[str, Any] = {
             "session": self.session, "boot": self.boot, "acked": self.acked, "tree": node,
             "blobs": blob_descriptors(blobs), "wait": wait, "step": step,
@@ -82,16 +87,22 @@ class ClientCore:
         }
         if self.policy:
             fields["policy"] = self.policy
-        data = [b.data for b in blobs if b.data is not None]
+        placement = placer(blobs) if placer is not None else None
+        placed: set[int] = set()
+        if placement is not None:
+            fields["shm"] = placement.to_wire()
+            placed = {i for i, _ in placement.refs}
+        data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
         return self._request("update", fields, data, long=wait == "committed")
 
     def save(self) -> Request:
         return self._request("save", {}, long=True)
 
-    def restore(self, version: int | None) -> Request:
+    def restore(self, version: int | None, shm_conn: str | None = None) -> Request:
+        """``shm_conn`` names the client's fd connection, over which the daemon may send the bulk leaves."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise ValueError(f"version must be an int version id, not {version!r}")
-        return self._request("restore", {"version": version}, long=True)
+        return self._request("restore", {"version": version, "shm_conn": shm_conn}, long=True)
 
     def ping(self) -> Request:
         return self._request("ping", {"job": None})
@@ -112,8 +123,9 @@ class ClientCore:
         return header if header.get("seq") == req.seq else None
 
     def finish(self, req: Request, header: dict[str, Any], frames: list[memoryview],
-               tensors: TensorMode = "numpy") -> Any:
-        """Turn a reply into the call's result, or raise the error it carries."""
+               tensors: TensorMode = "numpy", placed: dict[int, memoryview] | None = None) -> Any:
+        """Turn a reply into the call's result, or raise the error it carries. ``placed``: the leaves
+        a restore reply sent through shared memory (see :meth:`SlotPool.receive`)."""
         if header.get("code") == "state_lost":
             # We now know this daemon; what it has durable is all there is.
             self.boot = header.get("boot")
@@ -138,7 +150,7 @@ class ClientCore:
         if req.op == "restore":
             if header.get("tree") is None:
                 return None
-            blobs = blobs_from_frames(header.get("blobs"), frames[1:])
+            blobs = blobs_from_frames(header.get("blobs"), frames[1:], placed)
             return unpack(from_node(header["tree"], blobs), tensors=tensors)
         return header
 

@@ -10,7 +10,8 @@ from typing import Any
 import zmq
 
 from ..codec import TensorMode
-from ..errors import StateLost
+from ..errors import AutosavedError, StateLost
+from ..shm import SlotPool
 from .base import (
     DEFAULT_SAVE_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -43,6 +44,7 @@ class Client:
         self.on_state_lost = on_state_lost
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
+        self._slots = SlotPool(self.address, timeout=timeout)
 
     @property
     def job(self) -> str:
@@ -64,6 +66,8 @@ class Client:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        # After a timeout the daemon may still act on a queued update, so no slot may be reused.
+        self._slots.reset()
 
     def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
@@ -92,21 +96,36 @@ class Client:
             frames = [f.buffer for f in sock.recv_multipart(copy=False)]
             header = self._core.matches(req, frames)
             if header is not None:
-                return self._core.finish(req, header, frames, tensors)
+                placed = self._slots.receive(header["shm"]) if req.op == "restore" and header.get("shm") else None
+                return self._core.finish(req, header, frames, tensors, placed)
 
     def update(self, delta: Mapping[str | int, Any], *, step: int | None = None,
                meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> Ack:
         """Deep-merge ``delta`` into the job's state (mappings merge, other values replace,
         ``autosaved.DELETE`` removes) and return once the daemon acknowledged it at level ``wait``."""
-        req = self._core.update(delta, step=step, meta=meta, wait=wait)
         try:
-            return ack_from(self._call(req), req.seq)
+            return self._update(delta, step, meta, wait)
         except StateLost as lost:
             if self.on_state_lost is None:
                 raise
             self.on_state_lost(lost)
-            req = self._core.update(delta, step=step, meta=meta, wait=wait)
-            return ack_from(self._call(req), req.seq)
+            return self._update(delta, step, meta, wait)
+
+    def _update(self, delta: Mapping[str | int, Any], step: int | None, meta: Mapping[str, Any] | None,
+                wait: str) -> Ack:
+        req = self._core.update(delta, step=step, meta=meta, wait=wait, placer=self._slots.place)
+        try:
+            header = self._call(req)
+        except AutosavedError as exc:
+            if exc.code != "slot_unknown":
+                raise
+            # A new daemon does not know our slots: start a fresh pool and send once more.
+            self._slots.reset()
+            self._slots.retry_now()
+            req = self._core.update(delta, step=step, meta=meta, wait=wait, placer=self._slots.place)
+            header = self._call(req)
+        self._slots.settle(header.get("held"))
+        return ack_from(header, req.seq)
 
     def save(self) -> int:
         """Commit a version that contains every update so far; returns its id."""
@@ -116,7 +135,7 @@ class Client:
     def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
         """The job's newest state (everything the daemon accepted), or stored version ``version``;
         ``None`` when the job has no state. Arrays come back as numpy, or torch with ``tensors="torch"``."""
-        return self._call(self._core.restore(version), tensors)
+        return self._call(self._core.restore(version, self._slots.restore_conn()), tensors)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call(self._core.status())

@@ -9,12 +9,15 @@ task group close.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import math
 import os
 import secrets
 import signal
+import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +26,8 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
+import msgpack
+import psutil
 import zmq
 import zmq.asyncio
 
@@ -31,8 +36,10 @@ from ..config import Config
 from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolError, StorageError
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
+from ..shm import SlotTable, fd_socket_path, referenced_mappings
 from ..storage.local import Recovered, Store
 from ..storage.wal import WalWriter
+from ..tree import iter_blobs
 from .jobs import Job, JobKey
 from .lock import PidLock
 from .logger import LogCommitter
@@ -94,6 +101,10 @@ class Daemon:
         self.writer.observe_duration = self.save_durations.observe
         # When the rpc loop last went round: the watchdog pings only while this keeps moving.
         self.progress_at = clock()
+        # Trees a restore is reading from: their slots must stay lent until the bytes are copied out.
+        self.restoring: dict[int, Any] = {}
+        shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
+        self.slots = SlotTable(shm_cap)
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -227,6 +238,10 @@ class Daemon:
             metrics = await open_metrics(*self.config.metrics_address) if self.config.metrics_address else None
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                fd_path = fd_socket_path(self.config.address)
+                if fd_path is not None:
+                    # Before the rpc loop: a client that got an answer may use the fd socket right away.
+                    await tg.start(self._fd_loop, fd_path)
                 tg.start_soon(self._rpc_loop)
                 tg.start_soon(self._scheduler_loop)
                 tg.start_soon(self._signal_loop)
@@ -370,6 +385,85 @@ class Daemon:
             except zmq.ZMQError as exc:
                 log.warning("could not send a reply: %s", exc)
 
+    # -- shared-memory slots ----------------------------------------------------------------------
+
+    async def _fd_loop(self, path: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients' memfds (see :mod:`autosaved.shm`); one connection per client, whose end
+        reclaims its slots."""
+        # A socket left by a crashed daemon: we hold the socket lock, so no live daemon uses it.
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            listener = await anyio.create_unix_listener(path, mode=0o660, kind=socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            # Clients then send everything inline: slower for big states, but nothing breaks.
+            log.warning("cannot listen on %s (%s); shared-memory transfers are off", path, exc)
+            task_status.started()
+            return
+        task_status.started()
+        try:
+            await listener.serve(self._fd_conn)
+        finally:
+            await listener.aclose()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _fd_conn(self, stream: Any) -> None:
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        conn = self.slots.open(uid, pid)
+        log.debug("slot connection opened pid=%d uid=%d", pid, uid)
+        send_lock = anyio.Lock()
+
+        async def send_fds(msg: bytes, fds: list[int]) -> None:
+            async with send_lock:  # replies here and restore buffers from request handlers share the stream
+                await stream.send_fds(msg, fds)
+
+        async def send(msg: bytes) -> None:
+            async with send_lock:
+                await stream.send(msg)
+
+        conn.send_fds = send_fds
+        try:
+            async with stream:
+                await send(msgpack.packb({"token": conn.token, "boot": self.boot}))
+                while True:
+                    msg, fds = await stream.receive_fds(4096, 4)
+                    if not msg:
+                        break
+                    try:
+                        req = msgpack.unpackb(msg)
+                        op = req.get("op") if isinstance(req, dict) else None
+                    except Exception:
+                        op, req = None, {}
+                    if op == "add":
+                        reply = self.slots.add(conn, req.get("slot"), req.get("size"), fds)
+                    else:
+                        for fd in fds:
+                            os.close(fd)
+                        if op == "drop":
+                            self.slots.drop(conn, req.get("slot"))
+                            reply = {"ok": True}
+                        else:
+                            reply = {"ok": False, "message": "unknown slot request"}
+                    if not reply["ok"]:
+                        log.warning("refused a shared-memory slot pid=%d: %s", pid, reply["message"])
+                    await send(msgpack.packb(reply))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
+            self.slots.close(conn)
+
+    def referenced_mappings(self) -> set[int]:
+        """Slot mappings that some live state or snapshot being written still reads."""
+        roots = [j.root for j in self.jobs.values()] + [t.root for t in self.writer.in_flight.values()]
+        # Deltas not yet in the log and records waiting for their fsync read slot bytes too.
+        roots += [j.unlogged for j in self.jobs.values()]
+        roots += [w.record.delta for j in self.jobs.values() for w in (*j.log_pending, *j.log_writing)]
+        roots += list(self.restoring.values())
+        return referenced_mappings(b for root in roots for b in iter_blobs(root))
+
     # -- reports ---------------------------------------------------------------------------------
 
     async def _watchdog(self) -> None:
@@ -421,6 +515,8 @@ class Daemon:
                 "wal_syncs": self.log.syncs,
                 "wal_records": self.log.records,
                 "held_bytes": sum(j.held_bytes() for j in self.jobs.values()),
+                "rss_bytes": psutil.Process().memory_info().rss,
+                "shm": self.slots.report(),
             },
             "jobs": jobs,
         }

@@ -83,6 +83,7 @@ class Job:
     # A snapshot covering this lsn (the last record of the failed batch) must commit before logging resumes.
     wal_broken_lsn: int = 0
     log_pending: list[LogWaiter] = field(default_factory=list)
+    log_writing: list[LogWaiter] = field(default_factory=list)
     log_flushing: bool = False
 
     @property

@@ -43,7 +43,11 @@ class LogCommitter:
         try:
             while job.log_pending:
                 batch, job.log_pending = job.log_pending, []
-                error = await self._write(job, batch)
+                job.log_writing = batch  # their blobs may live in client slots: keep those lent
+                try:
+                    error = await self._write(job, batch)
+                finally:
+                    job.log_writing = []
                 for w in batch:
                     w.error = error
                     w.done.set()

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
+import msgpack
 
 from ..config import PolicySettings
 from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames, validate_job_name
+from ..shm import SlotConn, layout, release_mapping
 from ..state import State, delta_bytes, merge, tree_bytes
-from ..tree import from_node, to_node
+from ..storage.local import JobStore
+from ..tree import Blob, from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
 
 if TYPE_CHECKING:
@@ -65,6 +70,13 @@ def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
     if len(encoded) > MAX_META_BYTES:
         raise ProtocolError(f"meta is {len(encoded)} bytes; the limit is {MAX_META_BYTES}")
     return meta
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    view = data.cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 class Handlers:
@@ -158,7 +170,17 @@ class Handlers:
         step = _opt_int(h, "step")
         meta = _meta(h)
         acked = _opt_int(h, "acked") or 0
-        blobs = blobs_from_frames(h.get("blobs"), req.frames)
+        conn: SlotConn | None = None
+        placed: dict[int, memoryview] = {}
+        if h.get("shm") is not None:
+            descs = h.get("blobs")
+            try:
+                conn, placed = self.d.slots.views(req.owner, h["shm"], len(descs) if isinstance(descs, list) else 0)
+            except LookupError as exc:
+                raise ProtocolError(str(exc), details={"code": "slot_unknown"}) from None
+            except ValueError as exc:
+                raise ProtocolError(f"shm: {exc}") from None
+        blobs = blobs_from_frames(h.get("blobs"), req.frames, placed)
         delta = from_node(h.get("tree"), blobs, allow_delete=True)
         if not isinstance(delta, dict):
             raise ProtocolError("an update's delta must be a mapping")
@@ -189,14 +211,23 @@ class Handlers:
         )
         if wait == "accepted":
             self.d.poke()
-            return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation})
+            return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation,
+                          **self._held(conn)})
         if wait == "logged":
             waiter = LogWaiter(job.take_log_record())  # same event-loop step as the apply: lsn order holds
             self.d.poke()
             await self.d.log.submit(job, waiter)
-            return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn})
+            return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn,
+                          **self._held(conn)})
         version = await self._wait_committed(job, generation)
-        return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version})
+        return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version,
+                      **self._held(conn)})
+
+    def _held(self, conn: SlotConn | None) -> dict[str, Any]:
+        """Which of the client's slots the daemon still references: the client must not write into those."""
+        if conn is None:
+            return {}
+        return {"held": self.d.slots.held_of(conn, self.d.referenced_mappings())}
 
     async def _wait_committed(self, job: Job, generation: int) -> int | None:
         waiter = CommitWaiter(generation)
@@ -233,14 +264,75 @@ class Handlers:
             if version is None:
                 loaded = await anyio.to_thread.run_sync(store.load_newest)
             else:
-                loaded = await anyio.to_thread.run_sync(lambda: store.load(version))
+                # Chunks are read (and verified) once, straight into what is sent: no staging copy.
+                loaded = await anyio.to_thread.run_sync(lambda: store.load(version, load_data=False, verify=False))
             if loaded is None:
                 return Reply({"tree": None, "blobs": [], "version": None})
             tree = loaded.tree
             info = {"version": loaded.info.id, "step": loaded.info.step, "live": False}
+        self.d.restoring[id(req)] = tree
+        try:
+            return await self._send_tree(req, store, tree, info)
+        finally:
+            del self.d.restoring[id(req)]
+
+    async def _send_tree(self, req: Request, store: JobStore, tree: State | None, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
-        frames = await anyio.to_thread.run_sync(lambda: [store.read_blob(b) for b in blobs])
-        return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info}, frames)
+        shm = await self._restore_through_memfd(req, store, blobs)
+        placed = {i for i, _ in shm["refs"]} if shm else set()
+        live = self.d.slots.live_mappings()
+
+        def read(blob: Blob) -> memoryview:
+            # A live client may write into its slot once the daemon lets go of it, which could happen
+            # before ZeroMQ has sent this reply: copy those bytes. Slots of gone clients are never reused.
+            if blob.data is not None and id(blob.data.obj) in live:
+                return memoryview(bytes(blob.data))
+            return store.read_blob(blob)
+
+        frames = await anyio.to_thread.run_sync(lambda: [read(b) for i, b in enumerate(blobs) if i not in placed])
+        return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info, **({"shm": shm} if shm else {})},
+                     frames)
+
+    async def _restore_through_memfd(self, req: Request, store: JobStore, blobs: list[Blob]) -> dict[str, Any] | None:
+        """Put the bulk leaves of a restore into a fresh memfd and hand it to the client's fd connection:
+        the client maps it and builds arrays over it, with no copy of its own. ``None``: send inline."""
+        token = req.header.get("shm_conn")
+        conn = self.d.slots.conns.get(token) if isinstance(token, str) else None
+        if conn is None or conn.uid != req.owner or conn.send_fds is None:
+            return None
+        refs, total = layout(blobs)
+        if not refs:
+            return None
+
+        def fill() -> int:
+            # Stored leaves go file → memfd in the kernel (sendfile), live ones with pwrite. The memfd is
+            # not preallocated and only ever written through syscalls: no memory gives ENOSPC, never SIGBUS.
+            fd = os.memfd_create("autosaved-restore", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, total)
+                mapping = mmap.mmap(fd, total, flags=mmap.MAP_SHARED)
+                for i, off in refs:
+                    data = blobs[i].data
+                    if data is None:
+                        store.send_blob(blobs[i], fd, off, mapping)
+                    else:
+                        _pwrite_all(fd, data, off)
+                release_mapping(mapping)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        try:
+            fd = await anyio.to_thread.run_sync(fill)
+        except OSError as exc:  # no memory for the buffer: the frames still work
+            log.warning("restore of %s through shared memory failed (%s); sending inline", store.job, exc)
+            return None
+        try:
+            await conn.send_fds(msgpack.packb({"seq": req.seq}), [fd])
+        finally:
+            os.close(fd)
+        return {"seq": req.seq, "size": total, "refs": [list(r) for r in refs]}
 
     async def op_status(self, req: Request) -> Reply:
         job_name = req.header.get("job")

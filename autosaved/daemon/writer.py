@@ -28,6 +28,8 @@ class Writer:
         self.bytes_written = 0
         # Told each committed save's duration in seconds (the metrics histogram).
         self.observe_duration: Callable[[float], None] = lambda _seconds: None
+        # Snapshots being written, by version: their blobs may live in client slots that must stay lent.
+        self.in_flight: dict[tuple[int, str, int], SaveTicket] = {}
 
     def begin(self, job: Job, reason: SaveReason, tg: anyio.abc.TaskGroup) -> None:
         """Snapshot ``job`` now (synchronously, so no update can slip in half-way) and save it in ``tg``."""
@@ -38,8 +40,13 @@ class Writer:
         job = ticket.job
         # The job's io_lock spans write and retention: garbage collection must never run while another
         # save of the job has written chunks that no manifest references yet.
-        async with job.io_lock:
-            await self._write(ticket)
+        key = (*job.key, ticket.version)
+        self.in_flight[key] = ticket
+        try:
+            async with job.io_lock:
+                await self._write(ticket)
+        finally:
+            del self.in_flight[key]
 
     async def _write(self, ticket: SaveTicket) -> None:
         job = ticket.job

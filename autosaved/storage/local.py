@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,18 @@ DIR_MODE = 0o750
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
 
-def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
+def _sha256_hex(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def submit_digests(data: memoryview, chunk_size: int) -> list[tuple[int, Future[str]]]:
+    """Start hashing ``data``'s chunks in the pool; (size, digest future) per chunk."""
     pieces = [data[i : i + chunk_size] for i in range(0, data.nbytes, chunk_size)] or [data[:0]]
-    digests = list(_HASH_POOL.map(lambda p: hashlib.sha256(p).hexdigest(), pieces))
-    return tuple(Chunk(d, p.nbytes) for d, p in zip(digests, pieces, strict=True))
+    return [(p.nbytes, _HASH_POOL.submit(_sha256_hex, p)) for p in pieces]
+
+
+def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
+    return tuple(Chunk(f.result(), n) for n, f in submit_digests(data, chunk_size))
 
 
 @dataclass
@@ -142,7 +151,12 @@ class JobStore:
         records: list[dict[str, Any]] = []
         written = chunks_written = 0
         dirs_touched: set[Path] = set()
+        # Every leaf is hashed in the pool ahead of the writes below, so hashing overlaps writing.
+        ahead = {id(b): submit_digests(b.data, chunk_size) for b in blobs
+                 if b.data is not None and chunk_size not in b.digests}
         for blob in blobs:
+            if id(blob) in ahead:
+                blob.digests[chunk_size] = tuple(Chunk(f.result(), n) for n, f in ahead[id(blob)])
             chunks = self._chunks_of(blob, chunk_size)
             offset = 0
             for chunk in chunks:
@@ -247,6 +261,8 @@ class JobStore:
         return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)))
 
     def _read_chunks(self, chunks: tuple[Chunk, ...], into: memoryview, verify: bool, where: str) -> None:
+        # Each chunk is hashed in the pool while the next one is read: verifying costs little beyond the read.
+        pending = []
         offset = 0
         for chunk in chunks:
             view = into[offset : offset + chunk.size]
@@ -256,17 +272,12 @@ class JobStore:
                 raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
             except OSError as exc:
                 raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}…: {exc}") from None
+            if verify:
+                pending.append((chunk, _HASH_POOL.submit(_sha256_hex, view)))
             offset += chunk.size
-        if verify:
-            pieces: list[tuple[Chunk, memoryview]] = []
-            offset = 0
-            for chunk in chunks:
-                pieces.append((chunk, into[offset : offset + chunk.size]))
-                offset += chunk.size
-            matches = _HASH_POOL.map(lambda p: hashlib.sha256(p[1]).hexdigest() == p[0].digest, pieces)
-            for chunk, ok in zip(chunks, matches, strict=True):
-                if not ok:
-                    raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
+        for chunk, digest in pending:
+            if digest.result() != chunk.digest:
+                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
 
     def read_blob(self, blob: Blob) -> memoryview:
         """The bytes of a blob: in memory already, or read from its chunks and verified."""
@@ -276,6 +287,40 @@ class JobStore:
         buf = bytearray(blob.nbytes)
         self._read_chunks(blob.chunks, memoryview(buf), True, f"{self.job} (live state)")
         return memoryview(buf)
+
+    def send_blob(self, blob: Blob, out_fd: int, offset: int, mapping: mmap.mmap) -> None:
+        """Copy a stored blob into ``out_fd`` at ``offset`` inside the kernel (``sendfile``: no user-space
+        copy, no page faults on fresh memory) and verify each chunk through ``mapping``, a shared mapping
+        of ``out_fd``, while the next chunk is copied."""
+        check = memoryview(mapping)[offset : offset + blob.nbytes]
+        assert blob.chunks is not None
+        where = f"{self.job} (restore)"
+        pending = []
+        pos = 0
+        for chunk in blob.chunks:
+            try:
+                fd = os.open(self._object_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
+            try:
+                if os.fstat(fd).st_size != chunk.size:
+                    raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… has the wrong size")
+                os.lseek(out_fd, offset + pos, os.SEEK_SET)
+                sent = 0
+                while sent < chunk.size:
+                    n = os.sendfile(out_fd, fd, sent, chunk.size - sent)
+                    if n == 0:
+                        raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is truncated")
+                    sent += n
+            finally:
+                os.close(fd)
+            piece = check[pos : pos + chunk.size]
+            pending.append((chunk, _HASH_POOL.submit(_sha256_hex, piece)))
+            pos += chunk.size
+        for chunk, digest in pending:
+            if digest.result() != chunk.digest:
+                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
+        check.release()
 
     def _verify_chunks(self, chunks: tuple[Chunk, ...], where: str, seen: set[str] | None = None) -> None:
         for chunk in chunks:
