@@ -126,7 +126,9 @@ def step(ctl: Controller, state: ThrottleState, load: Load, now: float) -> Throt
     if contention(ctl, load):
         if state.last_decrease_at is not None and now - state.last_decrease_at < ctl.decrease_every:
             return replace(state, updated_at=now, contended=True)
-        base = min(state.rate, ceiling, ctl.start_rate * 2)
+        base = min(state.rate, ceiling)
+        if math.isinf(base):
+            base = ctl.start_rate * 2  # halving "unlimited" starts from a nominal rate
         rate = max(ctl.min_write_rate, base / 2)
         return ThrottleState(rate=rate, updated_at=now, last_decrease_at=now, contended=True)
     if math.isinf(state.rate):
@@ -179,10 +181,10 @@ class TokenBucket:
                 limit = max(float(nbytes), rate * self.burst_s)
                 self._tokens = min(limit, self._tokens + (now - self._last) * rate)
                 self._last = now
-                if self._tokens >= nbytes:
+                if self._tokens >= nbytes - 1.0:  # a byte of slack absorbs float rounding
                     self._tokens -= nbytes
                     self.paced_bytes += nbytes
                     return
-                wait = min(self.tick, (nbytes - self._tokens) / rate)
+                wait = min(self.tick, max(0.001, (nbytes - self._tokens) / rate))
                 self.throttled_s += wait
             self.sleep(wait)

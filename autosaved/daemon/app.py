@@ -271,15 +271,16 @@ class Daemon:
         def pending() -> list[Job]:
             return [self.jobs[k] for k in plan.order if self.jobs[k].saved_generation < targets[k]]
 
-        plan = plan_flush([Pending(k, self.jobs[k].dirty_bytes) for k in targets], self.writer.flush_speed(),
-                          deadline)
+        # Job.dirty_bytes drops to zero while a save holds the snapshot: keep what was planned, to report it.
+        planned = {k: self.jobs[k].dirty_bytes for k in targets}
+        plan = plan_flush([Pending(k, n) for k, n in planned.items()], self.writer.flush_speed(), deadline)
         total = len(plan.order)
         log.info("%s flush: %d dirty jobs, %.1f MiB, deadline %.1fs at %.0f MiB/s", reason, total,
-                 sum(self.jobs[k].dirty_bytes for k in targets) / 2**20, deadline, self.writer.flush_speed() / 2**20)
+                 sum(planned.values()) / 2**20, deadline, self.writer.flush_speed() / 2**20)
         for key in plan.order:
             if key not in plan.fits:
                 log.warning("%s flush: job=%s dirty_bytes=%d needs about %.1fs, more than the deadline leaves; "
-                            "saving it after the jobs that fit", reason, key[1], self.jobs[key].dirty_bytes,
+                            "saving it after the jobs that fit", reason, key[1], planned[key],
                             plan.estimate_s[key])
         status = f"{reason}: saving {total} dirty jobs within {deadline:g}s"
         if final:
@@ -308,7 +309,7 @@ class Daemon:
         missed = pending()
         for job in missed:
             log.error("%s flush: job=%s NOT saved before the %.1fs deadline (dirty_bytes=%d, estimated %.1fs, "
-                      "saving=%s, last_error=%s)", reason, job.name, deadline, job.dirty_bytes,
+                      "saving=%s, last_error=%s)", reason, job.name, deadline, planned[job.key],
                       plan.estimate_s.get(job.key, 0.0), job.saving, job.last_error)
         if missed:
             if final:
