@@ -3,10 +3,14 @@ spot/preemption notice served by a fake metadata service on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,11 +32,34 @@ def _random(nbytes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, nbytes, dtype=np.uint8)
 
 
-def test_sigterm_commits_what_fits_and_reports_the_rest(make_daemon: Callable[..., PrivateDaemon]) -> None:
+@pytest.fixture
+def notify_socket() -> Iterator[socket.socket]:
+    """A stand-in for systemd's notification socket (a datagram socket; the path must fit 107 bytes)."""
+    folder = tempfile.mkdtemp(prefix="as-n-", dir="/tmp")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(f"{folder}/notify")
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _notifications(sock: socket.socket) -> list[str]:
+    out = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            out.append(sock.recv(4096).decode())
+    return out
+
+
+def test_sigterm_commits_what_fits_and_reports_the_rest(
+    make_daemon: Callable[..., PrivateDaemon], notify_socket: socket.socket
+) -> None:
     # A 4 MiB/s cap makes "cannot fit" deterministic: 48 MiB needs 12 s, the deadline is 2 s, while the
     # three 256 KiB jobs need a fraction of a second even on a loaded machine.
     d = make_daemon('shutdown_deadline = "2s"\n' + NO_AUTO_POLICY
-                    + '[throttle]\nmax_write_rate = "4MiB"\nmin_write_rate = "1MiB"\n')
+                    + '[throttle]\nmax_write_rate = "4MiB"\nmin_write_rate = "1MiB"\n',
+                    env={"NOTIFY_SOCKET": notify_socket.getsockname()})
     small = {f"small{i}": _random(256 * 1024, i) for i in range(3)}
     for job, arr in {**small, "big": _random(48 * MiB, 99)}.items():
         with autosaved.Client(job, address=d.address) as c:
@@ -54,6 +81,10 @@ def test_sigterm_commits_what_fits_and_reports_the_rest(make_daemon: Callable[..
     assert "3/4 jobs committed" in log
     tmp = d.state_dir / "jobs"
     assert not list(tmp.glob("*/big/tmp/*")), "the abandoned save left temp files"
+    told = "\n".join(_notifications(notify_socket))
+    assert "READY=1" in told and "STOPPING=1" in told
+    assert told.count("EXTEND_TIMEOUT_USEC=") >= 4  # at the start and after each of the 3 commits
+    assert "1 of 4 dirty jobs NOT saved" in told
 
 
 def test_status_shows_throttle_and_flush_estimates(make_daemon: Callable[..., PrivateDaemon]) -> None:

@@ -236,3 +236,40 @@ def test_psi_and_meminfo_parse_and_degrade(tmp_path: Path) -> None:
     assert read_dirty(tmp_path) == 3072 * 1024
     empty = tmp_path / "none"
     assert read_psi(empty) == (None, None) and read_dirty(empty) is None
+
+
+# -- deadline-derived policy and the preemption parsers ------------------------------------------------
+
+
+def test_dirty_bytes_default_and_warning_follow_speed_and_deadline(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from autosaved.config import Config, PolicySettings
+    from autosaved.daemon.iocontrol import derived_dirty_bytes, policy_warning
+
+    assert derived_dirty_bytes(200 * MiB, 25.0) == 2500 * MiB  # half of what 25 s at 200 MiB/s write
+    assert derived_dirty_bytes(1 * MiB, 1.0) == 64 * MiB  # never absurdly small
+    cfg = Config(address="ipc:///tmp/x.sock", state_dir=tmp_path, shutdown_deadline=10.0,
+                 policy=PolicySettings(dirty_bytes=1024 * MiB))
+    assert policy_warning(cfg, 200 * MiB) is None  # 1 GiB in 10 s at 200 MiB/s: fits
+    warning = policy_warning(cfg, 50 * MiB)
+    assert warning is not None and "policy.dirty_bytes=1073741824" in warning and "shutdown_deadline=10s" in warning
+    off = policy_warning(replace(cfg, policy=PolicySettings(dirty_bytes=None)), 50 * MiB)
+    assert off is not None and "unbounded" in off
+
+
+def test_preemption_parsers() -> None:
+    from autosaved.daemon.preempt import parse_aws, parse_azure, parse_gcp
+
+    assert parse_aws(404, b"Not Found") is None
+    notice = parse_aws(200, b'{"action": "terminate", "time": "2026-11-27T23:00:00Z"}')
+    assert notice is not None and "terminate" in notice.detail
+    assert parse_gcp(200, b"FALSE", "Google") is None and parse_gcp(200, b"TRUE\n", "Google") is not None
+    with pytest.raises(ValueError, match="Metadata-Flavor"):
+        parse_gcp(200, b"TRUE", None)  # not a GCP metadata server: never act on it
+    assert parse_azure(200, b'{"DocumentIncarnation": 1, "Events": []}') is None
+    reboot = b'{"DocumentIncarnation": 2, "Events": [{"EventId": "x", "EventType": "Reboot"}]}'
+    assert parse_azure(200, reboot) is None
+    assert parse_azure(200, reboot.replace(b"Reboot", b"Preempt")) is not None
+    with pytest.raises(ValueError):
+        parse_azure(500, b"")
