@@ -186,6 +186,8 @@ class PreemptionSettings:
                 if not isinstance(value, str) or value.lower() not in PREEMPTION_PROVIDERS:
                     raise ConfigError(f"{name}: expected one of {', '.join(PREEMPTION_PROVIDERS)}, got {value!r}")
                 changes[key] = value.lower()
+            elif key == "endpoint" and value == "":
+                changes[key] = None
             elif key == "endpoint":
                 if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
                     raise ConfigError(f"{name}: expected an http:// URL like \"http://169.254.169.254\", "
@@ -284,9 +286,13 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
     if "policy" in raw:
         if not isinstance(raw["policy"], Mapping):
             raise ConfigError("policy: expected a table ([policy])")
-        changes["policy"] = PolicySettings.parse(raw["policy"], base=base.policy)
-        if "dirty_bytes" in raw["policy"]:
+        policy = dict(raw["policy"])
+        auto = policy.get("dirty_bytes")
+        if isinstance(auto, str) and auto.strip().lower() == "auto":
+            del policy["dirty_bytes"]  # the daemon derives it from the measured write speed
+        elif "dirty_bytes" in policy:
             changes["dirty_bytes_auto"] = False
+        changes["policy"] = PolicySettings.parse(policy, base=base.policy)
     for table, settings_cls in (("throttle", ThrottleSettings), ("preemption", PreemptionSettings)):
         if table in raw:
             if not isinstance(raw[table], Mapping):

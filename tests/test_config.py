@@ -82,6 +82,7 @@ def test_throttle_and_preemption_tables(tmp_path: Path) -> None:
     assert c.preemption.provider == "aws" and c.preemption.endpoint == "http://127.0.0.1:9"
     assert c.dirty_bytes_auto and not load_config(config_file=_write(tmp_path, '[policy]\ndirty_bytes = "1GiB"\n')) \
         .dirty_bytes_auto
+    assert load_config(config_file=_write(tmp_path, '[policy]\ndirty_bytes = "auto"\n')).dirty_bytes_auto
     for text, key in [('[throttle]\nmax_write_rate = "fast"\n', r"throttle\.max_write_rate"),
                       ('[throttle]\nmax_write_rate = "1MiB"\n', r"throttle\.max_write_rate .* below"),
                       ('[throttle]\nmin_write_rate = 0\n', r"throttle\.min_write_rate"),
