@@ -100,3 +100,13 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "x.toml"
     path.write_text(text)
     return path
+
+
+def test_readme_config_block_is_a_valid_config(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert block is not None
+    c = load_config(config_file=_write(tmp_path, block.group(1)))
+    assert c.throttle.enabled and c.preemption.provider == "off" and c.dirty_bytes_auto

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import signal
 import socket
@@ -88,9 +89,16 @@ def test_sigterm_commits_what_fits_and_reports_the_rest(
 
 
 def test_status_shows_throttle_and_flush_estimates(make_daemon: Callable[..., PrivateDaemon]) -> None:
-    d = make_daemon(NO_AUTO_POLICY + '[throttle]\nmax_write_rate = "100MiB"\nsample_interval = "100ms"\n')
+    # dirty_bytes left out: the daemon derives it from the measured write speed and the deadline.
+    d = make_daemon('[policy]\nidle = "off"\ninterval = "off"\nmin_gap = "0s"\n'
+                    '[throttle]\nmax_write_rate = "100MiB"\nsample_interval = "100ms"\n')
+    found = wait_for(lambda: re.search(r"policy\.dirty_bytes defaults to (\d+)", d.log()))
+    assert isinstance(found, re.Match)
+    derived = int(found.group(1))
+    assert derived >= 64 * MiB and derived <= 100 * MiB * 25  # never more than the cap writes in the deadline
     with autosaved.Client("est", address=d.address) as c:
         c.update({"x": _random(10 * MiB, 1)})
+        assert c.status()["policy"]["dirty_bytes"] == derived
     time.sleep(0.3)  # a couple of samples
     out = subprocess.run([sys.executable, "-m", "autosaved", "status", "--json", "--address", d.address],
                          capture_output=True, text=True, check=True)

@@ -222,7 +222,11 @@ class Daemon:
                     log.info("received %s again: still saving", signal.Signals(signum).name)
 
     async def _measure_speed(self) -> None:
+        old = self.config.policy
         self.config = await self.io.measure_speed()
+        for job in self.jobs.values():  # jobs that connected during the probe and kept the defaults
+            if job.settings == old:
+                job.settings = self.config.policy
 
     async def _preemption_loop(self) -> None:
         """Poll the instance metadata; on a spot/preemption notice, flush every dirty job now, before the

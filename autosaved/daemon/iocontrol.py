@@ -33,6 +33,8 @@ MIN_DERIVED_DIRTY = 64 * 1024 * 1024
 def probe_write_speed(directory: Path, nbytes: int = PROBE_BYTES) -> float:
     """Write ``nbytes`` (fsynced, pages dropped) in ``directory`` and return bytes/s."""
     directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob(".speed-probe.*.tmp"):  # from a daemon killed mid-probe
+        leftover.unlink(missing_ok=True)
     path = temp_name(directory, "speed-probe")
     block = os.urandom(1024 * 1024)  # random, so a compressing or deduplicating disk cannot cheat
     started = time.perf_counter()
