@@ -185,6 +185,9 @@ class Daemon:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         self._prepare_paths()
         try:
+            # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
+            # probe's temp file.
+            self.config = await self.io.measure_speed()
             self._sock = self._bind()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -192,7 +195,6 @@ class Daemon:
                 tg.start_soon(self._scheduler_loop)
                 tg.start_soon(self._signal_loop)
                 tg.start_soon(self.io.run)
-                tg.start_soon(self._measure_speed)
                 if self.config.preemption.provider != "off":
                     tg.start_soon(self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
@@ -221,12 +223,6 @@ class Daemon:
                 else:
                     log.info("received %s again: still saving", signal.Signals(signum).name)
 
-    async def _measure_speed(self) -> None:
-        old = self.config.policy
-        self.config = await self.io.measure_speed()
-        for job in self.jobs.values():  # jobs that connected during the probe and kept the defaults
-            if job.settings == old:
-                job.settings = self.config.policy
 
     async def _preemption_loop(self) -> None:
         """Poll the instance metadata; on a spot/preemption notice, flush every dirty job now, before the
