@@ -273,3 +273,20 @@ def test_preemption_parsers() -> None:
     assert parse_azure(200, reboot.replace(b"Reboot", b"Preempt")) is not None
     with pytest.raises(ValueError):
         parse_azure(500, b"")
+
+
+def test_paced_large_chunks_round_trip(tmp_path: Path) -> None:
+    import numpy as np
+
+    import autosaved
+    from autosaved.codec import pack
+    from autosaved.storage.local import JobStore
+
+    store = JobStore(tmp_path, os.geteuid(), "big-chunks")
+    data = np.random.default_rng(5).integers(0, 255, 40 * MiB, dtype=np.uint8)
+    announced: list[int] = []
+    result = store.write_version(pack({"x": data}), version=1, step=1, reason="test", meta={}, sessions={},
+                                 chunk_size=32 * MiB, pace=announced.append)
+    assert sum(announced) == 40 * MiB and max(announced) == MiB  # every byte paced, in 1 MiB pieces
+    assert result.chunks_written == 2
+    assert np.array_equal(autosaved.restore("big-chunks", state_dir=tmp_path)["x"], data)

@@ -13,6 +13,9 @@ from pathlib import Path
 Pacer = Callable[[int], None]
 # Writes go to the kernel in pieces of this size, so a pacer can interleave them with others' I/O.
 WRITE_PIECE = 1024 * 1024
+# A paced write syncs at least this often, so a large chunk (chunk_size allows up to 1 GiB) never leaves
+# more than this much dirty page cache for the kernel to flush in one stall.
+SYNC_EVERY = 8 * 1024 * 1024
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,13 +30,13 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
                 pace: Pacer | None = None, drop_cache: bool = False) -> int:
     """Create ``path`` (must not exist), write ``pieces``, fsync; returns bytes written.
 
-    With ``pace``, data goes out in ``WRITE_PIECE`` slices, each announced to the pacer first. With
-    ``drop_cache``, the file's pages are dropped from the page cache once durable, so checkpoint bytes
-    do not evict the trainer's own cached data. On any error the partial file is removed, so a failed
-    write never leaves a file that looks whole.
+    With ``pace``, data goes out in ``WRITE_PIECE`` slices, each announced to the pacer first, and is
+    ``fdatasync``ed every ``SYNC_EVERY`` bytes. With ``drop_cache``, the file's pages are dropped from
+    the page cache once durable, so checkpoint bytes do not evict the trainer's own cached data. On any
+    error the partial file is removed, so a failed write never leaves a file that looks whole.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    written = 0
+    written = unsynced = 0
     try:
         for piece in pieces:
             view = memoryview(piece).cast("B")
@@ -42,7 +45,13 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
                     pace(min(view.nbytes, WRITE_PIECE))
                 n = os.write(fd, view[:WRITE_PIECE] if pace is not None else view)
                 written += n
+                unsynced += n
                 view = view[n:]
+                if pace is not None and unsynced >= SYNC_EVERY and view.nbytes:
+                    os.fdatasync(fd)
+                    unsynced = 0
+                    if drop_cache:
+                        os.posix_fadvise(fd, 0, written, os.POSIX_FADV_DONTNEED)
         os.fsync(fd)
         if drop_cache:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
