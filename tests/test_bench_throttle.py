@@ -21,3 +21,13 @@ def test_bench_throttle_small_run_reports_every_key() -> None:
     assert report["save_unthrottled_s"] > 0 and report["save_throttled_s"] > 0  # both saves completed
     assert all(len(report["rounds"][c]) == 1 for c in ("alone", "unthrottled", "throttled"))
     assert report["config"]["throttled_daemon_end_status"]["enabled"] is True
+
+
+def test_window_stats_count_partial_operations() -> None:
+    from autosaved.cli.bench_throttle import window_stats
+
+    ops = [(1.0, 1.0), (2.0, 1.0), (3.0, 1.0)]  # three 1 s operations back to back, 1 MB each
+    whole = window_stats(ops, 0.0, 3.0, 1_000_000)
+    assert whole["mbps"] == 1.0 and whole["ops"] == 3 and whole["p99_ms"] == 1000.0
+    short = window_stats(ops, 1.25, 1.5, 1_000_000)  # inside one operation: a quarter of it
+    assert short["mbps"] == 1.0 and short["ops"] == 1
