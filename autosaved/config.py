@@ -144,6 +144,91 @@ class QuotaSettings:
                    max_jobs=max_jobs)
 
 
+@dataclass(frozen=True)
+class ThrottleSettings:
+    """How fast background saves may write (see :mod:`autosaved.throttle`). Rates in bytes/s."""
+
+    enabled: bool = True
+    max_write_rate: int | None = None  # a hard cap, the shutdown flush included; None: no cap
+    min_write_rate: int = 16 * 1024**2
+    sample_interval: float = 0.5
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], *, base: ThrottleSettings | None = None,
+              where: str = "throttle") -> ThrottleSettings:
+        settings = base or cls()
+        known = {f.name for f in fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = f"{where}.{key}"
+            if key not in known:
+                raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
+            if key == "enabled":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{name}: expected true or false, got {value!r}")
+                changes[key] = value
+            elif key == "max_write_rate":
+                changes[key] = _positive(parse_size(value, name, allow_off=True), name)
+            elif key == "min_write_rate":
+                changes[key] = _positive(parse_size(value, name), name)
+            elif key == "sample_interval":
+                seconds = parse_duration(value, name)
+                if seconds is None or not 0.05 <= seconds <= 60:
+                    raise ConfigError(f"{name}: must be between 50ms and 60s, got {value!r}")
+                changes[key] = seconds
+        out = replace(settings, **changes)
+        if out.max_write_rate is not None and out.max_write_rate < out.min_write_rate:
+            raise ConfigError(f"{where}.max_write_rate ({out.max_write_rate}) is below {where}.min_write_rate "
+                              f"({out.min_write_rate})")
+        return out
+
+
+PREEMPTION_PROVIDERS: Final = ("off", "aws", "gcp", "azure")
+
+
+@dataclass(frozen=True)
+class PreemptionSettings:
+    """Watch the cloud's instance metadata for a spot/preemption notice (see :mod:`autosaved.daemon.preempt`)."""
+
+    provider: str = "off"
+    endpoint: str | None = None  # base URL of the metadata service; None: the provider's well-known one
+    poll_interval: float = 2.0
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], *, base: PreemptionSettings | None = None,
+              where: str = "preemption") -> PreemptionSettings:
+        settings = base or cls()
+        known = {f.name for f in fields(cls)}
+        changes: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = f"{where}.{key}"
+            if key not in known:
+                raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
+            if key == "provider":
+                if not isinstance(value, str) or value.lower() not in PREEMPTION_PROVIDERS:
+                    raise ConfigError(f"{name}: expected one of {', '.join(PREEMPTION_PROVIDERS)}, got {value!r}")
+                changes[key] = value.lower()
+            elif key == "endpoint" and value == "":
+                changes[key] = None
+            elif key == "endpoint":
+                if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
+                    raise ConfigError(f"{name}: expected an http:// URL like \"http://169.254.169.254\", "
+                                      f"got {value!r}")
+                changes[key] = value.rstrip("/")
+            elif key == "poll_interval":
+                seconds = parse_duration(value, name)
+                if seconds is None or not 0.05 <= seconds <= 60:
+                    raise ConfigError(f"{name}: must be between 50ms and 60s, got {value!r}")
+                changes[key] = seconds
+        return replace(settings, **changes)
+
+
+def _positive(value: int | None, key: str) -> int | None:
+    if value == 0:
+        raise ConfigError(f"{key}: a rate must be above zero (use \"off\" for no cap)")
+    return value
+
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -190,6 +275,11 @@ class Config:
     state_dir: Path
     config_file: Path | None = None
     policy: PolicySettings = field(default_factory=PolicySettings)
+    # False once the file sets policy.dirty_bytes; while True the daemon derives it from the measured
+    # write speed and the shutdown deadline.
+    dirty_bytes_auto: bool = True
+    throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
+    preemption: PreemptionSettings = field(default_factory=PreemptionSettings)
     max_message_bytes: int = 16 * 1024**3
     shutdown_deadline: float = 25.0
     chunk_size: int = 8 * 1024**2
@@ -207,10 +297,10 @@ class Config:
 
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
-             "socket_group", "metrics_address", "quota",
-             "max_shm_bytes"}
+             "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption"}
 # Keys a running daemon cannot change: they are bound to its socket, its files or its listeners.
-RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address")
+RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
+                                        "max_shm_bytes")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
@@ -228,7 +318,18 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
     if "policy" in raw:
         if not isinstance(raw["policy"], Mapping):
             raise ConfigError("policy: expected a table ([policy])")
-        changes["policy"] = PolicySettings.parse(raw["policy"], base=base.policy)
+        policy = dict(raw["policy"])
+        auto = policy.get("dirty_bytes")
+        if isinstance(auto, str) and auto.strip().lower() == "auto":
+            del policy["dirty_bytes"]  # the daemon derives it from the measured write speed
+        elif "dirty_bytes" in policy:
+            changes["dirty_bytes_auto"] = False
+        changes["policy"] = PolicySettings.parse(policy, base=base.policy)
+    for table, settings_cls in (("throttle", ThrottleSettings), ("preemption", PreemptionSettings)):
+        if table in raw:
+            if not isinstance(raw[table], Mapping):
+                raise ConfigError(f"{table}: expected a table ([{table}])")
+            changes[table] = settings_cls.parse(raw[table], base=getattr(base, table))
     if "max_message_bytes" in raw:
         changes["max_message_bytes"] = parse_size(raw["max_message_bytes"], "max_message_bytes")
     if "shutdown_deadline" in raw:

@@ -28,6 +28,7 @@ class SaveReason(StrEnum):
     INTERVAL = "interval"
     IDLE = "idle"
     SHUTDOWN = "shutdown"
+    PREEMPTION = "preemption"
 
 
 @dataclass(frozen=True)

@@ -71,3 +71,42 @@ def test_default_paths_follow_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert config.default_socket_path() == tmp_path / "state" / "autosaved" / "run" / "autosaved.sock"
     monkeypatch.setattr(config, "_is_root", lambda: True)
     assert config.default_state_dir() == Path("/var/lib/autosaved")
+
+
+def test_throttle_and_preemption_tables(tmp_path: Path) -> None:
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[throttle]\nmax_write_rate = "200MiB"\nmin_write_rate = "8MiB"\n'
+                   '[preemption]\nprovider = "AWS"\nendpoint = "http://127.0.0.1:9/"\npoll_interval = "1s"\n')
+    c = load_config(config_file=cfg)
+    assert c.throttle.max_write_rate == 200 * 1024**2 and c.throttle.min_write_rate == 8 * 1024**2
+    assert c.preemption.provider == "aws" and c.preemption.endpoint == "http://127.0.0.1:9"
+    assert c.dirty_bytes_auto and not load_config(config_file=_write(tmp_path, '[policy]\ndirty_bytes = "1GiB"\n')) \
+        .dirty_bytes_auto
+    assert load_config(config_file=_write(tmp_path, '[policy]\ndirty_bytes = "auto"\n')).dirty_bytes_auto
+    for text, key in [('[throttle]\nmax_write_rate = "fast"\n', r"throttle\.max_write_rate"),
+                      ('[throttle]\nmax_write_rate = "1MiB"\n', r"throttle\.max_write_rate .* below"),
+                      ('[throttle]\nmin_write_rate = 0\n', r"throttle\.min_write_rate"),
+                      ('[throttle]\nenabled = "yes"\n', r"throttle\.enabled"),
+                      ('[throttle]\nrate = 1\n', r"throttle\.rate: unknown key"),
+                      ('[preemption]\nprovider = "ibm"\n', r"preemption\.provider"),
+                      ('[preemption]\nendpoint = "169.254.169.254"\n', r"preemption\.endpoint"),
+                      ('[preemption]\npoll_interval = "1ms"\n', r"preemption\.poll_interval"),
+                      ('throttle = 5\n', r"throttle: expected a table")]:
+        with pytest.raises(ConfigError, match=key):
+            load_config(config_file=_write(tmp_path, text))
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    return path
+
+
+def test_readme_config_block_is_a_valid_config(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert block is not None
+    c = load_config(config_file=_write(tmp_path, block.group(1)))
+    assert c.throttle.enabled and c.preemption.provider == "off" and c.dirty_bytes_auto

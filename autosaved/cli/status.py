@@ -29,13 +29,28 @@ def run(args: argparse.Namespace) -> int:
     if shm:
         print(f"shared memory: {shm['clients']} clients, {shm['slots']} slots, {human_bytes(shm['mapped_bytes'])} "
               f"mapped (limit {human_bytes(shm['max_bytes'])}); daemon RSS {human_bytes(d.get('rss_bytes'))}")
+    if "throttle" in d:
+        print(_throttle_line(d["throttle"]))
     rows = [[j["job"], str(j["owner"]), "yes" if j["dirty"] else "no", human_bytes(j["dirty_bytes"]),
              str(j["latest_version"] or "-"), str(j["step"] if j["step"] is not None else "-"),
-             j["last_save_time"] or "-", j["last_save_reason"] or "-", j["last_error"] or ""]
+             f"{j.get('flush_estimate_s', 0):.1f}s", j["last_save_time"] or "-", j["last_save_reason"] or "-",
+             j["last_error"] or ""]
             for j in payload["jobs"]]
     if rows:
         print()
-        print(table(rows, ["JOB", "OWNER", "DIRTY", "UNSAVED", "VERSION", "STEP", "LAST SAVE", "REASON", "ERROR"]))
+        print(table(rows, ["JOB", "OWNER", "DIRTY", "UNSAVED", "VERSION", "STEP", "FLUSH", "LAST SAVE", "REASON",
+                           "ERROR"]))
     else:
         print("no jobs yet")
     return 0
+
+
+def _throttle_line(t: dict[str, Any]) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0f}%"
+
+    rate = "unlimited" if t["allowed_rate"] is None else f"{human_bytes(t['allowed_rate'])}/s"
+    util = None if t["utilisation"] is None else t["utilisation"] * 100
+    return (f"throttle {'on' if t['enabled'] else 'off'}: allowed rate {rate}, disk {','.join(t['disks']) or '?'} "
+            f"busy {pct(util)}, io pressure some {pct(t['psi_some'])} full {pct(t['psi_full'])}, "
+            f"throttled {t['throttled_s']:.1f}s")

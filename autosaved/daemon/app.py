@@ -33,6 +33,7 @@ import zmq.asyncio
 
 from .. import __version__
 from ..config import Config
+from ..deadline import Pending, estimate_s, plan_flush
 from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolError, StorageError
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
@@ -40,11 +41,13 @@ from ..shm import SlotTable, fd_socket_path, referenced_mappings
 from ..storage.local import Recovered, Store
 from ..storage.wal import WalWriter
 from ..tree import iter_blobs
+from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .lock import PidLock
 from .logger import LogCommitter
 from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
+from .preempt import MetadataWatcher
 from .reload import Reloader
 from .rpc import Handlers, Request
 from .writer import Writer
@@ -83,10 +86,13 @@ class Daemon:
         self.shutting_down = False
         self.exit_code = 0
         self.handlers = Handlers(self)
-        self.writer = Writer(chunk_size=config.chunk_size, clock=clock, on_done=self._save_done)
+        self.writer = Writer(chunk_size=config.chunk_size, clock=clock, on_done=self._save_done,
+                             max_write_rate=config.throttle.max_write_rate)
+        self.io = IoControl(config, self.writer, clock)
+        self.preempted: str | None = None
         self.log = LogCommitter(self._spawn, self.poke)
         self._wake = anyio.Event()
-        self._save_finished = anyio.Event()
+        self._save_waiters: list[anyio.Event] = []
         self._stop = anyio.Event()
         self._load_locks: dict[JobKey, anyio.Lock] = {}
         self._send_lock = anyio.Lock()
@@ -117,8 +123,18 @@ class Daemon:
         self._tg.start_soon(func, *args)
 
     def _save_done(self) -> None:
-        self._save_finished.set()
+        for waiter in self._save_waiters:
+            waiter.set()
+        self._save_waiters.clear()
         self._wake.set()
+
+    async def _wait_save_done(self, timeout: float) -> None:
+        """Until some save finishes, or ``timeout`` seconds (each caller has its own event, so concurrent
+        flushes never steal each other's wake-ups)."""
+        event = anyio.Event()
+        self._save_waiters.append(event)
+        with anyio.move_on_after(timeout):
+            await event.wait()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -234,6 +250,9 @@ class Daemon:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         self._prepare_paths()
         try:
+            # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
+            # probe's temp file.
+            self.config = await self.io.measure_speed()
             self._sock = self._bind()
             metrics = await open_metrics(*self.config.metrics_address) if self.config.metrics_address else None
             async with anyio.create_task_group() as tg:
@@ -249,6 +268,9 @@ class Daemon:
                 tg.start_soon(self._watchdog)
                 if metrics is not None:
                     tg.start_soon(serve_metrics, metrics, self.metrics_sample)
+                tg.start_soon(self.io.run)
+                if self.config.preemption.provider != "off":
+                    tg.start_soon(self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
                 self.notifier.ready(f"serving {self.config.address}")
@@ -278,37 +300,106 @@ class Daemon:
                 else:
                     log.info("received %s again: still saving", signal.Signals(signum).name)
 
-    async def _flush_all(self) -> None:
-        """Commit every accepted delta, within the shutdown deadline."""
-        self.shutting_down = True
+
+    async def _preemption_loop(self) -> None:
+        """Poll the instance metadata; on a spot/preemption notice, flush every dirty job now, before the
+        SIGTERM, and keep serving with the throttle off (the instance is going away: speed beats
+        politeness, and whatever the trainer sends until the SIGTERM is then saved fast)."""
+        settings = self.config.preemption
+        watcher = MetadataWatcher(settings.provider, settings.endpoint)
+        log.info("watching %s instance metadata at %s for preemption notices", settings.provider, watcher.base)
+        last_error = None
+        while True:
+            try:
+                notice = await anyio.to_thread.run_sync(watcher.check, abandon_on_cancel=True)
+            except (OSError, ValueError) as exc:
+                notice = None
+                if str(exc) != last_error:  # once per distinct problem, not once per poll
+                    log.warning("preemption watcher: %s", exc)
+                    last_error = str(exc)
+            if notice is not None:
+                log.warning("preemption notice (%s): saving every dirty job now", notice.detail)
+                self.preempted = notice.detail
+                self.writer.bucket.bypass = True
+                await self._flush_all(reason=SaveReason.PREEMPTION)
+                return
+            await anyio.sleep(settings.poll_interval)
+
+    async def _flush_all(self, reason: SaveReason = SaveReason.SHUTDOWN) -> None:
+        """Commit every accepted delta within ``shutdown_deadline``; report each job that misses it.
+
+        The throttle's adaptive rate is off (``throttle.max_write_rate``, a hard cap, still holds). Jobs
+        are saved one at a time in the order of :func:`autosaved.deadline.plan_flush`: the set that fits
+        the deadline at the measured write speed, picked largest first (most bytes saved), run smallest
+        first (most versions committed early if the disk turns out slower), then the rest, smallest first.
+        Every commit is logged with the time left and extends systemd's stop timeout. On SIGTERM
+        (``reason`` shutdown) updates are refused from the start and, at the deadline, saves still
+        writing are abandoned (their temp files removed) so the daemon exits on time, with code 1. On a
+        preemption notice the daemon keeps serving; the flush covers what was accepted before it.
+        """
+        final = reason is SaveReason.SHUTDOWN
+        if final:
+            self.shutting_down = True
+        self.writer.bucket.bypass = True
         deadline = self.config.shutdown_deadline
-        self.notifier.stopping(f"saving {sum(j.dirty for j in self.jobs.values())} dirty jobs")
-        with anyio.move_on_after(deadline):
-            while True:
-                now = self.clock()
-                pending = [j for j in self.jobs.values() if j.dirty or j.saving]
-                if not pending:
-                    break
-                next_retry = math.inf
-                for job in pending:
-                    if job.saving:
-                        continue
-                    if job.retry_at is not None and job.retry_at > now:
-                        next_retry = min(next_retry, job.retry_at)
-                        continue
-                    assert self._tg is not None
-                    self.writer.begin(job, SaveReason.SHUTDOWN, self._tg)
-                self._save_finished = anyio.Event()
-                with anyio.move_on_after(max(0.0, next_retry - now) if next_retry < math.inf else math.inf):
-                    await self._save_finished.wait()
-        lost = [j for j in self.jobs.values() if j.dirty]
-        for job in lost:
-            log.error("shutdown deadline passed before job=%s was saved (dirty_bytes=%d, error=%s)",
-                      job.name, job.dirty_bytes, job.last_error)
-        if lost:
-            self.exit_code = 1
+        started = self.clock()
+        targets = {k: j.generation for k, j in self.jobs.items() if j.dirty or j.saving}
+
+        def pending() -> list[Job]:
+            return [self.jobs[k] for k in plan.order if self.jobs[k].saved_generation < targets[k]]
+
+        # Job.dirty_bytes drops to zero while a save holds the snapshot: keep what was planned, to report it.
+        planned = {k: self.jobs[k].dirty_bytes for k in targets}
+        plan = plan_flush([Pending(k, n) for k, n in planned.items()], self.writer.flush_speed(), deadline)
+        total = len(plan.order)
+        log.info("%s flush: %d dirty jobs, %.1f MiB, deadline %.1fs at %.0f MiB/s", reason, total,
+                 sum(planned.values()) / 2**20, deadline, self.writer.flush_speed() / 2**20)
+        for key in plan.order:
+            if key not in plan.fits:
+                log.warning("%s flush: job=%s dirty_bytes=%d needs about %.1fs, more than the deadline leaves; "
+                            "saving it after the jobs that fit", reason, key[1], planned[key],
+                            plan.estimate_s[key])
+        status = f"{reason}: saving {total} dirty jobs within {deadline:g}s"
+        if final:
+            self.notifier.stopping(status)
         else:
-            log.info("all jobs saved; exiting")
+            self.notifier.status(status)
+        self.notifier.extend_timeout(deadline + 5)
+        with anyio.move_on_after(deadline):
+            committed = 0
+            while todo := pending():
+                now = self.clock()
+                ready = [j for j in todo if j.retry_at is None or j.retry_at <= now]
+                if any(j.saving for j in todo):
+                    await self._wait_save_done(1.0)
+                elif ready:
+                    assert self._tg is not None
+                    self.writer.begin(ready[0], reason, self._tg)
+                    await self._wait_save_done(math.inf)
+                else:  # every remaining job failed and waits for its retry
+                    await self._wait_save_done(max(0.0, min(j.retry_at or now for j in todo) - now))
+                if total - len(pending()) > committed:
+                    committed = total - len(pending())
+                    self._flush_progress(reason, committed, total, started)
+        if final:
+            self.writer.bucket.aborted = True  # a save still writing gives up at its next piece
+        missed = pending()
+        for job in missed:
+            log.error("%s flush: job=%s NOT saved before the %.1fs deadline (dirty_bytes=%d, estimated %.1fs, "
+                      "saving=%s, last_error=%s)", reason, job.name, deadline, planned[job.key],
+                      plan.estimate_s.get(job.key, 0.0), job.saving, job.last_error)
+        if missed:
+            if final:
+                self.exit_code = 1
+            self.notifier.status(f"{reason}: {len(missed)} of {total} dirty jobs NOT saved before the deadline")
+        else:
+            log.info("%s flush: all %d jobs saved in %.2fs", reason, total, self.clock() - started)
+
+    def _flush_progress(self, reason: SaveReason, done: int, total: int, started: float) -> None:
+        left = self.config.shutdown_deadline - (self.clock() - started)
+        log.info("%s flush: %d/%d jobs committed, %.1fs left", reason, done, total, left)
+        self.notifier.status(f"{reason}: {done}/{total} jobs saved")
+        self.notifier.extend_timeout(max(0.0, left) + 5)
 
     # -- scheduler -------------------------------------------------------------------------------
 
@@ -497,7 +588,9 @@ class Daemon:
         )
 
     def status(self, owner: int | None) -> dict[str, Any]:
-        jobs = [j.status() for j in self.jobs.values() if owner is None or j.owner == owner]
+        speed = self.writer.flush_speed()
+        jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0}
+                for j in self.jobs.values() if owner is None or j.owner == owner]
         return {
             "daemon": {
                 "pid": self.pid,
@@ -517,6 +610,8 @@ class Daemon:
                 "held_bytes": sum(j.held_bytes() for j in self.jobs.values()),
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "shm": self.slots.report(),
+                "preempted": self.preempted,
+                "throttle": self.io.status(),
             },
             "jobs": jobs,
         }

@@ -75,6 +75,7 @@ class Reloader:
 
     def apply(self, new: Config) -> None:
         d = self.d
+        new = d.io.reconfigure(new)
         d.config = new
         d.writer.chunk_size = new.chunk_size
         logging.getLogger("autosaved").setLevel(new.log_level.upper())

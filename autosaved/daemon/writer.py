@@ -1,8 +1,14 @@
-"""Saving a job: snapshot in the event loop (atomic), write in a worker thread, commit back."""
+"""Saving a job: snapshot in the event loop (atomic), write in a worker thread, commit back.
+
+Every chunk write goes through one shared :class:`~autosaved.throttle.TokenBucket` (the storage ``pace``
+hook), so all concurrent saves together stay within the rate the throttle controller allows. The writer
+also learns how fast the disk takes unthrottled writes; the deadline flush plans with that speed.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -11,15 +17,25 @@ import anyio.to_thread
 
 from ..errors import AutosavedError, StorageError
 from ..policy import SaveReason
+from ..throttle import SaveAborted, TokenBucket
 from .jobs import Job, SaveTicket, commit_failed, commit_succeeded, take_snapshot
 
 log = logging.getLogger("autosaved.writer")
 
+# Saves smaller than this say more about fsync latency than about the disk's speed.
+SPEED_SAMPLE_MIN = 4 * 1024 * 1024
+# A write speed to plan with before anything was measured: a cautious SATA SSD.
+DEFAULT_WRITE_SPEED = 200e6
+
 
 class Writer:
     def __init__(self, *, chunk_size: int, clock: Callable[[], float], on_done: Callable[[], None],
-                 concurrency: int = 2) -> None:
+                 concurrency: int = 2, max_write_rate: float | None = None) -> None:
         self.chunk_size = chunk_size
+        self.bucket = TokenBucket()
+        self.bucket.cap = math.inf if max_write_rate is None else float(max_write_rate)
+        # Bytes/s the disk took for unthrottled writes (moving average); None until measured.
+        self.write_speed: float | None = None
         self.clock = clock
         self.on_done = on_done
         self.limiter = anyio.CapacityLimiter(concurrency)
@@ -53,14 +69,18 @@ class Writer:
         started = time.perf_counter()
         try:
             async with self.limiter:
+                write_started, throttled_before = time.perf_counter(), self.bucket.throttled_s
                 result = await anyio.to_thread.run_sync(
                     lambda: job.store.write_version(
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
                         meta=ticket.meta, sessions=ticket.sessions, chunk_size=self.chunk_size,
                         wal_lsn=ticket.wal_lsn,
+                        pace=self.bucket,
                     )
                 )
-        except (StorageError, AutosavedError, OSError) as exc:
+                self._learn_speed(result.bytes_written, time.perf_counter() - write_started,
+                                  self.bucket.throttled_s - throttled_before)
+        except (StorageError, AutosavedError, OSError, SaveAborted) as exc:
             self.failures += 1
             commit_failed(ticket, exc, self.clock())
             log.error("save failed job=%s version=%d reason=%s error=%s retry_in=%.1fs", job.name,
@@ -99,3 +119,17 @@ class Writer:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)
         except OSError as exc:
             log.warning("retention failed job=%s error=%s", job.name, exc)
+
+    def _learn_speed(self, nbytes: int, elapsed: float, throttled: float) -> None:
+        # Time spent waiting for tokens is not the disk's; with two saves sharing the bucket the
+        # subtraction is approximate, so only clearly-measured saves count.
+        busy = elapsed - throttled
+        if nbytes >= SPEED_SAMPLE_MIN and busy > 0.01:
+            self.note_speed(nbytes / busy)
+
+    def note_speed(self, bytes_per_s: float) -> None:
+        self.write_speed = bytes_per_s if self.write_speed is None else 0.7 * self.write_speed + 0.3 * bytes_per_s
+
+    def flush_speed(self) -> float:
+        """The rate to plan a deadline flush with: the measured speed, held to ``max_write_rate``."""
+        return min(self.write_speed or DEFAULT_WRITE_SPEED, self.bucket.cap)

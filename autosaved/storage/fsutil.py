@@ -15,6 +15,9 @@ from .faults import point
 Pacer = Callable[[int], None]
 # Writes go to the kernel in pieces of this size, so a pacer can interleave them with others' I/O.
 WRITE_PIECE = 1024 * 1024
+# A paced write syncs at least this often, so a large chunk (chunk_size allows up to 1 GiB) never leaves
+# more than this much dirty page cache for the kernel to flush in one stall.
+SYNC_EVERY = 8 * 1024 * 1024
 
 
 def fsync_dir(path: Path, kind: str = "dir") -> None:
@@ -44,14 +47,14 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
                 pace: Pacer | None = None, drop_cache: bool = False, kind: str = "chunk") -> int:
     """Create ``path`` (must not exist), write ``pieces``, fsync; returns bytes written.
 
-    With ``pace``, data goes out in ``WRITE_PIECE`` slices, each announced to the pacer first. With
-    ``drop_cache``, the file's pages are dropped from the page cache once durable, so checkpoint bytes
-    do not evict the trainer's own cached data. On any error the partial file is removed, so a failed
-    write never leaves a file that looks whole.
+    With ``pace``, data goes out in ``WRITE_PIECE`` slices, each announced to the pacer first, and is
+    ``fdatasync``ed every ``SYNC_EVERY`` bytes. With ``drop_cache``, the file's pages are dropped from
+    the page cache once durable, so checkpoint bytes do not evict the trainer's own cached data. On any
+    error the partial file is removed, so a failed write never leaves a file that looks whole.
     """
     point(kind, "open", "before", path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    written = 0
+    written = unsynced = 0
     try:
         for piece in pieces:
             view = memoryview(piece).cast("B")
@@ -61,8 +64,14 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
                 point(kind, "write", "before", path)
                 n = os.write(fd, view[:WRITE_PIECE] if pace is not None else view)
                 written += n
+                unsynced += n
                 view = view[n:]
                 point(kind, "write", "after", path)
+                if pace is not None and unsynced >= SYNC_EVERY and view.nbytes:
+                    os.fdatasync(fd)
+                    unsynced = 0
+                    if drop_cache:
+                        os.posix_fadvise(fd, 0, written, os.POSIX_FADV_DONTNEED)
         point(kind, "fsync", "before", path)
         os.fsync(fd)
         point(kind, "fsync", "after", path)

@@ -1,0 +1,163 @@
+"""The throttle at work: sample the disk, step the controller, hand the rate to the writer's bucket; and
+the write-speed facts the deadline needs (a startup probe, the derived ``dirty_bytes`` default, the
+warning when a configured policy cannot be flushed in time)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..config import Config
+from ..storage.fsutil import temp_name, write_fsync
+from ..throttle import Controller, Load, ThrottleState, initial_state, measure, step
+from .iosampler import IoSampler
+from .writer import Writer
+
+log = logging.getLogger("autosaved.throttle")
+
+PROBE_BYTES = 32 * 1024 * 1024
+# Derived dirty_bytes is this share of what the disk writes within the deadline: the rest is margin
+# for other jobs, fsync latency and a disk that is slower at shutdown than when it was measured.
+DIRTY_SHARE = 0.5
+MIN_DERIVED_DIRTY = 64 * 1024 * 1024
+
+
+def probe_write_speed(directory: Path, nbytes: int = PROBE_BYTES) -> float:
+    """Write ``nbytes`` (fsynced, pages dropped) in ``directory`` and return bytes/s."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob(".speed-probe.*.tmp"):  # from a daemon killed mid-probe
+        leftover.unlink(missing_ok=True)
+    path = temp_name(directory, "speed-probe")
+    block = os.urandom(1024 * 1024)  # random, so a compressing or deduplicating disk cannot cheat
+    started = time.perf_counter()
+    try:
+        write_fsync(path, [block] * (nbytes // len(block)), drop_cache=True)
+    finally:
+        path.unlink(missing_ok=True)
+    return nbytes / max(1e-6, time.perf_counter() - started)
+
+
+def derived_dirty_bytes(speed: float, deadline: float) -> int:
+    mib = 1024 * 1024
+    return max(MIN_DERIVED_DIRTY, int(speed * deadline * DIRTY_SHARE) // mib * mib)
+
+
+def policy_warning(config: Config, speed: float) -> str | None:
+    """Why the configured policy may leave more unsaved than a flush can write in the deadline, or None."""
+    dirty = config.policy.dirty_bytes
+    budget = speed * config.shutdown_deadline
+    if dirty is None:
+        return (f"policy.dirty_bytes is off: unsaved bytes are unbounded, and a shutdown flush writes about "
+                f"{budget / 2**20:.0f} MiB in shutdown_deadline={config.shutdown_deadline:g}s")
+    if dirty > budget:
+        return (f"policy.dirty_bytes={dirty} cannot be flushed within shutdown_deadline="
+                f"{config.shutdown_deadline:g}s at {speed / 2**20:.0f} MiB/s (the measured write speed, "
+                f"held to throttle.max_write_rate): a job may lose its unsaved updates on SIGTERM")
+    return None
+
+
+class IoControl:
+    def __init__(self, config: Config, writer: Writer, clock: Callable[[], float]) -> None:
+        t = config.throttle
+        self.config = config
+        self.writer = writer
+        self.clock = clock
+        self.enabled = t.enabled
+        self.ctl = Controller(min_write_rate=float(t.min_write_rate),
+                              max_write_rate=None if t.max_write_rate is None else float(t.max_write_rate))
+        self.state: ThrottleState = initial_state(self.ctl)
+        self.load = Load()
+        self.disks: list[str] = []
+        self.probed_speed: float | None = None
+
+    async def run(self) -> None:
+        """Sample every ``throttle.sample_interval`` and steer the writer's bucket (forever)."""
+        sampler = IoSampler(self.config.state_dir, lambda: self.writer.bucket.paced_bytes, self.clock)
+        self.disks = sampler.disks
+        # Reading /proc and /sys files never blocks on the disk, so this stays in the event loop.
+        prev = sampler.sample()
+        while True:
+            await anyio.sleep(self.config.throttle.sample_interval)
+            cur = sampler.sample()
+            self.load = measure(prev, cur)
+            prev = cur
+            if self.enabled:
+                before = self.state.rate
+                self.state = step(self.ctl, self.state, self.load, cur.at)
+                self.writer.bucket.rate = self.state.rate
+                if self.state.rate != before and (math.isinf(before) or math.isinf(self.state.rate)
+                                                  or abs(self.state.rate - before) > 0.25 * before):
+                    log.debug("allowed rate %s (util=%s others=%s psi_some=%s dirty=%s)",
+                              _rate(self.state.rate), self.load.utilisation, self.load.others_bps,
+                              self.load.psi_some, self.load.dirty_bytes)
+
+    async def measure_speed(self) -> Config:
+        """Probe the disk once; return the config with ``policy.dirty_bytes`` derived when not set, and warn
+        when a configured one cannot be flushed within the deadline."""
+        tmp = self.config.state_dir / "tmp"
+        try:
+            speed = await anyio.to_thread.run_sync(lambda: probe_write_speed(tmp))
+        except OSError as exc:
+            log.warning("write speed probe in %s failed (%s); planning with the default", tmp, exc)
+            return self.config
+        self.probed_speed = speed
+        self.writer.note_speed(speed)
+        plan_speed = self.writer.flush_speed()
+        config = self.config
+        if config.dirty_bytes_auto:
+            derived = derived_dirty_bytes(plan_speed, config.shutdown_deadline)
+            config = replace(config, policy=replace(config.policy, dirty_bytes=derived))
+            log.info("write speed %.0f MiB/s: policy.dirty_bytes defaults to %d (%.0f%% of what a flush writes "
+                     "in shutdown_deadline=%gs)", speed / 2**20, derived, DIRTY_SHARE * 100, config.shutdown_deadline)
+        else:
+            log.info("write speed %.0f MiB/s", speed / 2**20)
+            warning = policy_warning(config, plan_speed)
+            if warning:
+                log.warning("%s", warning)
+        self.config = config
+        return config
+
+    def reconfigure(self, new: Config) -> Config:
+        """A reloaded config: apply its [throttle] table, and derive ``policy.dirty_bytes`` again when it
+        is left to the default. Returns the config the daemon should use."""
+        t = new.throttle
+        self.enabled = t.enabled
+        self.ctl = Controller(min_write_rate=float(t.min_write_rate),
+                              max_write_rate=None if t.max_write_rate is None else float(t.max_write_rate))
+        self.writer.bucket.cap = math.inf if t.max_write_rate is None else float(t.max_write_rate)
+        if new.dirty_bytes_auto and self.probed_speed is not None:
+            derived = derived_dirty_bytes(self.writer.flush_speed(), new.shutdown_deadline)
+            new = replace(new, policy=replace(new.policy, dirty_bytes=derived))
+        elif self.probed_speed is not None and (warning := policy_warning(new, self.writer.flush_speed())):
+            log.warning("%s", warning)
+        self.config = new
+        return new
+
+    def status(self) -> dict[str, Any]:
+        bucket = self.writer.bucket
+        rate = bucket.effective_rate()
+        return {
+            "enabled": self.enabled,
+            "allowed_rate": None if math.isinf(rate) else round(rate),
+            "contended": self.state.contended,
+            "disks": self.disks,
+            "utilisation": None if self.load.utilisation is None else round(self.load.utilisation, 3),
+            "others_bps": None if self.load.others_bps is None else round(self.load.others_bps),
+            "psi_some": self.load.psi_some,
+            "psi_full": self.load.psi_full,
+            "dirty_writeback_bytes": self.load.dirty_bytes,
+            "throttled_s": round(bucket.throttled_s, 3),
+            "write_speed": None if self.writer.write_speed is None else round(self.writer.write_speed),
+        }
+
+
+def _rate(rate: float) -> str:
+    return "unlimited" if math.isinf(rate) else f"{rate / 2**20:.1f} MiB/s"

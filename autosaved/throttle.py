@@ -1,0 +1,190 @@
+"""How fast background saves may write: a pure controller of (samples, now), plus the token bucket that
+applies its answer.
+
+The samplers (``daemon/iosampler.py``) read cumulative counters; :func:`measure` turns two consecutive
+samples into a :class:`Load` (rates over the interval), and :func:`step` turns the previous
+:class:`ThrottleState` and that load into the next allowed rate. Nothing here reads a clock or a file,
+so recorded traces replay exactly in the tests.
+
+The controller is AIMD, like TCP congestion control, because the signal is noisy and one-sided: we can
+see that others suffer (the disk is busy with bytes that are not ours, tasks stall on I/O, dirty pages
+pile up) but not how much rate they would need. So:
+
+- **contention** (others move bytes while the device is busy or I/O pressure is high, or the system-wide
+  ``full`` pressure or dirty page cache is high whoever causes it): halve the rate, at most once per
+  ``decrease_every`` so one bad second does not collapse it to the floor;
+- otherwise **recover** additively, ``recover_per_s`` per second, up to the ceiling; once there the rate
+  opens to ``max_write_rate`` (or unlimited);
+- never below ``min_write_rate``: a save always finishes.
+
+Missing counters (containers without ``/sys/block`` or PSI) make the corresponding signal absent, never
+fatal: with no signal at all the controller cannot see contention and only enforces ``max_write_rate``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+MiB = 1024 * 1024
+
+
+class SaveAborted(Exception):
+    """Raised inside a save's write loop when the daemon gives up on it (shutdown deadline passed)."""
+
+
+@dataclass(frozen=True)
+class IoSample:
+    """Cumulative counters at one instant; ``None`` where the system does not provide them."""
+
+    at: float  # monotonic seconds
+    busy_ms: float | None = None  # device busy time (max over the disks under the state dir)
+    device_bytes: int | None = None  # bytes read + written on those disks
+    own_bytes: int = 0  # bytes the daemon itself wrote
+    psi_some: float | None = None  # /proc/pressure/io "some" avg10, percent
+    psi_full: float | None = None  # /proc/pressure/io "full" avg10, percent
+    dirty_bytes: int | None = None  # /proc/meminfo Dirty + Writeback
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the disk looked like over one sampling interval."""
+
+    utilisation: float | None = None  # 0..1
+    others_bps: float | None = None  # device bytes/s that the daemon did not write
+    psi_some: float | None = None
+    psi_full: float | None = None
+    dirty_bytes: int | None = None
+
+
+def measure(prev: IoSample, cur: IoSample) -> Load:
+    dt = cur.at - prev.at
+    util = others = None
+    if dt > 0 and prev.busy_ms is not None and cur.busy_ms is not None:
+        util = min(1.0, max(0.0, (cur.busy_ms - prev.busy_ms) / 1000.0 / dt))
+    if dt > 0 and prev.device_bytes is not None and cur.device_bytes is not None:
+        # Our own bytes reach the device later than we count them (writeback), so the difference can
+        # dip below zero for a moment: clamp, never report negative traffic.
+        others = max(0.0, (cur.device_bytes - prev.device_bytes) - (cur.own_bytes - prev.own_bytes)) / dt
+    return Load(util, others, cur.psi_some, cur.psi_full, cur.dirty_bytes)
+
+
+@dataclass(frozen=True)
+class Controller:
+    """Controller tuning; the defaults are what the daemon runs with."""
+
+    min_write_rate: float = 16 * MiB
+    max_write_rate: float | None = None  # None: unlimited when nobody else needs the disk
+    start_rate: float = 64 * MiB  # where a back-off from "unlimited" starts halving
+    open_rate: float = 512 * MiB  # recovering past this (with no cap) means unlimited again
+    recover_per_s: float = 32 * MiB
+    decrease_every: float = 0.5
+    busy_util: float = 0.3  # device busy fraction that, with others' traffic, counts as contention
+    others_min_bps: float = 1 * MiB  # others' traffic below this is noise (metadata, logs)
+    psi_some_high: float = 10.0
+    psi_full_high: float = 5.0
+    dirty_high: int = 512 * MiB
+
+    @property
+    def ceiling(self) -> float:
+        return self.max_write_rate if self.max_write_rate is not None else math.inf
+
+
+@dataclass(frozen=True)
+class ThrottleState:
+    rate: float  # bytes/s; math.inf = unlimited
+    updated_at: float | None = None
+    last_decrease_at: float | None = None
+    contended: bool = False
+
+
+def initial_state(ctl: Controller) -> ThrottleState:
+    return ThrottleState(rate=ctl.ceiling)
+
+
+def contention(ctl: Controller, load: Load) -> bool:
+    """Do others need the disk more than our saves do?"""
+    others_active = load.others_bps is not None and load.others_bps >= ctl.others_min_bps
+    if others_active and load.utilisation is not None and load.utilisation >= ctl.busy_util:
+        return True
+    if others_active and load.psi_some is not None and load.psi_some >= ctl.psi_some_high:
+        return True
+    # "full" pressure (every non-idle task stalled on I/O) and a dirty page cache hurt the trainer
+    # whoever caused them, our own writes included: back off either way.
+    if load.psi_full is not None and load.psi_full >= ctl.psi_full_high:
+        return True
+    return load.dirty_bytes is not None and load.dirty_bytes >= ctl.dirty_high
+
+
+def step(ctl: Controller, state: ThrottleState, load: Load, now: float) -> ThrottleState:
+    """The next allowed rate after observing ``load`` at ``now``."""
+    ceiling = ctl.ceiling
+    elapsed = 0.0 if state.updated_at is None else max(0.0, now - state.updated_at)
+    if contention(ctl, load):
+        if state.last_decrease_at is not None and now - state.last_decrease_at < ctl.decrease_every:
+            return replace(state, updated_at=now, contended=True)
+        base = min(state.rate, ceiling)
+        if math.isinf(base):
+            base = ctl.start_rate * 2  # halving "unlimited" starts from a nominal rate
+        rate = max(ctl.min_write_rate, base / 2)
+        return ThrottleState(rate=rate, updated_at=now, last_decrease_at=now, contended=True)
+    if math.isinf(state.rate):
+        return replace(state, updated_at=now, contended=False)
+    rate = state.rate + ctl.recover_per_s * elapsed
+    if rate >= ceiling or (math.isinf(ceiling) and rate >= ctl.open_rate):
+        rate = ceiling
+    return ThrottleState(rate=max(ctl.min_write_rate, rate), updated_at=now,
+                         last_decrease_at=state.last_decrease_at, contended=False)
+
+
+class TokenBucket:
+    """Holds writers to ``rate`` bytes/s. Called from worker threads (the storage ``Pacer`` hook) while
+    the event loop changes the rate, so it takes a lock; waiting happens outside it, in short sleeps, so
+    a rate change or an abort takes effect within ``tick`` seconds."""
+
+    def __init__(self, rate: float = math.inf, *, burst_s: float = 0.05, tick: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.rate = rate
+        self.burst_s = burst_s
+        self.tick = tick
+        self.clock = clock
+        self.sleep = sleep
+        self.bypass = False  # deadline flush: the adaptive rate no longer applies (the cap still does)
+        self.cap = math.inf
+        self.aborted = False
+        self.throttled_s = 0.0
+        self.paced_bytes = 0
+        self._tokens = 0.0
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def effective_rate(self) -> float:
+        return min(self.cap, math.inf if self.bypass else self.rate)
+
+    def __call__(self, nbytes: int) -> None:
+        """Block until ``nbytes`` may be written."""
+        while True:
+            if self.aborted:
+                raise SaveAborted("the save was abandoned (shutdown deadline passed)")
+            with self._lock:
+                rate = self.effective_rate()
+                now = self.clock()
+                if math.isinf(rate):
+                    self._tokens, self._last = 0.0, now
+                    self.paced_bytes += nbytes
+                    return
+                # A burst allowance of at least one piece: otherwise a rate below piece/burst_s would
+                # never accumulate enough tokens.
+                limit = max(float(nbytes), rate * self.burst_s)
+                self._tokens = min(limit, self._tokens + (now - self._last) * rate)
+                self._last = now
+                if self._tokens >= nbytes - 1.0:  # a byte of slack absorbs float rounding
+                    self._tokens -= nbytes
+                    self.paced_bytes += nbytes
+                    return
+                wait = min(self.tick, max(0.001, (nbytes - self._tokens) / rate))
+                self.throttled_s += wait
+            self.sleep(wait)
