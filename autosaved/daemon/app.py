@@ -486,7 +486,10 @@ class Daemon:
             if os.path.exists(path):
                 os.unlink(path)
             listener = await anyio.create_unix_listener(path, mode=0o660, kind=socket.SOCK_SEQPACKET)
-        except OSError as exc:
+            gid = self._socket_gid()
+            if gid is not None:  # the same group that may reach the ipc socket
+                self._give_to_group(Path(path), gid)
+        except (OSError, AutosavedError) as exc:
             # Clients then send everything inline: slower for big states, but nothing breaks.
             log.warning("cannot listen on %s (%s); shared-memory transfers are off", path, exc)
             task_status.started()
