@@ -95,6 +95,8 @@ class PolicySettings:
     dirty_bytes: int | None = 1024**3
     min_gap: float = 10.0
     keep_last: int = 3
+    # Besides the newest keep_last: keep the newest version of every period this long (None: off).
+    keep_every: float | None = None
 
     @classmethod
     def parse(
@@ -108,7 +110,7 @@ class PolicySettings:
             name = f"{where}.{key}"
             if key not in known:
                 raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
-            if key in ("interval", "idle"):
+            if key in ("interval", "idle", "keep_every"):
                 changes[key] = parse_duration(value, name, allow_off=True)
             elif key == "min_gap":
                 changes[key] = parse_duration(value, name)

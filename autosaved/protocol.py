@@ -24,7 +24,7 @@ PROTOCOL_VERSION: Final = 1
 MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 MAX_JOB_NAME: Final = 128
 
-OPS: Final = frozenset({"hello", "update", "save", "restore", "status", "list", "ping", "delete"})
+OPS: Final = frozenset({"hello", "update", "save", "restore", "status", "list", "ping", "verify", "gc", "delete"})
 AckLevel = Literal["accepted", "logged", "committed"]
 ACK_LEVELS: Final[tuple[AckLevel, ...]] = ("accepted", "logged", "committed")
 

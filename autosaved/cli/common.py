@@ -53,6 +53,10 @@ class OwnerCore(ClientCore):
     def delete(self) -> Request:
         return self._request("delete", {})
 
+    def maintain(self, op: str, job: str | None) -> Request:
+        """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""
+        return self._request(op, {"job": job}, long=True)
+
     def raw_restore(self, version: int | None) -> Request:
         req = self.restore(version)
         req.info["raw"] = True

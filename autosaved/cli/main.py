@@ -9,7 +9,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import AutosavedError
-from . import bench, delete, demo, export, import_cmd, list_cmd, restore, save, serve, status
+from . import bench, delete, demo, export, gc, import_cmd, list_cmd, restore, save, serve, status, verify
 
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve,
@@ -22,6 +22,8 @@ COMMANDS: dict[str, ModuleType] = {
     "delete": delete,
     "demo": demo,
     "bench": bench,
+    "verify": verify,
+    "gc": gc,
 }
 
 

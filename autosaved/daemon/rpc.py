@@ -359,6 +359,44 @@ class Handlers:
             raise NotFound(f"no job named {store.job!r}")
         return Reply({"versions": [i.to_json() for i in infos]})
 
+    def _stores(self, req: Request) -> list[tuple[JobStore, Job | None]]:
+        """The job a maintenance request names, or every job of its owner (all owners for root)."""
+        name = req.header.get("job")
+        if name is not None:
+            store = self.d.store.job(req.owner, validate_job_name(name))
+            if not store.path.exists() and (req.owner, store.job) not in self.d.jobs:
+                raise NotFound(f"no job named {store.job!r}")
+            return [(store, self.d.jobs.get((req.owner, store.job)))]
+        stores = self.d.store.jobs(None if req.owner == 0 else req.owner)
+        return [(s, self.d.jobs.get((s.owner, s.job))) for s in stores]
+
+    async def op_verify(self, req: Request) -> Reply:
+        """Re-hash every retained version (and read every log record) of one job or all of them."""
+        reports = []
+        for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
+            if job is not None:
+                async with job.io_lock:  # no garbage collection of this job while it is read
+                    reports.append(await anyio.to_thread.run_sync(store.check))
+            else:
+                reports.append(await anyio.to_thread.run_sync(store.check))
+        return Reply({"jobs": reports})
+
+    async def op_gc(self, req: Request) -> Reply:
+        """Apply retention and collect unreferenced chunks now, for one job or all of them."""
+        results = []
+        for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
+            settings = job.settings if job is not None else self.d.config.policy
+            keep, every = settings.keep_last, settings.keep_every
+            if job is not None:
+                async with job.io_lock:  # never while a save of the job has unreferenced chunks on disk
+                    result = await anyio.to_thread.run_sync(store.gc, keep, every)
+            else:
+                result = await anyio.to_thread.run_sync(store.gc, keep, every)
+            log.info("gc job=%s owner=%d deleted_versions=%s removed_chunks=%d freed_bytes=%d", store.job,
+                     store.owner, result.deleted_versions, result.removed_chunks, result.freed_bytes)
+            results.append({"job": store.job, "owner": store.owner, **result.to_json()})
+        return Reply({"jobs": results})
+
     async def op_delete(self, req: Request) -> Reply:
         """Forget a job: its live state and every stored version. A client that sends to it again starts
         a new, empty job of that name."""

@@ -111,9 +111,9 @@ class Writer:
             except OSError as exc:
                 log.warning("could not drop covered log segments job=%s error=%s", job.name, exc)
         try:
-            keep = job.settings.keep_last
+            keep, every = job.settings.keep_last, job.settings.keep_every
             deleted = await anyio.to_thread.run_sync(
-                lambda: job.store.apply_retention(keep, protect={ticket.version})
+                lambda: job.store.apply_retention(keep, protect={ticket.version}, keep_every=every)
             )
             if deleted:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)

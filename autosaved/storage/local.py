@@ -25,7 +25,8 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ from .manifest import (
     unseal,
     utc_now_iso,
 )
-from .wal import Replay, read_log
+from .retention import versions_to_delete
+from .wal import Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
 
@@ -66,6 +68,18 @@ def submit_digests(data: memoryview, chunk_size: int) -> list[tuple[int, Future[
 
 def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
     return tuple(Chunk(f.result(), n) for n, f in submit_digests(data, chunk_size))
+
+
+@dataclass
+class GcResult:
+    deleted_versions: list[int] = field(default_factory=list)
+    removed_chunks: int = 0
+    freed_bytes: int = 0
+    blocked: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"deleted_versions": self.deleted_versions, "removed_chunks": self.removed_chunks,
+                "freed_bytes": self.freed_bytes, "blocked": self.blocked}
 
 
 @dataclass
@@ -396,18 +410,32 @@ class JobStore:
 
     # -- retention -------------------------------------------------------------------------------
 
-    def apply_retention(self, keep_last: int, protect: set[int] | None = None) -> list[int]:
-        """Delete versions beyond the newest ``keep_last`` (never one in ``protect``), then collect the
-        chunks no remaining version references. Returns the deleted version ids."""
-        ids = self.version_ids()
-        keep = set(ids[-keep_last:]) | (protect or set())
-        doomed = [v for v in ids if v not in keep]
+    def apply_retention(self, keep_last: int, protect: set[int] | None = None,
+                        keep_every: float | None = None, *, collect: bool = True) -> list[int]:
+        """Delete the versions :func:`~.retention.versions_to_delete` picks (never one in ``protect``),
+        manifests first, then collect the chunks no remaining version references. Returns the deleted ids."""
+        doomed = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
+                                    keep_last=keep_last, keep_every=keep_every, protect=frozenset(protect or ()))
         for vid in doomed:
             (self.versions_dir / f"{vid:012d}.json").unlink(missing_ok=True)
         if doomed:
             fsync_dir(self.versions_dir)
-            self.collect_garbage()
+            if collect:
+                self.collect_garbage()
         return doomed
+
+    def version_time(self, version: int) -> float | None:
+        """When a version was committed (unix seconds), or ``None`` if its manifest cannot be read."""
+        try:
+            return datetime.fromisoformat(str(self.read_manifest(version)["time"])).timestamp()
+        except (CorruptVersion, NotFound, ValueError, StorageError):
+            return None
+
+    def newest_verified(self) -> int | None:
+        for vid in reversed(self.version_ids()):
+            if self.verify(vid).ok:
+                return vid
+        return None
 
     def referenced_digests(self) -> set[str] | None:
         """Digests every manifest references; ``None`` when a manifest cannot be read (GC must then not
@@ -422,18 +450,47 @@ class JobStore:
                 refs.update(str(d) for d, _ in rec["chunks"])
         return refs
 
-    def collect_garbage(self) -> int:
+    def collect_garbage(self) -> GcResult:
+        """Delete chunks no manifest references. Crash-safe because manifests go first: a chunk is only
+        ever deleted once nothing can reach it, and a crash half-way leaves garbage for the next run."""
         refs = self.referenced_digests()
         if refs is None:
-            log.warning("%s: not collecting garbage while a manifest is unreadable", self.job)
-            return 0
-        removed = 0
+            msg = "not collecting garbage while a manifest is unreadable (see `autosaved verify`)"
+            log.warning("%s: %s", self.job, msg)
+            return GcResult(blocked=msg)
+        result = GcResult()
         for sub in self._object_dirs():
-            for name in os.listdir(sub):
-                if name not in refs:
-                    (sub / name).unlink(missing_ok=True)
-                    removed += 1
-        return removed
+            for entry in os.scandir(sub):
+                if entry.name not in refs:
+                    size = entry.stat().st_size
+                    Path(entry.path).unlink(missing_ok=True)
+                    result.removed_chunks += 1
+                    result.freed_bytes += size
+        return result
+
+    def gc(self, keep_last: int, keep_every: float | None) -> GcResult:
+        """Retention and collection on demand (``autosaved gc``); never deletes the newest version that
+        verifies. Leftover temp files of crashed saves go too."""
+        self.clean_tmp()
+        newest_ok = self.newest_verified()
+        protect = {newest_ok} if newest_ok is not None else set()
+        deleted = self.apply_retention(keep_last, protect, keep_every, collect=False)
+        result = self.collect_garbage()  # also when nothing was deleted: crashes may have left chunks
+        result.deleted_versions = deleted
+        return result
+
+    def check(self) -> dict[str, Any]:
+        """Re-hash every version and read the whole write-ahead log (``autosaved verify``)."""
+        versions = self.list_versions(verify=True)
+        segs = segments(self.log_dir)
+        scans = [scan_segment(path) for _, path in segs]
+        torn = [s.torn for s in scans if s.torn]
+        return {
+            "job": self.job, "owner": self.owner,
+            "ok": all(v.ok for v in versions),
+            "versions": [v.to_json() for v in versions],
+            "log": {"segments": len(segs), "records": sum(len(s.records) for s in scans), "torn": torn},
+        }
 
     def _object_dirs(self) -> Iterator[Path]:
         if self.objects_dir.is_dir():
