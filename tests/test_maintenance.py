@@ -115,3 +115,14 @@ def test_gc_removes_garbage_and_never_races_the_daemon(make_daemon: Callable[...
     (result,) = json.loads(offline.stdout)
     assert result["deleted_versions"] == [1] and result["removed_chunks"] == 1
     assert (autosaved.restore("g", state_dir=d.state_dir)["a"] == 3).all()
+
+
+def test_bench_incremental_reports_every_key() -> None:
+    proc = subprocess.run([sys.executable, "-m", "autosaved", "bench", "incremental", "--size", "16MiB", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {"bytes", "full_written_bytes", "full_save_s", "local_1pct_written_bytes",
+                           "local_1pct_written_fraction", "local_1pct_save_s", "scattered_1pct_written_bytes",
+                           "scattered_1pct_written_fraction", "scattered_1pct_save_s"}
+    assert result["full_written_bytes"] >= result["bytes"]  # a first save writes everything

@@ -94,7 +94,7 @@ class AsyncClient:
         self.close()
         raise timed_out(self.address, req.op, timeout)
 
-    async def update(self, delta: Mapping[str | int, Any], *, step: int | None = None,
+    async def update(self, delta: Mapping[Any, Any], *, step: int | None = None,
                      meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> Ack:
         try:
             return await self._update(delta, step, meta, wait)
@@ -104,7 +104,7 @@ class AsyncClient:
             await self.on_state_lost(lost)
             return await self._update(delta, step, meta, wait)
 
-    async def _update(self, delta: Mapping[str | int, Any], step: int | None, meta: Mapping[str, Any] | None,
+    async def _update(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
                       wait: str) -> Ack:
         def build() -> Request:
             return self._core.update(delta, step=step, meta=meta, wait=wait, placer=self._slots.place)

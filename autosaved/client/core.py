@@ -69,7 +69,7 @@ class ClientCore:
     def hello(self) -> Request:
         return self._request("hello", {"session": self.session, "policy": self.policy})
 
-    def update(self, delta: Mapping[str | int, Any], *, step: int | None, meta: Mapping[str, Any] | None,
+    def update(self, delta: Mapping[Any, Any], *, step: int | None, meta: Mapping[str, Any] | None,
                wait: str, placer: Placer | None = None) -> Request:
         if not isinstance(delta, Mapping):
             raise InvalidValue(f"update() takes a mapping, not {type(delta).__name__}")

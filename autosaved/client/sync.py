@@ -99,7 +99,7 @@ class Client:
                 placed = self._slots.receive(header["shm"]) if req.op == "restore" and header.get("shm") else None
                 return self._core.finish(req, header, frames, tensors, placed)
 
-    def update(self, delta: Mapping[str | int, Any], *, step: int | None = None,
+    def update(self, delta: Mapping[Any, Any], *, step: int | None = None,
                meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> Ack:
         """Deep-merge ``delta`` into the job's state (mappings merge, other values replace,
         ``autosaved.DELETE`` removes) and return once the daemon acknowledged it at level ``wait``."""
@@ -111,7 +111,7 @@ class Client:
             self.on_state_lost(lost)
             return self._update(delta, step, meta, wait)
 
-    def _update(self, delta: Mapping[str | int, Any], step: int | None, meta: Mapping[str, Any] | None,
+    def _update(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
                 wait: str) -> Ack:
         req = self._core.update(delta, step=step, meta=meta, wait=wait, placer=self._slots.place)
         try:
