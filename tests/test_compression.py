@@ -294,3 +294,17 @@ def test_daemon_mixed_versions_dedup_and_corruption_is_caught(make_daemon: Calla
         with pytest.raises(autosaved.CorruptVersion):
             c.restore(version=2)
         assert_state_equal(c.restore(version=1), state)  # version 1 never used the compressed chunk
+
+
+def test_torch_tensors_follow_the_same_rule(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    ints = torch.arange(300_000, dtype=torch.int64) // 5
+    floats = torch.zeros(10 * CHUNK // 2, dtype=torch.bfloat16)  # would shrink, but auto never tries floats
+    js = JobStore(tmp_path, 0, "torch")
+    save(js, {"ints": ints}, 1, "auto")
+    assert stored_objects(js)[1] and not stored_objects(js)[0]
+    save(js, {"ints": ints, "floats": floats}, 2, "auto")
+    assert len(stored_objects(js)[0]) == 1  # the bfloat16 zeros: identical chunks, one stored raw
+    got = autosaved.restore("torch", state_dir=tmp_path, version=2, tensors="torch")
+    assert torch.equal(got["ints"], ints) and torch.equal(got["floats"], floats)
+    assert got["floats"].dtype == torch.bfloat16
