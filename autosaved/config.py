@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .errors import ConfigError
+from .storage.compress import COMPRESSION_MODES
 
 SYSTEM_CONFIG: Final = Path("/etc/autosaved/autosaved.toml")
 SYSTEM_STATE_DIR: Final = Path("/var/lib/autosaved")
@@ -97,6 +98,8 @@ class PolicySettings:
     keep_last: int = 3
     # Besides the newest keep_last: keep the newest version of every period this long (None: off).
     keep_every: float | None = None
+    # How new chunks are stored: one of storage.compress.COMPRESSION_MODES ("auto": all but float data).
+    compression: str = "auto"
 
     @classmethod
     def parse(
@@ -118,6 +121,11 @@ class PolicySettings:
                 changes[key] = parse_size(value, name, allow_off=True)
             elif key == "keep_last":
                 changes[key] = _parse_count(value, name, 1)
+            elif key == "compression":
+                if value not in COMPRESSION_MODES:
+                    raise ConfigError(f"{name}: expected one of {', '.join(map(repr, COMPRESSION_MODES))}, "
+                                      f"got {value!r}")
+                changes[key] = value
         return replace(settings, **changes)
 
     def to_wire(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, Shutting
 from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames, validate_job_name
 from ..shm import SlotConn, layout, release_mapping
 from ..state import State, delta_bytes, merge, tree_bytes
+from ..storage.fsutil import pwrite_all
 from ..storage.local import JobStore
 from ..tree import Blob, from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
@@ -70,13 +71,6 @@ def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
     if len(encoded) > MAX_META_BYTES:
         raise ProtocolError(f"meta is {len(encoded)} bytes; the limit is {MAX_META_BYTES}")
     return meta
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    view = data.cast("B")
-    while view.nbytes:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 class Handlers:
@@ -316,7 +310,7 @@ class Handlers:
                     if data is None:
                         store.send_blob(blobs[i], fd, off, mapping)
                     else:
-                        _pwrite_all(fd, data, off)
+                        pwrite_all(fd, data, off)
                 release_mapping(mapping)
             except BaseException:
                 os.close(fd)

@@ -70,11 +70,12 @@ class Writer:
         try:
             async with self.limiter:
                 write_started, throttled_before = time.perf_counter(), self.bucket.throttled_s
+                compression = job.settings.compression  # read now: a reload may change it mid-save
                 result = await anyio.to_thread.run_sync(
                     lambda: job.store.write_version(
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
                         meta=ticket.meta, sessions=ticket.sessions, chunk_size=self.chunk_size,
-                        wal_lsn=ticket.wal_lsn,
+                        wal_lsn=ticket.wal_lsn, compression=compression,
                         pace=self.bucket,
                     )
                 )

@@ -107,6 +107,14 @@ def atomic_write(target: Path, data: bytes, tmp_dir: Path, mode: int = 0o640, ki
     fsync_dir(target.parent, kind)
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    view = data.cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def read_exact(path: Path, size: int, into: memoryview) -> None:
     """Read exactly ``size`` bytes of ``path`` into ``into``; ``OSError`` if the file is shorter or longer."""
     with path.open("rb", buffering=0) as fh:

@@ -4,6 +4,7 @@ Layout under the state dir::
 
     jobs/<owner uid>/<job>/versions/<id>.json    committed manifests (a version exists iff its manifest does)
     jobs/<owner uid>/<job>/objects/<ab>/<sha256> chunks, shared by every version that contains them
+                                           (``<sha256>.zst``: stored zstd-compressed, see :mod:`.compress`)
     jobs/<owner uid>/<job>/log/<lsn>.wal         write-ahead log segments (see :mod:`.wal`)
     jobs/<owner uid>/<job>/tmp/                  temp files; anything here after a crash is garbage
 
@@ -34,7 +35,18 @@ from ..errors import CorruptVersion, NotFound, StorageError
 from ..protocol import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
-from .fsutil import Pacer, atomic_write, fsync_dir, make_dirs, read_exact, rename, temp_name, write_fsync
+from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
+from .fsutil import (
+    Pacer,
+    atomic_write,
+    fsync_dir,
+    make_dirs,
+    pwrite_all,
+    read_exact,
+    rename,
+    temp_name,
+    write_fsync,
+)
 from .manifest import (
     FORMAT_VERSION,
     HASH_NAME,
@@ -108,6 +120,19 @@ class LoadedVersion:
     wal_lsn: int = 0
 
 
+def _sendfile_chunk(fd: int, out_fd: int, at: int, chunk: Chunk, where: str) -> None:
+    """Copy the raw chunk file ``fd`` into ``out_fd`` at ``at`` inside the kernel."""
+    if os.fstat(fd).st_size != chunk.size:
+        raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… has the wrong size")
+    os.lseek(out_fd, at, os.SEEK_SET)
+    sent = 0
+    while sent < chunk.size:
+        n = os.sendfile(out_fd, fd, sent, chunk.size - sent)
+        if n == 0:
+            raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is truncated")
+        sent += n
+
+
 class JobStore:
     """The stored versions of one job. Not safe for concurrent writers: the daemon serialises saves of a
     job, and readers (offline restore, ``list``) only ever see committed manifests."""
@@ -133,8 +158,12 @@ class JobStore:
             for leftover in self.tmp_dir.iterdir():
                 leftover.unlink(missing_ok=True)
 
-    def _object_path(self, digest: str) -> Path:
-        return self.objects_dir / digest[:2] / digest
+    def _object_path(self, digest: str, compressed: bool = False) -> Path:
+        return self.objects_dir / digest[:2] / (digest + SUFFIX if compressed else digest)
+
+    def _has_object(self, digest: str) -> bool:
+        """Whether the chunk is stored, in either form: dedup is by the raw bytes' digest."""
+        return self._object_path(digest).exists() or self._object_path(digest, True).exists()
 
     def write_version(
         self,
@@ -148,17 +177,20 @@ class JobStore:
         chunk_size: int,
         pace: Pacer | None = None,
         wal_lsn: int = 0,
+        compression: str = "off",
     ) -> SaveResult:
         """Commit ``tree`` as version ``version``. ``pace`` (see :data:`fsutil.Pacer`) throttles the
-        chunk writes; the manifest, a few KB, is never held back."""
+        chunk writes; the manifest, a few KB, is never held back. ``compression`` is a mode of
+        :mod:`.compress`; it only decides how new chunks are stored, never their names."""
         try:
-            return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace, wal_lsn)
+            return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace, wal_lsn,
+                                       compression)
         except OSError as exc:
             raise StorageError(f"saving {self.job} version {version} failed: {exc}") from exc
 
     def _write_version(
         self, tree: Any, version: int, step: int | None, reason: str, meta: dict[str, Any],
-        sessions: dict[str, int], chunk_size: int, pace: Pacer | None, wal_lsn: int,
+        sessions: dict[str, int], chunk_size: int, pace: Pacer | None, wal_lsn: int, compression: str,
     ) -> SaveResult:
         self.ensure_dirs()
         node, blobs = to_node(tree)
@@ -172,16 +204,19 @@ class JobStore:
             if id(blob) in ahead:
                 blob.digests[chunk_size] = tuple(Chunk(f.result(), n) for n, f in ahead[id(blob)])
             chunks = self._chunks_of(blob, chunk_size)
+            try_compress = worth_trying(blob, compression)
             offset = 0
             for chunk in chunks:
-                target = self._object_path(chunk.digest)
-                if blob.data is not None and not target.exists():
+                stored = self._has_object(chunk.digest)
+                if blob.data is not None and not stored:
+                    raw = blob.data[offset : offset + chunk.size]
+                    packed = compress_chunk(raw) if try_compress else None
+                    target = self._object_path(chunk.digest, compressed=packed is not None)
                     if not target.parent.is_dir():
                         target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
                         dirs_touched.add(self.objects_dir)
                     tmp = temp_name(self.tmp_dir, chunk.digest)
-                    written += write_fsync(tmp, [blob.data[offset : offset + chunk.size]], pace=pace,
-                                           drop_cache=True)
+                    written += write_fsync(tmp, [raw if packed is None else packed], pace=pace, drop_cache=True)
                     try:
                         rename(tmp, target, "chunk")
                     except BaseException:
@@ -189,7 +224,7 @@ class JobStore:
                         raise
                     dirs_touched.add(target.parent)
                     chunks_written += 1
-                elif blob.data is None and not target.exists():
+                elif blob.data is None and not stored:
                     raise StorageError(f"chunk {chunk.digest} of a stored leaf is missing from {self.objects_dir}")
                 offset += chunk.size
             records.append(blob_record(blob, chunks))
@@ -280,18 +315,28 @@ class JobStore:
         offset = 0
         for chunk in chunks:
             view = into[offset : offset + chunk.size]
-            try:
-                read_exact(self._object_path(chunk.digest), chunk.size, view)
-            except FileNotFoundError:
-                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
-            except OSError as exc:
-                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}…: {exc}") from None
+            self._read_chunk(chunk, view, where)
             if verify:
                 pending.append((chunk, _HASH_POOL.submit(_sha256_hex, view)))
             offset += chunk.size
         for chunk, digest in pending:
             if digest.result() != chunk.digest:
                 raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
+
+    def _read_chunk(self, chunk: Chunk, into: memoryview, where: str) -> None:
+        """Fill ``into`` with the raw bytes of ``chunk``, from whichever form is stored (raw first: most
+        chunks are). Unhashed: the caller verifies. A missing or undecodable chunk is CorruptVersion."""
+        try:
+            try:
+                read_exact(self._object_path(chunk.digest), chunk.size, into)
+                return
+            except FileNotFoundError:
+                packed = self._object_path(chunk.digest, compressed=True).read_bytes()
+            into[:] = decompress_chunk(packed, chunk.size)
+        except FileNotFoundError:
+            raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
+        except (OSError, ChunkDecodeError) as exc:
+            raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}…: {exc}") from None
 
     def read_blob(self, blob: Blob) -> memoryview:
         """The bytes of a blob: in memory already, or read from its chunks and verified."""
@@ -305,7 +350,8 @@ class JobStore:
     def send_blob(self, blob: Blob, out_fd: int, offset: int, mapping: mmap.mmap) -> None:
         """Copy a stored blob into ``out_fd`` at ``offset`` inside the kernel (``sendfile``: no user-space
         copy, no page faults on fresh memory) and verify each chunk through ``mapping``, a shared mapping
-        of ``out_fd``, while the next chunk is copied."""
+        of ``out_fd``, while the next chunk is copied. Compressed chunks are decompressed in user space and
+        written with ``pwrite``; the check through ``mapping`` is the same for both forms."""
         check = memoryview(mapping)[offset : offset + blob.nbytes]
         assert blob.chunks is not None
         where = f"{self.job} (restore)"
@@ -315,19 +361,14 @@ class JobStore:
             try:
                 fd = os.open(self._object_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
-            try:
-                if os.fstat(fd).st_size != chunk.size:
-                    raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… has the wrong size")
-                os.lseek(out_fd, offset + pos, os.SEEK_SET)
-                sent = 0
-                while sent < chunk.size:
-                    n = os.sendfile(out_fd, fd, sent, chunk.size - sent)
-                    if n == 0:
-                        raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is truncated")
-                    sent += n
-            finally:
-                os.close(fd)
+                raw = bytearray(chunk.size)
+                self._read_chunk(chunk, memoryview(raw), where)  # the .zst form, or CorruptVersion
+                pwrite_all(out_fd, memoryview(raw), offset + pos)
+            else:
+                try:
+                    _sendfile_chunk(fd, out_fd, offset + pos, chunk, where)
+                finally:
+                    os.close(fd)
             piece = check[pos : pos + chunk.size]
             pending.append((chunk, _HASH_POOL.submit(_sha256_hex, piece)))
             pos += chunk.size
@@ -461,7 +502,7 @@ class JobStore:
         result = GcResult()
         for sub in self._object_dirs():
             for entry in os.scandir(sub):
-                if entry.name not in refs:
+                if entry.name.removesuffix(SUFFIX) not in refs:  # either stored form of a referenced chunk stays
                     size = entry.stat().st_size
                     Path(entry.path).unlink(missing_ok=True)
                     result.removed_chunks += 1
