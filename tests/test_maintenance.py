@@ -70,9 +70,10 @@ def cli(d: PrivateDaemon, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_verify_reports_damage_online_and_offline(make_daemon: Callable[..., PrivateDaemon]) -> None:
     d = make_daemon(NO_AUTO_POLICY)
-    with autosaved.Client("v", address=d.address) as c:
-        c.update({"a": np.arange(1000)}, wait="committed")
-        c.update({"a": np.arange(2000)}, wait="committed")
+    rng = np.random.default_rng(5)
+    with autosaved.Client("v", address=d.address) as c:  # float data: stored raw, so the file is <digest>
+        c.update({"a": rng.random(1000)}, wait="committed")
+        c.update({"a": rng.random(2000)}, wait="committed")
     ok = cli(d, "verify", "--json")
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
