@@ -87,6 +87,14 @@ def _parse_count(value: Any, key: str, minimum: int) -> int:
     return value
 
 
+def reject_unknown_keys(raw: Mapping[str, Any], table: Any, where: str) -> None:
+    """A typo in a config table is an error that names it, never a silently ignored key."""
+    known = {f.name for f in fields(table)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """When to save a job. ``None`` turns a rule off. Durations in seconds, sizes in bytes."""
@@ -107,12 +115,10 @@ class PolicySettings:
     ) -> PolicySettings:
         """Validate a (partial) policy table on top of ``base``; unknown keys are an error."""
         settings = base or cls()
-        known = {f.name for f in fields(cls)}
+        reject_unknown_keys(raw, cls, where)
         changes: dict[str, Any] = {}
         for key, value in raw.items():
             name = f"{where}.{key}"
-            if key not in known:
-                raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
             if key in ("interval", "idle", "keep_every"):
                 changes[key] = parse_duration(value, name, allow_off=True)
             elif key == "min_gap":
@@ -141,10 +147,7 @@ class QuotaSettings:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "quota") -> QuotaSettings:
-        known = {f.name for f in fields(cls)}
-        for key in raw:
-            if key not in known:
-                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        reject_unknown_keys(raw, cls, where)
         max_jobs = raw.get("max_jobs")
         if max_jobs is not None and not (isinstance(max_jobs, str) and max_jobs.strip().lower() in _OFF):
             max_jobs = _parse_count(max_jobs, f"{where}.max_jobs", 1)
@@ -167,12 +170,10 @@ class ThrottleSettings:
     def parse(cls, raw: Mapping[str, Any], *, base: ThrottleSettings | None = None,
               where: str = "throttle") -> ThrottleSettings:
         settings = base or cls()
-        known = {f.name for f in fields(cls)}
+        reject_unknown_keys(raw, cls, where)
         changes: dict[str, Any] = {}
         for key, value in raw.items():
             name = f"{where}.{key}"
-            if key not in known:
-                raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
             if key == "enabled":
                 if not isinstance(value, bool):
                     raise ConfigError(f"{name}: expected true or false, got {value!r}")
@@ -208,12 +209,10 @@ class PreemptionSettings:
     def parse(cls, raw: Mapping[str, Any], *, base: PreemptionSettings | None = None,
               where: str = "preemption") -> PreemptionSettings:
         settings = base or cls()
-        known = {f.name for f in fields(cls)}
+        reject_unknown_keys(raw, cls, where)
         changes: dict[str, Any] = {}
         for key, value in raw.items():
             name = f"{where}.{key}"
-            if key not in known:
-                raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(known))})")
             if key == "provider":
                 if not isinstance(value, str) or value.lower() not in PREEMPTION_PROVIDERS:
                     raise ConfigError(f"{name}: expected one of {', '.join(PREEMPTION_PROVIDERS)}, got {value!r}")
