@@ -47,7 +47,8 @@ REPEATS = 5
 IO_ROUNDS = 3
 # Nothing saves on its own during the run: each measurement sees exactly the work it names.
 # Unthrottled, as the persist_s target is stated; float data is never compressed under "auto".
-_DAEMON_CONFIG = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n[throttle]\nenabled = false\n'
+_DAEMON_CONFIG = ('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'
+                  '[throttle]\nenabled = false\n')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
