@@ -233,3 +233,11 @@ def test_dead_daemon_never_blocks_the_trainer(make_daemon: Callable[..., Private
         with pytest.raises(autosaved.DaemonUnavailable, match="did not answer"):
             c.update({"a": 1})
     c.close()
+
+
+def test_stopped_daemon_leaves_no_socket_behind(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    d = make_daemon(NO_AUTO_POLICY)
+    assert d.stop() == 0
+    assert not list(d.sock_dir.iterdir()) or all(p.suffix == ".lock" for p in d.sock_dir.iterdir())
+    with pytest.raises(autosaved.DaemonUnavailable, match="socket file does not exist"):
+        autosaved.Client("gone", address=d.address).connect()

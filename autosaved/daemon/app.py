@@ -283,6 +283,14 @@ class Daemon:
                 self._sock.close(0)
             if self._ctx is not None:
                 self._ctx.term()
+            # We still hold the socket lock, so these are ours: a client then fails at once with "no daemon
+            # at ..." instead of waiting out its timeout on a dead socket.
+            sock_path = self.config.socket_path()
+            if sock_path is not None and self._locks:
+                for stale in (str(sock_path), fd_socket_path(self.config.address)):
+                    if stale is not None:
+                        with contextlib.suppress(OSError):
+                            os.unlink(stale)
             for lock in self._locks:
                 lock.release()
             self.notifier.close()
