@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import msgpack
@@ -53,12 +52,6 @@ def validate_job_name(name: object) -> str:
             "letter, digit or _"
         )
     return name
-
-
-@dataclass(frozen=True)
-class Message:
-    header: dict[str, Any]
-    frames: Sequence[memoryview | bytes]
 
 
 def pack_header(header: dict[str, Any]) -> bytes:
