@@ -44,7 +44,7 @@ from ..tree import iter_blobs
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .lock import PidLock
-from .logger import LogCommitter
+from .walcommit import LogCommitter
 from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
