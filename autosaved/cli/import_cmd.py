@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..codec import unpack
-from ..protocol import validate_job_name
+from ..names import validate_job_name
 from ..tree import DELETE
 from .common import AdminClient, add_client_options, add_owner_option, print_json
 from .exchange import read_export

@@ -20,6 +20,7 @@ from typing import Any
 from ..codec import PinnedBuffers, TensorMode, pack, unpack
 from ..config import PolicySettings
 from ..errors import InvalidValue
+from ..names import validate_job_name
 from ..protocol import (
     ACK_LEVELS,
     PROTOCOL_VERSION,
@@ -28,7 +29,6 @@ from ..protocol import (
     pack_header,
     raise_for_reply,
     unpack_header,
-    validate_job_name,
 )
 from ..shm import Placement
 from ..tree import Blob, from_node, to_node
