@@ -12,7 +12,6 @@ import zmq.asyncio
 
 from ..codec import TensorMode
 from ..errors import AutosavedError, StateLost
-from ..shm import SlotPool
 from .base import (
     DEFAULT_SAVE_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -24,6 +23,7 @@ from .base import (
     timed_out,
 )
 from .core import ClientCore, Request
+from .slots import SlotPool
 
 
 class AsyncClient:

@@ -30,8 +30,8 @@ from ..protocol import (
     raise_for_reply,
     unpack_header,
 )
-from ..shm import Placement
 from ..tree import Blob, from_node, to_node
+from .slots import Placement
 
 # Moves the bulk blobs of an update into shared memory and says where (None: all inline).
 Placer = Callable[[Sequence[Blob]], Placement | None]

@@ -11,7 +11,6 @@ import zmq
 
 from ..codec import TensorMode
 from ..errors import AutosavedError, StateLost
-from ..shm import SlotPool
 from .base import (
     DEFAULT_SAVE_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -23,6 +22,7 @@ from .base import (
     timed_out,
 )
 from .core import ClientCore, Request
+from .slots import SlotPool
 
 
 class Client:
