@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import autosaved
+from autosaved.bench.private import PrivateDaemon
 from autosaved.cli.common import AdminClient
-from autosaved.private import PrivateDaemon
 from autosaved.shm import INLINE_MAX
 
 from .conftest import NO_AUTO_POLICY, run_python, wait_for

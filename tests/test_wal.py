@@ -13,7 +13,7 @@ import anyio
 import numpy as np
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 from autosaved.state import merge, merge_deltas
 from autosaved.tree import DELETE
 

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from typing import Any
 
-from ..demo_trainer import reference
-from ..private import PrivateDaemon
+from ..bench.private import PrivateDaemon
+from ..bench.trainer import reference
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub: Any, name: str) -> None:
 
 def _trainer(address: str, steps: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "autosaved.demo_trainer", "--address", address, "--steps", str(steps)],
+        [sys.executable, "-m", "autosaved.bench.trainer", "--address", address, "--steps", str(steps)],
         stdout=subprocess.PIPE, text=True,
     )
 

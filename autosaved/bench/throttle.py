@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from ..cli.common import print_json
 from ..client.sync import Client
 from ..config import parse_duration, parse_size
-from ..private import PrivateDaemon
-from .common import print_json
+from .private import PrivateDaemon
 
 CONDITIONS = ("alone", "unthrottled", "throttled")
 # compression off: the checkpoint is random int64, which "auto" would try (and fail) to compress on every
@@ -105,7 +105,7 @@ class Workload:
 
     def start(self) -> None:
         self.stop_file.unlink(missing_ok=True)
-        code = "import sys; from autosaved.cli.bench_throttle import foreground; foreground(*sys.argv[1:])"
+        code = "import sys; from autosaved.bench.throttle import foreground; foreground(*sys.argv[1:])"
         self.proc = subprocess.Popen([sys.executable, "-c", code, self.mode, str(self.path), str(self.stop_file)],
                                      stdout=subprocess.PIPE, text=True)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from .errors import AutosavedError, DaemonUnavailable
+from ..errors import AutosavedError, DaemonUnavailable
 
 
 class PrivateDaemon:
@@ -49,7 +49,7 @@ class PrivateDaemon:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        from .client.sync import Client
+        from ..client.sync import Client
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

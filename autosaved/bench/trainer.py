@@ -1,7 +1,7 @@
 """The trainer ``autosaved demo`` runs: a small numpy regression with SGD whose every step depends on
 the previous one (weights, RNG state), so a resume is exact only if every piece came back bit-exact.
 
-Run alone: ``python -m autosaved.demo_trainer --job demo --steps 300``.
+Run alone: ``python -m autosaved.bench.trainer --job demo --steps 300``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .client.sync import Client
+from ..client.sync import Client
 
 FEATURES = 16
 
