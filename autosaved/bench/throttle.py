@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..cli.common import print_json
+from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_duration, parse_size
 from .private import PrivateDaemon
@@ -245,6 +246,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _throttle_status(daemon: PrivateDaemon) -> dict[str, Any]:
-    with Client("bench", address=daemon.address, timeout=10) as c:
-        status: dict[str, Any] = c._call(c._core.status(all_jobs=True))["daemon"]["throttle"]
+    with Admin(address=daemon.address, timeout=10) as admin:
+        status: dict[str, Any] = admin.status()["daemon"]["throttle"]
     return status
