@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,3 +96,22 @@ def test_daemon_and_storage_stay_out_of_the_sdk_and_the_benchmarks() -> None:
     assert broken == []
     assert "autosaved.names" in _imports(PACKAGE / "storage" / "local.py")  # the scan resolves relative imports
 
+
+def test_the_readme_code_map_matches_the_tree() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for row in (r for r in section.splitlines() if r.startswith("| `")):
+        paths = re.findall(r"`([a-z_/]+(?:\.py|/))`", row)
+        folder = re.match(r"\| `([a-z]+/)` \|", row)
+        # a folder's row names its modules bare (``bench/``: ``cli.py``, ...)
+        named |= {folder.group(1) + p if folder and "/" not in p else p for p in paths}
+    for path in named:
+        assert (PACKAGE / path).exists(), f"the code map names {path}, which does not exist"
+    for path in _sources(PACKAGE):
+        rel = str(path.relative_to(PACKAGE))
+        if path.name in ("__init__.py", "__main__.py") and rel != "__init__.py":
+            continue
+        if rel.startswith("cli/"):
+            continue  # one module per subcommand: the map names the rule, not each command
+        assert rel in named, f"{rel} is missing from the README's code map"
