@@ -257,3 +257,45 @@ def test_drive_runs_a_flow_with_a_blocking_performer() -> None:
 
     ack = drive(core.update({"a": 1}), perform)
     assert ack.level == "accepted" and seen == ["Local", "Send", "Receive"]
+
+
+def test_the_async_driver_runs_blocking_steps_off_the_event_loop_and_frees_its_lock_for_the_callback() -> None:
+    import threading
+
+    import anyio
+
+    from autosaved.client.aio import AsyncConnection
+
+    loop_thread: list[threading.Thread] = []
+    ran_in: list[threading.Thread] = []
+
+    def blocking() -> str:
+        ran_in.append(threading.current_thread())
+        return "done"
+
+    def inner() -> Flow[str]:
+        result: str = yield Local("receive_restore", blocking)
+        return result
+
+    def outer() -> Flow[str]:  # the shape of ClientCore.update's retry
+        lost = StateLost("lost")
+        if not (yield LostState(lost)):
+            raise lost
+        return (yield from inner())
+
+    async def on_lost(err: StateLost) -> None:
+        # what a real callback does: use the same client again while the first call waits
+        assert await conn.run(inner()) == "done"
+
+    conn = AsyncConnection("ipc:///nonexistent", timeout=1, save_timeout=1, on_state_lost=on_lost)
+
+    async def main() -> str:
+        loop_thread.append(threading.current_thread())
+        with anyio.fail_after(10):  # a lock held across the callback would hang here
+            return await conn.run(outer())
+
+    assert anyio.run(main) == "done"
+    assert len(ran_in) == 2 and all(t is not loop_thread[0] for t in ran_in)
+    # without a callback the flow raises StateLost itself
+    with pytest.raises(StateLost):
+        anyio.run(AsyncConnection("ipc:///nonexistent", timeout=1, save_timeout=1).run, outer())
