@@ -154,9 +154,17 @@ class AsyncClient:
     def timeout(self) -> float:
         return self._conn.timeout
 
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._conn.timeout = value
+
     @property
     def save_timeout(self) -> float:
         return self._conn.save_timeout
+
+    @save_timeout.setter
+    def save_timeout(self, value: float) -> None:
+        self._conn.save_timeout = value
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()

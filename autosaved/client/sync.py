@@ -130,9 +130,17 @@ class Client:
     def timeout(self) -> float:
         return self._conn.timeout
 
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._conn.timeout = value
+
     @property
     def save_timeout(self) -> float:
         return self._conn.save_timeout
+
+    @save_timeout.setter
+    def save_timeout(self, value: float) -> None:
+        self._conn.save_timeout = value
 
     def __enter__(self) -> Client:
         self.connect()
