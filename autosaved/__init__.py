@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from .client import Ack, AsyncClient, Client
+from .client import Ack, Admin, AsyncAdmin, AsyncClient, Client, Exported, Replaced
 from .errors import (
     AlreadyRunning,
     AutosavedError,
@@ -31,7 +31,9 @@ from .tree import DELETE
 __all__ = [
     "DELETE",
     "Ack",
+    "Admin",
     "AlreadyRunning",
+    "AsyncAdmin",
     "AsyncClient",
     "AutosavedError",
     "Client",
@@ -39,12 +41,14 @@ __all__ = [
     "CorruptVersion",
     "CorruptVersionWarning",
     "DaemonUnavailable",
+    "Exported",
     "Forbidden",
     "InvalidJobName",
     "InvalidValue",
     "MessageTooLarge",
     "NotFound",
     "ProtocolError",
+    "Replaced",
     "ShuttingDown",
     "StateLost",
     "StorageError",

@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to sleep per step (to have time to kill)")
     args = parser.parse_args()
     if torch is None:
-        from autosaved.demo_trainer import main as numpy_main
+        from autosaved.bench.trainer import main as numpy_main
 
         address = ["--address", args.address] if args.address else []
         return numpy_main(["--job", args.job, "--steps", str(args.steps), *address])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 
 FAST_POLICY = '[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\n'
 NO_AUTO_POLICY = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'

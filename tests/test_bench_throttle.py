@@ -24,7 +24,7 @@ def test_bench_throttle_small_run_reports_every_key() -> None:
 
 
 def test_window_stats_count_partial_operations() -> None:
-    from autosaved.cli.bench_throttle import window_stats
+    from autosaved.bench.throttle import window_stats
 
     ops = [(1.0, 1.0), (2.0, 1.0), (3.0, 1.0)]  # three 1 s operations back to back, 1 MB each
     whole = window_stats(ops, 0.0, 3.0, 1_000_000)

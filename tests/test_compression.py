@@ -14,10 +14,10 @@ import pytest
 import zstandard
 
 import autosaved
+from autosaved.bench.private import PrivateDaemon
 from autosaved.codec import pack
 from autosaved.config import PolicySettings
 from autosaved.errors import ConfigError, CorruptVersion
-from autosaved.private import PrivateDaemon
 from autosaved.shm import release_mapping
 from autosaved.storage.compress import SUFFIX, is_float_blob
 from autosaved.storage.local import JobStore

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, version_files, wait_for
 

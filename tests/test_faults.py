@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 from autosaved.storage.local import Store
 
 from .conftest import NO_AUTO_POLICY, wait_for

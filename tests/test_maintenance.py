@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 from autosaved.storage.retention import versions_to_delete
 
 from .conftest import NO_AUTO_POLICY, version_files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import urllib.error
@@ -11,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 import autosaved
+from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.metrics import Histogram, JobSample, Sample, render
-from autosaved.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 
@@ -28,17 +29,29 @@ def _sample(**over: object) -> Sample:
     return Sample(**{**base, **over})  # type: ignore[arg-type]
 
 
+def values(text: str) -> dict[str, float]:
+    """Each sample line's series (name and labels, as written) → its value (``1``, ``1.0`` and
+    ``1e+00`` are the same number to Prometheus)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, value = line.rsplit(" ", 1)
+            out[series] = float(value)
+    return out
+
+
 def test_render_is_valid_exposition_text() -> None:
     text = render(_sample())
-    assert 'autosaved_job_dirty_bytes{job="a\\"b",owner="1000"} 10' in text
-    assert "autosaved_save_errors_total 1" in text
-    assert 'autosaved_save_duration_seconds_bucket{le="0.05"} 1' in text
-    assert 'autosaved_save_duration_seconds_bucket{le="0.5"} 2' in text
-    assert 'autosaved_save_duration_seconds_bucket{le="+Inf"} 3' in text
-    assert "autosaved_save_duration_seconds_count 3" in text
-    assert 'autosaved_job_last_save_timestamp_seconds{job="a\\"b",owner="1000"} 1767225600' in text
+    got = values(text)
+    assert got['autosaved_job_dirty_bytes{job="a\\"b",owner="1000"}'] == 10
+    assert got["autosaved_save_errors_total"] == 1
+    assert got['autosaved_save_duration_seconds_bucket{le="0.05"}'] == 1
+    assert got['autosaved_save_duration_seconds_bucket{le="0.5"}'] == 2
+    assert got['autosaved_save_duration_seconds_bucket{le="+Inf"}'] == 3
+    assert got["autosaved_save_duration_seconds_count"] == 3
+    assert got['autosaved_job_last_save_timestamp_seconds{job="a\\"b",owner="1000"}'] == 1767225600
     assert "autosaved_throttle_bytes_per_second" not in text
-    assert "autosaved_throttle_bytes_per_second 1048576" in render(_sample(throttle_rate=1048576.0))
+    assert values(render(_sample(throttle_rate=1048576.0)))["autosaved_throttle_bytes_per_second"] == 1048576
     # every sample line belongs to a metric declared with HELP and TYPE
     declared = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
     for line in text.splitlines():
@@ -62,14 +75,15 @@ def test_live_endpoint_reports_saves_and_dirty_bytes(make_daemon: Callable[..., 
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = resp.read().decode()
-        dirty = re.search(r'autosaved_job_dirty_bytes\{job="m1",owner="\d+"\} (\d+)', text)
-        assert dirty is not None and int(dirty.group(1)) >= 5000
+        owner = os.geteuid()
+        assert values(text)[f'autosaved_job_dirty_bytes{{job="m1",owner="{owner}"}}'] >= 5000
         c.save()
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
-    assert re.search(r'autosaved_job_saves_total\{job="m1",owner="\d+"\} 1$', text, re.M)
-    assert re.search(r'autosaved_job_dirty_bytes\{job="m1",owner="\d+"\} 0$', text, re.M)
-    assert "autosaved_save_duration_seconds_count 1" in text
+    got = values(text)
+    assert got[f'autosaved_job_saves_total{{job="m1",owner="{owner}"}}'] == 1
+    assert got[f'autosaved_job_dirty_bytes{{job="m1",owner="{owner}"}}'] == 0
+    assert got["autosaved_save_duration_seconds_count"] == 1
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
     assert err.value.code == 404

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 
 from .conftest import run_python
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 
 from .test_e2e import assert_state_equal
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None,

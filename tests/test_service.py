@@ -18,8 +18,8 @@ import anyio
 import pytest
 
 import autosaved
+from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.notify import Notifier, watchdog_loop
-from autosaved.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 

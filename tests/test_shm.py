@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.cli.common import AdminClient
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 from autosaved.shm import INLINE_MAX
 
 from .conftest import NO_AUTO_POLICY, run_python, wait_for
@@ -42,12 +41,8 @@ def big_state() -> dict[str | int, Any]:
 
 
 def daemon_status(d: PrivateDaemon) -> dict[str, Any]:
-    import argparse
-
-    args = argparse.Namespace(address=d.address, timeout=5.0, state_dir=None)
-    with AdminClient(args) as admin:
-        status: dict[str, Any] = admin.call(lambda core: core.status(all_jobs=True))
-    return status
+    with autosaved.Admin(address=d.address, timeout=5.0) as admin:
+        return admin.status()
 
 
 def test_big_leaves_round_trip_exactly_through_slots(make_daemon: Callable[..., PrivateDaemon]) -> None:

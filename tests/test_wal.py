@@ -13,7 +13,7 @@ import anyio
 import numpy as np
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 from autosaved.state import merge, merge_deltas
 from autosaved.tree import DELETE
 
@@ -91,8 +91,8 @@ def test_group_commit_shares_fsyncs(daemon: PrivateDaemon) -> None:
             c.close()
 
     anyio.run(main)
-    with autosaved.Client("_admin", address=daemon.address) as admin:
-        d = admin._call(admin._core.status(all_jobs=True))["daemon"]
+    with autosaved.Admin(address=daemon.address) as admin:
+        d = admin.status()["daemon"]
     assert d["wal_records"] == 200
     assert d["wal_syncs"] < d["wal_records"], d  # concurrent records shared fsyncs
 

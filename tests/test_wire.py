@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 import autosaved
-from autosaved.private import PrivateDaemon
+from autosaved.bench.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 

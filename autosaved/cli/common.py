@@ -7,17 +7,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..client.core import ClientCore, Request
-from ..client.sync import Client
-from ..codec import TensorMode
+from ..client.admin import Admin
 from ..config import discover_state_dir
 from ..errors import NotFound
-from ..protocol import blobs_from_frames, raise_for_reply
 from ..storage.local import JobStore
-from ..tree import from_node
 
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
@@ -36,64 +34,13 @@ def add_owner_option(parser: argparse.ArgumentParser) -> None:
                         help="act on a job of another user (root only; default: your own jobs)")
 
 
-class OwnerCore(ClientCore):
-    """The protocol core, plus an ``owner`` field on every request (honoured for root only), and
-    restores that return the raw tree (blob leaves) instead of numpy/torch values, for export."""
-
-    def __init__(self, job: str, owner: int | None) -> None:
-        super().__init__(job)
-        self.owner = owner
-
-    def _request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
-                 long: bool = False) -> Request:
-        if self.owner is not None:
-            fields = {**fields, "owner": self.owner}
-        return super()._request(op, fields, blobs, long)
-
-    def delete(self) -> Request:
-        return self._request("delete", {})
-
-    def maintain(self, op: str, job: str | None) -> Request:
-        """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""
-        return self._request(op, {"job": job}, long=True)
-
-    def raw_restore(self, version: int | None) -> Request:
-        req = self.restore(version)
-        req.info["raw"] = True
-        return req
-
-    def finish(self, req: Request, header: dict[str, Any], frames: list[memoryview],
-               tensors: TensorMode = "numpy", placed: dict[int, memoryview] | None = None) -> Any:
-        if req.op == "restore" and req.info.get("raw"):
-            raise_for_reply(header)
-            self.boot = header.get("boot")
-            if header.get("tree") is None:
-                return header, None
-            return header, from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:], placed))
-        return super().finish(req, header, frames, tensors, placed)
-
-
-class AdminClient(Client):
-    """A Client for requests that are not about one job (status of all jobs, list), or about a job that
-    may belong to another user (``--owner``, root only)."""
-
-    def __init__(self, args: argparse.Namespace, job: str = "_cli") -> None:
-        super().__init__(job, address=args.address, timeout=args.timeout)
-        self._core = OwnerCore(job, getattr(args, "owner", None))
-
-    def __enter__(self) -> AdminClient:
-        self.connect()
-        return self
-
-    def connect(self) -> dict[str, Any]:
-        # A ping, not a hello: a hello would register the placeholder job with the daemon.
-        result: dict[str, Any] = self._call(self._core.ping())
-        return result
-
-    def call(self, build: Any) -> Any:
-        core: ClientCore = self._core
-        req: Request = build(core)
-        return self._call(req)
+@contextmanager
+def admin(args: argparse.Namespace) -> Iterator[Admin]:
+    """The SDK's admin API with the command's address, timeout and ``--owner``, once the daemon answered
+    a ping: a dead daemon fails within ``--timeout``, not after the long wait of a verify or an export."""
+    with Admin(address=args.address, timeout=args.timeout, owner=getattr(args, "owner", None)) as client:
+        client.ping()
+        yield client
 
 
 def print_json(value: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import AdminClient, add_client_options, add_owner_option, print_json
+from .common import add_client_options, add_owner_option, admin, print_json
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -17,9 +17,8 @@ def add_parser(sub: Any, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with AdminClient(args, job=args.job) as client:
-        result: dict[str, Any] = client.call(lambda core: core.delete())
-    summary = {"job": result["job"], "owner": result["owner"], "deleted_versions": result["deleted_versions"]}
+    with admin(args) as client:
+        summary = client.delete(args.job)
     if args.json:
         print_json(summary)
     else:

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from typing import Any
 
-from ..demo_trainer import reference
-from ..private import PrivateDaemon
+from ..bench.private import PrivateDaemon
+from ..bench.trainer import reference
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -23,9 +23,10 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--kill-at", type=int, default=120, help="SIGKILL the trainer once it reports this step")
 
 
-def _trainer(address: str, steps: int) -> subprocess.Popen[str]:
+def _trainer(address: str, steps: int, hold_at: int | None = None) -> subprocess.Popen[str]:
+    hold = ["--hold-at", str(hold_at)] if hold_at is not None else []
     return subprocess.Popen(
-        [sys.executable, "-m", "autosaved.demo_trainer", "--address", address, "--steps", str(steps)],
+        [sys.executable, "-m", "autosaved.bench.trainer", "--address", address, "--steps", str(steps), *hold],
         stdout=subprocess.PIPE, text=True,
     )
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     say = print
     with PrivateDaemon(config='[policy]\nidle = "0.2s"\nmin_gap = "0.5s"\n') as daemon:
         say(f"1. private daemon started (state dir {daemon.state_dir})")
-        trainer = _trainer(daemon.address, args.steps)
+        trainer = _trainer(daemon.address, args.steps, hold_at=args.kill_at)
         assert trainer.stdout is not None
         last = 0
         for line in trainer.stdout:

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..codec import unpack
-from ..protocol import validate_job_name
-from ..tree import DELETE
-from .common import AdminClient, add_client_options, add_owner_option, print_json
+from ..names import validate_job_name
+from .common import add_client_options, add_owner_option, admin, print_json
 from .exchange import read_export
 
 
@@ -32,14 +31,12 @@ def run(args: argparse.Namespace) -> int:
     state = unpack(tree, tensors="numpy")
     step = info.get("step") if isinstance(info.get("step"), int) else None
     meta = {"imported_from": str(args.folder.absolute()), "imported_version": info.get("version")}
-    with AdminClient(args, job=job) as client:
-        _, current = client.call(lambda core: core.raw_restore(None))
-        stale = {k: DELETE for k in (current or {}) if k not in state}
-        ack = client.update({**state, **stale}, step=step, meta=meta, wait="committed")
-    summary = {"job": job, "version": ack.version, "step": step, "from": str(args.folder),
-               "removed_keys": sorted(map(str, stale))}
+    with admin(args) as client:
+        done = client.replace(job, state, step=step, meta=meta)
+    summary = {"job": job, "version": done.ack.version, "step": step, "from": str(args.folder),
+               "removed_keys": sorted(map(str, done.removed))}
     if args.json:
         print_json(summary)
     else:
-        print(f"{job}: imported {args.folder} as version {ack.version}")
+        print(f"{job}: imported {args.folder} as version {done.ack.version}")
     return 0

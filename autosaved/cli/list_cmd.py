@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import DaemonUnavailable, NotFound
 from ..storage.local import Store
-from .common import AdminClient, add_client_options, human_bytes, print_json, state_dir, table
+from .common import add_client_options, admin, human_bytes, print_json, state_dir, table
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -43,9 +43,8 @@ def run(args: argparse.Namespace) -> int:
         rows = _offline(args)
     else:
         try:
-            with AdminClient(args) as client:
-                result = client.call(lambda core: core.list_jobs(args.job))
-            rows = result["versions"] if args.job else result["jobs"]
+            with admin(args) as client:
+                rows = client.versions(args.job) if args.job else client.jobs()
         except DaemonUnavailable:
             print("autosaved list: daemon not reachable; reading the state dir directly", file=sys.stderr)
             rows = _offline(args)

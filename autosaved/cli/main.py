@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from .. import __version__
+from ..bench import cli as bench
 from ..errors import AutosavedError
-from . import bench, delete, demo, export, gc, import_cmd, list_cmd, restore, save, serve, status, verify
+from . import delete, demo, export, gc, import_cmd, list_cmd, restore, save, serve, status, verify
 
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve,

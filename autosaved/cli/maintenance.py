@@ -12,7 +12,7 @@ from ..config import load_config
 from ..daemon.lock import PidLock
 from ..errors import DaemonUnavailable, NotFound
 from ..storage.local import JobStore, Store
-from .common import AdminClient, add_client_options, add_owner_option, state_dir
+from .common import add_client_options, add_owner_option, admin, state_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,10 +42,8 @@ def run_maintenance(args: argparse.Namespace, op: str,
     the state dir — for ``gc`` only once no daemon holds it (``exclusive``)."""
     if not args.offline:
         try:
-            with AdminClient(args, job=args.job or "_cli") as client:
-                result: dict[str, Any] = client.call(lambda core: core.maintain(op, args.job))
-            jobs: list[Any] = result["jobs"]
-            return jobs
+            with admin(args) as client:
+                return client.verify(args.job) if op == "verify" else client.gc(args.job)
         except DaemonUnavailable:
             print(f"autosaved {op}: daemon not reachable; working on the state dir directly", file=sys.stderr)
     directory = state_dir(args)

@@ -15,11 +15,11 @@ from typing import Any
 
 from ..errors import DaemonUnavailable, NotFound
 from .common import (
-    AdminClient,
     Progress,
     add_client_options,
     add_owner_option,
     add_progress_option,
+    admin,
     find_step,
     offline_store,
     print_json,
@@ -45,20 +45,20 @@ def add_parser(sub: Any, name: str) -> None:
 
 
 def _from_daemon(args: argparse.Namespace, live: bool) -> tuple[Any, dict[str, Any]]:
-    with AdminClient(args, job=args.job) as client:
+    with admin(args) as client:
         version = args.version
         if args.step is not None:
-            version = find_step(client.call(lambda core: core.list_jobs(args.job))["versions"], args.step, args.job)
+            version = find_step(client.versions(args.job), args.step, args.job)
         elif version is None and not live:
-            version = client.call(lambda core: core.status())["latest_version"]
+            version = client.status(args.job)["latest_version"]
             if version is None:
                 raise NotFound(f"job {args.job!r} has no committed version yet")
-        header, tree = client.call(lambda core: core.raw_restore(version))
-    if tree is None:
+        exported = client.export(args.job, version)
+    if exported is None:
         raise NotFound(f"job {args.job!r} has no state")
     info = {"job": args.job, "owner": os.geteuid() if args.owner is None else args.owner,
-            "version": header.get("version"), "step": header.get("step"), "live": bool(header.get("live"))}
-    return tree, info
+            "version": exported.version, "step": exported.step, "live": exported.live}
+    return exported.tree, info
 
 
 def _from_state_dir(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

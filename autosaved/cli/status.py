@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import AdminClient, add_client_options, human_bytes, print_json, table
+from .common import add_client_options, admin, human_bytes, print_json, table
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -15,8 +15,8 @@ def add_parser(sub: Any, name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with AdminClient(args) as client:
-        result: dict[str, Any] = client.call(lambda core: core.status(all_jobs=True))
+    with admin(args) as client:
+        result = client.status()
     payload = {"daemon": result["daemon"], "jobs": result["jobs"]}
     if args.json:
         print_json(payload)

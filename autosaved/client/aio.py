@@ -1,29 +1,129 @@
-"""The awaitable client (anyio on the asyncio backend): the same API as :class:`Client`."""
+"""The awaitable client (anyio on the asyncio backend): the same API as :class:`Client`.
+
+Only I/O lives here: :class:`AsyncConnection` performs the steps of the flows :mod:`.core` builds, with
+the blocking shared-memory work (:class:`~autosaved.client.core.Local`) in worker threads.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import anyio.to_thread
 import zmq
 import zmq.asyncio
 
 from ..codec import TensorMode
-from ..errors import AutosavedError, StateLost
-from ..shm import SlotPool
+from ..errors import StateLost
 from .base import (
     DEFAULT_SAVE_TIMEOUT,
     DEFAULT_TIMEOUT,
     Ack,
-    ack_from,
     check_reachable,
     configure,
     resolve_address,
     timed_out,
 )
-from .core import ClientCore, Request
+from .core import ClientCore, Flow, Local, LostState, Receive, Send, Step
+from .slots import SlotPool
+
+T = TypeVar("T")
+
+
+class AsyncConnection:
+    """A DEALER socket to the daemon that runs flows, one at a time (a lock serialises them, so one
+    client may be shared by several tasks: the seq counter and the slot pool are shared state)."""
+
+    def __init__(self, address: str, *, timeout: float, save_timeout: float,
+                 on_state_lost: Callable[[StateLost], Awaitable[None]] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.save_timeout = save_timeout
+        self.on_state_lost = on_state_lost
+        self.on_close = on_close
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._lock = anyio.Lock()
+        self._op = ""
+        self._limit = 0.0
+        self._deadline = 0.0
+
+    async def run(self, flow: Flow[T]) -> T:
+        await self._lock.acquire()
+        locked = True
+        try:
+            step = next(flow)
+            while True:
+                if isinstance(step, LostState) and self.on_state_lost is not None:
+                    # The callback typically resends the full state through this same client: it needs the lock.
+                    self._lock.release()
+                    locked = False
+                    await self.on_state_lost(step.error)
+                    await self._lock.acquire()
+                    locked = True
+                    result: Any = True
+                else:
+                    result = await self._perform(step)
+                step = flow.send(result)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        finally:
+            flow.close()
+            if locked:
+                self._lock.release()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        if self.on_close is not None:
+            self.on_close()
+
+    async def _perform(self, step: Step) -> Any:
+        if isinstance(step, Send):
+            return await self._send(step)
+        if isinstance(step, Receive):
+            return await self._receive()
+        if isinstance(step, Local):
+            # Blocking work (a memcpy into shared memory, the fd socket): never on the event loop.
+            return await anyio.to_thread.run_sync(step.run)
+        return False  # a LostState with no callback: the flow raises StateLost
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            check_reachable(self.address)
+            self._sock = self._ctx.socket(zmq.DEALER)
+            configure(self._sock, self.address)
+        return self._sock
+
+    async def _send(self, step: Send) -> None:
+        self._op = step.op
+        self._limit = self.save_timeout if step.long else self.timeout
+        self._deadline = anyio.current_time() + self._limit
+        sock = self._socket()
+        # With no daemon connected a DEALER send waits forever: the timeout covers it too.
+        with anyio.move_on_after(self._limit):
+            await sock.send_multipart(step.frames, copy=True)
+            return
+        self._timed_out()
+
+    async def _receive(self) -> list[memoryview]:
+        sock = self._socket()
+        while True:
+            remaining = self._deadline - anyio.current_time()
+            if remaining <= 0:
+                self._timed_out()
+            # poll-then-recv: the poll's own timeout ends the wait, never a cancelled recv holding a message.
+            if await sock.poll(max(1, int(min(remaining, 1.0) * 1000))):
+                return [f.buffer for f in await sock.recv_multipart(copy=False)]
+
+    def _timed_out(self) -> None:
+        # Drop the socket: a request still queued in it must not reach a daemon later.
+        self.close()
+        raise timed_out(self.address, self._op, self._limit)
 
 
 class AsyncClient:
@@ -35,19 +135,36 @@ class AsyncClient:
     def __init__(self, job: str, *, address: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  save_timeout: float = DEFAULT_SAVE_TIMEOUT, policy: Mapping[str, Any] | None = None,
                  on_state_lost: Callable[[StateLost], Awaitable[None]] | None = None) -> None:
-        self._core = ClientCore(job, policy=policy)
-        self.address = resolve_address(address)
-        self.timeout = timeout
-        self.save_timeout = save_timeout
-        self.on_state_lost = on_state_lost
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._lock = anyio.Lock()
-        self._slots = SlotPool(self.address, timeout=timeout)
+        address = resolve_address(address)
+        # After a timeout the daemon may still act on a queued update, so no slot may be reused.
+        self._slots = SlotPool(address, timeout=timeout)
+        self._core = ClientCore(job, policy=policy, slots=self._slots)
+        self._conn = AsyncConnection(address, timeout=timeout, save_timeout=save_timeout,
+                                     on_state_lost=on_state_lost, on_close=self._slots.reset)
 
     @property
     def job(self) -> str:
         return self._core.job
+
+    @property
+    def address(self) -> str:
+        return self._conn.address
+
+    @property
+    def timeout(self) -> float:
+        return self._conn.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._conn.timeout = value
+
+    @property
+    def save_timeout(self) -> float:
+        return self._conn.save_timeout
+
+    @save_timeout.setter
+    def save_timeout(self, value: float) -> None:
+        self._conn.save_timeout = value
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -58,82 +175,20 @@ class AsyncClient:
         self.close()
 
     async def connect(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(self._core.hello())
-        return result
+        return await self._conn.run(self._core.hello())
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
-        # After a timeout the daemon may still act on a queued update, so no slot may be reused.
-        self._slots.reset()
-
-    async def _call(self, req: Request, tensors: TensorMode = "numpy") -> Any:
-        async with self._lock:
-            return await self._call_locked(req, tensors)
-
-    async def _call_locked(self, req: Request, tensors: TensorMode = "numpy") -> Any:
-        timeout = self.save_timeout if req.long else self.timeout
-        if self._sock is None:
-            check_reachable(self.address)
-            self._sock = self._ctx.socket(zmq.DEALER)
-            configure(self._sock, self.address)
-        sock = self._sock
-        with anyio.move_on_after(timeout):
-            # With no daemon connected a DEALER send waits forever: the timeout covers it too.
-            await sock.send_multipart(req.frames, copy=True)
-            while True:
-                # poll-then-recv: a timeout cancels the poll, never a recv holding a message.
-                if not await sock.poll(1000):
-                    continue
-                frames = [f.buffer for f in await sock.recv_multipart(copy=False)]
-                header = self._core.matches(req, frames)
-                if header is not None:
-                    placed = self._slots.receive(header["shm"]) if req.op == "restore" and header.get("shm") else None
-                    return self._core.finish(req, header, frames, tensors, placed)
-        self.close()
-        raise timed_out(self.address, req.op, timeout)
+        self._conn.close()
 
     async def update(self, delta: Mapping[Any, Any], *, step: int | None = None,
                      meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> Ack:
-        try:
-            return await self._update(delta, step, meta, wait)
-        except StateLost as lost:
-            if self.on_state_lost is None:
-                raise
-            await self.on_state_lost(lost)
-            return await self._update(delta, step, meta, wait)
-
-    async def _update(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
-                      wait: str) -> Ack:
-        def build() -> Request:
-            return self._core.update(delta, step=step, meta=meta, wait=wait, placer=self._slots.place)
-
-        # The lock spans building too: the slot pool and the seq counter are shared by every task.
-        async with self._lock:
-            # The copy into shared memory is a memcpy of the whole state: not on the event loop.
-            req = await anyio.to_thread.run_sync(build)
-            try:
-                header = await self._call_locked(req)
-            except AutosavedError as exc:
-                if exc.code != "slot_unknown":
-                    raise
-                self._slots.reset()
-                self._slots.retry_now()
-                req = await anyio.to_thread.run_sync(build)
-                header = await self._call_locked(req)
-            self._slots.settle(header.get("held"))
-            return ack_from(header, req.seq)
+        return await self._conn.run(self._core.update(delta, step=step, meta=meta, wait=wait))
 
     async def save(self) -> int:
-        version: int = await self._call(self._core.save())
-        return version
+        return await self._conn.run(self._core.save())
 
     async def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
-        async with self._lock:
-            conn = await anyio.to_thread.run_sync(self._slots.restore_conn)
-            return await self._call_locked(self._core.restore(version, conn), tensors)
+        return await self._conn.run(self._core.restore(version, tensors))
 
     async def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(self._core.status())
-        return result
+        return await self._conn.run(self._core.status())

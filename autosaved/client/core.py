@@ -1,7 +1,13 @@
-"""The SDK's protocol core, with no I/O: builds requests, reads replies, remembers what was acked.
+"""The SDK's protocol core, with no I/O: every request is a *flow* the drivers run.
 
-:class:`~autosaved.client.sync.Client` and :class:`~autosaved.client.aio.AsyncClient` are thin drivers
-around one ``ClientCore``: they only send the frames it builds and hand it the frames that come back.
+A flow is a generator that yields :data:`Step` records and receives each step's result (httpx's
+"sans-I/O" pattern). :class:`Send` and :class:`Receive` are the ZeroMQ exchange; :class:`Local` is short
+blocking work on the client's shared-memory pool (copying leaves into a slot, the fd socket, receiving a
+restore's memfd), which the blocking :class:`~autosaved.client.sync.Client` runs inline and the
+:class:`~autosaved.client.aio.AsyncClient` in a worker thread; :class:`LostState` asks the driver to run
+the user's ``on_state_lost`` callback. So the decisions are written once, here: the ``slot_unknown``
+retry, the ``StateLost`` retry, and when a restore comes through shared memory. The drivers only do I/O
+(see :func:`drive` for the whole contract, and the unit tests that feed flows their replies by hand).
 
 Restart detection: every reply carries the daemon's ``boot`` id. Each update also carries the boot id
 the client last saw and the seq of its last acknowledged update; a daemon that started since, and whose
@@ -13,13 +19,14 @@ it onto a state that misses earlier deltas. The client then raises :class:`~auto
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..codec import PinnedBuffers, TensorMode, pack, unpack
 from ..config import PolicySettings
-from ..errors import InvalidValue
+from ..errors import AutosavedError, InvalidValue, StateLost
+from ..names import validate_job_name
 from ..protocol import (
     ACK_LEVELS,
     PROTOCOL_VERSION,
@@ -28,13 +35,65 @@ from ..protocol import (
     pack_header,
     raise_for_reply,
     unpack_header,
-    validate_job_name,
 )
-from ..shm import Placement
-from ..tree import Blob, from_node, to_node
+from ..tree import DELETE, Blob, from_node, to_node
+from .base import Ack, ack_from
+from .slots import Placement, SlotPool
+
+T = TypeVar("T")
 
 # Moves the bulk blobs of an update into shared memory and says where (None: all inline).
 Placer = Callable[[Sequence[Blob]], Placement | None]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``frames`` to the daemon. Starts the request's deadline: ``long`` requests wait for a commit
+    and get the driver's save timeout, the others its ordinary one. Result: ``None``."""
+
+    frames: list[bytes | memoryview]
+    op: str
+    long: bool = False
+
+
+@dataclass(frozen=True)
+class Receive:
+    """Wait for the next message from the daemon, until the deadline :class:`Send` started (on expiry
+    the driver drops its socket and raises ``DaemonUnavailable``). Result: its frames."""
+
+
+@dataclass(frozen=True)
+class Local(Generic[T]):
+    """Short blocking work on the shared-memory pool (a memcpy into a slot, the fd socket): run inline by
+    the blocking driver, in a worker thread by the async one, never on an event loop. Result: ``run()``."""
+
+    what: str
+    run: Callable[[], T]
+
+
+@dataclass(frozen=True)
+class LostState:
+    """The daemon lost acknowledged updates. Result: ``True`` once the driver has run the client's
+    ``on_state_lost`` callback (the flow then resends), ``False`` when it has none (the flow raises)."""
+
+    error: StateLost
+
+
+Step = Send | Receive | Local[Any] | LostState
+Flow = Generator[Step, Any, T]
+
+
+def drive(flow: Flow[T], perform: Callable[[Step], Any]) -> T:
+    """Run a flow to its result with ``perform`` doing each step: what a blocking driver does (the
+    async one is the same loop with ``await``)."""
+    try:
+        step = next(flow)
+        while True:
+            step = flow.send(perform(step))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    finally:
+        flow.close()
 
 
 @dataclass
@@ -44,33 +103,207 @@ class Request:
     frames: list[bytes | memoryview]
     # Requests that wait for a commit may take as long as a save; the drivers use the longer timeout.
     long: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
 
 
-class ClientCore:
-    def __init__(self, job: str, *, policy: Mapping[str, Any] | None = None) -> None:
-        self.job = validate_job_name(job)
+@dataclass
+class Exported:
+    """A job's state as stored: the tree with :class:`~autosaved.tree.Blob` leaves (raw bytes, dtypes and
+    shapes, no numpy/torch values), and which version it is (``live``: the daemon's newest state,
+    including updates not saved yet)."""
+
+    tree: Any
+    version: int | None
+    step: int | None
+    live: bool
+    header: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replaced:
+    """What :meth:`AdminCore.replace` committed, and which top-level keys it removed."""
+
+    ack: Ack
+    removed: list[Any]
+
+
+class Exchange:
+    """Numbering and matching of requests, shared by the per-job and the admin cores."""
+
+    def __init__(self, job: str, owner: int | None = None) -> None:
+        self.job = job
+        self.owner = owner  # act on another user's job (honoured for root only)
+        self.seq = 0
+        self.boot: str | None = None
+
+    def request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
+                long: bool = False) -> Request:
+        self.seq += 1
+        header = {"v": PROTOCOL_VERSION, "op": op, "seq": self.seq, "job": self.job, **fields}
+        if self.owner is not None:
+            header["owner"] = self.owner
+        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])], long=long)
+
+    def matches(self, req: Request, frames: list[memoryview]) -> dict[str, Any] | None:
+        """The reply header if ``frames`` answer ``req``; ``None`` for a stale reply to an earlier,
+        timed-out request (those are dropped)."""
+        try:
+            header = unpack_header(frames[0])
+        except Exception:
+            return None
+        return header if header.get("seq") == req.seq else None
+
+    def exchange(self, req: Request) -> Flow[tuple[dict[str, Any], list[memoryview]]]:
+        """Send ``req`` and receive until its reply comes (header, frames); does not check ``ok``."""
+        yield Send(req.frames, req.op, req.long)
+        while True:
+            frames = yield Receive()
+            header = self.matches(req, frames)
+            if header is not None:
+                return header, frames
+
+    def call(self, req: Request) -> Flow[dict[str, Any]]:
+        """A request whose result is its reply header; an error reply raises."""
+        header, _ = yield from self.exchange(req)
+        raise_for_reply(header)
+        self.boot = header.get("boot")
+        return header
+
+    def export_flow(self, req: Request, placed: Callable[[dict[str, Any]], Flow[dict[int, memoryview] | None]]
+                    ) -> Flow[Exported | None]:
+        header, frames = yield from self.exchange(req)
+        leaves = yield from placed(header)
+        raise_for_reply(header)
+        self.boot = header.get("boot")
+        if header.get("tree") is None:
+            return None
+        tree = from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:], leaves))
+        return Exported(tree, header.get("version"), header.get("step"), bool(header.get("live")), header)
+
+
+def _no_placed(header: dict[str, Any]) -> Flow[dict[int, memoryview] | None]:
+    return None
+    yield  # a generator: the flows compose with ``yield from``
+
+
+class ClientCore(Exchange):
+    """One job's session: what was acked and is durable, the pinned buffers, the shared-memory pool."""
+
+    def __init__(self, job: str, *, policy: Mapping[str, Any] | None = None, slots: SlotPool | None = None,
+                 owner: int | None = None) -> None:
+        super().__init__(validate_job_name(job), owner)
         self.session = secrets.token_hex(8)
         # Validate overrides here, so a typo fails in the trainer, not as a daemon error later.
         PolicySettings.parse(policy or {}, where="policy")
         self.policy = dict(policy) if policy else None
-        self.seq = 0
-        self.boot: str | None = None
         self.acked = 0
         self.durable = 0
         self.pinned: PinnedBuffers = {}
+        self.slots = slots
 
-    def _request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
-                 long: bool = False) -> Request:
-        self.seq += 1
-        header = {"v": PROTOCOL_VERSION, "op": op, "seq": self.seq, "job": self.job, **fields}
-        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])], long=long)
+    # -- flows ---------------------------------------------------------------------------------
 
-    def hello(self) -> Request:
-        return self._request("hello", {"session": self.session, "policy": self.policy})
+    def hello(self) -> Flow[dict[str, Any]]:
+        header = yield from self._checked(self.request("hello", {"session": self.session, "policy": self.policy}))
+        self.durable = int(header.get("durable") or 0)
+        self.acked = max(self.acked, self.durable)
+        return header
 
-    def update(self, delta: Mapping[Any, Any], *, step: int | None, meta: Mapping[str, Any] | None,
-               wait: str, placer: Placer | None = None) -> Request:
+    def ping(self) -> Flow[dict[str, Any]]:
+        return (yield from self.call(self.request("ping", {"job": None})))
+
+    def status(self) -> Flow[dict[str, Any]]:
+        return (yield from self.call(self.request("status", {})))
+
+    def save(self) -> Flow[int]:
+        header = yield from self.call(self.request("save", {}, long=True))
+        self.durable = self.acked
+        return int(header["version"])
+
+    def update(self, delta: Mapping[Any, Any], *, step: int | None = None, meta: Mapping[str, Any] | None = None,
+               wait: str = "accepted") -> Flow[Ack]:
+        """Send an update; on ``state_lost`` let the driver run ``on_state_lost`` and send it once more."""
+        try:
+            return (yield from self._update_once(delta, step, meta, wait))
+        except StateLost as lost:
+            if not (yield LostState(lost)):
+                raise
+            return (yield from self._update_once(delta, step, meta, wait))
+
+    def restore(self, version: int | None = None, tensors: TensorMode = "numpy") -> Flow[Any]:
+        """The newest state, or stored version ``version``, as numpy/torch values (``None``: no state)."""
+        exported = yield from self.export(version)
+        return None if exported is None else unpack(exported.tree, tensors=tensors)
+
+    def export(self, version: int | None = None) -> Flow[Exported | None]:
+        """Like :meth:`restore`, but the tree keeps its raw blob leaves (for the exchange format)."""
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ValueError(f"version must be an int version id, not {version!r}")
+        # Naming our fd connection lets the daemon hand the bulk leaves over as a memfd.
+        conn = (yield Local("restore_conn", self.slots.restore_conn)) if self.slots is not None else None
+        req = self.request("restore", {"version": version, "shm_conn": conn}, long=True)
+        return (yield from self.export_flow(req, self._placed))
+
+    # -- the decisions inside the flows --------------------------------------------------------
+
+    def _placed(self, header: dict[str, Any]) -> Flow[dict[int, memoryview] | None]:
+        """The leaves a restore reply sent through shared memory (the memfd was sent before the reply)."""
+        wire = header.get("shm")
+        if not wire or self.slots is None:
+            return None
+        slots = self.slots
+        placed: dict[int, memoryview] = yield Local("receive_restore", lambda: slots.receive(wire))
+        return placed
+
+    def _update_once(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
+                     wait: str) -> Flow[Ack]:
+        req = yield from self._build_update(delta, step, meta, wait)
+        try:
+            header = yield from self._checked(req)
+        except AutosavedError as exc:
+            if exc.code != "slot_unknown" or self.slots is None:
+                raise
+            # A new daemon does not know our slots: start a fresh pool and send once more.
+            yield Local("reset_slots", self._fresh_slots)
+            req = yield from self._build_update(delta, step, meta, wait)
+            header = yield from self._checked(req)
+        self.acked = req.seq
+        self.durable = int(header.get("durable") or 0)
+        if header.get("ack") in ("logged", "committed"):
+            self.durable = req.seq
+        if self.slots is not None:
+            self.slots.settle(header.get("held"))
+        return ack_from(header, req.seq)
+
+    def _fresh_slots(self) -> None:
+        assert self.slots is not None
+        self.slots.reset()
+        self.slots.retry_now()
+
+    def _build_update(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
+                      wait: str) -> Flow[Request]:
+        # Packing and the copy into shared memory touch the whole state: blocking work, off the event loop.
+        slots = self.slots
+        placer = slots.place if slots is not None else None
+        req: Request = yield Local("build_update", lambda: self.update_request(delta, step=step, meta=meta,
+                                                                               wait=wait, placer=placer))
+        return req
+
+    def _checked(self, req: Request) -> Flow[dict[str, Any]]:
+        """Like :meth:`call`, and learns from a ``state_lost`` refusal what this daemon has durable."""
+        header, _ = yield from self.exchange(req)
+        if header.get("code") == "state_lost":
+            # We now know this daemon; what it has durable is all there is.
+            self.boot = header.get("boot")
+            self.durable = int((header.get("details") or {}).get("durable_seq", 0))
+            self.acked = self.durable
+        raise_for_reply(header)
+        self.boot = header.get("boot")
+        return header
+
+    # -- request records -----------------------------------------------------------------------
+
+    def update_request(self, delta: Mapping[Any, Any], *, step: int | None, meta: Mapping[str, Any] | None,
+                       wait: str, placer: Placer | None = None) -> Request:
         if not isinstance(delta, Mapping):
             raise InvalidValue(f"update() takes a mapping, not {type(delta).__name__}")
         if wait not in ACK_LEVELS:
@@ -93,64 +326,63 @@ class ClientCore:
             fields["shm"] = placement.to_wire()
             placed = {i for i, _ in placement.refs}
         data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
-        return self._request("update", fields, data, long=wait == "committed")
+        return self.request("update", fields, data, long=wait == "committed")
 
-    def save(self) -> Request:
-        return self._request("save", {}, long=True)
 
-    def restore(self, version: int | None, shm_conn: str | None = None) -> Request:
-        """``shm_conn`` names the client's fd connection, over which the daemon may send the bulk leaves."""
+class AdminCore(Exchange):
+    """Requests about the daemon and about any job (``owner``: another user's jobs, root only). No
+    session, no shared memory: an admin never registers a job with the daemon."""
+
+    def __init__(self, owner: int | None = None) -> None:
+        super().__init__("_admin", owner)
+
+    def _on(self, job: str | None) -> dict[str, Any]:
+        return {"job": validate_job_name(job) if job is not None else None}
+
+    def ping(self) -> Flow[dict[str, Any]]:
+        return (yield from self.call(self.request("ping", {"job": None})))
+
+    def status(self, job: str | None = None) -> Flow[dict[str, Any]]:
+        fields = {"job": validate_job_name(job)} if job is not None else {"job": None}
+        return (yield from self.call(self.request("status", fields)))
+
+    def jobs(self) -> Flow[list[dict[str, Any]]]:
+        header = yield from self.call(self.request("list", {"job": None}))
+        rows: list[dict[str, Any]] = header["jobs"]
+        return rows
+
+    def versions(self, job: str) -> Flow[list[dict[str, Any]]]:
+        header = yield from self.call(self.request("list", {"job": validate_job_name(job)}))
+        rows: list[dict[str, Any]] = header["versions"]
+        return rows
+
+    def delete(self, job: str) -> Flow[dict[str, Any]]:
+        header = yield from self.call(self.request("delete", {"job": validate_job_name(job)}))
+        return {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+
+    def maintain(self, op: str, job: str | None) -> Flow[list[dict[str, Any]]]:
+        """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""
+        if op not in ("verify", "gc"):
+            raise ValueError(f"maintenance op must be verify or gc, not {op!r}")
+        header = yield from self.call(self.request(op, self._on(job), long=True))
+        jobs: list[dict[str, Any]] = header["jobs"]
+        return jobs
+
+    def export(self, job: str, version: int | None = None) -> Flow[Exported | None]:
+        """The job's newest state (``version=None``, unsaved updates included) or a stored version, with
+        raw blob leaves; ``None`` when the job has no state."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise ValueError(f"version must be an int version id, not {version!r}")
-        return self._request("restore", {"version": version, "shm_conn": shm_conn}, long=True)
+        req = self.request("restore", {"job": validate_job_name(job), "version": version}, long=True)
+        return (yield from self.export_flow(req, _no_placed))
 
-    def ping(self) -> Request:
-        return self._request("ping", {"job": None})
-
-    def status(self, all_jobs: bool = False) -> Request:
-        return self._request("status", {"job": None} if all_jobs else {})
-
-    def list_jobs(self, job: str | None) -> Request:
-        return self._request("list", {"job": job})
-
-    def matches(self, req: Request, frames: list[memoryview]) -> dict[str, Any] | None:
-        """The reply header if ``frames`` answer ``req``; ``None`` for a stale reply to an earlier,
-        timed-out request (those are dropped)."""
-        try:
-            header = unpack_header(frames[0])
-        except Exception:
-            return None
-        return header if header.get("seq") == req.seq else None
-
-    def finish(self, req: Request, header: dict[str, Any], frames: list[memoryview],
-               tensors: TensorMode = "numpy", placed: dict[int, memoryview] | None = None) -> Any:
-        """Turn a reply into the call's result, or raise the error it carries. ``placed``: the leaves
-        a restore reply sent through shared memory (see :meth:`SlotPool.receive`)."""
-        if header.get("code") == "state_lost":
-            # We now know this daemon; what it has durable is all there is.
-            self.boot = header.get("boot")
-            self.durable = int((header.get("details") or {}).get("durable_seq", 0))
-            self.acked = self.durable
-            raise_for_reply(header)
-        raise_for_reply(header)
-        self.boot = header.get("boot")
-        if req.op == "hello":
-            self.durable = int(header.get("durable") or 0)
-            self.acked = max(self.acked, self.durable)
-            return header
-        if req.op == "update":
-            self.acked = req.seq
-            self.durable = int(header.get("durable") or 0)
-            if header.get("ack") in ("logged", "committed"):
-                self.durable = req.seq
-            return header
-        if req.op == "save":
-            self.durable = self.acked
-            return header.get("version")
-        if req.op == "restore":
-            if header.get("tree") is None:
-                return None
-            blobs = blobs_from_frames(header.get("blobs"), frames[1:], placed)
-            return unpack(from_node(header["tree"], blobs), tensors=tensors)
-        return header
-
+    def replace(self, core: ClientCore, state: Mapping[Any, Any], *, step: int | None,
+                meta: Mapping[str, Any] | None) -> Flow[Replaced]:
+        """Make ``core``'s job hold exactly ``state`` (top-level keys it has and ``state`` lacks are
+        deleted) as a new committed version."""
+        current = yield from self.export(core.job)
+        have = current.tree if current is not None and isinstance(current.tree, Mapping) else {}
+        stale = [k for k in have if k not in state]
+        ack = yield from core.update({**state, **dict.fromkeys(stale, DELETE)}, step=step, meta=meta,
+                                     wait="committed")
+        return Replaced(ack, stale)

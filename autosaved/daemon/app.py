@@ -37,19 +37,20 @@ from ..deadline import Pending, estimate_s, plan_flush
 from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolError, StorageError
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
-from ..shm import SlotTable, fd_socket_path, referenced_mappings
+from ..shm import fd_socket_path
 from ..storage.local import Recovered, Store
 from ..storage.wal import WalWriter
 from ..tree import iter_blobs
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .lock import PidLock
-from .logger import LogCommitter
 from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
 from .reload import Reloader
 from .rpc import Handlers, Request
+from .slottable import SlotTable, referenced_mappings
+from .walcommit import LogCommitter
 from .writer import Writer
 
 log = logging.getLogger("autosaved.daemon")

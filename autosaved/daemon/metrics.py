@@ -1,43 +1,47 @@
-"""Prometheus text endpoint (``metrics_address``, off by default).
+"""Prometheus endpoint (``metrics_address``, off by default), built on ``prometheus_client``.
 
-:func:`render` is a pure function of a :class:`Sample` (what the daemon knows at one instant), so the
-exposition format is tested without sockets; :func:`serve_metrics` is the I/O edge, a minimal HTTP/1.0
-responder on an anyio TCP listener. The standard library's http.server would need a thread of its own
-and could not read the daemon's state without locks; this runs on the event loop like everything else.
+The daemon hands over a :class:`Sample` (what it knows at one instant); :func:`families` turns it into
+metric families and :func:`render` into exposition text, both pure, so the format is tested without
+sockets. :func:`open_metrics` binds ``prometheus_client``'s WSGI app on a threaded server of its own
+(the scrape's rendering and socket work stay off the event loop); each scrape asks the event loop for a
+fresh :class:`Sample` (``anyio.from_thread``), so the daemon's state is only ever read on its own loop.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import anyio
-import anyio.abc
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
+import prometheus_client
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..errors import AutosavedError
 
 log = logging.getLogger("autosaved.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-MAX_REQUEST = 8192
 
 
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...] = DURATION_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    total: float = 0.0
-    count: int = 0
+class Histogram(prometheus_client.Histogram):
+    """Save durations in seconds (time from snapshot to committed manifest). Thread-safe: the writer
+    observes from its worker threads. Unregistered: it is reported through :class:`Sample`."""
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.count += 1
+    def __init__(self) -> None:
+        super().__init__("autosaved_save_duration_seconds", "Time from snapshot to committed manifest.",
+                         buckets=DURATION_BUCKETS, registry=None)
 
 
 @dataclass(frozen=True)
@@ -69,16 +73,6 @@ class Sample:
     throttle_rate: float | None = None
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(value: float) -> str:
-    if value == float("inf"):
-        return "+Inf"
-    return repr(float(value)) if isinstance(value, float) and not value.is_integer() else str(int(value))
-
-
 def _epoch(iso: str | None) -> float | None:
     if not iso:
         return None
@@ -88,114 +82,130 @@ def _epoch(iso: str | None) -> float | None:
         return None
 
 
-def render(s: Sample) -> str:
-    out: list[str] = []
+def families(s: Sample) -> Iterator[Metric]:
+    """The metric families of one sample (names as the README lists them)."""
 
-    def metric(name: str, kind: str, help_text: str, rows: Iterable[tuple[dict[str, str], float]]) -> None:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in rows:
-            text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{text}}} {_num(value)}" if text else f"{name} {_num(value)}")
+    def gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, help_text, value=value)
 
-    def per_job(get: Callable[[JobSample], float | None]) -> list[tuple[dict[str, str], float]]:
-        rows = []
+    def counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+        return CounterMetricFamily(name, help_text, value=value)
+
+    yield gauge("autosaved_uptime_seconds", "Seconds since the daemon started.", s.uptime_s)
+    yield counter("autosaved_requests_total", "Requests received.", s.requests)
+    yield counter("autosaved_request_errors_total", "Requests answered with an error.", s.request_errors)
+    yield counter("autosaved_saves_total", "Versions committed since the daemon started.", s.saves)
+    yield counter("autosaved_save_errors_total", "Saves that failed (they are retried).", s.save_failures)
+    yield counter("autosaved_written_bytes_total", "Bytes written by saves (chunks and manifests).",
+                  s.bytes_written)
+    yield counter("autosaved_config_reloads_total", "Config reloads applied.", s.reloads)
+    yield counter("autosaved_config_reload_errors_total", "Config reloads rejected as invalid.", s.reload_failures)
+    if s.throttle_rate is not None:
+        yield gauge("autosaved_throttle_bytes_per_second", "Write rate allowed for background saves.",
+                    s.throttle_rate)
+    yield gauge("autosaved_jobs", "Jobs held by the daemon.", len(s.jobs))
+    yield from s.durations.collect()
+
+    def per_job(family: GaugeMetricFamily | CounterMetricFamily,
+                get: Callable[[JobSample], float | None]) -> GaugeMetricFamily | CounterMetricFamily:
         for j in s.jobs:
             value = get(j)
             if value is not None:
-                rows.append(({"job": j.job, "owner": str(j.owner)}, value))
-        return rows
+                family.add_metric([j.job, str(j.owner)], value)
+        return family
 
-    metric("autosaved_uptime_seconds", "gauge", "Seconds since the daemon started.", [({}, s.uptime_s)])
-    metric("autosaved_requests_total", "counter", "Requests received.", [({}, s.requests)])
-    metric("autosaved_request_errors_total", "counter", "Requests answered with an error.",
-           [({}, s.request_errors)])
-    metric("autosaved_saves_total", "counter", "Versions committed since the daemon started.", [({}, s.saves)])
-    metric("autosaved_save_errors_total", "counter", "Saves that failed (they are retried).",
-           [({}, s.save_failures)])
-    metric("autosaved_written_bytes_total", "counter", "Bytes written by saves (chunks and manifests).",
-           [({}, s.bytes_written)])
-    metric("autosaved_config_reloads_total", "counter", "Config reloads applied.", [({}, s.reloads)])
-    metric("autosaved_config_reload_errors_total", "counter", "Config reloads rejected as invalid.",
-           [({}, s.reload_failures)])
-    if s.throttle_rate is not None:
-        metric("autosaved_throttle_bytes_per_second", "gauge", "Write rate allowed for background saves.",
-               [({}, s.throttle_rate)])
-    metric("autosaved_jobs", "gauge", "Jobs held by the daemon.", [({}, len(s.jobs))])
-
-    h = s.durations
-    out.append("# HELP autosaved_save_duration_seconds Time from snapshot to committed manifest.")
-    out.append("# TYPE autosaved_save_duration_seconds histogram")
-    cumulative = 0
-    for bound, count in zip((*h.buckets, float("inf")), h.counts, strict=True):
-        cumulative += count
-        out.append(f'autosaved_save_duration_seconds_bucket{{le="{_num(bound)}"}} {cumulative}')
-    out.append(f"autosaved_save_duration_seconds_sum {_num(h.total)}")
-    out.append(f"autosaved_save_duration_seconds_count {h.count}")
-
-    metric("autosaved_job_saves_total", "counter", "Versions committed per job.", per_job(lambda j: j.saves))
-    metric("autosaved_job_written_bytes_total", "counter", "Bytes written per job.",
-           per_job(lambda j: j.bytes_written))
-    metric("autosaved_job_dirty_bytes", "gauge", "Bytes accepted but not yet in a committed version.",
-           per_job(lambda j: j.dirty_bytes))
-    metric("autosaved_job_held_bytes", "gauge", "Bytes of state the daemon holds in memory per job.",
-           per_job(lambda j: j.held_bytes))
-    metric("autosaved_job_consecutive_save_failures", "gauge", "Failed saves since the last good one.",
-           per_job(lambda j: j.consecutive_failures))
-    metric("autosaved_job_saving", "gauge", "1 while a save of the job is in progress.",
-           per_job(lambda j: 1 if j.saving else 0))
-    metric("autosaved_job_last_save_timestamp_seconds", "gauge", "Wall time of the newest committed version.",
-           per_job(lambda j: _epoch(j.last_save_time)))
-    return "\n".join(out) + "\n"
+    labels = ["job", "owner"]
+    yield per_job(CounterMetricFamily("autosaved_job_saves_total", "Versions committed per job.", labels=labels),
+                  lambda j: j.saves)
+    yield per_job(CounterMetricFamily("autosaved_job_written_bytes_total", "Bytes written per job.", labels=labels),
+                  lambda j: j.bytes_written)
+    yield per_job(GaugeMetricFamily("autosaved_job_dirty_bytes", "Bytes accepted but not yet in a committed version.",
+                                    labels=labels), lambda j: j.dirty_bytes)
+    yield per_job(GaugeMetricFamily("autosaved_job_held_bytes", "Bytes of state the daemon holds in memory per job.",
+                                    labels=labels), lambda j: j.held_bytes)
+    yield per_job(GaugeMetricFamily("autosaved_job_consecutive_save_failures", "Failed saves since the last good one.",
+                                    labels=labels), lambda j: j.consecutive_failures)
+    yield per_job(GaugeMetricFamily("autosaved_job_saving", "1 while a save of the job is in progress.",
+                                    labels=labels), lambda j: 1 if j.saving else 0)
+    yield per_job(GaugeMetricFamily("autosaved_job_last_save_timestamp_seconds",
+                                    "Wall time of the newest committed version.", labels=labels),
+                  lambda j: _epoch(j.last_save_time))
 
 
-def _response(status: str, body: str, content_type: str = "text/plain; charset=utf-8") -> bytes:
-    data = body.encode()
-    head = (f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
-            "Connection: close\r\n\r\n")
-    return head.encode() + data
+class _SampleCollector(Collector):
+    def __init__(self, sample: Callable[[], Sample]) -> None:
+        self.sample = sample
+
+    def collect(self) -> Iterable[Metric]:
+        return families(self.sample())
 
 
-async def _handle(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
-    # An error escaping a handler would end serve(), and with it the daemon: it must end this request only.
-    try:
-        await _answer(stream, sample)
-    except Exception:
-        log.exception("metrics request failed")
+def _registry(sample: Callable[[], Sample]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SampleCollector(sample))
+    return registry
 
 
-async def _answer(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
-    async with stream:
-        request = b""
-        with anyio.move_on_after(5):
-            while b"\r\n\r\n" not in request and b"\n\n" not in request and len(request) < MAX_REQUEST:
-                try:
-                    request += await stream.receive(MAX_REQUEST)
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    break
-        parts = request.split(b"\r\n", 1)[0].split()
-        if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
-            reply = _response("400 Bad Request", "expected GET /metrics\n")
-        elif parts[1].split(b"?", 1)[0] != b"/metrics":
-            reply = _response("404 Not Found", "the metrics are at /metrics\n")
-        else:
-            reply = _response("200 OK", render(sample()), CONTENT_TYPE)
-            if parts[0] == b"HEAD":
-                reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await stream.send(reply)
+def render(s: Sample) -> str:
+    """The exposition text of one sample."""
+    return prometheus_client.generate_latest(_registry(lambda: s)).decode()
 
 
-async def open_metrics(host: str, port: int) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are routine: not one log line each."""
+
+
+@dataclass
+class MetricsServer:
+    """A bound endpoint, not yet serving (see :func:`serve_metrics`)."""
+
+    server: WSGIServer
+    # Set by serve_metrics: how a scrape thread gets a Sample from the event loop.
+    sample: Callable[[], Sample] | None = None
+
+
+def _only_metrics(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"the metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return wsgi
+
+
+async def open_metrics(host: str, port: int) -> MetricsServer:
     """Bind the endpoint; before the daemon's task group starts, so a busy port is a plain startup error."""
+    handle: MetricsServer | None = None
+    token = anyio.lowlevel.current_token()
+
+    def sample() -> Sample:
+        # Runs in a scrape thread: the daemon's state is read on its own event loop, never here.
+        assert handle is not None and handle.sample is not None
+        return anyio.from_thread.run_sync(handle.sample, token=token)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    app = _only_metrics(prometheus_client.make_wsgi_app(_registry(sample)))
     try:
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        server = make_server(host, port, app, Server, handler_class=_QuietHandler)
     except OSError as exc:
         raise AutosavedError(f"metrics_address: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    handle = MetricsServer(server)
     log.info("metrics endpoint listening address=http://%s:%d/metrics", host, port)
-    return listener
+    return handle
 
 
-async def serve_metrics(listener: anyio.abc.Listener[anyio.abc.SocketStream], sample: Callable[[], Sample]) -> None:
-    async with listener:
-        await listener.serve(lambda stream: _handle(stream, sample))
+async def serve_metrics(handle: MetricsServer, sample: Callable[[], Sample]) -> None:
+    """Serve scrapes from a thread of the endpoint's own until cancelled (the daemon's shutdown)."""
+    handle.sample = sample
+    thread = threading.Thread(target=handle.server.serve_forever, name="autosaved-metrics", daemon=True)
+    thread.start()
+    try:
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(handle.server.shutdown)
+            handle.server.server_close()

@@ -20,13 +20,15 @@ import msgpack
 
 from ..config import PolicySettings
 from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
-from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames, validate_job_name
-from ..shm import SlotConn, layout, release_mapping
+from ..names import validate_job_name
+from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames
+from ..shm import layout, release_mapping
 from ..state import State, delta_bytes, merge, tree_bytes
 from ..storage.fsutil import pwrite_all
 from ..storage.local import JobStore
 from ..tree import Blob, from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
+from .slottable import SlotConn
 
 if TYPE_CHECKING:
     from .app import Daemon

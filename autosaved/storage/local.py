@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CorruptVersion, NotFound, StorageError
-from ..protocol import validate_job_name
+from ..names import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying

@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from ..cli.common import print_json
+from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_duration, parse_size
-from ..private import PrivateDaemon
-from .common import print_json
+from .private import PrivateDaemon
 
 CONDITIONS = ("alone", "unthrottled", "throttled")
 # compression off: the checkpoint is random int64, which "auto" would try (and fail) to compress on every
@@ -105,7 +106,7 @@ class Workload:
 
     def start(self) -> None:
         self.stop_file.unlink(missing_ok=True)
-        code = "import sys; from autosaved.cli.bench_throttle import foreground; foreground(*sys.argv[1:])"
+        code = "import sys; from autosaved.bench.throttle import foreground; foreground(*sys.argv[1:])"
         self.proc = subprocess.Popen([sys.executable, "-c", code, self.mode, str(self.path), str(self.stop_file)],
                                      stdout=subprocess.PIPE, text=True)
 
@@ -245,6 +246,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _throttle_status(daemon: PrivateDaemon) -> dict[str, Any]:
-    with Client("bench", address=daemon.address, timeout=10) as c:
-        status: dict[str, Any] = c._call(c._core.status(all_jobs=True))["daemon"]["throttle"]
+    with Admin(address=daemon.address, timeout=10) as admin:
+        status: dict[str, Any] = admin.status()["daemon"]["throttle"]
     return status

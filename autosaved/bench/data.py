@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from ..cli.common import human_bytes, print_json, table
+from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_size
 from ..errors import ConfigError
-from ..private import PrivateDaemon
 from ..storage.fsutil import read_exact, write_fsync
-from .common import human_bytes, print_json, table
+from .private import PrivateDaemon
 
 KEYS = ("memcpy_s", "update_blocking_s", "torch_save_s", "dcp_async_blocking_s", "persist_s", "raw_write_s",
         "restore_s", "raw_read_s")
@@ -153,9 +154,10 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"bytes": nbytes, "host": f"{socket.gethostname()} ({os.cpu_count()} cpus)"}
     out["memcpy_s"] = _memcpy_s(state)
     with PrivateDaemon(work_dir / "daemon", config=_DAEMON_CONFIG) as daemon, \
-            Client("bench", address=daemon.address, save_timeout=3600) as client:
+            Client("bench", address=daemon.address, save_timeout=3600) as client, \
+            Admin(address=daemon.address) as admin:
         out["update_blocking_s"] = _median(lambda: client.update(state))
-        rss = [client._call(client._core.status(all_jobs=True))["daemon"]["rss_bytes"]]
+        rss = [admin.status()["daemon"]["rss_bytes"]]
         raw = daemon.state_dir / "raw.bin"
         persist, raw_write, restore, raw_read = [], [], [], []
         # Disks on shared hosts swing: each pair runs back to back, IO_ROUNDS times, and medians are kept.
@@ -164,7 +166,7 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
             client.update(fresh)
             persist.append(_timed(client.save))
             # After a save the daemon has read every slot page, so they count in its RSS: the worst case.
-            rss.append(client._call(client._core.status(all_jobs=True))["daemon"]["rss_bytes"])
+            rss.append(admin.status()["daemon"]["rss_bytes"])
             version = client.save()
             raw.unlink(missing_ok=True)
             pieces = [v.data for v in fresh.values()]

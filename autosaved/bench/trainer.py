@@ -1,7 +1,7 @@
 """The trainer ``autosaved demo`` runs: a small numpy regression with SGD whose every step depends on
 the previous one (weights, RNG state), so a resume is exact only if every piece came back bit-exact.
 
-Run alone: ``python -m autosaved.demo_trainer --job demo --steps 300``.
+Run alone: ``python -m autosaved.bench.trainer --job demo --steps 300``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .client.sync import Client
+from ..client.sync import Client
 
 FEATURES = 16
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--delay", type=float, default=0.01)
+    p.add_argument("--hold-at", type=int, help="after this step is acknowledged, wait to be killed")
     args = p.parse_args(argv)
     with Client(args.job, address=args.address) as ckpt:
         restored = ckpt.restore()
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             state = train_step(state)
             ckpt.update(state, step=state["step"])
             print(f"step {state['step']} loss {state['losses'][-1]:.5f}", flush=True)
+            while state["step"] == args.hold_at:
+                # The demo kills us here: a kill at a known step, instead of wherever a busy host lets the
+                # trainer run on to while the demo reads its output.
+                time.sleep(1)
             time.sleep(args.delay)
     print(f"done step {state['step']} digest {digest(state)}", flush=True)
     return 0

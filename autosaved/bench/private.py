@@ -14,7 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from .errors import AutosavedError, DaemonUnavailable
+from ..client.admin import Admin
+from ..errors import AutosavedError, DaemonUnavailable
 
 
 class PrivateDaemon:
@@ -49,19 +50,14 @@ class PrivateDaemon:
         return self
 
     def wait_ready(self, timeout: float) -> None:
-        from .client.sync import Client
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AutosavedError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                probe = Client("_probe", address=self.address, timeout=0.5)
-                try:
-                    probe._call(probe._core.ping())
+                with Admin(address=self.address, timeout=0.5) as probe:
+                    probe.ping()
                     return
-                finally:
-                    probe.close()
             except DaemonUnavailable:
                 time.sleep(0.05)
         raise AutosavedError(f"daemon did not become ready within {timeout}s:\n{self.log()}")

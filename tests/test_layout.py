@@ -1,0 +1,117 @@
+"""Code layout rules, checked on the source (AST), so they cannot drift:
+
+- no module outside ``autosaved/client/`` touches a private member of the SDK (``c._call``, ``c._core``,
+  ...): the CLI, the benchmarks, the demo and the tests use the public client and admin API;
+- the daemon never imports the benchmarks, the demo or the private-daemon helper (``autosaved.bench``),
+  nor the SDK's client half, and storage does not import the wire module.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "autosaved"
+SDK_CLASSES = {"Client", "AsyncClient", "Admin", "AsyncAdmin"}
+# White-box reads a test may make: test_shm checks which path the bytes took (slots made, fallback taken),
+# which only the client's slot pool knows. Reads only; the pool's state is asserted, never driven.
+ALLOWED = {"tests/test_shm.py": {"_slots"}}
+
+
+def _sources(*dirs: Path) -> list[Path]:
+    return sorted(p for d in dirs for p in d.rglob("*.py"))
+
+
+def _sdk_private_members() -> set[str]:
+    """Every ``_name`` the SDK's client classes define or assign on ``self``."""
+    names: set[str] = set()
+    for path in _sources(PACKAGE / "client"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef) and sub.name.startswith("_") \
+                            and not sub.name.startswith("__"):
+                        names.add(sub.name)
+                    if (isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self"
+                            and sub.attr.startswith("_") and not sub.attr.startswith("__")):
+                        names.add(sub.attr)
+    return names
+
+
+def test_the_scan_finds_the_sdk_private_members() -> None:
+    # guards the test below against scanning nothing
+    assert {"_core", "_conn", "_slots"} <= _sdk_private_members()
+
+
+def test_no_private_sdk_member_is_used_outside_the_client_package() -> None:
+    private = _sdk_private_members()
+    offenders = []
+    for path in _sources(PACKAGE, ROOT / "tests", ROOT / "examples"):
+        if (PACKAGE / "client") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            # ``self._x`` inside a module's own classes is that class's business, not the SDK's
+            if (isinstance(node, ast.Attribute) and node.attr in private
+                    and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+                    and node.attr not in ALLOWED.get(str(path.relative_to(ROOT)), ())):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(b, ast.Name) and b.id in SDK_CLASSES for b in node.bases):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} subclasses the SDK ({node.name})")
+    assert offenders == []
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the ``autosaved`` modules ``path`` imports."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module.removesuffix(".__init__")
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join([*base, node.module] if node.module else base)
+            else:
+                name = node.module or ""
+            out.add(name)
+            out |= {f"{name}.{a.name}" for a in node.names}
+    return {n for n in out if n.startswith("autosaved")}
+
+
+def test_daemon_and_storage_stay_out_of_the_sdk_and_the_benchmarks() -> None:
+    rules = {"daemon": ("autosaved.bench", "autosaved.client", "autosaved.cli"),
+             "storage": ("autosaved.bench", "autosaved.client", "autosaved.cli", "autosaved.daemon",
+                         "autosaved.protocol")}
+    broken = []
+    for area, banned in rules.items():
+        for path in _sources(PACKAGE / area):
+            for name in _imports(path):
+                if name.startswith(banned):
+                    broken.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert broken == []
+    assert "autosaved.names" in _imports(PACKAGE / "storage" / "local.py")  # the scan resolves relative imports
+
+
+def test_the_readme_code_map_matches_the_tree() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for row in (r for r in section.splitlines() if r.startswith("| `")):
+        paths = re.findall(r"`([a-z_/]+(?:\.py|/))`", row)
+        folder = re.match(r"\| `([a-z]+/)` \|", row)
+        # a folder's row names its modules bare (``bench/``: ``cli.py``, ...)
+        named |= {folder.group(1) + p if folder and "/" not in p else p for p in paths}
+    for path in named:
+        assert (PACKAGE / path).exists(), f"the code map names {path}, which does not exist"
+    for path in _sources(PACKAGE):
+        rel = str(path.relative_to(PACKAGE))
+        if path.name in ("__init__.py", "__main__.py") and rel != "__init__.py":
+            continue
+        if rel.startswith("cli/"):
+            continue  # one module per subcommand: the map names the rule, not each command
+        assert rel in named, f"{rel} is missing from the README's code map"
