@@ -6,9 +6,11 @@ SIGKILLs itself at exactly that syscall boundary. Disk full is a real tmpfs that
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -21,16 +23,41 @@ import pytest
 
 import autosaved
 from autosaved.private import PrivateDaemon
+from autosaved.storage.faults import POINTS
 from autosaved.storage.local import Store
 
-from .conftest import NO_AUTO_POLICY, wait_for
+from .conftest import NO_AUTO_POLICY, finish, spawn_python, wait_for
 
-KILL_POINTS = [
-    "chunk.open.before", "chunk.write.after", "chunk.fsync.before", "chunk.fsync.after", "chunk.rename.before",
-    "chunk.rename.after", "chunk.fsync_dir.after", "manifest.write.after", "manifest.fsync.after",
-    "manifest.rename.before", "manifest.rename.after", "manifest.fsync_dir.after",
-    "wal.open.before", "wal.write.before", "wal.fsync.before", "wal.fsync.after",
-]
+# Every storage point; the event-loop points (loop.*, rpc.*) are fired by test_service.py's watchdog tests.
+CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.")))
+OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_while_the_event_loop_is_blocked",
+                "rpc.poll.before": "test_service.py::test_watchdog_stops_when_the_rpc_loop_makes_no_progress"}
+LATER_HIT = 3
+W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save
+
+# A trainer process: each round a logged update and an explicit save of "job" (chunks, manifest, log
+# rotation and segment deletes, retention and gc), and a logged update of a new job (its directories
+# and log). It prints each request before sending it and each ack, so the test knows what was acked.
+CRASH_TRAINER = """
+    import json, os
+    import numpy as np
+    import autosaved
+    phase = int(os.environ["PHASE"])
+    def say(*what): print(json.dumps(what), flush=True)
+    with autosaved.Client("job", address=os.environ["ADDRESS"], timeout=300, save_timeout=300) as c:
+        for r in range(1, 5):
+            step = 100 * phase + r
+            say("sent", "job", step)
+            c.update({"w": np.random.default_rng(step).random(W_LEN), "step": step}, wait="logged")
+            say("logged", "job", step)
+            c.save()
+            say("saved", "job", step)
+            with autosaved.Client(f"x{step}", address=os.environ["ADDRESS"], timeout=300) as x:
+                say("sent", f"x{step}", step)
+                x.update({"v": step}, wait="logged")
+                say("logged", f"x{step}", step)
+    say("done")
+""".replace("W_LEN", str(W_LEN))
 
 
 def assert_store_healthy(state_dir: Path) -> None:
@@ -47,38 +74,96 @@ def as_plain(state: Any) -> Any:
     return state
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_crash_at_every_step_leaves_a_loadable_store(make_daemon: Callable[..., PrivateDaemon], tmp_path: Path,
-                                                     point: str) -> None:
+def job_state(job: str, step: int) -> dict[str, Any]:
+    if job == "job":
+        return {"w": np.random.default_rng(step).random(W_LEN), "step": step}
+    return {"v": step}
+
+
+def run_crash_phase(d: PrivateDaemon, phase: int, acked: dict[str, int], maybe: dict[str, int]) -> None:
+    """Run the trainer until the daemon SIGKILLs itself at the armed point; record acks in ``acked`` and
+    the one request in flight in ``maybe``."""
+    trainer = spawn_python(CRASH_TRAINER, ADDRESS=d.address, PHASE=str(phase))
+    assert d.proc is not None
+    code = d.proc.wait(300)  # the trainer's requests drive the daemon into the fault; it never gets a timeout
+    out, err = finish(trainer)
+    assert code == -signal.SIGKILL, f"the daemon did not crash (exit {code}); the point was not reached\n{out}{err}"
+    maybe.clear()
+    for line in out.splitlines():
+        what, *rest = json.loads(line)
+        assert what != "done", "the trainer finished: the daemon crashed only after every request"
+        job, step = rest
+        if what == "sent":
+            maybe[job] = step
+        elif what == "logged":
+            acked[job] = step
+            maybe.pop(job, None)
+
+
+def check_survivors(d: PrivateDaemon, acked: dict[str, int], maybe: dict[str, int]) -> None:
+    """Every logged ack is there (offline); the request in flight is there whole or not at all."""
+    assert_store_healthy(d.state_dir)
+    for job in sorted(set(acked) | set(maybe)):
+        got = as_plain(autosaved.restore(job, state_dir=d.state_dir))
+        allowed = [as_plain(job_state(job, acked[job])) if job in acked else as_plain(None)]
+        if job in maybe:
+            allowed.append(as_plain(job_state(job, maybe[job])))
+        assert got in allowed, f"{job}: lost or half-applied (acked {acked.get(job)}, in flight {maybe.get(job)})"
+        if job in maybe and got == allowed[-1]:
+            acked[job] = maybe[job]  # it survived: from now on it must stay
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_crash_at_every_point_first_and_later_hit(make_daemon: Callable[..., PrivateDaemon], tmp_path: Path,
+                                                  point: str) -> None:
+    """The daemon SIGKILLs itself at ``point`` (on its first hit, then after a restart on its third): no
+    logged ack is lost, no version is torn or half-visible, the store opens with the offline restore and
+    with a fresh daemon, and the daemon then saves again."""
     faults = tmp_path / "faults"
-    d = make_daemon('chunk_size = "64KiB"\n' + NO_AUTO_POLICY, env={"AUTOSAVED_FAULTS_FILE": str(faults)})
-    rng = np.random.default_rng(0)
-    acked: dict[str, Any] = {"w": rng.random(50_000), "step": 1}
-    with autosaved.Client("job", address=d.address, timeout=2, save_timeout=2) as c:
-        c.update(acked, wait="logged")
-        c.update({"step": 2}, wait="committed")  # a version, and the log's next record opens a new segment
-        acked["step"] = 2
-        faults.write_text(f"{point} 1 crash\n")
-        new = {"w": rng.random(50_000), "step": 3}
-        try:
-            # a logged update (hits the wal.* points), then a save (the chunk.* and manifest.* points)
-            c.update(new, wait="logged")
-            acked.update(new)
-            c.save()
-        except autosaved.DaemonUnavailable:
-            pass
-    assert d.proc is not None and d.proc.wait(10) == -9, f"the daemon did not crash at {point}"
-    faults.write_text("")
-    assert_store_healthy(d.state_dir)
-    # everything acknowledged as logged or committed survived; the unacknowledged update may or may not have
-    offline = autosaved.restore("job", state_dir=d.state_dir)
-    candidates = [as_plain(acked), as_plain({**acked, **new})]
-    assert as_plain(offline) in candidates
-    d.start()
+    d = make_daemon('chunk_size = "64KiB"\n' + NO_AUTO_POLICY + "keep_last = 1\n",
+                    env={"AUTOSAVED_FAULTS_FILE": str(faults)})
     with autosaved.Client("job", address=d.address) as c:
-        assert as_plain(c.restore()) == as_plain(offline)
-        c.save()
+        c.update(job_state("job", 0), wait="committed")  # a version, and a log segment after it
+    acked, maybe = {"job": 0}, dict[str, int]()
+    for phase, nth in ((1, 1), (2, LATER_HIT)):
+        faults.write_text(f"{point} {nth} crash\n")
+        run_crash_phase(d, phase, acked, maybe)
+        faults.write_text("")
+        if point == "wal.write.middle":  # a real torn tail: half a record on disk, never acked
+            torn = [j.check()["log"]["torn"] for j in Store(d.state_dir).jobs()]
+            assert any(torn), torn
+        check_survivors(d, acked, maybe)
+        d.start()
+        with autosaved.Client("job", address=d.address) as c:
+            assert as_plain(c.restore()) == as_plain(autosaved.restore("job", state_dir=d.state_dir))
+    with autosaved.Client("job", address=d.address) as c:
+        c.update({"after": True}, wait="committed")
+    assert d.stop() == 0
     assert_store_healthy(d.state_dir)
+    assert autosaved.restore("job", state_dir=d.state_dir)["after"] is True
+
+
+def test_every_fault_point_is_fired_by_a_test(make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    """The crash scenario reaches every storage point in POINTS and no point missing from it; the
+    event-loop points are each fired by a named test. A new call site of ``faults.point`` that no test
+    fires fails here."""
+    faults = tmp_path / "faults"
+    faults.write_text("")
+    d = make_daemon('chunk_size = "64KiB"\n' + NO_AUTO_POLICY + "keep_last = 1\n",
+                    env={"AUTOSAVED_FAULTS_FILE": str(faults)})
+    with autosaved.Client("job", address=d.address) as c:
+        c.update(job_state("job", 0), wait="committed")
+    trainer = spawn_python(CRASH_TRAINER, ADDRESS=d.address, PHASE="1")
+    out, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0 and '"done"' in out, err
+    seen = set((tmp_path / "faults.seen").read_text().split())
+    assert seen - set(POINTS) == set(), "points reached that POINTS does not list"
+    assert seen - set(OTHER_POINTS) == set(CRASH_POINTS), f"never reached: {set(CRASH_POINTS) - seen}"
+    assert set(POINTS) == set(CRASH_POINTS) | set(OTHER_POINTS)
+    here = Path(__file__).parent
+    for where in OTHER_POINTS.values():
+        file, name = where.split("::")
+        assert f"def {name}(" in (here / file).read_text(), where
 
 
 KILLS = 50
