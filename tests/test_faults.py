@@ -166,7 +166,41 @@ def test_every_fault_point_is_fired_by_a_test(make_daemon: Callable[..., Private
         assert f"def {name}(" in (here / file).read_text(), where
 
 
-KILLS = 50
+# The streamer: logged deltas as fast as the daemon acks them (a new array, and the one three steps
+# back deleted). With dirty_bytes at 256 KiB the daemon's own policy saves every few deltas.
+STREAMER = """
+    import os
+    import numpy as np
+    import autosaved
+    step = int(os.environ["STEP0"])
+    with autosaved.Client("crashy", address=os.environ["ADDRESS"], timeout=300) as c:
+        while True:
+            print("sent", step, flush=True)
+            c.update(DELTA, step=step, wait="logged")
+            print("logged", step, flush=True)
+            step += 1
+"""
+DELTA = '{"last": step, f"s{step}": np.full(20_000, step, dtype=np.int32), f"s{step - 3}": autosaved.DELETE}'
+# The second client: explicit saves and online gc of the same job, back to back, and the daemon's
+# counters after each (saves, log records), so the test sees what happened before each kill.
+CONTROLLER = """
+    import json, os
+    import autosaved
+    with autosaved.Client("crashy", address=os.environ["ADDRESS"], timeout=300, save_timeout=300) as c:
+        while True:
+            print("save-sent", flush=True)
+            c.save()
+            print("save-done", flush=True)
+            print("gc-sent", flush=True)
+            (gc,) = c._call(c._core._request("gc", {"job": "crashy"}, long=True))["jobs"]
+            print("gc-done", json.dumps(gc), flush=True)
+            d = c._call(c._core.status(all_jobs=True))["daemon"]
+            print("counters", json.dumps({"saves": d["saves"], "wal_records": d["wal_records"]}), flush=True)
+"""
+
+
+def delta_of(step: int) -> dict[str, Any]:
+    return {"last": step, f"s{step}": np.full(20_000, step, dtype=np.int32), f"s{step - 3}": autosaved.DELETE}
 
 
 def apply(model: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
@@ -178,46 +212,112 @@ def apply(model: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     return model
 
 
-def test_random_sigkills_never_lose_a_logged_ack(make_daemon: Callable[..., PrivateDaemon]) -> None:
-    """≥ 50 SIGKILLs at random instants while a client streams logged deltas and the daemon saves (and
-    collects garbage) every 50 ms; after each restart every acked step is there and every version verifies."""
-    d = make_daemon('chunk_size = "64KiB"\n[policy]\nidle = "50ms"\nmin_gap = "0s"\ninterval = "off"\n'
-                    'keep_last = 2\n', start=False)
-    rng = random.Random(11)
+class Lines:
+    """A child's stdout, read line by line as it comes."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc, self.lines = proc, list[str]()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    def finish(self) -> tuple[list[str], str]:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(60)
+        self.thread.join(60)
+        assert self.proc.stderr is not None
+        return self.lines, self.proc.stderr.read()
+
+
+MIN_ACKS = 5  # logged acks every cycle must reach before the kill is armed
+
+
+def random_kills(make_daemon: Callable[..., PrivateDaemon], kills: int, seed: int) -> dict[str, int]:
+    d = make_daemon('chunk_size = "64KiB"\n[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "256KiB"\n'
+                    'min_gap = "0s"\nkeep_last = 2\n', start=False)
+    rng = random.Random(seed)
     model: dict[str, Any] = {}
-    in_flight: dict[str, Any] = {}
-    kills = 0
-    step = 0
-    while kills < KILLS:
+    counts = {"kills": 0, "acks": 0, "min_acks_per_cycle": 1 << 30, "daemon_saves": 0, "explicit_saves": 0,
+              "gc_runs": 0, "gc_removed_chunks": 0, "gc_deleted_versions": 0, "kills_during_save": 0,
+              "kills_during_gc": 0, "in_flight_survived": 0}
+    step = 1
+    for cycle in range(kills):
         d.start()
-        restored = autosaved.restore("crashy", state_dir=d.state_dir) or {}
-        # every acked update is there; the one in flight at the kill may or may not be
-        with_in_flight = apply(dict(model), in_flight)
-        assert as_plain(restored) in (as_plain(model), as_plain(with_in_flight)), f"after kill {kills}: lost acks"
-        model = restored
-        in_flight = {}
-        timer = threading.Timer(rng.uniform(0.02, 0.4), d.kill)
-        timer.start()
-        try:
-            with autosaved.Client("crashy", address=d.address, timeout=1.0) as c:
-                while True:
-                    step += 1
-                    delta: dict[str, Any] = {"last": step, f"s{step}": np.full(20_000, step, dtype=np.int32)}
-                    if step > 3:
-                        delta[f"s{step - 3}"] = autosaved.DELETE
-                    in_flight = delta
-                    c.update(delta, step=step, wait="logged")
-                    apply(model, delta)
-                    in_flight = {}
-        except (autosaved.DaemonUnavailable, autosaved.StateLost):
-            pass
-        timer.join()
-        d.kill()
-        kills += 1
+        # every acked delta is there; the one in flight at the kill may or may not be
+        restored = as_plain(autosaved.restore("crashy", state_dir=d.state_dir) or {})
+        assert restored == as_plain(model), f"cycle {cycle}: the restored state is not what was acked"
         assert_store_healthy(d.state_dir)
+        streamer = Lines(spawn_python(STREAMER.replace("DELTA", DELTA), ADDRESS=d.address, STEP0=str(step)))
+        controller = Lines(spawn_python(CONTROLLER, ADDRESS=d.address))
+        wait_for(lambda s=streamer: sum(ln.startswith("logged") for ln in s.lines) >= MIN_ACKS, timeout=120)
+        time.sleep(rng.uniform(0.0, 0.4))  # a random instant
+        d.kill()  # SIGKILL, and reaped
+        counts["kills"] += 1
+        out, err = streamer.finish()
+        ctl, ctl_err = controller.finish()
+        for e in (err, ctl_err):  # both were SIGKILLed while waiting: no exception, and never StateLost
+            assert "Traceback" not in e, e
+        acks = [int(ln.split()[1]) for ln in out if ln.startswith("logged")]
+        sent = [int(ln.split()[1]) for ln in out if ln.startswith("sent")]
+        assert acks == list(range(step, step + len(acks))), "acks out of order"
+        counts["acks"] += len(acks)
+        counts["min_acks_per_cycle"] = min(counts["min_acks_per_cycle"], len(acks))
+        for s in acks:
+            apply(model, delta_of(s))
+        in_flight = sent[-1] if sent and sent[-1] not in acks else None
+        step = (in_flight or acks[-1]) + 1
+        # The controller's view: was a save or a gc outstanding when the daemon died?
+        last = ctl[-1] if ctl else ""
+        counts["kills_during_save"] += last == "save-sent"
+        counts["kills_during_gc"] += last == "gc-sent"
+        counts["explicit_saves"] += sum(ln == "save-done" for ln in ctl)
+        for ln in ctl:
+            if ln.startswith("gc-done"):
+                gc = json.loads(ln.split(" ", 1)[1])
+                counts["gc_runs"] += 1
+                counts["gc_removed_chunks"] += gc["removed_chunks"]
+                counts["gc_deleted_versions"] += len(gc["deleted_versions"])
+        counters = [json.loads(ln.split(" ", 1)[1]) for ln in ctl if ln.startswith("counters")]
+        counts["daemon_saves"] += counters[-1]["saves"] if counters else 0
+        if in_flight is not None:
+            with_it = as_plain(apply(dict(model), delta_of(in_flight)))
+            now = as_plain(autosaved.restore("crashy", state_dir=d.state_dir) or {})
+            assert now in (as_plain(model), with_it), f"cycle {cycle}: lost acks or a half-applied delta"
+            if now == with_it:
+                apply(model, delta_of(in_flight))
+                counts["in_flight_survived"] += 1
     d.start()
     with autosaved.Client("crashy", address=d.address) as c:
-        assert as_plain(c.restore()) in (as_plain(model), as_plain(apply(dict(model), in_flight)))
+        assert as_plain(c.restore()) == as_plain(model)
+    assert d.stop() == 0
+    assert_store_healthy(d.state_dir)
+    # The kills really landed among saves and gc, every cycle acked enough, and the daemon's own
+    # counters show saves between the kills.
+    assert counts["min_acks_per_cycle"] >= MIN_ACKS
+    versions = Store(d.state_dir).job(os.geteuid(), "crashy").version_ids()
+    counts["retention_deleted_versions"] = versions[-1] - len(versions)  # ids are never reused
+    print(f"random SIGKILLs (seed {seed}):", json.dumps(counts))
+    assert counts["daemon_saves"] >= kills and counts["gc_runs"] >= kills, counts
+    assert counts["retention_deleted_versions"] >= kills, counts
+    assert counts["kills_during_save"] + counts["kills_during_gc"] >= 1, counts
+    return counts
+
+
+def test_random_sigkills_never_lose_a_logged_ack(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """SIGKILLs at random instants while one client streams logged deltas (the daemon's dirty_bytes policy
+    saves every few) and another runs explicit saves and online gc back to back; after each kill every
+    logged ack is there, the delta in flight is whole or absent, and every version verifies."""
+    random_kills(make_daemon, kills=6, seed=11)
+
+
+@pytest.mark.slow
+def test_random_sigkills_long(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    random_kills(make_daemon, kills=60, seed=12)
 
 
 def test_injected_eio_on_a_chunk_is_retried(make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
