@@ -84,7 +84,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
     return out, err
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05) -> object:
+def wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: float = 0.05) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

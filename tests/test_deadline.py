@@ -237,7 +237,7 @@ def test_preemption_notice_commits_before_any_sigterm(
     assert not any(version_files(d.state_dir, j) for j in ("p1", "p2"))
 
     metadata.preempted = True
-    wait_for(lambda: all(version_files(d.state_dir, j) for j in ("p1", "p2")), timeout=10)
+    wait_for(lambda: all(version_files(d.state_dir, j) for j in ("p1", "p2")), timeout=60)
     assert d.proc is not None and d.proc.poll() is None  # no signal was sent: the notice alone did it
     for job in ("p1", "p2"):
         assert '"reason": "preemption"' in version_files(d.state_dir, job)[-1].read_text()

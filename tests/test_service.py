@@ -102,7 +102,7 @@ class NotifyListener:
     def texts(self) -> list[str]:
         return [m for _, m in list(self.messages)]
 
-    def collect(self, until: Callable[[list[str]], bool], timeout: float = 20.0) -> list[str]:
+    def collect(self, until: Callable[[list[str]], bool], timeout: float = 60.0) -> list[str]:
         deadline = time.monotonic() + timeout
         while not until(self.texts()):
             if time.monotonic() > deadline:
@@ -144,10 +144,10 @@ def test_sd_notify_ready_watchdog_status_stopping(make_daemon: Callable[..., Pri
 
     with autosaved.Client("busy", address=d.address) as c:
         c.update({"x": b"12345"})
-    listener.collect(lambda ms: any(m.startswith("STATUS=1 jobs, 1 dirty") for m in ms), timeout=10)
+    listener.collect(lambda ms: any(m.startswith("STATUS=1 jobs, 1 dirty") for m in ms), timeout=60)
     with autosaved.Client("busy", address=d.address) as c:
         c.save()
-    listener.collect(lambda ms: any("last save busy v1" in m for m in ms), timeout=10)
+    listener.collect(lambda ms: any("last save busy v1" in m for m in ms), timeout=60)
 
     d.send_signal(signal.SIGTERM)
     listener.collect(lambda ms: any("STOPPING=1" in m for m in ms))
