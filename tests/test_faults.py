@@ -26,7 +26,7 @@ from autosaved.private import PrivateDaemon
 from autosaved.storage.faults import POINTS
 from autosaved.storage.local import Store
 
-from .conftest import NO_AUTO_POLICY, finish, spawn_python, wait_for
+from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 
 # Every storage point; the event-loop points (loop.*, rpc.*) are fired by test_service.py's watchdog tests.
 CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.")))
@@ -357,10 +357,10 @@ def tiny_fs(tmp_path: Path) -> Any:
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("needs root to mount a tmpfs that can really fill up")
+        skip_or_fail("needs root to mount a tmpfs that can really fill up")
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        skip_or_fail(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
