@@ -390,3 +390,67 @@ def test_disk_full_keeps_state_in_memory_and_recovers(tiny_fs: Path, tmp_path: P
     finally:
         d.cleanup()
         time.sleep(0.1)
+
+
+@pytest.fixture
+def overcommitted_fs(tmp_path: Path) -> Any:
+    """An ext2 file system on a loop device whose 64 MiB backing file is sparse, on an 8 MiB tmpfs: writes
+    land in the page cache, and the fsync that pushes them to the loop device fails for real (the kernel
+    cannot store the blocks), as a failing or thin-provisioned disk does. Growing the tmpfs heals it."""
+    for tool in ("mount", "losetup", "mkfs.ext2"):
+        if os.geteuid() != 0 or not shutil.which(tool):
+            skip_or_fail(f"needs root and {tool} to build a file system whose fsync really fails")
+    back, mnt = tmp_path / "back", tmp_path / "mnt"
+    back.mkdir()
+    mnt.mkdir()
+    steps: list[list[str]] = []
+
+    def run(*cmd: str) -> str:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True)
+        if proc.returncode != 0:
+            skip_or_fail(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+        return proc.stdout.strip()
+
+    run("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(back))
+    steps.append(["umount", "-l", str(back)])
+    try:
+        (back / "disk.img").touch()
+        os.truncate(back / "disk.img", 64 * 1024 * 1024)
+        dev = run("losetup", "-f", "--show", str(back / "disk.img"))
+        steps.append(["losetup", "-d", dev])
+        run("mkfs.ext2", "-q", dev)
+        run("mount", dev, str(mnt))
+        steps.append(["umount", "-l", str(mnt)])
+        yield mnt, back
+    finally:
+        for cmd in reversed(steps):
+            subprocess.run(cmd, check=False, capture_output=True)
+
+
+def test_real_failed_fsync_is_never_acked_and_recovers(overcommitted_fs: tuple[Path, Path], tmp_path: Path) -> None:
+    mnt, back = overcommitted_fs
+    d = PrivateDaemon(tmp_path / "d", config='write_speed = "200MiB"\n' + NO_AUTO_POLICY)
+    d.state_dir = mnt / "state"
+    try:
+        d.start()
+        with autosaved.Client("real", address=d.address, timeout=120, save_timeout=600) as c:
+            c.update({"small": np.arange(1000)}, wait="committed")
+            big = np.random.default_rng(0).integers(0, 2**62, 3 * 1024 * 1024)  # 24 MiB: more than the disk holds
+            with pytest.raises(autosaved.StorageError) as failed:  # never a false ack
+                c.update({"big": big}, wait="committed")
+            status = c.status()
+            assert status["dirty"] and status["last_error"], status  # reported, and still held in memory
+            print("the real failure:", failed.value)
+            assert (c.restore()["big"] == big).all()
+            assert (autosaved.restore("real", state_dir=d.state_dir)["small"] == np.arange(1000)).all()
+            assert "big" not in autosaved.restore("real", state_dir=d.state_dir)
+            # the disk heals: the daemon's own retry (with backoff) commits, on new files
+            subprocess.run(["mount", "-o", "remount,size=256m", str(back)], check=True)
+            wait_for(lambda: not c.status()["dirty"], timeout=180)
+        assert d.stop() == 0
+        state = autosaved.restore("real", state_dir=d.state_dir)
+        assert (state["big"] == big).all() and (state["small"] == np.arange(1000)).all()
+        assert_store_healthy(d.state_dir)
+        assert "failed" in d.log()
+    finally:
+        d.cleanup()
