@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,6 +84,12 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
         proc.kill()
     out, err = proc.communicate(timeout=timeout)
     return out, err
+
+
+def dropped_notifications(log: str) -> list[str]:
+    """sd_notify messages the daemon sent but logged as dropped: the kernel queues only 10 datagrams per
+    socket (net.unix.max_dgram_qlen), and a busy host may not schedule the test's reader in time."""
+    return [ast.literal_eval(m) for m in re.findall(r"sd_notify to \S+ dropped ('.*?'|\".*?\"): ", log)]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: float = 0.05) -> object:

@@ -3,7 +3,6 @@ spot/preemption notice served by a fake metadata service on 127.0.0.1."""
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import re
@@ -24,7 +23,7 @@ import pytest
 import autosaved
 from autosaved.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, version_files, wait_for
+from .conftest import NO_AUTO_POLICY, dropped_notifications, version_files, wait_for
 
 MiB = 1024 * 1024
 
@@ -74,7 +73,7 @@ def sent_notifications(listener: NotifyListener, log: str, until: Callable[[str]
     """Everything the daemon sent: what the listener read, plus what the daemon logged as dropped (the
     kernel queues only 10 datagrams; a busy host may not schedule the reader in time). Waits until
     ``until`` holds for it, so the reader thread's lag is never a race."""
-    dropped = "\n".join(ast.literal_eval(m) for m in re.findall(r"sd_notify to \S+ dropped ('.*?'|\".*?\"): ", log))
+    dropped = "\n".join(dropped_notifications(log))
 
     def seen() -> str | None:
         text = "\n".join(listener.messages) + "\n" + dropped
