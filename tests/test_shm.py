@@ -45,7 +45,7 @@ def big_state() -> dict[str | int, Any]:
 def daemon_status(d: PrivateDaemon) -> dict[str, Any]:
     import argparse
 
-    args = argparse.Namespace(address=d.address, timeout=5.0, state_dir=None)
+    args = argparse.Namespace(address=d.address, timeout=60.0, state_dir=None)
     with AdminClient(args) as admin:
         status: dict[str, Any] = admin.call(lambda core: core.status(all_jobs=True))
     return status
