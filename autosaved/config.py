@@ -310,9 +310,10 @@ class Config:
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
              "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption", "write_speed"}
-# Keys a running daemon cannot change: they are bound to its socket, its files or its listeners.
+# Keys a running daemon cannot change: they are bound to its socket, its files or its listeners (and
+# write_speed is used once, at start, in place of the probe).
 RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
-                                        "max_shm_bytes")
+                                        "max_shm_bytes", "write_speed")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
