@@ -291,6 +291,9 @@ class Config:
     preemption: PreemptionSettings = field(default_factory=PreemptionSettings)
     max_message_bytes: int = 16 * 1024**3
     shutdown_deadline: float = 25.0
+    # The disk's write speed in bytes/s for planning (derived dirty_bytes, the deadline flush); None ("auto"):
+    # measured by a 32 MiB probe at start. A set value skips the probe (tests, or a known disk).
+    write_speed: int | None = None
     chunk_size: int = 8 * 1024**2
     log_level: str = "info"
     # Group allowed into the socket directory besides the daemon's user (name or gid); None: the daemon's group.
@@ -306,10 +309,11 @@ class Config:
 
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
-             "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption"}
-# Keys a running daemon cannot change: they are bound to its socket, its files or its listeners.
+             "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption", "write_speed"}
+# Keys a running daemon cannot change: they are bound to its socket, its files or its listeners (and
+# write_speed is used once, at start, in place of the probe).
 RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
-                                        "max_shm_bytes")
+                                        "max_shm_bytes", "write_speed")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
@@ -343,6 +347,10 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
         changes["max_message_bytes"] = parse_size(raw["max_message_bytes"], "max_message_bytes")
     if "shutdown_deadline" in raw:
         changes["shutdown_deadline"] = parse_duration(raw["shutdown_deadline"], "shutdown_deadline")
+    if "write_speed" in raw:
+        auto = isinstance(raw["write_speed"], str) and raw["write_speed"].strip().lower() == "auto"
+        changes["write_speed"] = None if auto else _positive(parse_size(raw["write_speed"], "write_speed"),
+                                                             "write_speed")
     if "chunk_size" in raw:
         size = parse_size(raw["chunk_size"], "chunk_size")
         if size is None or not 64 * 1024 <= size <= 1024**3:

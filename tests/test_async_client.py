@@ -36,7 +36,7 @@ def test_async_client_state_lost_and_unavailable(make_daemon: object, tmp_path: 
     d: PrivateDaemon = make_daemon(NO_AUTO_POLICY)  # type: ignore[operator]
 
     async def main() -> None:
-        c = autosaved.AsyncClient("a2", address=d.address, timeout=5)
+        c = autosaved.AsyncClient("a2", address=d.address, timeout=60)
         await c.connect()
         await c.update({"a": 1})
         d.kill()

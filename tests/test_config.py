@@ -110,3 +110,12 @@ def test_readme_config_block_is_a_valid_config(tmp_path: Path) -> None:
     assert block is not None
     c = load_config(config_file=_write(tmp_path, block.group(1)))
     assert c.throttle.enabled and c.preemption.provider == "off" and c.dirty_bytes_auto
+
+
+def test_write_speed_is_auto_or_a_positive_size(tmp_path: Path) -> None:
+    assert load_config(config_file=_write(tmp_path, 'write_speed = "auto"\n')).write_speed is None
+    assert load_config(config_file=_write(tmp_path, 'write_speed = "100MiB"\n')).write_speed == 100 * 1024**2
+    with pytest.raises(ConfigError, match="write_speed"):
+        load_config(config_file=_write(tmp_path, "write_speed = 0\n"))
+    with pytest.raises(ConfigError, match="write_speed"):
+        load_config(config_file=_write(tmp_path, 'write_speed = "fast"\n'))

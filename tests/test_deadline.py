@@ -23,7 +23,7 @@ import pytest
 import autosaved
 from autosaved.bench.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, version_files, wait_for
+from .conftest import NO_AUTO_POLICY, dropped_notifications, version_files, wait_for
 
 MiB = 1024 * 1024
 
@@ -69,9 +69,19 @@ def notify_socket() -> Iterator[NotifyListener]:
     listener.close()
 
 
-def _notifications(listener: NotifyListener) -> list[str]:
-    time.sleep(0.2)  # let the drain thread pick up the last datagrams
-    return list(listener.messages)
+def sent_notifications(listener: NotifyListener, log: str, until: Callable[[str], bool]) -> str:
+    """Everything the daemon sent: what the listener read, plus what the daemon logged as dropped (the
+    kernel queues only 10 datagrams; a busy host may not schedule the reader in time). Waits until
+    ``until`` holds for it, so the reader thread's lag is never a race."""
+    dropped = "\n".join(dropped_notifications(log))
+
+    def seen() -> str | None:
+        text = "\n".join(listener.messages) + "\n" + dropped
+        return text if until(text) else None
+
+    found = wait_for(seen)
+    assert isinstance(found, str)
+    return found
 
 
 def test_sigterm_commits_what_fits_and_reports_the_rest(
@@ -89,11 +99,13 @@ def test_sigterm_commits_what_fits_and_reports_the_rest(
     assert not any(version_files(d.state_dir, j) for j in [*small, "big"])
 
     started = time.monotonic()
-    code = d.stop(signal.SIGTERM, timeout=30)
+    code = d.stop(signal.SIGTERM, timeout=120)
     elapsed = time.monotonic() - started
     log = d.log()
     assert code == 1, log  # something was lost: say so with the exit code
-    assert elapsed < 2 + 2, f"exit took {elapsed:.1f}s\n{log}"
+    # The big save was abandoned at the deadline, not finished: at the 4 MiB/s cap finishing it takes at
+    # least 12 s whatever the host's speed (a bound on the logic, not on this host).
+    assert elapsed < 48 / 4, f"exit took {elapsed:.1f}s\n{log}"
     for job, arr in small.items():
         assert np.array_equal(autosaved.restore(job, state_dir=d.state_dir)["x"], arr), log
         assert '"reason": "shutdown"' in version_files(d.state_dir, job)[-1].read_text()
@@ -103,15 +115,17 @@ def test_sigterm_commits_what_fits_and_reports_the_rest(
     assert "3/4 jobs committed" in log
     tmp = d.state_dir / "jobs"
     assert not list(tmp.glob("*/big/tmp/*")), "the abandoned save left temp files"
-    told = "\n".join(_notifications(notify_socket))
+    told = sent_notifications(notify_socket, log, lambda t: "NOT saved" in t)
     assert "READY=1" in told and "STOPPING=1" in told
     assert told.count("EXTEND_TIMEOUT_USEC=") >= 4  # at the start and after each of the 3 commits
-    assert "1 of 4 dirty jobs NOT saved" in told
+    # systemd's STATUS names the job that missed the deadline
+    assert "STATUS=shutdown: 1 of 4 dirty jobs NOT saved before the deadline: big\n" in told + "\n", told
 
 
 def test_status_shows_throttle_and_flush_estimates(make_daemon: Callable[..., PrivateDaemon]) -> None:
-    # dirty_bytes left out: the daemon derives it from the measured write speed and the deadline.
-    d = make_daemon('[policy]\nidle = "off"\ninterval = "off"\nmin_gap = "0s"\n'
+    # dirty_bytes left out: the daemon derives it from the write speed its startup probe measures (the one
+    # test that keeps the probe: the others set write_speed) and the deadline.
+    d = make_daemon('write_speed = "auto"\n[policy]\nidle = "off"\ninterval = "off"\nmin_gap = "0s"\n'
                     '[throttle]\nmax_write_rate = "100MiB"\nsample_interval = "100ms"\n')
     found = wait_for(lambda: re.search(r"policy\.dirty_bytes defaults to (\d+)", d.log()))
     assert isinstance(found, re.Match)
@@ -222,7 +236,7 @@ def test_preemption_notice_commits_before_any_sigterm(
     assert not any(version_files(d.state_dir, j) for j in ("p1", "p2"))
 
     metadata.preempted = True
-    wait_for(lambda: all(version_files(d.state_dir, j) for j in ("p1", "p2")), timeout=10)
+    wait_for(lambda: all(version_files(d.state_dir, j) for j in ("p1", "p2")), timeout=60)
     assert d.proc is not None and d.proc.poll() is None  # no signal was sent: the notice alone did it
     for job in ("p1", "p2"):
         assert '"reason": "preemption"' in version_files(d.state_dir, job)[-1].read_text()
@@ -234,3 +248,13 @@ def test_preemption_notice_commits_before_any_sigterm(
         c.update({"late": True}, step=4)
     assert d.stop(signal.SIGTERM) == 0
     assert autosaved.restore("p1", state_dir=d.state_dir)["late"] is True
+
+
+def test_status_names_are_truncated_sensibly() -> None:
+    from autosaved.daemon.app import missed_names
+
+    assert missed_names(["big"]) == "big"
+    names = [f"job{i}" for i in range(7)]
+    assert missed_names(names) == "job0, job1, job2, job3, job4 (+2 more)"
+    long = "x" * 128
+    assert missed_names([long, "b"]) == "x" * 39 + "…, b"

@@ -86,7 +86,7 @@ def test_stop_signal_commits_every_dirty_job(make_daemon: Callable[..., PrivateD
 
 def test_daemon_restart_is_never_silent(make_daemon: Callable[..., PrivateDaemon]) -> None:
     d = make_daemon(NO_AUTO_POLICY)
-    c = autosaved.Client("live", address=d.address, timeout=5)
+    c = autosaved.Client("live", address=d.address, timeout=60)
     c.connect()
     c.update({"a": 1}, step=1)
     d.kill()  # SIGKILL: the accepted delta was never saved
@@ -104,7 +104,7 @@ def test_restart_after_commit_is_not_a_loss_and_callback_resends(make_daemon: Ca
     d = make_daemon(NO_AUTO_POLICY)
     full_state = {"a": 1}
     calls: list[autosaved.StateLost] = []
-    c = autosaved.Client("cb", address=d.address, timeout=5, on_state_lost=lambda e: (calls.append(e),
+    c = autosaved.Client("cb", address=d.address, timeout=60, on_state_lost=lambda e: (calls.append(e),
                                                                                       c.update(full_state)))
     c.connect()
     c.update({"a": 1}, wait="committed")

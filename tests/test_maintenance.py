@@ -127,3 +127,9 @@ def test_bench_incremental_reports_every_key() -> None:
                            "local_1pct_written_fraction", "local_1pct_save_s", "scattered_1pct_written_bytes",
                            "scattered_1pct_written_fraction", "scattered_1pct_save_s"}
     assert result["full_written_bytes"] >= result["bytes"]  # a first save writes everything
+    # 16 leaves of 1 MiB, each one chunk (chunk_size 8 MiB): a change in one place rewrites that leaf's
+    # chunk and the manifest only; a change everywhere rewrites every leaf. Dedup, not the host's speed.
+    leaf = result["bytes"] // 16
+    assert leaf <= result["local_1pct_written_bytes"] <= leaf + 64 * 1024, result
+    assert result["scattered_1pct_written_bytes"] >= result["bytes"], result
+    assert result["local_1pct_written_fraction"] == round(result["local_1pct_written_bytes"] / result["bytes"], 4)

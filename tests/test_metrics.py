@@ -72,20 +72,20 @@ def test_live_endpoint_reports_saves_and_dirty_bytes(make_daemon: Callable[..., 
     url = f"http://127.0.0.1:{port}/metrics"
     with autosaved.Client("m1", address=d.address) as c:
         c.update({"w": b"x" * 5000}, step=1)
-        with urllib.request.urlopen(url, timeout=10) as resp:
+        with urllib.request.urlopen(url, timeout=60) as resp:
             assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             text = resp.read().decode()
         owner = os.geteuid()
         assert values(text)[f'autosaved_job_dirty_bytes{{job="m1",owner="{owner}"}}'] >= 5000
         c.save()
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    with urllib.request.urlopen(url, timeout=60) as resp:
         text = resp.read().decode()
     got = values(text)
     assert got[f'autosaved_job_saves_total{{job="m1",owner="{owner}"}}'] == 1
     assert got[f'autosaved_job_dirty_bytes{{job="m1",owner="{owner}"}}'] == 0
     assert got["autosaved_save_duration_seconds_count"] == 1
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=60)
     assert err.value.code == 404
 
 
@@ -100,4 +100,4 @@ def test_metrics_are_off_by_default_and_a_busy_port_is_a_clear_error(
         port = busy.getsockname()[1]
         bad = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n', start=False)
         with pytest.raises(autosaved.AutosavedError, match=rf"metrics_address: cannot listen on 127.0.0.1:{port}"):
-            bad.start(timeout=20)
+            bad.start(timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def big_state() -> dict[str | int, Any]:
 
 
 def daemon_status(d: PrivateDaemon) -> dict[str, Any]:
-    with autosaved.Admin(address=d.address, timeout=5.0) as admin:
+    with autosaved.Admin(address=d.address, timeout=60.0) as admin:
         return admin.status()
 
 
@@ -179,16 +180,19 @@ def test_async_client_uses_slots_and_survives_a_daemon_restart(make_daemon: Call
 
 
 def test_bench_json_prints_every_key() -> None:
-    proc = subprocess.run([sys.executable, "-m", "autosaved", "bench", "--size", "64MiB", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "autosaved", "bench", "--size", "16MiB", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     keys = {"memcpy_s", "update_blocking_s", "torch_save_s", "dcp_async_blocking_s", "persist_s", "raw_write_s",
             "restore_s", "raw_read_s", "bytes", "host"}
     assert set(result) == keys
-    assert result["bytes"] == 64 * 1024**2
+    assert result["bytes"] == 16 * 1024**2
     for key in keys - {"host", "bytes", "torch_save_s", "dcp_async_blocking_s"}:
         assert isinstance(result[key], float) and result[key] > 0, key
+    # the torch.save comparison ran (torch is a test dependency); speed is the benchmark's to judge
+    assert isinstance(result["torch_save_s"], float) and result["torch_save_s"] > 0
+    assert result["host"].endswith(f"({os.cpu_count()} cpus)")
 
 
 def test_fd_socket_refuses_unsealed_memfds(daemon: PrivateDaemon) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -14,7 +16,7 @@ import zmq
 import autosaved
 from autosaved.bench.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY
+from .conftest import NO_AUTO_POLICY, with_test_speed
 
 
 class RawPeer:
@@ -44,8 +46,30 @@ def header(**kw: object) -> bytes:
     return msgpack.packb(base, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def files_under(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if p.is_file()}
+def tree_of(root: Path) -> dict[str, str]:
+    """Every file (by content hash) and directory under ``root``."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if not p.is_symlink()}
+
+
+@dataclass
+class Shared:
+    daemon: PrivateDaemon
+    before: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    """One daemon for every bad request of this module: a committed job to read back between cases, and
+    the state tree as it was before the first bad request."""
+    d = PrivateDaemon(tmp_path_factory.mktemp("wire"), config=with_test_speed(NO_AUTO_POLICY), log_level="debug")
+    try:
+        d.start()
+        with autosaved.Client("healthy", address=d.address) as c:
+            c.update({"fine": True}, wait="committed")
+        yield Shared(d, tree_of(d.state_dir))
+    finally:
+        d.cleanup()
 
 
 BAD_REQUESTS: list[tuple[str, list[bytes], str]] = [
@@ -77,21 +101,44 @@ BAD_REQUESTS: list[tuple[str, list[bytes], str]] = [
 
 
 @pytest.mark.parametrize(("name", "frames", "code"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
-def test_bad_request_gets_error_and_writes_nothing(daemon: PrivateDaemon, name: str, frames: list[bytes],
-                                                   code: str) -> None:
-    before = files_under(daemon.state_dir)
+def test_bad_request_gets_error(shared: Shared, name: str, frames: list[bytes], code: str) -> None:
+    daemon = shared.daemon
     peer = RawPeer(daemon.address)
     try:
         peer.send(*frames)
-        reply = peer.reply()
+        reply = peer.reply(timeout_ms=60_000)
         assert reply is not None and reply["ok"] is False and reply["code"] == code, reply
         assert isinstance(reply["message"], str) and reply["message"]
     finally:
         peer.close()
-    # the daemon keeps serving and nothing was written
-    with autosaved.Client("healthy", address=daemon.address, policy={"idle": "off"}) as c:
-        c.update({"fine": True})
-    assert files_under(daemon.state_dir) == before
+    # the daemon keeps serving (a read: a write here would change the tree compared below)
+    with autosaved.Client("healthy", address=daemon.address) as c:
+        assert c.restore() == {"fine": True}
+
+
+def test_client_side_validation_names_the_path(shared: Shared) -> None:
+    daemon = shared.daemon
+    with autosaved.Client("v", address=daemon.address) as c:
+        with pytest.raises(TypeError, match=r"state\['model'\]\['bad'\] is a builtins.object"):
+            c.update({"model": {"bad": object()}})
+        with pytest.raises(TypeError, match=r"key 1.5 of type float"):
+            c.update({"opt": {1.5: 1}})
+        with pytest.raises(TypeError, match="dtype object"):
+            c.update({"a": np.array([object()])})
+        with pytest.raises(autosaved.InvalidValue, match="DELETE"):
+            c.update({"a": [autosaved.DELETE]})
+    for bad in ["../x", "/", "", "a\x00b", "x" * 129, ".hidden"]:
+        with pytest.raises(autosaved.InvalidJobName):
+            autosaved.Client(bad, address=daemon.address)
+    with pytest.raises(autosaved.ConfigError, match=r"policy\.idle"):
+        autosaved.Client("ok", address=daemon.address, policy={"idle": "whenever"})
+
+
+def test_bad_requests_wrote_nothing(shared: Shared) -> None:
+    """Runs after the cases above (file order): the daemon is stopped, so whatever it would flush at exit
+    is on disk, and then the whole state tree (files and directories) is what it was before them."""
+    assert shared.daemon.stop() == 0
+    assert tree_of(shared.daemon.state_dir) == shared.before
 
 
 def test_oversize_messages(make_daemon: Callable[..., PrivateDaemon]) -> None:
@@ -113,21 +160,5 @@ def test_oversize_messages(make_daemon: Callable[..., PrivateDaemon]) -> None:
     with autosaved.Client("after", address=d.address) as c:
         c.update({"x": np.zeros(10)})
         assert c.restore()["x"].shape == (10,)
-    assert not (d.state_dir / "jobs" / str(os.geteuid()) / "w").exists()
-
-
-def test_client_side_validation_names_the_path(daemon: PrivateDaemon) -> None:
-    with autosaved.Client("v", address=daemon.address) as c:
-        with pytest.raises(TypeError, match=r"state\['model'\]\['bad'\] is a builtins.object"):
-            c.update({"model": {"bad": object()}})
-        with pytest.raises(TypeError, match=r"key 1.5 of type float"):
-            c.update({"opt": {1.5: 1}})
-        with pytest.raises(TypeError, match="dtype object"):
-            c.update({"a": np.array([object()])})
-        with pytest.raises(autosaved.InvalidValue, match="DELETE"):
-            c.update({"a": [autosaved.DELETE]})
-    for bad in ["../x", "/", "", "a\x00b", "x" * 129, ".hidden"]:
-        with pytest.raises(autosaved.InvalidJobName):
-            autosaved.Client(bad, address=daemon.address)
-    with pytest.raises(autosaved.ConfigError, match=r"policy\.idle"):
-        autosaved.Client("ok", address=daemon.address, policy={"idle": "whenever"})
+    assert d.stop() == 0  # the exit flush commits "after"; nothing of the refused "w" may exist
+    assert sorted(p.name for p in (d.state_dir / "jobs" / str(os.geteuid())).iterdir()) == ["after"]

@@ -38,6 +38,7 @@ from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolErr
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
 from ..shm import fd_socket_path
+from ..storage import faults
 from ..storage.local import Recovered, Store
 from ..storage.wal import WalWriter
 from ..tree import iter_blobs
@@ -70,6 +71,19 @@ def peer_uid(frame: zmq.Frame, default: int) -> int:
     if len(parts) >= 4 and parts[-3].isdigit():
         return int(parts[-3])
     return default
+
+
+# STATUS= is one datagram that `systemctl status` shows on one line: name the first few jobs that missed
+# the deadline, each cut to a readable length, and count the rest.
+STATUS_NAMES = 5
+STATUS_NAME_CHARS = 40
+
+
+def missed_names(names: list[str]) -> str:
+    """``a, b, c`` for the jobs that missed the deadline; long names cut with ``…``, past five ``(+N more)``."""
+    shown = [n if len(n) <= STATUS_NAME_CHARS else n[:STATUS_NAME_CHARS - 1] + "…" for n in names[:STATUS_NAMES]]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f" (+{more} more)" if more else "")
 
 
 class Daemon:
@@ -400,7 +414,8 @@ class Daemon:
         if missed:
             if final:
                 self.exit_code = 1
-            self.notifier.status(f"{reason}: {len(missed)} of {total} dirty jobs NOT saved before the deadline")
+            self.notifier.status(f"{reason}: {len(missed)} of {total} dirty jobs NOT saved before the deadline: "
+                                 f"{missed_names([j.name for j in missed])}")
         else:
             log.info("%s flush: all %d jobs saved in %.2fs", reason, total, self.clock() - started)
 
@@ -435,6 +450,9 @@ class Daemon:
         sock = self._sock
         while True:
             self.progress_at = self.clock()
+            if faults.active():  # the tests' hung event loop (loop.tick) and stalled rpc loop (rpc.poll)
+                faults.point("loop", "tick", "before")
+                await anyio.to_thread.run_sync(faults.point, "rpc", "poll", "before")
             # poll-then-recv: cancelling a pending recv could lose a message, cancelling a poll cannot.
             if not await sock.poll(1000):
                 continue

@@ -6,11 +6,16 @@ the daemon runs) holds one rule per line::
 
     <kind>.<op>.<phase> <n> <action>[+]
 
-``kind`` is ``chunk``, ``manifest``, ``wal`` or ``*``; ``op`` is ``open``, ``write``, ``fsync``,
-``rename`` or ``fsync_dir``; ``phase`` is ``before`` or ``after``. The rule fires on the ``n``-th
-matching call (counted from when the rule appeared), and on every later one with a trailing ``+``.
-Actions: ``crash`` (SIGKILL this process: a power cut at exactly that instant, as far as this process
-is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError).
+Every instrumented point is listed in :data:`POINTS`. The rule fires on the ``n``-th matching call
+(counted from when the rule appeared), and on every later one with a trailing ``+``. ``kind`` may be
+``*``. Actions: ``crash`` (SIGKILL this process: a power cut at exactly that instant, as far as this
+process is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``sleep:<seconds>`` (block
+the calling thread: on the event loop's own points, a hung loop). ``<kind>.write.middle`` is inside a
+write: half of the buffer has reached the kernel when it fires, so ``crash`` there leaves a real torn
+tail and an error a real partial file.
+
+With faults on, every point reached is also recorded, once per name, in ``<file>.seen``: the tests
+check that the crash scenario reaches every storage point in :data:`POINTS`, and nothing else.
 """
 
 from __future__ import annotations
@@ -18,9 +23,39 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 _ERRORS = {"enospc": errno.ENOSPC, "eio": errno.EIO, "erofs": errno.EROFS}
+
+_FILE_STEPS = ("open.before", "write.before", "write.middle", "write.after", "fsync.before", "fsync.after",
+               "rename.before", "rename.after", "fsync_dir.before", "fsync_dir.after")
+# Every point the code calls, by the path that reaches it. A new call site must be added here (the tests
+# fail on a point reached that is not listed, and on a listed point no test fires).
+POINTS: dict[str, str] = {
+    **{f"chunk.{s}": "a save writes a chunk file (write_fsync, rename, fsync of objects/<ab>/)" for s in _FILE_STEPS},
+    "chunk.delete.before": "garbage collection deletes an unreferenced chunk",
+    "chunk.delete.after": "garbage collection deleted an unreferenced chunk",
+    **{f"manifest.{s}": "a save commits its manifest (atomic_write)" for s in _FILE_STEPS},
+    "dir.fsync_dir.before": "make_dirs makes a new directory durable (a job's first save, a new log dir)",
+    "dir.fsync_dir.after": "make_dirs made a new directory durable",
+    "version.delete.before": "retention deletes an old version's manifest",
+    "version.delete.after": "retention deleted an old version's manifest",
+    "version.fsync_dir.before": "retention makes the manifest deletions durable",
+    "version.fsync_dir.after": "retention made the manifest deletions durable",
+    "wal.open.before": "the log opens a new segment",
+    "wal.fsync_dir.before": "the log makes a new segment's name (or deleted segments) durable",
+    "wal.fsync_dir.after": "the log made a new segment's name (or deleted segments) durable",
+    "wal.write.before": "the log writes a record's bytes",
+    "wal.write.middle": "half of a log write reached the kernel (a crash here is a real torn tail)",
+    "wal.fsync.before": "the log fdatasyncs a group of records",
+    "wal.fsync.after": "the log fdatasynced a group of records",
+    "wal.delete.before": "a log segment covered by a committed version is deleted",
+    "wal.delete.after": "a log segment covered by a committed version was deleted",
+    "loop.tick.before": "the rpc loop goes round, on the event loop itself (sleep: a hung event loop)",
+    "rpc.poll.before": "the rpc loop goes round, in a worker thread (sleep: an rpc loop that stalls while "
+                       "the event loop runs)",
+}
 
 
 @dataclass
@@ -39,6 +74,7 @@ class _Faults:
         self.path = os.environ.get("AUTOSAVED_FAULTS_FILE")
         self.stamp: tuple[float, int] | None = None
         self.rules: list[_Rule] = []
+        self.seen: set[str] = set()
 
     def _reload(self) -> None:
         assert self.path is not None
@@ -62,20 +98,46 @@ class _Faults:
                 rules.append(_Rule(kind, op, phase, int(nth), action.rstrip("+"), action.endswith("+")))
         self.rules = rules
 
-    def point(self, kind: str, op: str, phase: str, detail: object = "") -> None:
+    def _due(self, kind: str, op: str, phase: str) -> _Rule | None:
+        """Count this hit against every matching rule; the rule that fires now, if any."""
         if self.path is None:
-            return
+            return None
         self._reload()
+        name = f"{kind}.{op}.{phase}"
+        if name not in self.seen:
+            self.seen.add(name)
+            with open(self.path + ".seen", "a") as fh:
+                fh.write(name + "\n")
+        due = None
         for rule in self.rules:
             if rule.kind in ("*", kind) and rule.op == op and rule.phase == phase:
                 rule.seen += 1
                 if rule.seen == rule.nth or (rule.persistent and rule.seen > rule.nth):
-                    self._fire(rule, f"{kind}.{op}.{phase} {detail}")
+                    due = due or rule
+        return due
+
+    def point(self, kind: str, op: str, phase: str, detail: object = "") -> None:
+        rule = self._due(kind, op, phase)
+        if rule is not None:
+            self._fire(rule, f"{kind}.{op}.{phase} {detail}")
+
+    def write(self, fd: int, data: memoryview, kind: str, detail: object) -> int:
+        rule = self._due(kind, "write", "middle") if data.nbytes > 1 else None
+        if rule is not None:
+            half = data.nbytes // 2
+            done = 0
+            while done < half:  # really in the file (the page cache) before the fault fires
+                done += os.write(fd, data[done:half])
+            self._fire(rule, f"{kind}.write.middle {detail} after {done} of {data.nbytes} bytes")
+        return os.write(fd, data)
 
     @staticmethod
     def _fire(rule: _Rule, where: str) -> None:
         if rule.action == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
+        if rule.action.startswith("sleep:"):
+            time.sleep(float(rule.action.removeprefix("sleep:")))
+            return
         code = _ERRORS[rule.action]
         raise OSError(code, f"{os.strerror(code)} (injected at {where})")
 
@@ -86,3 +148,15 @@ _faults = _Faults()
 def point(kind: str, op: str, phase: str, detail: object = "") -> None:
     """A place where a test may inject a crash or an I/O error."""
     _faults.point(kind, op, phase, detail)
+
+
+def write(fd: int, data: memoryview, kind: str, detail: object = "") -> int:
+    """``os.write``, with the point ``<kind>.write.middle`` half-way through ``data``."""
+    if _faults.path is None:
+        return os.write(fd, data)
+    return _faults.write(fd, data, kind, detail)
+
+
+def active() -> bool:
+    """Whether fault injection is on (a test run); production never pays for the points below it."""
+    return _faults.path is not None

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .faults import point
+from .faults import point, write
 
 # Called by writers with the number of bytes about to be written; it may block (it runs in a worker
 # thread) to hold a save to the rate the I/O throttle allows.
@@ -62,7 +62,7 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
                 if pace is not None:
                     pace(min(view.nbytes, WRITE_PIECE))
                 point(kind, "write", "before", path)
-                n = os.write(fd, view[:WRITE_PIECE] if pace is not None else view)
+                n = write(fd, view[:WRITE_PIECE] if pace is not None else view, kind, path)
                 written += n
                 unsynced += n
                 view = view[n:]

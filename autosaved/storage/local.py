@@ -36,6 +36,7 @@ from ..names import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
+from .faults import point
 from .fsutil import (
     Pacer,
     atomic_write,
@@ -458,9 +459,11 @@ class JobStore:
         doomed = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
                                     keep_last=keep_last, keep_every=keep_every, protect=frozenset(protect or ()))
         for vid in doomed:
+            point("version", "delete", "before", vid)
             (self.versions_dir / f"{vid:012d}.json").unlink(missing_ok=True)
+            point("version", "delete", "after", vid)
         if doomed:
-            fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir, "version")
             if collect:
                 self.collect_garbage()
         return doomed
@@ -504,7 +507,9 @@ class JobStore:
             for entry in os.scandir(sub):
                 if entry.name.removesuffix(SUFFIX) not in refs:  # either stored form of a referenced chunk stays
                     size = entry.stat().st_size
+                    point("chunk", "delete", "before", entry.path)
                     Path(entry.path).unlink(missing_ok=True)
+                    point("chunk", "delete", "after", entry.path)
                     result.removed_chunks += 1
                     result.freed_bytes += size
         return result

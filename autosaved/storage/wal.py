@@ -34,7 +34,7 @@ import msgpack
 
 from ..errors import CorruptVersion
 from ..tree import Blob, from_node, to_node
-from .faults import point
+from .faults import point, write
 from .fsutil import fsync_dir, make_dirs
 
 log = logging.getLogger("autosaved.wal")
@@ -212,7 +212,7 @@ class WalWriter:
                     view = memoryview(piece).cast("B")
                     while view.nbytes:
                         point("wal", "write", "before", rec.lsn)
-                        n = os.write(fd, view)
+                        n = write(fd, view, "wal", rec.lsn)
                         view = view[n:]
             point("wal", "fsync", "before", records[-1].lsn)
             os.fdatasync(fd)
@@ -246,7 +246,9 @@ class WalWriter:
                 scan = scan_segment(path)
                 covered = not scan.records or scan.records[-1].lsn <= lsn
             if covered:
+                point("wal", "delete", "before", path)
                 path.unlink(missing_ok=True)
+                point("wal", "delete", "after", path)
                 removed = True
         if removed:
             fsync_dir(self.dir, "wal")
