@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 
 from ..errors import AutosavedError
+from ..storage.faults import point
 
 log = logging.getLogger("autosaved.metrics")
 
@@ -159,6 +160,7 @@ def _response(status: str, body: str, content_type: str = "text/plain; charset=u
 async def _handle(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
     # An error escaping a handler would end serve(), and with it the daemon: it must end this request only.
     try:
+        point("task", "metrics", "before")
         await _answer(stream, sample)
     except Exception:
         log.exception("metrics request failed")
@@ -196,6 +198,10 @@ async def open_metrics(host: str, port: int) -> anyio.abc.Listener[anyio.abc.Soc
     return listener
 
 
-async def serve_metrics(listener: anyio.abc.Listener[anyio.abc.SocketStream], sample: Callable[[], Sample]) -> None:
-    async with listener:
-        await listener.serve(lambda stream: _handle(stream, sample))
+async def serve_metrics(listener: anyio.abc.Listener[anyio.abc.SocketStream], sample: Callable[[], Sample],
+                        max_conns: int = 256) -> None:
+    """Serve until cancelled. The port is open to every local user: connections are capped and an
+    ``accept()`` failure (``EMFILE`` under a flood of idle connections) backs off instead of ending it."""
+    from .accept import serve_capped
+
+    await serve_capped(listener, lambda stream: _handle(stream, sample), max_conns=max_conns, name="metrics")

@@ -10,7 +10,9 @@ the daemon runs) holds one rule per line::
 ``rename`` or ``fsync_dir``; ``phase`` is ``before`` or ``after``. The rule fires on the ``n``-th
 matching call (counted from when the rule appeared), and on every later one with a trailing ``+``.
 Actions: ``crash`` (SIGKILL this process: a power cut at exactly that instant, as far as this process
-is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError).
+is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``raise`` (a RuntimeError: a bug, for
+the supervision tests, whose ``task`` kind names a daemon task), ``sleep<seconds>`` (stall here, e.g.
+``sleep2.5``: widens a race window so a test can hit it every time).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 _ERRORS = {"enospc": errno.ENOSPC, "eio": errno.EIO, "erofs": errno.EROFS}
@@ -76,6 +79,11 @@ class _Faults:
     def _fire(rule: _Rule, where: str) -> None:
         if rule.action == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
+        if rule.action == "raise":
+            raise RuntimeError(f"injected failure at {where}")
+        if rule.action.startswith("sleep"):
+            time.sleep(float(rule.action.removeprefix("sleep")))
+            return
         code = _ERRORS[rule.action]
         raise OSError(code, f"{os.strerror(code)} (injected at {where})")
 
