@@ -68,9 +68,12 @@ def test_restore_of_a_job_not_loaded_after_restart_includes_logged_updates(
         c.update({"b": 2}, step=5, wait="logged")
     d.kill()
     d.start()
-    # No hello: the job is not loaded when the restore (and status, list) comes.
-    with autosaved.Client("j0", address=d.address) as c:
+    # No hello: the job is not loaded when the restore comes.
+    c = autosaved.Client("j0", address=d.address)
+    try:
         assert c.restore() == {"a": 1, "b": 2}
+    finally:
+        c.close()
     assert autosaved.restore("j0", state_dir=d.state_dir) == {"a": 1, "b": 2}
 
 
@@ -179,13 +182,13 @@ def test_a_logged_delta_at_the_depth_limit_merged_over_a_scalar_replays(
     d = make_daemon(NO_AUTO_POLICY)
     with autosaved.Client("deep", address=d.address) as c:
         c.update({"k": 1})  # accepted: held for the next record
-        c.update(_deep(63, 1), wait="logged")  # 63 mappings + the root: the allowed depth
+        c.update(_deep(64, 1), wait="logged")  # 64 nested mappings: the leaf at the allowed depth
         c.update({"after": 1}, wait="logged")
     d.kill()
-    assert autosaved.restore("deep", state_dir=d.state_dir) == {**_deep(63, 1), "after": 1}
+    assert autosaved.restore("deep", state_dir=d.state_dir) == {**_deep(64, 1), "after": 1}
     d.start()
     with autosaved.Client("deep", address=d.address) as c:
-        assert c.restore() == {**_deep(63, 1), "after": 1}
+        assert c.restore() == {**_deep(64, 1), "after": 1}
     assert "torn" not in d.log()
 
 
