@@ -7,7 +7,9 @@ the daemon runs) holds one rule per line::
     <kind>.<op>.<phase> <n> <action>[+]
 
 ``kind`` is ``chunk``, ``manifest``, ``wal`` or ``*``; ``op`` is ``open``, ``write``, ``fsync``,
-``rename`` or ``fsync_dir``; ``phase`` is ``before`` or ``after``. The rule fires on the ``n``-th
+``rename`` or ``fsync_dir``; ``phase`` is ``before`` or ``after``. Besides these, ``gc.collect.before``
+(a collection about to list what manifests reference) and ``task.<name>.<start|before>`` (a daemon task
+starting, or about to do one piece of work). The rule fires on the ``n``-th
 matching call (counted from when the rule appeared), and on every later one with a trailing ``+``.
 Actions: ``crash`` (SIGKILL this process: a power cut at exactly that instant, as far as this process
 is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``raise`` (a RuntimeError: a bug, for

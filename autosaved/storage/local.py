@@ -58,6 +58,7 @@ from .manifest import (
     utc_now_iso,
 )
 from .retention import versions_to_delete
+from .faults import point
 from .wal import Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
@@ -583,6 +584,7 @@ class JobStore:
     def collect_garbage(self) -> GcResult:
         """Delete chunks no manifest references. Crash-safe because manifests go first: a chunk is only
         ever deleted once nothing can reach it, and a crash half-way leaves garbage for the next run."""
+        point("gc", "collect", "before", self.job)
         refs = self.referenced_digests()
         if refs is None:
             msg = "not collecting garbage while a manifest is unreadable (see `autosaved verify`)"
