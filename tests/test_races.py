@@ -131,13 +131,13 @@ def test_a_client_scribbling_on_its_slot_cannot_make_a_chunk_mismatch_its_name(
     # The client ignores "held" and keeps writing into the slot while the daemon saves it.
     stop = threading.Event()
 
-    def scribble() -> None:
+    def scribble(target: np.ndarray) -> None:
         n = 0
         while not stop.is_set():
             n = (n + 1) % 251
-            arr[:] = n
+            target[:] = n
 
-    scribbler = threading.Thread(target=scribble, daemon=True)
+    scribbler = threading.Thread(target=scribble, args=(arr,), daemon=True)
     scribbler.start()
     try:
         for _ in range(3):

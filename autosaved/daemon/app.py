@@ -325,7 +325,7 @@ class Daemon:
                                     self.config.max_connections)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.config.preemption.provider != "off":
-                    self._supervise(tg, "preemption", self._preemption_loop, once=True)
+                    self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
                 self.notifier.ready(f"serving {self.config.address}")
@@ -357,8 +357,7 @@ class Daemon:
             self.notifier.close()
         return self.exit_code
 
-    def _supervise(self, tg: anyio.abc.TaskGroup, name: str, func: Callable[..., Any], *args: Any,
-                   once: bool = False) -> None:
+    def _supervise(self, tg: anyio.abc.TaskGroup, name: str, func: Callable[..., Any], *args: Any) -> None:
         """Run a long-lived task that restarts (after a growing pause) whenever it fails: one task's bug
         costs a log line and a retry, never the daemon and every job it holds."""
 
@@ -368,9 +367,7 @@ class Daemon:
                 try:
                     point("task", name, "start")
                     await func(*args)
-                    if once:
-                        return
-                    log.error("task %s ended; restarting it", name)
+                    return  # done (a watchdog with nothing to ping, a preemption notice handled)
                 except Exception:
                     log.exception("task %s failed; restarting it in %.1fs", name, backoff)
                     self.task_failures += 1
