@@ -36,6 +36,7 @@ from ..protocol import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
+from .faults import point
 from .fsutil import (
     Pacer,
     atomic_write,
@@ -58,7 +59,6 @@ from .manifest import (
     utc_now_iso,
 )
 from .retention import versions_to_delete
-from .faults import point
 from .wal import Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
