@@ -373,6 +373,7 @@ class Daemon:
                     self.task_failures += 1
                 await anyio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
+                log.info("task %s restarting", name)
 
         tg.start_soon(run, name=f"autosaved-{name}")
 
