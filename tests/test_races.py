@@ -153,3 +153,37 @@ def test_a_client_scribbling_on_its_slot_cannot_make_a_chunk_mismatch_its_name(
     os.close(fd)
     del arr
     mapping.close()
+
+
+def test_a_snapshot_holds_its_slots_from_the_instant_it_is_taken(tmp_path: Path) -> None:
+    """Writer.begin takes the snapshot synchronously; its blobs must count as referenced (``held``) from
+    that instant, not from when the save task first runs: an update answered in between would otherwise
+    tell the client the slot is free while the save still has to read it."""
+    import mmap
+
+    import anyio
+
+    from autosaved.config import PolicySettings
+    from autosaved.daemon.jobs import Job
+    from autosaved.daemon.writer import Writer
+    from autosaved.policy import SaveReason
+    from autosaved.shm import referenced_mappings
+    from autosaved.tree import Blob, iter_blobs
+
+    slot = mmap.mmap(-1, 4096)
+    blob = Blob(kind="ndarray", dtype="|u1", shape=(4096,), nbytes=4096, data=memoryview(slot))
+    job = Job(owner=os.geteuid(), name="hold", store=Store(tmp_path).job(os.geteuid(), "hold"),
+              settings=PolicySettings(), root={"w": blob}, generation=1)
+    seen: list[bool] = []
+
+    async def main() -> None:
+        writer = Writer(chunk_size=1 << 20, clock=time.monotonic, on_done=lambda: None)
+        async with anyio.create_task_group() as tg:
+            writer.begin(job, SaveReason.EXPLICIT, tg)
+            job.root = {}  # the next update replaces the leaf, in the same event-loop step
+            roots = [job.root] + [t.root for t in writer.in_flight.values()]
+            seen.append(id(slot) in referenced_mappings(b for r in roots for b in iter_blobs(r)))
+
+    anyio.run(main)
+    assert seen == [True]
+    assert job.latest_version == 1
