@@ -266,6 +266,32 @@ def test_requests_in_flight_per_user_are_capped(make_daemon: Callable[..., Priva
         sock.close(0)
 
 
+def test_shared_memory_per_user_is_capped(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_shm_bytes = "1MiB"\n')
+    path = fd_socket_path(d.address)
+    assert path is not None
+    conns = []
+    try:
+        for want_ok in (True, False):  # two connections of one user: the second slot passes the cap
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.settimeout(30)
+            sock.connect(path)
+            conns.append(sock)
+            assert "token" in msgpack.unpackb(sock.recv(4096))
+            fd, mapping = create_memfd(768 * 1024)
+            socket.send_fds(sock, [msgpack.packb({"op": "add", "slot": 1, "size": 768 * 1024})], [fd])
+            reply = msgpack.unpackb(sock.recv(4096))
+            os.close(fd)
+            mapping.close()
+            assert reply["ok"] is want_ok, reply
+            if not want_ok:
+                assert "max_shm_bytes" in reply["message"]
+    finally:
+        for sock in conns:
+            sock.close()
+    alive(d)
+
+
 def test_default_max_message_bytes_is_bounded() -> None:
     from autosaved.config import Config
 
