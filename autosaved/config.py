@@ -144,6 +144,10 @@ class QuotaSettings:
 
     max_bytes: int | None = None
     max_jobs: int | None = None
+    # Shared-memory slots one user may have mapped at once (root included); None: only the global cap.
+    max_shm_bytes: int | None = None
+    # Requests one user may have in flight at once (root included): past it, an error reply "quota".
+    max_requests: int = 256
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "quota") -> QuotaSettings:
@@ -153,8 +157,12 @@ class QuotaSettings:
             max_jobs = _parse_count(max_jobs, f"{where}.max_jobs", 1)
         else:
             max_jobs = None
+        max_requests = _parse_count(raw["max_requests"], f"{where}.max_requests", 1) if "max_requests" in raw \
+            else cls.max_requests
         return cls(max_bytes=parse_size(raw.get("max_bytes"), f"{where}.max_bytes", allow_off=True),
-                   max_jobs=max_jobs)
+                   max_jobs=max_jobs,
+                   max_shm_bytes=parse_size(raw.get("max_shm_bytes"), f"{where}.max_shm_bytes", allow_off=True),
+                   max_requests=max_requests)
 
 
 @dataclass(frozen=True)
@@ -289,7 +297,11 @@ class Config:
     dirty_bytes_auto: bool = True
     throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
     preemption: PreemptionSettings = field(default_factory=PreemptionSettings)
-    max_message_bytes: int = 16 * 1024**3
+    # The largest request the daemon receives (checked per frame by libzmq before it is received whole, and
+    # over all frames). States bigger than this go through shared memory (the fd socket), not inline.
+    max_message_bytes: int = 1024**3
+    # Connections open at once on each stream listener (the fd socket, the metrics port).
+    max_connections: int = 256
     shutdown_deadline: float = 25.0
     # The disk's write speed in bytes/s for planning (derived dirty_bytes, the deadline flush); None ("auto"):
     # measured by a 32 MiB probe at start. A set value skips the probe (tests, or a known disk).
@@ -309,11 +321,12 @@ class Config:
 
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
-             "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption", "write_speed"}
+             "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption", "write_speed",
+             "max_connections"}
 # Keys a running daemon cannot change: they are bound to its socket, its files or its listeners (and
 # write_speed is used once, at start, in place of the probe).
 RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
-                                        "max_shm_bytes", "write_speed")
+                                        "max_shm_bytes", "write_speed", "max_connections")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
@@ -358,6 +371,8 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
         changes["chunk_size"] = size
     if "max_shm_bytes" in raw:
         changes["max_shm_bytes"] = parse_size(raw["max_shm_bytes"], "max_shm_bytes")
+    if "max_connections" in raw:
+        changes["max_connections"] = _parse_count(raw["max_connections"], "max_connections", 1)
     if "log_level" in raw:
         level = str(raw["log_level"]).lower()
         if level not in ("debug", "info", "warning", "error"):

@@ -196,7 +196,8 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
     return enc(tree, []), blobs
 
 
-def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, allow_replace: bool = False) -> Any:
+def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, allow_replace: bool = False,
+              max_depth: int = MAX_DEPTH) -> Any:
     """Decode an untrusted node back into a tree with :class:`Blob` leaves.
 
     Raises ``ProtocolError`` for anything malformed: unknown tags, bad keys, blob indexes out of range,
@@ -206,8 +207,8 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
     used: set[int] = set()
 
     def dec(n: Any, depth: int, in_mapping: bool) -> Any:
-        if depth > MAX_DEPTH:
-            raise ProtocolError(f"state nested deeper than {MAX_DEPTH} levels")
+        if depth > max_depth:
+            raise ProtocolError(f"state nested deeper than {max_depth} levels")
         if n is None or isinstance(n, bool | int | float | str):
             return n
         if not isinstance(n, dict) or len(n) != 1:

@@ -127,7 +127,7 @@ def test_step_and_version_pick_stored_versions_and_export_import_round_trips(
     assert not (saved.state_dir / "jobs" / str(os.geteuid()) / "ex").exists()
     assert "no job named 'ex'" in cli(saved, "delete", "ex", check=3).stderr
 
-    imported = json.loads(cli(saved, "import", str(tmp_path / "exp"), "--json").stdout)
+    imported = json.loads(cli(saved, "import", str(tmp_path / "exp"), "--same-job", "--json").stdout)
     assert imported["job"] == "ex" and imported["version"] == 1
     back = autosaved.restore("ex", state_dir=saved.state_dir)
     same(back, original)  # exact: tuples, int keys, big-endian and complex dtypes, bytes

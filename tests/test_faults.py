@@ -29,8 +29,14 @@ from autosaved.storage.local import Store
 from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 
 # Every storage point; the event-loop points (loop.*, rpc.*) are fired by test_service.py's watchdog tests.
-CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.")))
+CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.", "task.", "gc.")))
 OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_while_the_event_loop_is_blocked",
+                "gc.collect.before":
+                    "test_races.py::test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress",
+                **{p: "test_supervision.py::test_a_task_that_fails_at_start_is_restarted"
+                   for p in POINTS if p.startswith("task.") and p.endswith(".start")},
+                **{p: "test_supervision.py::test_a_failure_inside_a_task_costs_one_piece_of_work"
+                   for p in POINTS if p.startswith("task.") and p.endswith(".before")},
                 "rpc.poll.before": "test_service.py::test_watchdog_stops_when_the_rpc_loop_makes_no_progress"}
 LATER_HIT = 3
 W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save

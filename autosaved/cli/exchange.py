@@ -126,7 +126,8 @@ def safetensors_header(tensors: list[Tensor], metadata: dict[str, str]) -> bytes
 
 def _commit(out: Path, name: str, pieces: list[bytes | memoryview], progress: Callable[[int], None] | None) -> None:
     tmp = temp_name(out, name)
-    write_fsync(tmp, pieces, mode=0o644, pace=progress)
+    # Private: an export may be another user's state (root exporting it) or hold secrets.
+    write_fsync(tmp, pieces, mode=0o600, pace=progress)
     try:
         os.replace(tmp, out / name)
     except BaseException:
@@ -135,8 +136,9 @@ def _commit(out: Path, name: str, pieces: list[bytes | memoryview], progress: Ca
 
 
 def write_export(tree: Any, info: dict[str, Any], out: Path, progress: Progress | None = None) -> dict[str, Any]:
-    """Write ``tree`` (blob data loaded) and ``info`` into folder ``out``; returns a summary."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``tree`` (blob data loaded) and ``info`` into folder ``out``; returns a summary. The files
+    are 0600 and a folder this creates is 0700 (an existing one keeps its mode: the user chose it)."""
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     plain, tensors = plan(tree)
     node, blobs = to_node(tree)
     names = iter(t.name for t in tensors)

@@ -33,7 +33,7 @@ def _offline(args: argparse.Namespace) -> list[dict[str, Any]]:
     for js in store.jobs(None if uid == 0 else uid):
         ids = js.version_ids()
         out.append({"job": js.job, "owner": js.owner, "versions": len(ids), "latest": ids[-1] if ids else None,
-                    "bytes": js.stored_bytes(), "dirty": False})
+                    "bytes": js.stored_bytes(), "dirty": js.unsaved_log_records() > 0})
     return out
 
 

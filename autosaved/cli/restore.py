@@ -61,11 +61,21 @@ def _from_daemon(args: argparse.Namespace, live: bool) -> tuple[Any, dict[str, A
     return exported.tree, info
 
 
-def _from_state_dir(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def _from_state_dir(args: argparse.Namespace, live: bool) -> tuple[Any, dict[str, Any]]:
     store = offline_store(args, args.job)
     version = args.version
     if args.step is not None:
         version = find_step([i.to_json() for i in store.list_versions(verify=False)], args.step, args.job)
+    if version is None and live:
+        # What the daemon would serve after a restart: the newest version plus the logged updates after it.
+        recovered = store.recover()
+        if recovered is None:
+            raise NotFound(f"job {args.job!r} has no state in {store.path}")
+        base = recovered.version
+        info = {"job": args.job, "owner": store.owner, "version": base.info.id if base else None,
+                "step": recovered.step, "time": base.info.time if base else None, "meta": recovered.meta,
+                "live": bool(recovered.replay.records)}
+        return recovered.tree, info
     loaded = store.load(version) if version is not None else store.load_newest()
     if loaded is None:
         raise NotFound(f"job {args.job!r} has no version in {store.path}")
@@ -77,13 +87,13 @@ def _from_state_dir(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def export(args: argparse.Namespace, *, live: bool, verb: str) -> int:
     if args.offline:
-        tree, info = _from_state_dir(args)
+        tree, info = _from_state_dir(args, live)
     else:
         try:
             tree, info = _from_daemon(args, live)
         except DaemonUnavailable:
             print(f"autosaved {verb}: daemon not reachable; reading the state dir directly", file=sys.stderr)
-            tree, info = _from_state_dir(args)
+            tree, info = _from_state_dir(args, live)
     progress = Progress(f"writing {args.out}", force=args.progress)
     summary = write_export(tree, info, args.out, progress)
     progress.finish()

@@ -39,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
                              "ok" if v["ok"] else f"DAMAGED: {v['error']}"])
             if r["log"]["torn"]:
                 rows.append([r["job"], "log", "-", f"torn tail (cut at the next daemon start): {r['log']['torn'][0]}"])
+            for where in r["log"].get("damaged", []):
+                rows.append([r["job"], "log", "-", f"DAMAGED (kept; the job is not served): {where}"])
         print(table(rows, ["JOB", "VERSION", "STEP", "RESULT"]) if rows else "no versions")
     damaged = [f"{r['job']} v{v['id']}" for r in reports for v in r["versions"] if not v["ok"]]
+    damaged += [f"{r['job']} log" for r in reports if r["log"].get("damaged")]
     if damaged:
         print(f"autosaved verify: damaged: {', '.join(damaged)}", file=sys.stderr)
         return 1

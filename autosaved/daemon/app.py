@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -34,14 +35,24 @@ import zmq.asyncio
 from .. import __version__
 from ..config import Config
 from ..deadline import Pending, estimate_s, plan_flush
-from ..errors import AutosavedError, InternalError, MessageTooLarge, ProtocolError, StorageError
+from ..errors import (
+    AutosavedError,
+    Forbidden,
+    InternalError,
+    MessageTooLarge,
+    ProtocolError,
+    QuotaExceeded,
+    StorageError,
+)
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
 from ..shm import fd_socket_path
 from ..storage import faults
+from ..storage.faults import point
 from ..storage.local import Recovered, Store
 from ..storage.wal import WalWriter
 from ..tree import iter_blobs
+from .accept import serve_capped
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .lock import PidLock
@@ -57,20 +68,38 @@ from .writer import Writer
 log = logging.getLogger("autosaved.daemon")
 
 
-def peer_uid(frame: zmq.Frame, default: int) -> int:
-    """The uid of the process on the other end of an ipc connection.
+def peer_uid(frame: Any) -> int | None:
+    """The uid of the process on the other end of an ipc connection, or ``None`` when it cannot be told.
 
-    libzmq reports ``Peer-Address`` on ipc as ``<addr>:<uid>:<gid>:<pid>`` from SO_PEERCRED; on tcp there
-    is no uid and the peer is treated as the daemon's own user (tcp is for trusted setups only).
+    libzmq reports ``Peer-Address`` on ipc as ``<addr>:<uid>:<gid>:<pid>`` from SO_PEERCRED. An unknown
+    identity is never guessed (falling back on the daemon's own uid would give a root daemon's powers to
+    anyone): the caller refuses the request. On tcp there is no uid at all; see :meth:`Daemon.owner_of`.
     """
     try:
         addr = frame.get("Peer-Address")
-    except (zmq.ZMQError, AttributeError, KeyError):
-        return default
+    except Exception:
+        return None
     parts = str(addr).split(":")
     if len(parts) >= 4 and parts[-3].isdigit():
         return int(parts[-3])
-    return default
+    return None
+
+
+def check_state_dir(path: Path, uid: int) -> None:
+    """Refuse a state dir another user owns or others may write into: whoever can write there can plant
+    links or forged manifests that the daemon (often root) would then follow or serve."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise AutosavedError(f"state_dir {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise AutosavedError(f"state_dir {path} is not a directory (a symlink is refused too)")
+    if st.st_uid != uid:
+        raise AutosavedError(f"state_dir {path} is owned by uid {st.st_uid}, not by the daemon's user (uid {uid}); "
+                             "give it to the daemon's user (chown) or pick another state_dir")
+    if st.st_mode & 0o022:
+        raise AutosavedError(f"state_dir {path} is writable by its group or by everyone (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}); `chmod go-w {path}` (0700 is the default)")
 
 
 # STATUS= is one datagram that `systemctl status` shows on one line: name the first few jobs that missed
@@ -109,7 +138,14 @@ class Daemon:
         self._wake = anyio.Event()
         self._save_waiters: list[anyio.Event] = []
         self._stop = anyio.Event()
+        # One lock per (owner, job), never dropped: loading, deleting and recreating a job are serialised
+        # by it, so no request is ever acknowledged for a job whose folder is being deleted.
         self._load_locks: dict[JobKey, anyio.Lock] = {}
+        # One io lock per (owner, job), whether the job is loaded or not: saves, gc and verify of a job
+        # exclude each other through it (a Job takes it over when loaded).
+        self._io_locks: dict[JobKey, anyio.Lock] = {}
+        self.in_flight_by_uid: dict[int, int] = {}
+        self.task_failures = 0
         self._send_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
         self._locks: list[PidLock] = []
@@ -154,13 +190,29 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def key_lock(self, key: JobKey) -> anyio.Lock:
+        return self._load_locks.setdefault(key, anyio.Lock())
+
+    def io_lock(self, key: JobKey) -> anyio.Lock:
+        return self._io_locks.setdefault(key, anyio.Lock())
+
+    async def find_job(self, owner: int, name: str) -> Job | None:
+        """The job, loaded (log replayed) if it exists on disk, or ``None`` if there is no such job: every
+        read path goes through here, so it sees exactly what a restart's replay would rebuild."""
+        job = self.jobs.get((owner, name))
+        if job is not None:
+            return job
+        store = self.store.job(owner, name)
+        if not await anyio.to_thread.run_sync(store.path.exists):
+            return None
+        return await self.get_job(owner, name)
+
     async def get_job(self, owner: int, name: str) -> Job:
         key = (owner, name)
         job = self.jobs.get(key)
-        if job is not None:
+        if job is not None and not job.deleted:
             return job
-        lock = self._load_locks.setdefault(key, anyio.Lock())
-        async with lock:
+        async with self.key_lock(key):  # held by a delete of this job until its folder is gone
             job = self.jobs.get(key)
             if job is not None:
                 return job
@@ -174,7 +226,8 @@ class Daemon:
                 recovered, ids = await anyio.to_thread.run_sync(load)
             except OSError as exc:
                 raise StorageError(f"cannot open job {name!r}: {exc}") from exc
-            job = Job(owner=owner, name=name, store=store, settings=self.config.policy, wal=WalWriter(store.log_dir))
+            job = Job(owner=owner, name=name, store=store, settings=self.config.policy, wal=WalWriter(store.log_dir),
+                      io_lock=self.io_lock(key))
             if recovered is not None:
                 job.root = recovered.tree
                 job.sessions = dict(recovered.sessions)
@@ -191,11 +244,11 @@ class Daemon:
                     now = self.clock()
                     job.generation = 1
                     job.dirty_since = job.last_update_at = now
+                    self.poke()  # the scheduler plans this job's save now, not at some unrelated wake-up
                 log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
                          job.latest_version, len(recovered.replay.records))
             job.next_version = ids[-1] + 1 if ids else 1
             self.jobs[key] = job
-            self._load_locks.pop(key, None)
             return job
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -215,6 +268,7 @@ class Daemon:
         os.umask(0o077)
         state_dir = self.config.state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_state_dir(state_dir, self.uid)
         lock = PidLock(state_dir / "daemon.lock", f"state dir {state_dir}")
         lock.acquire()
         self._locks.append(lock)
@@ -276,16 +330,17 @@ class Daemon:
                 if fd_path is not None:
                     # Before the rpc loop: a client that got an answer may use the fd socket right away.
                     await tg.start(self._fd_loop, fd_path)
-                tg.start_soon(self._rpc_loop)
-                tg.start_soon(self._scheduler_loop)
-                tg.start_soon(self._signal_loop)
-                tg.start_soon(self.reloader.watch)
-                tg.start_soon(self._watchdog)
+                self._supervise(tg, "rpc", self._rpc_loop)
+                self._supervise(tg, "scheduler", self._scheduler_loop)
+                self._supervise(tg, "signals", self._signal_loop)
+                self._supervise(tg, "reloader", self.reloader.watch)
+                self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
-                    tg.start_soon(serve_metrics, metrics, self.metrics_sample)
-                tg.start_soon(self.io.run)
+                    self._supervise(tg, "metrics", serve_metrics, metrics, self.metrics_sample,
+                                    self.config.max_connections)
+                self._supervise(tg, "iocontrol", self.io.run)
                 if self.config.preemption.provider != "off":
-                    tg.start_soon(self._preemption_loop)
+                    self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
                 self.notifier.ready(f"serving {self.config.address}")
@@ -293,6 +348,12 @@ class Daemon:
                 await self._stop.wait()
                 await self._flush_all()
                 tg.cancel_scope.cancel()
+        except Exception:
+            # Nothing should get here (every task is supervised); if something does, what was accepted is
+            # saved before the daemon exits, never dropped with it.
+            log.exception("unexpected error; saving every dirty job, then exiting")
+            self.exit_code = 1
+            await self._last_chance_flush()
         finally:
             if self._sock is not None:
                 self._sock.close(0)
@@ -310,6 +371,36 @@ class Daemon:
                 lock.release()
             self.notifier.close()
         return self.exit_code
+
+    def _supervise(self, tg: anyio.abc.TaskGroup, name: str, func: Callable[..., Any], *args: Any) -> None:
+        """Run a long-lived task that restarts (after a growing pause) whenever it fails: one task's bug
+        costs a log line and a retry, never the daemon and every job it holds."""
+
+        async def run() -> None:
+            backoff = 0.1
+            while True:
+                try:
+                    point("task", name, "start")
+                    await func(*args)
+                    return  # done (a watchdog with nothing to ping, a preemption notice handled)
+                except Exception:
+                    log.exception("task %s failed; restarting it in %.1fs", name, backoff)
+                    self.task_failures += 1
+                await anyio.sleep(backoff)
+                backoff = min(30.0, backoff * 2)
+                log.info("task %s restarting", name)
+
+        tg.start_soon(run, name=f"autosaved-{name}")
+
+    async def _last_chance_flush(self) -> None:
+        try:
+            with anyio.move_on_after(self.config.shutdown_deadline + 5):
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    await self._flush_all()
+                    tg.cancel_scope.cancel()
+        except Exception:
+            log.exception("the last-chance flush failed too")
 
     async def _signal_loop(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -431,10 +522,13 @@ class Daemon:
         assert self._tg is not None
         while True:
             self._wake = anyio.Event()
+            point("task", "scheduler", "before")
             now = self.clock()
             wake_at = math.inf
             if not self.shutting_down:
                 for job in list(self.jobs.values()):
+                    if job.deleted:
+                        continue
                     decision = decide(job.view(), now)
                     if decision.reason is not None:
                         self.writer.begin(job, decision.reason, self._tg)
@@ -476,11 +570,28 @@ class Daemon:
             raw_seq = header.get("seq")
             seq = raw_seq if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) else None
             op, seq = check_request(header)
-            request = Request(
-                op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
-                owner=peer_uid(header_frame, self.uid), header_size=len(header_frame),
-            )
-            reply = await self.handlers.dispatch(request)
+            owner = self.owner_of(header_frame)
+            point("task", "rpc", "before", op)
+            in_flight = self.in_flight_by_uid.get(owner, 0)
+            if in_flight >= self.config.quota.max_requests:
+                raise QuotaExceeded(
+                    f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
+                    f"{self.config.quota.max_requests}); wait for their replies",
+                    details={"quota": "max_requests", "limit": self.config.quota.max_requests, "used": in_flight},
+                )
+            self.in_flight_by_uid[owner] = in_flight + 1
+            try:
+                request = Request(
+                    op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
+                    owner=owner, header_size=len(header_frame),
+                )
+                reply = await self.handlers.dispatch(request)
+            finally:
+                left = self.in_flight_by_uid[owner] - 1
+                if left:
+                    self.in_flight_by_uid[owner] = left
+                else:
+                    del self.in_flight_by_uid[owner]
             out = ok_reply(seq, self.boot, **reply.fields)
             await self._send(identity, out, reply.frames)
         except AutosavedError as exc:
@@ -494,6 +605,16 @@ class Daemon:
             self.errors += 1
             log.exception("internal error handling a request")
             await self._send(identity, error_reply(seq, self.boot, InternalError(f"internal error: {exc!r}")), ())
+
+    def owner_of(self, header_frame: Any) -> int:
+        """Whose request this is. tcp carries no identity: it is the documented trusted-only setup, where
+        every peer acts as the daemon's own user. On ipc an identity the kernel did not tell is refused."""
+        if self.config.address.startswith("tcp://"):
+            return self.uid
+        uid = peer_uid(header_frame)
+        if uid is None:
+            raise Forbidden("cannot tell which user sent this request (no peer credentials); refused")
+        return uid
 
     async def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
         assert self._sock is not None
@@ -523,7 +644,14 @@ class Daemon:
             return
         task_status.started()
         try:
-            await listener.serve(self._fd_conn)
+            while True:
+                try:
+                    await serve_capped(listener, self._fd_conn, max_conns=self.config.max_connections,
+                                       name=f"fd socket {path}")
+                except Exception:  # the listener itself broke: log, pause, accept again
+                    log.exception("fd socket %s: accept loop failed; restarting it", path)
+                    self.task_failures += 1
+                    await anyio.sleep(1.0)
         finally:
             await listener.aclose()
             with contextlib.suppress(OSError):
@@ -551,30 +679,56 @@ class Daemon:
                 while True:
                     msg, fds = await stream.receive_fds(4096, 4)
                     if not msg:
-                        break
-                    try:
-                        req = msgpack.unpackb(msg)
-                        op = req.get("op") if isinstance(req, dict) else None
-                    except Exception:
-                        op, req = None, {}
-                    if op == "add":
-                        reply = self.slots.add(conn, req.get("slot"), req.get("size"), fds)
-                    else:
                         for fd in fds:
                             os.close(fd)
-                        if op == "drop":
-                            self.slots.drop(conn, req.get("slot"))
-                            reply = {"ok": True}
-                        else:
-                            reply = {"ok": False, "message": "unknown slot request"}
+                        break
+                    reply = self._fd_request(conn, msg, fds)
                     if not reply["ok"]:
-                        log.warning("refused a shared-memory slot pid=%d: %s", pid, reply["message"])
+                        log.warning("refused a shared-memory slot request pid=%d: %s", pid, reply["message"])
                     await send(msgpack.packb(reply))
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
+        except Exception:  # a bug: this connection ends (its slots reclaimed), the daemon serves on
+            log.exception("slot connection pid=%d failed; closing it", pid)
         finally:
             log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
             self.slots.close(conn)
+
+    def _fd_request(self, conn: Any, msg: bytes, fds: list[int]) -> dict[str, Any]:
+        """One request on the fd socket; every field checked here, every fd closed or kept by a slot."""
+        try:
+            point("task", "fd", "before", conn.pid)
+            try:
+                req = msgpack.unpackb(msg, strict_map_key=False)
+            except Exception:
+                req = None
+            op = req.get("op") if isinstance(req, dict) else None
+            slot = req.get("slot") if isinstance(req, dict) else None
+            if op == "add":
+                uid_limit = self.config.quota.max_shm_bytes
+                size = req.get("size") if isinstance(req, dict) else None
+                if (uid_limit is not None and isinstance(size, int)
+                        and self.slots.mapped_bytes_of(conn.uid) + size > uid_limit):
+                    for fd in fds:
+                        os.close(fd)
+                    fds = []
+                    return {"ok": False, "message": f"quota.max_shm_bytes: uid {conn.uid} would map more than "
+                                                    f"{uid_limit} bytes of slots"}
+                taken, fds = fds, []  # add closes them, whatever happens
+                reply: dict[str, Any] = self.slots.add(conn, slot, size, taken)
+                return reply
+            if op == "drop":
+                if not isinstance(slot, int) or isinstance(slot, bool):
+                    return {"ok": False, "message": "drop needs a slot id (an integer)"}
+                self.slots.drop(conn, slot)
+                return {"ok": True}
+            return {"ok": False, "message": "unknown slot request"}
+        except Exception as exc:
+            log.exception("slot request failed")
+            return {"ok": False, "message": f"internal error: {exc!r}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def referenced_mappings(self) -> set[int]:
         """Slot mappings that some live state or snapshot being written still reads."""
@@ -653,7 +807,9 @@ class Daemon:
             ids = store.version_ids()
             out[(store.owner, store.job)] = {
                 "job": store.job, "owner": store.owner, "versions": len(ids),
-                "latest": ids[-1] if ids else None, "bytes": store.stored_bytes(), "dirty": False,
+                "latest": ids[-1] if ids else None, "bytes": store.stored_bytes(),
+                # A job not loaded may still hold logged updates past its newest version.
+                "dirty": (store.owner, store.job) not in self.jobs and store.unsaved_log_records() > 0,
             }
         for job in list(self.jobs.values()):
             if owner is not None and job.owner != owner:

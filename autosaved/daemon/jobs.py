@@ -85,6 +85,9 @@ class Job:
     log_pending: list[LogWaiter] = field(default_factory=list)
     log_writing: list[LogWaiter] = field(default_factory=list)
     log_flushing: bool = False
+    # Set by ``delete`` (under the job's key lock): nothing may be acknowledged for it or written into its
+    # folder any more; a request for the job waits for the delete and then starts a new job.
+    deleted: bool = False
 
     @property
     def key(self) -> JobKey:

@@ -7,11 +7,12 @@ leaves a stale lock behind.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
 
-from ..errors import AlreadyRunning
+from ..errors import AlreadyRunning, AutosavedError
 
 
 class PidLock:
@@ -21,7 +22,14 @@ class PidLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # O_NOFOLLOW: a symlink planted in place of the lock file must not make the daemon (often root)
+        # truncate and write whatever file it points at.
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise AutosavedError(f"{self.path} is a symbolic link; refusing to use it as a lock file") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -2,35 +2,34 @@
 
 The daemon hands over a :class:`Sample` (what it knows at one instant); :func:`families` turns it into
 metric families and :func:`render` into exposition text, both pure, so the format is tested without
-sockets. :func:`open_metrics` binds ``prometheus_client``'s WSGI app on a threaded server of its own
-(the scrape's rendering and socket work stay off the event loop); each scrape asks the event loop for a
-fresh :class:`Sample` (``anyio.from_thread``), so the daemon's state is only ever read on its own loop.
+sockets. :func:`serve_metrics` is the I/O edge: a minimal HTTP/1.0 responder on an anyio TCP listener,
+behind the same capped, EMFILE-proof accept loop as the fd socket (:mod:`autosaved.daemon.accept`): the
+port is open to every local user, and a flood of idle connections must cost neither the daemon's fds
+nor a thread each (which a threaded WSGI server would). The sample is taken on the event loop (the
+daemon's state is only read there); the rendering runs in a worker thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import socket
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
+import anyio.abc
 import anyio.to_thread
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..errors import AutosavedError
+from ..storage.faults import point
 
 log = logging.getLogger("autosaved.metrics")
 
+MAX_REQUEST = 8192
 CONTENT_TYPE = prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -151,61 +150,61 @@ def render(s: Sample) -> str:
     return prometheus_client.generate_latest(_registry(lambda: s)).decode()
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """Scrapes are routine: not one log line each."""
+def _response(status: str, body: str, content_type: str = "text/plain; charset=utf-8") -> bytes:
+    data = body.encode()
+    head = (f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
+            "Connection: close\r\n\r\n")
+    return head.encode() + data
 
 
-@dataclass
-class MetricsServer:
-    """A bound endpoint, not yet serving (see :func:`serve_metrics`)."""
-
-    server: WSGIServer
-    # Set by serve_metrics: how a scrape thread gets a Sample from the event loop.
-    sample: Callable[[], Sample] | None = None
-
-
-def _only_metrics(app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != "/metrics":
-            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"the metrics are at /metrics\n"]
-        return app(environ, start_response)
-
-    return wsgi
-
-
-async def open_metrics(host: str, port: int) -> MetricsServer:
-    """Bind the endpoint; before the daemon's task group starts, so a busy port is a plain startup error."""
-    handle: MetricsServer | None = None
-    token = anyio.lowlevel.current_token()
-
-    def sample() -> Sample:
-        # Runs in a scrape thread: the daemon's state is read on its own event loop, never here.
-        assert handle is not None and handle.sample is not None
-        return anyio.from_thread.run_sync(handle.sample, token=token)
-
-    class Server(ThreadingWSGIServer):
-        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    app = _only_metrics(prometheus_client.make_wsgi_app(_registry(sample)))
+async def _handle(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
+    # An error escaping a handler would end serve(), and with it the daemon: it must end this request only.
     try:
-        server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        point("task", "metrics", "before")
+        await _answer(stream, sample)
+    except Exception:
+        log.exception("metrics request failed")
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+async def _answer(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
+    async with stream:
+        request = b""
+        with anyio.move_on_after(5):
+            while b"\r\n\r\n" not in request and b"\n\n" not in request and len(request) < MAX_REQUEST:
+                try:
+                    request += await stream.receive(MAX_REQUEST)
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+        parts = request.split(b"\r\n", 1)[0].split()
+        if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+            reply = _response("400 Bad Request", "expected GET /metrics\n")
+        elif parts[1].split(b"?", 1)[0] != b"/metrics":
+            reply = _response("404 Not Found", "the metrics are at /metrics\n")
+        else:
+            snapshot = sample()  # on the event loop; the text is made in a worker thread
+            reply = _response("200 OK", await anyio.to_thread.run_sync(render, snapshot), CONTENT_TYPE)
+            if parts[0] == b"HEAD":
+                reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await stream.send(reply)
+
+
+async def open_metrics(host: str, port: int) -> anyio.abc.Listener[anyio.abc.SocketStream]:
+    """Bind the endpoint; before the daemon's task group starts, so a busy port is a plain startup error."""
+    try:
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     except OSError as exc:
         raise AutosavedError(f"metrics_address: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    handle = MetricsServer(server)
     log.info("metrics endpoint listening address=http://%s:%d/metrics", host, port)
-    return handle
+    return listener
 
 
-async def serve_metrics(handle: MetricsServer, sample: Callable[[], Sample]) -> None:
-    """Serve scrapes from a thread of the endpoint's own until cancelled (the daemon's shutdown)."""
-    handle.sample = sample
-    thread = threading.Thread(target=handle.server.serve_forever, name="autosaved-metrics", daemon=True)
-    thread.start()
-    try:
-        await anyio.sleep_forever()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(handle.server.shutdown)
-            handle.server.server_close()
+async def serve_metrics(listener: anyio.abc.Listener[anyio.abc.SocketStream], sample: Callable[[], Sample],
+                        max_conns: int = 256) -> None:
+    """Serve until cancelled. The port is open to every local user: connections are capped and an
+    ``accept()`` failure (``EMFILE`` under a flood of idle connections) backs off instead of ending it."""
+    from .accept import serve_capped
+
+    await serve_capped(listener, lambda stream: _handle(stream, sample), max_conns=max_conns, name="metrics")

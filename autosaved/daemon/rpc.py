@@ -11,7 +11,7 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +23,10 @@ from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, Shutting
 from ..names import validate_job_name
 from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames
 from ..shm import layout, release_mapping
-from ..state import State, delta_bytes, merge, tree_bytes
+from ..state import State, delta_bytes, merge
 from ..storage.fsutil import pwrite_all
 from ..storage.local import JobStore
-from ..tree import Blob, from_node, to_node
+from ..tree import Blob, Replace, from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
 from .slottable import SlotConn
 
@@ -67,12 +67,42 @@ def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
         raise ProtocolError("meta must be a map with string keys")
     try:
-        encoded = json.dumps(meta, allow_nan=False)
+        # Exactly how the manifest will serialise it (storage/manifest.py): a value that passed here can
+        # never fail the save later, where it would be the job's error, replayed from the log at every start.
+        encoded = json.dumps(meta, sort_keys=True, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"meta must be JSON-like: {exc}") from None
+        raise ProtocolError(f"meta must be JSON-like, with keys of one type per map: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("meta is nested too deeply") from None
     if len(encoded) > MAX_META_BYTES:
         raise ProtocolError(f"meta is {len(encoded)} bytes; the limit is {MAX_META_BYTES}")
-    return meta
+    # What the manifest will hold (int keys become strings): the live state and the log then agree with it.
+    normal: dict[str, Any] = json.loads(encoded)
+    return normal
+
+
+def state_bytes(tree: Any) -> int:
+    """What ``quota.max_bytes`` counts: every leaf's bytes (binary leaves, and strings as UTF-8, and the
+    keys), so 40 MiB of ``str`` leaves weigh 40 MiB, not nothing. Small scalars count 8 bytes."""
+    total = 0
+    stack = [tree]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, Blob):
+            total += value.nbytes
+        elif isinstance(value, str):
+            total += len(value.encode("utf-8", "surrogatepass"))
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                total += len(key.encode("utf-8", "surrogatepass")) if isinstance(key, str) else 8
+                stack.append(sub)
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+        elif isinstance(value, Replace):
+            stack.append(value.mapping)
+        else:
+            total += 8
+    return total
 
 
 class Handlers:
@@ -119,13 +149,13 @@ class Handlers:
         limit = self.d.config.quota.max_bytes
         if limit is None or job.owner == 0:
             return
-        after = tree_bytes(merge(job.root, delta))
-        others = sum(tree_bytes(j.root) for j in self.d.jobs.values() if j.owner == job.owner and j is not job)
+        after = state_bytes(merge(job.root, delta))
+        others = sum(state_bytes(j.root) for j in self.d.jobs.values() if j.owner == job.owner and j is not job)
         if others + after > limit:
             raise QuotaExceeded(
                 f"quota.max_bytes: this update would make the jobs of uid {job.owner} hold {others + after} "
                 f"bytes of state (the limit is {limit}); the update was not applied",
-                details={"quota": "max_bytes", "limit": limit, "used": others + tree_bytes(job.root)},
+                details={"quota": "max_bytes", "limit": limit, "used": others + state_bytes(job.root)},
             )
 
     def _job_name(self, req: Request) -> str:
@@ -251,7 +281,8 @@ class Handlers:
     async def op_restore(self, req: Request) -> Reply:
         name = self._job_name(req)
         version = _opt_int(req.header, "version")
-        job = self.d.jobs.get((req.owner, name))
+        # Loaded (log replayed) if it exists: a restore after a restart sees every ``logged`` update.
+        job = await self.d.find_job(req.owner, name) if version is None else self.d.jobs.get((req.owner, name))
         store = job.store if job else self.d.store.job(req.owner, name)
         if version is None and job is not None and (job.dirty or job.latest_version is not None or job.root):
             tree: State | None = job.root
@@ -335,13 +366,9 @@ class Handlers:
         if job_name is None:
             return Reply(self.d.status(owner=None if req.owner in (0, self.d.uid) else req.owner))
         name = validate_job_name(job_name)
-        job = self.d.jobs.get((req.owner, name))
+        job = await self.d.find_job(req.owner, name)  # loaded if on disk: dirty/step include replayed records
         if job is None:
-            store = self.d.store.job(req.owner, name)
-            ids = await anyio.to_thread.run_sync(store.version_ids)
-            if not ids:
-                raise NotFound(f"no job named {name!r}")
-            return Reply({"job": name, "owner": req.owner, "dirty": False, "latest_version": ids[-1], "live": False})
+            raise NotFound(f"no job named {name!r}")
         return Reply({**job.status(), "live": True})
 
     async def op_list(self, req: Request) -> Reply:
@@ -350,10 +377,12 @@ class Handlers:
             owner = None if req.owner == 0 else req.owner
             return Reply({"jobs": await anyio.to_thread.run_sync(lambda: self.d.list_jobs(owner))})
         store = self.d.store.job(req.owner, validate_job_name(job_name))
-        infos = await anyio.to_thread.run_sync(store.list_versions)
-        if not infos and (req.owner, store.job) not in self.d.jobs:
+        job = await self.d.find_job(req.owner, store.job)
+        if job is None:
             raise NotFound(f"no job named {store.job!r}")
-        return Reply({"versions": [i.to_json() for i in infos]})
+        async with job.io_lock:  # no retention or gc of this job while its versions are read
+            infos = await anyio.to_thread.run_sync(store.list_versions)
+        return Reply({"versions": [i.to_json() for i in infos], "dirty": job.dirty, "step": job.step})
 
     def _stores(self, req: Request) -> list[tuple[JobStore, Job | None]]:
         """The job a maintenance request names, or every job of its owner (all owners for root)."""
@@ -369,11 +398,9 @@ class Handlers:
     async def op_verify(self, req: Request) -> Reply:
         """Re-hash every retained version (and read every log record) of one job or all of them."""
         reports = []
-        for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
-            if job is not None:
-                async with job.io_lock:  # no garbage collection of this job while it is read
-                    reports.append(await anyio.to_thread.run_sync(store.check))
-            else:
+        for store, _job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
+            # No garbage collection of this job while it is read, loaded or not.
+            async with self.d.io_lock((store.owner, store.job)):
                 reports.append(await anyio.to_thread.run_sync(store.check))
         return Reply({"jobs": reports})
 
@@ -383,10 +410,10 @@ class Handlers:
         for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
             settings = job.settings if job is not None else self.d.config.policy
             keep, every = settings.keep_last, settings.keep_every
-            if job is not None:
-                async with job.io_lock:  # never while a save of the job has unreferenced chunks on disk
-                    result = await anyio.to_thread.run_sync(store.gc, keep, every)
-            else:
+            # Never while a save of the job has unreferenced chunks on disk, and no save starts (so none
+            # dedups against a chunk being removed) until the collection is over: the lock is per (owner,
+            # job), whether or not the job is loaded, and a job loaded meanwhile takes the same lock.
+            async with self.d.io_lock((store.owner, store.job)):
                 result = await anyio.to_thread.run_sync(store.gc, keep, every)
             log.info("gc job=%s owner=%d deleted_versions=%s removed_chunks=%d freed_bytes=%d", store.job,
                      store.owner, result.deleted_versions, result.removed_chunks, result.freed_bytes)
@@ -398,19 +425,37 @@ class Handlers:
         a new, empty job of that name."""
         name = self._job_name(req)
         key = (req.owner, name)
-        job = self.d.jobs.pop(key, None)
-        store = job.store if job is not None else self.d.store.job(req.owner, name)
-        if job is None and not await anyio.to_thread.run_sync(store.path.exists):
-            raise NotFound(f"no job named {name!r}")
-        versions = await anyio.to_thread.run_sync(store.version_ids)
-        if job is not None:
-            # A save already writing must finish (or fail) before its folder goes away.
-            async with job.io_lock, job.wal_lock:
-                job.finish_waiters(NotFound(f"job {name!r} was deleted"))
-                if job.wal is not None:
-                    job.wal.close()
-                await anyio.to_thread.run_sync(store.delete)
-        else:
-            await anyio.to_thread.run_sync(store.delete)
+        # The job's key lock is held until the folder is gone: a request that would load or recreate the
+        # job waits for it (and then starts a new, empty job); none is acknowledged for a folder being
+        # deleted. The job stays in the table meanwhile, so nothing else loads a second copy.
+        async with self.d.key_lock(key):
+            job = self.d.jobs.get(key)
+            if job is not None:
+                job.deleted = True  # from now on nothing is acknowledged for it: get_job waits for this lock
+            store = job.store if job is not None else self.d.store.job(req.owner, name)
+            if job is None and not await anyio.to_thread.run_sync(store.path.exists):
+                raise NotFound(f"no job named {name!r}")
+            try:
+                versions = await self._delete(key, job, store)
+            except BaseException:
+                if job is not None and key in self.d.jobs:
+                    job.deleted = False  # the folder is still there: the job goes on being served
+                raise
         log.info("deleted job=%s owner=%d versions=%d reason=request", name, req.owner, len(versions))
         return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions)})
+
+    async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStore) -> list[int]:
+        name = key[1]
+        versions = await anyio.to_thread.run_sync(store.version_ids)
+        # A save already writing must finish (or fail) before its folder goes away; gc too.
+        async with self.d.io_lock(key):
+            if job is not None:
+                async with job.wal_lock:
+                    job.finish_waiters(NotFound(f"job {name!r} was deleted"))
+                    if job.wal is not None:
+                        job.wal.close()
+                    self.d.jobs.pop(key, None)
+                    await anyio.to_thread.run_sync(store.delete)
+            else:
+                await anyio.to_thread.run_sync(store.delete)
+        return versions

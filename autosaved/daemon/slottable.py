@@ -41,6 +41,10 @@ class SlotTable:
     def mapped_bytes(self) -> int:
         return sum(sum(c.sizes.values()) for c in self.conns.values())
 
+    def mapped_bytes_of(self, uid: int) -> int:
+        """Bytes of slots one user has mapped (``quota.max_shm_bytes``)."""
+        return sum(sum(c.sizes.values()) for c in self.conns.values() if c.uid == uid)
+
     def open(self, uid: int, pid: int) -> SlotConn:
         conn = SlotConn(secrets.token_hex(16), uid, pid)
         self.conns[conn.token] = conn

@@ -16,7 +16,8 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from ..errors import StorageError
+from ..errors import NotFound, StorageError
+from ..storage.faults import point
 from .jobs import Job, LogWaiter, raise_durable
 
 log = logging.getLogger("autosaved.wal")
@@ -46,6 +47,9 @@ class LogCommitter:
                 job.log_writing = batch  # their blobs may live in client slots: keep those lent
                 try:
                     error = await self._write(job, batch)
+                except Exception as exc:  # never leave a waiter hanging, never end the daemon
+                    log.exception("log commit failed job=%s", job.name)
+                    error = StorageError(f"could not log the update of {job.name!r}: {exc!r}")
                 finally:
                     job.log_writing = []
                 for w in batch:
@@ -59,14 +63,19 @@ class LogCommitter:
         assert wal is not None
         records = [w.record for w in batch]
         async with job.wal_lock:
+            if job.deleted:
+                return NotFound(f"job {job.name!r} was deleted; this update was not applied")
             if job.wal_broken:
                 return StorageError(f"write-ahead log of {job.name!r} is unavailable: {job.wal_broken}")
             if job.rotate_log:
                 wal.rotate()
                 job.rotate_log = False
             try:
+                point("task", "logger", "before", job.name)
                 await anyio.to_thread.run_sync(lambda: wal.append(records))
-            except OSError as exc:
+            except Exception as exc:  # a bug too: this job's error (a snapshot follows), never the daemon's
+                if not isinstance(exc, OSError):
+                    log.exception("unexpected error appending to the log of job=%s", job.name)
                 job.wal_broken = str(exc)
                 job.wal_broken_lsn = records[-1].lsn
                 job.explicit_requested = True  # a snapshot makes everything durable and restarts the log
@@ -74,7 +83,7 @@ class LogCommitter:
                 log.error("write-ahead log append failed job=%s records=%d error=%s", job.name, len(records), exc)
                 return StorageError(
                     f"could not log the update of {job.name!r} ({exc}); it is held in memory and a snapshot "
-                    "is being saved", details={"errno": exc.errno},
+                    "is being saved", details={"errno": getattr(exc, "errno", None)},
                 )
         for record in records:
             raise_durable(job, record.sessions)

@@ -17,6 +17,7 @@ import anyio.to_thread
 
 from ..errors import AutosavedError, StorageError
 from ..policy import SaveReason
+from ..storage.faults import point
 from ..throttle import SaveAborted, TokenBucket
 from .jobs import Job, SaveTicket, commit_failed, commit_succeeded, take_snapshot
 
@@ -50,6 +51,9 @@ class Writer:
     def begin(self, job: Job, reason: SaveReason, tg: anyio.abc.TaskGroup) -> None:
         """Snapshot ``job`` now (synchronously, so no update can slip in half-way) and save it in ``tg``."""
         ticket = take_snapshot(job, reason, self.clock())
+        # Registered now, not when the task starts: an update answered in between must be told that the
+        # slots this snapshot reads are still lent (``held``).
+        self.in_flight[(*job.key, ticket.version)] = ticket
         tg.start_soon(self._save, ticket)
 
     async def _save(self, ticket: SaveTicket) -> None:
@@ -57,7 +61,6 @@ class Writer:
         # The job's io_lock spans write and retention: garbage collection must never run while another
         # save of the job has written chunks that no manifest references yet.
         key = (*job.key, ticket.version)
-        self.in_flight[key] = ticket
         try:
             async with job.io_lock:
                 await self._write(ticket)
@@ -68,6 +71,9 @@ class Writer:
         job = ticket.job
         started = time.perf_counter()
         try:
+            if job.deleted:
+                raise StorageError(f"job {job.name!r} was deleted")
+            point("task", "writer", "before", job.name)
             async with self.limiter:
                 write_started, throttled_before = time.perf_counter(), self.bucket.throttled_s
                 compression = job.settings.compression  # read now: a reload may change it mid-save
@@ -81,7 +87,11 @@ class Writer:
                 )
                 self._learn_speed(result.bytes_written, time.perf_counter() - write_started,
                                   self.bucket.throttled_s - throttled_before)
-        except (StorageError, AutosavedError, OSError, SaveAborted) as exc:
+        except Exception as exc:
+            # Whatever went wrong (a bug included) is this job's error, retried with backoff; never the
+            # daemon's, whose other jobs keep being served.
+            if not isinstance(exc, StorageError | AutosavedError | OSError | SaveAborted):
+                log.exception("unexpected error saving job=%s", job.name)
             self.failures += 1
             commit_failed(ticket, exc, self.clock())
             log.error("save failed job=%s version=%d reason=%s error=%s retry_in=%.1fs", job.name,
@@ -109,7 +119,7 @@ class Writer:
                         wal.rotate()
                         job.rotate_log = False
                     await anyio.to_thread.run_sync(lambda: wal.drop_through(ticket.wal_lsn))
-            except OSError as exc:
+            except Exception as exc:
                 log.warning("could not drop covered log segments job=%s error=%s", job.name, exc)
         try:
             keep, every = job.settings.keep_last, job.settings.keep_every
@@ -118,7 +128,7 @@ class Writer:
             )
             if deleted:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)
-        except OSError as exc:
+        except Exception as exc:
             log.warning("retention failed job=%s error=%s", job.name, exc)
 
     def _learn_speed(self, nbytes: int, elapsed: float, throttled: float) -> None:

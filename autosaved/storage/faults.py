@@ -9,8 +9,9 @@ the daemon runs) holds one rule per line::
 Every instrumented point is listed in :data:`POINTS`. The rule fires on the ``n``-th matching call
 (counted from when the rule appeared), and on every later one with a trailing ``+``. ``kind`` may be
 ``*``. Actions: ``crash`` (SIGKILL this process: a power cut at exactly that instant, as far as this
-process is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``sleep:<seconds>`` (block
-the calling thread: on the event loop's own points, a hung loop). ``<kind>.write.middle`` is inside a
+process is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``raise`` (a RuntimeError: a bug, for the
+supervision tests), ``sleep:<seconds>`` (block the calling thread: on the event loop's own points, a hung
+loop; in a worker, a widened race window). ``<kind>.write.middle`` is inside a
 write: half of the buffer has reached the kernel when it fires, so ``crash`` there leaves a real torn
 tail and an error a real partial file.
 
@@ -55,6 +56,11 @@ POINTS: dict[str, str] = {
     "loop.tick.before": "the rpc loop goes round, on the event loop itself (sleep: a hung event loop)",
     "rpc.poll.before": "the rpc loop goes round, in a worker thread (sleep: an rpc loop that stalls while "
                        "the event loop runs)",
+    "gc.collect.before": "a garbage collection is about to list what the manifests reference",
+    **{f"task.{t}.start": "a supervised daemon task starts (raise: a bug at its start)"
+       for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption")},
+    **{f"task.{t}.before": "a daemon task is about to do one piece of work (raise: a bug in that piece)"
+       for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics")},
 }
 
 
@@ -135,8 +141,10 @@ class _Faults:
     def _fire(rule: _Rule, where: str) -> None:
         if rule.action == "crash":
             os.kill(os.getpid(), signal.SIGKILL)
-        if rule.action.startswith("sleep:"):
-            time.sleep(float(rule.action.removeprefix("sleep:")))
+        if rule.action == "raise":
+            raise RuntimeError(f"injected failure at {where}")
+        if rule.action.startswith("sleep"):
+            time.sleep(float(rule.action.removeprefix("sleep").removeprefix(":")))
             return
         code = _ERRORS[rule.action]
         raise OSError(code, f"{os.strerror(code)} (injected at {where})")

@@ -69,6 +69,11 @@ DIR_MODE = 0o750
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
 
+def _shared(blob: Blob) -> bool:
+    """Whether the blob's bytes live in a client's shared-memory slot (a mapping the client can write)."""
+    return blob.data is not None and isinstance(blob.data.obj, mmap.mmap)
+
+
 def _sha256_hex(data: memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -198,13 +203,31 @@ class JobStore:
         records: list[dict[str, Any]] = []
         written = chunks_written = 0
         dirs_touched: set[Path] = set()
-        # Every leaf is hashed in the pool ahead of the writes below, so hashing overlaps writing.
+        # Every leaf is hashed in the pool ahead of the writes below, so hashing overlaps writing. Leaves in
+        # a client's shared-memory slot are not: the client can still write there, so their chunks are
+        # copied first and named by the hash of the copy, which is what gets written (see _shared_chunks).
         ahead = {id(b): submit_digests(b.data, chunk_size) for b in blobs
-                 if b.data is not None and chunk_size not in b.digests}
+                 if b.data is not None and chunk_size not in b.digests and not _shared(b)}
         for blob in blobs:
+            if _shared(blob) and chunk_size not in blob.digests:
+                recs, n_bytes, n_chunks, touched = self._write_shared(blob, chunk_size, compression, pace)
+                records.append(recs)
+                written += n_bytes
+                chunks_written += n_chunks
+                dirs_touched |= touched
+                continue
             if id(blob) in ahead:
                 blob.digests[chunk_size] = tuple(Chunk(f.result(), n) for n, f in ahead[id(blob)])
             chunks = self._chunks_of(blob, chunk_size)
+            if _shared(blob) and not all(self._has_object(c.digest) for c in chunks):
+                # A cached hash of shared bytes that must be written again: hash what is written instead.
+                del blob.digests[chunk_size]
+                recs, n_bytes, n_chunks, touched = self._write_shared(blob, chunk_size, compression, pace)
+                records.append(recs)
+                written += n_bytes
+                chunks_written += n_chunks
+                dirs_touched |= touched
+                continue
             try_compress = worth_trying(blob, compression)
             offset = 0
             for chunk in chunks:
@@ -244,6 +267,56 @@ class JobStore:
         manifest = seal(body)
         atomic_write(self.versions_dir / f"{version:012d}.json", manifest, self.tmp_dir)
         return SaveResult(info=info, bytes_written=written + len(manifest), chunks_written=chunks_written)
+
+    def _write_chunk(self, digest: str, data: bytes | memoryview, try_compress: bool, pace: Pacer | None,
+                     touched: set[Path]) -> int:
+        packed = compress_chunk(memoryview(data)) if try_compress else None
+        target = self._object_path(digest, compressed=packed is not None)
+        if not target.parent.is_dir():
+            target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+            touched.add(self.objects_dir)
+        tmp = temp_name(self.tmp_dir, digest)
+        n = write_fsync(tmp, [data if packed is None else packed], pace=pace, drop_cache=True)
+        try:
+            rename(tmp, target, "chunk")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        touched.add(target.parent)
+        return n
+
+    def _write_shared(self, blob: Blob, chunk_size: int, compression: str,
+                      pace: Pacer | None) -> tuple[dict[str, Any], int, int, set[Path]]:
+        """Store a leaf whose bytes live in a client's shared-memory slot, which the client may still write
+        into (a forked child, a stray pointer): each chunk is copied once into private memory and named by
+        the hash of that copy, the bytes that are then written. So a chunk's name is always the hash of its
+        stored bytes, and a scribbling client can only change what its own version holds, never make the
+        store hold a chunk that does not match its name (which dedup would spread into later versions)."""
+        assert blob.data is not None
+        data = blob.data
+        try_compress = worth_trying(blob, compression)
+        starts = list(range(0, data.nbytes, chunk_size)) or [0]
+
+        def copy_and_hash(start: int) -> tuple[bytes, Future[str]]:
+            private = bytes(data[start : start + chunk_size])
+            return private, _HASH_POOL.submit(_sha256_hex, memoryview(private))
+
+        touched: set[Path] = set()
+        chunks: list[Chunk] = []
+        written = count = 0
+        nxt = copy_and_hash(starts[0])
+        for i in range(len(starts)):
+            private, digest_future = nxt
+            if i + 1 < len(starts):
+                nxt = copy_and_hash(starts[i + 1])  # hashed in the pool while this one is written
+            digest = digest_future.result()
+            chunks.append(Chunk(digest, len(private)))
+            if not self._has_object(digest):
+                written += self._write_chunk(digest, private, try_compress, pace, touched)
+                count += 1
+        done = tuple(chunks)
+        blob.digests[chunk_size] = done  # what this version holds; a later save dedups against it
+        return blob_record(blob, done), written, count, touched
 
     @staticmethod
     def _chunks_of(blob: Blob, chunk_size: int) -> tuple[Chunk, ...]:
@@ -450,6 +523,22 @@ class JobStore:
             rec.meta.update(record.meta)
         return rec
 
+    def unsaved_log_records(self) -> int:
+        """How many write-ahead log records a replay would apply over the newest version (cheap: reads the
+        newest manifest and the log, not the chunks), so ``list`` shows a job with only logged updates as
+        having unsaved state whether or not a daemon has it loaded. A damaged log counts as one."""
+        after = 0
+        for vid in reversed(self.version_ids()):
+            try:
+                after = int(self.read_manifest(vid).get("wal_lsn", 0))
+                break
+            except (CorruptVersion, NotFound, StorageError, ValueError):
+                continue
+        try:
+            return len(read_log(self.log_dir, after).records)
+        except StorageError:
+            return 1
+
     # -- retention -------------------------------------------------------------------------------
 
     def apply_retention(self, keep_last: int, protect: set[int] | None = None,
@@ -497,6 +586,7 @@ class JobStore:
     def collect_garbage(self) -> GcResult:
         """Delete chunks no manifest references. Crash-safe because manifests go first: a chunk is only
         ever deleted once nothing can reach it, and a crash half-way leaves garbage for the next run."""
+        point("gc", "collect", "before", self.job)
         refs = self.referenced_digests()
         if refs is None:
             msg = "not collecting garbage while a manifest is unreadable (see `autosaved verify`)"
@@ -530,12 +620,14 @@ class JobStore:
         versions = self.list_versions(verify=True)
         segs = segments(self.log_dir)
         scans = [scan_segment(path) for _, path in segs]
-        torn = [s.torn for s in scans if s.torn]
+        torn = [s.torn for s in scans if s.torn and not s.damaged]
+        damaged = [s.torn for s in scans if s.damaged]
         return {
             "job": self.job, "owner": self.owner,
-            "ok": all(v.ok for v in versions),
+            "ok": all(v.ok for v in versions) and not damaged,
             "versions": [v.to_json() for v in versions],
-            "log": {"segments": len(segs), "records": sum(len(s.records) for s in scans), "torn": torn},
+            "log": {"segments": len(segs), "records": sum(len(s.records) for s in scans), "torn": torn,
+                    "damaged": damaged},
         }
 
     def _object_dirs(self) -> Iterator[Path]:

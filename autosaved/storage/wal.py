@@ -15,12 +15,16 @@ deletes the segments that only hold records up to it, and the daemon starts a ne
 snapshot so deletion is a file unlink, never a rewrite.
 
 A torn record (a crash mid-append) can only be at the end of a segment and was never acknowledged:
-readers stop that segment there, and the daemon cuts it off with a warning.
+readers stop that segment there, and the daemon cuts it off with a warning. A record that fails its
+checksum or decoding with a whole, valid record *after* it is not a torn tail but damage (a bad sector, a
+stray write): records after it were acknowledged, so nothing is cut. Readers stop there and raise
+:class:`LogDamaged`; the bytes stay for an administrator (``autosaved verify`` names the place).
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import struct
@@ -32,8 +36,8 @@ from typing import Any
 
 import msgpack
 
-from ..errors import CorruptVersion
-from ..tree import Blob, from_node, to_node
+from ..errors import CorruptVersion, StorageError
+from ..tree import MAX_DEPTH, Blob, from_node, to_node
 from .faults import point, write
 from .fsutil import fsync_dir, make_dirs
 
@@ -44,6 +48,7 @@ _HEAD = struct.Struct("<4sQI")
 _U32 = struct.Struct("<I")
 _SEGMENT = re.compile(r"^(\d{16})\.wal$")
 MAX_RECORD = 1 << 40
+LOG_MAX_DEPTH = 4 * MAX_DEPTH
 
 
 @dataclass
@@ -63,11 +68,13 @@ def encode(rec: Record) -> list[bytes | memoryview]:
          "blobs": [b.descriptor() for b in blobs]},
         use_bin_type=True,
     )
-    datas: list[memoryview] = []
+    datas: list[bytes | memoryview] = []
     for b in blobs:
         if b.data is None:
             raise ValueError("a logged delta holds a blob with no bytes in memory")
-        datas.append(b.data)
+        # Bytes in a client's shared-memory slot may change while we read them: checksum and write one
+        # private copy, so a scribbling client cannot make an acknowledged record fail its checksum.
+        datas.append(bytes(b.data) if isinstance(b.data.obj, mmap.mmap) else b.data)
     pieces: list[bytes | memoryview] = [_U32.pack(len(head)), head, *datas]
     crc = 0
     length = 0
@@ -88,7 +95,9 @@ def _decode(payload: memoryview, where: str) -> Record:
         offset += nbytes
     if offset != payload.nbytes:
         raise CorruptVersion(f"{where}: record length does not match its blobs")
-    delta = from_node(head["tree"], blobs, allow_delete=True, allow_replace=True)
+    # Deeper than a client may send: merging deltas in the log wraps a mapping in a Replace node (one level
+    # per merge point), and what the log accepted it must be able to replay.
+    delta = from_node(head["tree"], blobs, allow_delete=True, allow_replace=True, max_depth=LOG_MAX_DEPTH)
     return Record(lsn=int(head["lsn"]), sessions={str(k): int(v) for k, v in head["sessions"].items()},
                   step=head.get("step"), meta=dict(head.get("meta") or {}), delta=delta)
 
@@ -101,12 +110,32 @@ def segments(log_dir: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), log_dir / n) for n in names if (m := _SEGMENT.match(n)))
 
 
+class LogDamaged(StorageError):
+    """A record in the middle of the log is unreadable while records after it are whole."""
+
+
 @dataclass
 class SegmentScan:
     path: Path
     records: list[Record] = field(default_factory=list)
     good_bytes: int = 0
     torn: str | None = None
+    # Set instead of being cut when valid records follow the bad one (see the module docstring).
+    damaged: bool = False
+
+
+def _whole_record_after(data: memoryview, start: int) -> int | None:
+    """The offset of the first record after ``start`` whose header and checksum hold, if any."""
+    raw = data.obj if isinstance(data.obj, bytes) else bytes(data)
+    at = raw.find(MAGIC, start + 1)
+    while at != -1:
+        if data.nbytes - at >= _HEAD.size:
+            _magic, length, crc = _HEAD.unpack_from(data, at)
+            end = at + _HEAD.size + length
+            if length <= MAX_RECORD and end <= data.nbytes and zlib.crc32(data[at + _HEAD.size : end]) == crc:
+                return at
+        at = raw.find(MAGIC, at + 1)
+    return None
 
 
 def scan_segment(path: Path) -> SegmentScan:
@@ -137,6 +166,11 @@ def scan_segment(path: Path) -> SegmentScan:
             break
         offset += _HEAD.size + length
         scan.good_bytes = offset
+    if scan.torn is not None:
+        after = _whole_record_after(data, scan.good_bytes)
+        if after is not None:
+            scan.damaged = True
+            scan.torn = f"{scan.torn}; a whole record follows at offset {after}: damage, not a torn tail"
     return scan
 
 
@@ -159,6 +193,14 @@ def read_log(log_dir: Path, after_lsn: int, *, repair: bool = False) -> Replay:
     gap = False
     for _, path in segments(log_dir):
         scan = scan_segment(path)
+        if scan.damaged:
+            # Records after the bad one were acknowledged: replaying around it could reorder updates, and
+            # committing a version over it would let the log be dropped. Stop, keep every byte, report.
+            raise LogDamaged(
+                f"write-ahead log damaged: {scan.torn}. Nothing was cut; the job is not served until an "
+                f"administrator looks at {path} (`autosaved verify` lists it; moving the segment away "
+                "accepts losing its records)"
+            )
         if scan.torn:
             warnings.append(f"write-ahead log torn tail cut: {scan.torn}")
             if repair:

@@ -1,0 +1,190 @@
+"""Races between requests of one job, on a real daemon (issue 9, defects 2, 3 and 4).
+
+The race windows are widened with the fault file's ``sleep`` action (a stall at a named point of the
+real save or gc path), so each test hits its window every time instead of once in a while.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+import autosaved
+from autosaved.bench.private import PrivateDaemon
+from autosaved.client.slots import create_memfd
+from autosaved.protocol import pack_header, unpack_header
+from autosaved.shm import fd_socket_path
+from autosaved.storage.local import Store
+
+from .conftest import NO_AUTO_POLICY, wait_for
+
+
+def raw(address: str, op: str, **fields: Any) -> dict[str, Any]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(address)
+    try:
+        sock.send_multipart([pack_header({"v": 1, "op": op, "seq": 1, **fields})])
+        assert sock.poll(120_000), "no reply"
+        return unpack_header(sock.recv_multipart()[0])
+    finally:
+        sock.close(0)
+
+
+def in_thread(func: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = func()
+        except BaseException as exc:  # reported by the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def job_dir(d: PrivateDaemon, job: str) -> Path:
+    return d.state_dir / "jobs" / str(os.geteuid()) / job
+
+
+def test_an_update_during_a_delete_is_never_acked_for_the_folder_being_deleted(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    faults = tmp_path / "faults"
+    d = make_daemon(NO_AUTO_POLICY, env={"AUTOSAVED_FAULTS_FILE": str(faults)})
+    with autosaved.Client("r", address=d.address) as c:
+        c.update({"old": np.arange(1000, dtype=np.float32)})
+    # The save stalls before its manifest, holding the job's io lock: the delete then waits for it.
+    faults.write_text("manifest.open.before 1 sleep5\n")
+    saver, _ = in_thread(lambda: raw(d.address, "save", job="r"))
+    wait_for(lambda: any((job_dir(d, "r") / "objects").glob("*/*")), timeout=30)  # chunks written: stalled
+    deleter, deleted = in_thread(lambda: raw(d.address, "delete", job="r"))
+    time.sleep(1.0)  # the delete reaches its wait for the save (a few ms of work)
+    # A new client recreates the job while the delete waits. Its ack must be for a folder that survives.
+    with autosaved.Client("r", address=d.address) as c:
+        ack = c.update({"new": 1}, wait="logged")
+        assert ack.level == "logged"
+    deleter.join(60)
+    saver.join(60)
+    assert deleted["value"]["ok"], deleted
+    d.kill()
+    d.start()
+    assert autosaved.restore("r", state_dir=d.state_dir) == {"new": 1}
+    c2 = autosaved.Client("r", address=d.address)
+    try:
+        assert c2.restore() == {"new": 1}
+    finally:
+        c2.close()
+
+
+def test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    faults = tmp_path / "faults"
+    d = make_daemon(NO_AUTO_POLICY, env={"AUTOSAVED_FAULTS_FILE": str(faults)})
+    with autosaved.Client("g", address=d.address) as c:
+        c.update({"a": np.arange(10_000, dtype=np.float64)}, wait="committed")
+    d.stop()
+    d.start()  # the job is on disk, not loaded
+    # gc stalls 4 s before it lists what manifests reference; the save stalls 7 s before its manifest.
+    faults.write_text("gc.collect.before 1 sleep4\nmanifest.open.before 1 sleep7\n")
+    collector, collected = in_thread(lambda: raw(d.address, "gc", job="g"))
+    time.sleep(1.0)  # gc took its list of jobs (g not loaded) and stalls
+    fresh = np.random.default_rng(1).standard_normal(200_000)
+    with autosaved.Client("g", address=d.address) as c:
+        version = c.update({"b": fresh}, wait="committed").version
+    collector.join(60)
+    assert collected["value"]["ok"], collected
+    store = Store(d.state_dir).job(os.geteuid(), "g")
+    assert store.verify(version).ok, store.verify(version).error  # every chunk it names is there
+    with autosaved.Client("g", address=d.address) as c:
+        got = c.restore(version)
+    assert np.array_equal(got["b"], fresh)
+
+
+def test_a_client_scribbling_on_its_slot_cannot_make_a_chunk_mismatch_its_name(
+        make_daemon: Callable[..., PrivateDaemon]) -> None:
+    d = make_daemon('chunk_size = "64KiB"\n' + NO_AUTO_POLICY)
+    path = fd_socket_path(d.address)
+    assert path is not None
+    size = 32 * 1024 * 1024
+    fdsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fdsock.settimeout(30)
+    fdsock.connect(path)
+    token = msgpack.unpackb(fdsock.recv(4096))["token"]
+    fd, mapping = create_memfd(size)
+    socket.send_fds(fdsock, [msgpack.packb({"op": "add", "slot": 1, "size": size})], [fd])
+    assert msgpack.unpackb(fdsock.recv(4096))["ok"]
+    arr = np.frombuffer(mapping, dtype=np.uint8)
+    arr[:] = 7
+    desc = {"kind": "ndarray", "dtype": "|u1", "shape": [size], "nbytes": size}
+    reply = raw(d.address, "update", job="s", session="s", tree={"m": [["w", {"b": 0}]]}, blobs=[desc],
+                shm={"conn": token, "slot": 1, "refs": [[0, 0]]})
+    assert reply["ok"], reply
+    # The client ignores "held" and keeps writing into the slot while the daemon saves it.
+    stop = threading.Event()
+
+    def scribble(target: np.ndarray) -> None:
+        n = 0
+        while not stop.is_set():
+            n = (n + 1) % 251
+            target[:] = n
+
+    scribbler = threading.Thread(target=scribble, args=(arr,), daemon=True)
+    scribbler.start()
+    try:
+        for _ in range(3):
+            assert raw(d.address, "update", job="s", session="s", seq=2, tree={"m": [["t", 1]]}, blobs=[])["ok"]
+            saved = raw(d.address, "save", job="s")
+            assert saved["ok"], saved
+    finally:
+        stop.set()
+        scribbler.join(10)
+    report = Store(d.state_dir).job(os.geteuid(), "s").check()
+    assert report["ok"], report  # every stored chunk hashes to its name
+    fdsock.close()
+    os.close(fd)
+    del arr
+    mapping.close()
+
+
+def test_a_snapshot_holds_its_slots_from_the_instant_it_is_taken(tmp_path: Path) -> None:
+    """Writer.begin takes the snapshot synchronously; its blobs must count as referenced (``held``) from
+    that instant, not from when the save task first runs: an update answered in between would otherwise
+    tell the client the slot is free while the save still has to read it."""
+    import mmap
+
+    import anyio
+
+    from autosaved.config import PolicySettings
+    from autosaved.daemon.jobs import Job
+    from autosaved.daemon.slottable import referenced_mappings
+    from autosaved.daemon.writer import Writer
+    from autosaved.policy import SaveReason
+    from autosaved.tree import Blob, iter_blobs
+
+    slot = mmap.mmap(-1, 4096)
+    blob = Blob(kind="ndarray", dtype="|u1", shape=(4096,), nbytes=4096, data=memoryview(slot))
+    job = Job(owner=os.geteuid(), name="hold", store=Store(tmp_path).job(os.geteuid(), "hold"),
+              settings=PolicySettings(), root={"w": blob}, generation=1)
+    seen: list[bool] = []
+
+    async def main() -> None:
+        writer = Writer(chunk_size=1 << 20, clock=time.monotonic, on_done=lambda: None)
+        async with anyio.create_task_group() as tg:
+            writer.begin(job, SaveReason.EXPLICIT, tg)
+            job.root = {}  # the next update replaces the leaf, in the same event-loop step
+            roots = [job.root] + [t.root for t in writer.in_flight.values()]
+            seen.append(id(slot) in referenced_mappings(b for r in roots for b in iter_blobs(r)))
+
+    anyio.run(main)
+    assert seen == [True]
+    assert job.latest_version == 1

@@ -1,0 +1,245 @@
+"""No failure inside one task, one job or one connection takes the daemon down (issue 9, defect 1).
+
+Failures are injected with the fault file (``AUTOSAVED_FAULTS_FILE``, see autosaved/storage/faults.py):
+``raise`` throws a RuntimeError (a bug) at a named point of the real code. After each, the daemon still
+serves every job, saves what it accepted, and exits cleanly on SIGTERM. The fd limit test uses a real
+``RLIMIT_NOFILE`` on the real daemon process and real idle connections.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+import autosaved
+from autosaved.bench.private import PrivateDaemon
+from autosaved.errors import AutosavedError
+from autosaved.protocol import pack_header, unpack_header
+from autosaved.shm import fd_socket_path
+
+from .conftest import NO_AUTO_POLICY, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Pinger:
+    """One zmq connection made up front: it keeps working when the daemon cannot accept new ones."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.connect(address)
+        self.seq = 0
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        self.seq += 1
+        self.sock.send_multipart([pack_header({"v": 1, "op": op, "seq": self.seq, **fields})])
+        while True:
+            assert self.sock.poll(60_000), "no reply"
+            reply = unpack_header(self.sock.recv_multipart()[0])
+            if reply.get("seq") == self.seq:
+                return reply
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+def still_serving(d: PrivateDaemon, job: str = "after") -> None:
+    """The daemon is up, accepts, saves and restores; then a SIGTERM ends it cleanly."""
+    assert d.proc is not None and d.proc.poll() is None, d.log()
+    with autosaved.Client(job, address=d.address) as c:
+        c.update({"w": np.arange(100, dtype=np.float32), "n": 1}, wait="committed")
+        got = c.restore()
+        assert got["n"] == 1 and np.array_equal(got["w"], np.arange(100, dtype=np.float32))
+
+
+def stops_cleanly(d: PrivateDaemon) -> None:
+    assert d.stop(signal.SIGTERM) == 0, d.log()
+
+
+@pytest.fixture
+def faulty(make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    faults = tmp_path / "faults"
+
+    def make(rules: str, config: str = NO_AUTO_POLICY) -> tuple[PrivateDaemon, Path]:
+        faults.write_text(rules)
+        return make_daemon(config, env={"AUTOSAVED_FAULTS_FILE": str(faults)}), faults
+
+    yield make
+
+
+# -- a failure inside one job's save or log append is that job's error ----------------------------------
+
+
+def test_a_bug_in_a_save_is_the_jobs_error_and_is_retried(faulty: Callable[..., Any]) -> None:
+    d, faults = faulty("")
+    with autosaved.Client("bug", address=d.address) as c:
+        c.update({"x": 1})
+        faults.write_text("manifest.open.before 1 raise\n")  # a RuntimeError in the save's worker thread
+        with pytest.raises(AutosavedError, match="injected failure"):
+            c.save()
+        assert c.status()["last_error"]
+        assert c.save() >= 1  # the retry succeeds: the bug cost one save, not the daemon
+        assert c.restore() == {"x": 1}
+    still_serving(d)
+    stops_cleanly(d)
+
+
+def test_a_bug_in_a_log_append_is_the_jobs_error(faulty: Callable[..., Any]) -> None:
+    d, faults = faulty("")
+    with autosaved.Client("lbug", address=d.address) as c:
+        c.update({"x": 1}, wait="logged")
+        faults.write_text("wal.write.before 1 raise\n")
+        with pytest.raises(AutosavedError):
+            c.update({"x": 2}, wait="logged")
+        # The update is held in memory and a snapshot is saved; logging resumes after it.
+        wait_for(lambda: c.status()["latest_version"] is not None, timeout=60)
+        wait_for(lambda: c.status()["wal_error"] is None, timeout=60)
+        c.update({"x": 3}, wait="logged")
+        assert c.restore() == {"x": 3}
+    d.kill()
+    d.start()
+    assert autosaved.restore("lbug", state_dir=d.state_dir) == {"x": 3}
+    still_serving(d)
+    stops_cleanly(d)
+
+
+# -- every long-lived task restarts after a failure --------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics"])
+def test_a_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], task: str) -> None:
+    port = free_port()
+    d, _ = faulty(f"task.{task}.start 1 raise\n",
+                  f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY)
+    wait_for(lambda: f"task {task} restarting" in d.log(), timeout=30)
+    time.sleep(0.5)  # the restarted task is running (it starts in the same event-loop step as that line)
+    still_serving(d)
+    if task == "metrics":
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200,
+                 timeout=30)
+    stops_cleanly(d)
+
+
+@pytest.mark.parametrize("task", ["rpc", "scheduler", "writer", "logger", "fd", "metrics"])
+def test_a_failure_inside_a_task_costs_one_piece_of_work(faulty: Callable[..., Any], task: str) -> None:
+    port = free_port()
+    d, faults = faulty("", f'metrics_address = "127.0.0.1:{port}"\n' + '[policy]\nidle = "0.2s"\nmin_gap = "0s"\n')
+    faults.write_text(f"task.{task}.before 1 raise\n")
+
+    def attempt(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except AutosavedError as exc:  # the one piece of work that failed: this request's error, nothing more
+            assert "injected failure" in str(exc)
+
+    c = autosaved.Client("t", address=d.address)
+    attempt(c.connect)
+    attempt(lambda: c.update({"x": 1}, wait="logged"))
+    attempt(c.save)
+    c.close()
+    if task == "fd":
+        path = fd_socket_path(d.address)
+        assert path is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(30)
+            s.connect(path)
+            assert "token" in msgpack.unpackb(s.recv(4096))
+            s.send(msgpack.packb({"op": "drop", "slot": 1}))
+            reply = msgpack.unpackb(s.recv(4096))
+            assert reply["ok"] is False and "injected" in reply["message"]
+            s.send(msgpack.packb({"op": "drop", "slot": 1}))
+            assert msgpack.unpackb(s.recv(4096))["ok"]
+    if task == "metrics":
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200
+    wait_for(lambda: f"injected failure at task.{task}" in d.log(), timeout=30)
+    still_serving(d)
+    with autosaved.Client("t", address=d.address) as c:
+        c.update({"x": 2}, wait="committed")
+        assert c.restore() == {"x": 2}
+    stops_cleanly(d)
+
+
+# -- accept() under EMFILE, and the connection cap ------------------------------------------------------
+
+
+def test_running_out_of_fds_backs_off_and_keeps_serving(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    port = free_port()
+    d = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY)
+    assert d.proc is not None
+    pinger = Pinger(d.address)
+    assert pinger.call("ping")["ok"]
+    with autosaved.Client("fds", address=d.address) as c:
+        c.update({"x": 1}, wait="committed")
+    _soft, hard = resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (100, hard))  # `ulimit -n 100` on the daemon
+    path = fd_socket_path(d.address)
+    assert path is not None
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(150):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.connect(path)  # completes from the backlog even when the daemon cannot accept
+            idle.append(s)
+        for _ in range(150):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        wait_for(lambda: "accept failed" in d.log() or d.proc.poll() is not None, timeout=60)  # type: ignore[union-attr]
+        assert d.proc.poll() is None, d.log()
+        assert pinger.call("ping")["ok"]  # the rpc socket still serves
+        assert pinger.call("save", job="fds")["ok"]
+    finally:
+        for s in idle:
+            s.close()
+    resource.prlimit(d.proc.pid, resource.RLIMIT_NOFILE, (1024, hard))
+    assert d.proc.poll() is None, d.log()
+    # Once fds are free again, new connections are accepted on both listeners.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(30)
+        s.connect(path)
+        assert "token" in msgpack.unpackb(s.recv(4096))
+    wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200,
+             timeout=60)
+    pinger.close()
+    still_serving(d)
+    stops_cleanly(d)
+
+
+def test_connections_past_the_cap_wait_until_one_closes(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    d = make_daemon("max_connections = 4\n" + NO_AUTO_POLICY)
+    path = fd_socket_path(d.address)
+    assert path is not None
+    conns = []
+    for _ in range(4):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(30)
+        s.connect(path)
+        assert "token" in msgpack.unpackb(s.recv(4096))
+        conns.append(s)
+    extra = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    extra.settimeout(2)
+    extra.connect(path)
+    with pytest.raises(TimeoutError):
+        extra.recv(4096)  # not accepted: the cap holds
+    conns.pop().close()
+    extra.settimeout(30)
+    assert "token" in msgpack.unpackb(extra.recv(4096))  # accepted once one closed
+    extra.close()
+    for s in conns:
+        s.close()
+    still_serving(d)
