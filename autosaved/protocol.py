@@ -24,8 +24,8 @@ MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 MAX_JOB_NAME: Final = 128
 
 OPS: Final = frozenset({"hello", "update", "save", "restore", "status", "list", "ping", "verify", "gc", "delete"})
-AckLevel = Literal["accepted", "logged", "committed"]
-ACK_LEVELS: Final[tuple[AckLevel, ...]] = ("accepted", "logged", "committed")
+AckLevel = Literal["accepted", "logged", "committed", "replicated"]
+ACK_LEVELS: Final[tuple[AckLevel, ...]] = ("accepted", "logged", "committed", "replicated")
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+=,-]*$")
 

@@ -9,7 +9,7 @@ from types import ModuleType
 
 from .. import __version__
 from ..errors import AutosavedError
-from . import bench, delete, demo, export, gc, import_cmd, list_cmd, restore, save, serve, status, verify
+from . import bench, delete, demo, export, gc, import_cmd, list_cmd, remote_cmd, restore, save, serve, status, verify
 
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve,
@@ -24,6 +24,7 @@ COMMANDS: dict[str, ModuleType] = {
     "bench": bench,
     "verify": verify,
     "gc": gc,
+    "remote": remote_cmd,
 }
 
 

@@ -93,7 +93,7 @@ class ClientCore:
             fields["shm"] = placement.to_wire()
             placed = {i for i, _ in placement.refs}
         data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
-        return self._request("update", fields, data, long=wait == "committed")
+        return self._request("update", fields, data, long=wait in ("committed", "replicated"))
 
     def save(self) -> Request:
         return self._request("save", {}, long=True)
@@ -141,7 +141,7 @@ class ClientCore:
         if req.op == "update":
             self.acked = req.seq
             self.durable = int(header.get("durable") or 0)
-            if header.get("ack") in ("logged", "committed"):
+            if header.get("ack") in ("logged", "committed", "replicated"):
                 self.durable = req.seq
             return header
         if req.op == "save":
