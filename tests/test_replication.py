@@ -165,11 +165,14 @@ def test_corrupt_and_missing_objects_fall_back_with_warning(s3env: Any,
         visible = await rjob.visible_versions()
         docs = {vk.id: await rjob.read_manifest(vk) for vk in visible}
         newest, middle = docs[acks[2].version], docs[acks[1].version]  # type: ignore[index]
+        # Chunks go up as stored locally: zstd-compressed ones keep their .zst name.
         c3 = str(newest["blobs"][0]["chunks"][0][0])
         c2 = str(middle["blobs"][0]["chunks"][0][0])
-        await store.put(rjob.chunk_key(c3), b"\0" * 4000)  # corrupt: right size, wrong bytes
-        await store.delete([rjob.chunk_key(c2)])  # missing
-        return rjob.chunk_key(c3), rjob.chunk_key(c2)
+        k3 = rjob.chunk_key(c3, c3 in newest["remote"]["packed"])
+        k2 = rjob.chunk_key(c2, c2 in middle["remote"]["packed"])
+        await store.put(k3, bytes(4000))  # corrupt
+        await store.delete([k2])  # missing
+        return k3, k2
 
     bad, gone = anyio.run(damage)
     with pytest.warns(autosaved.CorruptVersionWarning) as caught:
