@@ -218,3 +218,25 @@ def test_two_daemons_one_publisher(s3env: Any, make_daemon: Callable[..., Privat
     assert got["who"] == "b" and got["n"] == 3
     rows = _remote_versions(s3env, prefix)
     assert first.version in [r["id"] for r in rows]
+
+
+def test_shutdown_flush_uploads_then_names_what_missed(s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    prefix = f"flush-{secrets.token_hex(3)}"
+    # Store up, upload slowed to 2 MiB/s: SIGTERM right after a commit; the flush finishes the upload.
+    d = make_daemon('shutdown_deadline = "20s"\n' + remote_config(s3env, prefix, extra='upload_rate = "2MiB"\n'))
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        ack = c.update(_state(3, n=500_000), wait="committed")
+    assert d.stop() == 0
+    assert [r["id"] for r in _remote_versions(s3env, prefix)] == [ack.version]
+    assert "every committed version is in the object store" in d.log()
+    # Store unreachable: what is committed but not uploaded when the deadline ends is named.
+    d2 = make_daemon('shutdown_deadline = "2s"\n' + remote_config(s3env, prefix + "b"))
+    with autosaved.Client(JOB, address=d2.address, save_timeout=60) as c:
+        c.update({"x": 1}, wait="replicated")
+        s3env.pause()
+        try:
+            lost = c.update({"x": 2}, wait="committed")
+            d2.stop()
+        finally:
+            s3env.resume()
+    assert f"versions=[{lost.version}] committed locally but NOT uploaded" in d2.log()

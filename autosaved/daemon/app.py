@@ -124,7 +124,8 @@ class Daemon:
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
                                          local_store=self.store.job, retention=retention, spawn=self._spawn)
             replicator = self.replicator
-            self.writer.on_commit = lambda job, version: replicator.committed(job.owner, job.name, version)
+            self.writer.on_commit = lambda job, version, written: replicator.committed(job.owner, job.name, version,
+                                                                                      written)
             self.writer.protect = lambda job: replicator.protect(job.key)
 
     # -- wiring ----------------------------------------------------------------------------------

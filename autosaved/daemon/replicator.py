@@ -170,14 +170,16 @@ class Replicator:
             self.spawn(self._run, replica, list(local_ids))
         return replica
 
-    def committed(self, owner: int, name: str, version: int) -> None:
-        """A local version was committed: queue it (the daemon's on-commit callback)."""
+    def committed(self, owner: int, name: str, version: int, new_bytes: int = 0) -> None:
+        """A local version was committed: queue it (the daemon's on-commit callback). ``new_bytes``, what
+        the local save wrote, estimates what the bucket lacks until the upload counts it exactly."""
         replica = self.replicas.get((owner, name))
         if replica is None:
             return
         if version not in replica.queue and (replica.replicated is None or version > replica.replicated):
             replica.queue.append(version)
             replica.queue.sort()
+            replica.queued_bytes[version] = new_bytes
         replica.wake.set()
 
     def protect(self, key: JobKey) -> set[int]:

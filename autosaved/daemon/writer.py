@@ -48,7 +48,7 @@ class Writer:
         self.in_flight: dict[tuple[int, str, int], SaveTicket] = {}
         # Told of every committed version (the replicator queues it), and asked which versions local
         # retention must keep (those not yet replicated).
-        self.on_commit: Callable[[Job, int], None] = lambda _job, _version: None
+        self.on_commit: Callable[[Job, int, int], None] = lambda _job, _version, _written: None
         self.protect: Callable[[Job], set[int]] = lambda _job: set()
 
     def begin(self, job: Job, reason: SaveReason, tg: anyio.abc.TaskGroup) -> None:
@@ -96,7 +96,7 @@ class Writer:
             commit_failed(ticket, StorageError(f"save interrupted: {exc!r}"), self.clock())
             raise
         commit_succeeded(ticket, result.info.time, result.bytes_written)
-        self.on_commit(job, ticket.version)
+        self.on_commit(job, ticket.version, result.bytes_written)
         self.observe_duration(time.perf_counter() - started)
         self.saves += 1
         self.bytes_written += result.bytes_written
