@@ -145,3 +145,116 @@ def test_gc_keeps_what_uploads_and_restores_need(s3server: Any, monkeypatch: pyt
         assert (await job.load_version(None)) is not None
 
     anyio.run(main)
+
+
+class _IgnoringGateway:
+    """A reverse proxy in front of the real server that behaves like an S3 gateway ignoring
+    ``If-None-Match``: where the server refuses a create with 412, it answers 200 (as if it overwrote)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        host, port = up.hostname or "127.0.0.1", up.port or 80
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                # Forward every header as signed (Host included), byte for byte.
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for k, v in self.headers.items():
+                    conn.putheader(k, v)
+                conn.endheaders(body)
+                resp = conn.getresponse()
+                data = resp.read()
+                status = resp.status
+                headers = resp.getheaders()
+                if status == 412 and self.command == "PUT":
+                    status, data, headers = 200, b"", [("ETag", '"ignored"')]
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_probe_refuses_a_store_that_ignores_if_none_match(s3server: Any, monkeypatch: pytest.MonkeyPatch,
+                                                          make_daemon: Any) -> None:
+    from autosaved.errors import AutosavedError
+
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)
+    gateway = _IgnoringGateway(s3server.endpoint)
+    try:
+        with pytest.raises(Exception, match="ignored If-None-Match"):
+            anyio.run(RemoteStore(s3server.url("probe"), endpoint=gateway.endpoint).probe)
+        config = f'[remote]\nurl = "{s3server.url("probe")}"\nendpoint = "{gateway.endpoint}"\n'
+        with pytest.raises(AutosavedError, match="ignored If-None-Match"):
+            make_daemon(config)  # the daemon refuses to start, saying why
+    finally:
+        gateway.close()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"url": "http://bucket/x"}, "expected an s3://bucket/prefix URL"),
+    ({"url": "s3://bucket/a//b"}, "empty, '.' or '..'"),
+    ({"url": "s3://b", "secret_access_key": "x"}, "credentials never go in the config file"),
+    ({"url": "s3://b", "endpoint": "127.0.0.1:8333"}, "expected an http"),
+    ({"url": "s3://b", "lease_ttl": "10ms"}, "lease_ttl: must be at least"),
+    ({"url": "s3://b", "bogus": 1}, "remote.bogus: unknown key"),
+])
+def test_remote_config_errors_name_the_key(table: dict[str, Any], message: str, tmp_path: Any) -> None:
+    from autosaved.config import Config, parse_config_table
+    from autosaved.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config_table({"remote": table}, Config(address="ipc:///tmp/x.sock", state_dir=tmp_path))
+
+
+def test_credentials_file_is_read_and_checked(tmp_path: Any) -> None:
+    from autosaved.errors import ConfigError
+    from autosaved.storage.remote import read_credentials_file
+
+    good = tmp_path / "creds"
+    good.write_text("[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n")
+    assert read_credentials_file(good) == {"access_key_id": "AK", "secret_access_key": "SK"}
+    bad = tmp_path / "bad"
+    bad.write_text("[default]\naws_access_key_id = AK\n")
+    with pytest.raises(ConfigError, match="needs aws_access_key_id and aws_secret_access_key"):
+        read_credentials_file(bad)
+
+
+def test_credentials_file_against_the_server(s3server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from autosaved.seaweed import ACCESS_KEY, SECRET_KEY
+    from autosaved.storage.remote import RemoteError, open_remote
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    good = tmp_path / "good"
+    good.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+    anyio.run(open_remote(s3server.url("creds"), endpoint=s3server.endpoint, credentials_file=good).probe)
+    wrong = tmp_path / "wrong"
+    wrong.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = not-it\n")
+    with pytest.raises(RemoteError):
+        anyio.run(open_remote(s3server.url("creds"), endpoint=s3server.endpoint, credentials_file=wrong).probe)

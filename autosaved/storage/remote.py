@@ -370,8 +370,10 @@ class RemoteJob:
             return False
         return True
 
-    async def read_chunk(self, chunk: Chunk, packed: bool, where: str) -> bytes | memoryview:
-        """A chunk's raw bytes, verified; missing or wrong is :class:`CorruptVersion` naming the object."""
+    async def read_chunk(self, chunk: Chunk, packed: bool, where: str,
+                         into: memoryview | None = None) -> bytes | memoryview:
+        """A chunk's raw bytes, verified (and copied into ``into`` when given); missing or wrong is
+        :class:`CorruptVersion` naming the object."""
         key = self.chunk_key(chunk.digest, packed)
         try:
             data, _ = await self.store.get(key)
@@ -383,8 +385,16 @@ class RemoteJob:
                 raw = decompress_chunk(bytes(data), chunk.size)
             except ChunkDecodeError as exc:
                 raise CorruptVersion(f"{where}: object {key} does not decompress ({exc})") from None
-        # Hashing 8 MiB takes ~20 ms: in a worker thread (hashlib releases the GIL), so downloads overlap it.
-        if len(raw) != chunk.size or await anyio.to_thread.run_sync(_sha256, raw) != chunk.digest:
+        def check() -> bool:
+            if len(raw) != chunk.size or _sha256(raw) != chunk.digest:
+                return False
+            if into is not None:
+                into[:] = raw
+            return True
+
+        # Hashing and copying 8 MiB take tens of ms: in a worker thread (both release the GIL), so the
+        # next downloads overlap them.
+        if not await anyio.to_thread.run_sync(check):
             raise CorruptVersion(f"{where}: object {key} does not match its hash")
         return raw
 
@@ -465,7 +475,8 @@ class RemoteJob:
         async def one(chunk: Chunk, buf: bytearray, at: int, scope: anyio.CancelScope) -> None:
             async with limiter:
                 try:
-                    buf[at : at + chunk.size] = await self.read_chunk(chunk, chunk.digest in packed, where)
+                    await self.read_chunk(chunk, chunk.digest in packed, where,
+                                          memoryview(buf)[at : at + chunk.size])
                 except (CorruptVersion, RemoteError) as exc:
                     failures.append(exc)
                     scope.cancel()
