@@ -202,6 +202,8 @@ def test_two_daemons_one_publisher(s3env: Any, make_daemon: Callable[..., Privat
         wait_for(lambda: "held by" in (_job_status(b)["remote"]["last_error"] or ""), timeout=30)
         with pytest.raises(autosaved.DaemonUnavailable):
             cb.update({"n": 2}, wait="replicated")  # never acked while it cannot publish
+        # Meanwhile a publishes on: its version ids run past the ones b will publish.
+        a_last = [ca.update({"n": k}, wait="replicated").version for k in range(10, 14)][-1]
         # The operator says a's host is gone: take over. b publishes at once, a is fenced for good.
         out = subprocess.run([sys.executable, "-m", "autosaved", "remote", "takeover", JOB, "--remote",
                               s3env.url(prefix)], capture_output=True, text=True, timeout=60,
@@ -216,8 +218,11 @@ def test_two_daemons_one_publisher(s3env: Any, make_daemon: Callable[..., Privat
             ca.update({"n": 100}, wait="replicated")
     got = autosaved.restore(JOB, remote=s3env.url(prefix))
     assert got["who"] == "b" and got["n"] == 3
+    # After the take-over b's versions are the newest, though a numbered its own higher: a newer epoch
+    # supersedes every older one.
+    assert ack_b.version is not None and a_last is not None and ack_b.version < a_last
     rows = _remote_versions(s3env, prefix)
-    assert first.version in [r["id"] for r in rows]
+    assert rows[-1]["id"] == ack_b.version and first.version in [r["id"] for r in rows]
 
 
 def test_shutdown_flush_uploads_then_names_what_missed(s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:

@@ -332,9 +332,28 @@ class Replicator:
             replica.last_error = str(exc)
 
     async def _catch_up(self, replica: Replica, local_ids: list[int]) -> None:
-        """After a (re)start: what the bucket has, and which local versions it still lacks."""
+        """After a (re)start: the newest local version the bucket has (the same manifest, not just the same
+        id: another host may have published its own version under that id), and the local ones after it."""
         visible = await replica.remote.visible_versions()
-        newest = visible[-1].id if visible else None
+        local = set(local_ids)
+        newest = None
+        for vk in reversed(visible[-8:]):  # the newest few suffice: uploads go in order
+            if vk.id not in local:
+                continue
+            try:
+                remote_doc = await replica.remote.read_manifest(vk)
+            except CorruptVersion:
+                continue
+            remote_doc.pop("remote", None)
+            path = replica.local.versions_dir / f"{vk.id:012d}.json"
+            try:
+                async with aiofiles.open(path, "rb") as fh:
+                    local_doc = unseal(await fh.read(), f"{replica.local.job} version {vk.id}")
+            except (FileNotFoundError, CorruptVersion):
+                continue
+            if local_doc == remote_doc:
+                newest = vk.id
+                break
         replica.replicated = newest
         pending = [v for v in local_ids if newest is None or v > newest]
         for v in pending:
@@ -422,7 +441,11 @@ class Replicator:
             keep_every = self.settings.keep_every
         try:
             result = await replica.remote.collect(keep_last=keep_last, keep_every=keep_every,
-                                                  grace=self.settings.gc_grace)
+                                                  grace=self.settings.gc_grace, lease=replica.lease,
+                                                  ttl=self.settings.lease_ttl)
+        except Fenced as exc:
+            self._fence(replica, str(exc))
+            return
         except (RemoteError, OSError) as exc:
             log.warning("remote gc failed job=%s: %s", replica.key[1], exc)
             return

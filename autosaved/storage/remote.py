@@ -409,13 +409,11 @@ class RemoteJob:
         return sorted(out, key=lambda v: (v.id, v.epoch))
 
     async def visible_versions(self) -> list[VersionKey]:
-        """Manifests readers trust: admitted by the lease's fences, one per id (the newest epoch)."""
+        """Manifests readers trust, oldest first: admitted by the lease's fences, one per id (the newest
+        epoch's), ordered by (epoch, id). A newer epoch supersedes every older one: after a take-over
+        the new holder's versions are the job's newest even if an old holder numbered its own higher."""
         lease = await self.read_lease()
-        best: dict[int, VersionKey] = {}
-        for vk in await self.version_keys():
-            if lease is None or lease.admits(vk):
-                best[vk.id] = vk
-        return [best[i] for i in sorted(best)]
+        return _visible(await self.version_keys(), lease)
 
     async def put_manifest(self, version: int, epoch: int, raw: bytes) -> None:
         try:
@@ -625,35 +623,45 @@ class RemoteJob:
         return f"{self.prefix}/gc.json"
 
     async def collect(self, *, keep_last: int, keep_every: float | None, grace: float,
-                      protect: frozenset[int] = frozenset(), now: float | None = None) -> RemoteGc:
+                      protect: frozenset[int] = frozenset(), now: float | None = None,
+                      lease: Lease | None = None, ttl: float = 30.0) -> RemoteGc:
         """Retention then garbage collection; run by the lease holder only. Manifests go first. A chunk
         goes only when no manifest references it, it is older than ``grace``, and it was already seen
         unreferenced by a collection at least ``grace`` ago: an upload (chunks before its manifest) or a
-        restore (manifest read, chunks being fetched) younger than ``grace`` keeps everything it needs."""
+        restore (manifest read, chunks being fetched) younger than ``grace`` keeps everything it needs.
+        With ``lease`` (the daemon's), it is renewed before anything is deleted: a holder that lost the
+        lease deletes nothing (:class:`Fenced`)."""
         now = time.time() if now is None else now
         result = RemoteGc()
-        visible = await self.visible_versions()
-        times: list[tuple[int, float | None]] = []
-        docs: dict[int, dict[str, Any]] = {}
-        for vk in visible:
-            try:
-                docs[vk.id] = await self.read_manifest(vk)
-                times.append((vk.id, _iso_time(docs[vk.id].get("time"))))
-            except CorruptVersion:
-                times.append((vk.id, None))
-        newest_ok = max(docs, default=None)
-        keep = set(protect) | ({newest_ok} if newest_ok is not None else set())
-        doomed = set(versions_to_delete(times, keep_last=keep_last, keep_every=keep_every, protect=frozenset(keep)))
+        # One listing for every decision below: a manifest published after it is never touched.
         all_keys = await self.version_keys()
-        lease = await self.read_lease()
-        # Fenced-off manifests (never readable) go too.
-        drop = [vk for vk in all_keys if vk.id in doomed or (lease is not None and not lease.admits(vk))]
+        visible = _visible(all_keys, await self.read_lease())
+        # Retention works on positions in reading order ((epoch, id), see visible_versions), not raw ids.
+        times: list[tuple[int, float | None]] = []
+        docs: dict[str, dict[str, Any]] = {}
+        newest_ok = None
+        for pos, vk in enumerate(visible):
+            try:
+                docs[vk.key] = await self.read_manifest(vk)
+                times.append((pos, _iso_time(docs[vk.key].get("time"))))
+                newest_ok = pos
+            except CorruptVersion:
+                times.append((pos, None))
+        keep = {pos for pos, vk in enumerate(visible) if vk.id in protect}
+        keep |= {newest_ok} if newest_ok is not None else set()
+        doomed_pos = versions_to_delete(times, keep_last=keep_last, keep_every=keep_every, protect=frozenset(keep))
+        doomed = {visible[pos].key for pos in doomed_pos}
+        shown = {vk.key for vk in visible}
+        # Manifests no reader trusts (fenced off, or superseded by a newer epoch's of the same id) go too.
+        drop = [vk for vk in all_keys if vk.key in doomed or vk.key not in shown]
+        if lease is not None:
+            await self.renew(lease, ttl)
         await self.store.delete([vk.key for vk in drop])
-        result.deleted_versions = sorted({vk.id for vk in drop if vk.id in doomed})
+        result.deleted_versions = sorted({vk.id for vk in drop if vk.key in doomed})
         refs: set[str] = set()
         for vk in await self.version_keys():
             try:
-                doc = docs.get(vk.id) or await self.read_manifest(vk)
+                doc = docs.get(vk.key) or await self.read_manifest(vk)
             except CorruptVersion:
                 return result  # never collect while a manifest is unreadable: it may reference anything
             for rec in doc["blobs"]:
@@ -681,6 +689,14 @@ class RemoteJob:
         result.pending_chunks = len(new_pending)
         await self.store.put(self.gc_key, _dump(new_pending))
         return result
+
+
+def _visible(keys: list[VersionKey], lease: Lease | None) -> list[VersionKey]:
+    best: dict[int, VersionKey] = {}
+    for vk in sorted(keys, key=lambda v: (v.id, v.epoch)):  # the newest epoch of an id wins
+        if lease is None or lease.admits(vk):
+            best[vk.id] = vk
+    return sorted(best.values(), key=lambda v: (v.epoch, v.id))
 
 
 def _iso_time(value: Any) -> float | None:
