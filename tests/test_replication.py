@@ -137,6 +137,9 @@ def test_store_down_backlog_then_catch_up_in_order(s3env: Any, make_daemon: Call
             st = wait_for(lambda: _job_status(d)["remote"]["last_error"] and _job_status(d)["remote"], timeout=30)
             assert st["backlog_versions"] == 3 and st["backlog_bytes"] > 0  # type: ignore[index]
             assert st["replicated_version"] == versions[0] - 1  # type: ignore[index,operator]
+            human = subprocess.run([sys.executable, "-m", "autosaved", "status", "--address", d.address],
+                                   capture_output=True, text=True, timeout=60)
+            assert f"{JOB}: replicated version {versions[0] - 1}, backlog 3 versions" in human.stdout  # type: ignore[operator]
         finally:
             s3env.resume()
         wait_for(lambda: _job_status(d)["remote"]["replicated_version"] == versions[-1], timeout=60)

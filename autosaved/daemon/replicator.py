@@ -209,6 +209,8 @@ class Replicator:
         if replica is None:
             raise StorageError(f"job {key[1]!r} is not replicated")
         while replica.replicated is None or replica.replicated < version:
+            if self.refused:
+                raise StorageError(f"job {key[1]!r} cannot be replicated: {self.refused}")
             if replica.fenced:
                 raise StorageError(f"job {key[1]!r} cannot be replicated: {replica.fenced}")
             event = anyio.Event()
