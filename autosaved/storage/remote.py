@@ -29,6 +29,7 @@ import configparser
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
@@ -46,7 +47,7 @@ import anyio
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..protocol import validate_job_name
-from ..tree import Chunk, from_node, iter_blobs
+from ..tree import Blob, Chunk, from_node, iter_blobs
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
@@ -447,41 +448,46 @@ class RemoteJob:
             raise
         except Exception as exc:
             raise CorruptVersion(f"{where}: unreadable state tree ({exc})") from None
-        bufs = [bytearray(b.nbytes) for b in blobs]
-        work = []
-        for blob, buf in zip(blobs, bufs, strict=True):
+        # Every blob is assembled in a writable, pre-faulted buffer (the downloaded one is read-only, and
+        # the arrays a restore returns must be writable: copying there, in the hashing thread, overlaps
+        # the next downloads; faulting fresh pages one by one would cost more than the copy).
+        work: list[tuple[Chunk, memoryview | None, Blob]] = []
+        for blob in blobs:
             assert blob.chunks is not None
+            view = _buffer(blob.nbytes)
+            blob.data = view
             pos = 0
             for c in blob.chunks:
-                work.append((c, buf, pos))
+                work.append((c, view[pos : pos + c.size], blob))
                 pos += c.size
         await self._fetch_all(work, packed, where)
-        for blob, buf in zip(blobs, bufs, strict=True):
-            blob.data = memoryview(buf)
         info = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
                            bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
                            meta=dict(doc.get("meta") or {}))
         sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
         return RemoteLoaded(info=info, tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
 
-    async def _fetch_all(self, work: list[tuple[Chunk, bytearray, int]], packed: set[str], where: str) -> None:
-        """Download chunks into their places, ``CONCURRENCY`` at a time; the first failure cancels the
-        rest and is raised as itself (not wrapped in an exception group)."""
+    async def _fetch_all(self, work: list[tuple[Chunk, memoryview | None, Blob]], packed: set[str],
+                         where: str) -> None:
+        """Download chunks into their places (or, with no place, as the blob's data), ``CONCURRENCY`` at a
+        time; the first failure cancels the rest and is raised as itself (not in an exception group)."""
         limiter = anyio.CapacityLimiter(CONCURRENCY)
         failures: list[BaseException] = []
 
-        async def one(chunk: Chunk, buf: bytearray, at: int, scope: anyio.CancelScope) -> None:
+        async def one(chunk: Chunk, into: memoryview | None, blob: Blob, scope: anyio.CancelScope) -> None:
             async with limiter:
                 try:
-                    await self.read_chunk(chunk, chunk.digest in packed, where,
-                                          memoryview(buf)[at : at + chunk.size])
+                    raw = await self.read_chunk(chunk, chunk.digest in packed, where, into)
                 except (CorruptVersion, RemoteError) as exc:
                     failures.append(exc)
                     scope.cancel()
+                    return
+                if into is None:
+                    blob.data = memoryview(raw)
 
         async with anyio.create_task_group() as tg:
-            for chunk, buf, at in work:
-                tg.start_soon(one, chunk, buf, at, tg.cancel_scope)
+            for chunk, into, blob in work:
+                tg.start_soon(one, chunk, into, blob, tg.cancel_scope)
         if failures:
             raise failures[0]
 
@@ -689,6 +695,13 @@ class RemoteJob:
         result.pending_chunks = len(new_pending)
         await self.store.put(self.gc_key, _dump(new_pending))
         return result
+
+
+def _buffer(nbytes: int) -> memoryview:
+    if nbytes < 1 << 20:
+        return memoryview(bytearray(nbytes))
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate))
 
 
 def _visible(keys: list[VersionKey], lease: Lease | None) -> list[VersionKey]:
