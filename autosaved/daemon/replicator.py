@@ -192,11 +192,16 @@ class Replicator:
         Failures are logged and the job starts empty, as it would without a remote."""
         if self.refused:
             return None
+        if not self.probed.is_set():
+            log.error("job=%s has no local version and the object store %s is not reachable: it starts from "
+                      "what this host has (nothing); its replicated versions stay in the bucket", name,
+                      self.store.describe())
+            return None
         try:
-            with anyio.fail_after(max(10.0, self.settings.timeout * 2)):
-                version = await self.store.job(owner, name).seed(
-                    local, on_skip=lambda exc: log.warning("skipping corrupt remote version: %s", exc))
-        except (RemoteError, CorruptVersion, OSError, TimeoutError) as exc:
+            # Each request to the store is bounded by [remote] timeout; a large state simply takes a while.
+            version = await self.store.job(owner, name).seed(
+                local, on_skip=lambda exc: log.warning("skipping corrupt remote version: %s", exc))
+        except (RemoteError, CorruptVersion, OSError) as exc:
             log.error("could not load job=%s from %s: %s", name, self.store.describe(), exc)
             return None
         if version is not None:
