@@ -434,6 +434,10 @@ class Replicator:
             if "already in the bucket" not in str(exc):
                 raise
             # Our own earlier attempt got through but its reply was lost: same epoch, same holder.
+        # And renew once more: if that succeeds, no take-over happened before the manifest was written, so
+        # any later take-over lists it and fences above it: the version is visible, and may be acked.
+        # (Without this, a take-over between our renewal and our manifest would hide a version we acked.)
+        await replica.remote.renew(lease, self.settings.lease_ttl)
         log.info("replicated job=%s version=%d epoch=%d chunks=%d", local.job, version, lease.epoch, len(todo))
 
     async def _maybe_gc(self, replica: Replica) -> None:
