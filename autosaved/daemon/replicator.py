@@ -166,6 +166,9 @@ class Replicator:
         replica = self.replicas.get(key)
         if replica is None:
             replica = Replica(key=key, remote=self.store.job(owner, name), local=self.local_store(owner, name))
+            # Until the bucket has been looked at, every local version counts as not uploaded, so local
+            # retention keeps them all (the catch-up trims this to what the bucket lacks).
+            replica.queue = sorted(local_ids)
             self.replicas[key] = replica
             self.spawn(self._run, replica, list(local_ids))
         return replica
