@@ -466,46 +466,52 @@ class RemoteJob:
             raise
         except Exception as exc:
             raise CorruptVersion(f"{where}: unreadable state tree ({exc})") from None
-        # Every blob is assembled in a writable, pre-faulted buffer (the downloaded one is read-only, and
-        # the arrays a restore returns must be writable: copying there, in the hashing thread, overlaps
-        # the next downloads; faulting fresh pages one by one would cost more than the copy).
-        work: list[tuple[Chunk, memoryview | None, Blob]] = []
-        for blob in blobs:
-            assert blob.chunks is not None
-            view = _buffer(blob.nbytes)
-            blob.data = view
-            pos = 0
-            for c in blob.chunks:
-                work.append((c, view[pos : pos + c.size], blob))
-                pos += c.size
-        await self._fetch_all(work, packed, where)
+        await self._fetch_blobs(blobs, packed, where)
         info = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
                            bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
                            meta=dict(doc.get("meta") or {}))
         sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
         return RemoteLoaded(info=info, tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
 
-    async def _fetch_all(self, work: list[tuple[Chunk, memoryview | None, Blob]], packed: set[str],
-                         where: str) -> None:
-        """Download chunks into their places (or, with no place, as the blob's data), ``CONCURRENCY`` at a
-        time; the first failure cancels the rest and is raised as itself (not in an exception group)."""
+    async def _fetch_blobs(self, blobs: list[Blob], packed: set[str], where: str) -> None:
+        """Download and verify every chunk, ``CONCURRENCY`` at a time, into each blob's own writable,
+        pre-faulted buffer (the downloaded bytes are read-only, and a restore returns writable arrays;
+        faulting fresh pages one by one costs more than the copy). Buffers are made, and chunks hashed
+        and copied, in worker threads, so all of it overlaps the downloads. The first failure cancels
+        the rest and is raised as itself (not in an exception group)."""
         limiter = anyio.CapacityLimiter(CONCURRENCY)
         failures: list[BaseException] = []
 
-        async def one(chunk: Chunk, into: memoryview | None, blob: Blob, scope: anyio.CancelScope) -> None:
+        async def alloc(blob: Blob, ready: anyio.Event) -> None:
+            blob.data = await anyio.to_thread.run_sync(_buffer, blob.nbytes)
+            ready.set()
+
+        async def one(chunk: Chunk, at: int, blob: Blob, ready: anyio.Event, scope: anyio.CancelScope) -> None:
             async with limiter:
                 try:
-                    raw = await self.read_chunk(chunk, chunk.digest in packed, where, into)
+                    raw = await self.read_chunk(chunk, chunk.digest in packed, where)
                 except (CorruptVersion, RemoteError) as exc:
                     failures.append(exc)
                     scope.cancel()
                     return
-                if into is None:
-                    blob.data = memoryview(raw)
+            await ready.wait()
+            assert blob.data is not None
+            target = blob.data[at : at + chunk.size]
+
+            def copy() -> None:
+                target[:] = raw
+
+            await anyio.to_thread.run_sync(copy)
 
         async with anyio.create_task_group() as tg:
-            for chunk, into, blob in work:
-                tg.start_soon(one, chunk, into, blob, tg.cancel_scope)
+            for blob in blobs:
+                assert blob.chunks is not None
+                ready = anyio.Event()
+                tg.start_soon(alloc, blob, ready)
+                pos = 0
+                for chunk in blob.chunks:
+                    tg.start_soon(one, chunk, pos, blob, ready, tg.cancel_scope)
+                    pos += chunk.size
         if failures:
             raise failures[0]
 
