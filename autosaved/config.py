@@ -240,6 +240,72 @@ class PreemptionSettings:
         return replace(settings, **changes)
 
 
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Replication to an S3-compatible object store (see :mod:`autosaved.daemon.replicator`); off while
+    ``url`` is None. Credentials come from the standard AWS environment variables or ``credentials_file``
+    (an AWS shared-credentials file), never from the TOML itself."""
+
+    url: str | None = None
+    endpoint: str | None = None  # for non-AWS stores; http:// is allowed (local servers)
+    region: str | None = None
+    credentials_file: Path | None = None
+    upload_rate: int | None = None  # bytes/s cap on uploads; None: no cap
+    keep_last: int | None = None  # None: as [policy] keep_last
+    keep_every: float | None = None
+    keep_every_set: bool = False  # False: keep_every is [policy]'s
+    lease_ttl: float = 30.0
+    gc_grace: float = 3600.0
+    timeout: float = 30.0
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], where: str = "remote") -> RemoteSettings:
+        for key in raw:
+            if "secret" in key or "access_key" in key or "token" in key:
+                raise ConfigError(f"{where}.{key}: credentials never go in the config file; use the AWS "
+                                  "environment variables or credentials_file")
+        known = {f.name for f in fields(cls)} - {"keep_every_set"}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        changes: dict[str, Any] = {}
+        url = raw.get("url")
+        if url is not None and not (isinstance(url, str) and url.strip().lower() in _OFF):
+            from .storage.remote import parse_url
+
+            parse_url(url, f"{where}.url")
+            changes["url"] = url.rstrip("/")
+        for key in ("endpoint", "region"):
+            value = raw.get(key)
+            if value in (None, ""):
+                continue
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+            if key == "endpoint" and not re.match(r"^https?://[^/\s]+", value):
+                raise ConfigError(f"{where}.endpoint: expected an http(s):// URL like \"http://127.0.0.1:8333\", "
+                                  f"got {value!r}")
+            changes[key] = value.rstrip("/")
+        if raw.get("credentials_file") not in (None, ""):
+            if not isinstance(raw["credentials_file"], str):
+                raise ConfigError(f"{where}.credentials_file: expected a path string")
+            changes["credentials_file"] = Path(raw["credentials_file"]).expanduser()
+        if "upload_rate" in raw:
+            changes["upload_rate"] = _positive(parse_size(raw["upload_rate"], f"{where}.upload_rate", allow_off=True),
+                                               f"{where}.upload_rate")
+        if "keep_last" in raw:
+            changes["keep_last"] = _parse_count(raw["keep_last"], f"{where}.keep_last", 1)
+        if "keep_every" in raw:
+            changes["keep_every"] = parse_duration(raw["keep_every"], f"{where}.keep_every", allow_off=True)
+            changes["keep_every_set"] = True
+        for key, low in (("lease_ttl", 0.5), ("gc_grace", 0.0), ("timeout", 0.5)):
+            if key in raw:
+                seconds = parse_duration(raw[key], f"{where}.{key}")
+                if seconds is None or seconds < low:
+                    raise ConfigError(f"{where}.{key}: must be at least {low:g}s, got {raw[key]!r}")
+                changes[key] = seconds
+        return cls(**changes)
+
+
 def _positive(value: int | None, key: str) -> int | None:
     if value == 0:
         raise ConfigError(f"{key}: a rate must be above zero (use \"off\" for no cap)")
@@ -315,6 +381,7 @@ class Config:
     quota: QuotaSettings = field(default_factory=lambda: QuotaSettings())
     # Shared-memory slots the daemon maps for all clients together; None: half of physical memory.
     max_shm_bytes: int | None = None
+    remote: RemoteSettings = field(default_factory=lambda: RemoteSettings())
 
     def socket_path(self) -> Path | None:
         return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None
@@ -322,11 +389,11 @@ class Config:
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
              "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption", "write_speed",
-             "max_connections"}
+             "max_connections", "remote"}
 # Keys a running daemon cannot change: they are bound to its socket, its files or its listeners (and
 # write_speed is used once, at start, in place of the probe).
 RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
-                                        "max_shm_bytes", "write_speed", "max_connections")
+                                        "max_shm_bytes", "write_speed", "max_connections", "remote")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
@@ -390,6 +457,10 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
         if not isinstance(raw["quota"], Mapping):
             raise ConfigError("quota: expected a table ([quota])")
         changes["quota"] = QuotaSettings.parse(raw["quota"])
+    if "remote" in raw:
+        if not isinstance(raw["remote"], Mapping):
+            raise ConfigError("remote: expected a table ([remote])")
+        changes["remote"] = RemoteSettings.parse(raw["remote"])
     return replace(base, **changes)
 
 

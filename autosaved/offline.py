@@ -24,14 +24,28 @@ class CorruptVersionWarning(UserWarning):
 
 
 def restore(job: str, *, state_dir: str | Path | None = None, version: int | None = None,
-            tensors: TensorMode = "numpy", owner: int | None = None) -> Any:
+            tensors: TensorMode = "numpy", owner: int | None = None, remote: str | None = None,
+            endpoint: str | None = None) -> Any:
     """The newest durable state of ``job`` (its newest verified version plus the write-ahead log records
     after it), or the stored version ``version``, read from the state dir.
 
     Returns ``None`` when the job has nothing stored. A corrupt newer version is skipped with a
     :class:`CorruptVersionWarning`; a corrupt version asked for by id raises :class:`CorruptVersion`.
     ``owner`` is the uid whose job to read (default: the calling user).
+
+    With ``remote="s3://bucket/prefix"`` the job is read from the object store instead (the host and its
+    state dir are gone): its newest replicated version that verifies, or ``version``. ``endpoint`` is the
+    store's URL for non-AWS stores (default: ``AWS_ENDPOINT_URL``, else AWS); credentials and region come
+    from the standard AWS environment variables. Needs ``autosaved[s3]``.
     """
+    if remote is not None:
+        from .remote_offline import load_remote
+
+        def skipped_remote(exc: CorruptVersion) -> None:
+            warnings.warn(f"skipping corrupt version of {job!r}: {exc}", CorruptVersionWarning, stacklevel=4)
+
+        loaded = load_remote(job, remote, endpoint=endpoint, version=version, owner=owner, on_skip=skipped_remote)
+        return None if loaded is None else unpack(loaded.tree, tensors=tensors)
     store = JobStore(Path(state_dir) if state_dir else discover_state_dir(),
                      os.geteuid() if owner is None else owner, job)
     if version is not None:

@@ -21,8 +21,8 @@ PROTOCOL_VERSION: Final = 1
 MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 
 OPS: Final = frozenset({"hello", "update", "save", "restore", "status", "list", "ping", "verify", "gc", "delete"})
-AckLevel = Literal["accepted", "logged", "committed"]
-ACK_LEVELS: Final[tuple[AckLevel, ...]] = ("accepted", "logged", "committed")
+AckLevel = Literal["accepted", "logged", "committed", "replicated"]
+ACK_LEVELS: Final[tuple[AckLevel, ...]] = ("accepted", "logged", "committed", "replicated")
 
 def pack_header(header: dict[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)  # type: ignore[no-any-return]

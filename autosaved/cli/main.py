@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -10,7 +11,7 @@ from types import ModuleType
 from .. import __version__
 from ..bench import cli as bench
 from ..errors import AutosavedError
-from . import delete, demo, export, gc, import_cmd, list_cmd, restore, save, serve, status, verify
+from . import delete, demo, export, gc, import_cmd, list_cmd, remote_cmd, restore, save, serve, status, verify
 
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve,
@@ -25,6 +26,7 @@ COMMANDS: dict[str, ModuleType] = {
     "bench": bench,
     "verify": verify,
     "gc": gc,
+    "remote": remote_cmd,
 }
 
 
@@ -54,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if "obstore" in sys.modules and argv is None:
+        # obstore's Tokio runtime may still be closing connections when the interpreter finalizes, and a
+        # worker thread that touches Python then aborts the process (SIGABRT after the command succeeded;
+        # seen in ~1 of 3 short runs here). A command line that used it leaves without finalizing.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

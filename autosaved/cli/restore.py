@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_client_options(p)
     add_owner_option(p)
     p.add_argument("--offline", action="store_true", help="read the state dir, do not ask the daemon")
+    add_remote_options(p)
     add_progress_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
@@ -85,8 +86,37 @@ def _from_state_dir(args: argparse.Namespace, live: bool) -> tuple[Any, dict[str
     return loaded.tree, info
 
 
+def add_remote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--remote", metavar="URL", help="read from the object store (s3://bucket/prefix), not this host")
+    p.add_argument("--endpoint", metavar="URL",
+                   help="the store's endpoint for non-AWS stores (default: $AWS_ENDPOINT_URL, else AWS)")
+
+
+def _from_remote(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from ..remote_offline import list_remote, load_remote
+
+    version = args.version
+    if args.step is not None:
+        rows = list_remote(args.remote, endpoint=args.endpoint, job=args.job, owner=args.owner)
+        version = find_step(rows, args.step, args.job)
+
+    def skipped(exc: Exception) -> None:
+        print(f"autosaved: skipping corrupt version of {args.job!r}: {exc}", file=sys.stderr)
+
+    loaded = load_remote(args.job, args.remote, endpoint=args.endpoint, version=version, owner=args.owner,
+                         on_skip=skipped)
+    if loaded is None:
+        raise NotFound(f"job {args.job!r} has no version in {args.remote}")
+    i = loaded.info
+    info = {"job": args.job, "owner": os.geteuid() if args.owner is None else args.owner, "version": i.id,
+            "step": i.step, "time": i.time, "meta": i.meta, "live": False}
+    return loaded.tree, info
+
+
 def export(args: argparse.Namespace, *, live: bool, verb: str) -> int:
-    if args.offline:
+    if getattr(args, "remote", None):
+        tree, info = _from_remote(args)
+    elif args.offline:
         tree, info = _from_state_dir(args, live)
     else:
         try:

@@ -36,6 +36,17 @@ def run(args: argparse.Namespace) -> int:
              f"{j.get('flush_estimate_s', 0):.1f}s", j["last_save_time"] or "-", j["last_save_reason"] or "-",
              j["last_error"] or ""]
             for j in payload["jobs"]]
+    remote = d.get("remote")
+    if remote:
+        print(f"object store {remote['url']}" + (f" at {remote['endpoint']}" if remote.get("endpoint") else "")
+              + (f": REFUSED ({remote['refused']})" if remote.get("refused") else
+                 "" if remote.get("reachable") else ": not reachable yet"))
+        for j in payload["jobs"]:
+            r = j.get("remote") or {}
+            print(f"  {j['job']}: replicated version {r.get('replicated_version') or '-'}, backlog "
+                  f"{r.get('backlog_versions', 0)} versions ({human_bytes(r.get('backlog_bytes', 0))})"
+                  + (f", FENCED: {r['fenced']}" if r.get("fenced") else
+                     f", last error: {r['last_error']}" if r.get("last_error") else ""))
     if rows:
         print()
         print(table(rows, ["JOB", "OWNER", "DIRTY", "UNSAVED", "VERSION", "STEP", "FLUSH", "LAST SAVE", "REASON",

@@ -18,8 +18,9 @@ DEFAULT_SAVE_TIMEOUT = 600.0
 
 @dataclass(frozen=True)
 class Ack:
-    """How far an update got: ``level`` is ``accepted`` (in daemon memory) or ``committed`` (inside the
-    committed version ``version``)."""
+    """How far an update got: ``level`` is ``accepted`` (in daemon memory), ``logged``, ``committed`` (inside
+    the committed version ``version``) or ``replicated`` (inside ``version``, whose manifest is in the object
+    store)."""
 
     level: str
     seq: int

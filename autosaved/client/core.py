@@ -268,7 +268,7 @@ class ClientCore(Exchange):
             header = yield from self._checked(req)
         self.acked = req.seq
         self.durable = int(header.get("durable") or 0)
-        if header.get("ack") in ("logged", "committed"):
+        if header.get("ack") in ("logged", "committed", "replicated"):
             self.durable = req.seq
         if self.slots is not None:
             self.slots.settle(header.get("held"))
@@ -326,7 +326,7 @@ class ClientCore(Exchange):
             fields["shm"] = placement.to_wire()
             placed = {i for i, _ in placement.refs}
         data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
-        return self.request("update", fields, data, long=wait == "committed")
+        return self.request("update", fields, data, long=wait in ("committed", "replicated"))
 
 
 class AdminCore(Exchange):

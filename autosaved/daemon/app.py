@@ -60,6 +60,7 @@ from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
 from .reload import Reloader
+from .replicator import Replicator
 from .rpc import Handlers, Request
 from .slottable import SlotTable, referenced_mappings
 from .walcommit import LogCommitter
@@ -162,6 +163,21 @@ class Daemon:
         self.restoring: dict[int, Any] = {}
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
         self.slots = SlotTable(shm_cap)
+        self.replicator: Replicator | None = None
+        if config.remote.url is not None:
+            from ..storage.remote import holder_id
+
+            def retention(key: JobKey) -> tuple[int, float | None]:
+                job = self.jobs.get(key)
+                settings = job.settings if job is not None else self.config.policy
+                return settings.keep_last, settings.keep_every
+
+            self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
+                                         local_store=self.store.job, retention=retention, spawn=self._spawn)
+            replicator = self.replicator
+            self.writer.on_commit = lambda job, version, written: replicator.committed(job.owner, job.name, version,
+                                                                                      written)
+            self.writer.protect = lambda job: replicator.protect(job.key)
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -217,6 +233,9 @@ class Daemon:
             if job is not None:
                 return job
             store = self.store.job(owner, name)
+            if self.replicator is not None and not await anyio.to_thread.run_sync(store.version_ids):
+                # A fresh host (or a job this host never had): start from the bucket's newest version.
+                await self.replicator.seed(owner, name, store)
 
             def load() -> tuple[Recovered | None, list[int]]:
                 store.clean_tmp()
@@ -249,6 +268,8 @@ class Daemon:
                          job.latest_version, len(recovered.replay.records))
             job.next_version = ids[-1] + 1 if ids else 1
             self.jobs[key] = job
+            if self.replicator is not None:
+                self.replicator.attach(owner, name, ids)
             return job
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -323,6 +344,10 @@ class Daemon:
             # probe's temp file.
             self.config = await self.io.measure_speed()
             self._sock = self._bind()
+            remote_up = True
+            if self.replicator is not None:
+                # A store that ignores If-None-Match is refused here, before serving (the error says why).
+                remote_up = await self.replicator.probe(min(5.0, self.config.remote.timeout))
             metrics = await open_metrics(*self.config.metrics_address) if self.config.metrics_address else None
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -339,6 +364,8 @@ class Daemon:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.metrics_sample,
                                     self.config.max_connections)
                 self._supervise(tg, "iocontrol", self.io.run)
+                if self.replicator is not None and not remote_up:
+                    tg.start_soon(self.replicator.probe_later)
                 if self.config.preemption.provider != "off":
                     self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
@@ -346,7 +373,9 @@ class Daemon:
                 self.notifier.ready(f"serving {self.config.address}")
                 task_status.started()
                 await self._stop.wait()
+                flush_started = self.clock()
                 await self._flush_all()
+                await self._drain_remote(flush_started)
                 tg.cancel_scope.cancel()
         except Exception:
             # Nothing should get here (every task is supervised); if something does, what was accepted is
@@ -509,6 +538,25 @@ class Daemon:
                                  f"{missed_names([j.name for j in missed])}")
         else:
             log.info("%s flush: all %d jobs saved in %.2fs", reason, total, self.clock() - started)
+
+    async def _drain_remote(self, started: float) -> None:
+        """With ``[remote]``, the shutdown flush goes on uploading what it committed until the deadline;
+        what is still not in the bucket then is named in the log and systemd's STATUS."""
+        if self.replicator is None:
+            return
+        left = self.config.shutdown_deadline - (self.clock() - started)
+        if self.replicator.backlog():
+            log.info("shutdown flush: uploading committed versions, %.1fs left", left)
+            self.notifier.status("shutdown: uploading committed versions to the object store")
+            await self.replicator.drain(left)
+        missed = self.replicator.backlog()
+        for (_owner, name), versions in missed:
+            log.error("shutdown flush: job=%s versions=%s committed locally but NOT uploaded before the deadline",
+                      name, versions)
+        if missed:
+            self.notifier.status(f"shutdown: {len(missed)} jobs have versions NOT uploaded to the object store")
+        elif self.replicator.replicas:
+            log.info("shutdown flush: every committed version is in the object store")
 
     def _flush_progress(self, reason: SaveReason, done: int, total: int, started: float) -> None:
         left = self.config.shutdown_deadline - (self.clock() - started)
@@ -773,7 +821,8 @@ class Daemon:
 
     def status(self, owner: int | None) -> dict[str, Any]:
         speed = self.writer.flush_speed()
-        jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0}
+        jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0,
+                 **({"remote": self.replicator.status(j.key)} if self.replicator is not None else {})}
                 for j in self.jobs.values() if owner is None or j.owner == owner]
         return {
             "daemon": {
@@ -796,6 +845,7 @@ class Daemon:
                 "shm": self.slots.report(),
                 "preempted": self.preempted,
                 "throttle": self.io.status(),
+                "remote": self.replicator.summary() if self.replicator is not None else None,
             },
             "jobs": jobs,
         }

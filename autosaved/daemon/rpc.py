@@ -193,6 +193,8 @@ class Handlers:
         wait = h.get("wait", "accepted")
         if wait not in ACK_LEVELS:
             raise ProtocolError(f"wait must be one of {', '.join(ACK_LEVELS)}, not {wait!r}")
+        if wait == "replicated" and self.d.replicator is None:
+            raise ProtocolError("wait='replicated' needs a [remote] object store in the daemon's config")
         step = _opt_int(h, "step")
         meta = _meta(h)
         acked = _opt_int(h, "acked") or 0
@@ -246,6 +248,11 @@ class Handlers:
             return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn,
                           **self._held(conn)})
         version = await self._wait_committed(job, generation)
+        if wait == "replicated" and self.d.replicator is not None and version is not None:
+            # Never acked while the store is unreachable: the client's save_timeout bounds the wait.
+            version = await self.d.replicator.wait_replicated(job.key, version)
+            return Reply({"ack": "replicated", "durable": job.durable.get(session, 0), "version": version,
+                          **self._held(conn)})
         return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version,
                       **self._held(conn)})
 
@@ -369,7 +376,8 @@ class Handlers:
         job = await self.d.find_job(req.owner, name)  # loaded if on disk: dirty/step include replayed records
         if job is None:
             raise NotFound(f"no job named {name!r}")
-        return Reply({**job.status(), "live": True})
+        remote = {"remote": self.d.replicator.status(job.key)} if self.d.replicator is not None else {}
+        return Reply({**job.status(), "live": True, **remote})
 
     async def op_list(self, req: Request) -> Reply:
         job_name = req.header.get("job")

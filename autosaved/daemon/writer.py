@@ -47,6 +47,10 @@ class Writer:
         self.observe_duration: Callable[[float], None] = lambda _seconds: None
         # Snapshots being written, by version: their blobs may live in client slots that must stay lent.
         self.in_flight: dict[tuple[int, str, int], SaveTicket] = {}
+        # Told of every committed version (the replicator queues it), and asked which versions local
+        # retention must keep (those not yet replicated).
+        self.on_commit: Callable[[Job, int, int], None] = lambda _job, _version, _written: None
+        self.protect: Callable[[Job], set[int]] = lambda _job: set()
 
     def begin(self, job: Job, reason: SaveReason, tg: anyio.abc.TaskGroup) -> None:
         """Snapshot ``job`` now (synchronously, so no update can slip in half-way) and save it in ``tg``."""
@@ -102,6 +106,7 @@ class Writer:
             commit_failed(ticket, StorageError(f"save interrupted: {exc!r}"), self.clock())
             raise
         commit_succeeded(ticket, result.info.time, result.bytes_written)
+        self.on_commit(job, ticket.version, result.bytes_written)
         self.observe_duration(time.perf_counter() - started)
         self.saves += 1
         self.bytes_written += result.bytes_written
@@ -123,8 +128,9 @@ class Writer:
                 log.warning("could not drop covered log segments job=%s error=%s", job.name, exc)
         try:
             keep, every = job.settings.keep_last, job.settings.keep_every
+            protect = {ticket.version} | self.protect(job)
             deleted = await anyio.to_thread.run_sync(
-                lambda: job.store.apply_retention(keep, protect={ticket.version}, keep_every=every)
+                lambda: job.store.apply_retention(keep, protect=protect, keep_every=every)
             )
             if deleted:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)

@@ -1,0 +1,485 @@
+"""Replication: every committed local version goes to the object store, in order, none skipped.
+
+One task per job with a remote (started on the daemon's task group). It holds the job's lease, uploads the
+chunks the bucket lacks (read from the local chunk files with ``aiofiles``, sent with obstore's async
+API, so a slow network parks no worker thread), renews the lease, then writes the manifest. A failure is
+retried with exponential backoff and reported (``status``: newest replicated version, backlog, last
+error); it never blocks the trainer or local saves. Local retention keeps every version still to upload
+(:meth:`Replicator.protect`), so a store that is down for a while is a backlog, never a gap.
+
+The replicator gets narrow callables, not the daemon: where a job's local store is, the retention
+settings, and an event-loop task spawner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+import anyio
+
+from ..config import RemoteSettings
+from ..errors import AutosavedError, CorruptVersion, StorageError
+from ..storage.compress import SUFFIX
+from ..storage.local import JobStore
+from ..storage.manifest import unseal
+from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore, remote_manifest
+
+log = logging.getLogger("autosaved.replicator")
+
+JobKey = tuple[int, str]
+UPLOAD_CONCURRENCY = 4
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class Replica:
+    """What the replicator knows about one job."""
+
+    key: JobKey
+    remote: RemoteJob
+    local: JobStore
+    queue: list[int] = field(default_factory=list)  # committed local versions not yet in the bucket, ascending
+    queued_bytes: dict[int, int] = field(default_factory=dict)
+    replicated: int | None = None
+    replicated_at: float | None = None
+    last_error: str | None = None
+    fenced: str | None = None
+    lease: Lease | None = None
+    known: dict[str, str] | None = None  # digest → object key, of chunks the bucket has
+    waiters: list[tuple[int, anyio.Event]] = field(default_factory=list)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    ready: anyio.Event = field(default_factory=anyio.Event)  # the first look at the bucket is done
+    failures: int = 0
+    bytes_uploaded: int = 0
+    chunks_uploaded: int = 0
+    versions_uploaded: int = 0
+    last_gc: float = 0.0
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "replicated_version": self.replicated,
+            "backlog_versions": len(self.queue),
+            "backlog_bytes": sum(self.queued_bytes.get(v, 0) for v in self.queue),
+            "last_error": self.last_error,
+            "fenced": self.fenced,
+            "lease_epoch": self.lease.epoch if self.lease else None,
+            "bytes_uploaded": self.bytes_uploaded,
+            "chunks_uploaded": self.chunks_uploaded,
+            "versions_uploaded": self.versions_uploaded,
+        }
+
+
+class RateLimit:
+    """``upload_rate``: a token bucket on the event loop (sleeps, never blocks a thread)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._free_at = 0.0
+
+    async def __call__(self, nbytes: int) -> None:
+        if self.rate is None:
+            return
+        now = time.monotonic()
+        start = max(now, self._free_at)
+        self._free_at = start + nbytes / self.rate
+        if start > now:
+            await anyio.sleep(start - now)
+
+
+class Replicator:
+    def __init__(self, settings: RemoteSettings, *, holder: str, local_store: Callable[[int, str], JobStore],
+                 retention: Callable[[JobKey], tuple[int, float | None]],
+                 spawn: Callable[..., None],
+                 store: RemoteStore | None = None) -> None:
+        from ..storage.remote import open_remote
+
+        assert settings.url is not None
+        self.settings = settings
+        self.holder = holder
+        self.store = store or open_remote(settings.url, endpoint=settings.endpoint, region=settings.region,
+                                          credentials_file=settings.credentials_file)
+        self.store.timeout = settings.timeout
+        self.local_store = local_store
+        self.retention = retention
+        self.spawn = spawn
+        self.replicas: dict[JobKey, Replica] = {}
+        self.rate = RateLimit(settings.upload_rate)
+        self.probed = anyio.Event()
+        self.refused: str | None = None
+        self.last_probe_error: str | None = None
+        self.stopping = False
+
+    # -- start ------------------------------------------------------------------------------------
+
+    async def probe(self, timeout: float) -> bool:
+        """Check the store honours ``If-None-Match: *``. A definite "no" refuses the store (raised: the
+        daemon does not start with it); ``False``: not reachable now (then run :meth:`probe_later`)."""
+        try:
+            with anyio.fail_after(timeout):
+                await self.store.probe()
+        except (RemoteError, TimeoutError) as exc:
+            if "ignored If-None-Match" in str(exc):
+                self.refused = str(exc)
+                raise
+            self.last_probe_error = str(exc) or "the object store did not answer the probe in time"
+            log.warning("object store %s not reachable at start (%s); replication waits for it",
+                        self.store.describe(), self.last_probe_error)
+            return False
+        self.probed.set()
+        log.info("object store %s honours conditional writes; replicating there", self.store.describe())
+        return True
+
+    async def probe_later(self) -> None:
+        delay = 0.5
+        while True:
+            await anyio.sleep(delay)
+            try:
+                with anyio.fail_after(self.settings.timeout):
+                    await self.store.probe()
+            except (RemoteError, TimeoutError) as exc:
+                if "ignored If-None-Match" in str(exc):
+                    self.refused = str(exc)
+                    log.error("%s", exc)
+                    return
+                self.last_probe_error = str(exc)
+                delay = min(MAX_BACKOFF, delay * 2)
+                continue
+            self.last_probe_error = None
+            self.probed.set()
+            return
+
+    # -- seams the daemon calls ---------------------------------------------------------------------
+
+    def attach(self, owner: int, name: str, local_ids: list[int]) -> Replica:
+        """Start replicating a job the daemon just loaded; ``local_ids`` are its committed local versions
+        (the ones newer than the bucket's newest are queued once the bucket has been looked at)."""
+        key = (owner, name)
+        replica = self.replicas.get(key)
+        if replica is None:
+            replica = Replica(key=key, remote=self.store.job(owner, name), local=self.local_store(owner, name))
+            # Until the bucket has been looked at, every local version counts as not uploaded, so local
+            # retention keeps them all (the catch-up trims this to what the bucket lacks).
+            replica.queue = sorted(local_ids)
+            self.replicas[key] = replica
+            self.spawn(self._run, replica, list(local_ids))
+        return replica
+
+    def committed(self, owner: int, name: str, version: int, new_bytes: int = 0) -> None:
+        """A local version was committed: queue it (the daemon's on-commit callback). ``new_bytes``, what
+        the local save wrote, estimates what the bucket lacks until the upload counts it exactly."""
+        replica = self.replicas.get((owner, name))
+        if replica is None:
+            return
+        if version not in replica.queue and (replica.replicated is None or version > replica.replicated):
+            replica.queue.append(version)
+            replica.queue.sort()
+            replica.queued_bytes[version] = new_bytes
+        replica.wake.set()
+
+    def protect(self, key: JobKey) -> set[int]:
+        """Local versions retention must keep: those still to upload."""
+        replica = self.replicas.get(key)
+        return set(replica.queue) if replica is not None else set()
+
+    async def seed(self, owner: int, name: str, local: JobStore) -> int | None:
+        """A job with no local version: copy the bucket's newest verified version in (a fresh host).
+        Failures are logged and the job starts empty, as it would without a remote."""
+        if self.refused:
+            return None
+        if not self.probed.is_set():
+            log.error("job=%s has no local version and the object store %s is not reachable: it starts from "
+                      "what this host has (nothing); its replicated versions stay in the bucket", name,
+                      self.store.describe())
+            return None
+        try:
+            # Each request to the store is bounded by [remote] timeout; a large state simply takes a while.
+            version = await self.store.job(owner, name).seed(
+                local, on_skip=lambda exc: log.warning("skipping corrupt remote version: %s", exc))
+        except (RemoteError, CorruptVersion, OSError) as exc:
+            log.error("could not load job=%s from %s: %s", name, self.store.describe(), exc)
+            return None
+        if version is not None:
+            log.info("loaded job=%s owner=%d version=%d from %s", name, owner, version, self.store.describe())
+        return version
+
+    async def wait_replicated(self, key: JobKey, version: int) -> int:
+        """Until ``version`` (or a newer one) is in the bucket; returns the replicated version."""
+        replica = self.replicas.get(key)
+        if replica is None:
+            raise StorageError(f"job {key[1]!r} is not replicated")
+        while replica.replicated is None or replica.replicated < version:
+            if self.refused:
+                raise StorageError(f"job {key[1]!r} cannot be replicated: {self.refused}")
+            if replica.fenced:
+                raise StorageError(f"job {key[1]!r} cannot be replicated: {replica.fenced}")
+            event = anyio.Event()
+            replica.waiters.append((version, event))
+            await event.wait()
+        return replica.replicated
+
+    def status(self, key: JobKey) -> dict[str, Any] | None:
+        replica = self.replicas.get(key)
+        if replica is None:
+            return None
+        out = replica.status()
+        if self.refused:
+            out["last_error"] = self.refused
+        elif replica.last_error is None and self.last_probe_error:
+            out["last_error"] = self.last_probe_error
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"url": self.store.location.url, "endpoint": self.store.endpoint, "refused": self.refused,
+                "reachable": self.probed.is_set(), "holder": self.holder}
+
+    def backlog(self) -> list[tuple[JobKey, list[int]]]:
+        return [(k, list(r.queue)) for k, r in self.replicas.items() if r.queue]
+
+    async def drain(self, timeout: float) -> None:
+        """The shutdown flush: wait (up to ``timeout``) until every queued version is uploaded."""
+        with anyio.move_on_after(max(0.0, timeout)):
+            while any(r.queue and not r.fenced for r in self.replicas.values()) and not self.refused:
+                await anyio.sleep(0.05)
+
+    # -- the per-job task ---------------------------------------------------------------------------
+
+    async def _run(self, replica: Replica, local_ids: list[int]) -> None:
+        delay = 0.5
+        await self.probed.wait()
+        while True:
+            try:
+                await self._catch_up(replica, local_ids)
+                break
+            except (RemoteError, OSError) as exc:
+                replica.last_error = str(exc)
+                await anyio.sleep(delay)
+                delay = min(MAX_BACKOFF, delay * 2)
+        replica.ready.set()
+        delay = 0.5
+        while not replica.fenced:
+            if not replica.queue:
+                replica.wake = anyio.Event()
+                with anyio.move_on_after(self._renew_every(replica)):
+                    await replica.wake.wait()
+                if not replica.queue:
+                    await self._keep_lease(replica)
+                    await self._maybe_gc(replica)
+                    continue
+            version = replica.queue[0]
+            try:
+                await self._upload(replica, version)
+            except Fenced as exc:
+                self._fence(replica, str(exc))
+                return
+            except LeaseHeld as exc:
+                replica.last_error = str(exc)
+                await anyio.sleep(min(delay, self.settings.lease_ttl / 2))
+                delay = min(MAX_BACKOFF, delay * 2)
+                continue
+            except (RemoteError, OSError, TimeoutError) as exc:
+                replica.failures += 1
+                replica.last_error = str(exc)
+                log.warning("upload failed job=%s version=%d retry_in=%.1fs error=%s", replica.key[1], version,
+                            delay, exc)
+                await anyio.sleep(delay)
+                delay = min(MAX_BACKOFF, delay * 2)
+                continue
+            except (CorruptVersion, AutosavedError) as exc:
+                # The local version cannot be read: nothing to upload for it; say so loudly.
+                log.error("cannot replicate job=%s version=%d: %s", replica.key[1], version, exc)
+                replica.last_error = f"version {version} not replicated: {exc}"
+                replica.queue.remove(version)
+                continue
+            delay = 0.5
+            replica.failures = 0
+            replica.last_error = None
+            replica.queue.remove(version)
+            replica.queued_bytes.pop(version, None)
+            replica.replicated = version
+            replica.replicated_at = time.time()
+            replica.versions_uploaded += 1
+            self._release(replica)
+            await self._maybe_gc(replica)
+
+    def _renew_every(self, replica: Replica) -> float:
+        return self.settings.lease_ttl / 3 if replica.lease is not None else math.inf
+
+    def _fence(self, replica: Replica, why: str) -> None:
+        replica.fenced = why
+        replica.last_error = why
+        replica.lease = None
+        log.error("fenced job=%s: %s", replica.key[1], why)
+        for _, event in replica.waiters:
+            event.set()
+        replica.waiters.clear()
+
+    def _release(self, replica: Replica) -> None:
+        keep = []
+        for version, event in replica.waiters:
+            if replica.replicated is not None and replica.replicated >= version:
+                event.set()
+            else:
+                keep.append((version, event))
+        replica.waiters = keep
+
+    async def _keep_lease(self, replica: Replica) -> None:
+        if replica.lease is None:
+            return
+        try:
+            await replica.remote.renew(replica.lease, self.settings.lease_ttl)
+        except Fenced as exc:
+            self._fence(replica, str(exc))
+        except (RemoteError, OSError) as exc:
+            replica.last_error = str(exc)
+
+    async def _catch_up(self, replica: Replica, local_ids: list[int]) -> None:
+        """After a (re)start: the newest local version the bucket has (the same manifest, not just the same
+        id: another host may have published its own version under that id), and the local ones after it."""
+        visible = await replica.remote.visible_versions()
+        local = set(local_ids)
+        newest = None
+        for vk in reversed(visible[-8:]):  # the newest few suffice: uploads go in order
+            if vk.id not in local:
+                continue
+            try:
+                remote_doc = await replica.remote.read_manifest(vk)
+            except CorruptVersion:
+                continue
+            remote_doc.pop("remote", None)
+            path = replica.local.versions_dir / f"{vk.id:012d}.json"
+            try:
+                async with aiofiles.open(path, "rb") as fh:
+                    local_doc = unseal(await fh.read(), f"{replica.local.job} version {vk.id}")
+            except (FileNotFoundError, CorruptVersion):
+                continue
+            if local_doc == remote_doc:
+                newest = vk.id
+                break
+        replica.replicated = newest
+        pending = [v for v in local_ids if newest is None or v > newest]
+        for v in pending:
+            if v not in replica.queue:
+                replica.queue.append(v)
+        replica.queue = sorted(v for v in replica.queue if newest is None or v > newest)
+        replica.last_error = None
+        self._release(replica)
+
+    async def _lease(self, replica: Replica) -> Lease:
+        if replica.lease is None:
+            replica.lease = await replica.remote.acquire(self.holder, self.settings.lease_ttl)
+            replica.known = None  # a new epoch: look at the bucket afresh
+            log.info("lease job=%s epoch=%d holder=%s", replica.key[1], replica.lease.epoch, self.holder)
+        return replica.lease
+
+    async def _upload(self, replica: Replica, version: int) -> None:
+        lease = await self._lease(replica)
+        local = replica.local
+        where = f"{local.job} version {version}"
+        path = local.versions_dir / f"{version:012d}.json"
+        try:
+            async with aiofiles.open(path, "rb") as fh:
+                raw = await fh.read()
+        except FileNotFoundError:
+            raise CorruptVersion(f"{where}: the local manifest is gone") from None
+        doc = unseal(raw, where)
+        if replica.known is None:
+            replica.known = {d: k for d, (k, _) in (await replica.remote.chunk_index()).items()}
+        known = replica.known
+        todo: dict[str, int] = {}
+        for rec in doc["blobs"]:
+            for digest, size in rec["chunks"]:
+                if digest not in known:
+                    todo[str(digest)] = int(size)
+        replica.queued_bytes[version] = sum(todo.values())
+        packed: set[str] = {d for d, k in known.items() if k.endswith(SUFFIX)}
+        failures: list[BaseException] = []
+        limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
+
+        async def one(digest: str, scope: anyio.CancelScope) -> None:
+            async with limiter:
+                try:
+                    data, is_packed = await _read_chunk_file(local, digest)
+                    await self.rate(len(data))
+                    await replica.remote.put_chunk(digest, data, is_packed)
+                except (RemoteError, OSError, CorruptVersion) as exc:
+                    failures.append(exc)
+                    scope.cancel()
+                    return
+                # Bytes sent count even when the bucket answered 412 (it had the chunk after all).
+                replica.bytes_uploaded += len(data)
+                replica.chunks_uploaded += 1
+                known[digest] = replica.remote.chunk_key(digest, is_packed)
+                if is_packed:
+                    packed.add(digest)
+                replica.queued_bytes[version] = max(0, replica.queued_bytes.get(version, 0) - len(data))
+
+        async with anyio.create_task_group() as tg:
+            for digest in todo:
+                tg.start_soon(one, digest, tg.cancel_scope)
+        if failures:
+            raise failures[0]
+        # Renew right before publishing: a daemon that lost its lease finds out here, not after.
+        await replica.remote.renew(lease, self.settings.lease_ttl)
+        referenced = {str(d) for rec in doc["blobs"] for d, _ in rec["chunks"]}
+        body = remote_manifest(raw, lease.epoch, self.holder, sorted(packed & referenced), where)
+        try:
+            await replica.remote.put_manifest(version, lease.epoch, body)
+        except RemoteError as exc:
+            if "already in the bucket" not in str(exc):
+                raise
+            # Our own earlier attempt got through but its reply was lost: same epoch, same holder.
+        # And renew once more: if that succeeds, no take-over happened before the manifest was written, so
+        # any later take-over lists it and fences above it: the version is visible, and may be acked.
+        # (Without this, a take-over between our renewal and our manifest would hide a version we acked.)
+        await replica.remote.renew(lease, self.settings.lease_ttl)
+        log.info("replicated job=%s version=%d epoch=%d chunks=%d", local.job, version, lease.epoch, len(todo))
+
+    async def _maybe_gc(self, replica: Replica) -> None:
+        """Remote retention and collection, at most once a minute, by the lease holder only."""
+        if replica.lease is None or time.monotonic() - replica.last_gc < 60.0:
+            return
+        replica.last_gc = time.monotonic()
+        keep_last, keep_every = self.retention(replica.key)
+        if self.settings.keep_last is not None:
+            keep_last = self.settings.keep_last
+        if self.settings.keep_every_set:
+            keep_every = self.settings.keep_every
+        try:
+            result = await replica.remote.collect(keep_last=keep_last, keep_every=keep_every,
+                                                  grace=self.settings.gc_grace, lease=replica.lease,
+                                                  ttl=self.settings.lease_ttl)
+        except Fenced as exc:
+            self._fence(replica, str(exc))
+            return
+        except (RemoteError, OSError) as exc:
+            log.warning("remote gc failed job=%s: %s", replica.key[1], exc)
+            return
+        if result.deleted_versions or result.removed_chunks:
+            replica.known = None  # chunks went: look again before trusting the cache
+            log.info("remote gc job=%s deleted_versions=%s removed_chunks=%d", replica.key[1],
+                     result.deleted_versions, result.removed_chunks)
+
+
+async def _read_chunk_file(local: JobStore, digest: str) -> tuple[bytes, bool]:
+    """A local chunk file's stored bytes (raw, or zstd: uploaded as stored) and whether it is packed."""
+    raw_path = local.objects_dir / digest[:2] / digest
+    for path, packed in ((raw_path, False), (Path(str(raw_path) + SUFFIX), True)):
+        try:
+            async with aiofiles.open(path, "rb") as fh:
+                return await fh.read(), packed
+        except FileNotFoundError:
+            continue
+    raise CorruptVersion(f"{local.job}: local chunk {digest[:16]}… is missing")
+
+
+def dump_status(status: dict[str, Any]) -> str:
+    return json.dumps(status, sort_keys=True)

@@ -1,0 +1,783 @@
+"""The remote store: a job's versions in an S3-compatible bucket (``obstore``; the ``autosaved[s3]`` extra).
+
+Layout under ``s3://bucket/prefix``, mirroring the local store (see :mod:`.local`)::
+
+    jobs/<owner uid>/<job>/chunks/<ab>/<sha256>[.zst]     immutable chunks: the local store's chunk files
+    jobs/<owner uid>/<job>/versions/<id>.e<epoch>.json    manifests, written last (a version exists iff this does)
+    jobs/<owner uid>/<job>/lease.json                     who may publish, and the fences of past epochs
+    jobs/<owner uid>/<job>/gc.json                        chunks seen unreferenced, and since when
+    probe/<random>                                        the conditional-write probe (deleted after)
+
+Commit protocol (no rename on a bucket, so no temp + rename): every chunk is written with
+``If-None-Match: *`` (a 412 means the bucket has it: success), then the manifest, also ``If-None-Match: *``.
+A reader trusts only manifests and checks every chunk's SHA-256, so a version whose upload was cut off is
+simply not there.
+
+Fencing: one writer per (owner, job). The lease object names the holder, its epoch and when it expires;
+the holder renews it with ``If-Match`` on its ETag (compare-and-swap) before every manifest it writes, so a
+lost lease is found before publishing. A new holder takes over with ``epoch + 1`` and records, per older
+epoch, the highest version id it saw from that epoch (``fences``): readers ignore a manifest of an older
+epoch with a higher id, so a replaced holder that publishes after the take-over (it was partitioned while
+listing, say) publishes nothing anyone reads. Reads never need the lease.
+
+Everything here is async and runs on the event loop; chunk files are read and written with ``aiofiles``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import hashlib
+import json
+import mmap
+import os
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiofiles
+import aiofiles.os
+import anyio
+
+from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
+from ..names import validate_job_name
+from ..tree import Blob, Chunk, from_node, iter_blobs
+from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
+from .fsutil import atomic_write, fsync_dir, temp_name
+from .local import DIR_MODE, JobStore
+from .manifest import VersionInfo, blob_from_record, seal, unseal
+from .retention import versions_to_delete
+
+_VERSION_KEY = re.compile(r"(?:^|/)(\d{12})\.e(\d{1,12})\.json$")
+_CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{64})(\.zst)?$")
+# Downloads and uploads in flight at once per job: enough to fill a fast link, few enough for a slow one.
+CONCURRENCY = 8
+
+
+class RemoteError(StorageError):
+    """The object store failed or refused a request (unreachable, denied, misbehaving)."""
+
+
+class LeaseHeld(RemoteError):
+    """Another holder's lease is live: this daemon may not publish versions of the job yet."""
+
+
+class Fenced(RemoteError):
+    """This daemon lost its lease (another took over): it must never publish a version of the job again."""
+
+
+@dataclass(frozen=True)
+class Location:
+    bucket: str
+    prefix: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def parse_url(url: str, key: str = "remote.url") -> Location:
+    """``s3://bucket/optional/prefix`` → bucket and prefix; anything else is a clear error."""
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme != "s3" or not parsed.netloc:
+        raise ConfigError(f"{key}: expected an s3://bucket/prefix URL, got {url!r}")
+    if parsed.query or parsed.fragment:
+        raise ConfigError(f"{key}: {url!r} has a query or fragment; use s3://bucket/prefix")
+    prefix = parsed.path.strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise ConfigError(f"{key}: {url!r} has an empty, '.' or '..' path segment")
+    return Location(parsed.netloc, prefix)
+
+
+def read_credentials_file(path: Path, profile: str = "default") -> dict[str, str]:
+    """An AWS shared-credentials file (INI: ``aws_access_key_id``, ``aws_secret_access_key``, optional
+    ``aws_session_token``), so secrets never sit in the TOML."""
+    parser = configparser.ConfigParser()
+    try:
+        with path.open() as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"remote.credentials_file: cannot read {path}: {exc.strerror}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"remote.credentials_file: {path} is not an AWS credentials file ({exc})") from None
+    if profile not in parser:
+        raise ConfigError(f"remote.credentials_file: {path} has no [{profile}] section")
+    sect = parser[profile]
+    if "aws_access_key_id" not in sect or "aws_secret_access_key" not in sect:
+        raise ConfigError(f"remote.credentials_file: [{profile}] in {path} needs aws_access_key_id and "
+                          "aws_secret_access_key")
+    out = {"access_key_id": sect["aws_access_key_id"], "secret_access_key": sect["aws_secret_access_key"]}
+    if "aws_session_token" in sect:
+        out["token"] = sect["aws_session_token"]
+    return out
+
+
+def _obstore() -> Any:
+    try:
+        import obstore
+    except ImportError:
+        raise ConfigError("remote storage needs the obstore package: pip install 'autosaved[s3]'") from None
+    return obstore
+
+
+_EXIT_PAUSE_REGISTERED = False
+
+
+def _pause_at_exit() -> None:
+    """Work around obstore 0.12's async API aborting the process at exit: its Tokio worker threads may
+    still be finishing (closing pooled connections) when the interpreter finalizes, and one that touches
+    Python then aborts (SIGABRT, sometimes SIGBUS) after everything succeeded: 2 of 15 runs of a bare
+    ``put_async``/``get_async`` script here. A short pause at exit, before finalization, let 20 of 20
+    runs exit cleanly. Registered once, on first use of the client."""
+    global _EXIT_PAUSE_REGISTERED
+    if not _EXIT_PAUSE_REGISTERED:
+        import atexit
+
+        atexit.register(time.sleep, 0.2)
+        _EXIT_PAUSE_REGISTERED = True
+
+
+def _errors() -> Any:
+    return _obstore().exceptions
+
+
+def _wrap(exc: BaseException, what: str) -> RemoteError:
+    text = str(exc).split("\n\nDebug source:")[0].strip()
+    return RemoteError(f"object store: {what} failed: {text}")
+
+
+@dataclass(frozen=True)
+class VersionKey:
+    id: int
+    epoch: int
+    key: str
+
+
+@dataclass
+class Lease:
+    holder: str
+    epoch: int
+    expires: float
+    fences: dict[str, int]
+    etag: str | None = None
+
+    def doc(self) -> dict[str, Any]:
+        return {"holder": self.holder, "epoch": self.epoch, "expires": self.expires, "fences": self.fences}
+
+    def admits(self, vk: VersionKey) -> bool:
+        """Whether readers trust a manifest of ``vk``'s epoch and id under this lease (see module doc)."""
+        if vk.epoch == self.epoch:
+            return True
+        bound = self.fences.get(str(vk.epoch))
+        return bound is not None and vk.id <= bound
+
+
+@dataclass
+class RemoteLoaded:
+    info: VersionInfo
+    tree: Any
+    sessions: dict[str, int]
+    wal_lsn: int
+    doc: dict[str, Any]
+
+
+@dataclass
+class RemoteGc:
+    deleted_versions: list[int] = field(default_factory=list)
+    removed_chunks: int = 0
+    freed_bytes: int = 0
+    pending_chunks: int = 0
+
+
+class RemoteStore:
+    """One bucket (and prefix). Build with :func:`open_remote`; the obstore client is made on first use."""
+
+    def __init__(self, url: str, *, endpoint: str | None = None, region: str | None = None,
+                 credentials: dict[str, str] | None = None, timeout: float = 30.0, max_retries: int = 2) -> None:
+        self.location = parse_url(url)
+        self.endpoint = endpoint if endpoint is not None else (os.environ.get("AWS_ENDPOINT_URL") or None)
+        if self.endpoint is not None and not re.match(r"^https?://[^/\s]+", self.endpoint):
+            raise ConfigError(f"remote.endpoint: expected an http(s):// URL, got {self.endpoint!r}")
+        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        self.credentials = credentials
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            obs = _obstore()
+            _pause_at_exit()
+            config: dict[str, Any] = {}
+            if self.endpoint:
+                config["endpoint"] = self.endpoint
+            # Many S3 servers answer any region; AWS needs the right one. object_store defaults to us-east-1.
+            if self.region:
+                config["region"] = self.region
+            if self.credentials:
+                config.update(self.credentials)
+            client_options: dict[str, Any] = {"timeout": timedelta(seconds=self.timeout),
+                                              "connect_timeout": timedelta(seconds=min(5.0, self.timeout))}
+            if self.endpoint and self.endpoint.startswith("http://"):
+                client_options["allow_http"] = True  # local servers (SeaweedFS, MinIO) speak plain http
+            # Few, quick retries here: the replicator has its own backoff and reports a down store at once.
+            retry = {"max_retries": self.max_retries, "retry_timeout": timedelta(seconds=self.timeout),
+                     "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=2),
+                                 "base": 2}}
+            try:
+                self._client = obs.store.S3Store(self.location.bucket, prefix=self.location.prefix or None,
+                                                 config=config, client_options=client_options, retry_config=retry)
+            except Exception as exc:
+                raise ConfigError(f"remote: cannot set up the S3 client for {self.location.url}: {exc}") from None
+        return self._client
+
+    def describe(self) -> str:
+        return self.location.url + (f" at {self.endpoint}" if self.endpoint else "")
+
+    def job(self, owner: int, name: str) -> RemoteJob:
+        return RemoteJob(self, owner, name)
+
+    # -- raw object operations (the whole storage interface rests on these) ----------------------
+
+    async def put(self, key: str, data: bytes | memoryview, *, create: bool = False,
+                  if_match: str | None = None) -> str | None:
+        """Write an object; returns its ETag. ``create``: ``If-None-Match: *`` (``FileExistsError`` on
+        412); ``if_match``: ``If-Match`` (``PreconditionError`` → :class:`Fenced` at the caller)."""
+        obs = _obstore()
+        mode: Any = "create" if create else ({"e_tag": if_match} if if_match is not None else "overwrite")
+        try:
+            result = await obs.put_async(self.client, key, data, mode=mode, use_multipart=False)
+        except _errors().AlreadyExistsError:
+            raise FileExistsError(key) from None
+        except _errors().PreconditionError as exc:
+            raise _PreconditionFailed(key) from exc
+        except Exception as exc:
+            raise _wrap(exc, f"PUT {key}") from None
+        etag = result.get("e_tag")
+        return str(etag) if etag is not None else None
+
+    async def get(self, key: str) -> tuple[memoryview, str | None]:
+        obs = _obstore()
+        try:
+            result = await obs.get_async(self.client, key)
+            data = await result.bytes_async()
+        except FileNotFoundError:
+            raise
+        except _errors().NotFoundError:
+            raise FileNotFoundError(key) from None
+        except Exception as exc:
+            raise _wrap(exc, f"GET {key}") from None
+        # obstore's Bytes exposes the buffer protocol: no copy into a Python bytes object.
+        return memoryview(data), result.meta.get("e_tag")
+
+    async def stream(self, key: str) -> AsyncIterator[memoryview]:
+        obs = _obstore()
+        try:
+            result = await obs.get_async(self.client, key)
+            async for piece in result:
+                yield memoryview(piece)
+        except FileNotFoundError:
+            raise
+        except _errors().NotFoundError:
+            raise FileNotFoundError(key) from None
+        except Exception as exc:
+            raise _wrap(exc, f"GET {key}") from None
+
+    async def list_objects(self, prefix: str) -> list[dict[str, Any]]:
+        obs = _obstore()
+        try:
+            return [m for batch in [await obs.list(self.client, prefix, chunk_size=1000).collect_async()]
+                    for m in batch]
+        except Exception as exc:
+            raise _wrap(exc, f"LIST {prefix}") from None
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        obs = _obstore()
+        try:
+            result = await obs.list_with_delimiter_async(self.client, prefix)
+        except Exception as exc:
+            raise _wrap(exc, f"LIST {prefix}/") from None
+        return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in result["common_prefixes"]]
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        obs = _obstore()
+        try:
+            await obs.delete_async(self.client, list(keys))
+        except Exception as exc:
+            raise _wrap(exc, f"DELETE {len(keys)} objects") from None
+
+    # -- bucket-level ----------------------------------------------------------------------------
+
+    async def probe(self) -> None:
+        """Check that the store refuses a second create of one key (``If-None-Match: *``): some S3
+        gateways ignore the header and would silently let two writers overwrite each other."""
+        key = f"probe/{secrets.token_hex(8)}"
+        await self.put(key, b"autosaved conditional-write probe 1", create=True)
+        try:
+            await self.put(key, b"autosaved conditional-write probe 2", create=True)
+        except FileExistsError:
+            return
+        finally:
+            with contextlib.suppress(RemoteError):
+                await self.delete([key])
+        raise RemoteError(
+            f"the object store {self.describe()} ignored If-None-Match: * (a second create of {key} succeeded); "
+            "autosaved cannot commit versions safely on it. Use a store with conditional writes (AWS S3, "
+            "SeaweedFS, MinIO, R2, GCS's S3 API)."
+        )
+
+    async def jobs(self, owner: int | None) -> list[tuple[int, str]]:
+        owners = [str(owner)] if owner is not None else await self.list_dirs("jobs")
+        out = []
+        for o in owners:
+            if not o.isdigit():
+                continue
+            for name in await self.list_dirs(f"jobs/{o}"):
+                with contextlib.suppress(Exception):
+                    out.append((int(o), validate_job_name(name)))
+        return sorted(out)
+
+
+class _PreconditionFailed(Exception):
+    pass
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class RemoteJob:
+    """The stored versions of one job in the bucket: chunks, manifests, lease, GC state."""
+
+    def __init__(self, store: RemoteStore, owner: int, job: str) -> None:
+        self.store = store
+        self.owner = owner
+        self.job = validate_job_name(job)
+        self.prefix = f"jobs/{owner}/{job}"
+
+    def chunk_key(self, digest: str, packed: bool = False) -> str:
+        return f"{self.prefix}/chunks/{digest[:2]}/{digest}{SUFFIX if packed else ''}"
+
+    def version_key(self, version: int, epoch: int) -> str:
+        return f"{self.prefix}/versions/{version:012d}.e{epoch:06d}.json"
+
+    # -- chunks ----------------------------------------------------------------------------------
+
+    async def chunk_index(self) -> dict[str, tuple[str, float]]:
+        """digest → (key, last-modified unix time) of every chunk in the bucket."""
+        out = {}
+        for meta in await self.store.list_objects(f"{self.prefix}/chunks"):
+            m = _CHUNK_KEY.search(str(meta["path"]))
+            if m:
+                out[m.group(1)] = (str(meta["path"]), meta["last_modified"].timestamp())
+        return out
+
+    async def put_chunk(self, digest: str, data: bytes | memoryview, packed: bool) -> bool:
+        """Upload one chunk; ``False`` when the bucket already had it (412: success all the same)."""
+        try:
+            await self.store.put(self.chunk_key(digest, packed), data, create=True)
+        except FileExistsError:
+            return False
+        return True
+
+    async def read_chunk(self, chunk: Chunk, packed: bool, where: str,
+                         into: memoryview | None = None) -> bytes | memoryview:
+        """A chunk's raw bytes, verified (and copied into ``into`` when given); missing or wrong is
+        :class:`CorruptVersion` naming the object."""
+        key = self.chunk_key(chunk.digest, packed)
+        try:
+            data, _ = await self.store.get(key)
+        except FileNotFoundError:
+            raise CorruptVersion(f"{where}: object {key} is missing") from None
+        raw: bytes | memoryview = data
+        if packed:
+            try:
+                raw = decompress_chunk(bytes(data), chunk.size)
+            except ChunkDecodeError as exc:
+                raise CorruptVersion(f"{where}: object {key} does not decompress ({exc})") from None
+        def check() -> bool:
+            if len(raw) != chunk.size or _sha256(raw) != chunk.digest:
+                return False
+            if into is not None:
+                into[:] = raw
+            return True
+
+        # Hashing and copying 8 MiB take tens of ms: in a worker thread (both release the GIL), so the
+        # next downloads overlap them.
+        if not await anyio.to_thread.run_sync(check):
+            raise CorruptVersion(f"{where}: object {key} does not match its hash")
+        return raw
+
+    # -- manifests -------------------------------------------------------------------------------
+
+    async def version_keys(self) -> list[VersionKey]:
+        out = []
+        for meta in await self.store.list_objects(f"{self.prefix}/versions"):
+            m = _VERSION_KEY.search(str(meta["path"]))
+            if m:
+                out.append(VersionKey(int(m.group(1)), int(m.group(2)), str(meta["path"])))
+        return sorted(out, key=lambda v: (v.id, v.epoch))
+
+    async def visible_versions(self) -> list[VersionKey]:
+        """Manifests readers trust, oldest first: admitted by the lease's fences, one per id (the newest
+        epoch's), ordered by (epoch, id). A newer epoch supersedes every older one: after a take-over
+        the new holder's versions are the job's newest even if an old holder numbered its own higher."""
+        lease = await self.read_lease()
+        return _visible(await self.version_keys(), lease)
+
+    async def put_manifest(self, version: int, epoch: int, raw: bytes) -> None:
+        try:
+            await self.store.put(self.version_key(version, epoch), raw, create=True)
+        except FileExistsError:
+            raise RemoteError(f"{self.job} version {version} (epoch {epoch}) is already in the bucket") from None
+
+    async def read_manifest(self, vk: VersionKey) -> dict[str, Any]:
+        where = f"{self.job} version {vk.id}"
+        try:
+            raw, _ = await self.store.get(vk.key)
+        except FileNotFoundError:
+            raise CorruptVersion(f"{where}: object {vk.key} is missing") from None
+        doc = unseal(bytes(raw), f"{where} (object {vk.key})")
+        remote = doc.get("remote") or {}
+        if doc.get("job") != self.job or doc.get("version") != vk.id or remote.get("epoch") != vk.epoch:
+            raise CorruptVersion(f"{where}: object {vk.key} names another job, version or epoch")
+        return doc
+
+    # -- versions --------------------------------------------------------------------------------
+
+    async def load(self, vk: VersionKey) -> RemoteLoaded:
+        """Download and verify one version into memory."""
+        where = f"{self.job} version {vk.id}"
+        doc = await self.read_manifest(vk)
+        packed = set((doc.get("remote") or {}).get("packed") or ())
+        try:
+            blobs = [blob_from_record(rec, where) for rec in doc["blobs"]]
+            tree = from_node(doc["tree"], blobs)
+        except CorruptVersion:
+            raise
+        except Exception as exc:
+            raise CorruptVersion(f"{where}: unreadable state tree ({exc})") from None
+        await self._fetch_blobs(blobs, packed, where)
+        info = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
+                           bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
+                           meta=dict(doc.get("meta") or {}))
+        sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
+        return RemoteLoaded(info=info, tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
+
+    async def _fetch_blobs(self, blobs: list[Blob], packed: set[str], where: str) -> None:
+        """Download and verify every chunk, ``CONCURRENCY`` at a time, into each blob's own writable,
+        pre-faulted buffer (the downloaded bytes are read-only, and a restore returns writable arrays;
+        faulting fresh pages one by one costs more than the copy). Buffers are made, and chunks hashed
+        and copied, in worker threads, so all of it overlaps the downloads. The first failure cancels
+        the rest and is raised as itself (not in an exception group)."""
+        limiter = anyio.CapacityLimiter(CONCURRENCY)
+        failures: list[BaseException] = []
+
+        async def alloc(blob: Blob, ready: anyio.Event) -> None:
+            blob.data = await anyio.to_thread.run_sync(_buffer, blob.nbytes)
+            ready.set()
+
+        async def one(chunk: Chunk, at: int, blob: Blob, ready: anyio.Event, scope: anyio.CancelScope) -> None:
+            async with limiter:
+                try:
+                    raw = await self.read_chunk(chunk, chunk.digest in packed, where)
+                except (CorruptVersion, RemoteError) as exc:
+                    failures.append(exc)
+                    scope.cancel()
+                    return
+            await ready.wait()
+            assert blob.data is not None
+            target = blob.data[at : at + chunk.size]
+
+            def copy() -> None:
+                target[:] = raw
+
+            await anyio.to_thread.run_sync(copy)
+
+        async with anyio.create_task_group() as tg:
+            for blob in blobs:
+                assert blob.chunks is not None
+                ready = anyio.Event()
+                tg.start_soon(alloc, blob, ready)
+                pos = 0
+                for chunk in blob.chunks:
+                    tg.start_soon(one, chunk, pos, blob, ready, tg.cancel_scope)
+                    pos += chunk.size
+        if failures:
+            raise failures[0]
+
+    async def load_version(self, version: int | None,
+                           on_skip: Callable[[CorruptVersion], None] | None = None) -> RemoteLoaded | None:
+        """``version`` by id (``NotFound``, or ``CorruptVersion`` when it fails to verify), or the newest
+        version that verifies; corrupt newer ones are passed to ``on_skip`` and skipped."""
+        visible = await self.visible_versions()
+        if version is not None:
+            for vk in visible:
+                if vk.id == version:
+                    return await self.load(vk)
+            raise NotFound(f"job {self.job!r} has no version {version} in {self.store.describe()}")
+        for vk in reversed(visible):
+            try:
+                return await self.load(vk)
+            except CorruptVersion as exc:
+                if on_skip is not None:
+                    on_skip(exc)
+        return None
+
+    async def list_versions(self) -> list[VersionInfo]:
+        out = []
+        for vk in await self.visible_versions():
+            try:
+                doc = await self.read_manifest(vk)
+            except CorruptVersion as exc:
+                out.append(VersionInfo(self.job, vk.id, None, "", 0, "", {}, ok=False, error=str(exc)))
+                continue
+            out.append(VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
+                                   bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
+                                   meta=dict(doc.get("meta") or {})))
+        return out
+
+    async def seed(self, local: JobStore, on_skip: Callable[[CorruptVersion], None] | None = None) -> int | None:
+        """Copy the newest version that verifies into an empty local store (a fresh host): every chunk is
+        checked, written and fsynced before the manifest, as a local save would. Returns its id."""
+        loaded = await self.load_version(None, on_skip)
+        if loaded is None:
+            return None
+        await anyio.to_thread.run_sync(local.ensure_dirs)
+        dirs: set[Path] = set()
+        blobs = [blob_from_record(rec, "seed") for rec in loaded.doc["blobs"]]
+        data_by_digest: dict[str, memoryview] = {}
+        # The loaded tree's blobs carry the verified bytes; map each chunk digest to its piece.
+        for blob in iter_blobs(loaded.tree):
+            assert blob.chunks is not None and blob.data is not None
+            pos = 0
+            for c in blob.chunks:
+                data_by_digest[c.digest] = blob.data[pos : pos + c.size]
+                pos += c.size
+        for blob in blobs:
+            assert blob.chunks is not None
+            for c in blob.chunks:
+                target = local.objects_dir / c.digest[:2] / c.digest
+                if await aiofiles.os.path.exists(target) or await aiofiles.os.path.exists(
+                        target.with_name(c.digest + SUFFIX)):
+                    continue
+                await aiofiles.os.makedirs(target.parent, mode=DIR_MODE, exist_ok=True)
+                tmp = temp_name(local.tmp_dir, c.digest)
+                async with aiofiles.open(tmp, "wb") as fh:
+                    await fh.write(data_by_digest[c.digest])
+                    await fh.flush()
+                    await anyio.to_thread.run_sync(os.fsync, fh.fileno())
+                await aiofiles.os.replace(tmp, target)
+                dirs.add(target.parent)
+        for d in dirs:
+            await anyio.to_thread.run_sync(fsync_dir, d)
+        body = {k: v for k, v in loaded.doc.items() if k != "remote"}
+        raw = seal(body)
+        await anyio.to_thread.run_sync(
+            lambda: atomic_write(local.versions_dir / f"{loaded.info.id:012d}.json", raw, local.tmp_dir))
+        return loaded.info.id
+
+    # -- lease -----------------------------------------------------------------------------------
+
+    @property
+    def lease_key(self) -> str:
+        return f"{self.prefix}/lease.json"
+
+    async def read_lease(self) -> Lease | None:
+        try:
+            raw, etag = await self.store.get(self.lease_key)
+        except FileNotFoundError:
+            return None
+        try:
+            doc = json.loads(bytes(raw))
+            return Lease(holder=str(doc["holder"]), epoch=int(doc["epoch"]), expires=float(doc["expires"]),
+                         fences={str(k): int(v) for k, v in dict(doc.get("fences") or {}).items()}, etag=etag)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteError(f"{self.job}: lease object {self.lease_key} is unreadable ({exc})") from None
+
+    async def acquire(self, holder: str, ttl: float, *, take_over: bool = False) -> Lease:
+        """Become the job's one publisher with a new epoch. Refused (:class:`LeaseHeld`) while another
+        holder's lease is live, unless ``take_over`` (the operator knows the old host is gone), which
+        retries while the holder renews concurrently (its compare-and-swap then beats ours)."""
+        for attempt in range(10 if take_over else 1):
+            try:
+                return await self._acquire_once(holder, ttl, take_over)
+            except LeaseHeld as exc:
+                if not take_over or "changed while taking it" not in str(exc) or attempt == 9:
+                    raise
+                await anyio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _acquire_once(self, holder: str, ttl: float, take_over: bool) -> Lease:
+        now = time.time()
+        current = await self.read_lease()
+        if current is None:
+            lease = Lease(holder=holder, epoch=1, expires=now + ttl, fences={})
+            try:
+                lease.etag = await self.store.put(self.lease_key, _dump(lease.doc()), create=True)
+            except FileExistsError:
+                raise LeaseHeld(f"{self.job}: another daemon took the lease just now") from None
+            return lease
+        if current.holder != holder and current.expires > now and not take_over:
+            raise LeaseHeld(f"{self.job}: the lease is held by {current.holder} (epoch {current.epoch}) for "
+                            f"{current.expires - now:.0f}s more; publishing waits for it to expire "
+                            "(or run `autosaved remote takeover`)")
+        fences = dict(current.fences)
+        # Whatever the old epoch published up to now stays readable; nothing it publishes later does.
+        seen = [vk.id for vk in await self.version_keys() if vk.epoch == current.epoch]
+        fences[str(current.epoch)] = max(seen, default=0)
+        lease = Lease(holder=holder, epoch=current.epoch + 1, expires=now + ttl, fences=fences)
+        try:
+            lease.etag = await self.store.put(self.lease_key, _dump(lease.doc()), if_match=current.etag)
+        except _PreconditionFailed:
+            raise LeaseHeld(f"{self.job}: the lease changed while taking it; will retry") from None
+        return lease
+
+    async def renew(self, lease: Lease, ttl: float) -> None:
+        """Extend ``lease`` by compare-and-swap; :class:`Fenced` if anyone else wrote the lease since."""
+        new = Lease(holder=lease.holder, epoch=lease.epoch, expires=time.time() + ttl, fences=lease.fences)
+        try:
+            etag = await self.store.put(self.lease_key, _dump(new.doc()), if_match=lease.etag)
+        except _PreconditionFailed:
+            other = await self.read_lease()
+            if other is not None and other.holder == lease.holder and other.epoch == lease.epoch:
+                lease.etag, lease.expires = other.etag, other.expires  # our own write whose reply was lost
+                return
+            who = f"{other.holder} (epoch {other.epoch})" if other else "nobody (deleted)"
+            raise Fenced(f"{self.job}: the lease was taken over by {who}; this daemon no longer publishes "
+                         "versions of this job") from None
+        lease.etag, lease.expires = etag, new.expires
+
+    # -- retention and garbage collection ---------------------------------------------------------
+
+    @property
+    def gc_key(self) -> str:
+        return f"{self.prefix}/gc.json"
+
+    async def collect(self, *, keep_last: int, keep_every: float | None, grace: float,
+                      protect: frozenset[int] = frozenset(), now: float | None = None,
+                      lease: Lease | None = None, ttl: float = 30.0) -> RemoteGc:
+        """Retention then garbage collection; run by the lease holder only. Manifests go first. A chunk
+        goes only when no manifest references it, it is older than ``grace``, and it was already seen
+        unreferenced by a collection at least ``grace`` ago: an upload (chunks before its manifest) or a
+        restore (manifest read, chunks being fetched) younger than ``grace`` keeps everything it needs.
+        With ``lease`` (the daemon's), it is renewed before anything is deleted: a holder that lost the
+        lease deletes nothing (:class:`Fenced`)."""
+        now = time.time() if now is None else now
+        result = RemoteGc()
+        # One listing for every decision below: a manifest published after it is never touched.
+        all_keys = await self.version_keys()
+        visible = _visible(all_keys, await self.read_lease())
+        # Retention works on positions in reading order ((epoch, id), see visible_versions), not raw ids.
+        times: list[tuple[int, float | None]] = []
+        docs: dict[str, dict[str, Any]] = {}
+        newest_ok = None
+        for pos, vk in enumerate(visible):
+            try:
+                docs[vk.key] = await self.read_manifest(vk)
+                times.append((pos, _iso_time(docs[vk.key].get("time"))))
+                newest_ok = pos
+            except CorruptVersion:
+                times.append((pos, None))
+        keep = {pos for pos, vk in enumerate(visible) if vk.id in protect}
+        keep |= {newest_ok} if newest_ok is not None else set()
+        doomed_pos = versions_to_delete(times, keep_last=keep_last, keep_every=keep_every, protect=frozenset(keep))
+        doomed = {visible[pos].key for pos in doomed_pos}
+        shown = {vk.key for vk in visible}
+        # Manifests no reader trusts (fenced off, or superseded by a newer epoch's of the same id) go too.
+        drop = [vk for vk in all_keys if vk.key in doomed or vk.key not in shown]
+        if lease is not None:
+            await self.renew(lease, ttl)
+        await self.store.delete([vk.key for vk in drop])
+        result.deleted_versions = sorted({vk.id for vk in drop if vk.key in doomed})
+        refs: set[str] = set()
+        for vk in await self.version_keys():
+            try:
+                doc = docs.get(vk.key) or await self.read_manifest(vk)
+            except CorruptVersion:
+                return result  # never collect while a manifest is unreadable: it may reference anything
+            for rec in doc["blobs"]:
+                refs.update(str(d) for d, _ in rec["chunks"])
+        try:
+            raw, _ = await self.store.get(self.gc_key)
+            pending = {str(k): float(v) for k, v in json.loads(bytes(raw)).items()}
+        except (FileNotFoundError, ValueError, AttributeError):
+            pending = {}
+        index = await self.chunk_index()
+        sizes = {str(m["path"]): int(m["size"]) for m in await self.store.list_objects(f"{self.prefix}/chunks")}
+        gone = []
+        new_pending = {}
+        for digest, (key, modified) in index.items():
+            if digest in refs:
+                continue
+            since = pending.get(digest, now)
+            if now - since >= grace and now - modified >= grace:
+                gone.append(key)
+                result.freed_bytes += sizes.get(key, 0)
+            else:
+                new_pending[digest] = since
+        await self.store.delete(gone)
+        result.removed_chunks = len(gone)
+        result.pending_chunks = len(new_pending)
+        await self.store.put(self.gc_key, _dump(new_pending))
+        return result
+
+
+def _buffer(nbytes: int) -> memoryview:
+    if nbytes < 1 << 20:
+        return memoryview(bytearray(nbytes))
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    return memoryview(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate))
+
+
+def _visible(keys: list[VersionKey], lease: Lease | None) -> list[VersionKey]:
+    best: dict[int, VersionKey] = {}
+    for vk in sorted(keys, key=lambda v: (v.id, v.epoch)):  # the newest epoch of an id wins
+        if lease is None or lease.admits(vk):
+            best[vk.id] = vk
+    return sorted(best.values(), key=lambda v: (v.epoch, v.id))
+
+
+def _iso_time(value: Any) -> float | None:
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+def _dump(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def remote_manifest(local_raw: bytes, epoch: int, holder: str, packed: Sequence[str], where: str) -> bytes:
+    """The bucket's manifest of a local version: the local manifest plus who published it, at which epoch,
+    and which chunks are stored compressed (their object names end in ``.zst``)."""
+    doc = unseal(local_raw, where)
+    doc["remote"] = {"epoch": epoch, "holder": holder, "packed": sorted(packed)}
+    return seal(doc)
+
+
+def open_remote(url: str, *, endpoint: str | None = None, region: str | None = None,
+                credentials_file: Path | None = None) -> RemoteStore:
+    creds = read_credentials_file(credentials_file) if credentials_file is not None else None
+    return RemoteStore(url, endpoint=endpoint, region=region, credentials=creds)
+
+
+def holder_id(state_dir: Path) -> str:
+    """Who holds a lease: this host and state dir (a restarted daemon on the same dir is the same holder)."""
+    import socket
+    return f"{socket.gethostname()}:{state_dir}"
+
+
+__all__ = ["Fenced", "Lease", "LeaseHeld", "RemoteError", "RemoteJob", "RemoteLoaded", "RemoteStore", "VersionKey",
+           "open_remote", "parse_url", "remote_manifest"]

@@ -1,0 +1,260 @@
+"""The remote store against a real SeaweedFS S3 server: conditional writes, the lease and its fences,
+manifests last, verified reads, and garbage collection's grace."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from typing import Any
+
+import anyio
+import pytest
+
+from autosaved.errors import CorruptVersion
+from autosaved.storage.manifest import FORMAT_VERSION, HASH_NAME, seal
+from autosaved.storage.remote import Fenced, LeaseHeld, RemoteJob, RemoteStore
+from autosaved.tree import Chunk
+
+
+def _store(s3: Any, monkeypatch: pytest.MonkeyPatch) -> RemoteStore:
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    return RemoteStore(s3.url(f"t-{secrets.token_hex(4)}"))
+
+
+def _manifest(job: str, version: int, epoch: int, chunks: list[Chunk]) -> bytes:
+    size = sum(c.size for c in chunks)
+    body = {"format": FORMAT_VERSION, "hash": HASH_NAME, "job": job, "version": version, "step": version,
+            "time": "2026-01-01T00:00:00.000Z", "reason": "test", "meta": {}, "bytes": size, "sessions": {},
+            "wal_lsn": 0, "tree": {"m": [["x", {"b": 0}]]},
+            "blobs": [{"kind": "bytes", "dtype": "bytes", "shape": [size], "nbytes": size,
+                       "chunks": [[c.digest, c.size] for c in chunks]}],
+            "remote": {"epoch": epoch, "holder": "test", "packed": []}}
+    return seal(body)
+
+
+async def _publish(job: RemoteJob, version: int, epoch: int, payload: bytes) -> Chunk:
+    chunk = Chunk(hashlib.sha256(payload).hexdigest(), len(payload))
+    await job.put_chunk(chunk.digest, payload, packed=False)
+    await job.put_manifest(version, epoch, _manifest(job.job, version, epoch, [chunk]))
+    return chunk
+
+
+def test_probe_and_create_only_chunks(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(s3server, monkeypatch)
+
+    async def main() -> None:
+        await store.probe()  # SeaweedFS 4.48 honours If-None-Match: * (a second create is a 412)
+        job = store.job(os.geteuid(), "j")
+        assert await job.put_chunk("ab" * 32, b"one", packed=False) is True
+        assert await job.put_chunk("ab" * 32, b"two", packed=False) is False  # 412: already there
+        data, _ = await store.get(job.chunk_key("ab" * 32))
+        assert data == b"one"  # the first write stays: chunks are immutable
+
+    anyio.run(main)
+
+
+def test_lease_fences_a_replaced_holder(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(s3server, monkeypatch)
+
+    async def main() -> None:
+        job = store.job(os.geteuid(), "j")
+        a = await job.acquire("host-a", ttl=60)
+        await _publish(job, 1, a.epoch, b"v1 by a")
+        with pytest.raises(LeaseHeld):
+            await job.acquire("host-b", ttl=60)
+        b = await job.acquire("host-b", ttl=60, take_over=True)
+        assert b.epoch == a.epoch + 1 and b.fences == {str(a.epoch): 1}
+        # The old holder finds out at its next renewal, which it does before every manifest.
+        with pytest.raises(Fenced):
+            await job.renew(a, ttl=60)
+        # Even a manifest it slips in without renewing is never read: it is past its epoch's fence.
+        await _publish(job, 2, a.epoch, b"v2 by a after losing the lease")
+        assert [v.id for v in await job.visible_versions()] == [1]
+        await _publish(job, 2, b.epoch, b"v2 by b")
+        visible = await job.visible_versions()
+        assert [(v.id, v.epoch) for v in visible] == [(1, a.epoch), (2, b.epoch)]
+        loaded = await job.load_version(None)
+        assert loaded is not None and bytes(loaded.tree["x"].data) == b"v2 by b"
+        await job.renew(b, ttl=60)
+
+    anyio.run(main)
+
+
+def test_expired_lease_is_taken_without_take_over(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(s3server, monkeypatch)
+
+    async def main() -> None:
+        job = store.job(os.geteuid(), "j")
+        a = await job.acquire("host-a", ttl=0.2)
+        await anyio.sleep(0.4)
+        b = await job.acquire("host-b", ttl=60)
+        assert b.epoch == a.epoch + 1
+
+    anyio.run(main)
+
+
+def test_missing_and_corrupt_objects_fall_back(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(s3server, monkeypatch)
+
+    async def main() -> None:
+        job = store.job(os.geteuid(), "j")
+        lease = await job.acquire("h", ttl=60)
+        await _publish(job, 1, lease.epoch, b"one")
+        c2 = await _publish(job, 2, lease.epoch, b"two")
+        c3 = await _publish(job, 3, lease.epoch, b"three")
+        await store.put(job.chunk_key(c3.digest), b"thrEe")  # corrupt v3's only chunk
+        await store.delete([job.chunk_key(c2.digest)])  # and lose v2's
+        skipped: list[CorruptVersion] = []
+        loaded = await job.load_version(None, skipped.append)
+        assert loaded is not None and loaded.info.id == 1
+        assert "does not match its hash" in str(skipped[0]) and job.chunk_key(c3.digest) in str(skipped[0])
+        assert "is missing" in str(skipped[1]) and job.chunk_key(c2.digest) in str(skipped[1])
+        with pytest.raises(CorruptVersion):
+            await job.load_version(3)
+
+    anyio.run(main)
+
+
+def test_gc_keeps_what_uploads_and_restores_need(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = _store(s3server, monkeypatch)
+
+    async def main() -> None:
+        job = store.job(os.geteuid(), "j")
+        lease = await job.acquire("h", ttl=60)
+        old = [await _publish(job, v, lease.epoch, f"state {v}".encode()) for v in (1, 2, 3)]
+        # An upload in flight: its chunk is in the bucket, its manifest not yet.
+        inflight = Chunk(hashlib.sha256(b"in flight").hexdigest(), 9)
+        await job.put_chunk(inflight.digest, b"in flight", packed=False)
+        # A restore of v1 read its manifest before retention deletes it.
+        v1 = next(v for v in await job.visible_versions() if v.id == 1)
+        doc = await job.read_manifest(v1)
+        first = await job.collect(keep_last=1, keep_every=None, grace=3600)
+        assert first.deleted_versions == [1, 2] and first.removed_chunks == 0
+        # Within the grace period nothing unreferenced goes: the restore can still fetch v1's chunk.
+        data, _ = await store.get(job.chunk_key(str(doc["blobs"][0]["chunks"][0][0])))
+        assert data == b"state 1"
+        index = await job.chunk_index()
+        assert inflight.digest in index and old[0].digest in index
+        # With no grace left (a later collection), the unreferenced chunks go; v3's stays.
+        later = await job.collect(keep_last=1, keep_every=None, grace=0.0)
+        assert later.removed_chunks == 3
+        index = await job.chunk_index()
+        assert set(index) == {old[2].digest}
+        assert (await job.load_version(None)) is not None
+
+    anyio.run(main)
+
+
+class _IgnoringGateway:
+    """A reverse proxy in front of the real server that behaves like an S3 gateway ignoring
+    ``If-None-Match``: where the server refuses a create with 412, it answers 200 (as if it overwrote)."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlparse
+
+        up = urlparse(upstream)
+        host, port = up.hostname or "127.0.0.1", up.port or 80
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(host, port, timeout=30)
+                # Forward every header as signed (Host included), byte for byte.
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for k, v in self.headers.items():
+                    conn.putheader(k, v)
+                conn.endheaders(body)
+                resp = conn.getresponse()
+                data = resp.read()
+                status = resp.status
+                headers = resp.getheaders()
+                if status == 412 and self.command == "PUT":
+                    status, data, headers = 200, b"", [("ETag", '"ignored"')]
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_probe_refuses_a_store_that_ignores_if_none_match(s3server: Any, monkeypatch: pytest.MonkeyPatch,
+                                                          make_daemon: Any) -> None:
+    from autosaved.errors import AutosavedError
+
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)
+    gateway = _IgnoringGateway(s3server.endpoint)
+    try:
+        with pytest.raises(Exception, match="ignored If-None-Match"):
+            anyio.run(RemoteStore(s3server.url("probe"), endpoint=gateway.endpoint).probe)
+        config = f'[remote]\nurl = "{s3server.url("probe")}"\nendpoint = "{gateway.endpoint}"\n'
+        with pytest.raises(AutosavedError, match="ignored If-None-Match"):
+            make_daemon(config)  # the daemon refuses to start, saying why
+    finally:
+        gateway.close()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"url": "http://bucket/x"}, "expected an s3://bucket/prefix URL"),
+    ({"url": "s3://bucket/a//b"}, "empty, '.' or '..'"),
+    ({"url": "s3://b", "secret_access_key": "x"}, "credentials never go in the config file"),
+    ({"url": "s3://b", "endpoint": "127.0.0.1:8333"}, "expected an http"),
+    ({"url": "s3://b", "lease_ttl": "10ms"}, "lease_ttl: must be at least"),
+    ({"url": "s3://b", "bogus": 1}, "remote.bogus: unknown key"),
+])
+def test_remote_config_errors_name_the_key(table: dict[str, Any], message: str, tmp_path: Any) -> None:
+    from autosaved.config import Config, parse_config_table
+    from autosaved.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse_config_table({"remote": table}, Config(address="ipc:///tmp/x.sock", state_dir=tmp_path))
+
+
+def test_credentials_file_is_read_and_checked(tmp_path: Any) -> None:
+    from autosaved.errors import ConfigError
+    from autosaved.storage.remote import read_credentials_file
+
+    good = tmp_path / "creds"
+    good.write_text("[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n")
+    assert read_credentials_file(good) == {"access_key_id": "AK", "secret_access_key": "SK"}
+    bad = tmp_path / "bad"
+    bad.write_text("[default]\naws_access_key_id = AK\n")
+    with pytest.raises(ConfigError, match="needs aws_access_key_id and aws_secret_access_key"):
+        read_credentials_file(bad)
+
+
+def test_credentials_file_against_the_server(s3server: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from autosaved.seaweed import ACCESS_KEY, SECRET_KEY
+    from autosaved.storage.remote import RemoteError, open_remote
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    good = tmp_path / "good"
+    good.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+    anyio.run(open_remote(s3server.url("creds"), endpoint=s3server.endpoint, credentials_file=good).probe)
+    wrong = tmp_path / "wrong"
+    wrong.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = not-it\n")
+    with pytest.raises(RemoteError):
+        anyio.run(open_remote(s3server.url("creds"), endpoint=s3server.endpoint, credentials_file=wrong).probe)

@@ -1,0 +1,250 @@
+"""Replication through real daemons to a real SeaweedFS server: host loss, a down store, fencing, and
+restore from the bucket with no host at all. A "host" is a daemon with its own state dir and socket."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import autosaved
+from autosaved.bench.private import PrivateDaemon
+from tests.conftest import wait_for
+
+JOB = "spot-run"
+
+
+def remote_config(s3: Any, prefix: str, *, lease_ttl: str = "30s", extra: str = "", policy: str = "") -> str:
+    return (f'chunk_size = "64KiB"\n[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\n{policy}'
+            f'[remote]\nurl = "{s3.url(prefix)}"\nendpoint = "{s3.endpoint}"\nlease_ttl = "{lease_ttl}"\n'
+            f'timeout = "2s"\n{extra}')
+
+
+@pytest.fixture
+def s3env(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)
+    return s3server
+
+
+def _state(seed: int, n: int = 200_000) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    return {"model": {"w": rng.standard_normal(n).astype(np.float32)}, "step": seed}
+
+
+def _job_status(d: PrivateDaemon) -> dict[str, Any]:
+    with autosaved.Client(JOB, address=d.address) as c:
+        return c.status()
+
+
+def _replicated(d: PrivateDaemon) -> int | None:
+    rows = [j for j in _status_all(d)["jobs"] if j["job"] == JOB]
+    return rows[0]["remote"]["replicated_version"] if rows else None
+
+
+def _status_all(d: PrivateDaemon) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "autosaved", "status", "--json", "--address", d.address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    import json
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _lose_host(d: PrivateDaemon) -> None:
+    """SIGKILL the daemon and delete its state dir: the spot instance and its disk are gone."""
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(30)
+    shutil.rmtree(d.state_dir)
+
+
+def test_replicated_acks_survive_repeated_host_loss(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                                    tmp_path: Path) -> None:
+    prefix = f"hostloss-{secrets.token_hex(3)}"
+    # The replacement host is the same machine and state dir path here, so the same lease holder: it
+    # publishes at once. (A different host waits out lease_ttl; see the fencing test.)
+    root = tmp_path / "host"
+    for round_ in range(3):
+        d = make_daemon(remote_config(s3env, prefix), root=root)
+        with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+            before = c.restore()
+            if round_ == 0:
+                assert before is None
+            else:  # the fresh daemon on an empty dir loaded the job from the bucket
+                np.testing.assert_array_equal(before["model"]["w"], _state(round_ - 1)["model"]["w"])
+            ack = c.update(_state(round_), step=round_, wait="replicated")
+        assert ack.level == "replicated" and ack.version is not None
+        _lose_host(d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is corrupt: no warning either
+            got = autosaved.restore(JOB, remote=s3env.url(prefix))
+        np.testing.assert_array_equal(got["model"]["w"], _state(round_)["model"]["w"])
+        assert got["step"] == round_
+        d.cleanup()
+
+
+def test_kill_mid_upload_shows_no_partial_version(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                                  tmp_path: Path) -> None:
+    prefix = f"midupload-{secrets.token_hex(3)}"
+    d = make_daemon(remote_config(s3env, prefix, extra='upload_rate = "1MiB"\n'))
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        first = c.update({"a": np.arange(1000, dtype=np.int64)}, wait="replicated")
+        # ~4 MB of fresh chunks at 1 MiB/s: the upload takes seconds; kill the host in the middle of it.
+        ack = c.update(_state(7, n=1_000_000), wait="committed")
+    assert ack.version == first.version + 1  # type: ignore[operator]
+    wait_for(lambda: (r := _job_status(d).get("remote")) is None or r["bytes_uploaded"] > 500_000, timeout=30)
+    st = next(j for j in _status_all(d)["jobs"] if j["job"] == JOB)["remote"]
+    assert st["replicated_version"] == first.version and st["backlog_versions"] == 1 and st["backlog_bytes"] > 0
+    _lose_host(d)
+    rows = _remote_versions(s3env, prefix)
+    assert [r["id"] for r in rows] == [first.version]  # chunks went up, but no manifest: not a version
+    got = autosaved.restore(JOB, remote=s3env.url(prefix))
+    assert set(got) == {"a"} and np.array_equal(got["a"], np.arange(1000))
+    # A fresh daemon on an empty dir restores the previous replicated version byte-exact.
+    d2 = make_daemon(remote_config(s3env, prefix), root=tmp_path / "fresh")
+    with autosaved.Client(JOB, address=d2.address) as c:
+        state = c.restore()
+    assert set(state) == {"a"} and np.array_equal(state["a"], np.arange(1000))
+
+
+def _remote_versions(s3: Any, prefix: str) -> list[dict[str, Any]]:
+    import json
+    out = subprocess.run([sys.executable, "-m", "autosaved", "list", JOB, "--remote", s3.url(prefix), "--json"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, **s3.env})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_store_down_backlog_then_catch_up_in_order(s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    prefix = f"down-{secrets.token_hex(3)}"
+    # Local retention keeps 1 version: the replicator must still keep (and upload) every one.
+    d = make_daemon(remote_config(s3env, prefix, policy="keep_last = 1\n", extra="keep_last = 50\n"))
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        c.update({"v": 0}, wait="replicated")
+        s3env.pause()
+        try:
+            versions = [c.update({"v": i, "blob": np.full(5000, i)}, wait="committed").version for i in (1, 2, 3)]
+            st = wait_for(lambda: _job_status(d)["remote"]["last_error"] and _job_status(d)["remote"], timeout=30)
+            assert st["backlog_versions"] == 3 and st["backlog_bytes"] > 0  # type: ignore[index]
+            assert st["replicated_version"] == versions[0] - 1  # type: ignore[index,operator]
+            human = subprocess.run([sys.executable, "-m", "autosaved", "status", "--address", d.address],
+                                   capture_output=True, text=True, timeout=60)
+            assert f"{JOB}: replicated version {versions[0] - 1}, backlog 3 versions" in human.stdout  # type: ignore[operator]
+        finally:
+            s3env.resume()
+        wait_for(lambda: _job_status(d)["remote"]["replicated_version"] == versions[-1], timeout=60)
+        st = _job_status(d)["remote"]
+        assert st["backlog_versions"] == 0 and st["last_error"] is None
+    ids = [r["id"] for r in _remote_versions(s3env, prefix)]
+    assert ids == [versions[0] - 1, *versions]  # in order, nothing skipped
+
+
+def test_corrupt_and_missing_objects_fall_back_with_warning(s3env: Any,
+                                                            make_daemon: Callable[..., PrivateDaemon],
+                                                            tmp_path: Path) -> None:
+    import anyio
+
+    from autosaved.storage.remote import RemoteStore
+
+    prefix = f"corrupt-{secrets.token_hex(3)}"
+    d = make_daemon(remote_config(s3env, prefix))
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        acks = [c.update({"x": np.full(1000, i, dtype=np.int32)}, wait="replicated") for i in range(3)]
+    d.stop()
+    store = RemoteStore(s3env.url(prefix))
+    rjob = store.job(os.geteuid(), JOB)
+
+    async def damage() -> tuple[str, str]:
+        visible = await rjob.visible_versions()
+        docs = {vk.id: await rjob.read_manifest(vk) for vk in visible}
+        newest, middle = docs[acks[2].version], docs[acks[1].version]  # type: ignore[index]
+        # Chunks go up as stored locally: zstd-compressed ones keep their .zst name.
+        c3 = str(newest["blobs"][0]["chunks"][0][0])
+        c2 = str(middle["blobs"][0]["chunks"][0][0])
+        k3 = rjob.chunk_key(c3, c3 in newest["remote"]["packed"])
+        k2 = rjob.chunk_key(c2, c2 in middle["remote"]["packed"])
+        await store.put(k3, bytes(4000))  # corrupt
+        await store.delete([k2])  # missing
+        return k3, k2
+
+    bad, gone = anyio.run(damage)
+    with pytest.warns(autosaved.CorruptVersionWarning) as caught:
+        got = autosaved.restore(JOB, remote=s3env.url(prefix))
+    assert np.array_equal(got["x"], np.full(1000, 0))
+    text = " ".join(str(w.message) for w in caught)
+    assert bad in text and gone in text
+    with pytest.raises(autosaved.CorruptVersion):
+        autosaved.restore(JOB, remote=s3env.url(prefix), version=acks[2].version)
+    # The command line: restore --remote writes the oldest good version, and says what it skipped.
+    out = subprocess.run([sys.executable, "-m", "autosaved", "restore", JOB, "--remote", s3env.url(prefix),
+                          "--endpoint", s3env.endpoint, "--out", str(tmp_path / "out"), "--json"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, **s3env.env})
+    assert out.returncode == 0, out.stderr
+    assert f'"version": {acks[0].version}' in out.stdout and bad in out.stderr
+
+
+def test_two_daemons_one_publisher(s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    prefix = f"fence-{secrets.token_hex(3)}"
+    a = make_daemon(remote_config(s3env, prefix, lease_ttl="30s"))
+    b = make_daemon(remote_config(s3env, prefix, lease_ttl="30s"))
+    with autosaved.Client(JOB, address=a.address, save_timeout=60) as ca, \
+            autosaved.Client(JOB, address=b.address, save_timeout=3) as cb:
+        first = ca.update({"who": "a", "n": 1}, wait="replicated")
+        # b commits locally but may not publish while a's lease is live.
+        cb.update({"who": "b", "n": 1}, wait="committed")
+        wait_for(lambda: "held by" in (_job_status(b)["remote"]["last_error"] or ""), timeout=30)
+        with pytest.raises(autosaved.DaemonUnavailable):
+            cb.update({"n": 2}, wait="replicated")  # never acked while it cannot publish
+        # Meanwhile a publishes on: its version ids run past the ones b will publish.
+        a_last = [ca.update({"n": k}, wait="replicated").version for k in range(10, 14)][-1]
+        # The operator says a's host is gone: take over. b publishes at once, a is fenced for good.
+        out = subprocess.run([sys.executable, "-m", "autosaved", "remote", "takeover", JOB, "--remote",
+                              s3env.url(prefix)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **s3env.env})
+        assert out.returncode == 0, out.stderr
+        cb.save_timeout = 60
+        ack_b = cb.update({"n": 3}, wait="replicated")
+        assert ack_b.level == "replicated"
+        ca.update({"n": 99}, wait="committed")
+        wait_for(lambda: _job_status(a)["remote"]["fenced"], timeout=60)
+        with pytest.raises(autosaved.StorageError):
+            ca.update({"n": 100}, wait="replicated")
+    got = autosaved.restore(JOB, remote=s3env.url(prefix))
+    assert got["who"] == "b" and got["n"] == 3
+    # After the take-over b's versions are the newest, though a numbered its own higher: a newer epoch
+    # supersedes every older one.
+    assert ack_b.version is not None and a_last is not None and ack_b.version < a_last
+    rows = _remote_versions(s3env, prefix)
+    assert rows[-1]["id"] == ack_b.version and first.version in [r["id"] for r in rows]
+
+
+def test_shutdown_flush_uploads_then_names_what_missed(s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    prefix = f"flush-{secrets.token_hex(3)}"
+    # Store up, upload slowed to 2 MiB/s: SIGTERM right after a commit; the flush finishes the upload.
+    d = make_daemon('shutdown_deadline = "20s"\n' + remote_config(s3env, prefix, extra='upload_rate = "2MiB"\n'))
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        ack = c.update(_state(3, n=500_000), wait="committed")
+    assert d.stop() == 0
+    assert [r["id"] for r in _remote_versions(s3env, prefix)] == [ack.version]
+    assert "every committed version is in the object store" in d.log()
+    # Store unreachable: what is committed but not uploaded when the deadline ends is named.
+    d2 = make_daemon('shutdown_deadline = "2s"\n' + remote_config(s3env, prefix + "b"))
+    with autosaved.Client(JOB, address=d2.address, save_timeout=60) as c:
+        c.update({"x": 1}, wait="replicated")
+        s3env.pause()
+        try:
+            lost = c.update({"x": 2}, wait="committed")
+            d2.stop()
+        finally:
+            s3env.resume()
+    assert f"versions=[{lost.version}] committed locally but NOT uploaded" in d2.log()
