@@ -10,6 +10,7 @@ are sharded over the ranks as DTensors (what FSDP/TP state dicts are); the rest 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor, Shard, init_device_mesh
 from autosaved.integrations.dcp import AutosavedStorageReader, AutosavedStorageWriter, global_version
 
 torch.set_num_threads(1)
+faulthandler.register(signal.SIGUSR1)  # a stuck rank's stacks, on demand
 
 
 def reference(step: int, seed: int = 0) -> dict[str, Any]:
@@ -145,7 +147,7 @@ def main() -> int:
             elif op == "wait_file":
                 wait_file(out / step["name"])
                 res["ok"] = True
-        except Exception as exc:
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
             res.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000], trace=traceback.format_exc()[-3000:])
         results.append(res)
         (out / f"rank-{rank}.json").write_text(json.dumps(results, indent=1))

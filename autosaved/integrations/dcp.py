@@ -59,7 +59,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..client.base import resolve_address
+from ..client.base import Ack, resolve_address
 from ..client.sync import Client
 from ..errors import AutosavedError, CorruptVersion, DaemonUnavailable, NotFound
 from .globalver import (
@@ -162,6 +162,57 @@ def _client(job: str, address: str, timeout: float, save_timeout: float,
         yield client
     finally:
         client.close()
+
+
+def _boot(address: str, timeout: float) -> str | None:
+    """The daemon's boot id (a ping), or ``None`` when it does not answer within ``timeout``."""
+    client = Client("_probe", address=address, timeout=timeout)
+    try:
+        header = client._call(client._core.ping())
+        return str(header.get("boot"))
+    except DaemonUnavailable:
+        return None
+    finally:
+        client.close()
+
+
+def _watched_update(job: str, address: str, delta: Mapping[str, Any], meta: Mapping[str, Any], wait: str,
+                    timeout: float, save_timeout: float, policy: Mapping[str, Any] | None = None,
+                    probe_every: float = 1.0) -> Ack:
+    """``update(delta, wait=wait)`` that fails within about a second when the daemon dies or restarts
+    while it commits, instead of after ``save_timeout``: a rank stuck on a dead daemon would keep the
+    other ranks in DCP's gather until the process group's timeout, and the save would fail late.
+
+    The update runs in a helper thread (it owns its ZeroMQ socket); this thread watches the daemon: the
+    ipc socket must accept connections and a ping must show the same boot id as before the update."""
+    _check_reachable(address)
+    boot = _boot(address, timeout)
+    if boot is None:
+        raise DaemonUnavailable(f"the autosaved daemon at {address} does not answer", details={"address": address})
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def send() -> None:
+        try:
+            with _client(job, address, timeout, save_timeout, policy) as c:
+                box["ack"] = c.update(delta, meta=meta, wait=wait)
+        except BaseException as exc:
+            box["error"] = exc
+        finally:
+            done.set()
+
+    # A daemon thread: if the daemon died, the abandoned request must not keep the process alive.
+    threading.Thread(target=send, name=f"autosaved-dcp-{job}", daemon=True).start()
+    while not done.wait(probe_every):
+        _check_reachable(address)
+        now = _boot(address, timeout)
+        if now is not None and now != boot:
+            raise DaemonUnavailable(f"the autosaved daemon at {address} restarted while committing {job!r}; "
+                                    "the part is lost", details={"address": address})
+    if "error" in box:
+        raise box["error"]
+    ack: Ack = box["ack"]
+    return ack
 
 
 def _list_versions(client: Client, job: str) -> list[dict[str, Any]]:
@@ -286,8 +337,8 @@ class AutosavedStorageWriter(StorageWriter, AsyncStager):
         digest = part_hash(data.token, rank, keys, values)
         delta = {PART_KEY: {"token": data.token, "rank": rank, "keys": keys, "values": values}}
         meta = {PART_KEY: {"token": data.token, "rank": rank, "hash": digest}}
-        with _client(job, self.address, self.timeout, self.save_timeout, {"keep_last": self.keep_parts}) as c:
-            ack = c.update(delta, meta=meta, wait=self.wait)
+        ack = _watched_update(job, self.address, delta, meta, self.wait, self.timeout, self.save_timeout,
+                              {"keep_last": self.keep_parts})
         if ack.version is None or ack.level != self.wait:
             raise AutosavedError(f"rank {rank}: the daemon at {self.address} acknowledged the part at "
                                  f"{ack.level!r}, not {self.wait!r}")
@@ -316,8 +367,8 @@ class AutosavedStorageWriter(StorageWriter, AsyncStager):
         metadata.storage_data = {wr.index: wr.storage_data.ref for wrs in results for wr in wrs}
         blob = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         state = record_state(token=token, world_size=world_size, parts=parts, metadata=blob)
-        with _client(self.job, self.address, self.timeout, self.save_timeout) as c:
-            ack = c.update(state, meta=record_meta(world_size=world_size, parts=parts), wait=self.wait)
+        ack = _watched_update(self.job, self.address, state, record_meta(world_size=world_size, parts=parts),
+                              self.wait, self.timeout, self.save_timeout)
         if ack.version is None:
             raise AutosavedError(f"the daemon at {self.address} acknowledged the global record at {ack.level!r}")
         self.last_version = int(ack.version)

@@ -1,0 +1,189 @@
+"""PyTorch Distributed Checkpoint through autosaved: real rank processes (tests/dcp_worker.py) in a gloo
+process group over 127.0.0.1, two real daemons with separate state dirs and sockets standing for two
+hosts, real SIGKILLs. Each rank process imports torch, so these runs are few and small."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("torch")
+
+from autosaved.client.sync import Client
+from autosaved.errors import NotFound
+from autosaved.private import PrivateDaemon
+
+from .conftest import NO_AUTO_POLICY, wait_for
+
+WORKER = Path(__file__).with_name("dcp_worker.py")
+JOB = "llm"
+RUN_TIMEOUT = 300.0
+
+
+def start_ranks(steps: list[dict[str, Any]], daemons: list[PrivateDaemon], out: Path) -> list[subprocess.Popen[bytes]]:
+    """One process per rank; rank r talks to daemons[r] (its 'host')."""
+    out.mkdir(exist_ok=True)
+    for old in out.glob("rank-*.json"):
+        old.unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, d in enumerate(daemons):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(len(daemons)), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "AUTOSAVED_ADDRESS": d.address, "DCP_JOB": JOB,
+               "OMP_NUM_THREADS": "1"}
+        log = (out / f"rank-{rank}.log").open("ab")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(steps), str(out)], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen[bytes]], out: Path) -> tuple[list[int], list[list[dict[str, Any]]]]:
+    codes = [p.wait(RUN_TIMEOUT) for p in procs]
+    results = []
+    for rank in range(len(procs)):
+        path = out / f"rank-{rank}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else [])
+    return codes, results
+
+
+def wait_while_running(predicate: Callable[[], bool], procs: list[subprocess.Popen[bytes]], out: Path) -> None:
+    """Wait for ``predicate``; fail at once, with the ranks' logs, when a rank exits early."""
+    def check() -> bool:
+        dead = [p.returncode for p in procs if p.poll() is not None]
+        assert not dead, f"a rank exited early ({dead}):\n{explain(out)}"
+        return predicate()
+    wait_for(check, timeout=RUN_TIMEOUT)
+
+
+def explain(out: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(out.glob("rank-*")))
+
+
+def versions(d: PrivateDaemon, job: str) -> list[dict[str, Any]]:
+    c = Client(job, address=d.address, timeout=30)
+    try:
+        return list(c._call(c._core.list_jobs(job))["versions"])
+    except NotFound:
+        return []
+    finally:
+        c.close()
+
+
+def global_ids(d: PrivateDaemon) -> list[int]:
+    return [int(v["id"]) for v in versions(d, JOB) if "dcp" in (v.get("meta") or {})]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "autosaved", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_four_ranks_on_two_hosts_commit_one_global_version_and_survive_a_dead_daemon(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    a, b = make_daemon(NO_AUTO_POLICY), make_daemon(NO_AUTO_POLICY)
+    out = tmp_path / "out"
+    steps = [
+        {"op": "save", "step": 1},
+        # Rank 2 (host b) waits before sending its part; the test SIGKILLs host b's daemon meanwhile.
+        {"op": "save", "step": 2, "pause": {"rank": 2, "file": "paused", "go": "resume"}},
+        {"op": "mark", "name": "failed"},
+        {"op": "wait_file", "name": "go"},
+        {"op": "load", "step": 1},        # the previous global version still loads
+        {"op": "save", "step": 2},        # the retry commits
+        {"op": "load", "step": 2},        # into a fresh model: bit-identical
+    ]
+    procs = start_ranks(steps, [a, a, b, b], out)
+    try:
+        wait_while_running(lambda: (out / "paused").exists(), procs, out)
+        b.kill()
+        (out / "resume").touch()
+        wait_while_running(lambda: all((out / f"failed-{r}").exists() for r in range(4)), procs, out)
+        # No global version for the failed save, on any daemon: the coordinator never published.
+        assert global_ids(a) == [1]
+        b.start()
+        assert versions(b, JOB) == []
+        (out / "go").touch()
+        codes, results = finish(procs, out)
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0, 0, 0], explain(out)
+    for rank, res in enumerate(results):
+        assert [r["op"] for r in res] == [s["op"] for s in steps], explain(out)
+        save1, failed, _, _, load1, save2, load2 = res
+        assert save1["ok"] and save1["version"] == 1, explain(out)
+        assert not failed["ok"], explain(out)
+        assert load1["ok"] and load1["version"] == 1, (rank, load1)
+        assert save2["ok"] and save2["version"] == 2, explain(out)   # every rank learns the id
+        assert load2["ok"] and load2["version"] == 2, (rank, load2)
+    # Rank 2 failed against the dead daemon, and that failure reached the coordinator before it published.
+    assert "DaemonUnavailable" in json.dumps(results[2][1]) or "daemon" in results[2][1]["error"].lower()
+    assert results[0][5]["coordinator_version"] == 2
+    # Each part lives on its own host's daemon.
+    assert [v["id"] for v in versions(b, f"{JOB}.rank-2")][-1] >= 2
+    assert versions(a, f"{JOB}.rank-2") == []
+
+    listed = cli("list", JOB, "--json", "--address", a.address)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["id"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["world_size"] == 4
+        assert [p["rank"] for p in row["parts"]] == [0, 1, 2, 3]
+        assert [p["address"] for p in row["parts"]] == [a.address, a.address, b.address, b.address]
+    human = cli("list", JOB, "--address", a.address)
+    assert "GLOBAL VERSION" in human.stdout and "3:v" in human.stdout
+
+    verified = cli("verify", JOB, "--json", "--address", a.address)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    report = json.loads(verified.stdout)[0]
+    assert all(p["status"] == "ok" for v in report["versions"] for p in v["parts"])
+    # A part that goes missing makes verify fail and name it.
+    deleted = cli("delete", f"{JOB}.rank-3", "--address", b.address)
+    assert deleted.returncode == 0, deleted.stderr
+    verified = cli("verify", JOB, "--address", a.address)
+    assert verified.returncode == 1 and "rank 3" in verified.stdout, verified.stdout + verified.stderr
+
+
+def test_rank_sigkilled_mid_save_publishes_nothing_and_loads_reshard(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    a, b = make_daemon(NO_AUTO_POLICY), make_daemon(NO_AUTO_POLICY)
+    out = tmp_path / "out"
+    # Rank 3 SIGKILLs itself right after its part was committed, before the coordinator's finish.
+    steps = [{"op": "save", "step": 1}, {"op": "save", "step": 2, "kill_rank": 3}]
+    codes, results = finish(start_ranks(steps, [a, a, b, b], out), out)
+    assert codes[3] == -9 and codes[:3] == [0, 0, 0], explain(out)
+    assert (out / "killed-3").exists()
+    for res in results[:3]:
+        assert res[0]["ok"] and res[0]["version"] == 1, explain(out)
+        assert not res[1]["ok"], explain(out)
+    assert len(versions(b, f"{JOB}.rank-3")) == 2   # its part was sent and committed ...
+    assert global_ids(a) == [1]                      # ... but no global version was published
+    assert versions(b, JOB) == []
+
+    # World size 2 (one rank per host): the previous version loads exactly, and a retry commits.
+    steps = [{"op": "load", "step": 1}, {"op": "save", "step": 2}, {"op": "load", "step": 2}]
+    codes, results = finish(start_ranks(steps, [a, b], out), out)
+    assert codes == [0, 0], explain(out)
+    for res in results:
+        assert all(r["ok"] for r in res), explain(out)
+        assert [r["version"] for r in res] == [1, 2, 2]
+    assert global_ids(a) == [1, 2]
+
+    # World size 1 on host a: the world-size-4 version, reading host b's parts from host b's daemon.
+    steps = [{"op": "load", "step": 1, "version": 1}, {"op": "load", "step": 2}]
+    codes, results = finish(start_ranks(steps, [a], out), out)
+    assert codes == [0], explain(out)
+    load1, load2 = results[0]
+    assert load1["ok"] and load1["version"] == 1, explain(out)
+    assert load1["sources"] == {"0": a.address, "1": a.address, "2": b.address, "3": b.address}
+    assert load2["ok"] and load2["version"] == 2, explain(out)
