@@ -187,3 +187,14 @@ def test_rank_sigkilled_mid_save_publishes_nothing_and_loads_reshard(
     assert load1["ok"] and load1["version"] == 1, explain(out)
     assert load1["sources"] == {"0": a.address, "1": a.address, "2": b.address, "3": b.address}
     assert load2["ok"] and load2["version"] == 2, explain(out)
+
+
+def test_bench_dcp_reports_every_contender() -> None:
+    done = cli("bench", "dcp", "--size", "4MiB", "--rounds", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["bytes"] == 4 * 1024**2 and result["autosaved_version"] == 2  # warm-up + one timed save
+    for key in ("autosaved_blocking_s", "fs_blocking_s", "memcpy_s", "vs_fs", "vs_memcpy"):
+        assert result[key] > 0, key
+    bad = cli("bench", "dcp", "--rounds", "0")
+    assert bad.returncode == 2 and "--rounds" in bad.stderr

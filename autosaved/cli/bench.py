@@ -2,7 +2,8 @@
 
 ``autosaved bench [--size 1GiB] [--json]`` measures the data path (see :mod:`.bench_data`);
 ``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.bench_throttle`);
-``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed.
+``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed;
+``autosaved bench dcp [--size 256MiB] [--json]`` measures the trainer's stall per ``dcp.async_save``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import bench_data, bench_incremental, bench_throttle
+from . import bench_data, bench_dcp, bench_incremental, bench_throttle
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -19,6 +20,7 @@ def add_parser(sub: Any, name: str) -> None:
     modes = p.add_subparsers(dest="bench_mode", metavar="MODE", required=False)
     bench_throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
     bench_incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
+    bench_dcp.add_arguments(modes.add_parser("dcp", help="trainer stall per dcp.async_save, vs FileSystemWriter"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,4 +28,6 @@ def run(args: argparse.Namespace) -> int:
         return bench_throttle.run(args)
     if args.bench_mode == "incremental":
         return bench_incremental.run(args)
+    if args.bench_mode == "dcp":
+        return bench_dcp.run(args)
     return bench_data.run(args)
