@@ -3,6 +3,8 @@ gloo process group over 127.0.0.1 and saves/loads through the real autosaved dae
 
     python tests/dcp_worker.py STEPS_JSON OUT_DIR       (RANK, WORLD_SIZE, MASTER_PORT, AUTOSAVED_ADDRESS set)
 
+or, for world size 1, ``run(...)`` in the test's own process (which has torch imported already).
+
 The state is a model + Adam optimizer trained ``step`` steps from a fixed seed with one thread, so every
 process can recompute the exact expected tensors. Tensors whose first dimension divides by the world size
 are sharded over the ranks as DTensors (what FSDP/TP state dicts are); the rest are replicated.
@@ -29,12 +31,19 @@ from torch.distributed.tensor import DTensor, Shard, init_device_mesh
 
 from autosaved.integrations.dcp import AutosavedStorageReader, AutosavedStorageWriter, global_version
 
-torch.set_num_threads(1)
-faulthandler.register(signal.SIGUSR1)  # a stuck rank's stacks, on demand
-
 
 def reference(step: int, seed: int = 0) -> dict[str, Any]:
-    """The full (unsharded) model + optimizer state after ``step`` Adam steps from ``seed``."""
+    """The full (unsharded) model + optimizer state after ``step`` Adam steps from ``seed`` (one thread:
+    the same bits in every process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference(step, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference(step: int, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -115,16 +124,13 @@ def wait_file(path: Path, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def main() -> int:
-    steps = json.loads(sys.argv[1])
-    out = Path(sys.argv[2])
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+def run(steps: list[dict[str, Any]], out: Path, rank: int, world: int, job: str) -> list[dict[str, Any]]:
+    """Run ``steps`` as rank ``rank`` of ``world``; results also go to ``out/rank-R.json`` after each step."""
     mesh = None
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
         mesh = init_device_mesh("cpu", (world,))
     results: list[dict[str, Any]] = []
-    job = os.environ["DCP_JOB"]
     for step in steps:
         op = step["op"]
         res: dict[str, Any] = {"op": op}
@@ -153,6 +159,14 @@ def main() -> int:
         (out / f"rank-{rank}.json").write_text(json.dumps(results, indent=1))
     if world > 1 and all(r["ok"] or r["op"] == "save" for r in results):
         dist.destroy_process_group()
+    return results
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1)  # a stuck rank's stacks, on demand
+    run(json.loads(sys.argv[1]), Path(sys.argv[2]), int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+        os.environ["DCP_JOB"])
     return 0
 
 

@@ -88,7 +88,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_global_versions_across_two_hosts_survive_dead_daemons_and_ranks_and_reshard(
-        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = make_daemon(NO_AUTO_POLICY), make_daemon(NO_AUTO_POLICY)
     out = tmp_path / "out"
     steps = [
@@ -149,11 +149,13 @@ def test_global_versions_across_two_hosts_survive_dead_daemons_and_ranks_and_res
         assert [r["version"] for r in res] == [2, 3, 3]
     assert global_ids(a) == [1, 2, 3]
 
-    # World size 1 on host a: the world-size-4 version 1, reading host b's parts from host b's daemon.
-    steps = [{"op": "load", "step": 1, "version": 1}, {"op": "load", "step": 3}]
-    codes, results = finish(start_ranks(steps, [a], out), out)
-    assert codes == [0], explain(out)
-    load1, load3 = results[0]
+    # World size 1 on host a, in this process (torch is imported here already): the world-size-4
+    # version 1, reading host b's parts from host b's daemon.
+    from . import dcp_worker
+
+    monkeypatch.setenv("AUTOSAVED_ADDRESS", a.address)
+    load1, load3 = dcp_worker.run([{"op": "load", "step": 1, "version": 1}, {"op": "load", "step": 3}], out,
+                                  0, 1, JOB)
     assert load1["ok"] and load1["version"] == 1, explain(out)
     assert load1["sources"] == {"0": a.address, "1": a.address, "2": b.address, "3": b.address}
     assert load3["ok"] and load3["version"] == 3, explain(out)
