@@ -17,6 +17,7 @@ long the background part took, for context.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import tempfile
@@ -29,7 +30,6 @@ from typing import Any
 
 from ..config import parse_size
 from ..errors import ConfigError
-from ..private import PrivateDaemon
 from .common import human_bytes, table
 
 LEAF_BYTES = 16 * 1024**2
@@ -70,6 +70,12 @@ def measure(size: int, rounds: int) -> dict[str, Any]:
 
     from ..integrations.dcp import AutosavedStorageWriter
 
+    # PrivateDaemon lives in autosaved.bench.private once the bench/ subpackage (issue 10) is merged.
+    try:
+        private_daemon: Any = importlib.import_module("autosaved.bench.private").PrivateDaemon
+    except ImportError:
+        private_daemon = importlib.import_module("autosaved.private").PrivateDaemon
+
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint.*")
     state = _state(size)
@@ -84,7 +90,7 @@ def measure(size: int, rounds: int) -> dict[str, Any]:
         return done
 
     samples: dict[str, list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="autosaved-bench-dcp-") as tmp, PrivateDaemon(
+    with tempfile.TemporaryDirectory(prefix="autosaved-bench-dcp-") as tmp, private_daemon(
             Path(tmp) / "daemon", config=_DAEMON_CONFIG) as daemon:
         writer = AutosavedStorageWriter("bench-dcp", address=daemon.address)
         contenders: dict[str, Callable[[], Any]] = {

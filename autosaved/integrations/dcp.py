@@ -62,6 +62,7 @@ from torch.futures import Future
 from ..client.base import Ack, resolve_address
 from ..client.sync import Client
 from ..errors import AutosavedError, CorruptVersion, DaemonUnavailable, NotFound
+from . import _daemon
 from .globalver import (
     PART_KEY,
     GlobalRecord,
@@ -164,18 +165,6 @@ def _client(job: str, address: str, timeout: float, save_timeout: float,
         client.close()
 
 
-def _boot(address: str, timeout: float) -> str | None:
-    """The daemon's boot id (a ping), or ``None`` when it does not answer within ``timeout``."""
-    client = Client("_probe", address=address, timeout=timeout)
-    try:
-        header = client._call(client._core.ping())
-        return str(header.get("boot"))
-    except DaemonUnavailable:
-        return None
-    finally:
-        client.close()
-
-
 def _watched_update(job: str, address: str, delta: Mapping[str, Any], meta: Mapping[str, Any], wait: str,
                     timeout: float, save_timeout: float, policy: Mapping[str, Any] | None = None,
                     probe_every: float = 1.0) -> Ack:
@@ -186,7 +175,7 @@ def _watched_update(job: str, address: str, delta: Mapping[str, Any], meta: Mapp
     The update runs in a helper thread (it owns its ZeroMQ socket); this thread watches the daemon: the
     ipc socket must accept connections and a ping must show the same boot id as before the update."""
     _check_reachable(address)
-    boot = _boot(address, timeout)
+    boot = _daemon.boot(address, timeout)
     if boot is None:
         raise DaemonUnavailable(f"the autosaved daemon at {address} does not answer", details={"address": address})
     box: dict[str, Any] = {}
@@ -205,7 +194,7 @@ def _watched_update(job: str, address: str, delta: Mapping[str, Any], meta: Mapp
     threading.Thread(target=send, name=f"autosaved-dcp-{job}", daemon=True).start()
     while not done.wait(probe_every):
         _check_reachable(address)
-        now = _boot(address, timeout)
+        now = _daemon.boot(address, timeout)
         if now is not None and now != boot:
             raise DaemonUnavailable(f"the autosaved daemon at {address} restarted while committing {job!r}; "
                                     "the part is lost", details={"address": address})
@@ -213,15 +202,6 @@ def _watched_update(job: str, address: str, delta: Mapping[str, Any], meta: Mapp
         raise box["error"]
     ack: Ack = box["ack"]
     return ack
-
-
-def _list_versions(client: Client, job: str) -> list[dict[str, Any]]:
-    """A job's versions as ``list`` shows them (the daemon re-hashes them: ``ok`` is verified)."""
-    try:
-        result = client._call(client._core.list_jobs(job))
-    except NotFound:
-        return []
-    return list(result.get("versions") or [])
 
 
 def _restore(client: Client, version: int) -> Any:
@@ -253,11 +233,9 @@ class AutosavedStorageWriter(StorageWriter, AsyncStager):
                              "be at least 'committed'")
         if keep_parts < 1:
             raise ValueError(f"keep_parts must be at least 1, not {keep_parts}")
-        from ..protocol import validate_job_name
-
         # Fail on a bad name here, not in the middle of a save (the part jobs' names derive from it).
-        self.job = validate_job_name(job)
-        validate_job_name(part_job(job, 0))
+        self.job = _daemon.validate_job_name(job)
+        _daemon.validate_job_name(part_job(job, 0))
         self.address = resolve_address(address)
         self.wait = wait
         self.timeout = timeout
@@ -436,9 +414,7 @@ class AutosavedStorageReader(StorageReader):
     def __init__(self, job: str, *, version: int | None = None, address: str | None = None,
                  remote: RemoteSource | None = None, timeout: float = 30.0, save_timeout: float = 600.0,
                  process_group: Any = None) -> None:
-        from ..protocol import validate_job_name
-
-        self.job = validate_job_name(job)
+        self.job = _daemon.validate_job_name(job)
         self.version = version
         self.address = resolve_address(address)
         self.remote = remote
@@ -468,16 +444,18 @@ class AutosavedStorageReader(StorageReader):
         """(sort key, pickled record, error) from this rank's own daemon: the requested version, or the
         newest global version that verifies."""
         try:
+            _check_reachable(self.address)
+            rows = [r for r in _daemon.versions(self.address, self.job, self.timeout)
+                    if is_global_row(r) and r.get("ok")]
+            if self.version is not None:
+                rows = [r for r in rows if int(r["id"]) == self.version]
+            if not rows:
+                return None, None, f"{self.address} holds no committed global version of {self.job!r}" + (
+                    f" with id {self.version}" if self.version is not None else "")
+            row = max(rows, key=lambda r: (str(r.get("time")), int(r["id"])))
             with _client(self.job, self.address, self.timeout, self.save_timeout) as c:
-                rows = [r for r in _list_versions(c, self.job) if is_global_row(r) and r.get("ok")]
-                if self.version is not None:
-                    rows = [r for r in rows if int(r["id"]) == self.version]
-                if not rows:
-                    return None, None, f"{self.address} holds no committed global version of {self.job!r}" + (
-                        f" with id {self.version}" if self.version is not None else "")
-                row = max(rows, key=lambda r: (str(r.get("time")), int(r["id"])))
                 record = parse_record(_restore(c, int(row["id"])), int(row["id"]), self.job)
-                return (str(row.get("time")), record.version), pickle.dumps(record), None
+            return (str(row.get("time")), record.version), pickle.dumps(record), None
         except AutosavedError as exc:
             return None, None, f"{self.address}: {exc}"
 

@@ -7,18 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..client.sync import Client
 from ..errors import AutosavedError, DaemonUnavailable, NotFound
+from . import _daemon
 from .globalver import PART_KEY, RECORD_KEY, PartInfo
 
 
 def _part_versions(part: PartInfo, timeout: float) -> dict[int, dict[str, Any]]:
-    client = Client(part.job, address=part.address, timeout=timeout, save_timeout=max(timeout, 600.0))
-    try:
-        result = client._call(client._core.list_jobs(part.job))
-    finally:
-        client.close()
-    return {int(v["id"]): v for v in result.get("versions") or []}
+    return {int(v["id"]): v for v in _daemon.versions(part.address, part.job, timeout)}
 
 
 def check_part(part: PartInfo, timeout: float, cache: dict[tuple[str, str], Any]) -> tuple[str, str | None]:
