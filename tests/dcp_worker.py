@@ -142,7 +142,8 @@ def run(steps: list[dict[str, Any]], out: Path, rank: int, world: int, job: str)
                 res.update(ok=True, version=global_version(md), coordinator_version=writer.last_version)
             elif op == "load":
                 state = shard(reference(1, seed=99), rank, world, mesh)  # a fresh model: other values
-                reader = AutosavedStorageReader(job, version=step.get("version"), timeout=20.0)
+                reader = AutosavedStorageReader(job, version=step.get("version"), timeout=20.0,
+                                                record_address=step.get("record_address"))
                 dcp.load(state, storage_reader=reader)
                 diffs = differences(full(state), reference(step["step"]))
                 res.update(ok=not diffs, diffs=diffs[:5], version=reader.record.version if reader.record else None,

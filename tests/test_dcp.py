@@ -82,6 +82,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "autosaved", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the in-process world-size-1 loads
 def test_global_versions_across_two_hosts_survive_dead_daemons_and_ranks_and_reshard(
         make_daemon: Callable[..., PrivateDaemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = make_daemon(NO_AUTO_POLICY), make_daemon(NO_AUTO_POLICY)
@@ -154,6 +155,12 @@ def test_global_versions_across_two_hosts_survive_dead_daemons_and_ranks_and_res
     assert load1["ok"] and load1["version"] == 1, explain(out)
     assert load1["sources"] == {"0": a.address, "1": a.address, "2": b.address, "3": b.address}
     assert load3["ok"] and load3["version"] == 3, explain(out)
+    # On host b alone, whose daemon never held the record: a clear error, or the record from host a when told.
+    monkeypatch.setenv("AUTOSAVED_ADDRESS", b.address)
+    missing, told = dcp_worker.run([{"op": "load", "step": 3},
+                                    {"op": "load", "step": 3, "record_address": a.address}], out, 0, 1, JOB)
+    assert not missing["ok"] and "no committed global version" in missing["error"], missing
+    assert told["ok"] and told["version"] == 3 and told["sources"] == {"0": a.address, "1": b.address}, told
 
     listed = cli("list", JOB, "--json", "--address", a.address)
     assert listed.returncode == 0, listed.stderr

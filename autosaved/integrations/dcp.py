@@ -407,17 +407,19 @@ class AutosavedStorageReader(StorageReader):
 
     ``version``: a global version id (default: the newest one that verifies). ``address``: this rank's
     daemon. ``remote``: where parts come from when no reachable daemon holds them (the object store).
-    ``process_group``: the group ``dcp.load`` runs on (default: the default group), over which the ranks
-    agree on one record.
+    ``record_address``: the daemon that holds the record (the saving coordinator's), asked when this rank's
+    own daemon has none: for loads on hosts whose daemons never held it. ``process_group``: the group
+    ``dcp.load`` runs on (default: the default group), over which the ranks agree on one record.
     """
 
     def __init__(self, job: str, *, version: int | None = None, address: str | None = None,
-                 remote: RemoteSource | None = None, timeout: float = 30.0, save_timeout: float = 600.0,
-                 process_group: Any = None) -> None:
+                 remote: RemoteSource | None = None, record_address: str | None = None, timeout: float = 30.0,
+                 save_timeout: float = 600.0, process_group: Any = None) -> None:
         self.job = _daemon.validate_job_name(job)
         self.version = version
         self.address = resolve_address(address)
         self.remote = remote
+        self.record_address = record_address
         self.timeout = timeout
         self.save_timeout = save_timeout
         self.process_group = process_group
@@ -441,23 +443,31 @@ class AutosavedStorageReader(StorageReader):
     # -- the record -----------------------------------------------------------------------------------------
 
     def _local_record(self) -> tuple[tuple[str, int] | None, bytes | None, str | None]:
-        """(sort key, pickled record, error) from this rank's own daemon: the requested version, or the
-        newest global version that verifies."""
+        """(sort key, pickled record, error) from this rank's own daemon, else from ``record_address``:
+        the requested version, or the newest global version that verifies."""
+        errors = []
+        for address in dict.fromkeys(a for a in (self.address, self.record_address) if a):
+            key, blob, error = self._record_from(address)
+            if blob is not None:
+                return key, blob, None
+            errors.append(str(error))
+        return None, None, "; ".join(errors)
+
+    def _record_from(self, address: str) -> tuple[tuple[str, int] | None, bytes | None, str | None]:
         try:
-            _check_reachable(self.address)
-            rows = [r for r in _daemon.versions(self.address, self.job, self.timeout)
-                    if is_global_row(r) and r.get("ok")]
+            _check_reachable(address)
+            rows = [r for r in _daemon.versions(address, self.job, self.timeout) if is_global_row(r) and r.get("ok")]
             if self.version is not None:
                 rows = [r for r in rows if int(r["id"]) == self.version]
             if not rows:
-                return None, None, f"{self.address} holds no committed global version of {self.job!r}" + (
+                return None, None, f"{address} holds no committed global version of {self.job!r}" + (
                     f" with id {self.version}" if self.version is not None else "")
             row = max(rows, key=lambda r: (str(r.get("time")), int(r["id"])))
-            with _client(self.job, self.address, self.timeout, self.save_timeout) as c:
+            with _client(self.job, address, self.timeout, self.save_timeout) as c:
                 record = parse_record(_restore(c, int(row["id"])), int(row["id"]), self.job)
             return (str(row.get("time")), record.version), pickle.dumps(record), None
         except AutosavedError as exc:
-            return None, None, f"{self.address}: {exc}"
+            return None, None, f"{address}: {exc}"
 
     def _group(self) -> Any:
         if not (dist.is_available() and dist.is_initialized()):
