@@ -3,7 +3,8 @@
 ``autosaved bench [--size 1GiB] [--json]`` measures the data path (see :mod:`.data`);
 ``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.throttle`);
 ``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed;
-``autosaved bench remote [--size 1GiB] [--json]`` measures replication to object storage (see :mod:`.remote`).
+``autosaved bench remote [--size 1GiB] [--json]`` measures replication to object storage (see :mod:`.remote`);
+``autosaved bench dcp [--size 256MiB] [--json]`` measures the trainer's stall per ``dcp.async_save`` (see :mod:`.dcp`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import data, incremental, remote, throttle
+from . import data, dcp, incremental, remote, throttle
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -21,6 +22,7 @@ def add_parser(sub: Any, name: str) -> None:
     throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
     incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
     remote.add_arguments(modes.add_parser("remote", help="replication to an S3 store vs plain obstore loops"))
+    dcp.add_arguments(modes.add_parser("dcp", help="trainer stall per dcp.async_save, vs FileSystemWriter"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,4 +32,6 @@ def run(args: argparse.Namespace) -> int:
         return incremental.run(args)
     if args.bench_mode == "remote":
         return remote.run(args)
+    if args.bench_mode == "dcp":
+        return dcp.run(args)
     return data.run(args)

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ..errors import DaemonUnavailable, NotFound
+from ..integrations.globalver import global_rows, parts_summary
 from ..storage.local import Store
 from .common import add_client_options, admin, human_bytes, print_json, state_dir, table
 
@@ -57,10 +58,17 @@ def run(args: argparse.Namespace) -> int:
         except DaemonUnavailable:
             print("autosaved list: daemon not reachable; reading the state dir directly", file=sys.stderr)
             rows = _offline(args)
+    global_versions = global_rows(rows) if args.job else None  # a multi-rank (DCP) job: its global versions
+    if global_versions is not None:
+        rows = global_versions
     if args.json:
         print_json(rows)
         return 0
-    if args.job:
+    if global_versions is not None:
+        print(table([[str(r["id"]), r["time"], str(r["world_size"]), "ok" if r["ok"] else f"CORRUPT: {r['error']}",
+                      parts_summary(r["parts"])] for r in rows],
+                    ["GLOBAL VERSION", "TIME", "WORLD", "VERIFIED", "PARTS (rank:version@daemon)"]))
+    elif args.job:
         print(table([[str(r["id"]), str(r["step"] if r["step"] is not None else "-"), r["time"],
                       human_bytes(r["bytes"]), r["reason"], "ok" if r["ok"] else f"CORRUPT: {r['error']}"]
                      for r in rows],

@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..integrations.globalcheck import check_global_versions
 from ..storage.local import JobStore
 from .common import print_json, table
 from .maintenance import add_arguments, run_maintenance
@@ -29,6 +30,7 @@ def _offline(stores: list[JobStore]) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     reports = run_maintenance(args, "verify", _offline, exclusive=False)
+    check_global_versions(reports, timeout=args.timeout)  # multi-rank (DCP) versions: check every part too
     if args.json:
         print_json(reports)
     else:
