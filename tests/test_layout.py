@@ -115,3 +115,33 @@ def test_the_readme_code_map_matches_the_tree() -> None:
         if rel.startswith("cli/"):
             continue  # one module per subcommand: the map names the rule, not each command
         assert rel in named, f"{rel} is missing from the README's code map"
+
+
+def _daemon_references(source: str) -> list[int]:
+    """Lines of ``source`` that name the ``Daemon`` class: an import, an annotation (quoted too), a use."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if ((isinstance(node, ast.Name) and node.id == "Daemon")
+                or (isinstance(node, ast.alias) and node.name == "Daemon")
+                or (isinstance(node, ast.Attribute) and node.attr == "Daemon")
+                or (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and re.fullmatch(r"\s*Daemon\s*(\|.*)?", node.value))):
+            lines.append(getattr(node, "lineno", 0))
+    return lines
+
+
+def test_the_daemon_scan_sees_every_kind_of_reference() -> None:
+    # guards the test below against a scan that matches nothing
+    src = ("from .app import Daemon\nimport autosaved.daemon.app as a\n"
+           "def f(d: 'Daemon', e: a.Daemon) -> None:\n    Daemon()\n")
+    assert sorted(set(_daemon_references(src))) == [1, 3, 4]
+    assert _daemon_references("from .bench.private import PrivateDaemon\nx = 'a Daemon'\n") == []
+
+
+def test_no_daemon_helper_sees_the_daemon() -> None:
+    """Helpers get a narrow context (the callables and values they need), never the ``Daemon``: only
+    daemon/app.py, which builds those contexts, may name the class."""
+    offenders = [f"{path.relative_to(ROOT)}:{line}"
+                 for path in _sources(PACKAGE / "daemon") if path.name != "app.py"
+                 for line in _daemon_references(path.read_text())]
+    assert offenders == []

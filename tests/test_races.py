@@ -178,7 +178,7 @@ def test_a_snapshot_holds_its_slots_from_the_instant_it_is_taken(tmp_path: Path)
     seen: list[bool] = []
 
     async def main() -> None:
-        writer = Writer(chunk_size=1 << 20, clock=time.monotonic, on_done=lambda: None)
+        writer = Writer(chunk_size=lambda: 1 << 20, clock=time.monotonic, on_done=lambda: None)
         async with anyio.create_task_group() as tg:
             writer.begin(job, SaveReason.EXPLICIT, tg)
             job.root = {}  # the next update replaces the leaf, in the same event-loop step

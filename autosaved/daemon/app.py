@@ -33,35 +33,35 @@ import zmq
 import zmq.asyncio
 
 from .. import __version__
-from ..config import Config
+from ..config import Config, PolicySettings
 from ..deadline import Pending, estimate_s, plan_flush
 from ..errors import (
     AutosavedError,
+    ConfigError,
     Forbidden,
     InternalError,
     MessageTooLarge,
     ProtocolError,
     QuotaExceeded,
-    StorageError,
 )
 from ..policy import SaveReason, decide
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
 from ..shm import fd_socket_path
 from ..storage import faults
 from ..storage.faults import point
-from ..storage.local import Recovered, Store
-from ..storage.wal import WalWriter
+from ..storage.local import Store
 from ..tree import iter_blobs
 from .accept import serve_capped
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
+from .jobtable import JobTable
 from .lock import PidLock
 from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
-from .reload import Reloader
+from .reload import ReloadContext, Reloader
 from .replicator import Replicator
-from .rpc import Handlers, Request
+from .rpc import Handlers, RpcContext, RpcRequest
 from .slottable import SlotTable, referenced_mappings
 from .walcommit import LogCommitter
 from .writer import Writer
@@ -119,6 +119,7 @@ def missed_names(names: list[str]) -> str:
 class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
                  notifier: Notifier | None = None) -> None:
+        # The live config: ``apply_config`` is its only writer; every helper reads it through a getter.
         self.config = config
         self.clock = clock
         self.notifier = notifier or Notifier()
@@ -127,42 +128,8 @@ class Daemon:
         self.uid = os.geteuid()
         self.started_at = time.time()
         self.store = Store(config.state_dir)
-        self.jobs: dict[JobKey, Job] = {}
         self.shutting_down = False
         self.exit_code = 0
-        self.handlers = Handlers(self)
-        self.writer = Writer(chunk_size=config.chunk_size, clock=clock, on_done=self._save_done,
-                             max_write_rate=config.throttle.max_write_rate)
-        self.io = IoControl(config, self.writer, clock)
-        self.preempted: str | None = None
-        self.log = LogCommitter(self._spawn, self.poke)
-        self._wake = anyio.Event()
-        self._save_waiters: list[anyio.Event] = []
-        self._stop = anyio.Event()
-        # One lock per (owner, job), never dropped: loading, deleting and recreating a job are serialised
-        # by it, so no request is ever acknowledged for a job whose folder is being deleted.
-        self._load_locks: dict[JobKey, anyio.Lock] = {}
-        # One io lock per (owner, job), whether the job is loaded or not: saves, gc and verify of a job
-        # exclude each other through it (a Job takes it over when loaded).
-        self._io_locks: dict[JobKey, anyio.Lock] = {}
-        self.in_flight_by_uid: dict[int, int] = {}
-        self.task_failures = 0
-        self._send_lock = anyio.Lock()
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._locks: list[PidLock] = []
-        self._sock: zmq.asyncio.Socket | None = None
-        self._ctx: zmq.asyncio.Context | None = None
-        self.requests = 0
-        self.errors = 0
-        self.reloader = Reloader(self)
-        self.save_durations = Histogram()
-        self.writer.observe_duration = self.save_durations.observe
-        # When the rpc loop last went round: the watchdog pings only while this keeps moving.
-        self.progress_at = clock()
-        # Trees a restore is reading from: their slots must stay lent until the bytes are copied out.
-        self.restoring: dict[int, Any] = {}
-        shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
-        self.slots = SlotTable(shm_cap)
         self.replicator: Replicator | None = None
         if config.remote.url is not None:
             from ..storage.remote import holder_id
@@ -174,10 +141,62 @@ class Daemon:
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
                                          local_store=self.store.job, retention=retention, spawn=self._spawn)
+        self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
+                              replicator=self.replicator)
+        self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
+        self.writer = Writer(chunk_size=lambda: self.config.chunk_size, clock=clock, on_done=self._save_done,
+                             max_write_rate=config.throttle.max_write_rate)
+        self.io = IoControl(lambda: self.config, self.writer, clock)
+        self.preempted: str | None = None
+        # The write-ahead log's group committer (not a logger).
+        self.wal_committer = LogCommitter(self._spawn, self.poke)
+        self._wake = anyio.Event()
+        self._save_waiters: list[anyio.Event] = []
+        self._stop = anyio.Event()
+        self.in_flight_by_uid: dict[int, int] = {}
+        self.task_failures = 0
+        self._send_lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._locks: list[PidLock] = []
+        self._sock: zmq.asyncio.Socket | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self.requests = 0
+        self.errors = 0
+        self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
+        self.save_durations = Histogram()
+        self.writer.observe_duration = self.save_durations.observe
+        # When the rpc loop last went round: the watchdog pings only while this keeps moving.
+        self.progress_at = clock()
+        # Trees a restore is reading from: their slots must stay lent until the bytes are copied out.
+        self.restoring: dict[int, Any] = {}
+        shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
+        self.slots = SlotTable(shm_cap)
+        if self.replicator is not None:
             replicator = self.replicator
             self.writer.on_commit = lambda job, version, written: replicator.committed(job.owner, job.name, version,
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
+        self.handlers = Handlers(RpcContext(
+            config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
+            replicator=self.replicator, clock=clock, poke=self.poke, shutting_down=lambda: self.shutting_down,
+            boot=self.boot, pid=self.pid, uid=self.uid, referenced_mappings=self.referenced_mappings,
+            restoring=self.restoring, status=self.status, list_jobs=self.list_jobs,
+        ))
+
+    def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
+        """The one writer of the live config (a reload, and the startup probe's derived values): the
+        throttle takes its table, every job's effective policy is recomputed as the new ``[policy]``
+        defaults plus its own client overrides, and the scheduler replans."""
+        if reconfigure_io:
+            new = self.io.reconfigure(new)
+        self.config = new
+        logging.getLogger("autosaved").setLevel(new.log_level.upper())
+        for job in self.jobs.values():
+            try:
+                job.settings = PolicySettings.parse(job.policy_overrides or {}, base=new.policy, where="policy")
+            except ConfigError as exc:  # overrides were checked when sent; this is only a safety net
+                log.warning("config reload: job=%s keeps its old policy: %s", job.name, exc.message)
+        self.poke()
 
     # -- wiring ----------------------------------------------------------------------------------
 
@@ -205,72 +224,6 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
-
-    def key_lock(self, key: JobKey) -> anyio.Lock:
-        return self._load_locks.setdefault(key, anyio.Lock())
-
-    def io_lock(self, key: JobKey) -> anyio.Lock:
-        return self._io_locks.setdefault(key, anyio.Lock())
-
-    async def find_job(self, owner: int, name: str) -> Job | None:
-        """The job, loaded (log replayed) if it exists on disk, or ``None`` if there is no such job: every
-        read path goes through here, so it sees exactly what a restart's replay would rebuild."""
-        job = self.jobs.get((owner, name))
-        if job is not None:
-            return job
-        store = self.store.job(owner, name)
-        if not await anyio.to_thread.run_sync(store.path.exists):
-            return None
-        return await self.get_job(owner, name)
-
-    async def get_job(self, owner: int, name: str) -> Job:
-        key = (owner, name)
-        job = self.jobs.get(key)
-        if job is not None and not job.deleted:
-            return job
-        async with self.key_lock(key):  # held by a delete of this job until its folder is gone
-            job = self.jobs.get(key)
-            if job is not None:
-                return job
-            store = self.store.job(owner, name)
-            if self.replicator is not None and not await anyio.to_thread.run_sync(store.version_ids):
-                # A fresh host (or a job this host never had): start from the bucket's newest version.
-                await self.replicator.seed(owner, name, store)
-
-            def load() -> tuple[Recovered | None, list[int]]:
-                store.clean_tmp()
-                return store.recover(load_data=False, repair=True), store.version_ids()
-
-            try:
-                recovered, ids = await anyio.to_thread.run_sync(load)
-            except OSError as exc:
-                raise StorageError(f"cannot open job {name!r}: {exc}") from exc
-            job = Job(owner=owner, name=name, store=store, settings=self.config.policy, wal=WalWriter(store.log_dir),
-                      io_lock=self.io_lock(key))
-            if recovered is not None:
-                job.root = recovered.tree
-                job.sessions = dict(recovered.sessions)
-                job.durable = dict(recovered.sessions)
-                job.step = recovered.step
-                job.meta = dict(recovered.meta)
-                job.last_lsn = recovered.replay.max_lsn
-                if recovered.version is not None:
-                    job.latest_version = recovered.version.info.id
-                    job.last_save_time = recovered.version.info.time
-                    job.last_lsn = max(job.last_lsn, recovered.version.wal_lsn)
-                if recovered.replay.records:
-                    # Logged deltas newer than the newest version: save them as a version soon.
-                    now = self.clock()
-                    job.generation = 1
-                    job.dirty_since = job.last_update_at = now
-                    self.poke()  # the scheduler plans this job's save now, not at some unrelated wake-up
-                log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
-                         job.latest_version, len(recovered.replay.records))
-            job.next_version = ids[-1] + 1 if ids else 1
-            self.jobs[key] = job
-            if self.replicator is not None:
-                self.replicator.attach(owner, name, ids)
-            return job
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -342,7 +295,7 @@ class Daemon:
         try:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
-            self.config = await self.io.measure_speed()
+            self.apply_config(await self.io.measure_speed(), reconfigure_io=False)
             self._sock = self._bind()
             remote_up = True
             if self.replicator is not None:
@@ -629,7 +582,7 @@ class Daemon:
                 )
             self.in_flight_by_uid[owner] = in_flight + 1
             try:
-                request = Request(
+                request = RpcRequest(
                     op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
                     owner=owner, header_size=len(header_frame),
                 )
@@ -838,8 +791,8 @@ class Daemon:
                 "saves": self.writer.saves,
                 "save_failures": self.writer.failures,
                 "bytes_written": self.writer.bytes_written,
-                "wal_syncs": self.log.syncs,
-                "wal_records": self.log.records,
+                "wal_syncs": self.wal_committer.syncs,
+                "wal_records": self.wal_committer.records,
                 "held_bytes": sum(j.held_bytes() for j in self.jobs.values()),
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "shm": self.slots.report(),

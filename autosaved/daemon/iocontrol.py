@@ -65,8 +65,9 @@ def policy_warning(config: Config, speed: float) -> str | None:
 
 
 class IoControl:
-    def __init__(self, config: Config, writer: Writer, clock: Callable[[], float]) -> None:
-        t = config.throttle
+    def __init__(self, config: Callable[[], Config], writer: Writer, clock: Callable[[], float]) -> None:
+        t = config().throttle
+        # The daemon's live config, read through this getter: the daemon's apply_config is its one writer.
         self.config = config
         self.writer = writer
         self.clock = clock
@@ -80,12 +81,12 @@ class IoControl:
 
     async def run(self) -> None:
         """Sample every ``throttle.sample_interval`` and steer the writer's bucket (forever)."""
-        sampler = IoSampler(self.config.state_dir, lambda: self.writer.bucket.paced_bytes, self.clock)
+        sampler = IoSampler(self.config().state_dir, lambda: self.writer.bucket.paced_bytes, self.clock)
         self.disks = sampler.disks
         # Reading /proc and /sys files never blocks on the disk, so this stays in the event loop.
         prev = sampler.sample()
         while True:
-            await anyio.sleep(self.config.throttle.sample_interval)
+            await anyio.sleep(self.config().throttle.sample_interval)
             cur = sampler.sample()
             self.load = measure(prev, cur)
             prev = cur
@@ -100,22 +101,23 @@ class IoControl:
                               self.load.psi_some, self.load.dirty_bytes)
 
     async def measure_speed(self) -> Config:
-        """Probe the disk once; return the config with ``policy.dirty_bytes`` derived when not set, and warn
-        when a configured one cannot be flushed within the deadline."""
-        tmp = self.config.state_dir / "tmp"
-        if self.config.write_speed is not None:
+        """Probe the disk once; return the config (for the daemon to apply) with ``policy.dirty_bytes``
+        derived when not set, and warn when a configured one cannot be flushed within the deadline."""
+        tmp = self.config().state_dir / "tmp"
+        configured = self.config().write_speed
+        if configured is not None:
             # Configured: no probe (it writes and fsyncs 32 MiB, ~1 s on a busy disk, at every start).
-            speed = float(self.config.write_speed)
+            speed = float(configured)
         else:
             try:
                 speed = await anyio.to_thread.run_sync(lambda: probe_write_speed(tmp))
             except OSError as exc:
                 log.warning("write speed probe in %s failed (%s); planning with the default", tmp, exc)
-                return self.config
+                return self.config()
         self.probed_speed = speed
         self.writer.note_speed(speed)
         plan_speed = self.writer.flush_speed()
-        config = self.config
+        config = self.config()
         if config.dirty_bytes_auto:
             derived = derived_dirty_bytes(plan_speed, config.shutdown_deadline)
             config = replace(config, policy=replace(config.policy, dirty_bytes=derived))
@@ -126,7 +128,6 @@ class IoControl:
             warning = policy_warning(config, plan_speed)
             if warning:
                 log.warning("%s", warning)
-        self.config = config
         return config
 
     def reconfigure(self, new: Config) -> Config:
@@ -142,7 +143,6 @@ class IoControl:
             new = replace(new, policy=replace(new.policy, dirty_bytes=derived))
         elif self.probed_speed is not None and (warning := policy_warning(new, self.writer.flush_speed())):
             log.warning("%s", warning)
-        self.config = new
         return new
 
     def status(self) -> dict[str, Any]:

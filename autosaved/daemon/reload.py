@@ -9,19 +9,16 @@ the state dir or a listener (:data:`~autosaved.config.RESTART_KEYS`) only change
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 import watchfiles
 
-from ..config import RESTART_KEYS, Config, PolicySettings, parse_config_table, read_toml
+from ..config import RESTART_KEYS, Config, parse_config_table, read_toml
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from .app import Daemon
 
 log = logging.getLogger("autosaved.reload")
 
@@ -43,9 +40,17 @@ def reread(current: Config) -> tuple[Config, list[str]]:
     return replace(fresh, **pinned), ignored
 
 
+@dataclass(frozen=True)
+class ReloadContext:
+    """What the reloader needs: the live config, and the daemon's one writer of it."""
+
+    config: Callable[[], Config]
+    apply_config: Callable[[Config], None]
+
+
 class Reloader:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+    def __init__(self, ctx: ReloadContext) -> None:
+        self.ctx = ctx
         self._lock = anyio.Lock()
         self.reloads = 0
         self.failures = 0
@@ -53,7 +58,7 @@ class Reloader:
     async def reload(self, trigger: str) -> bool:
         """Apply the file as it is now; ``False`` (old config kept) when it is invalid."""
         async with self._lock:
-            current = self.d.config
+            current = self.ctx.config()
             try:
                 new, ignored = await anyio.to_thread.run_sync(reread, current)
             except ConfigError as exc:
@@ -67,28 +72,15 @@ class Reloader:
             if new == current:
                 log.info("config reload trigger=%s file=%s: nothing changed", trigger, current.config_file)
                 return True
-            self.apply(new)
+            self.ctx.apply_config(new)
             self.reloads += 1
             log.info("config reloaded trigger=%s file=%s policy=%s quota=%s", trigger, current.config_file,
                      new.policy.to_wire(), new.quota)
             return True
 
-    def apply(self, new: Config) -> None:
-        d = self.d
-        new = d.io.reconfigure(new)
-        d.config = new
-        d.writer.chunk_size = new.chunk_size
-        logging.getLogger("autosaved").setLevel(new.log_level.upper())
-        for job in d.jobs.values():
-            try:
-                job.settings = PolicySettings.parse(job.policy_overrides or {}, base=new.policy, where="policy")
-            except ConfigError as exc:  # overrides were checked when sent; this is only a safety net
-                log.warning("config reload: job=%s keeps its old policy: %s", job.name, exc.message)
-        d.poke()
-
     async def watch(self) -> None:
         """Reload whenever the file is written, replaced (editors rename over it) or created."""
-        path = self.d.config.config_file
+        path = self.ctx.config().config_file
         if path is None:
             return
         target = Path(path).absolute()

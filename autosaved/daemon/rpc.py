@@ -1,4 +1,4 @@
-"""Request handlers: one coroutine per op, each turning a validated request into a reply.
+"""RpcRequest handlers: one coroutine per op, each turning a validated request into a reply.
 
 Handlers raise :class:`~autosaved.errors.AutosavedError` for anything the client did wrong or the daemon
 could not do; the server turns that into an error reply. Nothing a client sends can make a handler
@@ -7,13 +7,14 @@ write outside its own job's folder: the job name is validated before any path is
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import mmap
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio.to_thread
 import msgpack
@@ -21,7 +22,7 @@ import msgpack
 from ..config import PolicySettings
 from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..names import validate_job_name
-from ..protocol import ACK_LEVELS, blob_descriptors, blobs_from_frames
+from ..protocol import ACK_LEVELS, OPS, blob_descriptors, blobs_from_frames
 from ..shm import layout, release_mapping
 from ..state import State, delta_bytes, merge
 from ..storage.fsutil import pwrite_all
@@ -31,14 +32,20 @@ from .jobs import CommitWaiter, Job, LogWaiter
 from .slottable import SlotConn
 
 if TYPE_CHECKING:
-    from .app import Daemon
+    from ..config import Config
+    from .jobtable import JobTable
+    from .replicator import Replicator
+    from .slottable import SlotTable
+    from .walcommit import LogCommitter
 
 log = logging.getLogger("autosaved.rpc")
 MAX_META_BYTES = 64 * 1024
 
 
 @dataclass
-class Request:
+class RpcRequest:
+    """One request as the daemon received it (the client's own ``Request`` is what it sends)."""
+
     op: str
     seq: int
     header: dict[str, Any]
@@ -105,18 +112,45 @@ def state_bytes(tree: Any) -> int:
     return total
 
 
-class Handlers:
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+@dataclass(frozen=True)
+class RpcContext:
+    """What the handlers may see of the daemon (uvicorn's ``ServerState`` idea): the job table, the stores
+    and slots, the live config through a getter, and a few callables. Never the daemon itself."""
 
-    async def dispatch(self, req: Request) -> Reply:
-        req.owner = self._effective_owner(req)
-        handler = getattr(self, f"op_{req.op}")
-        reply: Reply = await handler(req)
-        return reply
+    config: Callable[[], Config]
+    table: JobTable
+    slots: SlotTable
+    wal: LogCommitter  # the write-ahead log's group committer
+    replicator: Replicator | None
+    clock: Callable[[], float]
+    poke: Callable[[], None]
+    shutting_down: Callable[[], bool]
+    boot: str
+    pid: int
+    uid: int
+    # Slot mappings some live state, snapshot or restore still reads.
+    referenced_mappings: Callable[[], set[int]]
+    # Trees a restore is reading from, by request: their slots stay lent until the bytes are copied out.
+    restoring: dict[int, Any]
+    status: Callable[[int | None], dict[str, Any]]
+    list_jobs: Callable[[int | None], list[dict[str, Any]]]
+
+
+class Handlers:
+    def __init__(self, ctx: RpcContext) -> None:
+        self.ctx = ctx
+
+    async def dispatch(self, req: RpcRequest) -> Reply:
+        """Run the op's handler from :data:`REGISTRY` (``check_request`` already refused unknown ops)."""
+        op = REGISTRY.get(req.op)
+        if op is None:
+            raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})
+        if op.access is Access.JOB_OWNER:
+            req.owner = self._effective_owner(req)
+        return await op.handler(self, req)
 
     @staticmethod
-    def _effective_owner(req: Request) -> int:
+    def _effective_owner(req: RpcRequest) -> int:
         """Whose jobs a request acts on: the peer's own, or, for root only, the uid in ``owner``."""
         asked = req.header.get("owner")
         if asked is None or asked == req.owner:
@@ -129,12 +163,12 @@ class Handlers:
 
     async def _check_job_quota(self, owner: int, name: str) -> None:
         """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt)."""
-        limit = self.d.config.quota.max_jobs
-        if limit is None or owner == 0 or (owner, name) in self.d.jobs:
+        limit = self.ctx.config().quota.max_jobs
+        if limit is None or owner == 0 or (owner, name) in self.ctx.table.jobs:
             return
 
         def existing() -> set[str]:
-            return {s.job for s in self.d.store.jobs(owner)} | {n for o, n in self.d.jobs if o == owner}
+            return {s.job for s in self.ctx.table.store.jobs(owner)} | {n for o, n in self.ctx.table.jobs if o == owner}
 
         names = await anyio.to_thread.run_sync(existing)
         if name not in names and len(names) >= limit:
@@ -146,11 +180,11 @@ class Handlers:
 
     def _check_bytes_quota(self, job: Job, delta: State) -> None:
         """Refuse an update that would make the owner's states larger than ``quota.max_bytes``."""
-        limit = self.d.config.quota.max_bytes
+        limit = self.ctx.config().quota.max_bytes
         if limit is None or job.owner == 0:
             return
         after = state_bytes(merge(job.root, delta))
-        others = sum(state_bytes(j.root) for j in self.d.jobs.values() if j.owner == job.owner and j is not job)
+        others = sum(state_bytes(j.root) for j in self.ctx.table.jobs.values() if j.owner == job.owner and j is not job)
         if others + after > limit:
             raise QuotaExceeded(
                 f"quota.max_bytes: this update would make the jobs of uid {job.owner} hold {others + after} "
@@ -158,16 +192,16 @@ class Handlers:
                 details={"quota": "max_bytes", "limit": limit, "used": others + state_bytes(job.root)},
             )
 
-    def _job_name(self, req: Request) -> str:
+    def _job_name(self, req: RpcRequest) -> str:
         return validate_job_name(req.header.get("job"))
 
-    async def op_ping(self, req: Request) -> Reply:
-        return Reply({"pid": self.d.pid})
+    async def op_ping(self, req: RpcRequest) -> Reply:
+        return Reply({"pid": self.ctx.pid})
 
-    async def op_hello(self, req: Request) -> Reply:
+    async def op_hello(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
         await self._check_job_quota(req.owner, name)
-        job = await self.d.get_job(req.owner, name)
+        job = await self.ctx.table.get(req.owner, name)
         self._apply_policy(job, req.header.get("policy"))
         session = req.header.get("session")
         durable = job.durable.get(session, 0) if isinstance(session, str) else 0
@@ -178,13 +212,13 @@ class Handlers:
             return
         if not isinstance(raw, dict):
             raise ProtocolError("policy must be a map")
-        settings = PolicySettings.parse(raw, base=self.d.config.policy, where="policy")
+        settings = PolicySettings.parse(raw, base=self.ctx.config().policy, where="policy")
         job.policy_overrides = dict(raw)
         if settings != job.settings:
             job.settings = settings
-            self.d.poke()
+            self.ctx.poke()
 
-    async def op_update(self, req: Request) -> Reply:
+    async def op_update(self, req: RpcRequest) -> Reply:
         h = req.header
         name = self._job_name(req)
         session = h.get("session")
@@ -193,7 +227,7 @@ class Handlers:
         wait = h.get("wait", "accepted")
         if wait not in ACK_LEVELS:
             raise ProtocolError(f"wait must be one of {', '.join(ACK_LEVELS)}, not {wait!r}")
-        if wait == "replicated" and self.d.replicator is None:
+        if wait == "replicated" and self.ctx.replicator is None:
             raise ProtocolError("wait='replicated' needs a [remote] object store in the daemon's config")
         step = _opt_int(h, "step")
         meta = _meta(h)
@@ -203,7 +237,7 @@ class Handlers:
         if h.get("shm") is not None:
             descs = h.get("blobs")
             try:
-                conn, placed = self.d.slots.views(req.owner, h["shm"], len(descs) if isinstance(descs, list) else 0)
+                conn, placed = self.ctx.slots.views(req.owner, h["shm"], len(descs) if isinstance(descs, list) else 0)
             except LookupError as exc:
                 raise ProtocolError(str(exc), details={"code": "slot_unknown"}) from None
             except ValueError as exc:
@@ -212,20 +246,20 @@ class Handlers:
         delta = from_node(h.get("tree"), blobs, allow_delete=True)
         if not isinstance(delta, dict):
             raise ProtocolError("an update's delta must be a mapping")
-        if self.d.shutting_down:
+        if self.ctx.shutting_down():
             raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
 
         await self._check_job_quota(req.owner, name)
-        job = await self.d.get_job(req.owner, name)
+        job = await self.ctx.table.get(req.owner, name)
         client_boot = h.get("boot")
-        if client_boot is not None and client_boot != self.d.boot and acked > job.durable.get(session, 0):
+        if client_boot is not None and client_boot != self.ctx.boot and acked > job.durable.get(session, 0):
             raise StateLost(
                 f"the daemon restarted and lost updates of job {name!r} it had acknowledged (up to seq "
                 f"{acked}; the newest saved one is seq {job.durable.get(session, 0)}); send the full state again",
                 details={"acked_seq": acked, "durable_seq": job.durable.get(session, 0)},
             )
         self._apply_policy(job, h.get("policy"))
-        if self.d.shutting_down:  # re-check: get_job may have awaited
+        if self.ctx.shutting_down():  # re-check: loading the job may have awaited
             raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
         if wait == "logged" and job.wal_broken:
             raise StorageError(
@@ -235,22 +269,22 @@ class Handlers:
         self._check_bytes_quota(job, delta)
         generation = job.apply(
             delta, session=session, seq=req.seq, step=step, meta=meta,
-            size=delta_bytes(delta, req.header_size), now=self.d.clock(),
+            size=delta_bytes(delta, req.header_size), now=self.ctx.clock(),
         )
         if wait == "accepted":
-            self.d.poke()
+            self.ctx.poke()
             return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation,
                           **self._held(conn)})
         if wait == "logged":
             waiter = LogWaiter(job.take_log_record())  # same event-loop step as the apply: lsn order holds
-            self.d.poke()
-            await self.d.log.submit(job, waiter)
+            self.ctx.poke()
+            await self.ctx.wal.submit(job, waiter)
             return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn,
                           **self._held(conn)})
         version = await self._wait_committed(job, generation)
-        if wait == "replicated" and self.d.replicator is not None and version is not None:
+        if wait == "replicated" and self.ctx.replicator is not None and version is not None:
             # Never acked while the store is unreachable: the client's save_timeout bounds the wait.
-            version = await self.d.replicator.wait_replicated(job.key, version)
+            version = await self.ctx.replicator.wait_replicated(job.key, version)
             return Reply({"ack": "replicated", "durable": job.durable.get(session, 0), "version": version,
                           **self._held(conn)})
         return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version,
@@ -260,24 +294,24 @@ class Handlers:
         """Which of the client's slots the daemon still references: the client must not write into those."""
         if conn is None:
             return {}
-        return {"held": self.d.slots.held_of(conn, self.d.referenced_mappings())}
+        return {"held": self.ctx.slots.held_of(conn, self.ctx.referenced_mappings())}
 
     async def _wait_committed(self, job: Job, generation: int) -> int | None:
         waiter = CommitWaiter(generation)
         job.waiters.append(waiter)
         job.explicit_requested = True
-        self.d.poke()
+        self.ctx.poke()
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
         return waiter.version
 
-    async def op_save(self, req: Request) -> Reply:
+    async def op_save(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
-        if self.d.shutting_down:
+        if self.ctx.shutting_down():
             raise ShuttingDown("the daemon is shutting down; every dirty job is being saved already")
         await self._check_job_quota(req.owner, name)
-        job = await self.d.get_job(req.owner, name)
+        job = await self.ctx.table.get(req.owner, name)
         if not job.dirty and not job.saving and job.latest_version is not None:
             return Reply({"version": job.latest_version, "new": False})
         if job.latest_version is None and not job.dirty:
@@ -285,12 +319,13 @@ class Handlers:
         version = await self._wait_committed(job, job.generation)
         return Reply({"version": version, "new": True})
 
-    async def op_restore(self, req: Request) -> Reply:
+    async def op_restore(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
         version = _opt_int(req.header, "version")
         # Loaded (log replayed) if it exists: a restore after a restart sees every ``logged`` update.
-        job = await self.d.find_job(req.owner, name) if version is None else self.d.jobs.get((req.owner, name))
-        store = job.store if job else self.d.store.job(req.owner, name)
+        table = self.ctx.table
+        job = await table.find(req.owner, name) if version is None else table.jobs.get((req.owner, name))
+        store = job.store if job else self.ctx.table.store.job(req.owner, name)
         if version is None and job is not None and (job.dirty or job.latest_version is not None or job.root):
             tree: State | None = job.root
             info: dict[str, Any] = {"version": job.latest_version, "step": job.step, "live": True}
@@ -304,17 +339,17 @@ class Handlers:
                 return Reply({"tree": None, "blobs": [], "version": None})
             tree = loaded.tree
             info = {"version": loaded.info.id, "step": loaded.info.step, "live": False}
-        self.d.restoring[id(req)] = tree
+        self.ctx.restoring[id(req)] = tree
         try:
             return await self._send_tree(req, store, tree, info)
         finally:
-            del self.d.restoring[id(req)]
+            del self.ctx.restoring[id(req)]
 
-    async def _send_tree(self, req: Request, store: JobStore, tree: State | None, info: dict[str, Any]) -> Reply:
+    async def _send_tree(self, req: RpcRequest, store: JobStore, tree: State | None, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
         shm = await self._restore_through_memfd(req, store, blobs)
         placed = {i for i, _ in shm["refs"]} if shm else set()
-        live = self.d.slots.live_mappings()
+        live = self.ctx.slots.live_mappings()
 
         def read(blob: Blob) -> memoryview:
             # A live client may write into its slot once the daemon lets go of it, which could happen
@@ -327,11 +362,12 @@ class Handlers:
         return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info, **({"shm": shm} if shm else {})},
                      frames)
 
-    async def _restore_through_memfd(self, req: Request, store: JobStore, blobs: list[Blob]) -> dict[str, Any] | None:
+    async def _restore_through_memfd(self, req: RpcRequest, store: JobStore,
+                                     blobs: list[Blob]) -> dict[str, Any] | None:
         """Put the bulk leaves of a restore into a fresh memfd and hand it to the client's fd connection:
         the client maps it and builds arrays over it, with no copy of its own. ``None``: send inline."""
         token = req.header.get("shm_conn")
-        conn = self.d.slots.conns.get(token) if isinstance(token, str) else None
+        conn = self.ctx.slots.conns.get(token) if isinstance(token, str) else None
         if conn is None or conn.uid != req.owner or conn.send_fds is None:
             return None
         refs, total = layout(blobs)
@@ -368,67 +404,67 @@ class Handlers:
             os.close(fd)
         return {"seq": req.seq, "size": total, "refs": [list(r) for r in refs]}
 
-    async def op_status(self, req: Request) -> Reply:
+    async def op_status(self, req: RpcRequest) -> Reply:
         job_name = req.header.get("job")
         if job_name is None:
-            return Reply(self.d.status(owner=None if req.owner in (0, self.d.uid) else req.owner))
+            return Reply(self.ctx.status(None if req.owner in (0, self.ctx.uid) else req.owner))
         name = validate_job_name(job_name)
-        job = await self.d.find_job(req.owner, name)  # loaded if on disk: dirty/step include replayed records
+        job = await self.ctx.table.find(req.owner, name)  # loaded if on disk: dirty/step include replayed records
         if job is None:
             raise NotFound(f"no job named {name!r}")
-        remote = {"remote": self.d.replicator.status(job.key)} if self.d.replicator is not None else {}
+        remote = {"remote": self.ctx.replicator.status(job.key)} if self.ctx.replicator is not None else {}
         return Reply({**job.status(), "live": True, **remote})
 
-    async def op_list(self, req: Request) -> Reply:
+    async def op_list(self, req: RpcRequest) -> Reply:
         job_name = req.header.get("job")
         if job_name is None:
             owner = None if req.owner == 0 else req.owner
-            return Reply({"jobs": await anyio.to_thread.run_sync(lambda: self.d.list_jobs(owner))})
-        store = self.d.store.job(req.owner, validate_job_name(job_name))
-        job = await self.d.find_job(req.owner, store.job)
+            return Reply({"jobs": await anyio.to_thread.run_sync(lambda: self.ctx.list_jobs(owner))})
+        store = self.ctx.table.store.job(req.owner, validate_job_name(job_name))
+        job = await self.ctx.table.find(req.owner, store.job)
         if job is None:
             raise NotFound(f"no job named {store.job!r}")
         async with job.io_lock:  # no retention or gc of this job while its versions are read
             infos = await anyio.to_thread.run_sync(store.list_versions)
         return Reply({"versions": [i.to_json() for i in infos], "dirty": job.dirty, "step": job.step})
 
-    def _stores(self, req: Request) -> list[tuple[JobStore, Job | None]]:
+    def _stores(self, req: RpcRequest) -> list[tuple[JobStore, Job | None]]:
         """The job a maintenance request names, or every job of its owner (all owners for root)."""
         name = req.header.get("job")
         if name is not None:
-            store = self.d.store.job(req.owner, validate_job_name(name))
-            if not store.path.exists() and (req.owner, store.job) not in self.d.jobs:
+            store = self.ctx.table.store.job(req.owner, validate_job_name(name))
+            if not store.path.exists() and (req.owner, store.job) not in self.ctx.table.jobs:
                 raise NotFound(f"no job named {store.job!r}")
-            return [(store, self.d.jobs.get((req.owner, store.job)))]
-        stores = self.d.store.jobs(None if req.owner == 0 else req.owner)
-        return [(s, self.d.jobs.get((s.owner, s.job))) for s in stores]
+            return [(store, self.ctx.table.jobs.get((req.owner, store.job)))]
+        stores = self.ctx.table.store.jobs(None if req.owner == 0 else req.owner)
+        return [(s, self.ctx.table.jobs.get((s.owner, s.job))) for s in stores]
 
-    async def op_verify(self, req: Request) -> Reply:
+    async def op_verify(self, req: RpcRequest) -> Reply:
         """Re-hash every retained version (and read every log record) of one job or all of them."""
         reports = []
         for store, _job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
             # No garbage collection of this job while it is read, loaded or not.
-            async with self.d.io_lock((store.owner, store.job)):
+            async with self.ctx.table.io_lock((store.owner, store.job)):
                 reports.append(await anyio.to_thread.run_sync(store.check))
         return Reply({"jobs": reports})
 
-    async def op_gc(self, req: Request) -> Reply:
+    async def op_gc(self, req: RpcRequest) -> Reply:
         """Apply retention and collect unreferenced chunks now, for one job or all of them."""
         results = []
         for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
-            settings = job.settings if job is not None else self.d.config.policy
+            settings = job.settings if job is not None else self.ctx.config().policy
             keep, every = settings.keep_last, settings.keep_every
             # Never while a save of the job has unreferenced chunks on disk, and no save starts (so none
             # dedups against a chunk being removed) until the collection is over: the lock is per (owner,
             # job), whether or not the job is loaded, and a job loaded meanwhile takes the same lock.
-            async with self.d.io_lock((store.owner, store.job)):
+            async with self.ctx.table.io_lock((store.owner, store.job)):
                 result = await anyio.to_thread.run_sync(store.gc, keep, every)
             log.info("gc job=%s owner=%d deleted_versions=%s removed_chunks=%d freed_bytes=%d", store.job,
                      store.owner, result.deleted_versions, result.removed_chunks, result.freed_bytes)
             results.append({"job": store.job, "owner": store.owner, **result.to_json()})
         return Reply({"jobs": results})
 
-    async def op_delete(self, req: Request) -> Reply:
+    async def op_delete(self, req: RpcRequest) -> Reply:
         """Forget a job: its live state and every stored version. A client that sends to it again starts
         a new, empty job of that name."""
         name = self._job_name(req)
@@ -436,17 +472,17 @@ class Handlers:
         # The job's key lock is held until the folder is gone: a request that would load or recreate the
         # job waits for it (and then starts a new, empty job); none is acknowledged for a folder being
         # deleted. The job stays in the table meanwhile, so nothing else loads a second copy.
-        async with self.d.key_lock(key):
-            job = self.d.jobs.get(key)
+        async with self.ctx.table.key_lock(key):
+            job = self.ctx.table.jobs.get(key)
             if job is not None:
-                job.deleted = True  # from now on nothing is acknowledged for it: get_job waits for this lock
-            store = job.store if job is not None else self.d.store.job(req.owner, name)
+                job.deleted = True  # from now on nothing is acknowledged for it: JobTable.get waits for this lock
+            store = job.store if job is not None else self.ctx.table.store.job(req.owner, name)
             if job is None and not await anyio.to_thread.run_sync(store.path.exists):
                 raise NotFound(f"no job named {name!r}")
             try:
                 versions = await self._delete(key, job, store)
             except BaseException:
-                if job is not None and key in self.d.jobs:
+                if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
                 raise
         log.info("deleted job=%s owner=%d versions=%d reason=request", name, req.owner, len(versions))
@@ -456,14 +492,59 @@ class Handlers:
         name = key[1]
         versions = await anyio.to_thread.run_sync(store.version_ids)
         # A save already writing must finish (or fail) before its folder goes away; gc too.
-        async with self.d.io_lock(key):
+        async with self.ctx.table.io_lock(key):
             if job is not None:
                 async with job.wal_lock:
                     job.finish_waiters(NotFound(f"job {name!r} was deleted"))
                     if job.wal is not None:
                         job.wal.close()
-                    self.d.jobs.pop(key, None)
+                    self.ctx.table.jobs.pop(key, None)
                     await anyio.to_thread.run_sync(store.delete)
             else:
                 await anyio.to_thread.run_sync(store.delete)
         return versions
+
+
+# -- the request registry ----------------------------------------------------------------------------
+
+
+class Access(enum.Enum):
+    """Who may call an op."""
+
+    # Any peer the daemon accepted (the socket's mode and group already decided who may connect).
+    ANY_PEER = "any peer"
+    # Any peer, on its own jobs; root may name another owner (``owner`` in the header).
+    JOB_OWNER = "the job's owner, or root"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op, declared once: its wire name, its handler, whether it may wait for a save or a scan of the
+    disk (``long``: clients give it their ``save_timeout``), and who may call it."""
+
+    name: str
+    handler: Callable[[Handlers, RpcRequest], Awaitable[Reply]]
+    long: bool
+    access: Access
+
+
+def _registry(*ops: Op) -> Mapping[str, Op]:
+    table = {op.name: op for op in ops}
+    if len(table) != len(ops) or set(table) != OPS:
+        # protocol.OPS is the wire's list (check_request refuses others): it and the handlers cannot drift.
+        raise RuntimeError(f"the request registry {sorted(table)} does not match protocol.OPS {sorted(OPS)}")
+    return table
+
+
+REGISTRY: Final = _registry(
+    Op("ping", Handlers.op_ping, long=False, access=Access.ANY_PEER),
+    Op("hello", Handlers.op_hello, long=False, access=Access.JOB_OWNER),
+    Op("update", Handlers.op_update, long=True, access=Access.JOB_OWNER),  # wait='committed'/'replicated'
+    Op("save", Handlers.op_save, long=True, access=Access.JOB_OWNER),
+    Op("restore", Handlers.op_restore, long=True, access=Access.JOB_OWNER),
+    Op("status", Handlers.op_status, long=False, access=Access.JOB_OWNER),
+    Op("list", Handlers.op_list, long=False, access=Access.JOB_OWNER),
+    Op("verify", Handlers.op_verify, long=True, access=Access.JOB_OWNER),
+    Op("gc", Handlers.op_gc, long=True, access=Access.JOB_OWNER),
+    Op("delete", Handlers.op_delete, long=True, access=Access.JOB_OWNER),
+)

@@ -30,8 +30,10 @@ DEFAULT_WRITE_SPEED = 200e6
 
 
 class Writer:
-    def __init__(self, *, chunk_size: int, clock: Callable[[], float], on_done: Callable[[], None],
+    def __init__(self, *, chunk_size: Callable[[], int], clock: Callable[[], float], on_done: Callable[[], None],
                  concurrency: int = 2, max_write_rate: float | None = None) -> None:
+        # Read at each save, from the live config: a reload changes it for the next save, and nobody
+        # writes it here.
         self.chunk_size = chunk_size
         self.bucket = TokenBucket()
         self.bucket.cap = math.inf if max_write_rate is None else float(max_write_rate)
@@ -80,11 +82,12 @@ class Writer:
             point("task", "writer", "before", job.name)
             async with self.limiter:
                 write_started, throttled_before = time.perf_counter(), self.bucket.throttled_s
-                compression = job.settings.compression  # read now: a reload may change it mid-save
+                # Read now, from the live config: a reload may change them mid-save.
+                compression, chunk_size = job.settings.compression, self.chunk_size()
                 result = await anyio.to_thread.run_sync(
                     lambda: job.store.write_version(
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
-                        meta=ticket.meta, sessions=ticket.sessions, chunk_size=self.chunk_size,
+                        meta=ticket.meta, sessions=ticket.sessions, chunk_size=chunk_size,
                         wal_lsn=ticket.wal_lsn, compression=compression,
                         pace=self.bucket,
                     )

@@ -1,0 +1,112 @@
+"""The job table: which jobs are loaded, and the locks that serialise loading, deleting and saving them.
+
+Every read path goes through :meth:`JobTable.find` / :meth:`JobTable.get`, so a request sees exactly what a
+restart's replay would rebuild. The table gets the few things it needs (the store, the current default
+policy, the clock, the scheduler's wake-up and the replicator), never the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
+
+from ..config import PolicySettings
+from ..errors import StorageError
+from ..storage.local import Recovered, Store
+from ..storage.wal import WalWriter
+from .jobs import Job, JobKey
+
+if TYPE_CHECKING:
+    from .replicator import Replicator
+
+log = logging.getLogger("autosaved.daemon")
+
+
+class JobTable:
+    def __init__(self, store: Store, *, policy: Callable[[], PolicySettings], clock: Callable[[], float],
+                 poke: Callable[[], None], replicator: Replicator | None = None) -> None:
+        self.store = store
+        self.policy = policy
+        self.clock = clock
+        self.poke = poke
+        self.replicator = replicator
+        self.jobs: dict[JobKey, Job] = {}
+        # One lock per (owner, job), never dropped: loading, deleting and recreating a job are serialised
+        # by it, so no request is ever acknowledged for a job whose folder is being deleted.
+        self._load_locks: dict[JobKey, anyio.Lock] = {}
+        # One io lock per (owner, job), whether the job is loaded or not: saves, gc and verify of a job
+        # exclude each other through it (a Job takes it over when loaded).
+        self._io_locks: dict[JobKey, anyio.Lock] = {}
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self.jobs.values()))
+
+    def key_lock(self, key: JobKey) -> anyio.Lock:
+        return self._load_locks.setdefault(key, anyio.Lock())
+
+    def io_lock(self, key: JobKey) -> anyio.Lock:
+        return self._io_locks.setdefault(key, anyio.Lock())
+
+    async def find(self, owner: int, name: str) -> Job | None:
+        """The job, loaded (log replayed) if it exists on disk, or ``None`` if there is no such job."""
+        job = self.jobs.get((owner, name))
+        if job is not None:
+            return job
+        store = self.store.job(owner, name)
+        if not await anyio.to_thread.run_sync(store.path.exists):
+            return None
+        return await self.get(owner, name)
+
+    async def get(self, owner: int, name: str) -> Job:
+        """The job, loaded from disk or created empty."""
+        key = (owner, name)
+        job = self.jobs.get(key)
+        if job is not None and not job.deleted:
+            return job
+        async with self.key_lock(key):  # held by a delete of this job until its folder is gone
+            job = self.jobs.get(key)
+            if job is not None:
+                return job
+            store = self.store.job(owner, name)
+            if self.replicator is not None and not await anyio.to_thread.run_sync(store.version_ids):
+                # A fresh host (or a job this host never had): start from the bucket's newest version.
+                await self.replicator.seed(owner, name, store)
+
+            def load() -> tuple[Recovered | None, list[int]]:
+                store.clean_tmp()
+                return store.recover(load_data=False, repair=True), store.version_ids()
+
+            try:
+                recovered, ids = await anyio.to_thread.run_sync(load)
+            except OSError as exc:
+                raise StorageError(f"cannot open job {name!r}: {exc}") from exc
+            job = Job(owner=owner, name=name, store=store, settings=self.policy(), wal=WalWriter(store.log_dir),
+                      io_lock=self.io_lock(key))
+            if recovered is not None:
+                job.root = recovered.tree
+                job.sessions = dict(recovered.sessions)
+                job.durable = dict(recovered.sessions)
+                job.step = recovered.step
+                job.meta = dict(recovered.meta)
+                job.last_lsn = recovered.replay.max_lsn
+                if recovered.version is not None:
+                    job.latest_version = recovered.version.info.id
+                    job.last_save_time = recovered.version.info.time
+                    job.last_lsn = max(job.last_lsn, recovered.version.wal_lsn)
+                if recovered.replay.records:
+                    # Logged deltas newer than the newest version: save them as a version soon.
+                    now = self.clock()
+                    job.generation = 1
+                    job.dirty_since = job.last_update_at = now
+                    self.poke()  # the scheduler plans this job's save now, not at some unrelated wake-up
+                log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
+                         job.latest_version, len(recovered.replay.records))
+            job.next_version = ids[-1] + 1 if ids else 1
+            self.jobs[key] = job
+            if self.replicator is not None:
+                self.replicator.attach(owner, name, ids)
+            return job
