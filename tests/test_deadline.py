@@ -251,7 +251,7 @@ def test_preemption_notice_commits_before_any_sigterm(
 
 
 def test_status_names_are_truncated_sensibly() -> None:
-    from autosaved.daemon.app import missed_names
+    from autosaved.daemon.flush import missed_names
 
     assert missed_names(["big"]) == "big"
     names = [f"job{i}" for i in range(7)]

@@ -16,9 +16,7 @@ import math
 import os
 import secrets
 import signal
-import socket
 import stat
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,14 +25,12 @@ from typing import Any
 import anyio
 import anyio.abc
 import anyio.to_thread
-import msgpack
 import psutil
 import zmq
 import zmq.asyncio
 
 from .. import __version__
 from ..config import Config, PolicySettings
-from ..deadline import Pending, estimate_s, plan_flush
 from ..errors import (
     AutosavedError,
     ConfigError,
@@ -51,17 +47,20 @@ from ..storage import faults
 from ..storage.faults import point
 from ..storage.local import Store
 from ..tree import iter_blobs
-from .accept import serve_capped
+from .fdserver import FdContext, FdServer
+from .flush import FlushContext, drain_remote, flush_all
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .jobtable import JobTable
 from .lock import PidLock
-from .metrics import Histogram, JobSample, Sample, open_metrics, serve_metrics
+from .metrics import Histogram, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
 from .reload import ReloadContext, Reloader
 from .replicator import Replicator
+from .reports import ReportContext, Reports
 from .rpc import Handlers, RpcContext, RpcRequest
+from .runstate import Phase, RunState
 from .slottable import SlotTable, referenced_mappings
 from .walcommit import LogCommitter
 from .writer import Writer
@@ -103,19 +102,6 @@ def check_state_dir(path: Path, uid: int) -> None:
                              f"{stat.S_IMODE(st.st_mode):o}); `chmod go-w {path}` (0700 is the default)")
 
 
-# STATUS= is one datagram that `systemctl status` shows on one line: name the first few jobs that missed
-# the deadline, each cut to a readable length, and count the rest.
-STATUS_NAMES = 5
-STATUS_NAME_CHARS = 40
-
-
-def missed_names(names: list[str]) -> str:
-    """``a, b, c`` for the jobs that missed the deadline; long names cut with ``…``, past five ``(+N more)``."""
-    shown = [n if len(n) <= STATUS_NAME_CHARS else n[:STATUS_NAME_CHARS - 1] + "…" for n in names[:STATUS_NAMES]]
-    more = len(names) - len(shown)
-    return ", ".join(shown) + (f" (+{more} more)" if more else "")
-
-
 class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic,
                  notifier: Notifier | None = None) -> None:
@@ -126,10 +112,8 @@ class Daemon:
         self.boot = secrets.token_hex(8)
         self.pid = os.getpid()
         self.uid = os.geteuid()
-        self.started_at = time.time()
         self.store = Store(config.state_dir)
-        self.shutting_down = False
-        self.exit_code = 0
+        self.run_state = RunState()
         self.replicator: Replicator | None = None
         if config.remote.url is not None:
             from ..storage.remote import holder_id
@@ -147,21 +131,17 @@ class Daemon:
         self.writer = Writer(chunk_size=lambda: self.config.chunk_size, clock=clock, on_done=self._save_done,
                              max_write_rate=config.throttle.max_write_rate)
         self.io = IoControl(lambda: self.config, self.writer, clock)
-        self.preempted: str | None = None
         # The write-ahead log's group committer (not a logger).
         self.wal_committer = LogCommitter(self._spawn, self.poke)
         self._wake = anyio.Event()
         self._save_waiters: list[anyio.Event] = []
         self._stop = anyio.Event()
         self.in_flight_by_uid: dict[int, int] = {}
-        self.task_failures = 0
         self._send_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
         self._locks: list[PidLock] = []
         self._sock: zmq.asyncio.Socket | None = None
         self._ctx: zmq.asyncio.Context | None = None
-        self.requests = 0
-        self.errors = 0
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
@@ -176,11 +156,23 @@ class Daemon:
             self.writer.on_commit = lambda job, version, written: replicator.committed(job.owner, job.name, version,
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
+        self.reports = Reports(ReportContext(
+            config=lambda: self.config, run=self.run_state, jobs=self.jobs, store=self.store, writer=self.writer,
+            wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
+            durations=self.save_durations, pid=self.pid, boot=self.boot,
+        ))
+        self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
+                                            run=self.run_state, give_to_socket_group=self._give_to_socket_group))
+        self.flush_ctx = FlushContext(
+            config=lambda: self.config, jobs=self.jobs, writer=self.writer, clock=clock, notifier=self.notifier,
+            replicator=self.replicator, begin_save=self._begin_save, wait_save_done=self._wait_save_done,
+        )
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
-            replicator=self.replicator, clock=clock, poke=self.poke, shutting_down=lambda: self.shutting_down,
-            boot=self.boot, pid=self.pid, uid=self.uid, referenced_mappings=self.referenced_mappings,
-            restoring=self.restoring, status=self.status, list_jobs=self.list_jobs,
+            replicator=self.replicator, clock=clock, poke=self.poke,
+            shutting_down=lambda: self.run_state.shutting_down, boot=self.boot, pid=self.pid, uid=self.uid,
+            referenced_mappings=self.referenced_mappings,
+            restoring=self.restoring, status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -281,6 +273,11 @@ class Daemon:
                 self._give_to_group(path, gid)
         return sock
 
+    def _give_to_socket_group(self, path: Path) -> None:
+        gid = self._socket_gid()
+        if gid is not None:
+            self._give_to_group(path, gid)
+
     def _give_to_group(self, path: Path, gid: int) -> None:
         try:
             os.chown(path, -1, gid)
@@ -307,14 +304,14 @@ class Daemon:
                 fd_path = fd_socket_path(self.config.address)
                 if fd_path is not None:
                     # Before the rpc loop: a client that got an answer may use the fd socket right away.
-                    await tg.start(self._fd_loop, fd_path)
+                    await tg.start(self.fd_server.run, fd_path)
                 self._supervise(tg, "rpc", self._rpc_loop)
                 self._supervise(tg, "scheduler", self._scheduler_loop)
                 self._supervise(tg, "signals", self._signal_loop)
                 self._supervise(tg, "reloader", self.reloader.watch)
                 self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
-                    self._supervise(tg, "metrics", serve_metrics, metrics, self.metrics_sample,
+                    self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
                                     self.config.max_connections)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
@@ -323,18 +320,19 @@ class Daemon:
                     self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
                          self.config.state_dir, self.pid, __version__)
+                self.run_state.phase = Phase.SERVING
                 self.notifier.ready(f"serving {self.config.address}")
                 task_status.started()
                 await self._stop.wait()
                 flush_started = self.clock()
                 await self._flush_all()
-                await self._drain_remote(flush_started)
+                await drain_remote(self.flush_ctx, flush_started)
                 tg.cancel_scope.cancel()
         except Exception:
             # Nothing should get here (every task is supervised); if something does, what was accepted is
             # saved before the daemon exits, never dropped with it.
             log.exception("unexpected error; saving every dirty job, then exiting")
-            self.exit_code = 1
+            self.run_state.exit_code = 1
             await self._last_chance_flush()
         finally:
             if self._sock is not None:
@@ -352,7 +350,8 @@ class Daemon:
             for lock in self._locks:
                 lock.release()
             self.notifier.close()
-        return self.exit_code
+            self.run_state.phase = Phase.STOPPED
+        return self.run_state.exit_code
 
     def _supervise(self, tg: anyio.abc.TaskGroup, name: str, func: Callable[..., Any], *args: Any) -> None:
         """Run a long-lived task that restarts (after a growing pause) whenever it fails: one task's bug
@@ -367,7 +366,7 @@ class Daemon:
                     return  # done (a watchdog with nothing to ping, a preemption notice handled)
                 except Exception:
                     log.exception("task %s failed; restarting it in %.1fs", name, backoff)
-                    self.task_failures += 1
+                    self.run_state.task_failures += 1
                 await anyio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
                 log.info("task %s restarting", name)
@@ -415,107 +414,23 @@ class Daemon:
                     last_error = str(exc)
             if notice is not None:
                 log.warning("preemption notice (%s): saving every dirty job now", notice.detail)
-                self.preempted = notice.detail
+                self.run_state.preempted = notice.detail
                 self.writer.bucket.bypass = True
                 await self._flush_all(reason=SaveReason.PREEMPTION)
                 return
             await anyio.sleep(settings.poll_interval)
 
     async def _flush_all(self, reason: SaveReason = SaveReason.SHUTDOWN) -> None:
-        """Commit every accepted delta within ``shutdown_deadline``; report each job that misses it.
-
-        The throttle's adaptive rate is off (``throttle.max_write_rate``, a hard cap, still holds). Jobs
-        are saved one at a time in the order of :func:`autosaved.deadline.plan_flush`: the set that fits
-        the deadline at the measured write speed, picked largest first (most bytes saved), run smallest
-        first (most versions committed early if the disk turns out slower), then the rest, smallest first.
-        Every commit is logged with the time left and extends systemd's stop timeout. On SIGTERM
-        (``reason`` shutdown) updates are refused from the start and, at the deadline, saves still
-        writing are abandoned (their temp files removed) so the daemon exits on time, with code 1. On a
-        preemption notice the daemon keeps serving; the flush covers what was accepted before it.
-        """
         final = reason is SaveReason.SHUTDOWN
         if final:
-            self.shutting_down = True
-        self.writer.bucket.bypass = True
-        deadline = self.config.shutdown_deadline
-        started = self.clock()
-        targets = {k: j.generation for k, j in self.jobs.items() if j.dirty or j.saving}
+            self.run_state.phase = Phase.FLUSHING  # updates are refused from now on
+        missed = await flush_all(self.flush_ctx, reason)
+        if missed and final:
+            self.run_state.exit_code = 1
 
-        def pending() -> list[Job]:
-            return [self.jobs[k] for k in plan.order if self.jobs[k].saved_generation < targets[k]]
-
-        # Job.dirty_bytes drops to zero while a save holds the snapshot: keep what was planned, to report it.
-        planned = {k: self.jobs[k].dirty_bytes for k in targets}
-        plan = plan_flush([Pending(k, n) for k, n in planned.items()], self.writer.flush_speed(), deadline)
-        total = len(plan.order)
-        log.info("%s flush: %d dirty jobs, %.1f MiB, deadline %.1fs at %.0f MiB/s", reason, total,
-                 sum(planned.values()) / 2**20, deadline, self.writer.flush_speed() / 2**20)
-        for key in plan.order:
-            if key not in plan.fits:
-                log.warning("%s flush: job=%s dirty_bytes=%d needs about %.1fs, more than the deadline leaves; "
-                            "saving it after the jobs that fit", reason, key[1], planned[key],
-                            plan.estimate_s[key])
-        status = f"{reason}: saving {total} dirty jobs within {deadline:g}s"
-        if final:
-            self.notifier.stopping(status)
-        else:
-            self.notifier.status(status)
-        self.notifier.extend_timeout(deadline + 5)
-        with anyio.move_on_after(deadline):
-            committed = 0
-            while todo := pending():
-                now = self.clock()
-                ready = [j for j in todo if j.retry_at is None or j.retry_at <= now]
-                if any(j.saving for j in todo):
-                    await self._wait_save_done(1.0)
-                elif ready:
-                    assert self._tg is not None
-                    self.writer.begin(ready[0], reason, self._tg)
-                    await self._wait_save_done(math.inf)
-                else:  # every remaining job failed and waits for its retry
-                    await self._wait_save_done(max(0.0, min(j.retry_at or now for j in todo) - now))
-                if total - len(pending()) > committed:
-                    committed = total - len(pending())
-                    self._flush_progress(reason, committed, total, started)
-        if final:
-            self.writer.bucket.aborted = True  # a save still writing gives up at its next piece
-        missed = pending()
-        for job in missed:
-            log.error("%s flush: job=%s NOT saved before the %.1fs deadline (dirty_bytes=%d, estimated %.1fs, "
-                      "saving=%s, last_error=%s)", reason, job.name, deadline, planned[job.key],
-                      plan.estimate_s.get(job.key, 0.0), job.saving, job.last_error)
-        if missed:
-            if final:
-                self.exit_code = 1
-            self.notifier.status(f"{reason}: {len(missed)} of {total} dirty jobs NOT saved before the deadline: "
-                                 f"{missed_names([j.name for j in missed])}")
-        else:
-            log.info("%s flush: all %d jobs saved in %.2fs", reason, total, self.clock() - started)
-
-    async def _drain_remote(self, started: float) -> None:
-        """With ``[remote]``, the shutdown flush goes on uploading what it committed until the deadline;
-        what is still not in the bucket then is named in the log and systemd's STATUS."""
-        if self.replicator is None:
-            return
-        left = self.config.shutdown_deadline - (self.clock() - started)
-        if self.replicator.backlog():
-            log.info("shutdown flush: uploading committed versions, %.1fs left", left)
-            self.notifier.status("shutdown: uploading committed versions to the object store")
-            await self.replicator.drain(left)
-        missed = self.replicator.backlog()
-        for (_owner, name), versions in missed:
-            log.error("shutdown flush: job=%s versions=%s committed locally but NOT uploaded before the deadline",
-                      name, versions)
-        if missed:
-            self.notifier.status(f"shutdown: {len(missed)} jobs have versions NOT uploaded to the object store")
-        elif self.replicator.replicas:
-            log.info("shutdown flush: every committed version is in the object store")
-
-    def _flush_progress(self, reason: SaveReason, done: int, total: int, started: float) -> None:
-        left = self.config.shutdown_deadline - (self.clock() - started)
-        log.info("%s flush: %d/%d jobs committed, %.1fs left", reason, done, total, left)
-        self.notifier.status(f"{reason}: {done}/{total} jobs saved")
-        self.notifier.extend_timeout(max(0.0, left) + 5)
+    def _begin_save(self, job: Job, reason: SaveReason) -> None:
+        assert self._tg is not None
+        self.writer.begin(job, reason, self._tg)
 
     # -- scheduler -------------------------------------------------------------------------------
 
@@ -526,7 +441,7 @@ class Daemon:
             point("task", "scheduler", "before")
             now = self.clock()
             wake_at = math.inf
-            if not self.shutting_down:
+            if not self.run_state.shutting_down:
                 for job in list(self.jobs.values()):
                     if job.deleted:
                         continue
@@ -558,7 +473,7 @@ class Daemon:
         if len(frames) < 2:
             return  # nothing to answer: a ROUTER frame with no content
         identity = frames[0].bytes
-        self.requests += 1
+        self.run_state.requests += 1
         seq: int | None = None
         try:
             total = sum(len(f) for f in frames[1:])
@@ -596,14 +511,14 @@ class Daemon:
             out = ok_reply(seq, self.boot, **reply.fields)
             await self._send(identity, out, reply.frames)
         except AutosavedError as exc:
-            self.errors += 1
+            self.run_state.errors += 1
             if not isinstance(exc, ProtocolError):
                 log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)
             else:
                 log.warning("bad request seq=%s: %s", seq, exc.message)
             await self._send(identity, error_reply(seq, self.boot, exc), ())
         except Exception as exc:
-            self.errors += 1
+            self.run_state.errors += 1
             log.exception("internal error handling a request")
             await self._send(identity, error_reply(seq, self.boot, InternalError(f"internal error: {exc!r}")), ())
 
@@ -627,110 +542,6 @@ class Daemon:
 
     # -- shared-memory slots ----------------------------------------------------------------------
 
-    async def _fd_loop(self, path: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Accept clients' memfds (see :mod:`autosaved.shm`); one connection per client, whose end
-        reclaims its slots."""
-        # A socket left by a crashed daemon: we hold the socket lock, so no live daemon uses it.
-        try:
-            if os.path.exists(path):
-                os.unlink(path)
-            listener = await anyio.create_unix_listener(path, mode=0o660, kind=socket.SOCK_SEQPACKET)
-            gid = self._socket_gid()
-            if gid is not None:  # the same group that may reach the ipc socket
-                self._give_to_group(Path(path), gid)
-        except (OSError, AutosavedError) as exc:
-            # Clients then send everything inline: slower for big states, but nothing breaks.
-            log.warning("cannot listen on %s (%s); shared-memory transfers are off", path, exc)
-            task_status.started()
-            return
-        task_status.started()
-        try:
-            while True:
-                try:
-                    await serve_capped(listener, self._fd_conn, max_conns=self.config.max_connections,
-                                       name=f"fd socket {path}")
-                except Exception:  # the listener itself broke: log, pause, accept again
-                    log.exception("fd socket %s: accept loop failed; restarting it", path)
-                    self.task_failures += 1
-                    await anyio.sleep(1.0)
-        finally:
-            await listener.aclose()
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-
-    async def _fd_conn(self, stream: Any) -> None:
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        conn = self.slots.open(uid, pid)
-        log.debug("slot connection opened pid=%d uid=%d", pid, uid)
-        send_lock = anyio.Lock()
-
-        async def send_fds(msg: bytes, fds: list[int]) -> None:
-            async with send_lock:  # replies here and restore buffers from request handlers share the stream
-                await stream.send_fds(msg, fds)
-
-        async def send(msg: bytes) -> None:
-            async with send_lock:
-                await stream.send(msg)
-
-        conn.send_fds = send_fds
-        try:
-            async with stream:
-                await send(msgpack.packb({"token": conn.token, "boot": self.boot}))
-                while True:
-                    msg, fds = await stream.receive_fds(4096, 4)
-                    if not msg:
-                        for fd in fds:
-                            os.close(fd)
-                        break
-                    reply = self._fd_request(conn, msg, fds)
-                    if not reply["ok"]:
-                        log.warning("refused a shared-memory slot request pid=%d: %s", pid, reply["message"])
-                    await send(msgpack.packb(reply))
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        except Exception:  # a bug: this connection ends (its slots reclaimed), the daemon serves on
-            log.exception("slot connection pid=%d failed; closing it", pid)
-        finally:
-            log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
-            self.slots.close(conn)
-
-    def _fd_request(self, conn: Any, msg: bytes, fds: list[int]) -> dict[str, Any]:
-        """One request on the fd socket; every field checked here, every fd closed or kept by a slot."""
-        try:
-            point("task", "fd", "before", conn.pid)
-            try:
-                req = msgpack.unpackb(msg, strict_map_key=False)
-            except Exception:
-                req = None
-            op = req.get("op") if isinstance(req, dict) else None
-            slot = req.get("slot") if isinstance(req, dict) else None
-            if op == "add":
-                uid_limit = self.config.quota.max_shm_bytes
-                size = req.get("size") if isinstance(req, dict) else None
-                if (uid_limit is not None and isinstance(size, int)
-                        and self.slots.mapped_bytes_of(conn.uid) + size > uid_limit):
-                    for fd in fds:
-                        os.close(fd)
-                    fds = []
-                    return {"ok": False, "message": f"quota.max_shm_bytes: uid {conn.uid} would map more than "
-                                                    f"{uid_limit} bytes of slots"}
-                taken, fds = fds, []  # add closes them, whatever happens
-                reply: dict[str, Any] = self.slots.add(conn, slot, size, taken)
-                return reply
-            if op == "drop":
-                if not isinstance(slot, int) or isinstance(slot, bool):
-                    return {"ok": False, "message": "drop needs a slot id (an integer)"}
-                self.slots.drop(conn, slot)
-                return {"ok": True}
-            return {"ok": False, "message": "unknown slot request"}
-        except Exception as exc:
-            log.exception("slot request failed")
-            return {"ok": False, "message": f"internal error: {exc!r}"}
-        finally:
-            for fd in fds:
-                os.close(fd)
-
     def referenced_mappings(self) -> set[int]:
         """Slot mappings that some live state or snapshot being written still reads."""
         roots = [j.root for j in self.jobs.values()] + [t.root for t in self.writer.in_flight.values()]
@@ -746,82 +557,7 @@ class Daemon:
         # The rpc loop polls with a 1 s timeout, so it goes round at least once a second while healthy.
         period = (self.notifier.watchdog_interval or 0.0) * 2
         await watchdog_loop(self.notifier, progress_at=lambda: self.progress_at, clock=self.clock,
-                            status=self.status_line, stale_after=max(period, 3.0))
-
-    def status_line(self) -> str:
-        """One line for systemd's STATUS=: jobs, unsaved bytes, the newest save."""
-        jobs = list(self.jobs.values())
-        dirty = [j for j in jobs if j.dirty]
-        newest = max((j for j in jobs if j.last_save_time), key=lambda j: j.last_save_time or "", default=None)
-        last = (f"last save {newest.name} v{newest.latest_version} at {newest.last_save_time}"
-                if newest is not None else "no save yet")
-        failing = sum(1 for j in jobs if j.last_error)
-        return (f"{len(jobs)} jobs, {len(dirty)} dirty ({sum(j.dirty_bytes for j in dirty)} bytes unsaved), "
-                f"{last}" + (f", {failing} failing" if failing else ""))
-
-    def metrics_sample(self) -> Sample:
-        return Sample(
-            uptime_s=time.time() - self.started_at, requests=self.requests, request_errors=self.errors,
-            saves=self.writer.saves, save_failures=self.writer.failures, bytes_written=self.writer.bytes_written,
-            reloads=self.reloader.reloads, reload_failures=self.reloader.failures, durations=self.save_durations,
-            jobs=tuple(
-                JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
-                          dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), consecutive_failures=j.failures,
-                          saving=j.saving, last_save_time=j.last_save_time)
-                for j in self.jobs.values()
-            ),
-        )
-
-    def status(self, owner: int | None) -> dict[str, Any]:
-        speed = self.writer.flush_speed()
-        jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0,
-                 **({"remote": self.replicator.status(j.key)} if self.replicator is not None else {})}
-                for j in self.jobs.values() if owner is None or j.owner == owner]
-        return {
-            "daemon": {
-                "pid": self.pid,
-                "boot": self.boot,
-                "version": __version__,
-                "address": self.config.address,
-                "state_dir": str(self.config.state_dir),
-                "uptime_s": round(time.time() - self.started_at, 3),
-                "shutting_down": self.shutting_down,
-                "requests": self.requests,
-                "errors": self.errors,
-                "saves": self.writer.saves,
-                "save_failures": self.writer.failures,
-                "bytes_written": self.writer.bytes_written,
-                "wal_syncs": self.wal_committer.syncs,
-                "wal_records": self.wal_committer.records,
-                "held_bytes": sum(j.held_bytes() for j in self.jobs.values()),
-                "rss_bytes": psutil.Process().memory_info().rss,
-                "shm": self.slots.report(),
-                "preempted": self.preempted,
-                "throttle": self.io.status(),
-                "remote": self.replicator.summary() if self.replicator is not None else None,
-            },
-            "jobs": jobs,
-        }
-
-    def list_jobs(self, owner: int | None) -> list[dict[str, Any]]:
-        """Jobs on disk and in memory (runs in a worker thread: it lists directories)."""
-        out: dict[tuple[int, str], dict[str, Any]] = {}
-        for store in self.store.jobs(owner):
-            ids = store.version_ids()
-            out[(store.owner, store.job)] = {
-                "job": store.job, "owner": store.owner, "versions": len(ids),
-                "latest": ids[-1] if ids else None, "bytes": store.stored_bytes(),
-                # A job not loaded may still hold logged updates past its newest version.
-                "dirty": (store.owner, store.job) not in self.jobs and store.unsaved_log_records() > 0,
-            }
-        for job in list(self.jobs.values()):
-            if owner is not None and job.owner != owner:
-                continue
-            entry = out.setdefault(
-                job.key, {"job": job.name, "owner": job.owner, "versions": 0, "latest": None, "bytes": 0}
-            )
-            entry["dirty"] = job.dirty
-        return sorted(out.values(), key=lambda e: (e["owner"], e["job"]))
+                            status=self.reports.status_line, stale_after=max(period, 3.0))
 
 
 def serve(config: Config) -> int:

@@ -1,0 +1,147 @@
+"""The fd server: accepts clients' memfds on ``<socket>.fd`` (``SOCK_SEQPACKET``, ``SCM_RIGHTS``; see
+:mod:`autosaved.shm`). One connection per client, whose end reclaims its slots; restores hand buffers
+back through the same connection. It gets a narrow context, never the daemon."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import msgpack
+
+from ..errors import AutosavedError
+from ..storage.faults import point
+from .accept import serve_capped
+from .runstate import RunState
+from .slottable import SlotTable
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+log = logging.getLogger("autosaved.daemon")
+
+
+@dataclass(frozen=True)
+class FdContext:
+    config: Callable[[], Config]
+    slots: SlotTable
+    boot: str
+    run: RunState
+    # Gives a socket file to the clients' group, if one is configured (AutosavedError when it cannot).
+    give_to_socket_group: Callable[[Path], None]
+
+
+class FdServer:
+    def __init__(self, ctx: FdContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, path: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Accept clients' memfds (see :mod:`autosaved.shm`); one connection per client, whose end
+        reclaims its slots."""
+        # A socket left by a crashed daemon: we hold the socket lock, so no live daemon uses it.
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            listener = await anyio.create_unix_listener(path, mode=0o660, kind=socket.SOCK_SEQPACKET)
+            self.ctx.give_to_socket_group(Path(path))  # the same group that may reach the ipc socket
+        except (OSError, AutosavedError) as exc:
+            # Clients then send everything inline: slower for big states, but nothing breaks.
+            log.warning("cannot listen on %s (%s); shared-memory transfers are off", path, exc)
+            task_status.started()
+            return
+        task_status.started()
+        try:
+            while True:
+                try:
+                    await serve_capped(listener, self._conn, max_conns=self.ctx.config().max_connections,
+                                       name=f"fd socket {path}")
+                except Exception:  # the listener itself broke: log, pause, accept again
+                    log.exception("fd socket %s: accept loop failed; restarting it", path)
+                    self.ctx.run.task_failures += 1
+                    await anyio.sleep(1.0)
+        finally:
+            await listener.aclose()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _conn(self, stream: Any) -> None:
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        conn = self.ctx.slots.open(uid, pid)
+        log.debug("slot connection opened pid=%d uid=%d", pid, uid)
+        send_lock = anyio.Lock()
+
+        async def send_fds(msg: bytes, fds: list[int]) -> None:
+            async with send_lock:  # replies here and restore buffers from request handlers share the stream
+                await stream.send_fds(msg, fds)
+
+        async def send(msg: bytes) -> None:
+            async with send_lock:
+                await stream.send(msg)
+
+        conn.send_fds = send_fds
+        try:
+            async with stream:
+                await send(msgpack.packb({"token": conn.token, "boot": self.ctx.boot}))
+                while True:
+                    msg, fds = await stream.receive_fds(4096, 4)
+                    if not msg:
+                        for fd in fds:
+                            os.close(fd)
+                        break
+                    reply = self._request(conn, msg, fds)
+                    if not reply["ok"]:
+                        log.warning("refused a shared-memory slot request pid=%d: %s", pid, reply["message"])
+                    await send(msgpack.packb(reply))
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        except Exception:  # a bug: this connection ends (its slots reclaimed), the daemon serves on
+            log.exception("slot connection pid=%d failed; closing it", pid)
+        finally:
+            log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
+            self.ctx.slots.close(conn)
+
+    def _request(self, conn: Any, msg: bytes, fds: list[int]) -> dict[str, Any]:
+        """One request on the fd socket; every field checked here, every fd closed or kept by a slot."""
+        try:
+            point("task", "fd", "before", conn.pid)
+            try:
+                req = msgpack.unpackb(msg, strict_map_key=False)
+            except Exception:
+                req = None
+            op = req.get("op") if isinstance(req, dict) else None
+            slot = req.get("slot") if isinstance(req, dict) else None
+            if op == "add":
+                uid_limit = self.ctx.config().quota.max_shm_bytes
+                size = req.get("size") if isinstance(req, dict) else None
+                if (uid_limit is not None and isinstance(size, int)
+                        and self.ctx.slots.mapped_bytes_of(conn.uid) + size > uid_limit):
+                    for fd in fds:
+                        os.close(fd)
+                    fds = []
+                    return {"ok": False, "message": f"quota.max_shm_bytes: uid {conn.uid} would map more than "
+                                                    f"{uid_limit} bytes of slots"}
+                taken, fds = fds, []  # add closes them, whatever happens
+                reply: dict[str, Any] = self.ctx.slots.add(conn, slot, size, taken)
+                return reply
+            if op == "drop":
+                if not isinstance(slot, int) or isinstance(slot, bool):
+                    return {"ok": False, "message": "drop needs a slot id (an integer)"}
+                self.ctx.slots.drop(conn, slot)
+                return {"ok": True}
+            return {"ok": False, "message": "unknown slot request"}
+        except Exception as exc:
+            log.exception("slot request failed")
+            return {"ok": False, "message": f"internal error: {exc!r}"}
+        finally:
+            for fd in fds:
+                os.close(fd)

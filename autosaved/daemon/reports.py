@@ -1,0 +1,125 @@
+"""What the daemon reports: systemd's one-line STATUS=, the ``status`` and ``list`` replies, and the
+sample the metrics endpoint renders. Reads only; it gets a narrow context, never the daemon."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from .. import __version__
+from ..deadline import estimate_s
+from .jobs import Job, JobKey
+from .metrics import Histogram, JobSample, Sample
+from .runstate import RunState
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..storage.local import Store
+    from .iocontrol import IoControl
+    from .reload import Reloader
+    from .replicator import Replicator
+    from .slottable import SlotTable
+    from .walcommit import LogCommitter
+    from .writer import Writer
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    config: Callable[[], Config]
+    run: RunState
+    jobs: Mapping[JobKey, Job]
+    store: Store
+    writer: Writer
+    wal: LogCommitter
+    slots: SlotTable
+    io: IoControl
+    replicator: Replicator | None
+    reloader: Reloader
+    durations: Histogram
+    pid: int
+    boot: str
+
+
+class Reports:
+    def __init__(self, ctx: ReportContext) -> None:
+        self.ctx = ctx
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: jobs, unsaved bytes, the newest save."""
+        jobs = list(self.ctx.jobs.values())
+        dirty = [j for j in jobs if j.dirty]
+        newest = max((j for j in jobs if j.last_save_time), key=lambda j: j.last_save_time or "", default=None)
+        last = (f"last save {newest.name} v{newest.latest_version} at {newest.last_save_time}"
+                if newest is not None else "no save yet")
+        failing = sum(1 for j in jobs if j.last_error)
+        return (f"{len(jobs)} jobs, {len(dirty)} dirty ({sum(j.dirty_bytes for j in dirty)} bytes unsaved), "
+                f"{last}" + (f", {failing} failing" if failing else ""))
+
+    def metrics_sample(self) -> Sample:
+        run, writer, reloader = self.ctx.run, self.ctx.writer, self.ctx.reloader
+        return Sample(
+            uptime_s=time.time() - run.started_at, requests=run.requests, request_errors=run.errors,
+            saves=writer.saves, save_failures=writer.failures, bytes_written=writer.bytes_written,
+            reloads=reloader.reloads, reload_failures=reloader.failures, durations=self.ctx.durations,
+            jobs=tuple(
+                JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
+                          dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), consecutive_failures=j.failures,
+                          saving=j.saving, last_save_time=j.last_save_time)
+                for j in self.ctx.jobs.values()
+            ),
+        )
+
+    def status(self, owner: int | None) -> dict[str, Any]:
+        speed = self.ctx.writer.flush_speed()
+        jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0,
+                 **({"remote": self.ctx.replicator.status(j.key)} if self.ctx.replicator is not None else {})}
+                for j in self.ctx.jobs.values() if owner is None or j.owner == owner]
+        return {
+            "daemon": {
+                "pid": self.ctx.pid,
+                "boot": self.ctx.boot,
+                "version": __version__,
+                "address": self.ctx.config().address,
+                "state_dir": str(self.ctx.config().state_dir),
+                "uptime_s": round(time.time() - self.ctx.run.started_at, 3),
+                "shutting_down": self.ctx.run.shutting_down,
+                "requests": self.ctx.run.requests,
+                "errors": self.ctx.run.errors,
+                "saves": self.ctx.writer.saves,
+                "save_failures": self.ctx.writer.failures,
+                "bytes_written": self.ctx.writer.bytes_written,
+                "wal_syncs": self.ctx.wal.syncs,
+                "wal_records": self.ctx.wal.records,
+                "held_bytes": sum(j.held_bytes() for j in self.ctx.jobs.values()),
+                "rss_bytes": psutil.Process().memory_info().rss,
+                "shm": self.ctx.slots.report(),
+                "preempted": self.ctx.run.preempted,
+                "throttle": self.ctx.io.status(),
+                "remote": self.ctx.replicator.summary() if self.ctx.replicator is not None else None,
+            },
+            "jobs": jobs,
+        }
+
+    def list_jobs(self, owner: int | None) -> list[dict[str, Any]]:
+        """Jobs on disk and in memory (runs in a worker thread: it lists directories)."""
+        out: dict[tuple[int, str], dict[str, Any]] = {}
+        for store in self.ctx.store.jobs(owner):
+            ids = store.version_ids()
+            out[(store.owner, store.job)] = {
+                "job": store.job, "owner": store.owner, "versions": len(ids),
+                "latest": ids[-1] if ids else None, "bytes": store.stored_bytes(),
+                # A job not loaded may still hold logged updates past its newest version.
+                "dirty": (store.owner, store.job) not in self.ctx.jobs and store.unsaved_log_records() > 0,
+            }
+        for job in list(self.ctx.jobs.values()):
+            if owner is not None and job.owner != owner:
+                continue
+            entry = out.setdefault(
+                job.key, {"job": job.name, "owner": job.owner, "versions": 0, "latest": None, "bytes": 0}
+            )
+            entry["dirty"] = job.dirty
+        return sorted(out.values(), key=lambda e: (e["owner"], e["job"]))
