@@ -10,7 +10,7 @@ import anyio
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
 from ..state import State, merge, merge_deltas
-from ..storage.local import JobStore
+from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter
 from ..tree import iter_blobs
 
@@ -40,7 +40,7 @@ class CommitWaiter:
 class Job:
     owner: int
     name: str
-    store: JobStore
+    store: JobStorage
     settings: PolicySettings
     # The client's raw policy overrides, kept so a config reload can recompute ``settings`` on new defaults.
     policy_overrides: dict[str, Any] | None = None

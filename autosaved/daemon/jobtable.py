@@ -16,7 +16,8 @@ import anyio.to_thread
 
 from ..config import PolicySettings
 from ..errors import StorageError
-from ..storage.local import Recovered, Store
+from ..storage.base import Storage
+from ..storage.local import Recovered
 from ..storage.wal import WalWriter
 from .jobs import Job, JobKey
 
@@ -27,7 +28,7 @@ log = logging.getLogger("autosaved.daemon")
 
 
 class JobTable:
-    def __init__(self, store: Store, *, policy: Callable[[], PolicySettings], clock: Callable[[], float],
+    def __init__(self, store: Storage, *, policy: Callable[[], PolicySettings], clock: Callable[[], float],
                  poke: Callable[[], None], replicator: Replicator | None = None) -> None:
         self.store = store
         self.policy = policy
@@ -73,8 +74,9 @@ class JobTable:
                 return job
             store = self.store.job(owner, name)
             if self.replicator is not None and not await anyio.to_thread.run_sync(store.version_ids):
-                # A fresh host (or a job this host never had): start from the bucket's newest version.
-                await self.replicator.seed(owner, name, store)
+                # A fresh host (or a job this host never had): start from the bucket's newest version. The
+                # replicator writes chunk files, so it seeds through its own handle on the local store.
+                await self.replicator.seed(owner, name, self.replicator.local_store(owner, name))
 
             def load() -> tuple[Recovered | None, list[int]]:
                 store.clean_tmp()

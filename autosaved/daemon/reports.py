@@ -18,7 +18,7 @@ from .runstate import RunState
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..storage.local import Store
+    from ..storage.base import Storage
     from .iocontrol import IoControl
     from .reload import Reloader
     from .replicator import Replicator
@@ -32,7 +32,7 @@ class ReportContext:
     config: Callable[[], Config]
     run: RunState
     jobs: Mapping[JobKey, Job]
-    store: Store
+    store: Storage
     writer: Writer
     wal: LogCommitter
     slots: SlotTable

@@ -25,8 +25,8 @@ from ..names import validate_job_name
 from ..protocol import ACK_LEVELS, OPS, blob_descriptors, blobs_from_frames
 from ..shm import layout, release_mapping
 from ..state import State, delta_bytes, merge
+from ..storage.base import JobStorage
 from ..storage.fsutil import pwrite_all
-from ..storage.local import JobStore
 from ..tree import Blob, Replace, from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
 from .slottable import SlotConn
@@ -345,7 +345,7 @@ class Handlers:
         finally:
             del self.ctx.restoring[id(req)]
 
-    async def _send_tree(self, req: RpcRequest, store: JobStore, tree: State | None, info: dict[str, Any]) -> Reply:
+    async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: State | None, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
         shm = await self._restore_through_memfd(req, store, blobs)
         placed = {i for i, _ in shm["refs"]} if shm else set()
@@ -362,7 +362,7 @@ class Handlers:
         return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info, **({"shm": shm} if shm else {})},
                      frames)
 
-    async def _restore_through_memfd(self, req: RpcRequest, store: JobStore,
+    async def _restore_through_memfd(self, req: RpcRequest, store: JobStorage,
                                      blobs: list[Blob]) -> dict[str, Any] | None:
         """Put the bulk leaves of a restore into a fresh memfd and hand it to the client's fd connection:
         the client maps it and builds arrays over it, with no copy of its own. ``None``: send inline."""
@@ -428,7 +428,7 @@ class Handlers:
             infos = await anyio.to_thread.run_sync(store.list_versions)
         return Reply({"versions": [i.to_json() for i in infos], "dirty": job.dirty, "step": job.step})
 
-    def _stores(self, req: RpcRequest) -> list[tuple[JobStore, Job | None]]:
+    def _stores(self, req: RpcRequest) -> list[tuple[JobStorage, Job | None]]:
         """The job a maintenance request names, or every job of its owner (all owners for root)."""
         name = req.header.get("job")
         if name is not None:
@@ -488,7 +488,7 @@ class Handlers:
         log.info("deleted job=%s owner=%d versions=%d reason=request", name, req.owner, len(versions))
         return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions)})
 
-    async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStore) -> list[int]:
+    async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStorage) -> list[int]:
         name = key[1]
         versions = await anyio.to_thread.run_sync(store.version_ids)
         # A save already writing must finish (or fail) before its folder goes away; gc too.
