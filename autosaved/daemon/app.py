@@ -139,9 +139,7 @@ class Daemon:
         self.in_flight_by_uid: dict[int, int] = {}
         self._send_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
-        self._locks: list[PidLock] = []
         self._sock: zmq.asyncio.Socket | None = None
-        self._ctx: zmq.asyncio.Context | None = None
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
@@ -228,7 +226,7 @@ class Daemon:
         except KeyError:
             raise AutosavedError(f"socket_group: there is no group named {group!r}") from None
 
-    def _prepare_paths(self) -> None:
+    def _prepare_paths(self, stack: contextlib.AsyncExitStack) -> None:
         # Job state is private to the daemon: clients reach it only through the daemon, which checks who
         # they are. The socket's group is the clients' group, so files must not be group-readable either.
         os.umask(0o077)
@@ -237,7 +235,7 @@ class Daemon:
         check_state_dir(state_dir, self.uid)
         lock = PidLock(state_dir / "daemon.lock", f"state dir {state_dir}")
         lock.acquire()
-        self._locks.append(lock)
+        stack.callback(lock.release)
         sock_path = self.config.socket_path()
         if sock_path is not None:
             if not sock_path.parent.exists():
@@ -249,11 +247,17 @@ class Daemon:
                 os.chmod(sock_path.parent, 0o750)
             sock_lock = PidLock(sock_path.with_name(sock_path.name + ".lock"), f"socket {sock_path}")
             sock_lock.acquire()
-            self._locks.append(sock_lock)
+            stack.callback(sock_lock.release)
+            # Unlinked while we still hold the socket lock, so these are ours: a client then fails at once
+            # with "no daemon at ..." instead of waiting out its timeout on a dead socket.
+            for stale in (str(sock_path), fd_socket_path(self.config.address)):
+                if stale is not None:
+                    stack.callback(_unlink_quietly, stale)
 
-    def _bind(self) -> zmq.asyncio.Socket:
-        self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.ROUTER)
+    def _bind(self, stack: contextlib.AsyncExitStack) -> zmq.asyncio.Socket:
+        ctx = zmq.asyncio.Context()
+        stack.callback(ctx.term)
+        sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         # A frame over the limit makes libzmq drop that peer's connection: the cheapest defence against a
         # client that would make the daemon allocate without bound. The total over all frames is
@@ -265,6 +269,7 @@ class Daemon:
         except zmq.ZMQError as exc:
             sock.close(0)
             raise AutosavedError(f"cannot listen on {self.config.address}: {exc}") from None
+        stack.callback(sock.close, 0)
         path = self.config.socket_path()
         if path is not None:
             os.chmod(path, 0o660)
@@ -288,12 +293,20 @@ class Daemon:
             ) from None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
-        self._prepare_paths()
+        # Teardown in one place, in reverse order of setup: each resource registers its undo the moment
+        # it is acquired (socket, zmq context, stale socket files, socket lock, state-dir lock, notifier).
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._stopped)
+            self._prepare_paths(stack)
+            await self._serve(stack, task_status)
+        return self.run_state.exit_code
+
+    async def _serve(self, stack: contextlib.AsyncExitStack, task_status: anyio.abc.TaskStatus[None]) -> None:
         try:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
             self.apply_config(await self.io.measure_speed(), reconfigure_io=False)
-            self._sock = self._bind()
+            self._sock = self._bind(stack)
             remote_up = True
             if self.replicator is not None:
                 # A store that ignores If-None-Match is refused here, before serving (the error says why).
@@ -334,24 +347,10 @@ class Daemon:
             log.exception("unexpected error; saving every dirty job, then exiting")
             self.run_state.exit_code = 1
             await self._last_chance_flush()
-        finally:
-            if self._sock is not None:
-                self._sock.close(0)
-            if self._ctx is not None:
-                self._ctx.term()
-            # We still hold the socket lock, so these are ours: a client then fails at once with "no daemon
-            # at ..." instead of waiting out its timeout on a dead socket.
-            sock_path = self.config.socket_path()
-            if sock_path is not None and self._locks:
-                for stale in (str(sock_path), fd_socket_path(self.config.address)):
-                    if stale is not None:
-                        with contextlib.suppress(OSError):
-                            os.unlink(stale)
-            for lock in self._locks:
-                lock.release()
-            self.notifier.close()
-            self.run_state.phase = Phase.STOPPED
-        return self.run_state.exit_code
+
+    def _stopped(self) -> None:
+        self.notifier.close()
+        self.run_state.phase = Phase.STOPPED
 
     def _supervise(self, tg: anyio.abc.TaskGroup, name: str, func: Callable[..., Any], *args: Any) -> None:
         """Run a long-lived task that restarts (after a growing pause) whenever it fails: one task's bug
@@ -558,6 +557,11 @@ class Daemon:
         period = (self.notifier.watchdog_interval or 0.0) * 2
         await watchdog_loop(self.notifier, progress_at=lambda: self.progress_at, clock=self.clock,
                             status=self.reports.status_line, stale_after=max(period, 3.0))
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def serve(config: Config) -> int:
