@@ -2,7 +2,9 @@
 
 ``autosaved bench [--size 1GiB] [--json]`` measures the data path (see :mod:`.data`);
 ``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.throttle`);
-``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed.
+``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed;
+``autosaved bench langgraph`` / ``autosaved bench hf``: the framework integrations (see :mod:`.langgraph`,
+:mod:`.hf`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import data, incremental, throttle
+from . import data, hf, incremental, langgraph, throttle
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -19,6 +21,8 @@ def add_parser(sub: Any, name: str) -> None:
     modes = p.add_subparsers(dest="bench_mode", metavar="MODE", required=False)
     throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
     incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
+    langgraph.add_arguments(modes.add_parser("langgraph", help="LangGraph aput latency vs SQLite and memory"))
+    hf.add_arguments(modes.add_parser("hf", help="HF Trainer step time with and without checkpoints"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,4 +30,8 @@ def run(args: argparse.Namespace) -> int:
         return throttle.run(args)
     if args.bench_mode == "incremental":
         return incremental.run(args)
+    if args.bench_mode == "langgraph":
+        return langgraph.run(args)
+    if args.bench_mode == "hf":
+        return hf.run(args)
     return data.run(args)
