@@ -15,7 +15,7 @@ from typing import Any, Final, Literal
 import msgpack
 
 from .errors import AutosavedError, ProtocolError, error_for_code
-from .tree import Blob
+from .tree import MAX_DEPTH, Blob
 
 PROTOCOL_VERSION: Final = 1
 MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
@@ -56,6 +56,18 @@ def check_request(header: dict[str, Any]) -> tuple[str, int]:
     if not isinstance(seq, int) or isinstance(seq, bool):
         raise ProtocolError("request has no integer seq")
     return op, seq
+
+
+def validate_path(path: Any) -> tuple[str | int, ...]:
+    """A restore path: the keys (str or int) from the root down to one subtree; ``()`` is the root."""
+    if path is None:
+        return ()
+    if not isinstance(path, (list, tuple)) or len(path) > MAX_DEPTH:
+        raise ProtocolError(f"path must be a list of at most {MAX_DEPTH} keys, not {path!r}")
+    for key in path:
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise ProtocolError(f"path keys must be str or int, not {type(key).__name__} ({key!r})")
+    return tuple(path)
 
 
 def blob_descriptors(blobs: Sequence[Blob]) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@
 ``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.throttle`);
 ``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed;
 ``autosaved bench remote [--size 1GiB] [--json]`` measures replication to object storage (see :mod:`.remote`);
-``autosaved bench dcp [--size 256MiB] [--json]`` measures the trainer's stall per ``dcp.async_save`` (see :mod:`.dcp`).
+``autosaved bench dcp [--size 256MiB] [--json]`` measures the trainer's stall per ``dcp.async_save`` (see :mod:`.dcp`);
+``autosaved bench langgraph`` / ``autosaved bench hf``: the framework integrations (see :mod:`.langgraph`,
+:mod:`.hf`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import data, dcp, incremental, remote, throttle
+from . import data, dcp, hf, incremental, langgraph, remote, throttle
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -23,6 +25,8 @@ def add_parser(sub: Any, name: str) -> None:
     incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
     remote.add_arguments(modes.add_parser("remote", help="replication to an S3 store vs plain obstore loops"))
     dcp.add_arguments(modes.add_parser("dcp", help="trainer stall per dcp.async_save, vs FileSystemWriter"))
+    langgraph.add_arguments(modes.add_parser("langgraph", help="LangGraph aput latency vs SQLite and memory"))
+    hf.add_arguments(modes.add_parser("hf", help="HF Trainer step time with and without checkpoints"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,4 +38,8 @@ def run(args: argparse.Namespace) -> int:
         return remote.run(args)
     if args.bench_mode == "dcp":
         return dcp.run(args)
+    if args.bench_mode == "langgraph":
+        return langgraph.run(args)
+    if args.bench_mode == "hf":
+        return hf.run(args)
     return data.run(args)

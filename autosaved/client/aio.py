@@ -6,7 +6,7 @@ the blocking shared-memory work (:class:`~autosaved.client.core.Local`) in worke
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -187,8 +187,10 @@ class AsyncClient:
     async def save(self) -> int:
         return await self._conn.run(self._core.save())
 
-    async def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
-        return await self._conn.run(self._core.restore(version, tensors))
+    async def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy",
+                      path: Sequence[str | int] | None = None,
+                      paths: Sequence[Sequence[str | int]] | None = None) -> Any:
+        return await self._conn.run(self._core.restore(version, tensors, path, paths))
 
     async def status(self) -> dict[str, Any]:
         return await self._conn.run(self._core.status())

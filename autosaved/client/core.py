@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from ..codec import PinnedBuffers, TensorMode, pack, unpack
 from ..config import PolicySettings
-from ..errors import AutosavedError, InvalidValue, StateLost
+from ..errors import AutosavedError, InvalidValue, ProtocolError, StateLost
 from ..names import validate_job_name
 from ..protocol import (
     ACK_LEVELS,
@@ -35,6 +35,7 @@ from ..protocol import (
     pack_header,
     raise_for_reply,
     unpack_header,
+    validate_path,
 )
 from ..tree import DELETE, Blob, from_node, to_node
 from .base import Ack, ack_from
@@ -229,18 +230,35 @@ class ClientCore(Exchange):
                 raise
             return (yield from self._update_once(delta, step, meta, wait))
 
-    def restore(self, version: int | None = None, tensors: TensorMode = "numpy") -> Flow[Any]:
-        """The newest state, or stored version ``version``, as numpy/torch values (``None``: no state)."""
-        exported = yield from self.export(version)
-        return None if exported is None else unpack(exported.tree, tensors=tensors)
+    def restore(self, version: int | None = None, tensors: TensorMode = "numpy",
+                path: Sequence[str | int] | None = None,
+                paths: Sequence[Sequence[str | int]] | None = None) -> Flow[Any]:
+        """The newest state, or stored version ``version``, as numpy/torch values (``None``: no state).
+        ``path`` (keys from the root) asks for one subtree, ``paths`` for several (a list, in order;
+        ``None`` for each that is missing): only their leaves are read and sent."""
+        if path is not None and paths is not None:
+            raise ValueError("restore takes path or paths, not both")
+        wanted = [path] if path is not None else paths
+        exported = yield from self.export(version, paths=wanted)
+        if exported is None:  # no state at all: no subtree either
+            return None if wanted is None or path is not None else [None] * len(wanted)
+        value = unpack(exported.tree, tensors=tensors)
+        return value[0] if path is not None else value
 
-    def export(self, version: int | None = None) -> Flow[Exported | None]:
+    def export(self, version: int | None = None,
+               paths: Sequence[Sequence[str | int]] | None = None) -> Flow[Exported | None]:
         """Like :meth:`restore`, but the tree keeps its raw blob leaves (for the exchange format)."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise ValueError(f"version must be an int version id, not {version!r}")
+        fields: dict[str, Any] = {"version": version}
+        if paths is not None:
+            try:
+                fields["paths"] = [list(validate_path(p)) for p in paths]
+            except ProtocolError as exc:
+                raise ValueError(exc.message) from None
         # Naming our fd connection lets the daemon hand the bulk leaves over as a memfd.
         conn = (yield Local("restore_conn", self.slots.restore_conn)) if self.slots is not None else None
-        req = self.request("restore", {"version": version, "shm_conn": conn}, long=True)
+        req = self.request("restore", {**fields, "shm_conn": conn}, long=True)
         return (yield from self.export_flow(req, self._placed))
 
     # -- the decisions inside the flows --------------------------------------------------------

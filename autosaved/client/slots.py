@@ -146,8 +146,10 @@ class SlotPool:
         return {int(i): view[int(off) :] for i, off in wire["refs"]}
 
     def _inline(self) -> Placement | None:
-        # Even an all-inline update names our connection, so the reply tells which slots came free.
-        return Placement(self.token, NO_SLOT, []) if self.token is not None else None
+        # An all-inline update names our connection while slots are lent, so the reply tells which came
+        # free. With none lent there is nothing to learn, and naming it would make the daemon walk every
+        # leaf of every job to answer (O(daemon state) per small update: a LangGraph put).
+        return Placement(self.token, NO_SLOT, []) if self.token is not None and self.lent else None
 
     def settle(self, held: Iterable[int] | None) -> None:
         """Learn from an update reply which of our slots the daemon still references."""

@@ -6,7 +6,7 @@ Only I/O lives here: :class:`Connection` performs the steps of the flows :mod:`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -166,10 +166,14 @@ class Client:
         """Commit a version that contains every update so far; returns its id."""
         return self._conn.run(self._core.save())
 
-    def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
+    def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy",
+                path: Sequence[str | int] | None = None, paths: Sequence[Sequence[str | int]] | None = None) -> Any:
         """The job's newest state (everything the daemon accepted), or stored version ``version``;
-        ``None`` when the job has no state. Arrays come back as numpy, or torch with ``tensors="torch"``."""
-        return self._conn.run(self._core.restore(version, tensors))
+        ``None`` when the job has no state. Arrays come back as numpy, or torch with ``tensors="torch"``.
+        ``path`` (keys from the root, e.g. ``("threads", "t1")``) returns only that subtree, and only its
+        leaves are read and sent; ``None`` when nothing is there. ``paths``: several subtrees in one
+        request, returned as a list in the same order."""
+        return self._conn.run(self._core.restore(version, tensors, path, paths))
 
     def status(self) -> dict[str, Any]:
         return self._conn.run(self._core.status())

@@ -22,7 +22,7 @@ import msgpack
 from ..config import PolicySettings
 from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..names import validate_job_name
-from ..protocol import ACK_LEVELS, OPS, blob_descriptors, blobs_from_frames
+from ..protocol import ACK_LEVELS, OPS, blob_descriptors, blobs_from_frames, validate_path
 from ..shm import layout, release_mapping
 from ..state import State, delta_bytes, merge
 from ..storage.base import JobStorage
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("autosaved.rpc")
 MAX_META_BYTES = 64 * 1024
+MAX_PATHS = 4096
 
 
 @dataclass
@@ -110,6 +111,23 @@ def state_bytes(tree: Any) -> int:
         else:
             total += 8
     return total
+
+
+def _paths(raw: Any) -> list[tuple[str | int, ...]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) > MAX_PATHS:
+        raise ProtocolError(f"paths must be a list of at most {MAX_PATHS} paths")
+    return [validate_path(p) for p in raw]
+
+
+def _subtree(tree: Any, path: tuple[str | int, ...]) -> Any:
+    """The node at ``path`` under ``tree``; ``None`` when a key is missing or a step is not a mapping."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 @dataclass(frozen=True)
@@ -322,6 +340,7 @@ class Handlers:
     async def op_restore(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
         version = _opt_int(req.header, "version")
+        paths = _paths(req.header.get("paths"))
         # Loaded (log replayed) if it exists: a restore after a restart sees every ``logged`` update.
         table = self.ctx.table
         job = await table.find(req.owner, name) if version is None else table.jobs.get((req.owner, name))
@@ -331,7 +350,8 @@ class Handlers:
             info: dict[str, Any] = {"version": job.latest_version, "step": job.step, "live": True}
         else:
             if version is None:
-                loaded = await anyio.to_thread.run_sync(store.load_newest)
+                # With a path only the subtree's leaves are read, in _send_tree.
+                loaded = await anyio.to_thread.run_sync(lambda: store.load_newest(load_data=paths is None))
             else:
                 # Chunks are read (and verified) once, straight into what is sent: no staging copy.
                 loaded = await anyio.to_thread.run_sync(lambda: store.load(version, load_data=False, verify=False))
@@ -339,13 +359,14 @@ class Handlers:
                 return Reply({"tree": None, "blobs": [], "version": None})
             tree = loaded.tree
             info = {"version": loaded.info.id, "step": loaded.info.step, "live": False}
-        self.ctx.restoring[id(req)] = tree
+        sent: Any = tree if paths is None else [_subtree(tree, p) for p in paths]
+        self.ctx.restoring[id(req)] = sent
         try:
-            return await self._send_tree(req, store, tree, info)
+            return await self._send_tree(req, store, sent, info)
         finally:
             del self.ctx.restoring[id(req)]
 
-    async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: State | None, info: dict[str, Any]) -> Reply:
+    async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: Any, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
         shm = await self._restore_through_memfd(req, store, blobs)
         placed = {i for i, _ in shm["refs"]} if shm else set()

@@ -1,0 +1,153 @@
+"""The LangGraph checkpointer: LangGraph's own conformance suite, a SIGKILLed graph run (agent and daemon)
+resumed to the same final state and history, and many threads from many processes at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
+from langgraph.checkpoint.conformance import checkpointer_test, validate
+from langgraph.checkpoint.conformance.capabilities import EXTENDED_CAPABILITIES
+
+import autosaved
+from autosaved.bench.private import PrivateDaemon
+from autosaved.integrations.langgraph import AutosavedSaver
+from tests.conftest import NO_AUTO_POLICY
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "langgraph_agent.py"
+
+
+def test_conformance_base_and_every_extended_capability(daemon: PrivateDaemon) -> None:
+    @checkpointer_test(name="AutosavedSaver")
+    async def saver() -> AsyncIterator[AutosavedSaver]:
+        s = AutosavedSaver(f"lg-{uuid.uuid4().hex[:8]}", address=daemon.address)
+        yield s
+        s.close()
+
+    report = asyncio.run(validate(saver))
+    report.print_report()
+    assert report.passed_all_base()
+    for cap in EXTENDED_CAPABILITIES:  # passed_all() would ignore one that is not detected: check each
+        result = report.results[cap.value]
+        assert result.detected and result.passed, (cap.value, result)
+
+
+def _agent(address: str, thread: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, str(EXAMPLE), "--address", address, "--job", "agents", "--thread",
+                             thread, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _finish(proc: subprocess.Popen[str]) -> dict[str, object]:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines() if " " in line}
+    return {"first": out.splitlines()[0], "final": json.loads(lines["final"]),
+            "history": json.loads(lines["history"])}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_graph_and_daemon_resume_to_the_same_state_and_history(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path, mode: str) -> None:
+    # No automatic saves: what survives the daemon's SIGKILL is only what the write-ahead log holds.
+    d = make_daemon(NO_AUTO_POLICY)
+    flags = ["--history", "--effects", str(tmp_path / "effects")] + (["--async"] if mode == "async" else [])
+    reference = _agent(d.address, "ref", *flags)
+    killed = _agent(d.address, "x", *flags, "--block", "draft")
+    assert killed.stdout is not None
+    for line in killed.stdout:  # "blocked" comes once search's writes are acked by the daemon
+        if line.startswith("blocked at draft"):
+            break
+    else:
+        raise AssertionError(killed.stderr.read() if killed.stderr else "no output")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    ref = _finish(reference)
+    d.kill()  # SIGKILL: nothing was ever saved as a version, so everything comes from the log
+    d.start()
+    resumed = _finish(_agent(d.address, "x", *flags))
+    assert resumed["first"] == "resuming thread x"
+    assert resumed["final"] == ref["final"]
+    assert resumed["history"] == ref["history"]
+    runs = (tmp_path / "effects").read_text().split("\n")
+    # search finished before the kill and its writes were saved: it is not run again; draft is.
+    assert runs.count("x search") == 1 and runs.count("x draft") == 2 and runs.count("x plan") == 1
+
+
+def test_many_threads_from_many_processes_stay_isolated(daemon: PrivateDaemon) -> None:
+    procs = {f"t{i}": _agent(daemon.address, f"t{i}", "--history", *(["--async"] if i % 2 else []))
+             for i in range(3)}
+    results = {t: _finish(p) for t, p in procs.items()}
+    histories = [json.dumps(r["history"], sort_keys=True) for r in results.values()]
+    assert len(set(histories)) == 1 and len(results["t0"]["history"]) == 6  # type: ignore[arg-type]
+    with AutosavedSaver("agents", address=daemon.address) as saver:
+        for t in results:
+            assert {c.config["configurable"]["thread_id"] for c in saver.list({"configurable": {"thread_id": t}})} \
+                == {t}
+        saver.delete_thread("t1")
+        assert saver.get_tuple({"configurable": {"thread_id": "t1"}}) is None
+        assert saver.get_tuple({"configurable": {"thread_id": "t2"}}) is not None
+
+
+def _put(saver: AutosavedSaver, thread: str, i: int, parent: str | None) -> str:
+    cp = empty_checkpoint()
+    cp["id"] = str(uuid6(clock_seq=-1))
+    version = saver.get_next_version(None, None)
+    cp["channel_values"] = {"messages": f"message {i} " * 20}
+    cp["channel_versions"] = {"messages": version}
+    config = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
+                               **({"checkpoint_id": parent} if parent else {})}}
+    return str(saver.put(config, cp, {"step": i, "source": "loop"}, {"messages": version})  # type: ignore[arg-type]
+               ["configurable"]["checkpoint_id"])
+
+
+def test_a_put_costs_the_checkpoint_not_the_history(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """The daemon counts each update's wire size into ``dirty_bytes`` (no saves with this policy): a put on
+    a long thread sends as much as a put on a short one, and reading one checkpoint reads only it."""
+    d = make_daemon(NO_AUTO_POLICY)
+    with AutosavedSaver("scale", address=d.address) as saver, autosaved.Client("scale", address=d.address) as c:
+        parent = None
+        sizes = {}
+        for i in range(400):
+            before = c.status()["dirty_bytes"] if i in (5, 399) else None
+            parent = _put(saver, "long", i, parent)
+            if before is not None:
+                sizes[i] = c.status()["dirty_bytes"] - before
+        assert sizes[399] < sizes[5] * 1.2, sizes  # the same shape of checkpoint: the same bytes
+        tup = saver.get_tuple({"configurable": {"thread_id": "long"}})
+        assert tup is not None and tup.metadata["step"] == 399
+        assert tup.checkpoint["channel_values"]["messages"] == "message 399 " * 20
+        assert [t.metadata["step"] for t in saver.list({"configurable": {"thread_id": "long"}}, limit=3)] \
+            == [399, 398, 397]
+
+
+def test_unstorable_state_gets_a_clear_error(daemon: PrivateDaemon) -> None:
+    with AutosavedSaver("bad", address=daemon.address) as saver:
+        cp = empty_checkpoint()
+        cp["channel_values"] = {"x": object()}
+        cp["channel_versions"] = {"x": "1"}
+        with pytest.raises(TypeError, match="object"):
+            saver.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, cp, {}, {"x": "1"})
+        with pytest.raises(ValueError, match="wait"):
+            AutosavedSaver("bad", address=daemon.address, wait="soon")
+
+
+def test_bench_langgraph_runs_all_four_savers_side_by_side() -> None:
+    out = subprocess.run([sys.executable, "-m", "autosaved", "bench", "langgraph", "--puts", "20", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for saver in ("autosaved_logged", "autosaved_accepted", "sqlite", "memory"):
+        assert result[saver]["p50_ms"] > 0 and result[saver]["p99_ms"] >= result[saver]["p50_ms"]
+        assert result[saver]["puts_per_s"] > 0
+    assert result["puts"] == 20 and "logged_p50_vs_sqlite" in result
