@@ -60,7 +60,7 @@ POINTS: dict[str, str] = {
     **{f"task.{t}.start": "a supervised daemon task starts (raise: a bug at its start)"
        for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption")},
     **{f"task.{t}.before": "a daemon task is about to do one piece of work (raise: a bug in that piece)"
-       for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics")},
+       for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics", "main")},
 }
 
 

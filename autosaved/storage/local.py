@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +68,10 @@ _VERSION_FILE = re.compile(r"^(\d{12})\.json$")
 DIR_MODE = 0o750
 # Hashing runs in threads: hashlib releases the GIL on large buffers, so two cores hash twice as fast.
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
+
+
+# Chunks of a shared-memory leaf copied and hashed ahead of the one being written.
+_SHARED_WINDOW = max(2, min(8, os.cpu_count() or 2))
 
 
 def _shared(blob: Blob) -> bool:
@@ -304,11 +309,15 @@ class JobStore:
         touched: set[Path] = set()
         chunks: list[Chunk] = []
         written = count = 0
-        nxt = copy_and_hash(starts[0])
-        for i in range(len(starts)):
-            private, digest_future = nxt
-            if i + 1 < len(starts):
-                nxt = copy_and_hash(starts[i + 1])  # hashed in the pool while this one is written
+        # A few chunks are copied ahead and hashed in the pool (in parallel) while one is written: the copy
+        # costs one memcpy, the hashing keeps the pool's parallelism, memory stays at WINDOW chunks.
+        window = deque(copy_and_hash(start) for start in starts[:_SHARED_WINDOW])
+        ahead = iter(starts[_SHARED_WINDOW:])
+        while window:
+            private, digest_future = window.popleft()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                window.append(copy_and_hash(nxt))
             digest = digest_future.result()
             chunks.append(Chunk(digest, len(private)))
             if not self._has_object(digest):
