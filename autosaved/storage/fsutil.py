@@ -59,7 +59,10 @@ def make_dirs(path: Path, mode: int = 0o750) -> None:
         fsync_dir(d.parent)
         _durable_dirs.add(d)
     while p not in _durable_dirs and p.parent != p:
-        fsync_dir(p.parent)
+        try:
+            fsync_dir(p.parent)
+        except PermissionError:
+            break  # an ancestor we may not open (mode 0711): its entries are the admin's, not ours
         _durable_dirs.add(p)
         p = p.parent
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -60,7 +63,12 @@ def _abs(path: Any, dir_fd: int | None) -> str:
     p = os.fsdecode(os.fspath(path))
     if dir_fd is not None and not os.path.isabs(p):
         p = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), p)
-    return os.path.abspath(p)
+    p = os.path.abspath(p)
+    if not p.startswith(_root + "/"):
+        # The recorded root is a real path; so is anything that reaches it through a symlink.
+        head, tail = os.path.split(p)
+        p = os.path.join(os.path.realpath(head), tail)
+    return p
 
 
 def _rel(path: str) -> str | None:
@@ -201,15 +209,19 @@ def _make_path_op(name: str, op: str) -> Any:
     return _path_op
 
 
-def install() -> None:
-    """Start recording into ``$AUTOSAVED_FSTRACE`` (idempotent)."""
+_NAMES = ("open", "write", "pwrite", "fsync", "fdatasync", "close", "replace", "rename", "unlink", "remove",
+          "mkdir", "rmdir", "ftruncate")
+
+
+def install(trace: str | None = None, root: str | None = None) -> None:
+    """Start recording into ``trace`` (default ``$AUTOSAVED_FSTRACE``) the operations under ``root``
+    (default ``$AUTOSAVED_FSTRACE_ROOT``). Idempotent."""
     global _installed, _trace_fd, _root
     if _installed:
         return
-    trace = os.environ[ENV]
-    _root = os.path.abspath(os.environ.get(ENV_ROOT, "."))
-    for name in ("open", "write", "pwrite", "fsync", "fdatasync", "close", "replace", "rename", "unlink",
-                 "remove", "mkdir", "rmdir", "ftruncate"):
+    trace = trace or os.environ[ENV]
+    _root = os.path.realpath(root or os.environ.get(ENV_ROOT, "."))
+    for name in _NAMES:
         _orig[name] = getattr(os, name)
     _trace_fd = _orig["open"](trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.open = _open
@@ -226,6 +238,28 @@ def install() -> None:
     os.mkdir = _make_path_op("mkdir", "mkdir")
     os.rmdir = _make_path_op("rmdir", "rmdir")
     _installed = True
+
+
+def uninstall() -> None:
+    """Put the ``os`` functions back and close the trace."""
+    global _installed
+    if not _installed:
+        return
+    for name in _NAMES:
+        setattr(os, name, _orig[name])
+    os.close(_trace_fd)
+    _fds.clear()
+    _installed = False
+
+
+@contextmanager
+def recording(trace: str | Path, root: str | Path) -> Iterator[None]:
+    """Record this process's operations under ``root`` into ``trace`` for the duration of the block."""
+    install(str(trace), str(root))
+    try:
+        yield
+    finally:
+        uninstall()
 
 
 def read_trace(path: str) -> list[dict[str, Any]]:
