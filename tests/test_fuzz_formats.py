@@ -263,3 +263,14 @@ def test_int_key_outside_64_bits_is_a_clear_error(key: int) -> None:
         assert "64-bit" in str(exc)
     else:
         raise AssertionError("accepted an int key msgpack cannot carry")
+
+
+@FUZZ
+@given(_junk, _junk, _junk, _junk)
+def test_request_fields_of_any_type_raise_protocol_error_only(v: Any, op: Any, seq: Any, job: Any) -> None:
+    """Found by the daemon fuzz loop: an ``op`` that is a map or list made ``check_request`` raise
+    TypeError (an internal error reply) instead of ProtocolError."""
+    for header in ({"v": v, "op": op, "seq": seq, "job": job}, {"v": PROTOCOL_VERSION, "op": op, "seq": 1},
+                   {"v": PROTOCOL_VERSION, "op": "ping", "seq": seq}):
+        with contextlib.suppress(ProtocolError):
+            check_request(header)
