@@ -33,7 +33,12 @@ def main() -> int:
     started = time.monotonic()
     last = [0.0]
 
+    shown = [0]
+
     def progress(rep: SoakReport) -> None:
+        for p in rep.problems[shown[0]:]:
+            print("  problem:", p, flush=True)
+        shown[0] = len(rep.problems)
         if time.monotonic() - last[0] > 30:
             last[0] = time.monotonic()
             print(f"[{time.monotonic() - started:.0f} s] {rep.summary()}", flush=True)

@@ -90,6 +90,7 @@ class Soak:
     def _stream(self, job: str, seed: int) -> None:
         rng = random.Random(seed)
         c = self._client(job)
+        acked = 0
         while not self.stop.is_set():
             r = rng.random()
             try:
@@ -102,9 +103,11 @@ class Soak:
                         self.marks.append({"ev": "sent", "what": "update", "job": job, "n": n})
                     c.update(delta, wait=wait)
                     self._ack(wait, what="update", job=job, n=n, level=wait)
+                    acked = n
                 elif r < 0.95:
-                    with self.lock:
-                        n = self.history.n.get(job, 0)
+                    # A save covers the updates the daemon is known to have: the newest acked one (a later
+                    # update whose ack a kill swallowed may or may not be there).
+                    n = acked
                     c.save()
                     self._ack("save", what="save", job=job, n=n, level="committed")
                 else:
