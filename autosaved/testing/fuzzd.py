@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import hashlib
 import math
 import os
@@ -223,6 +224,15 @@ class Messages:
         return self.garbage()
 
 
+def _memfd(size: int, *, seal: bool) -> int:
+    """A memfd as the SDK makes one (sealed against shrinking, so the daemon accepts it), or unsealed."""
+    fd = os.memfd_create("fuzz", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
 def fd_message(rng: random.Random, known_slots: list[Any]) -> tuple[bytes, int]:
     """An fd-socket request and the size of the memfd to pass with it (0: none)."""
     r = rng.random()
@@ -370,9 +380,7 @@ class FuzzRun:
                 self.recent = self.recent[-64:]
                 fds: list[int] = []
                 if fd_size:
-                    fd = os.memfd_create("fuzz", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-                    os.ftruncate(fd, fd_size)
-                    fds.append(fd)
+                    fds.append(_memfd(fd_size, seal=self.rng.random() < 0.7))
                 try:
                     if fds:
                         s.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -471,9 +479,7 @@ class FuzzRun:
             for msg, fd_size in requests:
                 fds = []
                 if fd_size:
-                    fd = os.memfd_create("fuzz", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-                    os.ftruncate(fd, fd_size)
-                    fds.append(fd)
+                    fds.append(_memfd(fd_size, seal=True))
                 data = msgpack.packb(msg, use_bin_type=True)
                 if fds:
                     s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
