@@ -233,8 +233,23 @@ def _memfd(size: int, *, seal: bool) -> int:
     return fd
 
 
-def fd_message(rng: random.Random, known_slots: list[Any]) -> tuple[bytes, int]:
-    """An fd-socket request and the size of the memfd to pass with it (0: none)."""
+def fd_message(rng: random.Random, known_slots: list[Any], known_crashers: bool = True) -> tuple[bytes, int]:
+    """An fd-socket request and the size of the memfd to pass with it (0: none). Without
+    ``known_crashers``, slot ids are never lists or maps (issue #9 defect 1: an unhashable slot id
+    after a successful add ends the daemon)."""
+    msg, fd_size = _fd_message(rng, known_slots)
+    if not known_crashers:
+        try:
+            req = msgpack.unpackb(msg, raw=False, strict_map_key=False)
+        except Exception:
+            return msg, fd_size
+        if isinstance(req, dict) and isinstance(req.get("slot"), list | dict):
+            req["slot"] = repr(req["slot"])
+            msg = msgpack.packb(req, use_bin_type=True)
+    return msg, fd_size
+
+
+def _fd_message(rng: random.Random, known_slots: list[Any]) -> tuple[bytes, int]:
     r = rng.random()
     if r < 0.1:
         return rng.randbytes(rng.randint(1, 40)), 0
@@ -375,7 +390,7 @@ class FuzzRun:
         slots: list[Any] = []
         try:
             for _ in range(n):
-                msg, fd_size = fd_message(self.rng, slots)
+                msg, fd_size = fd_message(self.rng, slots, self.destructive)
                 self.recent.append(("fd", msg, fd_size))
                 self.recent = self.recent[-64:]
                 fds: list[int] = []
