@@ -237,13 +237,16 @@ class JobStore:
             offset = 0
             for chunk in chunks:
                 stored = self._has_object(chunk.digest)
+                # Power loss: a chunk found here may have been renamed in by a save that failed or was
+                # killed before it fsynced the directory, so its name may not be durable yet. Every
+                # directory holding a chunk this version references is fsynced before the manifest.
+                dirs_touched.add(self._object_path(chunk.digest).parent)
                 if blob.data is not None and not stored:
                     raw = blob.data[offset : offset + chunk.size]
                     packed = compress_chunk(raw) if try_compress else None
                     target = self._object_path(chunk.digest, compressed=packed is not None)
                     if not target.parent.is_dir():
                         target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-                        dirs_touched.add(self.objects_dir)
                     tmp = temp_name(self.tmp_dir, chunk.digest)
                     written += write_fsync(tmp, [raw if packed is None else packed], pace=pace, drop_cache=True)
                     try:
@@ -257,7 +260,9 @@ class JobStore:
                     raise StorageError(f"chunk {chunk.digest} of a stored leaf is missing from {self.objects_dir}")
                 offset += chunk.size
             records.append(blob_record(blob, chunks))
-        for d in sorted(dirs_touched, key=lambda p: len(p.parts), reverse=True):
+        # objects/ itself too: an objects/<ab>/ made by an earlier, failed save may not be durable either.
+        dirs_touched.add(self.objects_dir)
+        for d in sorted(dirs_touched, key=lambda p: (len(p.parts), str(p)), reverse=True):
             fsync_dir(d, "chunk")
 
         info = VersionInfo(

@@ -14,11 +14,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from ..errors import CorruptVersion
+from ..errors import CorruptVersion, StorageError
 from ..tree import Blob, Chunk
 
 FORMAT_VERSION: Final = 1
 HASH_NAME: Final = "sha256"
+
+
+class UnsupportedFormat(StorageError):
+    """Stored data written by a newer autosaved (a higher format version). Never skipped as corrupt,
+    never repaired, never collected: the caller stops and says to upgrade, and nothing is changed."""
+
+    code = "unsupported_format"
+
+
+def check_format(found: object, supported: int, what: str) -> None:
+    """Refuse ``found`` when it is a format version newer than ``supported``."""
+    if isinstance(found, int) and not isinstance(found, bool) and found > supported:
+        raise UnsupportedFormat(f"{what} is format {found}, newer than this autosaved reads ({supported}); "
+                                "upgrade autosaved to read it (nothing was changed)")
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -36,6 +50,9 @@ def unseal(raw: bytes, where: str) -> dict[str, Any]:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptVersion(f"{where}: manifest is not valid JSON ({exc})") from None
+    if isinstance(doc, dict):
+        # Before the digest: a newer format may seal differently, and must not look corrupt.
+        check_format(doc.get("format"), FORMAT_VERSION, f"{where}: manifest")
     if not isinstance(doc, dict) or "digest" not in doc:
         raise CorruptVersion(f"{where}: manifest has no digest")
     digest = doc.pop("digest")
