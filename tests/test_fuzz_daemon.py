@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from autosaved.testing.fuzzd import FuzzRun, known_crashers
 
 
@@ -23,9 +21,6 @@ def test_fuzzed_daemon_never_exits_and_keeps_stored_data(tmp_path: Path) -> None
     assert [b for b in report.bad_replies if "'internal'" not in b] == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue #9 defects 1-3 (helper 'rel'): the mixed-key meta kills the daemon "
-                   "at its save; a delete racing a save ends in KeyError in Writer._save; unvalidated fields "
-                   "still end as internal errors")
 def test_fuzzed_daemon_gives_no_internal_errors_and_survives_the_known_crashers(tmp_path: Path) -> None:
     report = FuzzRun(tmp_path / "fuzz", seed=12).run(300, known=known_crashers())
     print(report.summary())
