@@ -3,6 +3,7 @@
 ``autosaved bench [--size 1GiB] [--json]`` measures the data path (see :mod:`.bench_data`);
 ``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.bench_throttle`);
 ``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed.
+``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.bench_small`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 from typing import Any
 
 from . import bench_data, bench_incremental, bench_throttle
+from . import bench_small  # perf: issue 14
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -19,6 +21,7 @@ def add_parser(sub: Any, name: str) -> None:
     modes = p.add_subparsers(dest="bench_mode", metavar="MODE", required=False)
     bench_throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
     bench_incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
+    bench_small.add_arguments(modes.add_parser("small", help="small-update latency and throughput vs floors"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,4 +29,6 @@ def run(args: argparse.Namespace) -> int:
         return bench_throttle.run(args)
     if args.bench_mode == "incremental":
         return bench_incremental.run(args)
+    if args.bench_mode == "small":
+        return bench_small.run(args)
     return bench_data.run(args)
