@@ -82,7 +82,7 @@ def rtt_s(count: int, sock_dir: Path) -> float:
     try:
         assert proc.stdout is not None
         proc.stdout.readline()  # "ready": bound
-        ctx = zmq.Context.instance()
+        ctx: Any = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(address)
@@ -159,7 +159,7 @@ def logged_per_s(address: str, clients: int, seconds: float, tag: str) -> float:
     began = time.time()
     stop_at.value = began + seconds
     start.set()
-    counts = [results.get(timeout=seconds + 120) for _ in procs]
+    counts: list[int] = [results.get(timeout=seconds + 120) for _ in procs]
     for p in procs:
         p.join(30)
         if p.exitcode != 0:
