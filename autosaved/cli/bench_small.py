@@ -6,6 +6,8 @@ dir, with the floors measured in the same run:
 
 - ``rtt_s``: median round trip of a small message over a raw ZeroMQ DEALER → ROUTER pair on an ipc socket,
   both ends in Python, the ROUTER in its own process (the floor for any request to a daemon);
+- ``async_rtt_s`` (extra): the same with the ROUTER written like the daemon's rpc loop (anyio, zmq.asyncio):
+  the part of the gap to ``rtt_s`` that is the event loop's, not the request handling's;
 - ``fsync_s``: median ``write`` of 200 bytes + ``fdatasync`` on an append-only file in the daemon's state
   dir (the floor for making a small record durable);
 - ``accepted_p50_s`` / ``accepted_p99_s``: ``update(delta, wait="accepted")`` of a ~200-byte delta;
@@ -55,6 +57,24 @@ while True:
     s.send_multipart(frames, copy=False)
 """
 
+# The same echo written the way the daemon's rpc loop is (anyio on asyncio, zmq.asyncio poll-then-recv):
+# what the event-loop architecture costs by itself, before any request handling.
+_ASYNC_ECHO = """
+import sys, anyio, zmq, zmq.asyncio
+async def main():
+    s = zmq.asyncio.Context().socket(zmq.ROUTER)
+    s.bind(sys.argv[1])
+    print("ready", flush=True)
+    while True:
+        if not await s.poll(1000):
+            continue
+        frames = await s.recv_multipart(copy=False)
+        if frames[1].bytes == b"stop":
+            break
+        await s.send_multipart(frames, copy=False)
+anyio.run(main, backend="asyncio")
+"""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=2000, help="updates per latency measure (default 2000)")
@@ -74,11 +94,11 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def rtt_s(count: int, sock_dir: Path) -> float:
+def rtt_s(count: int, sock_dir: Path, server: str = _ECHO) -> float:
     import zmq
 
     address = f"ipc://{sock_dir}/echo.sock"
-    proc = subprocess.Popen([sys.executable, "-c", _ECHO, address], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", server, address], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         proc.stdout.readline()  # "ready": bound
@@ -172,6 +192,7 @@ def measure(count: int, seconds: float, work_dir: Path) -> dict[str, Any]:
                            "clients": CLIENTS}
     with PrivateDaemon(work_dir / "daemon", config=_DAEMON_CONFIG) as daemon:
         out["rtt_s"] = rtt_s(count, daemon.sock_dir)
+        out["async_rtt_s"] = rtt_s(count, daemon.sock_dir, _ASYNC_ECHO)
         out["fsync_s"] = fsync_s(daemon.state_dir)
         with Client("small", address=daemon.address) as client:
             accepted = latencies(client, count, "accepted")
@@ -198,12 +219,14 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
 def render(r: dict[str, Any]) -> str:
     q = ratios(r)
     notes = {
-        "accepted_p50_s": f"{q['accepted_p50_over_rtt']:.2f}x rtt_s (target <= 3)",
+        "accepted_p50_s": f"{q['accepted_p50_over_rtt']:.2f}x rtt_s (target <= 3); "
+                          f"{r['accepted_p50_s'] / r['async_rtt_s']:.2f}x async_rtt_s",
+        "async_rtt_s": f"{r['async_rtt_s'] / r['rtt_s']:.2f}x rtt_s",
         "logged_p50_s": f"{q['logged_p50_over_rtt_fsync']:.2f}x rtt_s+fsync_s (target <= 1.5)",
         "logged_8_per_s": f"{q['logged_8_over_1']:.2f}x logged_1_per_s (target >= 4)",
     }
     rows = []
-    for k in KEYS:
+    for k in (*KEYS[:1], "async_rtt_s", *KEYS[1:]):
         v = r[k]
         shown = f"{v:.0f}" if k.endswith("_per_s") else f"{v * 1000:.3f} ms"
         rows.append([k, shown, notes.get(k, "")])
