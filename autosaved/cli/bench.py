@@ -4,6 +4,7 @@
 ``autosaved bench throttle [--size 512MiB] [--json]`` measures I/O politeness (see :mod:`.bench_throttle`);
 ``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed.
 ``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.bench_small`).
+``autosaved bench hash [--json]`` measures the chunk hash candidates (see :mod:`.bench_hash`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import bench_data, bench_incremental, bench_small, bench_throttle
+from . import bench_data, bench_hash, bench_incremental, bench_small, bench_throttle
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -21,6 +22,7 @@ def add_parser(sub: Any, name: str) -> None:
     bench_throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
     bench_incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
     bench_small.add_arguments(modes.add_parser("small", help="small-update latency and throughput vs floors"))
+    bench_hash.add_arguments(modes.add_parser("hash", help="chunk hash speed: SHA-256 vs BLAKE3"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,4 +32,6 @@ def run(args: argparse.Namespace) -> int:
         return bench_incremental.run(args)
     if args.bench_mode == "small":
         return bench_small.run(args)
+    if args.bench_mode == "hash":
+        return bench_hash.run(args)
     return bench_data.run(args)

@@ -17,7 +17,6 @@ a crash during garbage collection can only leave unreferenced chunks, which the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mmap
 import os
@@ -35,6 +34,8 @@ from ..errors import CorruptVersion, NotFound, StorageError
 from ..protocol import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
+from . import hashing
+from .chunkwriter import ChunkPipeline
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
 from .fsutil import (
     Pacer,
@@ -43,9 +44,7 @@ from .fsutil import (
     make_dirs,
     pwrite_all,
     read_exact,
-    rename,
     temp_name,
-    write_fsync,
 )
 from .manifest import (
     FORMAT_VERSION,
@@ -68,18 +67,20 @@ DIR_MODE = 0o750
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
 
-def _sha256_hex(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def submit_digests(data: memoryview, chunk_size: int) -> list[tuple[int, Future[str]]]:
+def submit_digests(data: memoryview, chunk_size: int, algo: str = HASH_NAME) -> list[tuple[int, Future[str]]]:
     """Start hashing ``data``'s chunks in the pool; (size, digest future) per chunk."""
+    fn = hashing.HASHERS[algo]
     pieces = [data[i : i + chunk_size] for i in range(0, data.nbytes, chunk_size)] or [data[:0]]
-    return [(p.nbytes, _HASH_POOL.submit(_sha256_hex, p)) for p in pieces]
+    return [(p.nbytes, _HASH_POOL.submit(fn, p)) for p in pieces]
 
 
 def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
-    return tuple(Chunk(f.result(), n) for n, f in submit_digests(data, chunk_size))
+    return tuple(Chunk(f.result(), n, HASH_NAME) for n, f in submit_digests(data, chunk_size))
+
+
+def _check_digest(chunk: Chunk, data: memoryview) -> str:
+    """``data``'s digest under the algorithm that named ``chunk`` (run in the hash pool)."""
+    return hashing.HASHERS[chunk.hash](data)
 
 
 @dataclass
@@ -195,39 +196,19 @@ class JobStore:
         self.ensure_dirs()
         node, blobs = to_node(tree)
         records: list[dict[str, Any]] = []
-        written = chunks_written = 0
+        counts = [0, 0]
         dirs_touched: set[Path] = set()
         # Every leaf is hashed in the pool ahead of the writes below, so hashing overlaps writing.
         ahead = {id(b): submit_digests(b.data, chunk_size) for b in blobs
                  if b.data is not None and chunk_size not in b.digests}
-        for blob in blobs:
-            if id(blob) in ahead:
-                blob.digests[chunk_size] = tuple(Chunk(f.result(), n) for n, f in ahead[id(blob)])
-            chunks = self._chunks_of(blob, chunk_size)
-            try_compress = worth_trying(blob, compression)
-            offset = 0
-            for chunk in chunks:
-                stored = self._has_object(chunk.digest)
-                if blob.data is not None and not stored:
-                    raw = blob.data[offset : offset + chunk.size]
-                    packed = compress_chunk(raw) if try_compress else None
-                    target = self._object_path(chunk.digest, compressed=packed is not None)
-                    if not target.parent.is_dir():
-                        target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-                        dirs_touched.add(self.objects_dir)
-                    tmp = temp_name(self.tmp_dir, chunk.digest)
-                    written += write_fsync(tmp, [raw if packed is None else packed], pace=pace, drop_cache=True)
-                    try:
-                        rename(tmp, target, "chunk")
-                    except BaseException:
-                        tmp.unlink(missing_ok=True)
-                        raise
-                    dirs_touched.add(target.parent)
-                    chunks_written += 1
-                elif blob.data is None and not stored:
-                    raise StorageError(f"chunk {chunk.digest} of a stored leaf is missing from {self.objects_dir}")
-                offset += chunk.size
-            records.append(blob_record(blob, chunks))
+        pipeline = ChunkPipeline(pace)
+        try:
+            self._write_chunks(blobs, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
+            pipeline.finish()  # every chunk durable under its name before any manifest names it
+        except BaseException:
+            pipeline.abandon()
+            raise
+        written, chunks_written = counts
         for d in sorted(dirs_touched, key=lambda p: len(p.parts), reverse=True):
             fsync_dir(d, "chunk")
 
@@ -243,6 +224,39 @@ class JobStore:
         manifest = seal(body)
         atomic_write(self.versions_dir / f"{version:012d}.json", manifest, self.tmp_dir)
         return SaveResult(info=info, bytes_written=written + len(manifest), chunks_written=chunks_written)
+
+    def _write_chunks(self, blobs: list[Blob], ahead: dict[int, list[tuple[int, Future[str]]]], chunk_size: int,
+                      compression: str, pipeline: ChunkPipeline, records: list[dict[str, Any]],
+                      dirs_touched: set[Path], counts: list[int]) -> None:
+        """Queue every chunk the store lacks; ``counts`` gets [bytes written, chunks written]."""
+        written = chunks_written = 0
+        queued: set[str] = set()  # written by this save but maybe not renamed yet: do not write twice
+        for blob in blobs:
+            if id(blob) in ahead:
+                blob.digests[chunk_size] = tuple(Chunk(f.result(), n, HASH_NAME) for n, f in ahead[id(blob)])
+            chunks = self._chunks_of(blob, chunk_size)
+            try_compress = worth_trying(blob, compression)
+            offset = 0
+            for chunk in chunks:
+                stored = chunk.digest in queued or self._has_object(chunk.digest)
+                if blob.data is not None and not stored:
+                    raw = blob.data[offset : offset + chunk.size]
+                    packed = compress_chunk(raw) if try_compress else None
+                    target = self._object_path(chunk.digest, compressed=packed is not None)
+                    if not target.parent.is_dir():
+                        target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+                        dirs_touched.add(self.objects_dir)
+                    tmp = temp_name(self.tmp_dir, chunk.digest)
+                    # Written now, made durable and renamed by the pipeline while the next one is written.
+                    written += pipeline.put(tmp, target, raw if packed is None else packed)
+                    queued.add(chunk.digest)
+                    dirs_touched.add(target.parent)
+                    chunks_written += 1
+                elif blob.data is None and not stored:
+                    raise StorageError(f"chunk {chunk.digest} of a stored leaf is missing from {self.objects_dir}")
+                offset += chunk.size
+            records.append(blob_record(blob, chunks))
+        counts[:] = [written, chunks_written]
 
     @staticmethod
     def _chunks_of(blob: Blob, chunk_size: int) -> tuple[Chunk, ...]:
@@ -292,7 +306,7 @@ class JobStore:
         where = f"{self.job} version {version}"
         doc = self.read_manifest(version)
         try:
-            blobs = [blob_from_record(rec, where) for rec in doc["blobs"]]
+            blobs = [blob_from_record(rec, where, doc.get("hash", hashing.LEGACY)) for rec in doc["blobs"]]
             tree = from_node(doc["tree"], blobs)
         except CorruptVersion:
             raise
@@ -317,7 +331,7 @@ class JobStore:
             view = into[offset : offset + chunk.size]
             self._read_chunk(chunk, view, where)
             if verify:
-                pending.append((chunk, _HASH_POOL.submit(_sha256_hex, view)))
+                pending.append((chunk, _HASH_POOL.submit(_check_digest, chunk, view)))
             offset += chunk.size
         for chunk, digest in pending:
             if digest.result() != chunk.digest:
@@ -370,7 +384,7 @@ class JobStore:
                 finally:
                     os.close(fd)
             piece = check[pos : pos + chunk.size]
-            pending.append((chunk, _HASH_POOL.submit(_sha256_hex, piece)))
+            pending.append((chunk, _HASH_POOL.submit(_check_digest, chunk, piece)))
             pos += chunk.size
         for chunk, digest in pending:
             if digest.result() != chunk.digest:
@@ -394,11 +408,12 @@ class JobStore:
             return VersionInfo(self.job, version, None, "", 0, "", {}, ok=False, error=str(exc))
         where = f"{self.job} version {version}"
         try:
+            algo = doc.get("hash", hashing.LEGACY)
             for rec in doc["blobs"]:
-                blob = blob_from_record(rec, where)
+                blob = blob_from_record(rec, where, algo)
                 assert blob.chunks is not None
                 self._verify_chunks(blob.chunks, where, seen)
-            from_node(doc["tree"], [blob_from_record(r, where) for r in doc["blobs"]])
+            from_node(doc["tree"], [blob_from_record(r, where, algo) for r in doc["blobs"]])
         except Exception as exc:
             return self._info(doc, ok=False, error=str(exc))
         return self._info(doc)
