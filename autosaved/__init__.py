@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from .client import Ack, AsyncClient, Client
+from .client.lazy import LazyClient, PendingUpdate
 from .errors import (
     AlreadyRunning,
     AutosavedError,
@@ -42,8 +43,10 @@ __all__ = [
     "Forbidden",
     "InvalidJobName",
     "InvalidValue",
+    "LazyClient",
     "MessageTooLarge",
     "NotFound",
+    "PendingUpdate",
     "ProtocolError",
     "ShuttingDown",
     "StateLost",
