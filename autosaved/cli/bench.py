@@ -5,6 +5,7 @@
 ``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed.
 ``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.bench_small`).
 ``autosaved bench hash [--json]`` measures the chunk hash candidates (see :mod:`.bench_hash`).
+``autosaved bench train [--small] [--json]`` checkpoints every step of a training loop (see :mod:`.bench_train`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import bench_data, bench_hash, bench_incremental, bench_small, bench_throttle
+from . import bench_data, bench_hash, bench_incremental, bench_small, bench_throttle, bench_train
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -23,6 +24,7 @@ def add_parser(sub: Any, name: str) -> None:
     bench_incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
     bench_small.add_arguments(modes.add_parser("small", help="small-update latency and throughput vs floors"))
     bench_hash.add_arguments(modes.add_parser("hash", help="chunk hash speed: SHA-256 vs BLAKE3"))
+    bench_train.add_arguments(modes.add_parser("train", help="checkpoint every step of a GPT-2-shaped training loop"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,4 +36,6 @@ def run(args: argparse.Namespace) -> int:
         return bench_small.run(args)
     if args.bench_mode == "hash":
         return bench_hash.run(args)
+    if args.bench_mode == "train":
+        return bench_train.run(args)
     return bench_data.run(args)
