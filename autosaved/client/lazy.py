@@ -11,7 +11,8 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
 - ``fence()`` returns once that copy is done (waiting if it is not): from then on the caller may mutate
   its arrays, and nothing it does can reach the update. :meth:`LazyClient.hook_optimizer` installs a step
   pre-hook that fences before every ``optimizer.step()``, so a parameter update can never slip in before
-  the copy.
+  the copy. (Buffers that ``forward()`` changes in place, like BatchNorm's running statistics, are mutated
+  before the step: such a model must fence before its forward.)
 - Updates stay in order: a new ``update()`` (and ``save()``/``restore()``/``close()``) first waits for
   the previous one to be acknowledged. An error of a background update (the daemon gone, a restart that
   lost state: :class:`~autosaved.StateLost`) is raised by the next ``fence()``, ``update()`` or
