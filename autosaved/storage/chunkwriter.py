@@ -12,15 +12,29 @@ At most ``depth`` chunks are written but not yet durable, which bounds the dirty
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .faults import point
-from .fsutil import SYNC_EVERY, WRITE_PIECE, Pacer, rename
+from .fsutil import SYNC_EVERY, WRITE_PIECE, Pacer, fsync_dir, rename
 
 # One syncer for the whole process: saves of different jobs then queue their fsyncs instead of
 # multiplying them, and a chunk's fsync never waits behind more than the pipeline's depth.
 _SYNCER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="autosaved-sync")
+# Directory fsyncs at the end of a save, all at once: profiled (py-spy, 512 MiB save) one after another
+# they took 20% of the save, one journal commit each for up to 256 ``objects/<ab>`` folders; issued
+# together, the filesystem's journal commits them in a few batches.
+_DIR_SYNCER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="autosaved-dirsync")
+
+
+def fsync_dirs(dirs: Iterable[Path]) -> None:
+    """fsync every directory in ``dirs`` concurrently; raise the first error after all are done."""
+    futures = [_DIR_SYNCER.submit(fsync_dir, d, "chunk") for d in dirs]
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 class ChunkPipeline:

@@ -35,7 +35,7 @@ from ..protocol import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
 from . import hashing
-from .chunkwriter import ChunkPipeline
+from .chunkwriter import ChunkPipeline, fsync_dirs
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
 from .fsutil import (
     Pacer,
@@ -209,8 +209,7 @@ class JobStore:
             pipeline.abandon()
             raise
         written, chunks_written = counts
-        for d in sorted(dirs_touched, key=lambda p: len(p.parts), reverse=True):
-            fsync_dir(d, "chunk")
+        fsync_dirs(dirs_touched)  # all before the manifest; among themselves the order does not matter
 
         info = VersionInfo(
             job=self.job, id=version, step=step, time=utc_now_iso(), bytes=sum(b.nbytes for b in blobs),
