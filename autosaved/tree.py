@@ -105,6 +105,8 @@ class Chunk:
 
     digest: str
     size: int
+    # The algorithm that named it (see storage/hashing.py); old stores only ever used SHA-256.
+    hash: str = "sha256"
 
 
 @dataclass(eq=False)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import autosaved.storage.local as local_mod
+import autosaved.storage.chunkwriter as chunk_mod
 from autosaved.codec import pack
 from autosaved.storage.local import JobStore
 from autosaved.testing.crashsim import History, explore, parse, scratch_dir
@@ -51,9 +51,10 @@ def test_every_crash_state_of_a_daemon_run_keeps_every_ack(tmp_path: Path, scrat
 
 def _old_dedup(monkeypatch: pytest.MonkeyPatch) -> None:
     """Put back the behaviour before the defect-6 fix: a save fsyncs only the object directories it
-    renamed a chunk into, so a chunk an earlier failed save renamed in stays un-synced when reused."""
+    renamed a chunk into, so a chunk an earlier failed save renamed in stays un-synced when reused.
+    (Chunk renames and the chunk directories' fsyncs live in the chunk pipeline, chunkwriter.py.)"""
     renamed: set[Path] = set()
-    real_rename, real_fsync_dir = local_mod.rename, local_mod.fsync_dir
+    real_rename, real_fsync_dir = chunk_mod.rename, chunk_mod.fsync_dir
     real_write = JobStore.write_version
 
     def write_version(self: JobStore, *args: Any, **kwargs: Any) -> Any:
@@ -70,8 +71,8 @@ def _old_dedup(monkeypatch: pytest.MonkeyPatch) -> None:
         real_fsync_dir(path, kind)
 
     monkeypatch.setattr(JobStore, "write_version", write_version)
-    monkeypatch.setattr(local_mod, "rename", rename)
-    monkeypatch.setattr(local_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(chunk_mod, "rename", rename)
+    monkeypatch.setattr(chunk_mod, "fsync_dir", fsync_dir)
 
 
 def _failed_save_then_dedup(root: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -83,7 +84,7 @@ def _failed_save_then_dedup(root: Path, scratch: Path, monkeypatch: pytest.Monke
     history = History()
     store = JobStore(state, os.geteuid(), "j")
     rng = np.random.default_rng(3)
-    real_fsync_dir = local_mod.fsync_dir
+    real_fsync_dir = chunk_mod.fsync_dir
 
     def save(version: int, fail: bool = False) -> None:
         n = history.n.get("j", 0)
@@ -91,7 +92,7 @@ def _failed_save_then_dedup(root: Path, scratch: Path, monkeypatch: pytest.Monke
         if fail:
             def failing(path: Path, kind: str = "dir") -> None:
                 raise OSError(5, "injected EIO")
-            monkeypatch.setattr(local_mod, "fsync_dir", failing)
+            monkeypatch.setattr(chunk_mod, "fsync_dir", failing)
         try:
             store.write_version(pack(history.current["j"]), version=version, step=None, reason="test", meta={},
                                 sessions={}, chunk_size=64 * 1024, compression="off")
@@ -100,7 +101,7 @@ def _failed_save_then_dedup(root: Path, scratch: Path, monkeypatch: pytest.Monke
             return
         finally:
             if fail:
-                monkeypatch.setattr(local_mod, "fsync_dir", real_fsync_dir)
+                monkeypatch.setattr(chunk_mod, "fsync_dir", real_fsync_dir)
         mark(str(trace), ev="ack", what="save", job="j", n=n, level="committed")
 
     def update(delta: dict[str, Any]) -> None:
@@ -112,7 +113,7 @@ def _failed_save_then_dedup(root: Path, scratch: Path, monkeypatch: pytest.Monke
         save(1)
         update({"n": 2, "b": rng.integers(0, 255, 200_000, dtype=np.uint8)})
         save(2, fail=True)
-        real_fsync_dir = local_mod.fsync_dir  # the old-behaviour wrapper, when one is in place
+        real_fsync_dir = chunk_mod.fsync_dir  # the old-behaviour wrapper, when one is in place
         update({"n": 3})
         save(3)
     return explore(parse(trace), history, ["j"], scratch)

@@ -256,12 +256,12 @@ class Handlers:
             size=delta_bytes(delta, req.header_size), now=self.d.clock(),
         )
         if wait == "accepted":
-            self.d.poke()
+            self.d.poke_for(job)
             return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation,
                           **self._held(conn)})
         if wait == "logged":
             waiter = LogWaiter(job.take_log_record())  # same event-loop step as the apply: lsn order holds
-            self.d.poke()
+            self.d.poke_for(job)
             await self.d.log.submit(job, waiter)
             return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn,
                           **self._held(conn)})
