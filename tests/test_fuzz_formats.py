@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 
 from autosaved.codec import pack, unpack
 from autosaved.errors import AutosavedError, CorruptVersion, InvalidValue, ProtocolError
+from autosaved.names import validate_job_name
 from autosaved.protocol import (
     PROTOCOL_VERSION,
     blobs_from_frames,
     check_request,
     pack_header,
     unpack_header,
-    validate_job_name,
 )
 from autosaved.storage.manifest import UnsupportedFormat, seal, unseal
 from autosaved.storage.wal import Record, encode, scan_segment

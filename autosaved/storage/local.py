@@ -17,6 +17,7 @@ a crash during garbage collection can only leave unreferenced chunks, which the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -657,10 +658,13 @@ class JobStore:
         }
 
     def _object_dirs(self) -> Iterator[Path]:
-        if self.objects_dir.is_dir():
-            for sub in sorted(self.objects_dir.iterdir()):
-                if sub.is_dir():
-                    yield sub
+        try:
+            subs = sorted(self.objects_dir.iterdir())
+        except FileNotFoundError:  # no chunk yet, or the job is being deleted
+            return
+        for sub in subs:
+            if sub.is_dir():
+                yield sub
 
     def delete(self) -> None:
         """Remove the job's folder. It is first renamed away (atomic), so a crash half-way through the
@@ -676,10 +680,17 @@ class JobStore:
                     shutil.rmtree(leftover, ignore_errors=True)
 
     def stored_bytes(self) -> int:
+        """Bytes of the job's chunk files. A listing races gc and delete: a chunk or folder that vanished
+        while it was being counted no longer takes space, so it counts 0 (never an error)."""
         total = 0
         for sub in self._object_dirs():
-            for entry in os.scandir(sub):
-                total += entry.stat().st_size
+            try:
+                entries = list(os.scandir(sub))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_size
         return total
 
 
