@@ -37,7 +37,8 @@ from ..protocol import PROTOCOL_VERSION
 from ..shm import fd_socket_path
 from .crashsim import canon
 
-CONFIG = '[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\n'
+# A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
+CONFIG = 'write_speed = "200MiB"\n[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\n'
 
 
 def stable_codes() -> set[str]:
