@@ -28,8 +28,8 @@ from ..offline import restore
 from .crashsim import History, allowed_states, canon
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
-CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n[policy]\nidle = "0.3s"\ninterval = "off"\nmin_gap = "0s"\nkeep_last = 2\n'
-          'compression = "auto"\n')
+CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
+          '[policy]\nidle = "0.3s"\ninterval = "off"\nmin_gap = "0s"\nkeep_last = 2\ncompression = "auto"\n')
 STREAM_JOBS = ("s0", "s1")
 DELETE_JOB = "sdel"
 

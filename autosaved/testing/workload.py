@@ -21,8 +21,8 @@ from .crashsim import History
 from .fstrace import ENV, ENV_ROOT, mark
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
-CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\n'
-          'min_gap = "0s"\nkeep_last = 2\ncompression = "auto"\n')
+CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
+          '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\nkeep_last = 2\ncompression = "auto"\n')
 JOBS = ["a", "b"]
 
 
