@@ -22,7 +22,8 @@ from .fstrace import ENV, ENV_ROOT, mark
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
-          '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\nkeep_last = 2\ncompression = "auto"\n')
+          '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\nkeep_last = 2\n'
+          'compression = "auto"\n')
 JOBS = ["a", "b"]
 
 
