@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 from .client import Ack, Admin, AsyncAdmin, AsyncClient, Client, Exported, Replaced
+from .client.lazy import LazyClient, PendingUpdate
 from .errors import (
     AlreadyRunning,
     AutosavedError,
@@ -45,8 +46,10 @@ __all__ = [
     "Forbidden",
     "InvalidJobName",
     "InvalidValue",
+    "LazyClient",
     "MessageTooLarge",
     "NotFound",
+    "PendingUpdate",
     "ProtocolError",
     "Replaced",
     "ShuttingDown",

@@ -110,6 +110,8 @@ def pack(value: Any, *, allow_delete: bool = False, pinned: PinnedBuffers | None
     def conv(v: Any, path: list[str | int], in_mapping: bool = False) -> Any:
         if v is None or isinstance(v, bool | int | float | str):
             return v
+        if isinstance(v, Blob):  # packed already: the lazy mode packs in update() and sends later
+            return v
         if isinstance(v, bytes | bytearray | memoryview):
             raw = memoryview(bytes(v)) if not isinstance(v, bytes) else memoryview(v)
             return Blob(kind="bytes", dtype="bytes", shape=(raw.nbytes,), nbytes=raw.nbytes, data=raw)

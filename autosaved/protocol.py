@@ -50,7 +50,7 @@ def check_request(header: dict[str, Any]) -> tuple[str, int]:
             details={"code": "bad_version"},
         )
     op = header.get("op")
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:  # a map or list op is unhashable: found by fuzzing
         raise ProtocolError(f"unknown op {op!r}", details={"code": "unknown_op"})
     seq = header.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool):

@@ -105,6 +105,8 @@ class Chunk:
 
     digest: str
     size: int
+    # The algorithm that named it (see storage/hashing.py); old stores only ever used SHA-256.
+    hash: str = "sha256"
 
 
 @dataclass(eq=False)
@@ -175,6 +177,9 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
                     raise InvalidValue(
                         f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
                     )
+                if isinstance(key, int) and not _MSGPACK_INT_MIN <= key <= _MSGPACK_INT_MAX:
+                    # Found by fuzzing: msgpack cannot carry it, and failed later with an OverflowError.
+                    raise InvalidValue(f"{path_str(path)} has int key {key}, outside the 64-bit range keys may use")
                 items.append([key, enc(sub, [*path, key], True)])
             return {"m": items}
         if isinstance(value, list):

@@ -111,15 +111,17 @@ def test_new_keys_parse(tmp_path: Path) -> None:
 
 
 def test_readme_documents_every_config_key_with_a_valid_example(tmp_path: Path) -> None:
+    import dataclasses
     import re
     import tomllib
 
-    from autosaved.config import _TOP_KEYS
+    from autosaved.config import _TOP_KEYS, QuotaSettings
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = re.search(r"```toml\n(.*?)```", readme, flags=re.S)
     assert block is not None
     raw = tomllib.loads(block.group(1))
     assert set(raw) == _TOP_KEYS
-    assert set(raw["policy"]) == set(PolicySettings().to_wire()) and set(raw["quota"]) == {"max_bytes", "max_jobs"}
+    assert set(raw["policy"]) == set(PolicySettings().to_wire()) and set(raw["quota"]) == {
+        f.name for f in dataclasses.fields(QuotaSettings)}
     parse_config_table(raw, Config(address="ipc:///tmp/x.sock", state_dir=tmp_path))

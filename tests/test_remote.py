@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from autosaved.errors import CorruptVersion
+from autosaved.storage import hashing
 from autosaved.storage.manifest import FORMAT_VERSION, HASH_NAME, seal
 from autosaved.storage.remote import Fenced, LeaseHeld, RemoteJob, RemoteStore
 from autosaved.tree import Chunk
@@ -23,9 +24,9 @@ def _store(s3: Any, monkeypatch: pytest.MonkeyPatch) -> RemoteStore:
     return RemoteStore(s3.url(f"t-{secrets.token_hex(4)}"))
 
 
-def _manifest(job: str, version: int, epoch: int, chunks: list[Chunk]) -> bytes:
+def _manifest(job: str, version: int, epoch: int, chunks: list[Chunk], algo: str = HASH_NAME) -> bytes:
     size = sum(c.size for c in chunks)
-    body = {"format": FORMAT_VERSION, "hash": HASH_NAME, "job": job, "version": version, "step": version,
+    body = {"format": FORMAT_VERSION, "hash": algo, "job": job, "version": version, "step": version,
             "time": "2026-01-01T00:00:00.000Z", "reason": "test", "meta": {}, "bytes": size, "sessions": {},
             "wal_lsn": 0, "tree": {"m": [["x", {"b": 0}]]},
             "blobs": [{"kind": "bytes", "dtype": "bytes", "shape": [size], "nbytes": size,
@@ -34,11 +35,33 @@ def _manifest(job: str, version: int, epoch: int, chunks: list[Chunk]) -> bytes:
     return seal(body)
 
 
-async def _publish(job: RemoteJob, version: int, epoch: int, payload: bytes) -> Chunk:
-    chunk = Chunk(hashlib.sha256(payload).hexdigest(), len(payload))
+async def _publish(job: RemoteJob, version: int, epoch: int, payload: bytes, algo: str = HASH_NAME) -> Chunk:
+    # Named the way the local store names it (BLAKE3 for new saves; SHA-256 in older stores).
+    chunk = Chunk(hashing.HASHERS[algo](memoryview(payload)), len(payload), algo)
     await job.put_chunk(chunk.digest, payload, packed=False)
-    await job.put_manifest(version, epoch, _manifest(job.job, version, epoch, [chunk]))
+    await job.put_manifest(version, epoch, _manifest(job.job, version, epoch, [chunk], algo))
     return chunk
+
+
+def test_downloads_are_verified_with_each_manifests_hash(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BLAKE3-named version and an older SHA-256-named one both load (each chunk checked with the
+    algorithm that named it), and a damaged BLAKE3 chunk is caught."""
+    store = _store(s3server, monkeypatch)
+
+    async def main() -> None:
+        job = store.job(os.geteuid(), "j")
+        lease = await job.acquire("h", ttl=60)
+        await _publish(job, 1, lease.epoch, b"old sha256 state", algo=hashing.SHA256)
+        c2 = await _publish(job, 2, lease.epoch, b"new blake3 state", algo=hashing.BLAKE3)
+        assert c2.digest != hashlib.sha256(b"new blake3 state").hexdigest()
+        for vid, payload in ((1, b"old sha256 state"), (2, b"new blake3 state")):
+            loaded = await job.load_version(vid)
+            assert loaded is not None and bytes(loaded.tree["x"].data) == payload
+        await store.put(job.chunk_key(c2.digest), b"new blake3 statE")
+        with pytest.raises(CorruptVersion):
+            await job.load_version(2)
+
+    anyio.run(main)
 
 
 def test_probe_and_create_only_chunks(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:

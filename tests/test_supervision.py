@@ -243,3 +243,13 @@ def test_connections_past_the_cap_wait_until_one_closes(make_daemon: Callable[..
     for s in conns:
         s.close()
     still_serving(d)
+
+
+def test_an_error_that_escapes_still_saves_every_dirty_job_before_exit(faulty: Callable[..., Any]) -> None:
+    d, _ = faulty("task.main.before 1 raise\n")  # fires in the main flow, after SIGTERM, outside any task
+    with autosaved.Client("esc", address=d.address) as c:
+        c.update({"w": np.arange(50, dtype=np.int64), "n": 7})  # accepted only: no save policy
+    assert d.stop(signal.SIGTERM) == 1, d.log()  # an unexpected error: exit 1, but after the flush
+    assert "saving every dirty job, then exiting" in d.log()
+    got = autosaved.restore("esc", state_dir=d.state_dir)
+    assert got["n"] == 7 and np.array_equal(got["w"], np.arange(50, dtype=np.int64))

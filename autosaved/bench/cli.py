@@ -6,7 +6,10 @@
 ``autosaved bench remote [--size 1GiB] [--json]`` measures replication to object storage (see :mod:`.remote`);
 ``autosaved bench dcp [--size 256MiB] [--json]`` measures the trainer's stall per ``dcp.async_save`` (see :mod:`.dcp`);
 ``autosaved bench langgraph`` / ``autosaved bench hf``: the framework integrations (see :mod:`.langgraph`,
-:mod:`.hf`).
+:mod:`.hf`);
+``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.small`);
+``autosaved bench hash [--json]`` measures the chunk hash candidates (see :mod:`.hash`);
+``autosaved bench train [--small] [--json]`` checkpoints every step of a training loop (see :mod:`.train`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import data, dcp, hf, incremental, langgraph, remote, throttle
+from . import data, dcp, hash, hf, incremental, langgraph, remote, small, throttle, train
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -27,6 +30,9 @@ def add_parser(sub: Any, name: str) -> None:
     dcp.add_arguments(modes.add_parser("dcp", help="trainer stall per dcp.async_save, vs FileSystemWriter"))
     langgraph.add_arguments(modes.add_parser("langgraph", help="LangGraph aput latency vs SQLite and memory"))
     hf.add_arguments(modes.add_parser("hf", help="HF Trainer step time with and without checkpoints"))
+    small.add_arguments(modes.add_parser("small", help="small-update latency and throughput vs floors"))
+    hash.add_arguments(modes.add_parser("hash", help="chunk hash speed: SHA-256 vs BLAKE3"))
+    train.add_arguments(modes.add_parser("train", help="checkpoint every step of a GPT-2-shaped training loop"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,4 +48,10 @@ def run(args: argparse.Namespace) -> int:
         return langgraph.run(args)
     if args.bench_mode == "hf":
         return hf.run(args)
+    if args.bench_mode == "small":
+        return small.run(args)
+    if args.bench_mode == "hash":
+        return hash.run(args)
+    if args.bench_mode == "train":
+        return train.run(args)
     return data.run(args)

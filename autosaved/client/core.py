@@ -221,13 +221,19 @@ class ClientCore(Exchange):
         return int(header["version"])
 
     def update(self, delta: Mapping[Any, Any], *, step: int | None = None, meta: Mapping[str, Any] | None = None,
-               wait: str = "accepted") -> Flow[Ack]:
-        """Send an update; on ``state_lost`` let the driver run ``on_state_lost`` and send it once more."""
+               wait: str = "accepted", placer: Placer | None = None,
+               before_resend: Callable[[], None] | None = None) -> Flow[Ack]:
+        """Send an update; on ``state_lost`` let the driver run ``on_state_lost`` and send it once more.
+        ``placer`` replaces the pool's own for the first send; ``before_resend`` runs (a :class:`Local`
+        step) before any second send, which uses the pool's placer (the lazy client's hooks: its first
+        copy signals the fence, and a resend must not read the caller's arrays again)."""
         try:
-            return (yield from self._update_once(delta, step, meta, wait))
+            return (yield from self._update_once(delta, step, meta, wait, placer, before_resend))
         except StateLost as lost:
             if not (yield LostState(lost)):
                 raise
+            if before_resend is not None:
+                yield Local("before_resend", before_resend)
             return (yield from self._update_once(delta, step, meta, wait))
 
     def restore(self, version: int | None = None, tensors: TensorMode = "numpy",
@@ -273,13 +279,16 @@ class ClientCore(Exchange):
         return placed
 
     def _update_once(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
-                     wait: str) -> Flow[Ack]:
-        req = yield from self._build_update(delta, step, meta, wait)
+                     wait: str, placer: Placer | None = None,
+                     before_resend: Callable[[], None] | None = None) -> Flow[Ack]:
+        req = yield from self._build_update(delta, step, meta, wait, placer)
         try:
             header = yield from self._checked(req)
         except AutosavedError as exc:
             if exc.code != "slot_unknown" or self.slots is None:
                 raise
+            if before_resend is not None:
+                yield Local("before_resend", before_resend)
             # A new daemon does not know our slots: start a fresh pool and send once more.
             yield Local("reset_slots", self._fresh_slots)
             req = yield from self._build_update(delta, step, meta, wait)
@@ -298,10 +307,11 @@ class ClientCore(Exchange):
         self.slots.retry_now()
 
     def _build_update(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
-                      wait: str) -> Flow[Request]:
+                      wait: str, placer: Placer | None = None) -> Flow[Request]:
         # Packing and the copy into shared memory touch the whole state: blocking work, off the event loop.
         slots = self.slots
-        placer = slots.place if slots is not None else None
+        if placer is None:
+            placer = slots.place if slots is not None else None
         req: Request = yield Local("build_update", lambda: self.update_request(delta, step=step, meta=meta,
                                                                                wait=wait, placer=placer))
         return req

@@ -108,13 +108,17 @@ class Reports:
         """Jobs on disk and in memory (runs in a worker thread: it lists directories)."""
         out: dict[tuple[int, str], dict[str, Any]] = {}
         for store in self.ctx.store.jobs(owner):
-            ids = store.version_ids()
-            out[(store.owner, store.job)] = {
-                "job": store.job, "owner": store.owner, "versions": len(ids),
-                "latest": ids[-1] if ids else None, "bytes": store.stored_bytes(),
-                # A job not loaded may still hold logged updates past its newest version.
-                "dirty": (store.owner, store.job) not in self.ctx.jobs and store.unsaved_log_records() > 0,
-            }
+            try:
+                ids = store.version_ids()
+                entry = {
+                    "job": store.job, "owner": store.owner, "versions": len(ids),
+                    "latest": ids[-1] if ids else None, "bytes": store.stored_bytes(),
+                    # A job not loaded may still hold logged updates past its newest version.
+                    "dirty": (store.owner, store.job) not in self.ctx.jobs and store.unsaved_log_records() > 0,
+                }
+            except FileNotFoundError:
+                continue  # deleted while we listed it (found by the daemon fuzz loop: an internal error before)
+            out[(store.owner, store.job)] = entry
         for job in list(self.ctx.jobs.values()):
             if owner is not None and job.owner != owner:
                 continue

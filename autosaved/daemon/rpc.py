@@ -142,6 +142,8 @@ class RpcContext:
     replicator: Replicator | None
     clock: Callable[[], float]
     poke: Callable[[], None]
+    # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
+    poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
     boot: str
     pid: int
@@ -290,12 +292,12 @@ class Handlers:
             size=delta_bytes(delta, req.header_size), now=self.ctx.clock(),
         )
         if wait == "accepted":
-            self.ctx.poke()
+            self.ctx.poke_for(job)
             return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation,
                           **self._held(conn)})
         if wait == "logged":
             waiter = LogWaiter(job.take_log_record())  # same event-loop step as the apply: lsn order holds
-            self.ctx.poke()
+            self.ctx.poke_for(job)
             await self.ctx.wal.submit(job, waiter)
             return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn,
                           **self._held(conn)})

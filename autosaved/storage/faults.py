@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ POINTS: dict[str, str] = {
     **{f"task.{t}.start": "a supervised daemon task starts (raise: a bug at its start)"
        for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption")},
     **{f"task.{t}.before": "a daemon task is about to do one piece of work (raise: a bug in that piece)"
-       for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics")},
+       for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics", "main")},
 }
 
 
@@ -81,6 +82,9 @@ class _Faults:
         self.stamp: tuple[float, int] | None = None
         self.rules: list[_Rule] = []
         self.seen: set[str] = set()
+        # Points are reached from several threads at once (the chunk pipeline's syncer, the concurrent
+        # directory fsyncs): hit counts and reloads must not race.
+        self.lock = threading.Lock()
 
     def _reload(self) -> None:
         assert self.path is not None
@@ -108,19 +112,20 @@ class _Faults:
         """Count this hit against every matching rule; the rule that fires now, if any."""
         if self.path is None:
             return None
-        self._reload()
-        name = f"{kind}.{op}.{phase}"
-        if name not in self.seen:
-            self.seen.add(name)
-            with open(self.path + ".seen", "a") as fh:
-                fh.write(name + "\n")
-        due = None
-        for rule in self.rules:
-            if rule.kind in ("*", kind) and rule.op == op and rule.phase == phase:
-                rule.seen += 1
-                if rule.seen == rule.nth or (rule.persistent and rule.seen > rule.nth):
-                    due = due or rule
-        return due
+        with self.lock:
+            self._reload()
+            name = f"{kind}.{op}.{phase}"
+            if name not in self.seen:
+                self.seen.add(name)
+                with open(self.path + ".seen", "a") as fh:
+                    fh.write(name + "\n")
+            due = None
+            for rule in self.rules:
+                if rule.kind in ("*", kind) and rule.op == op and rule.phase == phase:
+                    rule.seen += 1
+                    if rule.seen == rule.nth or (rule.persistent and rule.seen > rule.nth):
+                        due = due or rule
+            return due
 
     def point(self, kind: str, op: str, phase: str, detail: object = "") -> None:
         rule = self._due(kind, op, phase)

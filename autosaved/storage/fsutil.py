@@ -10,6 +10,13 @@ from pathlib import Path
 
 from .faults import point, write
 
+if os.environ.get("AUTOSAVED_FSTRACE"):
+    # The power-loss checker's recorder (tests only; see autosaved.testing.fstrace): it must be in place
+    # before the storage code makes its first call.
+    from ..testing.fstrace import install as _install_fstrace
+
+    _install_fstrace()
+
 # Called by writers with the number of bytes about to be written; it may block (it runs in a worker
 # thread) to hold a save to the rate the I/O throttle allows.
 Pacer = Callable[[int], None]
@@ -30,17 +37,34 @@ def fsync_dir(path: Path, kind: str = "dir") -> None:
     point(kind, "fsync_dir", "after", path)
 
 
+# Directories whose entry (and every ancestor's) this process has fsynced: see make_dirs.
+_durable_dirs: set[Path] = set()
+
+
 def make_dirs(path: Path, mode: int = 0o750) -> None:
     """Create ``path`` and any missing parents, fsyncing each new entry's parent so the new directory
-    survives a crash along with what is written into it."""
+    survives a crash along with what is written into it.
+
+    A directory that already exists may have been made by a process that died (or failed) between its
+    ``mkdir`` and the fsync of its parent, so its name may still vanish at a power cut, taking everything
+    inside with it. So the first call for a path in this process also fsyncs the parent of every existing
+    component up to the file system root; later calls cost one set lookup."""
     missing = []
-    p = path
+    p = path.absolute()
     while not p.is_dir():
         missing.append(p)
         p = p.parent
     for d in reversed(missing):
         d.mkdir(mode=mode, exist_ok=True)
         fsync_dir(d.parent)
+        _durable_dirs.add(d)
+    while p not in _durable_dirs and p.parent != p:
+        try:
+            fsync_dir(p.parent)
+        except PermissionError:
+            break  # an ancestor we may not open (mode 0711): its entries are the admin's, not ours
+        _durable_dirs.add(p)
+        p = p.parent
 
 
 def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o640, *,

@@ -3,8 +3,8 @@
 Layout under the state dir::
 
     jobs/<owner uid>/<job>/versions/<id>.json    committed manifests (a version exists iff its manifest does)
-    jobs/<owner uid>/<job>/objects/<ab>/<sha256> chunks, shared by every version that contains them
-                                           (``<sha256>.zst``: stored zstd-compressed, see :mod:`.compress`)
+    jobs/<owner uid>/<job>/objects/<ab>/<digest> chunks (BLAKE3 or SHA-256: see hashing), shared by every version
+                                           (``<digest>.zst``: stored zstd-compressed, see :mod:`.compress`)
     jobs/<owner uid>/<job>/log/<lsn>.wal         write-ahead log segments (see :mod:`.wal`)
     jobs/<owner uid>/<job>/tmp/                  temp files; anything here after a crash is garbage
 
@@ -17,13 +17,14 @@ a crash during garbage collection can only leave unreferenced chunks, which the 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import mmap
 import os
 import re
 import secrets
 import shutil
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from ..errors import CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
+from . import hashing
+from .chunkwriter import ChunkPipeline, fsync_dirs
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
 from .faults import point
 from .fsutil import (
@@ -44,9 +47,7 @@ from .fsutil import (
     make_dirs,
     pwrite_all,
     read_exact,
-    rename,
     temp_name,
-    write_fsync,
 )
 from .manifest import (
     FORMAT_VERSION,
@@ -69,23 +70,29 @@ DIR_MODE = 0o750
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
 
+# Chunks of a shared-memory leaf copied and hashed ahead of the one being written.
+_SHARED_WINDOW = max(2, min(8, os.cpu_count() or 2))
+
+
 def _shared(blob: Blob) -> bool:
     """Whether the blob's bytes live in a client's shared-memory slot (a mapping the client can write)."""
     return blob.data is not None and isinstance(blob.data.obj, mmap.mmap)
 
 
-def _sha256_hex(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def submit_digests(data: memoryview, chunk_size: int) -> list[tuple[int, Future[str]]]:
+def submit_digests(data: memoryview, chunk_size: int, algo: str = HASH_NAME) -> list[tuple[int, Future[str]]]:
     """Start hashing ``data``'s chunks in the pool; (size, digest future) per chunk."""
+    fn = hashing.HASHERS[algo]
     pieces = [data[i : i + chunk_size] for i in range(0, data.nbytes, chunk_size)] or [data[:0]]
-    return [(p.nbytes, _HASH_POOL.submit(_sha256_hex, p)) for p in pieces]
+    return [(p.nbytes, _HASH_POOL.submit(fn, p)) for p in pieces]
 
 
 def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
-    return tuple(Chunk(f.result(), n) for n, f in submit_digests(data, chunk_size))
+    return tuple(Chunk(f.result(), n, HASH_NAME) for n, f in submit_digests(data, chunk_size))
+
+
+def _check_digest(chunk: Chunk, data: memoryview) -> str:
+    """``data``'s digest under the algorithm that named ``chunk`` (run in the hash pool)."""
+    return hashing.HASHERS[chunk.hash](data)
 
 
 @dataclass
@@ -201,59 +208,27 @@ class JobStore:
         self.ensure_dirs()
         node, blobs = to_node(tree)
         records: list[dict[str, Any]] = []
-        written = chunks_written = 0
+        counts = [0, 0]
         dirs_touched: set[Path] = set()
         # Every leaf is hashed in the pool ahead of the writes below, so hashing overlaps writing. Leaves in
         # a client's shared-memory slot are not: the client can still write there, so their chunks are
-        # copied first and named by the hash of the copy, which is what gets written (see _shared_chunks).
+        # copied first and named by the hash of the copy, which is what gets written (see _write_shared).
         ahead = {id(b): submit_digests(b.data, chunk_size) for b in blobs
                  if b.data is not None and chunk_size not in b.digests and not _shared(b)}
-        for blob in blobs:
-            if _shared(blob) and chunk_size not in blob.digests:
-                recs, n_bytes, n_chunks, touched = self._write_shared(blob, chunk_size, compression, pace)
-                records.append(recs)
-                written += n_bytes
-                chunks_written += n_chunks
-                dirs_touched |= touched
-                continue
-            if id(blob) in ahead:
-                blob.digests[chunk_size] = tuple(Chunk(f.result(), n) for n, f in ahead[id(blob)])
-            chunks = self._chunks_of(blob, chunk_size)
-            if _shared(blob) and not all(self._has_object(c.digest) for c in chunks):
-                # A cached hash of shared bytes that must be written again: hash what is written instead.
-                del blob.digests[chunk_size]
-                recs, n_bytes, n_chunks, touched = self._write_shared(blob, chunk_size, compression, pace)
-                records.append(recs)
-                written += n_bytes
-                chunks_written += n_chunks
-                dirs_touched |= touched
-                continue
-            try_compress = worth_trying(blob, compression)
-            offset = 0
-            for chunk in chunks:
-                stored = self._has_object(chunk.digest)
-                if blob.data is not None and not stored:
-                    raw = blob.data[offset : offset + chunk.size]
-                    packed = compress_chunk(raw) if try_compress else None
-                    target = self._object_path(chunk.digest, compressed=packed is not None)
-                    if not target.parent.is_dir():
-                        target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-                        dirs_touched.add(self.objects_dir)
-                    tmp = temp_name(self.tmp_dir, chunk.digest)
-                    written += write_fsync(tmp, [raw if packed is None else packed], pace=pace, drop_cache=True)
-                    try:
-                        rename(tmp, target, "chunk")
-                    except BaseException:
-                        tmp.unlink(missing_ok=True)
-                        raise
-                    dirs_touched.add(target.parent)
-                    chunks_written += 1
-                elif blob.data is None and not stored:
-                    raise StorageError(f"chunk {chunk.digest} of a stored leaf is missing from {self.objects_dir}")
-                offset += chunk.size
-            records.append(blob_record(blob, chunks))
-        for d in sorted(dirs_touched, key=lambda p: len(p.parts), reverse=True):
-            fsync_dir(d, "chunk")
+        # Chunk n's fsync and rename run in the pipeline's syncer while chunk n+1 is written (chunkwriter).
+        pipeline = ChunkPipeline(pace)
+        try:
+            self._write_chunks(blobs, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
+            pipeline.finish()  # every chunk durable under its name before any manifest names it
+        except BaseException:
+            pipeline.abandon()
+            raise
+        written, chunks_written = counts
+        # objects/ itself too: an objects/<ab>/ made by an earlier, failed save may not be durable either.
+        dirs_touched.add(self.objects_dir)
+        # All before the manifest (defect 6: dedup'd chunks' dirs included); among themselves the order
+        # does not matter, so they run concurrently.
+        fsync_dirs(dirs_touched)
 
         info = VersionInfo(
             job=self.job, id=version, step=step, time=utc_now_iso(), bytes=sum(b.nbytes for b in blobs),
@@ -268,55 +243,106 @@ class JobStore:
         atomic_write(self.versions_dir / f"{version:012d}.json", manifest, self.tmp_dir)
         return SaveResult(info=info, bytes_written=written + len(manifest), chunks_written=chunks_written)
 
-    def _write_chunk(self, digest: str, data: bytes | memoryview, try_compress: bool, pace: Pacer | None,
-                     touched: set[Path]) -> int:
+    def _put_chunk(self, digest: str, data: bytes | memoryview, try_compress: bool, pipeline: ChunkPipeline,
+                   dirs_touched: set[Path]) -> int:
+        """Write one chunk the store lacks through the pipeline (durable and renamed in by the syncer)."""
         packed = compress_chunk(memoryview(data)) if try_compress else None
         target = self._object_path(digest, compressed=packed is not None)
         if not target.parent.is_dir():
             target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-            touched.add(self.objects_dir)
         tmp = temp_name(self.tmp_dir, digest)
-        n = write_fsync(tmp, [data if packed is None else packed], pace=pace, drop_cache=True)
-        try:
-            rename(tmp, target, "chunk")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        touched.add(target.parent)
+        n = pipeline.put(tmp, target, data if packed is None else packed)
+        dirs_touched.add(target.parent)
         return n
 
-    def _write_shared(self, blob: Blob, chunk_size: int, compression: str,
-                      pace: Pacer | None) -> tuple[dict[str, Any], int, int, set[Path]]:
+    def _write_chunks(self, blobs: list[Blob], ahead: dict[int, list[tuple[int, Future[str]]]], chunk_size: int,
+                      compression: str, pipeline: ChunkPipeline, records: list[dict[str, Any]],
+                      dirs_touched: set[Path], counts: list[int]) -> None:
+        """Queue every chunk the store lacks; ``counts`` gets [bytes written, chunks written]."""
+        written = chunks_written = 0
+        queued: set[str] = set()  # written by this save but maybe not renamed yet: do not write twice
+        for blob in blobs:
+            if _shared(blob) and chunk_size not in blob.digests:
+                rec, n_bytes, n_chunks = self._write_shared(blob, chunk_size, compression, pipeline, dirs_touched,
+                                                            queued)
+                records.append(rec)
+                written += n_bytes
+                chunks_written += n_chunks
+                continue
+            if id(blob) in ahead:
+                blob.digests[chunk_size] = tuple(Chunk(f.result(), n, HASH_NAME) for n, f in ahead[id(blob)])
+            chunks = self._chunks_of(blob, chunk_size)
+            if _shared(blob) and not all(c.digest in queued or self._has_object(c.digest) for c in chunks):
+                # A cached hash of shared bytes that must be written again: hash what is written instead.
+                del blob.digests[chunk_size]
+                rec, n_bytes, n_chunks = self._write_shared(blob, chunk_size, compression, pipeline, dirs_touched,
+                                                            queued)
+                records.append(rec)
+                written += n_bytes
+                chunks_written += n_chunks
+                continue
+            try_compress = worth_trying(blob, compression)
+            offset = 0
+            for chunk in chunks:
+                stored = chunk.digest in queued or self._has_object(chunk.digest)
+                # Power loss: a chunk found here may have been renamed in by a save that failed or was
+                # killed before it fsynced the directory, so its name may not be durable yet. Every
+                # directory holding a chunk this version references is fsynced before the manifest.
+                dirs_touched.add(self._object_path(chunk.digest).parent)
+                if blob.data is not None and not stored:
+                    # Written now, made durable and renamed by the pipeline while the next one is written.
+                    written += self._put_chunk(chunk.digest, blob.data[offset : offset + chunk.size], try_compress,
+                                               pipeline, dirs_touched)
+                    queued.add(chunk.digest)
+                    chunks_written += 1
+                elif blob.data is None and not stored:
+                    raise StorageError(f"chunk {chunk.digest} of a stored leaf is missing from {self.objects_dir}")
+                offset += chunk.size
+            records.append(blob_record(blob, chunks))
+        counts[:] = [written, chunks_written]
+
+    def _write_shared(self, blob: Blob, chunk_size: int, compression: str, pipeline: ChunkPipeline,
+                      dirs_touched: set[Path], queued: set[str]) -> tuple[dict[str, Any], int, int]:
         """Store a leaf whose bytes live in a client's shared-memory slot, which the client may still write
         into (a forked child, a stray pointer): each chunk is copied once into private memory and named by
         the hash of that copy, the bytes that are then written. So a chunk's name is always the hash of its
         stored bytes, and a scribbling client can only change what its own version holds, never make the
-        store hold a chunk that does not match its name (which dedup would spread into later versions)."""
+        store hold a chunk that does not match its name (which dedup would spread into later versions).
+        Named with the store's algorithm (``HASH_NAME``) like every other new chunk; written through the
+        same pipeline (the write of the private copy is synchronous, so the copy can go once ``put``
+        returns; only the fsync and rename are deferred)."""
         assert blob.data is not None
         data = blob.data
         try_compress = worth_trying(blob, compression)
         starts = list(range(0, data.nbytes, chunk_size)) or [0]
+        hash_fn = hashing.HASHERS[HASH_NAME]
 
         def copy_and_hash(start: int) -> tuple[bytes, Future[str]]:
             private = bytes(data[start : start + chunk_size])
-            return private, _HASH_POOL.submit(_sha256_hex, memoryview(private))
+            return private, _HASH_POOL.submit(hash_fn, memoryview(private))
 
-        touched: set[Path] = set()
         chunks: list[Chunk] = []
         written = count = 0
-        nxt = copy_and_hash(starts[0])
-        for i in range(len(starts)):
-            private, digest_future = nxt
-            if i + 1 < len(starts):
-                nxt = copy_and_hash(starts[i + 1])  # hashed in the pool while this one is written
+        # A few chunks are copied ahead and hashed in the pool (in parallel) while one is written: the copy
+        # costs one memcpy, the hashing keeps the pool's parallelism, memory stays at WINDOW chunks.
+        window = deque(copy_and_hash(start) for start in starts[:_SHARED_WINDOW])
+        ahead = iter(starts[_SHARED_WINDOW:])
+        while window:
+            private, digest_future = window.popleft()
+            nxt = next(ahead, None)
+            if nxt is not None:
+                window.append(copy_and_hash(nxt))
             digest = digest_future.result()
-            chunks.append(Chunk(digest, len(private)))
-            if not self._has_object(digest):
-                written += self._write_chunk(digest, private, try_compress, pace, touched)
+            chunks.append(Chunk(digest, len(private), HASH_NAME))
+            # Defect 6: the directory of a dedup'd chunk is fsynced before the manifest too.
+            dirs_touched.add(self._object_path(digest).parent)
+            if digest not in queued and not self._has_object(digest):
+                written += self._put_chunk(digest, private, try_compress, pipeline, dirs_touched)
+                queued.add(digest)
                 count += 1
         done = tuple(chunks)
         blob.digests[chunk_size] = done  # what this version holds; a later save dedups against it
-        return blob_record(blob, done), written, count, touched
+        return blob_record(blob, done), written, count
 
     @staticmethod
     def _chunks_of(blob: Blob, chunk_size: int) -> tuple[Chunk, ...]:
@@ -366,7 +392,7 @@ class JobStore:
         where = f"{self.job} version {version}"
         doc = self.read_manifest(version)
         try:
-            blobs = [blob_from_record(rec, where) for rec in doc["blobs"]]
+            blobs = [blob_from_record(rec, where, doc.get("hash", hashing.LEGACY)) for rec in doc["blobs"]]
             tree = from_node(doc["tree"], blobs)
         except CorruptVersion:
             raise
@@ -391,7 +417,7 @@ class JobStore:
             view = into[offset : offset + chunk.size]
             self._read_chunk(chunk, view, where)
             if verify:
-                pending.append((chunk, _HASH_POOL.submit(_sha256_hex, view)))
+                pending.append((chunk, _HASH_POOL.submit(_check_digest, chunk, view)))
             offset += chunk.size
         for chunk, digest in pending:
             if digest.result() != chunk.digest:
@@ -444,7 +470,7 @@ class JobStore:
                 finally:
                     os.close(fd)
             piece = check[pos : pos + chunk.size]
-            pending.append((chunk, _HASH_POOL.submit(_sha256_hex, piece)))
+            pending.append((chunk, _HASH_POOL.submit(_check_digest, chunk, piece)))
             pos += chunk.size
         for chunk, digest in pending:
             if digest.result() != chunk.digest:
@@ -468,11 +494,12 @@ class JobStore:
             return VersionInfo(self.job, version, None, "", 0, "", {}, ok=False, error=str(exc))
         where = f"{self.job} version {version}"
         try:
+            algo = doc.get("hash", hashing.LEGACY)
             for rec in doc["blobs"]:
-                blob = blob_from_record(rec, where)
+                blob = blob_from_record(rec, where, algo)
                 assert blob.chunks is not None
                 self._verify_chunks(blob.chunks, where, seen)
-            from_node(doc["tree"], [blob_from_record(r, where) for r in doc["blobs"]])
+            from_node(doc["tree"], [blob_from_record(r, where, algo) for r in doc["blobs"]])
         except Exception as exc:
             return self._info(doc, ok=False, error=str(exc))
         return self._info(doc)
@@ -631,10 +658,13 @@ class JobStore:
         }
 
     def _object_dirs(self) -> Iterator[Path]:
-        if self.objects_dir.is_dir():
-            for sub in sorted(self.objects_dir.iterdir()):
-                if sub.is_dir():
-                    yield sub
+        try:
+            subs = sorted(self.objects_dir.iterdir())
+        except FileNotFoundError:  # no chunk yet, or the job is being deleted
+            return
+        for sub in subs:
+            if sub.is_dir():
+                yield sub
 
     def delete(self) -> None:
         """Remove the job's folder. It is first renamed away (atomic), so a crash half-way through the
@@ -650,10 +680,17 @@ class JobStore:
                     shutil.rmtree(leftover, ignore_errors=True)
 
     def stored_bytes(self) -> int:
+        """Bytes of the job's chunk files. A listing races gc and delete: a chunk or folder that vanished
+        while it was being counted no longer takes space, so it counts 0 (never an error)."""
         total = 0
         for sub in self._object_dirs():
-            for entry in os.scandir(sub):
-                total += entry.stat().st_size
+            try:
+                entries = list(os.scandir(sub))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_size
         return total
 
 

@@ -14,11 +14,27 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from ..errors import CorruptVersion
+from ..errors import CorruptVersion, StorageError
 from ..tree import Blob, Chunk
+from . import hashing
 
 FORMAT_VERSION: Final = 1
-HASH_NAME: Final = "sha256"
+# The hash that names new chunks; a manifest records it (``hash``), see hashing.py.
+HASH_NAME: Final = hashing.DEFAULT
+
+
+class UnsupportedFormat(StorageError):
+    """Stored data written by a newer autosaved (a higher format version). Never skipped as corrupt,
+    never repaired, never collected: the caller stops and says to upgrade, and nothing is changed."""
+
+    code = "unsupported_format"
+
+
+def check_format(found: object, supported: int, what: str) -> None:
+    """Refuse ``found`` when it is a format version newer than ``supported``."""
+    if isinstance(found, int) and not isinstance(found, bool) and found > supported:
+        raise UnsupportedFormat(f"{what} is format {found}, newer than this autosaved reads ({supported}); "
+                                "upgrade autosaved to read it (nothing was changed)")
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -36,6 +52,9 @@ def unseal(raw: bytes, where: str) -> dict[str, Any]:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptVersion(f"{where}: manifest is not valid JSON ({exc})") from None
+    if isinstance(doc, dict):
+        # Before the digest: a newer format may seal differently, and must not look corrupt.
+        check_format(doc.get("format"), FORMAT_VERSION, f"{where}: manifest")
     if not isinstance(doc, dict) or "digest" not in doc:
         raise CorruptVersion(f"{where}: manifest has no digest")
     digest = doc.pop("digest")
@@ -46,16 +65,26 @@ def unseal(raw: bytes, where: str) -> dict[str, Any]:
     return doc
 
 
-def blob_record(blob: Blob, chunks: tuple[Chunk, ...]) -> dict[str, Any]:
-    return {**blob.descriptor(), "chunks": [[c.digest, c.size] for c in chunks]}
+def blob_record(blob: Blob, chunks: tuple[Chunk, ...], default_hash: str = HASH_NAME) -> dict[str, Any]:
+    """A leaf's manifest record; it names its chunks' hash only where that is not the manifest's."""
+    rec = {**blob.descriptor(), "chunks": [[c.digest, c.size] for c in chunks]}
+    algos = {c.hash for c in chunks}
+    if len(algos) > 1:  # never built: a leaf's chunks come from one hashing pass or one stored leaf
+        raise ValueError("a leaf's chunks are named by more than one hash algorithm")
+    if algos and (algo := algos.pop()) != default_hash:
+        rec["hash"] = algo
+    return rec
 
 
-def blob_from_record(rec: Any, where: str) -> Blob:
+def blob_from_record(rec: Any, where: str, default_hash: str = hashing.LEGACY) -> Blob:
+    """A stored leaf; ``default_hash`` is the manifest's ``hash`` (SHA-256 for manifests without one)."""
     try:
         kind, dtype, shape, nbytes = Blob.check_descriptor(rec)
-        chunks = tuple(Chunk(str(d), int(s)) for d, s in rec["chunks"])
+        algo = rec.get("hash", default_hash)
+        chunks = tuple(Chunk(str(d), int(s), algo) for d, s in rec["chunks"])
     except Exception as exc:
         raise CorruptVersion(f"{where}: bad blob record ({exc})") from None
+    hashing.hasher(algo, where)  # an unknown algorithm is reported when the manifest is read
     if sum(c.size for c in chunks) != nbytes:
         raise CorruptVersion(f"{where}: chunk sizes do not add up to the blob size")
     return Blob(kind=kind, dtype=dtype, shape=shape, nbytes=nbytes, chunks=chunks)

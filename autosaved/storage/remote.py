@@ -2,7 +2,7 @@
 
 Layout under ``s3://bucket/prefix``, mirroring the local store (see :mod:`.local`)::
 
-    jobs/<owner uid>/<job>/chunks/<ab>/<sha256>[.zst]     immutable chunks: the local store's chunk files
+    jobs/<owner uid>/<job>/chunks/<ab>/<digest>[.zst]     immutable chunks: the local store's chunk files
     jobs/<owner uid>/<job>/versions/<id>.e<epoch>.json    manifests, written last (a version exists iff this does)
     jobs/<owner uid>/<job>/lease.json                     who may publish, and the fences of past epochs
     jobs/<owner uid>/<job>/gc.json                        chunks seen unreferenced, and since when
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import hashlib
 import json
 import mmap
 import os
@@ -48,6 +47,7 @@ import anyio
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
 from ..tree import Blob, Chunk, from_node, iter_blobs
+from . import hashing
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
@@ -351,8 +351,9 @@ class _PreconditionFailed(Exception):
     pass
 
 
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _digest(chunk: Chunk, data: bytes | memoryview) -> str:
+    """``data``'s digest under the algorithm that named ``chunk`` (BLAKE3 since issue 14, SHA-256 before)."""
+    return hashing.HASHERS[chunk.hash](memoryview(data))
 
 
 class RemoteJob:
@@ -405,7 +406,7 @@ class RemoteJob:
             except ChunkDecodeError as exc:
                 raise CorruptVersion(f"{where}: object {key} does not decompress ({exc})") from None
         def check() -> bool:
-            if len(raw) != chunk.size or _sha256(raw) != chunk.digest:
+            if len(raw) != chunk.size or _digest(chunk, raw) != chunk.digest:
                 return False
             if into is not None:
                 into[:] = raw
@@ -460,7 +461,7 @@ class RemoteJob:
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
         try:
-            blobs = [blob_from_record(rec, where) for rec in doc["blobs"]]
+            blobs = [blob_from_record(rec, where, doc.get("hash", hashing.LEGACY)) for rec in doc["blobs"]]
             tree = from_node(doc["tree"], blobs)
         except CorruptVersion:
             raise
@@ -554,7 +555,8 @@ class RemoteJob:
             return None
         await anyio.to_thread.run_sync(local.ensure_dirs)
         dirs: set[Path] = set()
-        blobs = [blob_from_record(rec, "seed") for rec in loaded.doc["blobs"]]
+        algo = loaded.doc.get("hash", hashing.LEGACY)
+        blobs = [blob_from_record(rec, "seed", algo) for rec in loaded.doc["blobs"]]
         data_by_digest: dict[str, memoryview] = {}
         # The loaded tree's blobs carry the verified bytes; map each chunk digest to its piece.
         for blob in iter_blobs(loaded.tree):
@@ -567,6 +569,7 @@ class RemoteJob:
             assert blob.chunks is not None
             for c in blob.chunks:
                 target = local.objects_dir / c.digest[:2] / c.digest
+                dirs.add(target.parent)  # a chunk already here may not have a durable name yet (defect 6)
                 if await aiofiles.os.path.exists(target) or await aiofiles.os.path.exists(
                         target.with_name(c.digest + SUFFIX)):
                     continue
@@ -578,6 +581,7 @@ class RemoteJob:
                     await anyio.to_thread.run_sync(os.fsync, fh.fileno())
                 await aiofiles.os.replace(tmp, target)
                 dirs.add(target.parent)
+        dirs.add(local.objects_dir)
         for d in dirs:
             await anyio.to_thread.run_sync(fsync_dir, d)
         body = {k: v for k, v in loaded.doc.items() if k != "remote"}

@@ -40,10 +40,13 @@ from ..errors import CorruptVersion, StorageError
 from ..tree import MAX_DEPTH, Blob, from_node, to_node
 from .faults import point, write
 from .fsutil import fsync_dir, make_dirs
+from .manifest import check_format
 
 log = logging.getLogger("autosaved.wal")
 
 MAGIC = b"ASW1"
+# The digit in the magic is the record format version: "ASW2" and later are refused, never cut as torn.
+FORMAT_VERSION = 1
 _HEAD = struct.Struct("<4sQI")
 _U32 = struct.Struct("<I")
 _SEGMENT = re.compile(r"^(\d{16})\.wal$")
@@ -149,6 +152,8 @@ def scan_segment(path: Path) -> SegmentScan:
             scan.torn = f"{where}: partial record header"
             break
         magic, length, crc = _HEAD.unpack_from(data, offset)
+        if magic[:3] == MAGIC[:3] and magic[3:].isdigit():
+            check_format(int(magic[3:]), FORMAT_VERSION, f"write-ahead log record {where}")
         if magic != MAGIC or length > MAX_RECORD:
             scan.torn = f"{where}: bad record header"
             break

@@ -1,0 +1,258 @@
+"""``autosaved bench train [--small] [--steps 3] [--json]``: checkpoint every step of a real training loop.
+
+A GPT-2-shaped model (GPT-2 small's config: 12 layers, 768 wide, 50257 tokens, 124M parameters; ``--small``:
+2 layers, 128 wide, for a quick run) trains on CPU with AdamW on random tokens, once per mode, each with a
+checkpoint of ``{"model", "optim", "step"}`` after every optimizer step:
+
+- ``none``: no checkpoint (the baseline);
+- ``eager``: ``Client.update(...)`` (returns once every byte is copied into the daemon's slots);
+- ``lazy``: ``LazyClient.update(...)`` right after the step, and its fence just before the next step (what
+  the optimizer hook does), so the copy overlaps the next forward and backward;
+- ``torch_save``: ``torch.save`` to a file + fsync;
+- ``dcp_async``: ``torch.distributed.checkpoint.async_save`` (a one-process gloo group), waiting for the
+  previous save before starting the next, as DCP requires.
+
+Keys: ``step_s_<mode>`` (mean wall time of a step, checkpoint included), ``blocking_s_<mode>`` (mean time
+per step the trainer was stopped by the checkpoint: the call itself plus, for lazy, the fence and, for DCP,
+the wait for the previous save), and ``state_bytes``. The daemon runs privately in a temp dir with its
+save policy off, so ``eager``/``lazy`` measure what the trainer pays for handing its state over (``accepted``)
+while ``torch_save``/DCP also write to disk; the daemon's own writes are what ``autosaved bench`` measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..cli.common import human_bytes, print_json, table
+from ..client.lazy import LazyClient
+from ..client.sync import Client
+from ..errors import AutosavedError
+from .private import PrivateDaemon
+
+MODES = ("none", "eager", "lazy", "torch_save", "dcp_async")
+_DAEMON_CONFIG = ('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'
+                  '[throttle]\nenabled = false\n')
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab: int = 50257
+    ctx: int = 1024
+    layers: int = 12
+    heads: int = 12
+    width: int = 768
+
+
+GPT2_SMALL = GPTConfig()
+TINY = GPTConfig(vocab=1024, ctx=128, layers=2, heads=4, width=128)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--small", action="store_true", help="a 2-layer, 128-wide model (quick runs, tests)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per mode, after one warm-up (default 3)")
+    p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def build_model(cfg: GPTConfig) -> Any:
+    """GPT-2's architecture (pre-norm blocks, causal self-attention, 4x GELU MLP, tied embeddings)."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
+            self.c_attn, self.c_proj = nn.Linear(cfg.width, 3 * cfg.width), nn.Linear(cfg.width, cfg.width)
+            self.mlp = nn.Sequential(nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(approximate="tanh"),
+                                     nn.Linear(4 * cfg.width, cfg.width))
+
+        def forward(self, x: Any) -> Any:
+            b, t, c = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(cfg.width, dim=2)
+            q, k, v = (z.view(b, t, cfg.heads, c // cfg.heads).transpose(1, 2) for z in (q, k, v))
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.wpe = nn.Embedding(cfg.vocab, cfg.width), nn.Embedding(cfg.ctx, cfg.width)
+            self.h = nn.ModuleList(Block() for _ in range(cfg.layers))
+            self.ln_f = nn.LayerNorm(cfg.width)
+            self.lm_head = nn.Linear(cfg.width, cfg.vocab, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, idx: Any) -> Any:
+            pos = torch.arange(idx.shape[1])
+            x = self.wte(idx) + self.wpe(pos)
+            for block in self.h:
+                x = block(x)
+            return self.lm_head(self.ln_f(x))
+
+    torch.manual_seed(0)
+    return GPT()
+
+
+def _state(model: Any, opt: Any, step: int) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "step": step}
+
+
+def _state_bytes(state: Any) -> int:
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return int(state.numel() * state.element_size())
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path,
+             address: str | None) -> dict[str, float]:
+    import torch
+
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    blocked: list[float] = []
+    times: list[float] = []
+    checkpoint: Callable[[int], None] = lambda _step: None  # noqa: E731
+    before_step: Callable[[], None] = lambda: None  # noqa: E731
+    cleanup: Callable[[], None] = lambda: None  # noqa: E731
+    pending_block = [0.0]
+
+    if mode == "eager":
+        assert address is not None
+        client = Client(f"train-{mode}", address=address, timeout=600)
+        client.connect()
+
+        def checkpoint(step: int) -> None:
+            client.update(_state(model, opt, step), step=step)
+
+        cleanup = client.close
+    elif mode == "lazy":
+        assert address is not None
+        lazy = LazyClient(Client(f"train-{mode}", address=address, timeout=600))
+        lazy.client.connect()
+
+        def checkpoint(step: int) -> None:
+            lazy.update(_state(model, opt, step), step=step)
+
+        def before_step() -> None:
+            t = time.perf_counter()
+            lazy.fence()  # what hook_optimizer does; timed here so it counts as blocking
+            pending_block[0] += time.perf_counter() - t
+
+        cleanup = lazy.close
+    elif mode == "torch_save":
+        def checkpoint(step: int) -> None:
+            with (work / "ckpt.pt").open("wb") as fh:
+                torch.save(_state(model, opt, step), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+    elif mode == "dcp_async":
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        dist.init_process_group("gloo", init_method=f"file://{work / 'pg'}", rank=0, world_size=1)
+        futures: list[Any] = []
+
+        def checkpoint(step: int) -> None:
+            if futures:
+                futures.pop().result()  # DCP: one async save at a time
+            async_save = getattr(dcp, "async_save")  # noqa: B009  (not in torch's stubs' exports)
+            futures.append(async_save(_state(model, opt, step), checkpoint_id=str(work / f"dcp{step}")))
+
+        def finish() -> None:
+            for f in futures:
+                f.result()
+            dist.destroy_process_group()
+
+        cleanup = finish
+
+    try:
+        for i in range(steps + 1):
+            tokens = torch.randint(0, cfg.vocab, (batch, seq + 1), generator=gen)
+            started = time.perf_counter()
+            pending_block[0] = 0.0
+            logits = model(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), tokens[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            before_step()
+            opt.step()
+            t = time.perf_counter()
+            checkpoint(i)
+            stopped = time.perf_counter() - t + pending_block[0]
+            if i > 0:  # the first step pays for allocations, connections, slot creation
+                times.append(time.perf_counter() - started)
+                blocked.append(stopped)
+            if not math.isfinite(float(loss.detach())):
+                raise AutosavedError(f"bench train: loss became {float(loss.detach())}")
+        state_bytes = _state_bytes(_state(model, opt, steps))
+    finally:
+        cleanup()
+    return {"step_s": statistics.mean(times), "blocking_s": statistics.mean(blocked), "state_bytes": state_bytes}
+
+
+def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {"host": f"{socket.gethostname()} ({os.cpu_count()} cpus)", "steps": steps,
+                           "threads": torch.get_num_threads(), "config": cfg.__dict__, "seq": seq, "batch": batch}
+    with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
+        for mode in MODES:
+            r = run_mode(mode, cfg, steps, seq, batch, work, daemon.address)
+            out[f"step_s_{mode}"] = r["step_s"]
+            if mode != "none":
+                out[f"blocking_s_{mode}"] = r["blocking_s"]
+            out["state_bytes"] = r["state_bytes"]
+    out["params"] = sum(p.numel() for p in build_model(cfg).parameters())
+    return out
+
+
+def render(r: dict[str, Any]) -> str:
+    base = r["step_s_none"]
+    rows = []
+    for mode in MODES:
+        block = r.get(f"blocking_s_{mode}")
+        rows.append([mode, f"{r[f'step_s_{mode}']:.3f}", f"{r[f'step_s_{mode}'] / base:.3f}x",
+                     "-" if block is None else f"{block:.4f}"])
+    dcp = r.get("blocking_s_dcp_async") or 0.0
+    lazy_vs = f"; blocking_s_lazy = {r['blocking_s_lazy'] / dcp:.3f}x blocking_s_dcp_async" if dcp else ""
+    return "\n".join([
+        f"autosaved bench train: GPT-2-shaped, {r['params'] / 1e6:.1f}M parameters, state "
+        f"{human_bytes(r['state_bytes'])}, {r['steps']} steps per mode, on {r['host']}",
+        table(rows, ["mode", "step_s", "vs none", "blocking_s"]),
+        f"targets: lazy <= 1.03x none, eager <= 1.10x none, lazy blocking <= 0.1x DCP's{lazy_vs}",
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise AutosavedError("bench train needs PyTorch (pip install 'autosaved[torch]')") from None
+    cfg = TINY if args.small else GPT2_SMALL
+    with tempfile.TemporaryDirectory(prefix="autosaved-bench-") as tmp:
+        result = measure(cfg, max(1, args.steps), max(2, args.seq), max(1, args.batch), Path(tmp))
+    if args.json:
+        print_json(result)
+    else:
+        print(render(result))
+    return 0

@@ -1,0 +1,180 @@
+"""Lazy snapshots: ``update()`` returns at once and the bulk copy overlaps the trainer's next step.
+
+Parameters and optimizer state do not change between one ``optimizer.step()`` and the next, so the copy
+of a checkpoint into the shared-memory slots can run while the next forward and backward run (the "lazy"
+snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :class:`Client`:
+
+- ``update(delta)`` validates ``delta`` and captures its structure and every scalar leaf at once (so
+  the caller may rebind keys, step a scheduler, etc.), then returns a :class:`PendingUpdate`. A
+  background thread copies the array and tensor bytes into the slots (numpy releases the GIL for the
+  copy) and only then sends the update; ``accepted`` still means the bytes are in the daemon's hands.
+- ``fence()`` returns once that copy is done (waiting if it is not): from then on the caller may mutate
+  its arrays, and nothing it does can reach the update. :meth:`LazyClient.hook_optimizer` installs a step
+  pre-hook that fences before every ``optimizer.step()``, so a parameter update can never slip in before
+  the copy. (Buffers that ``forward()`` changes in place, like BatchNorm's running statistics, are mutated
+  before the step: such a model must fence before its forward.)
+- Updates stay in order: a new ``update()`` (and ``save()``/``restore()``/``close()``) first waits for
+  the previous one to be acknowledged. An error of a background update (the daemon gone, a restart that
+  lost state: :class:`~autosaved.StateLost`) is raised by the next ``fence()``, ``update()`` or
+  :meth:`PendingUpdate.result`; it is never dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+from ..codec import TensorMode, pack
+from ..errors import InvalidValue
+from ..protocol import ACK_LEVELS
+from ..tree import Blob
+from .base import Ack
+from .slots import Placement
+from .sync import Client
+
+
+class PendingUpdate:
+    """One lazy update: ``copied`` once its bytes left the caller's arrays, ``result()`` once acked."""
+
+    def __init__(self) -> None:
+        self.copied = threading.Event()
+        self.copy_error: BaseException | None = None
+        self.future: Future[Ack] = Future()
+
+    def fence(self, timeout: float | None = None) -> None:
+        """Wait until the update no longer reads the caller's arrays; raise if the copy failed."""
+        if not self.copied.wait(timeout):
+            raise TimeoutError("the lazy update's copy did not finish in time")
+        if self.copy_error is not None:
+            raise self.copy_error
+
+    def result(self, timeout: float | None = None) -> Ack:
+        """The update's ack (raises its error)."""
+        return self.future.result(timeout)
+
+
+class LazyClient:
+    """Lazy-snapshot updates over ``client`` (which it then owns: use only the LazyClient)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        # One thread: updates are copied and sent in the order they were made.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autosaved-lazy")
+        self._last: PendingUpdate | None = None
+
+    def __enter__(self) -> LazyClient:
+        self.client.connect()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def update(self, delta: Mapping[Any, Any], *, step: int | None = None,
+               meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> PendingUpdate:
+        """Start an update and return at once. The caller must not mutate the arrays and tensors in
+        ``delta`` until :meth:`fence` (or the optimizer hook) returned; everything else it may."""
+        self.wait()  # the previous update is acked (or its error raised) before this one starts
+        if not isinstance(delta, Mapping):
+            raise InvalidValue(f"update() takes a mapping, not {type(delta).__name__}")
+        if wait not in ACK_LEVELS:
+            raise ValueError(f"wait must be one of {', '.join(ACK_LEVELS)}, not {wait!r}")
+        # Structure and scalars are captured now; blobs still point at the caller's memory. A dict copy
+        # of meta: the caller may change it after we return.
+        packed = pack(delta, allow_delete=True, pinned=self.client._core.pinned)
+        pending = PendingUpdate()
+        self._last = pending
+        meta_copy = dict(meta) if meta is not None else None
+        self._worker.submit(self._run, pending, packed, step, meta_copy, wait)
+        return pending
+
+    def fence(self, timeout: float | None = None) -> None:
+        """Return once the last update no longer reads the caller's arrays (waiting for its copy)."""
+        if self._last is not None:
+            self._last.fence(timeout)
+
+    def wait(self, timeout: float | None = None) -> Ack | None:
+        """Wait for the last update's ack; ``None`` if there was none. Raises its error once."""
+        last, self._last = self._last, None
+        if last is None:
+            return None
+        try:
+            return last.result(timeout)
+        except TimeoutError:
+            self._last = last  # still running: keep it
+            raise
+
+    def hook_optimizer(self, optimizer: Any) -> Any:
+        """Fence before every ``optimizer.step()`` (a PyTorch step pre-hook); returns the hook's handle
+        (``handle.remove()`` uninstalls it)."""
+
+        def pre_step(_opt: Any, _args: Any, _kwargs: Any) -> None:
+            self.fence()
+
+        return optimizer.register_step_pre_hook(pre_step)
+
+    def save(self) -> int:
+        self.wait()
+        return self.client.save()
+
+    def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
+        self.wait()
+        return self.client.restore(version, tensors=tensors)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._worker.shutdown(wait=True)
+            self.client.close()
+
+    # -- the background side ----------------------------------------------------------------------
+
+    def _run(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
+             wait: str) -> None:
+        try:
+            ack = self._send(pending, packed, step, meta, wait)
+        except BaseException as exc:
+            if not pending.copied.is_set():
+                pending.copy_error = exc
+                pending.copied.set()
+            pending.future.set_exception(exc)
+        else:
+            pending.future.set_result(ack)
+
+    def _send(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
+              wait: str) -> Ack:
+        client, slots = self.client, self.client._slots
+        placed: list[tuple[Sequence[Blob], Placement | None]] = []
+
+        def placer(blobs: Sequence[Blob]) -> Placement | None:
+            try:
+                placement = slots.place(blobs)
+                in_slot = {i for i, _ in placement.refs} if placement is not None else set()
+                for i, blob in enumerate(blobs):
+                    # Leaves that travel inline would be copied only by the send: copy them now, so that
+                    # nothing reads the caller's memory after the fence.
+                    if i not in in_slot and blob.data is not None and not isinstance(blob.data.obj, bytes):
+                        blob.data = memoryview(bytes(blob.data))
+                placed.append((blobs, placement))
+            finally:
+                pending.copied.set()
+            return placement
+
+        def from_our_slot() -> None:
+            # A new daemon does not know our slots (or lost our state): the resend is built again. The
+            # caller may have mutated its arrays since the fence, so the resend must take the bytes from
+            # our slot, not from the caller.
+            if not placed:
+                return
+            blobs, placement = placed[-1]
+            if placement is not None and placement.slot in slots.slots:
+                array = slots.slots[placement.slot].array
+                for i, off in placement.refs:
+                    blobs[i].data = memoryview(array[off : off + blobs[i].nbytes].tobytes())
+
+        flow = client._core.update(packed, step=step, meta=meta, wait=wait, placer=placer,
+                                   before_resend=from_our_slot)
+        return client._conn.run(flow)

@@ -1,0 +1,7 @@
+"""Test instrumentation that must be importable inside the daemon process: the file-system operation
+recorder the power-loss checker reads (:mod:`.fstrace`) and the checker itself (:mod:`.crashsim`).
+
+It lives in the package, not under ``tests/``, because the recorder runs inside the real daemon (a
+subprocess started from an installed package) and the scripts under ``scripts/`` drive the checker.
+Nothing here is imported unless a test or script asks for it, or ``AUTOSAVED_FSTRACE`` is set.
+"""

@@ -1,0 +1,79 @@
+"""The lazy snapshot mode's contract, against a real daemon: ``update()`` returns before the copy, the
+fence (or the optimizer hook) waits for it, and the acknowledged bytes are those from before any
+mutation made after the fence."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+
+from autosaved import Client, DaemonUnavailable, LazyClient
+from autosaved.bench.private import PrivateDaemon
+
+from .conftest import NO_AUTO_POLICY
+
+BIG = 8 * 1024 * 1024 // 4  # float32s: 8 MiB, through a shared-memory slot
+SMALL = 256  # 1 KiB: inline in the ZeroMQ message
+
+
+def test_mutation_after_fence_does_not_reach_the_acked_bytes(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon: PrivateDaemon = make_daemon(NO_AUTO_POLICY)
+    rng = np.random.default_rng(0)
+    big, small = rng.random(BIG, dtype=np.float32), rng.random(SMALL, dtype=np.float32)
+    with LazyClient(Client("lazy", address=daemon.address)) as lz:
+        for step in range(3):  # several updates in a row stay in order; each is mutated after its fence
+            big_before, small_before = big.copy(), small.copy()
+            meta = {"stage": f"s{step}"}
+            pending = lz.update({"big": big, "small": small, "step": step}, step=step, meta=meta, wait="logged")
+            meta["stage"] = "changed"  # not an array: captured at update() already
+            lz.fence()
+            big += 1.0
+            small += 1.0
+            ack = pending.result()
+            assert ack.level == "logged"
+    # The daemon dies without a snapshot: only the log has the update, with the bytes from the fence.
+    daemon.stop(signal.SIGKILL)
+    daemon.start()
+    with Client("lazy", address=daemon.address) as c:
+        state = c.restore()
+    assert state["step"] == 2
+    np.testing.assert_array_equal(state["big"], big_before)
+    np.testing.assert_array_equal(state["small"], small_before)
+    assert not np.array_equal(state["big"], big)
+
+
+def test_optimizer_hook_lets_no_step_slip_in_before_the_copy(daemon: PrivateDaemon) -> None:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2048, 2048)  # 16 MiB of weights: a copy long enough for a step to race it
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    x = torch.randn(4, 2048)
+    model(x).pow(2).mean().backward()
+    opt.step()  # optimizer state exists
+    with LazyClient(Client("hooked", address=daemon.address)) as lz:
+        handle = lz.hook_optimizer(opt)
+        model(x).pow(2).mean().backward()  # gradients ready: the next step could start at once
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        pending = lz.update({"model": model.state_dict(), "optim": opt.state_dict()})
+        opt.step()  # the hook fences first: the step waits for the copy, then mutates
+        assert pending.copied.is_set()
+        pending.result()
+        handle.remove()
+        restored = lz.restore(tensors="torch")
+    for k, v in expected.items():
+        assert torch.equal(restored["model"][k], v), k
+    assert not torch.equal(restored["model"]["weight"], model.weight.detach())  # the step did change it
+
+
+def test_a_background_failure_is_raised_not_dropped(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    daemon: PrivateDaemon = make_daemon(NO_AUTO_POLICY)
+    lz = LazyClient(Client("gone", address=daemon.address, timeout=2))
+    lz.client.connect()
+    daemon.stop()  # the daemon is gone before the update is sent
+    pending = lz.update({"w": np.ones(SMALL)})
+    with pytest.raises(DaemonUnavailable):
+        lz.wait()
+    assert pending.future.exception() is not None
+    lz.close()
