@@ -659,7 +659,8 @@ class AutosavedStorageReader(StorageReader):
         raise CorruptVersion(
             f"global version {self.record.version if self.record else '?'} of {self.job!r}: rank {part.rank}'s "
             f"part ({part.job} version {part.version}) is neither on this rank's daemon ({self.address}) nor "
-            f"readable from {part.address}" + ("" if self.remote is None else f" nor from the remote store{remote_error}"))
+            f"readable from {part.address}"
+            + ("" if self.remote is None else f" nor from the remote store{remote_error}"))
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         if self.record is None:
