@@ -29,7 +29,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor, Shard, init_device_mesh
 
-from autosaved.integrations.dcp import AutosavedStorageReader, AutosavedStorageWriter, global_version
+from autosaved.integrations.dcp import (
+    AutosavedStorageReader,
+    AutosavedStorageWriter,
+    ObjectStoreSource,
+    global_version,
+)
 
 
 def reference(step: int, seed: int = 0) -> dict[str, Any]:
@@ -99,17 +104,22 @@ def differences(got: Any, want: Any, path: str = "") -> list[str]:
 
 
 class TestWriter(AutosavedStorageWriter):
-    """The real writer; a rank may pause before sending its part, or SIGKILL itself right after."""
+    """The real writer; a rank may pause before sending its part, hold after its daemon acknowledged it
+    (``hold``: touch a file, wait for another), or SIGKILL itself right after."""
 
-    def __init__(self, job: str, *, out: Path, pause: dict[str, Any] | None, kill_rank: int | None) -> None:
-        super().__init__(job, timeout=20.0, save_timeout=60.0)
-        self.out, self.pause, self.kill_rank = out, pause, kill_rank
+    def __init__(self, job: str, *, out: Path, pause: dict[str, Any] | None, kill_rank: int | None,
+                 wait: str = "committed", hold: dict[str, Any] | None = None) -> None:
+        super().__init__(job, wait=wait, timeout=20.0, save_timeout=60.0)
+        self.out, self.pause, self.kill_rank, self.hold = out, pause, kill_rank, hold
 
     def write_data(self, plan: Any, planner: Any) -> Any:
         if self.pause and self.rank == self.pause["rank"]:
             (self.out / self.pause["file"]).touch()
             wait_file(self.out / self.pause["go"])
         fut = super().write_data(plan, planner)
+        if self.hold and self.rank == self.hold["rank"]:
+            (self.out / self.hold["file"]).touch()
+            wait_file(self.out / self.hold["go"])
         if self.rank == self.kill_rank:
             (self.out / f"killed-{self.rank}").touch()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -137,13 +147,15 @@ def run(steps: list[dict[str, Any]], out: Path, rank: int, world: int, job: str)
         try:
             if op == "save":
                 state = shard(reference(step["step"]), rank, world, mesh)
-                writer = TestWriter(job, out=out, pause=step.get("pause"), kill_rank=step.get("kill_rank"))
+                writer = TestWriter(job, out=out, pause=step.get("pause"), kill_rank=step.get("kill_rank"),
+                                    wait=step.get("wait", "committed"), hold=step.get("hold"))
                 md = dcp.save(state, storage_writer=writer)
                 res.update(ok=True, version=global_version(md), coordinator_version=writer.last_version)
             elif op == "load":
                 state = shard(reference(1, seed=99), rank, world, mesh)  # a fresh model: other values
+                remote = ObjectStoreSource(step["remote"]) if step.get("remote") else None
                 reader = AutosavedStorageReader(job, version=step.get("version"), timeout=20.0,
-                                                record_address=step.get("record_address"))
+                                                record_address=step.get("record_address"), remote=remote)
                 dcp.load(state, storage_reader=reader)
                 diffs = differences(full(state), reference(step["step"]))
                 res.update(ok=not diffs, diffs=diffs[:5], version=reader.record.version if reader.record else None,

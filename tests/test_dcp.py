@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -184,6 +187,118 @@ def test_global_versions_across_two_hosts_survive_dead_daemons_and_ranks_and_res
     verified = cli("verify", JOB, "--address", a.address)
     assert verified.returncode == 1 and "rank 3" in verified.stdout, verified.stdout + verified.stderr
     assert "llm v3" not in verified.stderr and "llm v2" in verified.stderr
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the in-process world-size-1 load
+def test_replicated_global_version_loads_after_every_host_is_lost(
+        s3server: Any, make_daemon: Callable[..., PrivateDaemon], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """wait="replicated": every part and the record itself are in the bucket when save returns. Then both
+    hosts are lost (daemons SIGKILLed, state dirs deleted) and fresh daemons with the same [remote] start
+    on empty dirs: a 2-rank load is bit-exact, and so is a 1-rank load with no daemon at all (all from the
+    bucket through ObjectStoreSource)."""
+    from autosaved.integrations.dcp import ObjectStoreSource
+
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)  # the ranks inherit the store's endpoint and credentials
+    url = s3server.url(f"dcp-{secrets.token_hex(3)}")
+    config = NO_AUTO_POLICY + f'[remote]\nurl = "{url}"\nendpoint = "{s3server.endpoint}"\ntimeout = "5s"\n'
+    a, b = make_daemon(config), make_daemon(config)
+    out = tmp_path / "out"
+    steps = [{"op": "save", "step": 1, "wait": "replicated"}, {"op": "mark", "name": "saved"},
+             {"op": "wait_file", "name": "go"}, {"op": "load", "step": 1, "remote": url}]
+    procs = start_ranks(steps, [a, b], out)
+    try:
+        wait_while_running(lambda: all((out / f"saved-{r}").exists() for r in range(2)), procs, out)
+        for d in (a, b):  # every host lost; a fresh one (same socket path) starts on an empty state dir
+            d.kill()
+            shutil.rmtree(d.state_dir)
+            d.start()
+        assert versions(a, JOB) == [] and versions(b, JOB) == []  # the record survives in the bucket only
+        bucket = [int(r["id"]) for r in ObjectStoreSource(url).versions(JOB) if "dcp" in (r.get("meta") or {})]
+        assert bucket == [1]
+        (out / "go").touch()
+        codes, results = finish(procs, out)
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0], explain(out)
+    for res in results:
+        save, _, _, load = res
+        assert save["ok"] and save["version"] == 1, explain(out)
+        assert load["ok"] and load["version"] == 1, (load, explain(out))  # bit-identical tensors
+        # The fresh daemons hold no part (a read by version does not seed a job): every part came from
+        # the bucket, through ObjectStoreSource.
+        assert load["sources"] and set(load["sources"].values()) == {"remote"}, load
+
+    # No host at all: both daemons gone too. World size 1 in this process, everything from the bucket.
+    a.kill()
+    b.kill()
+    from . import dcp_worker
+
+    monkeypatch.setenv("AUTOSAVED_ADDRESS", a.address)
+    (load,) = dcp_worker.run([{"op": "load", "step": 1, "remote": url}], out, 0, 1, JOB)
+    assert load["ok"] and load["version"] == 1, load
+    assert load["sources"] == {"0": "remote", "1": "remote"}, load
+
+
+def test_sigterm_flush_commits_accepted_parts_and_record_needs_every_part(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    """wait="accepted": ranks return once their daemon holds the part in memory; the coordinator then
+    publishes only parts it finds in a committed version on their daemon (or commits by asking it to
+    save). Host b's daemon is SIGTERMed right after rank 1's part was accepted: its shutdown flush
+    commits the part (nothing else would: no automatic saves here). Save 1: b is restarted on the same
+    state dir before the coordinator checks, finds the flushed part, and the global version commits.
+    Save 2: b stays down, the coordinator cannot confirm rank 1's part, so no global version is
+    published, although the flush did commit the part (seen once b is back): the record names only
+    parts the coordinator confirmed."""
+    a, b = make_daemon(NO_AUTO_POLICY), make_daemon(NO_AUTO_POLICY)
+    out = tmp_path / "out"
+    part1 = f"{JOB}.rank-1"
+    steps = [
+        {"op": "save", "step": 1, "wait": "accepted", "hold": {"rank": 1, "file": "held1", "go": "go1"}},
+        {"op": "save", "step": 2, "wait": "accepted", "hold": {"rank": 1, "file": "held2", "go": "go2"}},
+        {"op": "mark", "name": "failed"},
+        {"op": "wait_file", "name": "go3"},
+        {"op": "load", "step": 1},
+    ]
+    procs = start_ranks(steps, [a, b], out)
+    try:
+        wait_while_running(lambda: (out / "held1").exists(), procs, out)
+        assert versions(b, part1) == []  # accepted only: in the daemon's memory, in no version yet
+        assert b.stop(signal.SIGTERM) == 0
+        b.start()
+        flushed = versions(b, part1)
+        assert len(flushed) == 1 and "dcp_part" in flushed[0]["meta"], flushed  # committed by the flush
+        (out / "go1").touch()
+
+        wait_while_running(lambda: (out / "held2").exists(), procs, out)
+        assert versions(b, part1) == flushed
+        assert b.stop(signal.SIGTERM) == 0  # and b stays down while the coordinator checks
+        (out / "go2").touch()
+        wait_while_running(lambda: all((out / f"failed-{r}").exists() for r in range(2)), procs, out)
+        assert global_ids(a) == [1]  # no global version for save 2
+        b.start()
+        (out / "go3").touch()
+        codes, results = finish(procs, out)
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0], explain(out)
+    for res in results:
+        save1, save2, _, _, load1 = res
+        assert save1["ok"] and save1["version"] == 1, explain(out)
+        assert not save2["ok"], explain(out)
+        assert load1["ok"] and load1["version"] == 1, (load1, explain(out))
+    assert "rank 1's part" in results[0][1]["error"] and "nothing published" in results[0][1]["error"]
+    # Save 2's part was committed by the flush all the same, but no record names it.
+    after = versions(b, part1)
+    assert len(after) == 2, after
+    record = cli("list", JOB, "--json", "--address", a.address)
+    assert record.returncode == 0, record.stderr
+    (row,) = json.loads(record.stdout)
+    assert [p["version"] for p in row["parts"]] == [versions(a, f"{JOB}.rank-0")[0]["id"], flushed[0]["id"]]
+    assert after[1]["meta"]["dcp_part"]["hash"] not in {p["hash"] for p in row["parts"]}
 
 
 def test_bench_dcp_reports_every_contender() -> None:

@@ -20,7 +20,8 @@ How it works (see :mod:`autosaved.integrations.globalver` for the record):
   daemon. That commit is the one global commit point: no record, no global version. The record's id is
   written into ``metadata.storage_meta.checkpoint_id`` (``autosaved:<job>@<id>``), which DCP broadcasts
   to every rank as the return value of ``save``.
-- ``read_metadata`` (every rank) looks for the record on its own daemon, then all ranks agree over
+- ``read_metadata`` (every rank) looks for the record on its own daemon (then ``record_address``, then
+  ``remote``: the object store, for fresh hosts after a ``wait="replicated"`` save), then all ranks agree over
   ``torch.distributed`` on one record (the requested version, or the newest) and the rank that has it
   broadcasts it. ``read_data`` reads each part from the rank's own daemon if it holds it (same version
   and hash), else from the daemon the record names (same host for ``ipc://``; ``tcp://`` in trusted
@@ -76,7 +77,7 @@ from .globalver import (
     record_state,
 )
 
-__all__ = ["AutosavedStorageReader", "AutosavedStorageWriter", "RemoteSource", "global_version"]
+__all__ = ["AutosavedStorageReader", "AutosavedStorageWriter", "ObjectStoreSource", "RemoteSource", "global_version"]
 
 CHECKPOINT_PREFIX = "autosaved:"
 # Part jobs keep this many versions: the newest global version stays loadable through up to
@@ -111,10 +112,45 @@ class _PartResult:
 
 
 class RemoteSource(Protocol):
-    """Where parts come from when no reachable daemon holds them (the object store of the S3 work).
-    Not implemented here; the reader calls it when configured."""
+    """Where the record and the parts come from when no reachable daemon holds them: the object store
+    the daemons replicate to (:class:`ObjectStoreSource`), read with no daemon at all."""
 
-    def restore_part(self, job: str, version: int) -> Mapping[str, Any]: ...
+    def versions(self, job: str) -> list[dict[str, Any]]:
+        """``job``'s versions as ``list --json`` rows (``id``, ``time``, ``meta``, ``ok``); ``[]`` if none."""
+        ...
+
+    def restore(self, job: str, version: int) -> Any:
+        """Stored version ``version`` of ``job``, tensors as torch (every chunk verified)."""
+        ...
+
+
+class ObjectStoreSource:
+    """The bucket the daemons' ``[remote]`` replicates to, read straight from the store (the hosts and
+    their state dirs may be gone). ``url``: the daemons' ``remote.url`` (``s3://bucket/prefix``);
+    ``endpoint``: for non-AWS stores (default ``AWS_ENDPOINT_URL``); credentials and region from the
+    standard AWS environment. ``owner``: whose jobs (default: the caller's uid). Needs ``autosaved[s3]``.
+
+    Only what was replicated is there: save with ``AutosavedStorageWriter(job, wait="replicated")``, so
+    every part and the global record itself are in the bucket before ``save`` returns."""
+
+    def __init__(self, url: str, *, endpoint: str | None = None, owner: int | None = None) -> None:
+        self.url = url
+        self.endpoint = endpoint
+        self.owner = owner
+
+    def versions(self, job: str) -> list[dict[str, Any]]:
+        from ..remote_offline import list_remote
+
+        try:
+            return list_remote(self.url, endpoint=self.endpoint, job=job, owner=self.owner)
+        except NotFound:
+            return []
+
+    def restore(self, job: str, version: int) -> Any:
+        from ..offline import restore
+
+        return restore(job, remote=self.url, endpoint=self.endpoint, version=version, owner=self.owner,
+                       tensors="torch")
 
 
 def global_version(metadata: Metadata) -> int | None:
@@ -204,6 +240,36 @@ def _watched_update(job: str, address: str, delta: Mapping[str, Any], meta: Mapp
     return ack
 
 
+def _committed_part(part: PartInfo, timeout: float, save_timeout: float) -> PartInfo:
+    """``part`` with the id of a committed version of its job that holds exactly it (its hash in the
+    version's manifest meta): one committed already (an idle save, or its daemon's SIGTERM/preemption
+    flush, after which the daemon may have been restarted), else the one an explicit save commits now.
+    Raises when the daemon cannot be reached or no committed version holds the part."""
+
+    def holding() -> int | None:
+        rows = _daemon.versions(part.address, part.job, timeout)
+        for row in reversed(rows):
+            meta = (row.get("meta") or {}).get(PART_KEY)
+            if row.get("ok") and isinstance(meta, Mapping) and meta.get("hash") == part.hash:
+                return int(row["id"])
+        return None
+
+    try:
+        _check_reachable(part.address)
+        version = holding()
+        if version is None:
+            with _client(part.job, part.address, timeout, save_timeout) as c:
+                c.save()
+            version = holding()
+    except DaemonUnavailable as exc:
+        raise DaemonUnavailable(f"rank {part.rank}'s part ({part.job}) cannot be confirmed committed: {exc}; "
+                                "nothing published", details={"address": part.address}) from None
+    if version is None:
+        raise AutosavedError(f"rank {part.rank}'s part ({part.job}) is in no committed version on "
+                             f"{part.address}: it was lost before it was committed; nothing published")
+    return replace(part, version=version)
+
+
 def _restore(client: Client, version: int) -> Any:
     return client.restore(version, tensors="torch")
 
@@ -220,17 +286,24 @@ class AutosavedStorageWriter(StorageWriter, AsyncStager):
     commits one global version of ``job`` when every part is durable at ``wait``.
 
     ``address``: this rank's daemon (default: ``AUTOSAVED_ADDRESS`` or the standard socket).
-    ``wait``: the ack level every part and the record must reach (``"committed"``; ``"replicated"`` once
-    the daemon has a remote store). ``keep_parts``: versions each part job keeps (see the module notes).
+    ``wait``: the ack level every part and the record must reach: ``"committed"``, or ``"replicated"``
+    when the daemons have a ``[remote]`` store (then the parts and the record are in the bucket too, and
+    :class:`ObjectStoreSource` loads them with every host gone). ``"accepted"``: each rank returns as soon
+    as its daemon has the part in memory; the coordinator's ``finish`` then makes sure every part is in a
+    committed version on its daemon (already committed, e.g. by that daemon's shutdown flush, or by an
+    explicit save it asks for) and commits the record only if all are; it needs every part's daemon
+    reachable from the coordinator (same host for ``ipc://``, or ``tcp://``).
+    ``keep_parts``: versions each part job keeps (see the module notes).
     """
 
     _synchronize_after_execute = False
 
     def __init__(self, job: str, *, address: str | None = None, wait: str = "committed", timeout: float = 30.0,
                  save_timeout: float = 600.0, keep_parts: int = DEFAULT_KEEP_PARTS) -> None:
-        if wait in ("accepted", "logged"):
-            raise ValueError(f"wait={wait!r}: a global version names committed part versions, so parts must "
-                             "be at least 'committed'")
+        if wait not in ("accepted", "committed", "replicated"):
+            raise ValueError(f"wait={wait!r}: a global version names committed part versions; use 'committed', "
+                             "'replicated', or 'accepted' (parts committed by their daemons before the "
+                             "coordinator publishes)")
         if keep_parts < 1:
             raise ValueError(f"keep_parts must be at least 1, not {keep_parts}")
         # Fail on a bad name here, not in the middle of a save (the part jobs' names derive from it).
@@ -317,10 +390,12 @@ class AutosavedStorageWriter(StorageWriter, AsyncStager):
         meta = {PART_KEY: {"token": data.token, "rank": rank, "hash": digest}}
         ack = _watched_update(job, self.address, delta, meta, self.wait, self.timeout, self.save_timeout,
                               {"keep_last": self.keep_parts})
-        if ack.version is None or ack.level != self.wait:
+        if ack.level != self.wait or (ack.version is None and self.wait != "accepted"):
             raise AutosavedError(f"rank {rank}: the daemon at {self.address} acknowledged the part at "
                                  f"{ack.level!r}, not {self.wait!r}")
-        part = PartInfo(rank=rank, job=job, version=int(ack.version), hash=digest, address=self.address)
+        # At "accepted" no version holds the part yet: the coordinator finds or makes it in finish.
+        version = -1 if ack.version is None else int(ack.version)
+        part = PartInfo(rank=rank, job=job, version=version, hash=digest, address=self.address)
         return [
             WriteResult(index=item.index, size_in_bytes=size,
                         storage_data=_PartResult(ref=_ItemRef(rank, i), part=part, token=data.token, level=ack.level))
@@ -341,12 +416,20 @@ class AutosavedStorageWriter(StorageWriter, AsyncStager):
         if levels != {self.wait}:
             raise AutosavedError(f"parts reached {sorted(levels)}, not {self.wait!r}; nothing committed")
         parts = check_parts({r.part for r in found}, token, tokens)
+        record_wait = self.wait
+        if self.wait == "accepted":
+            # Every part must be in a committed version before the record may name it; one that is not
+            # (its daemon lost it, or cannot be reached to confirm) means no global version at all.
+            parts = [_committed_part(p, self.timeout, self.save_timeout) for p in parts]
+            record_wait = "committed"
+            by_rank = {p.rank: p for p in parts}
+            found = [replace(r, part=by_rank[r.ref.rank], level="committed") for r in found]
         world_size = len(results)
         metadata.storage_data = {wr.index: wr.storage_data.ref for wrs in results for wr in wrs}
         blob = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         state = record_state(token=token, world_size=world_size, parts=parts, metadata=blob)
         ack = _watched_update(self.job, self.address, state, record_meta(world_size=world_size, parts=parts),
-                              self.wait, self.timeout, self.save_timeout)
+                              record_wait, self.timeout, self.save_timeout)
         if ack.version is None:
             raise AutosavedError(f"the daemon at {self.address} acknowledged the global record at {ack.level!r}")
         self.last_version = int(ack.version)
@@ -402,11 +485,24 @@ def _same_layout(buffers: Any, state_dict: Any) -> bool:
     return True
 
 
+def _check_part(state: Any, part: PartInfo) -> dict[str, Any] | None:
+    """The part's keys and values if ``state`` holds exactly ``part``, else ``None`` (another part under the
+    same name and id: another save, another host)."""
+    body = state.get(PART_KEY) if isinstance(state, Mapping) else None
+    if not isinstance(body, Mapping):
+        return None
+    keys, values = list(body.get("keys") or []), list(body.get("values") or [])
+    if len(keys) != len(values) or part_hash(str(body.get("token")), part.rank, keys, values) != part.hash:
+        return None
+    return {"keys": keys, "values": values}
+
+
 class AutosavedStorageReader(StorageReader):
     """A DCP ``StorageReader`` for the global versions :class:`AutosavedStorageWriter` commits.
 
     ``version``: a global version id (default: the newest one that verifies). ``address``: this rank's
-    daemon. ``remote``: where parts come from when no reachable daemon holds them (the object store).
+    daemon. ``remote``: where the record and the parts come from when no reachable daemon holds them
+    (:class:`ObjectStoreSource`: the bucket of the daemons' ``[remote]``, for loads on fresh hosts).
     ``record_address``: the daemon that holds the record (the saving coordinator's), asked when this rank's
     own daemon has none: for loads on hosts whose daemons never held it. ``process_group``: the group
     ``dcp.load`` runs on (default: the default group), over which the ranks agree on one record.
@@ -451,23 +547,43 @@ class AutosavedStorageReader(StorageReader):
             if blob is not None:
                 return key, blob, None
             errors.append(str(error))
+        if self.remote is not None:
+            key, blob, error = self._record_from_remote(self.remote)
+            if blob is not None:
+                return key, blob, None
+            errors.append(str(error))
         return None, None, "; ".join(errors)
 
     def _record_from(self, address: str) -> tuple[tuple[str, int] | None, bytes | None, str | None]:
+        def load(version: int) -> Any:
+            with _client(self.job, address, self.timeout, self.save_timeout) as c:
+                return _restore(c, version)
+
         try:
             _check_reachable(address)
-            rows = [r for r in _daemon.versions(address, self.job, self.timeout) if is_global_row(r) and r.get("ok")]
-            if self.version is not None:
-                rows = [r for r in rows if int(r["id"]) == self.version]
-            if not rows:
-                return None, None, f"{address} holds no committed global version of {self.job!r}" + (
-                    f" with id {self.version}" if self.version is not None else "")
-            row = max(rows, key=lambda r: (str(r.get("time")), int(r["id"])))
-            with _client(self.job, address, self.timeout, self.save_timeout) as c:
-                record = parse_record(_restore(c, int(row["id"])), int(row["id"]), self.job)
-            return (str(row.get("time")), record.version), pickle.dumps(record), None
+            return self._pick_record(address, _daemon.versions(address, self.job, self.timeout), load)
         except AutosavedError as exc:
             return None, None, f"{address}: {exc}"
+
+    def _record_from_remote(self, remote: RemoteSource) -> tuple[tuple[str, int] | None, bytes | None, str | None]:
+        try:
+            return self._pick_record("the remote store", remote.versions(self.job),
+                                     lambda version: remote.restore(self.job, version))
+        except Exception as exc:  # never raise before read_metadata's collectives (the others would hang)
+            return None, None, f"the remote store: {type(exc).__name__}: {exc}"
+
+    def _pick_record(self, where: str, rows: list[dict[str, Any]],
+                     load: Any) -> tuple[tuple[str, int] | None, bytes | None, str | None]:
+        """The requested global version, or the newest by commit time, among ``rows``; loaded."""
+        rows = [r for r in rows if is_global_row(r) and r.get("ok")]
+        if self.version is not None:
+            rows = [r for r in rows if int(r["id"]) == self.version]
+        if not rows:
+            return None, None, f"{where} holds no committed global version of {self.job!r}" + (
+                f" with id {self.version}" if self.version is not None else "")
+        row = max(rows, key=lambda r: (str(r.get("time")), int(r["id"])))
+        record = parse_record(load(int(row["id"])), int(row["id"]), self.job)
+        return (str(row.get("time")), record.version), pickle.dumps(record), None
 
     def _group(self) -> Any:
         if not (dist.is_available() and dist.is_initialized()):
@@ -519,13 +635,7 @@ class AutosavedStorageReader(StorageReader):
                 state = _restore(c, part.version)
         except (NotFound, DaemonUnavailable):
             return None
-        body = state.get(PART_KEY) if isinstance(state, Mapping) else None
-        if not isinstance(body, Mapping):
-            return None
-        keys, values = list(body.get("keys") or []), list(body.get("values") or [])
-        if len(keys) != len(values) or part_hash(str(body.get("token")), part.rank, keys, values) != part.hash:
-            return None  # another part under the same name and id (another save, another host)
-        return {"keys": keys, "values": values}
+        return _check_part(state, part)
 
     def _part(self, part: PartInfo) -> dict[str, Any]:
         got = self._part_from(self.address, part)
@@ -537,18 +647,20 @@ class AutosavedStorageReader(StorageReader):
             if got is not None:
                 self.sources[part.rank] = part.address
                 return got
+        remote_error = ""
         if self.remote is not None:
-            state = self.remote.restore_part(part.job, part.version)
-            body = state.get(PART_KEY) if isinstance(state, Mapping) else None
-            if isinstance(body, Mapping):
-                keys, values = list(body.get("keys") or []), list(body.get("values") or [])
-                if part_hash(str(body.get("token")), part.rank, keys, values) == part.hash:
-                    self.sources[part.rank] = "remote"
-                    return {"keys": keys, "values": values}
+            try:
+                got = _check_part(self.remote.restore(part.job, part.version), part)
+            except (NotFound, CorruptVersion) as exc:
+                got, remote_error = None, f" ({exc})"
+            if got is not None:
+                self.sources[part.rank] = "remote"
+                return got
         raise CorruptVersion(
             f"global version {self.record.version if self.record else '?'} of {self.job!r}: rank {part.rank}'s "
             f"part ({part.job} version {part.version}) is neither on this rank's daemon ({self.address}) nor "
-            f"readable from {part.address}" + ("" if self.remote is None else " nor from the remote store"))
+            f"readable from {part.address}"
+            + ("" if self.remote is None else f" nor from the remote store{remote_error}"))
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         if self.record is None:
