@@ -78,7 +78,7 @@ class _Rule:
 
 class _Faults:
     def __init__(self) -> None:
-        self.path = os.environ.get("AUTOSAVED_FAULTS_FILE")
+        self.path = os.environ.get("AUTOSAVED_FAULTS_FILE") or None  # set but empty: off, as unset
         self.stamp: tuple[float, int] | None = None
         self.rules: list[_Rule] = []
         self.seen: set[str] = set()
