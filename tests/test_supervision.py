@@ -121,11 +121,14 @@ def test_a_bug_in_a_log_append_is_the_jobs_error(faulty: Callable[..., Any]) -> 
 # -- every long-lived task restarts after a failure --------------------------------------------------
 
 
-@pytest.mark.parametrize("task", ["rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics"])
+@pytest.mark.parametrize("task", ["rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics",
+                                  "preemption"])
 def test_a_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], task: str) -> None:
     port = free_port()
-    d, _ = faulty(f"task.{task}.start 1 raise\n",
-                  f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY)
+    # The preemption watcher runs only when configured: point it at a closed local port (it logs and polls on).
+    preemption = f'[preemption]\nprovider = "aws"\nendpoint = "http://127.0.0.1:{free_port()}"\n'
+    config = f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY + (preemption if task == "preemption" else "")
+    d, _ = faulty(f"task.{task}.start 1 raise\n", config)
     wait_for(lambda: f"task {task} restarting" in d.log(), timeout=30)
     time.sleep(0.5)  # the restarted task is running (it starts in the same event-loop step as that line)
     still_serving(d)
