@@ -56,6 +56,7 @@ from .manifest import (
     blob_from_record,
     blob_record,
     seal,
+    tree_from_manifest,
     unseal,
     utc_now_iso,
 )
@@ -391,13 +392,7 @@ class JobStore:
         Without ``load_data`` the blobs keep only their chunk lists (the daemon's lazy base state)."""
         where = f"{self.job} version {version}"
         doc = self.read_manifest(version)
-        try:
-            blobs = [blob_from_record(rec, where, doc.get("hash", hashing.LEGACY)) for rec in doc["blobs"]]
-            tree = from_node(doc["tree"], blobs)
-        except CorruptVersion:
-            raise
-        except Exception as exc:
-            raise CorruptVersion(f"{where}: unreadable state tree ({exc})") from None
+        tree, blobs = tree_from_manifest(doc, where)
         for blob in blobs:
             assert blob.chunks is not None
             if load_data:

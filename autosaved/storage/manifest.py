@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from ..errors import CorruptVersion, StorageError
-from ..tree import Blob, Chunk
+from ..tree import Blob, Chunk, from_node
 from . import hashing
 
 FORMAT_VERSION: Final = 1
@@ -88,6 +88,18 @@ def blob_from_record(rec: Any, where: str, default_hash: str = hashing.LEGACY) -
     if sum(c.size for c in chunks) != nbytes:
         raise CorruptVersion(f"{where}: chunk sizes do not add up to the blob size")
     return Blob(kind=kind, dtype=dtype, shape=shape, nbytes=nbytes, chunks=chunks)
+
+
+def tree_from_manifest(doc: dict[str, Any], where: str) -> tuple[Any, list[Blob]]:
+    """The state tree a manifest describes and its stored leaves (no bytes yet), for every store that
+    reads manifests (local and remote); anything unreadable is a ``CorruptVersion`` naming ``where``."""
+    try:
+        blobs = [blob_from_record(rec, where, doc.get("hash", hashing.LEGACY)) for rec in doc["blobs"]]
+        return from_node(doc["tree"], blobs), blobs
+    except CorruptVersion:
+        raise
+    except Exception as exc:
+        raise CorruptVersion(f"{where}: unreadable state tree ({exc})") from None
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,12 @@ import anyio
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
-from ..tree import Blob, Chunk, from_node, iter_blobs
+from ..tree import Blob, Chunk, iter_blobs
 from . import hashing
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
-from .manifest import VersionInfo, blob_from_record, seal, unseal
+from .manifest import VersionInfo, blob_from_record, seal, tree_from_manifest, unseal
 from .retention import versions_to_delete
 
 _VERSION_KEY = re.compile(r"(?:^|/)(\d{12})\.e(\d{1,12})\.json$")
@@ -460,13 +460,7 @@ class RemoteJob:
         where = f"{self.job} version {vk.id}"
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
-        try:
-            blobs = [blob_from_record(rec, where, doc.get("hash", hashing.LEGACY)) for rec in doc["blobs"]]
-            tree = from_node(doc["tree"], blobs)
-        except CorruptVersion:
-            raise
-        except Exception as exc:
-            raise CorruptVersion(f"{where}: unreadable state tree ({exc})") from None
+        tree, blobs = tree_from_manifest(doc, where)
         await self._fetch_blobs(blobs, packed, where)
         info = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
                            bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
