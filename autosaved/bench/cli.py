@@ -19,39 +19,29 @@ from typing import Any
 
 from . import data, dcp, hash, hf, incremental, langgraph, remote, small, throttle, train
 
+# Each mode once: its module (add_arguments, run) and its help line; no mode runs the data benchmark.
+MODES: dict[str, tuple[Any, str]] = {
+    "throttle": (throttle, "foreground I/O with and without throttling"),
+    "incremental": (incremental, "bytes a save writes when 1%% changed"),
+    "remote": (remote, "replication to an S3 store vs plain obstore loops"),
+    "dcp": (dcp, "trainer stall per dcp.async_save, vs FileSystemWriter"),
+    "langgraph": (langgraph, "LangGraph aput latency vs SQLite and memory"),
+    "hf": (hf, "HF Trainer step time with and without checkpoints"),
+    "small": (small, "small-update latency and throughput vs floors"),
+    "hash": (hash, "chunk hash speed: SHA-256 vs BLAKE3"),
+    "train": (train, "checkpoint every step of a GPT-2-shaped training loop"),
+}
+
 
 def add_parser(sub: Any, name: str) -> None:
     p: argparse.ArgumentParser = sub.add_parser(name, help="benchmark autosaved against the alternatives")
     data.add_arguments(p)
     modes = p.add_subparsers(dest="bench_mode", metavar="MODE", required=False)
-    throttle.add_arguments(modes.add_parser("throttle", help="foreground I/O with and without throttling"))
-    incremental.add_arguments(modes.add_parser("incremental", help="bytes a save writes when 1%% changed"))
-    remote.add_arguments(modes.add_parser("remote", help="replication to an S3 store vs plain obstore loops"))
-    dcp.add_arguments(modes.add_parser("dcp", help="trainer stall per dcp.async_save, vs FileSystemWriter"))
-    langgraph.add_arguments(modes.add_parser("langgraph", help="LangGraph aput latency vs SQLite and memory"))
-    hf.add_arguments(modes.add_parser("hf", help="HF Trainer step time with and without checkpoints"))
-    small.add_arguments(modes.add_parser("small", help="small-update latency and throughput vs floors"))
-    hash.add_arguments(modes.add_parser("hash", help="chunk hash speed: SHA-256 vs BLAKE3"))
-    train.add_arguments(modes.add_parser("train", help="checkpoint every step of a GPT-2-shaped training loop"))
+    for name, (module, help_text) in MODES.items():
+        module.add_arguments(modes.add_parser(name, help=help_text))
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.bench_mode == "throttle":
-        return throttle.run(args)
-    if args.bench_mode == "incremental":
-        return incremental.run(args)
-    if args.bench_mode == "remote":
-        return remote.run(args)
-    if args.bench_mode == "dcp":
-        return dcp.run(args)
-    if args.bench_mode == "langgraph":
-        return langgraph.run(args)
-    if args.bench_mode == "hf":
-        return hf.run(args)
-    if args.bench_mode == "small":
-        return small.run(args)
-    if args.bench_mode == "hash":
-        return hash.run(args)
-    if args.bench_mode == "train":
-        return train.run(args)
-    return data.run(args)
+    mode = MODES.get(args.bench_mode)
+    code: int = (mode[0] if mode is not None else data).run(args)
+    return code

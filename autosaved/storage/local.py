@@ -263,19 +263,16 @@ class JobStore:
         written = chunks_written = 0
         queued: set[str] = set()  # written by this save but maybe not renamed yet: do not write twice
         for blob in blobs:
-            if _shared(blob) and chunk_size not in blob.digests:
-                rec, n_bytes, n_chunks = self._write_shared(blob, chunk_size, compression, pipeline, dirs_touched,
-                                                            queued)
-                records.append(rec)
-                written += n_bytes
-                chunks_written += n_chunks
-                continue
-            if id(blob) in ahead:
-                blob.digests[chunk_size] = tuple(Chunk(f.result(), n, HASH_NAME) for n, f in ahead[id(blob)])
-            chunks = self._chunks_of(blob, chunk_size)
-            if _shared(blob) and not all(c.digest in queued or self._has_object(c.digest) for c in chunks):
-                # A cached hash of shared bytes that must be written again: hash what is written instead.
-                del blob.digests[chunk_size]
+            write_shared = _shared(blob) and chunk_size not in blob.digests
+            if not write_shared:
+                if id(blob) in ahead:
+                    blob.digests[chunk_size] = tuple(Chunk(f.result(), n, HASH_NAME) for n, f in ahead[id(blob)])
+                chunks = self._chunks_of(blob, chunk_size)
+                if _shared(blob) and not all(c.digest in queued or self._has_object(c.digest) for c in chunks):
+                    # A cached hash of shared bytes that must be written again: hash what is written instead.
+                    del blob.digests[chunk_size]
+                    write_shared = True
+            if write_shared:
                 rec, n_bytes, n_chunks = self._write_shared(blob, chunk_size, compression, pipeline, dirs_touched,
                                                             queued)
                 records.append(rec)
