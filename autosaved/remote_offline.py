@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 from .errors import CorruptVersion, Forbidden
-from .storage.remote import RemoteLoaded, RemoteStore
+from .storage.remote import RemoteError, RemoteLoaded, RemoteStore, open_remote
+
+if TYPE_CHECKING:
+    from .config import RemoteSettings
+    from .storage.local import JobStore
 
 T = TypeVar("T")
 
@@ -78,5 +82,33 @@ def list_remote(remote: str, *, endpoint: str | None = None, job: str | None = N
             rows.append({"job": name, "owner": o, "versions": len(ids), "latest": ids[-1] if ids else None,
                          "bytes": 0, "dirty": False})
         return rows
+
+    return run_sync(main)
+
+
+def unreplicated_versions(settings: RemoteSettings,
+                          stores: Sequence[JobStore]) -> tuple[dict[tuple[int, str], set[int]], str | None]:
+    """For ``autosaved gc --offline`` with ``[remote]``: each job's local versions the bucket does not have
+    (gc keeps them). While the bucket cannot be read, every local version counts as not uploaded: an
+    offline gc never deletes what may exist nowhere else. Returns the sets and the store's error, if any."""
+    assert settings.url is not None
+    store = open_remote(settings.url, endpoint=settings.endpoint, region=settings.region,
+                        credentials_file=settings.credentials_file)
+    store.timeout = settings.timeout
+
+    async def main() -> tuple[dict[tuple[int, str], set[int]], str | None]:
+        out: dict[tuple[int, str], set[int]] = {}
+        error: str | None = None
+        for s in stores:
+            ids = await anyio.to_thread.run_sync(s.version_ids)
+            newest = None
+            if error is None:
+                try:
+                    with anyio.fail_after(3 * settings.timeout):
+                        newest = await store.job(s.owner, s.job).newest_replicated(s, ids)
+                except (RemoteError, TimeoutError) as exc:
+                    error = str(exc) or f"the object store {store.describe()} did not answer in time"
+            out[(s.owner, s.job)] = {v for v in ids if newest is None or v > newest}
+        return out, error
 
     return run_sync(main)

@@ -19,7 +19,7 @@ import pytest
 
 import autosaved
 from autosaved.bench.private import PrivateDaemon
-from tests.conftest import wait_for
+from tests.conftest import version_files, wait_for
 
 JOB = "spot-run"
 
@@ -248,3 +248,66 @@ def test_shutdown_flush_uploads_then_names_what_missed(s3env: Any, make_daemon: 
         finally:
             s3env.resume()
     assert f"versions=[{lost.version}] committed locally but NOT uploaded" in d2.log()
+
+
+def _bucket_ids(s3: Any, prefix: str) -> list[int]:
+    import anyio
+
+    from autosaved.storage.remote import RemoteStore
+
+    rjob = RemoteStore(s3.url(prefix)).job(os.geteuid(), JOB)
+
+    async def main() -> list[int]:
+        return [vk.id for vk in await rjob.visible_versions()]
+
+    return anyio.run(main)
+
+
+def _gc_cli(*args: str) -> dict[str, Any]:
+    import json
+    out = subprocess.run([sys.executable, "-m", "autosaved", "gc", JOB, "--json", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows[0]
+
+
+def test_gc_never_deletes_a_version_not_yet_replicated(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                                       tmp_path: Path) -> None:
+    prefix = f"gcprotect-{secrets.token_hex(3)}"
+    config = remote_config(s3env, prefix, policy="keep_last = 1\n", extra="keep_last = 50\n")
+    root = tmp_path / "host"
+    d = make_daemon(config, root=root)
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        v0 = c.update({"v": 0}, wait="replicated").version
+        s3env.pause()
+        try:
+            backlog = [c.update({"v": i, "blob": np.full(5000, i)}, wait="committed").version for i in (1, 2, 3)]
+            # keep_last = 1, but none of the three is in the bucket: gc through the daemon keeps them all.
+            row = _gc_cli("--address", d.address)
+            assert row["deleted_versions"] == [] and row["kept_unreplicated"] == backlog[:-1]
+            assert [int(p.stem) for p in version_files(d.state_dir, JOB)] == backlog
+            _lose_host_keep_disk(d)
+        finally:
+            s3env.resume()
+    # The daemon is gone with a backlog on disk. Offline gc asks the bucket (which lacks them) and keeps
+    # them; with the bucket unreachable it keeps every local version as well.
+    dead = root / "dead.toml"
+    dead.write_text(config.replace(s3env.endpoint, "http://127.0.0.1:9"))
+    for cfg in (dead, d.config_path):
+        row = _gc_cli("--offline", "--state-dir", str(d.state_dir), "--config", str(cfg))
+        assert row["deleted_versions"] == [] and row["kept_unreplicated"] == backlog[:-1], row
+    assert [int(p.stem) for p in version_files(d.state_dir, JOB)] == backlog
+    # A daemon on the same disk uploads the backlog with no trainer attached, in order; only then may gc go.
+    d2 = make_daemon(config, root=root)
+    wait_for(lambda: _bucket_ids(s3env, prefix) == [v0, *backlog], timeout=60)
+    row = _gc_cli("--address", d2.address)
+    assert row["deleted_versions"] == backlog[:-1] and row["kept_unreplicated"] == []
+    assert [int(p.stem) for p in version_files(d2.state_dir, JOB)] == backlog[-1:]
+    assert autosaved.restore(JOB, remote=s3env.url(prefix), version=backlog[0])["v"] == 1
+
+
+def _lose_host_keep_disk(d: PrivateDaemon) -> None:
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(30)

@@ -1,17 +1,21 @@
 """``autosaved gc [JOB]``: apply retention (``keep_last``, ``keep_every``) and delete unreferenced chunks now.
 
 The daemon also does this after every save; ``gc`` is for after a crash, a config change, or ``--offline``
-on a host whose daemon is stopped. The newest version that verifies is never deleted.
+on a host whose daemon is stopped. The newest version that verifies is never deleted, and with ``[remote]``
+neither is a version not yet in the object store (``--offline`` asks the bucket; while it cannot be read,
+every local version is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from ..config import load_config
 from ..storage.local import JobStore
-from .common import human_bytes, print_json, table
-from .maintenance import add_arguments, policy_for_offline, run_maintenance
+from .common import human_bytes, print_json, state_dir, table
+from .maintenance import add_arguments, run_maintenance
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -22,14 +26,28 @@ def add_parser(sub: Any, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     def offline(stores: list[JobStore]) -> list[dict[str, Any]]:
-        keep_last, keep_every = policy_for_offline(args)
-        return [{"job": s.job, "owner": s.owner, **s.gc(keep_last, keep_every).to_json()} for s in stores]
+        config = load_config(config_file=getattr(args, "config", None), state_dir=state_dir(args))
+        keep_last, keep_every = config.policy.keep_last, config.policy.keep_every
+        held: dict[tuple[int, str], set[int]] = {}
+        if config.remote.url is not None:
+            from ..remote_offline import unreplicated_versions
+
+            held, error = unreplicated_versions(config.remote, stores)
+            if error is not None:
+                print(f"autosaved gc: cannot read the object store ({error}); keeping every local version",
+                      file=sys.stderr)
+        return [{"job": s.job, "owner": s.owner,
+                 **s.gc(keep_last, keep_every, held.get((s.owner, s.job))).to_json()} for s in stores]
 
     results = run_maintenance(args, "gc", offline, exclusive=True)
     if args.json:
         print_json(results)
     else:
         rows = [[r["job"], str(len(r["deleted_versions"])), str(r["removed_chunks"]), human_bytes(r["freed_bytes"]),
-                 r["blocked"] or ""] for r in results]
+                 r["blocked"] or _kept(r.get("kept_unreplicated") or [])] for r in results]
         print(table(rows, ["JOB", "VERSIONS DELETED", "CHUNKS DELETED", "FREED", "NOTE"]) if rows else "no jobs")
     return 1 if any(r["blocked"] for r in results) else 0
+
+
+def _kept(versions: list[int]) -> str:
+    return f"kept {len(versions)} versions not yet in the object store" if versions else ""

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..config import load_config
 from ..daemon.lock import PidLock
 from ..errors import DaemonUnavailable, NotFound
 from ..storage.local import JobStore, Store
@@ -56,8 +55,3 @@ def run_maintenance(args: argparse.Namespace, op: str,
     finally:
         lock.release()
 
-
-def policy_for_offline(args: argparse.Namespace) -> tuple[int, float | None]:
-    """Retention settings when the daemon is down: the config file's (flags/env/file), else defaults."""
-    policy = load_config(config_file=getattr(args, "config", None), state_dir=state_dir(args)).policy
-    return policy.keep_last, policy.keep_every

@@ -209,6 +209,21 @@ class Daemon:
         assert self._tg is not None
         self._tg.start_soon(func, *args)
 
+    async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
+        """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
+        without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        def scan() -> list[tuple[int, str, list[int]]]:
+            return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
+
+        try:
+            found = await anyio.to_thread.run_sync(scan)
+        except OSError as exc:
+            log.warning("could not list the stored jobs to replicate: %s", exc)
+            return
+        for owner, name, ids in found:
+            if ids:
+                replicator.attach(owner, name, ids)
+
     def _save_done(self) -> None:
         for waiter in self._save_waiters:
             waiter.set()
@@ -340,6 +355,8 @@ class Daemon:
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
                     tg.start_soon(self.replicator.probe_later)
+                if self.replicator is not None:
+                    tg.start_soon(self._replicate_stored_jobs, self.replicator)
                 if self.config.preemption.provider != "off":
                     self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,

@@ -190,6 +190,12 @@ class Replicator:
         replica = self.replicas.get(key)
         return set(replica.queue) if replica is not None else set()
 
+    def unreplicated(self, owner: int, name: str, local_ids: list[int]) -> set[int]:
+        """What ``autosaved gc`` must keep of a job, loaded or not: it is attached here if it was not (a
+        job not loaded since a restart may still have a backlog, which this then uploads), and until its
+        first look at the bucket every local version counts as not uploaded."""
+        return self.protect(self.attach(owner, name, local_ids).key)
+
     async def seed(self, owner: int, name: str, local: JobStore) -> int | None:
         """A job with no local version: copy the bucket's newest verified version in (a fresh host).
         Failures are logged and the job starts empty, as it would without a remote."""
@@ -342,28 +348,8 @@ class Replicator:
             replica.last_error = str(exc)
 
     async def _catch_up(self, replica: Replica, local_ids: list[int]) -> None:
-        """After a (re)start: the newest local version the bucket has (the same manifest, not just the same
-        id: another host may have published its own version under that id), and the local ones after it."""
-        visible = await replica.remote.visible_versions()
-        local = set(local_ids)
-        newest = None
-        for vk in reversed(visible[-8:]):  # the newest few suffice: uploads go in order
-            if vk.id not in local:
-                continue
-            try:
-                remote_doc = await replica.remote.read_manifest(vk)
-            except CorruptVersion:
-                continue
-            remote_doc.pop("remote", None)
-            path = replica.local.versions_dir / f"{vk.id:012d}.json"
-            try:
-                async with aiofiles.open(path, "rb") as fh:
-                    local_doc = unseal(await fh.read(), f"{replica.local.job} version {vk.id}")
-            except (FileNotFoundError, CorruptVersion):
-                continue
-            if local_doc == remote_doc:
-                newest = vk.id
-                break
+        """After a (re)start: the newest local version the bucket has, and the local ones after it."""
+        newest = await replica.remote.newest_replicated(replica.local, local_ids)
         replica.replicated = newest
         pending = [v for v in local_ids if newest is None or v > newest]
         for v in pending:

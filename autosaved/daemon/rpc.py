@@ -481,11 +481,21 @@ class Handlers:
             # dedups against a chunk being removed) until the collection is over: the lock is per (owner,
             # job), whether or not the job is loaded, and a job loaded meanwhile takes the same lock.
             async with self.ctx.table.io_lock((store.owner, store.job)):
-                result = await anyio.to_thread.run_sync(store.gc, keep, every)
-            log.info("gc job=%s owner=%d deleted_versions=%s removed_chunks=%d freed_bytes=%d", store.job,
-                     store.owner, result.deleted_versions, result.removed_chunks, result.freed_bytes)
+                # Under the lock: a save commits (and the replicator queues its version) inside it too.
+                protect = await self._unreplicated(store)
+                result = await anyio.to_thread.run_sync(store.gc, keep, every, protect)
+            log.info("gc job=%s owner=%d deleted_versions=%s removed_chunks=%d freed_bytes=%d "
+                     "kept_unreplicated=%s", store.job, store.owner, result.deleted_versions,
+                     result.removed_chunks, result.freed_bytes, result.kept_unreplicated)
             results.append({"job": store.job, "owner": store.owner, **result.to_json()})
         return Reply({"jobs": results})
+
+    async def _unreplicated(self, store: JobStorage) -> set[int]:
+        """With ``[remote]``: the job's local versions not yet in the object store (gc keeps them)."""
+        if self.ctx.replicator is None:
+            return set()
+        ids = await anyio.to_thread.run_sync(store.version_ids)
+        return self.ctx.replicator.unreplicated(store.owner, store.job, ids)
 
     async def op_delete(self, req: RpcRequest) -> Reply:
         """Forget a job: its live state and every stored version. A client that sends to it again starts

@@ -102,10 +102,13 @@ class GcResult:
     removed_chunks: int = 0
     freed_bytes: int = 0
     blocked: str | None = None
+    # Versions retention would have deleted but kept because they are not yet in the object store.
+    kept_unreplicated: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"deleted_versions": self.deleted_versions, "removed_chunks": self.removed_chunks,
-                "freed_bytes": self.freed_bytes, "blocked": self.blocked}
+                "freed_bytes": self.freed_bytes, "blocked": self.blocked,
+                "kept_unreplicated": self.kept_unreplicated}
 
 
 @dataclass
@@ -623,15 +626,20 @@ class JobStore:
                     result.freed_bytes += size
         return result
 
-    def gc(self, keep_last: int, keep_every: float | None) -> GcResult:
+    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None) -> GcResult:
         """Retention and collection on demand (``autosaved gc``); never deletes the newest version that
-        verifies. Leftover temp files of crashed saves go too."""
+        verifies, nor one in ``protect`` (with ``[remote]``: the versions not yet in the object store).
+        Leftover temp files of crashed saves go too."""
         self.clean_tmp()
         newest_ok = self.newest_verified()
-        protect = {newest_ok} if newest_ok is not None else set()
-        deleted = self.apply_retention(keep_last, protect, keep_every, collect=False)
+        keep = {newest_ok} if newest_ok is not None else set()
+        held = set(protect or ())
+        would = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
+                                   keep_last=keep_last, keep_every=keep_every, protect=frozenset(keep))
+        deleted = self.apply_retention(keep_last, keep | held, keep_every, collect=False)
         result = self.collect_garbage()  # also when nothing was deleted: crashes may have left chunks
         result.deleted_versions = deleted
+        result.kept_unreplicated = sorted(set(would) & held)
         return result
 
     def check(self) -> dict[str, Any]:

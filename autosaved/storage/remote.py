@@ -584,6 +584,31 @@ class RemoteJob:
             lambda: atomic_write(local.versions_dir / f"{loaded.info.id:012d}.json", raw, local.tmp_dir))
         return loaded.info.id
 
+    async def newest_replicated(self, local: JobStore, local_ids: Sequence[int]) -> int | None:
+        """The newest of ``local_ids`` the bucket has: the same manifest, not just the same id (another
+        host may have published its own version under that id). Uploads go in order, so every local
+        version up to it is in the bucket too (or was retired there by remote retention), and every one
+        after it is not."""
+        visible = await self.visible_versions()
+        local_set = set(local_ids)
+        for vk in reversed(visible[-8:]):  # the newest few suffice: uploads go in order
+            if vk.id not in local_set:
+                continue
+            try:
+                remote_doc = await self.read_manifest(vk)
+            except CorruptVersion:
+                continue
+            remote_doc.pop("remote", None)
+            path = local.versions_dir / f"{vk.id:012d}.json"
+            try:
+                async with aiofiles.open(path, "rb") as fh:
+                    local_doc = unseal(await fh.read(), f"{local.job} version {vk.id}")
+            except (FileNotFoundError, CorruptVersion):
+                continue
+            if local_doc == remote_doc:
+                return vk.id
+        return None
+
     # -- lease -----------------------------------------------------------------------------------
 
     @property
