@@ -5,10 +5,12 @@ names a bucket; credentials then come from the AWS environment variables):
 
 - upload: a private daemon with ``[remote]`` commits a state of random float32 arrays; the time from the
   ``committed`` ack until ``status`` shows it replicated, vs. a plain obstore ``put_async`` loop of the
-  same bytes in the same chunk size to the same server (one put at a time, as a plain loop does);
+  same bytes in the same chunk size to the same server (one put at a time, as a plain loop does; the mean
+  of one run before and one after the daemon's, on a server warmed up first);
 - incremental: the bytes the daemon sends after 1% of the state changed in one place;
-- restore (median of 3): ``autosaved.restore(job, remote=...)`` (download, verify every chunk, rebuild the arrays) vs.
-  a plain ``get_async`` loop of the same bytes (median of 3).
+- restore: ``autosaved.restore(job, remote=...)`` (download, verify every chunk, rebuild writable arrays)
+  vs. a plain ``get_async`` loop of the same bytes, taking turns round by round (medians of 5; of 3 above
+  256 MiB).
 """
 
 from __future__ import annotations
@@ -58,46 +60,75 @@ def _wait_replicated(c: Client, version: int, timeout: float = 3600.0) -> float:
     return time.perf_counter() - start
 
 
-def _plain_loops(url: str, endpoint: str | None, pieces: list[bytes], rounds: int) -> tuple[float, float]:
-    """A plain obstore put loop and get loop of ``pieces`` under a prefix of their own (the get loop's
-    median of ``rounds``)."""
-    import obstore
+class _PlainLoops:
+    """A plain obstore put loop and get loop of ``pieces`` under a prefix of their own: one request at a
+    time, no verification, no copy out of obstore's buffers (what an application with no checkpoint
+    store would do)."""
 
-    from ..storage.remote import RemoteStore
+    def __init__(self, url: str, endpoint: str | None, pieces: list[bytes]) -> None:
+        from ..storage.remote import RemoteStore
 
-    store = RemoteStore(url, endpoint=endpoint).client
-    prefix = f"bench-plain-{secrets.token_hex(4)}"
+        self.client = RemoteStore(url, endpoint=endpoint).client
+        self.prefix = f"bench-plain-{secrets.token_hex(4)}"
+        self.pieces = pieces
 
-    async def main() -> tuple[float, float]:
-        t = time.perf_counter()
-        for i, piece in enumerate(pieces):
-            await obstore.put_async(store, f"{prefix}/{i}", piece, use_multipart=False)
-        put_s = time.perf_counter() - t
-        times = []
-        for _ in range(rounds):
+    def put(self) -> float:
+        import obstore
+
+        async def main() -> float:
             t = time.perf_counter()
-            for i in range(len(pieces)):
-                result = await obstore.get_async(store, f"{prefix}/{i}")
+            for i, piece in enumerate(self.pieces):
+                await obstore.put_async(self.client, f"{self.prefix}/{i}", piece, use_multipart=False)
+            return time.perf_counter() - t
+
+        return anyio.run(main)
+
+    def get(self) -> float:
+        import obstore
+
+        async def main() -> float:
+            t = time.perf_counter()
+            for i in range(len(self.pieces)):
+                result = await obstore.get_async(self.client, f"{self.prefix}/{i}")
                 await result.bytes_async()
-            times.append(time.perf_counter() - t)
-        get_s = sorted(times)[len(times) // 2]
-        await obstore.delete_async(store, [f"{prefix}/{i}" for i in range(len(pieces))])
-        return put_s, get_s
+            return time.perf_counter() - t
 
-    return anyio.run(main)
+        return anyio.run(main)
+
+    def delete(self) -> None:
+        import obstore
+
+        async def main() -> None:
+            await obstore.delete_async(self.client, [f"{self.prefix}/{i}" for i in range(len(self.pieces))])
+
+        anyio.run(main)
 
 
-def measure(size: int, url: str, endpoint: str | None, rounds: int = 3) -> dict[str, Any]:
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def measure(size: int, url: str, endpoint: str | None, rounds: int | None = None) -> dict[str, Any]:
     import obstore  # noqa: F401 (imported before any timing: a module import is not what is measured)
 
     import autosaved
 
+    rounds = rounds or (5 if size <= 256 << 20 else 3)
     rng = np.random.default_rng(0)
     layers = 8
     per = max(1, size // layers // 4)
     state = {f"layer{i}": rng.random(per, dtype=np.float32) for i in range(layers)}
     total = sum(a.nbytes for a in state.values())
     job = f"bench-{secrets.token_hex(3)}"
+    pieces = []
+    for arr in state.values():
+        raw = arr.tobytes()
+        pieces += [raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK)]
+    plain = _PlainLoops(url, endpoint, pieces)
+    # A fresh server allocates its volumes on the first writes: warm it up, then time the plain put loop
+    # before and after the daemon's upload (the mean is the baseline), so neither pays for a cold server.
+    _PlainLoops(url, endpoint, pieces[:4]).put()
+    put_before = plain.put()
     with PrivateDaemon(config=_config(url, endpoint)) as daemon, \
             Client(job, address=daemon.address, save_timeout=3600) as c:
         ack = c.update(state, wait="committed")
@@ -110,28 +141,32 @@ def measure(size: int, url: str, endpoint: str | None, rounds: int = 3) -> dict[
         assert ack2.version is not None
         incr_s = _wait_replicated(c, ack2.version)
         sent_1pct = _replica(c)["bytes_uploaded"] - sent_full
-    times = []
+    del state
+    put_after = plain.put()
+    put_s = (put_before + put_after) / 2
+    # Restore and the plain get loop take turns, round by round: a server still settling after the
+    # uploads (or a neighbour's load) weighs on both alike, not on whichever ran first.
+    restores, gets = [], []
     for _ in range(rounds):
         t = time.perf_counter()
         got = autosaved.restore(job, remote=url, endpoint=endpoint)
-        times.append(time.perf_counter() - t)
+        restores.append(time.perf_counter() - t)
         assert np.array_equal(got["layer3"], one)
         del got
-    restore_s = sorted(times)[len(times) // 2]
-    pieces = []
-    for arr in state.values():
-        raw = arr.tobytes()
-        pieces += [raw[i : i + CHUNK] for i in range(0, len(raw), CHUNK)]
-    put_s, get_s = _plain_loops(url, endpoint, pieces, rounds)
+        gets.append(plain.get())
+    plain.delete()
+    restore_s, get_s = _median(restores), _median(gets)
     return {
         "bytes": total,
         "upload_s": round(upload_s, 3), "plain_put_loop_s": round(put_s, 3),
+        "plain_put_before_after_s": [round(put_before, 3), round(put_after, 3)],
         "upload_vs_plain": round(put_s / upload_s, 3),
         "uploaded_bytes_full": sent_full,
         "uploaded_bytes_after_1pct": sent_1pct, "uploaded_fraction_after_1pct": round(sent_1pct / total, 4),
         "upload_1pct_s": round(incr_s, 3),
         "restore_s": round(restore_s, 3), "plain_get_loop_s": round(get_s, 3),
         "restore_vs_plain": round(get_s / restore_s, 3),
+        "restore_rounds_s": [round(x, 3) for x in restores], "plain_get_rounds_s": [round(x, 3) for x in gets],
     }
 
 

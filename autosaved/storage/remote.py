@@ -43,6 +43,7 @@ from urllib.parse import urlparse
 import aiofiles
 import aiofiles.os
 import anyio
+import numpy as np
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
@@ -399,24 +400,9 @@ class RemoteJob:
             data, _ = await self.store.get(key)
         except FileNotFoundError:
             raise CorruptVersion(f"{where}: object {key} is missing") from None
-        raw: bytes | memoryview = data
-        if packed:
-            try:
-                raw = decompress_chunk(bytes(data), chunk.size)
-            except ChunkDecodeError as exc:
-                raise CorruptVersion(f"{where}: object {key} does not decompress ({exc})") from None
-        def check() -> bool:
-            if len(raw) != chunk.size or _digest(chunk, raw) != chunk.digest:
-                return False
-            if into is not None:
-                into[:] = raw
-            return True
-
-        # Hashing and copying 8 MiB take tens of ms: in a worker thread (both release the GIL), so the
-        # next downloads overlap them.
-        if not await anyio.to_thread.run_sync(check):
-            raise CorruptVersion(f"{where}: object {key} does not match its hash")
-        return raw
+        # Decompressing, hashing and copying 8 MiB take milliseconds: in a worker thread (all three release
+        # the GIL), so the event loop goes on driving the other downloads meanwhile.
+        return await anyio.to_thread.run_sync(_verified, chunk, data, packed, key, where, into)
 
     # -- manifests -------------------------------------------------------------------------------
 
@@ -472,8 +458,9 @@ class RemoteJob:
         """Download and verify every chunk, ``CONCURRENCY`` at a time, into each blob's own writable,
         pre-faulted buffer (the downloaded bytes are read-only, and a restore returns writable arrays;
         faulting fresh pages one by one costs more than the copy). Buffers are made, and chunks hashed
-        and copied, in worker threads, so all of it overlaps the downloads. The first failure cancels
-        the rest and is raised as itself (not in an exception group)."""
+        and copied, in worker threads, so all of it overlaps the downloads: a chunk is checked and copied
+        in one pass in the thread, the moment it has arrived. The first failure cancels the rest and is
+        raised as itself (not in an exception group)."""
         limiter = anyio.CapacityLimiter(CONCURRENCY)
         failures: list[BaseException] = []
 
@@ -483,20 +470,19 @@ class RemoteJob:
 
         async def one(chunk: Chunk, at: int, blob: Blob, ready: anyio.Event, scope: anyio.CancelScope) -> None:
             async with limiter:
+                key = self.chunk_key(chunk.digest, chunk.digest in packed)
                 try:
-                    raw = await self.read_chunk(chunk, chunk.digest in packed, where)
+                    try:
+                        data, _ = await self.store.get(key)
+                    except FileNotFoundError:
+                        raise CorruptVersion(f"{where}: object {key} is missing") from None
+                    await ready.wait()
+                    assert blob.data is not None
+                    await anyio.to_thread.run_sync(_verified, chunk, data, chunk.digest in packed, key, where,
+                                                   blob.data[at : at + chunk.size])
                 except (CorruptVersion, RemoteError) as exc:
                     failures.append(exc)
                     scope.cancel()
-                    return
-            await ready.wait()
-            assert blob.data is not None
-            target = blob.data[at : at + chunk.size]
-
-            def copy() -> None:
-                target[:] = raw
-
-            await anyio.to_thread.run_sync(copy)
 
         async with anyio.create_task_group() as tg:
             for blob in blobs:
@@ -753,6 +739,24 @@ class RemoteJob:
         result.pending_chunks = len(new_pending)
         await self.store.put(self.gc_key, _dump(new_pending))
         return result
+
+
+def _verified(chunk: Chunk, data: memoryview, packed: bool, key: str, where: str,
+              into: memoryview | None) -> bytes | memoryview:
+    """``data`` (decompressed when ``packed``) if it is ``chunk`` (size and hash), copied into ``into`` when
+    given; else :class:`CorruptVersion` naming the object. Runs in a worker thread."""
+    raw: bytes | memoryview = data
+    if packed:
+        try:
+            raw = decompress_chunk(bytes(data), chunk.size)
+        except ChunkDecodeError as exc:
+            raise CorruptVersion(f"{where}: object {key} does not decompress ({exc})") from None
+    if len(raw) != chunk.size or _digest(chunk, raw) != chunk.digest:
+        raise CorruptVersion(f"{where}: object {key} does not match its hash")
+    if into is not None:
+        # numpy's copy releases the GIL (a memoryview slice assignment would hold it for the whole copy).
+        np.copyto(np.frombuffer(into, dtype=np.uint8), np.frombuffer(raw, dtype=np.uint8))
+    return raw
 
 
 def _buffer(nbytes: int) -> memoryview:
