@@ -311,3 +311,31 @@ def _lose_host_keep_disk(d: PrivateDaemon) -> None:
     assert d.proc is not None
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(30)
+
+
+def test_daemon_reads_on_a_fresh_host_pull_from_the_bucket(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                                           tmp_path: Path) -> None:
+    prefix = f"reads-{secrets.token_hex(3)}"
+    config = remote_config(s3env, prefix)
+    d = make_daemon(config, root=tmp_path / "gone")
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        ids = [c.update(_state(i, n=20_000), step=i, wait="replicated").version for i in range(3)]
+    _lose_host(d)
+    # A fresh host, and no trainer: only admin reads, which register no job.
+    d2 = make_daemon(config, root=tmp_path / "fresh")
+    with autosaved.Admin(address=d2.address, timeout=60) as admin:
+        rows = admin.versions(JOB)  # the job is loaded from the bucket: its newest version comes here
+        assert [r["id"] for r in rows] == ids
+        assert [bool(r.get("only_in_bucket")) for r in rows] == [True, True, False]
+        assert [int(p.stem) for p in version_files(d2.state_dir, JOB)] == ids[-1:]
+        # A restore by id of a version only the bucket has pulls it here (verified) and serves it.
+        old = admin.export(JOB, version=ids[0])
+        assert old is not None and old.version == ids[0] and not old.live
+        assert [int(p.stem) for p in version_files(d2.state_dir, JOB)] == [ids[0], ids[-1]]
+        with pytest.raises(autosaved.NotFound):
+            admin.export(JOB, version=ids[-1] + 5)
+        with pytest.raises(autosaved.NotFound):
+            admin.versions("never-saved")
+    with autosaved.Client(JOB, address=d2.address) as c:
+        np.testing.assert_array_equal(c.restore(version=ids[0])["model"]["w"], _state(0, n=20_000)["model"]["w"])
+        np.testing.assert_array_equal(c.restore()["model"]["w"], _state(2, n=20_000)["model"]["w"])

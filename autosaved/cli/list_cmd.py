@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                     ["GLOBAL VERSION", "TIME", "WORLD", "VERIFIED", "PARTS (rank:version@daemon)"]))
     elif args.job:
         print(table([[str(r["id"]), str(r["step"] if r["step"] is not None else "-"), r["time"],
-                      human_bytes(r["bytes"]), r["reason"], "ok" if r["ok"] else f"CORRUPT: {r['error']}"]
+                      human_bytes(r["bytes"]), r["reason"], _verified(r)]
                      for r in rows],
                     ["VERSION", "STEP", "TIME", "SIZE", "REASON", "VERIFIED"]))
     elif rows:
@@ -80,3 +80,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("no jobs")
     return 0
+
+
+def _verified(row: dict[str, Any]) -> str:
+    if row.get("only_in_bucket"):
+        return "in the bucket only"
+    return "ok" if row["ok"] else f"CORRUPT: {row['error']}"

@@ -58,7 +58,9 @@ class JobTable:
         if job is not None:
             return job
         store = self.store.job(owner, name)
-        if not await anyio.to_thread.run_sync(store.path.exists):
+        # A fresh host: a job only the bucket has is loaded from there (get seeds it), as for a trainer.
+        if not await anyio.to_thread.run_sync(store.path.exists) and (
+                self.replicator is None or not await self.replicator.in_bucket(owner, name)):
             return None
         return await self.get(owner, name)
 

@@ -30,7 +30,7 @@ from ..config import RemoteSettings
 from ..errors import AutosavedError, CorruptVersion, StorageError
 from ..storage.compress import SUFFIX
 from ..storage.local import JobStore
-from ..storage.manifest import unseal
+from ..storage.manifest import VersionInfo, unseal
 from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore, remote_manifest
 
 log = logging.getLogger("autosaved.replicator")
@@ -216,6 +216,39 @@ class Replicator:
         if version is not None:
             log.info("loaded job=%s owner=%d version=%d from %s", name, owner, version, self.store.describe())
         return version
+
+    async def in_bucket(self, owner: int, name: str) -> bool:
+        """Whether the bucket has a version of a job this host has nothing of (a fresh host's read asks
+        before it says "no such job"). An unreachable store counts as "no", logged."""
+        if self.refused or not self.probed.is_set():
+            return False
+        try:
+            # Bounded tighter than a store request: a status or list of an unknown job stays quick.
+            with anyio.fail_after(min(5.0, self.settings.timeout)):
+                return bool(await self.store.job(owner, name).visible_versions())
+        except (RemoteError, TimeoutError) as exc:
+            log.warning("could not look for job=%s in %s: %s", name, self.store.describe(), exc or "timed out")
+            return False
+
+    async def pull(self, owner: int, name: str, version: int, local: JobStore) -> None:
+        """Copy version ``version`` from the bucket into the local store (a restore by id of a version this
+        host lacks). ``NotFound`` if the bucket lacks it too, ``CorruptVersion`` if it does not verify,
+        :class:`RemoteError` when the store cannot be read."""
+        if self.refused or not self.probed.is_set():
+            raise RemoteError(f"the object store {self.store.describe()} is not reachable: version {version} of "
+                              f"job {name!r} is not on this host")
+        await self.store.job(owner, name).seed(local, version=version)
+        log.info("pulled job=%s owner=%d version=%d from %s", name, owner, version, self.store.describe())
+
+    async def bucket_versions(self, owner: int, name: str) -> tuple[list[VersionInfo], str | None]:
+        """The job's versions in the bucket (manifests read, chunks not), or the error that prevented it."""
+        if self.refused or not self.probed.is_set():
+            return [], self.refused or self.last_probe_error or "the object store is not reachable"
+        try:
+            with anyio.fail_after(self.settings.timeout):
+                return await self.store.job(owner, name).list_versions(), None
+        except (RemoteError, TimeoutError) as exc:
+            return [], str(exc) or "the object store did not answer in time"
 
     async def wait_replicated(self, key: JobKey, version: int) -> int:
         """Until ``version`` (or a newer one) is in the bucket; returns the replicated version."""

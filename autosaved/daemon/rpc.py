@@ -347,6 +347,8 @@ class Handlers:
         table = self.ctx.table
         job = await table.find(req.owner, name) if version is None else table.jobs.get((req.owner, name))
         store = job.store if job else self.ctx.table.store.job(req.owner, name)
+        if version is not None and self.ctx.replicator is not None:
+            job = await self._pull(req.owner, name, version) or job
         if version is None and job is not None and (job.dirty or job.latest_version is not None or job.root):
             tree: State | None = job.root
             info: dict[str, Any] = {"version": job.latest_version, "step": job.step, "live": True}
@@ -367,6 +369,22 @@ class Handlers:
             return await self._send_tree(req, store, sent, info)
         finally:
             del self.ctx.restoring[id(req)]
+
+    async def _pull(self, owner: int, name: str, version: int) -> Job | None:
+        """A restore by id of a version this host lacks, with ``[remote]``: copy it here from the bucket
+        first. The job is loaded first (on a fresh host that seeds its newest version), and only ids below
+        its next one are pulled: a bucket version this host would number itself is not its own."""
+        assert self.ctx.replicator is not None
+        store = self.ctx.table.store.job(owner, name)
+        if version in await anyio.to_thread.run_sync(store.version_ids):
+            return None
+        job = await self.ctx.table.find(owner, name)
+        if job is None or version >= job.next_version:
+            return job
+        async with job.io_lock:  # no save or gc of the job while a version is written into its store
+            if version not in await anyio.to_thread.run_sync(store.version_ids):
+                await self.ctx.replicator.pull(owner, name, version, self.ctx.replicator.local_store(owner, name))
+        return job
 
     async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: Any, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
@@ -449,7 +467,19 @@ class Handlers:
             raise NotFound(f"no job named {store.job!r}")
         async with job.io_lock:  # no retention or gc of this job while its versions are read
             infos = await anyio.to_thread.run_sync(store.list_versions)
-        return Reply({"versions": [i.to_json() for i in infos], "dirty": job.dirty, "step": job.step})
+        rows = [i.to_json() for i in infos]
+        extra: dict[str, Any] = {}
+        if self.ctx.replicator is not None:
+            # Versions only the bucket has (retired here, or never here: a fresh host) can be restored by id
+            # too (op_restore pulls them): list them, marked.
+            remote, error = await self.ctx.replicator.bucket_versions(req.owner, store.job)
+            local_ids = {i.id for i in infos}
+            rows += [{**i.to_json(), "only_in_bucket": True} for i in remote
+                     if i.id not in local_ids and i.id < job.next_version]
+            rows.sort(key=lambda r: int(r["id"]))
+            if error is not None:
+                extra["remote_error"] = error
+        return Reply({"versions": rows, "dirty": job.dirty, "step": job.step, **extra})
 
     def _stores(self, req: RpcRequest) -> list[tuple[JobStorage, Job | None]]:
         """The job a maintenance request names, or every job of its owner (all owners for root)."""

@@ -527,10 +527,12 @@ class RemoteJob:
                                    meta=dict(doc.get("meta") or {})))
         return out
 
-    async def seed(self, local: JobStore, on_skip: Callable[[CorruptVersion], None] | None = None) -> int | None:
-        """Copy the newest version that verifies into an empty local store (a fresh host): every chunk is
-        checked, written and fsynced before the manifest, as a local save would. Returns its id."""
-        loaded = await self.load_version(None, on_skip)
+    async def seed(self, local: JobStore, on_skip: Callable[[CorruptVersion], None] | None = None,
+                   version: int | None = None) -> int | None:
+        """Copy the newest version that verifies (or ``version``: ``NotFound``/``CorruptVersion`` as for
+        :meth:`load_version`) into the local store (a fresh host): every chunk is checked, written and
+        fsynced before the manifest, as a local save would. Returns its id."""
+        loaded = await self.load_version(version, on_skip)
         if loaded is None:
             return None
         await anyio.to_thread.run_sync(local.ensure_dirs)
