@@ -19,24 +19,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import aiofiles
-import aiofiles.os
 import anyio
 
 from ..config import RemoteSettings
 from ..errors import AutosavedError, CorruptVersion, StorageError
-from ..storage.compress import SUFFIX
 from ..storage.local import JobStore
-from ..storage.manifest import VersionInfo, unseal
-from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore, remote_manifest
+from ..storage.manifest import VersionInfo
+from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore
+from ..storage.upload import upload_version
 
 log = logging.getLogger("autosaved.replicator")
 
 JobKey = tuple[int, str]
-UPLOAD_CONCURRENCY = 4
 MAX_BACKOFF = 30.0
 
 
@@ -401,66 +397,22 @@ class Replicator:
 
     async def _upload(self, replica: Replica, version: int) -> None:
         lease = await self._lease(replica)
-        local = replica.local
-        where = f"{local.job} version {version}"
-        path = local.versions_dir / f"{version:012d}.json"
-        try:
-            async with aiofiles.open(path, "rb") as fh:
-                raw = await fh.read()
-        except FileNotFoundError:
-            raise CorruptVersion(f"{where}: the local manifest is gone") from None
-        doc = unseal(raw, where)
         if replica.known is None:
             replica.known = {d: k for d, (k, _) in (await replica.remote.chunk_index()).items()}
-        known = replica.known
-        todo: dict[str, int] = {}
-        for rec in doc["blobs"]:
-            for digest, size in rec["chunks"]:
-                if digest not in known:
-                    todo[str(digest)] = int(size)
-        replica.queued_bytes[version] = sum(todo.values())
-        packed: set[str] = {d for d, k in known.items() if k.endswith(SUFFIX)}
-        failures: list[BaseException] = []
-        limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
 
-        async def one(digest: str, scope: anyio.CancelScope) -> None:
-            async with limiter:
-                try:
-                    data, is_packed = await _read_chunk_file(local, digest)
-                    await self.rate(len(data))
-                    await replica.remote.put_chunk(digest, data, is_packed)
-                except (RemoteError, OSError, CorruptVersion) as exc:
-                    failures.append(exc)
-                    scope.cancel()
-                    return
-                # Bytes sent count even when the bucket answered 412 (it had the chunk after all).
-                replica.bytes_uploaded += len(data)
-                replica.chunks_uploaded += 1
-                known[digest] = replica.remote.chunk_key(digest, is_packed)
-                if is_packed:
-                    packed.add(digest)
-                replica.queued_bytes[version] = max(0, replica.queued_bytes.get(version, 0) - len(data))
+        def planned(nbytes: int) -> None:
+            replica.queued_bytes[version] = nbytes
 
-        async with anyio.create_task_group() as tg:
-            for digest in todo:
-                tg.start_soon(one, digest, tg.cancel_scope)
-        if failures:
-            raise failures[0]
-        # Renew right before publishing: a daemon that lost its lease finds out here, not after.
-        await replica.remote.renew(lease, self.settings.lease_ttl)
-        referenced = {str(d) for rec in doc["blobs"] for d, _ in rec["chunks"]}
-        body = remote_manifest(raw, lease.epoch, self.holder, sorted(packed & referenced), where)
-        try:
-            await replica.remote.put_manifest(version, lease.epoch, body)
-        except RemoteError as exc:
-            if "already in the bucket" not in str(exc):
-                raise
-            # Our own earlier attempt got through but its reply was lost: same epoch, same holder.
-        # And renew once more: if that succeeds, no take-over happened before the manifest was written, so
-        # any later take-over lists it and fences above it: the version is visible, and may be acked.
-        # (Without this, a take-over between our renewal and our manifest would hide a version we acked.)
-        await replica.remote.renew(lease, self.settings.lease_ttl)
-        log.info("replicated job=%s version=%d epoch=%d chunks=%d", local.job, version, lease.epoch, len(todo))
+        def sent(nbytes: int) -> None:
+            # Bytes sent count even when the bucket answered 412 (it had the chunk after all).
+            replica.bytes_uploaded += nbytes
+            replica.chunks_uploaded += 1
+            replica.queued_bytes[version] = max(0, replica.queued_bytes.get(version, 0) - nbytes)
+
+        chunks = await upload_version(replica.remote, replica.local, version, lease, holder=self.holder,
+                                      ttl=self.settings.lease_ttl, known=replica.known, pace=self.rate,
+                                      planned=planned, sent=sent)
+        log.info("replicated job=%s version=%d epoch=%d chunks=%d", replica.local.job, version, lease.epoch, chunks)
 
     async def _maybe_gc(self, replica: Replica) -> None:
         """Remote retention and collection, at most once a minute, by the lease holder only."""
@@ -486,18 +438,6 @@ class Replicator:
             replica.known = None  # chunks went: look again before trusting the cache
             log.info("remote gc job=%s deleted_versions=%s removed_chunks=%d", replica.key[1],
                      result.deleted_versions, result.removed_chunks)
-
-
-async def _read_chunk_file(local: JobStore, digest: str) -> tuple[bytes, bool]:
-    """A local chunk file's stored bytes (raw, or zstd: uploaded as stored) and whether it is packed."""
-    raw_path = local.objects_dir / digest[:2] / digest
-    for path, packed in ((raw_path, False), (Path(str(raw_path) + SUFFIX), True)):
-        try:
-            async with aiofiles.open(path, "rb") as fh:
-                return await fh.read(), packed
-        except FileNotFoundError:
-            continue
-    raise CorruptVersion(f"{local.job}: local chunk {digest[:16]}… is missing")
 
 
 def dump_status(status: dict[str, Any]) -> str:

@@ -1,0 +1,113 @@
+"""Publishing one committed local version to the bucket: the commit protocol's writer side.
+
+Only the chunks the bucket lacks go up (create-only, so a 412 is success), read from the local chunk files
+with ``aiofiles`` as stored (raw or zstd) and streamed to obstore's async API; then the lease is renewed
+and the manifest written last, create-only; then the lease is renewed once more (see below). The daemon's
+replicator calls this for each queued version, and the store contract tests call it to fill a bucket the
+way the daemon does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import anyio
+
+from ..errors import CorruptVersion
+from .compress import SUFFIX
+from .local import JobStore
+from .manifest import unseal
+from .remote import Lease, RemoteError, RemoteJob, remote_manifest
+
+# Chunk uploads in flight at once per version: enough to fill a fast link, few enough for a slow one.
+UPLOAD_CONCURRENCY = 4
+
+
+async def _no_pace(_nbytes: int) -> None:
+    return None
+
+
+def lacking(doc: dict[str, Any], known: dict[str, str]) -> dict[str, int]:
+    """digest → size of the chunks a manifest references that the bucket lacks (``known``: what it has)."""
+    todo: dict[str, int] = {}
+    for rec in doc["blobs"]:
+        for digest, size in rec["chunks"]:
+            if digest not in known:
+                todo[str(digest)] = int(size)
+    return todo
+
+
+async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease: Lease, *, holder: str,
+                         ttl: float, known: dict[str, str],
+                         pace: Callable[[int], Awaitable[None]] = _no_pace,
+                         planned: Callable[[int], None] = lambda _nbytes: None,
+                         sent: Callable[[int], None] = lambda _nbytes: None) -> int:
+    """Publish local ``version`` under ``lease``; returns how many chunks were sent. ``known`` (digest →
+    object key of the chunks the bucket has) is updated as chunks go up. ``pace(n)`` is awaited before
+    each chunk of ``n`` bytes is sent (the upload throttle); ``planned(total)`` is told the bytes to send,
+    ``sent(n)`` each chunk's bytes once the bucket has them (a 412 counts: the bytes were sent).
+    :class:`~.remote.Fenced` if the lease was lost; ``CorruptVersion`` if the local version is unreadable."""
+    where = f"{local.job} version {version}"
+    path = local.versions_dir / f"{version:012d}.json"
+    try:
+        async with aiofiles.open(path, "rb") as fh:
+            raw = await fh.read()
+    except FileNotFoundError:
+        raise CorruptVersion(f"{where}: the local manifest is gone") from None
+    doc = unseal(raw, where)
+    todo = lacking(doc, known)
+    planned(sum(todo.values()))
+    packed: set[str] = {d for d, k in known.items() if k.endswith(SUFFIX)}
+    failures: list[BaseException] = []
+    limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
+
+    async def one(digest: str, scope: anyio.CancelScope) -> None:
+        async with limiter:
+            try:
+                data, is_packed = await read_chunk_file(local, digest)
+                await pace(len(data))
+                await remote.put_chunk(digest, data, is_packed)
+            except (RemoteError, OSError, CorruptVersion) as exc:
+                failures.append(exc)
+                scope.cancel()
+                return
+            known[digest] = remote.chunk_key(digest, is_packed)
+            if is_packed:
+                packed.add(digest)
+            sent(len(data))
+
+    async with anyio.create_task_group() as tg:
+        for digest in todo:
+            tg.start_soon(one, digest, tg.cancel_scope)
+    if failures:
+        raise failures[0]
+    # Renew right before publishing: a daemon that lost its lease finds out here, not after.
+    await remote.renew(lease, ttl)
+    referenced = {str(d) for rec in doc["blobs"] for d, _ in rec["chunks"]}
+    body = remote_manifest(raw, lease.epoch, holder, sorted(packed & referenced), where)
+    try:
+        await remote.put_manifest(version, lease.epoch, body)
+    except RemoteError as exc:
+        if "already in the bucket" not in str(exc):
+            raise
+        # Our own earlier attempt got through but its reply was lost: same epoch, same holder.
+    # And renew once more: if that succeeds, no take-over happened before the manifest was written, so
+    # any later take-over lists it and fences above it: the version is visible, and may be acked.
+    # (Without this, a take-over between our renewal and our manifest would hide a version we acked.)
+    await remote.renew(lease, ttl)
+    return len(todo)
+
+
+async def read_chunk_file(local: JobStore, digest: str) -> tuple[bytes, bool]:
+    """A local chunk file's stored bytes (raw, or zstd: uploaded as stored) and whether it is packed."""
+    raw_path = local.objects_dir / digest[:2] / digest
+    for path, packed in ((raw_path, False), (Path(str(raw_path) + SUFFIX), True)):
+        try:
+            async with aiofiles.open(path, "rb") as fh:
+                return await fh.read(), packed
+        except FileNotFoundError:
+            continue
+    raise CorruptVersion(f"{local.job}: local chunk {digest[:16]}… is missing")
