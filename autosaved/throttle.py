@@ -1,5 +1,5 @@
-"""How fast background saves may write: a pure controller of (samples, now), plus the token bucket that
-applies its answer.
+"""How fast background saves may write (and uploads may send): a pure controller of (samples, now), plus
+the token bucket that applies its answer.
 
 The samplers (``daemon/iosampler.py``) read cumulative counters; :func:`measure` turns two consecutive
 samples into a :class:`Load` (rates over the interval), and :func:`step` turns the previous
@@ -19,6 +19,12 @@ pile up) but not how much rate they would need. So:
 
 Missing counters (containers without ``/sys/block`` or PSI) make the corresponding signal absent, never
 fatal: with no signal at all the controller cannot see contention and only enforces ``max_write_rate``.
+
+Uploads to the object store run the same :func:`step` with :func:`upload_controller`'s tuning on a
+network :class:`Load` (:func:`measure_net`): others' bytes on the interfaces that reach the store while
+the link is busy (its capacity, where the kernel knows it), or a high share of retransmitted TCP segments
+(congestion on the path, whoever caused it). Virtual NICs often report no capacity, and loopback never
+retransmits: then only the retransmission signal (or nothing) is left, and the cap (``upload_rate``) holds.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class Load:
     psi_some: float | None = None
     psi_full: float | None = None
     dirty_bytes: int | None = None
+    loss: float | None = None  # network only: the share of TCP segments sent that were retransmissions
 
 
 def measure(prev: IoSample, cur: IoSample) -> Load:
@@ -87,6 +94,7 @@ class Controller:
     psi_some_high: float = 10.0
     psi_full_high: float = 5.0
     dirty_high: int = 512 * MiB
+    loss_high: float = 0.02  # retransmitted share of TCP segments: the path is congested
 
     @property
     def ceiling(self) -> float:
@@ -116,6 +124,9 @@ def contention(ctl: Controller, load: Load) -> bool:
     # whoever caused them, our own writes included: back off either way.
     if load.psi_full is not None and load.psi_full >= ctl.psi_full_high:
         return True
+    # Retransmissions mean a queue on the path overflowed, whoever filled it: back off either way.
+    if load.loss is not None and load.loss >= ctl.loss_high:
+        return True
     return load.dirty_bytes is not None and load.dirty_bytes >= ctl.dirty_high
 
 
@@ -138,6 +149,50 @@ def step(ctl: Controller, state: ThrottleState, load: Load, now: float) -> Throt
         rate = ceiling
     return ThrottleState(rate=max(ctl.min_write_rate, rate), updated_at=now,
                          last_decrease_at=state.last_decrease_at, contended=False)
+
+
+# -- the network: the same controller steering uploads to the object store ------------------------------
+
+
+@dataclass(frozen=True)
+class NetSample:
+    """Cumulative network counters at one instant; ``None`` where the system does not provide them."""
+
+    at: float  # monotonic seconds
+    tx_bytes: int | None = None  # bytes sent on the interfaces the route to the store uses
+    own_bytes: int = 0  # bytes the replicator itself sent
+    link_bps: float | None = None  # those interfaces' capacity in bytes/s, where the kernel knows it
+    out_segs: int | None = None  # TCP segments sent (/proc/net/snmp OutSegs) ...
+    retrans_segs: int | None = None  # ... and of them, retransmissions (RetransSegs)
+
+
+# Fewer segments than this in an interval make the retransmitted share noise, not a signal.
+MIN_SEGMENTS = 200
+
+
+def measure_net(prev: NetSample, cur: NetSample) -> Load:
+    """Two network samples as a :class:`Load`: link utilisation (when its capacity is known), others'
+    traffic on it, and the retransmitted share of TCP segments. The disk's fields stay ``None``."""
+    dt = cur.at - prev.at
+    util = others = loss = None
+    if dt > 0 and prev.tx_bytes is not None and cur.tx_bytes is not None:
+        sent = max(0, cur.tx_bytes - prev.tx_bytes)
+        # Our bytes and the interface's counters are read at slightly different instants: clamp at 0.
+        others = max(0.0, sent - (cur.own_bytes - prev.own_bytes)) / dt
+        if cur.link_bps:
+            util = min(1.0, sent / dt / cur.link_bps)
+    if (prev.out_segs is not None and prev.retrans_segs is not None and cur.out_segs is not None
+            and cur.retrans_segs is not None and cur.out_segs - prev.out_segs >= MIN_SEGMENTS):
+        loss = max(0, cur.retrans_segs - prev.retrans_segs) / (cur.out_segs - prev.out_segs)
+    return Load(utilisation=util, others_bps=others, loss=loss)
+
+
+def upload_controller(cap: float | None) -> Controller:
+    """The controller tuned for uploads: a link is slower than a disk and others' flows (the trainer's
+    data loading, a collective) are often bursty, so it starts lower, recovers slower and never goes below
+    1 MiB/s (an upload always finishes). ``cap``: ``[remote] upload_rate``, the ceiling."""
+    return Controller(min_write_rate=1 * MiB, max_write_rate=cap, start_rate=32 * MiB, open_rate=256 * MiB,
+                      recover_per_s=4 * MiB, busy_util=0.5, others_min_bps=256 * 1024)
 
 
 class TokenBucket:

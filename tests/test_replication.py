@@ -105,6 +105,9 @@ def test_kill_mid_upload_shows_no_partial_version(s3env: Any, make_daemon: Calla
     wait_for(lambda: (r := _job_status(d).get("remote")) is None or r["bytes_uploaded"] > 500_000, timeout=30)
     st = next(j for j in _status_all(d)["jobs"] if j["job"] == JOB)["remote"]
     assert st["replicated_version"] == first.version and st["backlog_versions"] == 1 and st["backlog_bytes"] > 0
+    # The upload throttle: the cap, under it the network controller's rate, on the route to the store.
+    pace = _status_all(d)["daemon"]["remote"]["upload_throttle"]
+    assert pace["adaptive"] and pace["cap"] == 1 << 20 and pace["interfaces"] == ["lo"] and pace["throttled_s"] > 0
     _lose_host(d)
     rows = _remote_versions(s3env, prefix)
     assert [r["id"] for r in rows] == [first.version]  # chunks went up, but no manifest: not a version

@@ -124,7 +124,8 @@ class Daemon:
                 return settings.keep_last, settings.keep_every
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
-                                         local_store=self.store.job, retention=retention, spawn=self._spawn)
+                                         local_store=self.store.job, retention=retention, spawn=self._spawn,
+                                         adaptive=config.throttle.enabled)
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
@@ -357,6 +358,8 @@ class Daemon:
                     tg.start_soon(self.replicator.probe_later)
                 if self.replicator is not None:
                     tg.start_soon(self._replicate_stored_jobs, self.replicator)
+                    tg.start_soon(self.replicator.rate.run, self.replicator.store.endpoint,
+                                  self.config.throttle.sample_interval)
                 if self.config.preemption.provider != "off":
                     self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,

@@ -29,6 +29,8 @@ from ..storage.local import JobStore
 from ..storage.manifest import VersionInfo
 from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore
 from ..storage.upload import upload_version
+from ..throttle import Load, initial_state, measure_net, step, upload_controller
+from .netsampler import NetSampler, endpoint_address
 
 log = logging.getLogger("autosaved.replicator")
 
@@ -74,28 +76,81 @@ class Replica:
         }
 
 
-class RateLimit:
-    """``upload_rate``: a token bucket on the event loop (sleeps, never blocks a thread)."""
+class UploadThrottle:
+    """How fast uploads may send: ``[remote] upload_rate`` as the ceiling and, under it (with ``[throttle]
+    enabled``), the rate the network controller allows (:func:`~autosaved.throttle.step` on
+    :func:`~autosaved.throttle.measure_net`). Paces on the event loop: a chunk waits for its slot, no thread
+    is held."""
 
-    def __init__(self, rate: float | None) -> None:
-        self.rate = rate
+    def __init__(self, cap: int | None, *, adaptive: bool) -> None:
+        self.ctl = upload_controller(None if cap is None else float(cap))
+        self.state = initial_state(self.ctl)
+        self.adaptive = adaptive
+        self.load = Load()
+        self.sent = 0  # counted when a chunk is let go, before the interface sees it: never "others'" bytes
+        self.throttled_s = 0.0
+        self.interfaces: list[str] = []
         self._free_at = 0.0
 
+    @property
+    def rate(self) -> float:
+        return self.state.rate if self.adaptive else self.ctl.ceiling
+
     async def __call__(self, nbytes: int) -> None:
-        if self.rate is None:
+        self.sent += nbytes
+        rate = self.rate
+        if math.isinf(rate):
             return
         now = time.monotonic()
         start = max(now, self._free_at)
-        self._free_at = start + nbytes / self.rate
+        self._free_at = start + nbytes / rate
         if start > now:
+            self.throttled_s += start - now
             await anyio.sleep(start - now)
+
+    def observe(self, load: Load, now: float) -> None:
+        self.load = load
+        if self.adaptive:
+            self.state = step(self.ctl, self.state, load, now)
+
+    async def run(self, endpoint: str | None, interval: float) -> None:
+        """Sample the network every ``interval`` seconds and steer the rate (forever). A failure to read
+        the counters is logged and the loop goes on: the cap still holds."""
+        address = await anyio.to_thread.run_sync(endpoint_address, endpoint)
+        sampler = NetSampler(address, lambda: self.sent, time.monotonic)
+        self.interfaces = sampler.interfaces
+        prev = sampler.sample()
+        while True:
+            await anyio.sleep(interval)
+            try:
+                cur = sampler.sample()
+            except Exception:  # a counter file in an unexpected shape: not worth the replicator
+                log.exception("could not sample the network counters")
+                continue
+            before = self.rate
+            self.observe(measure_net(prev, cur), cur.at)
+            prev = cur
+            if self.rate != before and (math.isinf(before) or math.isinf(self.rate)
+                                        or abs(self.rate - before) > 0.25 * before):
+                log.debug("upload rate %s (util=%s others=%s loss=%s)",
+                          "unlimited" if math.isinf(self.rate) else f"{self.rate / 2**20:.1f} MiB/s",
+                          self.load.utilisation, self.load.others_bps, self.load.loss)
+
+    def status(self) -> dict[str, Any]:
+        return {"adaptive": self.adaptive, "allowed_rate": None if math.isinf(self.rate) else round(self.rate),
+                "cap": None if math.isinf(self.ctl.ceiling) else round(self.ctl.ceiling),
+                "contended": self.state.contended, "interfaces": self.interfaces,
+                "utilisation": None if self.load.utilisation is None else round(self.load.utilisation, 3),
+                "others_bps": None if self.load.others_bps is None else round(self.load.others_bps),
+                "loss": None if self.load.loss is None else round(self.load.loss, 4),
+                "throttled_s": round(self.throttled_s, 3)}
 
 
 class Replicator:
     def __init__(self, settings: RemoteSettings, *, holder: str, local_store: Callable[[int, str], JobStore],
                  retention: Callable[[JobKey], tuple[int, float | None]],
                  spawn: Callable[..., None],
-                 store: RemoteStore | None = None) -> None:
+                 store: RemoteStore | None = None, adaptive: bool = True) -> None:
         from ..storage.remote import open_remote
 
         assert settings.url is not None
@@ -108,7 +163,7 @@ class Replicator:
         self.retention = retention
         self.spawn = spawn
         self.replicas: dict[JobKey, Replica] = {}
-        self.rate = RateLimit(settings.upload_rate)
+        self.rate = UploadThrottle(settings.upload_rate, adaptive=adaptive)
         self.probed = anyio.Event()
         self.refused: str | None = None
         self.last_probe_error: str | None = None
@@ -274,7 +329,7 @@ class Replicator:
 
     def summary(self) -> dict[str, Any]:
         return {"url": self.store.location.url, "endpoint": self.store.endpoint, "refused": self.refused,
-                "reachable": self.probed.is_set(), "holder": self.holder}
+                "reachable": self.probed.is_set(), "holder": self.holder, "upload_throttle": self.rate.status()}
 
     def backlog(self) -> list[tuple[JobKey, list[int]]]:
         return [(k, list(r.queue)) for k, r in self.replicas.items() if r.queue]
