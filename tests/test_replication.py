@@ -253,12 +253,12 @@ def test_shutdown_flush_uploads_then_names_what_missed(s3env: Any, make_daemon: 
     assert f"versions=[{lost.version}] committed locally but NOT uploaded" in d2.log()
 
 
-def _bucket_ids(s3: Any, prefix: str) -> list[int]:
+def _bucket_ids(s3: Any, prefix: str, job: str = JOB) -> list[int]:
     import anyio
 
     from autosaved.storage.remote import RemoteStore
 
-    rjob = RemoteStore(s3.url(prefix)).job(os.geteuid(), JOB)
+    rjob = RemoteStore(s3.url(prefix)).job(os.geteuid(), job)
 
     async def main() -> list[int]:
         return [vk.id for vk in await rjob.visible_versions()]
@@ -342,3 +342,26 @@ def test_daemon_reads_on_a_fresh_host_pull_from_the_bucket(s3env: Any, make_daem
     with autosaved.Client(JOB, address=d2.address) as c:
         np.testing.assert_array_equal(c.restore(version=ids[0])["model"]["w"], _state(0, n=20_000)["model"]["w"])
         np.testing.assert_array_equal(c.restore()["model"]["w"], _state(2, n=20_000)["model"]["w"])
+
+
+def test_shutdown_flush_plans_the_upload_time(s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    prefix = f"plan-{secrets.token_hex(3)}"
+    # The link is 1 MiB/s: the big job's upload (4 MB) cannot end within the 3 s deadline, the small one's
+    # can. Both are saved (the disk is fast), the small one first, and the big one is named as not uploaded.
+    config = ('shutdown_deadline = "3s"\nchunk_size = "64KiB"\n[policy]\nidle = "off"\ninterval = "off"\n'
+              f'dirty_bytes = "off"\nmin_gap = "0s"\n[remote]\nurl = "{s3env.url(prefix)}"\n'
+              f'endpoint = "{s3env.endpoint}"\ntimeout = "2s"\nupload_rate = "1MiB"\n')
+    d = make_daemon(config)
+    with autosaved.Client("big", address=d.address) as big, autosaved.Client("small", address=d.address) as small:
+        big.update(_state(1, n=1_000_000), wait="accepted")
+        small.update(_state(2, n=10_000), wait="accepted")
+    assert d.stop() == 0
+    log = d.log()
+    assert "then uploads at 1 MiB/s" in log
+    assert "job=big dirty_bytes=" in log and "s to upload, more than the deadline leaves" in log
+    assert "job=small dirty_bytes=" not in log  # it fits: no warning
+    assert log.index("saved job=small") < log.index("saved job=big")
+    assert "job=big versions=[1] committed locally but NOT uploaded" in log
+    assert "job=small versions=" not in log
+    assert _bucket_ids(s3env, prefix, "small") == [1]
+

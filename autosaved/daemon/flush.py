@@ -1,5 +1,6 @@
 """The deadline flush: commit every accepted delta within ``shutdown_deadline`` (on SIGTERM, and on a
-preemption notice), then, with ``[remote]``, go on uploading until the deadline. The plan is the pure
+preemption notice), then, with ``[remote]``, go on uploading until the deadline (the plan counts the
+upload time: a job fits when its save and its upload both end in time). The plan is the pure
 :func:`autosaved.deadline.plan_flush`; this module runs it and reports each job that misses. It gets a
 narrow context, never the daemon."""
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..deadline import Pending, plan_flush
+from ..deadline import FlushPlan, Pending, plan_flush
 from ..policy import SaveReason
 from .jobs import Job, JobKey
 from .notify import Notifier
@@ -75,15 +76,17 @@ async def flush_all(ctx: FlushContext, reason: SaveReason) -> list[Job]:
 
     # Job.dirty_bytes drops to zero while a save holds the snapshot: keep what was planned, to report it.
     planned = {k: ctx.jobs[k].dirty_bytes for k in targets}
-    plan = plan_flush([Pending(k, n) for k, n in planned.items()], ctx.writer.flush_speed(), deadline)
+    plan = _plan(ctx, planned, deadline)
     total = len(plan.order)
-    log.info("%s flush: %d dirty jobs, %.1f MiB, deadline %.1fs at %.0f MiB/s", reason, total,
-             sum(planned.values()) / 2**20, deadline, ctx.writer.flush_speed() / 2**20)
+    log.info("%s flush: %d dirty jobs, %.1f MiB, deadline %.1fs at %.0f MiB/s%s", reason, total,
+             sum(planned.values()) / 2**20, deadline, ctx.writer.flush_speed() / 2**20,
+             f", then uploads at {_upload_rate(ctx) / 2**20:.0f} MiB/s" if plan.upload_s else "")
     for key in plan.order:
         if key not in plan.fits:
-            log.warning("%s flush: job=%s dirty_bytes=%d needs about %.1fs, more than the deadline leaves; "
-                        "saving it after the jobs that fit", reason, key[1], planned[key],
-                        plan.estimate_s[key])
+            up = f" and {plan.upload_s[key]:.1f}s to upload" if plan.upload_s else ""
+            log.warning("%s flush: job=%s dirty_bytes=%d needs about %.1fs to save%s, more than the deadline "
+                        "leaves; saving it after the jobs that fit", reason, key[1], planned[key],
+                        plan.estimate_s[key], up)
     status = f"{reason}: saving {total} dirty jobs within {deadline:g}s"
     if final:
         ctx.notifier.stopping(status)
@@ -118,6 +121,26 @@ async def flush_all(ctx: FlushContext, reason: SaveReason) -> list[Job]:
     else:
         log.info("%s flush: all %d jobs saved in %.2fs", reason, total, ctx.clock() - started)
     return missed
+
+def _upload_rate(ctx: FlushContext) -> float:
+    rate = ctx.replicator.flush_upload_rate() if ctx.replicator is not None else None
+    return rate or 0.0
+
+
+def _plan(ctx: FlushContext, planned: dict[JobKey, int], deadline: float) -> FlushPlan[JobKey]:
+    """The flush plan. With ``[remote]`` and a reachable store, a job fits only if its save and then the
+    upload of its backlog and the new version end within the deadline (uploads of jobs with nothing to
+    save occupy the link first); the adaptive upload rate is off meanwhile (``upload_rate`` still holds)."""
+    speed = ctx.writer.flush_speed()
+    rate = ctx.replicator.flush_upload_rate() if ctx.replicator is not None else None
+    if ctx.replicator is None or rate is None:
+        return plan_flush([Pending(k, n) for k, n in planned.items()], speed, deadline)
+    ctx.replicator.rate.bypass = True
+    backlog = ctx.replicator.backlog_bytes()
+    busy = sum(n for k, n in backlog.items() if k not in planned) / rate
+    return plan_flush([Pending(k, n, upload_bytes=n + backlog.get(k, 0)) for k, n in planned.items()], speed,
+                      deadline, upload_rate=rate, upload_busy_s=busy)
+
 
 async def drain_remote(ctx: FlushContext, started: float) -> None:
     """With ``[remote]``, the shutdown flush goes on uploading what it committed until the deadline;

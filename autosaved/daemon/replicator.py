@@ -35,6 +35,9 @@ from .netsampler import NetSampler, endpoint_address
 log = logging.getLogger("autosaved.replicator")
 
 JobKey = tuple[int, str]
+# Until an upload was measured, a deadline flush plans uploads at this rate (a modest cloud link's share).
+DEFAULT_UPLOAD_SPEED = 32 * 1024 * 1024
+SPEED_SAMPLE_MIN = 4 * 1024 * 1024
 MAX_BACKOFF = 30.0
 
 
@@ -87,6 +90,7 @@ class UploadThrottle:
         self.state = initial_state(self.ctl)
         self.adaptive = adaptive
         self.load = Load()
+        self.bypass = False  # deadline flush: the adaptive rate no longer applies (the cap still does)
         self.sent = 0  # counted when a chunk is let go, before the interface sees it: never "others'" bytes
         self.throttled_s = 0.0
         self.interfaces: list[str] = []
@@ -94,7 +98,7 @@ class UploadThrottle:
 
     @property
     def rate(self) -> float:
-        return self.state.rate if self.adaptive else self.ctl.ceiling
+        return self.state.rate if self.adaptive and not self.bypass else self.ctl.ceiling
 
     async def __call__(self, nbytes: int) -> None:
         self.sent += nbytes
@@ -168,6 +172,8 @@ class Replicator:
         self.refused: str | None = None
         self.last_probe_error: str | None = None
         self.stopping = False
+        # Bytes/s uploads reached when not held back (moving average); None until measured.
+        self.upload_speed: float | None = None
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -331,6 +337,21 @@ class Replicator:
         return {"url": self.store.location.url, "endpoint": self.store.endpoint, "refused": self.refused,
                 "reachable": self.probed.is_set(), "holder": self.holder, "upload_throttle": self.rate.status()}
 
+    def flush_upload_rate(self) -> float | None:
+        """The rate a deadline flush plans uploads with: the measured one (else a modest default), held to
+        ``upload_rate``; ``None`` while the store is refused or unreachable (then nothing will go up, and
+        the flush plans the local saves alone)."""
+        if self.refused or not self.probed.is_set():
+            return None
+        if self.replicas and all(r.last_error for r in self.replicas.values()):
+            return None
+        return min(self.upload_speed or DEFAULT_UPLOAD_SPEED, self.rate.ctl.ceiling)
+
+    def backlog_bytes(self) -> dict[JobKey, int]:
+        """Per job, the bytes still to upload of its committed versions (estimated until each upload
+        counts them exactly)."""
+        return {k: sum(r.queued_bytes.get(v, 0) for v in r.queue) for k, r in self.replicas.items() if r.queue}
+
     def backlog(self) -> list[tuple[JobKey, list[int]]]:
         return [(k, list(r.queue)) for k, r in self.replicas.items() if r.queue]
 
@@ -464,9 +485,15 @@ class Replicator:
             replica.chunks_uploaded += 1
             replica.queued_bytes[version] = max(0, replica.queued_bytes.get(version, 0) - nbytes)
 
+        started, held, before = time.monotonic(), self.rate.throttled_s, replica.bytes_uploaded
         chunks = await upload_version(replica.remote, replica.local, version, lease, holder=self.holder,
                                       ttl=self.settings.lease_ttl, known=replica.known, pace=self.rate,
                                       planned=planned, sent=sent)
+        nbytes, elapsed = replica.bytes_uploaded - before, time.monotonic() - started
+        # Only uploads the throttle did not hold back say how fast the link is (the deadline plans with it).
+        if nbytes >= SPEED_SAMPLE_MIN and elapsed > 0.01 and self.rate.throttled_s == held:
+            speed = nbytes / elapsed
+            self.upload_speed = speed if self.upload_speed is None else 0.7 * self.upload_speed + 0.3 * speed
         log.info("replicated job=%s version=%d epoch=%d chunks=%d", replica.local.job, version, lease.epoch, chunks)
 
     async def _maybe_gc(self, replica: Replica) -> None:
