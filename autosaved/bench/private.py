@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -20,7 +21,7 @@ from ..errors import AutosavedError, DaemonUnavailable
 
 class PrivateDaemon:
     def __init__(self, root: Path | None = None, *, config: str = "", log_level: str = "info",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, command_prefix: Sequence[str] = ()) -> None:
         # ipc paths are limited to 107 bytes, so the socket lives in a short temp dir of its own.
         self._own_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="autosaved-"))
@@ -33,6 +34,8 @@ class PrivateDaemon:
         self.log_path = self.root / "daemon.log"
         self.log_level = log_level
         self.env = env
+        # Run the daemon under another command (``ip netns exec NS``: a host on a network of its own).
+        self.command_prefix = list(command_prefix)
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -42,7 +45,7 @@ class PrivateDaemon:
         if "NOTIFY_SOCKET" not in (self.env or {}):
             env.pop("NOTIFY_SOCKET", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "autosaved", "serve", "--address", self.address, "--state-dir",
+            [*self.command_prefix, sys.executable, "-m", "autosaved", "serve", "--address", self.address, "--state-dir",
              str(self.state_dir), "--config", str(self.config_path), "--log-level", self.log_level],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )

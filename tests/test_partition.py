@@ -1,0 +1,159 @@
+"""A real network partition between a host and the object store: the daemon runs in a network namespace
+of its own (``ip netns``, root only), reaching the store over a veth pair; taking the link down drops every
+packet (no RST, no error: requests hang until they time out), as a partitioned host sees it.
+
+The S3 server listens on 127.0.0.1 in the test's namespace, so a small TCP relay on the host end of the
+veth pair forwards to it; the relay is on the store's side of the cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+import autosaved
+from autosaved.bench.private import PrivateDaemon
+from tests.conftest import skip_or_fail, wait_for
+from tests.test_replication import JOB, _bucket_ids, _job_status
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+class Relay:
+    """TCP from ``host:port`` (an ephemeral port) to ``127.0.0.1:target``, one thread per direction."""
+
+    def __init__(self, host: str, target: int) -> None:
+        self.target = target
+        self.server = socket.create_server((host, 0))
+        self.port = self.server.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                return
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.close()
+
+
+class Netns:
+    """A namespace joined to this one by a veth pair: ``outside`` here, ``inside`` in the namespace."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.name = f"as-part-{tag}"
+        self.host_if, self.ns_if = f"asp{tag}h", f"asp{tag}n"
+        octet = int(tag[:2], 16) % 250 + 1
+        self.outside, self.inside = f"10.254.{octet}.1", f"10.254.{octet}.2"
+
+    def create(self) -> None:
+        steps = [("netns", "add", self.name),
+                 ("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if, "netns", self.name),
+                 ("addr", "add", f"{self.outside}/30", "dev", self.host_if),
+                 ("link", "set", self.host_if, "up"),
+                 ("-n", self.name, "addr", "add", f"{self.inside}/30", "dev", self.ns_if),
+                 ("-n", self.name, "link", "set", self.ns_if, "up"),
+                 ("-n", self.name, "link", "set", "lo", "up")]
+        for step in steps:
+            out = _ip(*step)
+            if out.returncode != 0:
+                raise OSError(f"ip {' '.join(step)}: {out.stderr.strip()}")
+
+    def partition(self, cut: bool) -> None:
+        out = _ip("link", "set", self.host_if, "down" if cut else "up")
+        assert out.returncode == 0, out.stderr
+
+    def delete(self) -> None:
+        _ip("link", "del", self.host_if)  # also removes its peer
+        _ip("netns", "del", self.name)
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        skip_or_fail("a network partition needs root and iproute2 (ip netns)")
+    ns = Netns()
+    try:
+        ns.create()
+    except OSError as exc:
+        ns.delete()
+        skip_or_fail(f"ip netns is unavailable here: {exc}")
+    try:
+        yield ns
+    finally:
+        ns.delete()
+
+
+def test_partitioned_host_saves_locally_then_catches_up_in_order(
+        s3server: Any, netns: Netns, make_daemon: Callable[..., PrivateDaemon],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)
+    relay = Relay(netns.outside, int(s3server.endpoint.rsplit(":", 1)[1]))
+    prefix = f"partition-{secrets.token_hex(3)}"
+    config = (f'chunk_size = "64KiB"\n[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\nkeep_last = 1\n'
+              f'[remote]\nurl = "{s3server.url(prefix)}"\nendpoint = "http://{netns.outside}:{relay.port}"\n'
+              'timeout = "2s"\nkeep_last = 50\n')
+    d = make_daemon(config, start=False)
+    d.command_prefix = ["ip", "netns", "exec", netns.name]
+    d.start()
+    try:
+        with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+            v0 = c.update({"v": 0}, wait="replicated").version
+            netns.partition(cut=True)
+            try:
+                # Local saves go on; a replicated ack never comes while the host is cut off.
+                backlog = [c.update({"v": i, "blob": np.full(20_000, i)}, wait="committed").version
+                           for i in (1, 2, 3)]
+                c.save_timeout = 3
+                with pytest.raises(autosaved.DaemonUnavailable):
+                    c.update({"v": 4}, wait="replicated")
+                c.save_timeout = 60
+                st = wait_for(lambda: (r := _job_status(d)["remote"])["last_error"] and r, timeout=60)
+                assert st["replicated_version"] == v0  # type: ignore[index]
+                assert st["backlog_versions"] >= 3 and st["backlog_bytes"] > 0  # type: ignore[index]
+                assert _bucket_ids(s3server, prefix) == [v0]
+            finally:
+                netns.partition(cut=False)
+            last = c.update({"v": 5}, wait="replicated").version
+            assert last is not None
+            st = _job_status(d)["remote"]
+            assert st["replicated_version"] == last and st["backlog_versions"] == 0
+        ids = _bucket_ids(s3server, prefix)
+        assert ids == list(range(v0, last + 1)) and set(backlog) <= set(ids)  # in order, nothing skipped
+        assert autosaved.restore(JOB, remote=s3server.url(prefix), version=backlog[1])["v"] == 2
+    finally:
+        d.kill()
+        relay.close()
