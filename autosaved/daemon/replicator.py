@@ -350,7 +350,8 @@ class Replicator:
     def backlog_bytes(self) -> dict[JobKey, int]:
         """Per job, the bytes still to upload of its committed versions (estimated until each upload
         counts them exactly)."""
-        return {k: sum(r.queued_bytes.get(v, 0) for v in r.queue) for k, r in self.replicas.items() if r.queue}
+        return {k: sum(r.queued_bytes.get(v, 0) for v in r.queue) for k, r in self.replicas.items()
+                if r.queue and not r.fenced}  # a fenced job uploads nothing more: it takes no link time
 
     def backlog(self) -> list[tuple[JobKey, list[int]]]:
         return [(k, list(r.queue)) for k, r in self.replicas.items() if r.queue]
