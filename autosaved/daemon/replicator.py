@@ -68,6 +68,7 @@ class Replica:
     def status(self) -> dict[str, Any]:
         return {
             "replicated_version": self.replicated,
+            "replicated_at": self.replicated_at,  # unix time the newest replicated version reached the bucket
             "backlog_versions": len(self.queue),
             "backlog_bytes": sum(self.queued_bytes.get(v, 0) for v in self.queue),
             "last_error": self.last_error,
@@ -172,6 +173,7 @@ class Replicator:
         self.refused: str | None = None
         self.last_probe_error: str | None = None
         self.stopping = False
+        self.catch_ups = anyio.CapacityLimiter(8)
         # Bytes/s uploads reached when not held back (moving average); None until measured.
         self.upload_speed: float | None = None
 
@@ -281,7 +283,7 @@ class Replicator:
             return False
         try:
             # Bounded tighter than a store request: a status or list of an unknown job stays quick.
-            with anyio.fail_after(min(5.0, self.settings.timeout)):
+            with anyio.fail_after(min(2.0, self.settings.timeout)):
                 return bool(await self.store.job(owner, name).visible_versions())
         except (RemoteError, TimeoutError) as exc:
             log.warning("could not look for job=%s in %s: %s", name, self.store.describe(), exc or "timed out")
@@ -302,7 +304,9 @@ class Replicator:
         if self.refused or not self.probed.is_set():
             return [], self.refused or self.last_probe_error or "the object store is not reachable"
         try:
-            with anyio.fail_after(self.settings.timeout):
+            # list is a short request for clients: the bucket's rows are left out (and the error said) rather
+            # than the reply delayed past the client's timeout.
+            with anyio.fail_after(min(3.0, self.settings.timeout)):
                 return await self.store.job(owner, name).list_versions(), None
         except (RemoteError, TimeoutError) as exc:
             return [], str(exc) or "the object store did not answer in time"
@@ -369,7 +373,8 @@ class Replicator:
         await self.probed.wait()
         while True:
             try:
-                await self._catch_up(replica, local_ids)
+                async with self.catch_ups:  # a host with many jobs does not list them all at once
+                    await self._catch_up(replica, local_ids)
                 break
             except (RemoteError, OSError) as exc:
                 replica.last_error = str(exc)

@@ -515,17 +515,26 @@ class RemoteJob:
         return None
 
     async def list_versions(self) -> list[VersionInfo]:
-        out = []
-        for vk in await self.visible_versions():
-            try:
-                doc = await self.read_manifest(vk)
-            except CorruptVersion as exc:
-                out.append(VersionInfo(self.job, vk.id, None, "", 0, "", {}, ok=False, error=str(exc)))
-                continue
-            out.append(VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
-                                   bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
-                                   meta=dict(doc.get("meta") or {})))
-        return out
+        """Every visible version's info (its manifest read, ``CONCURRENCY`` at a time; chunks not read)."""
+        visible = await self.visible_versions()
+        out: list[VersionInfo | None] = [None] * len(visible)
+        limiter = anyio.CapacityLimiter(CONCURRENCY)
+
+        async def one(i: int, vk: VersionKey) -> None:
+            async with limiter:
+                try:
+                    doc = await self.read_manifest(vk)
+                except CorruptVersion as exc:
+                    out[i] = VersionInfo(self.job, vk.id, None, "", 0, "", {}, ok=False, error=str(exc))
+                    return
+            out[i] = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
+                                 bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
+                                 meta=dict(doc.get("meta") or {}))
+
+        async with anyio.create_task_group() as tg:
+            for i, vk in enumerate(visible):
+                tg.start_soon(one, i, vk)
+        return [info for info in out if info is not None]
 
     async def seed(self, local: JobStore, on_skip: Callable[[CorruptVersion], None] | None = None,
                    version: int | None = None) -> int | None:
