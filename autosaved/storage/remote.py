@@ -391,19 +391,6 @@ class RemoteJob:
             return False
         return True
 
-    async def read_chunk(self, chunk: Chunk, packed: bool, where: str,
-                         into: memoryview | None = None) -> bytes | memoryview:
-        """A chunk's raw bytes, verified (and copied into ``into`` when given); missing or wrong is
-        :class:`CorruptVersion` naming the object."""
-        key = self.chunk_key(chunk.digest, packed)
-        try:
-            data, _ = await self.store.get(key)
-        except FileNotFoundError:
-            raise CorruptVersion(f"{where}: object {key} is missing") from None
-        # Decompressing, hashing and copying 8 MiB take milliseconds: in a worker thread (all three release
-        # the GIL), so the event loop goes on driving the other downloads meanwhile.
-        return await anyio.to_thread.run_sync(_verified, chunk, data, packed, key, where, into)
-
     # -- manifests -------------------------------------------------------------------------------
 
     async def version_keys(self) -> list[VersionKey]:
