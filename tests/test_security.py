@@ -27,6 +27,9 @@ from autosaved.bench.private import PrivateDaemon
 
 from .conftest import skip_or_fail
 
+# One pytest-xdist worker runs this whole module (--dist loadgroup): its tests share two real users.
+pytestmark = pytest.mark.xdist_group("test_security")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_root() -> None:
@@ -39,9 +42,6 @@ def _needs_root() -> None:
 PRELUDE = """
 import json, sys, zmq, autosaved
 from autosaved.protocol import pack_header, unpack_header
-
-# One pytest-xdist worker runs this whole module (--dist loadgroup): the module's tests share two real users, made once.
-pytestmark = pytest.mark.xdist_group("test_security")
 ADDRESS = {address!r}
 def raw(op, **fields):
     sock = zmq.Context.instance().socket(zmq.DEALER)
