@@ -134,13 +134,14 @@ class SeaweedServer:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGCONT)
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds (``weed mini`` often needs all 10 to exit; a
+        throw-away test server whose data is deleted next can take ``grace=0``: SIGKILL at once)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGCONT)
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
             try:
-                self.proc.wait(10)
+                self.proc.wait(grace if grace > 0 else None)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
@@ -148,8 +149,8 @@ class SeaweedServer:
             self._log.close()
             self._log = None
 
-    def cleanup(self) -> None:
-        self.stop()
+    def cleanup(self, grace: float = 10.0) -> None:
+        self.stop(grace)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 

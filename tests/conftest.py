@@ -41,6 +41,30 @@ NO_AUTO_POLICY = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\
 
 
 @pytest.fixture
+def figure(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``figure("random SIGKILLs: ...")``: a measured count or figure that the suite's own output shows
+    (a "figures" section at the end, also from pytest-xdist workers, whose prints are not shown), so what
+    a proof test really exercised is read in every run, not only under ``-s``."""
+
+    def record(text: str) -> None:
+        print(text)
+        request.node.user_properties.append(("figure", text))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = [f"{report.nodeid.split('::')[-1]}: {value}"
+             for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, value in getattr(report, "user_properties", ()) if name == "figure"]
+    if lines:
+        terminalreporter.section("figures")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture
 def make_daemon(tmp_path: Path) -> Iterator[Callable[..., PrivateDaemon]]:
     made: list[PrivateDaemon] = []
 
@@ -120,4 +144,4 @@ def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     try:
         yield server
     finally:
-        server.cleanup()
+        server.cleanup(grace=0)  # its data is deleted next: a graceful stop would only cost 10 s a worker

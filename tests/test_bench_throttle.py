@@ -81,7 +81,8 @@ def _timed_save(c: autosaved.Client, x: np.ndarray) -> tuple[float, float]:
 
 
 def test_adaptive_throttle_slows_a_save_under_real_foreground_io(make_daemon: Callable[..., PrivateDaemon],
-                                                                 tmp_path: Path) -> None:
+                                                                 tmp_path: Path,
+                                                                 figure: Callable[[str], None]) -> None:
     """A real fsync-heavy foreground writer on the state dir's disk: the daemon's sampler sees it, the
     allowed rate falls to the floor, and a save made meanwhile is held back by the throttle for most of
     its time; once the writer stops the rate opens again. Direction, within one run, not speed."""
@@ -105,6 +106,6 @@ def test_adaptive_throttle_slows_a_save_under_real_foreground_io(make_daemon: Ca
         # the writer stopped: the rate opens again (additive recovery), and the same save is held less
         wait_for(lambda: (_throttle(c)["allowed_rate"] or math.inf) > 16 * MiB, timeout=120)
         idle_s, idle_held = _timed_save(c, rng.integers(0, 2**62, 4 * MiB // 8))
-    print(f"save under foreground writes {busy_s:.2f}s (held {busy_held:.2f}s); after {idle_s:.2f}s "
+    figure(f"save under foreground writes {busy_s:.2f}s (held {busy_held:.2f}s); after {idle_s:.2f}s "
           f"(held {idle_held:.2f}s)")
     assert idle_held < busy_held

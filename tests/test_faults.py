@@ -246,7 +246,8 @@ class Lines:
 MIN_ACKS = 5  # logged acks every cycle must reach before the kill is armed
 
 
-def random_kills(make_daemon: Callable[..., PrivateDaemon], kills: int, seed: int) -> dict[str, int]:
+def random_kills(make_daemon: Callable[..., PrivateDaemon], kills: int, seed: int,
+                 figure: Callable[[str], None]) -> dict[str, int]:
     d = make_daemon('chunk_size = "64KiB"\n[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "256KiB"\n'
                     'min_gap = "0s"\nkeep_last = 2\n', start=False)
     rng = random.Random(seed)
@@ -315,23 +316,24 @@ def random_kills(make_daemon: Callable[..., PrivateDaemon], kills: int, seed: in
     assert counts["min_acks_per_cycle"] >= MIN_ACKS
     versions = Store(d.state_dir).job(os.geteuid(), "crashy").version_ids()
     counts["retention_deleted_versions"] = versions[-1] - len(versions)  # ids are never reused
-    print(f"random SIGKILLs (seed {seed}):", json.dumps(counts))
+    figure(f"random SIGKILLs (seed {seed}): {json.dumps(counts)}")
     assert counts["daemon_saves"] >= kills and counts["gc_runs"] >= kills, counts
     assert counts["retention_deleted_versions"] >= 1, counts
     assert counts["kills_during_save"] + counts["kills_during_gc"] >= 1, counts
     return counts
 
 
-def test_random_sigkills_never_lose_a_logged_ack(make_daemon: Callable[..., PrivateDaemon]) -> None:
+def test_random_sigkills_never_lose_a_logged_ack(make_daemon: Callable[..., PrivateDaemon],
+                                                 figure: Callable[[str], None]) -> None:
     """SIGKILLs at random instants while one client streams logged deltas (the daemon's dirty_bytes policy
     saves every few) and another runs explicit saves and online gc back to back; after each kill every
     logged ack is there, the delta in flight is whole or absent, and every version verifies."""
-    random_kills(make_daemon, kills=6, seed=11)
+    random_kills(make_daemon, kills=6, seed=11, figure=figure)
 
 
 @pytest.mark.slow
-def test_random_sigkills_long(make_daemon: Callable[..., PrivateDaemon]) -> None:
-    random_kills(make_daemon, kills=60, seed=12)
+def test_random_sigkills_long(make_daemon: Callable[..., PrivateDaemon], figure: Callable[[str], None]) -> None:
+    random_kills(make_daemon, kills=60, seed=12, figure=figure)
 
 
 def test_injected_eio_on_a_chunk_is_retried(make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
@@ -441,7 +443,8 @@ def overcommitted_fs(tmp_path: Path) -> Any:
             subprocess.run(cmd, check=False, capture_output=True)
 
 
-def test_real_failed_fsync_is_never_acked_and_recovers(overcommitted_fs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_real_failed_fsync_is_never_acked_and_recovers(overcommitted_fs: tuple[Path, Path], tmp_path: Path,
+                                                       figure: Callable[[str], None]) -> None:
     mnt, back = overcommitted_fs
     d = PrivateDaemon(tmp_path / "d", config='write_speed = "200MiB"\n' + NO_AUTO_POLICY)
     d.state_dir = mnt / "state"
@@ -454,7 +457,7 @@ def test_real_failed_fsync_is_never_acked_and_recovers(overcommitted_fs: tuple[P
                 c.update({"big": big}, wait="committed")
             status = c.status()
             assert status["dirty"] and status["last_error"], status  # reported, and still held in memory
-            print("the real failure:", failed.value)
+            figure(f"the real failure: {failed.value}")
             assert (c.restore()["big"] == big).all()
             assert (autosaved.restore("real", state_dir=d.state_dir)["small"] == np.arange(1000)).all()
             assert "big" not in autosaved.restore("real", state_dir=d.state_dir)

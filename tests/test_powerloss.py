@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def test_every_crash_state_of_a_daemon_run_keeps_every_ack(tmp_path: Path, scratch: Path) -> None:
+def test_every_crash_state_of_a_daemon_run_keeps_every_ack(tmp_path: Path, scratch: Path,
+                                                           figure: Callable[[str], None]) -> None:
     """Saves (raw and compressed chunks), logged appends, a failed save, a SIGKILL mid-save and restart,
     retention, gc, delete and recreate: thousands of crash states, none loses an ack or shows half a
     version; a fresh daemon opens a sample of them and serves the same."""
@@ -43,7 +44,7 @@ def test_every_crash_state_of_a_daemon_run_keeps_every_ack(tmp_path: Path, scrat
     # states (spread over all cuts); scripts/powerloss.py checks all of them.
     report = explore(trace, rec.history, rec.jobs, scratch, samples=4, window=12, max_states=1200,
                      daemon_states=2, daemon_config=rec.config)
-    print(report.summary(), f"({time.monotonic() - started:.0f} s)")
+    figure(f"{report.summary()} ({time.monotonic() - started:.0f} s)")
     assert report.findings == [], "\n".join(str(f) for f in report.findings[:20])
     assert report.checked >= 1000
     assert report.daemon_checked == 2
@@ -120,15 +121,15 @@ def _failed_save_then_dedup(root: Path, scratch: Path, monkeypatch: pytest.Monke
 
 
 def test_checker_finds_the_unsynced_dedup_hole_in_the_old_code(tmp_path: Path, scratch: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              figure: Callable[[str], None]) -> None:
     """The checker is not vacuous: with the pre-fix dedup behaviour it finds committed versions whose
     chunks vanish at a power cut (defect 6); with the fix, the same run has no vulnerability."""
     _old_dedup(monkeypatch)
     before = _failed_save_then_dedup(tmp_path / "old", scratch / "old", monkeypatch)
     monkeypatch.undo()
     after = _failed_save_then_dedup(tmp_path / "new", scratch / "new", monkeypatch)
-    print("old:", before.summary())
-    print("new:", after.summary())
+    figure(f"old: {before.summary()}; new: {after.summary()}")
     assert {f.kind for f in before.findings} >= {"half-visible", "lost-ack"}
     assert after.findings == []
     assert after.checked >= 50

@@ -27,6 +27,9 @@ from autosaved.bench.private import PrivateDaemon
 
 from .conftest import skip_or_fail
 
+# One pytest-xdist worker runs this whole module (--dist loadgroup): its tests share two real users.
+pytestmark = pytest.mark.xdist_group("test_security")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_root() -> None:

@@ -8,6 +8,7 @@ serves every job, saves what it accepted, and exits cleanly on SIGTERM. The fd l
 
 from __future__ import annotations
 
+import re
 import resource
 import signal
 import socket
@@ -132,9 +133,13 @@ def test_a_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], tas
     wait_for(lambda: f"task {task} restarting" in d.log(), timeout=30)
     time.sleep(0.5)  # the restarted task is running (it starts in the same event-loop step as that line)
     still_serving(d)
+    with autosaved.Admin(address=d.address) as admin:
+        assert admin.status()["daemon"]["task_restarts"] == 1  # reported, not only logged
     if task == "metrics":
         wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200,
                  timeout=30)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert re.search(r"^autosaved_task_restarts_total 1(\.0)?$", text, re.M), text
     stops_cleanly(d)
 
 

@@ -18,6 +18,10 @@ from autosaved.bench.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, with_test_speed
 
+# One pytest-xdist worker runs this whole module (--dist loadgroup): its tests share one daemon, and the
+# last of them stops it and compares the whole tree it wrote.
+pytestmark = pytest.mark.xdist_group("test_wire")
+
 
 class RawPeer:
     def __init__(self, address: str) -> None:

@@ -66,6 +66,8 @@ class Sample:
     bytes_written: int
     reloads: int
     reload_failures: int
+    # Long-lived daemon tasks that failed and were restarted (each one a bug or an outside fault: alert on it).
+    task_restarts: int
     durations: Histogram
     jobs: tuple[JobSample, ...]
     # Pacing rate of background saves in bytes/s, when a throttle is in use.
@@ -99,6 +101,7 @@ def families(s: Sample) -> Iterator[Metric]:
                   s.bytes_written)
     yield counter("autosaved_config_reloads_total", "Config reloads applied.", s.reloads)
     yield counter("autosaved_config_reload_errors_total", "Config reloads rejected as invalid.", s.reload_failures)
+    yield counter("autosaved_task_restarts_total", "Daemon tasks that failed and were restarted.", s.task_restarts)
     if s.throttle_rate is not None:
         yield gauge("autosaved_throttle_bytes_per_second", "Write rate allowed for background saves.",
                     s.throttle_rate)

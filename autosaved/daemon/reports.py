@@ -64,7 +64,8 @@ class Reports:
         return Sample(
             uptime_s=time.time() - run.started_at, requests=run.requests, request_errors=run.errors,
             saves=writer.saves, save_failures=writer.failures, bytes_written=writer.bytes_written,
-            reloads=reloader.reloads, reload_failures=reloader.failures, durations=self.ctx.durations,
+            reloads=reloader.reloads, reload_failures=reloader.failures, task_restarts=run.task_failures,
+            durations=self.ctx.durations,
             jobs=tuple(
                 JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
                           dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), consecutive_failures=j.failures,
@@ -89,6 +90,7 @@ class Reports:
                 "shutting_down": self.ctx.run.shutting_down,
                 "requests": self.ctx.run.requests,
                 "errors": self.ctx.run.errors,
+                "task_restarts": self.ctx.run.task_failures,
                 "saves": self.ctx.writer.saves,
                 "save_failures": self.ctx.writer.failures,
                 "bytes_written": self.ctx.writer.bytes_written,
