@@ -157,3 +157,45 @@ def test_partitioned_host_saves_locally_then_catches_up_in_order(
     finally:
         d.kill()
         relay.close()
+
+
+def test_upload_throttle_backs_off_on_real_retransmissions(
+        s3server: Any, netns: Netns, make_daemon: Callable[..., PrivateDaemon],
+        monkeypatch: pytest.MonkeyPatch, figure: Callable[[str], None]) -> None:
+    """The adaptive upload rate on a real congested link: a token-bucket shaper (``tc tbf``, a shallow
+    queue) on the daemon's end of the link drops what exceeds it, TCP retransmits, and the daemon (reading
+    its own namespace's /proc/net/snmp) halves its upload rate. Direction within one run, not speed: the
+    same upload over the unshaped link leaves the rate unlimited."""
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)
+    relay = Relay(netns.outside, int(s3server.endpoint.rsplit(":", 1)[1]))
+    prefix = f"shaped-{secrets.token_hex(3)}"
+    config = (f'chunk_size = "1MiB"\n[policy]\nidle = "off"\nmin_gap = "0s"\ninterval = "off"\n'
+              f'[remote]\nurl = "{s3server.url(prefix)}"\nendpoint = "http://{netns.outside}:{relay.port}"\n'
+              'timeout = "10s"\n')
+    d = make_daemon(config, start=False)
+    d.command_prefix = ["ip", "netns", "exec", netns.name]
+    d.start()
+
+    def pace() -> dict[str, Any]:
+        with autosaved.Admin(address=d.address, timeout=30) as admin:
+            return admin.status()["daemon"]["remote"]["upload_throttle"]  # type: ignore[no-any-return]
+
+    try:
+        with autosaved.Client(JOB, address=d.address, save_timeout=120) as c:
+            c.update({"a": np.random.default_rng(1).random(2_000_000)}, wait="replicated")  # 16 MB, unshaped
+            assert pace()["allowed_rate"] is None and pace()["interfaces"] == [netns.ns_if]
+            shaped = subprocess.run(["tc", "-n", netns.name, "qdisc", "add", "dev", netns.ns_if, "root", "tbf",
+                                     "rate", "40mbit", "burst", "32kb", "latency", "5ms"],
+                                    capture_output=True, text=True, timeout=30)
+            if shaped.returncode != 0:
+                skip_or_fail(f"tc tbf is unavailable here: {shaped.stderr.strip()}")
+            c.update({"a": np.random.default_rng(2).random(2_000_000)}, wait="replicated")  # 16 MB, shaped
+            seen = pace()
+            # It backed off (and is still recovering, 4 MiB/s per second, far below "unlimited").
+            assert seen["allowed_rate"] is not None and seen["allowed_rate"] < 256 << 20, seen
+            figure(f"upload over a 40 Mbit/s shaper: allowed rate {seen['allowed_rate'] / 2**20:.1f} MiB/s after, "
+                   f"held back {seen['throttled_s']:.2f}s; unshaped: unlimited")
+    finally:
+        d.kill()
+        relay.close()
