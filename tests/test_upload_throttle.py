@@ -131,3 +131,22 @@ def test_counter_parsers() -> None:
             "Tcp: 1 200 120000 -1 1838 1651 163 376 4 856022 847553 1836 0 555 0\n")
     assert parse_tcp_snmp(snmp) == (847553, 1836)
     assert parse_tcp_snmp("Udp: a b\nUdp: 1 2\n") is None
+
+
+def test_a_reload_applies_the_upload_rate_and_keeps_the_store() -> None:
+    from dataclasses import replace
+
+    from autosaved.config import RemoteSettings
+    from autosaved.daemon.replicator import Replicator
+
+    settings = RemoteSettings(url="s3://bucket/a", endpoint="http://127.0.0.1:9", upload_rate=8 * MiB)
+    rep = Replicator(settings, holder="h", local_store=lambda _o, _n: None,  # type: ignore[arg-type,return-value]
+                     retention=lambda _k: (1, None), spawn=lambda *_a: None)
+    assert rep.rate.status()["allowed_rate"] == 8 * MiB
+    rep.reconfigure(replace(settings, upload_rate=2 * MiB, url="s3://other/b", keep_last=3, timeout=7.0),
+                    adaptive=True)
+    assert rep.rate.status()["cap"] == 2 * MiB and rep.rate.rate == 2 * MiB
+    assert rep.settings.keep_last == 3 and rep.store.timeout == 7.0
+    assert rep.settings.url == "s3://bucket/a" and rep.store.location.url == "s3://bucket/a"  # at restart only
+    rep.reconfigure(replace(settings, upload_rate=None), adaptive=False)
+    assert rep.rate.status()["allowed_rate"] is None and not rep.rate.adaptive

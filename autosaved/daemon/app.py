@@ -182,6 +182,10 @@ class Daemon:
         defaults plus its own client overrides, and the scheduler replans."""
         if reconfigure_io:
             new = self.io.reconfigure(new)
+            if self.replicator is not None and new.remote.url is not None:
+                self.replicator.reconfigure(new.remote, adaptive=new.throttle.enabled)
+            elif (self.replicator is None) != (new.remote.url is None):
+                log.warning("config reload: turning [remote] on or off takes effect at the next start")
         self.config = new
         logging.getLogger("autosaved").setLevel(new.log_level.upper())
         for job in self.jobs.values():

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -113,6 +113,13 @@ class UploadThrottle:
             self.throttled_s += start - now
             await anyio.sleep(start - now)
 
+    def reconfigure(self, cap: int | None, *, adaptive: bool) -> None:
+        """A reloaded ``upload_rate`` / ``[throttle] enabled``: the new ceiling, the current rate held to it."""
+        self.ctl = upload_controller(None if cap is None else float(cap))
+        self.adaptive = adaptive
+        self.state = replace(self.state, rate=min(self.state.rate, self.ctl.ceiling)) if adaptive \
+            else initial_state(self.ctl)
+
     def observe(self, load: Load, now: float) -> None:
         self.load = load
         if self.adaptive:
@@ -176,6 +183,18 @@ class Replicator:
         self.catch_ups = anyio.CapacityLimiter(8)
         # Bytes/s uploads reached when not held back (moving average); None until measured.
         self.upload_speed: float | None = None
+
+    def reconfigure(self, new: RemoteSettings, *, adaptive: bool) -> None:
+        """A config reload: retention, lease, grace, timeout and the upload rate apply at once; where the
+        store is (url, endpoint, region, credentials) only at the next start (jobs hold leases there)."""
+        where = ("url", "endpoint", "region", "credentials_file")
+        if any(getattr(new, k) != getattr(self.settings, k) for k in where):
+            log.warning("config reload: [remote] url, endpoint, region and credentials_file take effect at the "
+                        "next start; replicating on to %s", self.store.describe())
+            new = replace(new, **{k: getattr(self.settings, k) for k in where})
+        self.settings = new
+        self.store.timeout = new.timeout
+        self.rate.reconfigure(new.upload_rate, adaptive=adaptive)
 
     # -- start ------------------------------------------------------------------------------------
 
