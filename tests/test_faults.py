@@ -29,7 +29,7 @@ from autosaved.storage.local import Store
 from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 
 # Every storage point; the event-loop points (loop.*, rpc.*) are fired by test_service.py's watchdog tests.
-CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.", "task.", "gc.")))
+CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.")))
 OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_while_the_event_loop_is_blocked",
                 "gc.collect.before":
                     "test_races.py::test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress",
@@ -39,7 +39,8 @@ OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_whil
                    for p in POINTS if p.startswith("task.") and p.endswith(".before") and p != "task.main.before"},
                 "task.main.before":
                     "test_supervision.py::test_an_error_that_escapes_still_saves_every_dirty_job_before_exit",
-                "rpc.poll.before": "test_service.py::test_watchdog_stops_when_the_rpc_loop_makes_no_progress"}
+                "rpc.poll.before": "test_service.py::test_watchdog_stops_when_the_rpc_loop_makes_no_progress",
+                "remote.manifest.before": "test_replication.py::test_kill_mid_upload_shows_no_partial_version"}
 LATER_HIT = 3
 W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save
 

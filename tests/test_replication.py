@@ -96,10 +96,16 @@ def test_replicated_acks_survive_repeated_host_loss(s3env: Any, make_daemon: Cal
 def test_kill_mid_upload_shows_no_partial_version(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
                                                   tmp_path: Path) -> None:
     prefix = f"midupload-{secrets.token_hex(3)}"
-    d = make_daemon(remote_config(s3env, prefix, extra='upload_rate = "1MiB"\n'))
+    # The second upload (version 2) is held once its chunks are sent, before its manifest: the kill below
+    # lands mid-upload however fast or slow this host is.
+    faults = tmp_path / "faults"
+    faults.write_text("remote.manifest.before 2 sleep:600\n")
+    d = make_daemon(remote_config(s3env, prefix, extra='upload_rate = "1MiB"\n'),
+                    env={"AUTOSAVED_FAULTS_FILE": str(faults)})
     with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
         first = c.update({"a": np.arange(1000, dtype=np.int64)}, wait="replicated")
-        # ~4 MB of fresh chunks at 1 MiB/s: the upload takes seconds; kill the host in the middle of it.
+        # ~4 MB of fresh chunks at 1 MiB/s: the throttle holds the upload for seconds, and the fault holds it
+        # before its manifest; kill the host in the middle of it.
         ack = c.update(_state(7, n=1_000_000), wait="committed")
     assert ack.version == first.version + 1  # type: ignore[operator]
     wait_for(lambda: (r := _job_status(d).get("remote")) is None or r["bytes_uploaded"] > 500_000, timeout=30)

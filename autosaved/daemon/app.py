@@ -18,7 +18,7 @@ import secrets
 import signal
 import stat
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,7 @@ class Daemon:
         self._stop = anyio.Event()
         self.in_flight_by_uid: dict[int, int] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+        self._signals: AsyncIterator[int] | None = None
         self._sock: zmq.Socket[Any] | None = None
         self._receiver: Receiver | None = None
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
@@ -334,6 +335,10 @@ class Daemon:
         return self.run_state.exit_code
 
     async def _serve(self, stack: contextlib.AsyncExitStack, task_status: anyio.abc.TaskStatus[None]) -> None:
+        # The signal handlers go in before anything can answer a client: a SIGTERM sent right after the
+        # first reply (a supervisor's readiness probe, then a stop) must reach the flush, never the default
+        # action. Signals that come before the signal task runs wait in the receiver.
+        self._signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         try:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
@@ -426,16 +431,16 @@ class Daemon:
             log.exception("the last-chance flush failed too")
 
     async def _signal_loop(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    assert self._tg is not None
-                    self._tg.start_soon(self._reload_now)
-                elif not self._stop.is_set():
-                    log.info("received %s: saving every dirty job, then exiting", signal.Signals(signum).name)
-                    self.request_stop()
-                else:
-                    log.info("received %s again: still saving", signal.Signals(signum).name)
+        assert self._signals is not None
+        async for signum in self._signals:
+            if signum == signal.SIGHUP:
+                assert self._tg is not None
+                self._tg.start_soon(self._reload_now)
+            elif not self._stop.is_set():
+                log.info("received %s: saving every dirty job, then exiting", signal.Signals(signum).name)
+                self.request_stop()
+            else:
+                log.info("received %s again: still saving", signal.Signals(signum).name)
 
 
     async def _preemption_loop(self) -> None:

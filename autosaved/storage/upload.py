@@ -15,8 +15,10 @@ from typing import Any
 
 import aiofiles
 import anyio
+import anyio.to_thread
 
 from ..errors import CorruptVersion
+from . import faults
 from .compress import SUFFIX
 from .local import JobStore
 from .manifest import unseal
@@ -88,6 +90,8 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
     await remote.renew(lease, ttl)
     referenced = {str(d) for rec in doc["blobs"] for d, _ in rec["chunks"]}
     body = remote_manifest(raw, lease.epoch, holder, sorted(packed & referenced), where)
+    if faults.active():  # the tests hold an upload here (every chunk sent, no manifest yet) and kill the host
+        await anyio.to_thread.run_sync(faults.point, "remote", "manifest", "before", where)
     try:
         await remote.put_manifest(version, lease.epoch, body)
     except RemoteError as exc:
