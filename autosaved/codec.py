@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import InvalidValue
-from .tree import DELETE, TORCH_ITEMSIZE, Blob, path_str
+from .tree import DELETE, PLAIN_TYPES, TORCH_ITEMSIZE, Blob, path_str
 
 TensorMode = Literal["numpy", "torch"]
 
@@ -124,16 +124,17 @@ def pack(value: Any, *, allow_delete: bool = False, pinned: PinnedBuffers | None
         if isinstance(v, Mapping):
             out: dict[str | int, Any] = {}
             for key, sub in v.items():
-                if isinstance(key, bool) or not isinstance(key, str | int):
+                if type(key) is not str and (isinstance(key, bool) or not isinstance(key, str | int)):
                     raise InvalidValue(
                         f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
                     )
-                out[key] = conv(sub, [*path, key], True)
+                # Plain scalars are most of a small update: no call (and no path list) each (perf, issue 14).
+                out[key] = sub if type(sub) in PLAIN_TYPES else conv(sub, [*path, key], True)
             return out
         if isinstance(v, list):
-            return [conv(s, [*path, i]) for i, s in enumerate(v)]
+            return [s if type(s) in PLAIN_TYPES else conv(s, [*path, i]) for i, s in enumerate(v)]
         if isinstance(v, tuple):
-            return tuple(conv(s, [*path, i]) for i, s in enumerate(v))
+            return tuple(s if type(s) in PLAIN_TYPES else conv(s, [*path, i]) for i, s in enumerate(v))
         if v is DELETE:
             if allow_delete and in_mapping:
                 return v

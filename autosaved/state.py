@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .tree import DELETE, Blob, Replace, iter_blobs
+from .tree import DELETE, PLAIN_TYPES, Blob, Replace, iter_blobs
 
 State = dict[str | int, Any]
 
@@ -21,7 +21,9 @@ def merge(base: State, delta: Mapping[str | int, Any]) -> State:
     a :class:`Replace` sets a mapping wholesale."""
     out = dict(base)
     for key, value in delta.items():
-        if value is DELETE:
+        if type(value) in PLAIN_TYPES:  # the common case first: the ABC check below is slow (perf, issue 14)
+            out[key] = value
+        elif value is DELETE:
             out.pop(key, None)
         elif isinstance(value, Replace):
             out[key] = merge({}, value.mapping)
@@ -42,6 +44,9 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
     """
     out = dict(first)
     for key, value in second.items():
+        if type(value) in PLAIN_TYPES:
+            out[key] = value
+            continue
         before = out.get(key, _MISSING)
         if value is DELETE or isinstance(value, Replace) or not isinstance(value, Mapping) or before is _MISSING:
             out[key] = value

@@ -154,6 +154,16 @@ def path_str(path: Sequence[str | int]) -> str:
     return "state" + "".join(f"[{p!r}]" for p in path)
 
 
+def _as_is(value: Any) -> bool:
+    """Whether a leaf is its own node: a plain str, bool or None, an int msgpack carries, a finite float."""
+    t = type(value)
+    if t is str or t is bool or value is None:
+        return True
+    if t is int:
+        return bool(_MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX)
+    return t is float and math.isfinite(value)
+
+
 def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
     """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs)."""
     blobs: list[Blob] = []
@@ -173,19 +183,21 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
         if isinstance(value, Mapping):
             items = []
             for key, sub in value.items():
-                if isinstance(key, bool) or not isinstance(key, str | int):
-                    raise InvalidValue(
-                        f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
-                    )
-                if isinstance(key, int) and not _MSGPACK_INT_MIN <= key <= _MSGPACK_INT_MAX:
-                    # Found by fuzzing: msgpack cannot carry it, and failed later with an OverflowError.
-                    raise InvalidValue(f"{path_str(path)} has int key {key}, outside the 64-bit range keys may use")
-                items.append([key, enc(sub, [*path, key], True)])
+                if type(key) is not str:
+                    if isinstance(key, bool) or not isinstance(key, str | int):
+                        raise InvalidValue(
+                            f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
+                        )
+                    if isinstance(key, int) and not _MSGPACK_INT_MIN <= key <= _MSGPACK_INT_MAX:
+                        # Found by fuzzing: msgpack cannot carry it, and failed later with an OverflowError.
+                        raise InvalidValue(f"{path_str(path)} has int key {key}, outside the 64-bit range keys may use")
+                # Leaves that encode as themselves need no call (and no path list) each (perf, issue 14).
+                items.append([key, sub if _as_is(sub) else enc(sub, [*path, key], True)])
             return {"m": items}
         if isinstance(value, list):
-            return {"l": [enc(v, [*path, i]) for i, v in enumerate(value)]}
+            return {"l": [v if _as_is(v) else enc(v, [*path, i]) for i, v in enumerate(value)]}
         if isinstance(value, tuple):
-            return {"t": [enc(v, [*path, i]) for i, v in enumerate(value)]}
+            return {"t": [v if _as_is(v) else enc(v, [*path, i]) for i, v in enumerate(value)]}
         if isinstance(value, Replace) and allow_delete and in_mapping:
             return {"r": enc(value.mapping, path)}
         if value is DELETE:
@@ -199,6 +211,10 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
         )
 
     return enc(tree, []), blobs
+
+
+# The exact types msgpack and JSON decode scalars to: values of these types are leaves as they are.
+PLAIN_TYPES: Final = frozenset({type(None), bool, int, float, str})
 
 
 def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, allow_replace: bool = False,
@@ -225,9 +241,14 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
                 if not isinstance(item, list | tuple) or len(item) != 2:
                     raise ProtocolError("malformed mapping item")
                 key, sub = item
-                if isinstance(key, bool) or not isinstance(key, str | int):
+                if type(key) is not str and (isinstance(key, bool) or not isinstance(key, str | int)):
                     raise ProtocolError(f"mapping key of type {type(key).__name__}")
-                out[key] = dec(sub, depth + 1, True)
+                # A scalar leaf needs no call of its own (most of a small update is scalars: perf, issue 14);
+                # the depth rule is the same as dec's.
+                if type(sub) in PLAIN_TYPES and depth + 1 <= max_depth:
+                    out[key] = sub
+                else:
+                    out[key] = dec(sub, depth + 1, True)
             return out
         if tag in ("l", "t") and isinstance(body, list):
             items = [dec(sub, depth + 1, False) for sub in body]

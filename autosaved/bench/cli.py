@@ -8,6 +8,7 @@
 ``autosaved bench langgraph`` / ``autosaved bench hf``: the framework integrations (see :mod:`.langgraph`,
 :mod:`.hf`);
 ``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.small`);
+``autosaved bench jobs [--json]`` measures one job's latency beside 1,000 busy jobs (see :mod:`.jobs`);
 ``autosaved bench hash [--json]`` measures the chunk hash candidates (see :mod:`.hash`);
 ``autosaved bench train [--small] [--json]`` checkpoints every step of a training loop (see :mod:`.train`).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import data, dcp, hash, hf, incremental, langgraph, remote, small, throttle, train
+from . import data, dcp, hash, hf, incremental, jobs, langgraph, remote, small, throttle, train
 
 # Each mode once: its module (add_arguments, run) and its help line; no mode runs the data benchmark.
 MODES: dict[str, tuple[Any, str]] = {
@@ -28,6 +29,7 @@ MODES: dict[str, tuple[Any, str]] = {
     "langgraph": (langgraph, "LangGraph aput latency vs SQLite and memory"),
     "hf": (hf, "HF Trainer step time with and without checkpoints"),
     "small": (small, "small-update latency and throughput vs floors"),
+    "jobs": (jobs, "one job's update latency alone vs beside 1,000 jobs updated once a second"),
     "hash": (hash, "chunk hash speed: SHA-256 vs BLAKE3"),
     "train": (train, "checkpoint every step of a GPT-2-shaped training loop"),
 }

@@ -18,7 +18,7 @@ import secrets
 import signal
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ import anyio.abc
 import anyio.to_thread
 import psutil
 import zmq
-import zmq.asyncio
 
 from .. import __version__
 from ..config import Config, PolicySettings
@@ -59,7 +58,8 @@ from .preempt import MetadataWatcher
 from .reload import ReloadContext, Reloader
 from .replicator import Replicator
 from .reports import ReportContext, Reports
-from .rpc import Handlers, RpcContext, RpcRequest
+from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
+from .rpcsocket import Receiver
 from .runstate import Phase, RunState
 from .slottable import SlotTable, referenced_mappings
 from .walcommit import LogCommitter
@@ -140,9 +140,9 @@ class Daemon:
         self._save_waiters: list[anyio.Event] = []
         self._stop = anyio.Event()
         self.in_flight_by_uid: dict[int, int] = {}
-        self._send_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
-        self._sock: zmq.asyncio.Socket | None = None
+        self._sock: zmq.Socket[Any] | None = None
+        self._receiver: Receiver | None = None
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
@@ -285,10 +285,11 @@ class Daemon:
                 if stale is not None:
                     stack.callback(_unlink_quietly, stale)
 
-    def _bind(self, stack: contextlib.AsyncExitStack) -> zmq.asyncio.Socket:
-        ctx = zmq.asyncio.Context()
+    def _bind(self, stack: contextlib.AsyncExitStack) -> zmq.Socket[Any]:
+        # A plain socket, not zmq.asyncio: see rpcsocket.py for why and how the event loop watches it.
+        ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context()
         stack.callback(ctx.term)
-        sock = ctx.socket(zmq.ROUTER)
+        sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
         # A frame over the limit makes libzmq drop that peer's connection: the cheapest defence against a
         # client that would make the daemon allocate without bound. The total over all frames is
@@ -499,19 +500,23 @@ class Daemon:
 
     async def _rpc_loop(self) -> None:
         assert self._sock is not None and self._tg is not None
-        sock = self._sock
-        while True:
-            self.progress_at = self.clock()
-            if faults.active():  # the tests' hung event loop (loop.tick) and stalled rpc loop (rpc.poll)
-                faults.point("loop", "tick", "before")
-                await anyio.to_thread.run_sync(faults.point, "rpc", "poll", "before")
-            # poll-then-recv: cancelling a pending recv could lose a message, cancelling a poll cannot.
-            if not await sock.poll(1000):
-                continue
-            frames = await sock.recv_multipart(copy=False)
-            self._tg.start_soon(self._handle, frames)
+        with Receiver(self._sock, self._handle) as receiver:
+            self._receiver = receiver
+            try:
+                while True:
+                    self.progress_at = self.clock()
+                    if faults.active():  # the tests' hung event loop (loop.tick) and stalled rpc loop (rpc.poll)
+                        faults.point("loop", "tick", "before")
+                        await anyio.to_thread.run_sync(faults.point, "rpc", "poll", "before")
+                    # Requests are received and started from the socket's fd callback for a second, then
+                    # the loop goes round (the watchdog's proof of progress); see rpcsocket.py.
+                    await receiver.serve(1.0)
+            finally:
+                self._receiver = None
 
-    async def _handle(self, frames: list[zmq.Frame]) -> None:
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        """Start one request: answered here when it needs no waiting (most small updates), else handed
+        to a task of its own that answers when it is done."""
         if len(frames) < 2:
             return  # nothing to answer: a ROUTER frame with no content
         identity = frames[0].bytes
@@ -537,32 +542,66 @@ class Daemon:
                     f"{self.config.quota.max_requests}); wait for their replies",
                     details={"quota": "max_requests", "limit": self.config.quota.max_requests, "used": in_flight},
                 )
+            request = RpcRequest(op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
+                                 owner=owner, header_size=len(header_frame))
             self.in_flight_by_uid[owner] = in_flight + 1
             try:
-                request = RpcRequest(
-                    op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
-                    owner=owner, header_size=len(header_frame),
-                )
-                reply = await self.handlers.dispatch(request)
-            finally:
-                left = self.in_flight_by_uid[owner] - 1
-                if left:
-                    self.in_flight_by_uid[owner] = left
-                else:
-                    del self.in_flight_by_uid[owner]
-            out = ok_reply(seq, self.boot, **reply.fields)
-            await self._send(identity, out, reply.frames)
-        except AutosavedError as exc:
-            self.run_state.errors += 1
+                started = self.handlers.start(request)
+            except BaseException:
+                self._done(owner)
+                raise
+        except Exception as exc:
+            self._send_error(identity, seq, exc)
+            return
+        if isinstance(started, Reply):
+            self._answer(identity, seq, owner, started)
+        elif isinstance(started, Deferred):
+            started.on_done(lambda result: self._answer(identity, seq, owner, result))
+        else:
+            assert self._tg is not None
+            self._tg.start_soon(self._finish, identity, seq, owner, started)
+
+    def _answer(self, identity: bytes, seq: int, owner: int, result: Reply | Exception) -> None:
+        """Send a request's one reply (an error reply for an exception, or for a reply that cannot be sent)."""
+        self._done(owner)
+        if isinstance(result, Reply):
+            try:
+                self._send(identity, ok_reply(seq, self.boot, **result.fields), result.frames)
+                return
+            except Exception as exc:
+                result = exc
+        self._send_error(identity, seq, result)
+
+    async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply]) -> None:
+        """The rest of a request that had to wait (a load from disk, a save), and its reply."""
+        try:
+            result: Reply | Exception = await started
+        except Exception as exc:
+            result = exc
+        except BaseException:
+            self._done(owner)
+            raise
+        self._answer(identity, seq, owner, result)
+
+    def _done(self, owner: int) -> None:
+        left = self.in_flight_by_uid[owner] - 1
+        if left:
+            self.in_flight_by_uid[owner] = left
+        else:
+            del self.in_flight_by_uid[owner]
+
+    def _send_error(self, identity: bytes, seq: int | None, exc: Exception) -> None:
+        self.run_state.errors += 1
+        if isinstance(exc, AutosavedError):
             if not isinstance(exc, ProtocolError):
                 log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)
             else:
                 log.warning("bad request seq=%s: %s", seq, exc.message)
-            await self._send(identity, error_reply(seq, self.boot, exc), ())
-        except Exception as exc:
-            self.run_state.errors += 1
-            log.exception("internal error handling a request")
-            await self._send(identity, error_reply(seq, self.boot, InternalError(f"internal error: {exc!r}")), ())
+            error = exc
+        else:
+            log.error("internal error handling a request", exc_info=exc)
+            error = InternalError(f"internal error: {exc!r}")
+        self._send(identity, error_reply(seq, self.boot, error), ())
 
     def owner_of(self, header_frame: Any) -> int:
         """Whose request this is. tcp carries no identity: it is the documented trusted-only setup, where
@@ -574,13 +613,16 @@ class Daemon:
             raise Forbidden("cannot tell which user sent this request (no peer credentials); refused")
         return uid
 
-    async def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
+    def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
+        """Send a reply now. A ROUTER's send never blocks, and a sync send is whole before anything else
+        runs, so replies need no lock and no await."""
         assert self._sock is not None
-        async with self._send_lock:
-            try:
-                await self._sock.send_multipart([identity, pack_header(header), *frames], copy=False)
-            except zmq.ZMQError as exc:
-                log.warning("could not send a reply: %s", exc)
+        try:
+            self._sock.send_multipart([identity, pack_header(header), *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("could not send a reply: %s", exc)
+        if self._receiver is not None:
+            self._receiver.after_send()
 
     # -- shared-memory slots ----------------------------------------------------------------------
 

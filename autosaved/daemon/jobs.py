@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ class LogWaiter:
     record: Record
     done: anyio.Event = field(default_factory=anyio.Event)
     error: Exception | None = None
+    # Called (on the event loop) once the record's batch is synced or failed: the rpc layer answers from it.
+    notify: Callable[[], None] | None = None
 
 
 @dataclass

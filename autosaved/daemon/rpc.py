@@ -12,10 +12,11 @@ import json
 import logging
 import mmap
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+import anyio
 import anyio.to_thread
 import msgpack
 
@@ -24,7 +25,7 @@ from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, Shutting
 from ..names import validate_job_name
 from ..protocol import ACK_LEVELS, OPS, blob_descriptors, blobs_from_frames, validate_path
 from ..shm import layout, release_mapping
-from ..state import State, delta_bytes, merge
+from ..state import State, merge
 from ..storage.base import JobStorage
 from ..storage.fsutil import pwrite_all
 from ..tree import Blob, Replace, from_node, to_node
@@ -56,9 +57,70 @@ class RpcRequest:
 
 
 @dataclass
+class ParsedUpdate:
+    """An update as checked from its request alone, before it meets its job."""
+
+    name: str
+    session: str
+    wait: str
+    step: int | None
+    meta: dict[str, Any] | None
+    acked: int
+    conn: SlotConn | None
+    delta: State
+    size: int  # what it adds to the job's unsaved bytes
+
+
+@dataclass
 class Reply:
     fields: dict[str, Any]
     frames: Sequence[memoryview | bytes] = ()
+
+
+class Deferred:
+    """A reply that something else completes later (a log sync), by calling :meth:`resolve` once: the rpc
+    loop is called back, and no task sits waiting for it (perf, issue 14: for a ``logged`` update that
+    task and its wake-up cost as much as the handling)."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[Reply | Exception], None]] = []
+        self._result: Reply | Exception | None = None
+
+    def on_done(self, callback: Callable[[Reply | Exception], None]) -> None:
+        if self._result is not None:
+            callback(self._result)
+        else:
+            self._callbacks.append(callback)
+
+    def resolve(self, result: Reply | Exception) -> None:
+        assert self._result is None, "a request is answered once"
+        self._result = result
+        for callback in self._callbacks:
+            callback(result)
+        self._callbacks.clear()
+
+    async def result(self) -> Reply:
+        """Wait for the reply (an error raises): for callers that are tasks anyway."""
+        done = anyio.Event()
+        self.on_done(lambda _: done.set())
+        await done.wait()
+        assert self._result is not None
+        if isinstance(self._result, Exception):
+            raise self._result
+        return self._result
+
+
+# What starting a request gives: its reply now, one to come (Deferred), or the coroutine that finishes it.
+Started = Reply | Deferred | Coroutine[Any, Any, Reply]
+
+
+async def finish(started: Started) -> Reply:
+    """Wait for the reply of a started request."""
+    if isinstance(started, Reply):
+        return started
+    if isinstance(started, Deferred):
+        return await started.result()
+    return await started
 
 
 def _opt_int(header: dict[str, Any], key: str) -> int | None:
@@ -161,13 +223,22 @@ class Handlers:
         self.ctx = ctx
 
     async def dispatch(self, req: RpcRequest) -> Reply:
-        """Run the op's handler from :data:`REGISTRY` (``check_request`` already refused unknown ops)."""
+        """Run the op's handler from :data:`REGISTRY` to its reply."""
+        return await finish(self.start(req))
+
+    def start(self, req: RpcRequest) -> Started:
+        """Begin a request (``check_request`` already refused unknown ops): its reply when it can be
+        answered without waiting for anything, else the coroutine that finishes it. The rpc loop answers
+        the first kind inline and gives only the second a task of its own (perf, issue 14: a task per
+        request cost more than a small update's whole handling)."""
         op = REGISTRY.get(req.op)
         if op is None:
             raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})
         if op.access is Access.JOB_OWNER:
             req.owner = self._effective_owner(req)
-        return await op.handler(self, req)
+        if op.start is not None:
+            return op.start(self, req)
+        return op.handler(self, req)
 
     @staticmethod
     def _effective_owner(req: RpcRequest) -> int:
@@ -218,10 +289,22 @@ class Handlers:
     async def op_ping(self, req: RpcRequest) -> Reply:
         return Reply({"pid": self.ctx.pid})
 
+    def start_ping(self, req: RpcRequest) -> Reply:
+        return Reply({"pid": self.ctx.pid})
+
+    def start_hello(self, req: RpcRequest) -> Started:
+        name = self._job_name(req)
+        job = self.ctx.table.jobs.get((req.owner, name))
+        if job is None or job.deleted:
+            return self.op_hello(req)
+        return self._hello(req, job)
+
     async def op_hello(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
         await self._check_job_quota(req.owner, name)
-        job = await self.ctx.table.get(req.owner, name)
+        return self._hello(req, await self.ctx.table.get(req.owner, name))
+
+    def _hello(self, req: RpcRequest, job: Job) -> Reply:
         self._apply_policy(job, req.header.get("policy"))
         session = req.header.get("session")
         durable = job.durable.get(session, 0) if isinstance(session, str) else 0
@@ -238,7 +321,8 @@ class Handlers:
             job.settings = settings
             self.ctx.poke()
 
-    async def op_update(self, req: RpcRequest) -> Reply:
+    def _parse_update(self, req: RpcRequest) -> ParsedUpdate:
+        """Everything an update says that can be checked from the request alone (no job, no await)."""
         h = req.header
         name = self._job_name(req)
         session = h.get("session")
@@ -268,47 +352,87 @@ class Handlers:
             raise ProtocolError("an update's delta must be a mapping")
         if self.ctx.shutting_down():
             raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
+        # The delta's blobs are exactly ``blobs``: its size needs no second walk of the tree.
+        size = req.header_size + sum(b.nbytes for b in blobs)
+        return ParsedUpdate(name=name, session=session, wait=wait, step=step, meta=meta, acked=acked, conn=conn,
+                            delta=delta, size=size)
 
-        await self._check_job_quota(req.owner, name)
-        job = await self.ctx.table.get(req.owner, name)
+    def start_update(self, req: RpcRequest) -> Started:
+        """An update of a loaded job is applied right here, in the rpc loop's step (so updates apply in the
+        order they arrived); ``accepted`` is answered at once, the other levels return what waits for them.
+        A job not loaded yet (or being deleted) takes the slow path, which may read the disk."""
+        u = self._parse_update(req)
+        job = self.ctx.table.jobs.get((req.owner, u.name))
+        if job is None or job.deleted:
+            return self._update_loading(req, u)
+        return self._apply_update(req, u, job)
+
+    async def op_update(self, req: RpcRequest) -> Reply:
+        return await self._update_loading(req, self._parse_update(req))
+
+    async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
+        await self._check_job_quota(req.owner, u.name)
+        job = await self.ctx.table.get(req.owner, u.name)
+        return await finish(self._apply_update(req, u, job))
+
+    def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
+        """Check the update against its job and merge it, in one event-loop step (atomic); the ack for
+        ``accepted``, or the coroutine that waits for the level asked for."""
+        h = req.header
         client_boot = h.get("boot")
-        if client_boot is not None and client_boot != self.ctx.boot and acked > job.durable.get(session, 0):
+        if client_boot is not None and client_boot != self.ctx.boot and u.acked > job.durable.get(u.session, 0):
             raise StateLost(
-                f"the daemon restarted and lost updates of job {name!r} it had acknowledged (up to seq "
-                f"{acked}; the newest saved one is seq {job.durable.get(session, 0)}); send the full state again",
-                details={"acked_seq": acked, "durable_seq": job.durable.get(session, 0)},
+                f"the daemon restarted and lost updates of job {u.name!r} it had acknowledged (up to seq "
+                f"{u.acked}; the newest saved one is seq {job.durable.get(u.session, 0)}); send the full state again",
+                details={"acked_seq": u.acked, "durable_seq": job.durable.get(u.session, 0)},
             )
         self._apply_policy(job, h.get("policy"))
         if self.ctx.shutting_down():  # re-check: loading the job may have awaited
             raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
-        if wait == "logged" and job.wal_broken:
+        if u.wait == "logged" and job.wal_broken:
             raise StorageError(
-                f"the write-ahead log of {name!r} is unavailable after an I/O error ({job.wal_broken}); a snapshot "
+                f"the write-ahead log of {u.name!r} is unavailable after an I/O error ({job.wal_broken}); a snapshot "
                 "is being saved. This update was not applied; retry, or use wait='committed'."
             )
-        self._check_bytes_quota(job, delta)
-        generation = job.apply(
-            delta, session=session, seq=req.seq, step=step, meta=meta,
-            size=delta_bytes(delta, req.header_size), now=self.ctx.clock(),
-        )
-        if wait == "accepted":
+        self._check_bytes_quota(job, u.delta)
+        generation = job.apply(u.delta, session=u.session, seq=req.seq, step=u.step, meta=u.meta, size=u.size,
+                               now=self.ctx.clock())
+        if u.wait == "accepted":
             self.ctx.poke_for(job)
-            return Reply({"ack": "accepted", "durable": job.durable.get(session, 0), "generation": generation,
-                          **self._held(conn)})
-        if wait == "logged":
-            waiter = LogWaiter(job.take_log_record())  # same event-loop step as the apply: lsn order holds
+            return Reply({"ack": "accepted", "durable": job.durable.get(u.session, 0), "generation": generation,
+                          **self._held(u.conn)})
+        if u.wait == "logged":
+            deferred = Deferred()
+            waiter = LogWaiter(job.take_log_record())
+            waiter.notify = lambda: self._logged(job, u, waiter, deferred)
+            # Queued in the same event-loop step as the apply: records reach the log in lsn order.
+            self.ctx.wal.enqueue(job, waiter)
             self.ctx.poke_for(job)
-            await self.ctx.wal.submit(job, waiter)
-            return Reply({"ack": "logged", "durable": job.durable.get(session, 0), "lsn": waiter.record.lsn,
-                          **self._held(conn)})
+            return deferred
+        return self._wait_saved(job, u, generation)
+
+    def _logged(self, job: Job, u: ParsedUpdate, waiter: LogWaiter, deferred: Deferred) -> None:
+        """The record's batch was synced (or failed): answer the update."""
+        if waiter.error is not None:
+            deferred.resolve(waiter.error)
+            return
+        try:
+            reply = Reply({"ack": "logged", "durable": job.durable.get(u.session, 0), "lsn": waiter.record.lsn,
+                           **self._held(u.conn)})
+        except Exception as exc:
+            deferred.resolve(exc)
+            return
+        deferred.resolve(reply)
+
+    async def _wait_saved(self, job: Job, u: ParsedUpdate, generation: int) -> Reply:
         version = await self._wait_committed(job, generation)
-        if wait == "replicated" and self.ctx.replicator is not None and version is not None:
+        if u.wait == "replicated" and self.ctx.replicator is not None and version is not None:
             # Never acked while the store is unreachable: the client's save_timeout bounds the wait.
             version = await self.ctx.replicator.wait_replicated(job.key, version)
-            return Reply({"ack": "replicated", "durable": job.durable.get(session, 0), "version": version,
-                          **self._held(conn)})
-        return Reply({"ack": "committed", "durable": job.durable.get(session, 0), "version": version,
-                      **self._held(conn)})
+            return Reply({"ack": "replicated", "durable": job.durable.get(u.session, 0), "version": version,
+                          **self._held(u.conn)})
+        return Reply({"ack": "committed", "durable": job.durable.get(u.session, 0), "version": version,
+                      **self._held(u.conn)})
 
     def _held(self, conn: SlotConn | None) -> dict[str, Any]:
         """Which of the client's slots the daemon still references: the client must not write into those."""
@@ -586,9 +710,11 @@ class Op:
     disk (``long``: clients give it their ``save_timeout``), and who may call it."""
 
     name: str
-    handler: Callable[[Handlers, RpcRequest], Awaitable[Reply]]
+    handler: Callable[[Handlers, RpcRequest], Coroutine[Any, Any, Reply]]
     long: bool
     access: Access
+    # Answers without awaiting when it can (a reply), else returns the coroutine that finishes the request.
+    start: Callable[[Handlers, RpcRequest], Started] | None = None
 
 
 def _registry(*ops: Op) -> Mapping[str, Op]:
@@ -600,9 +726,10 @@ def _registry(*ops: Op) -> Mapping[str, Op]:
 
 
 REGISTRY: Final = _registry(
-    Op("ping", Handlers.op_ping, long=False, access=Access.ANY_PEER),
-    Op("hello", Handlers.op_hello, long=False, access=Access.JOB_OWNER),
-    Op("update", Handlers.op_update, long=True, access=Access.JOB_OWNER),  # wait='committed'/'replicated'
+    Op("ping", Handlers.op_ping, long=False, access=Access.ANY_PEER, start=Handlers.start_ping),
+    Op("hello", Handlers.op_hello, long=False, access=Access.JOB_OWNER, start=Handlers.start_hello),
+    # long: wait='committed'/'replicated'
+    Op("update", Handlers.op_update, long=True, access=Access.JOB_OWNER, start=Handlers.start_update),
     Op("save", Handlers.op_save, long=True, access=Access.JOB_OWNER),
     Op("restore", Handlers.op_restore, long=True, access=Access.JOB_OWNER),
     Op("status", Handlers.op_status, long=False, access=Access.JOB_OWNER),
