@@ -200,6 +200,13 @@ def test_corrupt_and_missing_objects_fall_back_with_warning(s3env: Any,
                          capture_output=True, text=True, timeout=60, env={**os.environ, **s3env.env})
     assert out.returncode == 0, out.stderr
     assert f'"version": {acks[0].version}' in out.stdout and bad in out.stderr
+    # A fresh daemon on an empty dir seeds the job the same way: the newest version that verifies, and
+    # says which objects it skipped.
+    d2 = make_daemon(remote_config(s3env, prefix), root=tmp_path / "fresh")
+    with autosaved.Client(JOB, address=d2.address) as c:
+        assert np.array_equal(c.restore()["x"], np.full(1000, 0))
+    assert bad in d2.log() and gone in d2.log()
+    assert [int(p.stem) for p in version_files(d2.state_dir, JOB)] == [acks[0].version]
 
 
 def test_two_daemons_one_publisher(s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:

@@ -47,12 +47,12 @@ import numpy as np
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
-from ..tree import Blob, Chunk, iter_blobs
+from ..tree import Blob, Chunk
 from . import hashing
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
-from .manifest import VersionInfo, blob_from_record, seal, tree_from_manifest, unseal
+from .manifest import VersionInfo, seal, tree_from_manifest, unseal
 from .retention import versions_to_delete
 
 _VERSION_KEY = re.compile(r"(?:^|/)(\d{12})\.e(\d{1,12})\.json$")
@@ -525,48 +525,79 @@ class RemoteJob:
 
     async def seed(self, local: JobStore, on_skip: Callable[[CorruptVersion], None] | None = None,
                    version: int | None = None) -> int | None:
-        """Copy the newest version that verifies (or ``version``: ``NotFound``/``CorruptVersion`` as for
-        :meth:`load_version`) into the local store (a fresh host): every chunk is checked, written and
-        fsynced before the manifest, as a local save would. Returns its id."""
-        loaded = await self.load_version(version, on_skip)
-        if loaded is None:
-            return None
+        """Copy the newest version that verifies (or ``version``: ``NotFound`` if the bucket lacks it,
+        ``CorruptVersion`` if it does not verify) into the local store (a fresh host). Returns its id.
+
+        Chunks stream from the bucket to chunk files, ``CONCURRENCY`` at a time, each verified in a worker
+        thread and stored as it was uploaded (zstd ones stay compressed): memory holds a few chunks, never
+        the state. Every chunk is written and fsynced, and its directory too, before the manifest, as a
+        local save would; a version that fails to verify leaves only unreferenced chunk files (garbage
+        for the next gc) and the next older one is tried."""
+        visible = await self.visible_versions()
+        if version is not None:
+            picked = [vk for vk in visible if vk.id == version]
+            if not picked:
+                raise NotFound(f"job {self.job!r} has no version {version} in {self.store.describe()}")
+        else:
+            picked = list(reversed(visible))
+        for vk in picked:
+            try:
+                await self._seed_version(local, vk)
+                return vk.id
+            except CorruptVersion as exc:
+                if version is not None:
+                    raise
+                if on_skip is not None:
+                    on_skip(exc)
+        return None
+
+    async def _seed_version(self, local: JobStore, vk: VersionKey) -> None:
+        where = f"{self.job} version {vk.id}"
+        doc = await self.read_manifest(vk)
+        packed = set((doc.get("remote") or {}).get("packed") or ())
+        _tree, blobs = tree_from_manifest(doc, where)  # the whole manifest must parse before anything is written
+        chunks = {c.digest: c for blob in blobs for c in (blob.chunks or ())}
         await anyio.to_thread.run_sync(local.ensure_dirs)
-        dirs: set[Path] = set()
-        algo = loaded.doc.get("hash", hashing.LEGACY)
-        blobs = [blob_from_record(rec, "seed", algo) for rec in loaded.doc["blobs"]]
-        data_by_digest: dict[str, memoryview] = {}
-        # The loaded tree's blobs carry the verified bytes; map each chunk digest to its piece.
-        for blob in iter_blobs(loaded.tree):
-            assert blob.chunks is not None and blob.data is not None
-            pos = 0
-            for c in blob.chunks:
-                data_by_digest[c.digest] = blob.data[pos : pos + c.size]
-                pos += c.size
-        for blob in blobs:
-            assert blob.chunks is not None
-            for c in blob.chunks:
-                target = local.objects_dir / c.digest[:2] / c.digest
-                dirs.add(target.parent)  # a chunk already here may not have a durable name yet (defect 6)
-                if await aiofiles.os.path.exists(target) or await aiofiles.os.path.exists(
-                        target.with_name(c.digest + SUFFIX)):
-                    continue
-                await aiofiles.os.makedirs(target.parent, mode=DIR_MODE, exist_ok=True)
-                tmp = temp_name(local.tmp_dir, c.digest)
-                async with aiofiles.open(tmp, "wb") as fh:
-                    await fh.write(data_by_digest[c.digest])
-                    await fh.flush()
-                    await anyio.to_thread.run_sync(os.fsync, fh.fileno())
-                await aiofiles.os.replace(tmp, target)
-                dirs.add(target.parent)
-        dirs.add(local.objects_dir)
+        dirs: set[Path] = {local.objects_dir}
+        limiter = anyio.CapacityLimiter(CONCURRENCY)
+        failures: list[BaseException] = []
+
+        async def one(chunk: Chunk, scope: anyio.CancelScope) -> None:
+            target = local.objects_dir / chunk.digest[:2] / chunk.digest
+            dirs.add(target.parent)  # a chunk already here may not have a durable name yet (defect 6)
+            if await aiofiles.os.path.exists(target) or await aiofiles.os.path.exists(
+                    target.with_name(chunk.digest + SUFFIX)):
+                return
+            is_packed = chunk.digest in packed
+            key = self.chunk_key(chunk.digest, is_packed)
+            async with limiter:
+                try:
+                    try:
+                        data, _ = await self.store.get(key)
+                    except FileNotFoundError:
+                        raise CorruptVersion(f"{where}: object {key} is missing") from None
+                    await anyio.to_thread.run_sync(_verified, chunk, data, is_packed, key, where, None)
+                    await aiofiles.os.makedirs(target.parent, mode=DIR_MODE, exist_ok=True)
+                    tmp = temp_name(local.tmp_dir, chunk.digest)
+                    async with aiofiles.open(tmp, "wb") as fh:
+                        await fh.write(data)
+                        await fh.flush()
+                        await anyio.to_thread.run_sync(os.fsync, fh.fileno())
+                    await aiofiles.os.replace(tmp, target.with_name(chunk.digest + SUFFIX) if is_packed else target)
+                except (CorruptVersion, RemoteError, OSError) as exc:
+                    failures.append(exc)
+                    scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for chunk in chunks.values():
+                tg.start_soon(one, chunk, tg.cancel_scope)
+        if failures:
+            raise failures[0]
         for d in dirs:
             await anyio.to_thread.run_sync(fsync_dir, d)
-        body = {k: v for k, v in loaded.doc.items() if k != "remote"}
-        raw = seal(body)
+        raw = seal({k: v for k, v in doc.items() if k != "remote"})
         await anyio.to_thread.run_sync(
-            lambda: atomic_write(local.versions_dir / f"{loaded.info.id:012d}.json", raw, local.tmp_dir))
-        return loaded.info.id
+            lambda: atomic_write(local.versions_dir / f"{vk.id:012d}.json", raw, local.tmp_dir))
 
     async def newest_replicated(self, local: JobStore, local_ids: Sequence[int]) -> int | None:
         """The newest of ``local_ids`` the bucket has: the same manifest, not just the same id (another
