@@ -14,6 +14,7 @@ from ..state import State, merge, merge_deltas
 from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter
 from ..tree import iter_blobs
+from .loglock import LogLock
 
 JobKey = tuple[int, str]
 
@@ -76,7 +77,7 @@ class Job:
     # Write-ahead log. ``unlogged`` is every delta since the last point the log or a committed version
     # covered, merged into one; the next logged record carries it (see storage/wal.py).
     wal: WalWriter | None = None
-    wal_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    wal_lock: LogLock = field(default_factory=LogLock)
     unlogged: State = field(default_factory=dict)
     unlogged_sessions: dict[str, int] = field(default_factory=dict)
     unlogged_generation: int = 0

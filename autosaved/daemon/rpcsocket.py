@@ -18,6 +18,7 @@ and reading ``EVENTS`` (or any send or receive) empties that queue. So readiness
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from types import TracebackType
@@ -43,10 +44,14 @@ class Receiver:
         self._serving = False
         self._draining = False
         self._again: asyncio.Handle | None = None
+        self._context = contextvars.Context()
 
     def __enter__(self) -> Receiver:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._on_signal)
+        # Every callback here runs in the rpc loop's context, whoever scheduled it (a log thread's completion
+        # sends too): anyio finds its event loop through it when a request starts a task.
+        self._context = contextvars.copy_context()
+        self._loop.add_reader(self._fd, self._on_signal)  # registered from the rpc loop: its context
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -85,7 +90,7 @@ class Receiver:
 
     def _schedule(self) -> None:
         assert self._loop is not None
-        self._again = self._loop.call_soon(self._continue)
+        self._again = self._loop.call_soon(self._continue, context=self._context)
 
     def _continue(self) -> None:
         self._again = None

@@ -11,67 +11,65 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
-
-import anyio
-import anyio.abc
+from typing import Any
 
 from ..errors import NotFound, StorageError
 from ..storage.faults import point
+from ..storage.wal import Record
 from .jobs import Job, LogWaiter, raise_durable
 
 log = logging.getLogger("autosaved.wal")
-T = TypeVar("T")
+# Called on the event loop once a thread's work returned: its exception, or None.
+Done = Callable[[BaseException | None], None]
+# What a log thread is handed: the work, and where and how to report back.
+_Work = tuple[Callable[[], Any], asyncio.AbstractEventLoop, Done, contextvars.Context]
 
 
 class SyncThreads:
-    """The threads that run log appends (write + fdatasync). Each job has at most one batch in flight (see
-    ``_flush``), and different jobs' batches run on different threads, so the fsyncs of their logs overlap
-    (8 agents on a host, each its own job and log). Leaner than ``anyio.to_thread``, which costs a
-    ``logged`` update its biggest overhead: measured on 2 cores, a hop to a thread and back took ~15 µs
-    this way (a SimpleQueue in, ``call_soon_threadsafe`` out) against ~44 µs."""
+    """The threads that run log appends (write + fdatasync). Each job has at most one batch in flight, and
+    different jobs' batches run on different threads, so the fsyncs of their logs overlap (8 agents on a
+    host, each its own job and log). Leaner than ``anyio.to_thread``, which cost a ``logged`` update its
+    biggest overhead: measured on 2 cores, a hop to a thread and back took ~15 µs this way (a SimpleQueue
+    in, ``call_soon_threadsafe`` out) against ~44 µs."""
 
     def __init__(self, threads: int = 8) -> None:
         self._count = threads
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]]] = (
-            queue.SimpleQueue())
+        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
         self._started = False
 
-    async def run(self, func: Callable[[], T]) -> T:
-        """``func()`` in one of the threads. Like ``anyio.to_thread.run_sync``, a cancellation waits for it
-        to return: an append is never left running behind the caller's back."""
+    def submit(self, func: Callable[[], Any], done: Done) -> None:
+        """Run ``func()`` in one of the threads; then ``done(exception or None)`` on this event loop."""
         if not self._started:
             self._started = True
             for i in range(self._count):
                 threading.Thread(target=self._work, name=f"autosaved-log-{i}", daemon=True).start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((func, loop, future))
-        with anyio.CancelScope(shield=True):
-            result = await future
-        return result
+        # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
+        self._queue.put((func, asyncio.get_running_loop(), done, contextvars.copy_context()))
 
     def _work(self) -> None:
         while True:
-            func, loop, future = self._queue.get()
+            func, loop, done, context = self._queue.get()
+            error: BaseException | None = None
             try:
-                result = func()
+                func()
             except BaseException as exc:
-                _resolve(loop, future.set_exception, exc)
-            else:
-                _resolve(loop, future.set_result, result)
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, setter: Callable[[Any], None], value: Any) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the daemon is exiting)
-        loop.call_soon_threadsafe(setter, value)
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the daemon is exiting)
+                loop.call_soon_threadsafe(done, error, context=context)
+            del func, done, error, context
 
 
 class LogCommitter:
+    """Each job has one flusher at a time (``job.log_flushing``). An idle log starts its batch at once, from
+    the request's own event-loop step, and the batch's completion callback answers the requests and starts
+    the next batch: no task, no lock checkpoint. Only when the log's lock is taken (a save rotating or
+    dropping segments, a delete) does a task wait for it and carry on from there."""
+
     def __init__(self, spawn: Callable[[Callable[[Job], object], Job], None], poke: Callable[[], None]) -> None:
         self._spawn = spawn
         self._poke = poke
@@ -84,7 +82,7 @@ class LogCommitter:
         job.log_pending.append(waiter)
         if not job.log_flushing:
             job.log_flushing = True
-            self._spawn(self._flush, job)
+            self._next(job)
         return waiter
 
     async def wait(self, waiter: LogWaiter) -> None:
@@ -97,58 +95,97 @@ class LogCommitter:
         """Queue a record (taken from the job in the caller's event-loop step) and wait for its sync."""
         await self.wait(self.enqueue(job, waiter))
 
-    async def _flush(self, job: Job) -> None:
-        try:
-            while job.log_pending:
-                batch, job.log_pending = job.log_pending, []
-                job.log_writing = batch  # their blobs may live in client slots: keep those lent
-                try:
-                    error = await self._write(job, batch)
-                except Exception as exc:  # never leave a waiter hanging, never end the daemon
-                    log.exception("log commit failed job=%s", job.name)
-                    error = StorageError(f"could not log the update of {job.name!r}: {exc!r}")
-                finally:
-                    job.log_writing = []
-                for w in batch:
-                    w.error = error
-                    w.done.set()
-                    if w.notify is not None:
-                        try:
-                            w.notify()  # the reply goes out from here: no task waits per request
-                        except Exception:
-                            log.exception("answering a logged update failed job=%s", job.name)
-        finally:
+    def _next(self, job: Job) -> None:
+        """The flusher's next step: the next batch now if the lock is free, a task that waits for it if not,
+        or the end of this flusher when nothing is pending."""
+        if not job.log_pending:
             job.log_flushing = False
+        elif job.wal_lock.try_acquire():
+            self._start(job)
+        else:
+            self._spawn(self._flush_later, job)
 
-    async def _write(self, job: Job, batch: list[LogWaiter]) -> Exception | None:
+    def _start(self, job: Job) -> None:
+        """With the lock held: take every pending record and append them with one sync in a log thread."""
+        batch, job.log_pending = job.log_pending, []
+        job.log_writing = batch  # their blobs may live in client slots: keep those lent
+        records = [w.record for w in batch]
+        try:
+            append = self._prepare(job, records)
+        except Exception as exc:
+            self._done(job, batch, self._failed(job, records, exc))
+            return
+        if isinstance(append, Exception):
+            self._done(job, batch, append)
+            return
+        self._threads.submit(append, lambda exc: self._appended(job, batch, exc))
+
+    def _prepare(self, job: Job, records: list[Record]) -> Callable[[], None] | Exception:
+        """What to run in the thread, or why this batch fails without any I/O."""
         wal = job.wal
         assert wal is not None
-        records = [w.record for w in batch]
-        async with job.wal_lock:
-            if job.deleted:
-                return NotFound(f"job {job.name!r} was deleted; this update was not applied")
-            if job.wal_broken:
-                return StorageError(f"write-ahead log of {job.name!r} is unavailable: {job.wal_broken}")
-            if job.rotate_log:
+        if job.deleted:
+            return NotFound(f"job {job.name!r} was deleted; this update was not applied")
+        if job.wal_broken:
+            return StorageError(f"write-ahead log of {job.name!r} is unavailable: {job.wal_broken}")
+        rotate, job.rotate_log = job.rotate_log, False
+        point("task", "logger", "before", job.name)
+
+        def append() -> None:
+            if rotate:
                 wal.rotate()
-                job.rotate_log = False
-            try:
-                point("task", "logger", "before", job.name)
-                await self._threads.run(lambda: wal.append(records))
-            except Exception as exc:  # a bug too: this job's error (a snapshot follows), never the daemon's
-                if not isinstance(exc, OSError):
-                    log.exception("unexpected error appending to the log of job=%s", job.name)
-                job.wal_broken = str(exc)
-                job.wal_broken_lsn = records[-1].lsn
-                job.explicit_requested = True  # a snapshot makes everything durable and restarts the log
-                self._poke()
-                log.error("write-ahead log append failed job=%s records=%d error=%s", job.name, len(records), exc)
-                return StorageError(
-                    f"could not log the update of {job.name!r} ({exc}); it is held in memory and a snapshot "
-                    "is being saved", details={"errno": getattr(exc, "errno", None)},
-                )
-        for record in records:
-            raise_durable(job, record.sessions)
-        self.syncs += 1
-        self.records += len(records)
-        return None
+            wal.append(records)
+
+        return append
+
+    def _appended(self, job: Job, batch: list[LogWaiter], exc: BaseException | None) -> None:
+        """Back on the event loop after the thread's append: what it made durable, or the job's log error."""
+        records = [w.record for w in batch]
+        if exc is None:
+            for record in records:
+                raise_durable(job, record.sessions)
+            self.syncs += 1
+            self.records += len(records)
+            self._done(job, batch, None)
+        elif isinstance(exc, Exception):
+            self._done(job, batch, self._failed(job, records, exc))
+        else:  # not an error of the append (a KeyboardInterrupt): answer, and let the loop see it
+            self._done(job, batch, StorageError(f"could not log the update of {job.name!r}: {exc!r}"))
+            raise exc
+
+    def _failed(self, job: Job, records: list[Record], exc: Exception) -> StorageError:
+        """A failed append (or a bug on its way): this job's error, a snapshot follows, never the daemon's."""
+        if not isinstance(exc, OSError):
+            log.error("unexpected error appending to the log of job=%s", job.name, exc_info=exc)
+        job.wal_broken = str(exc)
+        job.wal_broken_lsn = records[-1].lsn
+        job.explicit_requested = True  # a snapshot makes everything durable and restarts the log
+        self._poke()
+        log.error("write-ahead log append failed job=%s records=%d error=%s", job.name, len(records), exc)
+        return StorageError(
+            f"could not log the update of {job.name!r} ({exc}); it is held in memory and a snapshot "
+            "is being saved", details={"errno": getattr(exc, "errno", None)},
+        )
+
+    def _done(self, job: Job, batch: list[LogWaiter], error: Exception | None) -> None:
+        """Release the lock, answer the batch, and go on with the records that queued meanwhile."""
+        job.log_writing = []
+        job.wal_lock.release()
+        for w in batch:
+            w.error = error
+            w.done.set()
+            if w.notify is not None:
+                try:
+                    w.notify()  # the reply goes out from here: no task waits per request
+                except Exception:
+                    log.exception("answering a logged update failed job=%s", job.name)
+        self._next(job)
+
+    async def _flush_later(self, job: Job) -> None:
+        """The lock was taken: wait for it in a task, then carry on like an idle log."""
+        try:
+            await job.wal_lock.acquire()
+        except BaseException:
+            job.log_flushing = False
+            raise
+        self._start(job)
