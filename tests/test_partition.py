@@ -116,19 +116,30 @@ def netns() -> Iterator[Netns]:
         ns.delete()
 
 
-def test_partitioned_host_saves_locally_then_catches_up_in_order(
-        s3server: Any, netns: Netns, make_daemon: Callable[..., PrivateDaemon],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _daemon_in_netns(s3server: Any, netns: Netns, make_daemon: Callable[..., PrivateDaemon],
+                     monkeypatch: pytest.MonkeyPatch, prefix: str, head: str,
+                     remote: str) -> tuple[PrivateDaemon, Relay]:
+    """A daemon (config ``head`` + ``[remote]`` with ``remote``) inside ``netns``, reaching the store on
+    the host only through a relay on the veth pair's outside address: the link is its one way out."""
     for k, v in s3server.env.items():
         monkeypatch.setenv(k, v)
     relay = Relay(netns.outside, int(s3server.endpoint.rsplit(":", 1)[1]))
-    prefix = f"partition-{secrets.token_hex(3)}"
-    config = (f'chunk_size = "64KiB"\n[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\nkeep_last = 1\n'
-              f'[remote]\nurl = "{s3server.url(prefix)}"\nendpoint = "http://{netns.outside}:{relay.port}"\n'
-              'timeout = "2s"\nkeep_last = 50\n')
+    config = (head + f'[remote]\nurl = "{s3server.url(prefix)}"\n'
+              f'endpoint = "http://{netns.outside}:{relay.port}"\n' + remote)
     d = make_daemon(config, start=False)
     d.command_prefix = ["ip", "netns", "exec", netns.name]
     d.start()
+    return d, relay
+
+
+def test_partitioned_host_saves_locally_then_catches_up_in_order(
+        s3server: Any, netns: Netns, make_daemon: Callable[..., PrivateDaemon],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    prefix = f"partition-{secrets.token_hex(3)}"
+    d, relay = _daemon_in_netns(
+        s3server, netns, make_daemon, monkeypatch, prefix,
+        'chunk_size = "64KiB"\n[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\nkeep_last = 1\n',
+        'timeout = "2s"\nkeep_last = 50\n')
     try:
         with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
             v0 = c.update({"v": 0}, wait="replicated").version
@@ -166,16 +177,10 @@ def test_upload_throttle_backs_off_on_real_retransmissions(
     queue) on the daemon's end of the link drops what exceeds it, TCP retransmits, and the daemon (reading
     its own namespace's /proc/net/snmp) halves its upload rate. Direction within one run, not speed: the
     same upload over the unshaped link leaves the rate unlimited."""
-    for k, v in s3server.env.items():
-        monkeypatch.setenv(k, v)
-    relay = Relay(netns.outside, int(s3server.endpoint.rsplit(":", 1)[1]))
     prefix = f"shaped-{secrets.token_hex(3)}"
-    config = (f'chunk_size = "1MiB"\n[policy]\nidle = "off"\nmin_gap = "0s"\ninterval = "off"\n'
-              f'[remote]\nurl = "{s3server.url(prefix)}"\nendpoint = "http://{netns.outside}:{relay.port}"\n'
-              'timeout = "10s"\n')
-    d = make_daemon(config, start=False)
-    d.command_prefix = ["ip", "netns", "exec", netns.name]
-    d.start()
+    d, relay = _daemon_in_netns(
+        s3server, netns, make_daemon, monkeypatch, prefix,
+        'chunk_size = "1MiB"\n[policy]\nidle = "off"\nmin_gap = "0s"\ninterval = "off"\n', 'timeout = "10s"\n')
 
     def pace() -> dict[str, Any]:
         with autosaved.Admin(address=d.address, timeout=30) as admin:
