@@ -236,8 +236,6 @@ class Handlers:
             raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})
         if op.access is Access.JOB_OWNER:
             req.owner = self._effective_owner(req)
-        if op.start is not None:
-            return op.start(self, req)
         return op.handler(self, req)
 
     @staticmethod
@@ -285,9 +283,6 @@ class Handlers:
 
     def _job_name(self, req: RpcRequest) -> str:
         return validate_job_name(req.header.get("job"))
-
-    async def op_ping(self, req: RpcRequest) -> Reply:
-        return Reply({"pid": self.ctx.pid})
 
     def start_ping(self, req: RpcRequest) -> Reply:
         return Reply({"pid": self.ctx.pid})
@@ -366,9 +361,6 @@ class Handlers:
         if job is None or job.deleted:
             return self._update_loading(req, u)
         return self._apply_update(req, u, job)
-
-    async def op_update(self, req: RpcRequest) -> Reply:
-        return await self._update_loading(req, self._parse_update(req))
 
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
         await self._check_job_quota(req.owner, u.name)
@@ -710,11 +702,11 @@ class Op:
     disk (``long``: clients give it their ``save_timeout``), and who may call it."""
 
     name: str
-    handler: Callable[[Handlers, RpcRequest], Coroutine[Any, Any, Reply]]
+    # Starts the request: its reply when it can answer without awaiting (``start_*``: ping, hello and
+    # updates of a loaded job), else the coroutine that finishes it (every ``async def op_*``).
+    handler: Callable[[Handlers, RpcRequest], Started]
     long: bool
     access: Access
-    # Answers without awaiting when it can (a reply), else returns the coroutine that finishes the request.
-    start: Callable[[Handlers, RpcRequest], Started] | None = None
 
 
 def _registry(*ops: Op) -> Mapping[str, Op]:
@@ -726,10 +718,10 @@ def _registry(*ops: Op) -> Mapping[str, Op]:
 
 
 REGISTRY: Final = _registry(
-    Op("ping", Handlers.op_ping, long=False, access=Access.ANY_PEER, start=Handlers.start_ping),
-    Op("hello", Handlers.op_hello, long=False, access=Access.JOB_OWNER, start=Handlers.start_hello),
+    Op("ping", Handlers.start_ping, long=False, access=Access.ANY_PEER),
+    Op("hello", Handlers.start_hello, long=False, access=Access.JOB_OWNER),
     # long: wait='committed'/'replicated'
-    Op("update", Handlers.op_update, long=True, access=Access.JOB_OWNER, start=Handlers.start_update),
+    Op("update", Handlers.start_update, long=True, access=Access.JOB_OWNER),
     Op("save", Handlers.op_save, long=True, access=Access.JOB_OWNER),
     Op("restore", Handlers.op_restore, long=True, access=Access.JOB_OWNER),
     Op("status", Handlers.op_status, long=False, access=Access.JOB_OWNER),
