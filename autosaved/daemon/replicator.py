@@ -529,7 +529,7 @@ class Replicator:
         keep_last, keep_every = self.retention(replica.key)
         if self.settings.keep_last is not None:
             keep_last = self.settings.keep_last
-        if self.settings.keep_every_set:
+        if self.settings.keep_every is not None:  # 0: off
             keep_every = self.settings.keep_every
         try:
             result = await replica.remote.collect(keep_last=keep_last, keep_every=keep_every,

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import aiofiles
 import aiofiles.os
@@ -47,6 +46,8 @@ import numpy as np
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
+from ..settings import Location as Location
+from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
 from . import hashing
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
@@ -71,29 +72,6 @@ class LeaseHeld(RemoteError):
 
 class Fenced(RemoteError):
     """This daemon lost its lease (another took over): it must never publish a version of the job again."""
-
-
-@dataclass(frozen=True)
-class Location:
-    bucket: str
-    prefix: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
-
-def parse_url(url: str, key: str = "remote.url") -> Location:
-    """``s3://bucket/optional/prefix`` → bucket and prefix; anything else is a clear error."""
-    parsed = urlparse(url) if isinstance(url, str) else None
-    if parsed is None or parsed.scheme != "s3" or not parsed.netloc:
-        raise ConfigError(f"{key}: expected an s3://bucket/prefix URL, got {url!r}")
-    if parsed.query or parsed.fragment:
-        raise ConfigError(f"{key}: {url!r} has a query or fragment; use s3://bucket/prefix")
-    prefix = parsed.path.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ConfigError(f"{key}: {url!r} has an empty, '.' or '..' path segment")
-    return Location(parsed.netloc, prefix)
 
 
 def read_credentials_file(path: Path, profile: str = "default") -> dict[str, str]:
