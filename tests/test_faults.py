@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.storage.faults import POINTS
 from autosaved.storage.local import Store
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 from tests.conftest import version_files, wait_for
 
 JOB = "spot-run"

@@ -24,10 +24,10 @@ import pytest
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.errors import AutosavedError
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, wait_for
 

@@ -17,7 +17,7 @@ import numpy as np
 from ..cli.common import human_bytes
 from ..client.sync import Client
 from ..config import parse_size
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 POLICY = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n[throttle]\nenabled = false\n'
 

@@ -28,7 +28,7 @@ import numpy as np
 from ..cli.common import human_bytes
 from ..client.sync import Client
 from ..config import parse_size
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 CHUNK = 8 * 1024 * 1024
 

@@ -34,7 +34,7 @@ from ..cli.common import print_json
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_duration, parse_size
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 CONDITIONS = ("alone", "unthrottled", "throttled")
 # compression off: the checkpoint is random int64, which "auto" would try (and fail) to compress on every

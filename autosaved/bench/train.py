@@ -37,7 +37,7 @@ from ..cli.common import human_bytes, print_json, table
 from ..client.lazy import LazyClient
 from ..client.sync import Client
 from ..errors import AutosavedError
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 MODES = ("none", "eager", "lazy", "torch_save", "dcp_async")
 _DAEMON_CONFIG = ('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'

@@ -28,7 +28,6 @@ import msgpack
 import numpy as np
 import zmq
 
-from ..bench.private import PrivateDaemon
 from ..client.core import ClientCore
 from ..client.sync import Client
 from ..errors import AutosavedError
@@ -36,6 +35,7 @@ from ..offline import restore
 from ..protocol import PROTOCOL_VERSION
 from ..shm import fd_socket_path
 from .crashsim import canon
+from .private import PrivateDaemon
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = 'write_speed = "200MiB"\n[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\n'

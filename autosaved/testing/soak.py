@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bench.private import PrivateDaemon
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..offline import restore
 from .crashsim import History, allowed_states, canon
+from .private import PrivateDaemon
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
