@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.common import human_bytes, print_json, table
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_size
 from ..errors import ConfigError
+from ..fmt import human_bytes, print_json, table
 from ..storage.fsutil import read_exact, write_fsync
 from ..testing.private import PrivateDaemon
 

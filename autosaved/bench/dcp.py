@@ -27,9 +27,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import human_bytes, table
 from ..config import parse_size
 from ..errors import ConfigError
+from ..fmt import human_bytes, table
 
 LEAF_BYTES = 16 * 1024**2
 _DAEMON_CONFIG = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import print_json, table
 from ..client.sync import Client
+from ..fmt import print_json, table
 from ..testing.private import PrivateDaemon
 from .small import pct, small_delta
 
