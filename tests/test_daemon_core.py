@@ -23,12 +23,12 @@ from autosaved.daemon.flush import FlushContext, flush_all
 from autosaved.daemon.jobs import Job
 from autosaved.daemon.jobtable import JobTable
 from autosaved.daemon.notify import Notifier
-from autosaved.daemon.rpc import REGISTRY, Access, RpcRequest
+from autosaved.daemon.rpc import REGISTRY, RpcRequest
 from autosaved.daemon.runstate import Phase
 from autosaved.daemon.writer import Writer
 from autosaved.errors import Forbidden, InvalidJobName, NotFound, ProtocolError, ShuttingDown
 from autosaved.policy import SaveReason
-from autosaved.protocol import OPS, blob_descriptors, check_request
+from autosaved.protocol import OP_TABLE, OPS, Access, blob_descriptors, check_request, is_long
 from autosaved.storage.local import Store
 from autosaved.tree import to_node
 
@@ -82,12 +82,15 @@ def _req(op: str, *, seq: int = 1, owner: int = UID, **fields: Any) -> RpcReques
 
 
 def test_the_registry_declares_every_wire_op_once() -> None:
-    assert set(REGISTRY) == OPS
+    assert set(REGISTRY) == OPS == set(OP_TABLE)
     for name, op in REGISTRY.items():
-        assert op.name == name and callable(op.handler)
-    # the ops that wait for a save are the long ones; ping is the only one that touches no job
-    assert {n for n, op in REGISTRY.items() if op.long} >= {"save", "update", "restore", "verify", "gc", "delete"}
-    assert {n for n, op in REGISTRY.items() if op.access is Access.ANY_PEER} == {"ping"}
+        assert op.spec is OP_TABLE[name] and callable(op.handler)
+    # the ops that wait for a save are the long ones (update only when it waits for one); ping is the
+    # only one that touches no job
+    assert {n for n in OPS if is_long(n, {})} == {"save", "restore", "verify", "gc", "delete"}
+    assert [is_long("update", {"wait": w}) for w in ("accepted", "logged", "committed", "replicated")] == [
+        False, False, True, True]
+    assert {n for n, spec in OP_TABLE.items() if spec.access is Access.ANY_PEER} == {"ping"}
 
 
 def test_dispatch_runs_the_registered_handlers_on_the_job_table(tmp_path: Path) -> None:

@@ -181,3 +181,27 @@ def test_import_autosaved_loads_neither_storage_nor_its_codecs() -> None:
             " or m.startswith(('autosaved.storage', 'autosaved.daemon'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_op_table_is_declared_once() -> None:
+    """protocol.OP_TABLE is the one list of ops with their facts (who may call, which are long): the
+    daemon binds handlers to it and the client derives its timeouts from it, never re-declaring either."""
+    from autosaved.daemon.rpc import REGISTRY
+    from autosaved.protocol import OP_TABLE
+
+    assert set(REGISTRY) == set(OP_TABLE) and all(REGISTRY[n].spec is OP_TABLE[n] for n in OP_TABLE)
+    offenders = []
+    for path in _sources(PACKAGE, ROOT / "tests"):
+        if path == PACKAGE / "protocol.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.ClassDef) and node.name in ("Access", "OpSpec"):
+                offenders.append(f"{where} declares {node.name}")
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in ("OPS", "OP_TABLE")
+                                                    for t in node.targets):
+                offenders.append(f"{where} assigns an op list")
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "request"
+                    and any(k.arg == "long" for k in node.keywords)):
+                offenders.append(f"{where} says by hand whether a request is long")
+    assert offenders == []
