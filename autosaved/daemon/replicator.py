@@ -27,7 +27,7 @@ from ..config import RemoteSettings
 from ..errors import AutosavedError, CorruptVersion, StorageError
 from ..storage.local import JobStore
 from ..storage.manifest import VersionInfo
-from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore
+from ..storage.remote import ConditionalWritesIgnored, Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore
 from ..storage.upload import upload_version
 from ..throttle import Load, initial_state, measure_net, step, upload_controller
 from .netsampler import NetSampler, endpoint_address
@@ -201,39 +201,42 @@ class Replicator:
     async def probe(self, timeout: float) -> bool:
         """Check the store honours ``If-None-Match: *``. A definite "no" refuses the store (raised: the
         daemon does not start with it); ``False``: not reachable now (then run :meth:`probe_later`)."""
-        try:
-            with anyio.fail_after(timeout):
-                await self.store.probe()
-        except (RemoteError, TimeoutError) as exc:
-            if "ignored If-None-Match" in str(exc):
-                self.refused = str(exc)
-                raise
-            self.last_probe_error = str(exc) or "the object store did not answer the probe in time"
+        if not await self._probe_once(timeout):
             log.warning("object store %s not reachable at start (%s); replication waits for it",
                         self.store.describe(), self.last_probe_error)
             return False
-        self.probed.set()
         log.info("object store %s honours conditional writes; replicating there", self.store.describe())
         return True
 
     async def probe_later(self) -> None:
+        """Probe with backoff until the store answers (then replication starts) or refuses."""
         delay = 0.5
         while True:
             await anyio.sleep(delay)
             try:
-                with anyio.fail_after(self.settings.timeout):
-                    await self.store.probe()
-            except (RemoteError, TimeoutError) as exc:
-                if "ignored If-None-Match" in str(exc):
-                    self.refused = str(exc)
-                    log.error("%s", exc)
+                if await self._probe_once(self.settings.timeout):
                     return
-                self.last_probe_error = str(exc)
-                delay = min(MAX_BACKOFF, delay * 2)
-                continue
-            self.last_probe_error = None
-            self.probed.set()
-            return
+            except ConditionalWritesIgnored as exc:
+                log.error("%s", exc)
+                return
+            delay = min(MAX_BACKOFF, delay * 2)
+
+    async def _probe_once(self, timeout: float) -> bool:
+        """One probe: ``True`` when the store honours conditional writes (``probed`` is set), ``False``
+        when it could not be reached (``last_probe_error`` says why); a store that ignores them is
+        recorded in ``refused`` and raised (:class:`ConditionalWritesIgnored`)."""
+        try:
+            with anyio.fail_after(timeout):
+                await self.store.probe()
+        except ConditionalWritesIgnored as exc:
+            self.refused = str(exc)
+            raise
+        except (RemoteError, TimeoutError) as exc:
+            self.last_probe_error = str(exc) or "the object store did not answer the probe in time"
+            return False
+        self.last_probe_error = None
+        self.probed.set()
+        return True
 
     # -- seams the daemon calls ---------------------------------------------------------------------
 

@@ -66,6 +66,11 @@ class RemoteError(StorageError):
     """The object store failed or refused a request (unreachable, denied, misbehaving)."""
 
 
+class ConditionalWritesIgnored(RemoteError):
+    """The store let a second ``If-None-Match: *`` create of one key succeed: two writers could overwrite
+    each other's objects there, so autosaved refuses the store (a definite answer, never retried)."""
+
+
 class LeaseHeld(RemoteError):
     """Another holder's lease is live: this daemon may not publish versions of the job yet."""
 
@@ -308,7 +313,7 @@ class RemoteStore:
         finally:
             with contextlib.suppress(RemoteError):
                 await self.delete([key])
-        raise RemoteError(
+        raise ConditionalWritesIgnored(
             f"the object store {self.describe()} ignored If-None-Match: * (a second create of {key} succeeded); "
             "autosaved cannot commit versions safely on it. Use a store with conditional writes (AWS S3, "
             "SeaweedFS, MinIO, R2, GCS's S3 API)."
