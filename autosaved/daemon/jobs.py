@@ -16,6 +16,7 @@ from ..storage.wal import Record, WalWriter
 from ..tree import iter_blobs
 from .loglock import LogLock
 
+# A job is named by (owner uid, job name) everywhere in the daemon.
 JobKey = tuple[int, str]
 
 

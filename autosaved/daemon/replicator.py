@@ -30,11 +30,11 @@ from ..storage.manifest import VersionInfo
 from ..storage.remote import ConditionalWritesIgnored, Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore
 from ..storage.upload import upload_version
 from ..throttle import Load, initial_state, measure_net, step, upload_controller
+from .jobs import JobKey
 from .netsampler import NetSampler, endpoint_address
 
 log = logging.getLogger("autosaved.replicator")
 
-JobKey = tuple[int, str]
 # Until an upload was measured, a deadline flush plans uploads at this rate (a modest cloud link's share).
 DEFAULT_UPLOAD_SPEED = 32 * 1024 * 1024
 SPEED_SAMPLE_MIN = 4 * 1024 * 1024
