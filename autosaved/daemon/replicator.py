@@ -13,7 +13,6 @@ settings, and an event-loop task spawner.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -58,8 +57,6 @@ class Replica:
     known: dict[str, str] | None = None  # digest → object key, of chunks the bucket has
     waiters: list[tuple[int, anyio.Event]] = field(default_factory=list)
     wake: anyio.Event = field(default_factory=anyio.Event)
-    ready: anyio.Event = field(default_factory=anyio.Event)  # the first look at the bucket is done
-    failures: int = 0
     bytes_uploaded: int = 0
     chunks_uploaded: int = 0
     versions_uploaded: int = 0
@@ -402,7 +399,6 @@ class Replicator:
                 replica.last_error = str(exc)
                 await anyio.sleep(delay)
                 delay = min(MAX_BACKOFF, delay * 2)
-        replica.ready.set()
         delay = 0.5
         while not replica.fenced:
             if not replica.queue:
@@ -425,7 +421,6 @@ class Replicator:
                 delay = min(MAX_BACKOFF, delay * 2)
                 continue
             except (RemoteError, OSError, TimeoutError) as exc:
-                replica.failures += 1
                 replica.last_error = str(exc)
                 log.warning("upload failed job=%s version=%d retry_in=%.1fs error=%s", replica.key[1], version,
                             delay, exc)
@@ -439,7 +434,6 @@ class Replicator:
                 replica.queue.remove(version)
                 continue
             delay = 0.5
-            replica.failures = 0
             replica.last_error = None
             replica.queue.remove(version)
             replica.queued_bytes.pop(version, None)
@@ -548,7 +542,3 @@ class Replicator:
             replica.known = None  # chunks went: look again before trusting the cache
             log.info("remote gc job=%s deleted_versions=%s removed_chunks=%d", replica.key[1],
                      result.deleted_versions, result.removed_chunks)
-
-
-def dump_status(status: dict[str, Any]) -> str:
-    return json.dumps(status, sort_keys=True)

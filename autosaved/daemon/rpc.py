@@ -222,10 +222,6 @@ class Handlers:
     def __init__(self, ctx: RpcContext) -> None:
         self.ctx = ctx
 
-    async def dispatch(self, req: RpcRequest) -> Reply:
-        """Run the op's handler from :data:`REGISTRY` to its reply."""
-        return await finish(self.start(req))
-
     def start(self, req: RpcRequest) -> Started:
         """Begin a request (``check_request`` already refused unknown ops): its reply when it can be
         answered without waiting for anything, else the coroutine that finishes it. The rpc loop answers

@@ -176,7 +176,6 @@ class RemoteGc:
     deleted_versions: list[int] = field(default_factory=list)
     removed_chunks: int = 0
     freed_bytes: int = 0
-    pending_chunks: int = 0
 
 
 class RemoteStore:
@@ -748,7 +747,6 @@ class RemoteJob:
                 new_pending[digest] = since
         await self.store.delete(gone)
         result.removed_chunks = len(gone)
-        result.pending_chunks = len(new_pending)
         await self.store.put(self.gc_key, _dump(new_pending))
         return result
 
