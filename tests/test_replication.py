@@ -378,3 +378,89 @@ def test_shutdown_flush_plans_the_upload_time(s3env: Any, make_daemon: Callable[
     assert "job=small versions=" not in log
     assert _bucket_ids(s3env, prefix, "small") == [1]
 
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "autosaved", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def _bucket_keys(s3: Any, prefix: str, job: str = JOB) -> list[str]:
+    """Every object under the job in the bucket, relative to the job's folder."""
+    import anyio
+
+    from autosaved.storage.remote import RemoteStore
+
+    store = RemoteStore(s3.url(prefix))
+    base = f"jobs/{os.geteuid()}/{job}"
+
+    async def main() -> list[str]:
+        return sorted(str(m["path"]).split(base + "/", 1)[-1] for m in await store.list_objects(base))
+
+    return anyio.run(main)
+
+
+def test_delete_removes_the_bucket_copy_and_a_recreate_acks_only_its_own_versions(
+        s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """Issue 19 defects 5 and 6: after `delete` nothing comes back from the bucket, and with the bucket
+    stopped when the job is recreated, `wait="replicated"` for the new job's versions waits for them."""
+    prefix = f"delete-{secrets.token_hex(3)}"
+    d = make_daemon(remote_config(s3env, prefix))
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        c.update({"secret": "old-password"}, wait="replicated")
+        old = [c.update({"w": i}, wait="replicated").version for i in range(2)]
+    assert old == [2, 3]
+    out = _cli("delete", JOB, "--address", d.address)
+    assert out.returncode == 0, out.stderr
+    assert f"{JOB}: deleted here (3 local versions); deleted from {s3env.url(prefix)} (" in out.stdout
+    assert _bucket_keys(s3env, prefix) == ["lease.json"]  # the tombstone, nothing else
+    # The issue's scenario: the next request for the job started it from the bucket's copy.
+    with autosaved.Client(JOB, address=d.address, timeout=60, save_timeout=60) as c:
+        assert c.restore() is None
+    s3env.pause()
+    try:
+        with autosaved.Client(JOB, address=d.address, timeout=60, save_timeout=4) as c:
+            assert c.update({"fresh": 1}, wait="committed").version == 1
+            # Version 2 of the new job is not in the bucket (the deleted job's version 3 was): no ack.
+            with pytest.raises(autosaved.DaemonUnavailable):
+                c.update({"w": 1}, wait="replicated")
+    finally:
+        s3env.resume()
+    with autosaved.Client(JOB, address=d.address, timeout=60, save_timeout=60) as c:
+        ack = c.update({"w": 2}, wait="replicated")
+        assert ack.level == "replicated" and ack.version == 3
+        assert c.restore() == {"fresh": 1, "w": 2}
+    _lose_host(d)
+    assert autosaved.restore(JOB, remote=s3env.url(prefix)) == {"fresh": 1, "w": 2}
+    assert autosaved.restore(JOB, remote=s3env.url(prefix), version=1) == {"fresh": 1}
+    assert _bucket_ids(s3env, prefix) == [1, 2, 3]
+
+
+def test_delete_with_the_bucket_down_stays_pending_and_completes(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                                                  tmp_path: Path) -> None:
+    prefix = f"delpend-{secrets.token_hex(3)}"
+    config = remote_config(s3env, prefix)
+    root = tmp_path / "host"
+    d = make_daemon(config, root=root)
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        c.update({"secret": "old-password"}, wait="replicated")
+    s3env.pause()
+    try:
+        out = _cli("delete", JOB, "--address", d.address)
+        assert out.returncode == 0, out.stderr
+        assert f"deleting it from {s3env.url(prefix)} is PENDING" in out.stdout
+        # The pending delete survives a crash: a restart (bucket still down) neither forgets nor re-seeds it.
+        _lose_host_keep_disk(d)
+        d2 = make_daemon(config, root=root)
+        with autosaved.Client(JOB, address=d2.address, timeout=60, save_timeout=60) as c:
+            assert c.restore() is None
+            c.update({"w": 1, "fresh": 1}, wait="committed")
+    finally:
+        s3env.resume()
+    wait_for(lambda: "completed the pending delete of job=" in d2.log(), timeout=60)
+    with autosaved.Client(JOB, address=d2.address, save_timeout=60) as c:
+        c.update({"n": 2}, wait="replicated")
+    assert autosaved.restore(JOB, remote=s3env.url(prefix)) == {"w": 1, "fresh": 1, "n": 2}
+    assert not any("secret" in str(autosaved.restore(JOB, remote=s3env.url(prefix), version=v))
+                   for v in _bucket_ids(s3env, prefix))
+    assert not (d2.state_dir / "remote-deletes" / str(os.geteuid()) / JOB).exists()

@@ -125,7 +125,8 @@ class Daemon:
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
                                          local_store=self.store.job, retention=retention, spawn=self._spawn,
-                                         adaptive=config.throttle.enabled)
+                                         adaptive=config.throttle.enabled,
+                                         pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
@@ -229,6 +230,7 @@ class Daemon:
         for owner, name, ids in found:
             if ids:
                 replicator.attach(owner, name, ids)
+        replicator.resume_deletes()
 
     def _save_done(self) -> None:
         for waiter in self._save_waiters:
