@@ -317,3 +317,24 @@ def test_incarnations_and_the_delete_tombstone(s3server: Any, monkeypatch: pytes
         assert t.incarnation == "ccc" and await ids(job) == [5]
 
     anyio.run(main)
+
+
+def test_object_store_errors_are_one_actionable_line() -> None:
+    from autosaved.storage.remote_errors import explain
+
+    where = "s3://b/p at http://127.0.0.1:1"
+    xml = ('Server returned non-2xx status code: 403 Forbidden: <?xml version="1.0" encoding="UTF-8"?>\n<Error>'
+           '<Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match'
+           '</Message></Error>\n\nDebug source:\nGeneric { store: "S3" }')
+    line = explain(xml, "PUT k", where)
+    assert line == (f"object store {where}: PUT k failed: the secret access key is wrong (SignatureDoesNotMatch); "
+                    "fix aws_secret_access_key in [remote] credentials_file or AWS_SECRET_ACCESS_KEY")
+    meta = "Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token in 250ms - HTTP error"
+    assert "no credentials" in explain(meta, "PUT k", where) and "credentials_file" in explain(meta, "PUT k", where)
+    down = "Generic S3 error: Error performing GET http://127.0.0.1:1/b/k - HTTP error: error sending request"
+    assert "cannot reach the store; check [remote] endpoint" in explain(down, "GET k", where)
+    other = "Server returned non-2xx status code: 409 Conflict: <Error><Code>Odd</Code><Message>odd\nthing</Message>"
+    assert explain(other, "PUT k", where) == f"object store {where}: PUT k failed: Odd: odd thing"
+    for raw in (xml, meta, down, other, "multi\nline\ntext"):
+        line = explain(raw, "PUT k", where)
+        assert "\n" not in line and "<" not in line

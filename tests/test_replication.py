@@ -34,6 +34,9 @@ def remote_config(s3: Any, prefix: str, *, lease_ttl: str = "30s", extra: str = 
 def s3env(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     for k, v in s3server.env.items():
         monkeypatch.setenv(k, v)
+    # Should credentials ever be missing, the AWS chain's last resort is a closed local port, never a real
+    # cloud metadata address.
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     return s3server
 
 
@@ -464,3 +467,37 @@ def test_delete_with_the_bucket_down_stays_pending_and_completes(s3env: Any, mak
     assert not any("secret" in str(autosaved.restore(JOB, remote=s3env.url(prefix), version=v))
                    for v in _bucket_ids(s3env, prefix))
     assert not (d2.state_dir / "remote-deletes" / str(os.geteuid()) / JOB).exists()
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when this returns: connections are refused
+
+
+def test_credential_errors_say_what_to_set(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                           tmp_path: Path) -> None:
+    """Issue 22 bug 7: a wrong secret and missing credentials are one line naming the fix, not the
+    client's text (the S3 XML body, a PUT to the metadata address)."""
+    url = s3env.url(f"creds-{secrets.token_hex(3)}")
+    # No real metadata service is ever asked: the credential chain's last resort points at a closed port.
+    meta = {"AWS_METADATA_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    wrong = _cli("list", "--remote", url, env={**s3env.env, **meta, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    assert wrong.returncode != 0
+    assert wrong.stderr.strip().splitlines() == [
+        f"autosaved list: object store {url} at {s3env.endpoint}: LIST jobs/ failed: the secret access key is wrong "
+        "(SignatureDoesNotMatch); fix aws_secret_access_key in [remote] credentials_file or AWS_SECRET_ACCESS_KEY"]
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    none = subprocess.run([sys.executable, "-m", "autosaved", "list", "--remote", url, "--endpoint", s3env.endpoint],
+                          capture_output=True, text=True, timeout=60, env={**bare, **meta, "AWS_REGION": "us-east-1"})
+    assert none.returncode != 0 and len(none.stderr.strip().splitlines()) == 1, none.stderr
+    assert "no credentials" in none.stderr and "credentials_file" in none.stderr and "AWS_ACCESS_KEY_ID" in none.stderr
+    assert "/latest/api/token" not in none.stderr
+    # The daemon, with a credentials file holding a wrong secret: its log says the same in one line.
+    creds = tmp_path / "aws-credentials"
+    creds.write_text("[default]\naws_access_key_id = autosaved-test\naws_secret_access_key = wrong\n")
+    d = make_daemon(remote_config(s3env, "creds-daemon", extra=f'credentials_file = "{creds}"\n'))
+    wait_for(lambda: "the secret access key is wrong" in d.log(), timeout=30)
+    line = next(x for x in d.log().splitlines() if "the secret access key is wrong" in x)
+    assert "[remote] credentials_file" in line and "<?xml" not in line

@@ -28,6 +28,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -53,8 +54,10 @@ from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
 from .manifest import VersionInfo, seal, tree_from_manifest, unseal
+from .remote_errors import explain
 from .retention import versions_to_delete
 
+log = logging.getLogger("autosaved.remote")
 _VERSION_KEY = re.compile(r"(?:^|/)(\d{12})\.e(\d{1,12})\.json$")
 _CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{64})(\.zst)?$")
 # Downloads and uploads in flight at once per job: enough to fill a fast link, few enough for a slow one.
@@ -148,9 +151,10 @@ def _errors() -> Any:
     return _obstore().exceptions
 
 
-def _wrap(exc: BaseException, what: str) -> RemoteError:
-    text = str(exc).split("\n\nDebug source:")[0].strip()
-    return RemoteError(f"object store: {what} failed: {text}")
+def _wrap(exc: BaseException, what: str, where: str) -> RemoteError:
+    """One actionable line (see :mod:`.remote_errors`); the client's whole text at debug level."""
+    log.debug("object store %s: %s failed: %s", where, what, exc)
+    return RemoteError(explain(str(exc), what, where))
 
 
 @dataclass(frozen=True)
@@ -275,7 +279,7 @@ class RemoteStore:
         except _errors().PreconditionError as exc:
             raise _PreconditionFailed(key) from exc
         except Exception as exc:
-            raise _wrap(exc, f"PUT {key}") from None
+            raise _wrap(exc, f"PUT {key}", self.describe()) from None
         etag = result.get("e_tag")
         return str(etag) if etag is not None else None
 
@@ -289,7 +293,7 @@ class RemoteStore:
         except _errors().NotFoundError:
             raise FileNotFoundError(key) from None
         except Exception as exc:
-            raise _wrap(exc, f"GET {key}") from None
+            raise _wrap(exc, f"GET {key}", self.describe()) from None
         # obstore's Bytes exposes the buffer protocol: no copy into a Python bytes object.
         return memoryview(data), result.meta.get("e_tag")
 
@@ -304,7 +308,7 @@ class RemoteStore:
         except _errors().NotFoundError:
             raise FileNotFoundError(key) from None
         except Exception as exc:
-            raise _wrap(exc, f"GET {key}") from None
+            raise _wrap(exc, f"GET {key}", self.describe()) from None
 
     async def list_objects(self, prefix: str) -> list[dict[str, Any]]:
         obs = _obstore()
@@ -312,14 +316,14 @@ class RemoteStore:
             return [m for batch in [await obs.list(self.client, prefix, chunk_size=1000).collect_async()]
                     for m in batch]
         except Exception as exc:
-            raise _wrap(exc, f"LIST {prefix}") from None
+            raise _wrap(exc, f"LIST {prefix}", self.describe()) from None
 
     async def list_dirs(self, prefix: str) -> list[str]:
         obs = _obstore()
         try:
             result = await obs.list_with_delimiter_async(self.client, prefix)
         except Exception as exc:
-            raise _wrap(exc, f"LIST {prefix}/") from None
+            raise _wrap(exc, f"LIST {prefix}/", self.describe()) from None
         return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in result["common_prefixes"]]
 
     async def delete(self, keys: Sequence[str]) -> None:
@@ -329,7 +333,7 @@ class RemoteStore:
         try:
             await obs.delete_async(self.client, list(keys))
         except Exception as exc:
-            raise _wrap(exc, f"DELETE {len(keys)} objects") from None
+            raise _wrap(exc, f"DELETE {len(keys)} objects", self.describe()) from None
 
     # -- bucket-level ----------------------------------------------------------------------------
 
