@@ -226,10 +226,14 @@ def test_two_daemons_one_publisher(s3env: Any, make_daemon: Callable[..., Privat
             cb.update({"n": 2}, wait="replicated")  # never acked while it cannot publish
         # Meanwhile a publishes on: its version ids run past the ones b will publish.
         a_last = [ca.update({"n": k}, wait="replicated").version for k in range(10, 14)][-1]
+        # a's lease is live (a renews it): a take-over is refused, saying whose lease it is and until when.
+        takeover = ["remote", "takeover", JOB, "--remote", s3env.url(prefix)]
+        refused = _cli(*takeover, env=s3env.env)
+        assert refused.returncode != 0 and "not taken over: the lease is live, held by " in refused.stderr
+        assert f":{a.state_dir} (epoch 1) until " in refused.stderr and "--force" in refused.stderr
+        assert _job_status(a)["remote"]["fenced"] is None
         # The operator says a's host is gone: take over. b publishes at once, a is fenced for good.
-        out = subprocess.run([sys.executable, "-m", "autosaved", "remote", "takeover", JOB, "--remote",
-                              s3env.url(prefix)], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, **s3env.env})
+        out = _cli(*takeover, "--force", env=s3env.env)
         assert out.returncode == 0, out.stderr
         cb.save_timeout = 60
         ack_b = cb.update({"n": 3}, wait="replicated")
