@@ -3,6 +3,7 @@ restore from the bucket with no host at all. A "host" is a daemon with its own s
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -417,10 +418,19 @@ def test_delete_removes_the_bucket_copy_and_a_recreate_acks_only_its_own_version
         c.update({"secret": "old-password"}, wait="replicated")
         old = [c.update({"w": i}, wait="replicated").version for i in range(2)]
     assert old == [2, 3]
+    # list --remote (issue 22 bug 6): what the bucket holds, and no column the bucket cannot know.
+    listed = _cli("list", "--remote", s3env.url(prefix))
+    assert listed.returncode == 0, listed.stderr
+    head, row = listed.stdout.splitlines()
+    assert head.split() == ["JOB", "OWNER", "VERSIONS", "LATEST", "LATEST", "TIME", "IN", "BUCKET"]
+    assert row.split()[:4] == [JOB, str(os.geteuid()), "3", "3"] and row.split()[4].startswith("20")
+    rows = json.loads(_cli("list", "--remote", s3env.url(prefix), "--json").stdout)
+    assert rows[0]["bytes"] > 0 and "dirty" not in rows[0] and rows[0]["latest_time"] == row.split()[4]
     out = _cli("delete", JOB, "--address", d.address)
     assert out.returncode == 0, out.stderr
     assert f"{JOB}: deleted here (3 local versions); deleted from {s3env.url(prefix)} (" in out.stdout
     assert _bucket_keys(s3env, prefix) == ["lease.json"]  # the tombstone, nothing else
+    assert _cli("list", "--remote", s3env.url(prefix)).stdout == "no jobs\n"
     # The issue's scenario: the next request for the job started it from the bucket's copy.
     with autosaved.Client(JOB, address=d.address, timeout=60, save_timeout=60) as c:
         assert c.restore() is None

@@ -427,6 +427,28 @@ class RemoteJob:
         lease = await self.read_lease()
         return _visible(await self.version_keys(), lease)
 
+    async def summary(self) -> dict[str, Any] | None:
+        """What the bucket holds of the job, for ``list --remote``: visible versions, the newest one's id and
+        time, and the bytes of every object under the job (one listing, the lease, one manifest).
+        ``None`` for a deleted job (a tombstone)."""
+        objects = await self.store.list_objects(self.prefix)
+        lease = await self.read_lease()
+        if lease is not None and lease.deleted:
+            return None
+        keys = []
+        for meta in objects:
+            m = _VERSION_KEY.search(str(meta["path"]))
+            if m and str(meta["path"]).startswith(f"{self.prefix}/versions/"):
+                keys.append(VersionKey(int(m.group(1)), int(m.group(2)), str(meta["path"])))
+        visible = _visible(keys, lease)
+        newest_time = None
+        if visible:
+            with contextlib.suppress(CorruptVersion):
+                newest_time = str((await self.read_manifest(visible[-1])).get("time"))
+        return {"job": self.job, "owner": self.owner, "versions": len(visible),
+                "latest": visible[-1].id if visible else None, "latest_time": newest_time,
+                "bytes": sum(int(m["size"]) for m in objects)}
+
     async def put_manifest(self, version: int, epoch: int, raw: bytes) -> None:
         try:
             await self.store.put(self.version_key(version, epoch), raw, create=True)
