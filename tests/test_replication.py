@@ -469,12 +469,14 @@ def test_delete_with_the_bucket_down_stays_pending_and_completes(s3env: Any, mak
         # The pending delete survives a crash: a restart (bucket still down) neither forgets nor re-seeds it.
         _lose_host_keep_disk(d)
         d2 = make_daemon(config, root=root)
+        assert _status_all(d2)["daemon"]["remote"]["pending_deletes"] == 1
         with autosaved.Client(JOB, address=d2.address, timeout=60, save_timeout=60) as c:
             assert c.restore() is None
             c.update({"w": 1, "fresh": 1}, wait="committed")
     finally:
         s3env.resume()
     wait_for(lambda: "completed the pending delete of job=" in d2.log(), timeout=60)
+    assert _status_all(d2)["daemon"]["remote"]["pending_deletes"] == 0
     with autosaved.Client(JOB, address=d2.address, save_timeout=60) as c:
         c.update({"n": 2}, wait="replicated")
     assert autosaved.restore(JOB, remote=s3env.url(prefix)) == {"w": 1, "fresh": 1, "n": 2}

@@ -219,6 +219,8 @@ class Daemon:
     async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
         without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
+
         def scan() -> list[tuple[int, str, list[int]]]:
             return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
 
@@ -230,7 +232,6 @@ class Daemon:
         for owner, name, ids in found:
             if ids:
                 replicator.attach(owner, name, ids)
-        replicator.resume_deletes()
 
     def _save_done(self) -> None:
         for waiter in self._save_waiters:

@@ -199,6 +199,7 @@ class Replicator:
         self.pending_dir = pending_dir
         self.deleting: dict[JobKey, anyio.Event] = {key: anyio.Event() for key in self._pending_records()}
         self._completing: set[JobKey] = set()
+        self._begun: set[JobKey] = set()  # deletes begun by a request still in flight with no earlier one pending
 
     def reconfigure(self, new: RemoteSettings, *, adaptive: bool) -> None:
         """A config reload: retention, lease, grace, timeout and the upload rate apply at once; where the
@@ -403,12 +404,15 @@ class Replicator:
             await anyio.to_thread.run_sync(write)
         if not self._deleting(key):
             self.deleting[key] = anyio.Event()
+            self._begun.add(key)
         self.forget(key, f"job {name!r} was deleted")
 
     async def cancel_delete(self, owner: int, name: str, local_ids: list[int]) -> None:
         """The local delete failed: the job goes on (its record is removed and it replicates again)."""
         key = (owner, name)
-        await self._done_delete(key)
+        if key in self._begun:  # an earlier delete still pending stays pending
+            self._begun.discard(key)
+            await self._done_delete(key)
         if local_ids:
             self.attach(owner, name, local_ids)
 
@@ -424,6 +428,7 @@ class Replicator:
         deletes); if the bucket cannot be reached, the delete stays pending here and completes in the
         background. Returns what happened there, for the client."""
         key = (owner, name)
+        self._begun.discard(key)
         out: dict[str, Any] = {"url": self.store.location.url}
         if self.probed.is_set() and not self.refused:
             try:
@@ -504,7 +509,8 @@ class Replicator:
 
     def summary(self) -> dict[str, Any]:
         return {"url": self.store.location.url, "endpoint": self.store.endpoint, "refused": self.refused,
-                "reachable": self.probed.is_set(), "holder": self.holder, "upload_throttle": self.rate.status()}
+                "reachable": self.probed.is_set(), "holder": self.holder, "upload_throttle": self.rate.status(),
+                "pending_deletes": sum(1 for key in self.deleting if self._deleting(key))}
 
     def flush_upload_rate(self) -> float | None:
         """The rate a deadline flush plans uploads with: the measured one (else a modest default), held to
