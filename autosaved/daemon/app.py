@@ -127,7 +127,8 @@ class Daemon:
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
                                          local_store=self.store.job, retention=retention,
                                          spawn=functools.partial(self._spawn, "replica"),
-                                         adaptive=config.throttle.enabled)
+                                         adaptive=config.throttle.enabled,
+                                         pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
@@ -222,6 +223,8 @@ class Daemon:
     async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
         without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
+
         def scan() -> list[tuple[int, str, list[int]]]:
             return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
 

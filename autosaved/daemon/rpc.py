@@ -652,16 +652,26 @@ class Handlers:
             if job is not None:
                 job.deleted = True  # from now on nothing is acknowledged for it: JobTable.get waits for this lock
             store = job.store if job is not None else self.ctx.table.store.job(req.owner, name)
-            if job is None and not await anyio.to_thread.run_sync(store.path.exists):
+            replicator = self.ctx.replicator
+            if job is None and not await anyio.to_thread.run_sync(store.path.exists) and (
+                    replicator is None or not await replicator.in_bucket(req.owner, name)):
                 raise NotFound(f"no job named {name!r}")
             try:
+                if replicator is not None:  # first: from now on nothing re-seeds the job from the bucket
+                    await replicator.begin_delete(req.owner, name)
                 versions = await self._delete(key, job, store)
             except BaseException:
                 if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
+                if replicator is not None:
+                    with anyio.CancelScope(shield=True):
+                        await replicator.cancel_delete(req.owner, name,
+                                                       await anyio.to_thread.run_sync(store.version_ids))
                 raise
+            remote = await replicator.finish_delete(req.owner, name) if replicator is not None else None
         log.info("deleted job=%s owner=%d versions=%d reason=request", name, req.owner, len(versions))
-        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions)})
+        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions),
+                      **({"remote": remote} if remote is not None else {})})
 
     async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStorage) -> list[int]:
         name = key[1]
