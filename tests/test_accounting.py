@@ -1,25 +1,35 @@
 """Incremental accounting of held state (issue 19, defects 2 and 4), in process: the cost model, the
 counted merge, and the ledger's counters against a full recount after random merge/delete sequences.
 
-The daemon-level proofs (a request's work does not grow with another job's size; the quota refuses the
-shapes that used to slip through, writing nothing) are in ``test_hostile.py``.
+Then the real daemon: a request's work does not grow with another job's size (measured by the count of
+tree entries the daemon's walks visited, which it reports, never by a clock), and the quota refuses the
+shapes that used to slip through, writing nothing.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import autosaved
+from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.accounting import Ledger
 from autosaved.daemon.jobs import Job
+from autosaved.protocol import pack_header, unpack_header
 from autosaved.state import BLOB_OVERHEAD, Node, counted, empty_node, measure, merge, merge_counted, merge_deltas
 from autosaved.tree import DELETE, Blob, Walked, iter_blobs, to_node
+
+from .conftest import NO_AUTO_POLICY
 
 SLOTS = [mmap.mmap(-1, 4096) for _ in range(3)]
 
@@ -224,3 +234,82 @@ def test_unlogged_deltas_merge_like_the_state() -> None:
         unlogged = merge_deltas(unlogged, d)
     assert plain(merge(empty_node(), unlogged)) == plain(root) == {"a": {"y": 1}}
     assert isinstance(root, Node) and root.refs is None
+
+
+# -- the real daemon ---------------------------------------------------------------------------------------
+
+
+def raw(address: str, op: str, **fields: Any) -> dict[str, Any]:
+    """One request as any local program could send it (root may name another ``owner``)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(address)
+    try:
+        sock.send_multipart([pack_header({"v": 1, "op": op, "seq": 1, **fields})])
+        assert sock.poll(60_000), "no reply"
+        return unpack_header(sock.recv_multipart()[0])
+    finally:
+        sock.close(0)
+
+
+def test_an_update_costs_the_same_beside_a_job_of_many_tiny_maps(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """Defect 2: a client with a lent slot made every update walk every leaf of every job (the held-slot
+    reply), and the quota, ``status`` and ``/metrics`` walked too: another job's 600,000 tiny maps made a
+    1 MiB update take 4.3 s. Now the work of an update, counted in tree entries the daemon visited, is the
+    same beside 60,000 tiny maps as beside nothing."""
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_bytes = "1GiB"\n')
+    walked = lambda: int(raw(d.address, "status")["daemon"]["tree_entries_walked"])  # noqa: E731
+    w = np.arange(1 << 20, dtype=np.uint8)
+    with autosaved.Client("a", address=d.address) as a:
+        a.update({"w": w, "n": 0})
+        assert a._slots.lent, "the 1 MiB leaf did not go through a slot: the test would not see the walk"
+
+        def work() -> tuple[int, int]:
+            before = walked()
+            a.update({"w": w, "n": 1})  # 1 MiB through a slot
+            middle = walked()
+            a.update({"n": 2})  # one key (inline, but it asks which slots are still held)
+            return middle - before, walked() - middle
+
+        alone = work()
+        with autosaved.Client("b", address=d.address) as b:
+            for u in range(3):
+                b.update({f"k{u}_{j}": {"a": j} for j in range(20_000)})
+        beside = work()
+        big = raw(d.address, "status")
+    assert beside == alone, (alone, beside)
+    assert max(alone) < 100  # the update's own few entries, not a walk of job b's 60,000 maps
+    # status reads counters: b's state is counted (every map, key and int), the slot of a is referenced
+    b_job = next(j for j in big["jobs"] if j["job"] == "b")
+    assert b_job["state_bytes"] >= 60_000 * 10 and big["daemon"]["state_bytes"] >= b_job["state_bytes"]
+    assert big["daemon"]["referenced_slot_mappings"] >= 1 and big["daemon"]["held_bytes"] >= 1 << 20
+
+
+SHAPES = {
+    # Each of these counted (nearly) nothing before the fix: empty containers 0 bytes, a big int 8.
+    "empty lists": {"m": [["x", {"l": [{"l": []}] * 400_000}]]},
+    "empty maps": {"m": [["x", {"l": [{"m": []}] * 400_000}]]},
+    "4000-digit ints": {"m": [["x", {"l": [{"I": "9" * 4000}] * 400}]]},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_quota_counts_empty_containers_and_big_ints(make_daemon: Callable[..., PrivateDaemon], shape: str) -> None:
+    """Defect 4: under a 1 MiB quota one user took the daemon from 55 to 1,364 MiB with shapes that counted
+    nothing. Each is refused with a clear ``quota`` error, and nothing is applied or logged."""
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_bytes = "1MiB"\n')
+    # Root is exempt from quotas but acts on another uid's jobs with ``owner``: that uid's quota applies.
+    who = {"owner": 4242} if os.geteuid() == 0 else {}
+    first = raw(d.address, "update", job="q", session="s", tree={"m": [["keep", 1]]}, blobs=[], wait="logged",
+                **who)
+    assert first["ok"], first
+    before = raw(d.address, "status", job="q", **who)
+    reply = raw(d.address, "update", job="q", session="s", tree=SHAPES[shape], blobs=[], wait="logged", **who)
+    assert reply["ok"] is False and reply["code"] == "quota", reply
+    assert "quota.max_bytes" in reply["message"] and reply["details"]["update"] > 1 << 20, reply
+    after = raw(d.address, "status", job="q", **who)
+    assert after["wal_lsn"] == before["wal_lsn"] and after["state_bytes"] == before["state_bytes"]
+    restored = raw(d.address, "restore", job="q", **who)
+    assert restored["tree"] == {"m": [["keep", 1]]}
+    # The same shape, small, fits: the quota is about the size, not the shape.
+    small = {"m": [["x", {"l": [{"l": []}] * 1000}]]}
+    assert raw(d.address, "update", job="q", session="s", tree=small, blobs=[], **who)["ok"]
