@@ -230,17 +230,26 @@ def _merge_node(base: Node, delta: Mapping[str | int, Any], added: list[Refs | N
         if value is DELETE:
             out.pop(key, None)
             continue
+        if t is dict and old is _MISSING:  # a new subtree: the common case of an update that adds maps
+            new: Any = _fresh(value, added)
+            out[key] = new
+            cost += new.cost + (2 + len(key) if type(key) is str and len(key) < 32 and key.isascii()
+                                else key_cost(key))
+            held += new.held
+            if new.refs:
+                refs = add_refs(refs, new.refs)
+            continue
         if t is Replace:
-            new: Any = _merge_node(_EMPTY, value.mapping, added, removed)
+            new = _fresh(value.mapping, added)
         elif isinstance(value, Mapping):
             if type(old) is Node:
-                into = old
+                new = _merge_node(old, value, added, removed)
             elif isinstance(old, Mapping):  # never in a daemon root (every mapping there is a Node): robustness
                 into = counted(old)
                 added[0] = add_refs(added[0], into.refs)
+                new = _merge_node(into, value, added, removed)
             else:
-                into = _EMPTY
-            new = _merge_node(into, value, added, removed)
+                new = _fresh(value, added)
         else:
             new = value
         c, h, r = measure(new)
@@ -255,7 +264,46 @@ def _merge_node(base: Node, delta: Mapping[str | int, Any], added: list[Refs | N
     return out
 
 
-_EMPTY: Final = empty_node()
+def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> Node:
+    """``_merge_node(empty_node(), delta)``, faster: a new subtree needs no look-up of what it replaces
+    (most of an update that adds many small maps is here)."""
+    Walked.entries += len(delta)
+    node = Node()
+    cost = held = 0
+    refs: Refs | None = None
+    for key, value in delta.items():
+        t = type(value)
+        if t is str:
+            n = len(value)
+            c = n + 1 if n < 32 and value.isascii() else _str_cost(value)
+        elif t is int:
+            c = 1 if -32 <= value < 128 else _int_cost(value)
+        elif t is float:
+            c = 9
+        elif t in PLAIN_TYPES:
+            c = 1
+        elif value is DELETE:
+            continue
+        else:
+            if t is Replace:
+                value = _fresh(value.mapping, added)
+            elif isinstance(value, Mapping):
+                value = _fresh(value, added)
+            c, h, r = measure(value)
+            held += h
+            if r:
+                refs = add_refs(refs, r)
+                if type(value) is not Node:
+                    added[0] = add_refs(added[0], r)
+        node[key] = value
+        if type(key) is str and len(key) < 32 and key.isascii():
+            cost += c + 2 + len(key)
+        else:
+            cost += c + key_cost(key)
+    node.cost, node.held, node.refs = cost + _CONTAINER + _array_header(len(node)), held, refs
+    return node
+
+
 
 
 def merge(base: State, delta: Mapping[str | int, Any]) -> State:
