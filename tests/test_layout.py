@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "autosaved"
@@ -206,3 +209,37 @@ def test_the_op_table_is_declared_once() -> None:
                     and any(k.arg == "long" for k in node.keywords)):
                 offenders.append(f"{where} says by hand whether a request is long")
     assert offenders == []
+
+
+SKIPS = '''
+import pytest
+
+pytest.importorskip("a_module_that_is_not_installed")
+'''
+SKIP_ONE = '''
+import pytest
+
+def test_needs_a_tool() -> None:
+    pytest.skip("the tool is not installed")
+
+def test_runs() -> None:
+    pass
+'''
+
+
+@pytest.mark.parametrize("ci", [{}, {"CI": "true"}, {"AUTOSAVED_REQUIRE_ROOT_TESTS": "1"}], ids=["dev", "ci", "root"])
+def test_a_skip_fails_the_run_under_ci(tmp_path: Path, ci: dict[str, str]) -> None:
+    """A missing dependency skips a test (or a whole module) on a developer's machine, and fails under CI."""
+    (tmp_path / "test_whole_module.py").write_text(SKIPS)
+    (tmp_path / "test_one.py").write_text(SKIP_ONE)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "AUTOSAVED_REQUIRE_ROOT_TESTS")}
+    args = ["-q", "-n", "0", "-p", "tests.ci_skips", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+            "--rootdir", str(tmp_path), str(tmp_path)]
+    out = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, **ci}, timeout=120)
+    summary = out.stdout.strip().splitlines()[-1]
+    if ci:
+        assert out.returncode == 1 and "1 failed, 1 passed, 1 error" in summary, out.stdout
+        assert "skipped under CI" in out.stdout and "a_module_that_is_not_installed" in out.stdout
+    else:
+        assert out.returncode == 0 and "1 passed, 2 skipped" in summary, out.stdout

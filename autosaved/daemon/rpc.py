@@ -27,6 +27,7 @@ from ..protocol import ACK_LEVELS, OP_TABLE, OPS, Access, OpSpec, blob_descripto
 from ..shm import layout, release_mapping
 from ..state import Merged, State
 from ..storage.base import JobStorage
+from ..storage.faults import point
 from ..storage.fsutil import pwrite_all
 from ..tree import Blob, from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
@@ -656,6 +657,7 @@ class Handlers:
         name = key[1]
         versions = await anyio.to_thread.run_sync(store.version_ids)
         # A save already writing must finish (or fail) before its folder goes away; gc too.
+        point("delete", "lock", "before", name)
         async with self.ctx.table.io_lock(key):
             if job is not None:
                 async with job.wal_lock:
