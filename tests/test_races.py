@@ -165,26 +165,30 @@ def test_a_snapshot_holds_its_slots_from_the_instant_it_is_taken(tmp_path: Path)
     import anyio
 
     from autosaved.config import PolicySettings
+    from autosaved.daemon.accounting import Ledger
     from autosaved.daemon.jobs import Job
-    from autosaved.daemon.slottable import referenced_mappings
     from autosaved.daemon.writer import Writer
     from autosaved.policy import SaveReason
-    from autosaved.tree import Blob, iter_blobs
+    from autosaved.state import counted
+    from autosaved.tree import Blob
 
     slot = mmap.mmap(-1, 4096)
     blob = Blob(kind="ndarray", dtype="|u1", shape=(4096,), nbytes=4096, data=memoryview(slot))
+    ledger = Ledger()
     job = Job(owner=os.geteuid(), name="hold", store=Store(tmp_path).job(os.geteuid(), "hold"),
-              settings=PolicySettings(), root={"w": blob}, generation=1)
+              settings=PolicySettings(), root=counted({"w": blob}), generation=1, ledger=ledger)
+    ledger.attach(job.owner, job.root)
     seen: list[bool] = []
 
     async def main() -> None:
         writer = Writer(chunk_size=lambda: 1 << 20, clock=time.monotonic, on_done=lambda: None)
         async with anyio.create_task_group() as tg:
             writer.begin(job, SaveReason.EXPLICIT, tg)
-            job.root = {}  # the next update replaces the leaf, in the same event-loop step
-            roots = [job.root] + [t.root for t in writer.in_flight.values()]
-            seen.append(id(slot) in referenced_mappings(b for r in roots for b in iter_blobs(r)))
+            # The next update replaces the leaf, in the same event-loop step: the snapshot still reads it.
+            job.apply({"w": 1}, session="s", seq=1, step=None, meta=None, size=1, now=0.0)
+            seen.append(id(slot) in ledger.refs)
+        seen.append(id(slot) in ledger.refs)  # the save is done: nothing reads the slot any more
 
     anyio.run(main)
-    assert seen == [True]
+    assert seen == [True, False]
     assert job.latest_version == 1

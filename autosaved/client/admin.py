@@ -67,7 +67,8 @@ class Admin:
         return self._conn.run(self._core.versions(job))
 
     def delete(self, job: str) -> dict[str, Any]:
-        """Forget a job, its live state and every stored version: ``{"job", "owner", "deleted_versions"}``."""
+        """Forget a job, its live state and every stored version: ``{"job", "owner", "deleted_versions"}``,
+        and with ``[remote]`` ``"remote"``: ``{"url", "state": "deleted"|"pending", "objects", "bytes", "error"}``."""
         return self._conn.run(self._core.delete(job))
 
     def verify(self, job: str | None = None) -> list[dict[str, Any]]:

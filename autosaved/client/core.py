@@ -387,7 +387,10 @@ class AdminCore(Exchange):
 
     def delete(self, job: str) -> Flow[dict[str, Any]]:
         header = yield from self.call(self.request("delete", {"job": validate_job_name(job)}))
-        return {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        out = {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        if isinstance(header.get("remote"), dict):  # with [remote]: what happened to the bucket's copy
+            out["remote"] = header["remote"]
+        return out
 
     def maintain(self, op: str, job: str | None) -> Flow[list[dict[str, Any]]]:
         """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""

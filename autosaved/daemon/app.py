@@ -46,7 +46,6 @@ from ..shm import fd_socket_path
 from ..storage import faults
 from ..storage.faults import point
 from ..storage.local import Store
-from ..tree import iter_blobs
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
 from .iocontrol import IoControl
@@ -62,7 +61,7 @@ from .reports import ReportContext, Reports
 from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
 from .rpcsocket import Receiver
 from .runstate import Phase, RunState
-from .slottable import SlotTable, referenced_mappings
+from .slottable import SlotTable
 from .walcommit import LogCommitter
 from .writer import Writer
 
@@ -127,7 +126,8 @@ class Daemon:
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
                                          local_store=self.store.job, retention=retention,
                                          spawn=functools.partial(self._spawn, "replica"),
-                                         adaptive=config.throttle.enabled)
+                                         adaptive=config.throttle.enabled,
+                                         pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
@@ -151,8 +151,6 @@ class Daemon:
         self.writer.observe_duration = self.save_durations.observe
         # When the rpc loop last went round: the watchdog pings only while this keeps moving.
         self.progress_at = clock()
-        # Trees a restore is reading from: their slots must stay lent until the bytes are copied out.
-        self.restoring: dict[int, Any] = {}
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
         self.slots = SlotTable(shm_cap)
         if self.replicator is not None:
@@ -161,7 +159,8 @@ class Daemon:
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
         self.reports = Reports(ReportContext(
-            config=lambda: self.config, run=self.run_state, jobs=self.jobs, store=self.store, writer=self.writer,
+            config=lambda: self.config, run=self.run_state, jobs=self.jobs, ledger=self.table.ledger,
+            store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
             durations=self.save_durations, pid=self.pid, boot=self.boot,
         ))
@@ -175,8 +174,7 @@ class Daemon:
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
             replicator=self.replicator, clock=clock, poke=self.poke, poke_for=self.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, boot=self.boot, pid=self.pid, uid=self.uid,
-            referenced_mappings=self.referenced_mappings,
-            restoring=self.restoring, status=self.reports.status, list_jobs=self.reports.list_jobs,
+            status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -222,6 +220,8 @@ class Daemon:
     async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
         without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
+
         def scan() -> list[tuple[int, str, list[int]]]:
             return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
 
@@ -632,17 +632,6 @@ class Daemon:
             log.warning("could not send a reply: %s", exc)
         if self._receiver is not None:
             self._receiver.after_send()
-
-    # -- shared-memory slots ----------------------------------------------------------------------
-
-    def referenced_mappings(self) -> set[int]:
-        """Slot mappings that some live state or snapshot being written still reads."""
-        roots = [j.root for j in self.jobs.values()] + [t.root for t in self.writer.in_flight.values()]
-        # Deltas not yet in the log and records waiting for their fsync read slot bytes too.
-        roots += [j.unlogged for j in self.jobs.values()]
-        roots += [w.record.delta for j in self.jobs.values() for w in (*j.log_pending, *j.log_writing)]
-        roots += list(self.restoring.values())
-        return referenced_mappings(b for root in roots for b in iter_blobs(root))
 
     # -- reports ---------------------------------------------------------------------------------
 
