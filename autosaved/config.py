@@ -108,6 +108,11 @@ class PolicySettings:
     keep_every: float | None = None
     # How new chunks are stored: one of storage.compress.COMPRESSION_MODES ("auto": all but float data).
     compression: str = "auto"
+    # The write-ahead log past the newest version is saved into a version once it holds this many bytes,
+    # or would take this long to replay at the measured replay speed: a bound on restart time that
+    # holds whatever dirty_bytes is.
+    log_bytes: int | None = 256 * 1024**2
+    replay_time: float | None = 1.5
 
     @classmethod
     def parse(
@@ -119,11 +124,11 @@ class PolicySettings:
         changes: dict[str, Any] = {}
         for key, value in raw.items():
             name = f"{where}.{key}"
-            if key in ("interval", "idle", "keep_every"):
+            if key in ("interval", "idle", "keep_every", "replay_time"):
                 changes[key] = parse_duration(value, name, allow_off=True)
             elif key == "min_gap":
                 changes[key] = parse_duration(value, name)
-            elif key == "dirty_bytes":
+            elif key in ("dirty_bytes", "log_bytes"):
                 changes[key] = parse_size(value, name, allow_off=True)
             elif key == "keep_last":
                 changes[key] = _parse_count(value, name, 1)

@@ -23,13 +23,15 @@ import pytest
 
 import autosaved
 from autosaved.bench.private import PrivateDaemon
+from autosaved.storage import faults
 from autosaved.storage.faults import POINTS
+from autosaved.storage.fsutil import write_fsync
 from autosaved.storage.local import Store
 
 from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 
 # Every storage point; the event-loop points (loop.*, rpc.*) are fired by test_service.py's watchdog tests.
-CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.")))
+CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.", "load.")))
 OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_while_the_event_loop_is_blocked",
                 "gc.collect.before":
                     "test_races.py::test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress",
@@ -40,6 +42,7 @@ OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_whil
                 "task.main.before":
                     "test_supervision.py::test_an_error_that_escapes_still_saves_every_dirty_job_before_exit",
                 "rpc.poll.before": "test_service.py::test_watchdog_stops_when_the_rpc_loop_makes_no_progress",
+                "load.job.before": "test_recovery_bound.py::test_hello_waits_for_a_job_whose_load_is_long",
                 "remote.manifest.before": "test_replication.py::test_kill_mid_upload_shows_no_partial_version"}
 LATER_HIT = 3
 W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save
@@ -472,3 +475,18 @@ def test_real_failed_fsync_is_never_acked_and_recovers(overcommitted_fs: tuple[P
         assert "failed" in d.log()
     finally:
         d.cleanup()
+
+
+def test_a_non_fatal_action_half_way_through_a_write_writes_the_buffer_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<kind>.write.middle`` with an action that returns (here ``sleep:0``): the write goes on with the
+    second half. (It used to write the whole buffer again after the first half: a file with its first half
+    twice.)"""
+    rules = tmp_path / "faults"
+    rules.write_text("chunk.write.middle 1 sleep:0\n")
+    monkeypatch.setenv("AUTOSAVED_FAULTS_FILE", str(rules))
+    monkeypatch.setattr(faults, "_faults", faults._Faults())
+    data = bytes(range(256)) * 41
+    assert write_fsync(tmp_path / "f", [data]) == len(data)
+    assert (tmp_path / "f").read_bytes() == data
+    assert "chunk.write.middle" in (tmp_path / "faults.seen").read_text()

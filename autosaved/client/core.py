@@ -204,7 +204,10 @@ class ClientCore(Exchange):
     # -- flows ---------------------------------------------------------------------------------
 
     def hello(self) -> Flow[dict[str, Any]]:
-        header = yield from self._checked(self.request("hello", {"session": self.session, "policy": self.policy}))
+        # long: the daemon may first load the job and replay its log (bounded by policy.replay_time, but a
+        # just-restarted daemon may be loading several jobs at once); a hello must not time out meanwhile.
+        header = yield from self._checked(self.request("hello", {"session": self.session, "policy": self.policy},
+                                                       long=True))
         self.durable = int(header.get("durable") or 0)
         self.acked = max(self.acked, self.durable)
         return header

@@ -12,7 +12,7 @@ from ..config import PolicySettings
 from ..policy import JobView, SaveReason
 from ..state import State, merge, merge_deltas
 from ..storage.base import JobStorage
-from ..storage.wal import Record, WalWriter
+from ..storage.wal import Record, WalWriter, replay_speed
 from ..tree import iter_blobs
 from .loglock import LogLock
 
@@ -59,6 +59,8 @@ class Job:
     retry_at: float | None = None
     failures: int = 0
     explicit_requested: bool = False
+    # Loaded by replaying log records no version covers: saved at once (policy reason ``recovery``).
+    recovery_pending: bool = False
     saving: bool = False
     step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -141,6 +143,9 @@ class Job:
             explicit_requested=self.explicit_requested,
             saving=self.saving,
             not_before=self.retry_at,
+            log_bytes=self.wal.size if self.wal is not None else 0,
+            replay_speed=replay_speed.value,
+            recovery_pending=self.recovery_pending,
         )
 
     def finish_waiters(self, error: Exception | None = None) -> None:
@@ -177,6 +182,7 @@ class Job:
             "held_bytes": self.held_bytes(),
             "last_error": self.last_error,
             "wal_lsn": self.last_lsn,
+            "wal_bytes": self.wal.size if self.wal is not None else 0,
             "wal_error": self.wal_broken,
             "policy": self.settings.to_wire(),
         }
@@ -211,6 +217,7 @@ def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
     job.next_version += 1
     job.saving = True
     job.explicit_requested = False
+    job.recovery_pending = False
     job.dirty_bytes = 0
     job.dirty_since = None
     return ticket
@@ -259,4 +266,6 @@ def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:
     if ticket.reason in (SaveReason.EXPLICIT, SaveReason.SHUTDOWN):
         # Policy-triggered saves fire again by themselves; a requested one must be retried explicitly.
         job.explicit_requested = True
+    if ticket.reason is SaveReason.RECOVERY:
+        job.recovery_pending = True
     job.finish_waiters(error)

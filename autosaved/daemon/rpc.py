@@ -719,7 +719,8 @@ def _registry(*ops: Op) -> Mapping[str, Op]:
 
 REGISTRY: Final = _registry(
     Op("ping", Handlers.start_ping, long=False, access=Access.ANY_PEER),
-    Op("hello", Handlers.start_hello, long=False, access=Access.JOB_OWNER),
+    # long: a hello may load the job (replay its log) first
+    Op("hello", Handlers.start_hello, long=True, access=Access.JOB_OWNER),
     # long: wait='committed'/'replicated'
     Op("update", Handlers.start_update, long=True, access=Access.JOB_OWNER),
     Op("save", Handlers.op_save, long=True, access=Access.JOB_OWNER),

@@ -492,7 +492,7 @@ def check_with_daemon(state_dir_src: Path, work: Path, history: History, jobs: l
     root.mkdir(parents=True)
     shutil.copytree(state_dir_src, root / "state", symlinks=True)
     out: list[Finding] = []
-    env = {"AUTOSAVED_FSTRACE": "", "AUTOSAVED_FAULTS_FILE": ""}
+    env = {"AUTOSAVED_FSTRACE": "", "AUTOSAVED_FILEOPS": "", "AUTOSAVED_FAULTS_FILE": ""}
     d = PrivateDaemon(root, config=config, log_level="info", env=env)
     try:
         try:

@@ -18,7 +18,7 @@ from ..bench.private import PrivateDaemon
 from ..client.admin import Admin
 from ..client.sync import Client
 from .crashsim import History
-from .fstrace import ENV, ENV_ROOT, mark
+from .fstrace import daemon_env, mark
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
@@ -45,7 +45,7 @@ class _Driver:
         self.rng = np.random.default_rng(seed)
         self.rounds = rounds
         state_dir = os.path.realpath(root) + "/state"
-        self.env = {ENV: str(self.trace), ENV_ROOT: state_dir, "AUTOSAVED_FAULTS_FILE": str(self.faults)}
+        self.env = {**daemon_env(str(self.trace), state_dir), "AUTOSAVED_FAULTS_FILE": str(self.faults)}
         self.daemon = PrivateDaemon(Path(os.path.realpath(root)), config=CONFIG, log_level="info", env=self.env)
         self.clients: dict[str, Client] = {}
         self.unexpected_exits = 0
