@@ -60,12 +60,14 @@ from .manifest import (
     utc_now_iso,
 )
 from .retention import versions_to_delete
-from .wal import LogDamaged, Replay, read_log, scan_segment, segments
+from .wal import LogChanged, LogDamaged, Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
 
 _VERSION_FILE = re.compile(r"^(\d{12})\.json$")
 DIR_MODE = 0o750
+# How often recover() starts again when a daemon's commit changed the log under an offline reader.
+_RECOVER_TRIES = 5
 # Hashing runs in threads: hashlib releases the GIL on large buffers, so two cores hash twice as fast.
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
@@ -527,8 +529,19 @@ class JobStore:
                 on_skip: Callable[[CorruptVersion], None] | None = None) -> Recovered | None:
         """The newest durable state: the newest verified version plus the write-ahead log records after
         it. ``repair`` (only for the daemon, which owns the log) cuts torn log tails off."""
-        base = self.load_newest(load_data=load_data, on_skip=on_skip)
-        replay = read_log(self.log_dir, base.wal_lsn if base else 0, repair=repair)
+        for attempt in range(_RECOVER_TRIES):
+            ids = self.version_ids()
+            base = self.load_newest(load_data=load_data, on_skip=on_skip)
+            try:
+                replay = read_log(self.log_dir, base.wal_lsn if base else 0, repair=repair)
+            except LogChanged:
+                if attempt + 1 == _RECOVER_TRIES:
+                    raise
+                continue
+            # An offline reader racing a daemon's commit: a newer version appeared and dropped the log
+            # this base needed. Start again from the newest version rather than serve an older state.
+            if not (replay.gap and attempt + 1 < _RECOVER_TRIES and self.version_ids() != ids):
+                break
         for warning in replay.warnings:
             log.warning("%s: %s", self.job, warning)
         if base is None and not replay.records:

@@ -147,6 +147,11 @@ class LogDamaged(StorageError):
     """Records the log must hold are unreadable (see the module docstring): the job is not served."""
 
 
+class LogChanged(StorageError):
+    """A segment vanished while the log was read: a daemon committed a version and dropped the segments it
+    covers meanwhile. The reader starts again from the newest version (see ``JobStore.recover``)."""
+
+
 @dataclass
 class SegmentScan:
     path: Path
@@ -267,6 +272,8 @@ class Replay:
     max_lsn: int = 0
     # Bytes of every segment scanned: what the next replay of this log reads.
     bytes: int = 0
+    # The log did not start where the base version ends (records after the gap were not replayed).
+    gap: bool = False
 
 
 class ReplaySpeed:
@@ -306,7 +313,10 @@ def read_log(log_dir: Path, after_lsn: int, *, repair: bool = False) -> Replay:
     total = 0
     segs = segments(log_dir)
     for i, (_, path) in enumerate(segs):
-        scan = scan_segment(path)
+        try:
+            scan = scan_segment(path)
+        except FileNotFoundError:
+            raise LogChanged(f"write-ahead log segment {path} vanished while it was read") from None
         total += scan.good_bytes
         later = [p for _, p in segs[i + 1:]]
         if scan.damaged:
@@ -346,7 +356,7 @@ def read_log(log_dir: Path, after_lsn: int, *, repair: bool = False) -> Replay:
             last = rec.lsn
         cut_before = scan.torn is not None
     replay_speed.add(total, time.monotonic() - started)
-    return Replay(out, last, warnings, max_lsn, total)
+    return Replay(out, last, warnings, max_lsn, total, gap)
 
 
 class WalWriter:
