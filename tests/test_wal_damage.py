@@ -15,6 +15,7 @@ import pytest
 import autosaved
 from autosaved.bench.private import PrivateDaemon
 from autosaved.errors import AutosavedError
+from autosaved.storage.local import JobStore
 from autosaved.storage.wal import LogDamaged, Record, WalWriter, read_log, scan_segment, segments
 
 from .conftest import NO_AUTO_POLICY
@@ -163,6 +164,8 @@ def test_daemon_refuses_a_job_whose_older_segment_lost_acked_records(
     c.close()
     assert first.read_bytes() == before  # nothing acknowledged was cut
     assert d.proc is not None and d.proc.poll() is None
+    report = JobStore(d.state_dir, os.geteuid(), "seg").check()  # what `autosaved verify` shows
+    assert report["ok"] is False and first.name in report["log"]["damaged"][0]
 
 
 def test_daemon_serves_every_synced_record_of_a_reordered_tail(make_daemon: Callable[..., PrivateDaemon]) -> None:
