@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .tree import DELETE, PLAIN_TYPES, Blob, Replace, iter_blobs
+from .tree import DELETE, PLAIN_TYPES, Replace
 
 State = dict[str | int, Any]
 
@@ -60,13 +60,3 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
 
 
 _MISSING: Any = object()
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of all binary leaves of a tree (what a full save of it would write, before dedup)."""
-    return sum(blob.nbytes for blob in iter_blobs(tree))
-
-
-def delta_bytes(delta: Any, header_size: int) -> int:
-    """What a delta adds to a job's unsaved bytes: its binary leaves plus its encoded structure."""
-    return header_size + sum(b.nbytes for b in iter_blobs(delta) if isinstance(b, Blob))

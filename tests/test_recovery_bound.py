@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.storage.local import JobStore
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import wait_for
 

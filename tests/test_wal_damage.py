@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.errors import AutosavedError
 from autosaved.storage.local import JobStore
 from autosaved.storage.wal import LogDamaged, Record, WalWriter, read_log, scan_segment, segments
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 
