@@ -95,7 +95,7 @@ def _imports(path: Path) -> set[str]:
 def test_daemon_and_storage_stay_out_of_the_sdk_and_the_benchmarks() -> None:
     rules = {"daemon": ("autosaved.bench", "autosaved.client", "autosaved.cli"),
              "storage": ("autosaved.bench", "autosaved.client", "autosaved.cli", "autosaved.daemon",
-                         "autosaved.protocol")}
+                         "autosaved.protocol", "autosaved.testing")}
     broken = []
     for area, banned in rules.items():
         for path in _sources(PACKAGE / area):
@@ -104,6 +104,42 @@ def test_daemon_and_storage_stay_out_of_the_sdk_and_the_benchmarks() -> None:
                     broken.append(f"{path.relative_to(ROOT)} imports {name}")
     assert broken == []
     assert "autosaved.names" in _imports(PACKAGE / "storage" / "local.py")  # the scan resolves relative imports
+
+
+# What changes the disk. In storage, only the seam (fileops.py) may call these; an os.open must be a read.
+_DURABLE_OS = {"write", "pwrite", "writev", "fsync", "fdatasync", "ftruncate", "truncate", "replace", "rename",
+               "unlink", "remove", "mkdir", "makedirs", "rmdir"}
+_DURABLE_METHODS = {"unlink", "mkdir", "rename", "write_bytes", "write_text", "touch", "rmtree",
+                    "truncate"}
+
+
+def _durable_calls(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name, owner = node.func.attr, node.func.value
+        owner_name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+        if owner_name == "fileops":
+            continue
+        if owner_name == "os" and name == "open":
+            if not any(isinstance(n, ast.Attribute) and n.attr == "O_RDONLY" for n in ast.walk(node)):
+                out.append(f"{path.name}:{node.lineno} os.open for writing")
+        elif (owner_name == "os" and name in _DURABLE_OS) or (owner_name != "os" and name in _DURABLE_METHODS) \
+                or (owner_name == "aiofiles" and name == "open"
+                    and any(isinstance(a, ast.Constant) and "w" in str(a.value) for a in node.args[1:])):
+            out.append(f"{path.name}:{node.lineno} {owner_name}.{name}")
+    return out
+
+
+def test_every_durable_file_operation_of_storage_goes_through_the_seam() -> None:
+    """Issue 19: the power-loss recorder and the fault injector see what they claim only if the storage
+    layer changes the disk through ``storage/fileops.py`` alone (the log's open and truncate, the bucket
+    seed's chunk files included)."""
+    found = [c for p in _sources(PACKAGE / "storage") if p.name not in ("fileops.py", "faults.py")
+             for c in _durable_calls(p)]
+    assert found == []
+    assert _durable_calls(PACKAGE / "storage" / "fileops.py")  # the scan sees such calls where they are
 
 
 def test_the_readme_code_map_matches_the_tree() -> None:
