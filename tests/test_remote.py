@@ -225,12 +225,13 @@ class _IgnoringGateway:
 def test_probe_refuses_a_store_that_ignores_if_none_match(s3server: Any, monkeypatch: pytest.MonkeyPatch,
                                                           make_daemon: Any) -> None:
     from autosaved.errors import AutosavedError
+    from autosaved.storage.remote import ConditionalWritesIgnored
 
     for k, v in s3server.env.items():
         monkeypatch.setenv(k, v)
     gateway = _IgnoringGateway(s3server.endpoint)
     try:
-        with pytest.raises(Exception, match="ignored If-None-Match"):
+        with pytest.raises(ConditionalWritesIgnored, match="ignored If-None-Match"):
             anyio.run(RemoteStore(s3server.url("probe"), endpoint=gateway.endpoint).probe)
         config = f'[remote]\nurl = "{s3server.url("probe")}"\nendpoint = "{gateway.endpoint}"\n'
         with pytest.raises(AutosavedError, match="ignored If-None-Match"):

@@ -32,14 +32,23 @@ from ..errors import AutosavedError, CorruptVersion, NotFound, StorageError
 from ..storage.fsutil import atomic_write, make_dirs
 from ..storage.local import JobStore
 from ..storage.manifest import VersionInfo
-from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore, ensure_incarnation
+from ..storage.remote import (
+    ConditionalWritesIgnored,
+    Fenced,
+    Lease,
+    LeaseHeld,
+    RemoteError,
+    RemoteJob,
+    RemoteStore,
+    ensure_incarnation,
+)
 from ..storage.upload import upload_version
 from ..throttle import Load, initial_state, measure_net, step, upload_controller
+from .jobs import JobKey
 from .netsampler import NetSampler, endpoint_address
 
 log = logging.getLogger("autosaved.replicator")
 
-JobKey = tuple[int, str]
 # Until an upload was measured, a deadline flush plans uploads at this rate (a modest cloud link's share).
 DEFAULT_UPLOAD_SPEED = 32 * 1024 * 1024
 SPEED_SAMPLE_MIN = 4 * 1024 * 1024
@@ -64,8 +73,6 @@ class Replica:
     known: dict[str, str] | None = None  # digest → object key, of chunks the bucket has
     waiters: list[tuple[int, anyio.Event]] = field(default_factory=list)
     wake: anyio.Event = field(default_factory=anyio.Event)
-    ready: anyio.Event = field(default_factory=anyio.Event)  # the first look at the bucket is done
-    failures: int = 0
     gone: str | None = None  # the job was deleted: this record is dropped and its task cancelled
     scope: anyio.CancelScope | None = None
     bytes_uploaded: int = 0
@@ -218,39 +225,42 @@ class Replicator:
     async def probe(self, timeout: float) -> bool:
         """Check the store honours ``If-None-Match: *``. A definite "no" refuses the store (raised: the
         daemon does not start with it); ``False``: not reachable now (then run :meth:`probe_later`)."""
-        try:
-            with anyio.fail_after(timeout):
-                await self.store.probe()
-        except (RemoteError, TimeoutError) as exc:
-            if "ignored If-None-Match" in str(exc):
-                self.refused = str(exc)
-                raise
-            self.last_probe_error = str(exc) or "the object store did not answer the probe in time"
+        if not await self._probe_once(timeout):
             log.warning("object store %s not reachable at start (%s); replication waits for it",
                         self.store.describe(), self.last_probe_error)
             return False
-        self.probed.set()
         log.info("object store %s honours conditional writes; replicating there", self.store.describe())
         return True
 
     async def probe_later(self) -> None:
+        """Probe with backoff until the store answers (then replication starts) or refuses."""
         attempt = 0
         while True:
             await anyio.sleep(backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF))
             try:
-                with anyio.fail_after(self.settings.timeout):
-                    await self.store.probe()
-            except (RemoteError, TimeoutError) as exc:
-                if "ignored If-None-Match" in str(exc):
-                    self.refused = str(exc)
-                    log.error("%s", exc)
+                if await self._probe_once(self.settings.timeout):
                     return
-                self.last_probe_error = str(exc)
-                attempt += 1
-                continue
-            self.last_probe_error = None
-            self.probed.set()
-            return
+            except ConditionalWritesIgnored as exc:
+                log.error("%s", exc)
+                return
+            attempt += 1
+
+    async def _probe_once(self, timeout: float) -> bool:
+        """One probe: ``True`` when the store honours conditional writes (``probed`` is set), ``False``
+        when it could not be reached (``last_probe_error`` says why); a store that ignores them is
+        recorded in ``refused`` and raised (:class:`ConditionalWritesIgnored`)."""
+        try:
+            with anyio.fail_after(timeout):
+                await self.store.probe()
+        except ConditionalWritesIgnored as exc:
+            self.refused = str(exc)
+            raise
+        except (RemoteError, TimeoutError) as exc:
+            self.last_probe_error = str(exc) or "the object store did not answer the probe in time"
+            return False
+        self.last_probe_error = None
+        self.probed.set()
+        return True
 
     # -- seams the daemon calls ---------------------------------------------------------------------
 
@@ -564,7 +574,6 @@ class Replicator:
                 replica.last_error = str(exc)
                 await anyio.sleep(backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF))
                 attempt += 1
-        replica.ready.set()
         attempt = 0
         while not replica.fenced:
             if not replica.queue:
@@ -588,7 +597,6 @@ class Replicator:
                 attempt += 1
                 continue
             except (RemoteError, OSError, TimeoutError) as exc:
-                replica.failures += 1
                 replica.last_error = str(exc)
                 delay = backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF)
                 attempt += 1
@@ -603,7 +611,6 @@ class Replicator:
                 replica.queue.remove(version)
                 continue
             attempt = 0
-            replica.failures = 0
             replica.last_error = None
             replica.queue.remove(version)
             replica.queued_bytes.pop(version, None)
@@ -703,7 +710,7 @@ class Replicator:
         keep_last, keep_every = self.retention(replica.key)
         if self.settings.keep_last is not None:
             keep_last = self.settings.keep_last
-        if self.settings.keep_every_set:
+        if self.settings.keep_every is not None:  # 0: off
             keep_every = self.settings.keep_every
         try:
             result = await replica.remote.collect(keep_last=keep_last, keep_every=keep_every,
@@ -719,7 +726,3 @@ class Replicator:
             replica.known = None  # chunks went: look again before trusting the cache
             log.info("remote gc job=%s deleted_versions=%s removed_chunks=%d", replica.key[1],
                      result.deleted_versions, result.removed_chunks)
-
-
-def dump_status(status: dict[str, Any]) -> str:
-    return json.dumps(status, sort_keys=True)

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import aiofiles
 import aiofiles.os
@@ -48,6 +47,8 @@ import numpy as np
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
+from ..settings import Location as Location
+from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
 from . import hashing
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
@@ -68,35 +69,17 @@ class RemoteError(StorageError):
     """The object store failed or refused a request (unreachable, denied, misbehaving)."""
 
 
+class ConditionalWritesIgnored(RemoteError):
+    """The store let a second ``If-None-Match: *`` create of one key succeed: two writers could overwrite
+    each other's objects there, so autosaved refuses the store (a definite answer, never retried)."""
+
+
 class LeaseHeld(RemoteError):
     """Another holder's lease is live: this daemon may not publish versions of the job yet."""
 
 
 class Fenced(RemoteError):
     """This daemon lost its lease (another took over): it must never publish a version of the job again."""
-
-
-@dataclass(frozen=True)
-class Location:
-    bucket: str
-    prefix: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
-
-def parse_url(url: str, key: str = "remote.url") -> Location:
-    """``s3://bucket/optional/prefix`` → bucket and prefix; anything else is a clear error."""
-    parsed = urlparse(url) if isinstance(url, str) else None
-    if parsed is None or parsed.scheme != "s3" or not parsed.netloc:
-        raise ConfigError(f"{key}: expected an s3://bucket/prefix URL, got {url!r}")
-    if parsed.query or parsed.fragment:
-        raise ConfigError(f"{key}: {url!r} has a query or fragment; use s3://bucket/prefix")
-    prefix = parsed.path.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ConfigError(f"{key}: {url!r} has an empty, '.' or '..' path segment")
-    return Location(parsed.netloc, prefix)
 
 
 def read_credentials_file(path: Path, profile: str = "default") -> dict[str, str]:
@@ -212,7 +195,6 @@ class RemoteGc:
     deleted_versions: list[int] = field(default_factory=list)
     removed_chunks: int = 0
     freed_bytes: int = 0
-    pending_chunks: int = 0
 
 
 class RemoteStore:
@@ -349,7 +331,7 @@ class RemoteStore:
         finally:
             with contextlib.suppress(RemoteError):
                 await self.delete([key])
-        raise RemoteError(
+        raise ConditionalWritesIgnored(
             f"the object store {self.describe()} ignored If-None-Match: * (a second create of {key} succeeded); "
             "autosaved cannot commit versions safely on it. Use a store with conditional writes (AWS S3, "
             "SeaweedFS, MinIO, R2, GCS's S3 API)."
@@ -862,7 +844,6 @@ class RemoteJob:
                 new_pending[digest] = since
         await self.store.delete(gone)
         result.removed_chunks = len(gone)
-        result.pending_chunks = len(new_pending)
         await self.store.put(self.gc_key, _dump(new_pending))
         return result
 

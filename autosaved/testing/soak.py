@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..bench.private import PrivateDaemon
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..offline import restore
 from .crashsim import History, allowed_states, canon
+from .private import PrivateDaemon
 
 if TYPE_CHECKING:
     from ..seaweed import SeaweedServer
