@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from autosaved.protocol import pack_header, unpack_header
 from autosaved.state import BLOB_OVERHEAD, Node, counted, empty_node, measure, merge, merge_counted, merge_deltas
 from autosaved.tree import DELETE, Blob, Walked, iter_blobs, to_node
 
-from .conftest import NO_AUTO_POLICY
+from .conftest import NO_AUTO_POLICY, wait_for
 
 SLOTS = [mmap.mmap(-1, 4096) for _ in range(3)]
 
@@ -313,3 +314,24 @@ def test_quota_counts_empty_containers_and_big_ints(make_daemon: Callable[..., P
     # The same shape, small, fits: the quota is about the size, not the shape.
     small = {"m": [["x", {"l": [{"l": []}] * 1000}]]}
     assert raw(d.address, "update", job="q", session="s", tree=small, blobs=[], **who)["ok"]
+
+
+def test_a_user_over_a_lowered_quota_can_still_make_room(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """An update that adds nothing always goes on: after a reload lowers ``quota.max_bytes`` below what a
+    user holds, growing is refused but deleting is not (before, every update was refused, deletes too)."""
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_bytes = "1MiB"\n')
+    who = {"owner": 4242} if os.geteuid() == 0 else {}
+
+    def update(tree: dict[str, Any]) -> dict[str, Any]:
+        return raw(d.address, "update", job="q", session="s", tree=tree, blobs=[], **who)
+
+    assert update({"m": [["big", "x" * 600_000], ["n", 1]]})["ok"]
+    d.config_path.write_text(d.config_path.read_text().replace('"1MiB"', '"256KiB"'))
+    d.send_signal(signal.SIGHUP)
+    wait_for(lambda: "trigger=SIGHUP" in d.log(), timeout=60)
+    grow = update({"m": [["more", 1]]})
+    assert grow["ok"] is False and grow["code"] == "quota", grow
+    assert update({"m": [["n", 2]]})["ok"]  # the same size: nothing added
+    assert update({"m": [["big", {"x": 0}]]})["ok"]  # a delete frees room
+    assert update({"m": [["more", 1]]})["ok"]
+    assert raw(d.address, "restore", job="q", **who)["tree"] == {"m": [["n", 2], ["more", 1]]}
