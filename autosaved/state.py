@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .tree import _MSGPACK_INT_MAX, _MSGPACK_INT_MIN, DELETE, PLAIN_TYPES, Blob, Replace, Walked, iter_blobs
+from .tree import _MSGPACK_INT_MAX, _MSGPACK_INT_MIN, DELETE, PLAIN_TYPES, Blob, Replace, Walked
 
 State = dict[str | int, Any]
 # Client shared-memory mapping (``id()`` of the mmap a blob's bytes live in) -> how many leaves use it.
@@ -352,13 +352,3 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
 
 
 _MISSING: Any = object()
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of all binary leaves of a tree (what a full save of it would write, before dedup)."""
-    return sum(blob.nbytes for blob in iter_blobs(tree))
-
-
-def delta_bytes(delta: Any, header_size: int) -> int:
-    """What a delta adds to a job's unsaved bytes: its binary leaves plus its encoded structure."""
-    return header_size + sum(b.nbytes for b in iter_blobs(delta) if isinstance(b, Blob))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 # Daemons the tests start assume this write speed instead of probing the disk at every start (a 32 MiB
 # fsynced write, about a second on a busy disk; the probe has its own test). A config that names

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.storage.faults import POINTS
 from autosaved.storage.local import Store
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 
@@ -35,6 +35,10 @@ OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_whil
                     "test_races.py::test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress",
                 **{p: "test_supervision.py::test_a_task_that_fails_at_start_is_restarted"
                    for p in POINTS if p.startswith("task.") and p.endswith(".start")},
+                **{f"task.{t}.start": "test_supervision.py::test_a_replication_task_that_fails_at_start_is_restarted"
+                   for t in ("replica", "attach", "uploadrate", "probe")},
+                "task.walflush.start":
+                    "test_supervision.py::test_a_log_flusher_that_fails_is_restarted_and_logs_the_update",
                 **{p: "test_supervision.py::test_a_failure_inside_a_task_costs_one_piece_of_work"
                    for p in POINTS if p.startswith("task.") and p.endswith(".before") and p != "task.main.before"},
                 "task.main.before":

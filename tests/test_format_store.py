@@ -20,11 +20,11 @@ import pytest
 
 import autosaved
 from autosaved import restore
-from autosaved.bench.private import PrivateDaemon
 from autosaved.client.sync import Client
 from autosaved.errors import AutosavedError
 from autosaved.storage.manifest import UnsupportedFormat, seal
 from autosaved.testing.crashsim import deep_merge
+from autosaved.testing.private import PrivateDaemon
 
 torch = pytest.importorskip("torch")
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.metrics import Histogram, JobSample, Sample, render
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 

@@ -19,11 +19,11 @@ import numpy as np
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.client.slots import create_memfd
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
 from autosaved.storage.local import Store
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, wait_for
 

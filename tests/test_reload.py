@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.config import Config, PolicySettings, QuotaSettings, parse_config_table
 from autosaved.daemon.reload import reread
 from autosaved.errors import ConfigError
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import version_files, wait_for
 

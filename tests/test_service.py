@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, dropped_notifications, wait_for
 

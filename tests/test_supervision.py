@@ -24,10 +24,10 @@ import pytest
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.errors import AutosavedError
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, wait_for
 
@@ -261,3 +261,53 @@ def test_an_error_that_escapes_still_saves_every_dirty_job_before_exit(faulty: C
     assert "saving every dirty job, then exiting" in d.log()
     got = autosaved.restore("esc", state_dir=d.state_dir)
     assert got["n"] == 7 and np.array_equal(got["w"], np.arange(50, dtype=np.int64))
+
+
+# -- tasks the daemon starts for its helpers are supervised too -------------------------------------------
+
+
+def test_a_log_flusher_that_fails_is_restarted_and_logs_the_update(faulty: Callable[..., Any]) -> None:
+    """A flusher that finds the job's log lock taken waits for it in a task of its own (task.walflush):
+    a bug there is logged and the task restarted, and the update it carries is still logged."""
+    d, faults = faulty("")
+    with autosaved.Client("wf", address=d.address) as c:
+        c.update({"x": 1}, wait="logged")
+        c.save()  # the log rotates at the snapshot: the next save has a covered segment to delete
+        c.update({"x": 2}, wait="logged")
+        # The next save deletes that segment holding the log lock, stalled there; the update sent
+        # meanwhile finds the lock taken and its flusher task fails once at its start.
+        faults.write_text("wal.delete.before 1 sleep:4\ntask.walflush.start 1 raise\n")
+        c.save()
+        wait_for(lambda: "wal.delete.before" in (faults.parent / "faults.seen").read_text(), timeout=30)
+        ack = c.update({"x": 3}, wait="logged")
+        assert ack.level == "logged"
+        assert "task walflush restarting" in d.log()
+    d.kill()
+    d.start()
+    assert autosaved.restore("wf", state_dir=d.state_dir) == {"x": 3}
+    still_serving(d)
+    stops_cleanly(d)
+
+
+@pytest.mark.parametrize("task", ["replica", "attach", "uploadrate", "probe"])
+def test_a_replication_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], s3server: Any,
+                                                             monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    """The replicator's tasks (a job's upload loop, the attach of stored jobs at start, the upload-rate
+    sampler, the probe of a store that was down at start) are supervised: one fails at its start, the
+    daemon logs it, restarts it and serves on; a job's upload loop restarted still replicates."""
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)
+    # "probe" runs only when the store did not answer at start: point it at a closed port.
+    endpoint = f"http://127.0.0.1:{free_port()}" if task == "probe" else s3server.endpoint
+    config = (NO_AUTO_POLICY + f'[remote]\nurl = "{s3server.url(f"sup-{task}")}"\nendpoint = "{endpoint}"\n'
+              'timeout = "1s"\n')
+    d, _ = faulty(f"task.{task}.start 1 raise\n", config)
+    with autosaved.Client("rep", address=d.address) as c:
+        if task == "replica":  # the job's loop starts when the job is loaded
+            assert c.update({"x": 1}, wait="replicated").level == "replicated"
+        wait_for(lambda: f"task {task} restarting" in d.log(), timeout=30)
+    with autosaved.Admin(address=d.address) as admin:
+        assert admin.status()["daemon"]["task_restarts"] == 1
+    if task != "probe":
+        still_serving(d)
+    stops_cleanly(d)

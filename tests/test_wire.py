@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, with_test_speed
 

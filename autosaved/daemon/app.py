@@ -10,6 +10,7 @@ task group close.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import logging
 import math
@@ -123,8 +124,10 @@ class Daemon:
                 return settings.keep_last, settings.keep_every
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
-                                         local_store=self.store.job, retention=retention, spawn=self._spawn,
-                                         adaptive=config.throttle.enabled)
+                                         local_store=self.store.job, retention=retention,
+                                         spawn=functools.partial(self._spawn, "replica"),
+                                         adaptive=config.throttle.enabled,
+                                         pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
@@ -132,7 +135,7 @@ class Daemon:
                              max_write_rate=config.throttle.max_write_rate)
         self.io = IoControl(lambda: self.config, self.writer, clock)
         # The write-ahead log's group committer (not a logger).
-        self.wal_committer = LogCommitter(self._spawn, self.poke)
+        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.poke)
         self._wake = anyio.Event()
         # When the sleeping scheduler wakes up by itself (see poke_for); inf: not asleep on a timer.
         self._wake_at = math.inf
@@ -208,13 +211,17 @@ class Daemon:
                                            and decision.next_wake_at < self._wake_at):
             self._wake.set()
 
-    def _spawn(self, func: Any, *args: Any) -> None:
+    def _spawn(self, name: str, func: Callable[..., Any], *args: Any) -> None:
+        """Start a task for a helper (a job's replicator loop, a log flusher waiting for its lock),
+        supervised like the daemon's own: a failure is logged and the task restarted, never the daemon's end."""
         assert self._tg is not None
-        self._tg.start_soon(func, *args)
+        self._supervise(self._tg, name, func, *args)
 
     async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
         without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
+
         def scan() -> list[tuple[int, str, list[int]]]:
             return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
 
@@ -362,11 +369,11 @@ class Daemon:
                                     self.config.max_connections)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
-                    tg.start_soon(self.replicator.probe_later)
+                    self._supervise(tg, "probe", self.replicator.probe_later)
                 if self.replicator is not None:
-                    tg.start_soon(self._replicate_stored_jobs, self.replicator)
-                    tg.start_soon(self.replicator.rate.run, self.replicator.store.endpoint,
-                                  self.config.throttle.sample_interval)
+                    self._supervise(tg, "attach", self._replicate_stored_jobs, self.replicator)
+                    self._supervise(tg, "uploadrate", self.replicator.rate.run, self.replicator.store.endpoint,
+                                    self.config.throttle.sample_interval)
                 if self.config.preemption.provider != "off":
                     self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,

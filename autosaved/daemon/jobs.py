@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 
+from ..backoff import backoff
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
 from ..state import Merged, Node, Refs, State, add_refs, empty_node, merge_counted, merge_deltas
@@ -16,6 +17,7 @@ from ..storage.wal import Record, WalWriter
 from .accounting import Hold, Ledger
 from .loglock import LogLock
 
+# A job is named by (owner uid, job name) everywhere in the daemon.
 JobKey = tuple[int, str]
 
 
@@ -290,7 +292,7 @@ def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:
     if ticket.dirty_since is not None:
         job.dirty_since = ticket.dirty_since if job.dirty_since is None else min(job.dirty_since, ticket.dirty_since)
     job.failures += 1
-    job.retry_at = now + min(60.0, 0.5 * 2 ** min(job.failures, 7))
+    job.retry_at = now + backoff(job.failures - 1, base=1.0, cap=60.0)  # jittered: hosts do not retry in step
     job.last_error = str(error)
     if ticket.reason in (SaveReason.EXPLICIT, SaveReason.SHUTDOWN):
         # Policy-triggered saves fire again by themselves; a requested one must be retried explicitly.

@@ -1,4 +1,5 @@
-"""RpcRequest handlers: one coroutine per op, each turning a validated request into a reply.
+"""RpcRequest handlers: one per op (a ``start_*`` that may answer inline, or an ``async op_*``), each
+turning a validated request into a reply; :data:`REGISTRY` binds them to :data:`autosaved.protocol.OP_TABLE`.
 
 Handlers raise :class:`~autosaved.errors.AutosavedError` for anything the client did wrong or the daemon
 could not do; the server turns that into an error reply. Nothing a client sends can make a handler
@@ -7,7 +8,6 @@ write outside its own job's folder: the job name is validated before any path is
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import mmap
@@ -23,7 +23,7 @@ import msgpack
 from ..config import PolicySettings
 from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..names import validate_job_name
-from ..protocol import ACK_LEVELS, OPS, blob_descriptors, blobs_from_frames, validate_path
+from ..protocol import ACK_LEVELS, OP_TABLE, OPS, Access, OpSpec, blob_descriptors, blobs_from_frames, validate_path
 from ..shm import layout, release_mapping
 from ..state import Merged, State
 from ..storage.base import JobStorage
@@ -194,10 +194,6 @@ class Handlers:
     def __init__(self, ctx: RpcContext) -> None:
         self.ctx = ctx
 
-    async def dispatch(self, req: RpcRequest) -> Reply:
-        """Run the op's handler from :data:`REGISTRY` to its reply."""
-        return await finish(self.start(req))
-
     def start(self, req: RpcRequest) -> Started:
         """Begin a request (``check_request`` already refused unknown ops): its reply when it can be
         answered without waiting for anything, else the coroutine that finishes it. The rpc loop answers
@@ -206,7 +202,7 @@ class Handlers:
         op = REGISTRY.get(req.op)
         if op is None:
             raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})
-        if op.access is Access.JOB_OWNER:
+        if op.spec.access is Access.JOB_OWNER:
             req.owner = self._effective_owner(req)
         return op.handler(self, req)
 
@@ -635,16 +631,26 @@ class Handlers:
             if job is not None:
                 job.deleted = True  # from now on nothing is acknowledged for it: JobTable.get waits for this lock
             store = job.store if job is not None else self.ctx.table.store.job(req.owner, name)
-            if job is None and not await anyio.to_thread.run_sync(store.path.exists):
+            replicator = self.ctx.replicator
+            if job is None and not await anyio.to_thread.run_sync(store.path.exists) and (
+                    replicator is None or not await replicator.in_bucket(req.owner, name)):
                 raise NotFound(f"no job named {name!r}")
             try:
+                if replicator is not None:  # first: from now on nothing re-seeds the job from the bucket
+                    await replicator.begin_delete(req.owner, name)
                 versions = await self._delete(key, job, store)
             except BaseException:
                 if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
+                if replicator is not None:
+                    with anyio.CancelScope(shield=True):
+                        await replicator.cancel_delete(req.owner, name,
+                                                       await anyio.to_thread.run_sync(store.version_ids))
                 raise
+            remote = await replicator.finish_delete(req.owner, name) if replicator is not None else None
         log.info("deleted job=%s owner=%d versions=%d reason=request", name, req.owner, len(versions))
-        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions)})
+        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions),
+                      **({"remote": remote} if remote is not None else {})})
 
     async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStorage) -> list[int]:
         name = key[1]
@@ -666,46 +672,33 @@ class Handlers:
 # -- the request registry ----------------------------------------------------------------------------
 
 
-class Access(enum.Enum):
-    """Who may call an op."""
-
-    # Any peer the daemon accepted (the socket's mode and group already decided who may connect).
-    ANY_PEER = "any peer"
-    # Any peer, on its own jobs; root may name another owner (``owner`` in the header).
-    JOB_OWNER = "the job's owner, or root"
-
-
 @dataclass(frozen=True)
 class Op:
-    """One op, declared once: its wire name, its handler, whether it may wait for a save or a scan of the
-    disk (``long``: clients give it their ``save_timeout``), and who may call it."""
+    """One op's handler, beside its wire facts (``spec``: who may call it, whether it is long), which
+    :data:`autosaved.protocol.OP_TABLE` declares for the client and the daemon both."""
 
-    name: str
+    spec: OpSpec
     # Starts the request: its reply when it can answer without awaiting (``start_*``: ping, hello and
     # updates of a loaded job), else the coroutine that finishes it (every ``async def op_*``).
     handler: Callable[[Handlers, RpcRequest], Started]
-    long: bool
-    access: Access
 
 
-def _registry(*ops: Op) -> Mapping[str, Op]:
-    table = {op.name: op for op in ops}
-    if len(table) != len(ops) or set(table) != OPS:
-        # protocol.OPS is the wire's list (check_request refuses others): it and the handlers cannot drift.
-        raise RuntimeError(f"the request registry {sorted(table)} does not match protocol.OPS {sorted(OPS)}")
-    return table
+def _registry(handlers: Mapping[str, Callable[[Handlers, RpcRequest], Started]]) -> Mapping[str, Op]:
+    if set(handlers) != OPS:
+        # protocol.OP_TABLE is the wire's list (check_request refuses others): it and the handlers cannot drift.
+        raise RuntimeError(f"the request registry {sorted(handlers)} does not match protocol.OPS {sorted(OPS)}")
+    return {name: Op(OP_TABLE[name], handler) for name, handler in handlers.items()}
 
 
-REGISTRY: Final = _registry(
-    Op("ping", Handlers.start_ping, long=False, access=Access.ANY_PEER),
-    Op("hello", Handlers.start_hello, long=False, access=Access.JOB_OWNER),
-    # long: wait='committed'/'replicated'
-    Op("update", Handlers.start_update, long=True, access=Access.JOB_OWNER),
-    Op("save", Handlers.op_save, long=True, access=Access.JOB_OWNER),
-    Op("restore", Handlers.op_restore, long=True, access=Access.JOB_OWNER),
-    Op("status", Handlers.op_status, long=False, access=Access.JOB_OWNER),
-    Op("list", Handlers.op_list, long=False, access=Access.JOB_OWNER),
-    Op("verify", Handlers.op_verify, long=True, access=Access.JOB_OWNER),
-    Op("gc", Handlers.op_gc, long=True, access=Access.JOB_OWNER),
-    Op("delete", Handlers.op_delete, long=True, access=Access.JOB_OWNER),
-)
+REGISTRY: Final = _registry({
+    "ping": Handlers.start_ping,
+    "hello": Handlers.start_hello,
+    "update": Handlers.start_update,
+    "save": Handlers.op_save,
+    "restore": Handlers.op_restore,
+    "status": Handlers.op_status,
+    "list": Handlers.op_list,
+    "verify": Handlers.op_verify,
+    "gc": Handlers.op_gc,
+    "delete": Handlers.op_delete,
+})
