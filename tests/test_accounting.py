@@ -201,12 +201,12 @@ def test_counters_equal_a_full_recount_after_any_merges_and_deletes(deltas: list
         for snap, _ in held_snapshots:
             expected.update(recount(snap)[2])
         assert ledger.refs == dict(expected)
-        assert ledger.used(1000) == cost and ledger.held_bytes == held
+        assert ledger.used(1000) == cost and ledger.held_bytes == ledger.held_of(1000) == held
     for _, hold in held_snapshots:
         hold.release()
         hold.release()  # idempotent
     ledger.detach(job.owner, job.root)
-    assert ledger.refs == {} and ledger.state_bytes == {} and ledger.held_bytes == 0
+    assert ledger.refs == {} and ledger.state_bytes == {} and ledger.held_by_owner == {} and ledger.held_bytes == 0
 
 
 @settings(max_examples=200, deadline=None)
