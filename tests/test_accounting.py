@@ -335,3 +335,24 @@ def test_a_user_over_a_lowered_quota_can_still_make_room(make_daemon: Callable[.
     assert update({"m": [["big", {"x": 0}]]})["ok"]  # a delete frees room
     assert update({"m": [["more", 1]]})["ok"]
     assert raw(d.address, "restore", job="q", **who)["tree"] == {"m": [["n", 2], ["more", 1]]}
+
+
+def test_counters_follow_replay_and_delete(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """A job's cost is counted once when it is loaded (a version plus replayed log records), and leaves the
+    owner's usage when the job is deleted: the daemon's totals are the sum of what it holds, nothing stale."""
+    d = make_daemon(NO_AUTO_POLICY)
+    with autosaved.Client("r", address=d.address) as c:
+        c.update({"maps": {f"k{i}": {"a": i} for i in range(500)}, "w": np.arange(1000, dtype=np.uint8)})
+        c.save()
+        c.update({"maps": {"k1": autosaved.DELETE, "new": []}, "s": "é" * 50}, wait="logged")
+        live = raw(d.address, "status", job="r")
+    d.kill()
+    d.start()
+    replayed = raw(d.address, "status", job="r")  # loads the job: the version, then the log record
+    assert replayed["state_bytes"] == live["state_bytes"] > 500 * 8
+    daemon = raw(d.address, "status")["daemon"]
+    assert daemon["state_bytes"] == replayed["state_bytes"]
+    assert daemon["held_bytes"] == 0  # loaded lazily: the array's bytes stay on disk until read
+    assert raw(d.address, "delete", job="r")["ok"]
+    daemon = raw(d.address, "status")["daemon"]
+    assert daemon["state_bytes"] == 0 and daemon["held_bytes"] == 0
