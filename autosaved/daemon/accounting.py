@@ -17,10 +17,13 @@ reads slot bytes for a while takes a :class:`Hold` and gives it back when done.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..state import Merged, Node, Refs, measure
+
+log = logging.getLogger("autosaved.daemon")
 
 
 @dataclass
@@ -82,7 +85,8 @@ class Ledger:
             if left > 0:
                 self.refs[mapping] = left
             else:
-                assert left == 0, "slot references went negative"
+                if left < 0:  # a bug: say so, and go on (the test suite's recount would catch it first)
+                    log.error("slot references of a mapping went negative (%d)", left)
                 self.refs.pop(mapping, None)
 
     def _charge(self, owner: int, cost: int, held: int) -> None:
