@@ -27,7 +27,17 @@ from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.accounting import Ledger
 from autosaved.daemon.jobs import Job
 from autosaved.protocol import pack_header, unpack_header
-from autosaved.state import BLOB_OVERHEAD, Node, counted, empty_node, measure, merge, merge_counted, merge_deltas
+from autosaved.state import (
+    BLOB_OVERHEAD,
+    FLAT_MAX,
+    Node,
+    counted,
+    empty_node,
+    measure,
+    merge,
+    merge_counted,
+    merge_deltas,
+)
 from autosaved.tree import DELETE, Blob, Walked, iter_blobs, to_node
 
 from .conftest import NO_AUTO_POLICY, wait_for
@@ -163,9 +173,27 @@ def test_a_merge_never_visits_what_it_does_not_touch() -> None:
     assert Walked.entries - before <= 10
 
 
+def test_small_flat_maps_stay_plain_dicts_and_others_are_nodes() -> None:
+    """The garbage collector never tracks a plain dict of scalars, but tracks every Node: 600,000 tiny maps
+    as Nodes made every collection walk them (a ping beside them took 3x as long)."""
+    import gc
+
+    root = merge_counted(empty_node(), {"m": {f"k{i}": i for i in range(FLAT_MAX)}, "n": {"a": {"b": 1}}}).root
+    assert type(root) is Node and type(root["m"]) is dict and not gc.is_tracked(root["m"])
+    assert type(root["n"]) is Node and type(root["n"]["a"]) is dict
+    grown = merge_counted(root, {"m": {"one more": 1}}).root
+    assert type(grown["m"]) is Node and grown.cost == encoded_cost(grown)
+    shrunk = merge_counted(grown, {"m": {"k0": DELETE}}).root
+    assert type(shrunk["m"]) is dict and shrunk.cost == encoded_cost(shrunk)
+    with_blob = merge_counted(shrunk, {"m": {"w": slot_blob(0)}}).root
+    assert type(with_blob["m"]) is Node and with_blob.refs == {id(SLOTS[0]): 1}
+    assert type(counted({"a": {"b": 1}})["a"]) is dict and type(counted({})) is Node  # the root: always a Node
+
+
 # -- the property: counters equal a full recount after any sequence ---------------------------------------
 
-KEYS = st.sampled_from(["a", "b", "c", 1, 2])
+# 20 keys: a map that deltas fill crosses FLAT_MAX (a plain dict becomes a Node and back).
+KEYS = st.sampled_from(["a", "b", "c", 1, 2, *(f"k{i}" for i in range(15))])
 LEAVES = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=40), st.builds(slot_blob, st.integers(0, 2)), st.builds(heap_blob), st.builds(stored_blob),
