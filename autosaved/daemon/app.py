@@ -172,7 +172,8 @@ class Daemon:
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
             replicator=self.replicator, clock=clock, poke=self.poke, poke_for=self.poke_for,
-            shutting_down=lambda: self.run_state.shutting_down, boot=self.boot, pid=self.pid, uid=self.uid,
+            shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
+            pid=self.pid, uid=self.uid,
             referenced_mappings=self.referenced_mappings,
             restoring=self.restoring, status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))

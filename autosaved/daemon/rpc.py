@@ -207,6 +207,8 @@ class RpcContext:
     # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
     poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
+    # Someone waits for this job's next commit: its background saves in flight run unthrottled.
+    promote: Callable[[Job], None]
     boot: str
     pid: int
     uid: int
@@ -436,6 +438,7 @@ class Handlers:
         waiter = CommitWaiter(generation)
         job.waiters.append(waiter)
         job.explicit_requested = True
+        self.ctx.promote(job)
         self.ctx.poke()
         await waiter.done.wait()
         if waiter.error is not None:
