@@ -85,6 +85,15 @@ class Deferred:
     def __init__(self) -> None:
         self._callbacks: list[Callable[[Reply | Exception], None]] = []
         self._result: Reply | Exception | None = None
+        # Set by the rpc loop: sends a reply from another thread ahead of :meth:`resolve` (True: sent).
+        self.early: Callable[[Reply], bool] | None = None
+        self.sent_early = False
+
+    def send_early(self, reply: Reply) -> None:
+        """From a log thread, before :meth:`resolve`: send ``reply`` now if the rpc loop allows it; the
+        later :meth:`resolve` then only closes the request."""
+        if self.early is not None and self.early(reply):
+            self.sent_early = True
 
     def on_done(self, callback: Callable[[Reply | Exception], None]) -> None:
         if self._result is not None:
@@ -399,6 +408,9 @@ class Handlers:
             deferred = Deferred()
             waiter = LogWaiter(job.take_log_record())
             waiter.notify = lambda: self._logged(job, u, waiter, deferred)
+            if u.conn is None:  # no slots to report as held: the log thread may answer right after the sync
+                waiter.early = lambda durable: deferred.send_early(Reply(
+                    {"ack": "logged", "durable": durable(u.session), "lsn": waiter.record.lsn}))
             # Queued in the same event-loop step as the apply: records reach the log in lsn order.
             self.ctx.wal.enqueue(job, waiter)
             self.ctx.poke_for(job)
