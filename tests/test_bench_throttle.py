@@ -33,8 +33,8 @@ def test_bench_throttle_small_run_reports_what_it_measured() -> None:
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     rounds = report["rounds"]
-    assert all(len(rounds[c]) == 1 for c in ("alone", "unthrottled", "throttled"))
-    for cond in ("alone", "unthrottled", "throttled"):
+    assert all(len(rounds[c]) == 1 for c in ("alone", "unthrottled", "throttled", "waited", "raw"))
+    for cond in ("alone", "unthrottled", "throttled", "waited", "raw"):
         (r,) = rounds[cond]
         # A busy host may start the workload late, so a short window can hold no operation at all: zero
         # throughput is then the truth. What always holds: the figures are the rounds' own, and consistent.
@@ -43,8 +43,8 @@ def test_bench_throttle_small_run_reports_what_it_measured() -> None:
         p99 = report["fg_p99_latency_ms"][cond]
         assert (math.isnan(p99) and r["ops"] == 0) or p99 == round(r["p99_ms"], 3)
     assert rounds["alone"][0]["s"] >= 0.5  # the alone window is what was asked for
-    # both saves completed (each span is its save's duration)
-    for cond in ("unthrottled", "throttled"):
+    # every save completed (each span is its save's duration)
+    for cond in ("unthrottled", "throttled", "waited", "raw"):
         assert report[f"save_{cond}_s"] > 0 and rounds[cond][0]["s"] >= report[f"save_{cond}_s"] - 0.001
     alone = report["fg_alone_mbps"]
     ratios = report["throttled_vs_alone"]
@@ -53,6 +53,9 @@ def test_bench_throttle_small_run_reports_what_it_measured() -> None:
     assert report["target_met"] == bool(ratios["mbps"] is not None and ratios["mbps"] >= 0.85
                                         and ratios["p99"] is not None and ratios["p99"] <= 1.5)
     assert report["config"]["throttled_daemon_end_status"]["enabled"] is True
+    # the waited-for save beside a raw write of the same bytes; the throttled daemon ran both kinds of save
+    assert report["waited_vs_raw"] == round(report["save_waited_s"] / report["save_raw_s"], 3)
+    assert report["config"]["throttled_daemon_end_status"]["urgent_saves"] >= 1
 
 
 def test_window_stats_count_partial_operations() -> None:
