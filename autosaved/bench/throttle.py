@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.common import print_json
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_duration, parse_size
+from ..fmt import print_json
 from ..storage.fsutil import write_fsync
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 CONDITIONS = ("alone", "unthrottled", "throttled", "waited", "raw")
 SAVES = ("unthrottled", "throttled", "waited", "raw")

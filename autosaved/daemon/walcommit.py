@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import NotFound, StorageError
+from ..policy import log_over_bound
 from ..storage.faults import point
 from ..storage.wal import Record
 from .jobs import Job, LogWaiter, raise_durable
@@ -168,6 +169,8 @@ class LogCommitter:
                 raise_durable(job, record.sessions)
             self.syncs += 1
             self.records += len(records)
+            if log_over_bound(job.view()):
+                self._poke()  # the log a restart would replay reached its bound: save now (policy.log_bytes)
             self._done(job, batch, None)
         elif isinstance(exc, Exception):
             self._done(job, batch, self._failed(job, records, exc))
@@ -194,6 +197,8 @@ class LogCommitter:
         job.log_writing = []
         job.wal_lock.release()
         for w in batch:
+            if w.hold is not None:
+                w.hold.release()  # written (or failed): its slots are the state's business now
             w.error = error
             w.done.set()
             if w.notify is not None:

@@ -94,6 +94,7 @@ class Writer:
             del paces[ticket.version]
             if not paces:
                 del self.paces[job.key]
+            ticket.hold.release()
 
     async def _write(self, ticket: SaveTicket, pace: SavePace) -> None:
         job = ticket.job
