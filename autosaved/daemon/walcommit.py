@@ -65,6 +65,26 @@ class SyncThreads:
             del func, done, error, context
 
 
+def _answer_synced(job: Job, batch: list[LogWaiter]) -> None:
+    """In the log thread, right after the batch's sync returned without error: answer the requests that
+    allow it from here (the event loop's wake-up is then off their path; it still does the bookkeeping in
+    ``_appended``). Reads ``job.durable`` (one dict lookup, atomic under the GIL) and never writes it."""
+    synced: dict[str, int] = {}
+    for w in batch:
+        for session, seq in w.record.sessions.items():
+            synced[session] = max(synced.get(session, 0), seq)
+
+    def durable(session: str) -> int:
+        return max(job.durable.get(session, 0), synced.get(session, 0))
+
+    for w in batch:
+        if w.early is not None:
+            try:
+                w.early(durable)
+            except Exception:  # the event loop answers it instead
+                log.exception("answering a logged update from the log thread failed job=%s", job.name)
+
+
 class LogCommitter:
     """Each job has one flusher at a time (``job.log_flushing``). An idle log starts its batch at once, from
     the request's own event-loop step, and the batch's completion callback answers the requests and starts
@@ -112,7 +132,7 @@ class LogCommitter:
         job.log_writing = batch  # their blobs may live in client slots: keep those lent
         records = [w.record for w in batch]
         try:
-            append = self._prepare(job, records)
+            append = self._prepare(job, batch)
         except Exception as exc:
             self._done(job, batch, self._failed(job, records, exc))
             return
@@ -121,8 +141,9 @@ class LogCommitter:
             return
         self._threads.submit(append, lambda exc: self._appended(job, batch, exc))
 
-    def _prepare(self, job: Job, records: list[Record]) -> Callable[[], None] | Exception:
+    def _prepare(self, job: Job, batch: list[LogWaiter]) -> Callable[[], None] | Exception:
         """What to run in the thread, or why this batch fails without any I/O."""
+        records = [w.record for w in batch]
         wal = job.wal
         assert wal is not None
         if job.deleted:
@@ -136,6 +157,7 @@ class LogCommitter:
             if rotate:
                 wal.rotate()
             wal.append(records)
+            _answer_synced(job, batch)
 
         return append
 
