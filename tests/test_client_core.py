@@ -326,7 +326,8 @@ def test_which_requests_get_the_save_timeout_comes_from_the_op_table() -> None:
     """A request is long (the driver gives it save_timeout) exactly when protocol.OP_TABLE says so."""
     core, admin = ClientCore("job"), AdminCore("job")
     longs = {name: core.request(name, {}).long for name in ("ping", "hello", "status", "list", "save", "restore")}
-    assert longs == {"ping": False, "hello": False, "status": False, "list": False, "save": True, "restore": True}
+    # hello is long since issue 19: it may load the job and replay its log first
+    assert longs == {"ping": False, "hello": True, "status": False, "list": False, "save": True, "restore": True}
     assert [core.update_request({"n": 1}, step=None, meta=None, wait=w).long
             for w in ("accepted", "logged", "committed", "replicated")] == [False, False, True, True]
     assert all(admin.request(op, {}).long for op in ("verify", "gc", "delete"))
