@@ -7,9 +7,9 @@ current root. That is what makes an update atomic for free: the daemon applies a
 step of its event loop, and a save works from the root it grabbed, which no later merge can change.
 
 **Accounting (issue 19).** The mappings of a daemon-held state (but small flat ones, below) are
-:class:`Node` objects: dicts that carry the totals
-of their subtree (``cost``: encoded bytes, what ``quota.max_bytes`` counts; ``held``: bytes of binary
-leaves in daemon memory; ``refs``: how many binary leaves live in each client shared-memory mapping).
+:class:`Node` objects: dicts that carry the totals of their subtree (``cost``: encoded bytes, what
+``quota.max_bytes`` counts; ``held``: bytes of binary leaves in daemon memory; ``refs``: how many
+binary leaves live in each client shared-memory mapping).
 Cached per subtree, not kept in a side table keyed by path: a subtree is shared between versions of
 the tree by path copying, and its totals travel with it for free, so the cost of a replaced subtree is
 one attribute read, and a merge adjusts the totals on exactly the paths it copies. A side table would
