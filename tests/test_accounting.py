@@ -23,7 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.accounting import Ledger
 from autosaved.daemon.jobs import Job
 from autosaved.protocol import pack_header, unpack_header
@@ -38,6 +37,7 @@ from autosaved.state import (
     merge_counted,
     merge_deltas,
 )
+from autosaved.testing.private import PrivateDaemon
 from autosaved.tree import DELETE, Blob, Walked, iter_blobs, to_node
 
 from .conftest import NO_AUTO_POLICY, wait_for

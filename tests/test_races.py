@@ -25,7 +25,7 @@ from autosaved.shm import fd_socket_path
 from autosaved.storage.local import Store
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, wait_for
+from .conftest import NO_AUTO_POLICY, fault_fired, wait_for
 
 
 def raw(address: str, op: str, **fields: Any) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def test_an_update_during_a_delete_is_never_acked_for_the_folder_being_deleted(
     saver, _ = in_thread(lambda: raw(d.address, "save", job="r"))
     wait_for(lambda: any((job_dir(d, "r") / "objects").glob("*/*")), timeout=30)  # chunks written: stalled
     deleter, deleted = in_thread(lambda: raw(d.address, "delete", job="r"))
-    time.sleep(1.0)  # the delete reaches its wait for the save (a few ms of work)
+    fault_fired(faults, "delete.lock.before")  # the delete holds the job's key lock and waits for the save
     # A new client recreates the job while the delete waits. Its ack must be for a folder that survives.
     with autosaved.Client("r", address=d.address) as c:
         ack = c.update({"new": 1}, wait="logged")
@@ -97,7 +97,7 @@ def test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress(
     # gc stalls 4 s before it lists what manifests reference; the save stalls 7 s before its manifest.
     faults.write_text("gc.collect.before 1 sleep4\nmanifest.open.before 1 sleep7\n")
     collector, collected = in_thread(lambda: raw(d.address, "gc", job="g"))
-    time.sleep(1.0)  # gc took its list of jobs (g not loaded) and stalls
+    fault_fired(faults, "gc.collect.before")  # gc took its list of jobs (g not loaded) and stalls there
     fresh = np.random.default_rng(1).standard_normal(200_000)
     with autosaved.Client("g", address=d.address) as c:
         version = c.update({"b": fresh}, wait="committed").version

@@ -20,7 +20,7 @@ import pytest
 
 import autosaved
 from autosaved.testing.private import PrivateDaemon
-from tests.conftest import version_files, wait_for
+from tests.conftest import fault_fired, version_files, wait_for
 
 JOB = "spot-run"
 
@@ -118,6 +118,7 @@ def test_kill_mid_upload_shows_no_partial_version(s3env: Any, make_daemon: Calla
     # The upload throttle: the cap, under it the network controller's rate, on the route to the store.
     pace = _status_all(d)["daemon"]["remote"]["upload_throttle"]
     assert pace["adaptive"] and pace["cap"] == 1 << 20 and pace["interfaces"] == ["lo"] and pace["throttled_s"] > 0
+    fault_fired(faults, "remote.manifest.before")
     _lose_host(d)
     rows = _remote_versions(s3env, prefix)
     assert [r["id"] for r in rows] == [first.version]  # chunks went up, but no manifest: not a version

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.common import print_json, table
 from ..client.sync import Client
-from .private import PrivateDaemon
+from ..fmt import print_json, table
+from ..testing.private import PrivateDaemon
 from .small import pct
 
 KEYS = ("alone_1mib_p50_s", "beside_1mib_p50_s", "mib_beside_over_alone", "alone_key_p50_s", "beside_key_p50_s",
