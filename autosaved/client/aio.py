@@ -107,10 +107,12 @@ class AsyncConnection:
         self._limit = self.save_timeout if step.long else self.timeout
         self._deadline = anyio.current_time() + self._limit
         sock = self._socket()
-        # With no daemon connected a DEALER send waits forever: the timeout covers it too.
-        with anyio.move_on_after(self._limit):
+        # With no daemon connected a DEALER send waits forever: the ordinary timeout bounds it, even for a
+        # long op (see the blocking client's _send).
+        with anyio.move_on_after(self.timeout):
             await sock.send_multipart(step.frames, copy=True)
             return
+        self._limit = self.timeout
         self._timed_out()
 
     async def _receive(self) -> list[memoryview]:

@@ -82,13 +82,15 @@ class Connection:
         self._limit = self.save_timeout if step.long else self.timeout
         self._deadline = time.monotonic() + self._limit
         sock = self._socket()
-        # With no daemon connected a DEALER send blocks forever: bound it like the reply.
-        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self._limit * 1000)))
+        # With no daemon connected a DEALER send blocks forever: bound it by the ordinary timeout even for a
+        # long op (a daemon that is up takes the message at once, however long its answer takes; a dead one
+        # behind a stale socket file must not cost a hello the save timeout).
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
         try:
             sock.send_multipart(step.frames, copy=True)
         except zmq.Again:
             self.close()
-            raise timed_out(self.address, self._op, self._limit) from None
+            raise timed_out(self.address, self._op, self.timeout) from None
 
     def _receive(self) -> list[memoryview]:
         sock = self._socket()
