@@ -165,8 +165,8 @@ class Daemon:
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
         self.reports = Reports(ReportContext(
-            config=lambda: self.config, run=self.run_state, jobs=self.jobs, ledger=self.table.ledger,
-            store=self.store, writer=self.writer,
+            config=lambda: self.config, run=self.run_state, jobs=self.jobs, jobs_of=self.table.jobs_of,
+            ledger=self.table.ledger, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
             durations=self.save_durations, pid=self.pid, boot=self.boot,
         ))

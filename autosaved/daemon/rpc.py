@@ -231,15 +231,13 @@ class Handlers:
         return asked
 
     async def _check_job_quota(self, owner: int, name: str) -> None:
-        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt)."""
+        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt). A job counts when its folder
+        is on disk or it is loaded. O(1): the table keeps each owner's names (jobcount.py; an owner's
+        folder is listed once per daemon run, at the first check that needs it)."""
         limit = self.ctx.config().quota.max_jobs
         if limit is None or owner == 0 or (owner, name) in self.ctx.table.jobs:
             return
-
-        def existing() -> set[str]:
-            return {s.job for s in self.ctx.table.store.jobs(owner)} | {n for o, n in self.ctx.table.jobs if o == owner}
-
-        names = await anyio.to_thread.run_sync(existing)
+        names = await self.ctx.table.names.of(owner)
         if name not in names and len(names) >= limit:
             raise QuotaExceeded(
                 f"quota.max_jobs: uid {owner} already has {len(names)} jobs (the limit is {limit}); delete one "
@@ -674,15 +672,22 @@ class Handlers:
         # A save already writing must finish (or fail) before its folder goes away; gc too.
         point("delete", "lock", "before", name)
         async with self.ctx.table.io_lock(key):
-            if job is not None:
-                async with job.wal_lock:
-                    job.finish_waiters(NotFound(f"job {name!r} was deleted"))
-                    if job.wal is not None:
-                        job.wal.close()
-                    self.ctx.table.remove(key)
+            try:
+                if job is not None:
+                    async with job.wal_lock:
+                        job.finish_waiters(NotFound(f"job {name!r} was deleted"))
+                        if job.wal is not None:
+                            job.wal.close()
+                        self.ctx.table.remove(key)
+                        await anyio.to_thread.run_sync(store.delete)
+                else:
                     await anyio.to_thread.run_sync(store.delete)
-            else:
-                await anyio.to_thread.run_sync(store.delete)
+            finally:
+                # The folder is renamed away first (atomic): once it is gone the job no longer counts for
+                # quota.max_jobs, even if sweeping the renamed folder failed.
+                with anyio.CancelScope(shield=True):
+                    if not await anyio.to_thread.run_sync(store.path.exists):
+                        self.ctx.table.folder_gone(*key)
         return versions
 
 
