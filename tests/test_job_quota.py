@@ -2,26 +2,35 @@
 ``list``, cost the same however many jobs other users hold; jobs on disk that are not loaded still count;
 a delete gives the slot back.
 
-The cost is counted, never timed: every walk of the daemon's table of loaded jobs goes through the dict's
-iteration, which the in-process tests count (the daemon's core, on a real store in a temp dir). The quota
-rows run the real daemon over its ipc socket, restarted in between so the jobs are on disk only.
+The cost is counted, never timed: every walk of the daemon's table of loaded jobs (and of the slot table's
+clients) goes through the dict's iteration, which the in-process tests count (the daemon's core, on a real
+store in a temp dir, real memfds). The quota rows run the real daemon over its ipc socket, restarted in
+between so the jobs are on disk only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import msgpack
 import pytest
 
 import autosaved
 from autosaved.config import Config, PolicySettings, QuotaSettings
 from autosaved.daemon.app import Daemon
+from autosaved.daemon.fdserver import FdContext, FdServer
+from autosaved.daemon.jobcount import JobNames
 from autosaved.daemon.jobs import Job, JobKey
 from autosaved.daemon.rpc import Handlers, Reply, RpcRequest, finish
+from autosaved.daemon.runstate import RunState
+from autosaved.daemon.slottable import SlotConn, SlotTable
 from autosaved.errors import QuotaExceeded
 from autosaved.storage.wal import WalWriter
 from autosaved.testing.private import PrivateDaemon
@@ -163,3 +172,102 @@ def test_max_jobs_counts_jobs_on_disk_and_a_delete_frees_a_slot(
         _create(daemon.address, A, "four")
     with autosaved.Admin(address=daemon.address, owner=A) as admin:
         assert sorted(j["job"] for j in admin.jobs()) == ["three", "two"]
+
+
+# -- the job names' listing, raced by creates and deletes ----------------------------------------------
+
+
+def test_changes_during_an_owners_first_listing_are_kept(tmp_path: Path) -> None:
+    """A job created and one deleted while the owner's folder is being listed: the names end up exact."""
+    listing_started, go_on = threading.Event(), threading.Event()
+
+    def listed(owner: int) -> set[str]:
+        seen = {"old", "doomed"}  # what the folder held when the listing read it
+        listing_started.set()
+        go_on.wait(10)
+        return seen
+
+    loaded: list[str] = ["new"]
+    names = JobNames(listed, lambda owner: list(loaded))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            result: list[set[str]] = []
+
+            async def first() -> None:
+                result.append(set(await names.of(A)))
+
+            tg.start_soon(first)
+            await anyio.to_thread.run_sync(listing_started.wait, 10)
+            names.add(A, "new")  # the table took a new job in
+            names.forget(A, "doomed")  # a delete removed a folder the listing had already seen
+            names.forget(A, "back")
+            names.add(A, "back")  # deleted and created again
+            go_on.set()
+        assert result == [{"old", "new", "back"}]
+        assert await names.of(A) == {"old", "new", "back"} and names.listings == 1  # listed once
+        names.forget(A, "old")
+        assert await names.of(A) == {"new", "back"}
+        names.add(B, "x")  # an owner nobody asked about yet: its listing will see the disk
+        assert B not in names._names
+
+    anyio.run(main)
+
+
+# -- the slot table's totals --------------------------------------------------------------------------
+
+
+class CountingConns(dict[str, SlotConn]):
+    visited = 0
+
+    def values(self) -> ValuesView[SlotConn]:
+        self.visited += len(self)
+        return super().values()
+
+    def items(self) -> ItemsView[str, SlotConn]:
+        self.visited += len(self)
+        return super().items()
+
+    def __iter__(self) -> Iterator[str]:
+        self.visited += len(self)
+        return super().__iter__()
+
+
+def _memfd(size: int) -> int:
+    fd = os.memfd_create("slot", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+def test_a_slot_request_costs_the_same_whatever_other_users_have_mapped(tmp_path: Path) -> None:
+    """``quota.max_shm_bytes`` and the global cap read counters: adding a slot visits no other client, and
+    the totals stay exact through add, drop and a connection's end."""
+    slots = SlotTable(max_bytes=1 << 30)
+    conns = CountingConns()
+    slots.conns = conns
+    config = Config(address=f"ipc://{tmp_path}/d.sock", state_dir=tmp_path, quota=QuotaSettings(max_shm_bytes=3 * 4096))
+    server = FdServer(FdContext(config=lambda: config, slots=slots, boot="b", run=RunState(),
+                                give_to_socket_group=lambda path: None))
+    others = [slots.open(B, 100 + i) for i in range(2000)]
+    for conn in others[:3]:
+        assert slots.add(conn, 1, 4096, [_memfd(4096)])["ok"]
+    mine = slots.open(A, 1)
+    conns.visited = 0
+    for slot in (1, 2, 3):
+        reply = server._request(mine, msgpack.packb({"op": "add", "slot": slot, "size": 4096}), [_memfd(4096)])
+        assert reply["ok"], reply
+    refused = server._request(mine, msgpack.packb({"op": "add", "slot": 4, "size": 4096}), [_memfd(4096)])
+    assert not refused["ok"] and "quota.max_shm_bytes" in refused["message"]
+    assert slots.report()["slots"] == 6 and len(slots.live_mappings()) == 6
+    assert conns.visited == 0  # not one other client's slots summed
+    assert slots.mapped_bytes_of(A) == 3 * 4096 and slots.mapped_bytes_of(B) == 3 * 4096
+    assert slots.mapped_bytes == 6 * 4096
+    assert id(mine.slots[2]) in slots.live_mappings()
+    server._request(mine, msgpack.packb({"op": "drop", "slot": 2}), [])
+    assert slots.mapped_bytes_of(A) == 2 * 4096 and slots.report()["slots"] == 5
+    slots.close(mine)
+    for conn in others:
+        slots.close(conn)
+    assert slots.mapped_bytes == 0 and slots.report()["slots"] == 0 and not slots.live_mappings()
+    assert slots.mapped_bytes_of(A) == slots.mapped_bytes_of(B) == 0
