@@ -122,6 +122,8 @@ def _work_of_a(tmp_path: Path, b_jobs: int) -> dict[str, int]:
             await measured("refused fourth", _req("hello", A, job="a4"))
         await measured("delete", _req("delete", A, job="a1"))
         await measured("create after delete", _req("hello", A, job="a4"))
+        daemon.table.remove((A, "never-loaded"))  # nothing to let go: a no-op
+        assert sorted(j.name for j in daemon.table.jobs_of(A)) == ["a2", "a3", "a4"]
 
     anyio.run(main)
     return work

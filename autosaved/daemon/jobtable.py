@@ -70,7 +70,7 @@ class JobTable:
         """Let a job go (delete): its state is no longer charged to its owner."""
         job = self.jobs.pop(key, None)
         mine = self.by_owner.get(key[0])
-        if mine is not None and mine.get(key[1]) is job:
+        if job is not None and mine is not None and mine.get(key[1]) is job:
             del mine[key[1]]
             if not mine:
                 del self.by_owner[key[0]]
