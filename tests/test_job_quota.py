@@ -11,6 +11,7 @@ between so the jobs are on disk only.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import threading
 from collections.abc import Callable, ItemsView, Iterator, KeysView, ValuesView
@@ -21,6 +22,7 @@ import anyio
 import anyio.to_thread
 import msgpack
 import pytest
+from anyio import wait_all_tasks_blocked
 
 import autosaved
 from autosaved.config import Config, PolicySettings, QuotaSettings
@@ -31,12 +33,13 @@ from autosaved.daemon.jobs import Job, JobKey
 from autosaved.daemon.rpc import Handlers, Reply, RpcRequest, finish
 from autosaved.daemon.runstate import RunState
 from autosaved.daemon.slottable import SlotConn, SlotTable
+from autosaved.daemon.wakeups import Wakeups
 from autosaved.errors import QuotaExceeded
 from autosaved.storage.wal import WalWriter
 from autosaved.testing.private import PrivateDaemon
 
 from .conftest import skip_or_fail
-from .test_daemon_core import FakeClock, RecordingNotifier
+from .test_daemon_core import FakeClock, RecordingNotifier, _update
 
 A, B = 40001, 40002  # two users (root acts for them in the real-daemon tests: root itself is exempt)
 
@@ -273,3 +276,56 @@ def test_a_slot_request_costs_the_same_whatever_other_users_have_mapped(tmp_path
         slots.close(conn)
     assert slots.mapped_bytes == 0 and slots.report()["slots"] == 0 and not slots.live_mappings()
     assert slots.mapped_bytes_of(A) == slots.mapped_bytes_of(B) == 0
+
+
+# -- the scheduler decides for the job that changed -----------------------------------------------------
+
+
+def _save_work(tmp_path: Path, b_jobs: int) -> dict[str, int]:
+    """What user A's explicit saves cost the scheduler while user B holds ``b_jobs`` loaded jobs."""
+    daemon, jobs = _daemon(tmp_path, max_jobs=3)
+    work: dict[str, int] = {}
+
+    async def main() -> None:
+        _hold(daemon, B, b_jobs)
+        async with anyio.create_task_group() as tg:
+            daemon._tg = tg
+            tg.start_soon(daemon._scheduler_loop)
+            await wait_all_tasks_blocked()  # its first pass (every job, once) is over
+            visited, decided = jobs.visited, daemon.wakeups.decided
+            d = daemon.handlers
+            await call(d, _req("hello", A, job="a1"))
+            assert (await call(d, _req("save", A, job="a1"))).fields == {"version": 1, "new": True}
+            await call(d, _update("a1", {"w": 1}, seq=2, owner=A, wait="committed"))
+            await wait_all_tasks_blocked()
+            work["table entries visited"] = jobs.visited - visited
+            work["decisions"] = daemon.wakeups.decided - decided
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    return work
+
+
+def test_a_save_costs_the_scheduler_the_same_whatever_other_users_hold(tmp_path: Path) -> None:
+    few = _save_work(tmp_path / "few", 5)
+    many = _save_work(tmp_path / "many", 5000)
+    assert few == many, (few, many)
+    # Each pass decided for A's job alone (asked for, then its finished save): never a walk of the table.
+    assert few["table entries visited"] == 0 and 1 <= few["decisions"] <= 6, few
+
+
+def test_wakeups_keep_each_jobs_earliest_and_hand_out_only_what_is_due() -> None:
+    w = Wakeups()
+    assert w.take(0.0) is None and w.next_at() == math.inf  # the first pass: every job, then nothing
+    w.at((A, "idle"), 10.0)
+    w.at((A, "idle"), 12.0)  # an update moved its idle timer later: the earlier wake-up stays
+    w.at((A, "soon"), 5.0)
+    w.at((A, "soon"), 4.0)  # earlier: replaces the live one (the 5.0 entry is stale)
+    assert w.next_at() == 4.0 and w.take(3.0) == []
+    assert w.take(5.0) == [(A, "soon")] and w.next_at() == 10.0  # the stale 5.0 entry is skipped
+    w.now((B, "asked"))
+    assert w.next_at() == -math.inf and w.take(6.0) == [(B, "asked")]
+    assert w.take(11.0) == [(A, "idle")] and w.next_at() == math.inf
+    w.at((A, "x"), 1.0)
+    w.every()
+    assert w.take(0.0) is None and w.take(2.0) == []  # every job was decided: its old wake-ups are gone

@@ -33,7 +33,7 @@ log = logging.getLogger("autosaved.daemon")
 
 class JobTable:
     def __init__(self, store: Storage, *, policy: Callable[[], PolicySettings], clock: Callable[[], float],
-                 poke: Callable[[], None], replicator: Replicator | None = None) -> None:
+                 poke: Callable[[Job], None], replicator: Replicator | None = None) -> None:
         self.store = store
         self.policy = policy
         self.clock = clock
@@ -158,7 +158,7 @@ class JobTable:
                     # A replayed log is saved at once (reason ``recovery``): a daemon that crashes again
                     # before a busy stream ever lets ``idle`` or ``interval`` fire must not replay more.
                     job.recovery_pending = True
-                    self.poke()  # the scheduler plans this job's save now, not at some unrelated wake-up
+                    self.poke(job)  # the scheduler plans this job's save now, not at some unrelated wake-up
                 log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
                          job.latest_version, len(recovered.replay.records))
             job.next_version = ids[-1] + 1 if ids else 1

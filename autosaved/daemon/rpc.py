@@ -13,8 +13,8 @@ hold; counters and per-owner indexes instead, see accounting.py, jobcount.py and
   ``quota.max_jobs``: O(1) from the owner's job names (one listing of the owner's own folder per daemon run).
 - ``update``: O(the delta) to check and merge (``quota.max_bytes`` from the owner's counter) plus O(the
   client's slots) for ``held``. ``logged`` adds the log append; ``committed``/``replicated`` the job's save.
-- ``save``: the job's save. Not yet O(1) overall: waking the scheduler (here, and when any save finishes)
-  makes it decide for every loaded job, on the event loop (a per-job wake-up heap would fix that).
+- ``save``: the job's save; the scheduler decides for that job alone, when asked and when its save ends
+  (wakeups.py: jobs asked for plus a heap of per-job wake-ups; only a reload decides for every job).
 - ``restore``: O(what it sends) (a version read from disk: that version's manifest and chunks).
 - ``status`` of one job: O(1); of all: O(the caller's jobs) via the per-owner index, plus counters
   (state bytes, slot totals); root (and the daemon's own user) get every job.
@@ -211,7 +211,7 @@ class RpcContext:
     wal: LogCommitter  # the write-ahead log's group committer
     replicator: Replicator | None
     clock: Callable[[], float]
-    poke: Callable[[], None]
+    poke: Callable[[Job], None]  # the scheduler decides for this job at its next pass
     # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
     poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
@@ -319,7 +319,7 @@ class Handlers:
         job.policy_overrides = dict(raw)
         if settings != job.settings:
             job.settings = settings
-            self.ctx.poke()
+            self.ctx.poke(job)
 
     def _parse_update(self, req: RpcRequest) -> ParsedUpdate:
         """Everything an update says that can be checked from the request alone (no job, no await)."""
@@ -445,7 +445,7 @@ class Handlers:
         job.waiters.append(waiter)
         job.explicit_requested = True
         self.ctx.promote(job)
-        self.ctx.poke()
+        self.ctx.poke(job)
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
@@ -678,6 +678,7 @@ class Handlers:
             except BaseException:
                 if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
+                    self.ctx.poke(job)  # and saved when due (the scheduler skipped it while deleted)
                 if replicator is not None:
                     with anyio.CancelScope(shield=True):
                         await replicator.cancel_delete(req.owner, name,
