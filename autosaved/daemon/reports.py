@@ -34,6 +34,8 @@ class ReportContext:
     config: Callable[[], Config]
     run: RunState
     jobs: Mapping[JobKey, Job]
+    # One owner's loaded jobs (every one's for None): O(what it returns), never a scan of all jobs.
+    jobs_of: Callable[[int | None], list[Job]]
     ledger: Ledger
     store: Storage
     writer: Writer
@@ -82,7 +84,7 @@ class Reports:
         speed = self.ctx.writer.flush_speed()
         jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0,
                  **({"remote": self.ctx.replicator.status(j.key)} if self.ctx.replicator is not None else {})}
-                for j in self.ctx.jobs.values() if owner is None or j.owner == owner]
+                for j in self.ctx.jobs_of(owner)]
         return {
             "daemon": {
                 "pid": self.ctx.pid,
@@ -103,7 +105,7 @@ class Reports:
                 "held_bytes": self.ctx.ledger.held_bytes,
                 # Counters, never a walk (issue 19): the cost of the held states (what quota.max_bytes
                 # counts), the slot mappings they read, and the tree entries every walk visited so far.
-                "state_bytes": sum(self.ctx.ledger.state_bytes.values()),
+                "state_bytes": self.ctx.ledger.state_total,
                 "referenced_slot_mappings": len(self.ctx.ledger.refs),
                 "tree_entries_walked": Walked.entries,
                 "rss_bytes": psutil.Process().memory_info().rss,
@@ -130,9 +132,7 @@ class Reports:
             except FileNotFoundError:
                 continue  # deleted while we listed it (found by the daemon fuzz loop: an internal error before)
             out[(store.owner, store.job)] = entry
-        for job in list(self.ctx.jobs.values()):
-            if owner is not None and job.owner != owner:
-                continue
+        for job in self.ctx.jobs_of(owner):
             entry = out.setdefault(
                 job.key, {"job": job.name, "owner": job.owner, "versions": 0, "latest": None, "bytes": 0}
             )

@@ -4,6 +4,28 @@ turning a validated request into a reply; :data:`REGISTRY` binds them to :data:`
 Handlers raise :class:`~autosaved.errors.AutosavedError` for anything the client did wrong or the daemon
 could not do; the server turns that into an error reply. Nothing a client sends can make a handler
 write outside its own job's folder: the job name is validated before any path is built from it.
+
+What each op costs (issue 19: O(the request, or the caller's own jobs), never a walk of what other users
+hold; counters and per-owner indexes instead, see accounting.py, jobcount.py and ``JobTable.by_owner``):
+
+- ``ping``: O(1).
+- ``hello``, and ``update`` / ``save`` of a job not loaded yet: the job's load (its log replay: O(the job));
+  ``quota.max_jobs``: O(1) from the owner's job names (one listing of the owner's own folder per daemon run).
+- ``update``: O(the delta) to check and merge (``quota.max_bytes`` from the owner's counter) plus O(the
+  client's slots) for ``held``. ``logged`` adds the log append; ``committed``/``replicated`` the job's save.
+- ``save``: the job's save; the scheduler decides for that job alone, when asked and when its save ends
+  (wakeups.py: jobs asked for plus a heap of per-job wake-ups; only a reload decides for every job).
+- ``restore``: O(what it sends) (a version read from disk: that version's manifest and chunks).
+- ``status`` of one job: O(1); of all: O(the caller's jobs) via the per-owner index, plus counters
+  (state bytes, slot totals); root (and the daemon's own user) get every job.
+- ``list`` of one job: O(its versions); of all: O(the caller's jobs and their stored chunk files) (it sums
+  each job's chunk sizes); root lists every user's.
+- ``verify`` / ``gc``: O(the job's, or the caller's jobs', stored data), in worker threads.
+- ``delete``: O(the job's files), plus one listing of the owner's folder to sweep half-deleted jobs.
+- The fd socket (fdserver.py): a slot's ``add``/``drop`` is O(1) (the per-user mapped bytes are counters,
+  slottable.py), a connection's end O(its slots); a restore through it O(what it sends).
+- ``/metrics`` (not an rpc) renders every loaded job, from counters; systemd's STATUS= line, every few
+  seconds, also visits every loaded job.
 """
 
 from __future__ import annotations
@@ -189,7 +211,7 @@ class RpcContext:
     wal: LogCommitter  # the write-ahead log's group committer
     replicator: Replicator | None
     clock: Callable[[], float]
-    poke: Callable[[], None]
+    poke: Callable[[Job], None]  # the scheduler decides for this job at its next pass
     # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
     poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
@@ -231,15 +253,13 @@ class Handlers:
         return asked
 
     async def _check_job_quota(self, owner: int, name: str) -> None:
-        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt)."""
+        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt). A job counts when its folder
+        is on disk or it is loaded. O(1): the table keeps each owner's names (jobcount.py; an owner's
+        folder is listed once per daemon run, at the first check that needs it)."""
         limit = self.ctx.config().quota.max_jobs
         if limit is None or owner == 0 or (owner, name) in self.ctx.table.jobs:
             return
-
-        def existing() -> set[str]:
-            return {s.job for s in self.ctx.table.store.jobs(owner)} | {n for o, n in self.ctx.table.jobs if o == owner}
-
-        names = await anyio.to_thread.run_sync(existing)
+        names = await self.ctx.table.names.of(owner)
         if name not in names and len(names) >= limit:
             raise QuotaExceeded(
                 f"quota.max_jobs: uid {owner} already has {len(names)} jobs (the limit is {limit}); delete one "
@@ -299,7 +319,7 @@ class Handlers:
         job.policy_overrides = dict(raw)
         if settings != job.settings:
             job.settings = settings
-            self.ctx.poke()
+            self.ctx.poke(job)
 
     def _parse_update(self, req: RpcRequest) -> ParsedUpdate:
         """Everything an update says that can be checked from the request alone (no job, no await)."""
@@ -425,7 +445,7 @@ class Handlers:
         job.waiters.append(waiter)
         job.explicit_requested = True
         self.ctx.promote(job)
-        self.ctx.poke()
+        self.ctx.poke(job)
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
@@ -658,6 +678,7 @@ class Handlers:
             except BaseException:
                 if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
+                    self.ctx.poke(job)  # and saved when due (the scheduler skipped it while deleted)
                 if replicator is not None:
                     with anyio.CancelScope(shield=True):
                         await replicator.cancel_delete(req.owner, name,
@@ -674,15 +695,22 @@ class Handlers:
         # A save already writing must finish (or fail) before its folder goes away; gc too.
         point("delete", "lock", "before", name)
         async with self.ctx.table.io_lock(key):
-            if job is not None:
-                async with job.wal_lock:
-                    job.finish_waiters(NotFound(f"job {name!r} was deleted"))
-                    if job.wal is not None:
-                        job.wal.close()
-                    self.ctx.table.remove(key)
+            try:
+                if job is not None:
+                    async with job.wal_lock:
+                        job.finish_waiters(NotFound(f"job {name!r} was deleted"))
+                        if job.wal is not None:
+                            job.wal.close()
+                        self.ctx.table.remove(key)
+                        await anyio.to_thread.run_sync(store.delete)
+                else:
                     await anyio.to_thread.run_sync(store.delete)
-            else:
-                await anyio.to_thread.run_sync(store.delete)
+            finally:
+                # The folder is renamed away first (atomic): once it is gone the job no longer counts for
+                # quota.max_jobs, even if sweeping the renamed folder failed.
+                with anyio.CancelScope(shield=True):
+                    if not await anyio.to_thread.run_sync(store.path.exists):
+                        self.ctx.table.folder_gone(*key)
         return versions
 
 

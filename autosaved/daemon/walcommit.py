@@ -91,7 +91,7 @@ class LogCommitter:
     the next batch: no task, no lock checkpoint. Only when the log's lock is taken (a save rotating or
     dropping segments, a delete) does a task wait for it and carry on from there."""
 
-    def __init__(self, spawn: Callable[[Callable[[Job], object], Job], None], poke: Callable[[], None]) -> None:
+    def __init__(self, spawn: Callable[[Callable[[Job], object], Job], None], poke: Callable[[Job], None]) -> None:
         self._spawn = spawn
         self._poke = poke
         self._threads = SyncThreads()
@@ -170,7 +170,7 @@ class LogCommitter:
             self.syncs += 1
             self.records += len(records)
             if log_over_bound(job.view()):
-                self._poke()  # the log a restart would replay reached its bound: save now (policy.log_bytes)
+                self._poke(job)  # the log a restart would replay reached its bound: save now (policy.log_bytes)
             self._done(job, batch, None)
         elif isinstance(exc, Exception):
             self._done(job, batch, self._failed(job, records, exc))
@@ -185,7 +185,7 @@ class LogCommitter:
         job.wal_broken = str(exc)
         job.wal_broken_lsn = records[-1].lsn
         job.explicit_requested = True  # a snapshot makes everything durable and restarts the log
-        self._poke()
+        self._poke(job)
         log.error("write-ahead log append failed job=%s records=%d error=%s", job.name, len(records), exc)
         return StorageError(
             f"could not log the update of {job.name!r} ({exc}); it is held in memory and a snapshot "

@@ -46,6 +46,8 @@ class Writer:
         self.write_speed: float | None = None
         self.clock = clock
         self.on_done = on_done
+        # Told which job's save ended (the daemon's scheduler then decides for that job alone).
+        self.on_job_done: Callable[[Job], None] | None = None
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.saves = 0
         self.failures = 0
@@ -72,6 +74,11 @@ class Writer:
         pace = SavePace(self.bucket, urgent=reason in URGENT_REASONS or bool(job.waiters))
         self.paces.setdefault(job.key, {})[ticket.version] = pace
         tg.start_soon(self._save, ticket, pace)
+
+    def _done(self, job: Job) -> None:
+        if self.on_job_done is not None:
+            self.on_job_done(job)
+        self.on_done()
 
     def promote(self, job: Job) -> None:
         """Someone waits for ``job`` to be committed: its saves in flight stop taking the adaptive rate."""
@@ -125,7 +132,7 @@ class Writer:
             commit_failed(ticket, exc, self.clock())
             log.error("save failed job=%s version=%d reason=%s error=%s retry_in=%.1fs", job.name,
                       ticket.version, ticket.reason, exc, (job.retry_at or 0) - self.clock())
-            self.on_done()
+            self._done(job)
             return
         except BaseException as exc:
             commit_failed(ticket, StorageError(f"save interrupted: {exc!r}"), self.clock())
@@ -143,7 +150,7 @@ class Writer:
                  result.info.bytes, result.bytes_written, result.chunks_written,
                  (time.perf_counter() - started) * 1000, pace.kind, pace.throttled_s * 1000,
                  "" if after is None else f" throttled_after_promotion_ms={after * 1000:.0f}")
-        self.on_done()
+        self._done(job)
         if job.wal is not None:
             wal = job.wal
             try:
