@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import socket
 import statistics
@@ -187,6 +188,18 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
     return {"bytes": out["bytes"], "host": out["host"], **{k: out[k] for k in KEYS}, "_daemon_rss": out["_daemon_rss"]}
 
 
+def missing_rows(result: dict[str, Any]) -> dict[str, str]:
+    """Why a row has no figure: the package it needs (issue 22: the table showed a bare "-")."""
+    torch = importlib.util.find_spec("torch") is not None
+    out = {}
+    if result.get("torch_save_s") is None:
+        out["torch_save_s"] = "not measured: needs torch (pip install 'autosaved[torch]')"
+    if result.get("dcp_async_blocking_s") is None:
+        out["dcp_async_blocking_s"] = ("not measured: needs torch (pip install 'autosaved[torch]')" if not torch else
+                                       "not measured: this torch has no torch.distributed.checkpoint.async_save")
+    return out
+
+
 def render(result: dict[str, Any], daemon_rss: int | None = None) -> str:
     def r(a: str, b: str) -> float | None:
         x, y = result.get(a), result.get(b)
@@ -202,6 +215,8 @@ def render(result: dict[str, Any], daemon_rss: int | None = None) -> str:
         "persist_s": fmt([(r("persist_s", "raw_write_s"), "raw_write_s")]),
         "restore_s": fmt([(r("restore_s", "raw_read_s"), "raw_read_s")]),
     }
+    for key, why in missing_rows(result).items():
+        notes[key] = why
     rows = [[k, "-" if result[k] is None else f"{result[k]:.4f}", notes.get(k, "")] for k in KEYS]
     lines = [f"autosaved bench: {human_bytes(result['bytes'])} of float32 arrays on {result['host']}",
              table(rows, ["measure", "seconds", "ratio"])]
@@ -219,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         result = measure(total, Path(tmp))
     rss = result.pop("_daemon_rss")
     if args.json:
+        if missing := missing_rows(result):
+            result["not_measured"] = missing
         print_json(result)
     else:
         print(render(result, rss))

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .private import PrivateDaemon
 
 POLICY = '[policy]\ninterval = "60s"\nidle = "5s"\nmin_gap = "5s"\n'
@@ -90,7 +91,7 @@ async def _measure(puts: int, root: Path, address: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     if args.puts < 20:
-        raise SystemExit("--puts must be at least 20")
+        raise ConfigError("--puts must be at least 20")
     with tempfile.TemporaryDirectory(prefix="autosaved-bench-lg-") as tmp, \
             PrivateDaemon(Path(tmp) / "daemon", config=POLICY) as daemon:
         result = asyncio.run(_measure(args.puts, Path(tmp), daemon.address))

@@ -384,15 +384,21 @@ class AdminCore(Exchange):
         rows: list[dict[str, Any]] = header["versions"]
         return rows
 
-    def delete(self, job: str) -> Flow[dict[str, Any]]:
-        header = yield from self.call(self.request("delete", {"job": validate_job_name(job)}))
-        return {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+    def delete(self, job: str, *, dry_run: bool = False) -> Flow[dict[str, Any]]:
+        fields: dict[str, Any] = {"job": validate_job_name(job), **({"dry_run": True} if dry_run else {})}
+        header = yield from self.call(self.request("delete", fields))
+        out = {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        if dry_run:
+            out.update(dry_run=True, freed_bytes=header["freed_bytes"], unsaved_bytes=header["unsaved_bytes"])
+        return out
 
-    def maintain(self, op: str, job: str | None) -> Flow[list[dict[str, Any]]]:
-        """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""
+    def maintain(self, op: str, job: str | None, *, dry_run: bool = False) -> Flow[list[dict[str, Any]]]:
+        """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while. ``dry_run``
+        (gc only): what would be deleted, deleting nothing."""
         if op not in ("verify", "gc"):
             raise ValueError(f"maintenance op must be verify or gc, not {op!r}")
-        header = yield from self.call(self.request(op, self._on(job), long=True))
+        fields = {**self._on(job), **({"dry_run": True} if dry_run else {})}
+        header = yield from self.call(self.request(op, fields, long=True))
         jobs: list[dict[str, Any]] = header["jobs"]
         return jobs
 

@@ -10,7 +10,7 @@ import anyio
 
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
-from ..state import State, merge, merge_deltas
+from ..state import State, changes_anything, merge, merge_deltas
 from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter
 from ..tree import iter_blobs
@@ -103,12 +103,16 @@ class Job:
 
     def apply(self, delta: State, *, session: str, seq: int, step: int | None, meta: dict[str, Any] | None,
               size: int, now: float) -> int:
-        """Merge one delta; returns the new generation. Runs in one event-loop step, so it is atomic."""
+        """Merge one delta; returns the new generation. Runs in one event-loop step, so it is atomic. An
+        update that changes nothing (same values, a DELETE of a missing key) leaves the job clean: it
+        makes no version (issue 22)."""
+        self.sessions[session] = seq
+        self.unlogged_sessions[session] = seq
+        if not self._changes(delta, step, meta):
+            return self.generation
         self.root = merge(self.root, delta)
         self.generation += 1
-        self.sessions[session] = seq
         self.unlogged = merge_deltas(self.unlogged, delta)
-        self.unlogged_sessions[session] = seq
         self.unlogged_generation = self.generation
         if step is not None:
             self.step = step
@@ -119,6 +123,13 @@ class Job:
             self.dirty_since = now
         self.last_update_at = now
         return self.generation
+
+    def _changes(self, delta: State, step: int | None, meta: dict[str, Any] | None) -> bool:
+        # A new job's first update counts whatever it holds: the job exists from then on (issue 22).
+        return ((self.generation == 0 and self.latest_version is None)
+                or (step is not None and step != self.step)
+                or (bool(meta) and any(k not in self.meta or self.meta[k] != v for k, v in (meta or {}).items()))
+                or changes_anything(self.root, delta))
 
     def take_log_record(self) -> Record:
         """The next log record: everything not yet covered by the log or a commit. Taken in the same

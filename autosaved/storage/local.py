@@ -592,11 +592,13 @@ class JobStore:
                 return vid
         return None
 
-    def referenced_digests(self) -> set[str] | None:
-        """Digests every manifest references; ``None`` when a manifest cannot be read (GC must then not
-        run: it could delete chunks of a version it failed to parse)."""
+    def referenced_digests(self, skip: frozenset[int] = frozenset()) -> set[str] | None:
+        """Digests every manifest (but those in ``skip``) references; ``None`` when a manifest cannot be
+        read (GC must then not run: it could delete chunks of a version it failed to parse)."""
         refs: set[str] = set()
         for vid in self.version_ids():
+            if vid in skip:
+                continue
             try:
                 doc = self.read_manifest(vid)
             except CorruptVersion:
@@ -626,16 +628,36 @@ class JobStore:
                     result.freed_bytes += size
         return result
 
-    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None) -> GcResult:
+    def _would_collect(self, doomed: frozenset[int]) -> GcResult:
+        """The chunks ``collect_garbage`` would delete once the versions ``doomed`` are gone (a dry run)."""
+        refs = self.referenced_digests(skip=doomed)
+        if refs is None:
+            return GcResult(blocked="not collecting garbage while a manifest is unreadable (see `autosaved verify`)")
+        result = GcResult()
+        for sub in self._object_dirs():
+            for entry in os.scandir(sub):
+                if entry.name.removesuffix(SUFFIX) not in refs:
+                    result.removed_chunks += 1
+                    result.freed_bytes += entry.stat().st_size
+        return result
+
+    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None, *,
+           dry_run: bool = False) -> GcResult:
         """Retention and collection on demand (``autosaved gc``); never deletes the newest version that
         verifies, nor one in ``protect`` (with ``[remote]``: the versions not yet in the object store).
-        Leftover temp files of crashed saves go too."""
-        self.clean_tmp()
+        Leftover temp files of crashed saves go too. ``dry_run``: what would go, touching nothing."""
+        if not dry_run:
+            self.clean_tmp()
         newest_ok = self.newest_verified()
         keep = {newest_ok} if newest_ok is not None else set()
         held = set(protect or ())
         would = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
                                    keep_last=keep_last, keep_every=keep_every, protect=frozenset(keep))
+        if dry_run:
+            result = self._would_collect(frozenset(set(would) - held))
+            result.deleted_versions = sorted(set(would) - held)
+            result.kept_unreplicated = sorted(set(would) & held)
+            return result
         deleted = self.apply_retention(keep_last, keep | held, keep_every, collect=False)
         result = self.collect_garbage()  # also when nothing was deleted: crashes may have left chunks
         result.deleted_versions = deleted
