@@ -7,6 +7,8 @@ the autosaved daemon; kill it at any point and run it again: it resumes at the l
 
 Nothing is downloaded: the model comes from ``GPT2Config`` and the data are random token sequences.
 ``--die-at K`` SIGKILLs the process in step K's ``on_step_end``, right after autosaved acknowledged it.
+
+Needs ``pip install 'autosaved[transformers]'``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ and it resumes on its thread from the last checkpoint.
 The graph: ``plan`` → (``search`` ∥ ``draft``) → ``review`` → ``finish``; each stage appends to ``log``.
 ``--block NODE`` makes that node wait (after the other branch's writes are saved) so a test can kill the
 process mid-step; ``--async`` drives the graph with ``ainvoke`` (the saver's async methods).
+
+Needs ``pip install 'autosaved[langgraph]'``.
 """
 
 from __future__ import annotations

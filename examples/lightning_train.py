@@ -8,6 +8,8 @@ and run the same command again: ``fit(ckpt_path="autosaved://JOB")`` resumes at 
 
 The data loader keeps its position (``state_dict``/``load_state_dict``), so a resume continues with the batch
 that follows the last saved step. ``--die-at K`` SIGKILLs the process right after step K was acknowledged.
+
+Needs ``pip install 'autosaved[lightning]'``.
 """
 
 from __future__ import annotations
