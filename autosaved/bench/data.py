@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.common import human_bytes, print_json, table
+from ..cli.common import Stages, human_bytes, print_json, table
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_size
@@ -153,16 +153,21 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
     state = make_state(total)
     nbytes = sum(v.nbytes for v in state.values())
     out: dict[str, Any] = {"bytes": nbytes, "host": f"{socket.gethostname()} ({os.cpu_count()} cpus)"}
+    stage = Stages("data")
+    stage("memcpy")
     out["memcpy_s"] = _memcpy_s(state)
+    stage("starting a private daemon")
     with PrivateDaemon(work_dir / "daemon", config=_DAEMON_CONFIG) as daemon, \
             Client("bench", address=daemon.address, save_timeout=3600) as client, \
             Admin(address=daemon.address) as admin:
+        stage("update (the trainer's stall)")
         out["update_blocking_s"] = _median(lambda: client.update(state))
         rss = [admin.status()["daemon"]["rss_bytes"]]
         raw = daemon.state_dir / "raw.bin"
         persist, raw_write, restore, raw_read = [], [], [], []
         # Disks on shared hosts swing: each pair runs back to back, IO_ROUNDS times, and medians are kept.
         for round_ in range(IO_ROUNDS):
+            stage(f"round {round_ + 1}/{IO_ROUNDS}: save")
             fresh = make_state(total, seed=round_ + 1)  # bytes the store has never seen: the save writes all
             client.update(fresh)
             persist.append(_timed(client.save))
@@ -173,6 +178,7 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
             pieces = [v.data for v in fresh.values()]
             raw_write.append(_timed(functools.partial(write_fsync, raw, pieces, drop_cache=True)))
             del fresh, pieces
+            stage(f"round {round_ + 1}/{IO_ROUNDS}: restore")
             objects = [p for p in (daemon.state_dir / "jobs").rglob("objects/*/*") if p.is_file()]
             _drop_cache([*objects, raw])
             restore.append(_timed(functools.partial(client.restore, version)))
@@ -183,8 +189,11 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
         for key, times in (("persist_s", persist), ("raw_write_s", raw_write), ("restore_s", restore),
                            ("raw_read_s", raw_read)):
             out[key] = statistics.median(times)
+    stage("torch.save")
     out["torch_save_s"] = _torch_save_s(state, work_dir)
+    stage("DCP async_save")
     out["dcp_async_blocking_s"] = _dcp_async_blocking_s(state, work_dir)
+    stage.done()
     return {"bytes": out["bytes"], "host": out["host"], **{k: out[k] for k in KEYS}, "_daemon_rss": out["_daemon_rss"]}
 
 

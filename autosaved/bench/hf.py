@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli.common import Stages
 from ..errors import ConfigError
 from .private import PrivateDaemon
 
@@ -116,8 +117,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--steps must be at least 5")
     with tempfile.TemporaryDirectory(prefix="autosaved-bench-hf-") as tmp, \
             PrivateDaemon(Path(tmp) / "daemon", config=POLICY) as daemon:
-        result: dict[str, Any] = {m: _mode(args, Path(tmp), m, daemon.address)
-                                  for m in ("none", "autosaved", "trainer_save")}
+        stage = Stages("hf")
+        result: dict[str, Any] = {}
+        for i, m in enumerate(("none", "autosaved", "trainer_save")):
+            stage(f"mode {i + 1}/3: {m}, {args.steps} steps")
+            result[m] = _mode(args, Path(tmp), m, daemon.address)
+        stage.done()
     base = result["none"]["step_s"]
     result["params"] = result["none"]["params"]
     result["autosaved_overhead"] = round(result["autosaved"]["step_s"] / base - 1, 4)

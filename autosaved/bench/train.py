@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import human_bytes, print_json, table
+from ..cli.common import Stages, human_bytes, print_json, table
 from ..client.lazy import LazyClient
 from ..client.sync import Client
 from ..errors import AutosavedError
@@ -216,12 +216,15 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path) -> dic
     out: dict[str, Any] = {"host": f"{socket.gethostname()} ({os.cpu_count()} cpus)", "steps": steps,
                            "threads": torch.get_num_threads(), "config": cfg.__dict__, "seq": seq, "batch": batch}
     with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
-        for mode in MODES:
+        stage = Stages("train")
+        for i, mode in enumerate(MODES):
+            stage(f"mode {i + 1}/{len(MODES)}: {mode}, {steps} steps")
             r = run_mode(mode, cfg, steps, seq, batch, work, daemon.address)
             out[f"step_s_{mode}"] = r["step_s"]
             if mode != "none":
                 out[f"blocking_s_{mode}"] = r["blocking_s"]
             out["state_bytes"] = r["state_bytes"]
+        stage.done()
     out["params"] = sum(p.numel() for p in build_model(cfg).parameters())
     return out
 

@@ -213,7 +213,9 @@ class ClientCore(Exchange):
         return (yield from self.call(self.request("ping", {"job": None})))
 
     def status(self) -> Flow[dict[str, Any]]:
-        return (yield from self.call(self.request("status", {})))
+        # ``missing_ok``: before its first update the job does not exist yet (issue 22); the SDK then gets
+        # the status of an empty job (``"exists": False``) with the policy it would run under.
+        return (yield from self.call(self.request("status", {"missing_ok": True, "policy": self.policy})))
 
     def save(self) -> Flow[int]:
         header = yield from self.call(self.request("save", {}, long=True))

@@ -302,12 +302,15 @@ class Handlers:
         if job is None:
             # A job exists from its first accepted update, not from a hello (issue 22: a typo made jobs);
             # the client sends its policy with every update, so nothing is lost by not keeping it here.
-            raw = req.header.get("policy")
-            if raw is not None and not isinstance(raw, dict):
-                raise ProtocolError("policy must be a map")
-            settings = PolicySettings.parse(raw or {}, base=self.ctx.config().policy, where="policy")
-            return Reply({"durable": 0, "latest_version": None, "policy": settings.to_wire()})
+            return Reply({"durable": 0, "latest_version": None, "policy": self._requested_policy(req).to_wire()})
         return self._hello(req, job)
+
+    def _requested_policy(self, req: RpcRequest) -> PolicySettings:
+        """The policy a job not created yet would run under: the defaults with the request's overrides."""
+        raw = req.header.get("policy")
+        if raw is not None and not isinstance(raw, dict):
+            raise ProtocolError("policy must be a map")
+        return PolicySettings.parse(raw or {}, base=self.ctx.config().policy, where="policy")
 
     def _hello(self, req: RpcRequest, job: Job) -> Reply:
         self._apply_policy(job, req.header.get("policy"))
@@ -585,6 +588,11 @@ class Handlers:
             return Reply(self.ctx.status(None if req.owner in (0, self.ctx.uid) else req.owner))
         name = validate_job_name(job_name)
         job = await self.ctx.table.find(req.owner, name)  # loaded if on disk: dirty/step include replayed records
+        if job is None and req.header.get("missing_ok") is True:
+            # A Client asking before its first update: an empty job's status, creating nothing.
+            settings = self._requested_policy(req)
+            empty = Job(owner=req.owner, name=name, store=self.ctx.table.store.job(req.owner, name), settings=settings)
+            return Reply({**empty.status(), "live": True, "exists": False})
         if job is None:
             raise NotFound(f"no job named {name!r}")
         remote = {"remote": self.ctx.replicator.status(job.key)} if self.ctx.replicator is not None else {}
