@@ -73,7 +73,7 @@ def history(graph: Any, thread: str) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--thread", default="t1")
     p.add_argument("--job", default="langgraph-example")
     p.add_argument("--address", default=None)

@@ -126,7 +126,7 @@ def fit(a: argparse.Namespace, use_autosaved: bool) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", default="lightning-example")
     p.add_argument("--address", default=None)
     p.add_argument("--steps", type=int, default=30)
