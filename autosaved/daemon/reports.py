@@ -42,6 +42,7 @@ class ReportContext:
     durations: Histogram
     pid: int
     boot: str
+    log_sync_durations: Histogram | None = None
 
 
 class Reports:
@@ -65,7 +66,8 @@ class Reports:
             uptime_s=time.time() - run.started_at, requests=run.requests, request_errors=run.errors,
             saves=writer.saves, save_failures=writer.failures, bytes_written=writer.bytes_written,
             reloads=reloader.reloads, reload_failures=reloader.failures, task_restarts=run.task_failures,
-            durations=self.ctx.durations,
+            durations=self.ctx.durations, log_syncs=self.ctx.wal.syncs, log_sync_durations=self.ctx.log_sync_durations,
+            quota_refusals=run.quota_refusals,
             jobs=tuple(
                 JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
                           dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), consecutive_failures=j.failures,
