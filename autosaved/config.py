@@ -374,6 +374,8 @@ class Config:
     write_speed: int | None = None
     chunk_size: int = 8 * 1024**2
     log_level: str = "info"
+    # "text" (key=value lines) or "json" (one object per line); chosen at start.
+    log_format: str = "text"
     # Group allowed into the socket directory besides the daemon's user (name or gid); None: the daemon's group.
     socket_group: str | int | None = None
     # host:port of the Prometheus text endpoint; None: off.
@@ -389,11 +391,11 @@ class Config:
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
              "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption", "write_speed",
-             "max_connections", "remote"}
+             "max_connections", "remote", "log_format"}
 # Keys a running daemon cannot change: they are bound to its socket, its files or its listeners (and
 # write_speed is used once, at start, in place of the probe).
 RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
-                                        "max_shm_bytes", "write_speed", "max_connections", "remote")
+                                        "max_shm_bytes", "write_speed", "max_connections", "remote", "log_format")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
@@ -445,6 +447,10 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
         if level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: expected debug, info, warning or error, got {raw['log_level']!r}")
         changes["log_level"] = level
+    if "log_format" in raw:
+        if raw["log_format"] not in ("text", "json"):
+            raise ConfigError(f"log_format: expected \"text\" or \"json\", got {raw['log_format']!r}")
+        changes["log_format"] = raw["log_format"]
     if "socket_group" in raw:
         group = raw["socket_group"]
         if isinstance(group, bool) or not isinstance(group, str | int) or group == "" or (
