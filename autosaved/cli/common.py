@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from ..client.admin import Admin
 from ..config import discover_state_dir
-from ..errors import NotFound
+from ..storage.base import version_at_step
 from ..storage.local import JobStore
 
 
@@ -68,10 +68,7 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
 
 def find_step(versions: list[dict[str, Any]], step: int, job: str) -> int:
     """The newest version id whose step is ``step``."""
-    ids = [v["id"] for v in versions if v.get("step") == step and v.get("ok", True)]
-    if not ids:
-        raise NotFound(f"job {job!r} has no verified version at step {step}")
-    return int(max(ids))
+    return version_at_step(versions, step, job)
 
 
 def offline_store(args: argparse.Namespace, job: str) -> JobStore:

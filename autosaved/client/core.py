@@ -37,6 +37,7 @@ from ..protocol import (
     unpack_header,
     validate_path,
 )
+from ..storage.base import version_at_step
 from ..tree import DELETE, Blob, from_node, to_node
 from .base import Ack, ack_from
 from .slots import Placement, SlotPool
@@ -240,12 +241,20 @@ class ClientCore(Exchange):
 
     def restore(self, version: int | None = None, tensors: TensorMode = "numpy",
                 path: Sequence[str | int] | None = None,
-                paths: Sequence[Sequence[str | int]] | None = None) -> Flow[Any]:
-        """The newest state, or stored version ``version``, as numpy/torch values (``None``: no state).
-        ``path`` (keys from the root) asks for one subtree, ``paths`` for several (a list, in order;
-        ``None`` for each that is missing): only their leaves are read and sent."""
+                paths: Sequence[Sequence[str | int]] | None = None, step: int | None = None) -> Flow[Any]:
+        """The newest state, or stored version ``version``, or the newest stored version at ``step``, as
+        numpy/torch values (``None``: no state). ``path`` (keys from the root) asks for one subtree,
+        ``paths`` for several (a list, in order; ``None`` for each that is missing): only their leaves are
+        read and sent."""
         if path is not None and paths is not None:
             raise ValueError("restore takes path or paths, not both")
+        if step is not None:
+            if version is not None:
+                raise ValueError("restore takes version or step, not both")
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ValueError(f"step must be an int, not {step!r}")
+            header = yield from self.call(self.request("list", {}))
+            version = version_at_step(header["versions"], step, self.job)
         wanted = [path] if path is not None else paths
         exported = yield from self.export(version, paths=wanted)
         if exported is None:  # no state at all: no subtree either
