@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from .errors import ConfigError
 from .storage.compress import COMPRESSION_MODES
+from .storage.retention import KeepBest
 
 SYSTEM_CONFIG: Final = Path("/etc/autosaved/autosaved.toml")
 SYSTEM_STATE_DIR: Final = Path("/var/lib/autosaved")
@@ -108,6 +109,8 @@ class PolicySettings:
     keep_every: float | None = None
     # How new chunks are stored: one of storage.compress.COMPRESSION_MODES ("auto": all but float data).
     compression: str = "auto"
+    # Besides the above: keep the `count` versions with the best meta[metric] (None: off).
+    keep_best: KeepBest | None = None
 
     @classmethod
     def parse(
@@ -127,6 +130,8 @@ class PolicySettings:
                 changes[key] = parse_size(value, name, allow_off=True)
             elif key == "keep_last":
                 changes[key] = _parse_count(value, name, 1)
+            elif key == "keep_best":
+                changes[key] = KeepBest.parse(value, name)
             elif key == "compression":
                 if value not in COMPRESSION_MODES:
                     raise ConfigError(f"{name}: expected one of {', '.join(map(repr, COMPRESSION_MODES))}, "
@@ -135,7 +140,9 @@ class PolicySettings:
         return replace(settings, **changes)
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        wire = {f.name: getattr(self, f.name) for f in fields(self)}
+        wire["keep_best"] = self.keep_best.to_wire() if self.keep_best is not None else None
+        return wire
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def add_parser(sub: Any, name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     def offline(stores: list[JobStore]) -> list[dict[str, Any]]:
         config = load_config(config_file=getattr(args, "config", None), state_dir=state_dir(args))
-        keep_last, keep_every = config.policy.keep_last, config.policy.keep_every
+        keep_last, keep_every, keep_best = config.policy.keep_last, config.policy.keep_every, config.policy.keep_best
         held: dict[tuple[int, str], set[int]] = {}
         if config.remote.url is not None:
             from ..remote_offline import unreplicated_versions
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"autosaved gc: cannot read the object store ({error}); keeping every local version",
                       file=sys.stderr)
         return [{"job": s.job, "owner": s.owner,
-                 **s.gc(keep_last, keep_every, held.get((s.owner, s.job)), dry_run=args.dry_run).to_json()}
+                 **s.gc(keep_last, keep_every, held.get((s.owner, s.job)), dry_run=args.dry_run,
+                         keep_best=keep_best).to_json()}
                 for s in stores]
 
     results = run_maintenance(args, "gc", offline, exclusive=True)

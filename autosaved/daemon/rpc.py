@@ -607,9 +607,12 @@ class Handlers:
         job = await self.ctx.table.find(req.owner, store.job)
         if job is None:
             raise NotFound(f"no job named {store.job!r}")
+        best_rule = job.settings.keep_best
         async with job.io_lock:  # no retention or gc of this job while its versions are read
             infos = await anyio.to_thread.run_sync(store.list_versions)
-        rows = [i.to_json() for i in infos]
+            best = set(await anyio.to_thread.run_sync(store.best_versions, best_rule)) if best_rule else set()
+        # keep_best's picks are marked (``list`` shows them): they outlive keep_last.
+        rows = [{**i.to_json(), **({"best": best_rule.metric} if i.id in best and best_rule else {})} for i in infos]
         extra: dict[str, Any] = {}
         if self.ctx.replicator is not None:
             # Versions only the bucket has (retired here, or never here: a fresh host) can be restored by id
@@ -651,14 +654,14 @@ class Handlers:
             raise ProtocolError("dry_run must be true or false")
         for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
             settings = job.settings if job is not None else self.ctx.config().policy
-            keep, every = settings.keep_last, settings.keep_every
+            keep, every, best = settings.keep_last, settings.keep_every, settings.keep_best
             # Never while a save of the job has unreferenced chunks on disk, and no save starts (so none
             # dedups against a chunk being removed) until the collection is over: the lock is per (owner,
             # job), whether or not the job is loaded, and a job loaded meanwhile takes the same lock.
             async with self.ctx.table.io_lock((store.owner, store.job)):
                 # Under the lock: a save commits (and the replicator queues its version) inside it too.
                 protect = await self._unreplicated(store)
-                gc = functools.partial(store.gc, keep, every, protect, dry_run=dry_run)
+                gc = functools.partial(store.gc, keep, every, protect, dry_run=dry_run, keep_best=best)
                 result = await anyio.to_thread.run_sync(gc)
             if dry_run:
                 results.append({"job": store.job, "owner": store.owner, "dry_run": True, **result.to_json()})

@@ -130,10 +130,10 @@ class Writer:
             except Exception as exc:
                 log.warning("could not drop covered log segments job=%s error=%s", job.name, exc)
         try:
-            keep, every = job.settings.keep_last, job.settings.keep_every
+            keep, every, best = job.settings.keep_last, job.settings.keep_every, job.settings.keep_best
             protect = {ticket.version} | self.protect(job)
             deleted = await anyio.to_thread.run_sync(
-                lambda: job.store.apply_retention(keep, protect=protect, keep_every=every)
+                lambda: job.store.apply_retention(keep, protect=protect, keep_every=every, keep_best=best)
             )
             if deleted:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)

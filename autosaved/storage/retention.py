@@ -1,18 +1,75 @@
-"""Which versions to keep: a pure function of the versions' ids and times, unit-tested without files.
+"""Which versions to keep: a pure function of the versions' ids, times and scores, unit-tested without files.
 
 Keep the newest ``keep_last`` versions, plus, with ``keep_every``, the newest version of every period of
-that length (e.g. one per hour for ``keep_every = "1h"``), plus everything in ``protect`` (the version
+that length (e.g. one per hour for ``keep_every = "1h"``), plus, with ``keep_best``, the ``count`` versions
+with the best value of a number in their ``meta`` (``{"val_loss": 0.31}``: as Orbax's ``best_fn`` and the HF
+Trainer's ``load_best_model_at_end`` keep the best checkpoint), plus everything in ``protect`` (the version
 just committed, the newest one that verifies). Everything else may go.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+MODES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``count`` versions whose ``meta[metric]`` is lowest (``mode="min"``) or highest."""
+
+    metric: str
+    mode: str = "min"
+    count: int = 1
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> KeepBest | None:
+        """``{metric = "val_loss", mode = "min", count = 1}`` or ``"off"``; errors name the key."""
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "off"):
+            return None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f'{where}: expected a table like {{ metric = "val_loss", mode = "min", count = 1 }} '
+                              f"or \"off\", got {raw!r}")
+        unknown = set(raw) - {"metric", "mode", "count"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: count, metric, mode)")
+        metric, mode, count = raw.get("metric"), raw.get("mode", "min"), raw.get("count", 1)
+        if not isinstance(metric, str) or not metric:
+            raise ConfigError(f"{where}.metric: expected the name of a number in the versions' meta, got {metric!r}")
+        if mode not in MODES:
+            raise ConfigError(f"{where}.mode: expected \"min\" or \"max\", got {mode!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ConfigError(f"{where}.count: expected an integer of at least 1, got {count!r}")
+        return cls(metric, mode, count)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "count": self.count}
+
+
+def score(meta: Mapping[str, Any] | None, metric: str) -> float | None:
+    """The version's value of ``metric``: a finite number, else ``None`` (such a version is never "best")."""
+    value = (meta or {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def best_versions(scores: Mapping[int, float | None], best: KeepBest) -> list[int]:
+    """The ids of the ``best.count`` best-scored versions, ascending; on a tie the newer version wins."""
+    scored = [(s if best.mode == "min" else -s, -vid, vid) for vid, s in scores.items() if s is not None]
+    return sorted(vid for _, _, vid in sorted(scored)[:best.count])
 
 
 def versions_to_delete(versions: Sequence[tuple[int, float | None]], *, keep_last: int, keep_every: float | None,
-                       protect: frozenset[int] = frozenset()) -> list[int]:
-    """``versions`` is (id, unix time or None when unknown), any order. Returns the ids to delete, ascending.
+                       protect: frozenset[int] = frozenset(), keep_best: KeepBest | None = None,
+                       scores: Mapping[int, float | None] | None = None) -> list[int]:
+    """``versions`` is (id, unix time or None when unknown), any order; ``scores`` the ``keep_best``
+    metric per id (a version missing from it has none). Returns the ids to delete, ascending.
 
     A version whose time is unknown (an unreadable manifest) is never chosen by ``keep_every`` but can
     still go once ``keep_last`` newer ones exist.
@@ -26,4 +83,7 @@ def versions_to_delete(versions: Sequence[tuple[int, float | None]], *, keep_las
             if t is not None:
                 newest_per_period[int(t // keep_every)] = vid  # ascending ids: the last one wins
         keep.update(newest_per_period.values())
+    if keep_best is not None:
+        present = {vid for vid, _ in ordered}
+        keep.update(best_versions({v: s for v, s in (scores or {}).items() if v in present}, keep_best))
     return [vid for vid, _ in ordered if vid not in keep]
