@@ -24,6 +24,7 @@ from . import (
     save,
     serve,
     status,
+    top,
     verify,
 )
 
@@ -42,6 +43,7 @@ COMMANDS: dict[str, ModuleType] = {
     "gc": gc,
     "remote": remote_cmd,
     "completion": completion,
+    "top": top,
 }
 
 

@@ -72,6 +72,11 @@ class Job:
     last_error: str | None = None
     saves: int = 0
     bytes_written: int = 0
+    # For `autosaved top`: the newest save's duration, and the running save's bytes written so far (a
+    # worker thread adds to it) and its start (daemon clock).
+    last_save_duration_s: float | None = None
+    save_written: int = 0
+    save_started_at: float | None = None
     waiters: list[CommitWaiter] = field(default_factory=list)
     io_lock: anyio.Lock = field(default_factory=anyio.Lock)
     # Write-ahead log. ``unlogged`` is every delta since the last point the log or a committed version
@@ -189,6 +194,8 @@ class Job:
             "last_error": self.last_error,
             "wal_lsn": self.last_lsn,
             "wal_error": self.wal_broken,
+            "last_save_duration_s": self.last_save_duration_s,
+            "save_written": self.save_written if self.saving else None,
             "policy": self.settings.to_wire(),
         }
 

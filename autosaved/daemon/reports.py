@@ -76,9 +76,19 @@ class Reports:
             ),
         )
 
+    @staticmethod
+    def _save_progress(job: Job, now: float) -> dict[str, Any]:
+        """A running save's elapsed time and write rate so far (``autosaved top``)."""
+        if not job.saving or job.save_started_at is None:
+            return {}
+        elapsed = max(1e-6, now - job.save_started_at)
+        return {"save_elapsed_s": round(elapsed, 3), "save_rate": round(job.save_written / elapsed)}
+
     def status(self, owner: int | None) -> dict[str, Any]:
         speed = self.ctx.writer.flush_speed()
+        now = self.ctx.writer.clock()
         jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0,
+                 **self._save_progress(j, now),
                  **({"remote": self.ctx.replicator.status(j.key)} if self.ctx.replicator is not None else {})}
                 for j in self.ctx.jobs.values() if owner is None or j.owner == owner]
         return {
