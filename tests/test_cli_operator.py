@@ -14,7 +14,7 @@ import msgpack
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, version_files, wait_for
 
@@ -153,5 +153,5 @@ def test_delete_and_gc_have_a_safety_net(make_daemon: Callable[..., PrivateDaemo
 
     d.start()
     code, out = _on_a_terminal(d, "y", "delete", "precious")
-    assert code == 0 and "deleted (4 versions)" in out, out
+    assert code == 0 and "deleted here (4 local versions)" in out, out
     assert job_dirs(d) == []

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 from .test_metrics import _free_port

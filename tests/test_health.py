@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.health import HEALTHY_AFTER, failing_until, health
 from autosaved.daemon.runstate import Phase
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, wait_for
 from .test_metrics import _free_port

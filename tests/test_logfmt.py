@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.logfmt import split_message
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, TEST_WRITE_SPEED, wait_for
 

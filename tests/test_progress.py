@@ -12,8 +12,8 @@ from collections.abc import Callable
 import numpy as np
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
-from autosaved.cli.common import Progress, progress_line
+from autosaved.fmt import Progress, progress_line
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 

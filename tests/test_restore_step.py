@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.config import PolicySettings
 from autosaved.errors import ConfigError
 from autosaved.storage.retention import KeepBest, best_versions, score, versions_to_delete
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, version_files, wait_for
 

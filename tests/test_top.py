@@ -13,8 +13,8 @@ from typing import Any
 
 from rich.console import Console
 
-from autosaved.bench.private import PrivateDaemon
 from autosaved.cli.top import frame
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.speedmemo import MEMO_NAME, SpeedMemo, combine, worth_storing
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import wait_for
 

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import Stages
 from ..errors import ConfigError
-from .private import PrivateDaemon
+from ..fmt import Stages
+from ..testing.private import PrivateDaemon
 
 POLICY = '[policy]\ninterval = "30s"\nidle = "10s"\nmin_gap = "10s"\n'
 

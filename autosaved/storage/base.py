@@ -13,19 +13,17 @@ committed local versions to it, and ``restore(remote=...)`` / ``seed`` read back
 from __future__ import annotations
 
 import mmap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import NotFound
-
 if TYPE_CHECKING:
     from ..errors import CorruptVersion
+    from ..settings import KeepBest
     from ..tree import Blob
     from .fsutil import Pacer
     from .local import GcResult, JobStore, LoadedVersion, Recovered, SaveResult, Store
     from .manifest import VersionInfo
-    from .retention import KeepBest
 
 
 class JobStorage(Protocol):
@@ -81,11 +79,3 @@ if TYPE_CHECKING:
     def _local_store_is_storage(store: Store) -> Storage:
         return store
 
-
-def version_at_step(versions: Sequence[Mapping[str, Any]], step: int, job: str) -> int:
-    """The newest verified version id whose ``step`` is ``step`` (rows as ``list`` gives them), for
-    ``restore(step=N)`` everywhere: the SDK, the offline reader and the command line."""
-    ids = [int(v["id"]) for v in versions if v.get("step") == step and v.get("ok", True)]
-    if not ids:
-        raise NotFound(f"job {job!r} has no verified version at step {step}")
-    return max(ids)

@@ -11,44 +11,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
-
-MODES = ("min", "max")
-
-
-@dataclass(frozen=True)
-class KeepBest:
-    """Keep the ``count`` versions whose ``meta[metric]`` is lowest (``mode="min"``) or highest."""
-
-    metric: str
-    mode: str = "min"
-    count: int = 1
-
-    @classmethod
-    def parse(cls, raw: Any, where: str) -> KeepBest | None:
-        """``{metric = "val_loss", mode = "min", count = 1}`` or ``"off"``; errors name the key."""
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "off"):
-            return None
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f'{where}: expected a table like {{ metric = "val_loss", mode = "min", count = 1 }} '
-                              f"or \"off\", got {raw!r}")
-        unknown = set(raw) - {"metric", "mode", "count"}
-        if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: count, metric, mode)")
-        metric, mode, count = raw.get("metric"), raw.get("mode", "min"), raw.get("count", 1)
-        if not isinstance(metric, str) or not metric:
-            raise ConfigError(f"{where}.metric: expected the name of a number in the versions' meta, got {metric!r}")
-        if mode not in MODES:
-            raise ConfigError(f"{where}.mode: expected \"min\" or \"max\", got {mode!r}")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise ConfigError(f"{where}.count: expected an integer of at least 1, got {count!r}")
-        return cls(metric, mode, count)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"metric": self.metric, "mode": self.mode, "count": self.count}
+from ..settings import KeepBest
 
 
 def score(meta: Mapping[str, Any] | None, metric: str) -> float | None:
