@@ -174,8 +174,8 @@ class AsyncClient(JobFacade):
 
     async def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy",
                       path: Sequence[str | int] | None = None,
-                      paths: Sequence[Sequence[str | int]] | None = None) -> Any:
-        return await self._conn.run(self._core.restore(version, tensors, path, paths))
+                      paths: Sequence[Sequence[str | int]] | None = None, step: int | None = None) -> Any:
+        return await self._conn.run(self._core.restore(version, tensors, path, paths, step))
 
     async def status(self) -> dict[str, Any]:
         return await self._conn.run(self._core.status())

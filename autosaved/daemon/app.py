@@ -49,11 +49,12 @@ from ..storage.faults import point
 from ..storage.local import Store
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
+from .health import failing_until, health
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .jobtable import JobTable
 from .lock import PidLock
-from .metrics import Histogram, open_metrics, serve_metrics
+from .metrics import Histogram, log_sync_histogram, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
 from .reload import ReloadContext, Reloader
@@ -159,6 +160,8 @@ class Daemon:
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
+        self.log_sync_durations = log_sync_histogram()
+        self.wal_committer.observe_sync = self.log_sync_durations.observe
         # When the rpc loop last went round: the watchdog pings only while this keeps moving.
         self.progress_at = clock()
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
@@ -172,7 +175,7 @@ class Daemon:
             config=lambda: self.config, run=self.run_state, jobs=self.jobs, jobs_of=self.table.jobs_of,
             ledger=self.table.ledger, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
-            durations=self.save_durations, pid=self.pid, boot=self.boot,
+            durations=self.save_durations, pid=self.pid, boot=self.boot, log_sync_durations=self.log_sync_durations,
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
                                             run=self.run_state, give_to_socket_group=self._give_to_socket_group))
@@ -387,7 +390,7 @@ class Daemon:
                 self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
-                                    self.config.max_connections)
+                                    self.config.max_connections, self._health)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
                     self._supervise(tg, "probe", self.replicator.probe_later)
@@ -433,6 +436,7 @@ class Daemon:
                 except Exception:
                     log.exception("task %s failed; restarting it in %.1fs", name, backoff)
                     self.run_state.task_failures += 1
+                    self.run_state.failing_until[name] = failing_until(time.monotonic(), backoff)
                 await anyio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
                 log.info("task %s restarting", name)
@@ -654,8 +658,13 @@ class Daemon:
         else:
             del self.in_flight_by_uid[owner]
 
+    def _health(self) -> tuple[bool, str]:
+        return health(self.run_state.phase, self.run_state.failing_until, time.monotonic())
+
     def _send_error(self, identity: bytes, seq: int | None, exc: Exception) -> None:
         self.run_state.errors += 1
+        if getattr(exc, "code", None) == "quota":
+            self.run_state.quota_refusals += 1
         if isinstance(exc, AutosavedError):
             if not isinstance(exc, ProtocolError):
                 log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)

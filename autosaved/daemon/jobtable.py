@@ -166,3 +166,12 @@ class JobTable:
             if self.replicator is not None:
                 self.replicator.attach(owner, name, ids)
             return job
+
+    def forget_if_unused(self, job: Job) -> None:
+        """Drop a job that ``get`` created for a request that was then refused: nothing was ever accepted
+        into it, so it must not show in ``list`` as an empty job (issue 22)."""
+        if (self.jobs.get(job.key) is job and job.generation == 0 and job.latest_version is None
+                and not job.saving and not job.waiters and not job.log_pending and not job.log_writing):
+            if job.wal is not None:
+                job.wal.close()
+            self.remove(job.key)

@@ -47,6 +47,7 @@ class ReportContext:
     durations: Histogram
     pid: int
     boot: str
+    log_sync_durations: Histogram | None = None
 
 
 class Reports:
@@ -70,7 +71,8 @@ class Reports:
             uptime_s=time.time() - run.started_at, requests=run.requests, request_errors=run.errors,
             saves=writer.saves, save_failures=writer.failures, bytes_written=writer.bytes_written,
             reloads=reloader.reloads, reload_failures=reloader.failures, task_restarts=run.task_failures,
-            durations=self.ctx.durations,
+            durations=self.ctx.durations, log_syncs=self.ctx.wal.syncs, log_sync_durations=self.ctx.log_sync_durations,
+            quota_refusals=run.quota_refusals,
             jobs=tuple(
                 JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
                           dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), state_bytes=j.root.cost,
@@ -80,9 +82,19 @@ class Reports:
             ),
         )
 
+    @staticmethod
+    def _save_progress(job: Job, now: float) -> dict[str, Any]:
+        """A running save's elapsed time and write rate so far (``autosaved top``)."""
+        if not job.saving or job.save_started_at is None:
+            return {}
+        elapsed = max(1e-6, now - job.save_started_at)
+        return {"save_elapsed_s": round(elapsed, 3), "save_rate": round(job.save_written / elapsed)}
+
     def status(self, owner: int | None) -> dict[str, Any]:
         speed = self.ctx.writer.flush_speed()
+        now = self.ctx.writer.clock()
         jobs = [{**j.status(), "flush_estimate_s": round(estimate_s(j.dirty_bytes, speed), 3) if j.dirty else 0.0,
+                 **self._save_progress(j, now),
                  **({"remote": self.ctx.replicator.status(j.key)} if self.ctx.replicator is not None else {})}
                 for j in self.ctx.jobs_of(owner)]
         return {

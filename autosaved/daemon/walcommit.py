@@ -15,6 +15,7 @@ import contextvars
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -97,6 +98,8 @@ class LogCommitter:
         self._threads = SyncThreads()
         self.syncs = 0
         self.records = 0
+        # Seconds per append + fdatasync (set by the daemon: the metrics' log sync histogram).
+        self.observe_sync: Callable[[float], None] | None = None
 
     def enqueue(self, job: Job, waiter: LogWaiter) -> LogWaiter:
         """Queue a record; the caller takes it from the job in this same event-loop step (lsn order)."""
@@ -139,7 +142,14 @@ class LogCommitter:
         if isinstance(append, Exception):
             self._done(job, batch, append)
             return
-        self._threads.submit(append, lambda exc: self._appended(job, batch, exc))
+        started = time.perf_counter()
+
+        def timed() -> None:
+            append()
+            if self.observe_sync is not None:
+                self.observe_sync(time.perf_counter() - started)
+
+        self._threads.submit(timed, lambda exc: self._appended(job, batch, exc))
 
     def _prepare(self, job: Job, batch: list[LogWaiter]) -> Callable[[], None] | Exception:
         """What to run in the thread, or why this batch fails without any I/O."""

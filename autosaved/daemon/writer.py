@@ -68,6 +68,7 @@ class Writer:
     def begin(self, job: Job, reason: SaveReason, tg: anyio.abc.TaskGroup) -> None:
         """Snapshot ``job`` now (synchronously, so no update can slip in half-way) and save it in ``tg``."""
         ticket = take_snapshot(job, reason, self.clock())
+        job.save_started_at, job.save_written = None, 0  # set when it starts writing (it may queue first)
         # Registered now, not when the task starts: an update answered in between must be told that the
         # slots this snapshot reads are still lent (``held``).
         self.in_flight[(*job.key, ticket.version)] = ticket
@@ -114,12 +115,18 @@ class Writer:
                 write_started = time.perf_counter()
                 # Read now, from the live config: a reload may change them mid-save.
                 compression, chunk_size = job.settings.compression, self.chunk_size()
+                job.save_written, job.save_started_at = 0, self.clock()
+
+                def counted(nbytes: int) -> None:
+                    pace(nbytes)
+                    job.save_written += nbytes  # read by `status` for `autosaved top` (a display figure)
+
                 result = await anyio.to_thread.run_sync(
                     lambda: job.store.write_version(
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
                         meta=ticket.meta, sessions=ticket.sessions, chunk_size=chunk_size,
                         wal_lsn=ticket.wal_lsn, compression=compression,
-                        pace=pace,
+                        pace=counted,
                     )
                 )
                 self._learn_speed(result.bytes_written, time.perf_counter() - write_started, pace.throttled_s)
@@ -137,6 +144,7 @@ class Writer:
         except BaseException as exc:
             commit_failed(ticket, StorageError(f"save interrupted: {exc!r}"), self.clock())
             raise
+        job.last_save_duration_s = round(time.perf_counter() - started, 3)
         commit_succeeded(ticket, result.info.time, result.bytes_written)
         self.on_commit(job, ticket.version, result.bytes_written)
         self.observe_duration(time.perf_counter() - started)
@@ -164,10 +172,10 @@ class Writer:
             except Exception as exc:
                 log.warning("could not drop covered log segments job=%s error=%s", job.name, exc)
         try:
-            keep, every = job.settings.keep_last, job.settings.keep_every
+            keep, every, best = job.settings.keep_last, job.settings.keep_every, job.settings.keep_best
             protect = {ticket.version} | self.protect(job)
             deleted = await anyio.to_thread.run_sync(
-                lambda: job.store.apply_retention(keep, protect=protect, keep_every=every)
+                lambda: job.store.apply_retention(keep, protect=protect, keep_every=every, keep_best=best)
             )
             if deleted:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)
