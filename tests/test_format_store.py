@@ -23,7 +23,7 @@ from autosaved import restore
 from autosaved.bench.private import PrivateDaemon
 from autosaved.client.sync import Client
 from autosaved.errors import AutosavedError
-from autosaved.storage.manifest import UnsupportedFormat, seal
+from autosaved.storage.manifest import READ_FORMATS, UnsupportedFormat, seal
 from autosaved.testing.crashsim import deep_merge
 
 torch = pytest.importorskip("torch")
@@ -126,7 +126,7 @@ def _bump_manifest(state_dir: Path) -> None:
     path = state_dir / "jobs" / str(os.geteuid()) / "model" / "versions" / "000000000003.json"
     doc = json.loads(path.read_bytes())
     doc.pop("digest")
-    doc["format"] = 2
+    doc["format"] = max(READ_FORMATS) + 1  # one past the newest this build reads
     path.write_bytes(seal(doc))
 
 

@@ -36,7 +36,8 @@ from ..errors import CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
-from . import hashing
+from . import hashing, paged
+from . import statepages as sp
 from .chunkwriter import ChunkPipeline, fsync_dirs
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
 from .faults import point
@@ -65,6 +66,8 @@ from .wal import Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
 
+# Format 1 (the whole state in the manifest) or 2 (a root record over pages, see paged.py).
+WRITE_FORMAT = 1
 _VERSION_FILE = re.compile(r"^(\d{12})\.json$")
 DIR_MODE = 0o750
 # Hashing runs in threads: hashlib releases the GIL on large buffers, so two cores hash twice as fast.
@@ -162,6 +165,10 @@ class JobStore:
         self.objects_dir = self.path / "objects"
         self.tmp_dir = self.path / "tmp"
         self.log_dir = self.path / "log"
+        # The format new versions are written in (the daemon sets it from the config; see paged.py).
+        self.write_format = WRITE_FORMAT
+        # Format 2: what the last save or load left for the next save to diff against (paged.Cache).
+        self.paged_cache: paged.Cache | None = None
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -175,12 +182,12 @@ class JobStore:
             for leftover in self.tmp_dir.iterdir():
                 leftover.unlink(missing_ok=True)
 
-    def _object_path(self, digest: str, compressed: bool = False) -> Path:
+    def object_path(self, digest: str, compressed: bool = False) -> Path:
         return self.objects_dir / digest[:2] / (digest + SUFFIX if compressed else digest)
 
-    def _has_object(self, digest: str) -> bool:
+    def has_object(self, digest: str) -> bool:
         """Whether the chunk is stored, in either form: dedup is by the raw bytes' digest."""
-        return self._object_path(digest).exists() or self._object_path(digest, True).exists()
+        return self.object_path(digest).exists() or self.object_path(digest, True).exists()
 
     def write_version(
         self,
@@ -200,6 +207,9 @@ class JobStore:
         chunk writes; the manifest, a few KB, is never held back. ``compression`` is a mode of
         :mod:`.compress`; it only decides how new chunks are stored, never their names."""
         try:
+            if self.write_format == paged.FORMAT:
+                return paged.write_version(self, tree, version, step, reason, meta, sessions, chunk_size, pace,
+                                           wal_lsn, compression)
             return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace, wal_lsn,
                                        compression)
         except OSError as exc:
@@ -222,7 +232,7 @@ class JobStore:
         # Chunk n's fsync and rename run in the pipeline's syncer while chunk n+1 is written (chunkwriter).
         pipeline = ChunkPipeline(pace)
         try:
-            self._write_chunks(blobs, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
+            self.write_chunks(blobs, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
             pipeline.finish()  # every chunk durable under its name before any manifest names it
         except BaseException:
             pipeline.abandon()
@@ -251,7 +261,7 @@ class JobStore:
                    dirs_touched: set[Path]) -> int:
         """Write one chunk the store lacks through the pipeline (durable and renamed in by the syncer)."""
         packed = compress_chunk(memoryview(data)) if try_compress else None
-        target = self._object_path(digest, compressed=packed is not None)
+        target = self.object_path(digest, compressed=packed is not None)
         if not target.parent.is_dir():
             target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
         tmp = temp_name(self.tmp_dir, digest)
@@ -259,7 +269,7 @@ class JobStore:
         dirs_touched.add(target.parent)
         return n
 
-    def _write_chunks(self, blobs: list[Blob], ahead: dict[int, list[tuple[int, Future[str]]]], chunk_size: int,
+    def write_chunks(self, blobs: list[Blob], ahead: dict[int, list[tuple[int, Future[str]]]], chunk_size: int,
                       compression: str, pipeline: ChunkPipeline, records: list[dict[str, Any]],
                       dirs_touched: set[Path], counts: list[int]) -> None:
         """Queue every chunk the store lacks; ``counts`` gets [bytes written, chunks written]."""
@@ -271,7 +281,7 @@ class JobStore:
                 if id(blob) in ahead:
                     blob.digests[chunk_size] = tuple(Chunk(f.result(), n, HASH_NAME) for n, f in ahead[id(blob)])
                 chunks = self._chunks_of(blob, chunk_size)
-                if _shared(blob) and not all(c.digest in queued or self._has_object(c.digest) for c in chunks):
+                if _shared(blob) and not all(c.digest in queued or self.has_object(c.digest) for c in chunks):
                     # A cached hash of shared bytes that must be written again: hash what is written instead.
                     del blob.digests[chunk_size]
                     write_shared = True
@@ -285,11 +295,11 @@ class JobStore:
             try_compress = worth_trying(blob, compression)
             offset = 0
             for chunk in chunks:
-                stored = chunk.digest in queued or self._has_object(chunk.digest)
+                stored = chunk.digest in queued or self.has_object(chunk.digest)
                 # Power loss: a chunk found here may have been renamed in by a save that failed or was
                 # killed before it fsynced the directory, so its name may not be durable yet. Every
                 # directory holding a chunk this version references is fsynced before the manifest.
-                dirs_touched.add(self._object_path(chunk.digest).parent)
+                dirs_touched.add(self.object_path(chunk.digest).parent)
                 if blob.data is not None and not stored:
                     # Written now, made durable and renamed by the pipeline while the next one is written.
                     written += self._put_chunk(chunk.digest, blob.data[offset : offset + chunk.size], try_compress,
@@ -336,8 +346,8 @@ class JobStore:
             digest = digest_future.result()
             chunks.append(Chunk(digest, len(private), HASH_NAME))
             # Defect 6: the directory of a dedup'd chunk is fsynced before the manifest too.
-            dirs_touched.add(self._object_path(digest).parent)
-            if digest not in queued and not self._has_object(digest):
+            dirs_touched.add(self.object_path(digest).parent)
+            if digest not in queued and not self.has_object(digest):
                 written += self._put_chunk(digest, private, try_compress, pipeline, dirs_touched)
                 queued.add(digest)
                 count += 1
@@ -357,6 +367,34 @@ class JobStore:
         return cached
 
     # -- reading ---------------------------------------------------------------------------------
+
+    def has_version(self, version: int) -> bool:
+        return (self.versions_dir / f"{version:012d}.json").exists()
+
+    def read_page(self, digest: str) -> bytes:
+        return paged.read_page(self, digest)
+
+    def load_path(self, version: int, path: tuple[str | int, ...]) -> Any:
+        """The subtree at ``path`` of a stored version, its binary leaves read and verified. For format 2 it
+        reads only the pages on the path and the leaves below it; a format-1 manifest is read whole."""
+        where = f"{self.job} version {version}"
+        doc = self.read_manifest(version)
+        if doc["format"] == paged.FORMAT:
+            tree = paged.load_tree(self, doc, where, tuple(path))
+        else:
+            tree, _ = tree_from_manifest(doc, where)
+            for elem in path:
+                try:
+                    tree = tree[elem]
+                except (KeyError, IndexError, TypeError):
+                    raise NotFound(f"{where} has nothing at {list(path)!r}") from None
+        for blob in sp.blobs_of(tree):
+            if blob.data is None:
+                assert blob.chunks is not None
+                buf = bytearray(blob.nbytes)
+                self._read_chunks(blob.chunks, memoryview(buf), True, where)
+                blob.data = memoryview(buf)
+        return tree
 
     def version_ids(self) -> list[int]:
         try:
@@ -392,7 +430,13 @@ class JobStore:
         Without ``load_data`` the blobs keep only their chunk lists (the daemon's lazy base state)."""
         where = f"{self.job} version {version}"
         doc = self.read_manifest(version)
-        tree, blobs = tree_from_manifest(doc, where)
+        if doc["format"] == paged.FORMAT:
+            tree = paged.load_tree(self, doc, where)
+            blobs = [b for b in sp.blobs_of(tree) if b.data is None]  # inline leaves came with their page
+            if not load_data:
+                paged.seed_cache(self, version, doc, tree, where)
+        else:
+            tree, blobs = tree_from_manifest(doc, where)
         for blob in blobs:
             assert blob.chunks is not None
             if load_data:
@@ -400,7 +444,7 @@ class JobStore:
                 self._read_chunks(blob.chunks, memoryview(buf), verify, where)
                 blob.data = memoryview(buf)
             elif verify:
-                self._verify_chunks(blob.chunks, where)
+                self.verify_chunks(blob.chunks, where)
         sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
         return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)))
 
@@ -423,10 +467,10 @@ class JobStore:
         chunks are). Unhashed: the caller verifies. A missing or undecodable chunk is CorruptVersion."""
         try:
             try:
-                read_exact(self._object_path(chunk.digest), chunk.size, into)
+                read_exact(self.object_path(chunk.digest), chunk.size, into)
                 return
             except FileNotFoundError:
-                packed = self._object_path(chunk.digest, compressed=True).read_bytes()
+                packed = self.object_path(chunk.digest, compressed=True).read_bytes()
             into[:] = decompress_chunk(packed, chunk.size)
         except FileNotFoundError:
             raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
@@ -454,7 +498,7 @@ class JobStore:
         pos = 0
         for chunk in blob.chunks:
             try:
-                fd = os.open(self._object_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.object_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raw = bytearray(chunk.size)
                 self._read_chunk(chunk, memoryview(raw), where)  # the .zst form, or CorruptVersion
@@ -472,7 +516,7 @@ class JobStore:
                 raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
         check.release()
 
-    def _verify_chunks(self, chunks: tuple[Chunk, ...], where: str, seen: set[str] | None = None) -> None:
+    def verify_chunks(self, chunks: tuple[Chunk, ...], where: str, seen: set[str] | None = None) -> None:
         for chunk in chunks:
             if seen is not None and chunk.digest in seen:
                 continue
@@ -488,12 +532,19 @@ class JobStore:
         except CorruptVersion as exc:
             return VersionInfo(self.job, version, None, "", 0, "", {}, ok=False, error=str(exc))
         where = f"{self.job} version {version}"
+        if doc["format"] == paged.FORMAT:
+            try:
+                paged.referenced(self, doc, where, seen if seen is not None else set(), verify=True)
+                paged.load_tree(self, doc, where)
+            except Exception as exc:
+                return self._info(doc, ok=False, error=str(exc))
+            return self._info(doc)
         try:
             algo = doc.get("hash", hashing.LEGACY)
             for rec in doc["blobs"]:
                 blob = blob_from_record(rec, where, algo)
                 assert blob.chunks is not None
-                self._verify_chunks(blob.chunks, where, seen)
+                self.verify_chunks(blob.chunks, where, seen)
             from_node(doc["tree"], [blob_from_record(r, where, algo) for r in doc["blobs"]])
         except Exception as exc:
             return self._info(doc, ok=False, error=str(exc))
@@ -599,6 +650,9 @@ class JobStore:
         for vid in self.version_ids():
             try:
                 doc = self.read_manifest(vid)
+                if doc["format"] == paged.FORMAT:
+                    paged.referenced(self, doc, f"{self.job} version {vid}", refs)
+                    continue
             except CorruptVersion:
                 return None
             for rec in doc["blobs"]:
