@@ -382,6 +382,14 @@ class Config:
     # Shared-memory slots the daemon maps for all clients together; None: half of physical memory.
     max_shm_bytes: int | None = None
     remote: RemoteSettings = field(default_factory=lambda: RemoteSettings())
+    # The store format new versions are written in (storage/paged.py); None ("auto"): 2, or 1 while
+    # [remote] is on (the replicator and the bucket read format 1 only, for now).
+    storage_format: int | None = None
+
+    def write_format(self) -> int:
+        if self.storage_format is not None:
+            return self.storage_format
+        return 1 if self.remote.url is not None else 2
 
     def socket_path(self) -> Path | None:
         return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None
@@ -389,11 +397,12 @@ class Config:
 
 _TOP_KEYS = {"address", "state_dir", "policy", "max_message_bytes", "shutdown_deadline", "chunk_size", "log_level",
              "socket_group", "metrics_address", "quota", "max_shm_bytes", "throttle", "preemption", "write_speed",
-             "max_connections", "remote"}
+             "max_connections", "remote", "storage_format"}
 # Keys a running daemon cannot change: they are bound to its socket, its files or its listeners (and
 # write_speed is used once, at start, in place of the probe).
 RESTART_KEYS: Final[tuple[str, ...]] = ("address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
-                                        "max_shm_bytes", "write_speed", "max_connections", "remote")
+                                        "max_shm_bytes", "write_speed", "max_connections", "remote",
+                                        "storage_format")
 
 
 def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
@@ -438,6 +447,14 @@ def parse_config_table(raw: Mapping[str, Any], base: Config) -> Config:
         changes["chunk_size"] = size
     if "max_shm_bytes" in raw:
         changes["max_shm_bytes"] = parse_size(raw["max_shm_bytes"], "max_shm_bytes")
+    if "storage_format" in raw:
+        fmt = raw["storage_format"]
+        if isinstance(fmt, str) and fmt.strip().lower() == "auto":
+            changes["storage_format"] = None
+        elif fmt not in (1, 2) or isinstance(fmt, bool):
+            raise ConfigError(f"storage_format: expected 1, 2 or \"auto\", got {fmt!r}")
+        else:
+            changes["storage_format"] = fmt
     if "max_connections" in raw:
         changes["max_connections"] = _parse_count(raw["max_connections"], "max_connections", 1)
     if "log_level" in raw:

@@ -145,7 +145,7 @@ def test_a_new_store_object_diffs_against_the_loaded_version(tmp_path: Path) -> 
     js = store(tmp_path)
     save(js, pack(history(5000)), 1)
     again = store(tmp_path)
-    loaded = again.load(1, load_data=False)
+    loaded = again.load(1, load_data=False, for_saving=True)
     tree = merge(loaded.tree, pack({"step": 1}))
     assert save(again, tree, 2) < 3 * 16384 + 4096
     assert unpack(again.load(2).tree) == {**history(5000), "step": 1}
@@ -155,7 +155,7 @@ def test_a_format_1_version_is_followed_by_format_2(tmp_path: Path) -> None:
     js = JobStore(tmp_path, os.geteuid(), "mixed")
     save(js, pack({"w": np.arange(1000), "a": {"b": 1}}), 1)
     js2 = store(tmp_path, "mixed")
-    base = js2.load(1, load_data=False).tree
+    base = js2.load(1, load_data=False, for_saving=True).tree
     save(js2, merge(base, pack({"a": {"c": 2}})), 2)
     formats = [json.loads((js2.versions_dir / f"{v:012d}.json").read_bytes())["format"] for v in (1, 2)]
     assert formats == [1, 2]

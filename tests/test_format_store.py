@@ -118,8 +118,12 @@ def test_store_v1_restores_exactly_through_the_daemon(state_dir: Path) -> None:
             finally:
                 c.close()
         assert d.stop(signal.SIGTERM) == 0
-    # What the daemon wrote on the way (a flush of the replayed log) still restores the same.
+    # What the daemon wrote on the way (a flush of the replayed log) still restores the same, and is format 2
+    # (a root record over pages) beside the format-1 versions before it.
     assert norm(restore("model", state_dir=state_dir, tensors="torch")) == norm(as_torch(expected("model")))
+    versions = sorted((state_dir / "jobs" / str(os.geteuid()) / "model" / "versions").glob("*.json"))
+    formats = [json.loads(p.read_bytes())["format"] for p in versions]
+    assert formats[-1] == 2 and 1 in formats, formats
 
 
 def _bump_manifest(state_dir: Path) -> None:

@@ -374,6 +374,15 @@ class JobStore:
     def read_page(self, digest: str) -> bytes:
         return paged.read_page(self, digest)
 
+    def leaf_records(self, version: int) -> list[dict[str, Any]]:
+        """The records (descriptor and chunks, as in a format-1 manifest) of a version's leaves stored as
+        chunks, in the state's order; leaves inline in format-2 pages have none."""
+        doc = self.read_manifest(version)
+        if doc["format"] != paged.FORMAT:
+            return list(doc["blobs"])
+        tree = paged.load_tree(self, doc, f"{self.job} version {version}")
+        return [blob_record(b, b.chunks) for b in sp.blobs_of(tree) if b.chunks is not None]
+
     def load_path(self, version: int, path: tuple[str | int, ...]) -> Any:
         """The subtree at ``path`` of a stored version, its binary leaves read and verified. For format 2 it
         reads only the pages on the path and the leaves below it; a format-1 manifest is read whole."""
@@ -425,7 +434,8 @@ class JobStore:
             ok=ok, error=error,
         )
 
-    def load(self, version: int, *, load_data: bool = True, verify: bool = True) -> LoadedVersion:
+    def load(self, version: int, *, load_data: bool = True, verify: bool = True,
+             for_saving: bool = False) -> LoadedVersion:
         """Read one version. With ``verify`` every chunk is hashed; any mismatch raises CorruptVersion.
         Without ``load_data`` the blobs keep only their chunk lists (the daemon's lazy base state)."""
         where = f"{self.job} version {version}"
@@ -433,7 +443,7 @@ class JobStore:
         if doc["format"] == paged.FORMAT:
             tree = paged.load_tree(self, doc, where)
             blobs = [b for b in sp.blobs_of(tree) if b.data is None]  # inline leaves came with their page
-            if not load_data:
+            if for_saving:  # the daemon's base state: its next save diffs against this tree
                 paged.seed_cache(self, version, doc, tree, where)
         else:
             tree, blobs = tree_from_manifest(doc, where)
@@ -563,12 +573,12 @@ class JobStore:
                     out.append(VersionInfo(self.job, vid, None, "", 0, "", {}, ok=False, error=str(exc)))
         return out
 
-    def load_newest(self, *, load_data: bool = True,
-                    on_skip: Callable[[CorruptVersion], None] | None = None) -> LoadedVersion | None:
+    def load_newest(self, *, load_data: bool = True, on_skip: Callable[[CorruptVersion], None] | None = None,
+                    for_saving: bool = False) -> LoadedVersion | None:
         """The newest version that verifies; corrupt newer ones are reported and skipped, never returned."""
         for vid in reversed(self.version_ids()):
             try:
-                return self.load(vid, load_data=load_data)
+                return self.load(vid, load_data=load_data, for_saving=for_saving)
             except CorruptVersion as exc:
                 log.warning("skipping corrupt version: %s", exc)
                 if on_skip is not None:
@@ -579,7 +589,8 @@ class JobStore:
                 on_skip: Callable[[CorruptVersion], None] | None = None) -> Recovered | None:
         """The newest durable state: the newest verified version plus the write-ahead log records after
         it. ``repair`` (only for the daemon, which owns the log) cuts torn log tails off."""
-        base = self.load_newest(load_data=load_data, on_skip=on_skip)
+        # A lazy load is the daemon's (repair or not): its next save diffs against the tree loaded here.
+        base = self.load_newest(load_data=load_data, on_skip=on_skip, for_saving=not load_data)
         replay = read_log(self.log_dir, base.wal_lsn if base else 0, repair=repair)
         for warning in replay.warnings:
             log.warning("%s: %s", self.job, warning)
@@ -751,11 +762,14 @@ class JobStore:
 class Store:
     """All jobs under one state dir."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, write_format: int = 1) -> None:
         self.root = root
+        self.write_format = write_format
 
     def job(self, owner: int, job: str) -> JobStore:
-        return JobStore(self.root, owner, job)
+        js = JobStore(self.root, owner, job)
+        js.write_format = self.write_format
+        return js
 
     def jobs(self, owner: int | None = None) -> list[JobStore]:
         """Jobs of ``owner`` (all owners when ``None``) that have a folder."""
@@ -770,7 +784,7 @@ class Store:
                 if name.startswith(".deleted."):
                     continue  # a job being deleted (see JobStore.delete)
                 try:
-                    out.append(JobStore(self.root, int(o), name))
+                    out.append(self.job(int(o), name))
                 except Exception:
                     log.warning("ignoring folder with an invalid job name: %s", d / name)
         return out
