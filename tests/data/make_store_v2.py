@@ -28,7 +28,7 @@ assert _spec is not None and _spec.loader is not None
 v1 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(v1)
 
-CONFIG = v1.CONFIG + "storage_format = 2\n"
+CONFIG = "storage_format = 2\n" + v1.CONFIG
 
 
 def model_updates() -> list[tuple[dict[Any, Any], str]]:
