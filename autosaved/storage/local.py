@@ -169,6 +169,8 @@ class JobStore:
         self.write_format = WRITE_FORMAT
         # Format 2: what the last save or load left for the next save to diff against (paged.Cache).
         self.paged_cache: paged.Cache | None = None
+        # Format 2: page digest -> (child pages, chunks) it references, for gc's marking (paged.referenced).
+        self.page_refs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -686,6 +688,7 @@ class JobStore:
                     size = entry.stat().st_size
                     point("chunk", "delete", "before", entry.path)
                     Path(entry.path).unlink(missing_ok=True)
+                    self.page_refs.pop(entry.name, None)
                     point("chunk", "delete", "after", entry.path)
                     result.removed_chunks += 1
                     result.freed_bytes += size

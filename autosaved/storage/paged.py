@@ -205,19 +205,46 @@ def seed_cache(store: JobStore, version: int, doc: dict[str, Any], tree: Any, wh
 
 def referenced(store: JobStore, doc: dict[str, Any], where: str, marked: set[str], verify: bool = False) -> None:
     """Add to ``marked`` the pages and chunks a root record reaches, not descending into pages already
-    marked (shared subtrees are walked once across all versions). With ``verify`` every chunk is re-hashed."""
+    marked (shared subtrees are walked once across all versions). With ``verify`` every page is read and
+    every chunk re-hashed; without, what a page references is remembered (:data:`JobStore.page_refs`:
+    pages never change, so neither does that), so marking the versions a save keeps reads only the pages
+    that save wrote."""
     root, _params = check_root(doc, where)
+    if not verify:
+        _mark(store, root, where, marked, blob_of(doc, where))
+        return
     make = blob_of(doc, where)
     for digest, page in prolly.walk_pages(root, store.read_page, where, marked.__contains__):
         marked.add(digest)
-        for _key, raw in page.items:
+        for blob in _page_blobs(page, make, where):
+            assert blob.chunks is not None
+            store.verify_chunks(blob.chunks, where, marked)
+            marked.update(c.digest for c in blob.chunks)
+
+
+def _page_blobs(page: prolly.Page, make: Any, where: str) -> Iterator[Blob]:
+    for _key, raw in page.items:
+        if raw[1:3] == b"\xa1b":  # cheap pre-check of ["b", ...]: most items are not chunked leaves
             value = sp.decode_value(raw, where)
             if value[0] == "b":
-                blob = make(value)
-                assert blob.chunks is not None
-                if verify:
-                    store.verify_chunks(blob.chunks, where, marked)
-                marked.update(c.digest for c in blob.chunks)
+                yield make(value)
+
+
+def _mark(store: JobStore, digest: str, where: str, marked: set[str], make: Any) -> None:
+    stack = [digest]
+    while stack:
+        d = stack.pop()
+        if d in marked:
+            continue
+        refs = store.page_refs.get(d)
+        if refs is None:
+            page = prolly.load_page(store.read_page, d, where)
+            chunks = tuple(c.digest for b in _page_blobs(page, make, where) for c in b.chunks or ())
+            refs = (tuple(r.digest for r in page.refs), chunks)
+            store.page_refs[d] = refs
+        marked.add(d)
+        marked.update(refs[1])
+        stack.extend(refs[0])
 
 
 def read_page(store: JobStore, digest: str) -> bytes:
