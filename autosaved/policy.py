@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .config import PolicySettings
+from .settings import PolicySettings
 
 
 class SaveReason(StrEnum):

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
+
+# Under CI a skip is a failure (see tests/ci_skips.py): these names make pytest run the hooks.
+from .ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
 # Daemons the tests start assume this write speed instead of probing the disk at every start (a 32 MiB
 # fsynced write, about a second on a busy disk; the probe has its own test). A config that names
@@ -124,6 +127,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: f
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def fault_fired(faults: Path, point: str, timeout: float = 60.0) -> None:
+    """Wait until a daemon run with ``AUTOSAVED_FAULTS_FILE=faults`` reached fault point ``point`` (each
+    point is recorded in ``<faults>.seen`` as it is reached, before its rule acts). Both a synchronisation
+    (the race a test needs is entered, however slow the host) and the proof, for
+    ``test_every_fault_point_is_fired_by_a_test``, that the test fired its point."""
+    seen = faults.with_name(faults.name + ".seen")
+    try:
+        wait_for(lambda: seen.exists() and point in seen.read_text().split(), timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"fault point {point} was not reached within {timeout}s") from None
 
 
 def version_files(state_dir: Path, job: str) -> list[Path]:

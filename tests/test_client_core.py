@@ -299,3 +299,13 @@ def test_the_async_driver_runs_blocking_steps_off_the_event_loop_and_frees_its_l
     # without a callback the flow raises StateLost itself
     with pytest.raises(StateLost):
         anyio.run(AsyncConnection("ipc:///nonexistent", timeout=1, save_timeout=1).run, outer())
+
+
+def test_which_requests_get_the_save_timeout_comes_from_the_op_table() -> None:
+    """A request is long (the driver gives it save_timeout) exactly when protocol.OP_TABLE says so."""
+    core, admin = ClientCore("job"), AdminCore("job")
+    longs = {name: core.request(name, {}).long for name in ("ping", "hello", "status", "list", "save", "restore")}
+    assert longs == {"ping": False, "hello": False, "status": False, "list": False, "save": True, "restore": True}
+    assert [core.update_request({"n": 1}, step=None, meta=None, wait=w).long
+            for w in ("accepted", "logged", "committed", "replicated")] == [False, False, True, True]
+    assert all(admin.request(op, {}).long for op in ("verify", "gc", "delete"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import FAST_POLICY, NO_AUTO_POLICY, first_chunk, run_python, version_files, wait_for
 

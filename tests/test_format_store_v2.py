@@ -15,16 +15,14 @@ from typing import Any
 import pytest
 
 from autosaved import restore
-from autosaved.bench.private import PrivateDaemon
 from autosaved.client.sync import Client
 from autosaved.codec import unpack
 from autosaved.storage import paged
 from autosaved.storage.local import JobStore
 from autosaved.testing.crashsim import deep_merge
+from autosaved.testing.private import PrivateDaemon
 
 from .test_format_store import as_torch, norm
-
-pytest.importorskip("torch")
 
 DATA = Path(__file__).parent / "data"
 _spec = importlib.util.spec_from_file_location("make_store_v2", DATA / "make_store_v2.py")
@@ -70,6 +68,7 @@ def test_store_v2_has_every_feature_it_promises() -> None:
 
 
 def test_store_v2_restores_exactly_offline(state_dir: Path) -> None:
+    pytest.importorskip("torch")  # the fixture's model job holds a bfloat16 tensor
     for job in ("model", "agent"):
         assert norm(restore(job, state_dir=state_dir, tensors="torch")) == norm(as_torch(expected(job)))
     got = restore("agent", state_dir=state_dir)
@@ -85,6 +84,7 @@ def test_store_v2_restores_by_path_offline(state_dir: Path) -> None:
 
 
 def test_store_v2_restores_exactly_through_the_daemon(state_dir: Path) -> None:
+    pytest.importorskip("torch")
     with PrivateDaemon(state_dir.parent, config=gen.CONFIG) as d:
         for job in ("model", "agent"):
             c = Client(job, address=d.address, timeout=30, save_timeout=60)

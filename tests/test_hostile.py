@@ -22,12 +22,12 @@ import pytest
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.client.slots import create_memfd
 from autosaved.daemon.app import peer_uid
 from autosaved.errors import AutosavedError, ProtocolError, QuotaExceeded
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, wait_for
 

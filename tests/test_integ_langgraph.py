@@ -20,8 +20,8 @@ from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.capabilities import EXTENDED_CAPABILITIES
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.integrations.langgraph import AutosavedSaver
+from autosaved.testing.private import PrivateDaemon
 from tests.conftest import NO_AUTO_POLICY
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "langgraph_agent.py"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autosaved.bench.private import PrivateDaemon
 from autosaved.integrations.lightning import AutosavedCallback, AutosavedCheckpointIO
+from autosaved.testing.private import PrivateDaemon
 from tests.conftest import NO_AUTO_POLICY
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lightning_train.py"

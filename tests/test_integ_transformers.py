@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.integrations.transformers import AutosavedCallback, resume_from
+from autosaved.testing.private import PrivateDaemon
 from tests.conftest import NO_AUTO_POLICY
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer.py"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from autosaved import Client, DaemonUnavailable, LazyClient
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 CONFIG = '[policy]\ninterval = "off"\nidle = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\nkeep_last = 2\n'
 SIZES = (1000, 10_000, 100_000)

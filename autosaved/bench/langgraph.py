@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 POLICY = '[policy]\ninterval = "60s"\nidle = "5s"\nmin_gap = "5s"\n'
 

@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.common import print_json
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_duration, parse_size
-from .private import PrivateDaemon
+from ..fmt import print_json
+from ..testing.private import PrivateDaemon
 
 CONDITIONS = ("alone", "unthrottled", "throttled")
 # compression off: the checkpoint is random int64, which "auto" would try (and fail) to compress on every

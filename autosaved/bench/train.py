@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import human_bytes, print_json, table
 from ..client.lazy import LazyClient
 from ..client.sync import Client
 from ..errors import AutosavedError
-from .private import PrivateDaemon
+from ..fmt import human_bytes, print_json, table
+from ..testing.private import PrivateDaemon
 
 MODES = ("none", "eager", "lazy", "torch_save", "dcp_async")
 _DAEMON_CONFIG = ('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'

@@ -32,6 +32,7 @@ from ..protocol import (
     PROTOCOL_VERSION,
     blob_descriptors,
     blobs_from_frames,
+    is_long,
     pack_header,
     raise_for_reply,
     unpack_header,
@@ -102,7 +103,7 @@ class Request:
     op: str
     seq: int
     frames: list[bytes | memoryview]
-    # Requests that wait for a commit may take as long as a save; the drivers use the longer timeout.
+    # protocol.is_long: the request may take as long as a save; the drivers use the longer timeout.
     long: bool = False
 
 
@@ -136,13 +137,13 @@ class Exchange:
         self.seq = 0
         self.boot: str | None = None
 
-    def request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
-                long: bool = False) -> Request:
+    def request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None) -> Request:
         self.seq += 1
         header = {"v": PROTOCOL_VERSION, "op": op, "seq": self.seq, "job": self.job, **fields}
         if self.owner is not None:
             header["owner"] = self.owner
-        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])], long=long)
+        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])],
+                       long=is_long(op, header))
 
     def matches(self, req: Request, frames: list[memoryview]) -> dict[str, Any] | None:
         """The reply header if ``frames`` answer ``req``; ``None`` for a stale reply to an earlier,
@@ -216,7 +217,7 @@ class ClientCore(Exchange):
         return (yield from self.call(self.request("status", {})))
 
     def save(self) -> Flow[int]:
-        header = yield from self.call(self.request("save", {}, long=True))
+        header = yield from self.call(self.request("save", {}))
         self.durable = self.acked
         return int(header["version"])
 
@@ -264,7 +265,7 @@ class ClientCore(Exchange):
                 raise ValueError(exc.message) from None
         # Naming our fd connection lets the daemon hand the bulk leaves over as a memfd.
         conn = (yield Local("restore_conn", self.slots.restore_conn)) if self.slots is not None else None
-        req = self.request("restore", {**fields, "shm_conn": conn}, long=True)
+        req = self.request("restore", {**fields, "shm_conn": conn})
         return (yield from self.export_flow(req, self._placed))
 
     # -- the decisions inside the flows --------------------------------------------------------
@@ -354,7 +355,7 @@ class ClientCore(Exchange):
             fields["shm"] = placement.to_wire()
             placed = {i for i, _ in placement.refs}
         data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
-        return self.request("update", fields, data, long=wait in ("committed", "replicated"))
+        return self.request("update", fields, data)
 
 
 class AdminCore(Exchange):
@@ -386,13 +387,16 @@ class AdminCore(Exchange):
 
     def delete(self, job: str) -> Flow[dict[str, Any]]:
         header = yield from self.call(self.request("delete", {"job": validate_job_name(job)}))
-        return {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        out = {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        if isinstance(header.get("remote"), dict):  # with [remote]: what happened to the bucket's copy
+            out["remote"] = header["remote"]
+        return out
 
     def maintain(self, op: str, job: str | None) -> Flow[list[dict[str, Any]]]:
         """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""
         if op not in ("verify", "gc"):
             raise ValueError(f"maintenance op must be verify or gc, not {op!r}")
-        header = yield from self.call(self.request(op, self._on(job), long=True))
+        header = yield from self.call(self.request(op, self._on(job)))
         jobs: list[dict[str, Any]] = header["jobs"]
         return jobs
 
@@ -401,7 +405,7 @@ class AdminCore(Exchange):
         raw blob leaves; ``None`` when the job has no state."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise ValueError(f"version must be an int version id, not {version!r}")
-        req = self.request("restore", {"job": validate_job_name(job), "version": version}, long=True)
+        req = self.request("restore", {"job": validate_job_name(job), "version": version})
         return (yield from self.export_flow(req, _no_placed))
 
     def replace(self, core: ClientCore, state: Mapping[Any, Any], *, step: int | None,

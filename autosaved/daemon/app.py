@@ -10,6 +10,7 @@ task group close.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import logging
 import math
@@ -45,7 +46,6 @@ from ..shm import fd_socket_path
 from ..storage import faults
 from ..storage.faults import point
 from ..storage.local import Store
-from ..tree import iter_blobs
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
 from .iocontrol import IoControl
@@ -61,7 +61,7 @@ from .reports import ReportContext, Reports
 from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
 from .rpcsocket import Receiver
 from .runstate import Phase, RunState
-from .slottable import SlotTable, referenced_mappings
+from .slottable import SlotTable
 from .walcommit import LogCommitter
 from .writer import Writer
 
@@ -124,8 +124,10 @@ class Daemon:
                 return settings.keep_last, settings.keep_every
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
-                                         local_store=self.store.job, retention=retention, spawn=self._spawn,
-                                         adaptive=config.throttle.enabled)
+                                         local_store=self.store.job, retention=retention,
+                                         spawn=functools.partial(self._spawn, "replica"),
+                                         adaptive=config.throttle.enabled,
+                                         pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
@@ -133,7 +135,7 @@ class Daemon:
                              max_write_rate=config.throttle.max_write_rate)
         self.io = IoControl(lambda: self.config, self.writer, clock)
         # The write-ahead log's group committer (not a logger).
-        self.wal_committer = LogCommitter(self._spawn, self.poke)
+        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.poke)
         self._wake = anyio.Event()
         # When the sleeping scheduler wakes up by itself (see poke_for); inf: not asleep on a timer.
         self._wake_at = math.inf
@@ -149,8 +151,6 @@ class Daemon:
         self.writer.observe_duration = self.save_durations.observe
         # When the rpc loop last went round: the watchdog pings only while this keeps moving.
         self.progress_at = clock()
-        # Trees a restore is reading from: their slots must stay lent until the bytes are copied out.
-        self.restoring: dict[int, Any] = {}
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
         self.slots = SlotTable(shm_cap)
         if self.replicator is not None:
@@ -159,7 +159,8 @@ class Daemon:
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
         self.reports = Reports(ReportContext(
-            config=lambda: self.config, run=self.run_state, jobs=self.jobs, store=self.store, writer=self.writer,
+            config=lambda: self.config, run=self.run_state, jobs=self.jobs, ledger=self.table.ledger,
+            store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
             durations=self.save_durations, pid=self.pid, boot=self.boot,
         ))
@@ -173,8 +174,7 @@ class Daemon:
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
             replicator=self.replicator, clock=clock, poke=self.poke, poke_for=self.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, boot=self.boot, pid=self.pid, uid=self.uid,
-            referenced_mappings=self.referenced_mappings,
-            restoring=self.restoring, status=self.reports.status, list_jobs=self.reports.list_jobs,
+            status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -211,13 +211,17 @@ class Daemon:
                                            and decision.next_wake_at < self._wake_at):
             self._wake.set()
 
-    def _spawn(self, func: Any, *args: Any) -> None:
+    def _spawn(self, name: str, func: Callable[..., Any], *args: Any) -> None:
+        """Start a task for a helper (a job's replicator loop, a log flusher waiting for its lock),
+        supervised like the daemon's own: a failure is logged and the task restarted, never the daemon's end."""
         assert self._tg is not None
-        self._tg.start_soon(func, *args)
+        self._supervise(self._tg, name, func, *args)
 
     async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
         without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
+
         def scan() -> list[tuple[int, str, list[int]]]:
             return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
 
@@ -365,11 +369,11 @@ class Daemon:
                                     self.config.max_connections)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
-                    tg.start_soon(self.replicator.probe_later)
+                    self._supervise(tg, "probe", self.replicator.probe_later)
                 if self.replicator is not None:
-                    tg.start_soon(self._replicate_stored_jobs, self.replicator)
-                    tg.start_soon(self.replicator.rate.run, self.replicator.store.endpoint,
-                                  self.config.throttle.sample_interval)
+                    self._supervise(tg, "attach", self._replicate_stored_jobs, self.replicator)
+                    self._supervise(tg, "uploadrate", self.replicator.rate.run, self.replicator.store.endpoint,
+                                    self.config.throttle.sample_interval)
                 if self.config.preemption.provider != "off":
                     self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
@@ -628,17 +632,6 @@ class Daemon:
             log.warning("could not send a reply: %s", exc)
         if self._receiver is not None:
             self._receiver.after_send()
-
-    # -- shared-memory slots ----------------------------------------------------------------------
-
-    def referenced_mappings(self) -> set[int]:
-        """Slot mappings that some live state or snapshot being written still reads."""
-        roots = [j.root for j in self.jobs.values()] + [t.root for t in self.writer.in_flight.values()]
-        # Deltas not yet in the log and records waiting for their fsync read slot bytes too.
-        roots += [j.unlogged for j in self.jobs.values()]
-        roots += [w.record.delta for j in self.jobs.values() for w in (*j.log_pending, *j.log_writing)]
-        roots += list(self.restoring.values())
-        return referenced_mappings(b for root in roots for b in iter_blobs(root))
 
     # -- reports ---------------------------------------------------------------------------------
 

@@ -16,9 +16,11 @@ import anyio.to_thread
 
 from ..config import PolicySettings
 from ..errors import StorageError
+from ..state import counted, empty_node
 from ..storage.base import Storage
 from ..storage.local import Recovered
 from ..storage.wal import WalWriter
+from .accounting import Ledger
 from .jobs import Job, JobKey
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ class JobTable:
         self.poke = poke
         self.replicator = replicator
         self.jobs: dict[JobKey, Job] = {}
+        # What the held jobs' states cost, per owner, and which client slots they read: see accounting.py.
+        self.ledger = Ledger()
         # One lock per (owner, job), never dropped: loading, deleting and recreating a job are serialised
         # by it, so no request is ever acknowledged for a job whose folder is being deleted.
         self._load_locks: dict[JobKey, anyio.Lock] = {}
@@ -45,6 +49,20 @@ class JobTable:
 
     def __iter__(self) -> Iterator[Job]:
         return iter(list(self.jobs.values()))
+
+    def add(self, job: Job) -> None:
+        """Take a job in: from now on its state is charged to its owner."""
+        assert job.key not in self.jobs and job.ledger is None
+        self.jobs[job.key] = job
+        job.ledger = self.ledger
+        self.ledger.attach(job.owner, job.root)
+
+    def remove(self, key: JobKey) -> None:
+        """Let a job go (delete): its state is no longer charged to its owner."""
+        job = self.jobs.pop(key, None)
+        if job is not None and job.ledger is not None:
+            job.ledger.detach(job.owner, job.root)
+            job.ledger = None
 
     def key_lock(self, key: JobKey) -> anyio.Lock:
         return self._load_locks.setdefault(key, anyio.Lock())
@@ -82,7 +100,11 @@ class JobTable:
 
             def load() -> tuple[Recovered | None, list[int]]:
                 store.clean_tmp()
-                return store.recover(load_data=False, repair=True), store.version_ids()
+                recovered = store.recover(load_data=False, repair=True)
+                if recovered is not None:
+                    # Counted once here, in the thread: from now on every change keeps the counts.
+                    recovered.tree = counted(recovered.tree) if recovered.tree else empty_node()
+                return recovered, store.version_ids()
 
             try:
                 recovered, ids = await anyio.to_thread.run_sync(load)
@@ -110,7 +132,7 @@ class JobTable:
                 log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
                          job.latest_version, len(recovered.replay.records))
             job.next_version = ids[-1] + 1 if ids else 1
-            self.jobs[key] = job
+            self.add(job)
             if self.replicator is not None:
                 self.replicator.attach(owner, name, ids)
             return job

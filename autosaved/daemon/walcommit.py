@@ -172,6 +172,8 @@ class LogCommitter:
         job.log_writing = []
         job.wal_lock.release()
         for w in batch:
+            if w.hold is not None:
+                w.hold.release()  # written (or failed): its slots are the state's business now
             w.error = error
             w.done.set()
             if w.notify is not None:

@@ -72,6 +72,7 @@ class Writer:
                 await self._write(ticket)
         finally:
             del self.in_flight[key]
+            ticket.hold.release()
 
     async def _write(self, ticket: SaveTicket) -> None:
         job = ticket.job

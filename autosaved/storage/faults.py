@@ -60,10 +60,12 @@ POINTS: dict[str, str] = {
     "rpc.poll.before": "the rpc loop goes round, in a worker thread (sleep: an rpc loop that stalls while "
                        "the event loop runs)",
     "gc.collect.before": "a garbage collection is about to list what the manifests reference",
+    "delete.lock.before": "a delete, holding the job's key lock, is about to wait for its save or gc (io lock)",
     "remote.manifest.before": "an upload sent every chunk of a version and is about to publish its manifest "
                               "(sleep, in a worker thread: an upload held half-done)",
     **{f"task.{t}.start": "a supervised daemon task starts (raise: a bug at its start)"
-       for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption")},
+       for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption",
+                 "probe", "attach", "uploadrate", "replica", "walflush")},
     **{f"task.{t}.before": "a daemon task is about to do one piece of work (raise: a bug in that piece)"
        for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics", "main")},
 }

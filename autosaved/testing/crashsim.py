@@ -483,8 +483,8 @@ def _judge(got: Any, allowed: set[Any], none_ok: bool, floor: int, job: str, lab
 def check_with_daemon(state_dir_src: Path, work: Path, history: History, jobs: list[str],
                       marks: list[dict[str, Any]], label: str, config: str) -> list[Finding]:
     """Start a fresh daemon on a copy of a crash state; it must serve what the offline check accepts."""
-    from ..bench.private import PrivateDaemon
     from ..client.sync import Client
+    from .private import PrivateDaemon
 
     root = work / "daemon"
     if root.exists():

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bench.private import PrivateDaemon
 from ..client.admin import Admin
 from ..client.sync import Client
 from .crashsim import History
 from .fstrace import ENV, ENV_ROOT, mark
+from .private import PrivateDaemon
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
