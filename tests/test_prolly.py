@@ -232,3 +232,40 @@ def test_any_json_like_state_round_trips(value: Any) -> None:
     tree = {"v": value}
     assert _equal(roundtrip(tree), tree)
     assert _apply_diff({"v": 0, "w": value}, tree) == sorted(sp.items(tree, lambda b: b""))
+
+
+BIG = {f"k{i:03d}": i for i in range(100)}  # over the size where the diff memoises a mapping's key order
+
+
+@pytest.mark.parametrize("new", [
+    {**BIG, "zzz": 1},  # appended after the rest: still key order, no container edit
+    {**BIG, "a": 1},  # appended but sorts first: the order must be stored
+    {**BIG, "zzz": 1, "zz": 2},  # appended out of order among themselves
+    dict(reversed(BIG.items())),  # the same keys in another order (a Replace)
+    {k: v for k, v in BIG.items() if k != "k050"},  # a key removed
+])
+def test_a_big_mappings_order_follows_it_through_diffs(new: dict[str, int]) -> None:
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    old = {"m": BIG}
+    differ = sp.Differ(value)
+    differ.diff(old, {"m": new})
+    have = dict(sp.items(old, value))
+    for k, v in differ.edits.items():
+        if v is None:
+            have.pop(k, None)
+        else:
+            have[k] = v
+    assert sorted(have.items()) == sorted(sp.items({"m": new}, value))
+    assert list(sp.unflatten(iter(sorted(have.items())), blob, "t")["m"]) == list(new)
+    # and again from what the first diff learned (the next save's memo)
+    newer = {**new, "zzzz": 0}
+    second = sp.Differ(value, differ.learned)
+    second.diff({"m": new}, {"m": newer})
+    for k, v in second.edits.items():
+        if v is None:
+            have.pop(k, None)
+        else:
+            have[k] = v
+    assert list(sp.unflatten(iter(sorted(have.items())), blob, "t")["m"]) == list(newer)

@@ -47,6 +47,8 @@ class Cache:
     params: prolly.Params
     bytes: int
     interior: set[str] = field(default_factory=set)
+    # Big mappings of ``tree`` known to be in key order or not (by id, holding them): see statepages.Differ.
+    in_key_order: dict[int, tuple[Any, bool]] = field(default_factory=dict)
 
 
 def _blob_value(records: dict[int, dict[str, Any]]) -> sp.BlobValue:
@@ -104,13 +106,15 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
     try:
         store.write_chunks(to_store, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
         blob_value = _blob_value({id(b): rec for b, rec in zip(to_store, records, strict=True)})
+        learned: dict[int, tuple[Any, bool]] = {}
         if cache is None:
             leaves = prolly.chunk_leaves(sp.items(tree, blob_value), params, put)
             total = sum(b.nbytes for b in added)
         else:
-            edits: dict[bytes, bytes | None] = {}
-            sp.diff(cache.tree, tree, blob_value, edits)
-            leaves = prolly.apply(cache.leaves, edits, params, store.read_page, put, where)
+            differ = sp.Differ(blob_value, cache.in_key_order)
+            differ.diff(cache.tree, tree)
+            learned = differ.learned
+            leaves = prolly.apply(cache.leaves, differ.edits, params, store.read_page, put, where)
             total = cache.bytes + sum(b.nbytes for b in added) - sum(b.nbytes for b in sp.new_blobs(tree, old_tree))
         interior: set[str] = set()
 
@@ -136,7 +140,7 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
     }
     manifest = seal(body)
     atomic_write(store.versions_dir / f"{version:012d}.json", manifest, store.tmp_dir)
-    store.paged_cache = Cache(version, root, tree, leaves, params, total, interior)
+    store.paged_cache = Cache(version, root, tree, leaves, params, total, interior, learned)
     return SaveResult(info=info, bytes_written=counts[0] + pages[0] + len(manifest),
                       chunks_written=counts[1] + pages[1])
 

@@ -18,6 +18,7 @@ objects and are skipped without a look inside. The work is O(the width of the ma
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -130,36 +131,102 @@ def _same_leaf(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def diff(old: Any, new: Any, blob_value: BlobValue, edits: dict[bytes, bytes | None], prefix: bytes = b"") -> None:
+_IN_ORDER: Final = pack(["m"])
+
+
+class Differ:
+    """One save's diff: the edits, and which big mappings are in key order (by identity, holding them:
+    the old side's are in the cached tree; what it learns of the new side's is kept for the next save)."""
+
+    def __init__(self, blob_value: BlobValue, known: dict[int, tuple[Any, bool]] | None = None) -> None:
+        self.blob_value = blob_value
+        self.edits: dict[bytes, bytes | None] = {}
+        self.known = known or {}
+        self.learned: dict[int, tuple[Any, bool]] = {}
+
+    def _in_key_order(self, mapping: dict[Any, Any]) -> bool:
+        hit = self.known.get(id(mapping))
+        if hit is not None and hit[0] is mapping:
+            return hit[1]
+        result = list(mapping) == _sorted_keys(mapping)
+        self.known[id(mapping)] = (mapping, result)
+        return result
+
+    def _dict_value(self, old: dict[Any, Any], new: dict[Any, Any]) -> bytes | None:
+        """``new``'s container value when it differs from ``old``'s, else ``None``. The common case costs
+        O(the keys added): ``new`` is ``old`` with keys appended (what a merge makes), ``old`` was in key
+        order, and the appended keys sort after the rest (ids that grow, like a history's)."""
+        if len(old) > 64:
+            added = new.keys() - old.keys()
+            keys = list(new)
+            if (len(new) == len(old) + len(added) and keys[: len(old)] == list(old)
+                    and self._in_key_order(old) and _sorted_after(old, keys[len(old):])):
+                self.learned[id(new)] = (new, True)
+                return None  # ["m"] before and after
+        value = container_value(new)
+        if len(new) > 64:
+            self.learned[id(new)] = (new, value == _IN_ORDER)
+        return None if value == container_value(old) else value
+
+    def diff(self, old: Any, new: Any, prefix: bytes = b"") -> None:
+        """Put into ``edits`` what turns the items of ``old`` into those of ``new`` (``None``: delete)."""
+        if old is new:
+            return
+        edits = self.edits
+        if is_container(old) and is_container(new) and type(old) is type(new):
+            if isinstance(new, dict):
+                cv = self._dict_value(old, new)
+                if cv is not None:
+                    edits[prefix] = cv
+                if len(new) < len(old) or new.keys() != old.keys():
+                    for key in old.keys() - new.keys():
+                        _delete(old[key], prefix + enc_elem(key), edits)
+                missing = _MISSING
+                known, learned = self.known, self.learned
+                for key, sub in new.items():
+                    was = old.get(key, missing)
+                    if was is sub:  # unchanged (the merge shared it): the common case, without a call
+                        if type(sub) is dict and id(sub) in known:
+                            learned[id(sub)] = known[id(sub)]
+                        continue
+                    if was is missing:
+                        edits.update(items(sub, self.blob_value, prefix + enc_elem(key)))
+                    else:
+                        self.diff(was, sub, prefix + enc_elem(key))
+            else:
+                if container_value(new) != container_value(old):
+                    edits[prefix] = container_value(new)
+                for i, sub in enumerate(new):
+                    if i < len(old):
+                        if old[i] is not sub:
+                            self.diff(old[i], sub, prefix + enc_elem(i))
+                    else:
+                        edits.update(items(sub, self.blob_value, prefix + enc_elem(i)))
+                for i in range(len(new), len(old)):
+                    _delete(old[i], prefix + enc_elem(i), edits)
+            return
+        if not is_container(old) and not is_container(new) and _same_leaf(old, new):
+            return
+        _delete(old, prefix, edits)
+        edits.update(items(new, self.blob_value, prefix))
+
+
+def _sorted_after(old: dict[Any, Any], tail: list[Any]) -> bool:
+    """Whether ``tail`` is in key order and after ``old``'s last key."""
+    if not tail:
+        return True
+    encoded = [enc_elem(next(reversed(old)))] + [enc_elem(k) for k in tail]
+    return all(a < b for a, b in itertools.pairwise(encoded))
+
+
+def diff(old: Any, new: Any, blob_value: BlobValue, edits: dict[bytes, bytes | None]) -> None:
     """Put into ``edits`` what turns the items of ``old`` into those of ``new`` (``None``: delete)."""
-    if old is new:
-        return
-    if is_container(old) and is_container(new) and type(old) is type(new):
-        cv = container_value(new)
-        if cv != container_value(old):
-            edits[prefix] = cv
-        if isinstance(new, dict):
-            for key, sub in old.items():
-                if key not in new:
-                    _delete(sub, prefix + enc_elem(key), edits)
-            for key, sub in new.items():
-                if key in old:
-                    diff(old[key], sub, blob_value, edits, prefix + enc_elem(key))
-                else:
-                    edits.update(items(sub, blob_value, prefix + enc_elem(key)))
-        else:
-            for i, sub in enumerate(new):
-                if i < len(old):
-                    diff(old[i], sub, blob_value, edits, prefix + enc_elem(i))
-                else:
-                    edits.update(items(sub, blob_value, prefix + enc_elem(i)))
-            for i in range(len(new), len(old)):
-                _delete(old[i], prefix + enc_elem(i), edits)
-        return
-    if not is_container(old) and not is_container(new) and _same_leaf(old, new):
-        return
-    _delete(old, prefix, edits)
-    edits.update(items(new, blob_value, prefix))
+    differ = Differ(blob_value)
+    differ.diff(old, new)
+    edits.update(differ.edits)
+
+
+_MISSING: Any = object()
 
 
 def _delete(node: Any, prefix: bytes, edits: dict[bytes, bytes | None]) -> None:
@@ -183,7 +250,9 @@ def new_blobs(old: Any, new: Any) -> Iterator[Blob]:
         return
     if isinstance(new, dict) and isinstance(old, dict):
         for key, sub in new.items():
-            yield from new_blobs(old.get(key), sub)
+            was = old.get(key)
+            if was is not sub:
+                yield from new_blobs(was, sub)
     elif isinstance(new, list | tuple) and isinstance(old, list | tuple):
         for i, sub in enumerate(new):
             yield from new_blobs(old[i] if i < len(old) else None, sub)
