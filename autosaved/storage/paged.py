@@ -185,9 +185,14 @@ def blob_of(doc: dict[str, Any], where: str) -> Any:
 def load_tree(store: JobStore, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> Any:
     """The state (or the subtree at ``path``, reading only the pages on it) of a format-2 root record.
     ``NotFound`` when the version has nothing at ``path``."""
+    return tree_from_pages(store.read_page, doc, where, path)
+
+
+def tree_from_pages(get: prolly.Get, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> Any:
+    """As :func:`load_tree`, with pages from ``get`` (the local objects, or pages fetched from a bucket)."""
     root, _params = check_root(doc, where)
     lo = sp.enc_path(path)
-    entries = prolly.iterate(root, store.read_page, where, lo, lo + sp.SUBTREE_END if path else None)
+    entries = prolly.iterate(root, get, where, lo, lo + sp.SUBTREE_END if path else None)
     first = next(entries, None)
     if first is None or first[0] != lo:
         raise NotFound(f"{where} has nothing at {list(path)!r}")
@@ -198,6 +203,30 @@ def load_tree(store: JobStore, doc: dict[str, Any], where: str, path: tuple[str 
         yield from entries
 
     return sp.unflatten(chained(), blob_of(doc, where), where, base=lo)
+
+
+def page_links(raw: bytes, digest: str, doc: dict[str, Any], where: str) -> tuple[list[str], dict[str, int]]:
+    """A page's child pages and the chunks (digest -> size) its leaves are stored in."""
+    page = prolly.decode_page(raw, digest, where)
+    chunks = {c.digest: c.size for b in _page_blobs(page, blob_of(doc, where), where) for c in b.chunks or ()}
+    return [r.digest for r in page.refs], chunks
+
+
+def version_objects(store: JobStore, doc: dict[str, Any], where: str) -> dict[str, int]:
+    """Every object (page or chunk: digest -> stored-size hint) a format-2 version needs, for an upload."""
+    root, _params = check_root(doc, where)
+    out: dict[str, int] = {}
+    stack = [root]
+    while stack:
+        digest = stack.pop()
+        if digest in out:
+            continue
+        raw = store.read_page(digest)
+        out[digest] = len(raw)
+        children, chunks = page_links(raw, digest, doc, where)
+        out.update(chunks)
+        stack.extend(children)
+    return out
 
 
 def seed_cache(store: JobStore, version: int, doc: dict[str, Any], tree: Any, where: str) -> None:
