@@ -173,14 +173,11 @@ class Config(Table):
     # Shared-memory slots the daemon maps for all clients together; None: half of physical memory.
     max_shm_bytes: int | None = setting(None, size(), restart=True)
     remote: RemoteSettings = setting(factory=RemoteSettings, restart=True)
-    # The store format new versions are written in (storage/paged.py); None ("auto"): 2, or 1 while
-    # [remote] is on (the replicator and the bucket read format 1 only, for now).
+    # The store format new versions are written in (storage/paged.py); None ("auto"): the newest, 2.
     storage_format: int | None = setting(None, _storage_format, restart=True)
 
     def write_format(self) -> int:
-        if self.storage_format is not None:
-            return self.storage_format
-        return 1 if self.remote.url is not None else 2
+        return self.storage_format if self.storage_format is not None else 2
 
     def socket_path(self) -> Path | None:
         return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None
