@@ -51,7 +51,9 @@ class OpSpec:
 
 OP_TABLE: Final[Mapping[str, OpSpec]] = {spec.name: spec for spec in (
     OpSpec("ping", Access.ANY_PEER, "never"),
-    OpSpec("hello", Access.JOB_OWNER, "never"),
+    # A hello may first load the job and replay its log (bounded by policy.log_bytes and replay_time, but a
+    # just-restarted daemon may be loading several jobs at once): it must not time out meanwhile.
+    OpSpec("hello", Access.JOB_OWNER, "always"),
     OpSpec("update", Access.JOB_OWNER, "on_wait"),
     OpSpec("save", Access.JOB_OWNER, "always"),
     OpSpec("restore", Access.JOB_OWNER, "always"),

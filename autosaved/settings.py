@@ -317,6 +317,11 @@ class PolicySettings(Table):
     keep_every: float | None = setting(None, duration(off=True))
     # How new chunks are stored: one of COMPRESSION_MODES ("auto": all but float data).
     compression: str = setting("auto", choice(COMPRESSION_MODES))
+    # The write-ahead log past the newest version is saved into a version once it holds this many bytes,
+    # or would take this long to replay at the measured replay speed: a bound on restart time that holds
+    # whatever dirty_bytes is (policy.py, reason log_bytes).
+    log_bytes: int | None = setting(256 * 1024**2, size(off=True))
+    replay_time: float | None = setting(1.5, duration(off=True))
 
     def to_wire(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

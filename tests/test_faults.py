@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 
 import autosaved
+from autosaved.storage import faults
 from autosaved.storage.faults import POINTS
+from autosaved.storage.fsutil import write_fsync
 from autosaved.storage.local import Store
 from autosaved.testing.private import PrivateDaemon
 
@@ -33,7 +35,7 @@ from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_f
 # Every storage point: the crash scenario below reaches each. The others (the event loop's, the tasks',
 # gc's, the replicator's, delete's) are each reached by a test that waits for it with ``fault_fired``.
 CRASH_POINTS = sorted(p for p in POINTS
-                      if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.", "delete.")))
+                      if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.", "delete.", "load.")))
 LATER_HIT = 3
 W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save
 
@@ -508,3 +510,18 @@ def test_real_failed_fsync_is_never_acked_and_recovers(overcommitted_fs: tuple[P
         assert "failed" in d.log()
     finally:
         d.cleanup()
+
+
+def test_a_non_fatal_action_half_way_through_a_write_writes_the_buffer_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<kind>.write.middle`` with an action that returns (here ``sleep:0``): the write goes on with the
+    second half. (It used to write the whole buffer again after the first half: a file with its first half
+    twice.)"""
+    rules = tmp_path / "faults"
+    rules.write_text("chunk.write.middle 1 sleep:0\n")
+    monkeypatch.setenv("AUTOSAVED_FAULTS_FILE", str(rules))
+    monkeypatch.setattr(faults, "_faults", faults._Faults())
+    data = bytes(range(256)) * 41
+    assert write_fsync(tmp_path / "f", [data]) == len(data)
+    assert (tmp_path / "f").read_bytes() == data
+    assert "chunk.write.middle" in (tmp_path / "faults.seen").read_text()

@@ -95,7 +95,7 @@ def _imports(path: Path) -> set[str]:
 def test_daemon_and_storage_stay_out_of_the_sdk_and_the_benchmarks() -> None:
     rules = {"daemon": ("autosaved.bench", "autosaved.client", "autosaved.cli"),
              "storage": ("autosaved.bench", "autosaved.client", "autosaved.cli", "autosaved.daemon",
-                         "autosaved.protocol")}
+                         "autosaved.protocol", "autosaved.testing")}
     broken = []
     for area, banned in rules.items():
         for path in _sources(PACKAGE / area):
@@ -104,6 +104,42 @@ def test_daemon_and_storage_stay_out_of_the_sdk_and_the_benchmarks() -> None:
                     broken.append(f"{path.relative_to(ROOT)} imports {name}")
     assert broken == []
     assert "autosaved.names" in _imports(PACKAGE / "storage" / "local.py")  # the scan resolves relative imports
+
+
+# What changes the disk. In storage, only the seam (fileops.py) may call these; an os.open must be a read.
+_DURABLE_OS = {"write", "pwrite", "writev", "fsync", "fdatasync", "ftruncate", "truncate", "replace", "rename",
+               "unlink", "remove", "mkdir", "makedirs", "rmdir"}
+_DURABLE_METHODS = {"unlink", "mkdir", "rename", "write_bytes", "write_text", "touch", "rmtree",
+                    "truncate"}
+
+
+def _durable_calls(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name, owner = node.func.attr, node.func.value
+        owner_name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+        if owner_name == "fileops":
+            continue
+        if owner_name == "os" and name == "open":
+            if not any(isinstance(n, ast.Attribute) and n.attr == "O_RDONLY" for n in ast.walk(node)):
+                out.append(f"{path.name}:{node.lineno} os.open for writing")
+        elif (owner_name == "os" and name in _DURABLE_OS) or (owner_name != "os" and name in _DURABLE_METHODS) \
+                or (owner_name == "aiofiles" and name == "open"
+                    and any(isinstance(a, ast.Constant) and "w" in str(a.value) for a in node.args[1:])):
+            out.append(f"{path.name}:{node.lineno} {owner_name}.{name}")
+    return out
+
+
+def test_every_durable_file_operation_of_storage_goes_through_the_seam() -> None:
+    """Issue 19: the power-loss recorder and the fault injector see what they claim only if the storage
+    layer changes the disk through ``storage/fileops.py`` alone (the log's open and truncate, the bucket
+    seed's chunk files included)."""
+    found = [c for p in _sources(PACKAGE / "storage") if p.name not in ("fileops.py", "faults.py")
+             for c in _durable_calls(p)]
+    assert found == []
+    assert _durable_calls(PACKAGE / "storage" / "fileops.py")  # the scan sees such calls where they are
 
 
 def test_the_readme_code_map_matches_the_tree() -> None:
@@ -227,13 +263,21 @@ def test_runs() -> None:
 '''
 
 
-@pytest.mark.parametrize("ci", [{}, {"CI": "true"}, {"AUTOSAVED_REQUIRE_ROOT_TESTS": "1"}], ids=["dev", "ci", "root"])
-def test_a_skip_fails_the_run_under_ci(tmp_path: Path, ci: dict[str, str]) -> None:
-    """A missing dependency skips a test (or a whole module) on a developer's machine, and fails under CI."""
+@pytest.mark.parametrize("ci", [{}, {"CI": "true"}], ids=["dev", "ci"])
+def test_a_skip_fails_the_run_under_ci(tmp_path: Path, ci: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing dependency skips a test (or a whole module) on a developer's machine, and fails under CI
+    (CI=true, or AUTOSAVED_REQUIRE_ROOT_TESTS=1 as .ci/run exports)."""
+    from tests.ci_skips import require_every_test
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("AUTOSAVED_REQUIRE_ROOT_TESTS", "1")
+    assert require_every_test()
+    monkeypatch.setenv("AUTOSAVED_REQUIRE_ROOT_TESTS", "0")
+    assert not require_every_test()
     (tmp_path / "test_whole_module.py").write_text(SKIPS)
     (tmp_path / "test_one.py").write_text(SKIP_ONE)
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "AUTOSAVED_REQUIRE_ROOT_TESTS")}
-    args = ["-q", "-n", "0", "-p", "tests.ci_skips", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+    args = ["-q", "-p", "no:xdist", "-p", "tests.ci_skips", "-p", "no:cacheprovider", "--continue-on-collection-errors",
             "--rootdir", str(tmp_path), str(tmp_path)]
     out = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True, cwd=ROOT,
                          env={**env, **ci}, timeout=120)

@@ -18,6 +18,7 @@ import os
 import secrets
 import signal
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -59,7 +60,7 @@ from .reload import ReloadContext, Reloader
 from .replicator import Replicator
 from .reports import ReportContext, Reports
 from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
-from .rpcsocket import Receiver
+from .rpcsocket import Receiver, SharedSocket
 from .runstate import Phase, RunState
 from .slottable import SlotTable
 from .walcommit import LogCommitter
@@ -125,7 +126,7 @@ class Daemon:
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
                                          local_store=self.store.job, retention=retention,
-                                         spawn=functools.partial(self._spawn, "replica"),
+                                         spawn=self._spawn,
                                          adaptive=config.throttle.enabled,
                                          pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
@@ -146,6 +147,11 @@ class Daemon:
         self._signals: AsyncIterator[int] | None = None
         self._sock: zmq.Socket[Any] | None = None
         self._receiver: Receiver | None = None
+        self._shared: SharedSocket | None = None
+        # Per uid, logged updates a log thread answered whose request the event loop has not closed yet: not
+        # in flight for the quota (their client may already send the next one).
+        self._early_lock = threading.Lock()
+        self._early_sent: dict[int, int] = {}
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
@@ -173,8 +179,8 @@ class Daemon:
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
             replicator=self.replicator, clock=clock, poke=self.poke, poke_for=self.poke_for,
-            shutting_down=lambda: self.run_state.shutting_down, boot=self.boot, pid=self.pid, uid=self.uid,
-            status=self.reports.status, list_jobs=self.reports.list_jobs,
+            shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
+            pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -306,7 +312,8 @@ class Daemon:
         except zmq.ZMQError as exc:
             sock.close(0)
             raise AutosavedError(f"cannot listen on {self.config.address}: {exc}") from None
-        stack.callback(sock.close, 0)
+        self._shared = SharedSocket(sock)  # log threads answer logged updates on it too
+        stack.callback(self._shared.close)
         path = self.config.socket_path()
         if path is not None:
             os.chmod(path, 0o660)
@@ -509,8 +516,9 @@ class Daemon:
 
     async def _rpc_loop(self) -> None:
         assert self._sock is not None and self._tg is not None
-        with Receiver(self._sock, self._handle) as receiver:
-            self._receiver = receiver
+        assert self._shared is not None
+        with Receiver(self._sock, self._handle, self._shared.lock) as receiver:
+            self._receiver = self._shared.receiver = receiver
             try:
                 while True:
                     self.progress_at = self.clock()
@@ -521,7 +529,7 @@ class Daemon:
                     # the loop goes round (the watchdog's proof of progress); see rpcsocket.py.
                     await receiver.serve(1.0)
             finally:
-                self._receiver = None
+                self._receiver = self._shared.receiver = None
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         """Start one request: answered here when it needs no waiting (most small updates), else handed
@@ -544,7 +552,8 @@ class Daemon:
             op, seq = check_request(header)
             owner = self.owner_of(header_frame)
             point("task", "rpc", "before", op)
-            in_flight = self.in_flight_by_uid.get(owner, 0)
+            counted = self.in_flight_by_uid.get(owner, 0)
+            in_flight = counted - self._early_sent.get(owner, 0)
             if in_flight >= self.config.quota.max_requests:
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
@@ -553,7 +562,7 @@ class Daemon:
                 )
             request = RpcRequest(op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
                                  owner=owner, header_size=len(header_frame))
-            self.in_flight_by_uid[owner] = in_flight + 1
+            self.in_flight_by_uid[owner] = counted + 1
             try:
                 started = self.handlers.start(request)
             except BaseException:
@@ -565,7 +574,10 @@ class Daemon:
         if isinstance(started, Reply):
             self._answer(identity, seq, owner, started)
         elif isinstance(started, Deferred):
-            started.on_done(lambda result: self._answer(identity, seq, owner, result))
+            deferred = started
+            deferred.early = lambda reply: self._answer_early(identity, seq, owner, reply)
+            deferred.on_done(lambda result: self._answered(owner) if deferred.sent_early
+                             else self._answer(identity, seq, owner, result))
         else:
             assert self._tg is not None
             self._tg.start_soon(self._finish, identity, seq, owner, started)
@@ -580,6 +592,29 @@ class Daemon:
             except Exception as exc:
                 result = exc
         self._send_error(identity, seq, result)
+
+    def _answer_early(self, identity: bytes, seq: int, owner: int, reply: Reply) -> bool:
+        """From a log thread, right after the sync: send a logged update's reply (False: not sent, the
+        event loop answers as usual). The event loop closes the request later (:meth:`_answered`)."""
+        frames = [identity, pack_header(ok_reply(seq, self.boot, **reply.fields)), *reply.frames]
+        with self._early_lock:  # counted before the client can see the reply and send its next request
+            self._early_sent[owner] = self._early_sent.get(owner, 0) + 1
+        if self._shared is not None and self._shared.send_from_thread(frames):
+            return True
+        self._uncount_early(owner)
+        return False
+
+    def _answered(self, owner: int) -> None:
+        self._uncount_early(owner)
+        self._done(owner)
+
+    def _uncount_early(self, owner: int) -> None:
+        with self._early_lock:
+            left = self._early_sent[owner] - 1
+            if left:
+                self._early_sent[owner] = left
+            else:
+                del self._early_sent[owner]
 
     async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply]) -> None:
         """The rest of a request that had to wait (a load from disk, a save), and its reply."""
@@ -625,12 +660,8 @@ class Daemon:
     def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
         """Send a reply now. A ROUTER's send never blocks, and a sync send is whole before anything else
         runs, so replies need no lock and no await."""
-        assert self._sock is not None
-        try:
-            self._sock.send_multipart([identity, pack_header(header), *frames], zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:
-            log.warning("could not send a reply: %s", exc)
-        if self._receiver is not None:
+        assert self._shared is not None
+        if self._shared.send([identity, pack_header(header), *frames]) and self._receiver is not None:
             self._receiver.after_send()
 
     # -- reports ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from ..config import PolicySettings
 from ..policy import JobView, SaveReason
 from ..state import Merged, Node, Refs, State, add_refs, empty_node, merge_counted, merge_deltas
 from ..storage.base import JobStorage
-from ..storage.wal import Record, WalWriter
+from ..storage.wal import Record, WalWriter, replay_speed
 from .accounting import Hold, Ledger
 from .loglock import LogLock
 
@@ -30,6 +30,9 @@ class LogWaiter:
     error: Exception | None = None
     # Called (on the event loop) once the record's batch is synced or failed: the rpc layer answers from it.
     notify: Callable[[], None] | None = None
+    # Called in the log thread right after the sync, with the sessions' durable seqs (``durable(session)``):
+    # sends the reply from there, ahead of ``notify`` (issue 21).
+    early: Callable[[Callable[[str], int]], None] | None = None
     # The client slots the record reads until it is written (released when its batch is done).
     hold: Hold | None = None
 
@@ -66,6 +69,8 @@ class Job:
     retry_at: float | None = None
     failures: int = 0
     explicit_requested: bool = False
+    # Loaded by replaying log records no version covers: saved at once (policy reason ``recovery``).
+    recovery_pending: bool = False
     saving: bool = False
     step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -174,6 +179,9 @@ class Job:
             explicit_requested=self.explicit_requested,
             saving=self.saving,
             not_before=self.retry_at,
+            log_bytes=self.wal.size if self.wal is not None else 0,
+            replay_speed=replay_speed.value,
+            recovery_pending=self.recovery_pending,
         )
 
     def finish_waiters(self, error: Exception | None = None) -> None:
@@ -211,6 +219,7 @@ class Job:
             "state_bytes": self.root.cost,
             "last_error": self.last_error,
             "wal_lsn": self.last_lsn,
+            "wal_bytes": self.wal.size if self.wal is not None else 0,
             "wal_error": self.wal_broken,
             "policy": self.settings.to_wire(),
         }
@@ -248,6 +257,7 @@ def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
     job.next_version += 1
     job.saving = True
     job.explicit_requested = False
+    job.recovery_pending = False
     job.dirty_bytes = 0
     job.dirty_since = None
     return ticket
@@ -297,4 +307,6 @@ def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:
     if ticket.reason in (SaveReason.EXPLICIT, SaveReason.SHUTDOWN):
         # Policy-triggered saves fire again by themselves; a requested one must be retried explicitly.
         job.explicit_requested = True
+    if ticket.reason is SaveReason.RECOVERY:
+        job.recovery_pending = True
     job.finish_waiters(error)

@@ -18,6 +18,7 @@ from ..config import PolicySettings
 from ..errors import StorageError
 from ..state import counted, empty_node
 from ..storage.base import Storage
+from ..storage.faults import point
 from ..storage.local import Recovered
 from ..storage.wal import WalWriter
 from .accounting import Ledger
@@ -99,6 +100,7 @@ class JobTable:
                 await self.replicator.seed(owner, name, self.replicator.local_store(owner, name))
 
             def load() -> tuple[Recovered | None, list[int]]:
+                point("load", "job", "before", name)
                 store.clean_tmp()
                 recovered = store.recover(load_data=False, repair=True)
                 if recovered is not None:
@@ -110,8 +112,9 @@ class JobTable:
                 recovered, ids = await anyio.to_thread.run_sync(load)
             except OSError as exc:
                 raise StorageError(f"cannot open job {name!r}: {exc}") from exc
-            job = Job(owner=owner, name=name, store=store, settings=self.policy(), wal=WalWriter(store.log_dir),
-                      io_lock=self.io_lock(key))
+            log_bytes = recovered.replay.bytes if recovered is not None else 0
+            job = Job(owner=owner, name=name, store=store, settings=self.policy(),
+                      wal=WalWriter(store.log_dir, size=log_bytes), io_lock=self.io_lock(key))
             if recovered is not None:
                 job.root = recovered.tree
                 job.sessions = dict(recovered.sessions)
@@ -128,6 +131,9 @@ class JobTable:
                     now = self.clock()
                     job.generation = 1
                     job.dirty_since = job.last_update_at = now
+                    # A replayed log is saved at once (reason ``recovery``): a daemon that crashes again
+                    # before a busy stream ever lets ``idle`` or ``interval`` fire must not replay more.
+                    job.recovery_pending = True
                     self.poke()  # the scheduler plans this job's save now, not at some unrelated wake-up
                 log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
                          job.latest_version, len(recovered.replay.records))

@@ -86,6 +86,15 @@ class Deferred:
     def __init__(self) -> None:
         self._callbacks: list[Callable[[Reply | Exception], None]] = []
         self._result: Reply | Exception | None = None
+        # Set by the rpc loop: sends a reply from another thread ahead of :meth:`resolve` (True: sent).
+        self.early: Callable[[Reply], bool] | None = None
+        self.sent_early = False
+
+    def send_early(self, reply: Reply) -> None:
+        """From a log thread, before :meth:`resolve`: send ``reply`` now if the rpc loop allows it; the
+        later :meth:`resolve` then only closes the request."""
+        if self.early is not None and self.early(reply):
+            self.sent_early = True
 
     def on_done(self, callback: Callable[[Reply | Exception], None]) -> None:
         if self._result is not None:
@@ -184,6 +193,8 @@ class RpcContext:
     # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
     poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
+    # Someone waits for this job's next commit: its background saves in flight run unthrottled.
+    promote: Callable[[Job], None]
     boot: str
     pid: int
     uid: int
@@ -371,6 +382,9 @@ class Handlers:
             deferred = Deferred()
             waiter = LogWaiter(job.take_log_record(), hold=job.take_log_hold())
             waiter.notify = lambda: self._logged(job, u, waiter, deferred)
+            if u.conn is None:  # no slots to report as held: the log thread may answer right after the sync
+                waiter.early = lambda durable: deferred.send_early(Reply(
+                    {"ack": "logged", "durable": durable(u.session), "lsn": waiter.record.lsn}))
             # Queued in the same event-loop step as the apply: records reach the log in lsn order.
             self.ctx.wal.enqueue(job, waiter)
             self.ctx.poke_for(job)
@@ -410,6 +424,7 @@ class Handlers:
         waiter = CommitWaiter(generation)
         job.waiters.append(waiter)
         job.explicit_requested = True
+        self.ctx.promote(job)
         self.ctx.poke()
         await waiter.done.wait()
         if waiter.error is not None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import CorruptVersion, NotFound
 from ..tree import Blob
-from . import hashing, prolly
+from . import fileops, hashing, prolly
 from . import statepages as sp
 from .chunkwriter import ChunkPipeline, fsync_dirs
 from .fsutil import Pacer, atomic_write, temp_name
@@ -97,7 +97,7 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
         if store.has_object(digest):
             return
         target = store.object_path(digest)
-        target.parent.mkdir(mode=0o750, exist_ok=True)
+        fileops.mkdir(target.parent, 0o750, exist_ok=True)
         pages[0] += pipeline.put(temp_name(store.tmp_dir, digest), target, raw, kind="page")
         pages[1] += 1
         queued.add(digest)

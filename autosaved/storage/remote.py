@@ -50,7 +50,7 @@ from ..names import validate_job_name
 from ..settings import Location as Location
 from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
-from . import hashing, paged, prolly, statepages
+from . import fileops, hashing, paged, prolly, statepages
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
@@ -654,13 +654,10 @@ class RemoteJob:
                     except FileNotFoundError:
                         raise CorruptVersion(f"{where}: object {key} is missing") from None
                     await anyio.to_thread.run_sync(_verified, chunk, data, is_packed, key, where, None)
-                    await aiofiles.os.makedirs(target.parent, mode=DIR_MODE, exist_ok=True)
-                    tmp = temp_name(local.tmp_dir, chunk.digest)
-                    async with aiofiles.open(tmp, "wb") as fh:
-                        await fh.write(data)
-                        await fh.flush()
-                        await anyio.to_thread.run_sync(os.fsync, fh.fileno())
-                    await aiofiles.os.replace(tmp, target.with_name(chunk.digest + SUFFIX) if is_packed else target)
+                    final = target.with_name(chunk.digest + SUFFIX) if is_packed else target
+                    # Through the storage layer's file seam (fileops), like every other durable write.
+                    await anyio.to_thread.run_sync(fileops.write_new, temp_name(local.tmp_dir, chunk.digest), data,
+                                                   final, DIR_MODE)
                 except (CorruptVersion, RemoteError, OSError) as exc:
                     failures.append(exc)
                     scope.cancel()

@@ -70,7 +70,8 @@ class SoakReport:
 
 
 class Soak:
-    def __init__(self, root: Path, seed: int = 0, remote: SeaweedServer | None = None) -> None:
+    def __init__(self, root: Path, seed: int = 0, remote: SeaweedServer | None = None,
+                 log_level: str = "warning") -> None:
         self.root = root
         self.rng = random.Random(seed)
         self.remote = remote
@@ -80,7 +81,7 @@ class Soak:
             config += (f'[remote]\nurl = "{remote.url(self.prefix)}"\nendpoint = "{remote.endpoint}"\n'
                        'timeout = "2s"\nlease_ttl = "30s"\n')
             env = remote.env
-        self.daemon = PrivateDaemon(root, config=config, log_level="warning", env=env)
+        self.daemon = PrivateDaemon(root, config=config, log_level=log_level, env=env)
         # Held while the bucket is stopped: a bucket check waits for it to run again.
         self.bucket_lock = threading.Lock()
         self.history = History()
@@ -152,7 +153,7 @@ class Soak:
                     c.save()
                     self._ack("save", what="save", job=job, n=n, level="committed")
                 else:
-                    with Admin(address=self.daemon.address, timeout=c.timeout) as admin:
+                    with Admin(address=self.daemon.address, timeout=c.timeout, save_timeout=10) as admin:
                         admin.gc(job)
                     with self.lock:
                         self.report.gcs += 1
@@ -199,16 +200,19 @@ class Soak:
             if floor == 0:
                 continue
             sent = max(int(m["n"]) for m in marks if m.get("job") == job and m["ev"] == "sent")
+            skipped: list[str] = []
             with self.bucket_lock:  # the bucket runs while it is read
                 rjob = store.job(os.geteuid(), job)
-                loaded = run_sync(lambda rjob=rjob: rjob.load_version(None))  # type: ignore[misc]
+                loaded = run_sync(lambda rjob=rjob, out=skipped: rjob.load_version(None, out.append))  # type: ignore[misc]
+                visible = run_sync(rjob.visible_versions)
             got = None if loaded is None else unpack(loaded.tree)
             states = self.history.states.get(job, {})
             if got is None or canon(got) not in {states[m] for m in range(floor, sent + 1) if m in states}:
                 n = got.get("n") if isinstance(got, dict) else None
                 self.report.acks_lost += 1
+                shown = [(vk.id, vk.epoch) for vk in visible[-6:]]
                 self.report.problems.append(f"kill {self.report.kills} (bucket): {job} newest n={n!r}, "
-                                            f"replicated ack {floor}")
+                                            f"replicated ack {floor}; newest (id, epoch) {shown}; skipped {skipped}")
         self.report.bucket_checks += 1
 
     def _deleter(self, seed: int) -> None:
@@ -229,7 +233,7 @@ class Soak:
                     with self.lock:
                         n = self.history.n.get(job, 0)
                         self.marks.append({"ev": "sent", "what": "delete", "job": job, "n": n})
-                    with Admin(address=self.daemon.address, timeout=c.timeout) as admin:
+                    with Admin(address=self.daemon.address, timeout=c.timeout, save_timeout=10) as admin:
                         admin.delete(job)
                     with self.lock:
                         self.history.deleted(job)
