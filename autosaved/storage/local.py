@@ -437,8 +437,7 @@ class JobStore:
             ok=ok, error=error,
         )
 
-    def load(self, version: int, *, load_data: bool = True, verify: bool = True,
-             for_saving: bool = False) -> LoadedVersion:
+    def load(self, version: int, *, load_data: bool = True, verify: bool = True) -> LoadedVersion:
         """Read one version. With ``verify`` every chunk is hashed; any mismatch raises CorruptVersion.
         Without ``load_data`` the blobs keep only their chunk lists (the daemon's lazy base state)."""
         where = f"{self.job} version {version}"
@@ -446,8 +445,6 @@ class JobStore:
         if doc["format"] == paged.FORMAT:
             tree = paged.load_tree(self, doc, where)
             blobs = [b for b in sp.blobs_of(tree) if b.data is None]  # inline leaves came with their page
-            if for_saving:  # the daemon's base state: its next save diffs against this tree
-                paged.seed_cache(self, version, doc, tree, where)
         else:
             tree, blobs = tree_from_manifest(doc, where)
         for blob in blobs:
@@ -576,12 +573,12 @@ class JobStore:
                     out.append(VersionInfo(self.job, vid, None, "", 0, "", {}, ok=False, error=str(exc)))
         return out
 
-    def load_newest(self, *, load_data: bool = True, on_skip: Callable[[CorruptVersion], None] | None = None,
-                    for_saving: bool = False) -> LoadedVersion | None:
+    def load_newest(self, *, load_data: bool = True,
+                    on_skip: Callable[[CorruptVersion], None] | None = None) -> LoadedVersion | None:
         """The newest version that verifies; corrupt newer ones are reported and skipped, never returned."""
         for vid in reversed(self.version_ids()):
             try:
-                return self.load(vid, load_data=load_data, for_saving=for_saving)
+                return self.load(vid, load_data=load_data)
             except CorruptVersion as exc:
                 log.warning("skipping corrupt version: %s", exc)
                 if on_skip is not None:
@@ -594,8 +591,7 @@ class JobStore:
         it. ``repair`` (only for the daemon, which owns the log) cuts torn log tails off."""
         for attempt in range(_RECOVER_TRIES):
             ids = self.version_ids()
-            # A lazy load is the daemon's (repair or not): its next save diffs against the tree loaded here.
-            base = self.load_newest(load_data=load_data, on_skip=on_skip, for_saving=not load_data)
+            base = self.load_newest(load_data=load_data, on_skip=on_skip)
             try:
                 replay = read_log(self.log_dir, base.wal_lsn if base else 0, repair=repair)
             except LogChanged:

@@ -229,13 +229,6 @@ def version_objects(store: JobStore, doc: dict[str, Any], where: str) -> dict[st
     return out
 
 
-def seed_cache(store: JobStore, version: int, doc: dict[str, Any], tree: Any, where: str) -> None:
-    """After the daemon loaded a version: its next save diffs against this tree, not the whole state."""
-    root, params = check_root(doc, where)
-    leaves = prolly.leaf_refs(root, store.read_page, where)
-    store.paged_cache = Cache(version, root, tree, leaves, params, int(doc.get("bytes", 0)))
-
-
 def referenced(store: JobStore, doc: dict[str, Any], where: str, marked: set[str], verify: bool = False) -> None:
     """Add to ``marked`` the pages and chunks a root record reaches, not descending into pages already
     marked (shared subtrees are walked once across all versions). With ``verify`` every page is read and

@@ -98,6 +98,11 @@ def _children(node: Any) -> Iterator[tuple[str | int, Any]]:
         yield from enumerate(node)
 
 
+def _kind(node: Any) -> type:
+    """dict, list or tuple: what a container is to the format (the daemon's counted mappings subclass dict)."""
+    return dict if isinstance(node, dict) else (list if isinstance(node, list) else tuple)
+
+
 def is_container(node: Any) -> bool:
     return isinstance(node, dict | list | tuple)
 
@@ -173,7 +178,7 @@ class Differ:
         if old is new:
             return
         edits = self.edits
-        if is_container(old) and is_container(new) and type(old) is type(new):
+        if is_container(old) and is_container(new) and _kind(old) == _kind(new):
             if isinstance(new, dict):
                 cv = self._dict_value(old, new)
                 if cv is not None:
@@ -186,7 +191,7 @@ class Differ:
                 for key, sub in new.items():
                     was = old.get(key, missing)
                     if was is sub:  # unchanged (the merge shared it): the common case, without a call
-                        if type(sub) is dict and id(sub) in known:
+                        if isinstance(sub, dict) and id(sub) in known:
                             learned[id(sub)] = known[id(sub)]
                         continue
                     if was is missing:
