@@ -133,6 +133,14 @@ def _host_port(value: Any, key: str) -> tuple[str, int] | None:
     return match.group(1), int(match.group(2))
 
 
+def _storage_format(value: Any, key: str) -> int | None:
+    if is_auto(value):
+        return None
+    if value not in (1, 2) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected 1, 2 or \"auto\", got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Config(Table):
     """The daemon's whole configuration: the TOML's top level. A field made by ``setting`` is a TOML key;
@@ -170,6 +178,11 @@ class Config(Table):
     # Shared-memory slots the daemon maps for all clients together; None: half of physical memory.
     max_shm_bytes: int | None = setting(None, size(), restart=True)
     remote: RemoteSettings = setting(factory=RemoteSettings, restart=True)
+    # The store format new versions are written in (storage/paged.py); None ("auto"): the newest, 2.
+    storage_format: int | None = setting(None, _storage_format, restart=True)
+
+    def write_format(self) -> int:
+        return self.storage_format if self.storage_format is not None else 2
 
     def socket_path(self) -> Path | None:
         return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None

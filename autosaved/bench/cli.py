@@ -5,6 +5,7 @@
 ``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed;
 ``autosaved bench remote [--size 1GiB] [--json]`` measures replication to object storage (see :mod:`.remote`);
 ``autosaved bench dcp [--size 256MiB] [--json]`` measures the trainer's stall per ``dcp.async_save`` (see :mod:`.dcp`);
+``autosaved bench history [--checkpoints 10000]``: costs as one agent thread's history grows (see :mod:`.history`);
 ``autosaved bench langgraph`` / ``autosaved bench hf``: the framework integrations (see :mod:`.langgraph`,
 :mod:`.hf`);
 ``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.small`);
@@ -20,7 +21,7 @@ import argparse
 import sys
 from typing import Any
 
-from . import data, dcp, hash, hf, incremental, jobs, langgraph, remote, shapes, small, throttle, train
+from . import data, dcp, hash, hf, history, incremental, jobs, langgraph, remote, shapes, small, throttle, train
 
 # Each mode once: its module (add_arguments, run) and its help line; no mode runs the data benchmark.
 MODES: dict[str, tuple[Any, str]] = {
@@ -29,6 +30,7 @@ MODES: dict[str, tuple[Any, str]] = {
     "remote": (remote, "replication to an S3 store vs plain obstore loops"),
     "dcp": (dcp, "trainer stall per dcp.async_save, vs FileSystemWriter"),
     "langgraph": (langgraph, "LangGraph aput latency vs SQLite and memory"),
+    "history": (history, "one LangGraph thread filled to 1,000-100,000 checkpoints: put, save, get, RSS"),
     "hf": (hf, "HF Trainer step time with and without checkpoints"),
     "small": (small, "small-update latency and throughput vs floors"),
     "jobs": (jobs, "one job's update latency alone vs beside 1,000 jobs updated once a second"),

@@ -115,7 +115,7 @@ class Daemon:
         self.boot = secrets.token_hex(8)
         self.pid = os.getpid()
         self.uid = os.geteuid()
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, write_format=config.write_format())
         self.run_state = RunState()
         self.replicator: Replicator | None = None
         if config.remote.url is not None:
