@@ -524,3 +524,39 @@ def test_credential_errors_say_what_to_set(s3env: Any, make_daemon: Callable[...
     wait_for(lambda: "the secret access key is wrong" in d.log(), timeout=30)
     line = next(x for x in d.log().splitlines() if "the secret access key is wrong" in x)
     assert "[remote] credentials_file" in line and "<?xml" not in line
+
+
+def test_an_update_that_timed_out_while_the_daemon_probed_its_store_is_never_applied(
+        s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """Soak defect (issue 19, a job's restored state mixing an older full update into a newer one): the
+    daemon bound its socket before probing the object store, which takes up to ``[remote] timeout`` when
+    the store hangs, and read nothing meanwhile. A client's update sent then timed out, yet stayed queued
+    in the daemon's socket and was merged once the rpc loop started, possibly after a newer update from
+    the client's next connection (ZeroMQ fair-queues between connections). A request the client gave up
+    on must never be applied later: nothing may queue before the daemon reads its socket."""
+    import threading
+    import time
+
+    d = make_daemon(remote_config(s3env, f"probe-{secrets.token_hex(3)}").replace('timeout = "2s"',
+                                                                                  'timeout = "4s"'), start=False)
+    sock = Path(d.address.removeprefix("ipc://"))
+    s3env.pause()  # the start-up probe hangs for the whole [remote] timeout
+    starter = threading.Thread(target=d.start, kwargs={"timeout": 60})
+    try:
+        starter.start()
+        wait_for(lambda: "write speed" in d.log(), timeout=60)  # logged right before the bind and the probe
+        bound_by = time.monotonic() + 1.0  # unfixed, the socket appears at once; fixed, only after the probe
+        while not sock.exists() and time.monotonic() < bound_by:
+            time.sleep(0.01)
+        assert "not reachable at start" not in d.log(), "the probe ended before the stale update was sent"
+        stale = autosaved.Client(JOB, address=d.address, timeout=0.5, save_timeout=0.5)
+        with pytest.raises(autosaved.AutosavedError):
+            stale.update({"stale": 1})  # timed out (unfixed) or refused: either way not applied, ever
+        stale.close()
+        assert "not reachable at start" not in d.log(), "the probe ended before the stale update timed out"
+    finally:
+        s3env.resume()
+        starter.join(60)
+    with autosaved.Client(JOB, address=d.address, timeout=30, save_timeout=60) as c:
+        c.update({"fresh": 1}, wait="logged")
+        assert c.restore() == {"fresh": 1}

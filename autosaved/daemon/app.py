@@ -371,11 +371,15 @@ class Daemon:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
             self.apply_config(await self.io.measure_speed(), reconfigure_io=False)
-            self._sock = self._bind(stack)
             remote_up = True
             if self.replicator is not None:
                 # A store that ignores If-None-Match is refused here, before serving (the error says why).
                 remote_up = await self.replicator.probe(min(5.0, self.config.remote.timeout))
+            # Bound only now, right before the rpc loop reads it: a request sent to a socket nobody reads
+            # (during the probe, up to [remote] timeout) times out at the client, which then sends again on
+            # a new connection, yet it stayed queued here and was merged once the loop started, possibly
+            # after that newer update (ZeroMQ fair-queues between connections; the soak's mixed states).
+            self._sock = self._bind(stack)
             metrics = await open_metrics(*self.config.metrics_address) if self.config.metrics_address else None
             async with anyio.create_task_group() as tg:
                 self._tg = tg
