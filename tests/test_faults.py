@@ -30,12 +30,13 @@ from autosaved.storage.fsutil import write_fsync
 from autosaved.storage.local import Store
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
+from .conftest import NO_AUTO_POLICY, fault_fired, finish, skip_or_fail, spawn_python, wait_for
 
 # Every storage point: the crash scenario below reaches each. The others (the event loop's, the tasks',
 # gc's, the replicator's, delete's) are each reached by a test that waits for it with ``fault_fired``.
 CRASH_POINTS = sorted(p for p in POINTS
-                      if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.", "delete.", "load.")))
+                      if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.", "delete.", "load.",
+                                           "restore.")))
 LATER_HIT = 3
 W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save
 
@@ -525,3 +526,41 @@ def test_a_non_fatal_action_half_way_through_a_write_writes_the_buffer_once(
     assert write_fsync(tmp_path / "f", [data]) == len(data)
     assert (tmp_path / "f").read_bytes() == data
     assert "chunk.write.middle" in (tmp_path / "faults.seen").read_text()
+
+
+def test_a_restore_of_a_loaded_state_is_not_overtaken_by_retention(make_daemon: Callable[..., PrivateDaemon],
+                                                                   tmp_path: Path) -> None:
+    """Soak defect (issue 19: ``restore raised CorruptVersion('s1 (live state): chunk … is missing')``): a
+    state loaded after a restart keeps its leaves in chunk files, and a restore read them without the
+    job's io lock. An update that replaced the leaf, its save and that save's retention (keep_last = 1)
+    deleted the chunks while the restore was about to read them. Now the restore holds the lock from taking
+    the tree until its leaves are read, and the save waits for it."""
+    faults = tmp_path / "faults"
+    faults.write_text("")
+    d = make_daemon('chunk_size = "64KiB"\n' + NO_AUTO_POLICY + "keep_last = 1\n",
+                    env={"AUTOSAVED_FAULTS_FILE": str(faults)})
+    old = np.full(100_000, 1, np.uint8)
+    with autosaved.Client("job", address=d.address) as c:
+        c.update({"arr": old}, wait="committed")
+    d.kill()
+    d.start()  # the job is loaded again on its first request: its leaf stays in its chunk files
+    faults.write_text("restore.read.before 1 sleep:3\n")
+    got: list[Any] = []
+
+    def restore() -> None:
+        with autosaved.Client("job", address=d.address, timeout=30, save_timeout=60) as r:
+            try:
+                got.append(r.restore())
+            except Exception as exc:
+                got.append(exc)
+
+    reader = threading.Thread(target=restore)
+    reader.start()
+    fault_fired(faults, "restore.read.before")
+    with autosaved.Client("job", address=d.address, timeout=30, save_timeout=60) as c:
+        c.update({"arr": np.full(100_000, 2, np.uint8)}, wait="committed")  # retention drops the old version
+    reader.join(60)
+    assert len(got) == 1 and not isinstance(got[0], Exception), got
+    assert np.array_equal(got[0]["arr"], old)
+    with autosaved.Client("job", address=d.address) as c:
+        assert np.array_equal(c.restore()["arr"], np.full(100_000, 2, np.uint8))

@@ -495,6 +495,15 @@ class Handlers:
         store = job.store if job else self.ctx.table.store.job(req.owner, name)
         if version is not None and self.ctx.replicator is not None:
             job = await self._pull(req.owner, name, version) or job
+        # The job's io lock from taking the tree until its leaves are read: a leaf of a loaded state (or of
+        # a stored version) is read from chunk files, and a save's retention and gc (or `autosaved gc`),
+        # which hold this lock, could otherwise delete them meanwhile, once a newer update replaced the
+        # leaf (the soak's "restore raised CorruptVersion(... (live state): chunk ... is missing)").
+        async with self.ctx.table.io_lock((req.owner, name)):
+            return await self._restore_locked(req, name, version, paths, job, store)
+
+    async def _restore_locked(self, req: RpcRequest, name: str, version: int | None, paths: Any,
+                              job: Job | None, store: JobStorage) -> Reply:
         if version is None and job is not None and (job.dirty or job.latest_version is not None or job.root):
             tree: State | None = job.root
             info: dict[str, Any] = {"version": job.latest_version, "step": job.step, "live": True}

@@ -62,6 +62,8 @@ POINTS: dict[str, str] = {
                        "the event loop runs)",
     "load.job.before": "a job is about to be loaded from disk, in a worker thread (sleep: a long replay)",
     "gc.collect.before": "a garbage collection is about to list what the manifests reference",
+    "restore.read.before": "a restore is about to read a stored leaf's chunks, in a worker thread (sleep: a "
+                           "slow read that a save and its retention could overtake)",
     "delete.lock.before": "a delete, holding the job's key lock, is about to wait for its save or gc (io lock)",
     "remote.manifest.before": "an upload sent every chunk of a version and is about to publish its manifest "
                               "(sleep, in a worker thread: an upload held half-done)",

@@ -493,6 +493,7 @@ class JobStore:
         if blob.data is not None:
             return blob.data
         assert blob.chunks is not None
+        point("restore", "read", "before", self.job)
         buf = bytearray(blob.nbytes)
         self._read_chunks(blob.chunks, memoryview(buf), True, f"{self.job} (live state)")
         return memoryview(buf)
