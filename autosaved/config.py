@@ -148,6 +148,9 @@ class QuotaSettings:
     max_shm_bytes: int | None = None
     # Requests one user may have in flight at once (root included): past it, an error reply "quota".
     max_requests: int = 256
+    # Connections one user may have open on each listener (the ipc socket, the fd socket), root included:
+    # past it, a new connection is refused (issue 19: idle connections must not use up the daemon's fds).
+    max_connections: int = 128
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "quota") -> QuotaSettings:
@@ -159,10 +162,12 @@ class QuotaSettings:
             max_jobs = None
         max_requests = _parse_count(raw["max_requests"], f"{where}.max_requests", 1) if "max_requests" in raw \
             else cls.max_requests
+        max_connections = _parse_count(raw["max_connections"], f"{where}.max_connections", 1) \
+            if "max_connections" in raw else cls.max_connections
         return cls(max_bytes=parse_size(raw.get("max_bytes"), f"{where}.max_bytes", allow_off=True),
                    max_jobs=max_jobs,
                    max_shm_bytes=parse_size(raw.get("max_shm_bytes"), f"{where}.max_shm_bytes", allow_off=True),
-                   max_requests=max_requests)
+                   max_requests=max_requests, max_connections=max_connections)
 
 
 @dataclass(frozen=True)
@@ -366,8 +371,9 @@ class Config:
     # The largest request the daemon receives (checked per frame by libzmq before it is received whole, and
     # over all frames). States bigger than this go through shared memory (the fd socket), not inline.
     max_message_bytes: int = 1024**3
-    # Connections open at once on each stream listener (the fd socket, the metrics port).
-    max_connections: int = 256
+    # Connections open at once on each listener (the ipc socket, the fd socket, the metrics port), all users
+    # together; lowered at start where the fd limit is too small (see daemon/fdlimit.py).
+    max_connections: int = 1024
     shutdown_deadline: float = 25.0
     # The disk's write speed in bytes/s for planning (derived dirty_bytes, the deadline flush); None ("auto"):
     # measured by a 32 MiB probe at start. A set value skips the probe (tests, or a known disk).

@@ -46,6 +46,8 @@ from ..storage import faults
 from ..storage.faults import point
 from ..storage.local import Store
 from ..tree import iter_blobs
+from .connguard import ConnGuard
+from .fdlimit import listener_cap, raise_nofile
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
 from .iocontrol import IoControl
@@ -144,6 +146,9 @@ class Daemon:
         self._signals: AsyncIterator[int] | None = None
         self._sock: zmq.Socket[Any] | None = None
         self._receiver: Receiver | None = None
+        # The soft fd limit (raised to the hard one at start) and the connection guard of the ipc socket.
+        self.fd_limit = 1024
+        self.conn_guard: ConnGuard | None = None
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
@@ -161,10 +166,11 @@ class Daemon:
         self.reports = Reports(ReportContext(
             config=lambda: self.config, run=self.run_state, jobs=self.jobs, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
-            durations=self.save_durations, pid=self.pid, boot=self.boot,
+            durations=self.save_durations, pid=self.pid, boot=self.boot, edge=self.edge_report,
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
-                                            run=self.run_state, give_to_socket_group=self._give_to_socket_group))
+                                            run=self.run_state, give_to_socket_group=self._give_to_socket_group,
+                                            max_conns=self.listener_cap))
         self.flush_ctx = FlushContext(
             config=lambda: self.config, jobs=self.jobs, writer=self.writer, clock=clock, notifier=self.notifier,
             replicator=self.replicator, begin_save=self._begin_save, wait_save_done=self._wait_save_done,
@@ -309,7 +315,25 @@ class Daemon:
             gid = self._socket_gid()
             if gid is not None:
                 self._give_to_group(path, gid)
+        self.conn_guard = ConnGuard(ctx, sock, None if path is None else str(path), total_cap=self.listener_cap(),
+                                    per_user=lambda: self.config.quota.max_connections)
+        stack.callback(self.conn_guard.stop)
         return sock
+
+    def edge_report(self) -> dict[str, Any]:
+        """The fd limit, and the connections each capped listener holds and refused."""
+        guard = self.conn_guard
+        return {
+            "fd_limit": self.fd_limit,
+            "connection_cap": self.listener_cap(),
+            "ipc": {"open": guard.total if guard else 0, "peak": guard.peak if guard else 0,
+                    "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False},
+            "fd_socket": {"open": sum(self.fd_server.by_uid.values()), "refused": self.fd_server.refused},
+        }
+
+    def listener_cap(self) -> int:
+        """Connections each listener may hold at once (``max_connections``, fitted to the fd limit)."""
+        return listener_cap(self.config.max_connections, self.fd_limit)
 
     def _give_to_socket_group(self, path: Path) -> None:
         gid = self._socket_gid()
@@ -343,6 +367,10 @@ class Daemon:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
             self.apply_config(await self.io.measure_speed(), reconfigure_io=False)
+            self.fd_limit = raise_nofile()
+            if self.listener_cap() < self.config.max_connections:
+                log.warning("the fd limit (%d) holds only %d connections per listener, not max_connections=%d; "
+                            "raise LimitNOFILE", self.fd_limit, self.listener_cap(), self.config.max_connections)
             self._sock = self._bind(stack)
             remote_up = True
             if self.replicator is not None:
@@ -362,7 +390,7 @@ class Daemon:
                 self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
-                                    self.config.max_connections)
+                                    self.listener_cap())
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
                     tg.start_soon(self.replicator.probe_later)

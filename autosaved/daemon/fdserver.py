@@ -38,11 +38,16 @@ class FdContext:
     run: RunState
     # Gives a socket file to the clients' group, if one is configured (AutosavedError when it cannot).
     give_to_socket_group: Callable[[Path], None]
+    # Connections open at once, all users together (max_connections fitted to the fd limit).
+    max_conns: Callable[[], int]
 
 
 class FdServer:
     def __init__(self, ctx: FdContext) -> None:
         self.ctx = ctx
+        # Open connections per uid, for quota.max_connections.
+        self.by_uid: dict[int, int] = {}
+        self.refused = 0
 
     async def run(self, path: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Accept clients' memfds (see :mod:`autosaved.shm`); one connection per client, whose end
@@ -62,7 +67,7 @@ class FdServer:
         try:
             while True:
                 try:
-                    await serve_capped(listener, self._conn, max_conns=self.ctx.config().max_connections,
+                    await serve_capped(listener, self._conn, max_conns=self.ctx.max_conns(),
                                        name=f"fd socket {path}")
                 except Exception:  # the listener itself broke: log, pause, accept again
                     log.exception("fd socket %s: accept loop failed; restarting it", path)
@@ -76,6 +81,28 @@ class FdServer:
     async def _conn(self, stream: Any) -> None:
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        cap = self.ctx.config().quota.max_connections
+        if self.by_uid.get(uid, 0) >= cap:
+            self.refused += 1
+            message = (f"quota.max_connections: uid {uid} has {self.by_uid[uid]} connections open on the fd socket "
+                       f"(the limit is {cap})")
+            log.warning("refused a slot connection pid=%d: %s", pid, message)
+            with contextlib.suppress(Exception):
+                async with stream:
+                    with anyio.move_on_after(1):
+                        await stream.send(msgpack.packb({"ok": False, "code": "quota", "message": message}))
+            return
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
+        try:
+            await self._serve_conn(stream, pid, uid)
+        finally:
+            left = self.by_uid[uid] - 1
+            if left:
+                self.by_uid[uid] = left
+            else:
+                del self.by_uid[uid]
+
+    async def _serve_conn(self, stream: Any, pid: int, uid: int) -> None:
         conn = self.ctx.slots.open(uid, pid)
         log.debug("slot connection opened pid=%d uid=%d", pid, uid)
         send_lock = anyio.Lock()

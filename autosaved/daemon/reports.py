@@ -42,6 +42,8 @@ class ReportContext:
     durations: Histogram
     pid: int
     boot: str
+    # What the daemon's edge holds and refused (connections, the fd limit): see Daemon.edge_report.
+    edge: Callable[[], dict[str, Any]]
 
 
 class Reports:
@@ -102,6 +104,7 @@ class Reports:
                 "preempted": self.ctx.run.preempted,
                 "throttle": self.ctx.io.status(),
                 "remote": self.ctx.replicator.summary() if self.ctx.replicator is not None else None,
+                "edge": self.ctx.edge(),
             },
             "jobs": jobs,
         }
