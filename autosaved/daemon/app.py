@@ -329,6 +329,7 @@ class Daemon:
             "ipc": {"open": guard.total if guard else 0, "peak": guard.peak if guard else 0,
                     "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False},
             "fd_socket": {"open": sum(self.fd_server.by_uid.values()), "refused": self.fd_server.refused},
+            "job_locks": self.table.locks_held(),
         }
 
     def listener_cap(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -20,6 +21,7 @@ from ..storage.base import Storage
 from ..storage.local import Recovered
 from ..storage.wal import WalWriter
 from .jobs import Job, JobKey
+from .keylocks import KeyedLocks
 
 if TYPE_CHECKING:
     from .replicator import Replicator
@@ -36,21 +38,30 @@ class JobTable:
         self.poke = poke
         self.replicator = replicator
         self.jobs: dict[JobKey, Job] = {}
-        # One lock per (owner, job), never dropped: loading, deleting and recreating a job are serialised
+        # One lock per (owner, job) while in use: loading, deleting and recreating a job are serialised
         # by it, so no request is ever acknowledged for a job whose folder is being deleted.
-        self._load_locks: dict[JobKey, anyio.Lock] = {}
+        self._load_locks: KeyedLocks[JobKey] = KeyedLocks()
         # One io lock per (owner, job), whether the job is loaded or not: saves, gc and verify of a job
-        # exclude each other through it (a Job takes it over when loaded).
-        self._io_locks: dict[JobKey, anyio.Lock] = {}
+        # exclude each other through it (a loaded Job pins it as its io_lock until it is forgotten).
+        self._io_locks: KeyedLocks[JobKey] = KeyedLocks()
 
     def __iter__(self) -> Iterator[Job]:
         return iter(list(self.jobs.values()))
 
-    def key_lock(self, key: JobKey) -> anyio.Lock:
-        return self._load_locks.setdefault(key, anyio.Lock())
+    def key_lock(self, key: JobKey) -> AbstractAsyncContextManager[None]:
+        return self._load_locks.hold(key)
 
-    def io_lock(self, key: JobKey) -> anyio.Lock:
-        return self._io_locks.setdefault(key, anyio.Lock())
+    def io_lock(self, key: JobKey) -> AbstractAsyncContextManager[None]:
+        return self._io_locks.hold(key)
+
+    def forget(self, key: JobKey) -> None:
+        """Drop a loaded job from the table (a delete), and its pin on the io lock."""
+        if self.jobs.pop(key, None) is not None:
+            self._io_locks.unpin(key)
+
+    def locks_held(self) -> int:
+        """Locks the table holds now (bounded by jobs loaded plus requests in flight)."""
+        return len(self._load_locks) + len(self._io_locks)
 
     async def find(self, owner: int, name: str) -> Job | None:
         """The job, loaded (log replayed) if it exists on disk, or ``None`` if there is no such job."""
@@ -89,7 +100,7 @@ class JobTable:
             except OSError as exc:
                 raise StorageError(f"cannot open job {name!r}: {exc}") from exc
             job = Job(owner=owner, name=name, store=store, settings=self.policy(), wal=WalWriter(store.log_dir),
-                      io_lock=self.io_lock(key))
+                      io_lock=self._io_locks.pin(key))
             if recovered is not None:
                 job.root = recovered.tree
                 job.sessions = dict(recovered.sessions)

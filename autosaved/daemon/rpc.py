@@ -677,7 +677,7 @@ class Handlers:
                     job.finish_waiters(NotFound(f"job {name!r} was deleted"))
                     if job.wal is not None:
                         job.wal.close()
-                    self.ctx.table.jobs.pop(key, None)
+                    self.ctx.table.forget(key)
                     await anyio.to_thread.run_sync(store.delete)
             else:
                 await anyio.to_thread.run_sync(store.delete)
