@@ -150,7 +150,10 @@ class QuotaSettings:
     max_requests: int = 256
     # Connections one user may have open on each listener (the ipc socket, the fd socket), root included:
     # past it, a new connection is refused (issue 19: idle connections must not use up the daemon's fds).
-    max_connections: int = 128
+    max_connections: int = 32
+    # Bytes of replies and restore buffers one user may leave unread in the daemon (root included); past
+    # it a reply becomes a "quota" error. None: no limit.
+    max_reply_bytes: int | None = 512 * 1024**2
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "quota") -> QuotaSettings:
@@ -167,7 +170,9 @@ class QuotaSettings:
         return cls(max_bytes=parse_size(raw.get("max_bytes"), f"{where}.max_bytes", allow_off=True),
                    max_jobs=max_jobs,
                    max_shm_bytes=parse_size(raw.get("max_shm_bytes"), f"{where}.max_shm_bytes", allow_off=True),
-                   max_requests=max_requests, max_connections=max_connections)
+                   max_requests=max_requests, max_connections=max_connections,
+                   max_reply_bytes=parse_size(raw["max_reply_bytes"], f"{where}.max_reply_bytes", allow_off=True)
+                   if "max_reply_bytes" in raw else cls.max_reply_bytes)
 
 
 @dataclass(frozen=True)
@@ -370,7 +375,7 @@ class Config:
     preemption: PreemptionSettings = field(default_factory=PreemptionSettings)
     # The largest request the daemon receives (checked per frame by libzmq before it is received whole, and
     # over all frames). States bigger than this go through shared memory (the fd socket), not inline.
-    max_message_bytes: int = 1024**3
+    max_message_bytes: int = 256 * 1024**2
     # Connections open at once on each listener (the ipc socket, the fd socket, the metrics port), all users
     # together; lowered at start where the fd limit is too small (see daemon/fdlimit.py).
     max_connections: int = 1024

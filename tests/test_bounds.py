@@ -8,14 +8,20 @@ over the cap is refused with a ``quota.max_connections`` reason.
 
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import signal
+import socket
 import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import msgpack
+import numpy as np
+import psutil
 import pytest
 import zmq
 
@@ -24,6 +30,7 @@ from autosaved.bench.private import PrivateDaemon
 from autosaved.client.admin import Admin
 from autosaved.daemon.connguard import refusal
 from autosaved.daemon.fdlimit import listener_cap
+from autosaved.protocol import pack_header, unpack_header
 from autosaved.testing.realusers import User, missing, real_users
 
 from .conftest import NO_AUTO_POLICY, TEST_WRITE_SPEED, skip_or_fail, wait_for
@@ -80,6 +87,16 @@ print(json.dumps(answers), flush=True)
 sys.stdin.read()
 """
 
+PROBE = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+    print(json.dumps({"errno": 0}))
+except OSError as exc:
+    print(json.dumps({"errno": exc.errno}))
+"""
+
 # argv: address, job, expected k (or -1: no such job yet), new k. Prints what it restored.
 CLIENT = """
 import json, sys, autosaved
@@ -113,6 +130,8 @@ def test_idle_connections_never_abort_the_daemon_nor_lock_other_users_out(
         wait_for(lambda: f"quota.max_connections: uid {hog_user.uid} has 8 connections open on the ipc socket"
                  in d.log() or d.proc.poll() is not None, timeout=60)  # type: ignore[union-attr]
         assert d.proc.poll() is None, d.log()[-3000:]
+        # The socket file is now closed to the hog's user alone (an ACL): its reconnects cost the daemon nothing.
+        assert as_user(hog_user, PROBE, d.address.removeprefix("ipc://")) == {"errno": errno.EACCES}
         # Another user is not locked out: a new connection, its accepted state intact, a new update.
         assert as_user(good_user, CLIENT, d.address, "victim", "1", "2") == {"restored": 1}
         assert d.proc.poll() is None, d.log()[-3000:]
@@ -132,28 +151,28 @@ def test_idle_connections_never_abort_the_daemon_nor_lock_other_users_out(
 def test_connections_past_the_global_cap_are_refused_not_fatal(tmp_path: Path, figure: Callable[[str], None]) -> None:
     """One user (root here, which the socket's mode does not stop) at the global cap: refused, no abort."""
     d = PrivateDaemon(tmp_path / "d", config=TEST_WRITE_SPEED + NO_AUTO_POLICY + "[quota]\nmax_connections = 5000\n",
-                      command_prefix=["prlimit", "--nofile=1024:1024"])
+                      command_prefix=["prlimit", "--nofile=2048:2048"])
     ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, 2000)
+    ctx.set(zmq.MAX_SOCKETS, 4000)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
     try:
         d.start()
         assert d.proc is not None
         with autosaved.Client("kept", address=d.address) as c:
             c.update({"k": 1}, wait="accepted")
         dealers = []
-        for _ in range(1500):
+        for _ in range(2500):
             s = ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(d.address)
             dealers.append(s)
-        wait_for(lambda: "connections are open on the ipc socket (the limit is 170)" in d.log()
+        wait_for(lambda: "connections are open on the ipc socket (the limit is 341)" in d.log()
                  or d.proc.poll() is not None, timeout=60)  # type: ignore[union-attr]
         assert d.proc.poll() is None, d.log()[-3000:]
         with Admin(address=d.address, timeout=60) as admin:
             edge = admin.status()["daemon"]["edge"]
-        figure(f"1500 connections against an fd limit of 1024: at most {edge['ipc']['peak']} open at once "
+        figure(f"2500 connections against an fd limit of 2048: at most {edge['ipc']['peak']} open at once "
                f"(cap {edge['connection_cap']}), {edge['ipc']['refused']} refused")
         for s in dealers:
             s.close(0)
@@ -161,7 +180,7 @@ def test_connections_past_the_global_cap_are_refused_not_fatal(tmp_path: Path, f
             assert c.restore() == {"k": 1}
         assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
     finally:
-        ctx.term()
+        ctx.destroy(0)
         d.cleanup()
 
 
@@ -176,3 +195,65 @@ def test_refusal_names_the_bound_that_was_hit() -> None:
     assert "quota.max_connections: uid 1000 has 8" in (refusal(1000, 9, 20, per_user=8, total_cap=42) or "")
     assert "max_connections: 42 connections" in (refusal(1000, 1, 43, per_user=8, total_cap=42) or "")
     assert refusal(None, 500, 20, per_user=8, total_cap=42) is None  # tcp: no uid, only the global cap
+
+
+# -- defect 3: replies and restore buffers a user never reads --------------------------------------------
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_replies_and_restore_buffers_left_unread_are_bounded_per_user(
+        make_daemon: Callable[..., PrivateDaemon], figure: Callable[[str], None]) -> None:
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_reply_bytes = "32MiB"\n')
+    assert d.proc is not None
+    with autosaved.Client("big", address=d.address) as c:
+        c.update({"w": np.ones(8 * 1024**2 // 8, dtype=np.float64)}, wait="committed")
+    before = _rss(d.proc.pid)
+    ctx = zmq.Context()
+    lazy = ctx.socket(zmq.DEALER)
+    lazy.setsockopt(zmq.LINGER, 0)
+    lazy.setsockopt(zmq.RCVHWM, 1)  # read nothing, hold little: the daemon's queue is what is measured
+    lazy.connect(d.address)
+    fd_conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        # 20 restores through the fd socket whose memfds are never received: 4 fit the budget.
+        fd_conn.connect(d.address.removeprefix("ipc://") + ".fd")
+        token = msgpack.unpackb(fd_conn.recv(4096))["token"]
+        answers: list[dict[str, Any]] = []
+        other = ctx.socket(zmq.DEALER)
+        other.connect(d.address)
+        for seq in range(1, 21):
+            other.send_multipart([pack_header({"v": 1, "op": "restore", "seq": seq, "job": "big",
+                                               "shm_conn": token})])
+            assert other.poll(60_000)
+            answers.append(unpack_header(other.recv_multipart()[0]))
+        other.close(0)
+        fd_conn.close()  # the unread memfds go with the connection: the budget is free again
+        # 60 inline restores of an 8 MiB version, none read (the old daemon queued them all: ~480 MiB).
+        for seq in range(1, 61):
+            lazy.send_multipart([pack_header({"v": 1, "op": "restore", "seq": seq, "job": "big"})])
+        with Admin(address=d.address, timeout=60) as admin:
+            wait_for(lambda: admin.status()["daemon"]["edge"]["replies"]["dropped"] >= 1, timeout=60)
+            edge = admin.status()["daemon"]["edge"]
+        grown = _rss(d.proc.pid) - before
+        quota = [a for a in answers if not a["ok"]]
+        figure(f"60 unread 8 MiB restores + 20 unread memfd restores under max_reply_bytes=32MiB: daemon RSS "
+               f"+{grown / 2**20:.0f} MiB, {edge['replies']}, fd-socket answers: {len(answers) - len(quota)} ok, "
+               f"{len(quota)} quota")
+        assert edge["replies"]["queued_bytes"] <= 32 * 2**20 + 8 * 2**20 + 2**20, edge
+        assert edge["replies"]["restore_buffer_bytes"] == 0, edge
+        assert len(answers) - len(quota) == 4, answers  # 4 x 8 MiB fit in 32 MiB; the 5th and later do not
+        assert all(a["code"] == "quota" and "quota.max_reply_bytes" in a["message"] for a in quota), quota
+        assert grown < 200 * 2**20, f"daemon RSS grew by {grown / 2**20:.0f} MiB"
+        # Its replies go with its connection: then the same user is served again.
+        lazy.close(0)
+        with Admin(address=d.address, timeout=60) as admin:
+            wait_for(lambda: admin.status()["daemon"]["edge"]["replies"]["queued_bytes"] == 0, timeout=60)
+        with autosaved.Client("big", address=d.address) as c:
+            assert c.restore()["w"].shape == (1024**2,)
+    finally:
+        fd_conn.close()
+        ctx.destroy(0)
+    assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]

@@ -59,6 +59,7 @@ from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
 from .reload import ReloadContext, Reloader
 from .replicator import Replicator
+from .replybudget import SEND_HWM, TRACK_MIN, ReplyBudget, over_budget
 from .reports import ReportContext, Reports
 from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
 from .rpcsocket import Receiver
@@ -149,6 +150,9 @@ class Daemon:
         # The soft fd limit (raised to the hard one at start) and the connection guard of the ipc socket.
         self.fd_limit = 1024
         self.conn_guard: ConnGuard | None = None
+        # Big replies each user has queued and not yet read (quota.max_reply_bytes).
+        self.replies = ReplyBudget()
+        self._drop_warned_at = -math.inf
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
@@ -170,7 +174,8 @@ class Daemon:
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
                                             run=self.run_state, give_to_socket_group=self._give_to_socket_group,
-                                            max_conns=self.listener_cap))
+                                            max_conns=self.listener_cap,
+                                            replies_held=lambda uid: self.replies.queued(uid)[0]))
         self.flush_ctx = FlushContext(
             config=lambda: self.config, jobs=self.jobs, writer=self.writer, clock=clock, notifier=self.notifier,
             replicator=self.replicator, begin_save=self._begin_save, wait_save_done=self._wait_save_done,
@@ -303,6 +308,10 @@ class Daemon:
         # checked per message, with an error reply.
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A peer that does not read gets at most SEND_HWM replies queued; past it (or once it is gone) a
+        # send fails at once (ROUTER_MANDATORY) and the reply is dropped and counted, never held.
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(self.config.address)
         except zmq.ZMQError as exc:
@@ -330,6 +339,8 @@ class Daemon:
                     "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False},
             "fd_socket": {"open": sum(self.fd_server.by_uid.values()), "refused": self.fd_server.refused},
             "job_locks": self.table.locks_held(),
+            "replies": {"queued_bytes": self.replies.total(), "dropped": self.replies.dropped,
+                        "restore_buffer_bytes": self.fd_server.restore_bytes(None)},
         }
 
     def listener_cap(self) -> int:
@@ -545,6 +556,7 @@ class Daemon:
                     # Requests are received and started from the socket's fd callback for a second, then
                     # the loop goes round (the watchdog's proof of progress); see rpcsocket.py.
                     await receiver.serve(1.0)
+                    self.replies.sweep()
             finally:
                 self._receiver = None
 
@@ -569,7 +581,8 @@ class Daemon:
             op, seq = check_request(header)
             owner = self.owner_of(header_frame)
             point("task", "rpc", "before", op)
-            in_flight = self.in_flight_by_uid.get(owner, 0)
+            # A request counts until its reply has left: big replies still queued in libzmq count too.
+            in_flight = self.in_flight_by_uid.get(owner, 0) + self.replies.queued(owner)[1]
             if in_flight >= self.config.quota.max_requests:
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
@@ -600,7 +613,16 @@ class Daemon:
         self._done(owner)
         if isinstance(result, Reply):
             try:
-                self._send(identity, ok_reply(seq, self.boot, **result.fields), result.frames)
+                size = sum(memoryview(f).nbytes for f in result.frames)
+                if size >= TRACK_MIN:
+                    held = self.replies.queued(owner)[0] + self.fd_server.restore_bytes(owner)
+                    why = over_budget(owner, held, size, self.config.quota.max_reply_bytes)
+                    if why is not None:
+                        self.replies.dropped += 1
+                        raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held,
+                                                          "limit": self.config.quota.max_reply_bytes})
+                self._send(identity, ok_reply(seq, self.boot, **result.fields), result.frames,
+                           track_for=owner if size >= TRACK_MIN else None, size=size)
                 return
             except Exception as exc:
                 result = exc
@@ -647,14 +669,26 @@ class Daemon:
             raise Forbidden("cannot tell which user sent this request (no peer credentials); refused")
         return uid
 
-    def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
+    def _send(self, identity: bytes, header: dict[str, Any], frames: Any, *, track_for: int | None = None,
+              size: int = 0) -> None:
         """Send a reply now. A ROUTER's send never blocks, and a sync send is whole before anything else
-        runs, so replies need no lock and no await."""
+        runs, so replies need no lock and no await. A big reply is charged to ``track_for`` until libzmq
+        lets go of it."""
         assert self._sock is not None
         try:
-            self._sock.send_multipart([identity, pack_header(header), *frames], zmq.NOBLOCK, copy=False)
+            tracker = self._sock.send_multipart([identity, pack_header(header), *frames], zmq.NOBLOCK, copy=False,
+                                                track=track_for is not None)
+            if track_for is not None and isinstance(tracker, zmq.MessageTracker) and not tracker.done:
+                self.replies.add(track_for, tracker, size)
         except zmq.ZMQError as exc:
-            log.warning("could not send a reply: %s", exc)
+            # The peer is gone, or it left SNDHWM replies unread: this one is dropped, counted, and logged at
+            # most once a minute (a client that never reads must not flood the log either).
+            self.replies.dropped += 1
+            now = self.clock()
+            if now - self._drop_warned_at >= 60.0:
+                self._drop_warned_at = now
+                log.warning("dropped a reply: %s (%d dropped so far; a peer gone, or not reading its replies)",
+                            exc, self.replies.dropped)
         if self._receiver is not None:
             self._receiver.after_send()
 

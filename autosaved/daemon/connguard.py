@@ -6,7 +6,10 @@ monitor events (``ZMQ_EVENT_ACCEPTED`` and ``ZMQ_EVENT_DISCONNECTED``, whose val
 fd), tells each connection's user from ``SO_PEERCRED`` on that fd, and refuses what is over a cap:
 
 - a user past ``quota.max_connections`` open connections: the new connection is shut down
-  (``shutdown(2)``, not ``close``: libzmq still owns the fd and closes it itself when it reads the end);
+  (``shutdown(2)``, not ``close``: libzmq still owns the fd and closes it itself when it reads the end),
+  and the socket file is closed to that user alone (a POSIX ACL entry ``user:UID:---``, where the file
+  system has ACLs) until one of its connections is gone: its clients' reconnects (libzmq retries every
+  100 ms) then fail in ``connect`` with ``EACCES`` and cost the daemon nothing;
 - all users together at the listener's cap (``max_connections``, lowered to fit the fd limit, see
   :mod:`autosaved.daemon.fdlimit`): the socket file is closed to new connections (mode 0: ``connect``
   fails with ``EACCES``) until a tenth of them are gone, and what libzmq accepted meanwhile is shut down.
@@ -37,6 +40,22 @@ log = logging.getLogger("autosaved.daemon")
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
 # One warning per user (and for the global cap) per this many seconds: a flood must not flood the log.
 WARN_EVERY_S = 10.0
+
+
+ACL_XATTR = "system.posix_acl_access"
+_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def acl_denying(mode: int, uids: list[int]) -> bytes:
+    """A POSIX access ACL (the kernel's xattr format, version 2) that keeps ``mode``'s owner, group and
+    other bits and gives each of ``uids`` no access (pure)."""
+    owner, group, other = (mode >> 6) & 7, (mode >> 3) & 7, mode & 7
+
+    def entry(tag: int, perm: int, ident: int = _UNDEFINED_ID) -> bytes:
+        return struct.pack("<HHI", tag, perm, ident)
+
+    return (struct.pack("<I", 2) + entry(0x01, owner) + b"".join(entry(0x02, 0, uid) for uid in sorted(uids))
+            + entry(0x04, group) + entry(0x10, group) + entry(0x20, other))
 
 
 def refusal(uid: int | None, user_open: int, total: int, *, per_user: int, total_cap: int) -> str | None:
@@ -92,6 +111,9 @@ class ConnGuard:
         self.peak = 0
         self.closed = False  # the socket file is closed to new connections (at the global cap)
         self._fds: dict[int, int | None] = {}
+        # Users the socket file is closed to (over their cap), and whether the file system takes ACLs.
+        self.denied: set[int] = set()
+        self._acl_ok = True
         self._warned: dict[int | None, float] = {}
         self._stopping = False
         self._sock = sock
@@ -147,7 +169,11 @@ class ConnGuard:
         if why is not None and peer_uid_of_fd(fd, self.path) == uid:
             shut_down(fd)
             self.refused += 1
-            self._warn(None if why.startswith("max_connections") else uid, f"refused a connection: {why}")
+            per_user = not why.startswith("max_connections")
+            self._warn(uid if per_user else None, f"refused a connection: {why}")
+            if per_user and uid is not None and uid not in self.denied:
+                self.denied.add(uid)
+                self._set_acl()
         if self.total >= self.total_cap and not self.closed and self.path is not None:
             self._close()
 
@@ -161,6 +187,9 @@ class ConnGuard:
             self.by_uid[uid] = left
         else:
             del self.by_uid[uid]
+        if uid in self.denied and left < self.per_user():
+            self.denied.discard(uid)
+            self._set_acl()
         if self.closed and self.total <= self.total_cap - max(1, self.total_cap // 10):
             self._reopen()
 
@@ -185,6 +214,21 @@ class ConnGuard:
             return
         self.closed = False
         log.info("ipc socket: %d connections open; accepting new ones again", self.total)
+
+    def _set_acl(self) -> None:
+        """Give the socket file an ACL that denies the users in :attr:`denied` (or none, when empty)."""
+        if self.path is None or not self._acl_ok:
+            return
+        try:
+            if self.denied:
+                os.setxattr(self.path, ACL_XATTR, acl_denying(os.stat(self.path).st_mode, sorted(self.denied)))
+            else:
+                with contextlib.suppress(OSError):
+                    os.removexattr(self.path, ACL_XATTR)
+        except OSError as exc:  # no ACLs here: refusals go on, by shutdown alone
+            self._acl_ok = False
+            log.warning("cannot set an ACL on %s (%s): users over quota.max_connections are refused connection "
+                        "by connection", self.path, exc)
 
     def _warn(self, key: int | None, message: str) -> None:
         now = time.monotonic()

@@ -18,9 +18,10 @@ import anyio
 import anyio.abc
 import msgpack
 
-from ..errors import AutosavedError
+from ..errors import AutosavedError, QuotaExceeded
 from ..storage.faults import point
 from .accept import serve_capped
+from .replybudget import over_budget, unread_bytes
 from .runstate import RunState
 from .slottable import SlotTable
 
@@ -40,6 +41,8 @@ class FdContext:
     give_to_socket_group: Callable[[Path], None]
     # Connections open at once, all users together (max_connections fitted to the fd limit).
     max_conns: Callable[[], int]
+    # Bytes of ZeroMQ replies a user has queued and not read (quota.max_reply_bytes covers both).
+    replies_held: Callable[[int], int]
 
 
 class FdServer:
@@ -48,6 +51,19 @@ class FdServer:
         # Open connections per uid, for quota.max_connections.
         self.by_uid: dict[int, int] = {}
         self.refused = 0
+        # Restore memfds sent and not yet read, per uid (see replybudget.py).
+        self._restore_bytes: dict[int, int] = {}
+
+    def restore_bytes(self, uid: int | None) -> int:
+        """Bytes of restore buffers ``uid`` (None: everyone) was sent and has not read."""
+        return sum(self._restore_bytes.values()) if uid is None else self._restore_bytes.get(uid, 0)
+
+    def _charge(self, uid: int, delta: int) -> None:
+        left = self._restore_bytes.get(uid, 0) + delta
+        if left > 0:
+            self._restore_bytes[uid] = left
+        else:
+            self._restore_bytes.pop(uid, None)
 
     async def run(self, path: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Accept clients' memfds (see :mod:`autosaved.shm`); one connection per client, whose end
@@ -106,10 +122,22 @@ class FdServer:
         conn = self.ctx.slots.open(uid, pid)
         log.debug("slot connection opened pid=%d uid=%d", pid, uid)
         send_lock = anyio.Lock()
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        unread = [0]  # restore bytes sent on this connection since its send queue was last seen empty
 
         async def send_fds(msg: bytes, fds: list[int]) -> None:
             async with send_lock:  # replies here and restore buffers from request handlers share the stream
+                if unread[0] and unread_bytes(raw) == 0:  # the client read everything sent so far
+                    self._charge(uid, -unread[0])
+                    unread[0] = 0
+                size = sum(os.fstat(fd).st_size for fd in fds)
+                held = self.restore_bytes(uid) + self.ctx.replies_held(uid)
+                why = over_budget(uid, held, size, self.ctx.config().quota.max_reply_bytes)
+                if why is not None:
+                    raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held})
                 await stream.send_fds(msg, fds)
+                unread[0] += size
+                self._charge(uid, size)
 
         async def send(msg: bytes) -> None:
             async with send_lock:
@@ -135,6 +163,7 @@ class FdServer:
             log.exception("slot connection pid=%d failed; closing it", pid)
         finally:
             log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
+            self._charge(uid, -unread[0])
             self.ctx.slots.close(conn)
 
     def _request(self, conn: Any, msg: bytes, fds: list[int]) -> dict[str, Any]:
