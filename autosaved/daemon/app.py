@@ -18,7 +18,7 @@ import secrets
 import signal
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +186,7 @@ class Daemon:
             shutting_down=lambda: self.run_state.shutting_down, boot=self.boot, pid=self.pid, uid=self.uid,
             referenced_mappings=self.referenced_mappings,
             restoring=self.restoring, status=self.reports.status, list_jobs=self.reports.list_jobs,
+            reply_reserve=self.reply_reserve,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -329,6 +330,18 @@ class Daemon:
         stack.callback(self.conn_guard.stop)
         return sock
 
+    @contextlib.contextmanager
+    def reply_reserve(self, uid: int, size: int) -> Iterator[None]:
+        """Charge a reply being built (a restore's reads, its memfd) to ``uid``, or refuse it (quota)."""
+        held = self.replies.held(uid) + self.fd_server.restore_bytes(uid)
+        limit = self.config.quota.max_reply_bytes
+        why = over_budget(uid, held, size, limit)
+        if why is not None:
+            self.replies.refused += 1
+            raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held, "limit": limit})
+        with self.replies.building_reply(uid, size):
+            yield
+
     def edge_report(self) -> dict[str, Any]:
         """The fd limit, and the connections each capped listener holds and refused."""
         guard = self.conn_guard
@@ -339,7 +352,9 @@ class Daemon:
                     "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False},
             "fd_socket": {"open": sum(self.fd_server.by_uid.values()), "refused": self.fd_server.refused},
             "job_locks": self.table.locks_held(),
+            "requests_in_flight": sum(self.in_flight_by_uid.values()),
             "replies": {"queued_bytes": self.replies.total(), "dropped": self.replies.dropped,
+                        "refused": self.replies.refused,
                         "restore_buffer_bytes": self.fd_server.restore_bytes(None)},
         }
 
@@ -582,8 +597,8 @@ class Daemon:
             owner = self.owner_of(header_frame)
             point("task", "rpc", "before", op)
             # A request counts until its reply has left: big replies still queued in libzmq count too.
-            in_flight = self.in_flight_by_uid.get(owner, 0) + self.replies.queued(owner)[1]
-            if in_flight >= self.config.quota.max_requests:
+            in_flight = self.in_flight_by_uid.get(owner, 0)
+            if in_flight + self.replies.queued(owner)[1] >= self.config.quota.max_requests:
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
                     f"{self.config.quota.max_requests}); wait for their replies",
@@ -615,7 +630,7 @@ class Daemon:
             try:
                 size = sum(memoryview(f).nbytes for f in result.frames)
                 if size >= TRACK_MIN:
-                    held = self.replies.queued(owner)[0] + self.fd_server.restore_bytes(owner)
+                    held = self.replies.held(owner) + self.fd_server.restore_bytes(owner)
                     why = over_budget(owner, held, size, self.config.quota.max_reply_bytes)
                     if why is not None:
                         self.replies.dropped += 1

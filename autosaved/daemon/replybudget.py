@@ -15,6 +15,8 @@ from __future__ import annotations
 import fcntl
 import struct
 import termios
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import zmq
@@ -39,7 +41,26 @@ class ReplyBudget:
 
     def __init__(self) -> None:
         self._pending: dict[int, list[tuple[zmq.MessageTracker, int]]] = {}
+        # Bytes of replies being built (read from disk, copied into a memfd), per user.
+        self.building: dict[int, int] = {}
         self.dropped = 0  # replies dropped: over the budget, or over a peer's high-water mark
+        self.refused = 0  # requests refused before their reply was built
+
+    def held(self, uid: int) -> int:
+        """Bytes of ``uid``'s replies being built or queued."""
+        return self.queued(uid)[0] + self.building.get(uid, 0)
+
+    @contextmanager
+    def building_reply(self, uid: int, size: int) -> Iterator[None]:
+        self.building[uid] = self.building.get(uid, 0) + size
+        try:
+            yield
+        finally:
+            left = self.building[uid] - size
+            if left:
+                self.building[uid] = left
+            else:
+                del self.building[uid]
 
     def queued(self, uid: int) -> tuple[int, int]:
         """(bytes, replies) the user still has queued (done trackers are forgotten here)."""
@@ -62,7 +83,8 @@ class ReplyBudget:
             self.queued(uid)
 
     def total(self) -> int:
-        return sum(n for entries in self._pending.values() for t, n in entries if not t.done)
+        return sum(n for entries in self._pending.values() for t, n in entries if not t.done) \
+            + sum(self.building.values())
 
 
 def over_budget(uid: int, held: int, size: int, limit: int | None) -> str | None:
