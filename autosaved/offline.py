@@ -14,7 +14,6 @@ from typing import Any
 from .codec import TensorMode, unpack
 from .config import discover_state_dir
 from .errors import CorruptVersion
-from .storage.local import JobStore
 
 log = logging.getLogger("autosaved")
 
@@ -46,6 +45,10 @@ def restore(job: str, *, state_dir: str | Path | None = None, version: int | Non
 
         loaded = load_remote(job, remote, endpoint=endpoint, version=version, owner=owner, on_skip=skipped_remote)
         return None if loaded is None else unpack(loaded.tree, tensors=tensors)
+    # Imported here, not at the top: ``import autosaved`` (every trainer) must not load the storage layer
+    # and its compressor (zstandard) for a restore it may never make.
+    from .storage.local import JobStore
+
     store = JobStore(Path(state_dir) if state_dir else discover_state_dir(),
                      os.geteuid() if owner is None else owner, job)
     if version is not None:

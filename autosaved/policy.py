@@ -5,6 +5,11 @@ earliest ``next_wake_at`` over all jobs (or until an update wakes it), so nothin
 
 Rules (any one fires a save):
 - ``explicit``: a client or the CLI asked for a save; fires at once, ignores ``min_gap``.
+- ``recovery``: the job was loaded by replaying log records over its newest version; fires at once,
+  ignores ``min_gap``, so each restart's replay is the last one of those records.
+- ``log_bytes``: the write-ahead log past the newest version reached ``log_bytes``, or would take longer
+  than ``replay_time`` to replay at the measured replay speed; fires at once and ignores ``min_gap`` (it
+  bounds how long a restart takes, whatever ``dirty_bytes`` allows).
 - ``dirty_bytes``: unsaved bytes reached the threshold.
 - ``interval``: the job has been dirty and its last committed save (or, if it never saved, the moment
   it became dirty) is ``interval`` old.
@@ -19,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .config import PolicySettings
+from .settings import PolicySettings
 
 
 class SaveReason(StrEnum):
@@ -29,6 +34,8 @@ class SaveReason(StrEnum):
     IDLE = "idle"
     SHUTDOWN = "shutdown"
     PREEMPTION = "preemption"
+    RECOVERY = "recovery"
+    LOG_BYTES = "log_bytes"
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,19 @@ class JobView:
     saving: bool = False
     # After a failed save: no new attempt before this time (backoff), whatever rule fires.
     not_before: float | None = None
+    # Bytes of write-ahead log a restart would replay, and how fast this host replays (bytes/s).
+    log_bytes: int = 0
+    replay_speed: float = 200.0 * 1024**2
+    # Loaded by a replay of log records that no version covers yet.
+    recovery_pending: bool = False
+
+
+def log_over_bound(job: JobView) -> bool:
+    """Whether the log a restart would replay is past ``log_bytes`` or ``replay_time`` (pure)."""
+    s = job.settings
+    if s.log_bytes is not None and job.log_bytes >= s.log_bytes:
+        return True
+    return s.replay_time is not None and job.log_bytes >= s.replay_time * job.replay_speed
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,10 @@ def decide(job: JobView, now: float) -> Decision:
         return Decision(SaveReason.EXPLICIT, None)
     if not job.dirty:
         return Decision(None, None)
+    if job.recovery_pending:
+        return Decision(SaveReason.RECOVERY, None)
+    if log_over_bound(job):
+        return Decision(SaveReason.LOG_BYTES, None)
 
     s = job.settings
     candidates: list[tuple[float, SaveReason]] = []

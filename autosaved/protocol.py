@@ -9,7 +9,9 @@ into the header. A reply is ``[header, *blob_frames]`` with ``ok: true`` and op 
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import msgpack
@@ -20,9 +22,55 @@ from .tree import MAX_DEPTH, Blob
 PROTOCOL_VERSION: Final = 1
 MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 
-OPS: Final = frozenset({"hello", "update", "save", "restore", "status", "list", "ping", "verify", "gc", "delete"})
 AckLevel = Literal["accepted", "logged", "committed", "replicated"]
 ACK_LEVELS: Final[tuple[AckLevel, ...]] = ("accepted", "logged", "committed", "replicated")
+# The acks an update waits for a save to give (so its request is a long one).
+SAVE_ACKS: Final[tuple[AckLevel, ...]] = ("committed", "replicated")
+
+
+class Access(enum.Enum):
+    """Who may call an op."""
+
+    # Any peer the daemon accepted (the socket's mode and group already decided who may connect).
+    ANY_PEER = "any peer"
+    # Any peer, on its own jobs; root may name another owner (``owner`` in the header).
+    JOB_OWNER = "the job's owner, or root"
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the wire, as both sides read it: the client its timeout, the daemon who may call it
+    (the daemon's handler for it is bound in :data:`autosaved.daemon.rpc.REGISTRY`)."""
+
+    name: str
+    access: Access
+    # Whether the request may wait for a save or a scan of the disk, so the client gives it its
+    # save_timeout: "always", "never", or "on_wait": when its ``wait`` asks for a save (SAVE_ACKS).
+    long: Literal["always", "never", "on_wait"]
+
+
+OP_TABLE: Final[Mapping[str, OpSpec]] = {spec.name: spec for spec in (
+    OpSpec("ping", Access.ANY_PEER, "never"),
+    # A hello may first load the job and replay its log (bounded by policy.log_bytes and replay_time, but a
+    # just-restarted daemon may be loading several jobs at once): it must not time out meanwhile.
+    OpSpec("hello", Access.JOB_OWNER, "always"),
+    OpSpec("update", Access.JOB_OWNER, "on_wait"),
+    OpSpec("save", Access.JOB_OWNER, "always"),
+    OpSpec("restore", Access.JOB_OWNER, "always"),
+    OpSpec("status", Access.JOB_OWNER, "never"),
+    OpSpec("list", Access.JOB_OWNER, "never"),
+    OpSpec("verify", Access.JOB_OWNER, "always"),
+    OpSpec("gc", Access.JOB_OWNER, "always"),
+    OpSpec("delete", Access.JOB_OWNER, "always"),
+)}
+OPS: Final = frozenset(OP_TABLE)
+
+
+def is_long(op: str, header: Mapping[str, Any]) -> bool:
+    """Whether a request may wait for a save or a disk scan (the client then uses its save_timeout)."""
+    long = OP_TABLE[op].long
+    return long == "always" or (long == "on_wait" and header.get("wait") in SAVE_ACKS)
+
 
 def pack_header(header: dict[str, Any]) -> bytes:
     return msgpack.packb(header, use_bin_type=True)  # type: ignore[no-any-return]

@@ -78,9 +78,10 @@ def list_remote(remote: str, *, endpoint: str | None = None, job: str | None = N
             return [i.to_json() for i in await store.job(check_owner(owner), job).list_versions()]
         rows = []
         for o, name in await store.jobs(None if me == 0 and owner is None else check_owner(owner)):
-            ids = [vk.id for vk in await store.job(o, name).visible_versions()]
-            rows.append({"job": name, "owner": o, "versions": len(ids), "latest": ids[-1] if ids else None,
-                         "bytes": 0, "dirty": False})
+            # What the bucket holds (no "unsaved": only the job's host knows that); deleted jobs are left out.
+            row = await store.job(o, name).summary()
+            if row is not None:
+                rows.append(row)
         return rows
 
     return run_sync(main)

@@ -1,24 +1,337 @@
-"""Deep-merge of deltas into a job's state, without ever mutating a tree a snapshot may hold.
+"""Deep-merge of deltas into a job's state, without ever mutating a tree a snapshot may hold, and the
+incremental accounting of what a state costs.
 
 ``merge`` copies only the mappings along the paths a delta touches (path copying) and shares the rest,
 so a merge costs O(size of the delta) and taking a snapshot of a job is just keeping a reference to its
 current root. That is what makes an update atomic for free: the daemon applies a whole delta in one
 step of its event loop, and a save works from the root it grabbed, which no later merge can change.
+
+**Accounting (issue 19).** The daemon's mappings are :class:`Node` objects: dicts that carry the totals
+of their subtree (``cost``: encoded bytes, what ``quota.max_bytes`` counts; ``held``: bytes of binary
+leaves in daemon memory; ``refs``: how many binary leaves live in each client shared-memory mapping).
+Cached per subtree, not kept in a side table keyed by path: a subtree is shared between versions of
+the tree by path copying, and its totals travel with it for free, so the cost of a replaced subtree is
+one attribute read, and a merge adjusts the totals on exactly the paths it copies. A side table would
+have to be copied or versioned along with the tree it describes (snapshots hold old roots), and a
+per-key table would cost a second dict per mapping. The price: three slots per mapping (24 bytes).
+
+A mapping of at most ``FLAT_MAX`` (16) scalar values stays a plain dict and is measured when needed (at
+most 16 entries): CPython's garbage collector never tracks such a dict, but tracks every instance of a
+dict subclass, and 600,000 tracked tiny maps made every collection walk them (a ping took 3x as long
+beside them). Every other mapping is a :class:`Node`, which the collector tracks anyway (it holds
+containers, or is large). The root is always a Node.
+
+Only mappings carry totals. Every other value is a leaf (lists and tuples too: a merge replaces them
+whole) whose cost :func:`measure` computes from the value itself; a leaf is measured once when it
+arrives and once when it is replaced or deleted, so that work is at most twice the work of the request
+that brought it (amortised O(the request)), never a walk of the rest of the tree.
+
+A merge into a :class:`Node` gives a :class:`Node` (:func:`merge_counted` also says what changed); a
+merge into a plain dict stays plain and uncounted (storage's log replay, whose result the daemon
+counts once with :func:`counted` when it loads the job).
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final, NamedTuple
 
-from .tree import DELETE, PLAIN_TYPES, Blob, Replace, iter_blobs
+from .tree import _MSGPACK_INT_MAX, _MSGPACK_INT_MIN, DELETE, PLAIN_TYPES, Blob, Replace, Walked
 
 State = dict[str | int, Any]
+# Client shared-memory mapping (``id()`` of the mmap a blob's bytes live in) -> how many leaves use it.
+Refs = dict[int, int]
+
+# What a binary leaf costs beyond its bytes: its node and its descriptor (kind, dtype, shape, nbytes).
+BLOB_OVERHEAD: Final = 64
+# A mapping of at most this many scalar values stays a plain dict: CPython's garbage collector never
+# tracks those (it tracks every instance of a dict subclass), so 600,000 tiny maps cost it nothing, as before.
+FLAT_MAX: Final = 16
+# Kept in sync with the node form of tree.to_node: {"m": [[key, value], ...]}, {"l": [...]}, {"t": [...]}.
+_CONTAINER: Final = 3  # the one-key map header and its tag
+_ITEM: Final = 1  # the [key, value] pair's array header
+
+
+class Node(dict[str | int, Any]):
+    """A mapping of a daemon-held state with its subtree's totals (see the module docstring; a small
+    flat mapping is a plain dict instead). Never mutated once built; build one with :func:`empty_node`,
+    :func:`counted` or a merge."""
+
+    __slots__ = ("cost", "held", "refs")
+    cost: int
+    held: int
+    refs: Refs | None
+
+
+def empty_node() -> Node:
+    node = Node()
+    node.cost, node.held, node.refs = _CONTAINER + 1, 0, None
+    return node
+
+
+def _array_header(n: int) -> int:
+    return 1 if n < 16 else 3 if n < 65536 else 5
+
+
+def _str_cost(s: str) -> int:
+    n = len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+    return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+
+
+def _int_cost(v: int) -> int:
+    if -32 <= v < 128:
+        return 1
+    if -(2**7) <= v < 2**8:
+        return 2
+    if -(2**15) <= v < 2**16:
+        return 3
+    if -(2**31) <= v < 2**32:
+        return 5
+    if _MSGPACK_INT_MIN <= v <= _MSGPACK_INT_MAX:
+        return 9
+    # {"I": "digits"}: a decimal string, sized from the bit length (no str(), quadratic in the digits).
+    digits = v.bit_length() * 30103 // 100000 + 2
+    return _CONTAINER + 3 + digits
+
+
+def key_cost(key: str | int) -> int:
+    return _ITEM + (_str_cost(key) if type(key) is str else _int_cost(key))  # type: ignore[arg-type]
+
+
+def add_refs(into: Refs | None, refs: Refs | None, sign: int = 1) -> Refs | None:
+    """``into`` plus (or minus) ``refs``, as a new dict (``into`` may be shared); ``None`` when empty."""
+    if not refs:
+        return into
+    out = dict(into) if into else {}
+    for mapping, n in refs.items():
+        left = out.get(mapping, 0) + sign * n
+        if left:
+            out[mapping] = left
+        else:
+            del out[mapping]
+    return out or None
+
+
+def measure(value: Any) -> tuple[int, int, Refs | None]:
+    """(cost, held, refs) of any value of a state: a Node's cached totals, a leaf's from the leaf.
+
+    The cost is the value's encoded size in the node form (what a save or a restore of it carries):
+    every scalar, every key and every container counts, an empty one too; a binary leaf counts its
+    bytes plus :data:`BLOB_OVERHEAD`."""
+    t = type(value)
+    if t is Node:
+        return value.cost, value.held, value.refs
+    if t is str:
+        return _str_cost(value), 0, None
+    if t is int:
+        return _int_cost(value), 0, None
+    if value is None or t is bool:
+        return 1, 0, None
+    if t is float:
+        return 9, 0, None
+    if t is Blob:
+        data = value.data
+        if data is None:
+            return value.nbytes + BLOB_OVERHEAD, 0, None
+        refs = {id(data.obj): 1} if isinstance(data.obj, mmap.mmap) else None
+        return value.nbytes + BLOB_OVERHEAD, value.nbytes, refs
+    if t is dict or isinstance(value, Mapping):
+        return _measure_items(value.items(), mapping=True)
+    if isinstance(value, list | tuple):
+        return _measure_items(value, mapping=False)
+    if isinstance(value, Replace):
+        return measure(value.mapping)
+    if value is DELETE:
+        return _CONTAINER + 2, 0, None
+    return 9, 0, None  # nothing else reaches a state (tree.to_node refuses it)
+
+
+def _measure_items(items: Any, *, mapping: bool) -> tuple[int, int, Refs | None]:
+    n = cost = held = 0
+    refs: Refs | None = None
+    Walked.entries += len(items)
+    for item in items:
+        n += 1
+        if mapping:
+            key, item = item
+            cost += key_cost(key)
+        c, h, r = measure(item)
+        cost, held = cost + c, held + h
+        if r:
+            refs = add_refs(refs, r)
+    return cost + _CONTAINER + _array_header(n), held, refs
+
+
+def _small_flat(out: dict[str | int, Any]) -> bool:
+    """Whether a mapping stays a plain dict: at most :data:`FLAT_MAX` entries, all scalars (O(FLAT_MAX))."""
+    return len(out) <= FLAT_MAX and all(type(v) in PLAIN_TYPES for v in out.values())
+
+
+def _finish(out: dict[str | int, Any], items: int, held: int, refs: Refs | None,
+            force: bool = False) -> tuple[Any, int, int, Refs | None]:
+    """A built mapping with its totals (``items``: the cost of its entries): a plain dict when small and
+    flat (measured again in O(FLAT_MAX) when needed, and untracked by the garbage collector), else a Node."""
+    cost = items + _CONTAINER + _array_header(len(out))
+    if not force and _small_flat(out):
+        return (dict(out) if type(out) is Node else out), cost, 0, None
+    node = out if type(out) is Node else Node(out)
+    node.cost, node.held, node.refs = cost, held, refs
+    return node, cost, held, refs
+
+
+def counted(tree: Any) -> Any:
+    """``tree`` with every mapping counted (a walk of the whole tree: for a job's state as storage loaded
+    it, once, when the daemon loads the job). The root is always a :class:`Node`."""
+    if not isinstance(tree, Mapping):
+        return tree
+    return _counted(tree, force=True)[0]
+
+
+def _counted(tree: Mapping[str | int, Any], force: bool = False) -> tuple[Any, int, int, Refs | None]:
+    Walked.entries += len(tree)
+    out: dict[str | int, Any] = {}
+    cost = held = 0
+    refs: Refs | None = None
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            value, c, h, r = _counted(value)
+        else:
+            c, h, r = measure(value)
+        out[key] = value
+        cost += key_cost(key) + c
+        held += h
+        if r:
+            refs = add_refs(refs, r)
+    return _finish(out, cost, held, refs, force)
+
+
+class Merged(NamedTuple):
+    """What :func:`merge_counted` made: the new root, and the change of the paths it touched (a tuple:
+    a frozen dataclass's init cost a third of a small update's merge)."""
+
+    root: Node
+    cost: int  # the root's cost after minus before
+    held: int
+    # Leaves in client mappings that the merge brought in / took out (their difference changes ``root.refs``).
+    added_refs: Refs | None
+    removed_refs: Refs | None
+
+
+def merge_counted(base: Node, delta: Mapping[str | int, Any]) -> Merged:
+    """:func:`merge` into a counted tree, with the change it made. Work: the delta's size, plus the
+    leaves it replaces or deletes (see the module docstring); the rest of ``base`` is never visited."""
+    added: list[Refs | None] = [None]
+    removed: list[Refs | None] = [None]
+    root, cost, held, _ = _merge_node(base, base.cost, base.held, base.refs, delta, added, removed, True)
+    return Merged(root, cost - base.cost, held - base.held, added[0], removed[0])
+
+
+def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base_refs: Refs | None,
+                delta: Mapping[str | int, Any], added: list[Refs | None], removed: list[Refs | None],
+                force: bool = False) -> tuple[Any, int, int, Refs | None]:
+    Walked.entries += len(delta)
+    out = Node(base) if type(base) is Node else dict(base)
+    cost, held, refs = base_cost - _CONTAINER - _array_header(len(base)), base_held, base_refs
+    for key, value in delta.items():
+        old = out.get(key, _MISSING)
+        t = type(value)
+        if old is not _MISSING:  # what the key held goes
+            cost -= key_cost(key)
+            to = type(old)
+            if to is str:
+                cost -= _str_cost(old)
+            elif to is int:
+                cost -= _int_cost(old)
+            elif to in PLAIN_TYPES:
+                cost -= 9 if to is float else 1
+            else:
+                c, h, r = measure(old)  # a Node's totals, or a small flat dict's (O(FLAT_MAX))
+                cost, held = cost - c, held - h
+                if (to is not Node and to is not dict) or t is Replace or t in PLAIN_TYPES \
+                        or not isinstance(value, Mapping):  # replaced or deleted whole
+                    if r:
+                        removed[0] = add_refs(removed[0], r)
+                        refs = add_refs(refs, r, -1)
+                elif r:  # merged into below: its leaves that go are counted there; its totals come back
+                    refs = add_refs(refs, r, -1)
+        if t in PLAIN_TYPES:  # the common case first: the ABC checks below are slow (perf, issue 14)
+            out[key] = value
+            cost += key_cost(key) + (_str_cost(value) if t is str else _int_cost(value) if t is int
+                                     else 9 if t is float else 1)
+            continue
+        if value is DELETE:
+            out.pop(key, None)
+            continue
+        if t is Replace:
+            new, c, h, r = _fresh(value.mapping, added)
+        elif isinstance(value, Mapping):
+            to = type(old)
+            if to is Node:
+                new, c, h, r = _merge_node(old, old.cost, old.held, old.refs, value, added, removed)
+            elif to is dict:  # a small flat map
+                oc, oh, orf = measure(old)
+                new, c, h, r = _merge_node(old, oc, oh, orf, value, added, removed)
+            else:
+                new, c, h, r = _fresh(value, added)
+        else:
+            new = value
+            c, h, r = measure(value)
+            if r:
+                added[0] = add_refs(added[0], r)
+        out[key] = new
+        cost += key_cost(key) + c
+        held += h
+        if r:
+            refs = add_refs(refs, r)
+    return _finish(out, cost, held, refs, force)
+
+
+def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[Any, int, int, Refs | None]:
+    """``_merge_node`` into an empty mapping, faster: a new subtree needs no look-up of what it replaces
+    (most of an update that adds many small maps is here)."""
+    Walked.entries += len(delta)
+    out: dict[str | int, Any] = {}
+    cost = held = 0
+    refs: Refs | None = None
+    for key, value in delta.items():
+        t = type(value)
+        if t is str:
+            n = len(value)
+            c = n + 1 if n < 32 and value.isascii() else _str_cost(value)
+        elif t is int:
+            c = 1 if -32 <= value < 128 else _int_cost(value)
+        elif t is float:
+            c = 9
+        elif t in PLAIN_TYPES:
+            c = 1
+        elif value is DELETE:
+            continue
+        else:
+            if t is Replace:
+                value, c, h, r = _fresh(value.mapping, added)
+            elif isinstance(value, Mapping):
+                value, c, h, r = _fresh(value, added)
+            else:
+                c, h, r = measure(value)
+                if r:
+                    added[0] = add_refs(added[0], r)
+            held += h
+            if r:
+                refs = add_refs(refs, r)
+        out[key] = value
+        if type(key) is str and len(key) < 32 and key.isascii():
+            cost += c + 2 + len(key)
+        else:
+            cost += c + key_cost(key)
+    return _finish(out, cost, held, refs)
 
 
 def merge(base: State, delta: Mapping[str | int, Any]) -> State:
     """Return ``base`` with ``delta`` deep-merged: mappings merge, other values replace, DELETE removes,
-    a :class:`Replace` sets a mapping wholesale."""
+    a :class:`Replace` sets a mapping wholesale. A counted ``base`` (:class:`Node`) gives a counted tree."""
+    if type(base) is Node:
+        return merge_counted(base, delta).root
     out = dict(base)
     for key, value in delta.items():
         if type(value) in PLAIN_TYPES:  # the common case first: the ABC check below is slow (perf, issue 14)
@@ -60,13 +373,3 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
 
 
 _MISSING: Any = object()
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of all binary leaves of a tree (what a full save of it would write, before dedup)."""
-    return sum(blob.nbytes for blob in iter_blobs(tree))
-
-
-def delta_bytes(delta: Any, header_size: int) -> int:
-    """What a delta adds to a job's unsaved bytes: its binary leaves plus its encoded structure."""
-    return header_size + sum(b.nbytes for b in iter_blobs(delta) if isinstance(b, Blob))

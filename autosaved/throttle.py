@@ -214,21 +214,30 @@ class TokenBucket:
         self.paced_bytes = 0
         self._tokens = 0.0
         self._last = clock()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
 
     def effective_rate(self) -> float:
         return min(self.cap, math.inf if self.bypass else self.rate)
 
     def __call__(self, nbytes: int) -> None:
-        """Block until ``nbytes`` may be written."""
+        """Block until ``nbytes`` may be written (at the adaptive rate, under the cap)."""
+        self.take(nbytes)
+
+    def take(self, nbytes: int, pace: SavePace | None = None) -> None:
+        """Block until ``nbytes`` may be written; the time held back is added to ``pace.throttled_s``. A
+        save someone waits for (``pace.urgent``, read under the lock at every tick, so a promotion takes
+        effect at the next one) is held only to the hard cap."""
         while True:
             if self.aborted:
                 raise SaveAborted("the save was abandoned (shutdown deadline passed)")
-            with self._lock:
-                rate = self.effective_rate()
+            with self.lock:
+                urgent = pace is not None and pace.urgent
+                rate = self.cap if urgent else self.effective_rate()
                 now = self.clock()
                 if math.isinf(rate):
-                    self._tokens, self._last = 0.0, now
+                    if not urgent:
+                        # Leave the tokens of background saves alone while an urgent one passes.
+                        self._tokens, self._last = 0.0, now
                     self.paced_bytes += nbytes
                     return
                 # A burst allowance of at least one piece: otherwise a rate below piece/burst_s would
@@ -242,4 +251,44 @@ class TokenBucket:
                     return
                 wait = min(self.tick, max(0.001, (nbytes - self._tokens) / rate))
                 self.throttled_s += wait
+                if pace is not None:
+                    pace.throttled_s += wait
             self.sleep(wait)
+
+
+class SavePace:
+    """One save's way through the shared :class:`TokenBucket` (the storage ``pace`` hook).
+
+    A background save (policy: dirty bytes, interval, idle) takes the adaptive rate; a save someone waits
+    for (``urgent``: an explicit ``save()``, a ``wait="committed"`` update, an import, the deadline flush)
+    is held only to the hard ``max_write_rate``: the README's promise that ``[throttle]`` governs
+    background saves. :meth:`promote` makes a running background save urgent when someone starts waiting
+    for it; it stops waiting within one bucket tick."""
+
+    def __init__(self, bucket: TokenBucket, *, urgent: bool = False) -> None:
+        self.bucket = bucket
+        self.urgent = urgent
+        self.promoted = False
+        self.throttled_s = 0.0
+        self.throttled_at_promotion: float | None = None
+
+    def promote(self) -> bool:
+        """Make the save urgent; True if it was a background save until now."""
+        with self.bucket.lock:  # the bucket reads ``urgent`` under it
+            if self.urgent:
+                return False
+            self.throttled_at_promotion = self.throttled_s
+            self.promoted = True
+            self.urgent = True
+            return True
+
+    @property
+    def kind(self) -> str:
+        return "promoted" if self.promoted else "urgent" if self.urgent else "background"
+
+    @property
+    def throttled_since_promotion(self) -> float | None:
+        return None if self.throttled_at_promotion is None else self.throttled_s - self.throttled_at_promotion
+
+    def __call__(self, nbytes: int) -> None:
+        self.bucket.take(nbytes, self)

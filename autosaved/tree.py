@@ -26,6 +26,15 @@ from typing import Any, Final
 from .errors import InvalidValue, ProtocolError
 
 MAX_DEPTH: Final = 64
+
+
+class Walked:
+    """How many entries of mappings, lists and tuples this process's tree walks visited (encoding,
+    decoding, merging, measuring). The daemon reports it in ``status``, so a test can see, by a count
+    and not a clock, that a request's work does not grow with what the daemon holds (issue 19)."""
+
+    entries = 0
+
 # msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
 _MSGPACK_INT_MIN, _MSGPACK_INT_MAX = -(2**63), 2**64 - 1
 
@@ -181,6 +190,7 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
             blobs.append(value)
             return {"b": len(blobs) - 1}
         if isinstance(value, Mapping):
+            Walked.entries += len(value)
             items = []
             for key, sub in value.items():
                 if type(key) is not str:
@@ -194,6 +204,8 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
                 # Leaves that encode as themselves need no call (and no path list) each (perf, issue 14).
                 items.append([key, sub if _as_is(sub) else enc(sub, [*path, key], True)])
             return {"m": items}
+        if isinstance(value, list | tuple):
+            Walked.entries += len(value)
         if isinstance(value, list):
             return {"l": [v if _as_is(v) else enc(v, [*path, i]) for i, v in enumerate(value)]}
         if isinstance(value, tuple):
@@ -236,6 +248,7 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
             raise ProtocolError(f"malformed node of type {type(n).__name__}")
         ((tag, body),) = n.items()
         if tag == "m" and isinstance(body, list):
+            Walked.entries += len(body)
             out: dict[str | int, Any] = {}
             for item in body:
                 if not isinstance(item, list | tuple) or len(item) != 2:
@@ -251,6 +264,7 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
                     out[key] = dec(sub, depth + 1, True)
             return out
         if tag in ("l", "t") and isinstance(body, list):
+            Walked.entries += len(body)
             items = [dec(sub, depth + 1, False) for sub in body]
             return items if tag == "l" else tuple(items)
         if tag == "b" and isinstance(body, int) and not isinstance(body, bool):

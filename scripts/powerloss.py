@@ -3,8 +3,12 @@
 real daemon, build every crash state of the trace (``autosaved.testing.crashsim``), check each offline
 and a sample with a fresh daemon, and print the counts and every vulnerability found.
 
-    python scripts/powerloss.py                      # ~40k states generated, all distinct ones checked
+    python scripts/powerloss.py                      # every distinct state checked (independent fates)
     python scripts/powerloss.py --rounds 6 --daemon-states 40
+    python scripts/powerloss.py --model shared       # the model before issue 19, to compare
+
+The summary names the model, how many cuts were enumerated in full and how many sampled (with the
+number of random plans per cut and the seed: rerun with the same ``--seed`` to get the same states).
 
 Exit status 1 when a vulnerability is found.
 """
@@ -18,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from autosaved.testing.crashsim import explore, parse, scratch_dir
+from autosaved.testing.crashsim import MODELS, explore, parse, scratch_dir
 from autosaved.testing.workload import record
 
 
@@ -31,6 +35,9 @@ def main() -> int:
     ap.add_argument("--daemon-states", type=int, default=20, help="states also opened by a fresh daemon")
     ap.add_argument("--max-states", type=int, default=0, help="cap on distinct states checked (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", choices=MODELS, default="independent",
+                    help="independent: every un-synced write and entry has its own fate (default); "
+                         "shared: all un-synced data shares one (the checker before issue 19)")
     ap.add_argument("--show", type=int, default=30, help="vulnerabilities to print in full")
     ap.add_argument("--keep", type=Path, help="keep the run (trace, daemon logs) in this folder")
     args = ap.parse_args()
@@ -46,7 +53,7 @@ def main() -> int:
               f"({time.monotonic() - started:.0f} s)", flush=True)
         report = explore(trace, rec.history, rec.jobs, work, seed=args.seed, samples=args.samples,
                          window=args.window or None, max_states=args.max_states or None,
-                         daemon_states=args.daemon_states, daemon_config=rec.config)
+                         daemon_states=args.daemon_states, daemon_config=rec.config, model=args.model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if args.keep is None:

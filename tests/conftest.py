@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
+
+# Under CI a skip is a failure (see tests/ci_skips.py): these names make pytest run the hooks.
+from .ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
 
 # Daemons the tests start assume this write speed instead of probing the disk at every start (a 32 MiB
 # fsynced write, about a second on a busy disk; the probe has its own test). A config that names
@@ -124,6 +128,27 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: f
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a test's random choices: ``$AUTOSAVED_TEST_SEED``, else a fresh one. A failing test's
+    report shows it ("Captured seed setup"), so the run can be repeated exactly."""
+    value = int(os.environ.get("AUTOSAVED_TEST_SEED") or secrets.randbits(32))
+    request.node.add_report_section("setup", "seed", f"AUTOSAVED_TEST_SEED={value}")
+    return value
+
+
+def fault_fired(faults: Path, point: str, timeout: float = 60.0) -> None:
+    """Wait until a daemon run with ``AUTOSAVED_FAULTS_FILE=faults`` reached fault point ``point`` (each
+    point is recorded in ``<faults>.seen`` as it is reached, before its rule acts). Both a synchronisation
+    (the race a test needs is entered, however slow the host) and the proof, for
+    ``test_every_fault_point_is_fired_by_a_test``, that the test fired its point."""
+    seen = faults.with_name(faults.name + ".seen")
+    try:
+        wait_for(lambda: seen.exists() and point in seen.read_text().split(), timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"fault point {point} was not reached within {timeout}s") from None
 
 
 def version_files(state_dir: Path, job: str) -> list[Path]:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.bench.throttle import Workload
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import skip_or_fail, wait_for
 
@@ -33,8 +33,8 @@ def test_bench_throttle_small_run_reports_what_it_measured() -> None:
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     rounds = report["rounds"]
-    assert all(len(rounds[c]) == 1 for c in ("alone", "unthrottled", "throttled"))
-    for cond in ("alone", "unthrottled", "throttled"):
+    assert all(len(rounds[c]) == 1 for c in ("alone", "unthrottled", "throttled", "waited", "raw"))
+    for cond in ("alone", "unthrottled", "throttled", "waited", "raw"):
         (r,) = rounds[cond]
         # A busy host may start the workload late, so a short window can hold no operation at all: zero
         # throughput is then the truth. What always holds: the figures are the rounds' own, and consistent.
@@ -43,8 +43,8 @@ def test_bench_throttle_small_run_reports_what_it_measured() -> None:
         p99 = report["fg_p99_latency_ms"][cond]
         assert (math.isnan(p99) and r["ops"] == 0) or p99 == round(r["p99_ms"], 3)
     assert rounds["alone"][0]["s"] >= 0.5  # the alone window is what was asked for
-    # both saves completed (each span is its save's duration)
-    for cond in ("unthrottled", "throttled"):
+    # every save completed (each span is its save's duration)
+    for cond in ("unthrottled", "throttled", "waited", "raw"):
         assert report[f"save_{cond}_s"] > 0 and rounds[cond][0]["s"] >= report[f"save_{cond}_s"] - 0.001
     alone = report["fg_alone_mbps"]
     ratios = report["throttled_vs_alone"]
@@ -53,6 +53,9 @@ def test_bench_throttle_small_run_reports_what_it_measured() -> None:
     assert report["target_met"] == bool(ratios["mbps"] is not None and ratios["mbps"] >= 0.85
                                         and ratios["p99"] is not None and ratios["p99"] <= 1.5)
     assert report["config"]["throttled_daemon_end_status"]["enabled"] is True
+    # the waited-for save beside a raw write of the same bytes; the throttled daemon ran both kinds of save
+    assert report["waited_vs_raw"] == round(report["save_waited_s"] / report["save_raw_s"], 3)
+    assert report["config"]["throttled_daemon_end_status"]["urgent_saves"] >= 1
 
 
 def test_window_stats_count_partial_operations() -> None:
@@ -72,21 +75,24 @@ def _throttle(c: autosaved.Client) -> dict[str, Any]:
 
 
 def _timed_save(c: autosaved.Client, x: np.ndarray) -> tuple[float, float]:
-    """A save of ``x``: (seconds, seconds of it the throttle held the writes back)."""
-    c.update({"x": x})
-    before = _throttle(c)["throttled_s"]
-    started = time.monotonic()
-    c.save()
-    return time.monotonic() - started, _throttle(c)["throttled_s"] - before
+    """A background save of ``x`` (the job's dirty_bytes rule; a save someone waits for is not throttled):
+    (seconds, seconds of it the throttle held the writes back)."""
+    with autosaved.Admin(address=c.address, timeout=60.0) as admin:
+        latest = admin.status(c.job)["latest_version"]
+        before = admin.status()["daemon"]["throttle"]["throttled_s"]
+        started = time.monotonic()
+        c.update({"x": x})
+        wait_for(lambda: admin.status(c.job)["latest_version"] != latest, timeout=300, interval=0.01)
+        return time.monotonic() - started, admin.status()["daemon"]["throttle"]["throttled_s"] - before
 
 
 def test_adaptive_throttle_slows_a_save_under_real_foreground_io(make_daemon: Callable[..., PrivateDaemon],
                                                                  tmp_path: Path,
                                                                  figure: Callable[[str], None]) -> None:
     """A real fsync-heavy foreground writer on the state dir's disk: the daemon's sampler sees it, the
-    allowed rate falls to the floor, and a save made meanwhile is held back by the throttle for most of
+    allowed rate falls to the floor, and a background save made meanwhile is held back by the throttle for most of
     its time; once the writer stops the rate opens again. Direction, within one run, not speed."""
-    d = make_daemon('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'
+    d = make_daemon('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "1MiB"\nmin_gap = "0s"\n'
                     'compression = "off"\n[throttle]\nsample_interval = "100ms"\nmin_write_rate = "1MiB"\n')
     rng = np.random.default_rng(0)
     with autosaved.Client("fg", address=d.address, timeout=120, save_timeout=600) as c:

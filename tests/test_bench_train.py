@@ -14,17 +14,18 @@ def test_bench_train_small_reports_every_key() -> None:
     pytest.importorskip("torch")
     out = subprocess.run(
         [sys.executable, "-m", "autosaved", "bench", "train", "--small", "--steps", "1", "--seq", "8",
-         "--batch", "1", "--json"],
+         "--batch", "1", "--warmup", "1", "--json"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     for key in ("step_s_none", "step_s_eager", "step_s_lazy", "step_s_torch_save", "step_s_dcp_async",
-                "blocking_s_eager", "blocking_s_lazy", "blocking_s_dcp_async", "blocking_s_torch_save"):
+                "blocking_s_eager", "blocking_s_lazy", "blocking_s_dcp_async", "blocking_s_torch_save",
+                "alone_s_eager", "alone_s_lazy"):
         assert report[key] > 0, key
     # The checkpoint holds the parameters and AdamW's two moments (fp32) at the least.
     assert report["state_bytes"] >= 3 * 4 * report["params"]
-    assert report["config"]["layers"] == 2 and report["steps"] == 1
+    assert report["config"]["layers"] == 2 and report["steps"] == 1 and report["warmup"] == 1
 
 
 def test_gpt2_small_config_is_over_100m_parameters() -> None:

@@ -14,13 +14,13 @@ import pytest
 import zstandard
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.codec import pack
 from autosaved.config import PolicySettings
 from autosaved.errors import ConfigError, CorruptVersion
 from autosaved.shm import release_mapping
 from autosaved.storage.compress import SUFFIX, is_float_blob
 from autosaved.storage.local import JobStore
+from autosaved.testing.private import PrivateDaemon
 from autosaved.tree import Blob, to_node
 
 from .conftest import NO_AUTO_POLICY

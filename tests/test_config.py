@@ -119,3 +119,32 @@ def test_write_speed_is_auto_or_a_positive_size(tmp_path: Path) -> None:
         load_config(config_file=_write(tmp_path, "write_speed = 0\n"))
     with pytest.raises(ConfigError, match="write_speed"):
         load_config(config_file=_write(tmp_path, 'write_speed = "fast"\n'))
+
+
+def test_tables_are_read_on_top_of_their_base_by_one_declaration(tmp_path: Path) -> None:
+    """Every table (quota and remote included) applies a partial table on top of the base it is given, and
+    the bounds a field declares give one message wherever the field is."""
+    from dataclasses import replace
+
+    from autosaved.config import RESTART_KEYS, Config, QuotaSettings, RemoteSettings, parse_config_table
+
+    base = replace(Config(address="ipc:///tmp/x.sock", state_dir=tmp_path),
+                   quota=QuotaSettings(max_bytes=5), remote=RemoteSettings(url="s3://b/p", timeout=9.0))
+    cfg = parse_config_table({"quota": {"max_jobs": 3}, "remote": {"region": "eu"}}, base)
+    assert cfg.quota == QuotaSettings(max_bytes=5, max_jobs=3)
+    assert (cfg.remote.url, cfg.remote.timeout, cfg.remote.region) == ("s3://b/p", 9.0, "eu")
+    # [remote] keep_every: unset follows [policy] (None); "off" keeps no periodic versions (a zero period).
+    assert RemoteSettings.parse({}).keep_every is None
+    assert RemoteSettings.parse({"keep_every": "off"}).keep_every == 0.0
+    assert RemoteSettings.parse({"keep_every": "1h"}).keep_every == 3600.0
+    from autosaved.storage.retention import versions_to_delete
+
+    hourly = [(i, i * 3600.0) for i in range(1, 6)]
+    assert versions_to_delete(hourly, keep_last=1, keep_every=0.0, protect=frozenset()) == [1, 2, 3, 4]
+    for table in ({"throttle": {"sample_interval": "10ms"}}, {"preemption": {"poll_interval": "2m"}}):
+        with pytest.raises(ConfigError, match=r"\.(sample|poll)_interval: must be between 50ms and 60s, got"):
+            parse_config_table(table, base)
+    with pytest.raises(ConfigError, match="chunk_size: must be between 64KiB and 1GiB"):
+        parse_config_table({"chunk_size": "1KiB"}, base)
+    assert set(RESTART_KEYS) == {"address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
+                                 "max_shm_bytes", "write_speed", "max_connections", "remote"}

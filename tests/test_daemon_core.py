@@ -23,12 +23,12 @@ from autosaved.daemon.flush import FlushContext, flush_all
 from autosaved.daemon.jobs import Job
 from autosaved.daemon.jobtable import JobTable
 from autosaved.daemon.notify import Notifier
-from autosaved.daemon.rpc import REGISTRY, Access, RpcRequest
+from autosaved.daemon.rpc import REGISTRY, Handlers, Reply, RpcRequest, finish
 from autosaved.daemon.runstate import Phase
 from autosaved.daemon.writer import Writer
 from autosaved.errors import Forbidden, InvalidJobName, NotFound, ProtocolError, ShuttingDown
 from autosaved.policy import SaveReason
-from autosaved.protocol import OPS, blob_descriptors, check_request
+from autosaved.protocol import OP_TABLE, OPS, Access, blob_descriptors, check_request, is_long
 from autosaved.storage.local import Store
 from autosaved.tree import to_node
 
@@ -82,12 +82,21 @@ def _req(op: str, *, seq: int = 1, owner: int = UID, **fields: Any) -> RpcReques
 
 
 def test_the_registry_declares_every_wire_op_once() -> None:
-    assert set(REGISTRY) == OPS
+    assert set(REGISTRY) == OPS == set(OP_TABLE)
     for name, op in REGISTRY.items():
-        assert op.name == name and callable(op.handler)
-    # the ops that wait for a save are the long ones; ping is the only one that touches no job
-    assert {n for n, op in REGISTRY.items() if op.long} >= {"save", "update", "restore", "verify", "gc", "delete"}
-    assert {n for n, op in REGISTRY.items() if op.access is Access.ANY_PEER} == {"ping"}
+        assert op.spec is OP_TABLE[name] and callable(op.handler)
+    # the ops that wait for a save are the long ones (update only when it waits for one); ping is the
+    # only one that touches no job
+    # (hello too: it may load the job and replay its log first)
+    assert {n for n in OPS if is_long(n, {})} == {"hello", "save", "restore", "verify", "gc", "delete"}
+    assert [is_long("update", {"wait": w}) for w in ("accepted", "logged", "committed", "replicated")] == [
+        False, False, True, True]
+    assert {n for n, spec in OP_TABLE.items() if spec.access is Access.ANY_PEER} == {"ping"}
+
+
+async def call(handlers: Handlers, req: RpcRequest) -> Reply:
+    """A request through the daemon's own path: ``Handlers.start`` (what the rpc loop calls), then its reply."""
+    return await finish(handlers.start(req))
 
 
 def test_dispatch_runs_the_registered_handlers_on_the_job_table(tmp_path: Path) -> None:
@@ -95,26 +104,26 @@ def test_dispatch_runs_the_registered_handlers_on_the_job_table(tmp_path: Path) 
 
     async def main() -> None:
         d = daemon.handlers
-        assert (await d.dispatch(_req("ping"))).fields == {"pid": os.getpid()}
-        hello = await d.dispatch(_req("hello", job="core"))
+        assert (await call(d, _req("ping"))).fields == {"pid": os.getpid()}
+        hello = await call(d, _req("hello", job="core"))
         assert hello.fields["latest_version"] is None and hello.fields["durable"] == 0
-        reply = await d.dispatch(_update("core", {"w": np.arange(4, dtype=np.int64), "step": 3}, seq=1))
+        reply = await call(d, _update("core", {"w": np.arange(4, dtype=np.int64), "step": 3}, seq=1))
         assert reply.fields["ack"] == "accepted"
         job = daemon.table.jobs[(UID, "core")]
         assert job.dirty and job.sessions == {"s1": 1}
-        status = await d.dispatch(_req("status", job="core"))
+        status = await call(d, _req("status", job="core"))
         assert status.fields["live"] is True and status.fields["dirty"] is True
         # another owner's job: only root may name one
         if UID != 0:
             with pytest.raises(Forbidden):
-                await d.dispatch(_req("status", job="core", owner=UID + 1))
+                await call(d, _req("status", job="core", owner=UID + 1))
         with pytest.raises(NotFound):
-            await d.dispatch(_req("status", job="nope"))
+            await call(d, _req("status", job="nope"))
         with pytest.raises(InvalidJobName):
-            await d.dispatch(_req("hello", job="../escape"))
+            await call(d, _req("hello", job="../escape"))
         daemon.run_state.phase = Phase.FLUSHING  # what SIGTERM's flush sets first
         with pytest.raises(ShuttingDown):
-            await d.dispatch(_update("core", {"step": 4}, seq=2))
+            await call(d, _update("core", {"step": 4}, seq=2))
 
     anyio.run(main)
 

@@ -24,8 +24,8 @@ from autosaved.integrations import _daemon
 
 from .conftest import NO_AUTO_POLICY, wait_for
 
-if TYPE_CHECKING:  # PrivateDaemon moves to autosaved.bench.private with issue 10; conftest knows where
-    from autosaved.private import PrivateDaemon
+if TYPE_CHECKING:
+    from autosaved.testing.private import PrivateDaemon
 
 WORKER = Path(__file__).with_name("dcp_worker.py")
 JOB = "llm"

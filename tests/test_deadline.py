@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, dropped_notifications, version_files, wait_for
 
@@ -134,10 +135,16 @@ def test_status_shows_throttle_and_flush_estimates(make_daemon: Callable[..., Pr
     with autosaved.Client("est", address=d.address) as c:
         c.update({"x": _random(10 * MiB, 1)})
         assert c.status()["policy"]["dirty_bytes"] == derived
-    time.sleep(0.3)  # a couple of samples
-    out = subprocess.run([sys.executable, "-m", "autosaved", "status", "--json", "--address", d.address],
-                         capture_output=True, text=True, check=True)
-    status = json.loads(out.stdout)
+
+    def sampled() -> dict[str, Any] | None:
+        """The CLI's status once the throttle has sampled the disk (an allowed rate set)."""
+        out = subprocess.run([sys.executable, "-m", "autosaved", "status", "--json", "--address", d.address],
+                             capture_output=True, text=True, check=True)
+        status: dict[str, Any] = json.loads(out.stdout)
+        return status if status["daemon"]["throttle"].get("allowed_rate") else None
+
+    status = wait_for(sampled, timeout=60)
+    assert isinstance(status, dict)
     t = status["daemon"]["throttle"]
     assert t["enabled"] is True and 0 < t["allowed_rate"] <= 100 * MiB
     assert {"utilisation", "psi_some", "psi_full", "throttled_s", "dirty_writeback_bytes", "disks"} <= set(t)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -6,9 +6,11 @@ SIGKILLs itself at exactly that syscall boundary. Disk full is a real tmpfs that
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -22,25 +24,18 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.storage import faults
 from autosaved.storage.faults import POINTS
+from autosaved.storage.fsutil import write_fsync
 from autosaved.storage.local import Store
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, finish, skip_or_fail, spawn_python, wait_for
 
-# Every storage point; the event-loop points (loop.*, rpc.*) are fired by test_service.py's watchdog tests.
-CRASH_POINTS = sorted(p for p in POINTS if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.")))
-OTHER_POINTS = {"loop.tick.before": "test_service.py::test_no_watchdog_ping_while_the_event_loop_is_blocked",
-                "gc.collect.before":
-                    "test_races.py::test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress",
-                **{p: "test_supervision.py::test_a_task_that_fails_at_start_is_restarted"
-                   for p in POINTS if p.startswith("task.") and p.endswith(".start")},
-                **{p: "test_supervision.py::test_a_failure_inside_a_task_costs_one_piece_of_work"
-                   for p in POINTS if p.startswith("task.") and p.endswith(".before") and p != "task.main.before"},
-                "task.main.before":
-                    "test_supervision.py::test_an_error_that_escapes_still_saves_every_dirty_job_before_exit",
-                "rpc.poll.before": "test_service.py::test_watchdog_stops_when_the_rpc_loop_makes_no_progress",
-                "remote.manifest.before": "test_replication.py::test_kill_mid_upload_shows_no_partial_version"}
+# Every storage point: the crash scenario below reaches each. The others (the event loop's, the tasks',
+# gc's, the replicator's, delete's) are each reached by a test that waits for it with ``fault_fired``.
+CRASH_POINTS = sorted(p for p in POINTS
+                      if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.", "delete.", "load.")))
 LATER_HIT = 3
 W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save
 
@@ -153,9 +148,9 @@ def test_crash_at_every_point_first_and_later_hit(make_daemon: Callable[..., Pri
 
 
 def test_every_fault_point_is_fired_by_a_test(make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
-    """The crash scenario reaches every storage point in POINTS and no point missing from it; the
-    event-loop points are each fired by a named test. A new call site of ``faults.point`` that no test
-    fires fails here."""
+    """The crash scenario reaches every storage point in POINTS and no point missing from it; every other
+    point is waited for with ``fault_fired`` by a test, which fails unless the daemon recorded reaching it.
+    A new call site of ``faults.point`` that no test fires fails here."""
     faults = tmp_path / "faults"
     faults.write_text("")
     d = make_daemon('chunk_size = "64KiB"\n' + NO_AUTO_POLICY + "keep_last = 1\n",
@@ -167,12 +162,54 @@ def test_every_fault_point_is_fired_by_a_test(make_daemon: Callable[..., Private
     assert trainer.returncode == 0 and '"done"' in out, err
     seen = set((tmp_path / "faults.seen").read_text().split())
     assert seen - set(POINTS) == set(), "points reached that POINTS does not list"
-    assert seen - set(OTHER_POINTS) == set(CRASH_POINTS), f"never reached: {set(CRASH_POINTS) - seen}"
-    assert set(POINTS) == set(CRASH_POINTS) | set(OTHER_POINTS)
-    here = Path(__file__).parent
-    for where in OTHER_POINTS.values():
-        file, name = where.split("::")
-        assert f"def {name}(" in (here / file).read_text(), where
+    assert seen & set(CRASH_POINTS) == set(CRASH_POINTS), f"never reached: {set(CRASH_POINTS) - seen}"
+    fired = points_fired_by_tests()
+    others = {p: [t for pattern, t in fired if re.fullmatch(pattern, p)] for p in POINTS if p not in CRASH_POINTS}
+    assert [p for p, tests in others.items() if not tests] == [], "points no test waits for with fault_fired"
+
+
+def points_fired_by_tests() -> list[tuple[str, str]]:
+    """(regex of a point, test) for every ``fault_fired(faults, point)`` in a test function: the test
+    fails unless the daemon recorded reaching that point. An f-string point (``f"task.{task}.start"``)
+    stands for each value the test is parametrized with (any text, when that is not a literal list)."""
+    out = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef) or not fn.name.startswith("test_"):
+                continue
+            params = _parametrized(fn)
+            for call in ast.walk(fn):
+                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "fault_fired"
+                        and len(call.args) >= 2):
+                    for pattern in _patterns(call.args[1], params):
+                        out.append((pattern, f"{path.name}::{fn.name}"))
+    return out
+
+
+def _parametrized(fn: ast.FunctionDef) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for deco in fn.decorator_list:
+        if (isinstance(deco, ast.Call) and ast.unparse(deco.func).endswith("parametrize") and len(deco.args) == 2
+                and isinstance(deco.args[0], ast.Constant) and isinstance(deco.args[1], ast.List)
+                and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in deco.args[1].elts)):
+            values[deco.args[0].value] = [e.value for e in deco.args[1].elts]  # type: ignore[attr-defined]
+    return values
+
+
+def _patterns(node: ast.expr, params: dict[str, list[str]]) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [re.escape(node.value)]
+    if not isinstance(node, ast.JoinedStr):
+        return []
+    patterns = [""]
+    for part in node.values:
+        if isinstance(part, ast.Constant):
+            patterns = [p + re.escape(str(part.value)) for p in patterns]
+        elif isinstance(part, ast.FormattedValue) and isinstance(part.value, ast.Name) and part.value.id in params:
+            patterns = [p + re.escape(v) for p in patterns for v in params[part.value.id]]
+        else:
+            patterns = [p + ".+" for p in patterns]
+    return patterns
 
 
 # The streamer: logged deltas as fast as the daemon acks them (a new array, and the one three steps
@@ -472,3 +509,18 @@ def test_real_failed_fsync_is_never_acked_and_recovers(overcommitted_fs: tuple[P
         assert "failed" in d.log()
     finally:
         d.cleanup()
+
+
+def test_a_non_fatal_action_half_way_through_a_write_writes_the_buffer_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``<kind>.write.middle`` with an action that returns (here ``sleep:0``): the write goes on with the
+    second half. (It used to write the whole buffer again after the first half: a file with its first half
+    twice.)"""
+    rules = tmp_path / "faults"
+    rules.write_text("chunk.write.middle 1 sleep:0\n")
+    monkeypatch.setenv("AUTOSAVED_FAULTS_FILE", str(rules))
+    monkeypatch.setattr(faults, "_faults", faults._Faults())
+    data = bytes(range(256)) * 41
+    assert write_fsync(tmp_path / "f", [data]) == len(data)
+    assert (tmp_path / "f").read_bytes() == data
+    assert "chunk.write.middle" in (tmp_path / "faults.seen").read_text()

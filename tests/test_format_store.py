@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,11 @@ import pytest
 
 import autosaved
 from autosaved import restore
-from autosaved.bench.private import PrivateDaemon
 from autosaved.client.sync import Client
 from autosaved.errors import AutosavedError
 from autosaved.storage.manifest import UnsupportedFormat, seal
 from autosaved.testing.crashsim import deep_merge
-
-torch = pytest.importorskip("torch")
+from autosaved.testing.private import PrivateDaemon
 
 DATA = Path(__file__).parent / "data"
 _spec = importlib.util.spec_from_file_location("make_store_v1", DATA / "make_store_v1.py")
@@ -53,7 +52,8 @@ def norm(v: Any) -> Any:
         return ("list", [norm(s) for s in v])
     if isinstance(v, np.ndarray):
         return ("nd", v.dtype.str, v.shape, v.tobytes())
-    if isinstance(v, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only where torch was imported
+    if torch is not None and isinstance(v, torch.Tensor):
         return ("torch", str(v.dtype), tuple(v.shape), v.contiguous().view(torch.uint8).numpy().tobytes())
     if isinstance(v, float) and math.isnan(v):
         return ("nan",)
@@ -62,6 +62,8 @@ def norm(v: Any) -> Any:
 
 def as_torch(state: dict[Any, Any]) -> dict[Any, Any]:
     """The expected state as ``tensors="torch"`` returns it: every array a tensor."""
+    torch = pytest.importorskip("torch")  # only the tests that restore tensors need it (a failure in CI)
+
     def conv(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: conv(s) for k, s in v.items()}
@@ -91,6 +93,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def test_store_v1_restores_exactly_offline(state_dir: Path) -> None:
+    pytest.importorskip("torch")  # the fixture's model job holds a bfloat16 tensor
     for job in ("model", "agent"):
         assert norm(restore(job, state_dir=state_dir, tensors="torch")) == norm(as_torch(expected(job)))
     got = restore("model", state_dir=state_dir)
@@ -109,6 +112,7 @@ def test_store_v1_has_every_feature_it_promises() -> None:
 
 
 def test_store_v1_restores_exactly_through_the_daemon(state_dir: Path) -> None:
+    pytest.importorskip("torch")
     with PrivateDaemon(state_dir.parent, config=gen.CONFIG) as d:
         for job in ("model", "agent"):
             c = Client(job, address=d.address, timeout=30, save_timeout=60)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from autosaved import Client, DaemonUnavailable, LazyClient
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 
@@ -77,3 +77,36 @@ def test_a_background_failure_is_raised_not_dropped(make_daemon) -> None:  # typ
         lz.wait()
     assert pending.future.exception() is not None
     lz.close()
+
+
+def test_a_fence_copies_the_rest_of_the_update_itself() -> None:
+    """The bulk copy is shared: pieces a fencing caller takes are copied in its thread, and the background
+    thread's part returns once every piece is in (issue 21: what is left at the fence runs at the
+    trainer's priority, as an eager update would)."""
+    import threading
+
+    from autosaved.client.lazy import PIECE, SharedCopy
+
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, 5 * PIECE + 123, dtype=np.uint8)
+    small = rng.integers(0, 255, 10, dtype=np.uint8)
+    dst, dst_small = np.zeros_like(src), np.zeros_like(small)
+    shared = SharedCopy([(dst, src), (dst_small, small)])
+    background = threading.Thread(target=shared.run)
+    shared.work()  # the caller fenced first and took every piece
+    assert shared.done.is_set()
+    background.start()
+    background.join(30)
+    assert not background.is_alive() and np.array_equal(dst, src) and np.array_equal(dst_small, small)
+
+
+def test_the_background_copy_runs_at_the_lowest_priority(daemon: PrivateDaemon) -> None:
+    import os
+    import threading
+
+    from autosaved.client.lazy import BACKGROUND_NICE
+
+    with LazyClient(Client("prio", address=daemon.address)) as lazy:
+        nice = lazy._worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == BACKGROUND_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != BACKGROUND_NICE  # the caller's own

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.storage.retention import versions_to_delete
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, version_files
 

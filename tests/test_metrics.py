@@ -12,8 +12,8 @@ from collections.abc import Callable
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.daemon.metrics import Histogram, JobSample, Sample, render
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 
@@ -22,7 +22,7 @@ def _sample(**over: object) -> Sample:
     h = Histogram()
     for s in (0.03, 0.3, 7.0):
         h.observe(s)
-    job = JobSample(job='a"b', owner=1000, saves=2, bytes_written=4096, dirty_bytes=10, held_bytes=20,
+    job = JobSample(job='a"b', owner=1000, saves=2, bytes_written=4096, dirty_bytes=10, held_bytes=20, state_bytes=30,
                     consecutive_failures=0, saving=False, last_save_time="2026-01-01T00:00:00.000Z")
     base = dict(uptime_s=1.5, requests=7, request_errors=1, saves=2, save_failures=1, bytes_written=4096,
                 reloads=0, reload_failures=0, task_restarts=0, durations=h, jobs=(job,))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 from tests.conftest import skip_or_fail, wait_for
 from tests.test_replication import JOB, _bucket_ids, _job_status
 

@@ -78,3 +78,46 @@ def test_fake_clock_walk_fires_once_per_quiet_period() -> None:
         assert d.next_wake_at is not None and d.next_wake_at > t
         t = min(d.next_wake_at, t + 1.0)
     assert fired == [(13.0, SaveReason.IDLE)]
+
+
+LOG = PolicySettings(interval=600.0, idle=30.0, dirty_bytes=None, min_gap=10.0, log_bytes=1000, replay_time=2.0)
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("job", "now", "expected"),
+    [
+        # the log a restart would replay reached log_bytes: at once, min_gap or not (defect 11)
+        (view(settings=LOG, log_bytes=999, replay_speed=1e9), 100.0, Decision(None, 130.0)),
+        (view(settings=LOG, log_bytes=1000, replay_speed=1e9), 100.0, Decision(SaveReason.LOG_BYTES, None)),
+        (view(settings=LOG, log_bytes=1000, replay_speed=1e9, last_save_at=99.0), 100.0,
+         Decision(SaveReason.LOG_BYTES, None)),
+        # ... or would take replay_time at the measured replay speed (here 400 bytes/s: 800 bytes is 2 s)
+        (view(settings=LOG, log_bytes=799, replay_speed=400.0), 100.0, Decision(None, 130.0)),
+        (view(settings=LOG, log_bytes=800, replay_speed=400.0), 100.0, Decision(SaveReason.LOG_BYTES, None)),
+        # both off: the log is not bounded by this rule
+        (view(settings=PolicySettings(interval=None, idle=None, dirty_bytes=None, log_bytes=None, replay_time=None),
+              log_bytes=10**12, replay_speed=1.0), 100.0, Decision(None, None)),
+        # the backoff after a failed save holds it too; a save in progress is waited for
+        (view(settings=LOG, log_bytes=5000, not_before=110.0), 100.0, Decision(None, 110.0)),
+        (view(settings=LOG, log_bytes=5000, saving=True), 100.0, Decision(None, None)),
+        # a log over its bound with nothing unsaved (segments not dropped yet): a save would not shrink it
+        (view(settings=LOG, dirty=False, log_bytes=5000), 100.0, Decision(None, None)),
+        # a job loaded by replaying its log is saved at once, whatever min_gap and the other rules say
+        (view(settings=LOG, recovery_pending=True, last_save_at=99.0), 100.0, Decision(SaveReason.RECOVERY, None)),
+        (view(settings=LOG, recovery_pending=True, not_before=110.0), 100.0, Decision(None, 110.0)),
+        (view(settings=LOG, recovery_pending=True, explicit_requested=True), 100.0,
+         Decision(SaveReason.EXPLICIT, None)),
+    ],
+)
+def test_log_bound_and_recovery_table(job: JobView, now: float, expected: Decision) -> None:
+    assert decide(job, now) == expected
+
+
+def test_default_log_bound_keeps_replay_short_whatever_dirty_bytes_is() -> None:
+    """The defaults bound the log by bytes and by replay time, independently of dirty_bytes (off here)."""
+    s = PolicySettings(dirty_bytes=None)
+    assert s.log_bytes is not None and s.replay_time is not None and s.replay_time <= 2.0
+    assert decide(view(settings=s, log_bytes=s.log_bytes, replay_speed=1e12), 100.0).reason is SaveReason.LOG_BYTES
+    slow = view(settings=s, log_bytes=int(s.replay_time * 50 * MiB), replay_speed=50.0 * MiB)
+    assert decide(slow, 100.0).reason is SaveReason.LOG_BYTES

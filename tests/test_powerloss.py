@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import autosaved.storage.chunkwriter as chunk_mod
+import autosaved.storage.wal as wal_mod
 from autosaved.codec import pack
 from autosaved.storage.local import JobStore
+from autosaved.storage.wal import Record, WalWriter
 from autosaved.testing.crashsim import History, explore, parse, scratch_dir
 from autosaved.testing.fstrace import mark, recording
 from autosaved.testing.workload import record
@@ -133,3 +135,53 @@ def test_checker_finds_the_unsynced_dedup_hole_in_the_old_code(tmp_path: Path, s
     assert {f.kind for f in before.findings} >= {"half-visible", "lost-ack"}
     assert after.findings == []
     assert after.checked >= 50
+
+
+def _group_commits(root: Path, scratch: Path, model: str) -> Any:
+    """In-process: logged records appended as the daemon's group committer does (one write per piece, one
+    fdatasync per batch), a batch of two among them; each acked after its batch's sync."""
+    state = root / "state"
+    state.mkdir(parents=True)
+    trace = root / "trace"
+    history = History()
+    store = JobStore(state, os.geteuid(), "j")
+    with recording(trace, state):
+        w = WalWriter(store.log_dir)
+        for deltas in ([{"n": 1, "a": np.zeros(1500, np.uint8)}], [{"n": 2, "b": np.ones(1200, np.uint8)},
+                                                                  {"n": 3, "c": {"d": 3}}],
+                       [{"n": 4, "c": {"e": 4}}]):
+            records = []
+            for delta in deltas:
+                n = history.apply("j", delta)
+                mark(str(trace), ev="sent", what="update", job="j", n=n)
+                records.append(Record(lsn=n, sessions={"s": n}, step=None, meta={}, delta=pack(delta)))
+            w.append(records)
+            for r in records:
+                mark(str(trace), ev="ack", what="update", job="j", n=r.lsn, level="logged")
+        w.close()
+    return explore(parse(trace), history, ["j"], scratch / model, model=model)
+
+
+def test_checker_finds_a_reordered_group_commit_only_with_independent_fates(
+        tmp_path: Path, scratch: Path, monkeypatch: pytest.MonkeyPatch, figure: Callable[[str], None]) -> None:
+    """The widened model is not vacuous where the old one was blind: with the log's pre-issue-19 replay rule
+    put back (any whole record after a bad one is damage), a power cut that keeps the second record of an
+    unsynced batch and loses the first makes the job unreadable (acked record 1 lost behind a refusal).
+    The old shared-fate model never builds that state; the independent one does; with the fix, neither
+    finds anything."""
+    real = wal_mod._whole_records_after
+
+    def old_rule(data: memoryview, start: int) -> Iterator[tuple[int, int | None]]:
+        for at, _synced in real(data, start):
+            yield at, None  # as if every whole record after it confirmed it synced
+
+    monkeypatch.setattr(wal_mod, "_whole_records_after", old_rule)
+    old_model = _group_commits(tmp_path / "a", scratch, "shared")
+    new_model = _group_commits(tmp_path / "b", scratch, "independent")
+    monkeypatch.undo()
+    fixed = _group_commits(tmp_path / "c", scratch, "independent")
+    figure(f"mutation (old log rule): shared {old_model.summary()}; independent {new_model.summary()}; "
+           f"fixed: {fixed.summary()}")
+    assert old_model.findings == []
+    assert {f.kind for f in new_model.findings} == {"restore-error"}
+    assert fixed.findings == [] and fixed.checked > old_model.checked

@@ -25,3 +25,22 @@ def test_the_api_the_issue_promises() -> None:
     assert issubclass(autosaved.DaemonUnavailable, autosaved.AutosavedError)
     assert issubclass(autosaved.InvalidValue, TypeError)
     assert repr(autosaved.DELETE) == "autosaved.DELETE"
+
+
+def _public_methods(cls: type) -> dict[str, object]:
+    return {n: m for n, m in inspect.getmembers(cls) if not n.startswith("_") and callable(m)}
+
+
+def test_the_async_facades_mirror_the_blocking_ones_with_one_set_of_docstrings() -> None:
+    """AsyncClient/AsyncAdmin have Client's/Admin's methods with the same parameters (awaitable, but
+    ``close``), and every one has a docstring, written once on the blocking class."""
+    for blocking, awaitable in ((autosaved.Client, autosaved.AsyncClient), (autosaved.Admin, autosaved.AsyncAdmin)):
+        sync_methods, async_methods = _public_methods(blocking), _public_methods(awaitable)
+        assert set(sync_methods) == set(async_methods), (blocking, awaitable)
+        for name, method in sync_methods.items():
+            twin = async_methods[name]
+            assert str(inspect.signature(method)) == str(inspect.signature(twin)) or name == "__init__", name
+            assert inspect.iscoroutinefunction(twin) == (name != "close"), name
+            assert method.__doc__ and twin.__doc__ == method.__doc__, f"{blocking.__name__}.{name}"
+        for prop in ("address",):
+            assert isinstance(getattr(awaitable, prop), property)

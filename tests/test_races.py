@@ -19,13 +19,13 @@ import numpy as np
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.client.slots import create_memfd
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
 from autosaved.storage.local import Store
+from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, wait_for
+from .conftest import NO_AUTO_POLICY, fault_fired, wait_for
 
 
 def raw(address: str, op: str, **fields: Any) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def test_an_update_during_a_delete_is_never_acked_for_the_folder_being_deleted(
     saver, _ = in_thread(lambda: raw(d.address, "save", job="r"))
     wait_for(lambda: any((job_dir(d, "r") / "objects").glob("*/*")), timeout=30)  # chunks written: stalled
     deleter, deleted = in_thread(lambda: raw(d.address, "delete", job="r"))
-    time.sleep(1.0)  # the delete reaches its wait for the save (a few ms of work)
+    fault_fired(faults, "delete.lock.before")  # the delete holds the job's key lock and waits for the save
     # A new client recreates the job while the delete waits. Its ack must be for a folder that survives.
     with autosaved.Client("r", address=d.address) as c:
         ack = c.update({"new": 1}, wait="logged")
@@ -97,7 +97,7 @@ def test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress(
     # gc stalls 4 s before it lists what manifests reference; the save stalls 7 s before its manifest.
     faults.write_text("gc.collect.before 1 sleep4\nmanifest.open.before 1 sleep7\n")
     collector, collected = in_thread(lambda: raw(d.address, "gc", job="g"))
-    time.sleep(1.0)  # gc took its list of jobs (g not loaded) and stalls
+    fault_fired(faults, "gc.collect.before")  # gc took its list of jobs (g not loaded) and stalls there
     fresh = np.random.default_rng(1).standard_normal(200_000)
     with autosaved.Client("g", address=d.address) as c:
         version = c.update({"b": fresh}, wait="committed").version
@@ -165,26 +165,30 @@ def test_a_snapshot_holds_its_slots_from_the_instant_it_is_taken(tmp_path: Path)
     import anyio
 
     from autosaved.config import PolicySettings
+    from autosaved.daemon.accounting import Ledger
     from autosaved.daemon.jobs import Job
-    from autosaved.daemon.slottable import referenced_mappings
     from autosaved.daemon.writer import Writer
     from autosaved.policy import SaveReason
-    from autosaved.tree import Blob, iter_blobs
+    from autosaved.state import counted
+    from autosaved.tree import Blob
 
     slot = mmap.mmap(-1, 4096)
     blob = Blob(kind="ndarray", dtype="|u1", shape=(4096,), nbytes=4096, data=memoryview(slot))
+    ledger = Ledger()
     job = Job(owner=os.geteuid(), name="hold", store=Store(tmp_path).job(os.geteuid(), "hold"),
-              settings=PolicySettings(), root={"w": blob}, generation=1)
+              settings=PolicySettings(), root=counted({"w": blob}), generation=1, ledger=ledger)
+    ledger.attach(job.owner, job.root)
     seen: list[bool] = []
 
     async def main() -> None:
         writer = Writer(chunk_size=lambda: 1 << 20, clock=time.monotonic, on_done=lambda: None)
         async with anyio.create_task_group() as tg:
             writer.begin(job, SaveReason.EXPLICIT, tg)
-            job.root = {}  # the next update replaces the leaf, in the same event-loop step
-            roots = [job.root] + [t.root for t in writer.in_flight.values()]
-            seen.append(id(slot) in referenced_mappings(b for r in roots for b in iter_blobs(r)))
+            # The next update replaces the leaf, in the same event-loop step: the snapshot still reads it.
+            job.apply({"w": 1}, session="s", seq=1, step=None, meta=None, size=1, now=0.0)
+            seen.append(id(slot) in ledger.refs)
+        seen.append(id(slot) in ledger.refs)  # the save is done: nothing reads the slot any more
 
     anyio.run(main)
-    assert seen == [True]
+    assert seen == [True, False]
     assert job.latest_version == 1

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.storage.local import Store
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import run_python
 

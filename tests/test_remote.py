@@ -225,12 +225,13 @@ class _IgnoringGateway:
 def test_probe_refuses_a_store_that_ignores_if_none_match(s3server: Any, monkeypatch: pytest.MonkeyPatch,
                                                           make_daemon: Any) -> None:
     from autosaved.errors import AutosavedError
+    from autosaved.storage.remote import ConditionalWritesIgnored
 
     for k, v in s3server.env.items():
         monkeypatch.setenv(k, v)
     gateway = _IgnoringGateway(s3server.endpoint)
     try:
-        with pytest.raises(Exception, match="ignored If-None-Match"):
+        with pytest.raises(ConditionalWritesIgnored, match="ignored If-None-Match"):
             anyio.run(RemoteStore(s3server.url("probe"), endpoint=gateway.endpoint).probe)
         config = f'[remote]\nurl = "{s3server.url("probe")}"\nendpoint = "{gateway.endpoint}"\n'
         with pytest.raises(AutosavedError, match="ignored If-None-Match"):
@@ -281,3 +282,60 @@ def test_credentials_file_against_the_server(s3server: Any, monkeypatch: pytest.
     wrong.write_text(f"[default]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = not-it\n")
     with pytest.raises(RemoteError):
         anyio.run(open_remote(s3server.url("creds"), endpoint=s3server.endpoint, credentials_file=wrong).probe)
+
+
+def test_incarnations_and_the_delete_tombstone(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deleted job's tombstone hides every version and fences its publisher; a new incarnation starts
+    with no fences (nothing of the old one is read again), and the operator's take-over keeps the current
+    incarnation and its versions."""
+    store = _store(s3server, monkeypatch)
+
+    async def ids(job: RemoteJob) -> list[int]:
+        return [vk.id for vk in await job.visible_versions()]
+
+    async def main() -> None:
+        job = store.job(os.geteuid(), "j")
+        a = await job.acquire("h", ttl=60, incarnation="aaa")
+        await _publish(job, 1, a.epoch, b"one")
+        await _publish(job, 2, a.epoch, b"two")
+        again = await job.acquire("h", ttl=60, incarnation="aaa")  # a restart: the same incarnation
+        assert await ids(job) == [1, 2] and again.replaced is None and again.incarnation == "aaa"
+        objects, nbytes = await job.delete_job("h")
+        assert objects == 4 and nbytes > len(b"onetwo")  # two chunks and two manifests
+        assert await ids(job) == [] and await job.load_version(None) is None
+        with pytest.raises(Fenced, match="deleted"):
+            await job.renew(again, 60)
+        assert await job.delete_job("h") == (0, 0)  # deleting again finds nothing
+        b = await job.acquire("h", ttl=60, incarnation="bbb")
+        assert b.epoch == again.epoch + 2 and b.fences == {} and b.replaced is None
+        await _publish(job, 1, b.epoch, b"new one")
+        loaded = await job.load_version(None)
+        assert await ids(job) == [1] and loaded is not None and bytes(loaded.tree["x"].data) == b"new one"
+        c = await job.acquire("h", ttl=60, incarnation="ccc")  # started anew over a live incarnation
+        assert c.replaced == "bbb" and c.fences == {} and await ids(job) == []
+        await _publish(job, 5, c.epoch, b"c")
+        t = await job.acquire("operator", 0.0, take_over=True)
+        assert t.incarnation == "ccc" and await ids(job) == [5]
+
+    anyio.run(main)
+
+
+def test_object_store_errors_are_one_actionable_line() -> None:
+    from autosaved.storage.remote_errors import explain
+
+    where = "s3://b/p at http://127.0.0.1:1"
+    xml = ('Server returned non-2xx status code: 403 Forbidden: <?xml version="1.0" encoding="UTF-8"?>\n<Error>'
+           '<Code>SignatureDoesNotMatch</Code><Message>The request signature we calculated does not match'
+           '</Message></Error>\n\nDebug source:\nGeneric { store: "S3" }')
+    line = explain(xml, "PUT k", where)
+    assert line == (f"object store {where}: PUT k failed: the secret access key is wrong (SignatureDoesNotMatch); "
+                    "fix aws_secret_access_key in [remote] credentials_file or AWS_SECRET_ACCESS_KEY")
+    meta = "Generic S3 error: Error performing PUT http://169.254.169.254/latest/api/token in 250ms - HTTP error"
+    assert "no credentials" in explain(meta, "PUT k", where) and "credentials_file" in explain(meta, "PUT k", where)
+    down = "Generic S3 error: Error performing GET http://127.0.0.1:1/b/k - HTTP error: error sending request"
+    assert "cannot reach the store; check [remote] endpoint" in explain(down, "GET k", where)
+    other = "Server returned non-2xx status code: 409 Conflict: <Error><Code>Odd</Code><Message>odd\nthing</Message>"
+    assert explain(other, "PUT k", where) == f"object store {where}: PUT k failed: Odd: odd thing"
+    for raw in (xml, meta, down, other, "multi\nline\ntext"):
+        line = explain(raw, "PUT k", where)
+        assert "\n" not in line and "<" not in line

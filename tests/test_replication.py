@@ -3,6 +3,7 @@ restore from the bucket with no host at all. A "host" is a daemon with its own s
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
-from tests.conftest import version_files, wait_for
+from autosaved.testing.private import PrivateDaemon
+from tests.conftest import fault_fired, version_files, wait_for
 
 JOB = "spot-run"
 
@@ -34,6 +35,9 @@ def remote_config(s3: Any, prefix: str, *, lease_ttl: str = "30s", extra: str = 
 def s3env(s3server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     for k, v in s3server.env.items():
         monkeypatch.setenv(k, v)
+    # Should credentials ever be missing, the AWS chain's last resort is a closed local port, never a real
+    # cloud metadata address.
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     return s3server
 
 
@@ -114,6 +118,7 @@ def test_kill_mid_upload_shows_no_partial_version(s3env: Any, make_daemon: Calla
     # The upload throttle: the cap, under it the network controller's rate, on the route to the store.
     pace = _status_all(d)["daemon"]["remote"]["upload_throttle"]
     assert pace["adaptive"] and pace["cap"] == 1 << 20 and pace["interfaces"] == ["lo"] and pace["throttled_s"] > 0
+    fault_fired(faults, "remote.manifest.before")
     _lose_host(d)
     rows = _remote_versions(s3env, prefix)
     assert [r["id"] for r in rows] == [first.version]  # chunks went up, but no manifest: not a version
@@ -223,10 +228,14 @@ def test_two_daemons_one_publisher(s3env: Any, make_daemon: Callable[..., Privat
             cb.update({"n": 2}, wait="replicated")  # never acked while it cannot publish
         # Meanwhile a publishes on: its version ids run past the ones b will publish.
         a_last = [ca.update({"n": k}, wait="replicated").version for k in range(10, 14)][-1]
+        # a's lease is live (a renews it): a take-over is refused, saying whose lease it is and until when.
+        takeover = ["remote", "takeover", JOB, "--remote", s3env.url(prefix)]
+        refused = _cli(*takeover, env=s3env.env)
+        assert refused.returncode != 0 and "not taken over: the lease is live, held by " in refused.stderr
+        assert f":{a.state_dir} (epoch 1) until " in refused.stderr and "--force" in refused.stderr
+        assert _job_status(a)["remote"]["fenced"] is None
         # The operator says a's host is gone: take over. b publishes at once, a is fenced for good.
-        out = subprocess.run([sys.executable, "-m", "autosaved", "remote", "takeover", JOB, "--remote",
-                              s3env.url(prefix)], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, **s3env.env})
+        out = _cli(*takeover, "--force", env=s3env.env)
         assert out.returncode == 0, out.stderr
         cb.save_timeout = 60
         ack_b = cb.update({"n": 3}, wait="replicated")
@@ -378,3 +387,134 @@ def test_shutdown_flush_plans_the_upload_time(s3env: Any, make_daemon: Callable[
     assert "job=small versions=" not in log
     assert _bucket_ids(s3env, prefix, "small") == [1]
 
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "autosaved", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def _bucket_keys(s3: Any, prefix: str, job: str = JOB) -> list[str]:
+    """Every object under the job in the bucket, relative to the job's folder."""
+    import anyio
+
+    from autosaved.storage.remote import RemoteStore
+
+    store = RemoteStore(s3.url(prefix))
+    base = f"jobs/{os.geteuid()}/{job}"
+
+    async def main() -> list[str]:
+        return sorted(str(m["path"]).split(base + "/", 1)[-1] for m in await store.list_objects(base))
+
+    return anyio.run(main)
+
+
+def test_delete_removes_the_bucket_copy_and_a_recreate_acks_only_its_own_versions(
+        s3env: Any, make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """Issue 19 defects 5 and 6: after `delete` nothing comes back from the bucket, and with the bucket
+    stopped when the job is recreated, `wait="replicated"` for the new job's versions waits for them."""
+    prefix = f"delete-{secrets.token_hex(3)}"
+    d = make_daemon(remote_config(s3env, prefix))
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        c.update({"secret": "old-password"}, wait="replicated")
+        old = [c.update({"w": i}, wait="replicated").version for i in range(2)]
+    assert old == [2, 3]
+    # list --remote (issue 22 bug 6): what the bucket holds, and no column the bucket cannot know.
+    listed = _cli("list", "--remote", s3env.url(prefix))
+    assert listed.returncode == 0, listed.stderr
+    head, row = listed.stdout.splitlines()
+    assert head.split() == ["JOB", "OWNER", "VERSIONS", "LATEST", "LATEST", "TIME", "IN", "BUCKET"]
+    assert row.split()[:4] == [JOB, str(os.geteuid()), "3", "3"] and row.split()[4].startswith("20")
+    rows = json.loads(_cli("list", "--remote", s3env.url(prefix), "--json").stdout)
+    assert rows[0]["bytes"] > 0 and "dirty" not in rows[0] and rows[0]["latest_time"] == row.split()[4]
+    out = _cli("delete", JOB, "--address", d.address)
+    assert out.returncode == 0, out.stderr
+    assert f"{JOB}: deleted here (3 local versions); deleted from {s3env.url(prefix)} (" in out.stdout
+    assert _bucket_keys(s3env, prefix) == ["lease.json"]  # the tombstone, nothing else
+    assert _cli("list", "--remote", s3env.url(prefix)).stdout == "no jobs\n"
+    # The issue's scenario: the next request for the job started it from the bucket's copy.
+    with autosaved.Client(JOB, address=d.address, timeout=60, save_timeout=60) as c:
+        assert c.restore() is None
+    s3env.pause()
+    try:
+        with autosaved.Client(JOB, address=d.address, timeout=60, save_timeout=4) as c:
+            assert c.update({"fresh": 1}, wait="committed").version == 1
+            # Version 2 of the new job is not in the bucket (the deleted job's version 3 was): no ack.
+            with pytest.raises(autosaved.DaemonUnavailable):
+                c.update({"w": 1}, wait="replicated")
+    finally:
+        s3env.resume()
+    with autosaved.Client(JOB, address=d.address, timeout=60, save_timeout=60) as c:
+        ack = c.update({"w": 2}, wait="replicated")
+        assert ack.level == "replicated" and ack.version == 3
+        assert c.restore() == {"fresh": 1, "w": 2}
+    _lose_host(d)
+    assert autosaved.restore(JOB, remote=s3env.url(prefix)) == {"fresh": 1, "w": 2}
+    assert autosaved.restore(JOB, remote=s3env.url(prefix), version=1) == {"fresh": 1}
+    assert _bucket_ids(s3env, prefix) == [1, 2, 3]
+
+
+def test_delete_with_the_bucket_down_stays_pending_and_completes(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                                                  tmp_path: Path) -> None:
+    prefix = f"delpend-{secrets.token_hex(3)}"
+    config = remote_config(s3env, prefix)
+    root = tmp_path / "host"
+    d = make_daemon(config, root=root)
+    with autosaved.Client(JOB, address=d.address, save_timeout=60) as c:
+        c.update({"secret": "old-password"}, wait="replicated")
+    s3env.pause()
+    try:
+        out = _cli("delete", JOB, "--address", d.address)
+        assert out.returncode == 0, out.stderr
+        assert f"deleting it from {s3env.url(prefix)} is PENDING" in out.stdout
+        # The pending delete survives a crash: a restart (bucket still down) neither forgets nor re-seeds it.
+        _lose_host_keep_disk(d)
+        d2 = make_daemon(config, root=root)
+        assert _status_all(d2)["daemon"]["remote"]["pending_deletes"] == 1
+        with autosaved.Client(JOB, address=d2.address, timeout=60, save_timeout=60) as c:
+            assert c.restore() is None
+            c.update({"w": 1, "fresh": 1}, wait="committed")
+    finally:
+        s3env.resume()
+    wait_for(lambda: "completed the pending delete of job=" in d2.log(), timeout=60)
+    assert _status_all(d2)["daemon"]["remote"]["pending_deletes"] == 0
+    with autosaved.Client(JOB, address=d2.address, save_timeout=60) as c:
+        c.update({"n": 2}, wait="replicated")
+    assert autosaved.restore(JOB, remote=s3env.url(prefix)) == {"w": 1, "fresh": 1, "n": 2}
+    assert not any("secret" in str(autosaved.restore(JOB, remote=s3env.url(prefix), version=v))
+                   for v in _bucket_ids(s3env, prefix))
+    assert not (d2.state_dir / "remote-deletes" / str(os.geteuid()) / JOB).exists()
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when this returns: connections are refused
+
+
+def test_credential_errors_say_what_to_set(s3env: Any, make_daemon: Callable[..., PrivateDaemon],
+                                           tmp_path: Path) -> None:
+    """Issue 22 bug 7: a wrong secret and missing credentials are one line naming the fix, not the
+    client's text (the S3 XML body, a PUT to the metadata address)."""
+    url = s3env.url(f"creds-{secrets.token_hex(3)}")
+    # No real metadata service is ever asked: the credential chain's last resort points at a closed port.
+    meta = {"AWS_METADATA_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
+    wrong = _cli("list", "--remote", url, env={**s3env.env, **meta, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    assert wrong.returncode != 0
+    assert wrong.stderr.strip().splitlines() == [
+        f"autosaved list: object store {url} at {s3env.endpoint}: LIST jobs/ failed: the secret access key is wrong "
+        "(SignatureDoesNotMatch); fix aws_secret_access_key in [remote] credentials_file or AWS_SECRET_ACCESS_KEY"]
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    none = subprocess.run([sys.executable, "-m", "autosaved", "list", "--remote", url, "--endpoint", s3env.endpoint],
+                          capture_output=True, text=True, timeout=60, env={**bare, **meta, "AWS_REGION": "us-east-1"})
+    assert none.returncode != 0 and len(none.stderr.strip().splitlines()) == 1, none.stderr
+    assert "no credentials" in none.stderr and "credentials_file" in none.stderr and "AWS_ACCESS_KEY_ID" in none.stderr
+    assert "/latest/api/token" not in none.stderr
+    # The daemon, with a credentials file holding a wrong secret: its log says the same in one line.
+    creds = tmp_path / "aws-credentials"
+    creds.write_text("[default]\naws_access_key_id = autosaved-test\naws_secret_access_key = wrong\n")
+    d = make_daemon(remote_config(s3env, "creds-daemon", extra=f'credentials_file = "{creds}"\n'))
+    wait_for(lambda: "the secret access key is wrong" in d.log(), timeout=30)
+    line = next(x for x in d.log().splitlines() if "the secret access key is wrong" in x)
+    assert "[remote] credentials_file" in line and "<?xml" not in line

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, dropped_notifications, wait_for
+from .conftest import NO_AUTO_POLICY, dropped_notifications, fault_fired, wait_for
 
 UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
@@ -187,6 +187,7 @@ def test_no_watchdog_ping_while_the_event_loop_is_blocked(make_daemon: Callable[
     d = _watched_daemon(make_daemon, listener, faults)
     armed = time.monotonic()
     faults.write_text("loop.tick.before 1 sleep:6\n")
+    fault_fired(faults, "loop.tick.before")
     # The rpc loop goes round within about a second (requests are answered from the socket's callback
     # meanwhile, so a request would not make it go round sooner): the loop hangs for 6 s, then pings
     # resume. Wait for exactly that: a gap of at least 3 s after arming, then 3 pings. (A reader thread
@@ -206,6 +207,7 @@ def test_watchdog_stops_when_the_rpc_loop_makes_no_progress(make_daemon: Callabl
     d = _watched_daemon(make_daemon, listener, faults)
     armed = time.monotonic()
     faults.write_text("rpc.poll.before 1 sleep:9\n")
+    fault_fired(faults, "rpc.poll.before")
     wait_for(lambda: "made no progress" in d.log(), timeout=60)
     count = len(listener.texts())
     listener.collect(lambda ms: sum(m == "WATCHDOG=1" for m in ms[count:]) >= 3, timeout=60)  # resumed

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.shm import INLINE_MAX
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, run_python, wait_for
 from .test_e2e import assert_state_equal

@@ -12,7 +12,6 @@ import re
 import resource
 import signal
 import socket
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,12 +23,12 @@ import pytest
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.errors import AutosavedError
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
+from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, wait_for
+from .conftest import NO_AUTO_POLICY, fault_fired, wait_for
 
 
 def free_port() -> int:
@@ -129,9 +128,11 @@ def test_a_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], tas
     # The preemption watcher runs only when configured: point it at a closed local port (it logs and polls on).
     preemption = f'[preemption]\nprovider = "aws"\nendpoint = "http://127.0.0.1:{free_port()}"\n'
     config = f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY + (preemption if task == "preemption" else "")
-    d, _ = faulty(f"task.{task}.start 1 raise\n", config)
+    d, faults = faulty(f"task.{task}.start 1 raise\n", config)
+    fault_fired(faults, f"task.{task}.start")
+    # No wait for the restarted task itself: it runs in the event-loop step that logs this line, before
+    # the loop handles any request still_serving sends (and signals queue in the receiver meanwhile).
     wait_for(lambda: f"task {task} restarting" in d.log(), timeout=30)
-    time.sleep(0.5)  # the restarted task is running (it starts in the same event-loop step as that line)
     still_serving(d)
     with autosaved.Admin(address=d.address) as admin:
         assert admin.status()["daemon"]["task_restarts"] == 1  # reported, not only logged
@@ -177,6 +178,7 @@ def test_a_failure_inside_a_task_costs_one_piece_of_work(faulty: Callable[..., A
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200
     wait_for(lambda: f"injected failure at task.{task}" in d.log(), timeout=30)
+    fault_fired(faults, f"task.{task}.before")
     still_serving(d)
     with autosaved.Client("t", address=d.address) as c:
         c.update({"x": 2}, wait="committed")
@@ -254,10 +256,70 @@ def test_connections_past_the_cap_wait_until_one_closes(make_daemon: Callable[..
 
 
 def test_an_error_that_escapes_still_saves_every_dirty_job_before_exit(faulty: Callable[..., Any]) -> None:
-    d, _ = faulty("task.main.before 1 raise\n")  # fires in the main flow, after SIGTERM, outside any task
+    d, faults = faulty("task.main.before 1 raise\n")  # fires in the main flow, after SIGTERM, outside any task
     with autosaved.Client("esc", address=d.address) as c:
         c.update({"w": np.arange(50, dtype=np.int64), "n": 7})  # accepted only: no save policy
     assert d.stop(signal.SIGTERM) == 1, d.log()  # an unexpected error: exit 1, but after the flush
     assert "saving every dirty job, then exiting" in d.log()
+    fault_fired(faults, "task.main.before")
     got = autosaved.restore("esc", state_dir=d.state_dir)
     assert got["n"] == 7 and np.array_equal(got["w"], np.arange(50, dtype=np.int64))
+
+
+# -- tasks the daemon starts for its helpers are supervised too -------------------------------------------
+
+
+def test_a_log_flusher_that_fails_is_restarted_and_logs_the_update(faulty: Callable[..., Any]) -> None:
+    """A flusher that finds the job's log lock taken waits for it in a task of its own (task.walflush):
+    a bug there is logged and the task restarted, and the update it carries is still logged."""
+    d, faults = faulty("")
+    with autosaved.Client("wf", address=d.address) as c:
+        c.update({"x": 1}, wait="logged")
+        c.save()  # the log rotates at the snapshot: the next save has a covered segment to delete
+        c.update({"x": 2}, wait="logged")
+        # The next save deletes that segment holding the log lock, stalled there; the update sent
+        # meanwhile finds the lock taken and its flusher task fails once at its start.
+        faults.write_text("wal.delete.before 1 sleep:4\ntask.walflush.start 1 raise\n")
+        c.save()
+        fault_fired(faults, "wal.delete.before")  # the save holds the log lock, stalled
+        ack = c.update({"x": 3}, wait="logged")
+        assert ack.level == "logged"
+        fault_fired(faults, "task.walflush.start")
+        assert "task walflush restarting" in d.log()
+    d.kill()
+    d.start()
+    assert autosaved.restore("wf", state_dir=d.state_dir) == {"x": 3}
+    still_serving(d)
+    stops_cleanly(d)
+
+
+@pytest.mark.parametrize("task", ["replica", "attach", "uploadrate", "probe", "remotedelete"])
+def test_a_replication_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], s3server: Any,
+                                                             monkeypatch: pytest.MonkeyPatch, task: str) -> None:
+    """The replicator's tasks (a job's upload loop, the attach of stored jobs at start, the upload-rate
+    sampler, the probe of a store that was down at start, the completion of a bucket delete left pending)
+    are supervised: one fails at its start, the daemon logs it, restarts it and serves on; a job's upload
+    loop restarted still replicates."""
+    for k, v in s3server.env.items():
+        monkeypatch.setenv(k, v)
+    # "probe" runs only when the store did not answer at start, and a delete stays pending (its completion
+    # a task of its own) only when the store cannot be reached: point those at a closed port.
+    down = task in ("probe", "remotedelete")
+    endpoint = f"http://127.0.0.1:{free_port()}" if down else s3server.endpoint
+    config = (NO_AUTO_POLICY + f'[remote]\nurl = "{s3server.url(f"sup-{task}")}"\nendpoint = "{endpoint}"\n'
+              'timeout = "1s"\n')
+    d, faults = faulty(f"task.{task}.start 1 raise\n", config)
+    with autosaved.Client("rep", address=d.address) as c:
+        if task == "replica":  # the job's loop starts when the job is loaded
+            assert c.update({"x": 1}, wait="replicated").level == "replicated"
+        if task == "remotedelete":
+            c.update({"x": 1}, wait="committed")
+            with autosaved.Admin(address=d.address) as admin:
+                assert admin.delete("rep")["remote"]["state"] == "pending"
+        fault_fired(faults, f"task.{task}.start")
+        wait_for(lambda: f"task {task} restarting" in d.log(), timeout=30)
+    with autosaved.Admin(address=d.address) as admin:
+        assert admin.status()["daemon"]["task_restarts"] == 1
+    if not down:
+        still_serving(d)
+    stops_cleanly(d)

@@ -18,6 +18,7 @@ from autosaved.throttle import (
     IoSample,
     Load,
     SaveAborted,
+    SavePace,
     ThrottleState,
     TokenBucket,
     initial_state,
@@ -155,6 +156,30 @@ def test_token_bucket_holds_the_rate_and_counts_throttled_time() -> None:
         bucket(MiB)
     assert ft.now == pytest.approx(5.0, abs=0.06)  # 50 MiB at 10 MiB/s from an empty bucket
     assert bucket.throttled_s == pytest.approx(ft.now, abs=0.06) and bucket.paced_bytes == 50 * MiB
+
+
+def test_an_urgent_save_takes_only_the_cap_and_a_promotion_stops_the_holding() -> None:
+    ft = FakeTime()
+    bucket = TokenBucket(1 * MiB, clock=ft.clock, sleep=ft.sleep)
+    urgent = SavePace(bucket, urgent=True)
+    for _ in range(100):
+        urgent(MiB)
+    assert ft.now == 0.0 and urgent.throttled_s == 0.0 and urgent.kind == "urgent"  # the adaptive rate is not its
+    bucket.cap = 20 * MiB
+    for _ in range(21):
+        urgent(MiB)
+    assert ft.now == pytest.approx(1.0, abs=0.06)  # the hard cap holds for it too
+    background = SavePace(bucket)
+    started = ft.now
+    for _ in range(3):
+        background(MiB)
+    assert ft.now - started == pytest.approx(3.0, abs=0.1) and background.throttled_s > 2.5  # 1 MiB/s
+    assert background.promote() and not background.promote()
+    started = ft.now
+    for _ in range(20):
+        background(MiB)
+    assert ft.now - started <= 1.06 and background.kind == "promoted"  # at the cap from now on
+    assert background.throttled_since_promotion == pytest.approx(ft.now - started, abs=0.06)
 
 
 def test_token_bucket_cap_bypass_and_abort() -> None:

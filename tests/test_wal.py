@@ -13,8 +13,8 @@ import anyio
 import numpy as np
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.state import merge, merge_deltas
+from autosaved.testing.private import PrivateDaemon
 from autosaved.tree import DELETE
 
 from .conftest import NO_AUTO_POLICY, wait_for

@@ -9,6 +9,7 @@
 :mod:`.hf`);
 ``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.small`);
 ``autosaved bench jobs [--json]`` measures one job's latency beside 1,000 busy jobs (see :mod:`.jobs`);
+``autosaved bench shapes [--json]`` measures one job's latency beside a job of 600,000 tiny maps (see :mod:`.shapes`);
 ``autosaved bench hash [--json]`` measures the chunk hash candidates (see :mod:`.hash`);
 ``autosaved bench train [--small] [--json]`` checkpoints every step of a training loop (see :mod:`.train`).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import data, dcp, hash, hf, incremental, jobs, langgraph, remote, small, throttle, train
+from . import data, dcp, hash, hf, incremental, jobs, langgraph, remote, shapes, small, throttle, train
 
 # Each mode once: its module (add_arguments, run) and its help line; no mode runs the data benchmark.
 MODES: dict[str, tuple[Any, str]] = {
@@ -30,6 +31,7 @@ MODES: dict[str, tuple[Any, str]] = {
     "hf": (hf, "HF Trainer step time with and without checkpoints"),
     "small": (small, "small-update latency and throughput vs floors"),
     "jobs": (jobs, "one job's update latency alone vs beside 1,000 jobs updated once a second"),
+    "shapes": (shapes, "one job's update latency alone vs beside a job of 600,000 tiny maps"),
     "hash": (hash, "chunk hash speed: SHA-256 vs BLAKE3"),
     "train": (train, "checkpoint every step of a GPT-2-shaped training loop"),
 }

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.common import human_bytes, print_json, table
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_size
 from ..errors import ConfigError
+from ..fmt import human_bytes, print_json, table
 from ..storage.fsutil import read_exact, write_fsync
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 KEYS = ("memcpy_s", "update_blocking_s", "torch_save_s", "dcp_async_blocking_s", "persist_s", "raw_write_s",
         "restore_s", "raw_read_s")

@@ -17,7 +17,6 @@ long the background part took, for context.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import tempfile
@@ -28,9 +27,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import human_bytes, table
 from ..config import parse_size
 from ..errors import ConfigError
+from ..fmt import human_bytes, table
 
 LEAF_BYTES = 16 * 1024**2
 _DAEMON_CONFIG = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'
@@ -69,12 +68,7 @@ def measure(size: int, rounds: int) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict_saver import async_save
 
     from ..integrations.dcp import AutosavedStorageWriter
-
-    # PrivateDaemon lives in autosaved.bench.private once the bench/ subpackage (issue 10) is merged.
-    try:
-        private_daemon: Any = importlib.import_module("autosaved.bench.private").PrivateDaemon
-    except ImportError:
-        private_daemon = importlib.import_module("autosaved.private").PrivateDaemon
+    from ..testing.private import PrivateDaemon
 
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     warnings.filterwarnings("ignore", message=".*Detected an existing checkpoint.*")
@@ -90,7 +84,7 @@ def measure(size: int, rounds: int) -> dict[str, Any]:
         return done
 
     samples: dict[str, list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="autosaved-bench-dcp-") as tmp, private_daemon(
+    with tempfile.TemporaryDirectory(prefix="autosaved-bench-dcp-") as tmp, PrivateDaemon(
             Path(tmp) / "daemon", config=_DAEMON_CONFIG) as daemon:
         writer = AutosavedStorageWriter("bench-dcp", address=daemon.address)
         contenders: dict[str, Callable[[], Any]] = {

@@ -13,9 +13,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..cli.common import print_json, table
 from ..config import parse_size
 from ..errors import ConfigError
+from ..fmt import print_json, table
 from ..storage.hashing import HASHERS
 
 CHUNK = 8 * 1024**2

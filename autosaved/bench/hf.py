@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .private import PrivateDaemon
+from ..testing.private import PrivateDaemon
 
 POLICY = '[policy]\ninterval = "30s"\nidle = "10s"\nmin_gap = "10s"\n'
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ..cli.common import human_bytes
 from ..client.sync import Client
 from ..config import parse_size
-from .private import PrivateDaemon
+from ..fmt import human_bytes
+from ..testing.private import PrivateDaemon
 
 POLICY = '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n[throttle]\nenabled = false\n'
 

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import print_json, table
 from ..client.sync import Client
-from .private import PrivateDaemon
+from ..fmt import print_json, table
+from ..testing.private import PrivateDaemon
 from .small import pct, small_delta
 
 KEYS = ("single_p50_s", "single_p99_s", "jobs_p50_s", "jobs_p99_s", "jobs_p50_over_single",

@@ -25,10 +25,10 @@ from typing import Any
 import anyio
 import numpy as np
 
-from ..cli.common import human_bytes
 from ..client.sync import Client
 from ..config import parse_size
-from .private import PrivateDaemon
+from ..fmt import human_bytes
+from ..testing.private import PrivateDaemon
 
 CHUNK = 8 * 1024 * 1024
 

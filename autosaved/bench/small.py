@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..cli.common import print_json, table
 from ..client.admin import Admin
 from ..client.sync import Client
-from .private import PrivateDaemon
+from ..fmt import print_json, table
+from ..testing.private import PrivateDaemon
 
 KEYS = ("rtt_s", "fsync_s", "accepted_p50_s", "accepted_p99_s", "logged_p50_s", "logged_p99_s",
         "logged_1_per_s", "logged_8_per_s")

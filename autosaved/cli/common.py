@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -15,6 +14,9 @@ from typing import Any
 from ..client.admin import Admin
 from ..config import discover_state_dir
 from ..errors import NotFound
+from ..fmt import human_bytes as human_bytes
+from ..fmt import print_json as print_json
+from ..fmt import table as table
 from ..storage.local import JobStore
 
 
@@ -41,29 +43,6 @@ def admin(args: argparse.Namespace) -> Iterator[Admin]:
     with Admin(address=args.address, timeout=args.timeout, owner=getattr(args, "owner", None)) as client:
         client.ping()
         yield client
-
-
-def print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2, sort_keys=False, default=str)
-    sys.stdout.write("\n")
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def find_step(versions: list[dict[str, Any]], step: int, job: str) -> int:

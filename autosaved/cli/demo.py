@@ -13,8 +13,8 @@ import subprocess
 import sys
 from typing import Any
 
-from ..bench.private import PrivateDaemon
 from ..bench.trainer import reference
+from ..testing.private import PrivateDaemon
 
 
 def add_parser(sub: Any, name: str) -> None:

@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
                       human_bytes(r["bytes"]), r["reason"], _verified(r)]
                      for r in rows],
                     ["VERSION", "STEP", "TIME", "SIZE", "REASON", "VERIFIED"]))
+    elif rows and args.remote:
+        print(table([[r["job"], str(r["owner"]), str(r["versions"]), str(r["latest"] or "-"), r["latest_time"] or "-",
+                      human_bytes(r["bytes"])] for r in rows],
+                    ["JOB", "OWNER", "VERSIONS", "LATEST", "LATEST TIME", "IN BUCKET"]))
     elif rows:
         print(table([[r["job"], str(r["owner"]), str(r["versions"]), str(r["latest"] or "-"), human_bytes(r["bytes"]),
                       "yes" if r.get("dirty") else "no"] for r in rows],

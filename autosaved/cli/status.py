@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if remote:
         print(f"object store {remote['url']}" + (f" at {remote['endpoint']}" if remote.get("endpoint") else "")
               + (f": REFUSED ({remote['refused']})" if remote.get("refused") else
-                 "" if remote.get("reachable") else ": not reachable yet"))
+                 "" if remote.get("reachable") else ": not reachable yet")
+              + (f"; {remote['pending_deletes']} deleted jobs still to delete there" if remote.get("pending_deletes")
+                 else ""))
         for j in payload["jobs"]:
             r = j.get("remote") or {}
             print(f"  {j['job']}: replicated version {r.get('replicated_version') or '-'}, backlog "

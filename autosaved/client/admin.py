@@ -18,13 +18,15 @@ from types import TracebackType
 from typing import Any
 
 from .aio import AsyncConnection
-from .base import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, resolve_address
+from .base import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, resolve_address, same_docs_as
 from .core import AdminCore, ClientCore, Exported, Replaced
 from .slots import SlotPool
 from .sync import Connection
 
 
 class Admin:
+    """The admin API, blocking (see the module's docstring); ``owner``: act on that uid's jobs (root only)."""
+
     def __init__(self, *, address: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  save_timeout: float = DEFAULT_SAVE_TIMEOUT, owner: int | None = None) -> None:
         address = resolve_address(address)
@@ -45,6 +47,7 @@ class Admin:
         self.close()
 
     def close(self) -> None:
+        """Drop the connection (a later request opens a new one)."""
         self._conn.close()
 
     def ping(self) -> dict[str, Any]:
@@ -64,7 +67,8 @@ class Admin:
         return self._conn.run(self._core.versions(job))
 
     def delete(self, job: str) -> dict[str, Any]:
-        """Forget a job, its live state and every stored version: ``{"job", "owner", "deleted_versions"}``."""
+        """Forget a job, its live state and every stored version: ``{"job", "owner", "deleted_versions"}``,
+        and with ``[remote]`` ``"remote"``: ``{"url", "state": "deleted"|"pending", "objects", "bytes", "error"}``."""
         return self._conn.run(self._core.delete(job))
 
     def verify(self, job: str | None = None) -> list[dict[str, Any]]:
@@ -86,6 +90,7 @@ class Admin:
         return self._conn.run(self._core.replace(core, state, step=step, meta=meta))
 
 
+@same_docs_as(Admin)
 class AsyncAdmin:
     def __init__(self, *, address: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  save_timeout: float = DEFAULT_SAVE_TIMEOUT, owner: int | None = None) -> None:

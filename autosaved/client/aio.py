@@ -21,13 +21,16 @@ from .base import (
     DEFAULT_SAVE_TIMEOUT,
     DEFAULT_TIMEOUT,
     Ack,
+    JobFacade,
     check_reachable,
     configure,
     resolve_address,
+    same_docs_as,
     timed_out,
 )
 from .core import ClientCore, Flow, Local, LostState, Receive, Send, Step
 from .slots import SlotPool
+from .sync import Client
 
 T = TypeVar("T")
 
@@ -126,11 +129,15 @@ class AsyncConnection:
         raise timed_out(self.address, self._op, self._limit)
 
 
-class AsyncClient:
-    """``async with autosaved.AsyncClient("job") as c: await c.update({...})``.
-
-    Requests are serialised by a lock, so one client may be shared by several tasks.
+@same_docs_as(Client)
+class AsyncClient(JobFacade):
+    """``async with autosaved.AsyncClient("job") as c: await c.update({...})``: :class:`Client`'s API,
+    awaitable (each method's docstring is :class:`Client`'s). Requests are serialised by a lock, so one
+    client may be shared by several tasks.
     """
+
+    _core: ClientCore
+    _conn: AsyncConnection
 
     def __init__(self, job: str, *, address: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  save_timeout: float = DEFAULT_SAVE_TIMEOUT, policy: Mapping[str, Any] | None = None,
@@ -141,30 +148,6 @@ class AsyncClient:
         self._core = ClientCore(job, policy=policy, slots=self._slots)
         self._conn = AsyncConnection(address, timeout=timeout, save_timeout=save_timeout,
                                      on_state_lost=on_state_lost, on_close=self._slots.reset)
-
-    @property
-    def job(self) -> str:
-        return self._core.job
-
-    @property
-    def address(self) -> str:
-        return self._conn.address
-
-    @property
-    def timeout(self) -> float:
-        return self._conn.timeout
-
-    @timeout.setter
-    def timeout(self, value: float) -> None:
-        self._conn.timeout = value
-
-    @property
-    def save_timeout(self) -> float:
-        return self._conn.save_timeout
-
-    @save_timeout.setter
-    def save_timeout(self, value: float) -> None:
-        self._conn.save_timeout = value
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()

@@ -3,9 +3,11 @@ socket options, and the result types."""
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import zmq
 
@@ -14,6 +16,65 @@ from ..errors import DaemonUnavailable
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_SAVE_TIMEOUT = 600.0
+C = TypeVar("C", bound=type)
+
+
+class _Conn(Protocol):
+    address: str
+    timeout: float
+    save_timeout: float
+
+
+class _Job(Protocol):
+    job: str
+
+
+class JobFacade:
+    """The settings both job clients (:class:`~autosaved.Client`, :class:`~autosaved.AsyncClient`) expose,
+    read from their core and connection: the facades themselves only drive flows."""
+
+    _core: _Job
+    _conn: _Conn
+
+    @property
+    def job(self) -> str:
+        return self._core.job
+
+    @property
+    def address(self) -> str:
+        return self._conn.address
+
+    @property
+    def timeout(self) -> float:
+        """Seconds an ordinary request may take."""
+        return self._conn.timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._conn.timeout = value
+
+    @property
+    def save_timeout(self) -> float:
+        """Seconds a request that may wait for a save (``protocol.is_long``) may take."""
+        return self._conn.save_timeout
+
+    @save_timeout.setter
+    def save_timeout(self, value: float) -> None:
+        self._conn.save_timeout = value
+
+
+def same_docs_as(blocking: type) -> Callable[[C], C]:
+    """Give an async facade the docstrings of its blocking twin, method by method: written once, on the
+    blocking class (tests/test_public_api.py checks the two have the same methods and signatures)."""
+    def copy(cls: C) -> C:
+        if cls.__doc__ is None:
+            cls.__doc__ = blocking.__doc__
+        for name, member in vars(cls).items():
+            twin = getattr(blocking, name, None)
+            if inspect.isfunction(member) and member.__doc__ is None and twin is not None:
+                member.__doc__ = twin.__doc__
+        return cls
+    return copy
 
 
 @dataclass(frozen=True)

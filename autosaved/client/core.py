@@ -32,6 +32,7 @@ from ..protocol import (
     PROTOCOL_VERSION,
     blob_descriptors,
     blobs_from_frames,
+    is_long,
     pack_header,
     raise_for_reply,
     unpack_header,
@@ -102,7 +103,7 @@ class Request:
     op: str
     seq: int
     frames: list[bytes | memoryview]
-    # Requests that wait for a commit may take as long as a save; the drivers use the longer timeout.
+    # protocol.is_long: the request may take as long as a save; the drivers use the longer timeout.
     long: bool = False
 
 
@@ -136,13 +137,13 @@ class Exchange:
         self.seq = 0
         self.boot: str | None = None
 
-    def request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None,
-                long: bool = False) -> Request:
+    def request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None) -> Request:
         self.seq += 1
         header = {"v": PROTOCOL_VERSION, "op": op, "seq": self.seq, "job": self.job, **fields}
         if self.owner is not None:
             header["owner"] = self.owner
-        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])], long=long)
+        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])],
+                       long=is_long(op, header))
 
     def matches(self, req: Request, frames: list[memoryview]) -> dict[str, Any] | None:
         """The reply header if ``frames`` answer ``req``; ``None`` for a stale reply to an earlier,
@@ -166,15 +167,18 @@ class Exchange:
         """A request whose result is its reply header; an error reply raises."""
         header, _ = yield from self.exchange(req)
         raise_for_reply(header)
-        self.boot = header.get("boot")
+        self._learn_boot(header)
         return header
+
+    def _learn_boot(self, header: dict[str, Any]) -> None:
+        self.boot = header.get("boot")
 
     def export_flow(self, req: Request, placed: Callable[[dict[str, Any]], Flow[dict[int, memoryview] | None]]
                     ) -> Flow[Exported | None]:
         header, frames = yield from self.exchange(req)
         leaves = yield from placed(header)
         raise_for_reply(header)
-        self.boot = header.get("boot")
+        self._learn_boot(header)
         if header.get("tree") is None:
             return None
         tree = from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:], leaves))
@@ -201,6 +205,16 @@ class ClientCore(Exchange):
         self.pinned: PinnedBuffers = {}
         self.slots = slots
 
+    def _learn_boot(self, header: dict[str, Any]) -> None:
+        """Take the replying daemon's boot id, unless it is a new daemon and this client has acked deltas
+        not known durable: then the next update still carries the old boot id, so the daemon checks them
+        (``state_lost``) instead of merging it onto a state that lost them. (A save, status or restore
+        reply that taught the new boot hid the loss: found by the soak, issue 19.) An update's own reply
+        always teaches it (that daemon did the check)."""
+        boot = header.get("boot")
+        if self.boot is None or boot == self.boot or self.acked <= self.durable:
+            self.boot = boot
+
     # -- flows ---------------------------------------------------------------------------------
 
     def hello(self) -> Flow[dict[str, Any]]:
@@ -216,8 +230,10 @@ class ClientCore(Exchange):
         return (yield from self.call(self.request("status", {})))
 
     def save(self) -> Flow[int]:
-        header = yield from self.call(self.request("save", {}, long=True))
-        self.durable = self.acked
+        before = self.boot
+        header = yield from self.call(self.request("save", {}))
+        if header.get("boot") == before:  # a restarted daemon's version holds only what it kept
+            self.durable = self.acked
         return int(header["version"])
 
     def update(self, delta: Mapping[Any, Any], *, step: int | None = None, meta: Mapping[str, Any] | None = None,
@@ -264,7 +280,7 @@ class ClientCore(Exchange):
                 raise ValueError(exc.message) from None
         # Naming our fd connection lets the daemon hand the bulk leaves over as a memfd.
         conn = (yield Local("restore_conn", self.slots.restore_conn)) if self.slots is not None else None
-        req = self.request("restore", {**fields, "shm_conn": conn}, long=True)
+        req = self.request("restore", {**fields, "shm_conn": conn})
         return (yield from self.export_flow(req, self._placed))
 
     # -- the decisions inside the flows --------------------------------------------------------
@@ -293,6 +309,7 @@ class ClientCore(Exchange):
             yield Local("reset_slots", self._fresh_slots)
             req = yield from self._build_update(delta, step, meta, wait)
             header = yield from self._checked(req)
+        self.boot = header.get("boot")  # this daemon checked our acks against what it has
         self.acked = req.seq
         self.durable = int(header.get("durable") or 0)
         if header.get("ack") in ("logged", "committed", "replicated"):
@@ -325,7 +342,7 @@ class ClientCore(Exchange):
             self.durable = int((header.get("details") or {}).get("durable_seq", 0))
             self.acked = self.durable
         raise_for_reply(header)
-        self.boot = header.get("boot")
+        self._learn_boot(header)
         return header
 
     # -- request records -----------------------------------------------------------------------
@@ -354,7 +371,7 @@ class ClientCore(Exchange):
             fields["shm"] = placement.to_wire()
             placed = {i for i, _ in placement.refs}
         data = [b.data for i, b in enumerate(blobs) if b.data is not None and i not in placed]
-        return self.request("update", fields, data, long=wait in ("committed", "replicated"))
+        return self.request("update", fields, data)
 
 
 class AdminCore(Exchange):
@@ -386,13 +403,16 @@ class AdminCore(Exchange):
 
     def delete(self, job: str) -> Flow[dict[str, Any]]:
         header = yield from self.call(self.request("delete", {"job": validate_job_name(job)}))
-        return {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        out = {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        if isinstance(header.get("remote"), dict):  # with [remote]: what happened to the bucket's copy
+            out["remote"] = header["remote"]
+        return out
 
     def maintain(self, op: str, job: str | None) -> Flow[list[dict[str, Any]]]:
         """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""
         if op not in ("verify", "gc"):
             raise ValueError(f"maintenance op must be verify or gc, not {op!r}")
-        header = yield from self.call(self.request(op, self._on(job), long=True))
+        header = yield from self.call(self.request(op, self._on(job)))
         jobs: list[dict[str, Any]] = header["jobs"]
         return jobs
 
@@ -401,7 +421,7 @@ class AdminCore(Exchange):
         raw blob leaves; ``None`` when the job has no state."""
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise ValueError(f"version must be an int version id, not {version!r}")
-        req = self.request("restore", {"job": validate_job_name(job), "version": version}, long=True)
+        req = self.request("restore", {"job": validate_job_name(job), "version": version})
         return (yield from self.export_flow(req, _no_placed))
 
     def replace(self, core: ClientCore, state: Mapping[Any, Any], *, step: int | None,

@@ -8,6 +8,12 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
   the caller may rebind keys, step a scheduler, etc.), then returns a :class:`PendingUpdate`. A
   background thread copies the array and tensor bytes into the slots (numpy releases the GIL for the
   copy) and only then sends the update; ``accepted`` still means the bytes are in the daemon's hands.
+- The background thread runs at the lowest CPU priority (nice 19), and a ``fence()`` that finds the copy
+  unfinished takes the rest of it on itself, piece by piece, beside the thread (issue 21): on a CPU-bound
+  trainer the copy then fills only the cores' idle moments and never preempts PyTorch's intra-op threads
+  (whose parallel regions wait at a barrier for the slowest of them: a preempted one stalls them all, so
+  an overlapped copy at normal priority cost the step more than copying it at the fence), and what is
+  left at the fence runs at the trainer's own priority, as an eager update would.
 - ``fence()`` returns once that copy is done (waiting if it is not): from then on the caller may mutate
   its arrays, and nothing it does can reach the update. :meth:`LazyClient.hook_optimizer` installs a step
   pre-hook that fences before every ``optimizer.step()``, so a parameter update can never slip in before
@@ -21,11 +27,15 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
+
+import numpy as np
 
 from ..codec import TensorMode, pack
 from ..errors import InvalidValue
@@ -35,6 +45,55 @@ from .base import Ack
 from .slots import Placement
 from .sync import Client
 
+# Pieces of the bulk copy that the background thread and a fencing caller take in turn.
+PIECE = 8 * 1024 * 1024
+# The background copy's nice value: it runs only when a core has nothing better to do.
+BACKGROUND_NICE = 19
+
+
+class SharedCopy:
+    """The bulk copy of one update, split into pieces that any thread may take (the background thread,
+    and a caller that fences before it is done). ``done`` once every piece is copied (or one failed)."""
+
+    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self._pieces: list[tuple[np.ndarray, np.ndarray]] = []
+        for dst, src in pairs:
+            for at in range(0, max(1, dst.nbytes), PIECE):
+                self._pieces.append((dst[at : at + PIECE], src[at : at + PIECE]))
+        self._next = 0
+        self._left = len(self._pieces)
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        if not self._pieces:
+            self.done.set()
+
+    def work(self) -> None:
+        """Copy pieces until none is left to take (numpy releases the GIL for each)."""
+        while True:
+            with self._lock:
+                if self._next >= len(self._pieces) or self.error is not None:
+                    return
+                dst, src = self._pieces[self._next]
+                self._next += 1
+            try:
+                np.copyto(dst, src)
+            except BaseException as exc:
+                self.error = exc
+                self.done.set()
+                raise
+            with self._lock:
+                self._left -= 1
+                if self._left == 0:
+                    self.done.set()
+
+    def run(self) -> None:
+        """The background thread's part: copy, then wait for pieces a fencing caller took."""
+        self.work()
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
 
 class PendingUpdate:
     """One lazy update: ``copied`` once its bytes left the caller's arrays, ``result()`` once acked."""
@@ -43,9 +102,15 @@ class PendingUpdate:
         self.copied = threading.Event()
         self.copy_error: BaseException | None = None
         self.future: Future[Ack] = Future()
+        self.copy: SharedCopy | None = None  # the bulk copy, once the background thread has a slot
 
     def fence(self, timeout: float | None = None) -> None:
-        """Wait until the update no longer reads the caller's arrays; raise if the copy failed."""
+        """Wait until the update no longer reads the caller's arrays (copying what is left of it in this
+        thread); raise if the copy failed."""
+        shared = self.copy
+        if shared is not None and not self.copied.is_set():
+            with contextlib.suppress(BaseException):  # its error is the background thread's to report
+                shared.work()
         if not self.copied.wait(timeout):
             raise TimeoutError("the lazy update's copy did not finish in time")
         if self.copy_error is not None:
@@ -62,7 +127,8 @@ class LazyClient:
     def __init__(self, client: Client) -> None:
         self.client = client
         # One thread: updates are copied and sent in the order they were made.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autosaved-lazy")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autosaved-lazy",
+                                          initializer=_lower_priority)
         self._last: PendingUpdate | None = None
 
     def __enter__(self) -> LazyClient:
@@ -149,9 +215,14 @@ class LazyClient:
         client, slots = self.client, self.client._slots
         placed: list[tuple[Sequence[Blob], Placement | None]] = []
 
+        def share(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+            shared = SharedCopy(pairs)
+            pending.copy = shared  # from now on a fence helps copy
+            shared.run()
+
         def placer(blobs: Sequence[Blob]) -> Placement | None:
             try:
-                placement = slots.place(blobs)
+                placement = slots.place(blobs, copy=share)
                 in_slot = {i for i, _ in placement.refs} if placement is not None else set()
                 for i, blob in enumerate(blobs):
                     # Leaves that travel inline would be copied only by the send: copy them now, so that
@@ -178,3 +249,9 @@ class LazyClient:
         flow = client._core.update(packed, step=step, meta=meta, wait=wait, placer=placer,
                                    before_resend=from_our_slot)
         return client._conn.run(flow)
+
+
+def _lower_priority() -> None:
+    """The copy thread yields the CPU to the trainer's threads (Linux: a thread's nice value is its own)."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)

@@ -9,7 +9,7 @@ import logging
 import mmap
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -68,6 +68,15 @@ class Placement:
         return {"conn": self.conn, "slot": self.slot, "refs": [list(r) for r in self.refs]}
 
 
+# Copies (destination, source) byte arrays of equal length.
+Copier = Callable[[list[tuple[np.ndarray, np.ndarray]]], None]
+
+
+def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for dst, src in pairs:
+        np.copyto(dst, src)
+
+
 @dataclass
 class SlotPool:
     """The client's slots and its fd connection to the daemon. Blocking I/O, short and local; used by
@@ -85,9 +94,10 @@ class SlotPool:
     _next_id: int = 1
     _retry_in: int = 0
 
-    def place(self, blobs: Sequence[Blob]) -> Placement | None:
+    def place(self, blobs: Sequence[Blob], copy: Copier | None = None) -> Placement | None:
         """Copy the bulk blobs into a free slot and say where (the caller's arrays are then free
-        again); ``None`` sends everything inline."""
+        again); ``None`` sends everything inline. ``copy``: who copies the (slot, source) pairs (the
+        lazy client shares the copy with a fencing caller); by default, this thread, here."""
         if fd_socket_path(self.address) is None:
             return None  # tcp: no fd passing, everything inline
         if self.disabled_reason is not None:
@@ -111,10 +121,12 @@ class SlotPool:
             log.warning("all %d shared-memory slots are still held by the daemon; this update travels inline",
                         len(self.slots))
             return self._inline()
+        pairs = []
         for i, off in refs:
             src = blobs[i].data
             assert src is not None
-            np.copyto(slot.array[off : off + src.nbytes], np.frombuffer(src, dtype=np.uint8))
+            pairs.append((slot.array[off : off + src.nbytes], np.frombuffer(src, dtype=np.uint8)))
+        (copy or copy_pairs)(pairs)
         self.lent.add(slot.id)
         assert self.token is not None
         return Placement(self.token, slot.id, refs)

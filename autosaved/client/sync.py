@@ -18,6 +18,7 @@ from .base import (
     DEFAULT_SAVE_TIMEOUT,
     DEFAULT_TIMEOUT,
     Ack,
+    JobFacade,
     check_reachable,
     configure,
     resolve_address,
@@ -99,7 +100,7 @@ class Connection:
         return [f.buffer for f in sock.recv_multipart(copy=False)]
 
 
-class Client:
+class Client(JobFacade):
     """A connection from a trainer to the local autosaved daemon, for one job.
 
     ``timeout`` bounds every ordinary request (seconds); ``save_timeout`` bounds requests that wait for a
@@ -107,6 +108,9 @@ class Client:
     :class:`~autosaved.StateLost` error when the daemon restarted and lost acknowledged deltas; the update
     that found out is sent again after it returns. Without it, ``update()`` raises ``StateLost``.
     """
+
+    _core: ClientCore
+    _conn: Connection
 
     def __init__(self, job: str, *, address: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  save_timeout: float = DEFAULT_SAVE_TIMEOUT, policy: Mapping[str, Any] | None = None,
@@ -117,30 +121,6 @@ class Client:
         self._core = ClientCore(job, policy=policy, slots=self._slots)
         self._conn = Connection(address, timeout=timeout, save_timeout=save_timeout, on_state_lost=on_state_lost,
                                 on_close=self._slots.reset)
-
-    @property
-    def job(self) -> str:
-        return self._core.job
-
-    @property
-    def address(self) -> str:
-        return self._conn.address
-
-    @property
-    def timeout(self) -> float:
-        return self._conn.timeout
-
-    @timeout.setter
-    def timeout(self, value: float) -> None:
-        self._conn.timeout = value
-
-    @property
-    def save_timeout(self) -> float:
-        return self._conn.save_timeout
-
-    @save_timeout.setter
-    def save_timeout(self, value: float) -> None:
-        self._conn.save_timeout = value
 
     def __enter__(self) -> Client:
         self.connect()
@@ -154,6 +134,7 @@ class Client:
         return self._conn.run(self._core.hello())
 
     def close(self) -> None:
+        """Drop the connection (a later request opens a new one); the daemon keeps the job's state."""
         self._conn.close()
 
     def update(self, delta: Mapping[Any, Any], *, step: int | None = None,
@@ -176,4 +157,6 @@ class Client:
         return self._conn.run(self._core.restore(version, tensors, path, paths))
 
     def status(self) -> dict[str, Any]:
+        """The job as the daemon sees it: dirty bytes, step, latest version, the last save, its policy (and
+        ``remote``, its replication, when a store is configured)."""
         return self._conn.run(self._core.status())

@@ -10,6 +10,7 @@ task group close.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import logging
 import math
@@ -17,6 +18,7 @@ import os
 import secrets
 import signal
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -45,7 +47,6 @@ from ..shm import fd_socket_path
 from ..storage import faults
 from ..storage.faults import point
 from ..storage.local import Store
-from ..tree import iter_blobs
 from .connguard import ConnGuard
 from .fdlimit import listener_cap, raise_nofile
 from .fdserver import FdContext, FdServer
@@ -62,9 +63,9 @@ from .replicator import Replicator
 from .replybudget import SEND_HWM, TRACK_MIN, ReplyBudget, over_budget
 from .reports import ReportContext, Reports
 from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
-from .rpcsocket import Receiver
+from .rpcsocket import Receiver, SharedSocket
 from .runstate import Phase, RunState
-from .slottable import SlotTable, referenced_mappings
+from .slottable import SlotTable
 from .walcommit import LogCommitter
 from .writer import Writer
 
@@ -127,8 +128,10 @@ class Daemon:
                 return settings.keep_last, settings.keep_every
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
-                                         local_store=self.store.job, retention=retention, spawn=self._spawn,
-                                         adaptive=config.throttle.enabled)
+                                         local_store=self.store.job, retention=retention,
+                                         spawn=self._spawn,
+                                         adaptive=config.throttle.enabled,
+                                         pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
@@ -136,7 +139,7 @@ class Daemon:
                              max_write_rate=config.throttle.max_write_rate)
         self.io = IoControl(lambda: self.config, self.writer, clock)
         # The write-ahead log's group committer (not a logger).
-        self.wal_committer = LogCommitter(self._spawn, self.poke)
+        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.poke)
         self._wake = anyio.Event()
         # When the sleeping scheduler wakes up by itself (see poke_for); inf: not asleep on a timer.
         self._wake_at = math.inf
@@ -152,14 +155,16 @@ class Daemon:
         self.conn_guard: ConnGuard | None = None
         # Big replies each user has queued and not yet read (quota.max_reply_bytes).
         self.replies = ReplyBudget()
-        self._drop_warned_at = -math.inf
+        self._shared: SharedSocket | None = None
+        # Per uid, logged updates a log thread answered whose request the event loop has not closed yet: not
+        # in flight for the quota (their client may already send the next one).
+        self._early_lock = threading.Lock()
+        self._early_sent: dict[int, int] = {}
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
         # When the rpc loop last went round: the watchdog pings only while this keeps moving.
         self.progress_at = clock()
-        # Trees a restore is reading from: their slots must stay lent until the bytes are copied out.
-        self.restoring: dict[int, Any] = {}
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
         self.slots = SlotTable(shm_cap)
         if self.replicator is not None:
@@ -168,7 +173,8 @@ class Daemon:
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
         self.reports = Reports(ReportContext(
-            config=lambda: self.config, run=self.run_state, jobs=self.jobs, store=self.store, writer=self.writer,
+            config=lambda: self.config, run=self.run_state, jobs=self.jobs, ledger=self.table.ledger,
+            store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
             durations=self.save_durations, pid=self.pid, boot=self.boot, edge=self.edge_report,
         ))
@@ -183,9 +189,8 @@ class Daemon:
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
             replicator=self.replicator, clock=clock, poke=self.poke, poke_for=self.poke_for,
-            shutting_down=lambda: self.run_state.shutting_down, boot=self.boot, pid=self.pid, uid=self.uid,
-            referenced_mappings=self.referenced_mappings,
-            restoring=self.restoring, status=self.reports.status, list_jobs=self.reports.list_jobs,
+            shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
+            pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
             reply_reserve=self.reply_reserve,
         ))
 
@@ -223,13 +228,17 @@ class Daemon:
                                            and decision.next_wake_at < self._wake_at):
             self._wake.set()
 
-    def _spawn(self, func: Any, *args: Any) -> None:
+    def _spawn(self, name: str, func: Callable[..., Any], *args: Any) -> None:
+        """Start a task for a helper (a job's replicator loop, a log flusher waiting for its lock),
+        supervised like the daemon's own: a failure is logged and the task restarted, never the daemon's end."""
         assert self._tg is not None
-        self._tg.start_soon(func, *args)
+        self._supervise(self._tg, name, func, *args)
 
     async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
         without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
+
         def scan() -> list[tuple[int, str, list[int]]]:
             return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
 
@@ -318,7 +327,8 @@ class Daemon:
         except zmq.ZMQError as exc:
             sock.close(0)
             raise AutosavedError(f"cannot listen on {self.config.address}: {exc}") from None
-        stack.callback(sock.close, 0)
+        self._shared = SharedSocket(sock)  # log threads answer logged updates on it too
+        stack.callback(self._shared.close)
         path = self.config.socket_path()
         if path is not None:
             os.chmod(path, 0o660)
@@ -353,7 +363,8 @@ class Daemon:
             "fd_socket": {"open": sum(self.fd_server.by_uid.values()), "refused": self.fd_server.refused},
             "job_locks": self.table.locks_held(),
             "requests_in_flight": sum(self.in_flight_by_uid.values()),
-            "replies": {"queued_bytes": self.replies.total(), "dropped": self.replies.dropped,
+            "replies": {"queued_bytes": self.replies.total(),
+                        "dropped": self.replies.dropped + (self._shared.dropped if self._shared else 0),
                         "refused": self.replies.refused,
                         "restore_buffer_bytes": self.fd_server.restore_bytes(None)},
         }
@@ -420,11 +431,11 @@ class Daemon:
                                     self.listener_cap())
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
-                    tg.start_soon(self.replicator.probe_later)
+                    self._supervise(tg, "probe", self.replicator.probe_later)
                 if self.replicator is not None:
-                    tg.start_soon(self._replicate_stored_jobs, self.replicator)
-                    tg.start_soon(self.replicator.rate.run, self.replicator.store.endpoint,
-                                  self.config.throttle.sample_interval)
+                    self._supervise(tg, "attach", self._replicate_stored_jobs, self.replicator)
+                    self._supervise(tg, "uploadrate", self.replicator.rate.run, self.replicator.store.endpoint,
+                                    self.config.throttle.sample_interval)
                 if self.config.preemption.provider != "off":
                     self._supervise(tg, "preemption", self._preemption_loop)
                 log.info("serving address=%s state_dir=%s pid=%d version=%s", self.config.address,
@@ -560,8 +571,9 @@ class Daemon:
 
     async def _rpc_loop(self) -> None:
         assert self._sock is not None and self._tg is not None
-        with Receiver(self._sock, self._handle) as receiver:
-            self._receiver = receiver
+        assert self._shared is not None
+        with Receiver(self._sock, self._handle, self._shared.lock) as receiver:
+            self._receiver = self._shared.receiver = receiver
             try:
                 while True:
                     self.progress_at = self.clock()
@@ -573,7 +585,7 @@ class Daemon:
                     await receiver.serve(1.0)
                     self.replies.sweep()
             finally:
-                self._receiver = None
+                self._receiver = self._shared.receiver = None
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         """Start one request: answered here when it needs no waiting (most small updates), else handed
@@ -596,9 +608,10 @@ class Daemon:
             op, seq = check_request(header)
             owner = self.owner_of(header_frame)
             point("task", "rpc", "before", op)
+            counted = self.in_flight_by_uid.get(owner, 0)
             # A request counts until its reply has left: big replies still queued in libzmq count too.
-            in_flight = self.in_flight_by_uid.get(owner, 0)
-            if in_flight + self.replies.queued(owner)[1] >= self.config.quota.max_requests:
+            in_flight = counted - self._early_sent.get(owner, 0) + self.replies.queued(owner)[1]
+            if in_flight >= self.config.quota.max_requests:
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
                     f"{self.config.quota.max_requests}); wait for their replies",
@@ -606,7 +619,7 @@ class Daemon:
                 )
             request = RpcRequest(op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
                                  owner=owner, header_size=len(header_frame))
-            self.in_flight_by_uid[owner] = in_flight + 1
+            self.in_flight_by_uid[owner] = counted + 1
             try:
                 started = self.handlers.start(request)
             except BaseException:
@@ -618,7 +631,10 @@ class Daemon:
         if isinstance(started, Reply):
             self._answer(identity, seq, owner, started)
         elif isinstance(started, Deferred):
-            started.on_done(lambda result: self._answer(identity, seq, owner, result))
+            deferred = started
+            deferred.early = lambda reply: self._answer_early(identity, seq, owner, reply)
+            deferred.on_done(lambda result: self._answered(owner) if deferred.sent_early
+                             else self._answer(identity, seq, owner, result))
         else:
             assert self._tg is not None
             self._tg.start_soon(self._finish, identity, seq, owner, started)
@@ -642,6 +658,29 @@ class Daemon:
             except Exception as exc:
                 result = exc
         self._send_error(identity, seq, result)
+
+    def _answer_early(self, identity: bytes, seq: int, owner: int, reply: Reply) -> bool:
+        """From a log thread, right after the sync: send a logged update's reply (False: not sent, the
+        event loop answers as usual). The event loop closes the request later (:meth:`_answered`)."""
+        frames = [identity, pack_header(ok_reply(seq, self.boot, **reply.fields)), *reply.frames]
+        with self._early_lock:  # counted before the client can see the reply and send its next request
+            self._early_sent[owner] = self._early_sent.get(owner, 0) + 1
+        if self._shared is not None and self._shared.send_from_thread(frames):
+            return True
+        self._uncount_early(owner)
+        return False
+
+    def _answered(self, owner: int) -> None:
+        self._uncount_early(owner)
+        self._done(owner)
+
+    def _uncount_early(self, owner: int) -> None:
+        with self._early_lock:
+            left = self._early_sent[owner] - 1
+            if left:
+                self._early_sent[owner] = left
+            else:
+                del self._early_sent[owner]
 
     async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply]) -> None:
         """The rest of a request that had to wait (a load from disk, a save), and its reply."""
@@ -688,35 +727,13 @@ class Daemon:
               size: int = 0) -> None:
         """Send a reply now. A ROUTER's send never blocks, and a sync send is whole before anything else
         runs, so replies need no lock and no await. A big reply is charged to ``track_for`` until libzmq
-        lets go of it."""
-        assert self._sock is not None
-        try:
-            tracker = self._sock.send_multipart([identity, pack_header(header), *frames], zmq.NOBLOCK, copy=False,
-                                                track=track_for is not None)
-            if track_for is not None and isinstance(tracker, zmq.MessageTracker) and not tracker.done:
-                self.replies.add(track_for, tracker, size)
-        except zmq.ZMQError as exc:
-            # The peer is gone, or it left SNDHWM replies unread: this one is dropped, counted, and logged at
-            # most once a minute (a client that never reads must not flood the log either).
-            self.replies.dropped += 1
-            now = self.clock()
-            if now - self._drop_warned_at >= 60.0:
-                self._drop_warned_at = now
-                log.warning("dropped a reply: %s (%d dropped so far; a peer gone, or not reading its replies)",
-                            exc, self.replies.dropped)
-        if self._receiver is not None:
+        lets go of it; a reply that cannot be queued is dropped and counted (SharedSocket.dropped)."""
+        assert self._shared is not None
+        pending, tracker = self._shared.send([identity, pack_header(header), *frames], track=track_for is not None)
+        if track_for is not None and tracker is not None and not tracker.done:
+            self.replies.add(track_for, tracker, size)
+        if pending and self._receiver is not None:
             self._receiver.after_send()
-
-    # -- shared-memory slots ----------------------------------------------------------------------
-
-    def referenced_mappings(self) -> set[int]:
-        """Slot mappings that some live state or snapshot being written still reads."""
-        roots = [j.root for j in self.jobs.values()] + [t.root for t in self.writer.in_flight.values()]
-        # Deltas not yet in the log and records waiting for their fsync read slot bytes too.
-        roots += [j.unlogged for j in self.jobs.values()]
-        roots += [w.record.delta for j in self.jobs.values() for w in (*j.log_pending, *j.log_writing)]
-        roots += list(self.restoring.values())
-        return referenced_mappings(b for root in roots for b in iter_blobs(root))
 
     # -- reports ---------------------------------------------------------------------------------
 

@@ -159,6 +159,10 @@ class IoControl:
             "psi_full": self.load.psi_full,
             "dirty_writeback_bytes": self.load.dirty_bytes,
             "throttled_s": round(bucket.throttled_s, 3),
+            # Saves someone waited for (explicit, committed-wait, import, flush), which the adaptive rate
+            # does not hold back, and background saves promoted to that when a client began to wait.
+            "urgent_saves": self.writer.urgent_saves,
+            "promoted_saves": self.writer.promoted_saves,
             "write_speed": None if self.writer.write_speed is None else round(self.writer.write_speed),
         }
 

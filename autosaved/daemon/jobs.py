@@ -8,14 +8,16 @@ from typing import Any
 
 import anyio
 
+from ..backoff import backoff
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
-from ..state import State, merge, merge_deltas
+from ..state import Merged, Node, Refs, State, add_refs, empty_node, merge_counted, merge_deltas
 from ..storage.base import JobStorage
-from ..storage.wal import Record, WalWriter
-from ..tree import iter_blobs
+from ..storage.wal import Record, WalWriter, replay_speed
+from .accounting import Hold, Ledger
 from .loglock import LogLock
 
+# A job is named by (owner uid, job name) everywhere in the daemon.
 JobKey = tuple[int, str]
 
 
@@ -28,6 +30,11 @@ class LogWaiter:
     error: Exception | None = None
     # Called (on the event loop) once the record's batch is synced or failed: the rpc layer answers from it.
     notify: Callable[[], None] | None = None
+    # Called in the log thread right after the sync, with the sessions' durable seqs (``durable(session)``):
+    # sends the reply from there, ahead of ``notify`` (issue 21).
+    early: Callable[[Callable[[str], int]], None] | None = None
+    # The client slots the record reads until it is written (released when its batch is done).
+    hold: Hold | None = None
 
 
 @dataclass
@@ -48,7 +55,10 @@ class Job:
     settings: PolicySettings
     # The client's raw policy overrides, kept so a config reload can recompute ``settings`` on new defaults.
     policy_overrides: dict[str, Any] | None = None
-    root: State = field(default_factory=dict)
+    # Every mapping of the state is a counted Node (state.py): its size is known without a walk.
+    root: Node = field(default_factory=empty_node)
+    # The daemon-wide counters this job's state is charged to, while the job table holds the job.
+    ledger: Ledger | None = None
     # Every applied update increments ``generation``; a save commits the generation it snapshotted.
     generation: int = 0
     saved_generation: int = 0
@@ -59,6 +69,8 @@ class Job:
     retry_at: float | None = None
     failures: int = 0
     explicit_requested: bool = False
+    # Loaded by replaying log records no version covers: saved at once (policy reason ``recovery``).
+    recovery_pending: bool = False
     saving: bool = False
     step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +93,10 @@ class Job:
     unlogged: State = field(default_factory=dict)
     unlogged_sessions: dict[str, int] = field(default_factory=dict)
     unlogged_generation: int = 0
+    # Slot references of the leaves the deltas in ``unlogged`` brought (taken over by the next record).
+    # A superset of what ``unlogged`` still reads (a leaf replaced within the window is counted until
+    # the record is written): knowing exactly would need a walk of the record.
+    unlogged_refs: Refs | None = None
     last_lsn: int = 0
     rotate_log: bool = False
     wal_broken: str | None = None
@@ -101,10 +117,27 @@ class Job:
     def dirty(self) -> bool:
         return self.generation > self.saved_generation
 
+    def plan(self, delta: State) -> Merged:
+        """The merge of ``delta`` and what it changes, without applying it (path copying: nothing shared
+        is touched), so a quota can refuse it first."""
+        return merge_counted(self.root, delta)
+
+    def set_root(self, root: Node) -> None:
+        if self.ledger is not None:
+            self.ledger.detach(self.owner, self.root)
+            self.ledger.attach(self.owner, root)
+        self.root = root
+
     def apply(self, delta: State, *, session: str, seq: int, step: int | None, meta: dict[str, Any] | None,
-              size: int, now: float) -> int:
-        """Merge one delta; returns the new generation. Runs in one event-loop step, so it is atomic."""
-        self.root = merge(self.root, delta)
+              size: int, now: float, merged: Merged | None = None) -> int:
+        """Merge one delta (``merged``: its :meth:`plan`, when the caller made it); returns the new
+        generation. Runs in one event-loop step, so it is atomic."""
+        if merged is None:
+            merged = self.plan(delta)
+        if self.ledger is not None:
+            self.ledger.apply(self.owner, merged)
+        self.root = merged.root
+        self.unlogged_refs = add_refs(self.unlogged_refs, merged.added_refs)
         self.generation += 1
         self.sessions[session] = seq
         self.unlogged = merge_deltas(self.unlogged, delta)
@@ -130,6 +163,11 @@ class Job:
         self.unlogged_sessions = {}
         return record
 
+    def take_log_hold(self) -> Hold:
+        """The slot references of the record :meth:`take_log_record` just took (kept until it is written)."""
+        refs, self.unlogged_refs = self.unlogged_refs, None
+        return self.ledger.hold(refs) if self.ledger is not None else Hold(None, None)
+
     def view(self) -> JobView:
         return JobView(
             settings=self.settings,
@@ -141,6 +179,9 @@ class Job:
             explicit_requested=self.explicit_requested,
             saving=self.saving,
             not_before=self.retry_at,
+            log_bytes=self.wal.size if self.wal is not None else 0,
+            replay_speed=replay_speed.value,
+            recovery_pending=self.recovery_pending,
         )
 
     def finish_waiters(self, error: Exception | None = None) -> None:
@@ -158,8 +199,8 @@ class Job:
         self.waiters = keep
 
     def held_bytes(self) -> int:
-        """Bytes of state this job keeps in daemon memory (stored-only leaves excluded)."""
-        return sum(b.nbytes for b in iter_blobs(self.root) if b.data is not None)
+        """Bytes of state this job keeps in daemon memory (stored-only leaves excluded): a counter."""
+        return self.root.held
 
     def status(self) -> dict[str, Any]:
         return {
@@ -175,8 +216,10 @@ class Job:
             "saves": self.saves,
             "bytes_written": self.bytes_written,
             "held_bytes": self.held_bytes(),
+            "state_bytes": self.root.cost,
             "last_error": self.last_error,
             "wal_lsn": self.last_lsn,
+            "wal_bytes": self.wal.size if self.wal is not None else 0,
             "wal_error": self.wal_broken,
             "policy": self.settings.to_wire(),
         }
@@ -198,6 +241,8 @@ class SaveTicket:
     dirty_since: float | None
     started_at: float
     wal_lsn: int
+    # The client slots the snapshot reads until it is written (released by the writer).
+    hold: Hold = field(default_factory=lambda: Hold(None, None))
 
 
 def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
@@ -205,12 +250,14 @@ def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
         job=job, reason=reason, version=job.next_version, generation=job.generation, root=job.root,
         step=job.step, meta=dict(job.meta), sessions=dict(job.sessions), dirty_bytes=job.dirty_bytes,
         dirty_since=job.dirty_since, started_at=now, wal_lsn=job.last_lsn,
+        hold=job.ledger.hold(job.root.refs) if job.ledger is not None else Hold(None, None),
     )
     # Records after this snapshot go to a new segment, so the commit can drop the old ones whole.
     job.rotate_log = True
     job.next_version += 1
     job.saving = True
     job.explicit_requested = False
+    job.recovery_pending = False
     job.dirty_bytes = 0
     job.dirty_since = None
     return ticket
@@ -227,6 +274,7 @@ def commit_succeeded(ticket: SaveTicket, time_iso: str, bytes_written: int) -> N
     if ticket.generation >= job.unlogged_generation:
         job.unlogged = {}
         job.unlogged_sessions = {}
+        job.unlogged_refs = None
     job.last_save_at = ticket.started_at
     job.last_save_reason = str(ticket.reason)
     job.last_save_time = time_iso
@@ -254,9 +302,11 @@ def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:
     if ticket.dirty_since is not None:
         job.dirty_since = ticket.dirty_since if job.dirty_since is None else min(job.dirty_since, ticket.dirty_since)
     job.failures += 1
-    job.retry_at = now + min(60.0, 0.5 * 2 ** min(job.failures, 7))
+    job.retry_at = now + backoff(job.failures - 1, base=1.0, cap=60.0)  # jittered: hosts do not retry in step
     job.last_error = str(error)
     if ticket.reason in (SaveReason.EXPLICIT, SaveReason.SHUTDOWN):
         # Policy-triggered saves fire again by themselves; a requested one must be retried explicitly.
         job.explicit_requested = True
+    if ticket.reason is SaveReason.RECOVERY:
+        job.recovery_pending = True
     job.finish_waiters(error)

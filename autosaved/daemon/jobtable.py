@@ -17,9 +17,12 @@ import anyio.to_thread
 
 from ..config import PolicySettings
 from ..errors import StorageError
+from ..state import counted, empty_node
 from ..storage.base import Storage
+from ..storage.faults import point
 from ..storage.local import Recovered
 from ..storage.wal import WalWriter
+from .accounting import Ledger
 from .jobs import Job, JobKey
 from .keylocks import KeyedLocks
 
@@ -38,15 +41,34 @@ class JobTable:
         self.poke = poke
         self.replicator = replicator
         self.jobs: dict[JobKey, Job] = {}
+        # What the held jobs' states cost, per owner, and which client slots they read: see accounting.py.
+        self.ledger = Ledger()
         # One lock per (owner, job) while in use: loading, deleting and recreating a job are serialised
         # by it, so no request is ever acknowledged for a job whose folder is being deleted.
         self._load_locks: KeyedLocks[JobKey] = KeyedLocks()
         # One io lock per (owner, job), whether the job is loaded or not: saves, gc and verify of a job
-        # exclude each other through it (a loaded Job pins it as its io_lock until it is forgotten).
+        # exclude each other through it (a loaded Job pins it as its io_lock until it is removed).
         self._io_locks: KeyedLocks[JobKey] = KeyedLocks()
 
     def __iter__(self) -> Iterator[Job]:
         return iter(list(self.jobs.values()))
+
+    def add(self, job: Job) -> None:
+        """Take a job in: from now on its state is charged to its owner."""
+        assert job.key not in self.jobs and job.ledger is None
+        self.jobs[job.key] = job
+        job.io_lock = self._io_locks.pin(job.key)  # the key's io lock, kept while the job is loaded
+        job.ledger = self.ledger
+        self.ledger.attach(job.owner, job.root)
+
+    def remove(self, key: JobKey) -> None:
+        """Let a job go (delete): its state is no longer charged to its owner."""
+        job = self.jobs.pop(key, None)
+        if job is not None:
+            self._io_locks.unpin(key)
+        if job is not None and job.ledger is not None:
+            job.ledger.detach(job.owner, job.root)
+            job.ledger = None
 
     def key_lock(self, key: JobKey) -> AbstractAsyncContextManager[None]:
         return self._load_locks.hold(key)
@@ -54,13 +76,8 @@ class JobTable:
     def io_lock(self, key: JobKey) -> AbstractAsyncContextManager[None]:
         return self._io_locks.hold(key)
 
-    def forget(self, key: JobKey) -> None:
-        """Drop a loaded job from the table (a delete), and its pin on the io lock."""
-        if self.jobs.pop(key, None) is not None:
-            self._io_locks.unpin(key)
-
     def locks_held(self) -> int:
-        """Locks the table holds now (bounded by jobs loaded plus requests in flight)."""
+        """Locks the table holds now (bounded by jobs loaded plus requests in flight; issue 19, defect 9)."""
         return len(self._load_locks) + len(self._io_locks)
 
     async def find(self, owner: int, name: str) -> Job | None:
@@ -92,15 +109,21 @@ class JobTable:
                 await self.replicator.seed(owner, name, self.replicator.local_store(owner, name))
 
             def load() -> tuple[Recovered | None, list[int]]:
+                point("load", "job", "before", name)
                 store.clean_tmp()
-                return store.recover(load_data=False, repair=True), store.version_ids()
+                recovered = store.recover(load_data=False, repair=True)
+                if recovered is not None:
+                    # Counted once here, in the thread: from now on every change keeps the counts.
+                    recovered.tree = counted(recovered.tree) if recovered.tree else empty_node()
+                return recovered, store.version_ids()
 
             try:
                 recovered, ids = await anyio.to_thread.run_sync(load)
             except OSError as exc:
                 raise StorageError(f"cannot open job {name!r}: {exc}") from exc
-            job = Job(owner=owner, name=name, store=store, settings=self.policy(), wal=WalWriter(store.log_dir),
-                      io_lock=self._io_locks.pin(key))
+            log_bytes = recovered.replay.bytes if recovered is not None else 0
+            job = Job(owner=owner, name=name, store=store, settings=self.policy(),
+                      wal=WalWriter(store.log_dir, size=log_bytes))
             if recovered is not None:
                 job.root = recovered.tree
                 job.sessions = dict(recovered.sessions)
@@ -117,11 +140,14 @@ class JobTable:
                     now = self.clock()
                     job.generation = 1
                     job.dirty_since = job.last_update_at = now
+                    # A replayed log is saved at once (reason ``recovery``): a daemon that crashes again
+                    # before a busy stream ever lets ``idle`` or ``interval`` fire must not replay more.
+                    job.recovery_pending = True
                     self.poke()  # the scheduler plans this job's save now, not at some unrelated wake-up
                 log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
                          job.latest_version, len(recovered.replay.records))
             job.next_version = ids[-1] + 1 if ids else 1
-            self.jobs[key] = job
+            self.add(job)
             if self.replicator is not None:
                 self.replicator.attach(owner, name, ids)
             return job

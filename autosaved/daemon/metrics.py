@@ -51,6 +51,7 @@ class JobSample:
     bytes_written: int
     dirty_bytes: int
     held_bytes: int
+    state_bytes: int
     consecutive_failures: int
     saving: bool
     last_save_time: str | None
@@ -125,6 +126,9 @@ def families(s: Sample) -> Iterator[Metric]:
                                     labels=labels), lambda j: j.dirty_bytes)
     yield per_job(GaugeMetricFamily("autosaved_job_held_bytes", "Bytes of state the daemon holds in memory per job.",
                                     labels=labels), lambda j: j.held_bytes)
+    yield per_job(GaugeMetricFamily("autosaved_job_state_bytes",
+                                    "Encoded size of the job's current state (what quota.max_bytes counts).",
+                                    labels=labels), lambda j: j.state_bytes)
     yield per_job(GaugeMetricFamily("autosaved_job_consecutive_save_failures", "Failed saves since the last good one.",
                                     labels=labels), lambda j: j.consecutive_failures)
     yield per_job(GaugeMetricFamily("autosaved_job_saving", "1 while a save of the job is in progress.",

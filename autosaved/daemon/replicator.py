@@ -16,29 +16,44 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 
+from ..backoff import backoff
 from ..config import RemoteSettings
-from ..errors import AutosavedError, CorruptVersion, StorageError
+from ..errors import AutosavedError, CorruptVersion, NotFound, StorageError
+from ..storage.fsutil import atomic_write, make_dirs
 from ..storage.local import JobStore
 from ..storage.manifest import VersionInfo
-from ..storage.remote import Fenced, Lease, LeaseHeld, RemoteError, RemoteJob, RemoteStore
+from ..storage.remote import (
+    ConditionalWritesIgnored,
+    Fenced,
+    Lease,
+    LeaseHeld,
+    RemoteError,
+    RemoteJob,
+    RemoteStore,
+    ensure_incarnation,
+)
 from ..storage.upload import upload_version
 from ..throttle import Load, initial_state, measure_net, step, upload_controller
+from .jobs import JobKey
 from .netsampler import NetSampler, endpoint_address
 
 log = logging.getLogger("autosaved.replicator")
 
-JobKey = tuple[int, str]
 # Until an upload was measured, a deadline flush plans uploads at this rate (a modest cloud link's share).
 DEFAULT_UPLOAD_SPEED = 32 * 1024 * 1024
 SPEED_SAMPLE_MIN = 4 * 1024 * 1024
 MAX_BACKOFF = 30.0
+FIRST_BACKOFF = 0.5
 
 
 @dataclass
@@ -58,8 +73,8 @@ class Replica:
     known: dict[str, str] | None = None  # digest → object key, of chunks the bucket has
     waiters: list[tuple[int, anyio.Event]] = field(default_factory=list)
     wake: anyio.Event = field(default_factory=anyio.Event)
-    ready: anyio.Event = field(default_factory=anyio.Event)  # the first look at the bucket is done
-    failures: int = 0
+    gone: str | None = None  # the job was deleted: this record is dropped and its task cancelled
+    scope: anyio.CancelScope | None = None
     bytes_uploaded: int = 0
     chunks_uploaded: int = 0
     versions_uploaded: int = 0
@@ -162,7 +177,8 @@ class Replicator:
     def __init__(self, settings: RemoteSettings, *, holder: str, local_store: Callable[[int, str], JobStore],
                  retention: Callable[[JobKey], tuple[int, float | None]],
                  spawn: Callable[..., None],
-                 store: RemoteStore | None = None, adaptive: bool = True) -> None:
+                 store: RemoteStore | None = None, adaptive: bool = True,
+                 pending_dir: Path | None = None) -> None:
         from ..storage.remote import open_remote
 
         assert settings.url is not None
@@ -183,6 +199,14 @@ class Replicator:
         self.catch_ups = anyio.CapacityLimiter(8)
         # Bytes/s uploads reached when not held back (moving average); None until measured.
         self.upload_speed: float | None = None
+        # Deleted jobs whose objects in the bucket are still to delete: a record per job under
+        # ``pending_dir`` (written before the local folder goes, so a crash never forgets one), and an
+        # event set once the bucket is rid of them. Until then nothing of the job is read from the bucket
+        # (no seed, no pull) and a recreated job publishes nothing.
+        self.pending_dir = pending_dir
+        self.deleting: dict[JobKey, anyio.Event] = {key: anyio.Event() for key in self._pending_records()}
+        self._completing: set[JobKey] = set()
+        self._begun: set[JobKey] = set()  # deletes begun by a request still in flight with no earlier one pending
 
     def reconfigure(self, new: RemoteSettings, *, adaptive: bool) -> None:
         """A config reload: retention, lease, grace, timeout and the upload rate apply at once; where the
@@ -201,39 +225,42 @@ class Replicator:
     async def probe(self, timeout: float) -> bool:
         """Check the store honours ``If-None-Match: *``. A definite "no" refuses the store (raised: the
         daemon does not start with it); ``False``: not reachable now (then run :meth:`probe_later`)."""
-        try:
-            with anyio.fail_after(timeout):
-                await self.store.probe()
-        except (RemoteError, TimeoutError) as exc:
-            if "ignored If-None-Match" in str(exc):
-                self.refused = str(exc)
-                raise
-            self.last_probe_error = str(exc) or "the object store did not answer the probe in time"
+        if not await self._probe_once(timeout):
             log.warning("object store %s not reachable at start (%s); replication waits for it",
                         self.store.describe(), self.last_probe_error)
             return False
-        self.probed.set()
         log.info("object store %s honours conditional writes; replicating there", self.store.describe())
         return True
 
     async def probe_later(self) -> None:
-        delay = 0.5
+        """Probe with backoff until the store answers (then replication starts) or refuses."""
+        attempt = 0
         while True:
-            await anyio.sleep(delay)
+            await anyio.sleep(backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF))
             try:
-                with anyio.fail_after(self.settings.timeout):
-                    await self.store.probe()
-            except (RemoteError, TimeoutError) as exc:
-                if "ignored If-None-Match" in str(exc):
-                    self.refused = str(exc)
-                    log.error("%s", exc)
+                if await self._probe_once(self.settings.timeout):
                     return
-                self.last_probe_error = str(exc)
-                delay = min(MAX_BACKOFF, delay * 2)
-                continue
-            self.last_probe_error = None
-            self.probed.set()
-            return
+            except ConditionalWritesIgnored as exc:
+                log.error("%s", exc)
+                return
+            attempt += 1
+
+    async def _probe_once(self, timeout: float) -> bool:
+        """One probe: ``True`` when the store honours conditional writes (``probed`` is set), ``False``
+        when it could not be reached (``last_probe_error`` says why); a store that ignores them is
+        recorded in ``refused`` and raised (:class:`ConditionalWritesIgnored`)."""
+        try:
+            with anyio.fail_after(timeout):
+                await self.store.probe()
+        except ConditionalWritesIgnored as exc:
+            self.refused = str(exc)
+            raise
+        except (RemoteError, TimeoutError) as exc:
+            self.last_probe_error = str(exc) or "the object store did not answer the probe in time"
+            return False
+        self.last_probe_error = None
+        self.probed.set()
+        return True
 
     # -- seams the daemon calls ---------------------------------------------------------------------
 
@@ -248,7 +275,7 @@ class Replicator:
             # retention keeps them all (the catch-up trims this to what the bucket lacks).
             replica.queue = sorted(local_ids)
             self.replicas[key] = replica
-            self.spawn(self._run, replica, list(local_ids))
+            self.spawn("replica", self._run, replica, list(local_ids))
         return replica
 
     def committed(self, owner: int, name: str, version: int, new_bytes: int = 0) -> None:
@@ -279,6 +306,10 @@ class Replicator:
         Failures are logged and the job starts empty, as it would without a remote."""
         if self.refused:
             return None
+        if self._deleting((owner, name)):
+            log.info("job=%s owner=%d was deleted and its bucket copy is being deleted: not loaded from %s",
+                     name, owner, self.store.describe())
+            return None
         if not self.probed.is_set():
             log.error("job=%s has no local version and the object store %s is not reachable: it starts from "
                       "what this host has (nothing); its replicated versions stay in the bucket", name,
@@ -298,7 +329,7 @@ class Replicator:
     async def in_bucket(self, owner: int, name: str) -> bool:
         """Whether the bucket has a version of a job this host has nothing of (a fresh host's read asks
         before it says "no such job"). An unreachable store counts as "no", logged."""
-        if self.refused or not self.probed.is_set():
+        if self.refused or not self.probed.is_set() or self._deleting((owner, name)):
             return False
         try:
             # Bounded tighter than a store request: a status or list of an unknown job stays quick.
@@ -312,6 +343,8 @@ class Replicator:
         """Copy version ``version`` from the bucket into the local store (a restore by id of a version this
         host lacks). ``NotFound`` if the bucket lacks it too, ``CorruptVersion`` if it does not verify,
         :class:`RemoteError` when the store cannot be read."""
+        if self._deleting((owner, name)):
+            raise NotFound(f"job {name!r} was deleted; its copy in {self.store.describe()} is being deleted")
         if self.refused or not self.probed.is_set():
             raise RemoteError(f"the object store {self.store.describe()} is not reachable: version {version} of "
                               f"job {name!r} is not on this host")
@@ -320,6 +353,8 @@ class Replicator:
 
     async def bucket_versions(self, owner: int, name: str) -> tuple[list[VersionInfo], str | None]:
         """The job's versions in the bucket (manifests read, chunks not), or the error that prevented it."""
+        if self._deleting((owner, name)):
+            return [], None  # deleted: what the bucket still holds of it is on its way out
         if self.refused or not self.probed.is_set():
             return [], self.refused or self.last_probe_error or "the object store is not reachable"
         try:
@@ -330,12 +365,140 @@ class Replicator:
         except (RemoteError, TimeoutError) as exc:
             return [], str(exc) or "the object store did not answer in time"
 
+    # -- delete ----------------------------------------------------------------------------------------
+
+    def _deleting(self, key: JobKey) -> bool:
+        event = self.deleting.get(key)
+        return event is not None and not event.is_set()
+
+    def _record_path(self, key: JobKey) -> Path:
+        assert self.pending_dir is not None
+        return self.pending_dir / str(key[0]) / key[1]
+
+    def _pending_records(self) -> list[JobKey]:
+        """The deletes a previous run left for the bucket (read once, at start: O(pending deletes))."""
+        out: list[JobKey] = []
+        if self.pending_dir is None or not self.pending_dir.is_dir():
+            return out
+        for owner in os.listdir(self.pending_dir):
+            d = self.pending_dir / owner
+            if owner.isdigit() and d.is_dir():
+                out += [(int(owner), name) for name in os.listdir(d) if not name.startswith(".")]
+        return out
+
+    def forget(self, key: JobKey, why: str) -> None:
+        """Drop the job's replica record (its replicated version, queue, lease) and stop its task: a job
+        recreated under the name starts from nothing, so no ack can ever lean on the deleted one's."""
+        replica = self.replicas.pop(key, None)
+        if replica is None:
+            return
+        replica.gone = why
+        for _, event in replica.waiters:
+            event.set()
+        replica.waiters.clear()
+        if replica.scope is not None:
+            replica.scope.cancel()
+
+    async def begin_delete(self, owner: int, name: str) -> None:
+        """Before a job's local folder goes: durably note that its bucket copy is to be deleted (so a crash
+        never forgets it, and nothing re-seeds the job meanwhile) and forget its replica record."""
+        key = (owner, name)
+        if self.pending_dir is not None:
+            path = self._record_path(key)
+            doc = json.dumps({"owner": owner, "job": name, "since": time.time()}).encode()
+
+            def write() -> None:
+                make_dirs(path.parent)
+                atomic_write(path, doc, path.parent)
+
+            await anyio.to_thread.run_sync(write)
+        if not self._deleting(key):
+            self.deleting[key] = anyio.Event()
+            self._begun.add(key)
+        self.forget(key, f"job {name!r} was deleted")
+
+    async def cancel_delete(self, owner: int, name: str, local_ids: list[int]) -> None:
+        """The local delete failed: the job goes on (its record is removed and it replicates again)."""
+        key = (owner, name)
+        if key in self._begun:  # an earlier delete still pending stays pending
+            self._begun.discard(key)
+            await self._done_delete(key)
+        if local_ids:
+            self.attach(owner, name, local_ids)
+
+    async def _done_delete(self, key: JobKey) -> None:
+        if self.pending_dir is not None:
+            await anyio.to_thread.run_sync(lambda: self._record_path(key).unlink(missing_ok=True))
+        event = self.deleting.pop(key, None)
+        if event is not None:
+            event.set()
+
+    async def finish_delete(self, owner: int, name: str) -> dict[str, Any]:
+        """Delete the job's objects in the bucket now, within twice ``[remote] timeout`` (at most 10 s);
+        if the bucket cannot be reached (or is slower), the delete stays pending here and completes in
+        the background. Returns what happened there, for the client."""
+        key = (owner, name)
+        self._begun.discard(key)
+        out: dict[str, Any] = {"url": self.store.location.url}
+        if self.probed.is_set() and not self.refused:
+            try:
+                # Bounded for the client: a job with many objects, or a hanging store, finishes in the
+                # background (once the tombstone is there, nothing reads the job anyway).
+                with anyio.fail_after(min(2 * self.settings.timeout, 10.0)):
+                    objects, nbytes = await self.store.job(owner, name).delete_job(self.holder)
+            except (RemoteError, TimeoutError, OSError) as exc:
+                out["error"] = str(exc) or "the object store did not answer in time"
+            else:
+                await self._done_delete(key)
+                log.info("deleted job=%s owner=%d from %s objects=%d bytes=%d", name, owner, self.store.describe(),
+                         objects, nbytes)
+                return {**out, "state": "deleted", "objects": objects, "bytes": nbytes}
+        else:
+            out["error"] = self.refused or self.last_probe_error or "the object store is not reachable"
+        log.warning("job=%s owner=%d deleted here; deleting it from %s is pending (%s)", name, owner,
+                    self.store.describe(), out["error"])
+        self._complete_later(key)
+        return {**out, "state": "pending"}
+
+    def resume_deletes(self) -> None:
+        """At start: complete the bucket deletes a previous run left pending."""
+        for key in list(self.deleting):
+            self._complete_later(key)
+
+    def _complete_later(self, key: JobKey) -> None:
+        if key not in self._completing:
+            self._completing.add(key)
+            self.spawn("remotedelete", self._complete, key)
+
+    async def _complete(self, key: JobKey) -> None:
+        attempt = 0
+        try:
+            while self._deleting(key):
+                await self.probed.wait()
+                try:
+                    with anyio.fail_after(2 * self.settings.timeout):
+                        objects, nbytes = await self.store.job(*key).delete_job(self.holder)
+                except (RemoteError, TimeoutError, OSError) as exc:
+                    delay = backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF)
+                    attempt += 1
+                    log.warning("pending delete of job=%s owner=%d from %s failed; retry_in=%.1fs error=%s", key[1],
+                                key[0], self.store.describe(), delay, exc or "timed out")
+                    await anyio.sleep(delay)
+                    continue
+                await self._done_delete(key)
+                log.info("completed the pending delete of job=%s owner=%d from %s objects=%d bytes=%d", key[1],
+                         key[0], self.store.describe(), objects, nbytes)
+        finally:
+            self._completing.discard(key)
+
     async def wait_replicated(self, key: JobKey, version: int) -> int:
         """Until ``version`` (or a newer one) is in the bucket; returns the replicated version."""
         replica = self.replicas.get(key)
         if replica is None:
             raise StorageError(f"job {key[1]!r} is not replicated")
         while replica.replicated is None or replica.replicated < version:
+            if replica.gone:
+                raise NotFound(replica.gone)
             if self.refused:
                 raise StorageError(f"job {key[1]!r} cannot be replicated: {self.refused}")
             if replica.fenced:
@@ -358,7 +521,8 @@ class Replicator:
 
     def summary(self) -> dict[str, Any]:
         return {"url": self.store.location.url, "endpoint": self.store.endpoint, "refused": self.refused,
-                "reachable": self.probed.is_set(), "holder": self.holder, "upload_throttle": self.rate.status()}
+                "reachable": self.probed.is_set(), "holder": self.holder, "upload_throttle": self.rate.status(),
+                "pending_deletes": sum(1 for key in self.deleting if self._deleting(key))}
 
     def flush_upload_rate(self) -> float | None:
         """The rate a deadline flush plans uploads with: the measured one (else a modest default), held to
@@ -388,8 +552,19 @@ class Replicator:
     # -- the per-job task ---------------------------------------------------------------------------
 
     async def _run(self, replica: Replica, local_ids: list[int]) -> None:
-        delay = 0.5
+        with anyio.CancelScope() as scope:
+            replica.scope = scope
+            if replica.gone is None:
+                await self._replicate(replica, local_ids)
+
+    async def _replicate(self, replica: Replica, local_ids: list[int]) -> None:
+        attempt = 0
         await self.probed.wait()
+        if self._deleting(replica.key):
+            # A job recreated after a delete the bucket has not seen yet: it publishes (as a new
+            # incarnation, over the tombstone) only once the deleted one's objects are gone.
+            replica.last_error = "waiting for the deleted job's objects to be deleted from the bucket"
+            await self.deleting[replica.key].wait()
         while True:
             try:
                 async with self.catch_ups:  # a host with many jobs does not list them all at once
@@ -397,10 +572,9 @@ class Replicator:
                 break
             except (RemoteError, OSError) as exc:
                 replica.last_error = str(exc)
-                await anyio.sleep(delay)
-                delay = min(MAX_BACKOFF, delay * 2)
-        replica.ready.set()
-        delay = 0.5
+                await anyio.sleep(backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF))
+                attempt += 1
+        attempt = 0
         while not replica.fenced:
             if not replica.queue:
                 replica.wake = anyio.Event()
@@ -418,16 +592,17 @@ class Replicator:
                 return
             except LeaseHeld as exc:
                 replica.last_error = str(exc)
+                delay = backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF)
                 await anyio.sleep(min(delay, self.settings.lease_ttl / 2))
-                delay = min(MAX_BACKOFF, delay * 2)
+                attempt += 1
                 continue
             except (RemoteError, OSError, TimeoutError) as exc:
-                replica.failures += 1
                 replica.last_error = str(exc)
+                delay = backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF)
+                attempt += 1
                 log.warning("upload failed job=%s version=%d retry_in=%.1fs error=%s", replica.key[1], version,
                             delay, exc)
                 await anyio.sleep(delay)
-                delay = min(MAX_BACKOFF, delay * 2)
                 continue
             except (CorruptVersion, AutosavedError) as exc:
                 # The local version cannot be read: nothing to upload for it; say so loudly.
@@ -435,8 +610,7 @@ class Replicator:
                 replica.last_error = f"version {version} not replicated: {exc}"
                 replica.queue.remove(version)
                 continue
-            delay = 0.5
-            replica.failures = 0
+            attempt = 0
             replica.last_error = None
             replica.queue.remove(version)
             replica.queued_bytes.pop(version, None)
@@ -491,9 +665,16 @@ class Replicator:
 
     async def _lease(self, replica: Replica) -> Lease:
         if replica.lease is None:
-            replica.lease = await replica.remote.acquire(self.holder, self.settings.lease_ttl)
+            incarnation = await anyio.to_thread.run_sync(ensure_incarnation, replica.local)
+            replica.lease = await replica.remote.acquire(self.holder, self.settings.lease_ttl,
+                                                         incarnation=incarnation)
             replica.known = None  # a new epoch: look at the bucket afresh
-            log.info("lease job=%s epoch=%d holder=%s", replica.key[1], replica.lease.epoch, self.holder)
+            log.info("lease job=%s epoch=%d holder=%s incarnation=%s", replica.key[1], replica.lease.epoch,
+                     self.holder, incarnation)
+            if replica.lease.replaced is not None:
+                log.warning("job=%s: this host's copy (incarnation %s) was started anew while the bucket held "
+                            "incarnation %s; it is the job now, and the older one's versions are no longer "
+                            "read (remote gc removes them)", replica.key[1], incarnation, replica.lease.replaced)
         return replica.lease
 
     async def _upload(self, replica: Replica, version: int) -> None:
@@ -529,7 +710,7 @@ class Replicator:
         keep_last, keep_every = self.retention(replica.key)
         if self.settings.keep_last is not None:
             keep_last = self.settings.keep_last
-        if self.settings.keep_every_set:
+        if self.settings.keep_every is not None:  # 0: off
             keep_every = self.settings.keep_every
         try:
             result = await replica.remote.collect(keep_last=keep_last, keep_every=keep_every,
@@ -545,7 +726,3 @@ class Replicator:
             replica.known = None  # chunks went: look again before trusting the cache
             log.info("remote gc job=%s deleted_versions=%s removed_chunks=%d", replica.key[1],
                      result.deleted_versions, result.removed_chunks)
-
-
-def dump_status(status: dict[str, Any]) -> str:
-    return json.dumps(status, sort_keys=True)

@@ -12,6 +12,7 @@ import psutil
 
 from .. import __version__
 from ..deadline import estimate_s
+from ..tree import Walked
 from .jobs import Job, JobKey
 from .metrics import Histogram, JobSample, Sample
 from .runstate import RunState
@@ -19,6 +20,7 @@ from .runstate import RunState
 if TYPE_CHECKING:
     from ..config import Config
     from ..storage.base import Storage
+    from .accounting import Ledger
     from .iocontrol import IoControl
     from .reload import Reloader
     from .replicator import Replicator
@@ -32,6 +34,7 @@ class ReportContext:
     config: Callable[[], Config]
     run: RunState
     jobs: Mapping[JobKey, Job]
+    ledger: Ledger
     store: Storage
     writer: Writer
     wal: LogCommitter
@@ -70,7 +73,8 @@ class Reports:
             durations=self.ctx.durations,
             jobs=tuple(
                 JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
-                          dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), consecutive_failures=j.failures,
+                          dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), state_bytes=j.root.cost,
+                          consecutive_failures=j.failures,
                           saving=j.saving, last_save_time=j.last_save_time)
                 for j in self.ctx.jobs.values()
             ),
@@ -98,7 +102,12 @@ class Reports:
                 "bytes_written": self.ctx.writer.bytes_written,
                 "wal_syncs": self.ctx.wal.syncs,
                 "wal_records": self.ctx.wal.records,
-                "held_bytes": sum(j.held_bytes() for j in self.ctx.jobs.values()),
+                "held_bytes": self.ctx.ledger.held_bytes,
+                # Counters, never a walk (issue 19): the cost of the held states (what quota.max_bytes
+                # counts), the slot mappings they read, and the tree entries every walk visited so far.
+                "state_bytes": sum(self.ctx.ledger.state_bytes.values()),
+                "referenced_slot_mappings": len(self.ctx.ledger.refs),
+                "tree_entries_walked": Walked.entries,
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "shm": self.ctx.slots.report(),
                 "preempted": self.ctx.run.preempted,

@@ -1,4 +1,5 @@
-"""RpcRequest handlers: one coroutine per op, each turning a validated request into a reply.
+"""RpcRequest handlers: one per op (a ``start_*`` that may answer inline, or an ``async op_*``), each
+turning a validated request into a reply; :data:`REGISTRY` binds them to :data:`autosaved.protocol.OP_TABLE`.
 
 Handlers raise :class:`~autosaved.errors.AutosavedError` for anything the client did wrong or the daemon
 could not do; the server turns that into an error reply. Nothing a client sends can make a handler
@@ -7,7 +8,6 @@ write outside its own job's folder: the job name is validated before any path is
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import mmap
@@ -24,12 +24,13 @@ import msgpack
 from ..config import PolicySettings
 from ..errors import Forbidden, NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..names import validate_job_name
-from ..protocol import ACK_LEVELS, OPS, blob_descriptors, blobs_from_frames, validate_path
+from ..protocol import ACK_LEVELS, OP_TABLE, OPS, Access, OpSpec, blob_descriptors, blobs_from_frames, validate_path
 from ..shm import layout, release_mapping
-from ..state import State, merge
+from ..state import Merged, State
 from ..storage.base import JobStorage
+from ..storage.faults import point
 from ..storage.fsutil import pwrite_all
-from ..tree import Blob, Replace, from_node, to_node
+from ..tree import Blob, from_node, to_node
 from .jobs import CommitWaiter, Job, LogWaiter
 from .slottable import SlotConn
 
@@ -86,6 +87,15 @@ class Deferred:
     def __init__(self) -> None:
         self._callbacks: list[Callable[[Reply | Exception], None]] = []
         self._result: Reply | Exception | None = None
+        # Set by the rpc loop: sends a reply from another thread ahead of :meth:`resolve` (True: sent).
+        self.early: Callable[[Reply], bool] | None = None
+        self.sent_early = False
+
+    def send_early(self, reply: Reply) -> None:
+        """From a log thread, before :meth:`resolve`: send ``reply`` now if the rpc loop allows it; the
+        later :meth:`resolve` then only closes the request."""
+        if self.early is not None and self.early(reply):
+            self.sent_early = True
 
     def on_done(self, callback: Callable[[Reply | Exception], None]) -> None:
         if self._result is not None:
@@ -152,30 +162,6 @@ def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
     return normal
 
 
-def state_bytes(tree: Any) -> int:
-    """What ``quota.max_bytes`` counts: every leaf's bytes (binary leaves, and strings as UTF-8, and the
-    keys), so 40 MiB of ``str`` leaves weigh 40 MiB, not nothing. Small scalars count 8 bytes."""
-    total = 0
-    stack = [tree]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, Blob):
-            total += value.nbytes
-        elif isinstance(value, str):
-            total += len(value.encode("utf-8", "surrogatepass"))
-        elif isinstance(value, Mapping):
-            for key, sub in value.items():
-                total += len(key.encode("utf-8", "surrogatepass")) if isinstance(key, str) else 8
-                stack.append(sub)
-        elif isinstance(value, list | tuple):
-            stack.extend(value)
-        elif isinstance(value, Replace):
-            stack.append(value.mapping)
-        else:
-            total += 8
-    return total
-
-
 def _paths(raw: Any) -> list[tuple[str | int, ...]] | None:
     if raw is None:
         return None
@@ -208,13 +194,11 @@ class RpcContext:
     # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
     poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
+    # Someone waits for this job's next commit: its background saves in flight run unthrottled.
+    promote: Callable[[Job], None]
     boot: str
     pid: int
     uid: int
-    # Slot mappings some live state, snapshot or restore still reads.
-    referenced_mappings: Callable[[], set[int]]
-    # Trees a restore is reading from, by request: their slots stay lent until the bytes are copied out.
-    restoring: dict[int, Any]
     status: Callable[[int | None], dict[str, Any]]
     list_jobs: Callable[[int | None], list[dict[str, Any]]]
     # Charge the bytes a reply is about to be built of to its user (quota.max_reply_bytes), or refuse.
@@ -225,10 +209,6 @@ class Handlers:
     def __init__(self, ctx: RpcContext) -> None:
         self.ctx = ctx
 
-    async def dispatch(self, req: RpcRequest) -> Reply:
-        """Run the op's handler from :data:`REGISTRY` to its reply."""
-        return await finish(self.start(req))
-
     def start(self, req: RpcRequest) -> Started:
         """Begin a request (``check_request`` already refused unknown ops): its reply when it can be
         answered without waiting for anything, else the coroutine that finishes it. The rpc loop answers
@@ -237,7 +217,7 @@ class Handlers:
         op = REGISTRY.get(req.op)
         if op is None:
             raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})
-        if op.access is Access.JOB_OWNER:
+        if op.spec.access is Access.JOB_OWNER:
             req.owner = self._effective_owner(req)
         return op.handler(self, req)
 
@@ -270,19 +250,24 @@ class Handlers:
                 details={"quota": "max_jobs", "limit": limit, "used": len(names)},
             )
 
-    def _check_bytes_quota(self, job: Job, delta: State) -> None:
-        """Refuse an update that would make the owner's states larger than ``quota.max_bytes``."""
+    def _check_bytes_quota(self, job: Job, delta: State) -> Merged | None:
+        """Refuse an update that would make the owner's states larger than ``quota.max_bytes``; the merge
+        it planned (applied as it is when the update goes on). O(the update): the owner's usage is a
+        counter (accounting.py) and the merge says what it adds. An update that adds nothing (a delete)
+        always goes on, so a user over the limit (lowered by a reload) can make room."""
         limit = self.ctx.config().quota.max_bytes
         if limit is None or job.owner == 0:
-            return
-        after = state_bytes(merge(job.root, delta))
-        others = sum(state_bytes(j.root) for j in self.ctx.table.jobs.values() if j.owner == job.owner and j is not job)
-        if others + after > limit:
+            return None
+        merged = job.plan(delta)
+        used = self.ctx.table.ledger.used(job.owner)
+        if merged.cost > 0 and used + merged.cost > limit:
             raise QuotaExceeded(
-                f"quota.max_bytes: this update would make the jobs of uid {job.owner} hold {others + after} "
-                f"bytes of state (the limit is {limit}); the update was not applied",
-                details={"quota": "max_bytes", "limit": limit, "used": others + state_bytes(job.root)},
+                f"quota.max_bytes: this update would make the jobs of uid {job.owner} hold {used + merged.cost} "
+                f"bytes of state (the limit is {limit}; every leaf, key and container counts its encoded size); "
+                "the update was not applied",
+                details={"quota": "max_bytes", "limit": limit, "used": used, "update": merged.cost},
             )
+        return merged
 
     def _job_name(self, req: RpcRequest) -> str:
         return validate_job_name(req.header.get("job"))
@@ -389,17 +374,20 @@ class Handlers:
                 f"the write-ahead log of {u.name!r} is unavailable after an I/O error ({job.wal_broken}); a snapshot "
                 "is being saved. This update was not applied; retry, or use wait='committed'."
             )
-        self._check_bytes_quota(job, u.delta)
+        merged = self._check_bytes_quota(job, u.delta)
         generation = job.apply(u.delta, session=u.session, seq=req.seq, step=u.step, meta=u.meta, size=u.size,
-                               now=self.ctx.clock())
+                               now=self.ctx.clock(), merged=merged)
         if u.wait == "accepted":
             self.ctx.poke_for(job)
             return Reply({"ack": "accepted", "durable": job.durable.get(u.session, 0), "generation": generation,
                           **self._held(u.conn)})
         if u.wait == "logged":
             deferred = Deferred()
-            waiter = LogWaiter(job.take_log_record())
+            waiter = LogWaiter(job.take_log_record(), hold=job.take_log_hold())
             waiter.notify = lambda: self._logged(job, u, waiter, deferred)
+            if u.conn is None:  # no slots to report as held: the log thread may answer right after the sync
+                waiter.early = lambda durable: deferred.send_early(Reply(
+                    {"ack": "logged", "durable": durable(u.session), "lsn": waiter.record.lsn}))
             # Queued in the same event-loop step as the apply: records reach the log in lsn order.
             self.ctx.wal.enqueue(job, waiter)
             self.ctx.poke_for(job)
@@ -433,12 +421,13 @@ class Handlers:
         """Which of the client's slots the daemon still references: the client must not write into those."""
         if conn is None:
             return {}
-        return {"held": self.ctx.slots.held_of(conn, self.ctx.referenced_mappings())}
+        return {"held": self.ctx.slots.held_of(conn, self.ctx.table.ledger.refs)}
 
     async def _wait_committed(self, job: Job, generation: int) -> int | None:
         waiter = CommitWaiter(generation)
         job.waiters.append(waiter)
         job.explicit_requested = True
+        self.ctx.promote(job)
         self.ctx.poke()
         await waiter.done.wait()
         if waiter.error is not None:
@@ -483,11 +472,13 @@ class Handlers:
             tree = loaded.tree
             info = {"version": loaded.info.id, "step": loaded.info.step, "live": False}
         sent: Any = tree if paths is None else [_subtree(tree, p) for p in paths]
-        self.ctx.restoring[id(req)] = sent
+        # A live state's slots stay lent until the bytes are copied out (a stored one reads no slot).
+        hold = self.ctx.table.ledger.hold_tree(sent) if info["live"] else None
         try:
             return await self._send_tree(req, store, sent, info)
         finally:
-            del self.ctx.restoring[id(req)]
+            if hold is not None:
+                hold.release()
 
     async def _pull(self, owner: int, name: str, version: int) -> Job | None:
         """A restore by id of a version this host lacks, with ``[remote]``: copy it here from the bucket
@@ -665,28 +656,39 @@ class Handlers:
             if job is not None:
                 job.deleted = True  # from now on nothing is acknowledged for it: JobTable.get waits for this lock
             store = job.store if job is not None else self.ctx.table.store.job(req.owner, name)
-            if job is None and not await anyio.to_thread.run_sync(store.path.exists):
+            replicator = self.ctx.replicator
+            if job is None and not await anyio.to_thread.run_sync(store.path.exists) and (
+                    replicator is None or not await replicator.in_bucket(req.owner, name)):
                 raise NotFound(f"no job named {name!r}")
             try:
+                if replicator is not None:  # first: from now on nothing re-seeds the job from the bucket
+                    await replicator.begin_delete(req.owner, name)
                 versions = await self._delete(key, job, store)
             except BaseException:
                 if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
+                if replicator is not None:
+                    with anyio.CancelScope(shield=True):
+                        await replicator.cancel_delete(req.owner, name,
+                                                       await anyio.to_thread.run_sync(store.version_ids))
                 raise
+            remote = await replicator.finish_delete(req.owner, name) if replicator is not None else None
         log.info("deleted job=%s owner=%d versions=%d reason=request", name, req.owner, len(versions))
-        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions)})
+        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions),
+                      **({"remote": remote} if remote is not None else {})})
 
     async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStorage) -> list[int]:
         name = key[1]
         versions = await anyio.to_thread.run_sync(store.version_ids)
         # A save already writing must finish (or fail) before its folder goes away; gc too.
+        point("delete", "lock", "before", name)
         async with self.ctx.table.io_lock(key):
             if job is not None:
                 async with job.wal_lock:
                     job.finish_waiters(NotFound(f"job {name!r} was deleted"))
                     if job.wal is not None:
                         job.wal.close()
-                    self.ctx.table.forget(key)
+                    self.ctx.table.remove(key)
                     await anyio.to_thread.run_sync(store.delete)
             else:
                 await anyio.to_thread.run_sync(store.delete)
@@ -696,46 +698,33 @@ class Handlers:
 # -- the request registry ----------------------------------------------------------------------------
 
 
-class Access(enum.Enum):
-    """Who may call an op."""
-
-    # Any peer the daemon accepted (the socket's mode and group already decided who may connect).
-    ANY_PEER = "any peer"
-    # Any peer, on its own jobs; root may name another owner (``owner`` in the header).
-    JOB_OWNER = "the job's owner, or root"
-
-
 @dataclass(frozen=True)
 class Op:
-    """One op, declared once: its wire name, its handler, whether it may wait for a save or a scan of the
-    disk (``long``: clients give it their ``save_timeout``), and who may call it."""
+    """One op's handler, beside its wire facts (``spec``: who may call it, whether it is long), which
+    :data:`autosaved.protocol.OP_TABLE` declares for the client and the daemon both."""
 
-    name: str
+    spec: OpSpec
     # Starts the request: its reply when it can answer without awaiting (``start_*``: ping, hello and
     # updates of a loaded job), else the coroutine that finishes it (every ``async def op_*``).
     handler: Callable[[Handlers, RpcRequest], Started]
-    long: bool
-    access: Access
 
 
-def _registry(*ops: Op) -> Mapping[str, Op]:
-    table = {op.name: op for op in ops}
-    if len(table) != len(ops) or set(table) != OPS:
-        # protocol.OPS is the wire's list (check_request refuses others): it and the handlers cannot drift.
-        raise RuntimeError(f"the request registry {sorted(table)} does not match protocol.OPS {sorted(OPS)}")
-    return table
+def _registry(handlers: Mapping[str, Callable[[Handlers, RpcRequest], Started]]) -> Mapping[str, Op]:
+    if set(handlers) != OPS:
+        # protocol.OP_TABLE is the wire's list (check_request refuses others): it and the handlers cannot drift.
+        raise RuntimeError(f"the request registry {sorted(handlers)} does not match protocol.OPS {sorted(OPS)}")
+    return {name: Op(OP_TABLE[name], handler) for name, handler in handlers.items()}
 
 
-REGISTRY: Final = _registry(
-    Op("ping", Handlers.start_ping, long=False, access=Access.ANY_PEER),
-    Op("hello", Handlers.start_hello, long=False, access=Access.JOB_OWNER),
-    # long: wait='committed'/'replicated'
-    Op("update", Handlers.start_update, long=True, access=Access.JOB_OWNER),
-    Op("save", Handlers.op_save, long=True, access=Access.JOB_OWNER),
-    Op("restore", Handlers.op_restore, long=True, access=Access.JOB_OWNER),
-    Op("status", Handlers.op_status, long=False, access=Access.JOB_OWNER),
-    Op("list", Handlers.op_list, long=False, access=Access.JOB_OWNER),
-    Op("verify", Handlers.op_verify, long=True, access=Access.JOB_OWNER),
-    Op("gc", Handlers.op_gc, long=True, access=Access.JOB_OWNER),
-    Op("delete", Handlers.op_delete, long=True, access=Access.JOB_OWNER),
-)
+REGISTRY: Final = _registry({
+    "ping": Handlers.start_ping,
+    "hello": Handlers.start_hello,
+    "update": Handlers.start_update,
+    "save": Handlers.op_save,
+    "restore": Handlers.op_restore,
+    "status": Handlers.op_status,
+    "list": Handlers.op_list,
+    "verify": Handlers.op_verify,
+    "gc": Handlers.op_gc,
+    "delete": Handlers.op_delete,
+})

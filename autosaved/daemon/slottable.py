@@ -9,12 +9,11 @@ import mmap
 import os
 import secrets
 import stat
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..shm import NO_SLOT, release_mapping
-from ..tree import Blob
 
 
 @dataclass
@@ -115,8 +114,9 @@ class SlotTable:
             out[ref[0]] = memoryview(mapping)[ref[1] :]  # trimmed to the blob's size by the caller
         return conn, out
 
-    def held_of(self, conn: SlotConn, referenced: set[int]) -> list[int]:
-        """The ids of ``conn``'s slots whose mapping is among ``referenced`` (``id()`` of mappings).
+    def held_of(self, conn: SlotConn, referenced: Container[int]) -> list[int]:
+        """The ids of ``conn``'s slots whose mapping is among ``referenced`` (``id()`` of mappings: the
+        ledger's counts, accounting.py). O(the connection's slots).
 
         The others go back to the client; their pages leave the daemon's page tables too (a save read
         them), so the daemon's RSS counts only slots a state still uses."""
@@ -136,12 +136,3 @@ class SlotTable:
     def report(self) -> dict[str, Any]:
         return {"clients": len(self.conns), "slots": sum(len(c.slots) for c in self.conns.values()),
                 "mapped_bytes": self.mapped_bytes, "max_bytes": self.max_bytes, "reclaimed_slots": self.reclaimed}
-
-
-def referenced_mappings(blobs: Iterable[Blob]) -> set[int]:
-    """``id()`` of every mapping the blobs' data lives in (a view's ``obj`` is what it was sliced from)."""
-    out: set[int] = set()
-    for blob in blobs:
-        if blob.data is not None and isinstance(blob.data.obj, mmap.mmap):
-            out.add(id(blob.data.obj))
-    return out

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import NotFound, StorageError
+from ..policy import log_over_bound
 from ..storage.faults import point
 from ..storage.wal import Record
 from .jobs import Job, LogWaiter, raise_durable
@@ -62,6 +63,26 @@ class SyncThreads:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the daemon is exiting)
                 loop.call_soon_threadsafe(done, error, context=context)
             del func, done, error, context
+
+
+def _answer_synced(job: Job, batch: list[LogWaiter]) -> None:
+    """In the log thread, right after the batch's sync returned without error: answer the requests that
+    allow it from here (the event loop's wake-up is then off their path; it still does the bookkeeping in
+    ``_appended``). Reads ``job.durable`` (one dict lookup, atomic under the GIL) and never writes it."""
+    synced: dict[str, int] = {}
+    for w in batch:
+        for session, seq in w.record.sessions.items():
+            synced[session] = max(synced.get(session, 0), seq)
+
+    def durable(session: str) -> int:
+        return max(job.durable.get(session, 0), synced.get(session, 0))
+
+    for w in batch:
+        if w.early is not None:
+            try:
+                w.early(durable)
+            except Exception:  # the event loop answers it instead
+                log.exception("answering a logged update from the log thread failed job=%s", job.name)
 
 
 class LogCommitter:
@@ -111,7 +132,7 @@ class LogCommitter:
         job.log_writing = batch  # their blobs may live in client slots: keep those lent
         records = [w.record for w in batch]
         try:
-            append = self._prepare(job, records)
+            append = self._prepare(job, batch)
         except Exception as exc:
             self._done(job, batch, self._failed(job, records, exc))
             return
@@ -120,8 +141,9 @@ class LogCommitter:
             return
         self._threads.submit(append, lambda exc: self._appended(job, batch, exc))
 
-    def _prepare(self, job: Job, records: list[Record]) -> Callable[[], None] | Exception:
+    def _prepare(self, job: Job, batch: list[LogWaiter]) -> Callable[[], None] | Exception:
         """What to run in the thread, or why this batch fails without any I/O."""
+        records = [w.record for w in batch]
         wal = job.wal
         assert wal is not None
         if job.deleted:
@@ -135,6 +157,7 @@ class LogCommitter:
             if rotate:
                 wal.rotate()
             wal.append(records)
+            _answer_synced(job, batch)
 
         return append
 
@@ -146,6 +169,8 @@ class LogCommitter:
                 raise_durable(job, record.sessions)
             self.syncs += 1
             self.records += len(records)
+            if log_over_bound(job.view()):
+                self._poke()  # the log a restart would replay reached its bound: save now (policy.log_bytes)
             self._done(job, batch, None)
         elif isinstance(exc, Exception):
             self._done(job, batch, self._failed(job, records, exc))
@@ -172,6 +197,8 @@ class LogCommitter:
         job.log_writing = []
         job.wal_lock.release()
         for w in batch:
+            if w.hold is not None:
+                w.hold.release()  # written (or failed): its slots are the state's business now
             w.error = error
             w.done.set()
             if w.notify is not None:

@@ -1,7 +1,10 @@
 """Saving a job: snapshot in the event loop (atomic), write in a worker thread, commit back.
 
 Every chunk write goes through one shared :class:`~autosaved.throttle.TokenBucket` (the storage ``pace``
-hook), so all concurrent saves together stay within the rate the throttle controller allows. The writer
+hook), so all concurrent background saves together stay within the rate the throttle controller allows.
+A save someone waits for (an explicit ``save()``, a ``wait="committed"`` update or import, the deadline
+flush) goes through it at the hard cap only, and a background save of a job someone starts waiting for is
+promoted to that (:class:`~autosaved.throttle.SavePace`). The writer
 also learns how fast the disk takes unthrottled writes; the deadline flush plans with that speed.
 """
 
@@ -18,13 +21,15 @@ import anyio.to_thread
 from ..errors import AutosavedError, StorageError
 from ..policy import SaveReason
 from ..storage.faults import point
-from ..throttle import SaveAborted, TokenBucket
-from .jobs import Job, SaveTicket, commit_failed, commit_succeeded, take_snapshot
+from ..throttle import SaveAborted, SavePace, TokenBucket
+from .jobs import Job, JobKey, SaveTicket, commit_failed, commit_succeeded, take_snapshot
 
 log = logging.getLogger("autosaved.writer")
 
 # Saves smaller than this say more about fsync latency than about the disk's speed.
 SPEED_SAMPLE_MIN = 4 * 1024 * 1024
+# Saves made because someone waits for them: the adaptive throttle does not hold them back.
+URGENT_REASONS = frozenset({SaveReason.EXPLICIT, SaveReason.SHUTDOWN, SaveReason.PREEMPTION})
 # A write speed to plan with before anything was measured: a cautious SATA SSD.
 DEFAULT_WRITE_SPEED = 200e6
 
@@ -49,6 +54,10 @@ class Writer:
         self.observe_duration: Callable[[float], None] = lambda _seconds: None
         # Snapshots being written, by version: their blobs may live in client slots that must stay lent.
         self.in_flight: dict[tuple[int, str, int], SaveTicket] = {}
+        # Each in-flight save's pacing, by job: a waiter that arrives promotes them (at most a few per job).
+        self.paces: dict[JobKey, dict[int, SavePace]] = {}
+        self.urgent_saves = 0
+        self.promoted_saves = 0
         # Told of every committed version (the replicator queues it), and asked which versions local
         # retention must keep (those not yet replicated).
         self.on_commit: Callable[[Job, int, int], None] = lambda _job, _version, _written: None
@@ -60,20 +69,34 @@ class Writer:
         # Registered now, not when the task starts: an update answered in between must be told that the
         # slots this snapshot reads are still lent (``held``).
         self.in_flight[(*job.key, ticket.version)] = ticket
-        tg.start_soon(self._save, ticket)
+        pace = SavePace(self.bucket, urgent=reason in URGENT_REASONS or bool(job.waiters))
+        self.paces.setdefault(job.key, {})[ticket.version] = pace
+        tg.start_soon(self._save, ticket, pace)
 
-    async def _save(self, ticket: SaveTicket) -> None:
+    def promote(self, job: Job) -> None:
+        """Someone waits for ``job`` to be committed: its saves in flight stop taking the adaptive rate."""
+        for version, pace in self.paces.get(job.key, {}).items():
+            if pace.promote():
+                log.info("promoted save job=%s version=%d throttled_ms=%.0f: a client waits for it", job.name,
+                         version, pace.throttled_s * 1000)
+
+    async def _save(self, ticket: SaveTicket, pace: SavePace) -> None:
         job = ticket.job
         # The job's io_lock spans write and retention: garbage collection must never run while another
         # save of the job has written chunks that no manifest references yet.
         key = (*job.key, ticket.version)
         try:
             async with job.io_lock:
-                await self._write(ticket)
+                await self._write(ticket, pace)
         finally:
             del self.in_flight[key]
+            paces = self.paces[job.key]
+            del paces[ticket.version]
+            if not paces:
+                del self.paces[job.key]
+            ticket.hold.release()
 
-    async def _write(self, ticket: SaveTicket) -> None:
+    async def _write(self, ticket: SaveTicket, pace: SavePace) -> None:
         job = ticket.job
         started = time.perf_counter()
         try:
@@ -81,7 +104,7 @@ class Writer:
                 raise StorageError(f"job {job.name!r} was deleted")
             point("task", "writer", "before", job.name)
             async with self.limiter:
-                write_started, throttled_before = time.perf_counter(), self.bucket.throttled_s
+                write_started = time.perf_counter()
                 # Read now, from the live config: a reload may change them mid-save.
                 compression, chunk_size = job.settings.compression, self.chunk_size()
                 result = await anyio.to_thread.run_sync(
@@ -89,11 +112,10 @@ class Writer:
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
                         meta=ticket.meta, sessions=ticket.sessions, chunk_size=chunk_size,
                         wal_lsn=ticket.wal_lsn, compression=compression,
-                        pace=self.bucket,
+                        pace=pace,
                     )
                 )
-                self._learn_speed(result.bytes_written, time.perf_counter() - write_started,
-                                  self.bucket.throttled_s - throttled_before)
+                self._learn_speed(result.bytes_written, time.perf_counter() - write_started, pace.throttled_s)
         except Exception as exc:
             # Whatever went wrong (a bug included) is this job's error, retried with backoff; never the
             # daemon's, whose other jobs keep being served.
@@ -112,10 +134,15 @@ class Writer:
         self.on_commit(job, ticket.version, result.bytes_written)
         self.observe_duration(time.perf_counter() - started)
         self.saves += 1
+        self.urgent_saves += pace.urgent
+        self.promoted_saves += pace.promoted
         self.bytes_written += result.bytes_written
-        log.info("saved job=%s owner=%d version=%d step=%s reason=%s bytes=%d written=%d chunks=%d ms=%.1f",
-                 job.name, job.owner, ticket.version, ticket.step, ticket.reason, result.info.bytes,
-                 result.bytes_written, result.chunks_written, (time.perf_counter() - started) * 1000)
+        after = pace.throttled_since_promotion
+        log.info("saved job=%s owner=%d version=%d step=%s reason=%s bytes=%d written=%d chunks=%d ms=%.1f "
+                 "pace=%s throttled_ms=%.0f%s", job.name, job.owner, ticket.version, ticket.step, ticket.reason,
+                 result.info.bytes, result.bytes_written, result.chunks_written,
+                 (time.perf_counter() - started) * 1000, pace.kind, pace.throttled_s * 1000,
+                 "" if after is None else f" throttled_after_promotion_ms={after * 1000:.0f}")
         self.on_done()
         if job.wal is not None:
             wal = job.wal

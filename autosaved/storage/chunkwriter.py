@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .faults import point, write
+from . import fileops
+from .faults import point
 from .fsutil import SYNC_EVERY, WRITE_PIECE, Pacer, fsync_dir, rename
 
 # One syncer for the whole process: saves of different jobs then queue their fsyncs instead of
@@ -49,12 +50,12 @@ class ChunkPipeline:
         while len(self._pending) >= self.depth:
             self._pending.pop(0).result()
         point("chunk", "open", "before", tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        fd = fileops.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
             written = self._write(fd, tmp, data)
         except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
+            fileops.close(fd)
+            fileops.unlink(tmp, missing_ok=True)
             raise
         self._pending.append(_SYNCER.submit(_settle, fd, tmp, target))
         return written
@@ -68,14 +69,14 @@ class ChunkPipeline:
             if self.pace is not None:
                 self.pace(min(view.nbytes, WRITE_PIECE))
             point("chunk", "write", "before", tmp)
-            # faults.write: the point chunk.write.middle (a torn chunk file), as in fsutil.write_fsync.
-            n = write(fd, view[:WRITE_PIECE] if self.pace is not None else view, "chunk", tmp)
+            # fileops.write: the point chunk.write.middle (a torn chunk file), as in fsutil.write_fsync.
+            n = fileops.write(fd, view[:WRITE_PIECE] if self.pace is not None else view, "chunk", tmp)
             written += n
             unsynced += n
             view = view[n:]
             point("chunk", "write", "after", tmp)
             if self.pace is not None and unsynced >= SYNC_EVERY and view.nbytes:
-                os.fdatasync(fd)
+                fileops.fdatasync(fd)
                 unsynced = 0
                 os.posix_fadvise(fd, 0, written, os.POSIX_FADV_DONTNEED)
         return written
@@ -102,17 +103,17 @@ class ChunkPipeline:
 def _settle(fd: int, tmp: Path, target: Path) -> None:
     try:
         point("chunk", "fsync", "before", tmp)
-        os.fsync(fd)
+        fileops.fsync(fd)
         point("chunk", "fsync", "after", tmp)
         # Checkpoint bytes must not evict the trainer's own cached data.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        fileops.close(fd)
+        fileops.unlink(tmp, missing_ok=True)
         raise
-    os.close(fd)
+    fileops.close(fd)
     try:
         rename(tmp, target, "chunk")
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        fileops.unlink(tmp, missing_ok=True)
         raise

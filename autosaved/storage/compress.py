@@ -28,9 +28,9 @@ from typing import Final
 
 import zstandard
 
+from ..settings import COMPRESSION_MODES as COMPRESSION_MODES  # declared with the policy.compression key
 from ..tree import Blob
 
-COMPRESSION_MODES: Final = ("off", "zstd", "auto")
 SUFFIX: Final = ".zst"
 # Below this saving a chunk stays raw: a few percent is not worth a decompression on every restore,
 # nor losing the zero-copy sendfile path.

@@ -12,8 +12,9 @@ Every instrumented point is listed in :data:`POINTS`. The rule fires on the ``n`
 process is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``raise`` (a RuntimeError: a bug, for the
 supervision tests), ``sleep:<seconds>`` (block the calling thread: on the event loop's own points, a hung
 loop; in a worker, a widened race window). ``<kind>.write.middle`` is inside a
-write: half of the buffer has reached the kernel when it fires, so ``crash`` there leaves a real torn
-tail and an error a real partial file.
+write (:func:`autosaved.storage.fileops.write`): half of the buffer has reached the kernel when it fires,
+so ``crash`` there leaves a real torn tail and an error a real partial file; after a non-fatal action
+the write goes on with the other half.
 
 With faults on, every point reached is also recorded, once per name, in ``<file>.seen``: the tests
 check that the crash scenario reaches every storage point in :data:`POINTS`, and nothing else.
@@ -57,11 +58,14 @@ POINTS: dict[str, str] = {
     "loop.tick.before": "the rpc loop goes round, on the event loop itself (sleep: a hung event loop)",
     "rpc.poll.before": "the rpc loop goes round, in a worker thread (sleep: an rpc loop that stalls while "
                        "the event loop runs)",
+    "load.job.before": "a job is about to be loaded from disk, in a worker thread (sleep: a long replay)",
     "gc.collect.before": "a garbage collection is about to list what the manifests reference",
+    "delete.lock.before": "a delete, holding the job's key lock, is about to wait for its save or gc (io lock)",
     "remote.manifest.before": "an upload sent every chunk of a version and is about to publish its manifest "
                               "(sleep, in a worker thread: an upload held half-done)",
     **{f"task.{t}.start": "a supervised daemon task starts (raise: a bug at its start)"
-       for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption")},
+       for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption",
+                 "probe", "attach", "uploadrate", "replica", "remotedelete", "walflush")},
     **{f"task.{t}.before": "a daemon task is about to do one piece of work (raise: a bug in that piece)"
        for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics", "main")},
 }
@@ -134,16 +138,6 @@ class _Faults:
         if rule is not None:
             self._fire(rule, f"{kind}.{op}.{phase} {detail}")
 
-    def write(self, fd: int, data: memoryview, kind: str, detail: object) -> int:
-        rule = self._due(kind, "write", "middle") if data.nbytes > 1 else None
-        if rule is not None:
-            half = data.nbytes // 2
-            done = 0
-            while done < half:  # really in the file (the page cache) before the fault fires
-                done += os.write(fd, data[done:half])
-            self._fire(rule, f"{kind}.write.middle {detail} after {done} of {data.nbytes} bytes")
-        return os.write(fd, data)
-
     @staticmethod
     def _fire(rule: _Rule, where: str) -> None:
         if rule.action == "crash":
@@ -165,11 +159,15 @@ def point(kind: str, op: str, phase: str, detail: object = "") -> None:
     _faults.point(kind, op, phase, detail)
 
 
-def write(fd: int, data: memoryview, kind: str, detail: object = "") -> int:
-    """``os.write``, with the point ``<kind>.write.middle`` half-way through ``data``."""
-    if _faults.path is None:
-        return os.write(fd, data)
-    return _faults.write(fd, data, kind, detail)
+def due(kind: str, op: str, phase: str) -> _Rule | None:
+    """Count a hit of the point; the rule that fires now, if any (for a point inside an operation: the
+    caller does its part, then :func:`fire`). :mod:`.fileops` uses it for ``<kind>.write.middle``."""
+    return _faults._due(kind, op, phase)
+
+
+def fire(rule: _Rule, where: str) -> None:
+    """Carry out ``rule``'s action (see :func:`due`)."""
+    _faults._fire(rule, where)
 
 
 def active() -> bool:

@@ -8,14 +8,12 @@ import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .faults import point, write
+from . import fileops
+from .faults import point
+from .fileops import pwrite_all
 
-if os.environ.get("AUTOSAVED_FSTRACE"):
-    # The power-loss checker's recorder (tests only; see autosaved.testing.fstrace): it must be in place
-    # before the storage code makes its first call.
-    from ..testing.fstrace import install as _install_fstrace
-
-    _install_fstrace()
+__all__ = ["Pacer", "SYNC_EVERY", "WRITE_PIECE", "atomic_write", "fsync_dir", "make_dirs", "pwrite_all", "read_exact",
+           "rename", "temp_name", "write_fsync"]
 
 # Called by writers with the number of bytes about to be written; it may block (it runs in a worker
 # thread) to hold a save to the rate the I/O throttle allows.
@@ -29,11 +27,7 @@ SYNC_EVERY = 8 * 1024 * 1024
 
 def fsync_dir(path: Path, kind: str = "dir") -> None:
     point(kind, "fsync_dir", "before", path)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fileops.fsync_dir(path)
     point(kind, "fsync_dir", "after", path)
 
 
@@ -55,7 +49,7 @@ def make_dirs(path: Path, mode: int = 0o750) -> None:
         missing.append(p)
         p = p.parent
     for d in reversed(missing):
-        d.mkdir(mode=mode, exist_ok=True)
+        fileops.mkdir(d, mode, exist_ok=True)
         fsync_dir(d.parent)
         _durable_dirs.add(d)
     while p not in _durable_dirs and p.parent != p:
@@ -77,7 +71,7 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
     error the partial file is removed, so a failed write never leaves a file that looks whole.
     """
     point(kind, "open", "before", path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = fileops.open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     written = unsynced = 0
     try:
         for piece in pieces:
@@ -86,26 +80,26 @@ def write_fsync(path: Path, pieces: Iterable[bytes | memoryview], mode: int = 0o
                 if pace is not None:
                     pace(min(view.nbytes, WRITE_PIECE))
                 point(kind, "write", "before", path)
-                n = write(fd, view[:WRITE_PIECE] if pace is not None else view, kind, path)
+                n = fileops.write(fd, view[:WRITE_PIECE] if pace is not None else view, kind, path)
                 written += n
                 unsynced += n
                 view = view[n:]
                 point(kind, "write", "after", path)
                 if pace is not None and unsynced >= SYNC_EVERY and view.nbytes:
-                    os.fdatasync(fd)
+                    fileops.fdatasync(fd)
                     unsynced = 0
                     if drop_cache:
                         os.posix_fadvise(fd, 0, written, os.POSIX_FADV_DONTNEED)
         point(kind, "fsync", "before", path)
-        os.fsync(fd)
+        fileops.fsync(fd)
         point(kind, "fsync", "after", path)
         if drop_cache:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
+        fileops.close(fd)
+        fileops.unlink(path, missing_ok=True)
         raise
-    os.close(fd)
+    fileops.close(fd)
     return written
 
 
@@ -115,7 +109,7 @@ def temp_name(directory: Path, stem: str) -> Path:
 
 def rename(src: Path, dst: Path, kind: str) -> None:
     point(kind, "rename", "before", dst)
-    os.replace(src, dst)
+    fileops.replace(src, dst)
     point(kind, "rename", "after", dst)
 
 
@@ -126,17 +120,9 @@ def atomic_write(target: Path, data: bytes, tmp_dir: Path, mode: int = 0o640, ki
     try:
         rename(tmp, target, kind)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        fileops.unlink(tmp, missing_ok=True)
         raise
     fsync_dir(target.parent, kind)
-
-
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of ``data`` to ``fd`` at ``offset`` (``os.pwrite`` may write less than asked)."""
-    view = data.cast("B")
-    while view.nbytes:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def read_exact(path: Path, size: int, into: memoryview) -> None:

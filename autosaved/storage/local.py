@@ -23,7 +23,6 @@ import mmap
 import os
 import re
 import secrets
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +35,7 @@ from ..errors import CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
-from . import hashing
+from . import fileops, hashing
 from .chunkwriter import ChunkPipeline, fsync_dirs
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
 from .faults import point
@@ -61,12 +60,14 @@ from .manifest import (
     utc_now_iso,
 )
 from .retention import versions_to_delete
-from .wal import Replay, read_log, scan_segment, segments
+from .wal import LogChanged, LogDamaged, Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
 
 _VERSION_FILE = re.compile(r"^(\d{12})\.json$")
 DIR_MODE = 0o750
+# How often recover() starts again when a daemon's commit changed the log under an offline reader.
+_RECOVER_TRIES = 5
 # Hashing runs in threads: hashlib releases the GIL on large buffers, so two cores hash twice as fast.
 _HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
 
@@ -173,7 +174,7 @@ class JobStore:
         """Remove temp files a crashed save left behind."""
         if self.tmp_dir.is_dir():
             for leftover in self.tmp_dir.iterdir():
-                leftover.unlink(missing_ok=True)
+                fileops.unlink(leftover, missing_ok=True)
 
     def _object_path(self, digest: str, compressed: bool = False) -> Path:
         return self.objects_dir / digest[:2] / (digest + SUFFIX if compressed else digest)
@@ -253,7 +254,7 @@ class JobStore:
         packed = compress_chunk(memoryview(data)) if try_compress else None
         target = self._object_path(digest, compressed=packed is not None)
         if not target.parent.is_dir():
-            target.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+            fileops.mkdir(target.parent, DIR_MODE, exist_ok=True)
         tmp = temp_name(self.tmp_dir, digest)
         n = pipeline.put(tmp, target, data if packed is None else packed)
         dirs_touched.add(target.parent)
@@ -528,8 +529,20 @@ class JobStore:
                 on_skip: Callable[[CorruptVersion], None] | None = None) -> Recovered | None:
         """The newest durable state: the newest verified version plus the write-ahead log records after
         it. ``repair`` (only for the daemon, which owns the log) cuts torn log tails off."""
-        base = self.load_newest(load_data=load_data, on_skip=on_skip)
-        replay = read_log(self.log_dir, base.wal_lsn if base else 0, repair=repair)
+        for attempt in range(_RECOVER_TRIES):
+            ids = self.version_ids()
+            base = self.load_newest(load_data=load_data, on_skip=on_skip)
+            try:
+                replay = read_log(self.log_dir, base.wal_lsn if base else 0, repair=repair)
+            except LogChanged:
+                if attempt + 1 == _RECOVER_TRIES:
+                    raise
+                continue
+            # An offline reader racing a daemon's commit: a newer version appeared meanwhile and may have
+            # dropped log segments this base needed (with or without leaving a gap). Start again from the
+            # newest version rather than serve an older state.
+            if attempt + 1 == _RECOVER_TRIES or self.version_ids() == ids:
+                break
         for warning in replay.warnings:
             log.warning("%s: %s", self.job, warning)
         if base is None and not replay.records:
@@ -549,17 +562,19 @@ class JobStore:
         """How many write-ahead log records a replay would apply over the newest version (cheap: reads the
         newest manifest and the log, not the chunks), so ``list`` shows a job with only logged updates as
         having unsaved state whether or not a daemon has it loaded. A damaged log counts as one."""
-        after = 0
-        for vid in reversed(self.version_ids()):
-            try:
-                after = int(self.read_manifest(vid).get("wal_lsn", 0))
-                break
-            except (CorruptVersion, NotFound, StorageError, ValueError):
-                continue
         try:
-            return len(read_log(self.log_dir, after).records)
+            return len(read_log(self.log_dir, self._newest_wal_lsn()).records)
         except StorageError:
             return 1
+
+    def _newest_wal_lsn(self) -> int:
+        """The log position the newest readable manifest covers (0 without one)."""
+        for vid in reversed(self.version_ids()):
+            try:
+                return int(self.read_manifest(vid).get("wal_lsn", 0))
+            except (CorruptVersion, NotFound, StorageError, ValueError):
+                continue
+        return 0
 
     # -- retention -------------------------------------------------------------------------------
 
@@ -571,7 +586,7 @@ class JobStore:
                                     keep_last=keep_last, keep_every=keep_every, protect=frozenset(protect or ()))
         for vid in doomed:
             point("version", "delete", "before", vid)
-            (self.versions_dir / f"{vid:012d}.json").unlink(missing_ok=True)
+            fileops.unlink(self.versions_dir / f"{vid:012d}.json", missing_ok=True)
             point("version", "delete", "after", vid)
         if doomed:
             fsync_dir(self.versions_dir, "version")
@@ -620,7 +635,7 @@ class JobStore:
                 if entry.name.removesuffix(SUFFIX) not in refs:  # either stored form of a referenced chunk stays
                     size = entry.stat().st_size
                     point("chunk", "delete", "before", entry.path)
-                    Path(entry.path).unlink(missing_ok=True)
+                    fileops.unlink(entry.path, missing_ok=True)
                     point("chunk", "delete", "after", entry.path)
                     result.removed_chunks += 1
                     result.freed_bytes += size
@@ -649,6 +664,11 @@ class JobStore:
         scans = [scan_segment(path) for _, path in segs]
         torn = [s.torn for s in scans if s.torn and not s.damaged]
         damaged = [s.torn for s in scans if s.damaged]
+        if not damaged:
+            try:  # what only the whole log shows: a cut older segment, a gap after replayed records
+                read_log(self.log_dir, self._newest_wal_lsn())
+            except LogDamaged as exc:
+                damaged.append(str(exc))
         return {
             "job": self.job, "owner": self.owner,
             "ok": all(v.ok for v in versions) and not damaged,
@@ -672,12 +692,13 @@ class JobStore:
         parent = self.path.parent
         if self.path.exists():
             grave = parent / f".deleted.{self.job}.{secrets.token_hex(4)}"
-            os.replace(self.path, grave)
+            fileops.replace(self.path, grave)
             fsync_dir(parent)
         if parent.is_dir():
             for leftover in parent.iterdir():
                 if leftover.name.startswith(".deleted."):
-                    shutil.rmtree(leftover, ignore_errors=True)
+                    with contextlib.suppress(OSError):
+                        fileops.rmtree(leftover)
 
     def stored_bytes(self) -> int:
         """Bytes of the job's chunk files. A listing races gc and delete: a chunk or folder that vanished

@@ -28,6 +28,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -38,7 +39,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import aiofiles
 import aiofiles.os
@@ -47,14 +47,18 @@ import numpy as np
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
+from ..settings import Location as Location
+from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
-from . import hashing
+from . import fileops, hashing
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
 from .manifest import VersionInfo, seal, tree_from_manifest, unseal
+from .remote_errors import explain
 from .retention import versions_to_delete
 
+log = logging.getLogger("autosaved.remote")
 _VERSION_KEY = re.compile(r"(?:^|/)(\d{12})\.e(\d{1,12})\.json$")
 _CHUNK_KEY = re.compile(r"(?:^|/)([0-9a-f]{64})(\.zst)?$")
 # Downloads and uploads in flight at once per job: enough to fill a fast link, few enough for a slow one.
@@ -65,35 +69,17 @@ class RemoteError(StorageError):
     """The object store failed or refused a request (unreachable, denied, misbehaving)."""
 
 
+class ConditionalWritesIgnored(RemoteError):
+    """The store let a second ``If-None-Match: *`` create of one key succeed: two writers could overwrite
+    each other's objects there, so autosaved refuses the store (a definite answer, never retried)."""
+
+
 class LeaseHeld(RemoteError):
     """Another holder's lease is live: this daemon may not publish versions of the job yet."""
 
 
 class Fenced(RemoteError):
     """This daemon lost its lease (another took over): it must never publish a version of the job again."""
-
-
-@dataclass(frozen=True)
-class Location:
-    bucket: str
-    prefix: str
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-
-
-def parse_url(url: str, key: str = "remote.url") -> Location:
-    """``s3://bucket/optional/prefix`` → bucket and prefix; anything else is a clear error."""
-    parsed = urlparse(url) if isinstance(url, str) else None
-    if parsed is None or parsed.scheme != "s3" or not parsed.netloc:
-        raise ConfigError(f"{key}: expected an s3://bucket/prefix URL, got {url!r}")
-    if parsed.query or parsed.fragment:
-        raise ConfigError(f"{key}: {url!r} has a query or fragment; use s3://bucket/prefix")
-    prefix = parsed.path.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ConfigError(f"{key}: {url!r} has an empty, '.' or '..' path segment")
-    return Location(parsed.netloc, prefix)
 
 
 def read_credentials_file(path: Path, profile: str = "default") -> dict[str, str]:
@@ -148,9 +134,10 @@ def _errors() -> Any:
     return _obstore().exceptions
 
 
-def _wrap(exc: BaseException, what: str) -> RemoteError:
-    text = str(exc).split("\n\nDebug source:")[0].strip()
-    return RemoteError(f"object store: {what} failed: {text}")
+def _wrap(exc: BaseException, what: str, where: str) -> RemoteError:
+    """One actionable line (see :mod:`.remote_errors`); the client's whole text at debug level."""
+    log.debug("object store %s: %s failed: %s", where, what, exc)
+    return RemoteError(explain(str(exc), what, where))
 
 
 @dataclass(frozen=True)
@@ -167,12 +154,27 @@ class Lease:
     expires: float
     fences: dict[str, int]
     etag: str | None = None
+    # Which incarnation of the job publishes (``None``: a lease written before incarnations existed).
+    incarnation: str | None = None
+    # A tombstone: the job was deleted; nothing of any epoch is read.
+    deleted: bool = False
+    # Set by :meth:`RemoteJob.acquire` when this lease ended another live incarnation (not stored).
+    replaced: str | None = None
 
     def doc(self) -> dict[str, Any]:
-        return {"holder": self.holder, "epoch": self.epoch, "expires": self.expires, "fences": self.fences}
+        doc: dict[str, Any] = {"holder": self.holder, "epoch": self.epoch, "expires": self.expires,
+                               "fences": self.fences}
+        if self.incarnation is not None:
+            doc["incarnation"] = self.incarnation
+        if self.deleted:
+            doc["deleted"] = True
+        return doc
 
     def admits(self, vk: VersionKey) -> bool:
-        """Whether readers trust a manifest of ``vk``'s epoch and id under this lease (see module doc)."""
+        """Whether readers trust a manifest of ``vk``'s epoch and id under this lease (see module doc).
+        A new incarnation starts with no fences, so nothing an older (deleted) one published is read."""
+        if self.deleted:
+            return False
         if vk.epoch == self.epoch:
             return True
         bound = self.fences.get(str(vk.epoch))
@@ -193,7 +195,6 @@ class RemoteGc:
     deleted_versions: list[int] = field(default_factory=list)
     removed_chunks: int = 0
     freed_bytes: int = 0
-    pending_chunks: int = 0
 
 
 class RemoteStore:
@@ -260,7 +261,7 @@ class RemoteStore:
         except _errors().PreconditionError as exc:
             raise _PreconditionFailed(key) from exc
         except Exception as exc:
-            raise _wrap(exc, f"PUT {key}") from None
+            raise _wrap(exc, f"PUT {key}", self.describe()) from None
         etag = result.get("e_tag")
         return str(etag) if etag is not None else None
 
@@ -274,7 +275,7 @@ class RemoteStore:
         except _errors().NotFoundError:
             raise FileNotFoundError(key) from None
         except Exception as exc:
-            raise _wrap(exc, f"GET {key}") from None
+            raise _wrap(exc, f"GET {key}", self.describe()) from None
         # obstore's Bytes exposes the buffer protocol: no copy into a Python bytes object.
         return memoryview(data), result.meta.get("e_tag")
 
@@ -289,7 +290,7 @@ class RemoteStore:
         except _errors().NotFoundError:
             raise FileNotFoundError(key) from None
         except Exception as exc:
-            raise _wrap(exc, f"GET {key}") from None
+            raise _wrap(exc, f"GET {key}", self.describe()) from None
 
     async def list_objects(self, prefix: str) -> list[dict[str, Any]]:
         obs = _obstore()
@@ -297,14 +298,14 @@ class RemoteStore:
             return [m for batch in [await obs.list(self.client, prefix, chunk_size=1000).collect_async()]
                     for m in batch]
         except Exception as exc:
-            raise _wrap(exc, f"LIST {prefix}") from None
+            raise _wrap(exc, f"LIST {prefix}", self.describe()) from None
 
     async def list_dirs(self, prefix: str) -> list[str]:
         obs = _obstore()
         try:
             result = await obs.list_with_delimiter_async(self.client, prefix)
         except Exception as exc:
-            raise _wrap(exc, f"LIST {prefix}/") from None
+            raise _wrap(exc, f"LIST {prefix}/", self.describe()) from None
         return [str(p).rstrip("/").rsplit("/", 1)[-1] for p in result["common_prefixes"]]
 
     async def delete(self, keys: Sequence[str]) -> None:
@@ -314,7 +315,7 @@ class RemoteStore:
         try:
             await obs.delete_async(self.client, list(keys))
         except Exception as exc:
-            raise _wrap(exc, f"DELETE {len(keys)} objects") from None
+            raise _wrap(exc, f"DELETE {len(keys)} objects", self.describe()) from None
 
     # -- bucket-level ----------------------------------------------------------------------------
 
@@ -330,7 +331,7 @@ class RemoteStore:
         finally:
             with contextlib.suppress(RemoteError):
                 await self.delete([key])
-        raise RemoteError(
+        raise ConditionalWritesIgnored(
             f"the object store {self.describe()} ignored If-None-Match: * (a second create of {key} succeeded); "
             "autosaved cannot commit versions safely on it. Use a store with conditional writes (AWS S3, "
             "SeaweedFS, MinIO, R2, GCS's S3 API)."
@@ -407,6 +408,28 @@ class RemoteJob:
         the new holder's versions are the job's newest even if an old holder numbered its own higher."""
         lease = await self.read_lease()
         return _visible(await self.version_keys(), lease)
+
+    async def summary(self) -> dict[str, Any] | None:
+        """What the bucket holds of the job, for ``list --remote``: visible versions, the newest one's id and
+        time, and the bytes of every object under the job (one listing, the lease, one manifest).
+        ``None`` for a deleted job (a tombstone)."""
+        objects = await self.store.list_objects(self.prefix)
+        lease = await self.read_lease()
+        if lease is not None and lease.deleted:
+            return None
+        keys = []
+        for meta in objects:
+            m = _VERSION_KEY.search(str(meta["path"]))
+            if m and str(meta["path"]).startswith(f"{self.prefix}/versions/"):
+                keys.append(VersionKey(int(m.group(1)), int(m.group(2)), str(meta["path"])))
+        visible = _visible(keys, lease)
+        newest_time = None
+        if visible:
+            with contextlib.suppress(CorruptVersion):
+                newest_time = str((await self.read_manifest(visible[-1])).get("time"))
+        return {"job": self.job, "owner": self.owner, "versions": len(visible),
+                "latest": visible[-1].id if visible else None, "latest_time": newest_time,
+                "bytes": sum(int(m["size"]) for m in objects)}
 
     async def put_manifest(self, version: int, epoch: int, raw: bytes) -> None:
         try:
@@ -533,7 +556,8 @@ class RemoteJob:
         the state. Every chunk is written and fsynced, and its directory too, before the manifest, as a
         local save would; a version that fails to verify leaves only unreferenced chunk files (garbage
         for the next gc) and the next older one is tried."""
-        visible = await self.visible_versions()
+        lease = await self.read_lease()
+        visible = _visible(await self.version_keys(), lease)
         if version is not None:
             picked = [vk for vk in visible if vk.id == version]
             if not picked:
@@ -543,6 +567,9 @@ class RemoteJob:
         for vk in picked:
             try:
                 await self._seed_version(local, vk)
+                if lease is not None and lease.incarnation is not None and version is None:
+                    # The seeded job goes on as the bucket's incarnation, not as a new one.
+                    await anyio.to_thread.run_sync(write_incarnation, local, lease.incarnation)
                 return vk.id
             except CorruptVersion as exc:
                 if version is not None:
@@ -577,13 +604,10 @@ class RemoteJob:
                     except FileNotFoundError:
                         raise CorruptVersion(f"{where}: object {key} is missing") from None
                     await anyio.to_thread.run_sync(_verified, chunk, data, is_packed, key, where, None)
-                    await aiofiles.os.makedirs(target.parent, mode=DIR_MODE, exist_ok=True)
-                    tmp = temp_name(local.tmp_dir, chunk.digest)
-                    async with aiofiles.open(tmp, "wb") as fh:
-                        await fh.write(data)
-                        await fh.flush()
-                        await anyio.to_thread.run_sync(os.fsync, fh.fileno())
-                    await aiofiles.os.replace(tmp, target.with_name(chunk.digest + SUFFIX) if is_packed else target)
+                    final = target.with_name(chunk.digest + SUFFIX) if is_packed else target
+                    # Through the storage layer's file seam (fileops), like every other durable write.
+                    await anyio.to_thread.run_sync(fileops.write_new, temp_name(local.tmp_dir, chunk.digest), data,
+                                                   final, DIR_MODE)
                 except (CorruptVersion, RemoteError, OSError) as exc:
                     failures.append(exc)
                     scope.cancel()
@@ -637,29 +661,37 @@ class RemoteJob:
             return None
         try:
             doc = json.loads(bytes(raw))
+            incarnation = doc.get("incarnation")
             return Lease(holder=str(doc["holder"]), epoch=int(doc["epoch"]), expires=float(doc["expires"]),
-                         fences={str(k): int(v) for k, v in dict(doc.get("fences") or {}).items()}, etag=etag)
+                         fences={str(k): int(v) for k, v in dict(doc.get("fences") or {}).items()}, etag=etag,
+                         incarnation=None if incarnation is None else str(incarnation),
+                         deleted=bool(doc.get("deleted", False)))
         except (ValueError, KeyError, TypeError) as exc:
             raise RemoteError(f"{self.job}: lease object {self.lease_key} is unreadable ({exc})") from None
 
-    async def acquire(self, holder: str, ttl: float, *, take_over: bool = False) -> Lease:
+    async def acquire(self, holder: str, ttl: float, *, take_over: bool = False,
+                      incarnation: str | None = None) -> Lease:
         """Become the job's one publisher with a new epoch. Refused (:class:`LeaseHeld`) while another
         holder's lease is live, unless ``take_over`` (the operator knows the old host is gone), which
-        retries while the holder renews concurrently (its compare-and-swap then beats ours)."""
+        retries while the holder renews concurrently (its compare-and-swap then beats ours).
+
+        ``incarnation``: the publishing job's incarnation (``None``: keep the lease's, as a take-over by
+        the operator does). After a tombstone, or over another incarnation, the new lease starts with no
+        fences: nothing the older incarnation published is read again, and remote gc removes it."""
         for attempt in range(10 if take_over else 1):
             try:
-                return await self._acquire_once(holder, ttl, take_over)
+                return await self._acquire_once(holder, ttl, take_over, incarnation)
             except LeaseHeld as exc:
                 if not take_over or "changed while taking it" not in str(exc) or attempt == 9:
                     raise
                 await anyio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _acquire_once(self, holder: str, ttl: float, take_over: bool) -> Lease:
+    async def _acquire_once(self, holder: str, ttl: float, take_over: bool, incarnation: str | None) -> Lease:
         now = time.time()
         current = await self.read_lease()
         if current is None:
-            lease = Lease(holder=holder, epoch=1, expires=now + ttl, fences={})
+            lease = Lease(holder=holder, epoch=1, expires=now + ttl, fences={}, incarnation=incarnation)
             try:
                 lease.etag = await self.store.put(self.lease_key, _dump(lease.doc()), create=True)
             except FileExistsError:
@@ -669,11 +701,20 @@ class RemoteJob:
             raise LeaseHeld(f"{self.job}: the lease is held by {current.holder} (epoch {current.epoch}) for "
                             f"{current.expires - now:.0f}s more; publishing waits for it to expire "
                             "(or run `autosaved remote takeover`)")
-        fences = dict(current.fences)
-        # Whatever the old epoch published up to now stays readable; nothing it publishes later does.
-        seen = [vk.id for vk in await self.version_keys() if vk.epoch == current.epoch]
-        fences[str(current.epoch)] = max(seen, default=0)
-        lease = Lease(holder=holder, epoch=current.epoch + 1, expires=now + ttl, fences=fences)
+        if incarnation is None:  # the operator's take-over: the same incarnation (or tombstone) goes on
+            incarnation, deleted, fresh = current.incarnation, current.deleted, False
+        else:
+            deleted = False
+            fresh = current.deleted or current.incarnation not in (None, incarnation)
+        fences: dict[str, int] = {}
+        if not fresh:
+            fences = dict(current.fences)
+            # Whatever the old epoch published up to now stays readable; nothing it publishes later does.
+            seen = [vk.id for vk in await self.version_keys() if vk.epoch == current.epoch]
+            fences[str(current.epoch)] = max(seen, default=0)
+        lease = Lease(holder=holder, epoch=current.epoch + 1, expires=now + ttl, fences=fences,
+                      incarnation=incarnation, deleted=deleted,
+                      replaced=current.incarnation if fresh and not current.deleted else None)
         try:
             lease.etag = await self.store.put(self.lease_key, _dump(lease.doc()), if_match=current.etag)
         except _PreconditionFailed:
@@ -682,7 +723,8 @@ class RemoteJob:
 
     async def renew(self, lease: Lease, ttl: float) -> None:
         """Extend ``lease`` by compare-and-swap; :class:`Fenced` if anyone else wrote the lease since."""
-        new = Lease(holder=lease.holder, epoch=lease.epoch, expires=time.time() + ttl, fences=lease.fences)
+        new = Lease(holder=lease.holder, epoch=lease.epoch, expires=time.time() + ttl, fences=lease.fences,
+                    incarnation=lease.incarnation, deleted=lease.deleted)
         try:
             etag = await self.store.put(self.lease_key, _dump(new.doc()), if_match=lease.etag)
         except _PreconditionFailed:
@@ -690,10 +732,44 @@ class RemoteJob:
             if other is not None and other.holder == lease.holder and other.epoch == lease.epoch:
                 lease.etag, lease.expires = other.etag, other.expires  # our own write whose reply was lost
                 return
+            if other is not None and other.deleted:
+                raise Fenced(f"{self.job}: the job was deleted from the bucket by {other.holder}; this daemon no "
+                             "longer publishes versions of this job") from None
             who = f"{other.holder} (epoch {other.epoch})" if other else "nobody (deleted)"
             raise Fenced(f"{self.job}: the lease was taken over by {who}; this daemon no longer publishes "
                          "versions of this job") from None
         lease.etag, lease.expires = etag, new.expires
+
+    # -- delete ------------------------------------------------------------------------------------
+
+    async def delete_job(self, holder: str) -> tuple[int, int]:
+        """Delete the job from the bucket: first a tombstone lease (a new epoch marked ``deleted``: from
+        then on no reader, seed or restore sees any version of it, and a live publisher is fenced at its
+        next renewal), then every other object under the job. Returns (objects, bytes) removed. A job
+        recreated later publishes as a new incarnation over the tombstone."""
+        found = [m for m in await self.store.list_objects(self.prefix) if str(m["path"]) != self.lease_key]
+        for attempt in range(10):
+            current = await self.read_lease()
+            if current is None and not found:
+                return 0, 0  # nothing of the job here, not even a lease: no tombstone needed
+            if current is not None and current.deleted:
+                break
+            tomb = Lease(holder=holder, epoch=(current.epoch if current else 0) + 1, expires=0.0, fences={},
+                         deleted=True)
+            try:
+                if current is None:
+                    await self.store.put(self.lease_key, _dump(tomb.doc()), create=True)
+                else:
+                    await self.store.put(self.lease_key, _dump(tomb.doc()), if_match=current.etag)
+                break
+            except (FileExistsError, _PreconditionFailed):
+                await anyio.sleep(0.05 * (attempt + 1))  # a publisher renewed just now: read it again
+        else:
+            raise RemoteError(f"{self.job}: the lease kept changing while deleting the job; try again")
+        # Listed after the tombstone: whatever was written before it goes; nothing written after is read.
+        doomed = [m for m in await self.store.list_objects(self.prefix) if str(m["path"]) != self.lease_key]
+        await self.store.delete([str(m["path"]) for m in doomed])
+        return len(doomed), sum(int(m["size"]) for m in doomed)
 
     # -- retention and garbage collection ---------------------------------------------------------
 
@@ -765,7 +841,6 @@ class RemoteJob:
                 new_pending[digest] = since
         await self.store.delete(gone)
         result.removed_chunks = len(gone)
-        result.pending_chunks = len(new_pending)
         await self.store.put(self.gc_key, _dump(new_pending))
         return result
 
@@ -815,12 +890,44 @@ def _dump(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
-def remote_manifest(local_raw: bytes, epoch: int, holder: str, packed: Sequence[str], where: str) -> bytes:
+def remote_manifest(local_raw: bytes, epoch: int, holder: str, packed: Sequence[str], where: str,
+                    incarnation: str | None = None) -> bytes:
     """The bucket's manifest of a local version: the local manifest plus who published it, at which epoch,
-    and which chunks are stored compressed (their object names end in ``.zst``)."""
+    of which job incarnation, and which chunks are stored compressed (their object names end in ``.zst``)."""
     doc = unseal(local_raw, where)
     doc["remote"] = {"epoch": epoch, "holder": holder, "packed": sorted(packed)}
+    if incarnation is not None:
+        doc["remote"]["incarnation"] = incarnation
     return seal(doc)
+
+
+# A job's incarnation on this host: a random id, made when the job first publishes (or copied from the
+# bucket's lease when the job is seeded from there). It lives in the job's folder, so it goes with `delete`:
+# a job recreated under the same name is a new incarnation and never mistaken for the deleted one.
+INCARNATION_FILE = "incarnation"
+
+
+def read_incarnation(local: JobStore) -> str | None:
+    try:
+        text = (local.path / INCARNATION_FILE).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def write_incarnation(local: JobStore, incarnation: str) -> None:
+    # No ensure_dirs: a job deleted meanwhile must not get its folder back (the write fails instead).
+    atomic_write(local.path / INCARNATION_FILE, incarnation.encode() + b"\n", local.tmp_dir)
+
+
+def ensure_incarnation(local: JobStore) -> str:
+    """The job's incarnation here, made (durably) on first use. Runs in a worker thread."""
+    found = read_incarnation(local)
+    if found is not None:
+        return found
+    made = secrets.token_hex(8)
+    write_incarnation(local, made)
+    return made
 
 
 def open_remote(url: str, *, endpoint: str | None = None, region: str | None = None,
@@ -836,4 +943,5 @@ def holder_id(state_dir: Path) -> str:
 
 
 __all__ = ["Fenced", "Lease", "LeaseHeld", "RemoteError", "RemoteJob", "RemoteLoaded", "RemoteStore", "VersionKey",
-           "open_remote", "parse_url", "remote_manifest"]
+           "ensure_incarnation", "open_remote", "parse_url", "read_incarnation", "remote_manifest",
+           "write_incarnation"]

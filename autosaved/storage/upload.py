@@ -89,7 +89,7 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
     # Renew right before publishing: a daemon that lost its lease finds out here, not after.
     await remote.renew(lease, ttl)
     referenced = {str(d) for rec in doc["blobs"] for d, _ in rec["chunks"]}
-    body = remote_manifest(raw, lease.epoch, holder, sorted(packed & referenced), where)
+    body = remote_manifest(raw, lease.epoch, holder, sorted(packed & referenced), where, lease.incarnation)
     if faults.active():  # the tests hold an upload here (every chunk sent, no manifest yet) and kill the host
         await anyio.to_thread.run_sync(faults.point, "remote", "manifest", "before", where)
     try:

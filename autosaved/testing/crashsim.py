@@ -11,11 +11,20 @@ was not:
 - a directory-entry operation (``mkdir``, ``create``, ``rename``, ``unlink``, ``rmdir``) is durable once
   the directory that holds the (new) name was fsynced after it; a rename is atomic (both names change
   together), as every journalling file system makes it;
-- every operation that is not durable may be kept or dropped, independently of the others: entry
-  operations in every subset (all subsets up to :data:`EXHAUSTIVE` of them, else all-kept, all-dropped,
-  each one alone dropped, each one alone kept, and random subsets); un-synced file data all kept, all
-  dropped, the last un-synced write of each file torn in half, or the un-synced bytes replaced by zeros
-  (the file grew but its data never reached the disk).
+- every operation that is not durable may be kept or dropped, independently of the others. Un-synced
+  directory entries: in every subset (all subsets up to :data:`EXHAUSTIVE` of them, else all-kept,
+  all-dropped, each one alone dropped, each one alone kept, and random subsets). Un-synced file data,
+  per file and per write within a file (the ``independent`` model): each write kept, lost, replaced by
+  zeros (the file grew but its data never reached the disk) or torn at any sector boundary (its first
+  ``k`` bytes kept, ``off + k`` a multiple of :data:`SECTOR`), each trunc kept or lost, so a later write
+  may survive an earlier one that did not. A cut whose whole product of such fates has at most
+  :data:`EXHAUSTIVE_STATES` members is enumerated in full; a larger one gets the old shared fates
+  (below) for every entry subset, each write alone lost, zeroed, torn at its first, middle and last
+  boundary, or alone kept, and ``samples`` random assignments with and without the entries, and
+  ``samples`` random joint draws; the report prints how many cuts were enumerated and how many sampled,
+  the sample size and the seed. The ``shared`` model is the checker before issue 19: all un-synced data
+  of a state shares one fate (all kept, all dropped, all zeroed, or each file's last un-synced write torn
+  in half); it is kept to compare the two.
 
 An entry kept inside a directory whose own entry was dropped is gone with it; a kept ``rmdir`` takes
 whatever the dropped unlinks left inside. Identical states (same names, same bytes) are checked once.
@@ -51,7 +60,11 @@ ENTRY_OPS = frozenset({"mkdir", "create", "rename", "unlink", "rmdir"})
 DATA_OPS = frozenset({"write", "trunc"})
 # Up to this many un-synced entry operations at a cut, every subset is tried (2**EXHAUSTIVE states).
 EXHAUSTIVE = 6
-DATA_MODES = ("keep", "drop", "torn", "zero")
+# A cut whose full product of fates (entries kept or dropped x each write kept, lost, zeroed or torn at each
+# sector boundary) has at most this many members is enumerated in full; larger ones are sampled.
+EXHAUSTIVE_STATES = 256
+SECTOR = 512
+MODELS = ("independent", "shared")
 NEVER = 1 << 62
 
 Node = tuple[str, int]  # ("f", inode id) or ("d", dir id)
@@ -219,41 +232,127 @@ def _subsets(entries: list[int], rng: random.Random, samples: int, window: int |
         yield frozenset(e for e in entries if rng.random() < 0.5)
 
 
+# How one un-synced data op reaches the disk: "w" whole, "d" not at all, "z" as zeros (the file grew but its
+# data never arrived), "h" its first half (the shared model's torn write), "p<k>" its first k bytes where
+# ``off + k`` is a sector boundary (a write torn at that boundary). A trunc is "w" (applied) or "d".
+Plan = dict[int, str]
+
+
+def _boundaries(op: Op) -> list[int]:
+    """Where a write may tear: the prefix lengths that end on a sector boundary strictly inside it."""
+    first = (op.off // SECTOR + 1) * SECTOR
+    return [b - op.off for b in range(first, op.off + len(op.data), SECTOR)]
+
+
+def _fates(op: Op) -> list[str]:
+    """Every way ``op`` may reach the disk."""
+    if op.kind == "trunc":
+        return ["w", "d"]
+    return ["w", "d", "z", *(f"p{k}" for k in _boundaries(op))]
+
+
+def _shared_plans(data: list[Op]) -> Iterator[tuple[str, Plan]]:
+    """The old model: one fate for all un-synced data (kept, dropped, zeroed, each file's last write torn)."""
+    yield "keep", {}
+    yield "drop", {op.i: "d" for op in data}
+    yield "zero", {op.i: "z" for op in data if op.kind == "write"}
+    last: dict[int, int] = {}
+    for op in data:
+        if op.kind == "write":
+            last[op.ino] = op.i
+    yield "torn", {i: "h" for i in last.values()}
+
+
+def _random_plan(data: list[Op], rng: random.Random) -> Plan:
+    plan: Plan = {}
+    for op in data:
+        fate = rng.choice(_fates(op)[:3] if op.kind == "write" else _fates(op))
+        if op.kind == "write" and rng.random() < 0.25 and (cuts := _boundaries(op)):
+            fate = f"p{rng.choice(cuts)}"
+        if fate != "w":
+            plan[op.i] = fate
+    return plan
+
+
+def _independent_plans(data: list[Op], rng: random.Random, samples: int,
+                       window: int | None) -> Iterator[tuple[str, Plan]]:
+    """Every file and every un-synced write within a file kept, lost or torn on its own: each op alone
+    dropped, zeroed, torn (at its first, middle and last sector boundary) and alone kept with the rest
+    lost, for the ``window`` most recent ops; then ``samples`` random assignments over all of them."""
+    for op in data if window is None else data[-window:]:
+        everything_lost = {o.i: "d" for o in data if o.i != op.i}
+        yield f"only op {op.i} kept", everything_lost
+        yield f"op {op.i} lost", {op.i: "d"}
+        if op.kind == "write":
+            yield f"op {op.i} zeroed", {op.i: "z"}
+            cuts = _boundaries(op)
+            for k in sorted({cuts[0], cuts[len(cuts) // 2], cuts[-1]} if cuts else set()):
+                yield f"op {op.i} torn at +{k}", {op.i: f"p{k}"}
+    for n in range(samples):
+        yield f"random {n}", _random_plan(data, rng)
+
+
+def _product_size(entries: int, data: list[Op], limit: int) -> int:
+    """The size of the full product of fates (capped at ``limit + 1``: only whether it fits matters)."""
+    total: int = 2**min(entries, 63)
+    for op in data:
+        total *= len(_fates(op))
+        if total > limit:
+            return limit + 1
+    return total
+
+
 def states_at(trace: Trace, cut: int, rng: random.Random, samples: int = 24,
-              window: int | None = None) -> Iterator[CrashState]:
+              window: int | None = None, model: str = "independent",
+              stats: dict[str, int] | None = None) -> Iterator[CrashState]:
+    """The crash states of a cut after ``cut`` operations. ``model="shared"`` is the old model (all
+    un-synced data shares one fate); ``"independent"`` (the default) lets every un-synced write and every
+    un-synced entry keep, lose or tear on its own: the full product where it has at most
+    :data:`EXHAUSTIVE_STATES` members, else the shared plans, each op alone perturbed and random joint
+    samples. ``stats`` counts the cuts enumerated in full and sampled."""
     ops = trace.ops[:cut]
-    unsynced_entries = [op.i for op in ops if op.kind in ENTRY_OPS and op.synced_at >= cut]
-    unsynced_data = any(op.kind in DATA_OPS and op.synced_at >= cut for op in ops)
-    modes = DATA_MODES if unsynced_data else ("keep",)
-    for dropped in _subsets(unsynced_entries, rng, samples, window):
-        for mode in modes:
-            yield _materialise(ops, cut, dropped, mode)
+    entries = [op.i for op in ops if op.kind in ENTRY_OPS and op.synced_at >= cut]
+    data = [op for op in ops if op.kind in DATA_OPS and op.synced_at >= cut]
+    if model == "independent" and _product_size(len(entries), data, EXHAUSTIVE_STATES) <= EXHAUSTIVE_STATES:
+        if stats is not None:
+            stats["full"] = stats.get("full", 0) + 1
+        for r in range(len(entries) + 1):
+            for combo in itertools.combinations(entries, r):
+                for fates in itertools.product(*(_fates(op) for op in data)):
+                    plan = {op.i: f for op, f in zip(data, fates, strict=True) if f != "w"}
+                    yield _materialise(ops, cut, frozenset(combo), plan, "product")
+        return
+    if stats is not None:
+        stats["sampled"] = stats.get("sampled", 0) + 1
+    shared = list(_shared_plans(data)) if data else [("keep", {})]
+    for dropped in _subsets(entries, rng, samples, window):
+        for label, plan in shared:
+            yield _materialise(ops, cut, dropped, plan, label)
+    if model == "shared" or not data:
+        return
+    everything = frozenset(entries)
+    for label, plan in _independent_plans(data, rng, samples, window):
+        yield _materialise(ops, cut, frozenset(), plan, label)
+        if everything:
+            yield _materialise(ops, cut, everything, plan, label)
+    for n in range(samples):  # entries and data drawn together
+        yield _materialise(ops, cut, frozenset(e for e in entries if rng.random() < 0.5), _random_plan(data, rng),
+                           f"joint random {n}")
 
 
-def _materialise(ops: list[Op], cut: int, dropped: frozenset[int], mode: str) -> CrashState:
+def _materialise(ops: list[Op], cut: int, dropped: frozenset[int], plan: Plan, mode: str) -> CrashState:
     # Plain dicts and local names: this loop runs once per generated state over every op before the cut.
     dirs: dict[int, dict[str, Node]] = {0: {}}
     where: dict[int, tuple[int, str]] = {}  # dir id -> (parent id, name) in this state
     specs: dict[int, list[tuple[int, str]]] = {}
-    last_unsynced: dict[int, int] = {}
-    if mode == "torn":
-        for op in ops:
-            if op.kind == "write" and op.synced_at >= cut:
-                last_unsynced[op.ino] = op.i
-    keep_all = mode == "keep"
     for op in ops:
         kind = op.kind
         if kind == "fsync" or kind == "fsyncdir":
             continue
         if kind == "write" or kind == "trunc":
-            if op.synced_at < cut or keep_all:
-                how = "w"
-            elif mode == "drop":
+            how = "w" if op.synced_at < cut else plan.get(op.i, "w")
+            if how == "d":
                 continue
-            elif mode == "zero":
-                how = "z"
-            else:
-                how = "h" if last_unsynced.get(op.ino) == op.i else "w"
             specs.setdefault(op.ino, []).append((op.i, how if kind == "write" else "t"))
             continue
         if op.i in dropped:
@@ -327,6 +426,8 @@ class Materialiser:
                 data = op.data
                 if how == "h":
                     data = data[: len(data) // 2]
+                elif how.startswith("p"):
+                    data = data[: int(how[1:])]
                 elif how == "z":
                     data = bytes(len(data))
                 if len(buf) < op.off:
@@ -370,9 +471,13 @@ def canon(value: Any) -> Any:
 
 
 def deep_merge(base: Any, delta: Mapping[Any, Any]) -> dict[Any, Any]:
+    from ..tree import DELETE
+
     out = dict(base) if isinstance(base, Mapping) else {}
     for k, v in delta.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+        if v is DELETE:
+            out.pop(k, None)
+        elif isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
             out[k] = deep_merge(out[k], v)
         elif isinstance(v, Mapping):
             out[k] = deep_merge({}, v)
@@ -383,11 +488,34 @@ def deep_merge(base: Any, delta: Mapping[Any, Any]) -> dict[Any, Any]:
 
 @dataclass
 class History:
-    """The states a client had, per job, indexed by update number (0 = nothing; reset by a delete)."""
+    """The states a client had, per job, indexed by update number (0 = nothing; reset by a delete).
+
+    A job written by several clients at once (``apply_concurrent``) is kept per client instead: its
+    clients write disjoint keys, so its state is fixed by how many updates of each client it holds, and
+    every such vector between the acked and the sent counts is a state the clients had."""
 
     states: dict[str, dict[int, Any]] = field(default_factory=dict)
     current: dict[str, Any] = field(default_factory=dict)
     n: dict[str, int] = field(default_factory=dict)
+    concurrent: dict[str, dict[str, list[Mapping[Any, Any]]]] = field(default_factory=dict)
+
+    def apply_concurrent(self, job: str, client: str, delta: Mapping[Any, Any]) -> int:
+        """Record ``client``'s next update of ``job`` (its keys no other client writes); its number."""
+        deltas = self.concurrent.setdefault(job, {}).setdefault(client, [])
+        deltas.append(delta)
+        return len(deltas)
+
+    def concurrent_states(self, job: str, low: dict[str, int], high: dict[str, int]) -> set[Any]:
+        """Every state with each client's count between ``low`` and ``high`` (inclusive)."""
+        clients = sorted(self.concurrent.get(job, {}))
+        out: set[Any] = set()
+        for counts in itertools.product(*(range(low.get(c, 0), high.get(c, 0) + 1) for c in clients)):
+            state: dict[Any, Any] = {}
+            for c, k in zip(clients, counts, strict=True):
+                for delta in self.concurrent[job][c][:k]:
+                    state = deep_merge(state, delta)
+            out.add(canon(state))
+        return out
 
     def apply(self, job: str, delta: Mapping[Any, Any]) -> int:
         n = self.n.get(job, 0) + 1
@@ -403,6 +531,16 @@ class History:
 def allowed_states(history: History, job: str, marks: list[dict[str, Any]]) -> tuple[set[Any], bool, int]:
     """What a restore of ``job`` may return given the marks before a cut: (canonical states, whether
     ``None`` is allowed, the acked floor)."""
+    if job in history.concurrent:
+        low: dict[str, int] = {}
+        high: dict[str, int] = {}
+        for m in marks:
+            if m.get("job") == job and m["what"] == "update":
+                book = high if m["ev"] == "sent" else low if m.get("level") in ("logged", "committed") else None
+                if book is not None:
+                    book[m["client"]] = max(book.get(m["client"], 0), int(m["n"]))
+        allowed = history.concurrent_states(job, low, high)
+        return allowed, not any(low.values()), sum(low.values())
     floor = 0
     none_ok = True
     sent = 0
@@ -483,8 +621,8 @@ def _judge(got: Any, allowed: set[Any], none_ok: bool, floor: int, job: str, lab
 def check_with_daemon(state_dir_src: Path, work: Path, history: History, jobs: list[str],
                       marks: list[dict[str, Any]], label: str, config: str) -> list[Finding]:
     """Start a fresh daemon on a copy of a crash state; it must serve what the offline check accepts."""
-    from ..bench.private import PrivateDaemon
     from ..client.sync import Client
+    from .private import PrivateDaemon
 
     root = work / "daemon"
     if root.exists():
@@ -492,7 +630,7 @@ def check_with_daemon(state_dir_src: Path, work: Path, history: History, jobs: l
     root.mkdir(parents=True)
     shutil.copytree(state_dir_src, root / "state", symlinks=True)
     out: list[Finding] = []
-    env = {"AUTOSAVED_FSTRACE": "", "AUTOSAVED_FAULTS_FILE": ""}
+    env = {"AUTOSAVED_FSTRACE": "", "AUTOSAVED_FILEOPS": "", "AUTOSAVED_FAULTS_FILE": ""}
     d = PrivateDaemon(root, config=config, log_level="info", env=env)
     try:
         try:
@@ -544,6 +682,11 @@ class Report:
     checked: int = 0
     daemon_checked: int = 0
     findings: list[Finding] = field(default_factory=list)
+    model: str = "independent"
+    seed: int = 0
+    samples: int = 0
+    cuts_full: int = 0     # cuts whose full product of fates was enumerated
+    cuts_sampled: int = 0  # cuts too large for that: sampled (``samples`` random plans and joint draws each)
 
     def kinds(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -552,19 +695,21 @@ class Report:
         return out
 
     def summary(self) -> str:
-        return (f"trace ops {self.trace_ops}, cuts {self.cuts}, crash states generated {self.generated}, "
-                f"distinct states checked offline {self.checked}, with a fresh daemon {self.daemon_checked}, "
-                f"vulnerabilities {len(self.findings)} {self.kinds()}")
+        return (f"model {self.model}: trace ops {self.trace_ops}, cuts {self.cuts} ({self.cuts_full} enumerated in "
+                f"full, {self.cuts_sampled} sampled: {self.samples} random plans per cut, seed {self.seed}), crash "
+                f"states generated {self.generated}, distinct states checked offline {self.checked}, with a fresh "
+                f"daemon {self.daemon_checked}, vulnerabilities {len(self.findings)} {self.kinds()}")
 
 
 def explore(trace: Trace, history: History, jobs: list[str], work: Path, *, seed: int = 0, samples: int = 24,
             window: int | None = None, max_states: int | None = None, daemon_states: int = 0, daemon_config: str = "",
-            stop_after: int | None = None) -> Report:
+            stop_after: int | None = None, model: str = "independent") -> Report:
     """Generate and check every crash state of ``trace`` (distinct ones once). ``max_states`` caps the
     distinct states checked offline (spread over the cuts: every ``len/max``-th); ``daemon_states``
     of them, chosen at random, are also opened by a fresh daemon."""
     rng = random.Random(seed)
-    report = Report(trace_ops=len(trace.ops))
+    report = Report(trace_ops=len(trace.ops), model=model, seed=seed, samples=samples)
+    stats: dict[str, int] = {}
     # Torn log tails are expected in crash states; the storage code's warnings about them are noise here.
     logging.getLogger("autosaved").setLevel(logging.ERROR)
     mat = Materialiser(trace, work)
@@ -572,12 +717,13 @@ def explore(trace: Trace, history: History, jobs: list[str], work: Path, *, seed
     unique: list[CrashState] = []
     for cut in range(len(trace.ops) + 1):
         report.cuts += 1
-        for state in states_at(trace, cut, rng, samples, window):
+        for state in states_at(trace, cut, rng, samples, window, model, stats):
             report.generated += 1
             key = state.key()
             if key not in seen:
                 seen.add(key)
                 unique.append(state)
+    report.cuts_full, report.cuts_sampled = stats.get("full", 0), stats.get("sampled", 0)
     chosen = unique
     if max_states is not None and len(unique) > max_states:
         step = len(unique) / max_states

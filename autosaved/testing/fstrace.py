@@ -1,14 +1,17 @@
 """Record the file-system operations the storage layer makes, for the power-loss checker.
 
-Switched on by ``AUTOSAVED_FSTRACE=<trace file>`` (``AUTOSAVED_FSTRACE_ROOT=<state dir>`` names the dir
-whose ``jobs/`` subtree is recorded). :mod:`autosaved.storage.fsutil` calls :func:`install` at import
-when the variable is set; production never sets it, and then this module is never imported.
+The recorder plugs into the storage layer's one seam for durable I/O (:mod:`autosaved.storage.fileops`):
+:func:`install` wraps its operations (``open``, ``write``, ``pwrite``, ``fsync``, ``fdatasync``,
+``ftruncate``, ``close``, ``replace``, ``unlink``, ``mkdir``, ``rmdir``), so every durable operation of the
+storage code is seen (the log's segments and repairs, the bucket seed's chunk files included) and nothing
+else is patched. A daemon records from its start when its environment names this module's
+:func:`install` as the seam's plug-in (``AUTOSAVED_FILEOPS=autosaved.testing.fstrace:install``) with
+``AUTOSAVED_FSTRACE=<trace file>`` and ``AUTOSAVED_FSTRACE_ROOT=<state dir>`` (whose ``jobs/`` subtree is
+recorded): :data:`DAEMON_ENV` builds that environment. Production never sets them.
 
-:func:`install` interposes on the ``os`` functions the storage code calls (``open``, ``write``,
-``pwrite``, ``fsync``, ``fdatasync``, ``close``, ``replace``/``rename``, ``unlink``, ``mkdir``, ``rmdir``,
-``ftruncate``). Each call on a path or fd under the recorded tree runs under one lock together with the
-append of its record, so the trace is a linearisation of what the threads of every daemon process that
-shares the trace file did. Other processes (the workload) append ``mark`` records to the same file with
+Each call on a path or fd under the recorded tree runs under one lock together with the append of its
+record, so the trace is a linearisation of what the threads of every daemon process that shares the
+trace file did. Other processes (the workload) append ``mark`` records to the same file with
 :func:`mark`; ``O_APPEND`` writes of one buffer are ordered with the daemon's, so a mark written after a
 reply arrived follows every operation the reply depended on.
 
@@ -28,25 +31,16 @@ from typing import Any
 
 import msgpack
 
+from ..storage import fileops
+from ..storage.fileops import FileOps, StrPath
+
 ENV = "AUTOSAVED_FSTRACE"
 ENV_ROOT = "AUTOSAVED_FSTRACE_ROOT"
 
-_lock = threading.RLock()
-_installed = False
-# fd → ("f", (dev, ino)) for files opened for writing, ("d", relpath) for directories.
-_fds: dict[int, tuple[str, Any]] = {}
-_orig: dict[str, Any] = {}
-_trace_fd = -1
-_root = ""
 
-
-def _append(rec: dict[str, Any]) -> None:
-    data = msgpack.packb(rec, use_bin_type=True)
-    view = memoryview(data)
-    # One write call per record: O_APPEND keeps each record whole and in order across processes.
-    n = _orig["write"](_trace_fd, view)
-    if n != len(data):  # pragma: no cover - a regular file takes small writes whole
-        raise OSError(f"short write to the fs trace ({n} of {len(data)})")
+def daemon_env(trace: str, root: str) -> dict[str, str]:
+    """The environment that makes a daemon record into ``trace`` from its start."""
+    return {ENV: trace, ENV_ROOT: root, fileops.PLUGIN_ENV: f"{__name__}:install"}
 
 
 def mark(trace_path: str, **fields: Any) -> None:
@@ -59,197 +53,161 @@ def mark(trace_path: str, **fields: Any) -> None:
         os.close(fd)
 
 
-def _abs(path: Any, dir_fd: int | None) -> str:
-    p = os.fsdecode(os.fspath(path))
-    if dir_fd is not None and not os.path.isabs(p):
-        p = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), p)
-    p = os.path.abspath(p)
-    if not p.startswith(_root + "/"):
-        # The recorded root is a real path; so is anything that reaches it through a symlink.
-        head, tail = os.path.split(p)
-        p = os.path.join(os.path.realpath(head), tail)
-    return p
+class Recorder(FileOps):
+    """The seam's operations, each recorded when it touches the recorded tree."""
 
+    def __init__(self, inner: FileOps, trace: str, root: str) -> None:
+        self.inner = inner
+        self.root = os.path.realpath(root)
+        self.lock = threading.RLock()
+        # fd -> ("f", (dev, ino)) for files opened for writing, ("d", relpath) for directories.
+        self.fds: dict[int, tuple[str, Any]] = {}
+        self.trace_fd = os.open(trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-def _rel(path: str) -> str | None:
-    """The path relative to the state dir when it lies in the recorded ``jobs`` tree, else None."""
-    if not path.startswith(_root + "/"):
-        return None
-    rel = path[len(_root) + 1:]
-    return rel if rel == "jobs" or rel.startswith("jobs/") else None
+    def _append(self, rec: dict[str, Any]) -> None:
+        data = msgpack.packb(rec, use_bin_type=True)
+        # One write call per record: O_APPEND keeps each record whole and in order across processes.
+        n = os.write(self.trace_fd, data)
+        if n != len(data):  # pragma: no cover - a regular file takes small writes whole
+            raise OSError(f"short write to the fs trace ({n} of {len(data)})")
 
+    def _rel(self, path: StrPath) -> str | None:
+        """The path relative to the state dir when it lies in the recorded ``jobs`` tree, else None."""
+        p = os.path.abspath(os.fsdecode(os.fspath(path)))
+        if not p.startswith(self.root + "/"):
+            # The recorded root is a real path; so is anything that reaches it through a symlink.
+            head, tail = os.path.split(p)
+            p = os.path.join(os.path.realpath(head), tail)
+        if not p.startswith(self.root + "/"):
+            return None
+        rel = p[len(self.root) + 1:]
+        return rel if rel == "jobs" or rel.startswith("jobs/") else None
 
-def _fd_path(fd: int) -> str:
-    return os.readlink(f"/proc/self/fd/{fd}")
-
-
-def _open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
-    full = _abs(path, dir_fd)
-    rel = _rel(full)
-    if rel is None:
-        return int(_orig["open"](path, flags, mode, dir_fd=dir_fd))
-    with _lock:
-        existed = os.path.lexists(full)
-        fd = int(_orig["open"](path, flags, mode, dir_fd=dir_fd))
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            _fds[fd] = ("d", rel)
-        elif flags & (os.O_WRONLY | os.O_RDWR):
-            ino = [st.st_dev, st.st_ino]
-            _fds[fd] = ("f", ino)
-            if not existed:
-                _append({"op": "create", "path": rel, "ino": ino})
-            if flags & os.O_TRUNC and st.st_size == 0:
-                _append({"op": "trunc", "ino": ino, "size": 0})
-        return fd
-
-
-def _write(fd: int, data: Any) -> int:
-    entry = _fds.get(fd)
-    if entry is None or entry[0] != "f":
-        return int(_orig["write"](fd, data))
-    with _lock:
-        n = int(_orig["write"](fd, data))
-        end = os.lseek(fd, 0, os.SEEK_CUR)
-        _append({"op": "write", "ino": entry[1], "off": end - n, "data": bytes(memoryview(data).cast("B")[:n])})
-        return n
-
-
-def _pwrite(fd: int, data: Any, offset: int) -> int:
-    entry = _fds.get(fd)
-    if entry is None or entry[0] != "f":
-        return int(_orig["pwrite"](fd, data, offset))
-    with _lock:
-        n = int(_orig["pwrite"](fd, data, offset))
-        _append({"op": "write", "ino": entry[1], "off": offset, "data": bytes(memoryview(data).cast("B")[:n])})
-        return n
-
-
-def _sync(name: str, fd: Any) -> None:
-    num = fd if isinstance(fd, int) else fd.fileno()
-    entry = _fds.get(num)
-    if entry is None:
-        # Not opened through os.open (the log's torn-tail repair uses the builtin open and truncate):
-        # record the file's size as a truncation, then the sync. The repair is the only such writer.
-        try:
-            rel = _rel(_fd_path(num))
-        except OSError:
-            rel = None
+    def open(self, path: StrPath, flags: int, mode: int = 0o640) -> int:
+        rel = self._rel(path)
         if rel is None:
-            _orig[name](fd)
-            return
-        with _lock:
-            _orig[name](fd)
-            st = os.fstat(num)
+            return self.inner.open(path, flags, mode)
+        with self.lock:
+            existed = os.path.lexists(path)
+            fd = self.inner.open(path, flags, mode)
+            st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
-                _append({"op": "fsyncdir", "path": rel})
-            else:
+                self.fds[fd] = ("d", rel)
+            elif flags & (os.O_WRONLY | os.O_RDWR):
                 ino = [st.st_dev, st.st_ino]
-                _append({"op": "trunc", "ino": ino, "size": st.st_size})
-                _append({"op": "fsync", "ino": ino})
-        return
-    with _lock:
-        _orig[name](fd)
-        if entry[0] == "d":
-            _append({"op": "fsyncdir", "path": entry[1]})
-        else:
-            _append({"op": "fsync", "ino": entry[1]})
+                self.fds[fd] = ("f", ino)
+                if not existed:
+                    self._append({"op": "create", "path": rel, "ino": ino})
+                if flags & os.O_TRUNC and st.st_size == 0:
+                    self._append({"op": "trunc", "ino": ino, "size": 0})
+            return fd
 
+    def write(self, fd: int, data: memoryview) -> int:
+        entry = self.fds.get(fd)
+        if entry is None or entry[0] != "f":
+            return self.inner.write(fd, data)
+        with self.lock:
+            n = self.inner.write(fd, data)
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+            self._append({"op": "write", "ino": entry[1], "off": end - n,
+                          "data": bytes(memoryview(data).cast("B")[:n])})
+            return n
 
-def _fsync(fd: Any) -> None:
-    _sync("fsync", fd)
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        entry = self.fds.get(fd)
+        if entry is None or entry[0] != "f":
+            return self.inner.pwrite(fd, data, offset)
+        with self.lock:
+            n = self.inner.pwrite(fd, data, offset)
+            self._append({"op": "write", "ino": entry[1], "off": offset,
+                          "data": bytes(memoryview(data).cast("B")[:n])})
+            return n
 
+    def _sync(self, fd: int, real: Any) -> None:
+        entry = self.fds.get(fd)
+        if entry is None:
+            real(fd)
+            return
+        with self.lock:
+            real(fd)
+            if entry[0] == "d":
+                self._append({"op": "fsyncdir", "path": entry[1]})
+            else:
+                self._append({"op": "fsync", "ino": entry[1]})
 
-def _fdatasync(fd: Any) -> None:
-    _sync("fdatasync", fd)
+    def fsync(self, fd: int) -> None:
+        self._sync(fd, self.inner.fsync)
 
+    def fdatasync(self, fd: int) -> None:
+        self._sync(fd, self.inner.fdatasync)
 
-def _close(fd: int) -> None:
-    if fd in _fds:
-        with _lock:
-            _fds.pop(fd, None)
-            _orig["close"](fd)
-        return
-    _orig["close"](fd)
+    def ftruncate(self, fd: int, size: int) -> None:
+        entry = self.fds.get(fd)
+        if entry is None or entry[0] != "f":
+            self.inner.ftruncate(fd, size)
+            return
+        with self.lock:
+            self.inner.ftruncate(fd, size)
+            self._append({"op": "trunc", "ino": entry[1], "size": size})
 
+    def close(self, fd: int) -> None:
+        if fd in self.fds:
+            with self.lock:
+                self.fds.pop(fd, None)
+                self.inner.close(fd)
+            return
+        self.inner.close(fd)
 
-def _ftruncate(fd: int, length: int) -> None:
-    entry = _fds.get(fd)
-    if entry is None or entry[0] != "f":
-        _orig["ftruncate"](fd, length)
-        return
-    with _lock:
-        _orig["ftruncate"](fd, length)
-        _append({"op": "trunc", "ino": entry[1], "size": length})
-
-
-def _make_rename(name: str) -> Any:
-    def _rename(src: Any, dst: Any, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None) -> None:
-        s, d = _abs(src, src_dir_fd), _abs(dst, dst_dir_fd)
-        rs, rd = _rel(s), _rel(d)
+    def replace(self, src: StrPath, dst: StrPath) -> None:
+        rs, rd = self._rel(src), self._rel(dst)
         if rs is None and rd is None:
-            _orig[name](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+            self.inner.replace(src, dst)
             return
-        with _lock:
-            _orig[name](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-            _append({"op": "rename", "src": rs, "dst": rd})
-    return _rename
+        with self.lock:
+            self.inner.replace(src, dst)
+            self._append({"op": "rename", "src": rs, "dst": rd})
 
-
-def _make_path_op(name: str, op: str) -> Any:
-    def _path_op(path: Any, *args: Any, dir_fd: int | None = None) -> None:
-        full = _abs(path, dir_fd)
-        rel = _rel(full)
+    def _path_op(self, op: str, path: StrPath, real: Any, *args: Any) -> None:
+        rel = self._rel(path)
         if rel is None:
-            _orig[name](path, *args, dir_fd=dir_fd)
+            real(path, *args)
             return
-        with _lock:
-            _orig[name](path, *args, dir_fd=dir_fd)
-            _append({"op": op, "path": rel})
-    return _path_op
+        with self.lock:
+            real(path, *args)
+            self._append({"op": op, "path": rel})
+
+    def unlink(self, path: StrPath) -> None:
+        self._path_op("unlink", path, self.inner.unlink)
+
+    def mkdir(self, path: StrPath, mode: int) -> None:
+        self._path_op("mkdir", path, self.inner.mkdir, mode)
+
+    def rmdir(self, path: StrPath) -> None:
+        self._path_op("rmdir", path, self.inner.rmdir)
 
 
-_NAMES = ("open", "write", "pwrite", "fsync", "fdatasync", "close", "replace", "rename", "unlink", "remove",
-          "mkdir", "rmdir", "ftruncate")
+_recorder: Recorder | None = None
 
 
 def install(trace: str | None = None, root: str | None = None) -> None:
-    """Start recording into ``trace`` (default ``$AUTOSAVED_FSTRACE``) the operations under ``root``
-    (default ``$AUTOSAVED_FSTRACE_ROOT``). Idempotent."""
-    global _installed, _trace_fd, _root
-    if _installed:
+    """Start recording into ``trace`` (default ``$AUTOSAVED_FSTRACE``) the storage layer's operations
+    under ``root`` (default ``$AUTOSAVED_FSTRACE_ROOT``), by wrapping the seam. Idempotent."""
+    global _recorder
+    if _recorder is not None:
         return
-    trace = trace or os.environ[ENV]
-    _root = os.path.realpath(root or os.environ.get(ENV_ROOT, "."))
-    for name in _NAMES:
-        _orig[name] = getattr(os, name)
-    _trace_fd = _orig["open"](trace, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.open = _open
-    os.write = _write
-    os.pwrite = _pwrite
-    os.fsync = _fsync
-    os.fdatasync = _fdatasync
-    os.close = _close
-    os.ftruncate = _ftruncate
-    os.replace = _make_rename("replace")
-    os.rename = _make_rename("rename")
-    os.unlink = _make_path_op("unlink", "unlink")
-    os.remove = _make_path_op("remove", "unlink")
-    os.mkdir = _make_path_op("mkdir", "mkdir")
-    os.rmdir = _make_path_op("rmdir", "rmdir")
-    _installed = True
+    rec = Recorder(fileops.ops, trace or os.environ[ENV], root or os.environ.get(ENV_ROOT, "."))
+    fileops.install(rec)
+    _recorder = rec
 
 
 def uninstall() -> None:
-    """Put the ``os`` functions back and close the trace."""
-    global _installed
-    if not _installed:
+    """Put the seam's previous operations back and close the trace."""
+    global _recorder
+    if _recorder is None:
         return
-    for name in _NAMES:
-        setattr(os, name, _orig[name])
-    os.close(_trace_fd)
-    _fds.clear()
-    _installed = False
+    fileops.install(_recorder.inner)
+    os.close(_recorder.trace_fd)
+    _recorder = None
 
 
 @contextmanager

@@ -28,7 +28,6 @@ import msgpack
 import numpy as np
 import zmq
 
-from ..bench.private import PrivateDaemon
 from ..client.core import ClientCore
 from ..client.sync import Client
 from ..errors import AutosavedError
@@ -36,6 +35,7 @@ from ..offline import restore
 from ..protocol import PROTOCOL_VERSION
 from ..shm import fd_socket_path
 from .crashsim import canon
+from .private import PrivateDaemon
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = 'write_speed = "200MiB"\n[policy]\nidle = "0.2s"\nmin_gap = "0s"\ninterval = "off"\n'
@@ -138,9 +138,9 @@ class Messages:
             req = core.update_request(delta, step=rng.randint(0, 100), meta={"stage": "x"},
                                       wait=rng.choice(["accepted", "accepted", "logged"]))
         elif kind == 4:
-            req = core.request("save", {}, long=True)
+            req = core.request("save", {})
         elif kind == 5:
-            req = core.request("restore", {"version": None}, long=True)
+            req = core.request("restore", {"version": None})
         elif kind == 6:
             req = core.request("status", {"job": None} if rng.random() < 0.5 else {})
         elif kind == 7:
@@ -517,7 +517,7 @@ def known_crashers() -> list[tuple[str, Any]]:
     """The reproducers of issue #9 defect 1 that a message can trigger (EMFILE needs a ulimit)."""
     core = ClientCore("fz-known")
     meta = core.update_request({"n": 1}, step=None, meta={"x": {1: 0, "a": 0}}, wait="logged")
-    save = core.request("save", {}, long=True)
+    save = core.request("save", {})
     frames = [[bytes(memoryview(f).cast("B")) for f in r.frames] for r in (meta, save)]
     return [("zmq", frames[0]), ("zmq", frames[1]),
             ("fd", [({"op": "add", "slot": 1, "size": 4096}, 4096), ({"op": "drop", "slot": [1]}, 0)])]

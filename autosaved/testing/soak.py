@@ -1,10 +1,15 @@
-"""Soak: SIGKILL the daemon at random instants while clients stream ``logged`` and ``committed``
-updates and explicit saves, gc and deletes run; after every kill check every ack, offline (before the
-restart, on exactly what the kill left) and through the restarted daemon.
+"""Soak: SIGKILL the daemon at random instants while clients stream ``accepted``, ``logged`` and
+``committed`` updates (full states and deep merges) and explicit saves, gc and deletes run; after every
+kill check every ack, offline (before the restart, on exactly what the kill left) and through the
+restarted daemon. With a SeaweedFS server (``remote=``) the daemon replicates to it, some updates wait
+for ``replicated``, the bucket is stopped (SIGSTOP) and resumed at random, and after every kill the
+bucket's newest version is checked against the ``replicated`` acks.
 
-Every update replaces all of its job's keys, so the state after update ``n`` does not depend on which
-earlier unacknowledged updates the daemon got; a restore must then equal the state after some update
-``m`` at least the newest acked one and at most the newest sent (see :func:`.crashsim.allowed_states`).
+The daemon keeps a prefix of each client's updates (a ``logged`` record carries every delta accepted
+before it), so a restore must equal the state after some update ``m``, at least the newest acked one at a
+durable level and at most the newest sent (see :func:`.crashsim.allowed_states`). A deep merge changes only
+some leaves, so after a kill (when the daemon may have lost an update the model applied) a client's next
+update is a full one, which sets every leaf: deep merges then go on from a state the model names.
 """
 
 from __future__ import annotations
@@ -17,15 +22,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..bench.private import PrivateDaemon
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..offline import restore
 from .crashsim import History, allowed_states, canon
+from .private import PrivateDaemon
+
+if TYPE_CHECKING:
+    from ..seaweed import SeaweedServer
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
@@ -46,6 +54,8 @@ class SoakReport:
     wal_records_observed: int = 0
     gcs: int = 0
     deletes: int = 0
+    bucket_pauses: int = 0
+    bucket_checks: int = 0
     unexpected_exits: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -54,15 +64,26 @@ class SoakReport:
                 f"acks checked {self.acks_checked}, acks lost {self.acks_lost}, checks {self.checks} offline + "
                 f"{self.daemon_checks} through the daemon, saves {self.saves_observed} and log records "
                 f"{self.wal_records_observed} observed (daemon status counters, just before each kill), "
-                f"gc runs {self.gcs}, deletes {self.deletes}, unexpected daemon exits "
-                f"{self.unexpected_exits}, problems {len(self.problems)}")
+                f"gc runs {self.gcs}, deletes {self.deletes}, bucket stops {self.bucket_pauses} and checks "
+                f"{self.bucket_checks}, unexpected daemon exits {self.unexpected_exits}, problems "
+                f"{len(self.problems)}")
 
 
 class Soak:
-    def __init__(self, root: Path, seed: int = 0) -> None:
+    def __init__(self, root: Path, seed: int = 0, remote: SeaweedServer | None = None,
+                 log_level: str = "warning") -> None:
         self.root = root
         self.rng = random.Random(seed)
-        self.daemon = PrivateDaemon(root, config=CONFIG, log_level="warning")
+        self.remote = remote
+        config, env = CONFIG, None
+        if remote is not None:
+            self.prefix = f"soak-{seed}-{self.rng.randrange(1 << 30):x}"
+            config += (f'[remote]\nurl = "{remote.url(self.prefix)}"\nendpoint = "{remote.endpoint}"\n'
+                       'timeout = "2s"\nlease_ttl = "30s"\n')
+            env = remote.env
+        self.daemon = PrivateDaemon(root, config=config, log_level=log_level, env=env)
+        # Held while the bucket is stopped: a bucket check waits for it to run again.
+        self.bucket_lock = threading.Lock()
         self.history = History()
         self.marks: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -89,41 +110,110 @@ class Soak:
             self.report.acks[kind] = self.report.acks.get(kind, 0) + 1
             self.acks_since_check += 1
 
+    def _partial(self, n: int, rng: random.Random) -> dict[Any, Any]:
+        """A deep merge: one or two nested leaves (every key it names exists since the job's first full
+        update, which sets them all)."""
+        return rng.choice([{"deep": {"a": {"x": n}}}, {"deep": {"b": n}}, {"n": n, "deep": {"a": {"y": n}}}])
+
     def _stream(self, job: str, seed: int) -> None:
         rng = random.Random(seed)
-        c = self._client(job)
-        acked = 0
+        # StateLost (accepted deltas gone with a kill) is raised, not absorbed: the next update is full.
+        c = Client(job, address=self.daemon.address, timeout=2, save_timeout=8)
+        durable = 0  # the newest update acked at a level that survives a kill
+        full_next = True
         while not self.stop.is_set():
             r = rng.random()
             try:
                 if r < 0.85:
-                    wait = "logged" if r < 0.6 else "committed"
+                    wait = "accepted" if r < 0.2 else "logged" if r < 0.55 else "committed"
+                    if wait == "committed" and self.remote is not None and rng.random() < 0.5:
+                        wait = "replicated"
                     with self.lock:
                         n = self.history.n.get(job, 0) + 1
-                        delta = self._state(job, n, rng)
+                        if full_next:
+                            delta = {**self._state(job, n, rng), "deep": {"a": {"x": n, "y": n}, "b": n}}
+                        else:
+                            delta = self._partial(n, rng)
                         self.history.apply(job, delta)
                         self.marks.append({"ev": "sent", "what": "update", "job": job, "n": n})
                     c.update(delta, wait=wait)
-                    self._ack(wait, what="update", job=job, n=n, level=wait)
-                    acked = n
+                    full_next = False
+                    level = "committed" if wait == "replicated" else wait
+                    self._ack(wait, what="update", job=job, n=n, level=level)
+                    if wait == "replicated":  # the bucket's floor (counted once, above)
+                        with self.lock:
+                            self.marks.append({"ev": "ack", "what": "replicated", "job": job, "n": n})
+                    if wait != "accepted":
+                        durable = n
                 elif r < 0.95:
-                    # A save covers the updates the daemon is known to have: the newest acked one (a later
-                    # update whose ack a kill swallowed may or may not be there).
-                    n = acked
+                    # A save covers the updates the daemon is known to have kept: the newest acked at a
+                    # durable level (a later one whose ack a kill swallowed, or an accepted one a kill
+                    # took, may or may not be there).
+                    n = durable
                     c.save()
                     self._ack("save", what="save", job=job, n=n, level="committed")
                 else:
-                    with Admin(address=self.daemon.address, timeout=c.timeout) as admin:
+                    with Admin(address=self.daemon.address, timeout=c.timeout, save_timeout=10) as admin:
                         admin.gc(job)
                     with self.lock:
                         self.report.gcs += 1
             except Exception:
-                # The daemon is down or restarting: nothing was acked. A fresh connection afterwards.
+                # The daemon is down or restarting, or lost accepted deltas: nothing was acked. A fresh
+                # connection afterwards, and a full update first.
+                full_next = True
                 with contextlib.suppress(Exception):
                     c.close()
                 time.sleep(0.05)
-                c = self._client(job)
+                c = Client(job, address=self.daemon.address, timeout=2, save_timeout=8)
         c.close()
+
+    def _blink(self, seed: int) -> None:
+        """Stop (SIGSTOP) and resume the bucket at random: requests to it hang, then time out."""
+        assert self.remote is not None
+        rng = random.Random(seed)
+        while not self.stop.wait(rng.uniform(0.5, 2.0)):
+            with self.bucket_lock:
+                self.remote.pause()
+                self.report.bucket_pauses += 1
+                try:
+                    self.stop.wait(rng.uniform(0.3, 2.5))
+                finally:
+                    self.remote.resume()
+
+    def _check_bucket(self) -> None:
+        """The bucket's newest version is at least the newest ``replicated`` ack of each stream job."""
+        assert self.remote is not None
+        import os
+
+        from ..codec import unpack
+        from ..remote_offline import run_sync
+        from ..seaweed import ACCESS_KEY, SECRET_KEY
+        from ..storage.remote import RemoteStore
+
+        store = RemoteStore(self.remote.url(self.prefix), endpoint=self.remote.endpoint, region="us-east-1",
+                            credentials={"access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY})
+        with self.lock:
+            marks = list(self.marks)
+        for job in STREAM_JOBS:
+            floor = max((int(m["n"]) for m in marks if m.get("job") == job and m["what"] == "replicated"
+                         and m["ev"] == "ack"), default=0)
+            if floor == 0:
+                continue
+            sent = max(int(m["n"]) for m in marks if m.get("job") == job and m["ev"] == "sent")
+            skipped: list[str] = []
+            with self.bucket_lock:  # the bucket runs while it is read
+                rjob = store.job(os.geteuid(), job)
+                loaded = run_sync(lambda rjob=rjob, out=skipped: rjob.load_version(None, out.append))  # type: ignore[misc]
+                visible = run_sync(rjob.visible_versions)
+            got = None if loaded is None else unpack(loaded.tree)
+            states = self.history.states.get(job, {})
+            if got is None or canon(got) not in {states[m] for m in range(floor, sent + 1) if m in states}:
+                n = got.get("n") if isinstance(got, dict) else None
+                self.report.acks_lost += 1
+                shown = [(vk.id, vk.epoch) for vk in visible[-6:]]
+                self.report.problems.append(f"kill {self.report.kills} (bucket): {job} newest n={n!r}, "
+                                            f"replicated ack {floor}; newest (id, epoch) {shown}; skipped {skipped}")
+        self.report.bucket_checks += 1
 
     def _deleter(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -143,7 +233,7 @@ class Soak:
                     with self.lock:
                         n = self.history.n.get(job, 0)
                         self.marks.append({"ev": "sent", "what": "delete", "job": job, "n": n})
-                    with Admin(address=self.daemon.address, timeout=c.timeout) as admin:
+                    with Admin(address=self.daemon.address, timeout=c.timeout, save_timeout=10) as admin:
                         admin.delete(job)
                     with self.lock:
                         self.history.deleted(job)
@@ -229,6 +319,8 @@ class Soak:
         threads = [threading.Thread(target=self._stream, args=(job, s), daemon=True)
                    for job, s in zip(STREAM_JOBS, seeds, strict=False)]
         threads.append(threading.Thread(target=self._deleter, args=(seeds[2],), daemon=True))
+        if self.remote is not None:
+            threads.append(threading.Thread(target=self._blink, args=(seeds[0] ^ seeds[1],), daemon=True))
         for t in threads:
             t.start()
         try:
@@ -247,6 +339,8 @@ class Soak:
                 self.report.wal_records_observed += self.wal_this_boot
                 self.saves_this_boot = self.wal_this_boot = 0
                 self._check(via_daemon=False)  # exactly what the kill left, before anything touches it
+                if self.remote is not None:
+                    self._check_bucket()
                 d.start(timeout=60)
                 if k % daemon_check_every == 0:
                     self._check(via_daemon=True)

@@ -1,11 +1,14 @@
 """The workload the power-loss checker records: a real daemon (subprocess, real socket, real files)
 driven through every storage path — saves (raw and compressed chunks, dedup), ``logged`` appends and log
-rotation, retention and gc, a failed save, a daemon SIGKILLed mid-save and restarted, a job deleted and
-recreated — with every request and ack marked in the trace (see :mod:`.fstrace`)."""
+rotation, ``accepted`` updates carried by the next logged record, deep merges and deletes of nested keys,
+concurrent clients whose logged updates share group commits, retention and gc, a failed save, a daemon
+SIGKILLed mid-save and restarted (which then saves the replayed log, reason ``recovery``), a job deleted
+and recreated — with every request and ack marked in the trace (see :mod:`.fstrace`)."""
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -14,17 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from ..bench.private import PrivateDaemon
 from ..client.admin import Admin
 from ..client.sync import Client
+from ..tree import DELETE
 from .crashsim import History
-from .fstrace import ENV, ENV_ROOT, mark
+from .fstrace import daemon_env, mark
+from .private import PrivateDaemon
 
 # A known write speed: no 32 MiB probe at every (re)start, which would dominate a run of many restarts.
 CONFIG = ('write_speed = "200MiB"\nchunk_size = "64KiB"\n'
           '[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\nkeep_last = 2\n'
           'compression = "auto"\n')
-JOBS = ["a", "b"]
+JOBS = ["a", "b", "c"]
+# Job "c" is written by this many clients at once (each its own keys), this many logged updates each.
+CONCURRENT_CLIENTS = 3
+CONCURRENT_UPDATES = 3
 
 
 @dataclass
@@ -45,7 +52,7 @@ class _Driver:
         self.rng = np.random.default_rng(seed)
         self.rounds = rounds
         state_dir = os.path.realpath(root) + "/state"
-        self.env = {ENV: str(self.trace), ENV_ROOT: state_dir, "AUTOSAVED_FAULTS_FILE": str(self.faults)}
+        self.env = {**daemon_env(str(self.trace), state_dir), "AUTOSAVED_FAULTS_FILE": str(self.faults)}
         self.daemon = PrivateDaemon(Path(os.path.realpath(root)), config=CONFIG, log_level="info", env=self.env)
         self.clients: dict[str, Client] = {}
         self.unexpected_exits = 0
@@ -96,6 +103,35 @@ class _Driver:
         self.clients.pop(job).close()
         self.mark(ev="ack", what="delete", job=job, n=n)
 
+    def concurrent(self, job: str) -> None:
+        """Several clients stream logged updates of ``job`` at once, so the daemon's group commit puts
+        several records in one batch (one sync): a power cut may keep a later record of a batch and lose
+        an earlier one."""
+        start = threading.Barrier(CONCURRENT_CLIENTS)
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                with Client(job, address=self.daemon.address, timeout=20, save_timeout=60,
+                            on_state_lost=lambda exc: None) as c:
+                    start.wait(30)
+                    for k in range(1, CONCURRENT_UPDATES + 1):
+                        delta = {f"k{i}": {"n": k, "v": np.full(3000 + 500 * i, k, np.uint8)}}
+                        n = self.history.apply_concurrent(job, str(i), delta)
+                        self.mark(ev="sent", what="update", job=job, client=str(i), n=n)
+                        c.update(delta, wait="logged")
+                        self.mark(ev="ack", what="update", job=job, client=str(i), n=n, level="logged")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(CONCURRENT_CLIENTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
     def arr(self, nbytes: int) -> np.ndarray[Any, Any]:
         return self.rng.integers(0, 255, nbytes, dtype=np.uint8)
 
@@ -129,7 +165,11 @@ class _Driver:
                           7: {"int key": True}}, "logged")
         self.update("b", {"n": 0, "w": np.arange(20_000, dtype=np.float32)}, "committed")
         self.save("a")
+        # accepted updates (deep merges, a nested delete) that only the next logged record makes durable
+        self.update("a", {"n": 1, "deep": {"x": {"y": {"z": 1}, "keep": True}}}, "accepted")
+        self.update("a", {"n": 1, "deep": {"x": {"y": DELETE}, "w": [1, 2]}}, "accepted")
         self.update("a", {"n": 1, "small": {"k": 1}}, "logged")
+        self.concurrent("c")
         # A save that fails after its chunks are renamed in but before their directories are fsynced.
         self.update("a", {"n": 2, "fresh": self.arr(200_000)}, "logged")
         self.faults.write_text("chunk.fsync_dir.before 1 eio\n")

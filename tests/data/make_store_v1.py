@@ -65,8 +65,8 @@ def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/data/store_v1")
     if out.exists():
         raise SystemExit(f"{out} exists: a fixture is never regenerated, only added")
-    from autosaved.bench.private import PrivateDaemon
     from autosaved.client.sync import Client
+    from autosaved.testing.private import PrivateDaemon
 
     d = PrivateDaemon(config=CONFIG)
     try:

@@ -1,0 +1,386 @@
+"""Incremental accounting of held state (issue 19, defects 2 and 4), in process: the cost model, the
+counted merge, and the ledger's counters against a full recount after random merge/delete sequences.
+
+Then the real daemon: a request's work does not grow with another job's size (measured by the count of
+tree entries the daemon's walks visited, which it reports, never by a clock), and the quota refuses the
+shapes that used to slip through, writing nothing.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import autosaved
+from autosaved.daemon.accounting import Ledger
+from autosaved.daemon.jobs import Job
+from autosaved.protocol import pack_header, unpack_header
+from autosaved.state import (
+    BLOB_OVERHEAD,
+    FLAT_MAX,
+    Node,
+    counted,
+    empty_node,
+    measure,
+    merge,
+    merge_counted,
+    merge_deltas,
+)
+from autosaved.testing.private import PrivateDaemon
+from autosaved.tree import DELETE, Blob, Walked, iter_blobs, to_node
+
+from .conftest import NO_AUTO_POLICY, wait_for
+
+SLOTS = [mmap.mmap(-1, 4096) for _ in range(3)]
+
+
+def slot_blob(slot: int, n: int = 16) -> Blob:
+    return Blob(kind="bytes", dtype="bytes", shape=(n,), nbytes=n, data=memoryview(SLOTS[slot])[:n])
+
+
+def heap_blob(n: int = 8) -> Blob:
+    return Blob(kind="bytes", dtype="bytes", shape=(n,), nbytes=n, data=memoryview(bytes(n)))
+
+
+def stored_blob(n: int = 8) -> Blob:
+    return Blob(kind="bytes", dtype="bytes", shape=(n,), nbytes=n, data=None)
+
+
+def encoded_cost(tree: Any) -> int:
+    """The oracle: what the tree's node form really encodes to (msgpack), each binary leaf counted as its
+    bytes plus BLOB_OVERHEAD instead of its one-byte stand-in."""
+    blobs = iter_blobs(tree)
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, Blob):
+            return None
+        if isinstance(v, dict):
+            return {k: strip(s) for k, s in v.items()}
+        if isinstance(v, list):
+            return [strip(s) for s in v]
+        if isinstance(v, tuple):
+            return tuple(strip(s) for s in v)
+        return v
+
+    node, _ = to_node(strip(tree))
+    return len(msgpack.packb(node)) + sum(b.nbytes + BLOB_OVERHEAD - 1 for b in blobs)
+
+
+def recount(tree: Any) -> tuple[int, int, dict[int, int]]:
+    """(cost, held, refs) by a full walk, sharing no code with the counters."""
+    blobs = iter_blobs(tree)
+    held = sum(b.nbytes for b in blobs if b.data is not None)
+    refs = Counter(id(b.data.obj) for b in blobs if b.data is not None and isinstance(b.data.obj, mmap.mmap))
+    return encoded_cost(tree), held, dict(refs)
+
+
+def plain(tree: Any) -> Any:
+    return {k: plain(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+# -- the cost model: what a value costs, table-driven --------------------------------------------------
+
+COSTS = [
+    ("empty map", {}, 4),
+    ("empty list", [], 4),
+    ("empty tuple", (), 4),
+    ("None", None, 1),
+    ("small int", 7, 1),
+    ("negative fixint", -32, 1),
+    ("uint8", 200, 2),
+    ("int16", -1000, 3),
+    ("int32", 1 << 20, 5),
+    ("int64", 1 << 40, 9),
+    ("float", 0.5, 9),
+    ("short str", "abc", 4),
+    ("str8", "x" * 40, 42),
+    ("non-ascii str", "é" * 10, 21),
+    ("one key", {"a": 1}, 4 + 1 + 2 + 1),
+    ("int key", {7: None}, 4 + 1 + 1 + 1),
+    ("nested empty", {"k": {}}, 4 + 1 + 2 + 4),
+    ("list of maps", [{}, {}], 4 + 4 + 4),
+]
+
+
+@pytest.mark.parametrize(("value", "cost"), [(v, c) for _, v, c in COSTS], ids=[n for n, _, _ in COSTS])
+def test_cost_is_the_encoded_size(value: Any, cost: int) -> None:
+    assert measure(counted(value))[0] == cost == encoded_cost(value)
+
+
+def test_what_used_to_count_nothing_counts() -> None:
+    # Defect 4: empty containers counted 0 bytes, a 4,000-digit int 8, keys nothing in a list of maps.
+    assert measure(counted({f"k{i}": [] for i in range(1000)}))[0] >= 1000 * 8
+    assert measure(counted({f"k{i}": {} for i in range(1000)}))[0] >= 1000 * 8
+    big = int("9" * 4000)
+    assert encoded_cost(big) <= measure(big)[0] <= encoded_cost(big) + 2
+    assert measure(-big)[0] >= 4000
+    assert measure(heap_blob(100))[:2] == (100 + BLOB_OVERHEAD, 100)
+    assert measure(stored_blob(100))[:2] == (100 + BLOB_OVERHEAD, 0)  # stored only: not in daemon memory
+    assert measure(slot_blob(1))[2] == {id(SLOTS[1]): 1}
+
+
+# -- the counted merge: table-driven ---------------------------------------------------------------------
+
+MERGES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("add a key", {"a": 1}, {"b": 2}),
+    ("replace a scalar", {"a": 1}, {"a": "x" * 300}),
+    ("delete a key", {"a": 1, "b": 2}, {"a": DELETE}),
+    ("delete a missing key", {"a": 1}, {"z": DELETE}),
+    ("merge into a map", {"m": {"x": 1, "y": [1, 2]}}, {"m": {"y": DELETE, "z": {}}}),
+    ("replace a map by a scalar", {"m": {"x": {"y": 1}}}, {"m": 0}),
+    ("replace a scalar by a map", {"m": 0}, {"m": {"x": {"y": 1}}}),
+    ("replace a list", {"l": [1, {"a": 2}]}, {"l": ()}),
+    ("a map grows past 15 keys", {f"k{i}": i for i in range(15)}, {"k15": 15}),
+]
+
+
+@pytest.mark.parametrize(("base", "delta"), [(b, d) for _, b, d in MERGES], ids=[n for n, _, _ in MERGES])
+def test_merge_counts_exactly_what_it_changes(base: dict[str, Any], delta: dict[str, Any]) -> None:
+    root = counted(base)
+    merged = merge_counted(root, delta)
+    assert plain(merged.root) == merge(base, delta)  # same contents as the plain merge
+    assert merged.root.cost == encoded_cost(merged.root)
+    assert merged.cost == encoded_cost(merged.root) - encoded_cost(base)
+    assert plain(root) == base and root.cost == encoded_cost(base)  # the old root is untouched
+
+
+def test_merge_counts_slot_references_on_the_paths_it_touched() -> None:
+    root = counted({"a": {"w": slot_blob(0), "v": slot_blob(0)}, "b": heap_blob(8)})
+    assert root.refs == {id(SLOTS[0]): 2} and root.held == 32 + 8
+    m = merge_counted(root, {"a": {"w": slot_blob(1)}, "b": DELETE})
+    assert m.added_refs == {id(SLOTS[1]): 1} and m.removed_refs == {id(SLOTS[0]): 1}
+    assert m.root.refs == {id(SLOTS[0]): 1, id(SLOTS[1]): 1} and m.held == -8
+    m2 = merge_counted(m.root, {"a": 5})
+    assert m2.removed_refs == {id(SLOTS[0]): 1, id(SLOTS[1]): 1} and m2.root.refs is None
+
+
+def test_a_merge_never_visits_what_it_does_not_touch() -> None:
+    root = counted({f"k{i}": {"a": i, "l": [i] * 10} for i in range(2000)})
+    before = Walked.entries
+    merge_counted(root, {"k5": {"a": "new"}, "x": {"y": []}})
+    # The delta's entries (2 + 1 + 1 + 1), and the replaced leaf measured: nothing of the 2,000 maps.
+    assert Walked.entries - before <= 10
+
+
+def test_small_flat_maps_stay_plain_dicts_and_others_are_nodes() -> None:
+    """The garbage collector never tracks a plain dict of scalars, but tracks every Node: 600,000 tiny maps
+    as Nodes made every collection walk them (a ping beside them took 3x as long)."""
+    import gc
+
+    root = merge_counted(empty_node(), {"m": {f"k{i}": i for i in range(FLAT_MAX)}, "n": {"a": {"b": 1}}}).root
+    assert type(root) is Node and type(root["m"]) is dict and not gc.is_tracked(root["m"])
+    assert type(root["n"]) is Node and type(root["n"]["a"]) is dict
+    grown = merge_counted(root, {"m": {"one more": 1}}).root
+    assert type(grown["m"]) is Node and grown.cost == encoded_cost(grown)
+    shrunk = merge_counted(grown, {"m": {"k0": DELETE}}).root
+    assert type(shrunk["m"]) is dict and shrunk.cost == encoded_cost(shrunk)
+    with_blob = merge_counted(shrunk, {"m": {"w": slot_blob(0)}}).root
+    assert type(with_blob["m"]) is Node and with_blob.refs == {id(SLOTS[0]): 1}
+    assert type(counted({"a": {"b": 1}})["a"]) is dict and type(counted({})) is Node  # the root: always a Node
+
+
+# -- the property: counters equal a full recount after any sequence ---------------------------------------
+
+# 20 keys: a map that deltas fill crosses FLAT_MAX (a plain dict becomes a Node and back).
+KEYS = st.sampled_from(["a", "b", "c", 1, 2, *(f"k{i}" for i in range(15))])
+LEAVES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40), st.builds(slot_blob, st.integers(0, 2)), st.builds(heap_blob), st.builds(stored_blob),
+    st.lists(st.integers(-(2**63), 2**64 - 1), max_size=4), st.just(()),
+)
+VALUES = st.recursive(LEAVES, lambda inner: st.dictionaries(KEYS, inner, max_size=4), max_leaves=12)
+DELTAS = st.recursive(
+    st.one_of(LEAVES, st.just(DELETE)),
+    lambda inner: st.dictionaries(KEYS, st.one_of(inner, st.just(DELETE)), max_size=4),
+    max_leaves=12,
+).filter(lambda d: isinstance(d, dict))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(DELTAS, min_size=1, max_size=12), st.lists(st.integers(0, 11), max_size=3))
+def test_counters_equal_a_full_recount_after_any_merges_and_deletes(deltas: list[dict[Any, Any]],
+                                                                    snaps: list[int]) -> None:
+    ledger = Ledger()
+    job = Job(owner=1000, name="j", store=None, settings=None)  # type: ignore[arg-type]
+    job.ledger = ledger
+    ledger.attach(job.owner, job.root)
+    held_snapshots = []
+    for i, delta in enumerate(deltas):
+        job.apply(delta, session="s", seq=i + 1, step=None, meta=None, size=1, now=0.0)
+        cost, held, refs = recount(job.root)
+        assert (job.root.cost, job.root.held, job.root.refs or {}) == (cost, held, refs)
+        # Leaves the not-yet-logged delta reads are always in the state too: it needs no count of its own.
+        live = {id(b) for b in iter_blobs(job.root)}
+        assert all(id(b) in live for b in iter_blobs(job.unlogged))
+        if i in snaps:  # a snapshot being saved holds its root's slots until released
+            held_snapshots.append((job.root, ledger.hold(job.root.refs)))
+        expected = Counter(refs)
+        for snap, _ in held_snapshots:
+            expected.update(recount(snap)[2])
+        assert ledger.refs == dict(expected)
+        assert ledger.used(1000) == cost and ledger.held_bytes == ledger.held_of(1000) == held
+    for _, hold in held_snapshots:
+        hold.release()
+        hold.release()  # idempotent
+    ledger.detach(job.owner, job.root)
+    assert ledger.refs == {} and ledger.state_bytes == {} and ledger.held_by_owner == {} and ledger.held_bytes == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(DELTAS, min_size=1, max_size=8))
+def test_a_log_record_holds_at_least_the_slots_it_reads(deltas: list[dict[Any, Any]]) -> None:
+    ledger = Ledger()
+    job = Job(owner=1, name="j", store=None, settings=None)  # type: ignore[arg-type]
+    job.ledger = ledger
+    ledger.attach(job.owner, job.root)
+    for i, delta in enumerate(deltas):
+        job.apply(delta, session="s", seq=i + 1, step=None, meta=None, size=1, now=0.0)
+    record = job.take_log_record()
+    hold = job.take_log_hold()
+    ledger.detach(job.owner, job.root)  # only the record's hold is left
+    reads = Counter(id(b.data.obj) for b in iter_blobs(record.delta)
+                    if b.data is not None and isinstance(b.data.obj, mmap.mmap))
+    assert all(ledger.refs.get(m, 0) >= n for m, n in reads.items())
+    hold.release()
+    assert ledger.refs == {}
+
+
+def test_unlogged_deltas_merge_like_the_state() -> None:
+    root, unlogged = empty_node(), {}
+    for d in ({"a": {"x": slot_blob(0)}}, {"a": DELETE}, {"a": {"y": 1}}):
+        root = merge_counted(root, d).root
+        unlogged = merge_deltas(unlogged, d)
+    assert plain(merge(empty_node(), unlogged)) == plain(root) == {"a": {"y": 1}}
+    assert isinstance(root, Node) and root.refs is None
+
+
+# -- the real daemon ---------------------------------------------------------------------------------------
+
+
+def raw(address: str, op: str, **fields: Any) -> dict[str, Any]:
+    """One request as any local program could send it (root may name another ``owner``)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(address)
+    try:
+        sock.send_multipart([pack_header({"v": 1, "op": op, "seq": 1, **fields})])
+        assert sock.poll(60_000), "no reply"
+        return unpack_header(sock.recv_multipart()[0])
+    finally:
+        sock.close(0)
+
+
+def test_an_update_costs_the_same_beside_a_job_of_many_tiny_maps(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """Defect 2: a client with a lent slot made every update walk every leaf of every job (the held-slot
+    reply), and the quota, ``status`` and ``/metrics`` walked too: another job's 600,000 tiny maps made a
+    1 MiB update take 4.3 s. Now the work of an update, counted in tree entries the daemon visited, is the
+    same beside 60,000 tiny maps as beside nothing."""
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_bytes = "1GiB"\n')
+    walked = lambda: int(raw(d.address, "status")["daemon"]["tree_entries_walked"])  # noqa: E731
+    w = np.arange(1 << 20, dtype=np.uint8)
+    with autosaved.Client("a", address=d.address) as a:
+        a.update({"w": w, "n": 0})
+        assert a._slots.lent, "the 1 MiB leaf did not go through a slot: the test would not see the walk"
+
+        def work() -> tuple[int, int]:
+            before = walked()
+            a.update({"w": w, "n": 1})  # 1 MiB through a slot
+            middle = walked()
+            a.update({"n": 2})  # one key (inline, but it asks which slots are still held)
+            return middle - before, walked() - middle
+
+        alone = work()
+        with autosaved.Client("b", address=d.address) as b:
+            for u in range(3):
+                b.update({f"k{u}_{j}": {"a": j} for j in range(20_000)})
+        beside = work()
+        big = raw(d.address, "status")
+    assert beside == alone, (alone, beside)
+    assert max(alone) < 100  # the update's own few entries, not a walk of job b's 60,000 maps
+    # status reads counters: b's state is counted (every map, key and int), the slot of a is referenced
+    b_job = next(j for j in big["jobs"] if j["job"] == "b")
+    assert b_job["state_bytes"] >= 60_000 * 10 and big["daemon"]["state_bytes"] >= b_job["state_bytes"]
+    assert big["daemon"]["referenced_slot_mappings"] >= 1 and big["daemon"]["held_bytes"] >= 1 << 20
+
+
+SHAPES = {
+    # Each of these counted (nearly) nothing before the fix: empty containers 0 bytes, a big int 8.
+    "empty lists": {"m": [["x", {"l": [{"l": []}] * 400_000}]]},
+    "empty maps": {"m": [["x", {"l": [{"m": []}] * 400_000}]]},
+    "4000-digit ints": {"m": [["x", {"l": [{"I": "9" * 4000}] * 400}]]},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_quota_counts_empty_containers_and_big_ints(make_daemon: Callable[..., PrivateDaemon], shape: str) -> None:
+    """Defect 4: under a 1 MiB quota one user took the daemon from 55 to 1,364 MiB with shapes that counted
+    nothing. Each is refused with a clear ``quota`` error, and nothing is applied or logged."""
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_bytes = "1MiB"\n')
+    # Root is exempt from quotas but acts on another uid's jobs with ``owner``: that uid's quota applies.
+    who = {"owner": 4242} if os.geteuid() == 0 else {}
+    first = raw(d.address, "update", job="q", session="s", tree={"m": [["keep", 1]]}, blobs=[], wait="logged",
+                **who)
+    assert first["ok"], first
+    before = raw(d.address, "status", job="q", **who)
+    reply = raw(d.address, "update", job="q", session="s", tree=SHAPES[shape], blobs=[], wait="logged", **who)
+    assert reply["ok"] is False and reply["code"] == "quota", reply
+    assert "quota.max_bytes" in reply["message"] and reply["details"]["update"] > 1 << 20, reply
+    after = raw(d.address, "status", job="q", **who)
+    assert after["wal_lsn"] == before["wal_lsn"] and after["state_bytes"] == before["state_bytes"]
+    restored = raw(d.address, "restore", job="q", **who)
+    assert restored["tree"] == {"m": [["keep", 1]]}
+    # The same shape, small, fits: the quota is about the size, not the shape.
+    small = {"m": [["x", {"l": [{"l": []}] * 1000}]]}
+    assert raw(d.address, "update", job="q", session="s", tree=small, blobs=[], **who)["ok"]
+
+
+def test_a_user_over_a_lowered_quota_can_still_make_room(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """An update that adds nothing always goes on: after a reload lowers ``quota.max_bytes`` below what a
+    user holds, growing is refused but deleting is not (before, every update was refused, deletes too)."""
+    d = make_daemon(NO_AUTO_POLICY + '[quota]\nmax_bytes = "1MiB"\n')
+    who = {"owner": 4242} if os.geteuid() == 0 else {}
+
+    def update(tree: dict[str, Any]) -> dict[str, Any]:
+        return raw(d.address, "update", job="q", session="s", tree=tree, blobs=[], **who)
+
+    assert update({"m": [["big", "x" * 600_000], ["n", 1]]})["ok"]
+    d.config_path.write_text(d.config_path.read_text().replace('"1MiB"', '"256KiB"'))
+    d.send_signal(signal.SIGHUP)
+    wait_for(lambda: "trigger=SIGHUP" in d.log(), timeout=60)
+    grow = update({"m": [["more", 1]]})
+    assert grow["ok"] is False and grow["code"] == "quota", grow
+    assert update({"m": [["n", 2]]})["ok"]  # the same size: nothing added
+    assert update({"m": [["big", {"x": 0}]]})["ok"]  # a delete frees room
+    assert update({"m": [["more", 1]]})["ok"]
+    assert raw(d.address, "restore", job="q", **who)["tree"] == {"m": [["n", 2], ["more", 1]]}
+
+
+def test_counters_follow_replay_and_delete(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """A job's cost is counted once when it is loaded (a version plus replayed log records), and leaves the
+    owner's usage when the job is deleted: the daemon's totals are the sum of what it holds, nothing stale."""
+    d = make_daemon(NO_AUTO_POLICY)
+    with autosaved.Client("r", address=d.address) as c:
+        c.update({"maps": {f"k{i}": {"a": i} for i in range(500)}, "w": np.arange(1000, dtype=np.uint8)})
+        c.save()
+        c.update({"maps": {"k1": autosaved.DELETE, "new": []}, "s": "é" * 50}, wait="logged")
+        live = raw(d.address, "status", job="r")
+    d.kill()
+    d.start()
+    replayed = raw(d.address, "status", job="r")  # loads the job: the version, then the log record
+    assert replayed["state_bytes"] == live["state_bytes"] > 500 * 8
+    daemon = raw(d.address, "status")["daemon"]
+    assert daemon["state_bytes"] == replayed["state_bytes"]
+    assert daemon["held_bytes"] == 0  # loaded lazily: the array's bytes stay on disk until read
+    assert raw(d.address, "delete", job="r")["ok"]
+    daemon = raw(d.address, "status")["daemon"]
+    assert daemon["state_bytes"] == 0 and daemon["held_bytes"] == 0
