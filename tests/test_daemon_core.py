@@ -259,15 +259,15 @@ def test_requests_for_jobs_that_do_not_exist_leave_no_lock_behind(tmp_path: Path
         d = daemon.handlers
         for i in range(500):
             with pytest.raises(NotFound):
-                await d.dispatch(_req("delete", job=f"nope{i}"))
+                await call(d, _req("delete", job=f"nope{i}"))
             with pytest.raises(NotFound):
-                await d.dispatch(_req("gc", job=f"nope{i}"))
+                await call(d, _req("gc", job=f"nope{i}"))
         assert daemon.table.locks_held() == 0
         # A loaded job pins its io lock until it is deleted; then nothing is left.
-        await d.dispatch(_update("real", {"x": 1}, seq=1))
-        await d.dispatch(_req("gc", job="real"))
+        await call(d, _update("real", {"x": 1}, seq=1))
+        await call(d, _req("gc", job="real"))
         assert daemon.table.locks_held() == 1
-        await d.dispatch(_req("delete", job="real"))
+        await call(d, _req("delete", job="real"))
         assert daemon.table.locks_held() == 0 and not daemon.table.jobs
 
     anyio.run(main)

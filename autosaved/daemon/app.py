@@ -336,7 +336,7 @@ class Daemon:
             if gid is not None:
                 self._give_to_group(path, gid)
         self.conn_guard = ConnGuard(ctx, sock, None if path is None else str(path), total_cap=self.listener_cap(),
-                                    per_user=lambda: self.config.quota.max_connections)
+                                    per_user=lambda: self.config.quota.max_connections, lock=self._shared.lock)
         stack.callback(self.conn_guard.stop)
         return sock
 

@@ -100,7 +100,7 @@ def shut_down(fd: int) -> None:
 
 class ConnGuard:
     def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], path: str | None, *, total_cap: int,
-                 per_user: Callable[[], int]) -> None:
+                 per_user: Callable[[], int], lock: threading.Lock | None = None) -> None:
         self.path = path
         self.total_cap = total_cap
         self.per_user = per_user
@@ -117,6 +117,7 @@ class ConnGuard:
         self._warned: dict[int | None, float] = {}
         self._stopping = False
         self._sock = sock
+        self._sock_lock = lock or threading.Lock()  # the ROUTER is shared with threads that send on it
         addr = f"inproc://autosaved.monitor.{id(self)}"
         sock.monitor(addr, EVENTS)
         self._mon: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
@@ -129,7 +130,7 @@ class ConnGuard:
     def stop(self) -> None:
         self._stopping = True
         self._thread.join()
-        with contextlib.suppress(zmq.ZMQError):
+        with self._sock_lock, contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
         self._mon.close(0)
         self._reopen()
