@@ -172,12 +172,15 @@ def test_connections_past_the_global_cap_are_refused_not_fatal(tmp_path: Path, f
         wait_for(lambda: "connections are open on the ipc socket (the limit is 341)" in d.log()
                  or d.proc.poll() is not None, timeout=60)  # type: ignore[union-attr]
         assert d.proc.poll() is None, d.log()[-3000:]
+        # (Root's connections are not stopped by the socket's mode: while they keep reconnecting, any new
+        # connection at the global cap is refused, root's own status request included.)
+        for s in dealers:
+            s.close(0)
         with Admin(address=d.address, timeout=60) as admin:
             edge = admin.status()["daemon"]["edge"]
         figure(f"2500 connections against an fd limit of 2048: at most {edge['ipc']['peak']} open at once "
                f"(cap {edge['connection_cap']}), {edge['ipc']['refused']} refused")
-        for s in dealers:
-            s.close(0)
+        assert edge["ipc"]["peak"] < 2048 - 64, edge
         with autosaved.Client("kept", address=d.address, timeout=60) as c:
             assert c.restore() == {"k": 1}
         assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]

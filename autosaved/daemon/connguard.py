@@ -38,6 +38,8 @@ from zmq.utils.monitor import parse_monitor_message
 log = logging.getLogger("autosaved.daemon")
 
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+# How often counted connections are checked against their fds (a lost DISCONNECTED event).
+RECONCILE_S = 1.0
 # One warning per user (and for the global cap) per this many seconds: a flood must not flood the log.
 WARN_EVERY_S = 10.0
 
@@ -111,6 +113,11 @@ class ConnGuard:
         self.peak = 0
         self.closed = False  # the socket file is closed to new connections (at the global cap)
         self._fds: dict[int, int | None] = {}
+        # The socket inode behind each counted fd: a connection whose fd no longer names it is gone, even if
+        # its DISCONNECTED event never came (libzmq drops monitor events under a flood; see _reconcile).
+        self._inodes: dict[int, int] = {}
+        self._reconciled_at = time.monotonic()
+        self.reconciled = 0
         # Users the socket file is closed to (over their cap), and whether the file system takes ACLs.
         self.denied: set[int] = set()
         self._acl_ok = True
@@ -140,6 +147,8 @@ class ConnGuard:
 
     def _run(self) -> None:
         while not self._stopping:
+            if time.monotonic() - self._reconciled_at >= RECONCILE_S:
+                self._reconcile()
             try:
                 if not self._mon.poll(200):
                     continue
@@ -162,6 +171,10 @@ class ConnGuard:
         if fd in self._fds:  # an ACCEPTED without its DISCONNECTED: the number was reused; never count twice
             self._gone(fd)
         self._fds[fd] = uid
+        try:
+            self._inodes[fd] = os.fstat(fd).st_ino
+        except OSError:
+            self._inodes[fd] = -1  # already closed: the next reconcile forgets it
         self.total += 1
         self.peak = max(self.peak, self.total)
         user_open = self.by_uid.get(uid, 0) + 1
@@ -182,6 +195,7 @@ class ConnGuard:
         if fd not in self._fds:
             return
         uid = self._fds.pop(fd)
+        self._inodes.pop(fd, None)
         self.total -= 1
         left = self.by_uid[uid] - 1
         if left:
@@ -193,6 +207,19 @@ class ConnGuard:
             self._set_acl()
         if self.closed and self.total <= self.total_cap - max(1, self.total_cap // 10):
             self._reopen()
+
+    def _reconcile(self) -> None:
+        """Forget counted connections whose fd is closed or names another socket now (O(counted), once a
+        second: the counted are at most the cap plus a burst)."""
+        self._reconciled_at = time.monotonic()
+        for fd, ino in list(self._inodes.items()):
+            try:
+                alive = os.fstat(fd).st_ino == ino
+            except OSError:
+                alive = False
+            if not alive:
+                self.reconciled += 1
+                self._gone(fd)
 
     def _close(self) -> None:
         assert self.path is not None
