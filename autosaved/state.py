@@ -6,9 +6,10 @@ so a merge costs O(size of the delta) and taking a snapshot of a job is just kee
 current root. That is what makes an update atomic for free: the daemon applies a whole delta in one
 step of its event loop, and a save works from the root it grabbed, which no later merge can change.
 
-**Accounting (issue 19).** The daemon's mappings are :class:`Node` objects: dicts that carry the totals
-of their subtree (``cost``: encoded bytes, what ``quota.max_bytes`` counts; ``held``: bytes of binary
-leaves in daemon memory; ``refs``: how many binary leaves live in each client shared-memory mapping).
+**Accounting (issue 19).** The mappings of a daemon-held state (but small flat ones, below) are
+:class:`Node` objects: dicts that carry the totals of their subtree (``cost``: encoded bytes, what
+``quota.max_bytes`` counts; ``held``: bytes of binary leaves in daemon memory; ``refs``: how many
+binary leaves live in each client shared-memory mapping).
 Cached per subtree, not kept in a side table keyed by path: a subtree is shared between versions of
 the tree by path copying, and its totals travel with it for free, so the cost of a replaced subtree is
 one attribute read, and a merge adjusts the totals on exactly the paths it copies. A side table would
@@ -21,13 +22,13 @@ dict subclass, and 600,000 tracked tiny maps made every collection walk them (a 
 beside them). Every other mapping is a :class:`Node`, which the collector tracks anyway (it holds
 containers, or is large). The root is always a Node.
 
-Only mappings carry totals. Every other value is a leaf (lists and tuples too: a merge replaces them
+Only Nodes carry totals. Every other value is a leaf (lists and tuples too: a merge replaces them
 whole) whose cost :func:`measure` computes from the value itself; a leaf is measured once when it
 arrives and once when it is replaced or deleted, so that work is at most twice the work of the request
 that brought it (amortised O(the request)), never a walk of the rest of the tree.
 
-A merge into a :class:`Node` gives a :class:`Node` (:func:`merge_counted` also says what changed); a
-merge into a plain dict stays plain and uncounted (storage's log replay, whose result the daemon
+A merge into a counted root gives a counted root (:func:`merge_counted` also says what changed); a
+merge into a plain root stays plain and uncounted (storage's log replay, whose result the daemon
 counts once with :func:`counted` when it loads the job).
 """
 
