@@ -48,6 +48,8 @@ class ReportContext:
     pid: int
     boot: str
     log_sync_durations: Histogram | None = None
+    # What the daemon's edge holds and refused (connections, the fd limit): see Daemon.edge_report.
+    edge: Callable[[], dict[str, Any]] = dict
 
 
 class Reports:
@@ -125,6 +127,7 @@ class Reports:
                 "preempted": self.ctx.run.preempted,
                 "throttle": self.ctx.io.status(),
                 "remote": self.ctx.replicator.summary() if self.ctx.replicator is not None else None,
+                "edge": self.ctx.edge(),
             },
             "jobs": jobs,
         }
