@@ -53,6 +53,7 @@ SYSTEM_STATE_DIR: Final = Path("/var/lib/autosaved")
 SYSTEM_SOCKET: Final = Path("/run/autosaved/autosaved.sock")
 SOCKET_NAME: Final = "autosaved.sock"
 
+
 def _is_root() -> bool:
     return os.geteuid() == 0
 

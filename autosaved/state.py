@@ -6,22 +6,29 @@ so a merge costs O(size of the delta) and taking a snapshot of a job is just kee
 current root. That is what makes an update atomic for free: the daemon applies a whole delta in one
 step of its event loop, and a save works from the root it grabbed, which no later merge can change.
 
-**Accounting (issue 19).** The daemon's mappings are :class:`Node` objects: dicts that carry the totals
-of their subtree (``cost``: encoded bytes, what ``quota.max_bytes`` counts; ``held``: bytes of binary
-leaves in daemon memory; ``refs``: how many binary leaves live in each client shared-memory mapping).
+**Accounting (issue 19).** The mappings of a daemon-held state (but small flat ones, below) are
+:class:`Node` objects: dicts that carry the totals of their subtree (``cost``: encoded bytes, what
+``quota.max_bytes`` counts; ``held``: bytes of binary leaves in daemon memory; ``refs``: how many
+binary leaves live in each client shared-memory mapping).
 Cached per subtree, not kept in a side table keyed by path: a subtree is shared between versions of
 the tree by path copying, and its totals travel with it for free, so the cost of a replaced subtree is
 one attribute read, and a merge adjusts the totals on exactly the paths it copies. A side table would
 have to be copied or versioned along with the tree it describes (snapshots hold old roots), and a
 per-key table would cost a second dict per mapping. The price: three slots per mapping (24 bytes).
 
-Only mappings carry totals. Every other value is a leaf (lists and tuples too: a merge replaces them
+A mapping of at most ``FLAT_MAX`` (16) scalar values stays a plain dict and is measured when needed (at
+most 16 entries): CPython's garbage collector never tracks such a dict, but tracks every instance of a
+dict subclass, and 600,000 tracked tiny maps made every collection walk them (a ping took 3x as long
+beside them). Every other mapping is a :class:`Node`, which the collector tracks anyway (it holds
+containers, or is large). The root is always a Node.
+
+Only Nodes carry totals. Every other value is a leaf (lists and tuples too: a merge replaces them
 whole) whose cost :func:`measure` computes from the value itself; a leaf is measured once when it
 arrives and once when it is replaced or deleted, so that work is at most twice the work of the request
 that brought it (amortised O(the request)), never a walk of the rest of the tree.
 
-A merge into a :class:`Node` gives a :class:`Node` (:func:`merge_counted` also says what changed); a
-merge into a plain dict stays plain and uncounted (storage's log replay, whose result the daemon
+A merge into a counted root gives a counted root (:func:`merge_counted` also says what changed); a
+merge into a plain root stays plain and uncounted (storage's log replay, whose result the daemon
 counts once with :func:`counted` when it loads the job).
 """
 
@@ -29,8 +36,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .tree import _MSGPACK_INT_MAX, _MSGPACK_INT_MIN, DELETE, PLAIN_TYPES, Blob, Replace, Walked
 
@@ -40,14 +46,18 @@ Refs = dict[int, int]
 
 # What a binary leaf costs beyond its bytes: its node and its descriptor (kind, dtype, shape, nbytes).
 BLOB_OVERHEAD: Final = 64
+# A mapping of at most this many scalar values stays a plain dict: CPython's garbage collector never
+# tracks those (it tracks every instance of a dict subclass), so 600,000 tiny maps cost it nothing, as before.
+FLAT_MAX: Final = 16
 # Kept in sync with the node form of tree.to_node: {"m": [[key, value], ...]}, {"l": [...]}, {"t": [...]}.
 _CONTAINER: Final = 3  # the one-key map header and its tag
 _ITEM: Final = 1  # the [key, value] pair's array header
 
 
 class Node(dict[str | int, Any]):
-    """A mapping of a daemon-held state with its subtree's totals (see the module docstring). Never
-    mutated once built; build one with :func:`empty_node`, :func:`counted` or a merge."""
+    """A mapping of a daemon-held state with its subtree's totals (see the module docstring; a small
+    flat mapping is a plain dict instead). Never mutated once built; build one with :func:`empty_node`,
+    :func:`counted` or a merge."""
 
     __slots__ = ("cost", "held", "refs")
     cost: int
@@ -127,7 +137,7 @@ def measure(value: Any) -> tuple[int, int, Refs | None]:
             return value.nbytes + BLOB_OVERHEAD, 0, None
         refs = {id(data.obj): 1} if isinstance(data.obj, mmap.mmap) else None
         return value.nbytes + BLOB_OVERHEAD, value.nbytes, refs
-    if isinstance(value, Mapping):
+    if t is dict or isinstance(value, Mapping):
         return _measure_items(value.items(), mapping=True)
     if isinstance(value, list | tuple):
         return _measure_items(value, mapping=False)
@@ -154,30 +164,52 @@ def _measure_items(items: Any, *, mapping: bool) -> tuple[int, int, Refs | None]
     return cost + _CONTAINER + _array_header(n), held, refs
 
 
+def _small_flat(out: dict[str | int, Any]) -> bool:
+    """Whether a mapping stays a plain dict: at most :data:`FLAT_MAX` entries, all scalars (O(FLAT_MAX))."""
+    return len(out) <= FLAT_MAX and all(type(v) in PLAIN_TYPES for v in out.values())
+
+
+def _finish(out: dict[str | int, Any], items: int, held: int, refs: Refs | None,
+            force: bool = False) -> tuple[Any, int, int, Refs | None]:
+    """A built mapping with its totals (``items``: the cost of its entries): a plain dict when small and
+    flat (measured again in O(FLAT_MAX) when needed, and untracked by the garbage collector), else a Node."""
+    cost = items + _CONTAINER + _array_header(len(out))
+    if not force and _small_flat(out):
+        return (dict(out) if type(out) is Node else out), cost, 0, None
+    node = out if type(out) is Node else Node(out)
+    node.cost, node.held, node.refs = cost, held, refs
+    return node, cost, held, refs
+
+
 def counted(tree: Any) -> Any:
-    """``tree`` with every mapping made a :class:`Node` (a walk of the whole tree: for a job's state as
-    storage loaded it, once, when the daemon loads the job)."""
-    if isinstance(tree, Mapping):
-        Walked.entries += len(tree)
-        node = Node()
-        cost = held = 0
-        refs: Refs | None = None
-        for key, value in tree.items():
-            value = counted(value)
-            node[key] = value
+    """``tree`` with every mapping counted (a walk of the whole tree: for a job's state as storage loaded
+    it, once, when the daemon loads the job). The root is always a :class:`Node`."""
+    if not isinstance(tree, Mapping):
+        return tree
+    return _counted(tree, force=True)[0]
+
+
+def _counted(tree: Mapping[str | int, Any], force: bool = False) -> tuple[Any, int, int, Refs | None]:
+    Walked.entries += len(tree)
+    out: dict[str | int, Any] = {}
+    cost = held = 0
+    refs: Refs | None = None
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            value, c, h, r = _counted(value)
+        else:
             c, h, r = measure(value)
-            cost += key_cost(key) + c
-            held += h
-            if r:
-                refs = add_refs(refs, r)
-        node.cost, node.held, node.refs = cost + _CONTAINER + _array_header(len(node)), held, refs
-        return node
-    return tree
+        out[key] = value
+        cost += key_cost(key) + c
+        held += h
+        if r:
+            refs = add_refs(refs, r)
+    return _finish(out, cost, held, refs, force)
 
 
-@dataclass(frozen=True)
-class Merged:
-    """What :func:`merge_counted` made: the new root, and the change of the paths it touched."""
+class Merged(NamedTuple):
+    """What :func:`merge_counted` made: the new root, and the change of the paths it touched (a tuple:
+    a frozen dataclass's init cost a third of a small update's merge)."""
 
     root: Node
     cost: int  # the root's cost after minus before
@@ -192,15 +224,16 @@ def merge_counted(base: Node, delta: Mapping[str | int, Any]) -> Merged:
     leaves it replaces or deletes (see the module docstring); the rest of ``base`` is never visited."""
     added: list[Refs | None] = [None]
     removed: list[Refs | None] = [None]
-    root = _merge_node(base, delta, added, removed)
-    return Merged(root, root.cost - base.cost, root.held - base.held, added[0], removed[0])
+    root, cost, held, _ = _merge_node(base, base.cost, base.held, base.refs, delta, added, removed, True)
+    return Merged(root, cost - base.cost, held - base.held, added[0], removed[0])
 
 
-def _merge_node(base: Node, delta: Mapping[str | int, Any], added: list[Refs | None],
-                removed: list[Refs | None]) -> Node:
+def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base_refs: Refs | None,
+                delta: Mapping[str | int, Any], added: list[Refs | None], removed: list[Refs | None],
+                force: bool = False) -> tuple[Any, int, int, Refs | None]:
     Walked.entries += len(delta)
-    out = Node(base)
-    cost, held, refs = base.cost - _CONTAINER - _array_header(len(base)), base.held, base.refs
+    out = Node(base) if type(base) is Node else dict(base)
+    cost, held, refs = base_cost - _CONTAINER - _array_header(len(base)), base_held, base_refs
     for key, value in delta.items():
         old = out.get(key, _MISSING)
         t = type(value)
@@ -213,14 +246,15 @@ def _merge_node(base: Node, delta: Mapping[str | int, Any], added: list[Refs | N
                 cost -= _int_cost(old)
             elif to in PLAIN_TYPES:
                 cost -= 9 if to is float else 1
-            elif to is Node and t is not Replace and t not in PLAIN_TYPES and isinstance(value, Mapping):
-                # merged into below: its leaves that go are counted there; its totals come back as ``new``'s
-                cost, held, refs = cost - old.cost, held - old.held, add_refs(refs, old.refs, -1)
-            else:  # replaced or deleted whole
-                c, h, r = measure(old)
+            else:
+                c, h, r = measure(old)  # a Node's totals, or a small flat dict's (O(FLAT_MAX))
                 cost, held = cost - c, held - h
-                if r:
-                    removed[0] = add_refs(removed[0], r)
+                if (to is not Node and to is not dict) or t is Replace or t in PLAIN_TYPES \
+                        or not isinstance(value, Mapping):  # replaced or deleted whole
+                    if r:
+                        removed[0] = add_refs(removed[0], r)
+                        refs = add_refs(refs, r, -1)
+                elif r:  # merged into below: its leaves that go are counted there; its totals come back
                     refs = add_refs(refs, r, -1)
         if t in PLAIN_TYPES:  # the common case first: the ABC checks below are slow (perf, issue 14)
             out[key] = value
@@ -230,45 +264,35 @@ def _merge_node(base: Node, delta: Mapping[str | int, Any], added: list[Refs | N
         if value is DELETE:
             out.pop(key, None)
             continue
-        if t is dict and old is _MISSING:  # a new subtree: the common case of an update that adds maps
-            new: Any = _fresh(value, added)
-            out[key] = new
-            cost += new.cost + (2 + len(key) if type(key) is str and len(key) < 32 and key.isascii()
-                                else key_cost(key))
-            held += new.held
-            if new.refs:
-                refs = add_refs(refs, new.refs)
-            continue
         if t is Replace:
-            new = _fresh(value.mapping, added)
+            new, c, h, r = _fresh(value.mapping, added)
         elif isinstance(value, Mapping):
-            if type(old) is Node:
-                new = _merge_node(old, value, added, removed)
-            elif isinstance(old, Mapping):  # never in a daemon root (every mapping there is a Node): robustness
-                into = counted(old)
-                added[0] = add_refs(added[0], into.refs)
-                new = _merge_node(into, value, added, removed)
+            to = type(old)
+            if to is Node:
+                new, c, h, r = _merge_node(old, old.cost, old.held, old.refs, value, added, removed)
+            elif to is dict:  # a small flat map
+                oc, oh, orf = measure(old)
+                new, c, h, r = _merge_node(old, oc, oh, orf, value, added, removed)
             else:
-                new = _fresh(value, added)
+                new, c, h, r = _fresh(value, added)
         else:
             new = value
-        c, h, r = measure(new)
-        if r:
-            refs = add_refs(refs, r)
-            if new is value:
+            c, h, r = measure(value)
+            if r:
                 added[0] = add_refs(added[0], r)
         out[key] = new
         cost += key_cost(key) + c
         held += h
-    out.cost, out.held, out.refs = cost + _CONTAINER + _array_header(len(out)), held, refs
-    return out
+        if r:
+            refs = add_refs(refs, r)
+    return _finish(out, cost, held, refs, force)
 
 
-def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> Node:
-    """``_merge_node(empty_node(), delta)``, faster: a new subtree needs no look-up of what it replaces
+def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[Any, int, int, Refs | None]:
+    """``_merge_node`` into an empty mapping, faster: a new subtree needs no look-up of what it replaces
     (most of an update that adds many small maps is here)."""
     Walked.entries += len(delta)
-    node = Node()
+    out: dict[str | int, Any] = {}
     cost = held = 0
     refs: Refs | None = None
     for key, value in delta.items():
@@ -286,24 +310,22 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> Node:
             continue
         else:
             if t is Replace:
-                value = _fresh(value.mapping, added)
+                value, c, h, r = _fresh(value.mapping, added)
             elif isinstance(value, Mapping):
-                value = _fresh(value, added)
-            c, h, r = measure(value)
+                value, c, h, r = _fresh(value, added)
+            else:
+                c, h, r = measure(value)
+                if r:
+                    added[0] = add_refs(added[0], r)
             held += h
             if r:
                 refs = add_refs(refs, r)
-                if type(value) is not Node:
-                    added[0] = add_refs(added[0], r)
-        node[key] = value
+        out[key] = value
         if type(key) is str and len(key) < 32 and key.isascii():
             cost += c + 2 + len(key)
         else:
             cost += c + key_cost(key)
-    node.cost, node.held, node.refs = cost + _CONTAINER + _array_header(len(node)), held, refs
-    return node
-
-
+    return _finish(out, cost, held, refs)
 
 
 def merge(base: State, delta: Mapping[str | int, Any]) -> State:

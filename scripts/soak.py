@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--daemon-check-every", type=int, default=4,
                     help="check through the restarted daemon after every N-th kill (offline: after each)")
     ap.add_argument("--keep", type=Path, help="keep the state dir and daemon log here")
+    ap.add_argument("--log-level", default="warning", help="the daemon's log level (its log is kept with --keep)")
     ap.add_argument("--remote", action="store_true",
                     help="replicate to a throwaway SeaweedFS server that is stopped and resumed at random")
     args = ap.parse_args()
@@ -54,7 +55,7 @@ def main() -> int:
 
         s3 = SeaweedServer(root / "seaweed").start()
     try:
-        report = Soak(root / "daemon", args.seed, remote=s3).run(
+        report = Soak(root / "daemon", args.seed, remote=s3, log_level=args.log_level).run(
             args.kills, max_gap=args.max_gap, on_progress=progress, daemon_check_every=args.daemon_check_every)
     finally:
         if s3 is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,15 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60.0, interval: f
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a test's random choices: ``$AUTOSAVED_TEST_SEED``, else a fresh one. A failing test's
+    report shows it ("Captured seed setup"), so the run can be repeated exactly."""
+    value = int(os.environ.get("AUTOSAVED_TEST_SEED") or secrets.randbits(32))
+    request.node.add_report_section("setup", "seed", f"AUTOSAVED_TEST_SEED={value}")
+    return value
 
 
 def fault_fired(faults: Path, point: str, timeout: float = 60.0) -> None:

@@ -138,6 +138,27 @@ def test_state_lost_with_a_callback_resends_the_update() -> None:
     assert d.result.seq == again["seq"]
 
 
+def test_a_new_daemons_save_or_status_reply_does_not_teach_its_boot_over_unsaved_acks() -> None:
+    """A save or status that reaches a restarted daemon first must not hide a loss: the client keeps the old
+    boot id (so the next update is checked) and the save does not mark the accepted deltas durable."""
+    from autosaved.protocol import ok_reply
+
+    core = ClientCore("job")
+    core.boot, core.acked, core.durable = BOOT, 5, 3  # seqs 4 and 5 were only accepted
+    for flow, fields in ((core.save(), {"version": 2}), (core.status(), {})):
+        d = Daemon(flow)
+        sent = d.until_receive()
+        d.answer([memoryview(pack_header(ok_reply(sent["seq"], "boot-2", **fields)))])
+        assert core.boot == BOOT and core.durable == 3
+    d = Daemon(core.update({"a": 1}))
+    assert d.until_receive()["boot"] == BOOT  # the daemon compares it with its own and checks seq 5
+    # With nothing unsaved, a new daemon's boot is simply learned.
+    core.durable = core.acked
+    d = Daemon(core.status())
+    d.answer([memoryview(pack_header(ok_reply(d.until_receive()["seq"], "boot-3")))])
+    assert core.boot == "boot-3"
+
+
 def _restore_reply(seq: int, state: dict[str, Any], *, shm: bool) -> tuple[list[memoryview], dict[int, memoryview]]:
     node, blobs = to_node(pack(state))
     fields: dict[str, Any] = {"tree": node, "blobs": blob_descriptors(blobs), "version": 3, "step": 9}

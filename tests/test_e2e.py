@@ -100,6 +100,26 @@ def test_daemon_restart_is_never_silent(make_daemon: Callable[..., PrivateDaemon
     c.close()
 
 
+def test_a_save_or_status_first_after_a_restart_does_not_hide_the_loss(make_daemon: Callable[..., PrivateDaemon]
+                                                                       ) -> None:
+    """Found by the soak (issue 19): when a save, status or restore was the first request to reach the
+    restarted daemon, its reply taught the client the new boot id (and the save marked every ack durable),
+    so the next update was merged onto a state that had silently lost the accepted delta."""
+    d = make_daemon(NO_AUTO_POLICY)
+    for first in ("save", "status", "restore"):
+        c = autosaved.Client(f"first-{first}", address=d.address, timeout=60)
+        c.update({"a": 1}, wait="logged")
+        c.update({"b": 1})  # accepted only
+        d.kill()
+        d.start()
+        getattr(c, first)()
+        with pytest.raises(autosaved.StateLost):
+            c.update({"c": 1})
+        c.update({"a": 1, "b": 1, "c": 1})
+        assert c.restore() == {"a": 1, "b": 1, "c": 1}
+        c.close()
+
+
 def test_restart_after_commit_is_not_a_loss_and_callback_resends(make_daemon: Callable[..., PrivateDaemon]) -> None:
     d = make_daemon(NO_AUTO_POLICY)
     full_state = {"a": 1}

@@ -37,9 +37,10 @@ def _lines(proc: subprocess.Popen[str], rc: int) -> dict[str, list[str]]:
     return got
 
 
-def test_sigkill_resumes_at_the_acked_step_sync_and_async_io(make_daemon: Callable[..., PrivateDaemon]) -> None:
+def test_sigkill_resumes_at_the_acked_step_sync_and_async_io(make_daemon: Callable[..., PrivateDaemon],
+                                                             seed: int) -> None:
     d = make_daemon(NO_AUTO_POLICY)  # nothing is ever saved as a version: the write-ahead log is all there is
-    k = random.randint(2, STEPS - 2)
+    k = random.Random(seed).randint(2, STEPS - 2)  # the step the trainer is killed after
     # Both variants at once (two jobs on one daemon): the interpreter start-up dominates this test.
     killed = {"sync": _start(d.address, "lit-sync", "--die-at", str(k)),
               "async": _start(d.address, "lit-async", "--die-at", str(k), "--async")}

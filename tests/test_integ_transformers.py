@@ -33,9 +33,9 @@ def _fields(out: str) -> dict[str, str]:
 
 
 def test_sigkill_after_an_acked_step_resumes_bit_identically(make_daemon: Callable[..., PrivateDaemon],
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, seed: int) -> None:
     d = make_daemon(NO_AUTO_POLICY)  # no version is ever saved: the daemon's write-ahead log is all there is
-    k = random.randint(2, STEPS - 2)
+    k = random.Random(seed).randint(2, STEPS - 2)  # the step the trainer is killed after
     killed = _run(d.address, "--die-at", str(k), "--wait", "logged", "--output-dir", str(tmp_path / "out"))
     assert killed.returncode == -9, killed.stderr
     assert f"acked step {k} (logged)" in killed.stdout

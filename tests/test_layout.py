@@ -25,8 +25,9 @@ PACKAGE = ROOT / "autosaved"
 SDK_CLASSES = {"Client", "AsyncClient", "Admin", "AsyncAdmin"}
 # White-box reads a test may make: test_shm checks which path the bytes took (slots made, fallback taken),
 # which only the client's slot pool knows. Reads only; the pool's state is asserted, never driven.
-# White-box guards that a test sees what it claims (the bytes really went through a lent slot).
-ALLOWED = {"tests/test_shm.py": {"_slots"}, "tests/test_accounting.py": {"_slots"}}
+# White-box guards that a test sees what it claims (the bytes really went through a lent slot; test_lazy:
+# the priority of the lazy client's copy thread, read by running a probe on that thread).
+ALLOWED = {"tests/test_shm.py": {"_slots"}, "tests/test_accounting.py": {"_slots"}, "tests/test_lazy.py": {"_worker"}}
 
 
 def _sources(*dirs: Path) -> list[Path]:
@@ -263,13 +264,21 @@ def test_runs() -> None:
 '''
 
 
-@pytest.mark.parametrize("ci", [{}, {"CI": "true"}, {"AUTOSAVED_REQUIRE_ROOT_TESTS": "1"}], ids=["dev", "ci", "root"])
-def test_a_skip_fails_the_run_under_ci(tmp_path: Path, ci: dict[str, str]) -> None:
-    """A missing dependency skips a test (or a whole module) on a developer's machine, and fails under CI."""
+@pytest.mark.parametrize("ci", [{}, {"CI": "true"}], ids=["dev", "ci"])
+def test_a_skip_fails_the_run_under_ci(tmp_path: Path, ci: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing dependency skips a test (or a whole module) on a developer's machine, and fails under CI
+    (CI=true, or AUTOSAVED_REQUIRE_ROOT_TESTS=1 as .ci/run exports)."""
+    from tests.ci_skips import require_every_test
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("AUTOSAVED_REQUIRE_ROOT_TESTS", "1")
+    assert require_every_test()
+    monkeypatch.setenv("AUTOSAVED_REQUIRE_ROOT_TESTS", "0")
+    assert not require_every_test()
     (tmp_path / "test_whole_module.py").write_text(SKIPS)
     (tmp_path / "test_one.py").write_text(SKIP_ONE)
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "AUTOSAVED_REQUIRE_ROOT_TESTS")}
-    args = ["-q", "-n", "0", "-p", "tests.ci_skips", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+    args = ["-q", "-p", "no:xdist", "-p", "tests.ci_skips", "-p", "no:cacheprovider", "--continue-on-collection-errors",
             "--rootdir", str(tmp_path), str(tmp_path)]
     out = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True, text=True, cwd=ROOT,
                          env={**env, **ci}, timeout=120)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY
 

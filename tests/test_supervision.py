@@ -293,26 +293,33 @@ def test_a_log_flusher_that_fails_is_restarted_and_logs_the_update(faulty: Calla
     stops_cleanly(d)
 
 
-@pytest.mark.parametrize("task", ["replica", "attach", "uploadrate", "probe"])
+@pytest.mark.parametrize("task", ["replica", "attach", "uploadrate", "probe", "remotedelete"])
 def test_a_replication_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], s3server: Any,
                                                              monkeypatch: pytest.MonkeyPatch, task: str) -> None:
     """The replicator's tasks (a job's upload loop, the attach of stored jobs at start, the upload-rate
-    sampler, the probe of a store that was down at start) are supervised: one fails at its start, the
-    daemon logs it, restarts it and serves on; a job's upload loop restarted still replicates."""
+    sampler, the probe of a store that was down at start, the completion of a bucket delete left pending)
+    are supervised: one fails at its start, the daemon logs it, restarts it and serves on; a job's upload
+    loop restarted still replicates."""
     for k, v in s3server.env.items():
         monkeypatch.setenv(k, v)
-    # "probe" runs only when the store did not answer at start: point it at a closed port.
-    endpoint = f"http://127.0.0.1:{free_port()}" if task == "probe" else s3server.endpoint
+    # "probe" runs only when the store did not answer at start, and a delete stays pending (its completion
+    # a task of its own) only when the store cannot be reached: point those at a closed port.
+    down = task in ("probe", "remotedelete")
+    endpoint = f"http://127.0.0.1:{free_port()}" if down else s3server.endpoint
     config = (NO_AUTO_POLICY + f'[remote]\nurl = "{s3server.url(f"sup-{task}")}"\nendpoint = "{endpoint}"\n'
               'timeout = "1s"\n')
     d, faults = faulty(f"task.{task}.start 1 raise\n", config)
     with autosaved.Client("rep", address=d.address) as c:
         if task == "replica":  # the job's loop starts when the job is loaded
             assert c.update({"x": 1}, wait="replicated").level == "replicated"
+        if task == "remotedelete":
+            c.update({"x": 1}, wait="committed")
+            with autosaved.Admin(address=d.address) as admin:
+                assert admin.delete("rep")["remote"]["state"] == "pending"
         fault_fired(faults, f"task.{task}.start")
         wait_for(lambda: f"task {task} restarting" in d.log(), timeout=30)
     with autosaved.Admin(address=d.address) as admin:
         assert admin.status()["daemon"]["task_restarts"] == 1
-    if task != "probe":
+    if not down:
         still_serving(d)
     stops_cleanly(d)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.bench.throttle import Workload
+from autosaved.testing.private import PrivateDaemon
 
 from .conftest import skip_or_fail, wait_for
 

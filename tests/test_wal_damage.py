@@ -183,3 +183,33 @@ def test_daemon_serves_every_synced_record_of_a_reordered_tail(make_daemon: Call
         c.update({"after": 1}, wait="logged")
     d.kill()
     assert autosaved.restore("tail", state_dir=d.state_dir) == {**expected, "after": 1}
+
+
+def test_an_offline_reader_racing_a_commit_reads_the_newest_state(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An offline restore lists the versions, then a daemon commits a newer one and drops the log segment
+    the older one needed, then the reader reads the log: it starts again from the newest version instead
+    of serving the older one without the logged record (seen once the recovery save ran at every load)."""
+    import autosaved.storage.local as local_mod
+    from autosaved.codec import pack
+
+    store = JobStore(tmp_path, os.geteuid(), "race")
+    common = {"reason": "test", "meta": {}, "sessions": {}, "chunk_size": 64 * 1024, "step": None}
+    store.write_version(pack({"n": 1}), version=1, **common)  # type: ignore[arg-type]
+    w = WalWriter(store.log_dir)
+    w.append([Record(lsn=1, sessions={}, step=None, meta={}, delta={"n": 2})])
+    w.close()
+    real = local_mod.read_log
+    raced = []
+
+    def racing(log_dir: Path, after: int, **kw: bool) -> object:
+        if not raced:  # the daemon's commit lands between the reader's listing and its log read
+            raced.append(True)
+            store.write_version(pack({"n": 2}), version=2, wal_lsn=1, **common)  # type: ignore[arg-type]
+            for _, seg in segments(log_dir):
+                seg.unlink()
+        return real(log_dir, after, **kw)
+
+    monkeypatch.setattr(local_mod, "read_log", racing)
+    recovered = store.recover()
+    assert recovered is not None and recovered.tree == {"n": 2}

@@ -167,15 +167,18 @@ class Exchange:
         """A request whose result is its reply header; an error reply raises."""
         header, _ = yield from self.exchange(req)
         raise_for_reply(header)
-        self.boot = header.get("boot")
+        self._learn_boot(header)
         return header
+
+    def _learn_boot(self, header: dict[str, Any]) -> None:
+        self.boot = header.get("boot")
 
     def export_flow(self, req: Request, placed: Callable[[dict[str, Any]], Flow[dict[int, memoryview] | None]]
                     ) -> Flow[Exported | None]:
         header, frames = yield from self.exchange(req)
         leaves = yield from placed(header)
         raise_for_reply(header)
-        self.boot = header.get("boot")
+        self._learn_boot(header)
         if header.get("tree") is None:
             return None
         tree = from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:], leaves))
@@ -202,6 +205,16 @@ class ClientCore(Exchange):
         self.pinned: PinnedBuffers = {}
         self.slots = slots
 
+    def _learn_boot(self, header: dict[str, Any]) -> None:
+        """Take the replying daemon's boot id, unless it is a new daemon and this client has acked deltas
+        not known durable: then the next update still carries the old boot id, so the daemon checks them
+        (``state_lost``) instead of merging it onto a state that lost them. (A save, status or restore
+        reply that taught the new boot hid the loss: found by the soak, issue 19.) An update's own reply
+        always teaches it (that daemon did the check)."""
+        boot = header.get("boot")
+        if self.boot is None or boot == self.boot or self.acked <= self.durable:
+            self.boot = boot
+
     # -- flows ---------------------------------------------------------------------------------
 
     def hello(self) -> Flow[dict[str, Any]]:
@@ -217,8 +230,10 @@ class ClientCore(Exchange):
         return (yield from self.call(self.request("status", {})))
 
     def save(self) -> Flow[int]:
+        before = self.boot
         header = yield from self.call(self.request("save", {}))
-        self.durable = self.acked
+        if header.get("boot") == before:  # a restarted daemon's version holds only what it kept
+            self.durable = self.acked
         return int(header["version"])
 
     def update(self, delta: Mapping[Any, Any], *, step: int | None = None, meta: Mapping[str, Any] | None = None,
@@ -294,6 +309,7 @@ class ClientCore(Exchange):
             yield Local("reset_slots", self._fresh_slots)
             req = yield from self._build_update(delta, step, meta, wait)
             header = yield from self._checked(req)
+        self.boot = header.get("boot")  # this daemon checked our acks against what it has
         self.acked = req.seq
         self.durable = int(header.get("durable") or 0)
         if header.get("ack") in ("logged", "committed", "replicated"):
@@ -326,7 +342,7 @@ class ClientCore(Exchange):
             self.durable = int((header.get("details") or {}).get("durable_seq", 0))
             self.acked = self.durable
         raise_for_reply(header)
-        self.boot = header.get("boot")
+        self._learn_boot(header)
         return header
 
     # -- request records -----------------------------------------------------------------------

@@ -126,7 +126,7 @@ class Daemon:
 
             self.replicator = Replicator(config.remote, holder=holder_id(config.state_dir),
                                          local_store=self.store.job, retention=retention,
-                                         spawn=functools.partial(self._spawn, "replica"),
+                                         spawn=self._spawn,
                                          adaptive=config.throttle.enabled,
                                          pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,

@@ -275,7 +275,7 @@ class Replicator:
             # retention keeps them all (the catch-up trims this to what the bucket lacks).
             replica.queue = sorted(local_ids)
             self.replicas[key] = replica
-            self.spawn(self._run, replica, list(local_ids))
+            self.spawn("replica", self._run, replica, list(local_ids))
         return replica
 
     def committed(self, owner: int, name: str, version: int, new_bytes: int = 0) -> None:
@@ -468,7 +468,7 @@ class Replicator:
     def _complete_later(self, key: JobKey) -> None:
         if key not in self._completing:
             self._completing.add(key)
-            self.spawn(self._complete, key)
+            self.spawn("remotedelete", self._complete, key)
 
     async def _complete(self, key: JobKey) -> None:
         attempt = 0

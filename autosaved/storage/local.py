@@ -538,9 +538,10 @@ class JobStore:
                 if attempt + 1 == _RECOVER_TRIES:
                     raise
                 continue
-            # An offline reader racing a daemon's commit: a newer version appeared and dropped the log
-            # this base needed. Start again from the newest version rather than serve an older state.
-            if not (replay.gap and attempt + 1 < _RECOVER_TRIES and self.version_ids() != ids):
+            # An offline reader racing a daemon's commit: a newer version appeared meanwhile and may have
+            # dropped log segments this base needed (with or without leaving a gap). Start again from the
+            # newest version rather than serve an older state.
+            if attempt + 1 == _RECOVER_TRIES or self.version_ids() == ids:
                 break
         for warning in replay.warnings:
             log.warning("%s: %s", self.job, warning)
