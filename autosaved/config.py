@@ -27,6 +27,7 @@ from .settings import (
     RemoteSettings,
     Table,
     ThrottleSettings,
+    choice,
     count,
     duration,
     is_auto,
@@ -154,11 +155,14 @@ class Config(Table):
     max_connections: int = setting(256, count(1), restart=True)
     shutdown_deadline: float = setting(25.0, duration())
     # The disk's write speed in bytes/s for planning (derived dirty_bytes, the deadline flush); None ("auto"):
-    # measured by a 32 MiB probe at start. A set value skips the probe (tests, or a known disk).
+    # probed at a disk's first start and remembered (daemon/speedmemo.py). A set value skips both.
     write_speed: int | None = setting(None, size(auto=True, positive=True), restart=True)
     chunk_size: int = setting(8 * 1024**2, size(low=64 * 1024, high=1024**3))
     log_level: str = setting("info", _log_level)
-    # Group allowed into the socket directory besides the daemon's user (name or gid); None: the daemon's group.
+    # "text" (key=value lines) or "json" (one object per line, logfmt.py); chosen at start.
+    log_format: str = setting("text", choice(("text", "json")), restart=True)
+    # Group allowed into the socket directory besides the daemon's user (name or gid); None: nobody else
+    # (a socket directory the daemon creates is 0700).
     socket_group: str | int | None = setting(None, _group, restart=True)
     # host:port of the Prometheus text endpoint; None: off.
     metrics_address: tuple[str, int] | None = setting(None, _host_port, restart=True)

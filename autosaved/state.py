@@ -374,3 +374,48 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
 
 
 _MISSING: Any = object()
+
+# Binary leaves up to this size are compared byte for byte when resent; larger ones count as changed (a
+# compare of a large tensor would hold the event loop for about a millisecond per MiB, and a resent large
+# tensor costs a version but no disk: its chunks dedup).
+COMPARE_BLOB_BYTES = 1 << 20
+
+
+def changes_anything(base: State, delta: Mapping[str | int, Any]) -> bool:
+    """Whether merging ``delta`` into ``base`` would change it (issue 22: resending ``{"a": 1}`` or
+    deleting a missing key must not make a version). O(the delta)."""
+    for key, value in delta.items():
+        before = base.get(key, _MISSING)
+        if value is DELETE:
+            if before is not _MISSING:
+                return True
+        elif type(value) in PLAIN_TYPES:
+            # ``1 == True == 1.0`` but they are different leaves; NaN != NaN counts as a change.
+            if type(before) is not type(value) or before != value:
+                return True
+        elif isinstance(value, Replace) or before is _MISSING:
+            return True
+        elif isinstance(value, Mapping):
+            if not isinstance(before, dict) or changes_anything(before, value):
+                return True
+        elif not _same_leaf(before, value):
+            return True
+    return False
+
+
+def _same_leaf(before: Any, value: Any) -> bool:
+    if isinstance(value, Blob):
+        if not (isinstance(before, Blob) and before.kind == value.kind and before.dtype == value.dtype
+                and before.shape == value.shape and value.nbytes <= COMPARE_BLOB_BYTES
+                and before.data is not None and value.data is not None):
+            return False
+        try:
+            return bool(before.data.cast("B") == value.data.cast("B"))
+        except (TypeError, ValueError):  # not a contiguous byte view: say changed rather than copy it
+            return False
+    if isinstance(value, list | tuple):
+        return (type(before) is type(value) and len(before) == len(value)
+                and all(_same_leaf(b, v) for b, v in zip(before, value, strict=True)))
+    if type(value) in PLAIN_TYPES:
+        return type(before) is type(value) and bool(before == value)
+    return False

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
@@ -253,6 +254,17 @@ def test_dead_daemon_never_blocks_the_trainer(make_daemon: Callable[..., Private
         with pytest.raises(autosaved.DaemonUnavailable, match="did not answer"):
             c.update({"a": 1})
     c.close()
+    # hello is a long op (it may wait for a job's replay), but with nobody behind the socket its send is
+    # bounded by the ordinary timeout, not the save timeout (it hung a test for 600 s once).
+    with pytest.raises(autosaved.DaemonUnavailable, match=r"'hello' within 0.5s"):
+        autosaved.Client("dead", address=d.address, timeout=0.5, save_timeout=3600).connect()
+
+    async def async_hello() -> None:
+        async with autosaved.AsyncClient("dead", address=d.address, timeout=0.5, save_timeout=3600):
+            pass
+
+    with pytest.raises(autosaved.DaemonUnavailable, match=r"'hello' within 0.5s"):
+        anyio.run(async_hello)
 
 
 def test_stopped_daemon_leaves_no_socket_behind(make_daemon: Callable[..., PrivateDaemon]) -> None:

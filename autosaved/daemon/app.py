@@ -49,11 +49,12 @@ from ..storage.faults import point
 from ..storage.local import Store
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
+from .health import failing_until, health
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .jobtable import JobTable
 from .lock import PidLock
-from .metrics import Histogram, open_metrics, serve_metrics
+from .metrics import Histogram, log_sync_histogram, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
 from .reload import ReloadContext, Reloader
@@ -63,6 +64,7 @@ from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
 from .rpcsocket import Receiver, SharedSocket
 from .runstate import Phase, RunState
 from .slottable import SlotTable
+from .wakeups import Wakeups
 from .walcommit import LogCommitter
 from .writer import Writer
 
@@ -129,15 +131,18 @@ class Daemon:
                                          spawn=self._spawn,
                                          adaptive=config.throttle.enabled,
                                          pending_dir=config.state_dir / "remote-deletes")
-        self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
+        self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke_job,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
         self.writer = Writer(chunk_size=lambda: self.config.chunk_size, clock=clock, on_done=self._save_done,
                              max_write_rate=config.throttle.max_write_rate)
         self.io = IoControl(lambda: self.config, self.writer, clock)
         # The write-ahead log's group committer (not a logger).
-        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.poke)
+        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.poke_job)
         self._wake = anyio.Event()
+        # Which jobs the scheduler decides for at its next pass, and when (issue 19): see wakeups.py.
+        self.wakeups = Wakeups()
+        self.writer.on_job_done = self.poke_job  # a finished save: decide for that job again
         # When the sleeping scheduler wakes up by itself (see poke_for); inf: not asleep on a timer.
         self._wake_at = math.inf
         self._save_waiters: list[anyio.Event] = []
@@ -155,6 +160,8 @@ class Daemon:
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
+        self.log_sync_durations = log_sync_histogram()
+        self.wal_committer.observe_sync = self.log_sync_durations.observe
         # When the rpc loop last went round: the watchdog pings only while this keeps moving.
         self.progress_at = clock()
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
@@ -165,10 +172,10 @@ class Daemon:
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
         self.reports = Reports(ReportContext(
-            config=lambda: self.config, run=self.run_state, jobs=self.jobs, ledger=self.table.ledger,
-            store=self.store, writer=self.writer,
+            config=lambda: self.config, run=self.run_state, jobs=self.jobs, jobs_of=self.table.jobs_of,
+            ledger=self.table.ledger, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
-            durations=self.save_durations, pid=self.pid, boot=self.boot,
+            durations=self.save_durations, pid=self.pid, boot=self.boot, log_sync_durations=self.log_sync_durations,
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
                                             run=self.run_state, give_to_socket_group=self._give_to_socket_group))
@@ -178,7 +185,7 @@ class Daemon:
         )
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
-            replicator=self.replicator, clock=clock, poke=self.poke, poke_for=self.poke_for,
+            replicator=self.replicator, clock=clock, poke=self.poke_job, poke_for=self.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
             pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))
@@ -205,17 +212,27 @@ class Daemon:
     # -- wiring ----------------------------------------------------------------------------------
 
     def poke(self) -> None:
-        """Wake the scheduler: something changed that may make a save due sooner."""
+        """Wake the scheduler to decide for every job (a reload changed every job's policy)."""
+        self.wakeups.every()
+        self._wake.set()
+
+    def poke_job(self, job: Job) -> None:
+        """Wake the scheduler to decide for ``job`` (a save asked for, a finished save, a full log): one
+        decision, not one per job of the host (issue 19)."""
+        self.wakeups.now(job.key)
         self._wake.set()
 
     def poke_for(self, job: Job) -> None:
-        """After an update of ``job``: wake the scheduler only if the job may now be due before the
-        scheduler's next wake-up (perf, issue 14). Waking it on every update made each small update
-        cost a ``decide`` per job of the host; this is one ``decide``, for the job that changed."""
+        """After an update of ``job``: one ``decide``, for the job that changed (perf, issue 14). Due now:
+        the scheduler decides for it at once; due later: its wake-up is kept (the earliest one), and the
+        scheduler woken only if that is before its next wake-up."""
         decision = decide(job.view(), self.clock())
-        if decision.reason is not None or (decision.next_wake_at is not None
-                                           and decision.next_wake_at < self._wake_at):
-            self._wake.set()
+        if decision.reason is not None:
+            self.poke_job(job)
+        elif decision.next_wake_at is not None:
+            self.wakeups.at(job.key, decision.next_wake_at)
+            if decision.next_wake_at < self._wake_at:
+                self._wake.set()
 
     def _spawn(self, name: str, func: Callable[..., Any], *args: Any) -> None:
         """Start a task for a helper (a job's replicator loop, a log flusher waiting for its lock),
@@ -373,7 +390,7 @@ class Daemon:
                 self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
-                                    self.config.max_connections)
+                                    self.config.max_connections, self._health)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
                     self._supervise(tg, "probe", self.replicator.probe_later)
@@ -419,6 +436,7 @@ class Daemon:
                 except Exception:
                     log.exception("task %s failed; restarting it in %.1fs", name, backoff)
                     self.run_state.task_failures += 1
+                    self.run_state.failing_until[name] = failing_until(time.monotonic(), backoff)
                 await anyio.sleep(backoff)
                 backoff = min(30.0, backoff * 2)
                 log.info("task %s restarting", name)
@@ -494,20 +512,26 @@ class Daemon:
 
     async def _scheduler_loop(self) -> None:
         assert self._tg is not None
+        # A (re)started scheduler decides for every job once: nothing a failed pass had taken is lost.
+        self.wakeups.every()
         while True:
             self._wake = anyio.Event()
             point("task", "scheduler", "before")
             now = self.clock()
-            wake_at = math.inf
             if not self.run_state.shutting_down:
-                for job in list(self.jobs.values()):
-                    if job.deleted:
+                # Only the jobs something asked for, or whose wake-up came (every job after a reload).
+                keys = self.wakeups.take(now)
+                for key in list(self.jobs) if keys is None else keys:
+                    job = self.jobs.get(key)
+                    if job is None or job.deleted:
                         continue
                     decision = decide(job.view(), now)
                     if decision.reason is not None:
                         self.writer.begin(job, decision.reason, self._tg)
                     elif decision.next_wake_at is not None:
-                        wake_at = min(wake_at, decision.next_wake_at)
+                        self.wakeups.at(key, decision.next_wake_at)
+            # Shutting down: the flush saves every job; the scheduler only waits (as before, for a poke).
+            wake_at = math.inf if self.run_state.shutting_down else self.wakeups.next_at()
             self._wake_at = wake_at
             with anyio.move_on_after(max(0.0, wake_at - now)):
                 await self._wake.wait()
@@ -634,8 +658,13 @@ class Daemon:
         else:
             del self.in_flight_by_uid[owner]
 
+    def _health(self) -> tuple[bool, str]:
+        return health(self.run_state.phase, self.run_state.failing_until, time.monotonic())
+
     def _send_error(self, identity: bytes, seq: int | None, exc: Exception) -> None:
         self.run_state.errors += 1
+        if getattr(exc, "code", None) == "quota":
+            self.run_state.quota_refusals += 1
         if isinstance(exc, AutosavedError):
             if not isinstance(exc, ProtocolError):
                 log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)

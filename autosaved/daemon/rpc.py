@@ -4,10 +4,33 @@ turning a validated request into a reply; :data:`REGISTRY` binds them to :data:`
 Handlers raise :class:`~autosaved.errors.AutosavedError` for anything the client did wrong or the daemon
 could not do; the server turns that into an error reply. Nothing a client sends can make a handler
 write outside its own job's folder: the job name is validated before any path is built from it.
+
+What each op costs (issue 19: O(the request, or the caller's own jobs), never a walk of what other users
+hold; counters and per-owner indexes instead, see accounting.py, jobcount.py and ``JobTable.by_owner``):
+
+- ``ping``: O(1).
+- ``hello``, and ``update`` / ``save`` of a job not loaded yet: the job's load (its log replay: O(the job));
+  ``quota.max_jobs``: O(1) from the owner's job names (one listing of the owner's own folder per daemon run).
+- ``update``: O(the delta) to check and merge (``quota.max_bytes`` from the owner's counter) plus O(the
+  client's slots) for ``held``. ``logged`` adds the log append; ``committed``/``replicated`` the job's save.
+- ``save``: the job's save; the scheduler decides for that job alone, when asked and when its save ends
+  (wakeups.py: jobs asked for plus a heap of per-job wake-ups; only a reload decides for every job).
+- ``restore``: O(what it sends) (a version read from disk: that version's manifest and chunks).
+- ``status`` of one job: O(1); of all: O(the caller's jobs) via the per-owner index, plus counters
+  (state bytes, slot totals); root (and the daemon's own user) get every job.
+- ``list`` of one job: O(its versions); of all: O(the caller's jobs and their stored chunk files) (it sums
+  each job's chunk sizes); root lists every user's.
+- ``verify`` / ``gc``: O(the job's, or the caller's jobs', stored data), in worker threads.
+- ``delete``: O(the job's files), plus one listing of the owner's folder to sweep half-deleted jobs.
+- The fd socket (fdserver.py): a slot's ``add``/``drop`` is O(1) (the per-user mapped bytes are counters,
+  slottable.py), a connection's end O(its slots); a restore through it O(what it sends).
+- ``/metrics`` (not an rpc) renders every loaded job, from counters; systemd's STATUS= line, every few
+  seconds, also visits every loaded job.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import mmap
@@ -189,7 +212,7 @@ class RpcContext:
     wal: LogCommitter  # the write-ahead log's group committer
     replicator: Replicator | None
     clock: Callable[[], float]
-    poke: Callable[[], None]
+    poke: Callable[[Job], None]  # the scheduler decides for this job at its next pass
     # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
     poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
@@ -231,15 +254,13 @@ class Handlers:
         return asked
 
     async def _check_job_quota(self, owner: int, name: str) -> None:
-        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt)."""
+        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt). A job counts when its folder
+        is on disk or it is loaded. O(1): the table keeps each owner's names (jobcount.py; an owner's
+        folder is listed once per daemon run, at the first check that needs it)."""
         limit = self.ctx.config().quota.max_jobs
         if limit is None or owner == 0 or (owner, name) in self.ctx.table.jobs:
             return
-
-        def existing() -> set[str]:
-            return {s.job for s in self.ctx.table.store.jobs(owner)} | {n for o, n in self.ctx.table.jobs if o == owner}
-
-        names = await anyio.to_thread.run_sync(existing)
+        names = await self.ctx.table.names.of(owner)
         if name not in names and len(names) >= limit:
             raise QuotaExceeded(
                 f"quota.max_jobs: uid {owner} already has {len(names)} jobs (the limit is {limit}); delete one "
@@ -282,7 +303,19 @@ class Handlers:
     async def op_hello(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
         await self._check_job_quota(req.owner, name)
-        return self._hello(req, await self.ctx.table.get(req.owner, name))
+        job = await self.ctx.table.find(req.owner, name)
+        if job is None:
+            # A job exists from its first accepted update, not from a hello (issue 22: a typo made jobs);
+            # the client sends its policy with every update, so nothing is lost by not keeping it here.
+            return Reply({"durable": 0, "latest_version": None, "policy": self._requested_policy(req).to_wire()})
+        return self._hello(req, job)
+
+    def _requested_policy(self, req: RpcRequest) -> PolicySettings:
+        """The policy a job not created yet would run under: the defaults with the request's overrides."""
+        raw = req.header.get("policy")
+        if raw is not None and not isinstance(raw, dict):
+            raise ProtocolError("policy must be a map")
+        return PolicySettings.parse(raw or {}, base=self.ctx.config().policy, where="policy")
 
     def _hello(self, req: RpcRequest, job: Job) -> Reply:
         self._apply_policy(job, req.header.get("policy"))
@@ -299,7 +332,7 @@ class Handlers:
         job.policy_overrides = dict(raw)
         if settings != job.settings:
             job.settings = settings
-            self.ctx.poke()
+            self.ctx.poke(job)
 
     def _parse_update(self, req: RpcRequest) -> ParsedUpdate:
         """Everything an update says that can be checked from the request alone (no job, no await)."""
@@ -350,7 +383,12 @@ class Handlers:
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
         await self._check_job_quota(req.owner, u.name)
         job = await self.ctx.table.get(req.owner, u.name)
-        return await finish(self._apply_update(req, u, job))
+        try:
+            started = self._apply_update(req, u, job)
+        except BaseException:
+            self.ctx.table.forget_if_unused(job)  # a refused first update leaves no empty job behind
+            raise
+        return await finish(started)
 
     def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
         """Check the update against its job and merge it, in one event-loop step (atomic); the ack for
@@ -421,11 +459,13 @@ class Handlers:
         return {"held": self.ctx.slots.held_of(conn, self.ctx.table.ledger.refs)}
 
     async def _wait_committed(self, job: Job, generation: int) -> int | None:
+        if generation <= job.saved_generation and job.latest_version is not None:
+            return job.latest_version  # a committed version covers it already (an update that changed nothing)
         waiter = CommitWaiter(generation)
         job.waiters.append(waiter)
         job.explicit_requested = True
         self.ctx.promote(job)
-        self.ctx.poke()
+        self.ctx.poke(job)
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
@@ -435,8 +475,9 @@ class Handlers:
         name = self._job_name(req)
         if self.ctx.shutting_down():
             raise ShuttingDown("the daemon is shutting down; every dirty job is being saved already")
-        await self._check_job_quota(req.owner, name)
-        job = await self.ctx.table.get(req.owner, name)
+        job = await self.ctx.table.find(req.owner, name)
+        if job is None:
+            raise NotFound(f"no job named {name!r}: a job exists from its first update")
         if not job.dirty and not job.saving and job.latest_version is not None:
             return Reply({"version": job.latest_version, "new": False})
         if job.latest_version is None and not job.dirty:
@@ -558,6 +599,11 @@ class Handlers:
             return Reply(self.ctx.status(None if req.owner in (0, self.ctx.uid) else req.owner))
         name = validate_job_name(job_name)
         job = await self.ctx.table.find(req.owner, name)  # loaded if on disk: dirty/step include replayed records
+        if job is None and req.header.get("missing_ok") is True:
+            # A Client asking before its first update: an empty job's status, creating nothing.
+            settings = self._requested_policy(req)
+            empty = Job(owner=req.owner, name=name, store=self.ctx.table.store.job(req.owner, name), settings=settings)
+            return Reply({**empty.status(), "live": True, "exists": False})
         if job is None:
             raise NotFound(f"no job named {name!r}")
         remote = {"remote": self.ctx.replicator.status(job.key)} if self.ctx.replicator is not None else {}
@@ -572,9 +618,12 @@ class Handlers:
         job = await self.ctx.table.find(req.owner, store.job)
         if job is None:
             raise NotFound(f"no job named {store.job!r}")
+        best_rule = job.settings.keep_best
         async with job.io_lock:  # no retention or gc of this job while its versions are read
             infos = await anyio.to_thread.run_sync(store.list_versions)
-        rows = [i.to_json() for i in infos]
+            best = set(await anyio.to_thread.run_sync(store.best_versions, best_rule)) if best_rule else set()
+        # keep_best's picks are marked (``list`` shows them): they outlive keep_last.
+        rows = [{**i.to_json(), **({"best": best_rule.metric} if i.id in best and best_rule else {})} for i in infos]
         extra: dict[str, Any] = {}
         if self.ctx.replicator is not None:
             # Versions only the bucket has (retired here, or never here: a fresh host) can be restored by id
@@ -611,16 +660,23 @@ class Handlers:
     async def op_gc(self, req: RpcRequest) -> Reply:
         """Apply retention and collect unreferenced chunks now, for one job or all of them."""
         results = []
+        dry_run = req.header.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ProtocolError("dry_run must be true or false")
         for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
             settings = job.settings if job is not None else self.ctx.config().policy
-            keep, every = settings.keep_last, settings.keep_every
+            keep, every, best = settings.keep_last, settings.keep_every, settings.keep_best
             # Never while a save of the job has unreferenced chunks on disk, and no save starts (so none
             # dedups against a chunk being removed) until the collection is over: the lock is per (owner,
             # job), whether or not the job is loaded, and a job loaded meanwhile takes the same lock.
             async with self.ctx.table.io_lock((store.owner, store.job)):
                 # Under the lock: a save commits (and the replicator queues its version) inside it too.
                 protect = await self._unreplicated(store)
-                result = await anyio.to_thread.run_sync(store.gc, keep, every, protect)
+                gc = functools.partial(store.gc, keep, every, protect, dry_run=dry_run, keep_best=best)
+                result = await anyio.to_thread.run_sync(gc)
+            if dry_run:
+                results.append({"job": store.job, "owner": store.owner, "dry_run": True, **result.to_json()})
+                continue
             log.info("gc job=%s owner=%d deleted_versions=%s removed_chunks=%d freed_bytes=%d "
                      "kept_unreplicated=%s", store.job, store.owner, result.deleted_versions,
                      result.removed_chunks, result.freed_bytes, result.kept_unreplicated)
@@ -639,6 +695,8 @@ class Handlers:
         a new, empty job of that name."""
         name = self._job_name(req)
         key = (req.owner, name)
+        if req.header.get("dry_run", False) is not False:
+            return await self._delete_dry_run(req, name)
         # The job's key lock is held until the folder is gone: a request that would load or recreate the
         # job waits for it (and then starts a new, empty job); none is acknowledged for a folder being
         # deleted. The job stays in the table meanwhile, so nothing else loads a second copy.
@@ -658,6 +716,7 @@ class Handlers:
             except BaseException:
                 if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
+                    self.ctx.poke(job)  # and saved when due (the scheduler skipped it while deleted)
                 if replicator is not None:
                     with anyio.CancelScope(shield=True):
                         await replicator.cancel_delete(req.owner, name,
@@ -668,21 +727,47 @@ class Handlers:
         return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions),
                       **({"remote": remote} if remote is not None else {})})
 
+    async def _delete_dry_run(self, req: RpcRequest, name: str) -> Reply:
+        """What ``delete`` would remove (``autosaved delete --dry-run``), removing nothing."""
+        if req.header["dry_run"] is not True:
+            raise ProtocolError("dry_run must be true or false")
+        job = self.ctx.table.jobs.get((req.owner, name))
+        store = job.store if job is not None else self.ctx.table.store.job(req.owner, name)
+        if job is None and not await anyio.to_thread.run_sync(store.path.exists):
+            raise NotFound(f"no job named {name!r}")
+
+        def measure() -> tuple[list[int], int]:
+            try:
+                return store.version_ids(), store.stored_bytes()
+            except FileNotFoundError:  # loaded but never saved: nothing on disk yet
+                return [], 0
+
+        versions, stored = await anyio.to_thread.run_sync(measure)
+        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions), "freed_bytes": stored,
+                      "unsaved_bytes": job.dirty_bytes if job is not None else 0, "dry_run": True})
+
     async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStorage) -> list[int]:
         name = key[1]
         versions = await anyio.to_thread.run_sync(store.version_ids)
         # A save already writing must finish (or fail) before its folder goes away; gc too.
         point("delete", "lock", "before", name)
         async with self.ctx.table.io_lock(key):
-            if job is not None:
-                async with job.wal_lock:
-                    job.finish_waiters(NotFound(f"job {name!r} was deleted"))
-                    if job.wal is not None:
-                        job.wal.close()
-                    self.ctx.table.remove(key)
+            try:
+                if job is not None:
+                    async with job.wal_lock:
+                        job.finish_waiters(NotFound(f"job {name!r} was deleted"))
+                        if job.wal is not None:
+                            job.wal.close()
+                        self.ctx.table.remove(key)
+                        await anyio.to_thread.run_sync(store.delete)
+                else:
                     await anyio.to_thread.run_sync(store.delete)
-            else:
-                await anyio.to_thread.run_sync(store.delete)
+            finally:
+                # The folder is renamed away first (atomic): once it is gone the job no longer counts for
+                # quota.max_jobs, even if sweeping the renamed folder failed.
+                with anyio.CancelScope(shield=True):
+                    if not await anyio.to_thread.run_sync(store.path.exists):
+                        self.ctx.table.folder_gone(*key)
         return versions
 
 

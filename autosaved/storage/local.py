@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
+from ..settings import KeepBest
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
 from . import fileops, hashing
@@ -59,7 +60,7 @@ from .manifest import (
     unseal,
     utc_now_iso,
 )
-from .retention import versions_to_delete
+from .retention import best_versions, score, versions_to_delete
 from .wal import LogChanged, LogDamaged, Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
@@ -579,11 +580,11 @@ class JobStore:
     # -- retention -------------------------------------------------------------------------------
 
     def apply_retention(self, keep_last: int, protect: set[int] | None = None,
-                        keep_every: float | None = None, *, collect: bool = True) -> list[int]:
+                        keep_every: float | None = None, *, collect: bool = True,
+                        keep_best: KeepBest | None = None) -> list[int]:
         """Delete the versions :func:`~.retention.versions_to_delete` picks (never one in ``protect``),
         manifests first, then collect the chunks no remaining version references. Returns the deleted ids."""
-        doomed = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
-                                    keep_last=keep_last, keep_every=keep_every, protect=frozenset(protect or ()))
+        doomed = self._doomed(keep_last, keep_every, frozenset(protect or ()), keep_best)
         for vid in doomed:
             point("version", "delete", "before", vid)
             fileops.unlink(self.versions_dir / f"{vid:012d}.json", missing_ok=True)
@@ -593,6 +594,33 @@ class JobStore:
             if collect:
                 self.collect_garbage()
         return doomed
+
+    def _doomed(self, keep_last: int, keep_every: float | None, protect: frozenset[int],
+                keep_best: KeepBest | None) -> list[int]:
+        """What retention deletes: each manifest read once, for its time (and its ``keep_best`` score)."""
+        times: list[tuple[int, float | None]] = []
+        scores: dict[int, float | None] = {}
+        for vid in self.version_ids():
+            try:
+                doc = self.read_manifest(vid)
+                when: float | None = datetime.fromisoformat(str(doc["time"])).timestamp()
+                if keep_best is not None:
+                    scores[vid] = score(doc.get("meta"), keep_best.metric)
+            except (CorruptVersion, NotFound, ValueError, StorageError, KeyError):
+                when = None
+            times.append((vid, when))
+        return versions_to_delete(times, keep_last=keep_last, keep_every=keep_every, protect=protect,
+                                  keep_best=keep_best, scores=scores)
+
+    def best_versions(self, keep_best: KeepBest) -> list[int]:
+        """The versions ``keep_best`` keeps now (``list`` marks them)."""
+        scores: dict[int, float | None] = {}
+        for vid in self.version_ids():
+            try:
+                scores[vid] = score(self.read_manifest(vid).get("meta"), keep_best.metric)
+            except (CorruptVersion, NotFound, StorageError):
+                continue
+        return best_versions(scores, keep_best)
 
     def version_time(self, version: int) -> float | None:
         """When a version was committed (unix seconds), or ``None`` if its manifest cannot be read."""
@@ -607,11 +635,13 @@ class JobStore:
                 return vid
         return None
 
-    def referenced_digests(self) -> set[str] | None:
-        """Digests every manifest references; ``None`` when a manifest cannot be read (GC must then not
-        run: it could delete chunks of a version it failed to parse)."""
+    def referenced_digests(self, skip: frozenset[int] = frozenset()) -> set[str] | None:
+        """Digests every manifest (but those in ``skip``) references; ``None`` when a manifest cannot be
+        read (GC must then not run: it could delete chunks of a version it failed to parse)."""
         refs: set[str] = set()
         for vid in self.version_ids():
+            if vid in skip:
+                continue
             try:
                 doc = self.read_manifest(vid)
             except CorruptVersion:
@@ -641,17 +671,36 @@ class JobStore:
                     result.freed_bytes += size
         return result
 
-    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None) -> GcResult:
+    def _would_collect(self, doomed: frozenset[int]) -> GcResult:
+        """The chunks ``collect_garbage`` would delete once the versions ``doomed`` are gone (a dry run)."""
+        refs = self.referenced_digests(skip=doomed)
+        if refs is None:
+            return GcResult(blocked="not collecting garbage while a manifest is unreadable (see `autosaved verify`)")
+        result = GcResult()
+        for sub in self._object_dirs():
+            for entry in os.scandir(sub):
+                if entry.name.removesuffix(SUFFIX) not in refs:
+                    result.removed_chunks += 1
+                    result.freed_bytes += entry.stat().st_size
+        return result
+
+    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None, *,
+           dry_run: bool = False, keep_best: KeepBest | None = None) -> GcResult:
         """Retention and collection on demand (``autosaved gc``); never deletes the newest version that
         verifies, nor one in ``protect`` (with ``[remote]``: the versions not yet in the object store).
-        Leftover temp files of crashed saves go too."""
-        self.clean_tmp()
+        Leftover temp files of crashed saves go too. ``dry_run``: what would go, touching nothing."""
+        if not dry_run:
+            self.clean_tmp()
         newest_ok = self.newest_verified()
         keep = {newest_ok} if newest_ok is not None else set()
         held = set(protect or ())
-        would = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
-                                   keep_last=keep_last, keep_every=keep_every, protect=frozenset(keep))
-        deleted = self.apply_retention(keep_last, keep | held, keep_every, collect=False)
+        would = self._doomed(keep_last, keep_every, frozenset(keep), keep_best)
+        if dry_run:
+            result = self._would_collect(frozenset(set(would) - held))
+            result.deleted_versions = sorted(set(would) - held)
+            result.kept_unreplicated = sorted(set(would) & held)
+            return result
+        deleted = self.apply_retention(keep_last, keep | held, keep_every, collect=False, keep_best=keep_best)
         result = self.collect_garbage()  # also when nothing was deleted: crashes may have left chunks
         result.deleted_versions = deleted
         result.kept_unreplicated = sorted(set(would) & held)
