@@ -18,7 +18,7 @@ import autosaved
 from autosaved.daemon.metrics import Histogram, JobSample, Sample, render
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY
+from .conftest import NO_AUTO_POLICY, wait_for
 from .test_replication import remote_config, s3env  # noqa: F401  (the fixture: a real SeaweedFS)
 
 
@@ -173,3 +173,14 @@ def test_live_upload_metrics_move_after_an_upload(s3env: Any,  # noqa: F811
     assert got["autosaved_upload_backlog_bytes"] == 0 and got[f"autosaved_job_upload_backlog_bytes{key}"] == 0
     assert got[f"autosaved_job_replicated_version{key}"] == ack.version
     assert got[f"autosaved_job_fenced{key}"] == 0 and got["autosaved_upload_errors_total"] == 0
+    # The store down: the next version waits in the backlog and each failed try counts as an error.
+    s3env.pause()
+    try:
+        with autosaved.Client("up", address=d.address, save_timeout=60) as c:
+            c.update({"w": np.arange(100_001, dtype=np.float32)}, wait="committed")
+        down = wait_for(lambda: (m := _scrape(port))["autosaved_upload_errors_total"] > 0 and m, timeout=30)
+        assert down["autosaved_upload_backlog_bytes"] > 0  # type: ignore[index]
+        assert down[f"autosaved_job_replicated_version{key}"] == ack.version  # type: ignore[index]
+    finally:
+        s3env.resume()
+    wait_for(lambda: _scrape(port)["autosaved_upload_backlog_bytes"] == 0, timeout=60)
