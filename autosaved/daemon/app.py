@@ -20,7 +20,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ from ..shm import fd_socket_path
 from ..storage import faults
 from ..storage.faults import point
 from ..storage.local import Store
+from .connguard import ConnGuard
+from .fdlimit import listener_cap, raise_nofile
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
 from .health import failing_until, health
@@ -59,6 +61,7 @@ from .notify import Notifier, watchdog_loop
 from .preempt import MetadataWatcher
 from .reload import ReloadContext, Reloader
 from .replicator import Replicator
+from .replybudget import SEND_HWM, TRACK_MIN, ReplyBudget, over_budget
 from .reports import ReportContext, Reports
 from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
 from .rpcsocket import Receiver, SharedSocket
@@ -152,6 +155,11 @@ class Daemon:
         self._signals: AsyncIterator[int] | None = None
         self._sock: zmq.Socket[Any] | None = None
         self._receiver: Receiver | None = None
+        # The soft fd limit (raised to the hard one at start) and the connection guard of the ipc socket.
+        self.fd_limit = 1024
+        self.conn_guard: ConnGuard | None = None
+        # Big replies each user has queued and not yet read (quota.max_reply_bytes).
+        self.replies = ReplyBudget()
         self._shared: SharedSocket | None = None
         # Per uid, logged updates a log thread answered whose request the event loop has not closed yet: not
         # in flight for the quota (their client may already send the next one).
@@ -176,9 +184,12 @@ class Daemon:
             ledger=self.table.ledger, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
             durations=self.save_durations, pid=self.pid, boot=self.boot, log_sync_durations=self.log_sync_durations,
+            edge=self.edge_report,
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
-                                            run=self.run_state, give_to_socket_group=self._give_to_socket_group))
+                                            run=self.run_state, give_to_socket_group=self._give_to_socket_group,
+                                            max_conns=self.listener_cap,
+                                            replies_held=lambda uid: self.replies.queued(uid)[0]))
         self.flush_ctx = FlushContext(
             config=lambda: self.config, jobs=self.jobs, writer=self.writer, clock=clock, notifier=self.notifier,
             replicator=self.replicator, begin_save=self._begin_save, wait_save_done=self._wait_save_done,
@@ -188,6 +199,7 @@ class Daemon:
             replicator=self.replicator, clock=clock, poke=self.poke_job, poke_for=self.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
             pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
+            reply_reserve=self.reply_reserve,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -324,6 +336,10 @@ class Daemon:
         # checked per message, with an error reply.
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A peer that does not read gets at most SEND_HWM replies queued; past it (or once it is gone) a
+        # send fails at once (ROUTER_MANDATORY) and the reply is dropped and counted, never held.
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(self.config.address)
         except zmq.ZMQError as exc:
@@ -337,7 +353,44 @@ class Daemon:
             gid = self._socket_gid()
             if gid is not None:
                 self._give_to_group(path, gid)
+        self.conn_guard = ConnGuard(ctx, sock, None if path is None else str(path), total_cap=self.listener_cap(),
+                                    per_user=lambda: self.config.quota.max_connections, lock=self._shared.lock)
+        stack.callback(self.conn_guard.stop)
         return sock
+
+    @contextlib.contextmanager
+    def reply_reserve(self, uid: int, size: int) -> Iterator[None]:
+        """Charge a reply being built (a restore's reads, its memfd) to ``uid``, or refuse it (quota)."""
+        held = self.replies.held(uid) + self.fd_server.restore_bytes(uid)
+        limit = self.config.quota.max_reply_bytes
+        why = over_budget(uid, held, size, limit)
+        if why is not None:
+            self.replies.refused += 1
+            raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held, "limit": limit})
+        with self.replies.building_reply(uid, size):
+            yield
+
+    def edge_report(self) -> dict[str, Any]:
+        """The fd limit, and the connections each capped listener holds and refused."""
+        guard = self.conn_guard
+        return {
+            "fd_limit": self.fd_limit,
+            "connection_cap": self.listener_cap(),
+            "ipc": {"open": guard.total if guard else 0, "peak": guard.peak if guard else 0,
+                    "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False,
+                    "missed_disconnects": guard.reconciled if guard else 0},
+            "fd_socket": {"open": sum(self.fd_server.by_uid.values()), "refused": self.fd_server.refused},
+            "job_locks": self.table.locks_held(),
+            "requests_in_flight": sum(self.in_flight_by_uid.values()),
+            "replies": {"queued_bytes": self.replies.total(),
+                        "dropped": self.replies.dropped + (self._shared.dropped if self._shared else 0),
+                        "refused": self.replies.refused,
+                        "restore_buffer_bytes": self.fd_server.restore_bytes(None)},
+        }
+
+    def listener_cap(self) -> int:
+        """Connections each listener may hold at once (``max_connections``, fitted to the fd limit)."""
+        return listener_cap(self.config.max_connections, self.fd_limit)
 
     def _give_to_socket_group(self, path: Path) -> None:
         gid = self._socket_gid()
@@ -371,6 +424,10 @@ class Daemon:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
             self.apply_config(await self.io.measure_speed(), reconfigure_io=False)
+            self.fd_limit = raise_nofile()
+            if self.listener_cap() < self.config.max_connections:
+                log.warning("the fd limit (%d) holds only %d connections per listener, not max_connections=%d; "
+                            "raise LimitNOFILE", self.fd_limit, self.listener_cap(), self.config.max_connections)
             remote_up = True
             if self.replicator is not None:
                 # A store that ignores If-None-Match is refused here, before serving (the error says why).
@@ -394,7 +451,7 @@ class Daemon:
                 self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
-                                    self.config.max_connections, self._health)
+                                    self.listener_cap(), self._health)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
                     self._supervise(tg, "probe", self.replicator.probe_later)
@@ -556,6 +613,7 @@ class Daemon:
                     # Requests are received and started from the socket's fd callback for a second, then
                     # the loop goes round (the watchdog's proof of progress); see rpcsocket.py.
                     await receiver.serve(1.0)
+                    self.replies.sweep()
             finally:
                 self._receiver = self._shared.receiver = None
 
@@ -581,7 +639,8 @@ class Daemon:
             owner = self.owner_of(header_frame)
             point("task", "rpc", "before", op)
             counted = self.in_flight_by_uid.get(owner, 0)
-            in_flight = counted - self._early_sent.get(owner, 0)
+            # A request counts until its reply has left: big replies still queued in libzmq count too.
+            in_flight = counted - self._early_sent.get(owner, 0) + self.replies.queued(owner)[1]
             if in_flight >= self.config.quota.max_requests:
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
@@ -615,7 +674,16 @@ class Daemon:
         self._done(owner)
         if isinstance(result, Reply):
             try:
-                self._send(identity, ok_reply(seq, self.boot, **result.fields), result.frames)
+                size = sum(memoryview(f).nbytes for f in result.frames)
+                if size >= TRACK_MIN:
+                    held = self.replies.held(owner) + self.fd_server.restore_bytes(owner)
+                    why = over_budget(owner, held, size, self.config.quota.max_reply_bytes)
+                    if why is not None:
+                        self.replies.dropped += 1
+                        raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held,
+                                                          "limit": self.config.quota.max_reply_bytes})
+                self._send(identity, ok_reply(seq, self.boot, **result.fields), result.frames,
+                           track_for=owner if size >= TRACK_MIN else None, size=size)
                 return
             except Exception as exc:
                 result = exc
@@ -690,11 +758,16 @@ class Daemon:
             raise Forbidden("cannot tell which user sent this request (no peer credentials); refused")
         return uid
 
-    def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
+    def _send(self, identity: bytes, header: dict[str, Any], frames: Any, *, track_for: int | None = None,
+              size: int = 0) -> None:
         """Send a reply now. A ROUTER's send never blocks, and a sync send is whole before anything else
-        runs, so replies need no lock and no await."""
+        runs, so replies need no lock and no await. A big reply is charged to ``track_for`` until libzmq
+        lets go of it; a reply that cannot be queued is dropped and counted (SharedSocket.dropped)."""
         assert self._shared is not None
-        if self._shared.send([identity, pack_header(header), *frames]) and self._receiver is not None:
+        pending, tracker = self._shared.send([identity, pack_header(header), *frames], track=track_for is not None)
+        if track_for is not None and tracker is not None and not tracker.done:
+            self.replies.add(track_for, tracker, size)
+        if pending and self._receiver is not None:
             self._receiver.after_send()
 
     # -- reports ---------------------------------------------------------------------------------

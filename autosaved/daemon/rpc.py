@@ -36,6 +36,7 @@ import logging
 import mmap
 import os
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -223,6 +224,8 @@ class RpcContext:
     uid: int
     status: Callable[[int | None], dict[str, Any]]
     list_jobs: Callable[[int | None], list[dict[str, Any]]]
+    # Charge the bytes a reply is about to be built of to its user (quota.max_reply_bytes), or refuse.
+    reply_reserve: Callable[[int, int], AbstractContextManager[None]] = lambda _uid, _size: nullcontext()
 
 
 class Handlers:
@@ -545,6 +548,12 @@ class Handlers:
 
     async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: Any, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
+        # What the reply may make the daemon hold (read buffers, a memfd) is charged before it is read.
+        with self.ctx.reply_reserve(req.owner, sum(b.nbytes for b in blobs)):
+            return await self._build_tree_reply(req, store, node, blobs, info)
+
+    async def _build_tree_reply(self, req: RpcRequest, store: JobStorage, node: Any, blobs: list[Blob],
+                                info: dict[str, Any]) -> Reply:
         shm = await self._restore_through_memfd(req, store, blobs)
         placed = {i for i, _ in shm["refs"]} if shm else set()
         live = self.ctx.slots.live_mappings()
