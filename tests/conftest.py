@@ -6,6 +6,7 @@ import ast
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import textwrap
@@ -180,3 +181,29 @@ def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield server
     finally:
         server.cleanup(grace=0)  # its data is deleted next: a graceful stop would only cost 10 s a worker
+
+
+_PORT_BLOCK = 2000
+_next_port = [0]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test starts (metrics endpoint, fake metadata service,
+    torch.distributed's master). Not the kernel's pick (port 0): that comes from the ephemeral range, which
+    every outgoing connection on the host also draws from, so another worker's client could take it before
+    the daemon binds it (a test failed so under load: "Address already in use"). Instead each xdist worker
+    hands out its own block of 10000-19999 (below the ephemeral range and SeaweedFS's 20000+ test ports),
+    in turn, skipping ports that are taken."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    base = 10000 + (index % 5) * _PORT_BLOCK
+    for _ in range(_PORT_BLOCK):
+        port = base + _next_port[0] % _PORT_BLOCK
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {base}-{base + _PORT_BLOCK - 1}")

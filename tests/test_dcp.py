@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,7 +21,7 @@ pytest.importorskip("torch")
 
 from autosaved.integrations import _daemon
 
-from .conftest import NO_AUTO_POLICY, wait_for
+from .conftest import NO_AUTO_POLICY, free_port, wait_for
 
 if TYPE_CHECKING:
     from autosaved.testing.private import PrivateDaemon
@@ -37,9 +36,7 @@ def start_ranks(steps: list[dict[str, Any]], daemons: list[PrivateDaemon], out: 
     out.mkdir(exist_ok=True)
     for old in out.glob("rank-*.json"):
         old.unlink()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank, d in enumerate(daemons):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(len(daemons)), "MASTER_ADDR": "127.0.0.1",

@@ -28,8 +28,8 @@ SDK_CLASSES = {"Client", "AsyncClient", "Admin", "AsyncAdmin"}
 # White-box guards that a test sees what it claims (the bytes really went through a lent slot; test_lazy:
 # the priority of the lazy client's copy thread, read by running a probe on that thread).
 # test_job_quota drives the daemon's own FdServer._request (not the SDK's SlotPool method of that name).
-ALLOWED = {"tests/test_shm.py": {"_slots"}, "tests/test_accounting.py": {"_slots"}, "tests/test_lazy.py": {"_worker"},
-           "tests/test_job_quota.py": {"_request"}}
+ALLOWED = {"tests/test_shm.py": {"_slots"}, "tests/test_accounting.py": {"_slots"},
+           "tests/test_lazy.py": {"_worker", "_copier"}, "tests/test_job_quota.py": {"_request"}}
 
 
 def _sources(*dirs: Path) -> list[Path]:

@@ -18,7 +18,7 @@ import autosaved
 from autosaved.daemon.metrics import Histogram, JobSample, Sample, render
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, wait_for
+from .conftest import NO_AUTO_POLICY, free_port, wait_for
 from .test_replication import remote_config, s3env  # noqa: F401  (the fixture: a real SeaweedFS)
 
 
@@ -65,9 +65,7 @@ def test_render_is_valid_exposition_text() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def test_live_endpoint_reports_saves_and_dirty_bytes(make_daemon: Callable[..., PrivateDaemon]) -> None:

@@ -28,13 +28,7 @@ from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, fault_fired, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .conftest import NO_AUTO_POLICY, fault_fired, free_port, wait_for
 
 
 class Pinger:
