@@ -1,26 +1,23 @@
 """The daemon's lifecycle: startup → serve → flush → exit.
 
-Structure (after uvicorn and apscheduler 4): ``Daemon.run`` acquires the locks, binds the socket, starts
-the rpc loop, the scheduler and the signal watcher in one anyio task group, tells systemd READY=1, and
-waits for a stop request. Signal handlers only set that request; the flush then happens in the main
-flow: new updates are refused (``shutting_down``), every dirty job is committed, and only then does the
-task group close.
+Structure (after uvicorn and apscheduler 4): ``Daemon.run`` acquires the locks (paths.py), binds the
+socket, starts the rpc server (rpcserver.py), the scheduler (scheduler.py) and the signal watcher in one
+anyio task group, each supervised (supervise.py), tells systemd READY=1, and waits for a stop request.
+Signal handlers only set that request; the flush then happens in the main flow: new updates are refused
+(``shutting_down``), every dirty job is committed, and only then does the task group close. ``Daemon``
+builds every helper's narrow context and owns this lifecycle; the work is in the helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import grp
 import logging
-import math
 import os
 import secrets
 import signal
-import stat
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,79 +25,36 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 import psutil
-import zmq
 
 from .. import __version__
 from ..config import Config, PolicySettings
-from ..errors import (
-    AutosavedError,
-    ConfigError,
-    Forbidden,
-    InternalError,
-    MessageTooLarge,
-    ProtocolError,
-    QuotaExceeded,
-)
-from ..policy import SaveReason, decide
-from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
+from ..errors import ConfigError
+from ..policy import SaveReason
 from ..shm import fd_socket_path
-from ..storage import faults
 from ..storage.faults import point
 from ..storage.local import Store
+from . import preempt
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .jobtable import JobTable
-from .lock import PidLock
 from .metrics import Histogram, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
-from .preempt import MetadataWatcher
+from .paths import give_to_socket_group, prepare_paths
 from .reload import ReloadContext, Reloader
 from .replicator import Replicator
 from .reports import ReportContext, Reports
-from .rpc import Deferred, Handlers, Reply, RpcContext, RpcRequest
-from .rpcsocket import Receiver, SharedSocket
+from .rpc import Handlers, RpcContext
+from .rpcserver import RpcServer, RpcServerContext
 from .runstate import Phase, RunState
+from .scheduler import Scheduler, SchedulerContext
 from .slottable import SlotTable
+from .supervise import supervise
 from .walcommit import LogCommitter
 from .writer import Writer
 
 log = logging.getLogger("autosaved.daemon")
-
-
-def peer_uid(frame: Any) -> int | None:
-    """The uid of the process on the other end of an ipc connection, or ``None`` when it cannot be told.
-
-    libzmq reports ``Peer-Address`` on ipc as ``<addr>:<uid>:<gid>:<pid>`` from SO_PEERCRED. An unknown
-    identity is never guessed (falling back on the daemon's own uid would give a root daemon's powers to
-    anyone): the caller refuses the request. On tcp there is no uid at all; see :meth:`Daemon.owner_of`.
-    """
-    try:
-        addr = frame.get("Peer-Address")
-    except Exception:
-        return None
-    parts = str(addr).split(":")
-    if len(parts) >= 4 and parts[-3].isdigit():
-        return int(parts[-3])
-    return None
-
-
-def check_state_dir(path: Path, uid: int) -> None:
-    """Refuse a state dir another user owns or others may write into: whoever can write there can plant
-    links or forged manifests that the daemon (often root) would then follow or serve."""
-    try:
-        st = os.lstat(path)
-    except OSError as exc:
-        raise AutosavedError(f"state_dir {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise AutosavedError(f"state_dir {path} is not a directory (a symlink is refused too)")
-    if st.st_uid != uid:
-        raise AutosavedError(f"state_dir {path} is owned by uid {st.st_uid}, not by the daemon's user (uid {uid}); "
-                             "give it to the daemon's user (chown) or pick another state_dir")
-    if st.st_mode & 0o022:
-        raise AutosavedError(f"state_dir {path} is writable by its group or by everyone (mode "
-                             f"{stat.S_IMODE(st.st_mode):o}); `chmod go-w {path}` (0700 is the default)")
 
 
 class Daemon:
@@ -115,6 +69,10 @@ class Daemon:
         self.uid = os.geteuid()
         self.store = Store(config.state_dir)
         self.run_state = RunState()
+        self.scheduler = Scheduler(SchedulerContext(
+            clock=clock, jobs=lambda: self.jobs.values(), shutting_down=lambda: self.run_state.shutting_down,
+            begin_save=self._begin_save,
+        ))
         self.replicator: Replicator | None = None
         if config.remote.url is not None:
             from ..storage.remote import holder_id
@@ -129,34 +87,20 @@ class Daemon:
                                          spawn=self._spawn,
                                          adaptive=config.throttle.enabled,
                                          pending_dir=config.state_dir / "remote-deletes")
-        self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.poke,
+        self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.scheduler.poke,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
-        self.writer = Writer(chunk_size=lambda: self.config.chunk_size, clock=clock, on_done=self._save_done,
+        self.writer = Writer(chunk_size=lambda: self.config.chunk_size, clock=clock, on_done=self.scheduler.save_done,
                              max_write_rate=config.throttle.max_write_rate)
         self.io = IoControl(lambda: self.config, self.writer, clock)
         # The write-ahead log's group committer (not a logger).
-        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.poke)
-        self._wake = anyio.Event()
-        # When the sleeping scheduler wakes up by itself (see poke_for); inf: not asleep on a timer.
-        self._wake_at = math.inf
-        self._save_waiters: list[anyio.Event] = []
+        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.scheduler.poke)
         self._stop = anyio.Event()
-        self.in_flight_by_uid: dict[int, int] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._signals: AsyncIterator[int] | None = None
-        self._sock: zmq.Socket[Any] | None = None
-        self._receiver: Receiver | None = None
-        self._shared: SharedSocket | None = None
-        # Per uid, logged updates a log thread answered whose request the event loop has not closed yet: not
-        # in flight for the quota (their client may already send the next one).
-        self._early_lock = threading.Lock()
-        self._early_sent: dict[int, int] = {}
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
-        # When the rpc loop last went round: the watchdog pings only while this keeps moving.
-        self.progress_at = clock()
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
         self.slots = SlotTable(shm_cap)
         if self.replicator is not None:
@@ -174,13 +118,18 @@ class Daemon:
                                             run=self.run_state, give_to_socket_group=self._give_to_socket_group))
         self.flush_ctx = FlushContext(
             config=lambda: self.config, jobs=self.jobs, writer=self.writer, clock=clock, notifier=self.notifier,
-            replicator=self.replicator, begin_save=self._begin_save, wait_save_done=self._wait_save_done,
+            replicator=self.replicator, begin_save=self._begin_save, wait_save_done=self.scheduler.wait_save_done,
         )
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
-            replicator=self.replicator, clock=clock, poke=self.poke, poke_for=self.poke_for,
+            replicator=self.replicator, clock=clock, poke=self.scheduler.poke,
+            poke_for=self.scheduler.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
             pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
+        ))
+        self.rpc = RpcServer(RpcServerContext(
+            config=lambda: self.config, start=self.handlers.start, run=self.run_state, clock=clock, boot=self.boot,
+            uid=self.uid, give_to_socket_group=self._give_to_socket_group,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -200,22 +149,9 @@ class Daemon:
                 job.settings = PolicySettings.parse(job.policy_overrides or {}, base=new.policy, where="policy")
             except ConfigError as exc:  # overrides were checked when sent; this is only a safety net
                 log.warning("config reload: job=%s keeps its old policy: %s", job.name, exc.message)
-        self.poke()
+        self.scheduler.poke()
 
     # -- wiring ----------------------------------------------------------------------------------
-
-    def poke(self) -> None:
-        """Wake the scheduler: something changed that may make a save due sooner."""
-        self._wake.set()
-
-    def poke_for(self, job: Job) -> None:
-        """After an update of ``job``: wake the scheduler only if the job may now be due before the
-        scheduler's next wake-up (perf, issue 14). Waking it on every update made each small update
-        cost a ``decide`` per job of the host; this is one ``decide``, for the job that changed."""
-        decision = decide(job.view(), self.clock())
-        if decision.reason is not None or (decision.next_wake_at is not None
-                                           and decision.next_wake_at < self._wake_at):
-            self._wake.set()
 
     def _spawn(self, name: str, func: Callable[..., Any], *args: Any) -> None:
         """Start a task for a helper (a job's replicator loop, a log flusher waiting for its lock),
@@ -240,108 +176,17 @@ class Daemon:
             if ids:
                 replicator.attach(owner, name, ids)
 
-    def _save_done(self) -> None:
-        for waiter in self._save_waiters:
-            waiter.set()
-        self._save_waiters.clear()
-        self._wake.set()
-
-    async def _wait_save_done(self, timeout: float) -> None:
-        """Until some save finishes, or ``timeout`` seconds (each caller has its own event, so concurrent
-        flushes never steal each other's wake-ups)."""
-        event = anyio.Event()
-        self._save_waiters.append(event)
-        with anyio.move_on_after(timeout):
-            await event.wait()
-
     def request_stop(self) -> None:
         self._stop.set()
 
     # -- lifecycle -------------------------------------------------------------------------------
-
-    def _socket_gid(self) -> int | None:
-        group = self.config.socket_group
-        if group is None or isinstance(group, int):
-            return group
-        try:
-            return grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise AutosavedError(f"socket_group: there is no group named {group!r}") from None
-
-    def _prepare_paths(self, stack: contextlib.AsyncExitStack) -> None:
-        # Job state is private to the daemon: clients reach it only through the daemon, which checks who
-        # they are. The socket's group is the clients' group, so files must not be group-readable either.
-        os.umask(0o077)
-        state_dir = self.config.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        check_state_dir(state_dir, self.uid)
-        lock = PidLock(state_dir / "daemon.lock", f"state dir {state_dir}")
-        lock.acquire()
-        stack.callback(lock.release)
-        sock_path = self.config.socket_path()
-        if sock_path is not None:
-            if not sock_path.parent.exists():
-                sock_path.parent.mkdir(parents=True, mode=0o700)
-            gid = self._socket_gid()
-            if gid is not None:
-                # Only the daemon's user and this group may enter the socket's directory.
-                self._give_to_group(sock_path.parent, gid)
-                os.chmod(sock_path.parent, 0o750)
-            sock_lock = PidLock(sock_path.with_name(sock_path.name + ".lock"), f"socket {sock_path}")
-            sock_lock.acquire()
-            stack.callback(sock_lock.release)
-            # Unlinked while we still hold the socket lock, so these are ours: a client then fails at once
-            # with "no daemon at ..." instead of waiting out its timeout on a dead socket.
-            for stale in (str(sock_path), fd_socket_path(self.config.address)):
-                if stale is not None:
-                    stack.callback(_unlink_quietly, stale)
-
-    def _bind(self, stack: contextlib.AsyncExitStack) -> zmq.Socket[Any]:
-        # A plain socket, not zmq.asyncio: see rpcsocket.py for why and how the event loop watches it.
-        ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context()
-        stack.callback(ctx.term)
-        sock: zmq.Socket[Any] = ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 1000)
-        # A frame over the limit makes libzmq drop that peer's connection: the cheapest defence against a
-        # client that would make the daemon allocate without bound. The total over all frames is
-        # checked per message, with an error reply.
-        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        try:
-            sock.bind(self.config.address)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            raise AutosavedError(f"cannot listen on {self.config.address}: {exc}") from None
-        self._shared = SharedSocket(sock)  # log threads answer logged updates on it too
-        stack.callback(self._shared.close)
-        path = self.config.socket_path()
-        if path is not None:
-            os.chmod(path, 0o660)
-            gid = self._socket_gid()
-            if gid is not None:
-                self._give_to_group(path, gid)
-        return sock
-
-    def _give_to_socket_group(self, path: Path) -> None:
-        gid = self._socket_gid()
-        if gid is not None:
-            self._give_to_group(path, gid)
-
-    def _give_to_group(self, path: Path, gid: int) -> None:
-        try:
-            os.chown(path, -1, gid)
-        except OSError as exc:
-            raise AutosavedError(
-                f"socket_group: cannot give {path} to group {self.config.socket_group!r}: {exc.strerror}; the "
-                "daemon's user must be a member of that group (under systemd, set Group= instead)"
-            ) from None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> int:
         # Teardown in one place, in reverse order of setup: each resource registers its undo the moment
         # it is acquired (socket, zmq context, stale socket files, socket lock, state-dir lock, notifier).
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._stopped)
-            self._prepare_paths(stack)
+            prepare_paths(self.config, self.uid, stack)
             await self._serve(stack, task_status)
         return self.run_state.exit_code
 
@@ -354,7 +199,7 @@ class Daemon:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
             self.apply_config(await self.io.measure_speed(), reconfigure_io=False)
-            self._sock = self._bind(stack)
+            self.rpc.bind(stack)
             remote_up = True
             if self.replicator is not None:
                 # A store that ignores If-None-Match is refused here, before serving (the error says why).
@@ -366,8 +211,8 @@ class Daemon:
                 if fd_path is not None:
                     # Before the rpc loop: a client that got an answer may use the fd socket right away.
                     await tg.start(self.fd_server.run, fd_path)
-                self._supervise(tg, "rpc", self._rpc_loop)
-                self._supervise(tg, "scheduler", self._scheduler_loop)
+                self._supervise(tg, "rpc", self.rpc.run, tg)
+                self._supervise(tg, "scheduler", self.scheduler.run)
                 self._supervise(tg, "signals", self._signal_loop)
                 self._supervise(tg, "reloader", self.reloader.watch)
                 self._supervise(tg, "watchdog", self._watchdog)
@@ -405,25 +250,11 @@ class Daemon:
         self.notifier.close()
         self.run_state.phase = Phase.STOPPED
 
+    def _give_to_socket_group(self, path: Path) -> None:
+        give_to_socket_group(self.config, path)
+
     def _supervise(self, tg: anyio.abc.TaskGroup, name: str, func: Callable[..., Any], *args: Any) -> None:
-        """Run a long-lived task that restarts (after a growing pause) whenever it fails: one task's bug
-        costs a log line and a retry, never the daemon and every job it holds."""
-
-        async def run() -> None:
-            backoff = 0.1
-            while True:
-                try:
-                    point("task", name, "start")
-                    await func(*args)
-                    return  # done (a watchdog with nothing to ping, a preemption notice handled)
-                except Exception:
-                    log.exception("task %s failed; restarting it in %.1fs", name, backoff)
-                    self.run_state.task_failures += 1
-                await anyio.sleep(backoff)
-                backoff = min(30.0, backoff * 2)
-                log.info("task %s restarting", name)
-
-        tg.start_soon(run, name=f"autosaved-{name}")
+        supervise(tg, self.run_state, name, func, *args)
 
     async def _reload_now(self) -> None:
         try:
@@ -453,30 +284,17 @@ class Daemon:
             else:
                 log.info("received %s again: still saving", signal.Signals(signum).name)
 
-
     async def _preemption_loop(self) -> None:
         """Poll the instance metadata; on a spot/preemption notice, flush every dirty job now, before the
         SIGTERM, and keep serving with the throttle off (the instance is going away: speed beats
         politeness, and whatever the trainer sends until the SIGTERM is then saved fast)."""
-        settings = self.config.preemption
-        watcher = MetadataWatcher(settings.provider, settings.endpoint)
-        log.info("watching %s instance metadata at %s for preemption notices", settings.provider, watcher.base)
-        last_error = None
-        while True:
-            try:
-                notice = await anyio.to_thread.run_sync(watcher.check, abandon_on_cancel=True)
-            except (OSError, ValueError) as exc:
-                notice = None
-                if str(exc) != last_error:  # once per distinct problem, not once per poll
-                    log.warning("preemption watcher: %s", exc)
-                    last_error = str(exc)
-            if notice is not None:
-                log.warning("preemption notice (%s): saving every dirty job now", notice.detail)
-                self.run_state.preempted = notice.detail
-                self.writer.bucket.bypass = True
-                await self._flush_all(reason=SaveReason.PREEMPTION)
-                return
-            await anyio.sleep(settings.poll_interval)
+        await preempt.watch(self.config.preemption, self._preempted)
+
+    async def _preempted(self, notice: preempt.Notice) -> None:
+        log.warning("preemption notice (%s): saving every dirty job now", notice.detail)
+        self.run_state.preempted = notice.detail
+        self.writer.bucket.bypass = True
+        await self._flush_all(reason=SaveReason.PREEMPTION)
 
     async def _flush_all(self, reason: SaveReason = SaveReason.SHUTDOWN) -> None:
         final = reason is SaveReason.SHUTDOWN
@@ -490,192 +308,13 @@ class Daemon:
         assert self._tg is not None
         self.writer.begin(job, reason, self._tg)
 
-    # -- scheduler -------------------------------------------------------------------------------
-
-    async def _scheduler_loop(self) -> None:
-        assert self._tg is not None
-        while True:
-            self._wake = anyio.Event()
-            point("task", "scheduler", "before")
-            now = self.clock()
-            wake_at = math.inf
-            if not self.run_state.shutting_down:
-                for job in list(self.jobs.values()):
-                    if job.deleted:
-                        continue
-                    decision = decide(job.view(), now)
-                    if decision.reason is not None:
-                        self.writer.begin(job, decision.reason, self._tg)
-                    elif decision.next_wake_at is not None:
-                        wake_at = min(wake_at, decision.next_wake_at)
-            self._wake_at = wake_at
-            with anyio.move_on_after(max(0.0, wake_at - now)):
-                await self._wake.wait()
-
-    # -- rpc -------------------------------------------------------------------------------------
-
-    async def _rpc_loop(self) -> None:
-        assert self._sock is not None and self._tg is not None
-        assert self._shared is not None
-        with Receiver(self._sock, self._handle, self._shared.lock) as receiver:
-            self._receiver = self._shared.receiver = receiver
-            try:
-                while True:
-                    self.progress_at = self.clock()
-                    if faults.active():  # the tests' hung event loop (loop.tick) and stalled rpc loop (rpc.poll)
-                        faults.point("loop", "tick", "before")
-                        await anyio.to_thread.run_sync(faults.point, "rpc", "poll", "before")
-                    # Requests are received and started from the socket's fd callback for a second, then
-                    # the loop goes round (the watchdog's proof of progress); see rpcsocket.py.
-                    await receiver.serve(1.0)
-            finally:
-                self._receiver = self._shared.receiver = None
-
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        """Start one request: answered here when it needs no waiting (most small updates), else handed
-        to a task of its own that answers when it is done."""
-        if len(frames) < 2:
-            return  # nothing to answer: a ROUTER frame with no content
-        identity = frames[0].bytes
-        self.run_state.requests += 1
-        seq: int | None = None
-        try:
-            total = sum(len(f) for f in frames[1:])
-            if total > self.config.max_message_bytes:
-                raise MessageTooLarge(
-                    f"message of {total} bytes is over the daemon's max_message_bytes ({self.config.max_message_bytes})"
-                )
-            header_frame = frames[1]
-            header = unpack_header(header_frame.buffer)
-            raw_seq = header.get("seq")
-            seq = raw_seq if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) else None
-            op, seq = check_request(header)
-            owner = self.owner_of(header_frame)
-            point("task", "rpc", "before", op)
-            counted = self.in_flight_by_uid.get(owner, 0)
-            in_flight = counted - self._early_sent.get(owner, 0)
-            if in_flight >= self.config.quota.max_requests:
-                raise QuotaExceeded(
-                    f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
-                    f"{self.config.quota.max_requests}); wait for their replies",
-                    details={"quota": "max_requests", "limit": self.config.quota.max_requests, "used": in_flight},
-                )
-            request = RpcRequest(op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
-                                 owner=owner, header_size=len(header_frame))
-            self.in_flight_by_uid[owner] = counted + 1
-            try:
-                started = self.handlers.start(request)
-            except BaseException:
-                self._done(owner)
-                raise
-        except Exception as exc:
-            self._send_error(identity, seq, exc)
-            return
-        if isinstance(started, Reply):
-            self._answer(identity, seq, owner, started)
-        elif isinstance(started, Deferred):
-            deferred = started
-            deferred.early = lambda reply: self._answer_early(identity, seq, owner, reply)
-            deferred.on_done(lambda result: self._answered(owner) if deferred.sent_early
-                             else self._answer(identity, seq, owner, result))
-        else:
-            assert self._tg is not None
-            self._tg.start_soon(self._finish, identity, seq, owner, started)
-
-    def _answer(self, identity: bytes, seq: int, owner: int, result: Reply | Exception) -> None:
-        """Send a request's one reply (an error reply for an exception, or for a reply that cannot be sent)."""
-        self._done(owner)
-        if isinstance(result, Reply):
-            try:
-                self._send(identity, ok_reply(seq, self.boot, **result.fields), result.frames)
-                return
-            except Exception as exc:
-                result = exc
-        self._send_error(identity, seq, result)
-
-    def _answer_early(self, identity: bytes, seq: int, owner: int, reply: Reply) -> bool:
-        """From a log thread, right after the sync: send a logged update's reply (False: not sent, the
-        event loop answers as usual). The event loop closes the request later (:meth:`_answered`)."""
-        frames = [identity, pack_header(ok_reply(seq, self.boot, **reply.fields)), *reply.frames]
-        with self._early_lock:  # counted before the client can see the reply and send its next request
-            self._early_sent[owner] = self._early_sent.get(owner, 0) + 1
-        if self._shared is not None and self._shared.send_from_thread(frames):
-            return True
-        self._uncount_early(owner)
-        return False
-
-    def _answered(self, owner: int) -> None:
-        self._uncount_early(owner)
-        self._done(owner)
-
-    def _uncount_early(self, owner: int) -> None:
-        with self._early_lock:
-            left = self._early_sent[owner] - 1
-            if left:
-                self._early_sent[owner] = left
-            else:
-                del self._early_sent[owner]
-
-    async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply]) -> None:
-        """The rest of a request that had to wait (a load from disk, a save), and its reply."""
-        try:
-            result: Reply | Exception = await started
-        except Exception as exc:
-            result = exc
-        except BaseException:
-            self._done(owner)
-            raise
-        self._answer(identity, seq, owner, result)
-
-    def _done(self, owner: int) -> None:
-        left = self.in_flight_by_uid[owner] - 1
-        if left:
-            self.in_flight_by_uid[owner] = left
-        else:
-            del self.in_flight_by_uid[owner]
-
-    def _send_error(self, identity: bytes, seq: int | None, exc: Exception) -> None:
-        self.run_state.errors += 1
-        if isinstance(exc, AutosavedError):
-            if not isinstance(exc, ProtocolError):
-                log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)
-            else:
-                log.warning("bad request seq=%s: %s", seq, exc.message)
-            error = exc
-        else:
-            log.error("internal error handling a request", exc_info=exc)
-            error = InternalError(f"internal error: {exc!r}")
-        self._send(identity, error_reply(seq, self.boot, error), ())
-
-    def owner_of(self, header_frame: Any) -> int:
-        """Whose request this is. tcp carries no identity: it is the documented trusted-only setup, where
-        every peer acts as the daemon's own user. On ipc an identity the kernel did not tell is refused."""
-        if self.config.address.startswith("tcp://"):
-            return self.uid
-        uid = peer_uid(header_frame)
-        if uid is None:
-            raise Forbidden("cannot tell which user sent this request (no peer credentials); refused")
-        return uid
-
-    def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
-        """Send a reply now. A ROUTER's send never blocks, and a sync send is whole before anything else
-        runs, so replies need no lock and no await."""
-        assert self._shared is not None
-        if self._shared.send([identity, pack_header(header), *frames]) and self._receiver is not None:
-            self._receiver.after_send()
-
     # -- reports ---------------------------------------------------------------------------------
 
     async def _watchdog(self) -> None:
         # The rpc loop polls with a 1 s timeout, so it goes round at least once a second while healthy.
         period = (self.notifier.watchdog_interval or 0.0) * 2
-        await watchdog_loop(self.notifier, progress_at=lambda: self.progress_at, clock=self.clock,
+        await watchdog_loop(self.notifier, progress_at=lambda: self.rpc.progress_at, clock=self.clock,
                             status=self.reports.status_line, stale_after=max(period, 3.0))
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def serve(config: Config) -> int:
