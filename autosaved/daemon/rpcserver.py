@@ -22,7 +22,7 @@ from ..errors import AutosavedError, Forbidden, InternalError, MessageTooLarge, 
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
 from ..storage import faults
 from ..storage.faults import point
-from .rpc import Deferred, Reply, RpcRequest, Started
+from .rpcbase import Deferred, Reply, RpcRequest, Started
 from .rpcsocket import Receiver, SharedSocket
 from .runstate import RunState
 
