@@ -122,8 +122,7 @@ class Daemon:
         )
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
-            replicator=self.replicator, clock=clock, poke=self.scheduler.poke,
-            poke_for=self.scheduler.poke_for,
+            replicator=self.replicator, clock=clock, poke=self.scheduler.poke, poke_for=self.scheduler.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
             pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))
@@ -158,23 +157,6 @@ class Daemon:
         supervised like the daemon's own: a failure is logged and the task restarted, never the daemon's end."""
         assert self._tg is not None
         self._supervise(self._tg, name, func, *args)
-
-    async def _replicate_stored_jobs(self, replicator: Replicator) -> None:
-        """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
-        without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
-        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
-
-        def scan() -> list[tuple[int, str, list[int]]]:
-            return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
-
-        try:
-            found = await anyio.to_thread.run_sync(scan)
-        except OSError as exc:
-            log.warning("could not list the stored jobs to replicate: %s", exc)
-            return
-        for owner, name, ids in found:
-            if ids:
-                replicator.attach(owner, name, ids)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -223,7 +205,7 @@ class Daemon:
                 if self.replicator is not None and not remote_up:
                     self._supervise(tg, "probe", self.replicator.probe_later)
                 if self.replicator is not None:
-                    self._supervise(tg, "attach", self._replicate_stored_jobs, self.replicator)
+                    self._supervise(tg, "attach", self.table.replicate_stored_jobs, self.replicator)
                     self._supervise(tg, "uploadrate", self.replicator.rate.run, self.replicator.store.endpoint,
                                     self.config.throttle.sample_interval)
                 if self.config.preemption.provider != "off":
