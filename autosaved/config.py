@@ -27,6 +27,7 @@ from .settings import (
     RemoteSettings,
     Table,
     ThrottleSettings,
+    choice,
     count,
     duration,
     is_auto,
@@ -132,6 +133,14 @@ def _host_port(value: Any, key: str) -> tuple[str, int] | None:
     return match.group(1), int(match.group(2))
 
 
+def _storage_format(value: Any, key: str) -> int | None:
+    if is_auto(value):
+        return None
+    if value not in (1, 2) or isinstance(value, bool):
+        raise ConfigError(f"{key}: expected 1, 2 or \"auto\", got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Config(Table):
     """The daemon's whole configuration: the TOML's top level. A field made by ``setting`` is a TOML key;
@@ -154,11 +163,14 @@ class Config(Table):
     max_connections: int = setting(256, count(1), restart=True)
     shutdown_deadline: float = setting(25.0, duration())
     # The disk's write speed in bytes/s for planning (derived dirty_bytes, the deadline flush); None ("auto"):
-    # measured by a 32 MiB probe at start. A set value skips the probe (tests, or a known disk).
+    # probed at a disk's first start and remembered (daemon/speedmemo.py). A set value skips both.
     write_speed: int | None = setting(None, size(auto=True, positive=True), restart=True)
     chunk_size: int = setting(8 * 1024**2, size(low=64 * 1024, high=1024**3))
     log_level: str = setting("info", _log_level)
-    # Group allowed into the socket directory besides the daemon's user (name or gid); None: the daemon's group.
+    # "text" (key=value lines) or "json" (one object per line, logfmt.py); chosen at start.
+    log_format: str = setting("text", choice(("text", "json")), restart=True)
+    # Group allowed into the socket directory besides the daemon's user (name or gid); None: nobody else
+    # (a socket directory the daemon creates is 0700).
     socket_group: str | int | None = setting(None, _group, restart=True)
     # host:port of the Prometheus text endpoint; None: off.
     metrics_address: tuple[str, int] | None = setting(None, _host_port, restart=True)
@@ -166,6 +178,11 @@ class Config(Table):
     # Shared-memory slots the daemon maps for all clients together; None: half of physical memory.
     max_shm_bytes: int | None = setting(None, size(), restart=True)
     remote: RemoteSettings = setting(factory=RemoteSettings, restart=True)
+    # The store format new versions are written in (storage/paged.py); None ("auto"): the newest, 2.
+    storage_format: int | None = setting(None, _storage_format, restart=True)
+
+    def write_format(self) -> int:
+        return self.storage_format if self.storage_format is not None else 2
 
     def socket_path(self) -> Path | None:
         return Path(self.address.removeprefix("ipc://")) if self.address.startswith("ipc://") else None

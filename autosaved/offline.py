@@ -14,6 +14,7 @@ from typing import Any
 from .codec import TensorMode, unpack
 from .config import discover_state_dir
 from .errors import CorruptVersion
+from .protocol import version_at_step
 
 log = logging.getLogger("autosaved")
 
@@ -24,9 +25,10 @@ class CorruptVersionWarning(UserWarning):
 
 def restore(job: str, *, state_dir: str | Path | None = None, version: int | None = None,
             tensors: TensorMode = "numpy", owner: int | None = None, remote: str | None = None,
-            endpoint: str | None = None) -> Any:
+            endpoint: str | None = None, step: int | None = None) -> Any:
     """The newest durable state of ``job`` (its newest verified version plus the write-ahead log records
-    after it), or the stored version ``version``, read from the state dir.
+    after it), or the stored version ``version``, or the newest verified version at ``step`` (``NotFound``
+    if none), read from the state dir.
 
     Returns ``None`` when the job has nothing stored. A corrupt newer version is skipped with a
     :class:`CorruptVersionWarning`; a corrupt version asked for by id raises :class:`CorruptVersion`.
@@ -37,8 +39,13 @@ def restore(job: str, *, state_dir: str | Path | None = None, version: int | Non
     store's URL for non-AWS stores (default: ``AWS_ENDPOINT_URL``, else AWS); credentials and region come
     from the standard AWS environment variables. Needs ``autosaved[s3]``.
     """
+    if step is not None and version is not None:
+        raise ValueError("restore takes version or step, not both")
     if remote is not None:
-        from .remote_offline import load_remote
+        from .remote_offline import list_remote, load_remote
+
+        if step is not None:
+            version = version_at_step(list_remote(remote, endpoint=endpoint, job=job, owner=owner), step, job)
 
         def skipped_remote(exc: CorruptVersion) -> None:
             warnings.warn(f"skipping corrupt version of {job!r}: {exc}", CorruptVersionWarning, stacklevel=4)
@@ -51,6 +58,8 @@ def restore(job: str, *, state_dir: str | Path | None = None, version: int | Non
 
     store = JobStore(Path(state_dir) if state_dir else discover_state_dir(),
                      os.geteuid() if owner is None else owner, job)
+    if step is not None:
+        version = version_at_step([i.to_json() for i in store.list_versions(verify=True)], step, job)
     if version is not None:
         return unpack(store.load(version).tree, tensors=tensors)
 

@@ -16,7 +16,7 @@ from typing import Any, Final, Literal
 
 import msgpack
 
-from .errors import AutosavedError, ProtocolError, error_for_code
+from .errors import AutosavedError, NotFound, ProtocolError, error_for_code
 from .tree import MAX_DEPTH, Blob
 
 PROTOCOL_VERSION: Final = 1
@@ -165,3 +165,12 @@ def raise_for_reply(header: dict[str, Any]) -> None:
         raise error_for_code(
             str(header.get("code", "error")), str(header.get("message", "unknown error")), header.get("details")
         )
+
+
+def version_at_step(versions: Sequence[Mapping[str, Any]], step: int, job: str) -> int:
+    """The newest verified version id whose ``step`` is ``step`` (rows as ``list`` gives them), for
+    ``restore(step=N)`` everywhere: the SDK, the offline reader and the command line."""
+    ids = [int(v["id"]) for v in versions if v.get("step") == step and v.get("ok", True)]
+    if not ids:
+        raise NotFound(f"job {job!r} has no verified version at step {step}")
+    return max(ids)

@@ -303,6 +303,41 @@ def parse_table(raw: Mapping[str, Any], base: T, where: str) -> T:
     return out
 
 
+KEEP_BEST_MODES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """Keep the ``count`` versions whose ``meta[metric]`` is lowest (``mode="min"``) or highest."""
+
+    metric: str
+    mode: str = "min"
+    count: int = 1
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> KeepBest | None:
+        """``{metric = "val_loss", mode = "min", count = 1}`` or ``"off"``; errors name the key."""
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() == "off"):
+            return None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f'{where}: expected a table like {{ metric = "val_loss", mode = "min", count = 1 }} '
+                              f"or \"off\", got {raw!r}")
+        unknown = set(raw) - {"metric", "mode", "count"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: count, metric, mode)")
+        metric, mode, count = raw.get("metric"), raw.get("mode", "min"), raw.get("count", 1)
+        if not isinstance(metric, str) or not metric:
+            raise ConfigError(f"{where}.metric: expected the name of a number in the versions' meta, got {metric!r}")
+        if mode not in KEEP_BEST_MODES:
+            raise ConfigError(f"{where}.mode: expected \"min\" or \"max\", got {mode!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ConfigError(f"{where}.count: expected an integer of at least 1, got {count!r}")
+        return cls(metric, mode, count)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "count": self.count}
+
+
 @dataclass(frozen=True)
 class PolicySettings(Table):
     """When to save a job. ``None`` turns a rule off. Durations in seconds, sizes in bytes."""
@@ -322,9 +357,13 @@ class PolicySettings(Table):
     # whatever dirty_bytes is (policy.py, reason log_bytes).
     log_bytes: int | None = setting(256 * 1024**2, size(off=True))
     replay_time: float | None = setting(1.5, duration(off=True))
+    # Besides the above: keep the `count` versions with the best meta[metric] (None: off; storage/retention.py).
+    keep_best: KeepBest | None = setting(None, KeepBest.parse)
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        wire = {f.name: getattr(self, f.name) for f in fields(self)}
+        wire["keep_best"] = self.keep_best.to_wire() if self.keep_best is not None else None
+        return wire
 
 
 @dataclass(frozen=True)

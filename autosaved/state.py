@@ -6,9 +6,10 @@ so a merge costs O(size of the delta) and taking a snapshot of a job is just kee
 current root. That is what makes an update atomic for free: the daemon applies a whole delta in one
 step of its event loop, and a save works from the root it grabbed, which no later merge can change.
 
-**Accounting (issue 19).** The daemon's mappings are :class:`Node` objects: dicts that carry the totals
-of their subtree (``cost``: encoded bytes, what ``quota.max_bytes`` counts; ``held``: bytes of binary
-leaves in daemon memory; ``refs``: how many binary leaves live in each client shared-memory mapping).
+**Accounting (issue 19).** The mappings of a daemon-held state (but small flat ones, below) are
+:class:`Node` objects: dicts that carry the totals of their subtree (``cost``: encoded bytes, what
+``quota.max_bytes`` counts; ``held``: bytes of binary leaves in daemon memory; ``refs``: how many
+binary leaves live in each client shared-memory mapping).
 Cached per subtree, not kept in a side table keyed by path: a subtree is shared between versions of
 the tree by path copying, and its totals travel with it for free, so the cost of a replaced subtree is
 one attribute read, and a merge adjusts the totals on exactly the paths it copies. A side table would
@@ -21,13 +22,13 @@ dict subclass, and 600,000 tracked tiny maps made every collection walk them (a 
 beside them). Every other mapping is a :class:`Node`, which the collector tracks anyway (it holds
 containers, or is large). The root is always a Node.
 
-Only mappings carry totals. Every other value is a leaf (lists and tuples too: a merge replaces them
+Only Nodes carry totals. Every other value is a leaf (lists and tuples too: a merge replaces them
 whole) whose cost :func:`measure` computes from the value itself; a leaf is measured once when it
 arrives and once when it is replaced or deleted, so that work is at most twice the work of the request
 that brought it (amortised O(the request)), never a walk of the rest of the tree.
 
-A merge into a :class:`Node` gives a :class:`Node` (:func:`merge_counted` also says what changed); a
-merge into a plain dict stays plain and uncounted (storage's log replay, whose result the daemon
+A merge into a counted root gives a counted root (:func:`merge_counted` also says what changed); a
+merge into a plain root stays plain and uncounted (storage's log replay, whose result the daemon
 counts once with :func:`counted` when it loads the job).
 """
 
@@ -373,3 +374,48 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
 
 
 _MISSING: Any = object()
+
+# Binary leaves up to this size are compared byte for byte when resent; larger ones count as changed (a
+# compare of a large tensor would hold the event loop for about a millisecond per MiB, and a resent large
+# tensor costs a version but no disk: its chunks dedup).
+COMPARE_BLOB_BYTES = 1 << 20
+
+
+def changes_anything(base: State, delta: Mapping[str | int, Any]) -> bool:
+    """Whether merging ``delta`` into ``base`` would change it (issue 22: resending ``{"a": 1}`` or
+    deleting a missing key must not make a version). O(the delta)."""
+    for key, value in delta.items():
+        before = base.get(key, _MISSING)
+        if value is DELETE:
+            if before is not _MISSING:
+                return True
+        elif type(value) in PLAIN_TYPES:
+            # ``1 == True == 1.0`` but they are different leaves; NaN != NaN counts as a change.
+            if type(before) is not type(value) or before != value:
+                return True
+        elif isinstance(value, Replace) or before is _MISSING:
+            return True
+        elif isinstance(value, Mapping):
+            if not isinstance(before, dict) or changes_anything(before, value):
+                return True
+        elif not _same_leaf(before, value):
+            return True
+    return False
+
+
+def _same_leaf(before: Any, value: Any) -> bool:
+    if isinstance(value, Blob):
+        if not (isinstance(before, Blob) and before.kind == value.kind and before.dtype == value.dtype
+                and before.shape == value.shape and value.nbytes <= COMPARE_BLOB_BYTES
+                and before.data is not None and value.data is not None):
+            return False
+        try:
+            return bool(before.data.cast("B") == value.data.cast("B"))
+        except (TypeError, ValueError):  # not a contiguous byte view: say changed rather than copy it
+            return False
+    if isinstance(value, list | tuple):
+        return (type(before) is type(value) and len(before) == len(value)
+                and all(_same_leaf(b, v) for b, v in zip(before, value, strict=True)))
+    if type(value) in PLAIN_TYPES:
+        return type(before) is type(value) and bool(before == value)
+    return False

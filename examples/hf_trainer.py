@@ -7,6 +7,8 @@ the autosaved daemon; kill it at any point and run it again: it resumes at the l
 
 Nothing is downloaded: the model comes from ``GPT2Config`` and the data are random token sequences.
 ``--die-at K`` SIGKILLs the process in step K's ``on_step_end``, right after autosaved acknowledged it.
+
+Needs ``pip install 'autosaved[transformers]'``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -63,7 +66,10 @@ def train(a: argparse.Namespace, use_autosaved: bool) -> tuple[dict[int, float],
     config = GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=32, bos_token_id=0,
                         eos_token_id=0, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)  # dropout: RNG matters
     model = GPT2LMHeadModel(config)
-    out = a.output_dir or tempfile.mkdtemp(prefix="hf-example-")
+    # The Trainer needs an output dir even with save_strategy="no"; without --output-dir a temp dir that is
+    # removed on the way out (the resume folder written into it is not left behind in /tmp either).
+    scratch = None if a.output_dir else tempfile.TemporaryDirectory(prefix="hf-example-")
+    out = a.output_dir or scratch.name  # type: ignore[union-attr]
     args = TrainingArguments(output_dir=out, max_steps=a.steps, per_device_train_batch_size=4, learning_rate=3e-3,
                              lr_scheduler_type="linear", warmup_steps=3, logging_steps=1, save_strategy="no",
                              report_to=[], seed=42, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
@@ -78,12 +84,18 @@ def train(a: argparse.Namespace, use_autosaved: bool) -> tuple[dict[int, float],
         resume = resume_from(a.job, out, address=a.address)
         print("resuming from", resume, flush=True)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(64, 32, 256), callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if resume is not None:
+            shutil.rmtree(resume, ignore_errors=True)  # read once at the start of train(); autosaved keeps the state
+        if scratch is not None:
+            scratch.cleanup()
     return {int(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}, digest(model)
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", default="hf-example")
     p.add_argument("--address", default=None)
     p.add_argument("--steps", type=int, default=40)

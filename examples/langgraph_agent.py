@@ -8,6 +8,8 @@ and it resumes on its thread from the last checkpoint.
 The graph: ``plan`` → (``search`` ∥ ``draft``) → ``review`` → ``finish``; each stage appends to ``log``.
 ``--block NODE`` makes that node wait (after the other branch's writes are saved) so a test can kill the
 process mid-step; ``--async`` drives the graph with ``ainvoke`` (the saver's async methods).
+
+Needs ``pip install 'autosaved[langgraph]'``.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def history(graph: Any, thread: str) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--thread", default="t1")
     p.add_argument("--job", default="langgraph-example")
     p.add_argument("--address", default=None)

@@ -8,6 +8,8 @@ and run the same command again: ``fit(ckpt_path="autosaved://JOB")`` resumes at 
 
 The data loader keeps its position (``state_dict``/``load_state_dict``), so a resume continues with the batch
 that follows the last saved step. ``--die-at K`` SIGKILLs the process right after step K was acknowledged.
+
+Needs ``pip install 'autosaved[lightning]'``.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def fit(a: argparse.Namespace, use_autosaved: bool) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", default="lightning-example")
     p.add_argument("--address", default=None)
     p.add_argument("--steps", type=int, default=30)

@@ -91,7 +91,7 @@ def measure_saves(mib: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=16, help="size of each leaf group in the sample state")
     args = parser.parse_args()
     measure_codecs()

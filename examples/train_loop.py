@@ -5,7 +5,8 @@ every step and, when started again, resumes bit-identically from what the daemon
     python examples/train_loop.py --steps 200
     # kill -9 it at any moment, start it again: it resumes at the last acknowledged step
 
-Without torch installed it runs the numpy trainer of ``autosaved demo`` instead.
+With ``pip install 'autosaved[torch]'``; without torch installed it runs the numpy trainer of
+``autosaved demo`` instead.
 """
 
 from __future__ import annotations

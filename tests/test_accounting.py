@@ -370,7 +370,8 @@ def test_counters_follow_replay_and_delete(make_daemon: Callable[..., PrivateDae
     owner's usage when the job is deleted: the daemon's totals are the sum of what it holds, nothing stale."""
     d = make_daemon(NO_AUTO_POLICY)
     with autosaved.Client("r", address=d.address) as c:
-        c.update({"maps": {f"k{i}": {"a": i} for i in range(500)}, "w": np.arange(1000, dtype=np.uint8)})
+        # 4000 bytes: above format 2's INLINE_MAX, so a chunk, not a value kept inside a page (those load with it)
+        c.update({"maps": {f"k{i}": {"a": i} for i in range(500)}, "w": np.zeros(4000, dtype=np.uint8)})
         c.save()
         c.update({"maps": {"k1": autosaved.DELETE, "new": []}, "s": "é" * 50}, wait="logged")
         live = raw(d.address, "status", job="r")

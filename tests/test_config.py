@@ -147,4 +147,5 @@ def test_tables_are_read_on_top_of_their_base_by_one_declaration(tmp_path: Path)
     with pytest.raises(ConfigError, match="chunk_size: must be between 64KiB and 1GiB"):
         parse_config_table({"chunk_size": "1KiB"}, base)
     assert set(RESTART_KEYS) == {"address", "state_dir", "max_message_bytes", "socket_group", "metrics_address",
-                                 "max_shm_bytes", "write_speed", "max_connections", "remote"}
+                                 "max_shm_bytes", "write_speed", "max_connections", "remote", "log_format",
+                                 "storage_format"}

@@ -148,7 +148,7 @@ def test_the_job_table_loads_what_the_writer_committed(tmp_path: Path) -> None:
     chunk = [1 << 20]
 
     async def main() -> None:
-        table = JobTable(store, policy=PolicySettings, clock=clock, poke=lambda: pokes.append(1))
+        table = JobTable(store, policy=PolicySettings, clock=clock, poke=lambda job: pokes.append(1))
         assert await table.find(UID, "j") is None  # nothing on disk: not created by a read
         job = await table.get(UID, "j")
         assert await table.get(UID, "j") is job and table.jobs == {(UID, "j"): job}
@@ -168,7 +168,7 @@ def test_the_job_table_loads_what_the_writer_committed(tmp_path: Path) -> None:
         chunks = [len(store.job(UID, "j").read_manifest(v)["blobs"][0]["chunks"]) for v in (1, 2)]
         assert chunks == [1, 16]
         # a fresh table (a restart) loads the newest version from disk
-        again = JobTable(store, policy=PolicySettings, clock=clock, poke=lambda: None)
+        again = JobTable(store, policy=PolicySettings, clock=clock, poke=lambda job: None)
         loaded = await again.find(UID, "j")
         assert loaded is not None and loaded.latest_version == 2 and loaded.step == 2 and not loaded.dirty
         assert loaded.next_version == 3

@@ -10,13 +10,14 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
 import autosaved
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import FAST_POLICY, NO_AUTO_POLICY, run_python, version_files, wait_for
+from .conftest import FAST_POLICY, NO_AUTO_POLICY, first_chunk, run_python, version_files, wait_for
 
 TRAINER = """
 import os, signal, numpy as np, autosaved
@@ -162,9 +163,7 @@ def test_corrupt_newest_version_is_skipped_with_warning(make_daemon: Callable[..
         assert c.save() == 2
     d.stop()
     # flip one byte of a chunk only version 2 references
-    manifest = json.loads(version_files(d.state_dir, "cor")[-1].read_text())
-    digest = manifest["blobs"][0]["chunks"][0][0]
-    chunk = d.state_dir / "jobs" / str(os.geteuid()) / "cor" / "objects" / digest[:2] / digest
+    chunk = first_chunk(d.state_dir, "cor")
     raw = bytearray(chunk.read_bytes())
     raw[100] ^= 0xFF
     chunk.write_bytes(bytes(raw))
@@ -225,8 +224,9 @@ def test_cli_status_list_save(daemon: PrivateDaemon) -> None:
     assert "cli-job" in human.stdout and human.returncode == 0
     jobs_list = json.loads(cli("list", "--json").stdout)
     assert [(j["job"], j["versions"], j["latest"]) for j in jobs_list] == [("cli-job", 1, 1)]
-    # bytes on disk: np.arange(10) is 80 bytes raw, fewer once policy.compression ("auto") has stored it compressed
-    assert 0 < jobs_list[0]["bytes"] <= 80
+    # bytes on disk: np.arange(10) is 80 bytes, kept inside the version's one page (format 2) with its key and
+    # descriptor
+    assert 80 < jobs_list[0]["bytes"] <= 256
     versions = json.loads(cli("list", "cli-job", "--json").stdout)
     assert [(v["id"], v["step"], v["reason"], v["ok"]) for v in versions] == [(1, 3, "explicit", True)]
     assert versions[0]["time"].endswith("Z")
@@ -253,6 +253,17 @@ def test_dead_daemon_never_blocks_the_trainer(make_daemon: Callable[..., Private
         with pytest.raises(autosaved.DaemonUnavailable, match="did not answer"):
             c.update({"a": 1})
     c.close()
+    # hello is a long op (it may wait for a job's replay), but with nobody behind the socket its send is
+    # bounded by the ordinary timeout, not the save timeout (it hung a test for 600 s once).
+    with pytest.raises(autosaved.DaemonUnavailable, match=r"'hello' within 0.5s"):
+        autosaved.Client("dead", address=d.address, timeout=0.5, save_timeout=3600).connect()
+
+    async def async_hello() -> None:
+        async with autosaved.AsyncClient("dead", address=d.address, timeout=0.5, save_timeout=3600):
+            pass
+
+    with pytest.raises(autosaved.DaemonUnavailable, match=r"'hello' within 0.5s"):
+        anyio.run(async_hello)
 
 
 def test_stopped_daemon_leaves_no_socket_behind(make_daemon: Callable[..., PrivateDaemon]) -> None:

@@ -378,15 +378,16 @@ def test_injected_eio_on_a_chunk_is_retried(make_daemon: Callable[..., PrivateDa
     faults = tmp_path / "faults"
     d = make_daemon(NO_AUTO_POLICY, env={"AUTOSAVED_FAULTS_FILE": str(faults)})
     with autosaved.Client("eio", address=d.address) as c:
-        c.update({"a": np.arange(100)}, wait="committed")
+        # leaves over statepages.INLINE_MAX: stored as chunks, not inside the format-2 pages
+        c.update({"a": np.arange(1000)}, wait="committed")
         faults.write_text("chunk.fsync.before 1 eio\n")
         with pytest.raises(autosaved.StorageError, match="Input/output error"):
-            c.update({"a": np.arange(200)}, wait="committed")  # never a false ack
+            c.update({"a": np.arange(2000)}, wait="committed")  # never a false ack
         assert "Input/output error" in c.status()["last_error"]
         # the daemon retries on its own (backoff 1 s) and the fault was a one-off
         wait_for(lambda: c.status()["latest_version"] > 1 and not c.status()["dirty"])
         assert c.status()["last_error"] is None
-    assert (autosaved.restore("eio", state_dir=d.state_dir)["a"] == np.arange(200)).all()
+    assert (autosaved.restore("eio", state_dir=d.state_dir)["a"] == np.arange(2000)).all()
     assert_store_healthy(d.state_dir)
 
 

@@ -23,7 +23,7 @@ import autosaved
 from autosaved import restore
 from autosaved.client.sync import Client
 from autosaved.errors import AutosavedError
-from autosaved.storage.manifest import UnsupportedFormat, seal
+from autosaved.storage.manifest import READ_FORMATS, UnsupportedFormat, seal
 from autosaved.testing.crashsim import deep_merge
 from autosaved.testing.private import PrivateDaemon
 
@@ -122,15 +122,19 @@ def test_store_v1_restores_exactly_through_the_daemon(state_dir: Path) -> None:
             finally:
                 c.close()
         assert d.stop(signal.SIGTERM) == 0
-    # What the daemon wrote on the way (a flush of the replayed log) still restores the same.
+    # What the daemon wrote on the way (a flush of the replayed log) still restores the same, and is format 2
+    # (a root record over pages) beside the format-1 versions before it.
     assert norm(restore("model", state_dir=state_dir, tensors="torch")) == norm(as_torch(expected("model")))
+    versions = sorted((state_dir / "jobs" / str(os.geteuid()) / "model" / "versions").glob("*.json"))
+    formats = [json.loads(p.read_bytes())["format"] for p in versions]
+    assert formats[-1] == 2 and 1 in formats, formats
 
 
 def _bump_manifest(state_dir: Path) -> None:
     path = state_dir / "jobs" / str(os.geteuid()) / "model" / "versions" / "000000000003.json"
     doc = json.loads(path.read_bytes())
     doc.pop("digest")
-    doc["format"] = 2
+    doc["format"] = max(READ_FORMATS) + 1  # one past the newest this build reads
     path.write_bytes(seal(doc))
 
 

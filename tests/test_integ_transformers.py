@@ -5,7 +5,9 @@ uninterrupted run, as Hugging Face's own ``test_can_resume_training`` checks its
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,9 +25,10 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hf_trainer.py"
 STEPS = 8
 
 
-def _run(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(address: str, *args: str, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir is not None else {})}
     return subprocess.run([sys.executable, str(EXAMPLE), "--address", address, "--job", "gpt2", "--steps",
-                           str(STEPS), *args], capture_output=True, text=True, timeout=300)
+                           str(STEPS), *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def _fields(out: str) -> dict[str, str]:
@@ -41,10 +44,15 @@ def test_sigkill_after_an_acked_step_resumes_bit_identically(make_daemon: Callab
     assert f"acked step {k} (logged)" in killed.stdout
     d.kill()
     d.start()
-    resumed = _run(d.address, "--reference", "--output-dir", str(tmp_path / "out"))
+    # No --output-dir: the example's scratch dir, and the checkpoint folder resume_from writes into it, are
+    # gone when it exits (issue 22: they were left in the system temp folder).
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    resumed = _run(d.address, "--reference", tmpdir=tmpdir)
     assert resumed.returncode == 0, resumed.stderr
     got = _fields(resumed.stdout)
-    assert got["resuming"] == f"from {tmp_path / 'out' / f'checkpoint-{k}'}", (k, got["resuming"])
+    assert re.fullmatch(rf"from {re.escape(str(tmpdir))}/hf-example-[^/]+/checkpoint-{k}", got["resuming"]), (k, got)
+    assert list(tmpdir.iterdir()) == []
     losses = {int(s): v for s, v in json.loads(got["losses"]).items()}
     reference = {int(s): v for s, v in json.loads(got["reference-losses"]).items()}
     assert got["digest"] == got["reference-digest"]  # the weights, bit for bit

@@ -15,7 +15,7 @@ import autosaved
 from autosaved.storage.retention import versions_to_delete
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY, version_files
+from .conftest import NO_AUTO_POLICY, first_chunk
 
 H = 3600.0
 
@@ -78,9 +78,7 @@ def test_verify_reports_damage_online_and_offline(make_daemon: Callable[..., Pri
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert [(r["job"], [v["ok"] for v in r["versions"]]) for r in report] == [("v", [True, True])]
-    manifest = json.loads(version_files(d.state_dir, "v")[-1].read_text())
-    digest = manifest["blobs"][0]["chunks"][0][0]
-    chunk = d.state_dir / "jobs" / str(os.geteuid()) / "v" / "objects" / digest[:2] / digest
+    chunk = first_chunk(d.state_dir, "v")
     raw = bytearray(chunk.read_bytes())
     raw[8] ^= 0xFF
     chunk.write_bytes(bytes(raw))
@@ -110,11 +108,11 @@ def test_gc_removes_garbage_and_never_races_the_daemon(make_daemon: Callable[...
     assert result["removed_chunks"] == 1 and result["freed_bytes"] == 5000 and result["deleted_versions"] == []
     assert not stray.exists()
     d.stop()
-    # offline, the config's keep_last (default 3) applies: version 1 and its chunk go
+    # offline, the config's keep_last (default 3) applies: version 1, its chunk and its one page go
     offline = cli(d, "gc", "--offline", "--json")
     assert offline.returncode == 0, offline.stderr
     (result,) = json.loads(offline.stdout)
-    assert result["deleted_versions"] == [1] and result["removed_chunks"] == 1
+    assert result["deleted_versions"] == [1] and result["removed_chunks"] == 2
     assert (autosaved.restore("g", state_dir=d.state_dir)["a"] == 3).all()
 
 

@@ -101,3 +101,24 @@ def test_metrics_are_off_by_default_and_a_busy_port_is_a_clear_error(
         bad = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n', start=False)
         with pytest.raises(autosaved.AutosavedError, match=rf"metrics_address: cannot listen on 127.0.0.1:{port}"):
             bad.start(timeout=60)
+
+
+def test_log_syncs_and_quota_refusals_are_exported(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    from autosaved.daemon.metrics import log_sync_histogram
+
+    h = log_sync_histogram()
+    h.observe(0.002)
+    got = values(render(_sample(log_syncs=3, log_sync_durations=h, quota_refusals=2)))
+    assert got["autosaved_log_syncs_total"] == 3 and got["autosaved_quota_refusals_total"] == 2
+    assert got['autosaved_log_sync_duration_seconds_bucket{le="0.0025"}'] == 1
+    # Live: each logged update is one group commit here (one client, one at a time), each one observed.
+    port = _free_port()
+    d = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY)
+    with autosaved.Client("w", address=d.address) as c:
+        for i in range(3):
+            c.update({"i": i}, wait="logged")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as resp:
+        live = values(resp.read().decode())
+    assert live["autosaved_log_syncs_total"] >= 1
+    assert live["autosaved_log_sync_duration_seconds_count"] == live["autosaved_log_syncs_total"]
+    assert live["autosaved_quota_refusals_total"] == 0

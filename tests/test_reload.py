@@ -59,7 +59,7 @@ def test_interval_change_applies_without_restart_and_a_bad_file_is_kept_out(
                      in d.log(), timeout=60)
             # the old config (300 ms interval) keeps running: a new update is saved as before
             before = len(version_files(d.state_dir, "r"))
-            c.update({"x": before})
+            c.update({"x": f"after {key}"})  # a new value: an unchanged one makes no version (issue 22)
             wait_for(lambda before=before: len(version_files(d.state_dir, "r")) > before, timeout=60)
     assert d.proc.pid == pid and d.proc.poll() is None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -112,7 +113,14 @@ def test_torn_tail_is_cut_with_a_warning(make_daemon: Callable[..., PrivateDaemo
     with autosaved.Client("torn", address=d.address) as c:
         assert c.restore() == {"step": 3}
     assert "torn tail cut" in d.log()
-    assert segment.stat().st_size == whole  # the daemon cut it off
+    # A replayed job is saved at once (reason "recovery", issue 19): that version covers the cut log, which
+    # then goes; until it does, the segment holds exactly its whole records.
+    with contextlib.suppress(FileNotFoundError):
+        assert segment.stat().st_size == whole
+    with autosaved.Admin(address=d.address) as admin:
+        wait_for(lambda: [v["reason"] for v in admin.versions("torn")] == ["recovery"])
+    wait_for(lambda: not segment.exists())
+    assert autosaved.restore("torn", state_dir=d.state_dir) == {"step": 3}
 
 
 def test_snapshot_truncates_the_log(make_daemon: Callable[..., PrivateDaemon]) -> None:

@@ -5,6 +5,7 @@
 ``autosaved bench incremental [--size 1GiB] [--json]`` measures what a save writes when 1% changed;
 ``autosaved bench remote [--size 1GiB] [--json]`` measures replication to object storage (see :mod:`.remote`);
 ``autosaved bench dcp [--size 256MiB] [--json]`` measures the trainer's stall per ``dcp.async_save`` (see :mod:`.dcp`);
+``autosaved bench history [--checkpoints 10000]``: costs as one agent thread's history grows (see :mod:`.history`);
 ``autosaved bench langgraph`` / ``autosaved bench hf``: the framework integrations (see :mod:`.langgraph`,
 :mod:`.hf`);
 ``autosaved bench small [--json]`` measures small updates against their floors (see :mod:`.small`);
@@ -17,9 +18,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from . import data, dcp, hash, hf, incremental, jobs, langgraph, remote, shapes, small, throttle, train
+from . import data, dcp, hash, hf, history, incremental, jobs, langgraph, remote, shapes, small, throttle, train
 
 # Each mode once: its module (add_arguments, run) and its help line; no mode runs the data benchmark.
 MODES: dict[str, tuple[Any, str]] = {
@@ -28,6 +30,7 @@ MODES: dict[str, tuple[Any, str]] = {
     "remote": (remote, "replication to an S3 store vs plain obstore loops"),
     "dcp": (dcp, "trainer stall per dcp.async_save, vs FileSystemWriter"),
     "langgraph": (langgraph, "LangGraph aput latency vs SQLite and memory"),
+    "history": (history, "one LangGraph thread filled to 1,000-100,000 checkpoints: put, save, get, RSS"),
     "hf": (hf, "HF Trainer step time with and without checkpoints"),
     "small": (small, "small-update latency and throughput vs floors"),
     "jobs": (jobs, "one job's update latency alone vs beside 1,000 jobs updated once a second"),
@@ -37,15 +40,57 @@ MODES: dict[str, tuple[Any, str]] = {
 }
 
 
+# Per mode (``None``: the data benchmark): every option's dest → (its default, its type), filled in by
+# ``run`` for options given nowhere. Options may stand before or after the mode (issue 22: ``bench --size
+# 16MiB hash`` measured 256 MiB, the mode's default silently replacing the value given before it).
+_DEFAULTS: dict[str | None, dict[str, tuple[Any, Any]]] = {}
+# The options the bench parser itself takes (before a mode): dest → option string, for the error message.
+_BEFORE: dict[str, str] = {}
+
+
+def _defer_defaults(p: argparse.ArgumentParser, mode: str | None) -> None:
+    """Let ``run`` apply the defaults, so a parser for a mode never overwrites what stood before it."""
+    defaults = _DEFAULTS.setdefault(mode, {})
+    for action in p._actions:
+        if action.dest in ("help", argparse.SUPPRESS) or isinstance(action, argparse._SubParsersAction):
+            continue
+        defaults[action.dest] = (action.default, action.type)
+        action.default = argparse.SUPPRESS
+
+
 def add_parser(sub: Any, name: str) -> None:
     p: argparse.ArgumentParser = sub.add_parser(name, help="benchmark autosaved against the alternatives")
     data.add_arguments(p)
+    _defer_defaults(p, None)
+    _BEFORE.update({a.dest: a.option_strings[-1] for a in p._actions if a.option_strings and a.dest != "help"})
     modes = p.add_subparsers(dest="bench_mode", metavar="MODE", required=False)
     for name, (module, help_text) in MODES.items():
-        module.add_arguments(modes.add_parser(name, help=help_text))
+        mp = modes.add_parser(name, help=help_text)
+        module.add_arguments(mp)
+        _defer_defaults(mp, name)
+
+
+def resolve(args: argparse.Namespace) -> str | None:
+    """Apply the chosen mode's defaults to the options given nowhere; the error for an option given before
+    the mode that the mode does not take (``None``: all is well)."""
+    mode = getattr(args, "bench_mode", None)
+    defaults = _DEFAULTS.get(mode, {})
+    for dest, option in _BEFORE.items():
+        if hasattr(args, dest) and dest not in defaults:
+            return f"{option} does not apply to `autosaved bench {mode}`"
+    for dest, (default, kind) in defaults.items():
+        if not hasattr(args, dest):
+            if isinstance(default, str) and kind is not None:
+                default = kind(default)
+            setattr(args, dest, default)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
+    error = resolve(args)
+    if error is not None:
+        print(f"autosaved bench: error: {error}", file=sys.stderr)
+        return 2
     mode = MODES.get(args.bench_mode)
     code: int = (mode[0] if mode is not None else data).run(args)
     return code

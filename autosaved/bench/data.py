@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import socket
 import statistics
@@ -37,7 +38,7 @@ from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_size
 from ..errors import ConfigError
-from ..fmt import human_bytes, print_json, table
+from ..fmt import Stages, human_bytes, print_json, table
 from ..storage.fsutil import read_exact, write_fsync
 from ..testing.private import PrivateDaemon
 
@@ -152,16 +153,21 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
     state = make_state(total)
     nbytes = sum(v.nbytes for v in state.values())
     out: dict[str, Any] = {"bytes": nbytes, "host": f"{socket.gethostname()} ({os.cpu_count()} cpus)"}
+    stage = Stages("data")
+    stage("memcpy")
     out["memcpy_s"] = _memcpy_s(state)
+    stage("starting a private daemon")
     with PrivateDaemon(work_dir / "daemon", config=_DAEMON_CONFIG) as daemon, \
             Client("bench", address=daemon.address, save_timeout=3600) as client, \
             Admin(address=daemon.address) as admin:
+        stage("update (the trainer's stall)")
         out["update_blocking_s"] = _median(lambda: client.update(state))
         rss = [admin.status()["daemon"]["rss_bytes"]]
         raw = daemon.state_dir / "raw.bin"
         persist, raw_write, restore, raw_read = [], [], [], []
         # Disks on shared hosts swing: each pair runs back to back, IO_ROUNDS times, and medians are kept.
         for round_ in range(IO_ROUNDS):
+            stage(f"round {round_ + 1}/{IO_ROUNDS}: save")
             fresh = make_state(total, seed=round_ + 1)  # bytes the store has never seen: the save writes all
             client.update(fresh)
             persist.append(_timed(client.save))
@@ -172,6 +178,7 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
             pieces = [v.data for v in fresh.values()]
             raw_write.append(_timed(functools.partial(write_fsync, raw, pieces, drop_cache=True)))
             del fresh, pieces
+            stage(f"round {round_ + 1}/{IO_ROUNDS}: restore")
             objects = [p for p in (daemon.state_dir / "jobs").rglob("objects/*/*") if p.is_file()]
             _drop_cache([*objects, raw])
             restore.append(_timed(functools.partial(client.restore, version)))
@@ -182,9 +189,24 @@ def measure(total: int, work_dir: Path) -> dict[str, Any]:
         for key, times in (("persist_s", persist), ("raw_write_s", raw_write), ("restore_s", restore),
                            ("raw_read_s", raw_read)):
             out[key] = statistics.median(times)
+    stage("torch.save")
     out["torch_save_s"] = _torch_save_s(state, work_dir)
+    stage("DCP async_save")
     out["dcp_async_blocking_s"] = _dcp_async_blocking_s(state, work_dir)
+    stage.done()
     return {"bytes": out["bytes"], "host": out["host"], **{k: out[k] for k in KEYS}, "_daemon_rss": out["_daemon_rss"]}
+
+
+def missing_rows(result: dict[str, Any]) -> dict[str, str]:
+    """Why a row has no figure: the package it needs (issue 22: the table showed a bare "-")."""
+    torch = importlib.util.find_spec("torch") is not None
+    out = {}
+    if result.get("torch_save_s") is None:
+        out["torch_save_s"] = "not measured: needs torch (pip install 'autosaved[torch]')"
+    if result.get("dcp_async_blocking_s") is None:
+        out["dcp_async_blocking_s"] = ("not measured: needs torch (pip install 'autosaved[torch]')" if not torch else
+                                       "not measured: this torch has no torch.distributed.checkpoint.async_save")
+    return out
 
 
 def render(result: dict[str, Any], daemon_rss: int | None = None) -> str:
@@ -202,6 +224,8 @@ def render(result: dict[str, Any], daemon_rss: int | None = None) -> str:
         "persist_s": fmt([(r("persist_s", "raw_write_s"), "raw_write_s")]),
         "restore_s": fmt([(r("restore_s", "raw_read_s"), "raw_read_s")]),
     }
+    for key, why in missing_rows(result).items():
+        notes[key] = why
     rows = [[k, "-" if result[k] is None else f"{result[k]:.4f}", notes.get(k, "")] for k in KEYS]
     lines = [f"autosaved bench: {human_bytes(result['bytes'])} of float32 arrays on {result['host']}",
              table(rows, ["measure", "seconds", "ratio"])]
@@ -219,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         result = measure(total, Path(tmp))
     rss = result.pop("_daemon_rss")
     if args.json:
+        if missing := missing_rows(result):
+            result["not_measured"] = missing
         print_json(result)
     else:
         print(render(result, rss))

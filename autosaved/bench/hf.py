@@ -15,6 +15,8 @@ Needs ``pip install 'autosaved[transformers]'``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import statistics
 import tempfile
@@ -22,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from ..fmt import Stages
 from ..testing.private import PrivateDaemon
 
 POLICY = '[policy]\ninterval = "30s"\nidle = "10s"\nmin_gap = "10s"\n'
@@ -39,6 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _mode(args: argparse.Namespace, root: Path, mode: str, address: str) -> dict[str, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    # Both switches: transformers' own bars and the hub's (which draws "Writing model shards").
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    with contextlib.suppress(ImportError, AttributeError):
+        importlib.import_module("huggingface_hub.utils").disable_progress_bars()
 
     from ..integrations.transformers import AutosavedCallback
 
@@ -73,6 +84,9 @@ def _mode(args: argparse.Namespace, root: Path, mode: str, address: str) -> dict
         report_to=[], use_cpu=True, disable_tqdm=True, log_level="error", logging_strategy="no",
         save_strategy="steps" if mode == "trainer_save" else "no", save_steps=1, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=targs, train_dataset=Tokens(), callbacks=callbacks)
+    # The bench prints its own table: no Trainer log dicts on stdout (PrinterCallback, added when tqdm is
+    # off) and no "Writing model shards" bars on stderr (issue 22).
+    trainer.remove_callback(PrinterCallback)
     # Time spent checkpointing inside each step (the update call; the Trainer's own _save_checkpoint), so
     # the overhead can also be read within one mode, immune to the host's load changing between modes.
     spent: list[float] = []
@@ -100,11 +114,15 @@ def _mode(args: argparse.Namespace, root: Path, mode: str, address: str) -> dict
 
 def run(args: argparse.Namespace) -> int:
     if args.steps < 5:
-        raise SystemExit("--steps must be at least 5")
+        raise ConfigError("--steps must be at least 5")
     with tempfile.TemporaryDirectory(prefix="autosaved-bench-hf-") as tmp, \
             PrivateDaemon(Path(tmp) / "daemon", config=POLICY) as daemon:
-        result: dict[str, Any] = {m: _mode(args, Path(tmp), m, daemon.address)
-                                  for m in ("none", "autosaved", "trainer_save")}
+        stage = Stages("hf")
+        result: dict[str, Any] = {}
+        for i, m in enumerate(("none", "autosaved", "trainer_save")):
+            stage(f"mode {i + 1}/3: {m}, {args.steps} steps")
+            result[m] = _mode(args, Path(tmp), m, daemon.address)
+        stage.done()
     base = result["none"]["step_s"]
     result["params"] = result["none"]["params"]
     result["autosaved_overhead"] = round(result["autosaved"]["step_s"] / base - 1, 4)

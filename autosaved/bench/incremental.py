@@ -16,6 +16,7 @@ import numpy as np
 
 from ..client.sync import Client
 from ..config import parse_size
+from ..errors import NotFound
 from ..fmt import human_bytes
 from ..testing.private import PrivateDaemon
 
@@ -35,11 +36,17 @@ def measure(size: int) -> dict[str, Any]:
     total = sum(a.nbytes for a in state.values())
     with PrivateDaemon(config=POLICY) as daemon, Client("bench", address=daemon.address) as c:
 
+        def written() -> int:
+            try:
+                return int(c.status()["bytes_written"])
+            except NotFound:  # before the first update there is no job yet
+                return 0
+
         def commit(delta: dict[str, Any]) -> tuple[int, float]:
-            before = c.status()["bytes_written"]
+            before = written()
             t = time.perf_counter()
             c.update(delta, wait="committed")
-            return c.status()["bytes_written"] - before, time.perf_counter() - t
+            return written() - before, time.perf_counter() - t
 
         full, full_s = commit(state)
         one = state["layer5"].copy()

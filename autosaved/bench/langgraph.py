@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..testing.private import PrivateDaemon
 
 POLICY = '[policy]\ninterval = "60s"\nidle = "5s"\nmin_gap = "5s"\n'
@@ -164,7 +165,7 @@ async def _measure(puts: int, rounds: int, root: Path, address: str) -> dict[str
 
 def run(args: argparse.Namespace) -> int:
     if args.puts < 20:
-        raise SystemExit("--puts must be at least 20")
+        raise ConfigError("--puts must be at least 20")
     with tempfile.TemporaryDirectory(prefix="autosaved-bench-lg-") as tmp, \
             PrivateDaemon(Path(tmp) / "daemon", config=POLICY) as daemon:
         result = asyncio.run(_measure(args.puts, max(1, args.rounds), Path(tmp), daemon.address))

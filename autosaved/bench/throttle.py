@@ -37,6 +37,7 @@ import numpy as np
 from ..client.admin import Admin
 from ..client.sync import Client
 from ..config import parse_duration, parse_size
+from ..errors import ConfigError
 from ..fmt import print_json
 from ..storage.fsutil import write_fsync
 from ..testing.private import PrivateDaemon
@@ -169,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     window = parse_duration(args.window, "--window") or 0.0
     warmup = parse_duration(args.warmup, "--warmup") or 0.0
     if size < 8 or args.rounds < 1:
-        raise SystemExit("autosaved bench throttle: --size must be at least 8 bytes and --rounds at least 1")
+        raise ConfigError("--size must be at least 8 bytes and --rounds at least 1")
     say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     root = Path(tempfile.mkdtemp(prefix="autosaved-bench-throttle-", dir=args.dir))
     daemons = {

@@ -40,7 +40,7 @@ from typing import Any
 from ..client.lazy import LazyClient
 from ..client.sync import Client
 from ..errors import AutosavedError
-from ..fmt import human_bytes, print_json, table
+from ..fmt import Stages, human_bytes, print_json, table
 from ..testing.private import PrivateDaemon
 
 MODES = ("none", "eager", "lazy", "torch_save", "dcp_async")
@@ -241,7 +241,9 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
                            "warmup": warmup,
                            "threads": torch.get_num_threads(), "config": cfg.__dict__, "seq": seq, "batch": batch}
     with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
-        for mode in MODES:
+        stage = Stages("train")
+        for i, mode in enumerate(MODES):
+            stage(f"mode {i + 1}/{len(MODES)}: {mode}, {steps} steps")
             r = run_mode(mode, cfg, steps, seq, batch, work, daemon.address, warmup)
             out[f"step_s_{mode}"] = r["step_s"]
             out[f"step_mean_s_{mode}"] = r["step_mean_s"]
@@ -250,6 +252,7 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
             if "alone_s" in r:
                 out[f"alone_s_{mode}"] = r["alone_s"]
             out["state_bytes"] = r["state_bytes"]
+        stage.done()
     out["params"] = sum(p.numel() for p in build_model(cfg).parameters())
     return out
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +11,11 @@ from typing import Any
 
 from ..client.admin import Admin
 from ..config import discover_state_dir
-from ..errors import NotFound
+from ..fmt import Progress as Progress
 from ..fmt import human_bytes as human_bytes
 from ..fmt import print_json as print_json
 from ..fmt import table as table
+from ..protocol import version_at_step
 from ..storage.local import JobStore
 
 
@@ -47,42 +46,12 @@ def admin(args: argparse.Namespace) -> Iterator[Admin]:
 
 def find_step(versions: list[dict[str, Any]], step: int, job: str) -> int:
     """The newest version id whose step is ``step``."""
-    ids = [v["id"] for v in versions if v.get("step") == step and v.get("ok", True)]
-    if not ids:
-        raise NotFound(f"job {job!r} has no verified version at step {step}")
-    return int(max(ids))
+    return version_at_step(versions, step, job)
 
 
 def offline_store(args: argparse.Namespace, job: str) -> JobStore:
     owner = args.owner if getattr(args, "owner", None) is not None else os.geteuid()
     return JobStore(state_dir(args), owner, job)
-
-
-class Progress:
-    """A byte counter on stderr (``label 42% 1.2 GiB/2.9 GiB``), redrawn at most 10 times a second; silent
-    unless stderr is a terminal or ``force`` is set, so scripts and logs stay clean. Call it with the
-    number of bytes about to be written (it is a storage ``Pacer``)."""
-
-    def __init__(self, label: str, *, force: bool = False, total: int = 0) -> None:
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.enabled = force or sys.stderr.isatty()
-        self._drawn = 0.0
-
-    def __call__(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.monotonic()
-        if self.enabled and (now - self._drawn >= 0.1 or self.done >= self.total):
-            self._drawn = now
-            pct = f"{100 * self.done // self.total}% " if self.total else ""
-            sys.stderr.write(f"\r{self.label} {pct}{human_bytes(self.done)}/{human_bytes(self.total)}")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self._drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def add_progress_option(parser: argparse.ArgumentParser) -> None:

@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
                     ["GLOBAL VERSION", "TIME", "WORLD", "VERIFIED", "PARTS (rank:version@daemon)"]))
     elif args.job:
         print(table([[str(r["id"]), str(r["step"] if r["step"] is not None else "-"), r["time"],
-                      human_bytes(r["bytes"]), r["reason"], _verified(r)]
+                      human_bytes(r["bytes"]), r["reason"], _verified(r), _best(r)]
                      for r in rows],
-                    ["VERSION", "STEP", "TIME", "SIZE", "REASON", "VERIFIED"]))
+                    ["VERSION", "STEP", "TIME", "SIZE", "REASON", "VERIFIED", "BEST"]))
     elif rows and args.remote:
         print(table([[r["job"], str(r["owner"]), str(r["versions"]), str(r["latest"] or "-"), r["latest_time"] or "-",
                       human_bytes(r["bytes"])] for r in rows],
@@ -90,3 +90,9 @@ def _verified(row: dict[str, Any]) -> str:
     if row.get("only_in_bucket"):
         return "in the bucket only"
     return "ok" if row["ok"] else f"CORRUPT: {row['error']}"
+
+
+def _best(row: dict[str, Any]) -> str:
+    """``*`` and the value for a version ``keep_best`` keeps (``* val_loss=0.31``)."""
+    metric = row.get("best")
+    return f"* {metric}={(row.get('meta') or {}).get(metric)}" if metric else ""

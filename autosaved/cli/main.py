@@ -11,7 +11,22 @@ from types import ModuleType
 from .. import __version__
 from ..bench import cli as bench
 from ..errors import AutosavedError
-from . import delete, demo, export, gc, import_cmd, list_cmd, remote_cmd, restore, save, serve, status, verify
+from . import (
+    completion,
+    delete,
+    demo,
+    export,
+    gc,
+    import_cmd,
+    list_cmd,
+    remote_cmd,
+    restore,
+    save,
+    serve,
+    status,
+    top,
+    verify,
+)
 
 COMMANDS: dict[str, ModuleType] = {
     "serve": serve,
@@ -27,6 +42,8 @@ COMMANDS: dict[str, ModuleType] = {
     "verify": verify,
     "gc": gc,
     "remote": remote_cmd,
+    "completion": completion,
+    "top": top,
 }
 
 

@@ -42,11 +42,13 @@ def run_maintenance(args: argparse.Namespace, op: str,
     if not args.offline:
         try:
             with admin(args) as client:
-                return client.verify(args.job) if op == "verify" else client.gc(args.job)
+                if op == "verify":
+                    return client.verify(args.job)
+                return client.gc(args.job, dry_run=getattr(args, "dry_run", False))
         except DaemonUnavailable:
             print(f"autosaved {op}: daemon not reachable; working on the state dir directly", file=sys.stderr)
     directory = state_dir(args)
-    if not exclusive:
+    if not exclusive or getattr(args, "dry_run", False):  # a dry run changes nothing: no need to hold the dir
         return offline(offline_stores(args))
     lock = PidLock(directory / "daemon.lock", f"state dir {directory}")
     lock.acquire()  # AlreadyRunning, with the holder's pid, when a daemon owns the state dir

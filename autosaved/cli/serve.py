@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..config import load_config
+from ..logfmt import FORMATS, formatter
 
 
 def add_parser(sub: Any, name: str) -> None:
@@ -16,19 +17,19 @@ def add_parser(sub: Any, name: str) -> None:
     p.add_argument("--state-dir", help="where versions are stored")
     p.add_argument("--config", help="TOML config file (default: $AUTOSAVED_CONFIG, then /etc/autosaved/autosaved.toml)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=FORMATS,
+                   help="text (key=value lines, the default) or json (one object per line, for log shippers)")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+def setup_logging(level: str, kind: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(kind))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def run(args: argparse.Namespace) -> int:
     from ..daemon.app import serve
 
     config = load_config(config_file=args.config, address=args.address, state_dir=args.state_dir)
-    setup_logging(args.log_level or config.log_level)
+    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format)
     return serve(config)

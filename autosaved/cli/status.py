@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_client_options, admin, human_bytes, print_json, table
+from .common import add_client_options, add_owner_option, admin, human_bytes, print_json, table
 
 
 def add_parser(sub: Any, name: str) -> None:
-    p: argparse.ArgumentParser = sub.add_parser(name, help="show the daemon and its jobs")
+    p: argparse.ArgumentParser = sub.add_parser(name, help="show the daemon and its jobs, or one job")
+    p.add_argument("job", nargs="?", help="show only this job (exit 3 if there is no such job)")
     add_client_options(p)
+    add_owner_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.job is not None:
+        return _one_job(args)
     with admin(args) as client:
         result = client.status()
     payload = {"daemon": result["daemon"], "jobs": result["jobs"]}
@@ -67,3 +71,26 @@ def _throttle_line(t: dict[str, Any]) -> str:
     return (f"throttle {'on' if t['enabled'] else 'off'}: allowed rate {rate}, disk {','.join(t['disks']) or '?'} "
             f"busy {pct(util)}, io pressure some {pct(t['psi_some'])} full {pct(t['psi_full'])}, "
             f"throttled {t['throttled_s']:.1f}s")
+
+
+def _one_job(args: argparse.Namespace) -> int:
+    with admin(args) as client:
+        j = client.status(args.job)
+    if args.json:
+        print_json(j)
+        return 0
+    step = j["step"] if j["step"] is not None else "-"
+    print(f"job {j['job']} (owner {j['owner']}): version {j['latest_version'] or '-'}, step {step}, "
+          f"{'saving, ' if j.get('saving') else ''}"
+          f"{'dirty: ' + human_bytes(j['dirty_bytes']) + ' unsaved' if j['dirty'] else 'clean'}")
+    print(f"last save {j['last_save_time'] or '-'} ({j['last_save_reason'] or '-'}); {j['saves']} saves, "
+          f"{human_bytes(j['bytes_written'])} written since the daemon started; "
+          f"{human_bytes(j['held_bytes'])} held in memory; log position {j.get('wal_lsn', 0)}")
+    r = j.get("remote")
+    if r:
+        print(f"replicated version {r.get('replicated_version') or '-'}, backlog {r.get('backlog_versions', 0)} "
+              f"versions ({human_bytes(r.get('backlog_bytes', 0))})")
+    for key in ("last_error", "wal_error"):
+        if j.get(key):
+            print(f"{key.replace('_', ' ')}: {j[key]}")
+    return 0

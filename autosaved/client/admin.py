@@ -66,18 +66,20 @@ class Admin:
         """One job's stored versions: id, step, time, bytes, reason, ok (verified) and error."""
         return self._conn.run(self._core.versions(job))
 
-    def delete(self, job: str) -> dict[str, Any]:
+    def delete(self, job: str, *, dry_run: bool = False) -> dict[str, Any]:
         """Forget a job, its live state and every stored version: ``{"job", "owner", "deleted_versions"}``,
-        and with ``[remote]`` ``"remote"``: ``{"url", "state": "deleted"|"pending", "objects", "bytes", "error"}``."""
-        return self._conn.run(self._core.delete(job))
+        and with ``[remote]`` ``"remote"``: ``{"url", "state": "deleted"|"pending", "objects", "bytes", "error"}``.
+        ``dry_run``: delete nothing; say what would go on this host (adds ``freed_bytes``, ``unsaved_bytes``)."""
+        return self._conn.run(self._core.delete(job, dry_run=dry_run))
 
     def verify(self, job: str | None = None) -> list[dict[str, Any]]:
         """Check every stored version of one job (or of every job) against its checksums."""
         return self._conn.run(self._core.maintain("verify", job))
 
-    def gc(self, job: str | None = None) -> list[dict[str, Any]]:
-        """Apply retention and remove chunks no version references, for one job or every job."""
-        return self._conn.run(self._core.maintain("gc", job))
+    def gc(self, job: str | None = None, *, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Apply retention and remove chunks no version references, for one job or every job
+        (``dry_run``: what would go, in versions and bytes; nothing is deleted)."""
+        return self._conn.run(self._core.maintain("gc", job, dry_run=dry_run))
 
     def export(self, job: str, version: int | None = None) -> Exported | None:
         """The job's newest state (or stored ``version``) with raw blob leaves; ``None``: no state."""
@@ -127,14 +129,14 @@ class AsyncAdmin:
     async def versions(self, job: str) -> list[dict[str, Any]]:
         return await self._conn.run(self._core.versions(job))
 
-    async def delete(self, job: str) -> dict[str, Any]:
-        return await self._conn.run(self._core.delete(job))
+    async def delete(self, job: str, *, dry_run: bool = False) -> dict[str, Any]:
+        return await self._conn.run(self._core.delete(job, dry_run=dry_run))
 
     async def verify(self, job: str | None = None) -> list[dict[str, Any]]:
         return await self._conn.run(self._core.maintain("verify", job))
 
-    async def gc(self, job: str | None = None) -> list[dict[str, Any]]:
-        return await self._conn.run(self._core.maintain("gc", job))
+    async def gc(self, job: str | None = None, *, dry_run: bool = False) -> list[dict[str, Any]]:
+        return await self._conn.run(self._core.maintain("gc", job, dry_run=dry_run))
 
     async def export(self, job: str, version: int | None = None) -> Exported | None:
         return await self._conn.run(self._core.export(job, version))

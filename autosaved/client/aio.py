@@ -107,10 +107,12 @@ class AsyncConnection:
         self._limit = self.save_timeout if step.long else self.timeout
         self._deadline = anyio.current_time() + self._limit
         sock = self._socket()
-        # With no daemon connected a DEALER send waits forever: the timeout covers it too.
-        with anyio.move_on_after(self._limit):
+        # With no daemon connected a DEALER send waits forever: the ordinary timeout bounds it, even for a
+        # long op (see the blocking client's _send).
+        with anyio.move_on_after(self.timeout):
             await sock.send_multipart(step.frames, copy=True)
             return
+        self._limit = self.timeout
         self._timed_out()
 
     async def _receive(self) -> list[memoryview]:
@@ -172,8 +174,8 @@ class AsyncClient(JobFacade):
 
     async def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy",
                       path: Sequence[str | int] | None = None,
-                      paths: Sequence[Sequence[str | int]] | None = None) -> Any:
-        return await self._conn.run(self._core.restore(version, tensors, path, paths))
+                      paths: Sequence[Sequence[str | int]] | None = None, step: int | None = None) -> Any:
+        return await self._conn.run(self._core.restore(version, tensors, path, paths, step))
 
     async def status(self) -> dict[str, Any]:
         return await self._conn.run(self._core.status())

@@ -120,6 +120,10 @@ def configure(sock: Any, address: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    # Queue a request only on a connection that is up: with a dead daemon behind a stale socket file the send
+    # then waits (bounded by the ordinary timeout) instead of queuing and leaving the reply's wait, which for a
+    # long op such as hello is the save timeout, to find out.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.connect(address)
 
 

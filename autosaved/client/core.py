@@ -37,6 +37,7 @@ from ..protocol import (
     raise_for_reply,
     unpack_header,
     validate_path,
+    version_at_step,
 )
 from ..tree import DELETE, Blob, from_node, to_node
 from .base import Ack, ack_from
@@ -227,7 +228,9 @@ class ClientCore(Exchange):
         return (yield from self.call(self.request("ping", {"job": None})))
 
     def status(self) -> Flow[dict[str, Any]]:
-        return (yield from self.call(self.request("status", {})))
+        # ``missing_ok``: before its first update the job does not exist yet (issue 22); the SDK then gets
+        # the status of an empty job (``"exists": False``) with the policy it would run under.
+        return (yield from self.call(self.request("status", {"missing_ok": True, "policy": self.policy})))
 
     def save(self) -> Flow[int]:
         before = self.boot
@@ -254,12 +257,20 @@ class ClientCore(Exchange):
 
     def restore(self, version: int | None = None, tensors: TensorMode = "numpy",
                 path: Sequence[str | int] | None = None,
-                paths: Sequence[Sequence[str | int]] | None = None) -> Flow[Any]:
-        """The newest state, or stored version ``version``, as numpy/torch values (``None``: no state).
-        ``path`` (keys from the root) asks for one subtree, ``paths`` for several (a list, in order;
-        ``None`` for each that is missing): only their leaves are read and sent."""
+                paths: Sequence[Sequence[str | int]] | None = None, step: int | None = None) -> Flow[Any]:
+        """The newest state, or stored version ``version``, or the newest stored version at ``step``, as
+        numpy/torch values (``None``: no state). ``path`` (keys from the root) asks for one subtree,
+        ``paths`` for several (a list, in order; ``None`` for each that is missing): only their leaves are
+        read and sent."""
         if path is not None and paths is not None:
             raise ValueError("restore takes path or paths, not both")
+        if step is not None:
+            if version is not None:
+                raise ValueError("restore takes version or step, not both")
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise ValueError(f"step must be an int, not {step!r}")
+            header = yield from self.call(self.request("list", {}))
+            version = version_at_step(header["versions"], step, self.job)
         wanted = [path] if path is not None else paths
         exported = yield from self.export(version, paths=wanted)
         if exported is None:  # no state at all: no subtree either
@@ -401,18 +412,23 @@ class AdminCore(Exchange):
         rows: list[dict[str, Any]] = header["versions"]
         return rows
 
-    def delete(self, job: str) -> Flow[dict[str, Any]]:
-        header = yield from self.call(self.request("delete", {"job": validate_job_name(job)}))
+    def delete(self, job: str, *, dry_run: bool = False) -> Flow[dict[str, Any]]:
+        fields: dict[str, Any] = {"job": validate_job_name(job), **({"dry_run": True} if dry_run else {})}
+        header = yield from self.call(self.request("delete", fields))
         out = {"job": header["job"], "owner": header["owner"], "deleted_versions": header["deleted_versions"]}
+        if dry_run:
+            out.update(dry_run=True, freed_bytes=header["freed_bytes"], unsaved_bytes=header["unsaved_bytes"])
         if isinstance(header.get("remote"), dict):  # with [remote]: what happened to the bucket's copy
             out["remote"] = header["remote"]
         return out
 
-    def maintain(self, op: str, job: str | None) -> Flow[list[dict[str, Any]]]:
-        """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while."""
+    def maintain(self, op: str, job: str | None, *, dry_run: bool = False) -> Flow[list[dict[str, Any]]]:
+        """``verify`` or ``gc`` of one job, or of every job with ``job=None``; may take a while. ``dry_run``
+        (gc only): what would be deleted, deleting nothing."""
         if op not in ("verify", "gc"):
             raise ValueError(f"maintenance op must be verify or gc, not {op!r}")
-        header = yield from self.call(self.request(op, self._on(job)))
+        fields = {**self._on(job), **({"dry_run": True} if dry_run else {})}
+        header = yield from self.call(self.request(op, fields))
         jobs: list[dict[str, Any]] = header["jobs"]
         return jobs
 

@@ -185,9 +185,9 @@ class LazyClient:
         self.wait()
         return self.client.save()
 
-    def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy") -> Any:
+    def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy", step: int | None = None) -> Any:
         self.wait()
-        return self.client.restore(version, tensors=tensors)
+        return self.client.restore(version, tensors=tensors, step=step)
 
     def close(self) -> None:
         try:

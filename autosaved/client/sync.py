@@ -82,13 +82,15 @@ class Connection:
         self._limit = self.save_timeout if step.long else self.timeout
         self._deadline = time.monotonic() + self._limit
         sock = self._socket()
-        # With no daemon connected a DEALER send blocks forever: bound it like the reply.
-        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self._limit * 1000)))
+        # With no daemon connected a DEALER send blocks forever: bound it by the ordinary timeout even for a
+        # long op (a daemon that is up takes the message at once, however long its answer takes; a dead one
+        # behind a stale socket file must not cost a hello the save timeout).
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
         try:
             sock.send_multipart(step.frames, copy=True)
         except zmq.Again:
             self.close()
-            raise timed_out(self.address, self._op, self._limit) from None
+            raise timed_out(self.address, self._op, self.timeout) from None
 
     def _receive(self) -> list[memoryview]:
         sock = self._socket()
@@ -148,13 +150,15 @@ class Client(JobFacade):
         return self._conn.run(self._core.save())
 
     def restore(self, version: int | None = None, *, tensors: TensorMode = "numpy",
-                path: Sequence[str | int] | None = None, paths: Sequence[Sequence[str | int]] | None = None) -> Any:
-        """The job's newest state (everything the daemon accepted), or stored version ``version``;
-        ``None`` when the job has no state. Arrays come back as numpy, or torch with ``tensors="torch"``.
+                path: Sequence[str | int] | None = None, paths: Sequence[Sequence[str | int]] | None = None,
+                step: int | None = None) -> Any:
+        """The job's newest state (everything the daemon accepted), or stored version ``version``, or the
+        newest stored version at ``step`` (``NotFound`` if none); ``None`` when the job has no state.
+        Arrays come back as numpy, or torch with ``tensors="torch"``.
         ``path`` (keys from the root, e.g. ``("threads", "t1")``) returns only that subtree, and only its
         leaves are read and sent; ``None`` when nothing is there. ``paths``: several subtrees in one
         request, returned as a list in the same order."""
-        return self._conn.run(self._core.restore(version, tensors, path, paths))
+        return self._conn.run(self._core.restore(version, tensors, path, paths, step))
 
     def status(self) -> dict[str, Any]:
         """The job as the daemon sees it: dirty bytes, step, latest version, the last save, its policy (and

@@ -43,6 +43,7 @@ class Hold:
 @dataclass
 class Ledger:
     state_bytes: dict[int, int] = field(default_factory=dict)
+    state_total: int = 0  # the sum of state_bytes, for status (O(1), not O(owners))
     held_bytes: int = 0
     held_by_owner: dict[int, int] = field(default_factory=dict)
     refs: Refs = field(default_factory=dict)
@@ -97,3 +98,4 @@ class Ledger:
             else:
                 table.pop(owner, None)
         self.held_bytes += held
+        self.state_total += cost

@@ -36,10 +36,11 @@ from ..storage.local import Store
 from . import preempt
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
+from .health import health
 from .iocontrol import IoControl
 from .jobs import Job, JobKey
 from .jobtable import JobTable
-from .metrics import Histogram, open_metrics, serve_metrics
+from .metrics import Histogram, log_sync_histogram, open_metrics, serve_metrics
 from .notify import Notifier, watchdog_loop
 from .paths import give_to_socket_group, prepare_paths
 from .reload import ReloadContext, Reloader
@@ -67,10 +68,10 @@ class Daemon:
         self.boot = secrets.token_hex(8)
         self.pid = os.getpid()
         self.uid = os.geteuid()
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, write_format=config.write_format())
         self.run_state = RunState()
         self.scheduler = Scheduler(SchedulerContext(
-            clock=clock, jobs=lambda: self.jobs.values(), shutting_down=lambda: self.run_state.shutting_down,
+            clock=clock, jobs=lambda: self.jobs, shutting_down=lambda: self.run_state.shutting_down,
             begin_save=self._begin_save,
         ))
         self.replicator: Replicator | None = None
@@ -87,20 +88,23 @@ class Daemon:
                                          spawn=self._spawn,
                                          adaptive=config.throttle.enabled,
                                          pending_dir=config.state_dir / "remote-deletes")
-        self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.scheduler.poke,
+        self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.scheduler.poke_job,
                               replicator=self.replicator)
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
         self.writer = Writer(chunk_size=lambda: self.config.chunk_size, clock=clock, on_done=self.scheduler.save_done,
                              max_write_rate=config.throttle.max_write_rate)
+        self.writer.on_job_done = self.scheduler.poke_job  # a finished save: decide for that job again
         self.io = IoControl(lambda: self.config, self.writer, clock)
         # The write-ahead log's group committer (not a logger).
-        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.scheduler.poke)
+        self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.scheduler.poke_job)
         self._stop = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._signals: AsyncIterator[int] | None = None
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
+        self.log_sync_durations = log_sync_histogram()
+        self.wal_committer.observe_sync = self.log_sync_durations.observe
         shm_cap = config.max_shm_bytes if config.max_shm_bytes is not None else psutil.virtual_memory().total // 2
         self.slots = SlotTable(shm_cap)
         if self.replicator is not None:
@@ -109,10 +113,11 @@ class Daemon:
                                                                                       written)
             self.writer.protect = lambda job: replicator.protect(job.key)
         self.reports = Reports(ReportContext(
-            config=lambda: self.config, run=self.run_state, jobs=self.jobs, ledger=self.table.ledger,
-            store=self.store, writer=self.writer,
+            config=lambda: self.config, run=self.run_state, jobs=self.jobs, jobs_of=self.table.jobs_of,
+            ledger=self.table.ledger, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
             durations=self.save_durations, pid=self.pid, boot=self.boot,
+            log_sync_durations=self.log_sync_durations,
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
                                             run=self.run_state, give_to_socket_group=self._give_to_socket_group))
@@ -122,7 +127,7 @@ class Daemon:
         )
         self.handlers = Handlers(RpcContext(
             config=lambda: self.config, table=self.table, slots=self.slots, wal=self.wal_committer,
-            replicator=self.replicator, clock=clock, poke=self.scheduler.poke, poke_for=self.scheduler.poke_for,
+            replicator=self.replicator, clock=clock, poke=self.scheduler.poke_job, poke_for=self.scheduler.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
             pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
         ))
@@ -200,7 +205,7 @@ class Daemon:
                 self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
-                                    self.config.max_connections)
+                                    self.config.max_connections, self._health)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
                     self._supervise(tg, "probe", self.replicator.probe_later)
@@ -237,6 +242,9 @@ class Daemon:
 
     def _supervise(self, tg: anyio.abc.TaskGroup, name: str, func: Callable[..., Any], *args: Any) -> None:
         supervise(tg, self.run_state, name, func, *args)
+
+    def _health(self) -> tuple[bool, str]:
+        return health(self.run_state.phase, self.run_state.failing_until, time.monotonic())
 
     async def _reload_now(self) -> None:
         try:

@@ -19,11 +19,17 @@ from ..config import Config
 from ..storage.fsutil import temp_name, write_fsync
 from ..throttle import Controller, Load, ThrottleState, initial_state, measure, step
 from .iosampler import IoSampler
+from .speedmemo import SpeedMemo, combine, worth_storing
 from .writer import Writer
 
 log = logging.getLogger("autosaved.throttle")
 
 PROBE_BYTES = 32 * 1024 * 1024
+# The first start on a disk probes this many times (PROBE_BYTES each) and keeps the median, so one stalled
+# or cached sample cannot set the figure. On the busy 2-core host the median's spread over 5 runs (max/min
+# 1.51 to 1.98) stayed close to single probes' (1.65 to 2.52): the host's load moves between runs. What
+# makes the figure stable is remembering it: later starts read it (speedmemo.py), saves refine it.
+PROBE_SAMPLES = 4
 # Derived dirty_bytes is this share of what the disk writes within the deadline: the rest is margin
 # for other jobs, fsync latency and a disk that is slower at shutdown than when it was measured.
 DIRTY_SHARE = 0.5
@@ -43,6 +49,11 @@ def probe_write_speed(directory: Path, nbytes: int = PROBE_BYTES) -> float:
     finally:
         path.unlink(missing_ok=True)
     return nbytes / max(1e-6, time.perf_counter() - started)
+
+
+def probe_samples(directory: Path, samples: int = PROBE_SAMPLES, nbytes: int = PROBE_BYTES) -> list[float]:
+    """``samples`` probes of ``nbytes`` each."""
+    return [probe_write_speed(directory, nbytes) for _ in range(samples)]
 
 
 def derived_dirty_bytes(speed: float, deadline: float) -> int:
@@ -78,6 +89,9 @@ class IoControl:
         self.load = Load()
         self.disks: list[str] = []
         self.probed_speed: float | None = None
+        # With write_speed = "auto": where the figure is remembered, and the last figure stored there.
+        self.memo: SpeedMemo | None = None
+        self._stored: float | None = None
 
     async def run(self) -> None:
         """Sample every ``throttle.sample_interval`` and steer the writer's bucket (forever)."""
@@ -88,6 +102,7 @@ class IoControl:
         while True:
             await anyio.sleep(self.config().throttle.sample_interval)
             cur = sampler.sample()
+            await self._remember_learned_speed()
             self.load = measure(prev, cur)
             prev = cur
             if self.enabled:
@@ -110,7 +125,7 @@ class IoControl:
             speed = float(configured)
         else:
             try:
-                speed = await anyio.to_thread.run_sync(lambda: probe_write_speed(tmp))
+                speed = await anyio.to_thread.run_sync(lambda: self._remembered_or_probed(tmp))
             except OSError as exc:
                 log.warning("write speed probe in %s failed (%s); planning with the default", tmp, exc)
                 return self.config()
@@ -129,6 +144,41 @@ class IoControl:
             if warning:
                 log.warning("%s", warning)
         return config
+
+    def _remembered_or_probed(self, tmp: Path) -> float:
+        """The figure stored for this disk by an earlier start (refined by its saves), else the median of
+        several probes, stored for the next start (issue 22: one probe swung 8x between starts)."""
+        state_dir = self.config().state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.memo = SpeedMemo(state_dir)
+        remembered = self.memo.load()
+        if remembered is not None:
+            log.info("write speed %.0f MiB/s remembered for disk %s in %s (refined by real saves; delete the "
+                     "file to probe again)", remembered / 2**20, self.memo.key, self.memo.path)
+            self._stored = remembered
+            return remembered
+        samples = probe_samples(tmp)
+        speed = combine(samples)
+        log.info("write speed probe: %s MiB/s, median %.0f MiB/s, remembered for disk %s",
+                 "/".join(f"{s / 2**20:.0f}" for s in samples), speed / 2**20, self.memo.key)
+        self._store(speed, "probe")
+        return speed
+
+    def _store(self, speed: float, source: str) -> None:
+        assert self.memo is not None
+        try:
+            self.memo.store(speed, source)
+            self._stored = speed
+        except OSError as exc:
+            log.warning("could not remember the write speed in %s: %s", self.memo.path, exc)
+
+    async def _remember_learned_speed(self) -> None:
+        """Store the writer's smoothed speed once real saves moved it (only with write_speed = "auto")."""
+        speed = self.writer.write_speed
+        if self.memo is None or speed is None or not worth_storing(self._stored, speed):
+            return
+        self._stored = speed  # at most one attempt per change, even if the write fails
+        await anyio.to_thread.run_sync(lambda: self._store(speed, "saves"))
 
     def reconfigure(self, new: Config) -> Config:
         """A reloaded config: apply its [throttle] table, and derive ``policy.dirty_bytes`` again when it

@@ -11,7 +11,7 @@ import anyio
 from ..backoff import backoff
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
-from ..state import Merged, Node, Refs, State, add_refs, empty_node, merge_counted, merge_deltas
+from ..state import Merged, Node, Refs, State, add_refs, changes_anything, empty_node, merge_counted, merge_deltas
 from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter, replay_speed
 from .accounting import Hold, Ledger
@@ -84,6 +84,11 @@ class Job:
     last_error: str | None = None
     saves: int = 0
     bytes_written: int = 0
+    # For `autosaved top`: the newest save's duration, and the running save's bytes written so far (a
+    # worker thread adds to it) and its start (daemon clock).
+    last_save_duration_s: float | None = None
+    save_written: int = 0
+    save_started_at: float | None = None
     waiters: list[CommitWaiter] = field(default_factory=list)
     io_lock: anyio.Lock = field(default_factory=anyio.Lock)
     # Write-ahead log. ``unlogged`` is every delta since the last point the log or a committed version
@@ -131,7 +136,12 @@ class Job:
     def apply(self, delta: State, *, session: str, seq: int, step: int | None, meta: dict[str, Any] | None,
               size: int, now: float, merged: Merged | None = None) -> int:
         """Merge one delta (``merged``: its :meth:`plan`, when the caller made it); returns the new
-        generation. Runs in one event-loop step, so it is atomic."""
+        generation. Runs in one event-loop step, so it is atomic. An update that changes nothing (same
+        values, a DELETE of a missing key) leaves the job clean: it makes no version (issue 22)."""
+        self.sessions[session] = seq
+        self.unlogged_sessions[session] = seq
+        if not self._changes(delta, step, meta):
+            return self.generation
         if merged is None:
             merged = self.plan(delta)
         if self.ledger is not None:
@@ -139,9 +149,7 @@ class Job:
         self.root = merged.root
         self.unlogged_refs = add_refs(self.unlogged_refs, merged.added_refs)
         self.generation += 1
-        self.sessions[session] = seq
         self.unlogged = merge_deltas(self.unlogged, delta)
-        self.unlogged_sessions[session] = seq
         self.unlogged_generation = self.generation
         if step is not None:
             self.step = step
@@ -152,6 +160,13 @@ class Job:
             self.dirty_since = now
         self.last_update_at = now
         return self.generation
+
+    def _changes(self, delta: State, step: int | None, meta: dict[str, Any] | None) -> bool:
+        # A new job's first update counts whatever it holds: the job exists from then on (issue 22).
+        return ((self.generation == 0 and self.latest_version is None)
+                or (step is not None and step != self.step)
+                or (bool(meta) and any(k not in self.meta or self.meta[k] != v for k, v in (meta or {}).items()))
+                or changes_anything(self.root, delta))
 
     def take_log_record(self) -> Record:
         """The next log record: everything not yet covered by the log or a commit. Taken in the same
@@ -221,6 +236,8 @@ class Job:
             "wal_lsn": self.last_lsn,
             "wal_bytes": self.wal.size if self.wal is not None else 0,
             "wal_error": self.wal_broken,
+            "last_save_duration_s": self.last_save_duration_s,
+            "save_written": self.save_written if self.saving else None,
             "policy": self.settings.to_wire(),
         }
 

@@ -22,6 +22,7 @@ from ..storage.faults import point
 from ..storage.local import Recovered
 from ..storage.wal import WalWriter
 from .accounting import Ledger
+from .jobcount import JobNames
 from .jobs import Job, JobKey
 
 if TYPE_CHECKING:
@@ -32,13 +33,18 @@ log = logging.getLogger("autosaved.daemon")
 
 class JobTable:
     def __init__(self, store: Storage, *, policy: Callable[[], PolicySettings], clock: Callable[[], float],
-                 poke: Callable[[], None], replicator: Replicator | None = None) -> None:
+                 poke: Callable[[Job], None], replicator: Replicator | None = None) -> None:
         self.store = store
         self.policy = policy
         self.clock = clock
         self.poke = poke
         self.replicator = replicator
         self.jobs: dict[JobKey, Job] = {}
+        # The same jobs by owner: a user's listing or status reads theirs, never everyone's (issue 19).
+        self.by_owner: dict[int, dict[str, Job]] = {}
+        # What quota.max_jobs counts, per owner, kept up to date (jobcount.py).
+        self.names = JobNames(lambda owner: {s.job for s in store.jobs(owner)},
+                              lambda owner: list(self.by_owner.get(owner, ())))
         # What the held jobs' states cost, per owner, and which client slots they read: see accounting.py.
         self.ledger = Ledger()
         # One lock per (owner, job), never dropped: loading, deleting and recreating a job are serialised
@@ -55,15 +61,33 @@ class JobTable:
         """Take a job in: from now on its state is charged to its owner."""
         assert job.key not in self.jobs and job.ledger is None
         self.jobs[job.key] = job
+        self.by_owner.setdefault(job.owner, {})[job.name] = job
+        self.names.add(job.owner, job.name)
         job.ledger = self.ledger
         self.ledger.attach(job.owner, job.root)
 
     def remove(self, key: JobKey) -> None:
         """Let a job go (delete): its state is no longer charged to its owner."""
         job = self.jobs.pop(key, None)
+        mine = self.by_owner.get(key[0])
+        if job is not None and mine is not None and mine.get(key[1]) is job:
+            del mine[key[1]]
+            if not mine:
+                del self.by_owner[key[0]]
         if job is not None and job.ledger is not None:
             job.ledger.detach(job.owner, job.root)
             job.ledger = None
+
+    def jobs_of(self, owner: int | None) -> list[Job]:
+        """The loaded jobs of ``owner`` (every one for ``None``): O(what is returned)."""
+        if owner is None:
+            return list(self.jobs.values())
+        return list(self.by_owner.get(owner, {}).values())
+
+    def folder_gone(self, owner: int, name: str) -> None:
+        """A job's folder was deleted: it no longer counts for ``quota.max_jobs`` (unless loaded again)."""
+        if (owner, name) not in self.jobs:
+            self.names.forget(owner, name)
 
     def key_lock(self, key: JobKey) -> anyio.Lock:
         return self._load_locks.setdefault(key, anyio.Lock())
@@ -134,7 +158,7 @@ class JobTable:
                     # A replayed log is saved at once (reason ``recovery``): a daemon that crashes again
                     # before a busy stream ever lets ``idle`` or ``interval`` fire must not replay more.
                     job.recovery_pending = True
-                    self.poke()  # the scheduler plans this job's save now, not at some unrelated wake-up
+                    self.poke(job)  # the scheduler plans this job's save now, not at some unrelated wake-up
                 log.info("loaded job=%s owner=%d version=%s replayed_log_records=%d", name, owner,
                          job.latest_version, len(recovered.replay.records))
             job.next_version = ids[-1] + 1 if ids else 1
@@ -142,6 +166,15 @@ class JobTable:
             if self.replicator is not None:
                 self.replicator.attach(owner, name, ids)
             return job
+
+    def forget_if_unused(self, job: Job) -> None:
+        """Drop a job that ``get`` created for a request that was then refused: nothing was ever accepted
+        into it, so it must not show in ``list`` as an empty job (issue 22)."""
+        if (self.jobs.get(job.key) is job and job.generation == 0 and job.latest_version is None
+                and not job.saving and not job.waiters and not job.log_pending and not job.log_writing):
+            if job.wal is not None:
+                job.wal.close()
+            self.remove(job.key)
 
     async def replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up

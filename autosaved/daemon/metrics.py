@@ -32,15 +32,24 @@ log = logging.getLogger("autosaved.metrics")
 MAX_REQUEST = 8192
 CONTENT_TYPE = prometheus_client.exposition.CONTENT_TYPE_PLAIN_0_0_4
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# A log sync is one write + fdatasync: sub-millisecond on a quiet SSD, seconds on a saturated disk.
+LOG_SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class Histogram(prometheus_client.Histogram):
-    """Save durations in seconds (time from snapshot to committed manifest). Thread-safe: the writer
-    observes from its worker threads. Unregistered: it is reported through :class:`Sample`."""
+    """Save durations in seconds (time from snapshot to committed manifest), or another duration named on
+    creation. Thread-safe: the writer observes from its worker threads. Unregistered: it is reported
+    through :class:`Sample`."""
 
-    def __init__(self) -> None:
-        super().__init__("autosaved_save_duration_seconds", "Time from snapshot to committed manifest.",
-                         buckets=DURATION_BUCKETS, registry=None)
+    def __init__(self, name: str = "autosaved_save_duration_seconds",
+                 help_text: str = "Time from snapshot to committed manifest.",
+                 buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        super().__init__(name, help_text, buckets=buckets, registry=None)
+
+
+def log_sync_histogram() -> Histogram:
+    return Histogram("autosaved_log_sync_duration_seconds",
+                     "Time of one write-ahead log append and its fdatasync (a group commit).", LOG_SYNC_BUCKETS)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,10 @@ class Sample:
     jobs: tuple[JobSample, ...]
     # Pacing rate of background saves in bytes/s, when a throttle is in use.
     throttle_rate: float | None = None
+    # Write-ahead log group commits (each one fdatasync) and their durations; requests refused by a quota.
+    log_syncs: int = 0
+    log_sync_durations: Histogram | None = None
+    quota_refusals: int = 0
 
 
 def _epoch(iso: str | None) -> float | None:
@@ -106,8 +119,12 @@ def families(s: Sample) -> Iterator[Metric]:
     if s.throttle_rate is not None:
         yield gauge("autosaved_throttle_bytes_per_second", "Write rate allowed for background saves.",
                     s.throttle_rate)
+    yield counter("autosaved_log_syncs_total", "Write-ahead log group commits (one fdatasync each).", s.log_syncs)
+    yield counter("autosaved_quota_refusals_total", "Requests refused by a per-user quota.", s.quota_refusals)
     yield gauge("autosaved_jobs", "Jobs held by the daemon.", len(s.jobs))
     yield from s.durations.collect()
+    if s.log_sync_durations is not None:
+        yield from s.log_sync_durations.collect()
 
     def per_job(family: GaugeMetricFamily | CounterMetricFamily,
                 get: Callable[[JobSample], float | None]) -> GaugeMetricFamily | CounterMetricFamily:
@@ -164,18 +181,22 @@ def _response(status: str, body: str, content_type: str = "text/plain; charset=u
     return head.encode() + data
 
 
-async def _handle(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
+# ``/healthz``: (healthy, why) from the daemon, read on the event loop.
+Health = Callable[[], tuple[bool, str]]
+
+
+async def _handle(stream: anyio.abc.ByteStream, sample: Callable[[], Sample], health: Health) -> None:
     # An error escaping a handler would end serve(), and with it the daemon: it must end this request only.
     try:
         point("task", "metrics", "before")
-        await _answer(stream, sample)
+        await _answer(stream, sample, health)
     except Exception:
         log.exception("metrics request failed")
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             await stream.aclose()
 
 
-async def _answer(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) -> None:
+async def _answer(stream: anyio.abc.ByteStream, sample: Callable[[], Sample], health: Health) -> None:
     async with stream:
         request = b""
         with anyio.move_on_after(5):
@@ -185,15 +206,19 @@ async def _answer(stream: anyio.abc.ByteStream, sample: Callable[[], Sample]) ->
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     break
         parts = request.split(b"\r\n", 1)[0].split()
+        path = parts[1].split(b"?", 1)[0] if len(parts) >= 2 else b""
         if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
-            reply = _response("400 Bad Request", "expected GET /metrics\n")
-        elif parts[1].split(b"?", 1)[0] != b"/metrics":
-            reply = _response("404 Not Found", "the metrics are at /metrics\n")
+            reply = _response("400 Bad Request", "expected GET /metrics or GET /healthz\n")
+        elif path == b"/healthz":
+            ok, why = health()
+            reply = _response("200 OK" if ok else "503 Service Unavailable", why + "\n")
+        elif path != b"/metrics":
+            reply = _response("404 Not Found", "the metrics are at /metrics, the health check at /healthz\n")
         else:
             snapshot = sample()  # on the event loop; the text is made in a worker thread
             reply = _response("200 OK", await anyio.to_thread.run_sync(render, snapshot), CONTENT_TYPE)
-            if parts[0] == b"HEAD":
-                reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        if parts[:1] == [b"HEAD"]:
+            reply = reply.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await stream.send(reply)
 
@@ -209,9 +234,9 @@ async def open_metrics(host: str, port: int) -> anyio.abc.Listener[anyio.abc.Soc
 
 
 async def serve_metrics(listener: anyio.abc.Listener[anyio.abc.SocketStream], sample: Callable[[], Sample],
-                        max_conns: int = 256) -> None:
+                        max_conns: int = 256, health: Health = lambda: (True, "serving")) -> None:
     """Serve until cancelled. The port is open to every local user: connections are capped and an
     ``accept()`` failure (``EMFILE`` under a flood of idle connections) backs off instead of ending it."""
     from .accept import serve_capped
 
-    await serve_capped(listener, lambda stream: _handle(stream, sample), max_conns=max_conns, name="metrics")
+    await serve_capped(listener, lambda stream: _handle(stream, sample, health), max_conns=max_conns, name="metrics")

@@ -74,8 +74,10 @@ class Reloader:
                 return True
             self.ctx.apply_config(new)
             self.reloads += 1
+            # The config in force, not the file's: a derived dirty_bytes ("auto") shows its value.
+            applied = self.ctx.config()
             log.info("config reloaded trigger=%s file=%s policy=%s quota=%s", trigger, current.config_file,
-                     new.policy.to_wire(), new.quota)
+                     applied.policy.to_wire(), applied.quota)
             return True
 
     async def watch(self) -> None:

@@ -522,7 +522,8 @@ class Replicator:
     def summary(self) -> dict[str, Any]:
         return {"url": self.store.location.url, "endpoint": self.store.endpoint, "refused": self.refused,
                 "reachable": self.probed.is_set(), "holder": self.holder, "upload_throttle": self.rate.status(),
-                "pending_deletes": sum(1 for key in self.deleting if self._deleting(key))}
+                # O(1) for every user's status (issue 19): a finished delete leaves the dict (_done_delete).
+                "pending_deletes": len(self.deleting)}
 
     def flush_upload_rate(self) -> float | None:
         """The rate a deadline flush plans uploads with: the measured one (else a modest default), held to

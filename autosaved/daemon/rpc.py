@@ -5,6 +5,28 @@ Handlers raise :class:`~autosaved.errors.AutosavedError` for anything the client
 could not do; the server turns that into an error reply. Nothing a client sends can make a handler
 write outside its own job's folder: the job name is validated before any path is built from it.
 
+What each op costs (issue 19: O(the request, or the caller's own jobs), never a walk of what other users
+hold; counters and per-owner indexes instead, see accounting.py, jobcount.py and ``JobTable.by_owner``):
+
+- ``ping``: O(1).
+- ``hello``, and ``update`` / ``save`` of a job not loaded yet: the job's load (its log replay: O(the job));
+  ``quota.max_jobs``: O(1) from the owner's job names (one listing of the owner's own folder per daemon run).
+- ``update``: O(the delta) to check and merge (``quota.max_bytes`` from the owner's counter) plus O(the
+  client's slots) for ``held``. ``logged`` adds the log append; ``committed``/``replicated`` the job's save.
+- ``save``: the job's save; the scheduler decides for that job alone, when asked and when its save ends
+  (wakeups.py: jobs asked for plus a heap of per-job wake-ups; only a reload decides for every job).
+- ``restore``: O(what it sends) (a version read from disk: that version's manifest and chunks).
+- ``status`` of one job: O(1); of all: O(the caller's jobs) via the per-owner index, plus counters
+  (state bytes, slot totals); root (and the daemon's own user) get every job.
+- ``list`` of one job: O(its versions); of all: O(the caller's jobs and their stored chunk files) (it sums
+  each job's chunk sizes); root lists every user's.
+- ``verify`` / ``gc``: O(the job's, or the caller's jobs', stored data), in worker threads.
+- ``delete``: O(the job's files), plus one listing of the owner's folder to sweep half-deleted jobs.
+- The fd socket (fdserver.py): a slot's ``add``/``drop`` is O(1) (the per-user mapped bytes are counters,
+  slottable.py), a connection's end O(its slots); a restore through it O(what it sends).
+- ``/metrics`` (not an rpc) renders every loaded job, from counters; systemd's STATUS= line, every few
+  seconds, also visits every loaded job.
+
 The handlers are split by concern: :mod:`.rpcupdate` (updates, save), :mod:`.rpcrestore`,
 :mod:`.rpcadmin` (status, list, verify, gc, delete), over :mod:`.rpcbase` (requests, replies, the
 context); here are the session ops (ping, hello) and the registry.
@@ -56,7 +78,12 @@ class Handlers(UpdateOps, RestoreOps, AdminOps):
     async def op_hello(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
         await self._check_job_quota(req.owner, name)
-        return self._hello(req, await self.ctx.table.get(req.owner, name))
+        job = await self.ctx.table.find(req.owner, name)
+        if job is None:
+            # A job exists from its first accepted update, not from a hello (issue 22: a typo made jobs);
+            # the client sends its policy with every update, so nothing is lost by not keeping it here.
+            return Reply({"durable": 0, "latest_version": None, "policy": self._requested_policy(req).to_wire()})
+        return self._hello(req, job)
 
     def _hello(self, req: RpcRequest, job: Job) -> Reply:
         self._apply_policy(job, req.header.get("policy"))

@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
-from ..errors import NotFound
+from ..errors import NotFound, ProtocolError
 from ..names import validate_job_name
 from ..storage.base import JobStorage
 from ..storage.faults import point
@@ -26,6 +27,11 @@ class AdminOps(HandlerBase):
             return Reply(self.ctx.status(None if req.owner in (0, self.ctx.uid) else req.owner))
         name = validate_job_name(job_name)
         job = await self.ctx.table.find(req.owner, name)  # loaded if on disk: dirty/step include replayed records
+        if job is None and req.header.get("missing_ok") is True:
+            # A Client asking before its first update: an empty job's status, creating nothing.
+            settings = self._requested_policy(req)
+            empty = Job(owner=req.owner, name=name, store=self.ctx.table.store.job(req.owner, name), settings=settings)
+            return Reply({**empty.status(), "live": True, "exists": False})
         if job is None:
             raise NotFound(f"no job named {name!r}")
         remote = {"remote": self.ctx.replicator.status(job.key)} if self.ctx.replicator is not None else {}
@@ -40,9 +46,12 @@ class AdminOps(HandlerBase):
         job = await self.ctx.table.find(req.owner, store.job)
         if job is None:
             raise NotFound(f"no job named {store.job!r}")
+        best_rule = job.settings.keep_best
         async with job.io_lock:  # no retention or gc of this job while its versions are read
             infos = await anyio.to_thread.run_sync(store.list_versions)
-        rows = [i.to_json() for i in infos]
+            best = set(await anyio.to_thread.run_sync(store.best_versions, best_rule)) if best_rule else set()
+        # keep_best's picks are marked (``list`` shows them): they outlive keep_last.
+        rows = [{**i.to_json(), **({"best": best_rule.metric} if i.id in best and best_rule else {})} for i in infos]
         extra: dict[str, Any] = {}
         if self.ctx.replicator is not None:
             # Versions only the bucket has (retired here, or never here: a fresh host) can be restored by id
@@ -79,16 +88,23 @@ class AdminOps(HandlerBase):
     async def op_gc(self, req: RpcRequest) -> Reply:
         """Apply retention and collect unreferenced chunks now, for one job or all of them."""
         results = []
+        dry_run = req.header.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ProtocolError("dry_run must be true or false")
         for store, job in await anyio.to_thread.run_sync(lambda: self._stores(req)):
             settings = job.settings if job is not None else self.ctx.config().policy
-            keep, every = settings.keep_last, settings.keep_every
+            keep, every, best = settings.keep_last, settings.keep_every, settings.keep_best
             # Never while a save of the job has unreferenced chunks on disk, and no save starts (so none
             # dedups against a chunk being removed) until the collection is over: the lock is per (owner,
             # job), whether or not the job is loaded, and a job loaded meanwhile takes the same lock.
             async with self.ctx.table.io_lock((store.owner, store.job)):
                 # Under the lock: a save commits (and the replicator queues its version) inside it too.
                 protect = await self._unreplicated(store)
-                result = await anyio.to_thread.run_sync(store.gc, keep, every, protect)
+                gc = functools.partial(store.gc, keep, every, protect, dry_run=dry_run, keep_best=best)
+                result = await anyio.to_thread.run_sync(gc)
+            if dry_run:
+                results.append({"job": store.job, "owner": store.owner, "dry_run": True, **result.to_json()})
+                continue
             log.info("gc job=%s owner=%d deleted_versions=%s removed_chunks=%d freed_bytes=%d "
                      "kept_unreplicated=%s", store.job, store.owner, result.deleted_versions,
                      result.removed_chunks, result.freed_bytes, result.kept_unreplicated)
@@ -107,6 +123,8 @@ class AdminOps(HandlerBase):
         a new, empty job of that name."""
         name = self._job_name(req)
         key = (req.owner, name)
+        if req.header.get("dry_run", False) is not False:
+            return await self._delete_dry_run(req, name)
         # The job's key lock is held until the folder is gone: a request that would load or recreate the
         # job waits for it (and then starts a new, empty job); none is acknowledged for a folder being
         # deleted. The job stays in the table meanwhile, so nothing else loads a second copy.
@@ -126,6 +144,7 @@ class AdminOps(HandlerBase):
             except BaseException:
                 if job is not None and key in self.ctx.table.jobs:
                     job.deleted = False  # the folder is still there: the job goes on being served
+                    self.ctx.poke(job)  # and saved when due (the scheduler skipped it while deleted)
                 if replicator is not None:
                     with anyio.CancelScope(shield=True):
                         await replicator.cancel_delete(req.owner, name,
@@ -136,19 +155,45 @@ class AdminOps(HandlerBase):
         return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions),
                       **({"remote": remote} if remote is not None else {})})
 
+    async def _delete_dry_run(self, req: RpcRequest, name: str) -> Reply:
+        """What ``delete`` would remove (``autosaved delete --dry-run``), removing nothing."""
+        if req.header["dry_run"] is not True:
+            raise ProtocolError("dry_run must be true or false")
+        job = self.ctx.table.jobs.get((req.owner, name))
+        store = job.store if job is not None else self.ctx.table.store.job(req.owner, name)
+        if job is None and not await anyio.to_thread.run_sync(store.path.exists):
+            raise NotFound(f"no job named {name!r}")
+
+        def measure() -> tuple[list[int], int]:
+            try:
+                return store.version_ids(), store.stored_bytes()
+            except FileNotFoundError:  # loaded but never saved: nothing on disk yet
+                return [], 0
+
+        versions, stored = await anyio.to_thread.run_sync(measure)
+        return Reply({"job": name, "owner": req.owner, "deleted_versions": len(versions), "freed_bytes": stored,
+                      "unsaved_bytes": job.dirty_bytes if job is not None else 0, "dry_run": True})
+
     async def _delete(self, key: tuple[int, str], job: Job | None, store: JobStorage) -> list[int]:
         name = key[1]
         versions = await anyio.to_thread.run_sync(store.version_ids)
         # A save already writing must finish (or fail) before its folder goes away; gc too.
         point("delete", "lock", "before", name)
         async with self.ctx.table.io_lock(key):
-            if job is not None:
-                async with job.wal_lock:
-                    job.finish_waiters(NotFound(f"job {name!r} was deleted"))
-                    if job.wal is not None:
-                        job.wal.close()
-                    self.ctx.table.remove(key)
+            try:
+                if job is not None:
+                    async with job.wal_lock:
+                        job.finish_waiters(NotFound(f"job {name!r} was deleted"))
+                        if job.wal is not None:
+                            job.wal.close()
+                        self.ctx.table.remove(key)
+                        await anyio.to_thread.run_sync(store.delete)
+                else:
                     await anyio.to_thread.run_sync(store.delete)
-            else:
-                await anyio.to_thread.run_sync(store.delete)
+            finally:
+                # The folder is renamed away first (atomic): once it is gone the job no longer counts for
+                # quota.max_jobs, even if sweeping the renamed folder failed.
+                with anyio.CancelScope(shield=True):
+                    if not await anyio.to_thread.run_sync(store.path.exists):
+                        self.ctx.table.folder_gone(*key)
         return versions

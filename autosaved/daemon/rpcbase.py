@@ -120,7 +120,7 @@ class RpcContext:
     wal: LogCommitter  # the write-ahead log's group committer
     replicator: Replicator | None
     clock: Callable[[], float]
-    poke: Callable[[], None]
+    poke: Callable[[Job], None]  # the scheduler decides for this job at its next pass
     # After an update of this job: wake the scheduler only if the job may be due sooner (perf, issue 14).
     poke_for: Callable[[Job], None]
     shutting_down: Callable[[], bool]
@@ -153,15 +153,13 @@ class HandlerBase:
         return asked
 
     async def _check_job_quota(self, owner: int, name: str) -> None:
-        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt)."""
+        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt). A job counts when its folder
+        is on disk or it is loaded. O(1): the table keeps each owner's names (jobcount.py; an owner's
+        folder is listed once per daemon run, at the first check that needs it)."""
         limit = self.ctx.config().quota.max_jobs
         if limit is None or owner == 0 or (owner, name) in self.ctx.table.jobs:
             return
-
-        def existing() -> set[str]:
-            return {s.job for s in self.ctx.table.store.jobs(owner)} | {n for o, n in self.ctx.table.jobs if o == owner}
-
-        names = await anyio.to_thread.run_sync(existing)
+        names = await self.ctx.table.names.of(owner)
         if name not in names and len(names) >= limit:
             raise QuotaExceeded(
                 f"quota.max_jobs: uid {owner} already has {len(names)} jobs (the limit is {limit}); delete one "
@@ -172,6 +170,13 @@ class HandlerBase:
     def _job_name(self, req: RpcRequest) -> str:
         return validate_job_name(req.header.get("job"))
 
+    def _requested_policy(self, req: RpcRequest) -> PolicySettings:
+        """The policy a job not created yet would run under: the defaults with the request's overrides."""
+        raw = req.header.get("policy")
+        if raw is not None and not isinstance(raw, dict):
+            raise ProtocolError("policy must be a map")
+        return PolicySettings.parse(raw or {}, base=self.ctx.config().policy, where="policy")
+
     def _apply_policy(self, job: Job, raw: Any) -> None:
         if raw is None:
             return
@@ -181,4 +186,4 @@ class HandlerBase:
         job.policy_overrides = dict(raw)
         if settings != job.settings:
             job.settings = settings
-            self.ctx.poke()
+            self.ctx.poke(job)

@@ -228,6 +228,8 @@ class RpcServer:
 
     def _send_error(self, identity: bytes, seq: int | None, exc: Exception) -> None:
         self.ctx.run.errors += 1
+        if getattr(exc, "code", None) == "quota":
+            self.ctx.run.quota_refusals += 1
         if isinstance(exc, AutosavedError):
             if not isinstance(exc, ProtocolError):
                 log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
+from ..errors import NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..protocol import ACK_LEVELS, blobs_from_frames
 from ..state import Merged, State
 from ..tree import from_node
@@ -126,7 +126,12 @@ class UpdateOps(HandlerBase):
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
         await self._check_job_quota(req.owner, u.name)
         job = await self.ctx.table.get(req.owner, u.name)
-        return await finish(self._apply_update(req, u, job))
+        try:
+            started = self._apply_update(req, u, job)
+        except BaseException:
+            self.ctx.table.forget_if_unused(job)  # a refused first update leaves no empty job behind
+            raise
+        return await finish(started)
 
     def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
         """Check the update against its job and merge it, in one event-loop step (atomic); the ack for
@@ -197,11 +202,13 @@ class UpdateOps(HandlerBase):
         return {"held": self.ctx.slots.held_of(conn, self.ctx.table.ledger.refs)}
 
     async def _wait_committed(self, job: Job, generation: int) -> int | None:
+        if generation <= job.saved_generation and job.latest_version is not None:
+            return job.latest_version  # a committed version covers it already (an update that changed nothing)
         waiter = CommitWaiter(generation)
         job.waiters.append(waiter)
         job.explicit_requested = True
         self.ctx.promote(job)
-        self.ctx.poke()
+        self.ctx.poke(job)
         await waiter.done.wait()
         if waiter.error is not None:
             raise waiter.error
@@ -211,8 +218,9 @@ class UpdateOps(HandlerBase):
         name = self._job_name(req)
         if self.ctx.shutting_down():
             raise ShuttingDown("the daemon is shutting down; every dirty job is being saved already")
-        await self._check_job_quota(req.owner, name)
-        job = await self.ctx.table.get(req.owner, name)
+        job = await self.ctx.table.find(req.owner, name)
+        if job is None:
+            raise NotFound(f"no job named {name!r}: a job exists from its first update")
         if not job.dirty and not job.saving and job.latest_version is not None:
             return Reply({"version": job.latest_version, "new": False})
         if job.latest_version is None and not job.dirty:

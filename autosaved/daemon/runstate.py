@@ -27,6 +27,10 @@ class RunState:
     errors: int = 0
     # Long-lived tasks that failed and were restarted.
     task_failures: int = 0
+    # Per task that failed: until when (monotonic) it counts as failing for /healthz (see health.py).
+    failing_until: dict[str, float] = field(default_factory=dict)
+    # Requests refused by a per-user quota (the metrics' autosaved_quota_refusals_total).
+    quota_refusals: int = 0
 
     @property
     def shutting_down(self) -> bool:

@@ -35,14 +35,29 @@ class SlotTable:
         self.max_bytes = max_bytes
         self.conns: dict[str, SlotConn] = {}
         self.reclaimed = 0
-
-    @property
-    def mapped_bytes(self) -> int:
-        return sum(sum(c.sizes.values()) for c in self.conns.values())
+        # Counters kept by add, drop and close (issue 19: a slot request, a restore or a status costs
+        # O(itself), never a sum over every client's slots).
+        self.mapped_bytes = 0
+        self.slot_count = 0
+        self._mapped_by_uid: dict[int, int] = {}
+        self._live: set[int] = set()  # id() of every mapping a connection has
 
     def mapped_bytes_of(self, uid: int) -> int:
         """Bytes of slots one user has mapped (``quota.max_shm_bytes``)."""
-        return sum(sum(c.sizes.values()) for c in self.conns.values() if c.uid == uid)
+        return self._mapped_by_uid.get(uid, 0)
+
+    def _count(self, conn: SlotConn, mapping: mmap.mmap, size: int, sign: int) -> None:
+        self.mapped_bytes += sign * size
+        self.slot_count += sign
+        left = self._mapped_by_uid.get(conn.uid, 0) + sign * size
+        if left:
+            self._mapped_by_uid[conn.uid] = left
+        else:
+            self._mapped_by_uid.pop(conn.uid, None)
+        if sign > 0:
+            self._live.add(id(mapping))
+        else:
+            self._live.discard(id(mapping))
 
     def open(self, uid: int, pid: int) -> SlotConn:
         conn = SlotConn(secrets.token_hex(16), uid, pid)
@@ -65,8 +80,10 @@ class SlotTable:
                 return {"ok": False, "message": "slot memfd is not sealed against shrinking"}
             if self.mapped_bytes + size > self.max_bytes:
                 return {"ok": False, "message": f"the daemon's max_shm_bytes ({self.max_bytes}) would be exceeded"}
-            conn.slots[slot_id] = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            mapping = mmap.mmap(fds[0], size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+            conn.slots[slot_id] = mapping
             conn.sizes[slot_id] = size
+            self._count(conn, mapping, size, 1)
             return {"ok": True, "slot": slot_id}
         except OSError as exc:
             return {"ok": False, "message": f"cannot map slot: {exc}"}
@@ -76,15 +93,17 @@ class SlotTable:
 
     def drop(self, conn: SlotConn, slot_id: Any) -> None:
         mapping = conn.slots.pop(slot_id, None)
-        conn.sizes.pop(slot_id, None)
+        size = conn.sizes.pop(slot_id, 0)
         if mapping is not None:
+            self._count(conn, mapping, size, -1)
             release_mapping(mapping)
 
     def close(self, conn: SlotConn) -> None:
         """The client is gone: forget its slots. Mappings still referenced by a state stay alive through
         those references and are freed with them."""
         self.conns.pop(conn.token, None)
-        for mapping in conn.slots.values():
+        for slot_id, mapping in conn.slots.items():
+            self._count(conn, mapping, conn.sizes.get(slot_id, 0), -1)
             release_mapping(mapping)
         self.reclaimed += len(conn.slots)
         conn.slots.clear()
@@ -131,8 +150,9 @@ class SlotTable:
         return held
 
     def live_mappings(self) -> set[int]:
-        return {id(m) for c in self.conns.values() for m in c.slots.values()}
+        """``id()`` of every mapping a live connection has (the live set itself: do not change it)."""
+        return self._live
 
     def report(self) -> dict[str, Any]:
-        return {"clients": len(self.conns), "slots": sum(len(c.slots) for c in self.conns.values()),
+        return {"clients": len(self.conns), "slots": self.slot_count,
                 "mapped_bytes": self.mapped_bytes, "max_bytes": self.max_bytes, "reclaimed_slots": self.reclaimed}

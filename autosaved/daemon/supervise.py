@@ -4,6 +4,7 @@ growing pause, never the daemon's end."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import anyio
 import anyio.abc
 
 from ..storage.faults import point
+from .health import failing_until
 from .runstate import RunState
 
 log = logging.getLogger("autosaved.daemon")
@@ -30,6 +32,7 @@ def supervise(tg: anyio.abc.TaskGroup, run_state: RunState, name: str, func: Cal
             except Exception:
                 log.exception("task %s failed; restarting it in %.1fs", name, backoff)
                 run_state.task_failures += 1
+                run_state.failing_until[name] = failing_until(time.monotonic(), backoff)
             await anyio.sleep(backoff)
             backoff = min(30.0, backoff * 2)
             log.info("task %s restarting", name)

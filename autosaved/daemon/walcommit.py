@@ -15,6 +15,7 @@ import contextvars
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -91,12 +92,14 @@ class LogCommitter:
     the next batch: no task, no lock checkpoint. Only when the log's lock is taken (a save rotating or
     dropping segments, a delete) does a task wait for it and carry on from there."""
 
-    def __init__(self, spawn: Callable[[Callable[[Job], object], Job], None], poke: Callable[[], None]) -> None:
+    def __init__(self, spawn: Callable[[Callable[[Job], object], Job], None], poke: Callable[[Job], None]) -> None:
         self._spawn = spawn
         self._poke = poke
         self._threads = SyncThreads()
         self.syncs = 0
         self.records = 0
+        # Seconds per append + fdatasync (set by the daemon: the metrics' log sync histogram).
+        self.observe_sync: Callable[[float], None] | None = None
 
     def enqueue(self, job: Job, waiter: LogWaiter) -> LogWaiter:
         """Queue a record; the caller takes it from the job in this same event-loop step (lsn order)."""
@@ -139,7 +142,14 @@ class LogCommitter:
         if isinstance(append, Exception):
             self._done(job, batch, append)
             return
-        self._threads.submit(append, lambda exc: self._appended(job, batch, exc))
+        started = time.perf_counter()
+
+        def timed() -> None:
+            append()
+            if self.observe_sync is not None:
+                self.observe_sync(time.perf_counter() - started)
+
+        self._threads.submit(timed, lambda exc: self._appended(job, batch, exc))
 
     def _prepare(self, job: Job, batch: list[LogWaiter]) -> Callable[[], None] | Exception:
         """What to run in the thread, or why this batch fails without any I/O."""
@@ -170,7 +180,7 @@ class LogCommitter:
             self.syncs += 1
             self.records += len(records)
             if log_over_bound(job.view()):
-                self._poke()  # the log a restart would replay reached its bound: save now (policy.log_bytes)
+                self._poke(job)  # the log a restart would replay reached its bound: save now (policy.log_bytes)
             self._done(job, batch, None)
         elif isinstance(exc, Exception):
             self._done(job, batch, self._failed(job, records, exc))
@@ -185,7 +195,7 @@ class LogCommitter:
         job.wal_broken = str(exc)
         job.wal_broken_lsn = records[-1].lsn
         job.explicit_requested = True  # a snapshot makes everything durable and restarts the log
-        self._poke()
+        self._poke(job)
         log.error("write-ahead log append failed job=%s records=%d error=%s", job.name, len(records), exc)
         return StorageError(
             f"could not log the update of {job.name!r} ({exc}); it is held in memory and a snapshot "

@@ -46,6 +46,8 @@ class Writer:
         self.write_speed: float | None = None
         self.clock = clock
         self.on_done = on_done
+        # Told which job's save ended (the daemon's scheduler then decides for that job alone).
+        self.on_job_done: Callable[[Job], None] | None = None
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.saves = 0
         self.failures = 0
@@ -66,12 +68,18 @@ class Writer:
     def begin(self, job: Job, reason: SaveReason, tg: anyio.abc.TaskGroup) -> None:
         """Snapshot ``job`` now (synchronously, so no update can slip in half-way) and save it in ``tg``."""
         ticket = take_snapshot(job, reason, self.clock())
+        job.save_started_at, job.save_written = None, 0  # set when it starts writing (it may queue first)
         # Registered now, not when the task starts: an update answered in between must be told that the
         # slots this snapshot reads are still lent (``held``).
         self.in_flight[(*job.key, ticket.version)] = ticket
         pace = SavePace(self.bucket, urgent=reason in URGENT_REASONS or bool(job.waiters))
         self.paces.setdefault(job.key, {})[ticket.version] = pace
         tg.start_soon(self._save, ticket, pace)
+
+    def _done(self, job: Job) -> None:
+        if self.on_job_done is not None:
+            self.on_job_done(job)
+        self.on_done()
 
     def promote(self, job: Job) -> None:
         """Someone waits for ``job`` to be committed: its saves in flight stop taking the adaptive rate."""
@@ -107,12 +115,18 @@ class Writer:
                 write_started = time.perf_counter()
                 # Read now, from the live config: a reload may change them mid-save.
                 compression, chunk_size = job.settings.compression, self.chunk_size()
+                job.save_written, job.save_started_at = 0, self.clock()
+
+                def counted(nbytes: int) -> None:
+                    pace(nbytes)
+                    job.save_written += nbytes  # read by `status` for `autosaved top` (a display figure)
+
                 result = await anyio.to_thread.run_sync(
                     lambda: job.store.write_version(
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
                         meta=ticket.meta, sessions=ticket.sessions, chunk_size=chunk_size,
                         wal_lsn=ticket.wal_lsn, compression=compression,
-                        pace=pace,
+                        pace=counted,
                     )
                 )
                 self._learn_speed(result.bytes_written, time.perf_counter() - write_started, pace.throttled_s)
@@ -125,11 +139,12 @@ class Writer:
             commit_failed(ticket, exc, self.clock())
             log.error("save failed job=%s version=%d reason=%s error=%s retry_in=%.1fs", job.name,
                       ticket.version, ticket.reason, exc, (job.retry_at or 0) - self.clock())
-            self.on_done()
+            self._done(job)
             return
         except BaseException as exc:
             commit_failed(ticket, StorageError(f"save interrupted: {exc!r}"), self.clock())
             raise
+        job.last_save_duration_s = round(time.perf_counter() - started, 3)
         commit_succeeded(ticket, result.info.time, result.bytes_written)
         self.on_commit(job, ticket.version, result.bytes_written)
         self.observe_duration(time.perf_counter() - started)
@@ -143,7 +158,7 @@ class Writer:
                  result.info.bytes, result.bytes_written, result.chunks_written,
                  (time.perf_counter() - started) * 1000, pace.kind, pace.throttled_s * 1000,
                  "" if after is None else f" throttled_after_promotion_ms={after * 1000:.0f}")
-        self.on_done()
+        self._done(job)
         if job.wal is not None:
             wal = job.wal
             try:
@@ -157,10 +172,10 @@ class Writer:
             except Exception as exc:
                 log.warning("could not drop covered log segments job=%s error=%s", job.name, exc)
         try:
-            keep, every = job.settings.keep_last, job.settings.keep_every
+            keep, every, best = job.settings.keep_last, job.settings.keep_every, job.settings.keep_best
             protect = {ticket.version} | self.protect(job)
             deleted = await anyio.to_thread.run_sync(
-                lambda: job.store.apply_retention(keep, protect=protect, keep_every=every)
+                lambda: job.store.apply_retention(keep, protect=protect, keep_every=every, keep_best=best)
             )
             if deleted:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)

@@ -31,6 +31,7 @@ as with any Lightning checkpoint.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,31 @@ class _NoCheckpoint(dict[str, Any]):
 
     def __bool__(self) -> bool:
         return False
+
+
+# Where Lightning's rank_zero_info logs (the pytorch and fabric copies of lightning_utilities' module).
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _FreshStartNote(logging.Filter):
+    """After ``fit(ckpt_path="autosaved://JOB")`` Lightning logs "Restored all states from the checkpoint at
+    autosaved://JOB" even when the job had nothing to restore (issue 22): rewrite that one line to say the
+    run starts from scratch, then step aside."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        self.uri = uri
+
+    def install(self) -> None:
+        for name in _RANK_ZERO_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().endswith(f" from the checkpoint at {self.uri}"):
+            record.msg, record.args = f"{self.uri} has no checkpoint yet: training starts from scratch", ()
+            for name in _RANK_ZERO_LOGGERS:
+                logging.getLogger(name).removeFilter(self)
+        return True
 
 
 class AutosavedCheckpointIO(CheckpointIO):
@@ -113,6 +139,7 @@ class AutosavedCheckpointIO(CheckpointIO):
             if where == self.uri:
                 key = self._client.restore(path=("newest",))
                 if key is None:
+                    _FreshStartNote(self.uri).install()
                     return _NoCheckpoint({"pytorch-lightning_version": lightning_version})
             elif where in paths:
                 key = paths[where]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ..errors import CorruptVersion
+    from ..settings import KeepBest
     from ..tree import Blob
     from .fsutil import Pacer
     from .local import GcResult, JobStore, LoadedVersion, Recovered, SaveResult, Store
@@ -54,8 +55,11 @@ class JobStorage(Protocol):
 
     # maintenance
     def apply_retention(self, keep_last: int, protect: set[int] | None = None,
-                        keep_every: float | None = None, *, collect: bool = True) -> list[int]: ...
-    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None) -> GcResult: ...
+                        keep_every: float | None = None, *, collect: bool = True,
+                        keep_best: KeepBest | None = None) -> list[int]: ...
+    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None, *,
+           dry_run: bool = False, keep_best: KeepBest | None = None) -> GcResult: ...
+    def best_versions(self, keep_best: KeepBest) -> list[int]: ...
     def check(self) -> dict[str, Any]: ...
     def delete(self) -> None: ...
 
@@ -74,3 +78,4 @@ if TYPE_CHECKING:
 
     def _local_store_is_storage(store: Store) -> Storage:
         return store
+

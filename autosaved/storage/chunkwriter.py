@@ -44,23 +44,24 @@ class ChunkPipeline:
         self.depth = depth
         self._pending: list[Future[None]] = []
 
-    def put(self, tmp: Path, target: Path, data: memoryview | bytes) -> int:
+    def put(self, tmp: Path, target: Path, data: memoryview | bytes, kind: str = "chunk") -> int:
         """Write ``data`` to the new file ``tmp`` (O_EXCL) and queue its fsync and its rename to ``target``;
-        returns the bytes written. Raises the error of any earlier chunk that failed."""
+        returns the bytes written. Raises the error of any earlier chunk that failed. ``kind`` names the
+        fault points (``chunk``, or ``page`` for the pages of a format-2 state tree)."""
         while len(self._pending) >= self.depth:
             self._pending.pop(0).result()
-        point("chunk", "open", "before", tmp)
+        point(kind, "open", "before", tmp)
         fd = fileops.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            written = self._write(fd, tmp, data)
+            written = self._write(fd, tmp, data, kind)
         except BaseException:
             fileops.close(fd)
             fileops.unlink(tmp, missing_ok=True)
             raise
-        self._pending.append(_SYNCER.submit(_settle, fd, tmp, target))
+        self._pending.append(_SYNCER.submit(_settle, fd, tmp, target, kind))
         return written
 
-    def _write(self, fd: int, tmp: Path, data: memoryview | bytes) -> int:
+    def _write(self, fd: int, tmp: Path, data: memoryview | bytes, kind: str) -> int:
         # As fsutil.write_fsync: with a pacer, 1 MiB slices announced first, and an fdatasync every
         # SYNC_EVERY bytes of a chunk larger than that.
         view = memoryview(data).cast("B")
@@ -68,13 +69,13 @@ class ChunkPipeline:
         while view.nbytes:
             if self.pace is not None:
                 self.pace(min(view.nbytes, WRITE_PIECE))
-            point("chunk", "write", "before", tmp)
+            point(kind, "write", "before", tmp)
             # fileops.write: the point chunk.write.middle (a torn chunk file), as in fsutil.write_fsync.
-            n = fileops.write(fd, view[:WRITE_PIECE] if self.pace is not None else view, "chunk", tmp)
+            n = fileops.write(fd, view[:WRITE_PIECE] if self.pace is not None else view, kind, tmp)
             written += n
             unsynced += n
             view = view[n:]
-            point("chunk", "write", "after", tmp)
+            point(kind, "write", "after", tmp)
             if self.pace is not None and unsynced >= SYNC_EVERY and view.nbytes:
                 fileops.fdatasync(fd)
                 unsynced = 0
@@ -100,11 +101,11 @@ class ChunkPipeline:
         self._pending = []
 
 
-def _settle(fd: int, tmp: Path, target: Path) -> None:
+def _settle(fd: int, tmp: Path, target: Path, kind: str) -> None:
     try:
-        point("chunk", "fsync", "before", tmp)
+        point(kind, "fsync", "before", tmp)
         fileops.fsync(fd)
-        point("chunk", "fsync", "after", tmp)
+        point(kind, "fsync", "after", tmp)
         # Checkpoint bytes must not evict the trainer's own cached data.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except BaseException:
@@ -113,7 +114,7 @@ def _settle(fd: int, tmp: Path, target: Path) -> None:
         raise
     fileops.close(fd)
     try:
-        rename(tmp, target, "chunk")
+        rename(tmp, target, kind)
     except BaseException:
         fileops.unlink(tmp, missing_ok=True)
         raise

@@ -37,6 +37,8 @@ _FILE_STEPS = ("open.before", "write.before", "write.middle", "write.after", "fs
 # fail on a point reached that is not listed, and on a listed point no test fires).
 POINTS: dict[str, str] = {
     **{f"chunk.{s}": "a save writes a chunk file (write_fsync, rename, fsync of objects/<ab>/)" for s in _FILE_STEPS},
+    **{f"page.{s}": "a format-2 save writes a page of its state tree (the chunk pipeline)"
+       for s in _FILE_STEPS if not s.startswith("fsync_dir")},
     "chunk.delete.before": "garbage collection deletes an unreferenced chunk",
     "chunk.delete.after": "garbage collection deleted an unreferenced chunk",
     **{f"manifest.{s}": "a save commits its manifest (atomic_write)" for s in _FILE_STEPS},

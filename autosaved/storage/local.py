@@ -33,9 +33,11 @@ from typing import Any
 
 from ..errors import CorruptVersion, NotFound, StorageError
 from ..names import validate_job_name
+from ..settings import KeepBest
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
-from . import fileops, hashing
+from . import fileops, hashing, paged
+from . import statepages as sp
 from .chunkwriter import ChunkPipeline, fsync_dirs
 from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
 from .faults import point
@@ -59,11 +61,13 @@ from .manifest import (
     unseal,
     utc_now_iso,
 )
-from .retention import versions_to_delete
+from .retention import best_versions, score, versions_to_delete
 from .wal import LogChanged, LogDamaged, Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
 
+# Format 1 (the whole state in the manifest) or 2 (a root record over pages, see paged.py).
+WRITE_FORMAT = 1
 _VERSION_FILE = re.compile(r"^(\d{12})\.json$")
 DIR_MODE = 0o750
 # How often recover() starts again when a daemon's commit changed the log under an offline reader.
@@ -163,6 +167,12 @@ class JobStore:
         self.objects_dir = self.path / "objects"
         self.tmp_dir = self.path / "tmp"
         self.log_dir = self.path / "log"
+        # The format new versions are written in (the daemon sets it from the config; see paged.py).
+        self.write_format = WRITE_FORMAT
+        # Format 2: what the last save or load left for the next save to diff against (paged.Cache).
+        self.paged_cache: paged.Cache | None = None
+        # Format 2: page digest -> (child pages, chunks) it references, for gc's marking (paged.referenced).
+        self.page_refs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -176,12 +186,12 @@ class JobStore:
             for leftover in self.tmp_dir.iterdir():
                 fileops.unlink(leftover, missing_ok=True)
 
-    def _object_path(self, digest: str, compressed: bool = False) -> Path:
+    def object_path(self, digest: str, compressed: bool = False) -> Path:
         return self.objects_dir / digest[:2] / (digest + SUFFIX if compressed else digest)
 
-    def _has_object(self, digest: str) -> bool:
+    def has_object(self, digest: str) -> bool:
         """Whether the chunk is stored, in either form: dedup is by the raw bytes' digest."""
-        return self._object_path(digest).exists() or self._object_path(digest, True).exists()
+        return self.object_path(digest).exists() or self.object_path(digest, True).exists()
 
     def write_version(
         self,
@@ -201,6 +211,9 @@ class JobStore:
         chunk writes; the manifest, a few KB, is never held back. ``compression`` is a mode of
         :mod:`.compress`; it only decides how new chunks are stored, never their names."""
         try:
+            if self.write_format == paged.FORMAT:
+                return paged.write_version(self, tree, version, step, reason, meta, sessions, chunk_size, pace,
+                                           wal_lsn, compression)
             return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace, wal_lsn,
                                        compression)
         except OSError as exc:
@@ -223,7 +236,7 @@ class JobStore:
         # Chunk n's fsync and rename run in the pipeline's syncer while chunk n+1 is written (chunkwriter).
         pipeline = ChunkPipeline(pace)
         try:
-            self._write_chunks(blobs, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
+            self.write_chunks(blobs, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
             pipeline.finish()  # every chunk durable under its name before any manifest names it
         except BaseException:
             pipeline.abandon()
@@ -252,7 +265,7 @@ class JobStore:
                    dirs_touched: set[Path]) -> int:
         """Write one chunk the store lacks through the pipeline (durable and renamed in by the syncer)."""
         packed = compress_chunk(memoryview(data)) if try_compress else None
-        target = self._object_path(digest, compressed=packed is not None)
+        target = self.object_path(digest, compressed=packed is not None)
         if not target.parent.is_dir():
             fileops.mkdir(target.parent, DIR_MODE, exist_ok=True)
         tmp = temp_name(self.tmp_dir, digest)
@@ -260,7 +273,7 @@ class JobStore:
         dirs_touched.add(target.parent)
         return n
 
-    def _write_chunks(self, blobs: list[Blob], ahead: dict[int, list[tuple[int, Future[str]]]], chunk_size: int,
+    def write_chunks(self, blobs: list[Blob], ahead: dict[int, list[tuple[int, Future[str]]]], chunk_size: int,
                       compression: str, pipeline: ChunkPipeline, records: list[dict[str, Any]],
                       dirs_touched: set[Path], counts: list[int]) -> None:
         """Queue every chunk the store lacks; ``counts`` gets [bytes written, chunks written]."""
@@ -272,7 +285,7 @@ class JobStore:
                 if id(blob) in ahead:
                     blob.digests[chunk_size] = tuple(Chunk(f.result(), n, HASH_NAME) for n, f in ahead[id(blob)])
                 chunks = self._chunks_of(blob, chunk_size)
-                if _shared(blob) and not all(c.digest in queued or self._has_object(c.digest) for c in chunks):
+                if _shared(blob) and not all(c.digest in queued or self.has_object(c.digest) for c in chunks):
                     # A cached hash of shared bytes that must be written again: hash what is written instead.
                     del blob.digests[chunk_size]
                     write_shared = True
@@ -286,11 +299,11 @@ class JobStore:
             try_compress = worth_trying(blob, compression)
             offset = 0
             for chunk in chunks:
-                stored = chunk.digest in queued or self._has_object(chunk.digest)
+                stored = chunk.digest in queued or self.has_object(chunk.digest)
                 # Power loss: a chunk found here may have been renamed in by a save that failed or was
                 # killed before it fsynced the directory, so its name may not be durable yet. Every
                 # directory holding a chunk this version references is fsynced before the manifest.
-                dirs_touched.add(self._object_path(chunk.digest).parent)
+                dirs_touched.add(self.object_path(chunk.digest).parent)
                 if blob.data is not None and not stored:
                     # Written now, made durable and renamed by the pipeline while the next one is written.
                     written += self._put_chunk(chunk.digest, blob.data[offset : offset + chunk.size], try_compress,
@@ -337,8 +350,8 @@ class JobStore:
             digest = digest_future.result()
             chunks.append(Chunk(digest, len(private), HASH_NAME))
             # Defect 6: the directory of a dedup'd chunk is fsynced before the manifest too.
-            dirs_touched.add(self._object_path(digest).parent)
-            if digest not in queued and not self._has_object(digest):
+            dirs_touched.add(self.object_path(digest).parent)
+            if digest not in queued and not self.has_object(digest):
                 written += self._put_chunk(digest, private, try_compress, pipeline, dirs_touched)
                 queued.add(digest)
                 count += 1
@@ -358,6 +371,43 @@ class JobStore:
         return cached
 
     # -- reading ---------------------------------------------------------------------------------
+
+    def has_version(self, version: int) -> bool:
+        return (self.versions_dir / f"{version:012d}.json").exists()
+
+    def read_page(self, digest: str) -> bytes:
+        return paged.read_page(self, digest)
+
+    def leaf_records(self, version: int) -> list[dict[str, Any]]:
+        """The records (descriptor and chunks, as in a format-1 manifest) of a version's leaves stored as
+        chunks, in the state's order; leaves inline in format-2 pages have none."""
+        doc = self.read_manifest(version)
+        if doc["format"] != paged.FORMAT:
+            return list(doc["blobs"])
+        tree = paged.load_tree(self, doc, f"{self.job} version {version}")
+        return [blob_record(b, b.chunks) for b in sp.blobs_of(tree) if b.chunks is not None]
+
+    def load_path(self, version: int, path: tuple[str | int, ...]) -> Any:
+        """The subtree at ``path`` of a stored version, its binary leaves read and verified. For format 2 it
+        reads only the pages on the path and the leaves below it; a format-1 manifest is read whole."""
+        where = f"{self.job} version {version}"
+        doc = self.read_manifest(version)
+        if doc["format"] == paged.FORMAT:
+            tree = paged.load_tree(self, doc, where, tuple(path))
+        else:
+            tree, _ = tree_from_manifest(doc, where)
+            for elem in path:
+                try:
+                    tree = tree[elem]
+                except (KeyError, IndexError, TypeError):
+                    raise NotFound(f"{where} has nothing at {list(path)!r}") from None
+        for blob in sp.blobs_of(tree):
+            if blob.data is None:
+                assert blob.chunks is not None
+                buf = bytearray(blob.nbytes)
+                self._read_chunks(blob.chunks, memoryview(buf), True, where)
+                blob.data = memoryview(buf)
+        return tree
 
     def version_ids(self) -> list[int]:
         try:
@@ -393,7 +443,11 @@ class JobStore:
         Without ``load_data`` the blobs keep only their chunk lists (the daemon's lazy base state)."""
         where = f"{self.job} version {version}"
         doc = self.read_manifest(version)
-        tree, blobs = tree_from_manifest(doc, where)
+        if doc["format"] == paged.FORMAT:
+            tree = paged.load_tree(self, doc, where)
+            blobs = [b for b in sp.blobs_of(tree) if b.data is None]  # inline leaves came with their page
+        else:
+            tree, blobs = tree_from_manifest(doc, where)
         for blob in blobs:
             assert blob.chunks is not None
             if load_data:
@@ -401,7 +455,7 @@ class JobStore:
                 self._read_chunks(blob.chunks, memoryview(buf), verify, where)
                 blob.data = memoryview(buf)
             elif verify:
-                self._verify_chunks(blob.chunks, where)
+                self.verify_chunks(blob.chunks, where)
         sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
         return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)))
 
@@ -424,10 +478,10 @@ class JobStore:
         chunks are). Unhashed: the caller verifies. A missing or undecodable chunk is CorruptVersion."""
         try:
             try:
-                read_exact(self._object_path(chunk.digest), chunk.size, into)
+                read_exact(self.object_path(chunk.digest), chunk.size, into)
                 return
             except FileNotFoundError:
-                packed = self._object_path(chunk.digest, compressed=True).read_bytes()
+                packed = self.object_path(chunk.digest, compressed=True).read_bytes()
             into[:] = decompress_chunk(packed, chunk.size)
         except FileNotFoundError:
             raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
@@ -455,7 +509,7 @@ class JobStore:
         pos = 0
         for chunk in blob.chunks:
             try:
-                fd = os.open(self._object_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self.object_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raw = bytearray(chunk.size)
                 self._read_chunk(chunk, memoryview(raw), where)  # the .zst form, or CorruptVersion
@@ -473,7 +527,7 @@ class JobStore:
                 raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
         check.release()
 
-    def _verify_chunks(self, chunks: tuple[Chunk, ...], where: str, seen: set[str] | None = None) -> None:
+    def verify_chunks(self, chunks: tuple[Chunk, ...], where: str, seen: set[str] | None = None) -> None:
         for chunk in chunks:
             if seen is not None and chunk.digest in seen:
                 continue
@@ -489,12 +543,19 @@ class JobStore:
         except CorruptVersion as exc:
             return VersionInfo(self.job, version, None, "", 0, "", {}, ok=False, error=str(exc))
         where = f"{self.job} version {version}"
+        if doc["format"] == paged.FORMAT:
+            try:
+                paged.referenced(self, doc, where, seen if seen is not None else set(), verify=True)
+                paged.load_tree(self, doc, where)
+            except Exception as exc:
+                return self._info(doc, ok=False, error=str(exc))
+            return self._info(doc)
         try:
             algo = doc.get("hash", hashing.LEGACY)
             for rec in doc["blobs"]:
                 blob = blob_from_record(rec, where, algo)
                 assert blob.chunks is not None
-                self._verify_chunks(blob.chunks, where, seen)
+                self.verify_chunks(blob.chunks, where, seen)
             from_node(doc["tree"], [blob_from_record(r, where, algo) for r in doc["blobs"]])
         except Exception as exc:
             return self._info(doc, ok=False, error=str(exc))
@@ -579,11 +640,11 @@ class JobStore:
     # -- retention -------------------------------------------------------------------------------
 
     def apply_retention(self, keep_last: int, protect: set[int] | None = None,
-                        keep_every: float | None = None, *, collect: bool = True) -> list[int]:
+                        keep_every: float | None = None, *, collect: bool = True,
+                        keep_best: KeepBest | None = None) -> list[int]:
         """Delete the versions :func:`~.retention.versions_to_delete` picks (never one in ``protect``),
         manifests first, then collect the chunks no remaining version references. Returns the deleted ids."""
-        doomed = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
-                                    keep_last=keep_last, keep_every=keep_every, protect=frozenset(protect or ()))
+        doomed = self._doomed(keep_last, keep_every, frozenset(protect or ()), keep_best)
         for vid in doomed:
             point("version", "delete", "before", vid)
             fileops.unlink(self.versions_dir / f"{vid:012d}.json", missing_ok=True)
@@ -593,6 +654,33 @@ class JobStore:
             if collect:
                 self.collect_garbage()
         return doomed
+
+    def _doomed(self, keep_last: int, keep_every: float | None, protect: frozenset[int],
+                keep_best: KeepBest | None) -> list[int]:
+        """What retention deletes: each manifest read once, for its time (and its ``keep_best`` score)."""
+        times: list[tuple[int, float | None]] = []
+        scores: dict[int, float | None] = {}
+        for vid in self.version_ids():
+            try:
+                doc = self.read_manifest(vid)
+                when: float | None = datetime.fromisoformat(str(doc["time"])).timestamp()
+                if keep_best is not None:
+                    scores[vid] = score(doc.get("meta"), keep_best.metric)
+            except (CorruptVersion, NotFound, ValueError, StorageError, KeyError):
+                when = None
+            times.append((vid, when))
+        return versions_to_delete(times, keep_last=keep_last, keep_every=keep_every, protect=protect,
+                                  keep_best=keep_best, scores=scores)
+
+    def best_versions(self, keep_best: KeepBest) -> list[int]:
+        """The versions ``keep_best`` keeps now (``list`` marks them)."""
+        scores: dict[int, float | None] = {}
+        for vid in self.version_ids():
+            try:
+                scores[vid] = score(self.read_manifest(vid).get("meta"), keep_best.metric)
+            except (CorruptVersion, NotFound, StorageError):
+                continue
+        return best_versions(scores, keep_best)
 
     def version_time(self, version: int) -> float | None:
         """When a version was committed (unix seconds), or ``None`` if its manifest cannot be read."""
@@ -607,13 +695,18 @@ class JobStore:
                 return vid
         return None
 
-    def referenced_digests(self) -> set[str] | None:
-        """Digests every manifest references; ``None`` when a manifest cannot be read (GC must then not
-        run: it could delete chunks of a version it failed to parse)."""
+    def referenced_digests(self, skip: frozenset[int] = frozenset()) -> set[str] | None:
+        """Digests every manifest (but those in ``skip``) references; ``None`` when a manifest cannot be
+        read (GC must then not run: it could delete chunks of a version it failed to parse)."""
         refs: set[str] = set()
         for vid in self.version_ids():
+            if vid in skip:
+                continue
             try:
                 doc = self.read_manifest(vid)
+                if doc["format"] == paged.FORMAT:
+                    paged.referenced(self, doc, f"{self.job} version {vid}", refs)
+                    continue
             except CorruptVersion:
                 return None
             for rec in doc["blobs"]:
@@ -636,22 +729,42 @@ class JobStore:
                     size = entry.stat().st_size
                     point("chunk", "delete", "before", entry.path)
                     fileops.unlink(entry.path, missing_ok=True)
+                    self.page_refs.pop(entry.name, None)
                     point("chunk", "delete", "after", entry.path)
                     result.removed_chunks += 1
                     result.freed_bytes += size
         return result
 
-    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None) -> GcResult:
+    def _would_collect(self, doomed: frozenset[int]) -> GcResult:
+        """The chunks ``collect_garbage`` would delete once the versions ``doomed`` are gone (a dry run)."""
+        refs = self.referenced_digests(skip=doomed)
+        if refs is None:
+            return GcResult(blocked="not collecting garbage while a manifest is unreadable (see `autosaved verify`)")
+        result = GcResult()
+        for sub in self._object_dirs():
+            for entry in os.scandir(sub):
+                if entry.name.removesuffix(SUFFIX) not in refs:
+                    result.removed_chunks += 1
+                    result.freed_bytes += entry.stat().st_size
+        return result
+
+    def gc(self, keep_last: int, keep_every: float | None, protect: set[int] | None = None, *,
+           dry_run: bool = False, keep_best: KeepBest | None = None) -> GcResult:
         """Retention and collection on demand (``autosaved gc``); never deletes the newest version that
         verifies, nor one in ``protect`` (with ``[remote]``: the versions not yet in the object store).
-        Leftover temp files of crashed saves go too."""
-        self.clean_tmp()
+        Leftover temp files of crashed saves go too. ``dry_run``: what would go, touching nothing."""
+        if not dry_run:
+            self.clean_tmp()
         newest_ok = self.newest_verified()
         keep = {newest_ok} if newest_ok is not None else set()
         held = set(protect or ())
-        would = versions_to_delete([(vid, self.version_time(vid)) for vid in self.version_ids()],
-                                   keep_last=keep_last, keep_every=keep_every, protect=frozenset(keep))
-        deleted = self.apply_retention(keep_last, keep | held, keep_every, collect=False)
+        would = self._doomed(keep_last, keep_every, frozenset(keep), keep_best)
+        if dry_run:
+            result = self._would_collect(frozenset(set(would) - held))
+            result.deleted_versions = sorted(set(would) - held)
+            result.kept_unreplicated = sorted(set(would) & held)
+            return result
+        deleted = self.apply_retention(keep_last, keep | held, keep_every, collect=False, keep_best=keep_best)
         result = self.collect_garbage()  # also when nothing was deleted: crashes may have left chunks
         result.deleted_versions = deleted
         result.kept_unreplicated = sorted(set(would) & held)
@@ -718,11 +831,14 @@ class JobStore:
 class Store:
     """All jobs under one state dir."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, write_format: int = 1) -> None:
         self.root = root
+        self.write_format = write_format
 
     def job(self, owner: int, job: str) -> JobStore:
-        return JobStore(self.root, owner, job)
+        js = JobStore(self.root, owner, job)
+        js.write_format = self.write_format
+        return js
 
     def jobs(self, owner: int | None = None) -> list[JobStore]:
         """Jobs of ``owner`` (all owners when ``None``) that have a folder."""
@@ -737,7 +853,7 @@ class Store:
                 if name.startswith(".deleted."):
                     continue  # a job being deleted (see JobStore.delete)
                 try:
-                    out.append(JobStore(self.root, int(o), name))
+                    out.append(self.job(int(o), name))
                 except Exception:
                     log.warning("ignoring folder with an invalid job name: %s", d / name)
         return out

@@ -19,6 +19,8 @@ from ..tree import Blob, Chunk, from_node
 from . import hashing
 
 FORMAT_VERSION: Final = 1
+# Format 2: a root record over a tree of pages (paged.py). Readers take both; a higher one is refused.
+READ_FORMATS: Final = (1, 2)
 # The hash that names new chunks; a manifest records it (``hash``), see hashing.py.
 HASH_NAME: Final = hashing.DEFAULT
 
@@ -54,13 +56,13 @@ def unseal(raw: bytes, where: str) -> dict[str, Any]:
         raise CorruptVersion(f"{where}: manifest is not valid JSON ({exc})") from None
     if isinstance(doc, dict):
         # Before the digest: a newer format may seal differently, and must not look corrupt.
-        check_format(doc.get("format"), FORMAT_VERSION, f"{where}: manifest")
+        check_format(doc.get("format"), max(READ_FORMATS), f"{where}: manifest")
     if not isinstance(doc, dict) or "digest" not in doc:
         raise CorruptVersion(f"{where}: manifest has no digest")
     digest = doc.pop("digest")
     if hashlib.sha256(_canonical(doc)).hexdigest() != digest:
         raise CorruptVersion(f"{where}: manifest digest does not match its contents")
-    if doc.get("format") != FORMAT_VERSION:
+    if doc.get("format") not in READ_FORMATS:
         raise CorruptVersion(f"{where}: manifest format {doc.get('format')!r} is not supported")
     return doc
 

@@ -50,7 +50,7 @@ from ..names import validate_job_name
 from ..settings import Location as Location
 from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
-from . import fileops, hashing
+from . import fileops, hashing, paged, prolly, statepages
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import atomic_write, fsync_dir, temp_name
 from .local import DIR_MODE, JobStore
@@ -456,13 +456,56 @@ class RemoteJob:
         where = f"{self.job} version {vk.id}"
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
-        tree, blobs = tree_from_manifest(doc, where)
+        if doc.get("format") == paged.FORMAT:
+            pages = await self._fetch_pages(doc, where)
+            tree = paged.tree_from_pages(pages.__getitem__, doc, where)
+            blobs = [b for b in statepages.blobs_of(tree) if b.data is None]  # inline leaves came with a page
+        else:
+            tree, blobs = tree_from_manifest(doc, where)
         await self._fetch_blobs(blobs, packed, where)
         info = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
                            bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
                            meta=dict(doc.get("meta") or {}))
         sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
         return RemoteLoaded(info=info, tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
+
+    async def _fetch_pages(self, doc: dict[str, Any], where: str) -> dict[str, bytes]:
+        """Every page of a format-2 version, verified by its name, level by level (``CONCURRENCY`` at a
+        time); a missing or altered one is :class:`CorruptVersion`."""
+        root, _params = paged.check_root(doc, where)
+        pages: dict[str, bytes] = {}
+        level = [root]
+        limiter = anyio.CapacityLimiter(CONCURRENCY)
+
+        failures: list[BaseException] = []
+
+        async def one(digest: str, into: dict[str, bytes], scope: anyio.CancelScope) -> None:
+            async with limiter:
+                key = self.chunk_key(digest)
+                try:
+                    try:
+                        raw, _ = await self.store.get(key)
+                    except FileNotFoundError:
+                        raise CorruptVersion(f"{where}: object {key} is missing") from None
+                    if prolly.page_digest(bytes(raw)) != digest:
+                        raise CorruptVersion(f"{where}: object {key} does not match its hash")
+                except (CorruptVersion, RemoteError) as exc:  # raised as itself, not in an exception group
+                    failures.append(exc)
+                    scope.cancel()
+                    return
+                into[digest] = bytes(raw)
+
+        while level:
+            got: dict[str, bytes] = {}
+            async with anyio.create_task_group() as tg:
+                for digest in level:
+                    tg.start_soon(one, digest, got, tg.cancel_scope)
+            if failures:
+                raise failures[0]
+            pages.update(got)
+            children = {c for d, raw in got.items() for c in paged.page_links(raw, d, doc, where)[0]}
+            level = sorted(children - pages.keys())
+        return pages
 
     async def _fetch_blobs(self, blobs: list[Blob], packed: set[str], where: str) -> None:
         """Download and verify every chunk, ``CONCURRENCY`` at a time, into each blob's own writable,
@@ -582,8 +625,15 @@ class RemoteJob:
         where = f"{self.job} version {vk.id}"
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
-        _tree, blobs = tree_from_manifest(doc, where)  # the whole manifest must parse before anything is written
-        chunks = {c.digest: c for blob in blobs for c in (blob.chunks or ())}
+        if doc.get("format") == paged.FORMAT:  # pages are objects beside the chunks, copied the same way
+            pages = await self._fetch_pages(doc, where)
+            tree = paged.tree_from_pages(pages.__getitem__, doc, where)  # the whole version must parse first
+            blobs = list(statepages.blobs_of(tree))
+            chunks = {d: Chunk(d, len(raw), prolly.PAGE_HASH) for d, raw in pages.items()}
+        else:
+            _tree, blobs = tree_from_manifest(doc, where)  # the whole manifest must parse before anything is written
+            chunks = {}
+        chunks.update({c.digest: c for blob in blobs for c in (blob.chunks or ())})
         await anyio.to_thread.run_sync(local.ensure_dirs)
         dirs: set[Path] = {local.objects_dir}
         limiter = anyio.CapacityLimiter(CONCURRENCY)
@@ -819,6 +869,15 @@ class RemoteJob:
                 doc = docs.get(vk.key) or await self.read_manifest(vk)
             except CorruptVersion:
                 return result  # never collect while a manifest is unreadable: it may reference anything
+            if doc.get("format") == paged.FORMAT:
+                try:  # a format-2 version's pages and the chunks its leaves name
+                    pages = await self._fetch_pages(doc, f"{self.job} version {vk.id}")
+                except CorruptVersion:
+                    return result
+                for digest, page in pages.items():
+                    refs.add(digest)
+                    refs.update(paged.page_links(page, digest, doc, f"{self.job} version {vk.id}")[1])
+                continue
             for rec in doc["blobs"]:
                 refs.update(str(d) for d, _ in rec["chunks"])
         try:

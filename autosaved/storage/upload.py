@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import CorruptVersion
-from . import faults
+from . import faults, paged
 from .compress import SUFFIX
 from .local import JobStore
 from .manifest import unseal
@@ -32,14 +32,17 @@ async def _no_pace(_nbytes: int) -> None:
     return None
 
 
-def lacking(doc: dict[str, Any], known: dict[str, str]) -> dict[str, int]:
-    """digest → size of the chunks a manifest references that the bucket lacks (``known``: what it has)."""
-    todo: dict[str, int] = {}
-    for rec in doc["blobs"]:
-        for digest, size in rec["chunks"]:
-            if digest not in known:
-                todo[str(digest)] = int(size)
-    return todo
+def referenced(doc: dict[str, Any], local: JobStore, where: str) -> dict[str, int]:
+    """digest → size of every object a version needs: its chunks, and for format 2 its pages too (read
+    from the local store, where they are verified by their names)."""
+    if doc.get("format") == paged.FORMAT:
+        return paged.version_objects(local, doc, where)
+    return {str(digest): int(size) for rec in doc["blobs"] for digest, size in rec["chunks"]}
+
+
+def lacking(refs: dict[str, int], known: dict[str, str]) -> dict[str, int]:
+    """digest → size of the objects a version references that the bucket lacks (``known``: what it has)."""
+    return {digest: size for digest, size in refs.items() if digest not in known}
 
 
 async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease: Lease, *, holder: str,
@@ -60,7 +63,8 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
     except FileNotFoundError:
         raise CorruptVersion(f"{where}: the local manifest is gone") from None
     doc = unseal(raw, where)
-    todo = lacking(doc, known)
+    refs = await anyio.to_thread.run_sync(referenced, doc, local, where)
+    todo = lacking(refs, known)
     planned(sum(todo.values()))
     packed: set[str] = {d for d, k in known.items() if k.endswith(SUFFIX)}
     failures: list[BaseException] = []
@@ -88,8 +92,7 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
         raise failures[0]
     # Renew right before publishing: a daemon that lost its lease finds out here, not after.
     await remote.renew(lease, ttl)
-    referenced = {str(d) for rec in doc["blobs"] for d, _ in rec["chunks"]}
-    body = remote_manifest(raw, lease.epoch, holder, sorted(packed & referenced), where, lease.incarnation)
+    body = remote_manifest(raw, lease.epoch, holder, sorted(packed & refs.keys()), where, lease.incarnation)
     if faults.active():  # the tests hold an upload here (every chunk sent, no manifest yet) and kill the host
         await anyio.to_thread.run_sync(faults.point, "remote", "manifest", "before", where)
     try:

@@ -39,7 +39,9 @@ class PrivateDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self, timeout: float = 20.0) -> PrivateDaemon:
+    def start(self, timeout: float = 60.0) -> PrivateDaemon:
+        # 60 s, like every wait of the tests: a first start probes the disk (write_speed "auto"), which on a busy
+        # host with a slow disk took over 20 s (bench dcp failed so under load).
         self._log = self.log_path.open("ab")
         env = {**os.environ, **(self.env or {})}
         if "NOTIFY_SOCKET" not in (self.env or {}):

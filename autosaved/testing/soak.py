@@ -89,6 +89,7 @@ class Soak:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.report = SoakReport()
+        self._raw: dict[tuple[str, int], Any] = {}  # (job, n) -> the model's state (for problem reports)
         self.acks_since_check = 0
         self.saves_this_boot = 0
         self.wal_this_boot = 0
@@ -135,6 +136,7 @@ class Soak:
                         else:
                             delta = self._partial(n, rng)
                         self.history.apply(job, delta)
+                        self._raw[(job, n)] = self.history.current[job]
                         self.marks.append({"ev": "sent", "what": "update", "job": job, "n": n})
                     c.update(delta, wait=wait)
                     full_next = False
@@ -180,6 +182,40 @@ class Soak:
                 finally:
                     self.remote.resume()
 
+    def _nearest(self, job: str, got: Any, floor: int) -> str:
+        """For a problem report: the model state nearest to ``got`` (fewest differing top-level and "deep"
+        leaves) from a few before the floor on, and how they differ."""
+        def leaves(state: Any) -> dict[str, Any]:
+            flat = {repr(k): canon(v) for k, v in state.items() if k != "deep"} if isinstance(state, dict) else {}
+            deep = state.get("deep", {}) if isinstance(state, dict) else {}
+            flat.update({f"deep.a.{k}": v for k, v in (deep.get("a") or {}).items()})
+            flat["deep.b"] = deep.get("b")
+            return flat
+
+        with self.lock:
+            current = dict(self.history.states.get(job, {}))
+            raw = {m: self._raw.get((job, m)) for m in current}
+        mine = leaves(got)
+        best = None
+        for m in range(max(1, floor - 5), max(current, default=0) + 1):
+            theirs = raw.get(m)
+            if theirs is None:
+                continue
+            diff = sorted(k for k in set(mine) | set(leaves(theirs)) if mine.get(k) != leaves(theirs).get(k))
+            if best is None or len(diff) < len(best[1]):
+                best = (m, diff)
+        if best is None:
+            return "no model state to compare"
+        m, diff = best
+        def short(v: Any) -> str:
+            if isinstance(v, tuple) and v and v[0] == "nd":  # an array: its shape and first byte
+                return f"array{v[2]} of {v[3][:1]!r}"
+            return repr(v)[:60]
+
+        theirs = leaves(raw[m])
+        return (f"nearest model state {m}, differing in "
+                f"{[(k, short(mine.get(k)), short(theirs.get(k))) for k in diff][:4]} (restored, model)")
+
     def _check_bucket(self) -> None:
         """The bucket's newest version is at least the newest ``replicated`` ack of each stream job."""
         assert self.remote is not None
@@ -212,7 +248,8 @@ class Soak:
                 self.report.acks_lost += 1
                 shown = [(vk.id, vk.epoch) for vk in visible[-6:]]
                 self.report.problems.append(f"kill {self.report.kills} (bucket): {job} newest n={n!r}, "
-                                            f"replicated ack {floor}; newest (id, epoch) {shown}; skipped {skipped}")
+                                            f"replicated ack {floor}; newest (id, epoch) {shown}; skipped {skipped}; "
+                                            f"{self._nearest(job, got, floor)}")
         self.report.bucket_checks += 1
 
     def _deleter(self, seed: int) -> None:
@@ -304,7 +341,7 @@ class Soak:
                 if isinstance(n, int) and n < floor:
                     self.report.acks_lost += 1
                 self.report.problems.append(f"kill {self.report.kills} ({where}): {job} restored n={n!r}, acked "
-                                            f"floor {floor}")
+                                            f"floor {floor}; {self._nearest(job, got, floor)}")
         if not via_daemon:
             self.report.acks_checked += checked
             self.report.checks += 1

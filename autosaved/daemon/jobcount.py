@@ -1,0 +1,70 @@
+"""Per owner, the names of the jobs ``quota.max_jobs`` counts, kept up to date instead of listed per request
+(issue 19: creating a job costs O(1), whatever any user holds).
+
+A job counts when its folder is on disk or it is loaded (created, not yet saved): the same set the daemon
+listed before. An owner's set is established once, on the first check that needs it, from one listing of
+that owner's folder (O(their jobs), in a worker thread) plus the jobs of theirs that are loaded; from then
+on the job table adds a name when it takes a job in and forgets it when the job's folder is gone. A job
+folder only comes into being for a job the table holds, so the set stays exact without another listing.
+Changes that happen while the listing runs are replayed onto it, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import anyio
+import anyio.to_thread
+
+
+class JobNames:
+    def __init__(self, listed: Callable[[int], set[str]], loaded: Callable[[int], Iterable[str]]) -> None:
+        self._listed = listed  # the job folders of one owner (reads the disk: runs in a thread)
+        self._loaded = loaded  # the names of one owner's loaded jobs (O(theirs), on the loop)
+        self._names: dict[int, set[str]] = {}
+        # Owners whose listing runs now: the adds (True) and forgets (False) seen meanwhile, in order.
+        self._pending: dict[int, list[tuple[str, bool]]] = {}
+        self._locks: dict[int, anyio.Lock] = {}
+        self.listings = 0  # owner folders listed so far (one per owner per daemon run): tests read it
+
+    def add(self, owner: int, name: str) -> None:
+        self._note(owner, name, True)
+
+    def forget(self, owner: int, name: str) -> None:
+        self._note(owner, name, False)
+
+    def _note(self, owner: int, name: str, present: bool) -> None:
+        names = self._names.get(owner)
+        if names is not None:
+            if present:
+                names.add(name)
+            else:
+                names.discard(name)
+        elif owner in self._pending:
+            self._pending[owner].append((name, present))
+        # Otherwise nobody has asked about this owner yet: the listing, when it comes, sees the disk.
+
+    async def of(self, owner: int) -> set[str]:
+        """The owner's job names (do not change the set: it is the live one)."""
+        names = self._names.get(owner)
+        if names is not None:
+            return names
+        async with self._locks.setdefault(owner, anyio.Lock()):
+            names = self._names.get(owner)
+            if names is not None:
+                return names
+            self._pending[owner] = []
+            try:
+                names = await anyio.to_thread.run_sync(self._listed, owner)
+                self.listings += 1
+                for name, present in self._pending[owner]:
+                    if present:
+                        names.add(name)
+                    else:
+                        names.discard(name)
+                names.update(self._loaded(owner))
+                self._names[owner] = names
+            finally:
+                del self._pending[owner]
+        self._locks.pop(owner, None)
+        return names

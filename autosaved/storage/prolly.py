@@ -1,0 +1,326 @@
+"""A prolly tree: a sorted map of byte keys to byte values, stored as content-addressed pages.
+
+Why this structure (format 2, issue 20). A version must cost what changed, not what is stored, and two
+equal states must be equal bytes, so pages dedup across versions and across a job's history:
+
+- *Content-addressed pages* (named by the BLAKE3 of their bytes, stored as objects like data chunks):
+  a save writes only pages that do not exist yet; a page shared by a hundred versions is stored once.
+- *Boundaries chosen by hashing keys* (as Dolt's prolly trees, and unlike a B-tree whose splits depend
+  on insertion order): whether an item ends a page depends on a hash of its key and on the bytes the page
+  holds so far, never on the history of edits. So the same map always gives the same pages and the same
+  root (history independence), which a B-tree cannot promise. A value that changes size inside the
+  bounds never moves a boundary: only the page holding it is rewritten, plus its ancestors.
+- *Bounds*: a page is cut at a natural (key-hash) boundary only once it holds ``min_bytes``, and always
+  once it holds ``max_bytes``. With roughly ``1/q`` of keys being natural boundaries a page lands around
+  ``min_bytes + q * item`` bytes. The minimum stops tiny pages (one object per few keys would cost a
+  file and a request each); the maximum bounds a page whatever the keys hash to.
+- *Edits re-chunk locally*: the chunker's decision depends only on the items since the last cut, so
+  an edit re-chunks from the start of the page it falls in until a new cut lands where an old page ended
+  after the last edit; from there the old pages are the new pages. An update of ``k`` keys reads and
+  writes O(k) leaf pages and the O(k log N) interior pages above them.
+
+Interior pages hold, per child, its first key, its digest and its item count; a lookup descends to the
+last child whose first key is <= the key. Ranges (a subtree of the state: every key with one prefix)
+read only the pages that overlap the range. Compared with OCDBT (TensorStore) this has no manifest of
+versions inside the tree and no version-keyed nodes: a version here is a small root record beside it
+(see :mod:`.manifest`), and the tree is only the state at that version.
+
+This module is pure: pages are bytes handed to ``put`` / read back with ``get``; the store does I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import blake3
+import msgpack
+
+from ..errors import CorruptVersion
+
+PAGE_FORMAT: Final = 1
+PAGE_HASH: Final = "blake3"  # names pages (a root record says so, so another could come later)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Chunking parameters: part of a version's root record, since other values give other pages."""
+
+    min_bytes: int = 4096
+    max_bytes: int = 16384
+    q_leaf: int = 16  # about one key in q is a natural boundary of a leaf page
+    q_node: int = 64  # ... of an interior page (its items are small: a key and a digest)
+
+    def to_json(self) -> dict[str, int]:
+        return {"min_bytes": self.min_bytes, "max_bytes": self.max_bytes, "q_leaf": self.q_leaf,
+                "q_node": self.q_node}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Params:
+        if not isinstance(raw, dict):
+            raise ValueError("page parameters must be a map")
+        values = {k: raw.get(k) for k in ("min_bytes", "max_bytes", "q_leaf", "q_node")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values.values()):
+            raise ValueError(f"bad page parameters {raw!r}")
+        return cls(**values)  # type: ignore[arg-type]
+
+
+DEFAULT_PARAMS: Final = Params()
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A page as its parent names it."""
+
+    first: bytes  # the page's first key (b"" for an empty tree's only page)
+    digest: str  # hex BLAKE3 of the page's bytes: its object name
+    count: int  # items below it (leaf items)
+
+
+Get = Callable[[str], bytes]
+Put = Callable[[str, bytes], None]
+
+
+def pack(value: Any) -> bytes:
+    out: bytes = msgpack.packb(value, use_bin_type=True)
+    return out
+
+
+def page_digest(raw: bytes) -> str:
+    return blake3.blake3(raw).hexdigest()
+
+
+def _is_boundary(key: bytes, level: int, q: int) -> bool:
+    h = hashlib.blake2b(key, digest_size=4, person=b"prolly" + bytes([level])).digest()
+    return int.from_bytes(h, "big") % q == 0
+
+
+def encode_leaf(items: list[tuple[bytes, bytes]]) -> bytes:
+    return pack([PAGE_FORMAT, 0, [[k, v] for k, v in items]])
+
+
+def encode_node(level: int, refs: list[Ref]) -> bytes:
+    return pack([PAGE_FORMAT, level, [[r.first, bytes.fromhex(r.digest), r.count] for r in refs]])
+
+
+@dataclass(frozen=True)
+class Page:
+    level: int
+    items: list[tuple[bytes, bytes]]  # level 0
+    refs: list[Ref]  # level > 0
+
+
+def decode_page(raw: bytes, digest: str, where: str) -> Page:
+    """An untrusted page, already checked against ``digest`` by the caller; malformed is CorruptVersion."""
+    try:
+        fmt, level, body = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        if fmt != PAGE_FORMAT or not isinstance(level, int) or not isinstance(body, list):
+            raise ValueError("bad page header")
+        if level == 0:
+            items = [(bytes(k), bytes(v)) for k, v in body]
+            if not all(isinstance(k, bytes) for k, _ in items):
+                raise ValueError("bad key")
+            return Page(0, items, [])
+        refs = [Ref(bytes(f), bytes(d).hex(), int(c)) for f, d, c in body]
+        if not refs or any(len(r.digest) != 64 for r in refs):
+            raise ValueError("bad interior page")
+        return Page(level, [], refs)
+    except Exception as exc:
+        raise CorruptVersion(f"{where}: page {digest[:16]}… is malformed ({exc})") from None
+
+
+class _Chunker:
+    """Cuts one level's item sequence into pages; emits each page through ``put`` as it is cut."""
+
+    def __init__(self, level: int, params: Params, put: Put) -> None:
+        self.level = level
+        self.params = params
+        self.q = params.q_leaf if level == 0 else params.q_node
+        self.put = put
+        self.items: list[Any] = []
+        self.size = 0
+        self.out: list[Ref] = []
+
+    def add(self, key: bytes, item: Any, nbytes: int) -> None:
+        self.items.append(item)
+        self.size += nbytes
+        if self.size >= self.params.max_bytes or (
+                self.size >= self.params.min_bytes and _is_boundary(key, self.level, self.q)):
+            self.cut()
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+    def cut(self) -> None:
+        if self.level == 0:
+            raw = encode_leaf(self.items)
+            first, count = (self.items[0][0] if self.items else b""), len(self.items)
+        else:
+            raw = encode_node(self.level, self.items)
+            first, count = self.items[0].first, sum(r.count for r in self.items)
+        digest = page_digest(raw)
+        self.put(digest, raw)
+        self.out.append(Ref(first, digest, count))
+        self.items, self.size = [], 0
+
+
+def _item_size(key: bytes, value: bytes) -> int:
+    return len(key) + len(value) + 4
+
+
+def _ref_size(ref: Ref) -> int:
+    return len(ref.first) + 40
+
+
+def chunk_leaves(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put) -> list[Ref]:
+    """Cut sorted items into leaf pages; a map with no items is one empty page."""
+    ch = _Chunker(0, params, put)
+    for key, value in items:
+        ch.add(key, (key, value), _item_size(key, value))
+    if not ch.empty or not ch.out:
+        ch.cut()
+    return ch.out
+
+
+def build_levels(leaves: list[Ref], params: Params, put: Put) -> tuple[str, int]:
+    """The interior levels over ``leaves``: (root digest, height); height 0 is a lone leaf page."""
+    level, refs = 0, leaves
+    while len(refs) > 1:
+        level += 1
+        ch = _Chunker(level, params, put)
+        for ref in refs:
+            ch.add(ref.first, ref, _ref_size(ref))
+        if not ch.empty:
+            ch.cut()
+        refs = ch.out
+    return refs[0].digest, level
+
+
+def build(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put) -> tuple[str, list[Ref]]:
+    """A whole tree from sorted, distinct items: (root digest, leaf refs)."""
+    leaves = chunk_leaves(items, params, put)
+    root, _height = build_levels(leaves, params, put)
+    return root, leaves
+
+
+def load_page(get: Get, digest: str, where: str) -> Page:
+    return decode_page(get(digest), digest, where)
+
+
+def leaf_refs(root: str, get: Get, where: str) -> list[Ref]:
+    """Every leaf page of a tree in key order, reading only its interior pages."""
+    page = load_page(get, root, where)
+    if page.level == 0:
+        return [Ref(page.items[0][0] if page.items else b"", root, len(page.items))]
+    out: list[Ref] = []
+
+    def walk(p: Page) -> None:
+        for ref in p.refs:
+            if p.level == 1:
+                out.append(ref)
+            else:
+                walk(load_page(get, ref.digest, where))
+
+    walk(page)
+    return out
+
+
+def iterate(root: str, get: Get, where: str, lo: bytes = b"", hi: bytes | None = None
+            ) -> Iterator[tuple[bytes, bytes]]:
+    """Items with ``lo <= key < hi`` in key order, reading only the pages that overlap that range."""
+    page = load_page(get, root, where)
+    if page.level == 0:
+        for key, value in page.items:
+            if key >= lo and (hi is None or key < hi):
+                yield key, value
+        return
+    firsts = [r.first for r in page.refs]
+    start = max(0, bisect.bisect_right(firsts, lo) - 1)
+    for i in range(start, len(page.refs)):
+        if hi is not None and page.refs[i].first >= hi and i > start:
+            break
+        yield from iterate(page.refs[i].digest, get, where, lo, hi)
+
+
+def walk_pages(root: str, get: Get, where: str, skip: Callable[[str], bool]) -> Iterator[tuple[str, Page]]:
+    """Every page reachable from ``root`` (parents first), not descending below a page ``skip`` says was
+    seen already (the marking of garbage collection: shared subtrees are walked once)."""
+    if skip(root):
+        return
+    page = load_page(get, root, where)
+    yield root, page
+    for ref in page.refs:
+        yield from walk_pages(ref.digest, get, where, skip)
+
+
+def apply(leaves: list[Ref], edits: Mapping[bytes, bytes | None], params: Params, get: Get, put: Put,
+          where: str) -> list[Ref]:
+    """The leaf refs after setting (value) or deleting (``None``) ``edits``' keys.
+
+    Reads the leaf pages the edits fall in, and re-chunks from the start of each until a new cut meets
+    an old page end past the last edit in reach (see the module docstring); every other leaf ref is
+    reused as it is. New pages go to ``put``."""
+    if not edits:
+        return list(leaves)
+    keys = sorted(edits)
+    firsts = [r.first for r in leaves]
+
+    def leaf_of(key: bytes) -> int:
+        return max(0, bisect.bisect_right(firsts, key) - 1)
+
+    out: list[Ref] = []
+    i = e = 0
+    n = len(leaves)
+    while i < n:
+        if e == len(keys):
+            out.extend(leaves[i:])
+            break
+        j = leaf_of(keys[e])
+        if j > i:
+            out.extend(leaves[i:j])
+            i = j
+        ch = _Chunker(0, params, put)
+        while True:
+            hi = firsts[i + 1] if i + 1 < n else None
+            mine: list[bytes] = []
+            while e < len(keys) and (hi is None or keys[e] < hi):
+                mine.append(keys[e])
+                e += 1
+            for key, value in _merged(load_page(get, leaves[i].digest, where).items, mine, edits):
+                ch.add(key, (key, value), _item_size(key, value))
+            i += 1
+            if i == n:
+                if not ch.empty or not (out or ch.out):
+                    ch.cut()
+                break
+            if ch.empty and (e == len(keys) or leaf_of(keys[e]) >= i):
+                break
+        out.extend(ch.out)
+    return out
+
+
+def _merged(items: list[tuple[bytes, bytes]], keys: list[bytes], edits: Mapping[bytes, bytes | None]
+            ) -> Iterator[tuple[bytes, bytes]]:
+    """``items`` with the sorted ``keys`` set or deleted as ``edits`` says."""
+    k = 0
+    for key, value in items:
+        while k < len(keys) and keys[k] < key:
+            new = edits[keys[k]]
+            if new is not None:
+                yield keys[k], new
+            k += 1
+        if k < len(keys) and keys[k] == key:
+            new = edits[key]
+            if new is not None:
+                yield key, new
+            k += 1
+        else:
+            yield key, value
+    for key in keys[k:]:
+        new = edits[key]
+        if new is not None:
+            yield key, new

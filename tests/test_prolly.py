@@ -1,0 +1,271 @@
+"""The prolly tree and the state-as-items encoding of format 2, pure (no files): history independence,
+local rewrites, ranges that read only their pages, and exact round trips of every state shape."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autosaved.errors import CorruptVersion
+from autosaved.storage import prolly
+from autosaved.storage import statepages as sp
+from autosaved.tree import Blob
+
+P = prolly.Params()
+SMALL = prolly.Params(min_bytes=256, max_bytes=1024, q_leaf=4, q_node=4)  # many pages from few items
+
+
+class Pages:
+    """An in-memory page store that counts reads and writes."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, bytes] = {}
+        self.reads: list[str] = []
+        self.writes: list[str] = []
+
+    def put(self, digest: str, raw: bytes) -> None:
+        assert prolly.page_digest(raw) == digest
+        if digest not in self.pages:  # a store writes a page it lacks, and only that
+            self.writes.append(digest)
+        self.pages[digest] = raw
+
+    def get(self, digest: str) -> bytes:
+        self.reads.append(digest)
+        return self.pages[digest]
+
+
+def kv(n: int, size: int = 100, salt: str = "") -> dict[bytes, bytes]:
+    return {f"key{i:07d}".encode(): f"{salt}{i}".encode().ljust(size, b".") for i in range(n)}
+
+
+def tree_of(items: dict[bytes, bytes], params: prolly.Params, pages: Pages) -> tuple[str, list[prolly.Ref]]:
+    root, leaves = prolly.build(sorted(items.items()), params, pages.put)
+    return root, leaves
+
+
+def updated(leaves: list[prolly.Ref], edits: dict[bytes, bytes | None], params: prolly.Params,
+            pages: Pages) -> tuple[str, list[prolly.Ref]]:
+    new = prolly.apply(leaves, edits, params, pages.get, pages.put, "test")
+    root, _height = prolly.build_levels(new, params, pages.put)
+    return root, new
+
+
+@pytest.mark.parametrize(("n", "edits"), [
+    (0, {b"a": b"1"}),  # into an empty tree
+    (1, {b"key0000000": None}),  # the tree becomes empty
+    (5000, {b"key0000000": None}),  # the first key: a page's first key changes
+    (5000, {b"key0004999": None, b"zzz": b"tail"}),  # at the end
+    (5000, {b"key0002500": b"changed"}),  # a value in the middle
+    (5000, {f"key{i:07d}".encode(): None for i in range(1000, 3000)}),  # many pages emptied
+    (5000, {f"key{i:07d}x".encode(): b"ins" for i in range(0, 5000, 7)}),  # inserts everywhere
+    (5000, {b"key0000100": b"x" * 40000}),  # a value larger than a page
+])
+def test_edits_give_the_tree_a_fresh_build_gives(n: int, edits: dict[bytes, bytes | None]) -> None:
+    pages = Pages()
+    items = kv(n)
+    _root, leaves = tree_of(items, P, pages)
+    root, new_leaves = updated(leaves, edits, P, pages)
+    after = {**items, **{k: v for k, v in edits.items() if v is not None}}
+    for k, v in edits.items():
+        if v is None:
+            after.pop(k, None)
+    fresh = Pages()
+    want_root, want_leaves = tree_of(after, P, fresh)
+    assert (root, new_leaves) == (want_root, want_leaves)
+    assert list(prolly.iterate(root, pages.get, "t")) == sorted(after.items())
+
+
+def test_a_change_rewrites_only_the_pages_on_its_path() -> None:
+    pages = Pages()
+    _root, leaves = tree_of(kv(100_000), P, pages)
+    assert len(leaves) > 1000  # three levels
+    pages.reads.clear()
+    pages.writes.clear()
+    root, _ = updated(leaves, {b"key0050000": b"new value"}, P, pages)
+    # one leaf read and written; above it, one page per level (interior pages are rebuilt in memory)
+    assert len(pages.reads) == 1
+    height = prolly.decode_page(pages.pages[root], root, "t").level
+    assert len(pages.writes) == 1 + height
+    # a value change never moves a boundary: the same number of leaves, the same first keys
+    assert [r.first for r in _] == [r.first for r in leaves]
+
+
+def test_a_range_reads_only_the_pages_that_overlap_it() -> None:
+    pages = Pages()
+    root, _leaves = tree_of(kv(100_000), P, pages)
+    pages.reads.clear()
+    got = list(prolly.iterate(root, pages.get, "t", b"key0070000", b"key0070010"))
+    assert [k for k, _ in got] == [f"key{i:07d}".encode() for i in range(70000, 70010)]
+    height = prolly.decode_page(pages.pages[root], root, "t").level
+    assert len(pages.reads) <= height + 2  # the path down, plus a neighbour leaf when the range straddles
+
+
+def test_pages_stay_within_their_bounds() -> None:
+    pages = Pages()
+    _root, leaves = tree_of(kv(20_000, size=150), P, pages)
+    sizes = [len(pages.pages[r.digest]) for r in leaves[:-1]]
+    assert min(sizes) >= P.min_bytes and max(sizes) <= P.max_bytes + 200
+    assert 4096 <= sum(sizes) / len(sizes) <= 16384
+
+
+def test_a_damaged_page_is_reported_as_corrupt() -> None:
+    with pytest.raises(CorruptVersion, match="malformed"):
+        prolly.decode_page(b"\x93\x01\x00\xc0", "ab" * 32, "job version 1")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.binary(min_size=1, max_size=12), st.binary(max_size=60), max_size=400),
+       st.lists(st.tuples(st.binary(min_size=1, max_size=12), st.none() | st.binary(max_size=60)), max_size=80),
+       st.integers(min_value=1, max_value=4))
+def test_same_items_same_root_whatever_the_edit_history(start: dict[bytes, bytes],
+                                                        ops: list[tuple[bytes, bytes | None]], batches: int) -> None:
+    pages = Pages()
+    _root, leaves = tree_of(start, SMALL, pages)
+    state = dict(start)
+    root = _root
+    step = max(1, len(ops) // batches)
+    for i in range(0, len(ops), step):
+        edits = dict(ops[i : i + step])
+        root, leaves = updated(leaves, edits, SMALL, pages)
+        for k, v in edits.items():
+            if v is None:
+                state.pop(k, None)
+            else:
+                state[k] = v
+    want_root, want_leaves = tree_of(state, SMALL, Pages())
+    assert root == want_root and leaves == want_leaves
+
+
+# -- the state as items ----------------------------------------------------------------------------
+
+def blob(data: bytes) -> Blob:
+    return Blob("bytes", "bytes", (len(data),), len(data), data=memoryview(data))
+
+
+def roundtrip(tree: Any) -> Any:
+    blobs: dict[bytes, Blob] = {}
+
+    def value(b: Blob) -> bytes:
+        assert b.data is not None
+        return sp.pack(["B", b.descriptor(), bytes(b.data)])
+
+    entries = list(sp.items(tree, value))
+    assert [k for k, _ in entries] == sorted(k for k, _ in entries)
+    del blobs
+
+    def make(v: list[Any]) -> Blob:
+        return blob(v[2])
+
+    return sp.unflatten(iter(entries), make, "t")
+
+
+STATES = [
+    {},
+    {"a": 1, 1: "int key", "1": "str key", "b": (1, [2, (3,)]), "e": {}, "l": [], "t": ()},
+    {"z": 1, "a": 2, 10: 3, -5: 4},  # insertion order that is not key order
+    {"a\x00": 1, "a": {"x": 2}, "a\x00b": 3, "": {"": ""}},  # NUL and empty keys next to their prefixes
+    {"nan": math.inf, "big": 2**70, "neg": -(2**80), "f": -0.0, "n": None, "t": True, "blob": blob(b"\x00\x01")},
+    {"deep": {"a": {"b": {"c": [[[{"d": 1}]]]}}}},
+    {2**63: 1, -(2**63): 2, 2**64 - 1: 3},  # the int key range
+]
+
+
+@pytest.mark.parametrize("tree", STATES)
+def test_every_state_shape_round_trips_exactly(tree: dict[Any, Any]) -> None:
+    back = roundtrip(tree)
+    assert repr(back) == repr(tree) or _equal(back, tree)
+    assert list(back) == list(tree)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Blob) and isinstance(b, Blob):
+        return bytes(a.data or b"") == bytes(b.data or b"")
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and list(a) == list(b) and all(_equal(a[k], b[k]) for k in a))
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+def _apply_diff(old: Any, new: Any) -> list[tuple[bytes, bytes]]:
+    def value(b: Blob) -> bytes:
+        assert b.data is not None
+        return sp.pack(["B", b.descriptor(), bytes(b.data)])
+
+    have = dict(sp.items(old, value))
+    edits: dict[bytes, bytes | None] = {}
+    sp.diff(old, new, value, edits)
+    for k, v in edits.items():
+        if v is None:
+            have.pop(k, None)
+        else:
+            have[k] = v
+    return sorted(have.items())
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ({"a": 1}, {"a": 1.0}),  # 1 == 1.0 but another type
+    ({"a": {"x": 1}}, {"a": [1]}),  # a mapping becomes a list
+    ({"a": [1, 2, 3]}, {"a": [1]}),
+    ({"a": (1,)}, {"a": [1]}),
+    ({"a": 1, "b": 2}, {"b": 2, "a": 1}),  # only the order changed
+    ({"a": {"b": {"c": 1}}}, {}),
+    ({"a": float("nan")}, {"a": float("nan")}),
+])
+def test_a_diff_gives_the_items_of_the_new_state(old: dict[Any, Any], new: dict[Any, Any]) -> None:
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    assert _apply_diff(old, new) == sorted(sp.items(new, value))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(
+                        st.text(max_size=3) | st.integers(min_value=-3, max_value=3), kids, max_size=4),
+                    max_leaves=20))
+def test_any_json_like_state_round_trips(value: Any) -> None:
+    tree = {"v": value}
+    assert _equal(roundtrip(tree), tree)
+    assert _apply_diff({"v": 0, "w": value}, tree) == sorted(sp.items(tree, lambda b: b""))
+
+
+BIG = {f"k{i:03d}": i for i in range(100)}  # over the size where the diff memoises a mapping's key order
+
+
+@pytest.mark.parametrize("new", [
+    {**BIG, "zzz": 1},  # appended after the rest: still key order, no container edit
+    {**BIG, "a": 1},  # appended but sorts first: the order must be stored
+    {**BIG, "zzz": 1, "zz": 2},  # appended out of order among themselves
+    dict(reversed(BIG.items())),  # the same keys in another order (a Replace)
+    {k: v for k, v in BIG.items() if k != "k050"},  # a key removed
+])
+def test_a_big_mappings_order_follows_it_through_diffs(new: dict[str, int]) -> None:
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    old = {"m": BIG}
+    differ = sp.Differ(value)
+    differ.diff(old, {"m": new})
+    have = dict(sp.items(old, value))
+    for k, v in differ.edits.items():
+        if v is None:
+            have.pop(k, None)
+        else:
+            have[k] = v
+    assert sorted(have.items()) == sorted(sp.items({"m": new}, value))
+    assert list(sp.unflatten(iter(sorted(have.items())), blob, "t")["m"]) == list(new)
+    # and again from what the first diff learned (the next save's memo)
+    newer = {**new, "zzzz": 0}
+    second = sp.Differ(value, differ.learned)
+    second.diff({"m": new}, {"m": newer})
+    for k, v in second.edits.items():
+        if v is None:
+            have.pop(k, None)
+        else:
+            have[k] = v
+    assert list(sp.unflatten(iter(sorted(have.items())), blob, "t")["m"]) == list(newer)
