@@ -158,9 +158,10 @@ class Config(Table):
     preemption: PreemptionSettings = setting(factory=PreemptionSettings)
     # The largest request the daemon receives (checked per frame by libzmq before it is received whole, and
     # over all frames). States bigger than this go through shared memory (the fd socket), not inline.
-    max_message_bytes: int = setting(1024**3, size(), restart=True)
-    # Connections open at once on each stream listener (the fd socket, the metrics port).
-    max_connections: int = setting(256, count(1), restart=True)
+    max_message_bytes: int = setting(256 * 1024**2, size(), restart=True)
+    # Connections open at once on each listener (the ipc socket, the fd socket, the metrics port), all users
+    # together; lowered at start where the fd limit is too small (see daemon/fdlimit.py).
+    max_connections: int = setting(1024, count(1), restart=True)
     shutdown_deadline: float = setting(25.0, duration())
     # The disk's write speed in bytes/s for planning (derived dirty_bytes, the deadline flush); None ("auto"):
     # probed at a disk's first start and remembered (daemon/speedmemo.py). A set value skips both.
@@ -213,6 +214,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start}: {exc.reason})") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
 

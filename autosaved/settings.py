@@ -377,6 +377,12 @@ class QuotaSettings(Table):
     max_shm_bytes: int | None = setting(None, size(off=True))
     # Requests one user may have in flight at once (root included): past it, an error reply "quota".
     max_requests: int = setting(256, count(1))
+    # Connections one user may have open on each listener (the ipc socket, the fd socket), root included:
+    # past it, a new connection is refused (issue 19: idle connections must not use up the daemon's fds).
+    max_connections: int = setting(32, count(1))
+    # Bytes of replies and restore buffers one user may leave unread in the daemon (root included); past
+    # it a reply becomes a "quota" error. None: no limit.
+    max_reply_bytes: int | None = setting(512 * 1024**2, size(off=True))
 
 
 @dataclass(frozen=True)

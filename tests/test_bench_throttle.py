@@ -78,7 +78,8 @@ def _timed_save(c: autosaved.Client, x: np.ndarray) -> tuple[float, float]:
     """A background save of ``x`` (the job's dirty_bytes rule; a save someone waits for is not throttled):
     (seconds, seconds of it the throttle held the writes back)."""
     with autosaved.Admin(address=c.address, timeout=60.0) as admin:
-        latest = admin.status(c.job)["latest_version"]
+        jobs = {j["job"]: j for j in admin.status()["jobs"]}
+        latest = jobs[c.job]["latest_version"] if c.job in jobs else None
         before = admin.status()["daemon"]["throttle"]["throttled_s"]
         started = time.monotonic()
         c.update({"x": x})

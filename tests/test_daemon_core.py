@@ -249,3 +249,25 @@ def test_a_job_waiting_for_its_retry_is_reported_missed_at_the_deadline(tmp_path
     assert out["order"] == ["small", "big"]
     assert notifier.sent[-1] == ("status", "shutdown: 1 of 3 dirty jobs NOT saved before the deadline: mid")
 
+
+
+def test_requests_for_jobs_that_do_not_exist_leave_no_lock_behind(tmp_path: Path) -> None:
+    """Issue 19, defect 9: every ``delete`` of a random name used to leave a lock in the table for ever."""
+    daemon = Daemon(_config(tmp_path), clock=FakeClock(), notifier=RecordingNotifier())
+
+    async def main() -> None:
+        d = daemon.handlers
+        for i in range(500):
+            with pytest.raises(NotFound):
+                await call(d, _req("delete", job=f"nope{i}"))
+            with pytest.raises(NotFound):
+                await call(d, _req("gc", job=f"nope{i}"))
+        assert daemon.table.locks_held() == 0
+        # A loaded job pins its io lock until it is deleted; then nothing is left.
+        await call(d, _update("real", {"x": 1}, seq=1))
+        await call(d, _req("gc", job="real"))
+        assert daemon.table.locks_held() == 1
+        await call(d, _req("delete", job="real"))
+        assert daemon.table.locks_held() == 0 and not daemon.table.jobs
+
+    anyio.run(main)

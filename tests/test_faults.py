@@ -230,13 +230,18 @@ DELTA = '{"last": step, f"s{step}": np.full(20_000, step, dtype=np.int32), f"s{s
 # The second client: explicit saves and online gc of the same job, back to back, and the daemon's
 # counters after each (saves, log records), so the test sees what happened before each kill.
 CONTROLLER = """
-    import json, os
+    import json, os, time
     import autosaved
     with (autosaved.Client("crashy", address=os.environ["ADDRESS"], timeout=300, save_timeout=300) as c,
           autosaved.Admin(address=os.environ["ADDRESS"], timeout=300, save_timeout=300) as admin):
         while True:
             print("save-sent", flush=True)
-            c.save()
+            try:
+                c.save()
+            except autosaved.NotFound:  # a job exists from its first update: the streamer's has not come yet
+                print("save-early", flush=True)
+                time.sleep(0.05)
+                continue
             print("save-done", flush=True)
             print("gc-sent", flush=True)
             (gc,) = admin.gc("crashy")

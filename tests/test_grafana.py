@@ -1,10 +1,12 @@
 """``examples/grafana/autosaved.json`` (issue 22): importable as it is, and every metric it names is one a
-real daemon exports (scraped from ``metrics_address`` after saves and logged updates)."""
+real daemon exports (scraped from ``metrics_address`` after saves, logged updates and an upload to a real
+SeaweedFS, so that the upload metrics exist)."""
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +15,8 @@ from typing import Any
 import autosaved
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY
 from .test_metrics import _free_port
+from .test_replication import remote_config, s3env  # noqa: F401  (the fixture: a real SeaweedFS)
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "examples" / "grafana" / "autosaved.json"
 
@@ -34,7 +36,8 @@ def test_the_dashboard_is_importable_json() -> None:
     assert dash["__inputs"][0]["pluginId"] == "prometheus"  # Grafana asks for the data source on import
     titles = {p["title"] for p in dash["panels"]}
     for wanted in ("Saves per second", "Bytes written by saves", "Save duration (p50, p99)",
-                   "Unsaved (dirty) bytes per job", "Write-ahead log syncs", "Failing jobs and errors"):
+                   "Unsaved (dirty) bytes per job", "Write-ahead log syncs", "Failing jobs and errors",
+                   "Upload backlog", "Upload bytes per second", "Upload errors", "Replicated version and fenced jobs"):
         assert wanted in titles, titles
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
@@ -42,12 +45,14 @@ def test_the_dashboard_is_importable_json() -> None:
         assert p["targets"] and all(t["expr"] for t in p["targets"]), p["title"]
 
 
-def test_every_metric_the_dashboard_names_is_exported(make_daemon: Callable[..., PrivateDaemon]) -> None:
+def test_every_metric_the_dashboard_names_is_exported(s3env: Any,  # noqa: F811
+                                                      make_daemon: Callable[..., PrivateDaemon]) -> None:
     port = _free_port()
-    d = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY)
-    with autosaved.Client("graf", address=d.address) as c:
+    d = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n' + remote_config(s3env, f"graf-{secrets.token_hex(3)}"))
+    with autosaved.Client("graf", address=d.address, save_timeout=60) as c:
         c.update({"w": b"x" * 1000}, wait="logged")
         c.save()
+        c.update({"w": b"y" * 1000}, wait="replicated")  # an upload: the upload metrics, a replicated version
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as resp:
         text = resp.read().decode()
     exported = {re.split(r"[{ ]", line)[0] for line in text.splitlines() if line and not line.startswith("#")}

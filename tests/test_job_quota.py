@@ -113,18 +113,18 @@ def _work_of_a(tmp_path: Path, b_jobs: int) -> dict[str, int]:
             return reply
 
         listings = daemon.table.names.listings
-        await measured("create first", _req("hello", A, job="a1"))
-        await measured("create second", _req("hello", A, job="a2"))
+        await measured("create first", _update("a1", {"w": 1}, seq=1, owner=A))
+        await measured("create second", _update("a2", {"w": 1}, seq=1, owner=A))
         work["owner listings"] = daemon.table.names.listings - listings
         status = await measured("status", _req("status", A))
         assert [j["job"] for j in status.fields["jobs"]] == ["a1", "a2"]  # A's, never B's
         listed = await measured("list", _req("list", A))
         assert [j["job"] for j in listed.fields["jobs"]] == ["a1", "a2"]
-        await measured("create third", _req("hello", A, job="a3"))
+        await measured("create third", _update("a3", {"w": 1}, seq=1, owner=A))
         with pytest.raises(QuotaExceeded, match="already has 3 jobs"):
-            await measured("refused fourth", _req("hello", A, job="a4"))
+            await measured("refused fourth", _update("a4", {"w": 1}, seq=1, owner=A))
         await measured("delete", _req("delete", A, job="a1"))
-        await measured("create after delete", _req("hello", A, job="a4"))
+        await measured("create after delete", _update("a4", {"w": 1}, seq=1, owner=A))
         daemon.table.remove((A, "never-loaded"))  # nothing to let go: a no-op
         assert sorted(j.name for j in daemon.table.jobs_of(A)) == ["a2", "a3", "a4"]
 
@@ -253,7 +253,8 @@ def test_a_slot_request_costs_the_same_whatever_other_users_have_mapped(tmp_path
     slots.conns = conns
     config = Config(address=f"ipc://{tmp_path}/d.sock", state_dir=tmp_path, quota=QuotaSettings(max_shm_bytes=3 * 4096))
     server = FdServer(FdContext(config=lambda: config, slots=slots, boot="b", run=RunState(),
-                                give_to_socket_group=lambda path: None))
+                                give_to_socket_group=lambda path: None, max_conns=lambda: 1024,
+                                replies_held=lambda uid: 0))
     others = [slots.open(B, 100 + i) for i in range(2000)]
     for conn in others[:3]:
         assert slots.add(conn, 1, 4096, [_memfd(4096)])["ok"]
@@ -294,9 +295,9 @@ def _save_work(tmp_path: Path, b_jobs: int) -> dict[str, int]:
             await wait_all_tasks_blocked()  # its first pass (every job, once) is over
             visited, decided = jobs.visited, daemon.scheduler.wakeups.decided
             d = daemon.handlers
-            await call(d, _req("hello", A, job="a1"))
+            await call(d, _update("a1", {"w": 1}, seq=1, owner=A))  # a job exists from its first update
             assert (await call(d, _req("save", A, job="a1"))).fields == {"version": 1, "new": True}
-            await call(d, _update("a1", {"w": 1}, seq=2, owner=A, wait="committed"))
+            await call(d, _update("a1", {"w": 2}, seq=2, owner=A, wait="committed"))
             await wait_all_tasks_blocked()
             work["table entries visited"] = jobs.visited - visited
             work["decisions"] = daemon.scheduler.wakeups.decided - decided

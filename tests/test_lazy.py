@@ -81,7 +81,7 @@ def test_a_background_failure_is_raised_not_dropped(make_daemon) -> None:  # typ
 
 def test_a_fence_copies_the_rest_of_the_update_itself() -> None:
     """The bulk copy is shared: pieces a fencing caller takes are copied in its thread, and the background
-    thread's part returns once every piece is in (issue 21: what is left at the fence runs at the
+    thread's wait returns once every piece is in (issue 21: what is left at the fence runs at the
     trainer's priority, as an eager update would)."""
     import threading
 
@@ -92,7 +92,7 @@ def test_a_fence_copies_the_rest_of_the_update_itself() -> None:
     small = rng.integers(0, 255, 10, dtype=np.uint8)
     dst, dst_small = np.zeros_like(src), np.zeros_like(small)
     shared = SharedCopy([(dst, src), (dst_small, small)])
-    background = threading.Thread(target=shared.run)
+    background = threading.Thread(target=shared.wait)
     shared.work()  # the caller fenced first and took every piece
     assert shared.done.is_set()
     background.start()
@@ -107,6 +107,7 @@ def test_the_background_copy_runs_at_the_lowest_priority(daemon: PrivateDaemon) 
     from autosaved.client.lazy import BACKGROUND_NICE
 
     with LazyClient(Client("prio", address=daemon.address)) as lazy:
-        nice = lazy._worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-    assert nice == BACKGROUND_NICE
+        nice = lazy._copier.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        sender = lazy._worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert nice == BACKGROUND_NICE and sender != BACKGROUND_NICE  # the copy yields; picking a slot does not
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != BACKGROUND_NICE  # the caller's own

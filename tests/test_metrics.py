@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import pytest
 
 import autosaved
 from autosaved.daemon.metrics import Histogram, JobSample, Sample, render
 from autosaved.testing.private import PrivateDaemon
 
-from .conftest import NO_AUTO_POLICY
+from .conftest import NO_AUTO_POLICY, wait_for
+from .test_replication import remote_config, s3env  # noqa: F401  (the fixture: a real SeaweedFS)
 
 
 def _sample(**over: object) -> Sample:
@@ -122,3 +126,61 @@ def test_log_syncs_and_quota_refusals_are_exported(make_daemon: Callable[..., Pr
     assert live["autosaved_log_syncs_total"] >= 1
     assert live["autosaved_log_sync_duration_seconds_count"] == live["autosaved_log_syncs_total"]
     assert live["autosaved_quota_refusals_total"] == 0
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as resp:
+        return values(resp.read().decode())
+
+
+def test_upload_metrics_render_per_job_and_in_total() -> None:
+    from autosaved.daemon.metrics import RemoteSample, ReplicaSample
+
+    assert "autosaved_upload" not in render(_sample())  # no [remote]: no upload series at all
+    remote = RemoteSample(bytes_uploaded=5000, upload_errors=2, replicas=(
+        ReplicaSample(job="a", owner=1, replicated=4, fenced=False, backlog_bytes=100),
+        ReplicaSample(job="b", owner=2, replicated=None, fenced=True, backlog_bytes=70)))
+    got = values(render(_sample(remote=remote)))
+    assert got["autosaved_upload_bytes_total"] == 5000 and got["autosaved_upload_errors_total"] == 2
+    assert got["autosaved_upload_backlog_bytes"] == 100  # a fenced job uploads nothing more: not a backlog
+    assert got['autosaved_job_upload_backlog_bytes{job="a",owner="1"}'] == 100
+    assert got['autosaved_job_replicated_version{job="a",owner="1"}'] == 4
+    assert 'autosaved_job_replicated_version{job="b",owner="2"}' not in got  # nothing in the bucket yet
+    assert got['autosaved_job_fenced{job="a",owner="1"}'] == 0 and got['autosaved_job_fenced{job="b",owner="2"}'] == 1
+
+
+def test_live_throttle_rate_is_exported(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    # The sample never carried the rate, so the gauge never appeared even under a cap.
+    port = _free_port()
+    # The adaptive rate off: the cap alone is the rate, however busy the disk is.
+    throttle = '[throttle]\nenabled = false\nmax_write_rate = "64MiB"\n'
+    d = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n' + NO_AUTO_POLICY + throttle)
+    with autosaved.Client("t", address=d.address) as c:
+        c.update({"w": b"x" * 100}, wait="logged")
+        assert _scrape(port)["autosaved_throttle_bytes_per_second"] == 64 * 2**20
+
+
+def test_live_upload_metrics_move_after_an_upload(s3env: Any,  # noqa: F811
+                                                  make_daemon: Callable[..., PrivateDaemon]) -> None:
+    port = _free_port()
+    d = make_daemon(f'metrics_address = "127.0.0.1:{port}"\n'
+                    + remote_config(s3env, f"metrics-{secrets.token_hex(3)}"))
+    with autosaved.Client("up", address=d.address, save_timeout=60) as c:
+        ack = c.update({"w": np.arange(100_000, dtype=np.float32)}, wait="replicated")
+    assert ack.level == "replicated" and ack.version is not None
+    got, key = _scrape(port), f'{{job="up",owner="{os.geteuid()}"}}'
+    assert got["autosaved_upload_bytes_total"] >= 400_000  # the array's chunks went up
+    assert got["autosaved_upload_backlog_bytes"] == 0 and got[f"autosaved_job_upload_backlog_bytes{key}"] == 0
+    assert got[f"autosaved_job_replicated_version{key}"] == ack.version
+    assert got[f"autosaved_job_fenced{key}"] == 0 and got["autosaved_upload_errors_total"] == 0
+    # The store down: the next version waits in the backlog and each failed try counts as an error.
+    s3env.pause()
+    try:
+        with autosaved.Client("up", address=d.address, save_timeout=60) as c:
+            c.update({"w": np.arange(100_001, dtype=np.float32)}, wait="committed")
+        down = wait_for(lambda: (m := _scrape(port))["autosaved_upload_errors_total"] > 0 and m, timeout=30)
+        assert down["autosaved_upload_backlog_bytes"] > 0  # type: ignore[index]
+        assert down[f"autosaved_job_replicated_version{key}"] == ack.version  # type: ignore[index]
+    finally:
+        s3env.resume()
+    wait_for(lambda: _scrape(port)["autosaved_upload_backlog_bytes"] == 0, timeout=60)

@@ -125,3 +125,19 @@ def test_readme_documents_every_config_key_with_a_valid_example(tmp_path: Path) 
     assert set(raw["policy"]) == set(PolicySettings().to_wire()) and set(raw["quota"]) == {
         f.name for f in dataclasses.fields(QuotaSettings)}
     parse_config_table(raw, Config(address="ipc:///tmp/x.sock", state_dir=tmp_path))
+
+
+def test_a_file_that_is_not_utf8_is_rejected_and_the_watcher_keeps_watching(
+    make_daemon: Callable[..., PrivateDaemon],
+) -> None:
+    """Issue 19, defect 10: a non-UTF-8 file ended the watcher for good (later edits were ignored)."""
+    d = make_daemon(SLOW)
+    tmp = d.config_path.with_name(d.config_path.name + ".new")
+    tmp.write_bytes(SLOW.encode() + b'# caf\xe9 (latin-1)\n')
+    os.replace(tmp, d.config_path)
+    wait_for(lambda: f"config reload rejected trigger=file-change file={d.config_path} error=config file "
+             f"{d.config_path}: not UTF-8" in d.log(), timeout=60)
+    _rewrite(d.config_path, SLOW.replace('"1h"', '"3h"'))  # a valid edit afterwards is applied
+    with autosaved.Client("u", address=d.address) as c:
+        wait_for(lambda: c.status()["policy"]["interval"] == 10800.0, timeout=60)
+    assert "trigger=file-change" in d.log() and d.proc is not None and d.proc.poll() is None

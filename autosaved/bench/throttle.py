@@ -237,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
         "fg_alone_mbps": med("alone", "mbps"),
         "fg_unthrottled_mbps": med("unthrottled", "mbps"),
         "fg_throttled_mbps": med("throttled", "mbps"),
+        "fg_waited_mbps": med("waited", "mbps"),
+        "fg_raw_mbps": med("raw", "mbps"),
         "fg_p99_latency_ms": {c: med(c, "p99_ms") for c in CONDITIONS},
         **{f"save_{c}_s": round(statistics.median(saves[c]), 3) for c in SAVES},
     }

@@ -223,6 +223,9 @@ class SlotPool:
         except BaseException:
             conn.close()
             raise
+        if not isinstance(hello, dict) or "token" not in hello:  # refused (quota.max_connections): inline then
+            conn.close()
+            raise SlotRefused(str(hello.get("message", "refused")) if isinstance(hello, dict) else "refused")
         self.conn, self.token, self.boot = conn, str(hello["token"]), str(hello["boot"])
 
     def _request(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from ..shm import fd_socket_path
 from ..storage.faults import point
 from ..storage.local import Store
 from . import preempt
+from .fdlimit import listener_cap, raise_nofile
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
 from .health import health
@@ -100,6 +101,7 @@ class Daemon:
         self._stop = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._signals: AsyncIterator[int] | None = None
+        self.fd_limit = 1024  # the soft fd limit (raised to the hard one at start)
         self.reloader = Reloader(ReloadContext(config=lambda: self.config, apply_config=self.apply_config))
         self.save_durations = Histogram()
         self.writer.observe_duration = self.save_durations.observe
@@ -116,11 +118,13 @@ class Daemon:
             config=lambda: self.config, run=self.run_state, jobs=self.jobs, jobs_of=self.table.jobs_of,
             ledger=self.table.ledger, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
-            durations=self.save_durations, pid=self.pid, boot=self.boot,
+            durations=self.save_durations, pid=self.pid, boot=self.boot, edge=self.edge_report,
             log_sync_durations=self.log_sync_durations,
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
-                                            run=self.run_state, give_to_socket_group=self._give_to_socket_group))
+                                            run=self.run_state, give_to_socket_group=self._give_to_socket_group,
+                                            max_conns=self.listener_cap,
+                                            replies_held=lambda uid: self.rpc.replies.queued(uid)[0]))
         self.flush_ctx = FlushContext(
             config=lambda: self.config, jobs=self.jobs, writer=self.writer, clock=clock, notifier=self.notifier,
             replicator=self.replicator, begin_save=self._begin_save, wait_save_done=self.scheduler.wait_save_done,
@@ -130,10 +134,12 @@ class Daemon:
             replicator=self.replicator, clock=clock, poke=self.scheduler.poke_job, poke_for=self.scheduler.poke_for,
             shutting_down=lambda: self.run_state.shutting_down, promote=self.writer.promote, boot=self.boot,
             pid=self.pid, uid=self.uid, status=self.reports.status, list_jobs=self.reports.list_jobs,
+            reply_reserve=lambda uid, size: self.rpc.reply_reserve(uid, size),
         ))
         self.rpc = RpcServer(RpcServerContext(
             config=lambda: self.config, start=self.handlers.start, run=self.run_state, clock=clock, boot=self.boot,
-            uid=self.uid, give_to_socket_group=self._give_to_socket_group,
+            uid=self.uid, give_to_socket_group=self._give_to_socket_group, listener_cap=self.listener_cap,
+            restore_bytes=self.fd_server.restore_bytes,
         ))
 
     def apply_config(self, new: Config, *, reconfigure_io: bool = True) -> None:
@@ -186,6 +192,10 @@ class Daemon:
             # Before serving, so every job starts with the derived dirty_bytes and no client ever sees the
             # probe's temp file.
             self.apply_config(await self.io.measure_speed(), reconfigure_io=False)
+            self.fd_limit = raise_nofile()
+            if self.listener_cap() < self.config.max_connections:
+                log.warning("the fd limit (%d) holds only %d connections per listener, not max_connections=%d; "
+                            "raise LimitNOFILE", self.fd_limit, self.listener_cap(), self.config.max_connections)
             self.rpc.bind(stack)
             remote_up = True
             if self.replicator is not None:
@@ -205,7 +215,7 @@ class Daemon:
                 self._supervise(tg, "watchdog", self._watchdog)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
-                                    self.config.max_connections, self._health)
+                                    self.listener_cap(), self._health)
                 self._supervise(tg, "iocontrol", self.io.run)
                 if self.replicator is not None and not remote_up:
                     self._supervise(tg, "probe", self.replicator.probe_later)
@@ -236,6 +246,16 @@ class Daemon:
     def _stopped(self) -> None:
         self.notifier.close()
         self.run_state.phase = Phase.STOPPED
+
+    def edge_report(self) -> dict[str, Any]:
+        """The fd limit, and the connections each capped listener holds and refused."""
+        return {"fd_limit": self.fd_limit, "connection_cap": self.listener_cap(),
+                "fd_socket": {"open": sum(self.fd_server.by_uid.values()), "refused": self.fd_server.refused},
+                "job_locks": self.table.locks_held(), **self.rpc.edge_report()}
+
+    def listener_cap(self) -> int:
+        """Connections each listener may hold at once (``max_connections``, fitted to the fd limit)."""
+        return listener_cap(self.config.max_connections, self.fd_limit)
 
     def _give_to_socket_group(self, path: Path) -> None:
         give_to_socket_group(self.config, path)

@@ -18,9 +18,10 @@ import anyio
 import anyio.abc
 import msgpack
 
-from ..errors import AutosavedError
+from ..errors import AutosavedError, QuotaExceeded
 from ..storage.faults import point
 from .accept import serve_capped
+from .replybudget import over_budget, unread_bytes
 from .runstate import RunState
 from .slottable import SlotTable
 
@@ -38,11 +39,31 @@ class FdContext:
     run: RunState
     # Gives a socket file to the clients' group, if one is configured (AutosavedError when it cannot).
     give_to_socket_group: Callable[[Path], None]
+    # Connections open at once, all users together (max_connections fitted to the fd limit).
+    max_conns: Callable[[], int]
+    # Bytes of ZeroMQ replies a user has queued and not read (quota.max_reply_bytes covers both).
+    replies_held: Callable[[int], int]
 
 
 class FdServer:
     def __init__(self, ctx: FdContext) -> None:
         self.ctx = ctx
+        # Open connections per uid, for quota.max_connections.
+        self.by_uid: dict[int, int] = {}
+        self.refused = 0
+        # Restore memfds sent and not yet read, per uid (see replybudget.py).
+        self._restore_bytes: dict[int, int] = {}
+
+    def restore_bytes(self, uid: int | None) -> int:
+        """Bytes of restore buffers ``uid`` (None: everyone) was sent and has not read."""
+        return sum(self._restore_bytes.values()) if uid is None else self._restore_bytes.get(uid, 0)
+
+    def _charge(self, uid: int, delta: int) -> None:
+        left = self._restore_bytes.get(uid, 0) + delta
+        if left > 0:
+            self._restore_bytes[uid] = left
+        else:
+            self._restore_bytes.pop(uid, None)
 
     async def run(self, path: str, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Accept clients' memfds (see :mod:`autosaved.shm`); one connection per client, whose end
@@ -62,7 +83,7 @@ class FdServer:
         try:
             while True:
                 try:
-                    await serve_capped(listener, self._conn, max_conns=self.ctx.config().max_connections,
+                    await serve_capped(listener, self._conn, max_conns=self.ctx.max_conns(),
                                        name=f"fd socket {path}")
                 except Exception:  # the listener itself broke: log, pause, accept again
                     log.exception("fd socket %s: accept loop failed; restarting it", path)
@@ -76,13 +97,47 @@ class FdServer:
     async def _conn(self, stream: Any) -> None:
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        cap = self.ctx.config().quota.max_connections
+        if self.by_uid.get(uid, 0) >= cap:
+            self.refused += 1
+            message = (f"quota.max_connections: uid {uid} has {self.by_uid[uid]} connections open on the fd socket "
+                       f"(the limit is {cap})")
+            log.warning("refused a slot connection pid=%d: %s", pid, message)
+            with contextlib.suppress(Exception):
+                async with stream:
+                    with anyio.move_on_after(1):
+                        await stream.send(msgpack.packb({"ok": False, "code": "quota", "message": message}))
+            return
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
+        try:
+            await self._serve_conn(stream, pid, uid)
+        finally:
+            left = self.by_uid[uid] - 1
+            if left:
+                self.by_uid[uid] = left
+            else:
+                del self.by_uid[uid]
+
+    async def _serve_conn(self, stream: Any, pid: int, uid: int) -> None:
         conn = self.ctx.slots.open(uid, pid)
         log.debug("slot connection opened pid=%d uid=%d", pid, uid)
         send_lock = anyio.Lock()
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        unread = [0]  # restore bytes sent on this connection since its send queue was last seen empty
 
         async def send_fds(msg: bytes, fds: list[int]) -> None:
             async with send_lock:  # replies here and restore buffers from request handlers share the stream
+                if unread[0] and unread_bytes(raw) == 0:  # the client read everything sent so far
+                    self._charge(uid, -unread[0])
+                    unread[0] = 0
+                size = sum(os.fstat(fd).st_size for fd in fds)
+                held = self.restore_bytes(uid) + self.ctx.replies_held(uid)
+                why = over_budget(uid, held, size, self.ctx.config().quota.max_reply_bytes)
+                if why is not None:
+                    raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held})
                 await stream.send_fds(msg, fds)
+                unread[0] += size
+                self._charge(uid, size)
 
         async def send(msg: bytes) -> None:
             async with send_lock:
@@ -108,6 +163,7 @@ class FdServer:
             log.exception("slot connection pid=%d failed; closing it", pid)
         finally:
             log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
+            self._charge(uid, -unread[0])
             self.ctx.slots.close(conn)
 
     def _request(self, conn: Any, msg: bytes, fds: list[int]) -> dict[str, Any]:

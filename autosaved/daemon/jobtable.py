@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -24,6 +25,7 @@ from ..storage.wal import WalWriter
 from .accounting import Ledger
 from .jobcount import JobNames
 from .jobs import Job, JobKey
+from .keylocks import KeyedLocks
 
 if TYPE_CHECKING:
     from .replicator import Replicator
@@ -47,12 +49,12 @@ class JobTable:
                               lambda owner: list(self.by_owner.get(owner, ())))
         # What the held jobs' states cost, per owner, and which client slots they read: see accounting.py.
         self.ledger = Ledger()
-        # One lock per (owner, job), never dropped: loading, deleting and recreating a job are serialised
+        # One lock per (owner, job) while in use: loading, deleting and recreating a job are serialised
         # by it, so no request is ever acknowledged for a job whose folder is being deleted.
-        self._load_locks: dict[JobKey, anyio.Lock] = {}
+        self._load_locks: KeyedLocks[JobKey] = KeyedLocks()
         # One io lock per (owner, job), whether the job is loaded or not: saves, gc and verify of a job
-        # exclude each other through it (a Job takes it over when loaded).
-        self._io_locks: dict[JobKey, anyio.Lock] = {}
+        # exclude each other through it (a loaded Job pins it as its io_lock until it is removed).
+        self._io_locks: KeyedLocks[JobKey] = KeyedLocks()
 
     def __iter__(self) -> Iterator[Job]:
         return iter(list(self.jobs.values()))
@@ -61,6 +63,7 @@ class JobTable:
         """Take a job in: from now on its state is charged to its owner."""
         assert job.key not in self.jobs and job.ledger is None
         self.jobs[job.key] = job
+        job.io_lock = self._io_locks.pin(job.key)  # the key's io lock, kept while the job is loaded
         self.by_owner.setdefault(job.owner, {})[job.name] = job
         self.names.add(job.owner, job.name)
         job.ledger = self.ledger
@@ -69,6 +72,8 @@ class JobTable:
     def remove(self, key: JobKey) -> None:
         """Let a job go (delete): its state is no longer charged to its owner."""
         job = self.jobs.pop(key, None)
+        if job is not None:
+            self._io_locks.unpin(key)
         mine = self.by_owner.get(key[0])
         if job is not None and mine is not None and mine.get(key[1]) is job:
             del mine[key[1]]
@@ -89,11 +94,15 @@ class JobTable:
         if (owner, name) not in self.jobs:
             self.names.forget(owner, name)
 
-    def key_lock(self, key: JobKey) -> anyio.Lock:
-        return self._load_locks.setdefault(key, anyio.Lock())
+    def key_lock(self, key: JobKey) -> AbstractAsyncContextManager[None]:
+        return self._load_locks.hold(key)
 
-    def io_lock(self, key: JobKey) -> anyio.Lock:
-        return self._io_locks.setdefault(key, anyio.Lock())
+    def io_lock(self, key: JobKey) -> AbstractAsyncContextManager[None]:
+        return self._io_locks.hold(key)
+
+    def locks_held(self) -> int:
+        """Locks the table holds now (bounded by jobs loaded plus requests in flight; issue 19, defect 9)."""
+        return len(self._load_locks) + len(self._io_locks)
 
     async def find(self, owner: int, name: str) -> Job | None:
         """The job, loaded (log replayed) if it exists on disk, or ``None`` if there is no such job."""
@@ -138,7 +147,7 @@ class JobTable:
                 raise StorageError(f"cannot open job {name!r}: {exc}") from exc
             log_bytes = recovered.replay.bytes if recovered is not None else 0
             job = Job(owner=owner, name=name, store=store, settings=self.policy(),
-                      wal=WalWriter(store.log_dir, size=log_bytes), io_lock=self.io_lock(key))
+                      wal=WalWriter(store.log_dir, size=log_bytes))
             if recovered is not None:
                 job.root = recovered.tree
                 job.sessions = dict(recovered.sessions)

@@ -67,6 +67,24 @@ class JobSample:
 
 
 @dataclass(frozen=True)
+class ReplicaSample:
+    """One job the replicator holds (with ``[remote]``)."""
+
+    job: str
+    owner: int
+    replicated: int | None  # newest local version in the bucket
+    fenced: bool  # another host took the job over: this one uploads nothing more of it
+    backlog_bytes: int  # bytes of committed versions still to upload
+
+
+@dataclass(frozen=True)
+class RemoteSample:
+    bytes_uploaded: int
+    upload_errors: int
+    replicas: tuple[ReplicaSample, ...]
+
+
+@dataclass(frozen=True)
 class Sample:
     uptime_s: float
     requests: int
@@ -86,6 +104,8 @@ class Sample:
     log_syncs: int = 0
     log_sync_durations: Histogram | None = None
     quota_refusals: int = 0
+    # With ``[remote]``: upload counters and the jobs the replicator holds; ``None`` without it.
+    remote: RemoteSample | None = None
 
 
 def _epoch(iso: str | None) -> float | None:
@@ -122,6 +142,8 @@ def families(s: Sample) -> Iterator[Metric]:
     yield counter("autosaved_log_syncs_total", "Write-ahead log group commits (one fdatasync each).", s.log_syncs)
     yield counter("autosaved_quota_refusals_total", "Requests refused by a per-user quota.", s.quota_refusals)
     yield gauge("autosaved_jobs", "Jobs held by the daemon.", len(s.jobs))
+    if s.remote is not None:
+        yield from _remote_families(s.remote)
     yield from s.durations.collect()
     if s.log_sync_durations is not None:
         yield from s.log_sync_durations.collect()
@@ -153,6 +175,33 @@ def families(s: Sample) -> Iterator[Metric]:
     yield per_job(GaugeMetricFamily("autosaved_job_last_save_timestamp_seconds",
                                     "Wall time of the newest committed version.", labels=labels),
                   lambda j: _epoch(j.last_save_time))
+
+
+def _remote_families(r: RemoteSample) -> Iterator[Metric]:
+    yield CounterMetricFamily("autosaved_upload_bytes_total", "Bytes of chunks sent to the remote store.",
+                              value=r.bytes_uploaded)
+    yield CounterMetricFamily("autosaved_upload_errors_total",
+                              "Failed uploads, catch-ups and lease renewals (each retry counts).",
+                              value=r.upload_errors)
+    yield GaugeMetricFamily("autosaved_upload_backlog_bytes",
+                            "Bytes of committed versions not yet uploaded, all jobs (fenced ones excluded).",
+                            value=sum(j.backlog_bytes for j in r.replicas if not j.fenced))
+    labels = ["job", "owner"]
+    backlog = GaugeMetricFamily("autosaved_job_upload_backlog_bytes",
+                                "Bytes of committed versions not yet uploaded, per job.", labels=labels)
+    replicated = GaugeMetricFamily("autosaved_job_replicated_version",
+                                   "Newest version of the job in the remote store.", labels=labels)
+    fenced = GaugeMetricFamily("autosaved_job_fenced", "1 once another host took the job over (uploads stop).",
+                               labels=labels)
+    for j in r.replicas:
+        key = [j.job, str(j.owner)]
+        backlog.add_metric(key, j.backlog_bytes)
+        if j.replicated is not None:
+            replicated.add_metric(key, j.replicated)
+        fenced.add_metric(key, 1 if j.fenced else 0)
+    yield backlog
+    yield replicated
+    yield fenced
 
 
 class _SampleCollector(Collector):

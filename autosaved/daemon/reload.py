@@ -66,6 +66,11 @@ class Reloader:
                 log.error("config reload rejected trigger=%s file=%s error=%s; keeping the running config",
                           trigger, current.config_file, exc.message)
                 return False
+            except Exception as exc:  # anything else a file can make a parser do: the same, never the watcher's end
+                self.failures += 1
+                log.error("config reload rejected trigger=%s file=%s error=%s; keeping the running config",
+                          trigger, current.config_file, exc, exc_info=exc)
+                return False
             for key in ignored:
                 log.warning("config reload: %s changed in %s; it takes effect at the next restart",
                             key, current.config_file)
@@ -92,9 +97,20 @@ class Reloader:
 
         # The directory, not the file: an editor that renames a new file over the old one would leave an
         # inotify watch on the file itself pointing at a deleted inode.
-        try:
-            async for _changes in watchfiles.awatch(target.parent, watch_filter=ours, debounce=200, step=50,
-                                                     recursive=False):
-                await self.reload("file-change")
-        except Exception as exc:  # a watcher that dies must not take the daemon down with it
-            log.error("watching %s failed (%s); the config is now reloaded on SIGHUP only", target, exc)
+        backoff = 1.0
+        while True:
+            try:
+                async for _changes in watchfiles.awatch(target.parent, watch_filter=ours, debounce=200, step=50,
+                                                         recursive=False):
+                    backoff = 1.0
+                    try:
+                        await self.reload("file-change")
+                    except Exception:  # one failed reload is logged; the watcher keeps watching (issue 19)
+                        self.failures += 1
+                        log.exception("config reload trigger=file-change failed; keeping the running config")
+                return
+            except Exception as exc:  # the watch itself broke (the directory went away...): watch again later
+                log.error("watching %s failed (%s); watching again in %.0fs (SIGHUP reloads meanwhile)",
+                          target, exc, backoff)
+            await anyio.sleep(backoff)
+            backoff = min(60.0, backoff * 2)

@@ -80,12 +80,17 @@ class Replica:
     versions_uploaded: int = 0
     last_gc: float = 0.0
 
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes still to upload of the queued versions (estimated until each upload counts them)."""
+        return sum(self.queued_bytes.get(v, 0) for v in self.queue)
+
     def status(self) -> dict[str, Any]:
         return {
             "replicated_version": self.replicated,
             "replicated_at": self.replicated_at,  # unix time the newest replicated version reached the bucket
             "backlog_versions": len(self.queue),
-            "backlog_bytes": sum(self.queued_bytes.get(v, 0) for v in self.queue),
+            "backlog_bytes": self.backlog_bytes,
             "last_error": self.last_error,
             "fenced": self.fenced,
             "lease_epoch": self.lease.epoch if self.lease else None,
@@ -199,6 +204,9 @@ class Replicator:
         self.catch_ups = anyio.CapacityLimiter(8)
         # Bytes/s uploads reached when not held back (moving average); None until measured.
         self.upload_speed: float | None = None
+        # Daemon-wide counters for the metrics endpoint: they outlive a forgotten (deleted) job's record.
+        self.bytes_uploaded = 0
+        self.upload_errors = 0  # failed catch-ups, uploads and lease renewals (each retry counts)
         # Deleted jobs whose objects in the bucket are still to delete: a record per job under
         # ``pending_dir`` (written before the local folder goes, so a crash never forgets one), and an
         # event set once the bucket is rid of them. Until then nothing of the job is read from the bucket
@@ -538,7 +546,7 @@ class Replicator:
     def backlog_bytes(self) -> dict[JobKey, int]:
         """Per job, the bytes still to upload of its committed versions (estimated until each upload
         counts them exactly)."""
-        return {k: sum(r.queued_bytes.get(v, 0) for v in r.queue) for k, r in self.replicas.items()
+        return {k: r.backlog_bytes for k, r in self.replicas.items()
                 if r.queue and not r.fenced}  # a fenced job uploads nothing more: it takes no link time
 
     def backlog(self) -> list[tuple[JobKey, list[int]]]:
@@ -572,7 +580,7 @@ class Replicator:
                     await self._catch_up(replica, local_ids)
                 break
             except (RemoteError, OSError) as exc:
-                replica.last_error = str(exc)
+                self._failed(replica, str(exc))
                 await anyio.sleep(backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF))
                 attempt += 1
         attempt = 0
@@ -592,13 +600,13 @@ class Replicator:
                 self._fence(replica, str(exc))
                 return
             except LeaseHeld as exc:
-                replica.last_error = str(exc)
+                self._failed(replica, str(exc))
                 delay = backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF)
                 await anyio.sleep(min(delay, self.settings.lease_ttl / 2))
                 attempt += 1
                 continue
             except (RemoteError, OSError, TimeoutError) as exc:
-                replica.last_error = str(exc)
+                self._failed(replica, str(exc))
                 delay = backoff(attempt, base=FIRST_BACKOFF, cap=MAX_BACKOFF)
                 attempt += 1
                 log.warning("upload failed job=%s version=%d retry_in=%.1fs error=%s", replica.key[1], version,
@@ -608,7 +616,7 @@ class Replicator:
             except (CorruptVersion, AutosavedError) as exc:
                 # The local version cannot be read: nothing to upload for it; say so loudly.
                 log.error("cannot replicate job=%s version=%d: %s", replica.key[1], version, exc)
-                replica.last_error = f"version {version} not replicated: {exc}"
+                self._failed(replica, f"version {version} not replicated: {exc}")
                 replica.queue.remove(version)
                 continue
             attempt = 0
@@ -624,9 +632,13 @@ class Replicator:
     def _renew_every(self, replica: Replica) -> float:
         return self.settings.lease_ttl / 3 if replica.lease is not None else math.inf
 
+    def _failed(self, replica: Replica, why: str) -> None:
+        replica.last_error = why
+        self.upload_errors += 1
+
     def _fence(self, replica: Replica, why: str) -> None:
         replica.fenced = why
-        replica.last_error = why
+        self._failed(replica, why)
         replica.lease = None
         log.error("fenced job=%s: %s", replica.key[1], why)
         for _, event in replica.waiters:
@@ -650,7 +662,7 @@ class Replicator:
         except Fenced as exc:
             self._fence(replica, str(exc))
         except (RemoteError, OSError) as exc:
-            replica.last_error = str(exc)
+            self._failed(replica, str(exc))
 
     async def _catch_up(self, replica: Replica, local_ids: list[int]) -> None:
         """After a (re)start: the newest local version the bucket has, and the local ones after it."""
@@ -689,6 +701,7 @@ class Replicator:
         def sent(nbytes: int) -> None:
             # Bytes sent count even when the bucket answered 412 (it had the chunk after all).
             replica.bytes_uploaded += nbytes
+            self.bytes_uploaded += nbytes
             replica.chunks_uploaded += 1
             replica.queued_bytes[version] = max(0, replica.queued_bytes.get(version, 0) - nbytes)
 

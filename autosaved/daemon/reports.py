@@ -3,6 +3,7 @@ sample the metrics endpoint renders. Reads only; it gets a narrow context, never
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from .. import __version__
 from ..deadline import estimate_s
 from ..tree import Walked
 from .jobs import Job, JobKey
-from .metrics import Histogram, JobSample, Sample
+from .metrics import Histogram, JobSample, RemoteSample, ReplicaSample, Sample
 from .runstate import RunState
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class ReportContext:
     pid: int
     boot: str
     log_sync_durations: Histogram | None = None
+    # What the daemon's edge holds and refused (connections, the fd limit): see Daemon.edge_report.
+    edge: Callable[[], dict[str, Any]] = dict
 
 
 class Reports:
@@ -73,6 +76,7 @@ class Reports:
             reloads=reloader.reloads, reload_failures=reloader.failures, task_restarts=run.task_failures,
             durations=self.ctx.durations, log_syncs=self.ctx.wal.syncs, log_sync_durations=self.ctx.log_sync_durations,
             quota_refusals=run.quota_refusals,
+            throttle_rate=self._throttle_rate(), remote=self._remote_sample(),
             jobs=tuple(
                 JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
                           dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), state_bytes=j.root.cost,
@@ -81,6 +85,22 @@ class Reports:
                 for j in self.ctx.jobs.values()
             ),
         )
+
+    def _throttle_rate(self) -> float | None:
+        """The pacing rate of background saves, when one applies (unlimited: no series)."""
+        rate = self.ctx.writer.bucket.effective_rate()
+        return None if math.isinf(rate) else rate
+
+    def _remote_sample(self) -> RemoteSample | None:
+        """The replicator's counters: O(jobs it holds + their queued versions), no walk of any tree."""
+        rep = self.ctx.replicator
+        if rep is None:
+            return None
+        replicas = tuple(
+            ReplicaSample(job=name, owner=owner, replicated=r.replicated, fenced=r.fenced is not None,
+                          backlog_bytes=r.backlog_bytes)
+            for (owner, name), r in rep.replicas.items())
+        return RemoteSample(bytes_uploaded=rep.bytes_uploaded, upload_errors=rep.upload_errors, replicas=replicas)
 
     @staticmethod
     def _save_progress(job: Job, now: float) -> dict[str, Any]:
@@ -125,6 +145,7 @@ class Reports:
                 "preempted": self.ctx.run.preempted,
                 "throttle": self.ctx.io.status(),
                 "remote": self.ctx.replicator.summary() if self.ctx.replicator is not None else None,
+                "edge": self.ctx.edge(),
             },
             "jobs": jobs,
         }

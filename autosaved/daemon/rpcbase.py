@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +132,8 @@ class RpcContext:
     uid: int
     status: Callable[[int | None], dict[str, Any]]
     list_jobs: Callable[[int | None], list[dict[str, Any]]]
+    # Charge the bytes a reply is about to be built of to its user (quota.max_reply_bytes), or refuse.
+    reply_reserve: Callable[[int, int], AbstractContextManager[None]] = lambda _uid, _size: nullcontext()
 
 
 class HandlerBase:

@@ -96,6 +96,12 @@ class RestoreOps(HandlerBase):
 
     async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: Any, info: dict[str, Any]) -> Reply:
         node, blobs = to_node(tree)
+        # What the reply may make the daemon hold (read buffers, a memfd) is charged before it is read.
+        with self.ctx.reply_reserve(req.owner, sum(b.nbytes for b in blobs)):
+            return await self._build_tree_reply(req, store, node, blobs, info)
+
+    async def _build_tree_reply(self, req: RpcRequest, store: JobStorage, node: Any, blobs: list[Blob],
+                                info: dict[str, Any]) -> Reply:
         shm = await self._restore_through_memfd(req, store, blobs)
         placed = {i for i, _ in shm["refs"]} if shm else set()
         live = self.ctx.slots.live_mappings()

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,8 @@ from ..errors import AutosavedError, Forbidden, InternalError, MessageTooLarge, 
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
 from ..storage import faults
 from ..storage.faults import point
+from .connguard import ConnGuard
+from .replybudget import SEND_HWM, TRACK_MIN, ReplyBudget, over_budget
 from .rpcbase import Deferred, Reply, RpcRequest, Started
 from .rpcsocket import Receiver, SharedSocket
 from .runstate import RunState
@@ -60,6 +62,10 @@ class RpcServerContext:
     uid: int  # the daemon's own: every tcp peer acts as it
     # Gives a socket file to the clients' group, if one is configured (AutosavedError when it cannot).
     give_to_socket_group: Callable[[Path], None]
+    # Connections each listener may hold at once (max_connections, fitted to the fd limit).
+    listener_cap: Callable[[], int]
+    # Bytes of restore buffers (memfds) the fd server holds for a uid (None: for everyone).
+    restore_bytes: Callable[[int | None], int]
 
 
 class RpcServer:
@@ -69,6 +75,10 @@ class RpcServer:
         self._tg: anyio.abc.TaskGroup | None = None
         self._sock: zmq.Socket[Any] | None = None
         self._receiver: Receiver | None = None
+        # The connection guard of the ipc socket.
+        self.conn_guard: ConnGuard | None = None
+        # Big replies each user has queued and not yet read (quota.max_reply_bytes).
+        self.replies = ReplyBudget()
         self._shared: SharedSocket | None = None
         # Per uid, logged updates a log thread answered whose request the event loop has not closed yet: not
         # in flight for the quota (their client may already send the next one).
@@ -89,6 +99,10 @@ class RpcServer:
         # checked per message, with an error reply.
         sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # A peer that does not read gets at most SEND_HWM replies queued; past it (or once it is gone) a
+        # send fails at once (ROUTER_MANDATORY) and the reply is dropped and counted, never held.
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(config.address)
         except zmq.ZMQError as exc:
@@ -100,8 +114,37 @@ class RpcServer:
         if path is not None:
             os.chmod(path, 0o660)
             self.ctx.give_to_socket_group(path)
+        self.conn_guard = ConnGuard(ctx, sock, None if path is None else str(path), total_cap=self.ctx.listener_cap(),
+                                    per_user=lambda: self.ctx.config().quota.max_connections, lock=self._shared.lock)
+        stack.callback(self.conn_guard.stop)
         self._sock = sock
         return sock
+
+    @contextlib.contextmanager
+    def reply_reserve(self, uid: int, size: int) -> Iterator[None]:
+        """Charge a reply being built (a restore's reads, its memfd) to ``uid``, or refuse it (quota)."""
+        held = self.replies.held(uid) + self.ctx.restore_bytes(uid)
+        limit = self.ctx.config().quota.max_reply_bytes
+        why = over_budget(uid, held, size, limit)
+        if why is not None:
+            self.replies.refused += 1
+            raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held, "limit": limit})
+        with self.replies.building_reply(uid, size):
+            yield
+
+    def edge_report(self) -> dict[str, Any]:
+        """The ipc socket's connections, the requests in flight and the replies queued, dropped, refused."""
+        guard = self.conn_guard
+        return {
+            "ipc": {"open": guard.total if guard else 0, "peak": guard.peak if guard else 0,
+                    "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False,
+                    "missed_disconnects": guard.reconciled if guard else 0},
+            "requests_in_flight": sum(self.in_flight_by_uid.values()),
+            "replies": {"queued_bytes": self.replies.total(),
+                        "dropped": self.replies.dropped + (self._shared.dropped if self._shared else 0),
+                        "refused": self.replies.refused,
+                        "restore_buffer_bytes": self.ctx.restore_bytes(None)},
+        }
 
     async def run(self, tg: anyio.abc.TaskGroup) -> None:
         """The rpc loop; requests that must wait get a task of ``tg``."""
@@ -119,6 +162,7 @@ class RpcServer:
                     # Requests are received and started from the socket's fd callback for a second, then
                     # the loop goes round (the watchdog's proof of progress); see rpcsocket.py.
                     await receiver.serve(1.0)
+                    self.replies.sweep()
             finally:
                 self._receiver = self._shared.receiver = None
 
@@ -145,7 +189,8 @@ class RpcServer:
             owner = self.owner_of(header_frame)
             point("task", "rpc", "before", op)
             counted = self.in_flight_by_uid.get(owner, 0)
-            in_flight = counted - self._early_sent.get(owner, 0)
+            # A request counts until its reply has left: big replies still queued in libzmq count too.
+            in_flight = counted - self._early_sent.get(owner, 0) + self.replies.queued(owner)[1]
             if in_flight >= config.quota.max_requests:
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
@@ -179,7 +224,16 @@ class RpcServer:
         self._done(owner)
         if isinstance(result, Reply):
             try:
-                self._send(identity, ok_reply(seq, self.ctx.boot, **result.fields), result.frames)
+                size = sum(memoryview(f).nbytes for f in result.frames)
+                if size >= TRACK_MIN:
+                    held = self.replies.held(owner) + self.ctx.restore_bytes(owner)
+                    why = over_budget(owner, held, size, self.ctx.config().quota.max_reply_bytes)
+                    if why is not None:
+                        self.replies.dropped += 1
+                        raise QuotaExceeded(why, details={"quota": "max_reply_bytes", "used": held,
+                                                          "limit": self.ctx.config().quota.max_reply_bytes})
+                self._send(identity, ok_reply(seq, self.ctx.boot, **result.fields), result.frames,
+                           track_for=owner if size >= TRACK_MIN else None, size=size)
                 return
             except Exception as exc:
                 result = exc
@@ -251,9 +305,14 @@ class RpcServer:
             raise Forbidden("cannot tell which user sent this request (no peer credentials); refused")
         return uid
 
-    def _send(self, identity: bytes, header: dict[str, Any], frames: Any) -> None:
+    def _send(self, identity: bytes, header: dict[str, Any], frames: Any, *, track_for: int | None = None,
+              size: int = 0) -> None:
         """Send a reply now. A ROUTER's send never blocks, and a sync send is whole before anything else
-        runs, so replies need no lock and no await."""
+        runs, so replies need no lock and no await. A big reply is charged to ``track_for`` until libzmq
+        lets go of it; a reply that cannot be queued is dropped and counted (SharedSocket.dropped)."""
         assert self._shared is not None
-        if self._shared.send([identity, pack_header(header), *frames]) and self._receiver is not None:
+        pending, tracker = self._shared.send([identity, pack_header(header), *frames], track=track_for is not None)
+        if track_for is not None and tracker is not None and not tracker.done:
+            self.replies.add(track_for, tracker, size)
+        if pending and self._receiver is not None:
             self._receiver.after_send()

@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -47,35 +49,49 @@ class SharedSocket:
         self.closed = False
         # Set while the rpc loop serves: a thread's send that swallowed an input signal wakes it through this.
         self.receiver: Receiver | None = None
+        # Replies that could not be queued (the peer gone, or over its SNDHWM: the socket is ROUTER_MANDATORY).
+        self.dropped = 0
+        self._warned_at = -math.inf
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
             self.sock.close(0)
 
-    def send(self, frames: list[Any]) -> bool:
-        """Send now (never blocks: a ROUTER drops a message for a peer over its high-water mark); whether
-        a message is waiting to be received, whose fd signal this send may have swallowed."""
+    def send(self, frames: list[Any], *, track: bool = False) -> tuple[bool, zmq.MessageTracker | None]:
+        """Send now (never blocks: a message for a peer that is gone or over its high-water mark is dropped
+        and counted); whether a message is waiting to be received, whose fd signal this send may have
+        swallowed, and (``track``) the tracker that tells when libzmq let go of the message."""
         with self.lock:
-            return not self.closed and self._send(frames)
+            if self.closed:
+                return False, None
+            return self._send(frames, track)
 
     def send_from_thread(self, frames: list[Any]) -> bool:
         """:meth:`send` from a thread other than the event loop's; False if the socket is closed."""
         with self.lock:
             if self.closed:
                 return False
-            pending = self._send(frames)
+            pending, _ = self._send(frames, False)
         receiver = self.receiver
         if pending and receiver is not None:
             receiver.kick_threadsafe()
         return True
 
-    def _send(self, frames: list[Any]) -> bool:
+    def _send(self, frames: list[Any], track: bool) -> tuple[bool, zmq.MessageTracker | None]:
+        tracker = None
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            sent = self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False, track=track)
+            tracker = sent if isinstance(sent, zmq.MessageTracker) else None
         except zmq.ZMQError as exc:
-            log.warning("could not send a reply: %s", exc)
-        return bool(int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+            # Counted, and logged at most once a minute: a client that never reads must not flood the log.
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._warned_at >= 60.0:
+                self._warned_at = now
+                log.warning("dropped a reply: %s (%d dropped so far: a peer gone, or not reading its replies)",
+                            exc, self.dropped)
+        return bool(int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN), tracker
 
 
 class Receiver:

@@ -1,0 +1,265 @@
+"""Caps on the ZeroMQ socket's connections, per user and in all (issue 19, defect 1).
+
+libzmq accepts ipc connections by itself, in its I/O thread, and aborts the process when ``accept()``
+fails with ``EMFILE``; it has no option that caps connections. So the daemon watches its ROUTER's
+monitor events (``ZMQ_EVENT_ACCEPTED`` and ``ZMQ_EVENT_DISCONNECTED``, whose value is the connection's
+fd), tells each connection's user from ``SO_PEERCRED`` on that fd, and refuses what is over a cap:
+
+- a user past ``quota.max_connections`` open connections: the new connection is shut down
+  (``shutdown(2)``, not ``close``: libzmq still owns the fd and closes it itself when it reads the end),
+  and the socket file is closed to that user alone (a POSIX ACL entry ``user:UID:---``, where the file
+  system has ACLs) until one of its connections is gone: its clients' reconnects (libzmq retries every
+  100 ms) then fail in ``connect`` with ``EACCES`` and cost the daemon nothing;
+- all users together at the listener's cap (``max_connections``, lowered to fit the fd limit, see
+  :mod:`autosaved.daemon.fdlimit`): the socket file is closed to new connections (mode 0: ``connect``
+  fails with ``EACCES``) until a tenth of them are gone, and what libzmq accepted meanwhile is shut down.
+
+The events are read in a thread of their own, so a busy event loop does not delay a refusal; what libzmq
+accepts before the thread catches up is absorbed by the fd headroom the caps leave (half of the fds).
+An fd is only shut down after checking it is still a connection of this socket from the same user (the
+number may have been reused meanwhile: the worst case is refusing another connection of that same user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+log = logging.getLogger("autosaved.daemon")
+
+EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
+# How often counted connections are checked against their fds (a lost DISCONNECTED event).
+RECONCILE_S = 1.0
+# One warning per user (and for the global cap) per this many seconds: a flood must not flood the log.
+WARN_EVERY_S = 10.0
+
+
+ACL_XATTR = "system.posix_acl_access"
+_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def acl_denying(mode: int, uids: list[int]) -> bytes:
+    """A POSIX access ACL (the kernel's xattr format, version 2) that keeps ``mode``'s owner, group and
+    other bits and gives each of ``uids`` no access (pure)."""
+    owner, group, other = (mode >> 6) & 7, (mode >> 3) & 7, mode & 7
+
+    def entry(tag: int, perm: int, ident: int = _UNDEFINED_ID) -> bytes:
+        return struct.pack("<HHI", tag, perm, ident)
+
+    return (struct.pack("<I", 2) + entry(0x01, owner) + b"".join(entry(0x02, 0, uid) for uid in sorted(uids))
+            + entry(0x04, group) + entry(0x10, group) + entry(0x20, other))
+
+
+def refusal(uid: int | None, user_open: int, total: int, *, per_user: int, total_cap: int) -> str | None:
+    """Why a connection just accepted (already counted in ``user_open`` and ``total``) must be refused,
+    or ``None`` (pure)."""
+    if total > total_cap:
+        return f"max_connections: {total - 1} connections are open on the ipc socket (the limit is {total_cap})"
+    if uid is not None and user_open > per_user:
+        return (f"quota.max_connections: uid {uid} has {user_open - 1} connections open on the ipc socket "
+                f"(the limit is {per_user})")
+    return None
+
+
+def peer_uid_of_fd(fd: int, path: str | None) -> int | None:
+    """The peer's uid of connection ``fd`` if it is a unix connection of the socket at ``path``; else None."""
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if s.family != socket.AF_UNIX or path is None or s.getsockname() != path:
+            return None
+        _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        return int(uid)
+    except OSError:
+        return None
+    finally:
+        s.detach()
+
+
+def shut_down(fd: int) -> None:
+    try:
+        s = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+    finally:
+        s.detach()
+
+
+class ConnGuard:
+    def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], path: str | None, *, total_cap: int,
+                 per_user: Callable[[], int], lock: threading.Lock | None = None) -> None:
+        self.path = path
+        self.total_cap = total_cap
+        self.per_user = per_user
+        self.total = 0
+        self.by_uid: dict[int | None, int] = {}
+        self.refused = 0
+        # The most connections seen open at once: how far past the cap a burst got before it was refused.
+        self.peak = 0
+        self.closed = False  # the socket file is closed to new connections (at the global cap)
+        self._fds: dict[int, int | None] = {}
+        # The socket inode behind each counted fd: a connection whose fd no longer names it is gone, even if
+        # its DISCONNECTED event never came (libzmq drops monitor events under a flood; see _reconcile).
+        self._inodes: dict[int, int] = {}
+        self._reconciled_at = time.monotonic()
+        self.reconciled = 0
+        # Users the socket file is closed to (over their cap), and whether the file system takes ACLs.
+        self.denied: set[int] = set()
+        self._acl_ok = True
+        self._warned: dict[int | None, float] = {}
+        self._stopping = False
+        self._sock = sock
+        self._sock_lock = lock or threading.Lock()  # the ROUTER is shared with threads that send on it
+        addr = f"inproc://autosaved.monitor.{id(self)}"
+        sock.monitor(addr, EVENTS)
+        self._mon: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
+        # Every event must arrive (a lost DISCONNECTED would count a connection for ever): no high-water mark.
+        self._mon.setsockopt(zmq.RCVHWM, 0)
+        self._mon.connect(addr)
+        self._thread = threading.Thread(target=self._run, name="autosaved-connguard", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join()
+        with self._sock_lock, contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._mon.close(0)
+        self._reopen()
+
+    def open_of(self, uid: int) -> int:
+        return self.by_uid.get(uid, 0)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if time.monotonic() - self._reconciled_at >= RECONCILE_S:
+                self._reconcile()
+            try:
+                if not self._mon.poll(200):
+                    continue
+                event = parse_monitor_message(self._mon.recv_multipart())
+            except zmq.ZMQError:
+                return
+            kind, fd = int(event["event"]), int(event["value"])
+            try:
+                if kind == zmq.EVENT_ACCEPTED:
+                    self._accepted(fd)
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    self._gone(fd)
+                elif kind == zmq.EVENT_MONITOR_STOPPED:
+                    return
+            except Exception:  # a bug here must not end the guard: log it, keep counting
+                log.exception("connection guard: event %d for fd %d", kind, fd)
+
+    def _accepted(self, fd: int) -> None:
+        uid = peer_uid_of_fd(fd, self.path)
+        if fd in self._fds:  # an ACCEPTED without its DISCONNECTED: the number was reused; never count twice
+            self._gone(fd)
+        self._fds[fd] = uid
+        try:
+            self._inodes[fd] = os.fstat(fd).st_ino
+        except OSError:
+            self._inodes[fd] = -1  # already closed: the next reconcile forgets it
+        self.total += 1
+        self.peak = max(self.peak, self.total)
+        user_open = self.by_uid.get(uid, 0) + 1
+        self.by_uid[uid] = user_open
+        why = refusal(uid, user_open, self.total, per_user=self.per_user(), total_cap=self.total_cap)
+        if why is not None and peer_uid_of_fd(fd, self.path) == uid:
+            shut_down(fd)
+            self.refused += 1
+            per_user = not why.startswith("max_connections")
+            self._warn(uid if per_user else None, f"refused a connection: {why}")
+            if per_user and uid is not None and uid not in self.denied:
+                self.denied.add(uid)
+                self._set_acl()
+        if self.total >= self.total_cap and not self.closed and self.path is not None:
+            self._close()
+
+    def _gone(self, fd: int) -> None:
+        if fd not in self._fds:
+            return
+        uid = self._fds.pop(fd)
+        self._inodes.pop(fd, None)
+        self.total -= 1
+        left = self.by_uid[uid] - 1
+        if left:
+            self.by_uid[uid] = left
+        else:
+            del self.by_uid[uid]
+        if uid in self.denied and left < self.per_user():
+            self.denied.discard(uid)
+            self._set_acl()
+        if self.closed and self.total <= self.total_cap - max(1, self.total_cap // 10):
+            self._reopen()
+
+    def _reconcile(self) -> None:
+        """Forget counted connections whose fd is closed or names another socket now (O(counted), once a
+        second: the counted are at most the cap plus a burst)."""
+        self._reconciled_at = time.monotonic()
+        for fd, ino in list(self._inodes.items()):
+            try:
+                alive = os.fstat(fd).st_ino == ino
+            except OSError:
+                alive = False
+            if not alive:
+                self.reconciled += 1
+                self._gone(fd)
+
+    def _close(self) -> None:
+        assert self.path is not None
+        try:
+            os.chmod(self.path, 0)
+        except OSError as exc:
+            log.warning("cannot close %s to new connections: %s", self.path, exc)
+            return
+        self.closed = True
+        log.warning("ipc socket: %d connections open, the limit (max_connections); new ones are refused until "
+                    "some close", self.total)
+
+    def _reopen(self) -> None:
+        if not self.closed or self.path is None:
+            return
+        try:
+            os.chmod(self.path, 0o660)
+        except OSError as exc:
+            log.warning("cannot reopen %s to new connections: %s", self.path, exc)
+            return
+        self.closed = False
+        log.info("ipc socket: %d connections open; accepting new ones again", self.total)
+
+    def _set_acl(self) -> None:
+        """Give the socket file an ACL that denies the users in :attr:`denied` (or none, when empty)."""
+        if self.path is None or not self._acl_ok:
+            return
+        try:
+            if self.denied:
+                os.setxattr(self.path, ACL_XATTR, acl_denying(os.stat(self.path).st_mode, sorted(self.denied)))
+            else:
+                with contextlib.suppress(OSError):
+                    os.removexattr(self.path, ACL_XATTR)
+        except OSError as exc:  # no ACLs here: refusals go on, by shutdown alone
+            self._acl_ok = False
+            log.warning("cannot set an ACL on %s (%s): users over quota.max_connections are refused connection "
+                        "by connection", self.path, exc)
+
+    def _warn(self, key: int | None, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(key, -WARN_EVERY_S) >= WARN_EVERY_S:
+            self._warned[key] = now
+            log.warning("%s (%d refused so far)", message, self.refused)
