@@ -23,7 +23,7 @@ import zmq
 
 import autosaved
 from autosaved.client.slots import create_memfd
-from autosaved.daemon.app import peer_uid
+from autosaved.daemon.rpcserver import peer_uid
 from autosaved.errors import AutosavedError, ProtocolError, QuotaExceeded
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path

@@ -291,16 +291,16 @@ def _save_work(tmp_path: Path, b_jobs: int) -> dict[str, int]:
         _hold(daemon, B, b_jobs)
         async with anyio.create_task_group() as tg:
             daemon._tg = tg
-            tg.start_soon(daemon._scheduler_loop)
+            tg.start_soon(daemon.scheduler.run)
             await wait_all_tasks_blocked()  # its first pass (every job, once) is over
-            visited, decided = jobs.visited, daemon.wakeups.decided
+            visited, decided = jobs.visited, daemon.scheduler.wakeups.decided
             d = daemon.handlers
             await call(d, _update("a1", {"w": 1}, seq=1, owner=A))  # a job exists from its first update
             assert (await call(d, _req("save", A, job="a1"))).fields == {"version": 1, "new": True}
             await call(d, _update("a1", {"w": 2}, seq=2, owner=A, wait="committed"))
             await wait_all_tasks_blocked()
             work["table entries visited"] = jobs.visited - visited
-            work["decisions"] = daemon.wakeups.decided - decided
+            work["decisions"] = daemon.scheduler.wakeups.decided - decided
             tg.cancel_scope.cancel()
 
     anyio.run(main)

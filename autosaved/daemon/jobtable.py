@@ -184,3 +184,20 @@ class JobTable:
             if job.wal is not None:
                 job.wal.close()
             self.remove(job.key)
+
+    async def replicate_stored_jobs(self, replicator: Replicator) -> None:
+        """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up
+        without waiting for the job's trainer to come back (and is protected from retention meanwhile)."""
+        replicator.resume_deletes()  # and bucket deletes a previous run left pending complete
+
+        def scan() -> list[tuple[int, str, list[int]]]:
+            return [(s.owner, s.job, s.version_ids()) for s in self.store.jobs()]
+
+        try:
+            found = await anyio.to_thread.run_sync(scan)
+        except OSError as exc:
+            log.warning("could not list the stored jobs to replicate: %s", exc)
+            return
+        for owner, name, ids in found:
+            if ids:
+                replicator.attach(owner, name, ids)

@@ -13,7 +13,7 @@ deadline flush on the notice wins the whole warning period. The HTTP shapes:
   ``"EventType": "Preempt"`` is the notice.
 
 Parsing is pure (``parse_*``); :class:`MetadataWatcher` does the blocking HTTP (stdlib only) and runs in
-a worker thread.
+a worker thread; :func:`watch` is the daemon's polling loop.
 """
 
 from __future__ import annotations
@@ -22,10 +22,17 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
+from ..settings import PreemptionSettings
+
 log = logging.getLogger("autosaved.preempt")
+daemon_log = logging.getLogger("autosaved.daemon")  # the loop's lines read as the daemon's, as they always did
 
 DEFAULT_ENDPOINTS = {
     "aws": "http://169.254.169.254",
@@ -124,3 +131,22 @@ class MetadataWatcher:
                 continue
             return parse_aws(status, body)
         raise ValueError("AWS IMDSv2 rejected a fresh token (HTTP 401)")
+
+
+async def watch(settings: PreemptionSettings, on_notice: Callable[[Notice], Awaitable[None]]) -> None:
+    """Poll the instance metadata until a spot/preemption notice comes, then hand it to ``on_notice``."""
+    watcher = MetadataWatcher(settings.provider, settings.endpoint)
+    daemon_log.info("watching %s instance metadata at %s for preemption notices", settings.provider, watcher.base)
+    last_error = None
+    while True:
+        try:
+            notice = await anyio.to_thread.run_sync(watcher.check, abandon_on_cancel=True)
+        except (OSError, ValueError) as exc:
+            notice = None
+            if str(exc) != last_error:  # once per distinct problem, not once per poll
+                daemon_log.warning("preemption watcher: %s", exc)
+                last_error = str(exc)
+        if notice is not None:
+            await on_notice(notice)
+            return
+        await anyio.sleep(settings.poll_interval)
