@@ -44,7 +44,7 @@ def test_socket_defaults_are_documented_truly(monkeypatch: pytest.MonkeyPatch, t
     assert config.default_socket_path(tmp_path) == tmp_path / "run" / config.SOCKET_NAME
     assert "when `XDG_RUNTIME_DIR` is unset" in README and "in `run/` inside the state dir" in README
     # socket_group unset: the daemon makes the socket folder 0700 (it chmods only for a group).
-    app = (ROOT / "autosaved" / "daemon" / "app.py").read_text()
+    app = (ROOT / "autosaved" / "daemon" / "paths.py").read_text()  # the socket folder is made there
     assert "sock_path.parent.mkdir(parents=True, mode=0o700)" in app and "if gid is not None:" in app
     line = README[README.index('socket_group = "autosaved"'):]
     line = line[:line.index("\nmetrics_address")]

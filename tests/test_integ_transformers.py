@@ -52,7 +52,8 @@ def test_sigkill_after_an_acked_step_resumes_bit_identically(make_daemon: Callab
     assert resumed.returncode == 0, resumed.stderr
     got = _fields(resumed.stdout)
     assert re.fullmatch(rf"from {re.escape(str(tmpdir))}/hf-example-[^/]+/checkpoint-{k}", got["resuming"]), (k, got)
-    assert list(tmpdir.iterdir()) == []
+    # torch itself may leave its compile cache (torchinductor_<user>) in TMPDIR: not the example's
+    assert [p for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []
     losses = {int(s): v for s, v in json.loads(got["losses"]).items()}
     reference = {int(s): v for s, v in json.loads(got["reference-losses"]).items()}
     assert got["digest"] == got["reference-digest"]  # the weights, bit for bit

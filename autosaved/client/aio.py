@@ -24,6 +24,8 @@ from .base import (
     JobFacade,
     check_reachable,
     configure,
+    is_probe_reply,
+    probe_frames,
     resolve_address,
     same_docs_as,
     timed_out,
@@ -53,6 +55,7 @@ class AsyncConnection:
         self._op = ""
         self._limit = 0.0
         self._deadline = 0.0
+        self._heard = False  # this socket has had a reply (see base.probe_frames)
 
     async def run(self, flow: Flow[T]) -> T:
         await self._lock.acquire()
@@ -82,6 +85,7 @@ class AsyncConnection:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        self._heard = False
         if self.on_close is not None:
             self.on_close()
 
@@ -107,11 +111,23 @@ class AsyncConnection:
         self._limit = self.save_timeout if step.long else self.timeout
         self._deadline = anyio.current_time() + self._limit
         sock = self._socket()
-        # With no daemon connected a DEALER send waits forever: the ordinary timeout bounds it, even for a
-        # long op (see the blocking client's _send).
-        with anyio.move_on_after(self.timeout):
+        if step.long and not self._heard:
+            await self._probe(sock)
+        # With no daemon connected a DEALER send waits forever: the timeout covers it too.
+        with anyio.move_on_after(self._limit):
             await sock.send_multipart(step.frames, copy=True)
             return
+        self._timed_out()
+
+    async def _probe(self, sock: zmq.asyncio.Socket) -> None:
+        """A ping within the ordinary timeout before the first long op on this socket."""
+        with anyio.move_on_after(self.timeout):
+            await sock.send_multipart(probe_frames(), copy=True)
+            while True:
+                if await sock.poll(100) and is_probe_reply(
+                        [f.buffer for f in await sock.recv_multipart(copy=False)]):
+                    self._heard = True
+                    return
         self._limit = self.timeout
         self._timed_out()
 
@@ -123,6 +139,7 @@ class AsyncConnection:
                 self._timed_out()
             # poll-then-recv: the poll's own timeout ends the wait, never a cancelled recv holding a message.
             if await sock.poll(max(1, int(min(remaining, 1.0) * 1000))):
+                self._heard = True
                 return [f.buffer for f in await sock.recv_multipart(copy=False)]
 
     def _timed_out(self) -> None:

@@ -13,6 +13,7 @@ import zmq
 
 from ..config import discover_address
 from ..errors import DaemonUnavailable
+from ..protocol import PROTOCOL_VERSION, pack_header, unpack_header
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_SAVE_TIMEOUT = 600.0
@@ -120,11 +121,26 @@ def configure(sock: Any, address: str) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-    # Queue a request only on a connection that is up: with a dead daemon behind a stale socket file the send
-    # then waits (bounded by the ordinary timeout) instead of queuing and leaving the reply's wait, which for a
-    # long op such as hello is the save timeout, to find out.
-    sock.setsockopt(zmq.IMMEDIATE, 1)
     sock.connect(address)
+
+
+# A long op (hello may wait for a job's replay, save for a commit) is waited for up to the save timeout. On a
+# socket that has not heard from the daemon yet, a ping bounded by the ordinary timeout comes first: a DEALER
+# queues a request even with nobody behind a stale socket file, and a hello to a SIGKILLed daemon must fail
+# within ``timeout``, not ``save_timeout`` (it hung a test for 600 s). ZMQ_IMMEDIATE would bound the send
+# instead, but its blocking send missed reconnections after a refused connection (the connection-cap test).
+PROBE_SEQ = 0
+
+
+def probe_frames() -> list[bytes]:
+    return [pack_header({"v": PROTOCOL_VERSION, "op": "ping", "seq": PROBE_SEQ, "job": None})]
+
+
+def is_probe_reply(frames: list[memoryview]) -> bool:
+    try:
+        return unpack_header(frames[0]).get("seq") == PROBE_SEQ
+    except Exception:
+        return False
 
 
 def ack_from(header: dict[str, Any], seq: int) -> Ack:

@@ -21,6 +21,8 @@ from .base import (
     JobFacade,
     check_reachable,
     configure,
+    is_probe_reply,
+    probe_frames,
     resolve_address,
     timed_out,
 )
@@ -47,6 +49,7 @@ class Connection:
         self._op = ""
         self._limit = 0.0
         self._deadline = 0.0
+        self._heard = False  # this socket has had a reply (see base.probe_frames)
 
     def run(self, flow: Flow[T]) -> T:
         return drive(flow, self._perform)
@@ -55,6 +58,7 @@ class Connection:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        self._heard = False
         if self.on_close is not None:
             self.on_close()
 
@@ -82,15 +86,32 @@ class Connection:
         self._limit = self.save_timeout if step.long else self.timeout
         self._deadline = time.monotonic() + self._limit
         sock = self._socket()
-        # With no daemon connected a DEALER send blocks forever: bound it by the ordinary timeout even for a
-        # long op (a daemon that is up takes the message at once, however long its answer takes; a dead one
-        # behind a stale socket file must not cost a hello the save timeout).
-        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
+        # With no daemon connected a DEALER send blocks forever: bound it like the reply.
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self._limit * 1000)))
+        if step.long and not self._heard:
+            self._probe(sock)
         try:
             sock.send_multipart(step.frames, copy=True)
         except zmq.Again:
             self.close()
-            raise timed_out(self.address, self._op, self.timeout) from None
+            raise timed_out(self.address, self._op, self._limit) from None
+
+    def _probe(self, sock: zmq.Socket[bytes]) -> None:
+        """A ping within the ordinary timeout before the first long op on this socket."""
+        deadline = time.monotonic() + self.timeout
+        try:
+            sock.send_multipart(probe_frames(), copy=True)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                    break
+                if is_probe_reply([f.buffer for f in sock.recv_multipart(copy=False)]):
+                    self._heard = True
+                    return
+        except zmq.Again:
+            pass
+        self.close()
+        raise timed_out(self.address, self._op, self.timeout)
 
     def _receive(self) -> list[memoryview]:
         sock = self._socket()
@@ -99,6 +120,7 @@ class Connection:
             # Drop the socket: a request still queued in it must not reach a daemon later.
             self.close()
             raise timed_out(self.address, self._op, self._limit)
+        self._heard = True
         return [f.buffer for f in sock.recv_multipart(copy=False)]
 
 
