@@ -209,8 +209,8 @@ ROLES = ("connections", "unread", "halfsent", "shapes", "deletes")
 def run(seconds: float, alone_s: float, rate: float, p99_factor: float) -> dict[str, Any]:
     import psutil
 
-    from autosaved.bench.private import PrivateDaemon
     from autosaved.client.admin import Admin
+    from autosaved.testing.private import PrivateDaemon
     from autosaved.testing.realusers import missing, real_users
 
     why = missing()

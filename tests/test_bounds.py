@@ -28,11 +28,11 @@ import pytest
 import zmq
 
 import autosaved
-from autosaved.bench.private import PrivateDaemon
 from autosaved.client.admin import Admin
 from autosaved.daemon.connguard import refusal
 from autosaved.daemon.fdlimit import listener_cap
 from autosaved.protocol import pack_header, unpack_header
+from autosaved.testing.private import PrivateDaemon
 from autosaved.testing.realusers import User, missing, real_users
 
 from .conftest import NO_AUTO_POLICY, TEST_WRITE_SPEED, skip_or_fail, wait_for
