@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .reload import Reloader
     from .replicator import Replicator
     from .slottable import SlotTable
+    from .statecache import StateCache
     from .walcommit import LogCommitter
     from .writer import Writer
 
@@ -51,6 +52,8 @@ class ReportContext:
     log_sync_durations: Histogram | None = None
     # What the daemon's edge holds and refused (connections, the fd limit): see Daemon.edge_report.
     edge: Callable[[], dict[str, Any]] = dict
+    # The jobs' trees within memory_limit (statecache.py): its size, limit, hits, loads and evictions.
+    cache: StateCache | None = None
 
 
 class Reports:
@@ -146,6 +149,7 @@ class Reports:
                 "throttle": self.ctx.io.status(),
                 "remote": self.ctx.replicator.summary() if self.ctx.replicator is not None else None,
                 "edge": self.ctx.edge(),
+                "cache": self.ctx.cache.status() if self.ctx.cache is not None else None,
             },
             "jobs": jobs,
         }

@@ -59,7 +59,11 @@ class RestoreOps(HandlerBase):
         # a stored version) is read from chunk files, and a save's retention and gc (or `autosaved gc`),
         # which hold this lock, could otherwise delete them meanwhile, once a newer update replaced the
         # leaf (the soak's "restore raised CorruptVersion(... (live state): chunk ... is missing)").
-        async with self.ctx.table.io_lock((req.owner, name)):
+        if version is None and job is not None:
+            # The live tree, loaded back first if the state cache evicted it, and kept while it is sent.
+            async with table.use(job), table.io_lock((req.owner, name)):
+                return await self._restore_locked(req, version, paths, job, store)
+        async with table.io_lock((req.owner, name)):
             return await self._restore_locked(req, version, paths, job, store)
 
     async def _restore_locked(self, req: RpcRequest, version: int | None, paths: Any, job: Job | None,
