@@ -155,12 +155,14 @@ def test_many_saved_jobs_stay_within_the_limit_and_come_back_exactly(
     with autosaved.Client("j0", address=d.address) as c:
         assert same(c.restore(), state(0))
         assert c.restore(path=("steps", "s7", "n")) == 7
-        c.update({"steps": {"s1": {"n": -1}, "new": {"x": 1}}, "step": 100}, wait="logged")
+        ack = c.update({"steps": {"s1": {"n": -1}, "new": {"x": 1}}, "step": 100}, wait="committed")
         expected = state(0)
         expected["steps"]["s1"]["n"] = -1
         expected["steps"]["new"] = {"x": 1}
         expected["step"] = 100
         assert same(c.restore(), expected)
+        # The version saved after the reload (diffed against the reloaded tree, storage/warm.py) is exact.
+        assert ack.version is not None and same(c.restore(version=ack.version), expected)
     s = daemon_status(d)
     assert s["daemon"]["cache"]["loads"] > cache["loads"]
     assert job_status(s, "dirty")["resident"] and job_status(s, "j0")["resident"]  # dirty now: pinned
