@@ -10,6 +10,8 @@ after eviction loses nothing that was acknowledged.
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,18 @@ def test_status_of_an_evicted_job_does_not_load_it(make_daemon: Callable[..., Pr
     assert not st["resident"] and st["cache_bytes"] == 0 and st["state_bytes"] > 90_000
     cache = daemon_status(d)["daemon"]["cache"]
     assert cache["bytes"] <= 1 * MiB and cache["evicted_jobs"] >= 3
+    assert cache["loads"] == 0  # status loaded nothing back
+    out = subprocess.run([sys.executable, "-m", "autosaved", "status", "--address", d.address],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "state cache:" in out and f"{cache['evicted_jobs']} evicted" in out
+
+
+def test_cache_metrics_render() -> None:
+    from autosaved.daemon.metrics import CacheSample, render
+
+    from .test_metrics import _sample, values
+
+    got = values(render(_sample(cache=CacheSample(nbytes=5, limit=9, hits=3, loads=2, evictions=1))))
+    assert (got["autosaved_state_cache_bytes"], got["autosaved_state_cache_limit_bytes"]) == (5, 9)
+    assert (got["autosaved_state_cache_hits_total"], got["autosaved_state_cache_loads_total"],
+            got["autosaved_state_cache_evictions_total"]) == (3, 2, 1)
