@@ -161,6 +161,7 @@ class Daemon:
             except ConfigError as exc:  # overrides were checked when sent; this is only a safety net
                 log.warning("config reload: job=%s keeps its old policy: %s", job.name, exc.message)
         self.scheduler.poke()
+        self.table.cache.settle()  # a lower memory_limit evicts now
 
     # -- wiring ----------------------------------------------------------------------------------
 

@@ -155,7 +155,9 @@ class Reports:
                 "throttle": self.ctx.io.status(),
                 "remote": self.ctx.replicator.summary() if self.ctx.replicator is not None else None,
                 "edge": self.ctx.edge(),
-                "cache": self.ctx.cache.status() if self.ctx.cache is not None else None,
+                "cache": ({**self.ctx.cache.status(), "owner_bytes": self.ctx.ledger.cached_of(owner)}
+                          if self.ctx.cache is not None and owner is not None else
+                          self.ctx.cache.status() if self.ctx.cache is not None else None),
             },
             "jobs": jobs,
         }

@@ -18,8 +18,10 @@ its end), so a pass visits the jobs it evicts plus the pinned ones it skips, nev
 **What a job costs here** (:func:`resident_estimate`): not its encoded size (a trainer's gigabyte of
 tensors that live only in chunk files costs the daemon a few hundred bytes each), but an estimate of the
 Python memory its tree holds: the bytes of binary leaves in daemon memory (``held``) plus
-:data:`RESIDENT_PER_COST` times the encoded size of everything else (keys, scalars, containers:
-measured at about 1.8x for flat maps of long strings and 4.8x for many small maps, so 4). The size of
+:data:`RESIDENT_PER_COST` times the encoded size of everything else (keys, scalars, containers). The
+tree alone measured 1.8x (flat maps of long strings) to 4.8x (many small maps) under tracemalloc; with
+what the store keeps for the next format-2 save, the daemon's RSS grew by 6.4x the encoded size of 400
+saved 30 KB agent-progress states, so 6. The size of
 leaves stored only in chunk files is measured when the state is loaded; one replaced since still counts
 as stored until the job's next load (an underestimate until then, never an overestimate that evicts
 early). Each job's share is charged to its owner in the ledger (``cache_bytes``), beside its quota bytes.
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from .accounting import Ledger
     from .jobs import Job, JobKey
 
-RESIDENT_PER_COST: Final = 4
+RESIDENT_PER_COST: Final = 6
 # ``memory_limit = "auto"``: an eighth of the host's memory, at least this.
 AUTO_FLOOR: Final = 64 * 1024**2
 AUTO_FRACTION: Final = 8
