@@ -75,6 +75,44 @@ def test_eviction_policy_reads_only_what_it_evicts_or_skips() -> None:
     assert len(seen) <= 5
 
 
+def test_cache_in_process_keeps_the_newest_and_dirty_jobs_and_charges_owners() -> None:
+    """The cache's bookkeeping on real Job records (no I/O: eviction only drops trees): least recently
+    used clean jobs go, a dirty one stays, the most recently used one stays even when it alone is over
+    the limit, and every owner's share in the ledger adds up to the cache's total."""
+    from autosaved.daemon.accounting import Ledger
+    from autosaved.daemon.jobs import Job
+    from autosaved.daemon.statecache import StateCache
+    from autosaved.state import counted
+
+    ledger = Ledger()
+    cache = StateCache(ledger, limit=lambda: 3000, clock=lambda: 0.0)
+
+    def job(owner: int, name: str, n: int, *, dirty: bool = False) -> Job:
+        j = Job(owner=owner, name=name, store=None, settings=None)  # type: ignore[arg-type]
+        j.root = counted({"k": {str(i): "x" * 10 for i in range(n)}})
+        j.latest_version, j.generation = 1, int(dirty)
+        j.ledger = ledger
+        ledger.attach(owner, j.root)
+        j.cache = cache
+        cache.add(j, loaded=True)
+        return j
+
+    dirty = job(1, "dirty", 20, dirty=True)
+    a, b = job(1, "a", 20), job(2, "b", 20)
+    # a went (the least recently used clean job); the dirty job and b (the newest) keep the cache over
+    assert dirty.cache_bytes == b.cache_bytes > 0 and cache.total == 2 * b.cache_bytes > 3000
+    assert (dirty.resident, a.resident, b.resident) == (True, False, True)  # a: the LRU clean one
+    cost = a.root.cost
+    assert a.cache_bytes == 0 and ledger.used(1) == dirty.root.cost + cost  # quota still counts a
+    big = job(2, "big", 400)  # alone over the limit: the newest stays, b goes
+    assert big.resident and big.cache_bytes > 3000 and not b.resident and dirty.resident
+    assert ledger.cache_total == cache.total == sum(ledger.cache_bytes.values())
+    assert ledger.cached_of(1) == dirty.cache_bytes and ledger.cached_of(2) == big.cache_bytes
+    assert cache.status()["evictions"] == cache.status()["evicted_jobs"] == 2
+    cache.remove(a)
+    assert cache.status()["evicted_jobs"] == 1
+
+
 def test_resident_estimate_and_limit() -> None:
     # leaves stored only in chunk files cost nothing resident; held bytes count once; the rest x factor
     assert resident_estimate(cost=1000 + 10**9, held=0, stored=10**9) == RESIDENT_PER_COST * 1000

@@ -12,7 +12,8 @@ job, one being saved, one with log records not yet synced or a delta not yet log
 version, one a request is using (pins) or whose io lock is held (a restore reading its leaves, gc) stays.
 
 Which go (:func:`plan_evictions`, a pure function of sizes, pins and the clock): least recently used
-first, until the cache is within its limit. The order is kept by an ordered dict (a use moves a job to
+first, until the cache is within its limit; the most recently used state always stays (so the cache may
+exceed its limit by the dirty jobs and that one). The order is kept by an ordered dict (a use moves a job to
 its end), so a pass visits the jobs it evicts plus the pinned ones it skips, never every job.
 
 **What a job costs here** (:func:`resident_estimate`): not its encoded size (a trainer's gigabyte of
@@ -175,8 +176,13 @@ class StateCache:
     # -- eviction ------------------------------------------------------------------------------------
 
     def _entries(self) -> Iterator[Entry]:
+        """The resident states, least recently used first, but for the most recently used one, which
+        always stays: a job larger than the whole limit would otherwise be evicted after each save and
+        loaded back whole at its next request (the cache is then over its limit by that one job)."""
+        newest = next(reversed(self.lru), None)
         for key, job in self.lru.items():
-            yield Entry(key, job.cache_bytes, job.last_used, not evictable(job))
+            if key != newest:
+                yield Entry(key, job.cache_bytes, job.last_used, not evictable(job))
 
     def settle(self) -> None:
         """Evict least recently used states until the cache fits its limit (nothing when it fits)."""
