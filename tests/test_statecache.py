@@ -190,6 +190,18 @@ def test_many_saved_jobs_stay_within_the_limit_and_come_back_exactly(
     all_resident = sum(j["state_bytes"] for j in s["jobs"]) * RESIDENT_PER_COST
     assert s["daemon"]["rss_bytes"] - base_rss < all_resident * 0.6, (base_rss, s["daemon"]["rss_bytes"])
 
+    # Paths of an evicted (format-2) job are read from the pages on them, leaving it evicted, and give
+    # what the live tree gives: None through a leaf or a missing key.
+    paths = [("steps", "s3"), ("w", 0), ("steps", "nope"), ("step",), ("steps", "s9", "out")]
+    with autosaved.Client("j5", address=d.address) as c:
+        from_pages = c.restore(paths=paths)
+        assert not c.status()["resident"]
+        assert same(c.restore(), state(5))  # loaded back: now the live tree answers
+        assert c.status()["resident"]
+        live = c.restore(paths=paths)
+    assert from_pages == live == [state(5)["steps"]["s3"], None, None, 5, state(5)["steps"]["s9"]["out"]]
+    assert daemon_status(d)["daemon"]["cache"]["path_reads"] == cache["path_reads"] + 1
+
     # An evicted job restores exactly (loaded back), a path too, and merges its next update correctly.
     assert not job_status(s, "j0")["resident"]
     with autosaved.Client("j0", address=d.address) as c:

@@ -131,6 +131,7 @@ class StateCache:
         self.loads = 0
         self.evictions = 0
         self.evicted_jobs = 0  # loaded jobs whose state is not resident now
+        self.path_reads = 0  # restores by path of an evicted job, served from its pages without a load
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -222,7 +223,7 @@ class StateCache:
     def status(self) -> dict[str, Any]:
         return {"bytes": self.total, "limit": self.limit(), "resident_jobs": len(self.lru),
                 "evicted_jobs": self.evicted_jobs, "hits": self.hits, "loads": self.loads,
-                "evictions": self.evictions}
+                "evictions": self.evictions, "path_reads": self.path_reads}
 
 
 def drop_store_caches(job: Job) -> None:
