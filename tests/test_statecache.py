@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import zmq
 
 import autosaved
 from autosaved.client.admin import Admin
@@ -31,7 +32,9 @@ from autosaved.daemon.statecache import (
     resident_estimate,
 )
 from autosaved.errors import ConfigError
+from autosaved.protocol import pack_header, unpack_header
 from autosaved.testing.private import PrivateDaemon
+from autosaved.tree import to_node
 
 from .conftest import NO_AUTO_POLICY
 
@@ -256,6 +259,27 @@ def test_status_of_an_evicted_job_does_not_load_it(make_daemon: Callable[..., Pr
     out = subprocess.run([sys.executable, "-m", "autosaved", "status", "--address", d.address],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert "state cache:" in out and f"{cache['evicted_jobs']} evicted" in out
+    # Updates pipelined to an evicted job (sent back to back on one socket, no ack awaited) queue behind
+    # its reload and apply in the order they were sent.
+    assert not job_status(daemon_status(d), "j1")["resident"]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(d.address)
+    try:
+        for k in range(1, 21):
+            node, _ = to_node({"order": k, f"k{k}": k})
+            sock.send_multipart([pack_header({"v": 1, "op": "update", "job": "j1", "seq": k, "session": "pipe",
+                                              "tree": node})])
+        replies = []
+        for _ in range(20):
+            assert sock.poll(60_000), "no reply"
+            replies.append(unpack_header(sock.recv_multipart()[0]))
+    finally:
+        sock.close(0)
+    assert all(r.get("ack") == "accepted" for r in replies), replies
+    with autosaved.Client("j1", address=d.address) as c:
+        got = c.restore()
+    assert got["order"] == 20 and all(got[f"k{k}"] == k for k in range(1, 21))
+    assert same(got["steps"], state(1)["steps"])
     # Deleting an evicted job takes its state's cost off its owner (the stub root carried it).
     before = daemon_status(d)["daemon"]
     with Admin(address=d.address) as admin:
