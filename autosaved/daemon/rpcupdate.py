@@ -124,8 +124,8 @@ class UpdateOps(HandlerBase):
         return self._apply_update(req, u, job)
 
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
-        await self._check_job_quota(req.owner, u.name)
-        job = await self.ctx.table.get(req.owner, u.name)
+        async with self._job_quota(req.owner, u.name):
+            job = await self.ctx.table.get(req.owner, u.name)
         try:
             started = self._apply_update(req, u, job)
         except BaseException:
