@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import resource
 import select
 import signal
@@ -199,7 +200,8 @@ def test_connections_past_the_global_cap_are_refused_not_fatal(tmp_path: Path, f
         d.cleanup()
 
 
-def test_the_guard_refuses_by_the_live_count_not_by_queued_events(tmp_path: Path) -> None:
+def test_the_guard_refuses_by_the_live_count_not_by_queued_events(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """The guard's events are history: a new connection's ACCEPTED can be read before the DISCONNECTED of
     connections already gone. Refusing by that count refused (and lost the request of) the first
     connection after a flood; the guard recounts the live connections before it refuses any."""
@@ -237,13 +239,18 @@ def test_the_guard_refuses_by_the_live_count_not_by_queued_events(tmp_path: Path
         assert not shut(c3)
         guard.handle([(zmq.EVENT_DISCONNECTED, a1), (zmq.EVENT_DISCONNECTED, a2)])  # late: nothing taken off twice
         assert guard.total == 1
-        # Over the cap by live connections: the newest one is refused (shut down), the older ones kept.
+        # Over the cap by live connections: the newest ones are refused (shut down), the older ones kept, and
+        # the one warning names the count the refusals left (the cap), not the batch's peak.
         c4, a4 = connect()
         c5, a5 = connect()
-        guard.handle([(zmq.EVENT_ACCEPTED, a4), (zmq.EVENT_ACCEPTED, a5)])
-        assert (guard.total, guard.refused) == (2, 1)
-        assert shut(c5) and not shut(c4) and not shut(c3)
-        guard.handle([(zmq.EVENT_DISCONNECTED, a5)])
+        c6, a6 = connect()
+        with caplog.at_level(logging.WARNING, logger="autosaved.daemon"):
+            guard.handle([(zmq.EVENT_ACCEPTED, a4), (zmq.EVENT_ACCEPTED, a5), (zmq.EVENT_ACCEPTED, a6)])
+        assert (guard.total, guard.refused) == (2, 2)
+        assert shut(c6) and shut(c5) and not shut(c4) and not shut(c3)
+        refusals = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert len(refusals) == 1 and "2 connections are open on the ipc socket (the limit is 2)" in refusals[0]
+        guard.handle([(zmq.EVENT_DISCONNECTED, a5), (zmq.EVENT_DISCONNECTED, a6)])
         assert guard.total == 2
     finally:
         guard.stop()

@@ -238,6 +238,8 @@ class ConnGuard:
             n > per_user for uid, n in self.by_uid.items() if uid is not None)
 
     def _refuse_newest(self, accepted: list[int]) -> None:
+        # One warning per bound hit, with the count its last refusal left (the cap), not the batch's peak.
+        reasons: dict[int | None, str] = {}
         for fd in reversed(accepted):
             if fd not in self._fds:
                 continue  # gone already (or refused: a number the batch accepted twice)
@@ -249,12 +251,14 @@ class ConnGuard:
             shut_down(fd)
             self.refused += 1
             per_user = not why.startswith("max_connections")
-            self._warn(uid if per_user else None, f"refused a connection: {why}")
+            reasons[uid if per_user else None] = why
             if per_user and uid is not None and uid not in self.denied:
                 self.denied.add(uid)
                 self._set_acl()
             # Shut down is gone for the count: its DISCONNECTED, when read, finds nothing to take off.
             self._gone(fd)
+        for key, why in reasons.items():
+            self._warn(key, f"refused a connection: {why}")
 
     def _accepted(self, fd: int) -> None:
         uid = peer_uid_of_fd(fd, self.path)
