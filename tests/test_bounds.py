@@ -203,8 +203,8 @@ def test_connections_past_the_global_cap_are_refused_not_fatal(tmp_path: Path, f
 def test_the_guard_refuses_by_the_live_count_not_by_queued_events(tmp_path: Path,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """The guard's events are history: a new connection's ACCEPTED can be read before the DISCONNECTED of
-    connections already gone. Refusing by that count refused (and lost the request of) the first
-    connection after a flood; the guard recounts the live connections before it refuses any."""
+    connections already gone. A refusal by that count would refuse (and lose the request of) a connection
+    while the live ones are under the cap: the guard recounts the live connections before it refuses any."""
     path = str(tmp_path / "s.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)

@@ -19,14 +19,15 @@ accepts before the thread catches up is absorbed by the fd headroom the caps lea
 An fd is only shut down after checking it is still a connection of this socket from the same user (the
 number may have been reused meanwhile: the worst case is refusing another connection of that same user).
 
-The events are a *history*, and under a flood the thread runs seconds behind it: an ``ACCEPTED`` read
-from the queue may be followed there by the ``DISCONNECTED`` of hundreds of connections that are long
-gone. Deciding on the count as of each event refused (and so silently lost the request of) a connection
-that came after a flood had ended: root's first ``status`` after 2,500 connections timed out at 60 s while
-the daemon held 21 fds. So the thread reads every queued event first (a batch), and before it refuses
-anything it recounts from the truth: a counted fd is alive while it still names the same socket and its
-peer has not hung up (``fstat`` and ``poll``); the newest connections of the batch are refused only while
-the live count is over a cap.
+The events are a history, read by a thread that runs behind a flood (hundreds of events), and a new
+connection's ``ACCEPTED`` may come before libzmq has read the end of connections whose peers already
+closed. So the thread reads every queued event first (a batch) and, before it refuses anything, recounts
+from the truth: a counted fd is alive while it still names the same socket and its peer has not hung up
+(``fstat`` and ``poll``); the newest connections of the batch are refused only while the live count is
+over a cap. A refusal never rests on connections that are gone. (What made root's ``status`` time out
+after a flood in issue 19 was not the count: the flood's own connections were still open — libzmq
+closes a closed socket's fd later, in its own thread — and a refused connection loses the request
+already written into it: the client waits out its timeout.)
 """
 
 from __future__ import annotations
