@@ -275,13 +275,4 @@ def _mark(store: JobStore, digest: str, where: str, marked: set[str], make: Any)
 
 def read_page(store: JobStore, digest: str) -> bytes:
     """A page's bytes, checked against its name; a missing or altered page is CorruptVersion."""
-    where = f"{store.job}"
-    try:
-        raw = store.object_path(digest).read_bytes()
-    except FileNotFoundError:
-        raise CorruptVersion(f"{where}: page {digest[:16]}… is missing") from None
-    except OSError as exc:
-        raise CorruptVersion(f"{where}: page {digest[:16]}…: {exc}") from None
-    if prolly.page_digest(raw) != digest:
-        raise CorruptVersion(f"{where}: page {digest[:16]}… does not match its hash")
-    return raw
+    return store.reader.page(digest)

@@ -10,7 +10,6 @@ way the daemon does.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiofiles
@@ -110,8 +109,8 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
 
 async def read_chunk_file(local: JobStore, digest: str) -> tuple[bytes, bool]:
     """A local chunk file's stored bytes (raw, or zstd: uploaded as stored) and whether it is packed."""
-    raw_path = local.objects_dir / digest[:2] / digest
-    for path, packed in ((raw_path, False), (Path(str(raw_path) + SUFFIX), True)):
+    for packed in (False, True):
+        path = local.object_path(digest, packed)
         try:
             async with aiofiles.open(path, "rb") as fh:
                 return await fh.read(), packed
