@@ -171,3 +171,41 @@ def test_a_new_version_uploads_only_the_pages_and_chunks_the_bucket_lacks(
     assert both.writer.store.requests["PUT"] - puts == sent + 1 + 2
     got = anyio.run(lambda: both.reader().load_version(2, path=("cp", "00001234", "msg")))
     assert got is not None and unpack(got.tree) == "changed"
+
+
+def test_an_upload_reads_only_the_pages_a_save_changed(s3server: Any, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``complete`` (the replicator's: pages whose whole subtree the bucket holds), the upload of a
+    version walks only its new pages, not every page of the state; without it, all of them."""
+    both = Both(s3server, tmp_path, monkeypatch)
+    complete: set[str] = set()
+    tree = pack(history(2500))
+    _save(both.local, tree, 1)
+    anyio.run(lambda: upload_version(both.writer, both.local, 1, both.lease, holder="test", ttl=30.0,
+                                     known=both.known, complete=complete))
+    height = int(both.root(1)["height"])
+    reads: list[str] = []
+    real = both.local.objects.get
+
+    def counting(name: str) -> bytes:
+        reads.append(name)
+        return real(name)
+
+    both.local.objects.get = counting  # type: ignore[method-assign]
+    for version in (2, 3):
+        tree = merge(tree, pack({"cp": {f"{version * 700:08d}": {"msg": f"changed in {version}"}}}))
+        _save(both.local, tree, version)
+        reads.clear()
+        sent = anyio.run(lambda v=version: upload_version(both.writer, both.local, v, both.lease, holder="test",
+                                                          ttl=30.0, known=both.known, complete=complete))
+        # The new root, the pages below it on the changed path (a leaf may split): each read once.
+        assert 1 <= sent <= len(reads) <= 2 * (height + 1), (sent, len(reads))
+        got = anyio.run(lambda v=version: both.reader().load_version(v, path=("cp", f"{v * 700:08d}", "msg")))
+        assert got is not None and unpack(got.tree) == f"changed in {version}"
+    # Without what the replicator learned (after a restart), an upload walks every page once again.
+    tree = merge(tree, pack({"step": -1}))
+    _save(both.local, tree, 4)
+    reads.clear()
+    anyio.run(lambda: upload_version(both.writer, both.local, 4, both.lease, holder="test", ttl=30.0,
+                                     known=both.known, complete=set()))
+    assert len(reads) > 50

@@ -15,7 +15,7 @@ rename; then the directories' fsync) before the root record that names it is com
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -212,14 +212,16 @@ def page_links(raw: bytes, digest: str, doc: dict[str, Any], where: str) -> tupl
     return [r.digest for r in page.refs], chunks
 
 
-def version_objects(store: JobStore, doc: dict[str, Any], where: str) -> dict[str, int]:
-    """Every object (page or chunk: digest -> stored-size hint) a format-2 version needs, for an upload."""
+def version_objects(store: JobStore, doc: dict[str, Any], where: str,
+                    skip: Container[str] = frozenset()) -> dict[str, int]:
+    """Every object (page or chunk: digest -> stored-size hint) a format-2 version needs, for an upload,
+    not descending into the pages in ``skip`` (whose whole subtrees the bucket is known to hold)."""
     root, _params = check_root(doc, where)
     out: dict[str, int] = {}
     stack = [root]
     while stack:
         digest = stack.pop()
-        if digest in out:
+        if digest in out or digest in skip:
             continue
         raw = store.read_page(digest)
         out[digest] = len(raw)

@@ -9,7 +9,7 @@ way the daemon does.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import aiofiles
@@ -31,11 +31,13 @@ async def _no_pace(_nbytes: int) -> None:
     return None
 
 
-def referenced(doc: dict[str, Any], local: JobStore, where: str) -> dict[str, int]:
+def referenced(doc: dict[str, Any], local: JobStore, where: str,
+               complete: Container[str] = frozenset()) -> dict[str, int]:
     """digest → size of every object a version needs: its chunks, and for format 2 its pages too (read
-    from the local store, where they are verified by their names)."""
+    from the local store, where they are verified by their names), but none below a page in
+    ``complete``: the bucket holds that page's whole subtree, so only the pages on changed paths are read."""
     if doc.get("format") == paged.FORMAT:
-        return paged.version_objects(local, doc, where)
+        return paged.version_objects(local, doc, where, complete)
     return {str(digest): int(size) for rec in doc["blobs"] for digest, size in rec["chunks"]}
 
 
@@ -45,7 +47,7 @@ def lacking(refs: dict[str, int], known: dict[str, str]) -> dict[str, int]:
 
 
 async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease: Lease, *, holder: str,
-                         ttl: float, known: dict[str, str],
+                         ttl: float, known: dict[str, str], complete: set[str] | None = None,
                          pace: Callable[[int], Awaitable[None]] = _no_pace,
                          planned: Callable[[int], None] = lambda _nbytes: None,
                          sent: Callable[[int], None] = lambda _nbytes: None) -> int:
@@ -53,6 +55,9 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
     object key of the chunks the bucket has) is updated as chunks go up. ``pace(n)`` is awaited before
     each chunk of ``n`` bytes is sent (the upload throttle); ``planned(total)`` is told the bytes to send,
     ``sent(n)`` each chunk's bytes once the bucket has them (a 412 counts: the bytes were sent).
+    ``complete`` (format 2): pages whose whole subtree the bucket holds, so the walk of this version stops
+    there; once the version is published its pages join it. The caller empties it whenever ``known`` may
+    have gone stale (a new lease, a remote collection that deleted anything), as it does ``known``.
     :class:`~.remote.Fenced` if the lease was lost; ``CorruptVersion`` if the local version is unreadable."""
     where = f"{local.job} version {version}"
     path = local.versions_dir / f"{version:012d}.json"
@@ -62,7 +67,8 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
     except FileNotFoundError:
         raise CorruptVersion(f"{where}: the local manifest is gone") from None
     doc = unseal(raw, where)
-    refs = await anyio.to_thread.run_sync(referenced, doc, local, where)
+    refs = await anyio.to_thread.run_sync(referenced, doc, local, where,
+                                          frozenset() if complete is None else complete)
     todo = lacking(refs, known)
     planned(sum(todo.values()))
     packed: set[str] = {d for d, k in known.items() if k.endswith(SUFFIX)}
@@ -104,6 +110,10 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
     # any later take-over lists it and fences above it: the version is visible, and may be acked.
     # (Without this, a take-over between our renewal and our manifest would hide a version we acked.)
     await remote.renew(lease, ttl)
+    if complete is not None:
+        # Every object below these pages is in the bucket now (sent, or listed there) and stays while a
+        # published version references it: later uploads need not look below them again.
+        complete.update(refs)
     return len(todo)
 
 
