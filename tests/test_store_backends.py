@@ -209,3 +209,19 @@ def test_an_upload_reads_only_the_pages_a_save_changed(s3server: Any, tmp_path: 
     anyio.run(lambda: upload_version(both.writer, both.local, 4, both.lease, holder="test", ttl=30.0,
                                      known=both.known, complete=set()))
     assert len(reads) > 50
+
+
+def test_offline_restore_by_path_from_the_state_dir_and_the_bucket(s3server: Any, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``autosaved.restore(path=...)``, as ``Client.restore(path=...)``: the subtree, or ``None``."""
+    import autosaved
+
+    both = Both(s3server, tmp_path, monkeypatch)
+    state = history(300)
+    both.publish(pack(state), 1)
+    for kw in ({"state_dir": tmp_path}, {"remote": both.url}, {"state_dir": tmp_path, "version": 1},
+               {"remote": both.url, "version": 1}):
+        assert autosaved.restore(JOB, path=["cp", "00000042"], **kw) == state["cp"]["00000042"], kw
+        assert np.array_equal(autosaved.restore(JOB, path=["w"], **kw), state["w"]), kw
+        assert autosaved.restore(JOB, path=["cp", "nope"], **kw) is None, kw
+        assert autosaved.restore(JOB, path=["w", "deeper"], **kw) is None, kw

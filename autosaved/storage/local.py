@@ -18,6 +18,7 @@ a crash during garbage collection can only leave unreferenced chunks, which the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
@@ -57,7 +58,6 @@ from .manifest import (
     blob_from_record,
     blob_record,
     seal,
-    unseal,
     utc_now_iso,
 )
 from .retention import best_versions, score, versions_to_delete
@@ -405,17 +405,10 @@ class JobStore:
             raise NotFound(f"job {self.job!r} has no version {version}") from None
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
-        doc = unseal(raw, f"{self.job} version {version}")
-        if doc.get("job") != self.job or doc.get("version") != version:
-            raise CorruptVersion(f"{self.job} version {version}: manifest names another job or version")
-        return doc
+        return obj.open_record(raw, self.job, version, str(path))
 
     def _info(self, doc: dict[str, Any], ok: bool = True, error: str | None = None) -> VersionInfo:
-        return VersionInfo(
-            job=self.job, id=int(doc["version"]), step=doc.get("step"), time=str(doc.get("time")),
-            bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")), meta=dict(doc.get("meta") or {}),
-            ok=ok, error=error,
-        )
+        return dataclasses.replace(obj.version_info(doc, self.job), ok=ok, error=error)
 
     def load(self, version: int, *, load_data: bool = True, verify: bool = True) -> LoadedVersion:
         """Read one version. With ``verify`` every chunk is hashed; any mismatch raises CorruptVersion.
@@ -429,8 +422,8 @@ class JobStore:
             for blob in blobs:
                 assert blob.chunks is not None
                 self.reader.verify_chunks(blob.chunks, where)
-        sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
-        return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)))
+        return LoadedVersion(info=self._info(doc), tree=tree, sessions=obj.sessions_of(doc),
+                             wal_lsn=int(doc.get("wal_lsn", 0)))
 
     def read_blob(self, blob: Blob) -> memoryview:
         """The bytes of a blob: in memory already, or read from its chunks and verified."""

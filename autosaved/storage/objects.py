@@ -44,7 +44,7 @@ from . import fileops, hashing, paged, prolly
 from . import statepages as sp
 from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
 from .fsutil import read_exact, temp_name
-from .manifest import tree_from_manifest
+from .manifest import VersionInfo, tree_from_manifest, unseal
 
 # Hashing runs in threads: hashlib and blake3 release the GIL on large buffers, so two cores hash twice as fast.
 HASH_POOL: Final = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
@@ -126,6 +126,36 @@ def check_page(digest: str, raw: bytes, where: str, location: str) -> bytes:
     return raw
 
 
+class NothingAt(NotFound):
+    """The version exists but holds nothing at the path asked for (a restore by path answers ``None``)."""
+
+
+# -- root records ----------------------------------------------------------------------------------
+
+
+def open_record(raw: bytes, job: str, version: int, location: str) -> dict[str, Any]:
+    """A manifest or format-2 root record of ``job``'s ``version``: sealed (its digest checked), of a
+    format this autosaved reads (a newer one is refused, see :func:`.manifest.check_format`), and naming
+    that job and version; else :class:`CorruptVersion` naming where it lives."""
+    where = f"{job} version {version}"
+    doc = unseal(raw, f"{where} ({location})")
+    if doc.get("job") != job or doc.get("version") != version:
+        raise CorruptVersion(f"{where}: the manifest names another job or version ({location})")
+    return doc
+
+
+def version_info(doc: dict[str, Any], job: str) -> VersionInfo:
+    """What ``list`` shows of a version, from its opened record."""
+    return VersionInfo(job=job, id=int(doc["version"]), step=doc.get("step"), time=str(doc.get("time")),
+                       bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
+                       meta=dict(doc.get("meta") or {}))
+
+
+def sessions_of(doc: dict[str, Any]) -> dict[str, int]:
+    """The client sessions a version covers (session id -> last sequence number)."""
+    return {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
+
+
 # -- reading ---------------------------------------------------------------------------------------
 
 
@@ -205,16 +235,19 @@ class Reader:
     def tree(self, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> tuple[Any, list[Blob]]:
         """The state (or the subtree at ``path``) a manifest or root record describes and its leaves
         stored as chunks (not read yet). Format 2 reads only the pages on ``path``; a format-1 manifest
-        holds the whole tree. ``NotFound`` when the version has nothing at ``path``."""
+        holds the whole tree. :class:`NothingAt` when the version has nothing at ``path``."""
         if doc.get("format") == paged.FORMAT:
-            tree = paged.tree_from_pages(lambda d: self.page(d, where), doc, where, path)
+            try:
+                tree = paged.tree_from_pages(lambda d: self.page(d, where), doc, where, path)
+            except NotFound as exc:
+                raise NothingAt(str(exc)) from None
         else:
             tree, _ = tree_from_manifest(doc, where)
             for elem in path:
                 try:
                     tree = tree[elem]
                 except (KeyError, IndexError, TypeError):
-                    raise NotFound(f"{where} has nothing at {list(path)!r}") from None
+                    raise NothingAt(f"{where} has nothing at {list(path)!r}") from None
         return tree, [b for b in sp.blobs_of(tree) if b.data is None]  # inline leaves came with their page
 
     def load_path(self, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = (),

@@ -506,10 +506,9 @@ class RemoteJob:
             raw, _ = await self.store.get(vk.key)
         except FileNotFoundError:
             raise CorruptVersion(f"{where}: object {vk.key} is missing") from None
-        doc = unseal(bytes(raw), f"{where} (object {vk.key})")
-        remote = doc.get("remote") or {}
-        if doc.get("job") != self.job or doc.get("version") != vk.id or remote.get("epoch") != vk.epoch:
-            raise CorruptVersion(f"{where}: object {vk.key} names another job, version or epoch")
+        doc = obj.open_record(bytes(raw), self.job, vk.id, f"object {vk.key}")
+        if (doc.get("remote") or {}).get("epoch") != vk.epoch:
+            raise CorruptVersion(f"{where}: the manifest names another epoch (object {vk.key})")
         return doc
 
     # -- versions --------------------------------------------------------------------------------
@@ -531,11 +530,8 @@ class RemoteJob:
             tree, blobs = tree_from_manifest(doc, where)
         if not path:
             await self._fetch_blobs(blobs, packed, where)
-        info = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
-                           bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
-                           meta=dict(doc.get("meta") or {}))
-        sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
-        return RemoteLoaded(info=info, tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
+        return RemoteLoaded(info=obj.version_info(doc, self.job), tree=tree, sessions=obj.sessions_of(doc),
+                            wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
 
     async def _fetch_pages(self, doc: dict[str, Any], where: str) -> dict[str, bytes]:
         """Every page of a format-2 version, verified by its name, level by level (``CONCURRENCY`` at a
@@ -649,9 +645,7 @@ class RemoteJob:
                 except CorruptVersion as exc:
                     out[i] = VersionInfo(self.job, vk.id, None, "", 0, "", {}, ok=False, error=str(exc))
                     return
-            out[i] = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
-                                 bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
-                                 meta=dict(doc.get("meta") or {}))
+            out[i] = obj.version_info(doc, self.job)
 
         async with anyio.create_task_group() as tg:
             for i, vk in enumerate(visible):
