@@ -225,3 +225,22 @@ def test_offline_restore_by_path_from_the_state_dir_and_the_bucket(s3server: Any
         assert np.array_equal(autosaved.restore(JOB, path=["w"], **kw), state["w"]), kw
         assert autosaved.restore(JOB, path=["cp", "nope"], **kw) is None, kw
         assert autosaved.restore(JOB, path=["w", "deeper"], **kw) is None, kw
+
+
+def test_remote_gc_fetches_each_shared_page_once(s3server: Any, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remote collection marks from every kept root and does not descend into a page already marked: three
+    versions sharing almost every page cost about one version's pages in GETs, not three."""
+    both = Both(s3server, tmp_path, monkeypatch)
+    tree = pack(history(2500))
+    both.publish(tree, 1)
+    for version in (2, 3):
+        tree = merge(tree, pack({"cp": {f"{version * 700:08d}": {"msg": f"changed in {version}"}}}))
+        both.publish(tree, version)
+    chunks = {d for v in (1, 2, 3) for rec in both.local.leaf_records(v) for d, _ in rec["chunks"]}
+    pages = len(both.local.objects.list("objects")) - len(chunks)  # every page of the three versions, once
+    job = both.reader()
+    result = anyio.run(lambda: job.collect(keep_last=10, keep_every=None, grace=3600.0))
+    assert result.removed_chunks == 0 and result.deleted_versions == []
+    # The lease, three root records, gc.json, and each distinct page once.
+    assert pages <= job.store.requests["GET"] <= pages + 5, (pages, job.store.requests)

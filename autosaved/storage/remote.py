@@ -10,8 +10,9 @@ Layout under ``s3://bucket/prefix``, mirroring the local store (see :mod:`.local
 
 Commit protocol (no rename on a bucket, so no temp + rename): every chunk is written with
 ``If-None-Match: *`` (a 412 means the bucket has it: success), then the manifest, also ``If-None-Match: *``.
-A reader trusts only manifests and checks every chunk's SHA-256, so a version whose upload was cut off is
-simply not there.
+A reader trusts only manifests and checks every page and chunk by its name, so a version whose upload was
+cut off is simply not there. Names, checks and the reading of trees by path are the local store's, written
+once in :mod:`.objects`; :class:`BucketBackend` is the bucket as its backend.
 
 Fencing: one writer per (owner, job). The lease object names the holder, its epoch and when it expires;
 the holder renews it with ``If-Match`` on its ETag (compare-and-swap) before every manifest it writes, so a
@@ -533,12 +534,15 @@ class RemoteJob:
         return RemoteLoaded(info=obj.version_info(doc, self.job), tree=tree, sessions=obj.sessions_of(doc),
                             wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
 
-    async def _fetch_pages(self, doc: dict[str, Any], where: str) -> dict[str, bytes]:
+    async def _fetch_pages(self, doc: dict[str, Any], where: str,
+                           skip: set[str] | None = None) -> dict[str, bytes]:
         """Every page of a format-2 version, verified by its name, level by level (``CONCURRENCY`` at a
-        time); a missing or altered one is :class:`CorruptVersion`."""
+        time); a missing or altered one is :class:`CorruptVersion`. Not below a page in ``skip`` (gc's
+        marks: a subtree shared with a version marked before is fetched once per collection)."""
         root, _params = paged.check_root(doc, where)
         pages: dict[str, bytes] = {}
-        level = [root]
+        seen = skip if skip is not None else set()
+        level = [root] if root not in seen else []
         limiter = anyio.CapacityLimiter(CONCURRENCY)
 
         failures: list[BaseException] = []
@@ -567,7 +571,7 @@ class RemoteJob:
                 raise failures[0]
             pages.update(got)
             children = {c for d, raw in got.items() for c in paged.page_links(raw, d, doc, where)[0]}
-            level = sorted(children - pages.keys())
+            level = sorted(children - pages.keys() - seen)
         return pages
 
     async def _fetch_blobs(self, blobs: list[Blob], packed: set[str], where: str) -> None:
@@ -931,8 +935,8 @@ class RemoteJob:
             except CorruptVersion:
                 return result  # never collect while a manifest is unreadable: it may reference anything
             if doc.get("format") == paged.FORMAT:
-                try:  # a format-2 version's pages and the chunks its leaves name
-                    pages = await self._fetch_pages(doc, f"{self.job} version {vk.id}")
+                try:  # a format-2 version's pages and the chunks its leaves name, marked subtrees skipped
+                    pages = await self._fetch_pages(doc, f"{self.job} version {vk.id}", refs)
                 except CorruptVersion:
                     return result
                 for digest, page in pages.items():
