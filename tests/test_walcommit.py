@@ -10,11 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
 
 import autosaved
+from autosaved.codec import pack
 from autosaved.daemon.walcommit import SyncThreads
-from autosaved.storage.wal import coalesce
+from autosaved.storage.wal import FRAME_AHEAD, Record, WalWriter, coalesce, scan_segment, segments
 from autosaved.testing.private import PrivateDaemon
 
 from .conftest import NO_AUTO_POLICY, wait_for
@@ -26,6 +28,31 @@ def test_coalesce_joins_small_pieces_and_keeps_large_ones_as_they_are() -> None:
     assert [bytes(p) for p in out] == [b"abc", b"B" * 100, b"d" + b"e" * 7]
     assert out[1] is big  # a large blob is written from where it is, never copied
     assert [bytes(p) for p in coalesce([b"x" * 6, b"y" * 6, b"z"], limit=10)] == [b"x" * 6 + b"y" * 6, b"z"]
+
+
+def _record(lsn: int, value: object) -> Record:
+    return Record(lsn=lsn, sessions={"s": lsn}, step=None, meta={}, delta=pack({"v": value}))
+
+
+def test_records_framed_ahead_carry_the_sync_marker_of_the_segment_they_land_in(tmp_path: Path) -> None:
+    """Framed on the event loop, appended in a thread: a record framed for one state of the segment
+    (synced through 1) but appended after the segment changed (a rotation) is framed again, so its marker
+    never claims a sync its own segment did not have."""
+    w = WalWriter(tmp_path / "log")
+    w.append([_record(1, 1)])
+    framed = w.frame([_record(2, 2)])
+    assert framed is not None and framed.synced == 1
+    w.append([_record(2, 2)], framed)
+    stale = w.frame([_record(3, 3)])
+    assert stale is not None and stale.synced == 2
+    w.rotate()
+    w.append([_record(3, 3)], stale)
+    w.close()
+    (_, first), (_, second) = segments(tmp_path / "log")
+    assert [(r.lsn, r.synced, r.delta) for r in scan_segment(first).records] == [(1, 0, {"v": 1}), (2, 1, {"v": 2})]
+    assert [(r.lsn, r.synced, r.delta) for r in scan_segment(second).records] == [(3, 0, {"v": 3})]
+    # large blobs are framed by the append itself (checksumming them would hold up the event loop)
+    assert w.frame([_record(4, np.zeros(FRAME_AHEAD + 1, np.uint8))]) is None
 
 
 @pytest.mark.parametrize("answered", [True, False])

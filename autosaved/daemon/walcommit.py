@@ -250,11 +250,13 @@ class LogCommitter:
             return StorageError(f"write-ahead log of {job.name!r} is unavailable: {job.wal_broken}")
         rotate, job.rotate_log = job.rotate_log, False
         point("task", "logger", "before", job.name)
+        # Encoded here, on the event loop (the lock held: no append of this log runs), not in the thread.
+        framed = wal.frame(records, rotate=rotate)
 
         def append() -> bool:
             if rotate:
                 wal.rotate()
-            wal.append(records)
+            wal.append(records, framed)
             return _answer_synced(job, batch)
 
         return append
