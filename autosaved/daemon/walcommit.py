@@ -48,18 +48,23 @@ class SyncThreads:
     in parallel with a barrier 2.5x. So the cross-job group commit is the journal's, and the per-job
     segments keep replay, deletion at a snapshot and the damage rules per job.
 
-    What a ``logged`` update cost on that host was mostly thread switches, not the disk (``perf``: a
-    third of the daemon's cycles in the scheduler; 740 µs of daemon CPU per ``logged`` update against
-    170 µs per ``accepted`` one). So each batch costs as few wake-ups as it can:
+    What a ``logged`` update cost on that host was mostly thread switches and turns on the GIL, not the
+    disk (``perf``: a third of the daemon's cycles in the scheduler; 740 µs of daemon CPU per ``logged``
+    update against 170 µs per ``accepted`` one; each update woke the loop twice and its log thread about
+    nine times, three of them inside ``fdatasync``). So each batch costs as few wake-ups as it can:
 
-    - the hand-over to a thread happens once the event loop's step is done (``call_soon``), not in the
-      middle of it, where the woken thread would only wait for the GIL the loop holds;
+    - the records are framed on the event loop (``WalWriter.frame``): the thread only writes, syncs and
+      answers, so it holds the GIL for less of the time the loop may want it;
     - the thread answers the requests itself right after the sync (``_answer_synced``), and the event
       loop's bookkeeping of the batch (durable seqs, the log's lock, the next batch) is left in
       :attr:`_completed` for the loop's next step: every request starts with :meth:`settle`, so a client
       that sends its next update soon pays for one wake-up of the loop, not two. A thread that answered its
       batch waits :data:`LINGER` for such a request and wakes the loop itself if none came; a batch it
       could not answer (an error, a request with client slots) wakes the loop at once.
+
+    Tried and dropped: handing work over at the end of the loop's step (``call_soon``, so the woken thread
+    would not wait for the GIL the loop holds) made the hop slower (d2->d3 ~130 µs against ~100 µs under
+    the same load), as the thread then also waited for the rest of the step.
     """
 
     def __init__(self, threads: int = 8, linger: float = LINGER) -> None:
@@ -67,8 +72,6 @@ class SyncThreads:
         self._linger = linger
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
         self._started = False
-        # Handed over at the end of the event loop's step (only the loop touches it).
-        self._deferred: list[_Work] = []
         # Finished work whose ``done`` the event loop has not run yet (appended by threads, run by the loop).
         self._completed: collections.deque[tuple[Done, BaseException | None, contextvars.Context]] = \
             collections.deque()
@@ -81,16 +84,8 @@ class SyncThreads:
             self._started = True
             for i in range(self._count):
                 threading.Thread(target=self._work, name=f"autosaved-log-{i}", daemon=True).start()
-        loop = asyncio.get_running_loop()
         # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
-        self._deferred.append((func, loop, done, contextvars.copy_context()))
-        if len(self._deferred) == 1:
-            loop.call_soon(self._hand_over)
-
-    def _hand_over(self) -> None:
-        work, self._deferred = self._deferred, []
-        for item in work:
-            self._queue.put(item)
+        self._queue.put((func, asyncio.get_running_loop(), done, contextvars.copy_context()))
 
     def settle(self) -> None:
         """On the event loop: run what finished work left to do here (cheap when nothing did)."""
