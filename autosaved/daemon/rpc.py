@@ -58,6 +58,7 @@ class Handlers(UpdateOps, RestoreOps, AdminOps):
         answered without waiting for anything, else the coroutine that finishes it. The rpc loop answers
         the first kind inline and gives only the second a task of its own (perf, issue 14: a task per
         request cost more than a small update's whole handling)."""
+        self.ctx.wal.settle()  # the bookkeeping of log batches synced since: every request sees it done
         op = REGISTRY.get(req.op)
         if op is None:
             raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})

@@ -61,11 +61,12 @@ class Deferred:
         self.early: Callable[[Reply], bool] | None = None
         self.sent_early = False
 
-    def send_early(self, reply: Reply) -> None:
+    def send_early(self, reply: Reply) -> bool:
         """From a log thread, before :meth:`resolve`: send ``reply`` now if the rpc loop allows it; the
         later :meth:`resolve` then only closes the request."""
         if self.early is not None and self.early(reply):
             self.sent_early = True
+        return self.sent_early
 
     def on_done(self, callback: Callable[[Reply | Exception], None]) -> None:
         if self._result is not None:
