@@ -61,6 +61,7 @@ from .manifest import (
     utc_now_iso,
 )
 from .retention import best_versions, score, versions_to_delete
+from .slotwrite import store_slot_leaf
 from .wal import LogChanged, LogDamaged, Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
@@ -74,7 +75,7 @@ _RECOVER_TRIES = 5
 _HASH_POOL = obj.HASH_POOL
 
 
-# Chunks of a shared-memory leaf copied and hashed ahead of the one being written.
+# Chunks of a shared-memory leaf copied (or written, slotwrite) and hashed ahead of the one being written.
 _SHARED_WINDOW = max(2, min(8, os.cpu_count() or 2))
 
 
@@ -315,8 +316,10 @@ class JobStore:
     def _write_shared(self, blob: Blob, chunk_size: int, compression: str, pipeline: ChunkPipeline,
                       dirs_touched: set[Path], queued: set[str]) -> tuple[dict[str, Any], int, int]:
         """Store a leaf whose bytes live in a client's shared-memory slot, which the client may still write
-        into (a forked child, a stray pointer): each chunk is copied once into private memory and named by
-        the hash of that copy, the bytes that are then written. So a chunk's name is always the hash of its
+        into (a forked child, a stray pointer): each chunk is named by the hash of the bytes stored, never
+        of bytes read from the slot a second time. Uncompressed, the chunk goes from the slot into its file
+        and the file is hashed (:mod:`.slotwrite`); compressed, it is copied once into private memory and
+        the copy is hashed, compressed and written. So a chunk's name is always the hash of its
         stored bytes, and a scribbling client can only change what its own version holds, never make the
         store hold a chunk that does not match its name (which dedup would spread into later versions).
         Named with the store's algorithm (``HASH_NAME``) like every other new chunk; written through the
@@ -325,6 +328,15 @@ class JobStore:
         assert blob.data is not None
         data = blob.data
         try_compress = worth_trying(blob, compression)
+        if not try_compress:
+            # No private copy: each chunk is named by the hash of the file it was written to (slotwrite).
+            pairs, written, count = store_slot_leaf(
+                data, chunk_size, HASH_NAME, pipeline=pipeline, pool=_HASH_POOL, window=_SHARED_WINDOW,
+                tmp_dir=self.tmp_dir, object_path=self.object_path, stored=self.has_object, queued=queued,
+                dirs_touched=dirs_touched)
+            done = tuple(Chunk(digest, size, HASH_NAME) for digest, size in pairs)
+            blob.digests[chunk_size] = done
+            return blob_record(blob, done), written, count
         starts = list(range(0, data.nbytes, chunk_size)) or [0]
         hash_fn = hashing.HASHERS[HASH_NAME]
 
