@@ -107,7 +107,7 @@ class SlotPool:
             self.disabled_reason = None  # memory may have come free since: try again
         refs, total = layout(blobs)
         if not refs:
-            return self._inline()
+            return self.inline_placement()
         try:
             try:
                 slot = self._free_slot(total)
@@ -120,7 +120,7 @@ class SlotPool:
         if slot is None:
             log.warning("all %d shared-memory slots are still held by the daemon; this update travels inline",
                         len(self.slots))
-            return self._inline()
+            return self.inline_placement()
         pairs = []
         for i, off in refs:
             src = blobs[i].data
@@ -157,7 +157,7 @@ class SlotPool:
         view = memoryview(mapping)
         return {int(i): view[int(off) :] for i, off in wire["refs"]}
 
-    def _inline(self) -> Placement | None:
+    def inline_placement(self) -> Placement | None:
         # An all-inline update names our connection while slots are lent, so the reply tells which came
         # free. With none lent there is nothing to learn, and naming it would make the daemon walk every
         # leaf of every job to answer (O(daemon state) per small update: a LangGraph put).
