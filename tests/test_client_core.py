@@ -182,7 +182,8 @@ def _restore_reply(seq: int, state: dict[str, Any], *, shm: bool) -> tuple[list[
 
 def test_restore_receives_bulk_leaves_through_shared_memory_only_when_announced() -> None:
     state = {"big": np.arange(1000, dtype=np.int64), "small": np.arange(3), "step": 9}
-    core = ClientCore("job", slots=SlotPool("tcp://127.0.0.1:1"))
+    # An ipc address, never connected (the test answers the Local step that would connect)
+    core = ClientCore("job", slots=SlotPool("ipc:///nonexistent/d.sock"))
     d = Daemon(core.restore(), local={"restore_conn": "token-1"})
     sent = d.until_receive()
     assert sent["op"] == "restore" and sent["shm_conn"] == "token-1" and d.locals == ["restore_conn"]
@@ -201,6 +202,13 @@ def test_restore_receives_bulk_leaves_through_shared_memory_only_when_announced(
     d.answer(frames)
     assert d.locals == ["restore_conn"]
     np.testing.assert_array_equal(d.result["small"], state["small"])
+    # Connected already (or on tcp, or with the path off): a restore takes no blocking step at all, so the
+    # async driver makes no hop to a worker thread (issue 21).
+    core.slots.conn, core.slots.token = object(), "token-2"  # type: ignore[assignment,union-attr]
+    d = Daemon(core.restore())
+    assert d.until_receive()["shm_conn"] == "token-2" and d.locals == []
+    d = Daemon(ClientCore("job", slots=SlotPool("tcp://127.0.0.1:1")).restore())
+    assert d.until_receive()["shm_conn"] is None and d.locals == []
 
 
 def test_save_hello_and_errors() -> None:

@@ -292,7 +292,11 @@ class ClientCore(Exchange):
             except ProtocolError as exc:
                 raise ValueError(exc.message) from None
         # Naming our fd connection lets the daemon hand the bulk leaves over as a memfd.
-        conn = (yield Local("restore_conn", self.slots.restore_conn)) if self.slots is not None else None
+        conn: str | None = None
+        if self.slots is not None:
+            known, conn = self.slots.known_restore_conn()
+            if not known:  # the first restore connects: blocking I/O (later ones skip the hop to a thread)
+                conn = yield Local("restore_conn", self.slots.restore_conn)
         req = self.request("restore", {**fields, "shm_conn": conn})
         return (yield from self.export_flow(req, self._placed))
 

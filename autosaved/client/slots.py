@@ -131,6 +131,15 @@ class SlotPool:
         assert self.token is not None
         return Placement(self.token, slot.id, refs)
 
+    def known_restore_conn(self) -> tuple[bool, str | None]:
+        """(True, what :meth:`restore_conn` would return) when that needs no I/O: connected already, or
+        the shared-memory path is off (disabled, or a tcp address); (False, None) when it must connect."""
+        if self.disabled_reason is not None or fd_socket_path(self.address) is None:
+            return True, None
+        if self.conn is not None:
+            return True, self.token
+        return False, None
+
     def restore_conn(self) -> str | None:
         """Our connection's token, so the daemon can hand a restore over as a memfd; ``None``: inline."""
         if self.disabled_reason is not None:
