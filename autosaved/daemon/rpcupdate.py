@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
-from ..protocol import ACK_LEVELS, blobs_from_frames
+from ..protocol import ACK_LEVELS, INLINE_LEAF_MAX, blobs_from_frames, inline_allowed
 from ..state import Merged, State
 from ..tree import from_node
 from .jobs import CommitWaiter, Job, LogWaiter
@@ -103,7 +103,8 @@ class UpdateOps(HandlerBase):
             except ValueError as exc:
                 raise ProtocolError(f"shm: {exc}") from None
         blobs = blobs_from_frames(h.get("blobs"), req.frames, placed)
-        delta = from_node(h.get("tree"), blobs, allow_delete=True)
+        inline_max = INLINE_LEAF_MAX if inline_allowed(h) else 0
+        delta = from_node(h.get("tree"), blobs, allow_delete=True, inline_max=inline_max)
         if not isinstance(delta, dict):
             raise ProtocolError("an update's delta must be a mapping")
         if self.ctx.shutting_down():
