@@ -34,8 +34,8 @@ class LogWaiter:
     # Called (on the event loop) once the record's batch is synced or failed: the rpc layer answers from it.
     notify: Callable[[], None] | None = None
     # Called in the log thread right after the sync, with the sessions' durable seqs (``durable(session)``):
-    # sends the reply from there, ahead of ``notify`` (issue 21).
-    early: Callable[[Callable[[str], int]], None] | None = None
+    # sends the reply from there, ahead of ``notify`` (issue 21); whether it was sent.
+    early: Callable[[Callable[[str], int]], bool] | None = None
     # The client slots the record reads until it is written (released when its batch is done).
     hold: Hold | None = None
 

@@ -13,7 +13,7 @@ import anyio.to_thread
 import msgpack
 
 from ..errors import ProtocolError
-from ..protocol import blob_descriptors, validate_path
+from ..protocol import INLINE_TOTAL_MAX, blob_descriptors, validate_path
 from ..shm import layout, release_mapping
 from ..state import State
 from ..storage.base import JobStorage
@@ -144,7 +144,13 @@ class RestoreOps(HandlerBase):
                 return memoryview(bytes(blob.data))
             return store.read_blob(blob)
 
-        frames = await anyio.to_thread.run_sync(lambda: [read(b) for i, b in enumerate(blobs) if i not in placed])
+        sent = [b for i, b in enumerate(blobs) if i not in placed]
+        if sum(b.nbytes for b in sent) <= INLINE_TOTAL_MAX and all(b.data is not None for b in sent):
+            # In memory and small (a LangGraph get_tuple): nothing to read, at most a small copy, so no hop
+            # to a worker thread, which on a busy host cost a restore milliseconds (perf, issue 21).
+            frames = [read(b) for b in sent]
+        else:
+            frames = await anyio.to_thread.run_sync(lambda: [read(b) for b in sent])
         return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info, **({"shm": shm} if shm else {})},
                      frames)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
-from ..protocol import ACK_LEVELS, blobs_from_frames
+from ..protocol import ACK_LEVELS, INLINE_LEAF_MAX, blobs_from_frames, inline_allowed
 from ..state import Merged, State
 from ..tree import from_node
 from .jobs import CommitWaiter, Job, LogWaiter
@@ -103,7 +103,8 @@ class UpdateOps(HandlerBase):
             except ValueError as exc:
                 raise ProtocolError(f"shm: {exc}") from None
         blobs = blobs_from_frames(h.get("blobs"), req.frames, placed)
-        delta = from_node(h.get("tree"), blobs, allow_delete=True)
+        inline_max = INLINE_LEAF_MAX if inline_allowed(h) else 0
+        delta = from_node(h.get("tree"), blobs, allow_delete=True, inline_max=inline_max)
         if not isinstance(delta, dict):
             raise ProtocolError("an update's delta must be a mapping")
         if self.ctx.shutting_down():
@@ -127,8 +128,8 @@ class UpdateOps(HandlerBase):
         return self._apply_update(req, u, job)
 
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
-        await self._check_job_quota(req.owner, u.name)
-        job = await self.ctx.table.get(req.owner, u.name)
+        async with self._job_quota(req.owner, u.name):
+            job = await self.ctx.table.get(req.owner, u.name)
         if not job.resident or job.queued_updates:
             return await self._update_reloading(req, u, job)
         try:
