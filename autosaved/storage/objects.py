@@ -33,7 +33,7 @@ throttle, sendfile into a restore's memfd), the bucket's lease, fences and versi
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -232,13 +232,16 @@ class Reader:
                 self.read_chunks(blob.chunks, memoryview(buf), where, verify=verify, packed=packed)
                 blob.data = memoryview(buf)
 
-    def tree(self, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> tuple[Any, list[Blob]]:
+    def tree(self, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = (),
+             fetched: Mapping[str, bytes] | None = None) -> tuple[Any, list[Blob]]:
         """The state (or the subtree at ``path``) a manifest or root record describes and its leaves
         stored as chunks (not read yet). Format 2 reads only the pages on ``path``; a format-1 manifest
-        holds the whole tree. :class:`NothingAt` when the version has nothing at ``path``."""
+        holds the whole tree. :class:`NothingAt` when the version has nothing at ``path``. ``fetched``:
+        the version's pages, already fetched and checked (the bucket's concurrent download), by digest."""
         if doc.get("format") == paged.FORMAT:
+            get = (lambda d: self.page(d, where)) if fetched is None else fetched.__getitem__
             try:
-                tree = paged.tree_from_pages(lambda d: self.page(d, where), doc, where, path)
+                tree = paged.tree_from_pages(get, doc, where, path)
             except NotFound as exc:
                 raise NothingAt(str(exc)) from None
         else:

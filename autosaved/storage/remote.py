@@ -54,10 +54,10 @@ from ..settings import Location as Location
 from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
 from . import objects as obj
-from . import paged, prolly, statepages
+from . import paged, prolly
 from .fsutil import atomic_write, fsync_dir
 from .local import JobStore
-from .manifest import VersionInfo, seal, tree_from_manifest, unseal
+from .manifest import VersionInfo, seal, unseal
 from .remote_errors import explain
 from .retention import versions_to_delete
 
@@ -523,13 +523,9 @@ class RemoteJob:
         packed = set((doc.get("remote") or {}).get("packed") or ())
         if path:
             tree = await anyio.to_thread.run_sync(self.reader.load_path, doc, where, tuple(path), packed)
-        elif doc.get("format") == paged.FORMAT:
-            pages = await self._fetch_pages(doc, where)
-            tree = paged.tree_from_pages(pages.__getitem__, doc, where)
-            blobs = [b for b in statepages.blobs_of(tree) if b.data is None]  # inline leaves came with a page
-        else:
-            tree, blobs = tree_from_manifest(doc, where)
-        if not path:
+        else:  # every page at once, level by level, then every chunk, many requests in flight
+            pages = await self._fetch_pages(doc, where) if doc.get("format") == paged.FORMAT else {}
+            tree, blobs = self.reader.tree(doc, where, fetched=pages)
             await self._fetch_blobs(blobs, packed, where)
         return RemoteLoaded(info=obj.version_info(doc, self.job), tree=tree, sessions=obj.sessions_of(doc),
                             wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
@@ -692,14 +688,10 @@ class RemoteJob:
         where = f"{self.job} version {vk.id}"
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
-        if doc.get("format") == paged.FORMAT:  # pages are objects beside the chunks, copied the same way
-            pages = await self._fetch_pages(doc, where)
-            tree = paged.tree_from_pages(pages.__getitem__, doc, where)  # the whole version must parse first
-            blobs = list(statepages.blobs_of(tree))
-            chunks = {d: Chunk(d, len(raw), prolly.PAGE_HASH) for d, raw in pages.items()}
-        else:
-            _tree, blobs = tree_from_manifest(doc, where)  # the whole manifest must parse before anything is written
-            chunks = {}
+        # Pages are objects beside the chunks, copied the same way; the whole version must parse first.
+        pages = await self._fetch_pages(doc, where) if doc.get("format") == paged.FORMAT else {}
+        _tree, blobs = self.reader.tree(doc, where, fetched=pages)
+        chunks = {d: Chunk(d, len(raw), prolly.PAGE_HASH) for d, raw in pages.items()}
         chunks.update({c.digest: c for blob in blobs for c in (blob.chunks or ())})
         await anyio.to_thread.run_sync(local.ensure_dirs)
         dirs: set[Path] = {local.objects_dir}
