@@ -17,14 +17,16 @@ on a bucket) where a writer must never overwrite. Two implement it:
   rename). The S3 client is async; the backend runs its calls from a worker thread, so the one reader
   below serves both.
 
-What the bytes mean lives here, once, for both: object names (:func:`object_name`), the check of a chunk
-(its size, its zstd form, its hash under the algorithm that named it) and of a page (the BLAKE3 of its
-bytes), with one wording for every failure, and :class:`Reader`, which reads a version's tree (format 1
-from its manifest, format 2 from only the pages on a path, :func:`.paged.tree_from_pages`) and fills its
-leaves from verified chunks. Local restore (``JobStore.load``/``load_path``/``read_blob``/``verify``) and
-remote restore by path (``RemoteJob.load_path``) read through a :class:`Reader`; the bucket's whole-version
-download, seed and the replicator's upload keep their concurrent transfers (many requests in flight on
-the event loop) and check every object with the functions here.
+What the bytes mean lives here, once, for both: object names (:func:`object_name`), the opening of a
+root record (:func:`open_record`: sealed, a format this autosaved reads, naming its job and version), the
+check of a chunk (its size, its zstd form, its hash under the algorithm that named it) and of a page (the
+BLAKE3 of its bytes), with one wording for every failure, and :class:`Reader`, which reads a version's
+tree (format 1 from its manifest, format 2 from only the pages on a path, :func:`.paged.tree_from_pages`)
+and fills its leaves from verified chunks. Every tree of either store is decoded by a :class:`Reader`:
+local restore (``JobStore.load``/``load_path``/``read_blob``/``verify``), the bucket's restore by path
+(``RemoteJob.load_version(path=...)``: one GET per page on the path) and its whole-version download and
+seed, which fetch many pages and chunks at once on the event loop and hand the reader what they fetched,
+each object checked by the functions here. The replicator's upload reads local pages through it too.
 
 What stays with each store is what differs by nature: the local writer's pipeline (fsync batching, the
 throttle, sendfile into a restore's memfd), the bucket's lease, fences and version keys (``<id>.e<epoch>``).
