@@ -214,7 +214,7 @@ class RemoteStore:
         self.timeout = timeout
         self.max_retries = max_retries
         self._client: Any = None
-        # Requests sent, by method (GET, PUT, LIST, DELETE): what a bucket bills, and what tests count.
+        # Requests sent, by method (GET, HEAD, PUT, LIST, DELETE): what a bucket bills, and what tests count.
         self.requests: Counter[str] = Counter()
 
     @property
@@ -285,6 +285,20 @@ class RemoteStore:
             raise _wrap(exc, f"GET {key}", self.describe()) from None
         # obstore's Bytes exposes the buffer protocol: no copy into a Python bytes object.
         return memoryview(data), result.meta.get("e_tag")
+
+    async def exists(self, key: str) -> bool:
+        """Whether the object is there (a HEAD request)."""
+        obs = _obstore()
+        self.requests["HEAD"] += 1
+        try:
+            await obs.head_async(self.client, key)
+        except FileNotFoundError:
+            return False
+        except _errors().NotFoundError:
+            return False
+        except Exception as exc:
+            raise _wrap(exc, f"HEAD {key}", self.describe()) from None
+        return True
 
     async def stream(self, key: str) -> AsyncIterator[memoryview]:
         obs = _obstore()
@@ -394,9 +408,7 @@ class BucketBackend:
         return anyio.from_thread.run(put)
 
     def exists(self, name: str) -> bool:
-        key = self.job.key(name)
-        found = anyio.from_thread.run(self.job.store.list_objects, key)
-        return any(str(m["path"]) == key for m in found)
+        return anyio.from_thread.run(self.job.store.exists, self.job.key(name))
 
     def list(self, prefix: str) -> list[str]:
         found = anyio.from_thread.run(self.job.store.list_objects, self.job.key(prefix))
@@ -422,8 +434,8 @@ class RemoteJob:
 
     def key(self, name: str) -> str:
         """The bucket key of a named object (:mod:`.objects`); chunks and pages live under ``chunks/``."""
-        if name.startswith(obj.OBJECTS + "/"):
-            name = "chunks/" + name[len(obj.OBJECTS) + 1 :]
+        if name == obj.OBJECTS or name.startswith(obj.OBJECTS + "/"):
+            name = "chunks" + name[len(obj.OBJECTS) :]
         return f"{self.prefix}/{name}"
 
     def name_of(self, key: str) -> str:
