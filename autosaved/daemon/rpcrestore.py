@@ -18,6 +18,8 @@ from ..shm import layout, release_mapping
 from ..state import State
 from ..storage.base import JobStorage
 from ..storage.fsutil import pwrite_all
+from ..storage.local import JobStore
+from ..storage.pathread import subtrees
 from ..tree import Blob, to_node
 from .jobs import Job
 from .rpcbase import HandlerBase, Reply, RpcRequest, _opt_int, log
@@ -59,8 +61,28 @@ class RestoreOps(HandlerBase):
         # a stored version) is read from chunk files, and a save's retention and gc (or `autosaved gc`),
         # which hold this lock, could otherwise delete them meanwhile, once a newer update replaced the
         # leaf (the soak's "restore raised CorruptVersion(... (live state): chunk ... is missing)").
-        async with self.ctx.table.io_lock((req.owner, name)):
+        if version is None and job is not None and job.resident:
+            # The live tree, kept (not evicted by the state cache) while it is sent.
+            async with table.use(job), table.io_lock((req.owner, name)):
+                return await self._restore_locked(req, version, paths, job, store)
+        async with table.io_lock((req.owner, name)):
+            if version is None and job is not None and not job.resident:
+                return await self._restore_evicted(req, paths, job, store)
             return await self._restore_locked(req, version, paths, job, store)
+
+    async def _restore_evicted(self, req: RpcRequest, paths: Any, job: Job, store: JobStorage) -> Reply:
+        """The live state of a job the state cache evicted (under its io lock: no save or gc meanwhile).
+        Its newest version holds exactly that state: some paths of a format-2 version are read from the
+        pages on them alone (storage/pathread.py), leaving the job evicted; anything else loads the tree
+        back first."""
+        version = job.latest_version
+        if paths is not None and version is not None and isinstance(store, JobStore):
+            sent = await anyio.to_thread.run_sync(lambda: subtrees(store, version, paths))
+            if sent is not None and not job.resident:  # still evicted: nothing newer was merged meanwhile
+                self.ctx.table.cache.path_reads += 1
+                return await self._send_tree(req, store, sent, {"version": version, "step": job.step, "live": True})
+        async with self.ctx.table.use(job):
+            return await self._restore_locked(req, None, paths, job, store)
 
     async def _restore_locked(self, req: RpcRequest, version: int | None, paths: Any, job: Job | None,
                               store: JobStorage) -> Reply:
