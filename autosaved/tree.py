@@ -175,9 +175,13 @@ def _as_is(value: Any) -> bool:
     return t is float and math.isfinite(value)
 
 
-def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
-    """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs)."""
+def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
+            inline_total: int = 0) -> tuple[Any, list[Blob]]:
+    """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs). ``inline_max``: bytes
+    leaves in memory of at most this size (``inline_total`` in all) become ``{"B": bytes}`` nodes (a reply
+    to a protocol 2 request); 0: none."""
     blobs: list[Blob] = []
+    left = [inline_total]
 
     def enc(value: Any, path: list[str | int], in_mapping: bool = False) -> Any:
         if value is None or isinstance(value, bool | str):
@@ -189,6 +193,10 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
                 return value
             return {"F": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
         if isinstance(value, Blob):
+            if (inline_max > 0 and value.kind == "bytes" and value.data is not None and value.nbytes <= inline_max
+                    and value.nbytes <= left[0]):
+                left[0] -= value.nbytes
+                return {"B": bytes(value.data)}
             blobs.append(value)
             return {"b": len(blobs) - 1}
         if isinstance(value, Mapping):
