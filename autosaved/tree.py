@@ -34,6 +34,8 @@ class Walked:
     and not a clock, that a request's work does not grow with what the daemon holds (issue 19)."""
 
     entries = 0
+    # Entries copied by path copying (a merge into a mapping a snapshot may hold copies it first).
+    copied = 0
 
 # msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
 _MSGPACK_INT_MIN, _MSGPACK_INT_MAX = -(2**63), 2**64 - 1
