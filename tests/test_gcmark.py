@@ -63,7 +63,7 @@ def collection_after_a_save(tmp_path: Path, n: int) -> tuple[int, int, int, int]
     assert js.version_ids() == [4, 5]
     exact(js)
     stats = js.live.stats
-    assert stats.full == 1  # only the store object's first collection marked everything
+    assert stats.full == 0  # a new job: its counts were exact from its first save, never a full mark
     return (stats.pages_read - before[0], stats.objects_listed - before[1], stats.manifests_read - before[2],
             written)
 
@@ -77,6 +77,26 @@ def test_a_collection_after_a_save_reads_what_changed_not_the_history(tmp_path: 
         # The new version's pages (what the save wrote) and the dropped version's own pages (as many).
         assert pages <= 2 * written, (pages, written)
     assert big[0] <= small[0] + 4  # one more level of interior pages at most
+
+
+def test_a_store_object_over_stored_versions_marks_everything_once(tmp_path: Path) -> None:
+    """A daemon start: the counts of a job with stored versions are unknown, so its first collection marks
+    every version and sweeps every object (what a crash left goes too); the next ones are incremental."""
+    js = store(tmp_path)
+    tree = pack(agent(200))
+    for v in range(1, 4):
+        tree = merge(tree, pack({"step": v}))
+        save(js, tree, v, keep=5)
+    leftover = js.object_path("ab" * 32)
+    leftover.parent.mkdir(exist_ok=True)
+    leftover.write_bytes(b"a crashed save's chunk")
+    again = store(tmp_path)
+    for v in range(4, 7):
+        tree = merge(tree, pack({"step": v}))
+        save(again, tree, v, keep=2)
+    assert (again.live.stats.full, again.live.stats.incremental) == (1, 2)
+    assert not leftover.exists()
+    exact(again)
 
 
 def test_gc_by_marking_keeps_what_retained_roots_reach_across_formats(tmp_path: Path) -> None:
@@ -121,7 +141,7 @@ def test_a_failed_save_leaves_objects_the_next_collection_sweeps(tmp_path: Path)
     js = store(tmp_path)
     save(js, pack({"a": np.zeros(50_000)}), 1)
     save(js, pack({"a": np.ones(50_000)}), 2)
-    save(js, pack({"a": np.full(50_000, 3.0)}), 3)  # the first collection (a full one) drops 1
+    save(js, pack({"a": np.full(50_000, 3.0)}), 3)  # the first collection drops 1
     calls = 0
 
     def pace(_nbytes: int) -> None:
@@ -137,7 +157,7 @@ def test_a_failed_save_leaves_objects_the_next_collection_sweeps(tmp_path: Path)
     assert js.live.stale
     save(js, pack({"a": np.full(50_000, 4.0)}), 4)
     exact(js)  # the failed save's chunks are gone too
-    assert js.live.stats.full == 2
+    assert js.live.stats.full == 1  # the collection after the failed save, only
 
 
 def test_an_unreadable_manifest_blocks_every_deletion(tmp_path: Path) -> None:

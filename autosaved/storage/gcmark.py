@@ -14,7 +14,8 @@ Why counts kept in memory and not a full mark per collection (what every collect
 mark reads or visits every page of every retained version and lists every object of the job, O(history)
 per save: with ``keep_last`` small, each save drops one version and paid that. Why not persisted: the
 counts follow from the manifests on disk, so a fresh :class:`LiveSet` (a daemon start, a store object made
-by a command) rebuilds them with one full mark and a full sweep at its first collection; that sweep also
+by a command) rebuilds them with one full mark and a full sweep at its first collection (unless its job had
+nothing stored when it first saved: then the empty counts are exact from the start); that sweep also
 removes what a crash left behind (a save's chunks and pages without a manifest, a collection cut short).
 Nothing on disk has to be kept in step with them, so they add no crash window. A save that fails in this
 process marks the set ``stale``, so the next collection is a full one again and removes that save's
@@ -79,6 +80,35 @@ class LiveSet:
         # (a failed save, an unreadable page of a dropped version, a blocked collection).
         self.stale = True
         self.stats = GcStats()
+        self._checked_new = False
+
+    def adopt_if_new(self, store: JobStore) -> None:
+        """Before a store object's first save: a job with no version and no object yet has exact (empty)
+        counts without a full mark, so a job the daemon creates never pays one (checked once: two
+        listings)."""
+        if self._checked_new or not self.stale:
+            return
+        self._checked_new = True
+        try:
+            if os.listdir(store.objects_dir):
+                return
+        except FileNotFoundError:
+            pass
+        if not store.version_ids():
+            self.stale = False
+
+    def mark_new(self, store: JobStore) -> None:
+        """Mark the versions on disk not marked yet: before retention deletes manifests, so a version
+        written and deleted between two collections still gives its objects back (its manifest is gone by
+        the collection)."""
+        if self.stale:
+            return  # the next collection is a full one: it sweeps whatever those held
+        try:
+            for vid in store.version_ids():
+                if vid not in self.versions:
+                    self._mark_version(store, vid)
+        except _Blocked:
+            pass  # stale now: the collection will say it is blocked
 
     def collect(self, store: JobStore) -> GcResult:
         """Delete what the versions dropped since the last collection made unreachable (all garbage, with a

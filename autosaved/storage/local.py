@@ -213,6 +213,7 @@ class JobStore:
         """Commit ``tree`` as version ``version``. ``pace`` (see :data:`fsutil.Pacer`) throttles the
         chunk writes; the manifest, a few KB, is never held back. ``compression`` is a mode of
         :mod:`.compress`; it only decides how new chunks are stored, never their names."""
+        self.live.adopt_if_new(self)
         try:
             if self.write_format == paged.FORMAT:
                 return paged.write_version(self, tree, version, step, reason, meta, sessions, chunk_size, pace,
@@ -654,6 +655,8 @@ class JobStore:
         manifests first, then collect the objects only the deleted versions reached (see gcmark.py: a
         collection costs what changed since the last one). Returns the deleted ids."""
         doomed = self._doomed(keep_last, keep_every, frozenset(protect or ()), keep_best)
+        if doomed and collect:
+            self.live.mark_new(self)
         for vid in doomed:
             point("version", "delete", "before", vid)
             fileops.unlink(self.versions_dir / f"{vid:012d}.json", missing_ok=True)
