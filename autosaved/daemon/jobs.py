@@ -11,7 +11,17 @@ import anyio
 from ..backoff import backoff
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
-from ..state import Merged, Node, Refs, State, add_refs, changes_anything, empty_node, merge_counted, merge_deltas
+from ..state import (
+    Merged,
+    Node,
+    Refs,
+    State,
+    add_refs,
+    changes_anything,
+    empty_node,
+    merge_counted,
+    merge_deltas_into,
+)
 from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter, replay_speed
 from .accounting import Hold, Ledger
@@ -152,7 +162,7 @@ class Job:
         self.root = merged.root
         self.unlogged_refs = add_refs(self.unlogged_refs, merged.added_refs)
         self.generation += 1
-        self.unlogged = merge_deltas(self.unlogged, delta)
+        self.unlogged = merge_deltas_into(self.unlogged, delta)
         self.unlogged_generation = self.generation
         if step is not None:
             self.step = step
