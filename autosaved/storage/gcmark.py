@@ -82,6 +82,11 @@ class LiveSet:
         self.stats = GcStats()
         self._checked_new = False
 
+    def forget(self) -> None:
+        """Drop the counts (an evicted job's memory): its next collection marks everything again."""
+        self.pages, self.chunks, self.versions = {}, {}, {}
+        self.stale = True
+
     def adopt_if_new(self, store: JobStore) -> None:
         """Before a store object's first save: a job with no version and no object yet has exact (empty)
         counts without a full mark, so a job the daemon creates never pays one (checked once: two
