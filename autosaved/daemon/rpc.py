@@ -78,8 +78,8 @@ class Handlers(UpdateOps, RestoreOps, AdminOps):
 
     async def op_hello(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
-        await self._check_job_quota(req.owner, name)
-        job = await self.ctx.table.find(req.owner, name)
+        async with self._job_quota(req.owner, name):
+            job = await self.ctx.table.find(req.owner, name)
         if job is None:
             # A job exists from its first accepted update, not from a hello (issue 22: a typo made jobs);
             # the client sends its policy with every update, so nothing is lost by not keeping it here.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
-from ..protocol import ACK_LEVELS, blobs_from_frames
+from ..protocol import ACK_LEVELS, INLINE_LEAF_MAX, blobs_from_frames, inline_allowed
 from ..state import Merged, State
 from ..tree import from_node
 from .jobs import CommitWaiter, Job, LogWaiter
@@ -103,7 +103,8 @@ class UpdateOps(HandlerBase):
             except ValueError as exc:
                 raise ProtocolError(f"shm: {exc}") from None
         blobs = blobs_from_frames(h.get("blobs"), req.frames, placed)
-        delta = from_node(h.get("tree"), blobs, allow_delete=True)
+        inline_max = INLINE_LEAF_MAX if inline_allowed(h) else 0
+        delta = from_node(h.get("tree"), blobs, allow_delete=True, inline_max=inline_max)
         if not isinstance(delta, dict):
             raise ProtocolError("an update's delta must be a mapping")
         if self.ctx.shutting_down():
@@ -121,16 +122,40 @@ class UpdateOps(HandlerBase):
         job = self.ctx.table.jobs.get((req.owner, u.name))
         if job is None or job.deleted:
             return self._update_loading(req, u)
+        if not job.resident or job.queued_updates:  # evicted, or updates wait for its reload: after them
+            return self._update_reloading(req, u, job)
+        self.ctx.table.cache.hit(job)
         return self._apply_update(req, u, job)
 
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
-        await self._check_job_quota(req.owner, u.name)
-        job = await self.ctx.table.get(req.owner, u.name)
+        async with self._job_quota(req.owner, u.name):
+            job = await self.ctx.table.get(req.owner, u.name)
+        if not job.resident or job.queued_updates:
+            return await self._update_reloading(req, u, job)
         try:
             started = self._apply_update(req, u, job)
         except BaseException:
             self.ctx.table.forget_if_unused(job)  # a refused first update leaves no empty job behind
             raise
+        return await finish(started)
+
+    async def _update_reloading(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Reply:
+        """An update of a job whose tree the state cache evicted: loaded back first. Updates queue on the
+        job's reload lock (first come, first served) and apply under it, so they keep their order."""
+        table = self.ctx.table
+        job.queued_updates += 1
+        job.pins += 1
+        try:
+            async with job.reload_lock:
+                gone = job.deleted or table.jobs.get(job.key) is not job
+                if not gone:
+                    await table.make_resident(job)
+                    started = self._apply_update(req, u, job)
+        finally:
+            job.queued_updates -= 1
+            job.pins -= 1
+        if gone:  # deleted meanwhile: a new job of that name
+            return await self._update_loading(req, u)
         return await finish(started)
 
     def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
