@@ -39,7 +39,6 @@ from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
 from . import fileops, hashing, paged
 from . import objects as obj
-from . import statepages as sp
 from .chunkwriter import ChunkPipeline, fsync_dirs
 from .compress import SUFFIX, compress_chunk, worth_trying
 from .faults import point
@@ -392,8 +391,8 @@ class JobStore:
         doc = self.read_manifest(version)
         if doc["format"] != paged.FORMAT:
             return list(doc["blobs"])
-        tree = paged.load_tree(self, doc, f"{self.job} version {version}")
-        return [blob_record(b, b.chunks) for b in sp.blobs_of(tree) if b.chunks is not None]
+        _tree, blobs = self.reader.tree(doc, f"{self.job} version {version}")
+        return [blob_record(b, b.chunks) for b in blobs if b.chunks is not None]
 
     def load_path(self, version: int, path: tuple[str | int, ...]) -> Any:
         """The subtree at ``path`` of a stored version, its binary leaves read and verified. For format 2 it
@@ -493,7 +492,7 @@ class JobStore:
         if doc["format"] == paged.FORMAT:
             try:
                 paged.referenced(self, doc, where, seen if seen is not None else set(), verify=True)
-                paged.load_tree(self, doc, where)
+                self.reader.tree(doc, where)
             except Exception as exc:
                 return self._info(doc, ok=False, error=str(exc))
             return self._info(doc)
