@@ -98,9 +98,11 @@ class Receiver:
     """Hands every message of ``sock`` to ``handle`` while :meth:`serve` runs (entered: the fd is watched)."""
 
     def __init__(self, sock: zmq.Socket[Any], handle: Callable[[list[zmq.Frame]], None],
-                 lock: threading.Lock | None = None) -> None:
+                 lock: threading.Lock | None = None, after_batch: Callable[[], None] | None = None) -> None:
         self.sock = sock
         self.handle = handle
+        # Called after each batch handed over: the rpc server queues a batch, then serves it in fair order.
+        self.after_batch = after_batch
         # Held around every use of the socket: log threads send replies on it too (SharedSocket).
         self.lock = lock or threading.Lock()
         self._fd = int(sock.getsockopt(zmq.FD))
@@ -188,5 +190,10 @@ class Receiver:
                     log.exception("unexpected error handling a request")
         finally:
             self._draining = False
+            if self.after_batch is not None:
+                try:
+                    self.after_batch()
+                except Exception:
+                    log.exception("unexpected error serving requests")
         if self._again is None and self.readable():
             self._schedule()  # more waiting: after the other callbacks and tasks have had a turn
