@@ -16,6 +16,7 @@ Pure: no I/O and no clock; O(1) per push and amortised O(1 + cost / quantum) per
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -55,13 +56,21 @@ class FairQueue(Generic[T]):
         q.append((max(0, cost), item))
         self._len += 1
 
-    def pop(self) -> tuple[int, T] | None:
-        """The next request to serve and its user, or ``None`` when every queued user is held (or none is)."""
-        while self._active:
+    def pop(self, ready: Callable[[int, T], bool] | None = None) -> tuple[int, T] | None:
+        """The next request to serve and its user, or ``None`` when every queued user is held (or none is).
+        ``ready(user, item)``: whether a user's first request may start now; a user whose first may not is
+        passed over this time (their order kept, no credit given)."""
+        passed = 0  # users passed over in a row: when all of them are, nothing can start
+        while self._active and passed < len(self._active):
             user = self._active[0]
             q = self._queues[user]
             cost = q[0][0]
+            if ready is not None and not ready(user, q[0][1]):
+                self._active.rotate(-1)
+                passed += 1
+                continue
             if self._deficit[user] < cost:
+                passed = 0
                 # Not enough credit for the head request: a round's credit, and the next user's turn. A user
                 # whose head costs many quanta collects them over as many rounds as it takes.
                 self._deficit[user] += self.quantum

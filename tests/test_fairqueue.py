@@ -74,6 +74,19 @@ def test_a_lone_user_is_served_at_once_whatever_the_cost_and_credit_is_not_saved
     assert served(q) == ["b", "a"]
 
 
+def test_a_user_whose_first_request_may_not_start_is_passed_over_in_order() -> None:
+    q: FairQueue[str] = FairQueue(quantum=10)
+    for i in range(3):
+        q.push(1, f"d{i}", 1)  # user 1: requests that may not start now (too many of theirs running)
+    q.push(2, "b0", 100)
+    q.push(2, "b1", 1)
+    busy = {1}
+    ready = lambda user, item: user not in busy  # noqa: E731
+    assert q.pop(ready) == (2, "b0") and q.pop(ready) == (2, "b1") and q.pop(ready) is None
+    busy.clear()
+    assert [q.pop(ready) for _ in range(3)] == [(1, "d0"), (1, "d1"), (1, "d2")]
+
+
 def test_drain_returns_everything_and_bad_quantum_is_refused() -> None:
     q: FairQueue[str] = FairQueue()
     q.push(1, "a", 1)

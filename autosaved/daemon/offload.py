@@ -132,7 +132,9 @@ def _paused_call(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         return fn(*args)
 
 
-# Two decodes at once at most (2 cores), apart from the default pool the disk work uses.
+# One decode at a time, apart from the default pool the disk work uses: the collector is then on again
+# between two decodes (a stream of overlapping ones would keep it off, and cyclic garbage would pile up);
+# one user's decodes run one after another anyway (the rpc server holds the user).
 _limiter: anyio.CapacityLimiter | None = None
 
 
@@ -140,5 +142,5 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a decoding worker thread, the collector paused."""
     global _limiter
     if _limiter is None:
-        _limiter = anyio.CapacityLimiter(2)
+        _limiter = anyio.CapacityLimiter(1)
     return await anyio.to_thread.run_sync(_paused_call, fn, args, limiter=_limiter)

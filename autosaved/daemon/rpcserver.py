@@ -65,6 +65,12 @@ def peer_uid(frame: Any) -> int | None:
 
 # What a request costs in the fair queue beyond its bytes: a flood of tiny requests is not free.
 REQUEST_COST = 1024
+# Requests of these ops that one user may have running as tasks at once; more wait in the user's queue.
+# Each running one puts steps on the event loop's ready queue (a flood of deletes or restores kept 256 of
+# them there, ahead of every other user's request); updates and saves are not capped (a committed
+# update waits for its save for long, costing the loop nothing meanwhile).
+CAPPED_OPS = frozenset({"delete", "restore", "status", "list", "verify", "gc"})
+TASKS_PER_USER = 8
 ERROR_LINES_PER_S = 50
 
 
@@ -140,6 +146,7 @@ class RpcServer:
         self._dispatching = False
         self.expired = 0
         self._error_lines = LineBudget()
+        self._tasks_by_uid: dict[int, int] = {}
 
     def bind(self, stack: contextlib.AsyncExitStack) -> zmq.Socket[Any]:
         config = self.ctx.config()
@@ -275,10 +282,13 @@ class RpcServer:
             return  # a request started below released a user: the loop here serves them
         self._dispatching = True
         try:
-            while (nxt := self.queue.pop()) is not None:
+            while (nxt := self.queue.pop(self._may_start)) is not None:
                 self._start(nxt[1])
         finally:
             self._dispatching = False
+
+    def _may_start(self, owner: int, queued: Queued) -> bool:
+        return queued.request.op not in CAPPED_OPS or self._tasks_by_uid.get(owner, 0) < TASKS_PER_USER
 
     def _start(self, queued: Queued) -> None:
         """Start one request: answered here when it needs no waiting (most small updates), else handed
@@ -307,7 +317,10 @@ class RpcServer:
                              else self._answer(identity, seq, owner, result))
         else:
             assert self._tg is not None
-            self._tg.start_soon(self._finish, identity, seq, owner, started)
+            capped = request.op in CAPPED_OPS
+            if capped:
+                self._tasks_by_uid[owner] = self._tasks_by_uid.get(owner, 0) + 1
+            self._tg.start_soon(self._finish, identity, seq, owner, started, capped)
 
     async def _finish_big(self, identity: bytes, seq: int, request: RpcRequest) -> None:
         """A big request: its header decoded in a worker thread (offload.py), then started and answered.
@@ -388,16 +401,27 @@ class RpcServer:
             else:
                 del self._early_sent[owner]
 
-    async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply]) -> None:
+    async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply],
+                      capped: bool = False) -> None:
         """The rest of a request that had to wait (a load from disk, a save), and its reply."""
         try:
-            result: Reply | Exception = await started
-        except Exception as exc:
-            result = exc
-        except BaseException:
-            self._done(owner)
-            raise
+            try:
+                result: Reply | Exception = await started
+            except Exception as exc:
+                result = exc
+            except BaseException:
+                self._done(owner)
+                raise
+        finally:
+            if capped:
+                left = self._tasks_by_uid[owner] - 1
+                if left:
+                    self._tasks_by_uid[owner] = left
+                else:
+                    del self._tasks_by_uid[owner]
         self._answer(identity, seq, owner, result)
+        if capped and self.queue.queued(owner):
+            self._dispatch()  # the user's next capped request may start now
 
     def _done(self, owner: int) -> None:
         left = self.in_flight_by_uid[owner] - 1
