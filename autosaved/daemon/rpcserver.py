@@ -72,6 +72,7 @@ REQUEST_COST = 1024
 CAPPED_OPS = frozenset({"delete", "restore", "status", "list", "verify", "gc"})
 TASKS_PER_USER = 8
 ERROR_LINES_PER_S = 50
+REFUSALS_PER_S = 200
 
 
 class LineBudget:
@@ -95,6 +96,25 @@ class LineBudget:
             self._skipped += 1
             return False
         return True
+
+
+class RefusalBudget:
+    """At most :data:`REFUSALS_PER_S` ``quota.max_requests`` refusals answered per user a second; past
+    it a user's requests over the quota are dropped unanswered (counted: ``status`` ``daemon.edge``). A
+    client that sends that many past its quota is not waiting for the answers."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._answered: dict[int, int] = {}
+
+    def allow(self, uid: int, now: float) -> bool:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._answered.clear()  # O(users refused in the last second), once a second
+        n = self._answered.get(uid, 0) + 1
+        self._answered[uid] = n
+        return n <= REFUSALS_PER_S
 
 
 @dataclass
@@ -146,6 +166,7 @@ class RpcServer:
         self._dispatching = False
         self.expired = 0
         self._error_lines = LineBudget()
+        self._refusals = RefusalBudget()
         self._tasks_by_uid: dict[int, int] = {}
 
     def bind(self, stack: contextlib.AsyncExitStack) -> zmq.Socket[Any]:
@@ -202,6 +223,7 @@ class RpcServer:
                     "missed_disconnects": guard.reconciled if guard else 0},
             "requests_in_flight": sum(self.in_flight_by_uid.values()),
             "requests_queued": len(self.queue), "requests_expired": self.expired,
+            "requests_unanswered": self.ctx.run.requests_unanswered,
             "replies": {"queued_bytes": self.replies.total(),
                         "dropped": self.replies.dropped + (self._shared.dropped if self._shared else 0),
                         "refused": self.replies.refused,
@@ -260,6 +282,12 @@ class RpcServer:
             # A request counts until its reply has left: big replies still queued in libzmq count too.
             in_flight = counted - self._early_sent.get(owner, 0) + self.replies.queued(owner)[1]
             if in_flight >= config.quota.max_requests:
+                if not self._refusals.allow(owner, time.monotonic()):
+                    # Past its budget of refusals this second: dropped unanswered, counted. Each answer cost the
+                    # event loop a send (issue 19: a flood past the quota took 60% of the loop in error replies).
+                    self.ctx.run.requests_unanswered += 1
+                    self.ctx.run.quota_refusals += 1
+                    return
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
                     f"{config.quota.max_requests}); wait for their replies",

@@ -33,6 +33,8 @@ class RunState:
     quota_refusals: int = 0
     # Requests dropped unapplied because their client's deadline (``expires``) passed while they waited.
     expired: int = 0
+    # Requests over quota.max_requests dropped unanswered (past the refusals answered per user a second).
+    requests_unanswered: int = 0
 
     @property
     def shutting_down(self) -> bool:
