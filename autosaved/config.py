@@ -179,6 +179,9 @@ class Config(Table):
     # Shared-memory slots the daemon maps for all clients together; None: half of physical memory.
     max_shm_bytes: int | None = setting(None, size(), restart=True)
     remote: RemoteSettings = setting(factory=RemoteSettings, restart=True)
+    # Memory for the jobs' state trees, all jobs together (daemon/statecache.py); None ("auto"): an eighth
+    # of the host's memory, at least 64 MiB.
+    memory_limit: int | None = setting(None, size(auto=True, low=1024**2, high=1 << 50))
     # The store format new versions are written in (storage/paged.py); None ("auto"): the newest, 2.
     storage_format: int | None = setting(None, _storage_format, restart=True)
 

@@ -5,6 +5,12 @@ A request is a ZeroMQ multipart message ``[header, *blob_frames]``; the header i
 their own frames, in the order of the tree's ``{"b": i}`` references, so big arrays are never copied
 into the header. A reply is ``[header, *blob_frames]`` with ``ok: true`` and op results, or
 ``ok: false`` with a stable error ``code`` and a human ``message``.
+
+Version 2 (issue 21) adds one node tag to a request's tree: ``{"B": <bin>}``, a bytes leaf of at most
+:data:`INLINE_LEAF_MAX` bytes carried inside the header, so a small update (a LangGraph checkpoint: a few
+serialised blobs of a few KiB) is one frame, with no blob descriptors to build and check. The daemon reads
+versions 1 and 2 (a version 1 request may not use the tag); a daemon that speaks only version 1 answers a
+version 2 request with ``bad_version``, which the SDK turns into an error that says to upgrade it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ import msgpack
 from .errors import AutosavedError, NotFound, ProtocolError, error_for_code
 from .tree import MAX_DEPTH, Blob
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+# Every version this daemon reads; it answers each request in the request's own version.
+SUPPORTED_VERSIONS: Final = (1, 2)
+# Version 2's inline bytes leaves: each at most this big, at most INLINE_TOTAL_MAX of them per request (the
+# rest travel as frames, as in version 1, far below MAX_HEADER_BYTES). Bigger leaves are cheaper as frames
+# (the daemon keeps a view of a frame, but copies a header's bin out of it).
+INLINE_LEAF_MAX: Final = 64 * 1024
+INLINE_TOTAL_MAX: Final = 1024 * 1024
 MAX_HEADER_BYTES: Final = 16 * 1024 * 1024
 
 AckLevel = Literal["accepted", "logged", "committed", "replicated"]
@@ -92,9 +105,10 @@ def unpack_header(raw: bytes | memoryview) -> dict[str, Any]:
 def check_request(header: dict[str, Any]) -> tuple[str, int]:
     """Check the fields every request has; returns (op, seq)."""
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
-            f"protocol version {version!r} is not supported (this daemon speaks {PROTOCOL_VERSION})",
+            f"protocol version {version!r} is not supported (this daemon speaks versions "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}); use an SDK and a daemon of the same autosaved release",
             details={"code": "bad_version"},
         )
     op = header.get("op")
@@ -160,11 +174,20 @@ def error_reply(seq: int | None, boot: str, err: AutosavedError) -> dict[str, An
             "message": err.message, "details": details}
 
 
+def inline_allowed(header: Mapping[str, Any]) -> bool:
+    """Whether a request (already through :func:`check_request`) may carry ``{"B": bin}`` leaves."""
+    return bool(header.get("v", 1) >= 2)
+
+
 def raise_for_reply(header: dict[str, Any]) -> None:
     if not header.get("ok"):
-        raise error_for_code(
-            str(header.get("code", "error")), str(header.get("message", "unknown error")), header.get("details")
-        )
+        code = str(header.get("code", "error"))
+        message = str(header.get("message", "unknown error"))
+        if code == "bad_version":
+            # An older daemon says only which version it speaks: say what to do about it.
+            message += (f" (this SDK speaks protocol version {PROTOCOL_VERSION}: upgrade the daemon, or use the SDK "
+                        "of the daemon's release)")
+        raise error_for_code(code, message, header.get("details"))
 
 
 def version_at_step(versions: Sequence[Mapping[str, Any]], step: int, job: str) -> int:

@@ -60,11 +60,12 @@ def check_owner(owner: int | None) -> int:
 
 
 def load_remote(job: str, remote: str, *, endpoint: str | None = None, version: int | None = None,
-                owner: int | None = None,
-                on_skip: Callable[[CorruptVersion], None] | None = None) -> RemoteLoaded | None:
+                owner: int | None = None, on_skip: Callable[[CorruptVersion], None] | None = None,
+                path: Sequence[str | int] = ()) -> RemoteLoaded | None:
+    """The version (or its subtree at ``path``: only the pages on it and the chunks below are fetched)."""
     store = RemoteStore(remote, endpoint=endpoint)
     rjob = store.job(check_owner(owner), job)
-    return run_sync(lambda: rjob.load_version(version, on_skip))
+    return run_sync(lambda: rjob.load_version(version, on_skip, tuple(path)))
 
 
 def list_remote(remote: str, *, endpoint: str | None = None, job: str | None = None,

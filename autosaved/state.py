@@ -38,7 +38,7 @@ import mmap
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
-from .tree import _MSGPACK_INT_MAX, _MSGPACK_INT_MIN, DELETE, PLAIN_TYPES, Blob, Replace, Walked
+from .tree import DELETE, MSGPACK_INT_MAX, MSGPACK_INT_MIN, PLAIN_TYPES, Blob, Replace, Walked
 
 State = dict[str | int, Any]
 # Client shared-memory mapping (``id()`` of the mmap a blob's bytes live in) -> how many leaves use it.
@@ -89,7 +89,7 @@ def _int_cost(v: int) -> int:
         return 3
     if -(2**31) <= v < 2**32:
         return 5
-    if _MSGPACK_INT_MIN <= v <= _MSGPACK_INT_MAX:
+    if MSGPACK_INT_MIN <= v <= MSGPACK_INT_MAX:
         return 9
     # {"I": "digits"}: a decimal string, sized from the bit length (no str(), quadratic in the digits).
     digits = v.bit_length() * 30103 // 100000 + 2

@@ -12,7 +12,8 @@ tuples). The daemon never needs numpy or torch: to it an array is an opaque :cla
 Node tags: ``{"m": [[key, node], ...]}`` mapping, ``{"l": [...]}`` list, ``{"t": [...]}`` tuple,
 ``{"b": index}`` blob, ``{"F": "nan" | "inf" | "-inf"}`` non-finite float, ``{"I": "digits"}`` an int
 outside 64 bits, ``{"x": 0}`` the ``DELETE`` marker (deltas only), ``{"r": node}`` a :class:`Replace`
-(write-ahead log records only).
+(write-ahead log records only), ``{"B": <bytes>}`` a small bytes leaf carried in the node itself (requests of
+protocol version 2 only; it decodes to a :class:`Blob` like any other, so nothing past the request sees it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class Walked:
     entries = 0
 
 # msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
-_MSGPACK_INT_MIN, _MSGPACK_INT_MAX = -(2**63), 2**64 - 1
+MSGPACK_INT_MIN: Final = -(2**63)
+MSGPACK_INT_MAX: Final = 2**64 - 1
 
 
 class _DeleteMarker:
@@ -169,24 +171,32 @@ def _as_is(value: Any) -> bool:
     if t is str or t is bool or value is None:
         return True
     if t is int:
-        return bool(_MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX)
+        return bool(MSGPACK_INT_MIN <= value <= MSGPACK_INT_MAX)
     return t is float and math.isfinite(value)
 
 
-def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
-    """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs)."""
+def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
+            inline_total: int = 0) -> tuple[Any, list[Blob]]:
+    """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs). ``inline_max``: bytes
+    leaves in memory of at most this size (``inline_total`` in all) become ``{"B": bytes}`` nodes (a reply
+    to a protocol 2 request); 0: none."""
     blobs: list[Blob] = []
+    left = [inline_total]
 
     def enc(value: Any, path: list[str | int], in_mapping: bool = False) -> Any:
         if value is None or isinstance(value, bool | str):
             return value
         if isinstance(value, int):
-            return value if _MSGPACK_INT_MIN <= value <= _MSGPACK_INT_MAX else {"I": str(value)}
+            return value if MSGPACK_INT_MIN <= value <= MSGPACK_INT_MAX else {"I": str(value)}
         if isinstance(value, float):
             if math.isfinite(value):
                 return value
             return {"F": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
         if isinstance(value, Blob):
+            if (inline_max > 0 and value.kind == "bytes" and value.data is not None and value.nbytes <= inline_max
+                    and value.nbytes <= left[0]):
+                left[0] -= value.nbytes
+                return {"B": bytes(value.data)}
             blobs.append(value)
             return {"b": len(blobs) - 1}
         if isinstance(value, Mapping):
@@ -198,7 +208,7 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
                         raise InvalidValue(
                             f"{path_str(path)} has key {key!r} of type {type(key).__name__}; keys must be str or int"
                         )
-                    if isinstance(key, int) and not _MSGPACK_INT_MIN <= key <= _MSGPACK_INT_MAX:
+                    if isinstance(key, int) and not MSGPACK_INT_MIN <= key <= MSGPACK_INT_MAX:
                         # Found by fuzzing: msgpack cannot carry it, and failed later with an OverflowError.
                         raise InvalidValue(f"{path_str(path)} has int key {key}, outside the 64-bit range keys may use")
                 # Leaves that encode as themselves need no call (and no path list) each (perf, issue 14).
@@ -229,9 +239,15 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
 PLAIN_TYPES: Final = frozenset({type(None), bool, int, float, str})
 
 
+def inline_blob(data: bytes) -> Blob:
+    """The Blob of an inline bytes leaf (``{"B": data}``)."""
+    return Blob(kind="bytes", dtype="bytes", shape=(len(data),), nbytes=len(data), data=memoryview(data))
+
+
 def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, allow_replace: bool = False,
-              max_depth: int = MAX_DEPTH) -> Any:
-    """Decode an untrusted node back into a tree with :class:`Blob` leaves.
+              max_depth: int = MAX_DEPTH, inline_max: int = 0) -> Any:
+    """Decode an untrusted node back into a tree with :class:`Blob` leaves. ``inline_max``: the largest
+    ``{"B": bytes}`` leaf allowed (0: the tag is refused).
 
     Raises ``ProtocolError`` for anything malformed: unknown tags, bad keys, blob indexes out of range,
     nesting deeper than ``MAX_DEPTH``, a DELETE outside a mapping.
@@ -272,6 +288,8 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
                 raise ProtocolError(f"blob reference {body} out of range or reused")
             used.add(body)
             return blobs[body]
+        if tag == "B" and inline_max > 0 and type(body) is bytes and len(body) <= inline_max:
+            return inline_blob(body)
         if tag == "F" and body in ("nan", "inf", "-inf"):
             return float(body)
         if tag == "I" and isinstance(body, str) and re.fullmatch(r"-?\d{1,4000}", body):

@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -60,12 +59,10 @@ def rss_budget(baseline: int) -> int:
 
 def zmtp_half_frame(path: str, announced: int, sent: int) -> socket.socket:
     """A raw ZMTP 3.0 DEALER that announces a frame of ``announced`` bytes and sends ``sent`` of them."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    s.sendall(b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31)
-    body = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
-    s.sendall(b"\x04" + bytes([len(body)]) + body)
-    s.sendall(b"\x02" + struct.pack(">Q", announced))  # a long frame, no more-flag: one whole message
+    from autosaved.testing import zmtp
+
+    s = zmtp.dealer(path)
+    s.sendall(zmtp.frame_header(announced))  # a long frame, no more-flag: one whole message
     s.sendall(b"\x00" * sent)
     return s
 

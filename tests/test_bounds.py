@@ -9,9 +9,12 @@ over the cap is refused with a ``quota.max_connections`` reason.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -29,9 +32,10 @@ import zmq
 
 import autosaved
 from autosaved.client.admin import Admin
-from autosaved.daemon.connguard import refusal
+from autosaved.daemon.connguard import ConnGuard, refusal
 from autosaved.daemon.fdlimit import listener_cap
 from autosaved.protocol import pack_header, unpack_header
+from autosaved.testing import zmtp
 from autosaved.testing.private import PrivateDaemon
 from autosaved.testing.realusers import User, missing, real_users
 
@@ -150,17 +154,13 @@ def test_idle_connections_never_abort_the_daemon_nor_lock_other_users_out(
         d.cleanup()
 
 
-# Known defect (issue 19, left open): after the flood, root's next connection was at times refused for over
-# 60 s (the guard's count stayed at the cap), and the test's `status` timed out; it passes most runs. It
-# runs with `-m slow` until the guard's recount is fixed: a flaky test must not gate CI, and this one's
-# failure is a finding, written down in the issue.
-@pytest.mark.slow
 def test_connections_past_the_global_cap_are_refused_not_fatal(tmp_path: Path, figure: Callable[[str], None]) -> None:
-    """One user (root here, which the socket's mode does not stop) at the global cap: refused, no abort."""
+    """One user (root here, which the socket's mode does not stop) at the global cap: refused, no abort; once
+    its connections are gone, its next connection is served and the guard counts none of them."""
     d = PrivateDaemon(tmp_path / "d", config=TEST_WRITE_SPEED + NO_AUTO_POLICY + "[quota]\nmax_connections = 5000\n",
-                      command_prefix=["prlimit", "--nofile=2048:2048"])
-    ctx = zmq.Context()
-    ctx.set(zmq.MAX_SOCKETS, 4000)
+                      command_prefix=["prlimit", "--nofile=1024:1024"])
+    flood = zmq.Context()
+    flood.set(zmq.MAX_SOCKETS, 4000)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
     try:
@@ -169,29 +169,93 @@ def test_connections_past_the_global_cap_are_refused_not_fatal(tmp_path: Path, f
         with autosaved.Client("kept", address=d.address) as c:
             c.update({"k": 1}, wait="accepted")
         dealers = []
-        for _ in range(2500):
-            s = ctx.socket(zmq.DEALER)
+        for _ in range(1300):
+            s = flood.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(d.address)
             dealers.append(s)
-        wait_for(lambda: "connections are open on the ipc socket (the limit is 341)" in d.log()
+        wait_for(lambda: "connections are open on the ipc socket (the limit is 170)" in d.log()
                  or d.proc.poll() is not None, timeout=60)  # type: ignore[union-attr]
         assert d.proc.poll() is None, d.log()[-3000:]
-        # (Root's connections are not stopped by the socket's mode: while they keep reconnecting, any new
-        # connection at the global cap is refused, root's own status request included.)
+        # Root's connections are not stopped by the socket's mode: while they keep reconnecting, any new one
+        # at the global cap is refused, and a request already written into it is lost (the client waits
+        # out its timeout). So the flood must be gone, not just closed: libzmq closes a socket's fd in its
+        # own thread later (0.4-1.5 s for 2,500 of them); terminating the context waits for that.
         for s in dealers:
             s.close(0)
+        flood.destroy(0)
         with Admin(address=d.address, timeout=60) as admin:
             edge = admin.status()["daemon"]["edge"]
-        figure(f"2500 connections against an fd limit of 2048: at most {edge['ipc']['peak']} open at once "
+            # The count comes back to this one connection: none of the flood's is still counted.
+            wait_for(lambda: (ipc := admin.status()["daemon"]["edge"]["ipc"])["open"] == 1 and not ipc["closed"],
+                     timeout=60)
+        figure(f"1300 connections against an fd limit of 1024: at most {edge['ipc']['peak']} open at once "
                f"(cap {edge['connection_cap']}), {edge['ipc']['refused']} refused")
-        assert edge["ipc"]["peak"] < 2048 - 64, edge
+        assert edge["ipc"]["peak"] < 1024 - 64, edge
         with autosaved.Client("kept", address=d.address, timeout=60) as c:
             assert c.restore() == {"k": 1}
         assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
     finally:
-        ctx.destroy(0)
+        flood.destroy(0)
         d.cleanup()
+
+
+def test_the_guard_refuses_by_the_live_count_not_by_queued_events(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The guard's events are history: a new connection's ACCEPTED can be read before the DISCONNECTED of
+    connections already gone. A refusal by that count would refuse (and lose the request of) a connection
+    while the live ones are under the cap: the guard recounts the live connections before it refuses any."""
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    kept: list[socket.socket] = [listener]  # the accepted ends stay open, as libzmq holds them until it reads EOF
+
+    def connect() -> tuple[socket.socket, int]:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)
+        served, _ = listener.accept()
+        kept.extend([client, served])
+        return client, served.fileno()
+
+    def shut(client: socket.socket) -> bool:
+        client.setblocking(False)
+        try:
+            return client.recv(1) == b""
+        except BlockingIOError:
+            return False
+
+    guard = ConnGuard(path, total_cap=2, per_user=lambda: 100)  # fed by hand: no monitor thread
+    try:
+        c1, a1 = connect()
+        c2, a2 = connect()
+        guard.handle([(zmq.EVENT_ACCEPTED, a1), (zmq.EVENT_ACCEPTED, a2)])
+        assert (guard.total, guard.refused) == (2, 0)
+        c1.close()
+        c2.close()
+        c3, a3 = connect()
+        guard.handle([(zmq.EVENT_ACCEPTED, a3)])  # their DISCONNECTED events are still queued
+        assert (guard.total, guard.refused, guard.reconciled) == (1, 0, 2)
+        assert not shut(c3)
+        guard.handle([(zmq.EVENT_DISCONNECTED, a1), (zmq.EVENT_DISCONNECTED, a2)])  # late: nothing taken off twice
+        assert guard.total == 1
+        # Over the cap by live connections: the newest ones are refused (shut down), the older ones kept, and
+        # the one warning names the count the refusals left (the cap), not the batch's peak.
+        c4, a4 = connect()
+        c5, a5 = connect()
+        c6, a6 = connect()
+        with caplog.at_level(logging.WARNING, logger="autosaved.daemon"):
+            guard.handle([(zmq.EVENT_ACCEPTED, a4), (zmq.EVENT_ACCEPTED, a5), (zmq.EVENT_ACCEPTED, a6)])
+        assert (guard.total, guard.refused) == (2, 2)
+        assert shut(c6) and shut(c5) and not shut(c4) and not shut(c3)
+        refusals = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert len(refusals) == 1 and "2 connections are open on the ipc socket (the limit is 2)" in refusals[0]
+        guard.handle([(zmq.EVENT_DISCONNECTED, a5), (zmq.EVENT_DISCONNECTED, a6)])
+        assert guard.total == 2
+    finally:
+        guard.stop()
+        for s in kept:
+            s.close()
 
 
 def test_listener_cap_leaves_half_the_fds() -> None:
@@ -271,6 +335,66 @@ def test_replies_and_restore_buffers_left_unread_are_bounded_per_user(
         fd_conn.close()
         ctx.destroy(0)
     assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
+
+
+def test_partial_frames_are_bounded_by_connections_times_max_message_bytes(
+        tmp_path: Path, figure: Callable[[str], None]) -> None:
+    """What libzmq buffers of frames not yet whole (before the daemon sees them) is at most
+    ``quota.max_connections`` x ``max_message_bytes`` per user; a frame announced bigger drops its
+    connection on its header. (A multipart message's *frames* are each bounded, not their number: an open
+    defect of issue 19, see the README's bounds table.)"""
+    mib = 1024**2
+    max_message, per_user = 16 * mib, 4
+    d = PrivateDaemon(tmp_path / "d", config=TEST_WRITE_SPEED + f"max_message_bytes = {max_message}\n" + NO_AUTO_POLICY
+                      + f"[quota]\nmax_connections = {per_user}\n")
+    conns: list[socket.socket] = []
+    try:
+        d.start()
+        assert d.proc is not None
+        path = d.address.removeprefix("ipc://")
+        before = _rss(d.proc.pid)
+        # The 600 MiB frame of the defect: dropped on its header, nothing of it held.
+        big = zmtp.dealer(path)
+        with contextlib.suppress(OSError):
+            big.sendall(zmtp.frame_header(600 * mib) + bytes(mib))
+        assert zmtp.closed_by_peer(big, 60)
+        big.close()
+        # 12 connections of one user (root: the cap applies to it too); past 4 they are shut down.
+        for _ in range(12):
+            with contextlib.suppress(OSError):  # refused before the handshake ended
+                conns.append(zmtp.dealer(path))
+
+        def hung_up() -> list[socket.socket]:
+            poller = select.poll()
+            for c in conns:
+                poller.register(c, select.POLLRDHUP)
+            gone = {fd for fd, ev in poller.poll(0) if ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)}
+            return [c for c in conns if c.fileno() in gone]
+
+        wait_for(lambda: len(conns) - len(hung_up()) <= per_user, timeout=60)
+        refused = hung_up()
+        kept = [c for c in conns if c not in refused]
+        # Each kept connection: 7/8 of a frame of max_message_bytes, sent and read by libzmq (sendall returns
+        # once all but the socket buffer is taken), never finished.
+        part = bytes(max_message * 7 // 8)
+        for c in kept:
+            c.sendall(zmtp.frame_header(max_message) + part)
+        grown = _rss(d.proc.pid) - before
+        bound = per_user * max_message
+        figure(f"{len(kept)} connections each holding 7/8 of a {max_message // mib} MiB frame "
+               f"({len(refused)} more refused): daemon RSS +{grown / mib:.0f} MiB, bound {bound // mib} MiB "
+               f"(quota.max_connections x max_message_bytes)")
+        assert len(kept) == per_user, (len(kept), len(refused))
+        assert grown <= bound + 16 * mib, (grown, bound)  # 16 MiB: the allocator's and the guard's own
+        for c in conns:
+            c.close()
+        with Admin(address=d.address, timeout=60) as admin:
+            admin.ping()
+        assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
+    finally:
+        for c in conns:
+            c.close()
+        d.cleanup()
 
 
 # -- the hostile-user run, short ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from autosaved.client.core import AdminCore, ClientCore, Flow, Local, LostState,
 from autosaved.client.slots import SlotPool
 from autosaved.codec import pack
 from autosaved.errors import AutosavedError, NotFound, ProtocolError, StateLost
-from autosaved.protocol import blob_descriptors, error_reply, ok_reply, pack_header, unpack_header
+from autosaved.protocol import INLINE_LEAF_MAX, blob_descriptors, error_reply, ok_reply, pack_header, unpack_header
 from autosaved.tree import DELETE, to_node
 
 BOOT = "boot-1"
@@ -85,7 +85,7 @@ def test_update_drops_a_stale_reply_and_tracks_acks() -> None:
 def test_slot_unknown_starts_a_fresh_pool_and_sends_once_more() -> None:
     slots = SlotPool("tcp://127.0.0.1:1")  # tcp: the pool places nothing and never opens a socket
     core = ClientCore("job", slots=slots)
-    d = Daemon(core.update({"a": 1}))
+    d = Daemon(core.update({"a": np.arange(3)}))  # an array: built as blocking work, where a slot could take it
     first = d.until_receive()
     d.answer(refusal(first["seq"], ProtocolError("unknown slot 3", details={"code": "slot_unknown"})))
     second = d.until_receive()
@@ -99,6 +99,17 @@ def test_slot_unknown_starts_a_fresh_pool_and_sends_once_more() -> None:
     again = d.until_receive()
     with pytest.raises(AutosavedError, match="unknown slot"):
         d.answer(refusal(again["seq"], ProtocolError("unknown slot", details={"code": "slot_unknown"})))
+
+
+def test_a_daemon_of_an_older_protocol_gets_an_error_that_says_what_to_do() -> None:
+    """A daemon that speaks only protocol 1 refuses this SDK's version 2 with ``bad_version`` and its own
+    words; the SDK adds which version it speaks and what to upgrade."""
+    core = ClientCore("job")
+    d = Daemon(core.update({"a": 1}))
+    sent = d.until_receive()
+    old = ProtocolError("protocol version 2 is not supported (this daemon speaks 1)", details={"code": "bad_version"})
+    with pytest.raises(ProtocolError, match=r"speaks 1\) \(this SDK speaks protocol version 2: upgrade the daemon"):
+        d.answer(refusal(sent["seq"], old))
 
 
 def test_slot_unknown_without_a_pool_is_an_error() -> None:
@@ -171,7 +182,8 @@ def _restore_reply(seq: int, state: dict[str, Any], *, shm: bool) -> tuple[list[
 
 def test_restore_receives_bulk_leaves_through_shared_memory_only_when_announced() -> None:
     state = {"big": np.arange(1000, dtype=np.int64), "small": np.arange(3), "step": 9}
-    core = ClientCore("job", slots=SlotPool("tcp://127.0.0.1:1"))
+    # An ipc address, never connected (the test answers the Local step that would connect)
+    core = ClientCore("job", slots=SlotPool("ipc:///nonexistent/d.sock"))
     d = Daemon(core.restore(), local={"restore_conn": "token-1"})
     sent = d.until_receive()
     assert sent["op"] == "restore" and sent["shm_conn"] == "token-1" and d.locals == ["restore_conn"]
@@ -190,6 +202,13 @@ def test_restore_receives_bulk_leaves_through_shared_memory_only_when_announced(
     d.answer(frames)
     assert d.locals == ["restore_conn"]
     np.testing.assert_array_equal(d.result["small"], state["small"])
+    # Connected already (or on tcp, or with the path off): a restore takes no blocking step at all, so the
+    # async driver makes no hop to a worker thread (issue 21).
+    core.slots.conn, core.slots.token = object(), "token-2"  # type: ignore[assignment,union-attr]
+    d = Daemon(core.restore())
+    assert d.until_receive()["shm_conn"] == "token-2" and d.locals == []
+    d = Daemon(ClientCore("job", slots=SlotPool("tcp://127.0.0.1:1")).restore())
+    assert d.until_receive()["shm_conn"] is None and d.locals == []
 
 
 def test_save_hello_and_errors() -> None:
@@ -276,8 +295,27 @@ def test_drive_runs_a_flow_with_a_blocking_performer() -> None:
             return None
         return reply(perform.seq, ack="accepted")  # type: ignore[attr-defined]
 
-    ack = drive(core.update({"a": 1}), perform)
+    ack = drive(core.update({"a": np.arange(2)}), perform)
     assert ack.level == "accepted" and seen == ["Local", "Send", "Receive"]
+
+
+def test_a_small_update_is_one_frame_built_in_the_flow_and_a_big_one_is_blocking_work() -> None:
+    """Issue 21: a delta of scalars and small bytes (a LangGraph checkpoint) is built by the flow itself
+    (no hop to a worker thread in the async driver) and travels as one frame, its bytes inside the header
+    (protocol 2); arrays, and bytes too big to go inline, are built as a Local step and travel as frames."""
+    core = ClientCore("job")
+    d = Daemon(core.update({"cp": {"c": ["msgpack", b"\x01" * 300]}, "n": 3, "blob": bytearray(b"ab")}))
+    d.until_receive()
+    assert d.locals == [] and isinstance(d.step, Receive)
+    sent = d.sent[-1]
+    assert sent["v"] == 2 and "blobs" not in sent and "step" not in sent and "meta" not in sent
+    assert sent["tree"] == {"m": [["cp", {"m": [["c", {"l": ["msgpack", {"B": b"\x01" * 300}]}]]}], ["n", 3],
+                                  ["blob", {"B": b"ab"}]]}
+    big = b"x" * (INLINE_LEAF_MAX + 1)
+    for delta in ({"a": np.arange(3)}, {"a": big}):
+        d = Daemon(core.update(delta))
+        sent = d.until_receive()
+        assert d.locals == ["build_update"] and len(sent["blobs"]) == 1
 
 
 def test_the_async_driver_runs_blocking_steps_off_the_event_loop_and_frees_its_lock_for_the_callback() -> None:

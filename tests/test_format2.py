@@ -90,13 +90,13 @@ def test_a_path_reads_only_the_pages_on_it(tmp_path: Path) -> None:
     js = store(tmp_path)
     save(js, pack(history(20_000)), 1)
     reads: list[str] = []
-    real = js.read_page
+    real = js.objects.get
 
-    def counting(digest: str) -> bytes:
-        reads.append(digest)
-        return real(digest)
+    def counting(name: str) -> bytes:  # every object the reader gets from the job's folder
+        reads.append(name)
+        return real(name)
 
-    js.read_page = counting  # type: ignore[method-assign]
+    js.objects.get = counting  # type: ignore[method-assign]
     got = unpack(js.load_path(1, ("cp", "00012345")))
     assert got == {"msg": "message 12345 " * 60, "step": 12345}
     doc = json.loads((js.versions_dir / "000000000001.json").read_bytes())

@@ -219,6 +219,44 @@ def test_changes_during_an_owners_first_listing_are_kept(tmp_path: Path) -> None
     anyio.run(main)
 
 
+def test_concurrent_first_updates_of_new_jobs_share_the_last_slot(tmp_path: Path) -> None:
+    """Two first updates of different new names by one user, with one slot left: the check and the table
+    taking the job in are separated by awaits (the owner's listing, the job's folder read in a thread), so
+    both passed and the user had 2 jobs under max_jobs = 1. Now exactly one is created."""
+    daemon, _ = _daemon(tmp_path, max_jobs=1)
+    listing_started, go_on = threading.Event(), threading.Event()
+    listed = daemon.table.names._listed
+
+    def slow_listing(owner: int) -> set[str]:
+        listing_started.set()
+        go_on.wait(10)  # both requests wait for the owner's first listing, then check one after the other
+        return listed(owner)
+
+    daemon.table.names._listed = slow_listing
+    outcomes: dict[str, str] = {}
+
+    async def main() -> None:
+        async def create(name: str) -> None:
+            try:
+                await call(daemon.handlers, _update(name, {"w": 1}, seq=1, owner=A))
+                outcomes[name] = "created"
+            except QuotaExceeded as exc:
+                outcomes[name] = str(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(create, "a1")
+            tg.start_soon(create, "a2")
+            await anyio.to_thread.run_sync(listing_started.wait, 10)
+            await wait_all_tasks_blocked()
+            go_on.set()
+        assert sorted(outcomes.values())[0] == "created", outcomes
+        assert "already has 1 jobs (the limit is 1)" in sorted(outcomes.values())[1], outcomes
+        assert len(daemon.table.jobs_of(A)) == 1 and len(await daemon.table.names.of(A)) == 1
+        assert daemon.table.names._creating == {}  # nothing left counted as being created
+
+    anyio.run(main)
+
+
 # -- the slot table's totals --------------------------------------------------------------------------
 
 

@@ -138,7 +138,7 @@ def test_checker_finds_the_unsynced_dedup_hole_in_the_old_code(tmp_path: Path, s
 
 
 def _group_commits(root: Path, scratch: Path, model: str) -> Any:
-    """In-process: logged records appended as the daemon's group committer does (one write per piece, one
+    """In-process: logged records appended as the daemon's group committer does (one write per record, one
     fdatasync per batch), a batch of two among them; each acked after its batch's sync."""
     state = root / "state"
     state.mkdir(parents=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 
 import autosaved
@@ -110,8 +111,11 @@ def test_gc_of_a_job_not_loaded_never_removes_chunks_of_a_save_in_progress(
     assert np.array_equal(got["b"], fresh)
 
 
+@pytest.mark.parametrize("dtype", ["|u1", "<f4"])
 def test_a_client_scribbling_on_its_slot_cannot_make_a_chunk_mismatch_its_name(
-        make_daemon: Callable[..., PrivateDaemon]) -> None:
+        make_daemon: Callable[..., PrivateDaemon], dtype: str) -> None:
+    """``|u1`` is tried for compression (a private copy is hashed, compressed and written); ``<f4`` is not,
+    and goes from the slot into its chunk file, named by the hash of that file (storage/slotwrite.py)."""
     d = make_daemon('chunk_size = "64KiB"\n' + NO_AUTO_POLICY)
     path = fd_socket_path(d.address)
     assert path is not None
@@ -125,7 +129,8 @@ def test_a_client_scribbling_on_its_slot_cannot_make_a_chunk_mismatch_its_name(
     assert msgpack.unpackb(fdsock.recv(4096))["ok"]
     arr = np.frombuffer(mapping, dtype=np.uint8)
     arr[:] = 7
-    desc = {"kind": "ndarray", "dtype": "|u1", "shape": [size], "nbytes": size}
+    itemsize = int(dtype[-1])
+    desc = {"kind": "ndarray", "dtype": dtype, "shape": [size // itemsize], "nbytes": size}
     reply = raw(d.address, "update", job="s", session="s", tree={"m": [["w", {"b": 0}]]}, blobs=[desc],
                 shm={"conn": token, "slot": 1, "refs": [[0, 0]]})
     assert reply["ok"], reply

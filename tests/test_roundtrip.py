@@ -128,3 +128,119 @@ def test_torch_tensors_round_trip(daemon: PrivateDaemon) -> None:
     c2.close()
     offline = autosaved.restore("torch", state_dir=daemon.state_dir, tensors="torch")["t"]
     assert all(torch.equal(offline[k], t.detach()) for k, t in tensors.items())
+
+
+def small_state() -> dict[str | int, object]:
+    """Every value a one-frame request carries (protocol 2): no arrays, bytes leaves small enough to go
+    inside the header."""
+    return {
+        "scalars": [None, True, False, 0, -1, 2**64 - 1, -(2**63), 2**70, -(2**80), 1.5, -0.0, math.inf, -math.inf,
+                    "ünïcode", ""],
+        "bytes": {"b": b"\x00\xff" * 100, "empty": b"", "ba": bytearray(b"ba"), "mv": memoryview(b"mv")},
+        "tuple": (1, ("nested", 2.0, b"t"), []),
+        "int_keys": {0: {"step": 3}, 2**63 - 1: "max", -5: "neg"},
+        "mixed_keys": {"1": "string one", 1: "int one"},
+        "numpy_scalars": {"f": np.float32(0.5), "i": np.int64(7), "b": np.bool_(True)},
+        "empty_containers": {"d": {}, "l": [], "t": ()},
+    }
+
+
+def small_expected() -> dict[str | int, object]:
+    exp = small_state()
+    exp["bytes"] = {"b": b"\x00\xff" * 100, "empty": b"", "ba": b"ba", "mv": b"mv"}
+    exp["numpy_scalars"] = {"f": 0.5, "i": 7, "b": True}
+    return exp
+
+
+def test_encode_matches_pack_then_to_node() -> None:
+    """The client's one-walk encoder (issue 21) gives the node and blobs pack() + to_node() gave, and the
+    same errors; with ``inline`` only the small bytes leaves differ, as {"B": bytes} nodes."""
+    from autosaved.codec import NotSmall, encode, pack
+    from autosaved.tree import to_node
+
+    for state in (sample_state(), small_state(), {"d": autosaved.DELETE, "x": {"y": autosaved.DELETE}}):
+        old_node, old_blobs = to_node(pack(state, allow_delete=True), allow_delete=True)
+        node, blobs = encode(state, allow_delete=True)
+        assert node == old_node
+        assert [(b.descriptor(), bytes(b.data or b"")) for b in blobs] == \
+            [(b.descriptor(), bytes(b.data or b"")) for b in old_blobs]
+    node, blobs = encode(small_state(), inline=True, small=True)
+    assert blobs == [] and node["m"][1] == ["bytes", {"m": [["b", {"B": b"\x00\xff" * 100}], ["empty", {"B": b""}],
+                                                            ["ba", {"B": b"ba"}], ["mv", {"B": b"mv"}]]}]
+    for not_small in ({"a": np.zeros(2)}, {"a": b"x" * (64 * 1024 + 1)}, {"a": list(range(5000))}):
+        with pytest.raises(NotSmall):
+            encode(not_small, inline=True, small=True)
+    for bad, message in (({"a": object()}, r"state\['a'\] is a builtins.object"),
+                         ({"a": {1.5: 1}}, "key 1.5 of type float"),
+                         ({"a": {2**64: 1}}, "outside the 64-bit range"),
+                         ({"a": [autosaved.DELETE]}, r"state\['a'\]\[0\]: autosaved.DELETE is only allowed"),
+                         ({"a": np.array([object()])}, "dtype object")):
+        with pytest.raises(autosaved.InvalidValue, match=message):
+            to_node(pack(bad, allow_delete=True), allow_delete=True)
+        with pytest.raises(autosaved.InvalidValue, match=message):
+            encode(bad, allow_delete=True, inline=True)
+
+
+def test_a_one_frame_update_round_trips_every_value_type(daemon: PrivateDaemon) -> None:
+    """Issue 21: an update of scalars and small bytes travels as one frame, its bytes inside the header,
+    and comes back exactly: live, after a SIGKILL of the daemon (from its write-ahead log), from a
+    committed version and offline. A mixed update (arrays as frames beside inline bytes) too."""
+    import signal
+
+    from autosaved.client.core import ClientCore
+
+    request = ClientCore("one").update_request(small_state(), step=None, meta=None, wait="logged", small=True)
+    assert len(request.frames) == 1
+    expected = small_expected()
+    with autosaved.Client("one", address=daemon.address, policy={"idle": "off", "interval": "off"}) as c:
+        c.update(small_state(), step=1, wait="logged")
+        assert_state_equal(c.restore(), expected)
+    daemon.send_signal(signal.SIGKILL)
+    assert daemon.proc is not None
+    daemon.proc.wait(60)
+    daemon.start()
+    with autosaved.Client("one", address=daemon.address) as c:
+        assert_state_equal(c.restore(), expected)  # replayed from the log
+        c.update({"mixed": {"a": np.arange(5), "b": b"inline", "big": b"f" * 200_000, "c": np.ones(2)}})
+        version = c.save()
+        expected["mixed"] = {"a": np.arange(5), "b": b"inline", "big": b"f" * 200_000, "c": np.ones(2)}
+        assert_state_equal(c.restore(version), expected)
+    assert_state_equal(autosaved.restore("one", state_dir=daemon.state_dir), expected)
+
+
+def test_a_version_1_request_still_works_and_may_not_inline(daemon: PrivateDaemon) -> None:
+    """An SDK of protocol version 1 (blobs only as frames) is still served; the inline tag is version 2's."""
+    import msgpack
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.address)
+    try:
+        def send(tree: object, *frames: bytes, blobs: list[object] | None = None, seq: int = 1) -> dict[str, object]:
+            header = {"v": 1, "op": "update", "seq": seq, "job": "v1", "session": "s1", "tree": tree,
+                      "blobs": blobs or [], "wait": "logged"}
+            sock.send_multipart([msgpack.packb(header, use_bin_type=True), *frames])
+            assert sock.poll(60_000)
+            reply: dict[str, object] = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+            return reply
+
+        ok = send({"m": [["a", {"b": 0}]]}, b"old", blobs=[{"kind": "bytes", "dtype": "bytes", "shape": [3],
+                                                           "nbytes": 3}])
+        assert ok["ok"] is True and ok["ack"] == "logged"
+        refused = send({"m": [["a", {"B": b"new"}]]}, seq=2)
+        assert refused["ok"] is False and refused["code"] == "bad_request" and "'B'" in str(refused["message"])
+        # A restore answers in the request's version: a v1 peer gets the bytes as a frame, a v2 one inline.
+        for version, seq in ((1, 3), (2, 4)):
+            sock.send_multipart([msgpack.packb({"v": version, "op": "restore", "seq": seq, "job": "v1"})])
+            assert sock.poll(60_000)
+            frames = sock.recv_multipart()
+            header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+            if version == 1:
+                assert header["tree"] == {"m": [["a", {"b": 0}]]} and frames[1:] == [b"old"]
+            else:
+                assert header["tree"] == {"m": [["a", {"B": b"old"}]]} and header["blobs"] == [] and len(frames) == 1
+    finally:
+        sock.close(0)
+    with autosaved.Client("v1", address=daemon.address) as c:
+        assert c.restore() == {"a": b"old"}

@@ -14,7 +14,9 @@ savers alternate, so a busy host's drift hits all of them alike), through ``aput
   library's default ``synchronous``, which the report names: FULL with the sqlite3 of CPython's builds);
 - ``memory`` (``InMemorySaver``, no persistence: the floor).
 
-Reported per saver and API: p50/p99 latency of one call (median of the rounds' p50s) and calls per second.
+Reported per saver and API: p50/p99 latency of one call (median of the rounds' p50s) and calls per second,
+and then the p50 of ``get_tuple``/``aget_tuple`` of the thread's newest checkpoint (what a graph reads when
+it resumes a thread), ``--gets`` times.
 Targets (issue 21): logged p50 <= sqlite_full's, accepted p50 <= sqlite_default's.
 Needs ``pip install 'autosaved[langgraph]' langgraph-checkpoint-sqlite``.
 """
@@ -40,6 +42,7 @@ POLICY = '[policy]\ninterval = "60s"\nidle = "5s"\nmin_gap = "5s"\n'
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--puts", type=int, default=500, help="checkpoints per saver (default 500)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, the savers alternating (default 2)")
+    p.add_argument("--gets", type=int, default=100, help="get_tuple calls per saver after its puts (default 100)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -66,6 +69,32 @@ def _checkpoints(n: int) -> list[tuple[dict[str, Any], dict[str, Any], dict[str,
 def _configs(thread: str, n: int, ids: list[str]) -> list[dict[str, Any]]:
     return [{"configurable": {"thread_id": thread, "checkpoint_ns": "", **({"checkpoint_id": ids[i - 1]} if i else {})}}
             for i in range(n)]
+
+
+def _get_stats(latencies: list[float]) -> dict[str, float]:
+    return {"get_p50_ms": 1e3 * statistics.median(latencies)} if latencies else {}
+
+
+async def _aget(saver: Any, thread: str, gets: int) -> dict[str, float]:
+    config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    latencies = []
+    for _ in range(gets):
+        t = time.perf_counter()
+        got = await saver.aget_tuple(config)
+        latencies.append(time.perf_counter() - t)
+        assert got is not None
+    return _get_stats(latencies)
+
+
+def _get(saver: Any, thread: str, gets: int) -> dict[str, float]:
+    config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    latencies = []
+    for _ in range(gets):
+        t = time.perf_counter()
+        got = saver.get_tuple(config)
+        latencies.append(time.perf_counter() - t)
+        assert got is not None
+    return _get_stats(latencies)
 
 
 def _stats(latencies: list[float], total: float) -> dict[str, float]:
@@ -107,7 +136,7 @@ SAVERS = ("autosaved_logged", "sqlite_full", "autosaved_accepted", "sqlite_norma
 PEERS = {"autosaved_logged": "sqlite_full", "autosaved_accepted": "sqlite_default"}
 
 
-async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: list[Any]) -> dict[str, Any]:
+async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: list[Any], gets: int) -> dict[str, Any]:
     """One saver after the other, each on a thread of its own."""
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -121,6 +150,7 @@ async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: lis
         if name.startswith("autosaved_"):
             with AutosavedSaver("bench-langgraph", address=address, wait=name.removeprefix("autosaved_")) as saver:
                 out[name] = await _adrive(saver, thread, cps) if api == "aput" else _drive(saver, thread, cps)
+                out[name].update(await _aget(saver, thread, gets) if api == "aput" else _get(saver, thread, gets))
         elif name.startswith("sqlite_"):
             mode = name.removeprefix("sqlite_")
             path = str(root / f"{name}-{api}-{r}.sqlite")
@@ -129,6 +159,7 @@ async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: lis
                     if mode != "default":
                         await asaver.conn.execute(f"PRAGMA synchronous={mode.upper()}")
                     out[name] = await _adrive(asaver, thread, cps)
+                    out[name].update(await _aget(asaver, thread, gets))
                     async with asaver.conn.execute("PRAGMA synchronous") as cur:
                         level = (await cur.fetchone() or (-1,))[0]
             else:
@@ -136,24 +167,26 @@ async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: lis
                     if mode != "default":
                         ssaver.conn.execute(f"PRAGMA synchronous={mode.upper()}")
                     out[name] = _drive(ssaver, thread, cps)
+                    out[name].update(_get(ssaver, thread, gets))
                     level = ssaver.conn.execute("PRAGMA synchronous").fetchone()[0]
             out[name]["synchronous"] = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(int(level), str(level))
         else:
             memory = InMemorySaver()
             out[name] = await _adrive(memory, thread, cps) if api == "aput" else _drive(memory, thread, cps)
+            out[name].update(await _aget(memory, thread, gets) if api == "aput" else _get(memory, thread, gets))
     return out
 
 
-async def _measure(puts: int, rounds: int, root: Path, address: str) -> dict[str, Any]:
+async def _measure(puts: int, rounds: int, root: Path, address: str, gets: int) -> dict[str, Any]:
     cps = _checkpoints(puts)
     results: dict[str, Any] = {}
     for api in ("aput", "put"):
-        per_round = [await _round(r, puts, root, address, api, cps) for r in range(rounds)]
+        per_round = [await _round(r, puts, root, address, api, cps, gets) for r in range(rounds)]
         results[api] = {}
         for name in SAVERS:
             runs = [pr[name] for pr in per_round]
             merged: dict[str, Any] = {k: round(statistics.median(run[k] for run in runs), 3)
-                                      for k in ("p50_ms", "p99_ms", "puts_per_s")}
+                                      for k in ("p50_ms", "p99_ms", "puts_per_s", "get_p50_ms") if k in runs[0]}
             if "synchronous" in runs[0]:
                 merged["synchronous"] = runs[0]["synchronous"]
             results[api][name] = merged
@@ -168,9 +201,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--puts must be at least 20")
     with tempfile.TemporaryDirectory(prefix="autosaved-bench-lg-") as tmp, \
             PrivateDaemon(Path(tmp) / "daemon", config=POLICY) as daemon:
-        result = asyncio.run(_measure(args.puts, max(1, args.rounds), Path(tmp), daemon.address))
+        result = asyncio.run(_measure(args.puts, max(1, args.rounds), Path(tmp), daemon.address, max(0, args.gets)))
     result["puts"] = args.puts
     result["rounds"] = args.rounds
+    result["gets"] = args.gets
     result["targets"] = {"autosaved_logged_p50_vs_sqlite_full": "<= 1.0",
                          "autosaved_accepted_p50_vs_sqlite_default": "<= 1.0"}
     if args.json:
@@ -180,10 +214,12 @@ def run(args: argparse.Namespace) -> int:
           "(median of the rounds)")
     for api in ("aput", "put"):
         r = result[api]
-        print(f"  {api:<4} {'saver':<20} {'durability':<34} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9}")
+        get = "get_tuple" if api == "put" else "aget_tuple"
+        print(f"  {api:<4} {'saver':<20} {'durability':<34} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>9} "
+              f"{get + ' p50 ms':>18}")
         for name in SAVERS:
             print(f"       {name:<20} {_DURABILITY[name](r[name]):<34} {r[name]['p50_ms']:>8} {r[name]['p99_ms']:>8} "
-                  f"{r[name]['puts_per_s']:>9}")
+                  f"{r[name]['puts_per_s']:>9} {r[name].get('get_p50_ms', '-'):>18}")
         for ours, peer in PEERS.items():
             key = f"{ours}_p50_vs_{peer}"
             print(f"       {ours} p50 / {peer} p50 = {r[key]} (target <= 1.0)")

@@ -33,6 +33,11 @@ def run(args: argparse.Namespace) -> int:
     if shm:
         print(f"shared memory: {shm['clients']} clients, {shm['slots']} slots, {human_bytes(shm['mapped_bytes'])} "
               f"mapped (limit {human_bytes(shm['max_bytes'])}); daemon RSS {human_bytes(d.get('rss_bytes'))}")
+    cache = d.get("cache")
+    if cache:
+        print(f"state cache: {human_bytes(cache['bytes'])} of {human_bytes(cache['limit'])} (memory_limit), "
+              f"{cache['resident_jobs']} jobs resident, {cache['evicted_jobs']} evicted; hits {cache['hits']}, "
+              f"loads {cache['loads']}, evictions {cache['evictions']}")
     if "throttle" in d:
         print(_throttle_line(d["throttle"]))
     rows = [[j["job"], str(j["owner"]), "yes" if j["dirty"] else "no", human_bytes(j["dirty_bytes"]),

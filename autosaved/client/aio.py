@@ -2,18 +2,22 @@
 
 Only I/O lives here: :class:`AsyncConnection` performs the steps of the flows :mod:`.core` builds, with
 the blocking shared-memory work (:class:`~autosaved.client.core.Local`) in worker threads.
+
+The socket is a plain (blocking-API) ZeroMQ socket used with ``NOBLOCK``, and the event loop watches its
+``FD`` only while a request waits: ``zmq.asyncio`` polled through a future per poll and per receive and
+cost an ``aput`` about as much CPU as the daemon's whole handling of it (perf, issue 21).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import anyio.to_thread
 import zmq
-import zmq.asyncio
 
 from ..codec import TensorMode
 from ..errors import StateLost
@@ -49,9 +53,10 @@ class AsyncConnection:
         self.save_timeout = save_timeout
         self.on_state_lost = on_state_lost
         self.on_close = on_close
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._lock = anyio.Lock()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock: zmq.Socket[bytes] | None = None
+        # Uncontended (one task per client, the usual case) it takes no trip through the event loop.
+        self._lock = anyio.Lock(fast_acquire=True)
         self._op = ""
         self._limit = 0.0
         self._deadline = 0.0
@@ -99,7 +104,7 @@ class AsyncConnection:
             return await anyio.to_thread.run_sync(step.run)
         return False  # a LostState with no callback: the flow raises StateLost
 
-    def _socket(self) -> zmq.asyncio.Socket:
+    def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
             check_reachable(self.address)
             self._sock = self._ctx.socket(zmq.DEALER)
@@ -113,36 +118,72 @@ class AsyncConnection:
         sock = self._socket()
         if step.long and not self._heard:
             await self._probe(sock)
-        # With no daemon connected a DEALER send waits forever: the timeout covers it too.
-        with anyio.move_on_after(self._limit):
-            await sock.send_multipart(step.frames, copy=True)
-            return
-        self._timed_out()
+        # With no daemon connected a DEALER cannot send: the timeout covers that wait too.
+        if not await self._send_by(sock, step.frames, self._deadline):
+            self._timed_out()
 
-    async def _probe(self, sock: zmq.asyncio.Socket) -> None:
+    async def _send_by(self, sock: zmq.Socket[bytes], frames: Sequence[bytes | memoryview], deadline: float) -> bool:
+        while True:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=True)
+                return True
+            except zmq.Again:
+                if not await self._ready(sock, zmq.POLLOUT, deadline):
+                    return False
+
+    async def _recv_by(self, sock: zmq.Socket[bytes], deadline: float) -> list[memoryview] | None:
+        """The next message, or ``None`` at the deadline. Waiting holds no message: a cancelled wait loses none."""
+        while True:
+            try:
+                return [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
+            except zmq.Again:
+                if not await self._ready(sock, zmq.POLLIN, deadline):
+                    return None
+
+    async def _ready(self, sock: zmq.Socket[bytes], event: int, deadline: float) -> bool:
+        """Wait until ``sock`` has ``event`` or the deadline passed (False). ZeroMQ's FD only says "look at
+        EVENTS again": it is readable until EVENTS is read, so each wake-up reads it."""
+        if sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+
+        def look() -> None:
+            if not waiter.done() and sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
+                waiter.set_result(True)
+
+        def expire() -> None:
+            if not waiter.done():
+                waiter.set_result(False)
+
+        fd: int = sock.FD
+        loop.add_reader(fd, look)
+        timer = loop.call_at(loop.time() + max(0.0, deadline - anyio.current_time()), expire)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            loop.remove_reader(fd)
+
+    async def _probe(self, sock: zmq.Socket[bytes]) -> None:
         """A ping within the ordinary timeout before the first long op on this socket."""
-        with anyio.move_on_after(self.timeout):
-            await sock.send_multipart(probe_frames(), copy=True)
-            while True:
-                if await sock.poll(100) and is_probe_reply(
-                        [f.buffer for f in await sock.recv_multipart(copy=False)]):
+        deadline = anyio.current_time() + self.timeout
+        if await self._send_by(sock, probe_frames(), deadline):
+            while (frames := await self._recv_by(sock, deadline)) is not None:
+                if is_probe_reply(frames):
                     self._heard = True
                     return
         self._limit = self.timeout
         self._timed_out()
 
     async def _receive(self) -> list[memoryview]:
-        sock = self._socket()
-        while True:
-            remaining = self._deadline - anyio.current_time()
-            if remaining <= 0:
-                self._timed_out()
-            # poll-then-recv: the poll's own timeout ends the wait, never a cancelled recv holding a message.
-            if await sock.poll(max(1, int(min(remaining, 1.0) * 1000))):
-                self._heard = True
-                return [f.buffer for f in await sock.recv_multipart(copy=False)]
+        frames = await self._recv_by(self._socket(), self._deadline)
+        if frames is None:
+            self._timed_out()
+        self._heard = True
+        return frames
 
-    def _timed_out(self) -> None:
+    def _timed_out(self) -> NoReturn:
         # Drop the socket: a request still queued in it must not reach a daemon later.
         self.close()
         raise timed_out(self.address, self._op, self._limit)

@@ -24,12 +24,13 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from ..codec import PinnedBuffers, TensorMode, pack, unpack
+from ..codec import NotSmall, PinnedBuffers, TensorMode, encode, unpack
 from ..config import PolicySettings
 from ..errors import AutosavedError, InvalidValue, ProtocolError, StateLost
 from ..names import validate_job_name
 from ..protocol import (
     ACK_LEVELS,
+    INLINE_LEAF_MAX,
     PROTOCOL_VERSION,
     blob_descriptors,
     blobs_from_frames,
@@ -40,7 +41,7 @@ from ..protocol import (
     validate_path,
     version_at_step,
 )
-from ..tree import DELETE, Blob, from_node, to_node
+from ..tree import DELETE, Blob, from_node
 from .base import Ack, ack_from
 from .slots import Placement, SlotPool
 
@@ -191,7 +192,8 @@ class Exchange:
         self._learn_boot(header)
         if header.get("tree") is None:
             return None
-        tree = from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:], leaves))
+        tree = from_node(header["tree"], blobs_from_frames(header.get("blobs"), frames[1:], leaves),
+                         inline_max=INLINE_LEAF_MAX)
         return Exported(tree, header.get("version"), header.get("step"), bool(header.get("live")), header)
 
 
@@ -299,7 +301,11 @@ class ClientCore(Exchange):
             except ProtocolError as exc:
                 raise ValueError(exc.message) from None
         # Naming our fd connection lets the daemon hand the bulk leaves over as a memfd.
-        conn = (yield Local("restore_conn", self.slots.restore_conn)) if self.slots is not None else None
+        conn: str | None = None
+        if self.slots is not None:
+            known, conn = self.slots.known_restore_conn()
+            if not known:  # the first restore connects: blocking I/O (later ones skip the hop to a thread)
+                conn = yield Local("restore_conn", self.slots.restore_conn)
         req = self.request("restore", {**fields, "shm_conn": conn})
         return (yield from self.export_flow(req, self._placed))
 
@@ -345,10 +351,17 @@ class ClientCore(Exchange):
 
     def _build_update(self, delta: Mapping[Any, Any], step: int | None, meta: Mapping[str, Any] | None,
                       wait: str, placer: Placer | None = None) -> Flow[Request]:
-        # Packing and the copy into shared memory touch the whole state: blocking work, off the event loop.
         slots = self.slots
         if placer is None:
+            # A small delta (no arrays, tensors or big bytes: a LangGraph checkpoint) is built right here, on
+            # the caller's thread or event loop: a hop to a worker thread cost an async update more than the
+            # build itself (perf, issue 21). The walk gives up early on anything that needs blocking work.
+            try:
+                return self.update_request(delta, step=step, meta=meta, wait=wait, placer=None, small=True)
+            except NotSmall:
+                pass
             placer = slots.place if slots is not None else None
+        # Packing and the copy into shared memory touch the whole state: blocking work, off the event loop.
         req: Request = yield Local("build_update", lambda: self.update_request(delta, step=step, meta=meta,
                                                                                wait=wait, placer=placer))
         return req
@@ -368,7 +381,10 @@ class ClientCore(Exchange):
     # -- request records -----------------------------------------------------------------------
 
     def update_request(self, delta: Mapping[Any, Any], *, step: int | None, meta: Mapping[str, Any] | None,
-                       wait: str, placer: Placer | None = None) -> Request:
+                       wait: str, placer: Placer | None = None, small: bool = False) -> Request:
+        """The update's request: small bytes leaves inside the header (protocol 2), the rest as frames or in
+        a shared-memory slot (``placer``). ``small``: raise :class:`~autosaved.codec.NotSmall` rather than
+        do blocking work (see :meth:`_build_update`)."""
         if not isinstance(delta, Mapping):
             raise InvalidValue(f"update() takes a mapping, not {type(delta).__name__}")
         if wait not in ACK_LEVELS:
@@ -377,15 +393,24 @@ class ClientCore(Exchange):
             raise InvalidValue(f"step must be an int, not {type(step).__name__}")
         if meta is not None and not isinstance(meta, Mapping):
             raise InvalidValue(f"meta must be a mapping, not {type(meta).__name__}")
-        node, blobs = to_node(pack(delta, allow_delete=True, pinned=self.pinned), allow_delete=True)
-        fields: dict[str, Any] = {
-            "session": self.session, "boot": self.boot, "acked": self.acked, "tree": node,
-            "blobs": blob_descriptors(blobs), "wait": wait, "step": step,
-            "meta": dict(meta) if meta is not None else None,
-        }
+        node, blobs = encode(delta, allow_delete=True, pinned=self.pinned, inline=True, small=small)
+        # Absent and None mean the same to the daemon: a field is sent only when it says something.
+        fields: dict[str, Any] = {"session": self.session, "boot": self.boot, "acked": self.acked, "tree": node,
+                                  "wait": wait}
+        if blobs:
+            fields["blobs"] = blob_descriptors(blobs)
+        if step is not None:
+            fields["step"] = step
+        if meta is not None:
+            fields["meta"] = dict(meta)
         if self.policy:
             fields["policy"] = self.policy
-        placement = placer(blobs) if placer is not None else None
+        if placer is not None:
+            placement = placer(blobs)
+        elif small and self.slots is not None:
+            placement = self.slots.inline_placement()  # slots still lent: the reply says which came free
+        else:
+            placement = None
         placed: set[int] = set()
         if placement is not None:
             fields["shm"] = placement.to_wire()

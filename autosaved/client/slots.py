@@ -107,7 +107,7 @@ class SlotPool:
             self.disabled_reason = None  # memory may have come free since: try again
         refs, total = layout(blobs)
         if not refs:
-            return self._inline()
+            return self.inline_placement()
         try:
             try:
                 slot = self._free_slot(total)
@@ -120,7 +120,7 @@ class SlotPool:
         if slot is None:
             log.warning("all %d shared-memory slots are still held by the daemon; this update travels inline",
                         len(self.slots))
-            return self._inline()
+            return self.inline_placement()
         pairs = []
         for i, off in refs:
             src = blobs[i].data
@@ -130,6 +130,15 @@ class SlotPool:
         self.lent.add(slot.id)
         assert self.token is not None
         return Placement(self.token, slot.id, refs)
+
+    def known_restore_conn(self) -> tuple[bool, str | None]:
+        """(True, what :meth:`restore_conn` would return) when that needs no I/O: connected already, or
+        the shared-memory path is off (disabled, or a tcp address); (False, None) when it must connect."""
+        if self.disabled_reason is not None or fd_socket_path(self.address) is None:
+            return True, None
+        if self.conn is not None:
+            return True, self.token
+        return False, None
 
     def restore_conn(self) -> str | None:
         """Our connection's token, so the daemon can hand a restore over as a memfd; ``None``: inline."""
@@ -157,7 +166,7 @@ class SlotPool:
         view = memoryview(mapping)
         return {int(i): view[int(off) :] for i, off in wire["refs"]}
 
-    def _inline(self) -> Placement | None:
+    def inline_placement(self) -> Placement | None:
         # An all-inline update names our connection while slots are lent, so the reply tells which came
         # free. With none lent there is nothing to learn, and naming it would make the daemon walk every
         # leaf of every job to answer (O(daemon state) per small update: a LangGraph put).

@@ -5,6 +5,8 @@
   the current state of every job of the owner that the daemon holds;
 - ``held_bytes``: bytes of binary leaves in daemon memory, all jobs together (``held_by_owner``: per owner,
   for a per-user memory budget);
+- ``cache_bytes[owner]``: the owner's share of the state cache (statecache.py: the estimated memory of
+  its jobs' resident trees, all within ``memory_limit``; ``cache_total`` all owners');
 - ``refs``: for every client shared-memory mapping, how many binary leaves something still reads from it:
   the jobs' current states, snapshots being saved, log records waiting for their sync, restores being
   sent. A client's slot is lent while its mapping has a count here (``SlotTable.held_of``).
@@ -47,6 +49,8 @@ class Ledger:
     held_bytes: int = 0
     held_by_owner: dict[int, int] = field(default_factory=dict)
     refs: Refs = field(default_factory=dict)
+    cache_bytes: dict[int, int] = field(default_factory=dict)
+    cache_total: int = 0
 
     def attach(self, owner: int, root: Node) -> None:
         self._charge(owner, root.cost, root.held)
@@ -68,6 +72,18 @@ class Ledger:
     def held_of(self, owner: int) -> int:
         """Bytes of binary leaves of ``owner``'s states in daemon memory."""
         return self.held_by_owner.get(owner, 0)
+
+    def charge_cache(self, owner: int, change: int) -> None:
+        left = self.cache_bytes.get(owner, 0) + change
+        if left:
+            self.cache_bytes[owner] = left
+        else:
+            self.cache_bytes.pop(owner, None)
+        self.cache_total += change
+
+    def cached_of(self, owner: int) -> int:
+        """``owner``'s share of the state cache."""
+        return self.cache_bytes.get(owner, 0)
 
     def hold(self, refs: Refs | None) -> Hold:
         self.add_refs(refs)

@@ -52,6 +52,7 @@ from .rpcserver import RpcServer, RpcServerContext
 from .runstate import Phase, RunState
 from .scheduler import Scheduler, SchedulerContext
 from .slottable import SlotTable
+from .statecache import memory_limit
 from .supervise import supervise
 from .walcommit import LogCommitter
 from .writer import Writer
@@ -90,11 +91,11 @@ class Daemon:
                                          adaptive=config.throttle.enabled,
                                          pending_dir=config.state_dir / "remote-deletes")
         self.table = JobTable(self.store, policy=lambda: self.config.policy, clock=clock, poke=self.scheduler.poke_job,
-                              replicator=self.replicator)
+                              replicator=self.replicator, memory_limit=lambda: memory_limit(self.config.memory_limit))
         self.jobs: dict[JobKey, Job] = self.table.jobs  # the same dict: the table owns it
         self.writer = Writer(chunk_size=lambda: self.config.chunk_size, clock=clock, on_done=self.scheduler.save_done,
                              max_write_rate=config.throttle.max_write_rate)
-        self.writer.on_job_done = self.scheduler.poke_job  # a finished save: decide for that job again
+        self.writer.on_job_done = self.table.job_saved  # a finished save: decide for that job again, evict
         self.io = IoControl(lambda: self.config, self.writer, clock)
         # The write-ahead log's group committer (not a logger).
         self.wal_committer = LogCommitter(functools.partial(self._spawn, "walflush"), self.scheduler.poke_job)
@@ -119,7 +120,7 @@ class Daemon:
             ledger=self.table.ledger, store=self.store, writer=self.writer,
             wal=self.wal_committer, slots=self.slots, io=self.io, replicator=self.replicator, reloader=self.reloader,
             durations=self.save_durations, pid=self.pid, boot=self.boot, edge=self.edge_report,
-            log_sync_durations=self.log_sync_durations,
+            log_sync_durations=self.log_sync_durations, cache=self.table.cache,
         ))
         self.fd_server = FdServer(FdContext(config=lambda: self.config, slots=self.slots, boot=self.boot,
                                             run=self.run_state, give_to_socket_group=self._give_to_socket_group,
@@ -160,6 +161,7 @@ class Daemon:
             except ConfigError as exc:  # overrides were checked when sent; this is only a safety net
                 log.warning("config reload: job=%s keeps its old policy: %s", job.name, exc.message)
         self.scheduler.poke()
+        self.table.cache.settle()  # a lower memory_limit evicts now
 
     # -- wiring ----------------------------------------------------------------------------------
 

@@ -18,6 +18,16 @@ The events are read in a thread of their own, so a busy event loop does not dela
 accepts before the thread catches up is absorbed by the fd headroom the caps leave (half of the fds).
 An fd is only shut down after checking it is still a connection of this socket from the same user (the
 number may have been reused meanwhile: the worst case is refusing another connection of that same user).
+
+The events are a history, read by a thread that runs behind a flood (hundreds of events), and a new
+connection's ``ACCEPTED`` may come before libzmq has read the end of connections whose peers already
+closed. So the thread reads every queued event first (a batch) and, before it refuses anything, recounts
+from the truth: a counted fd is alive while it still names the same socket and its peer has not hung up
+(``fstat`` and ``poll``); the newest connections of the batch are refused only while the live count is
+over a cap. A refusal never rests on connections that are gone. (What made root's ``status`` time out
+after a flood in issue 19 was not the count: the flood's own connections were still open — libzmq
+closes a closed socket's fd later, in its own thread — and a refused connection loses the request
+already written into it: the client waits out its timeout.)
 """
 
 from __future__ import annotations
@@ -25,11 +35,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -40,6 +51,10 @@ log = logging.getLogger("autosaved.daemon")
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
 # How often counted connections are checked against their fds (a lost DISCONNECTED event).
 RECONCILE_S = 1.0
+# The most queued events handled as one batch (a flood's queue can hold many more).
+BATCH = 4096
+# A counted connection whose peer is gone: hung up, shut down for writing, or not an open fd any more.
+_DEAD = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 # One warning per user (and for the global cap) per this many seconds: a flood must not flood the log.
 WARN_EVERY_S = 10.0
 
@@ -100,34 +115,61 @@ def shut_down(fd: int) -> None:
         s.detach()
 
 
+def alive(fds: dict[int, int]) -> set[int]:
+    """Which of the connections ``fds`` (fd -> its socket's inode when counted) are still open: the fd names
+    the same socket and the peer has not hung up (O(len(fds)) syscalls, no waiting)."""
+    same = set()
+    for fd, ino in fds.items():
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_ino == ino:
+                same.add(fd)
+    if not same:
+        return same
+    poller = select.poll()
+    for fd in same:
+        poller.register(fd, select.POLLRDHUP)
+    return same - {fd for fd, ev in poller.poll(0) if ev & _DEAD}
+
+
 class ConnGuard:
-    def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], path: str | None, *, total_cap: int,
-                 per_user: Callable[[], int], lock: threading.Lock | None = None) -> None:
+    """Counts the connections of one listener per user and refuses those over a cap; :meth:`watch` feeds it
+    the ROUTER's monitor events in a thread, :meth:`handle` takes one batch of them."""
+
+    def __init__(self, path: str | None, *, total_cap: int, per_user: Callable[[], int]) -> None:
         self.path = path
         self.total_cap = total_cap
         self.per_user = per_user
         self.total = 0
         self.by_uid: dict[int | None, int] = {}
         self.refused = 0
-        # The most connections seen open at once: how far past the cap a burst got before it was refused.
+        # The most connections seen open at once (live, after a batch): how far past the cap a burst got
+        # before it was refused.
         self.peak = 0
         self.closed = False  # the socket file is closed to new connections (at the global cap)
         self._fds: dict[int, int | None] = {}
         # The socket inode behind each counted fd: a connection whose fd no longer names it is gone, even if
-        # its DISCONNECTED event never came (libzmq drops monitor events under a flood; see _reconcile).
+        # its DISCONNECTED event never came or is still queued (see alive()).
         self._inodes: dict[int, int] = {}
         self._reconciled_at = time.monotonic()
+        # Counted connections found gone before their DISCONNECTED event was read.
         self.reconciled = 0
         # Users the socket file is closed to (over their cap), and whether the file system takes ACLs.
         self.denied: set[int] = set()
         self._acl_ok = True
         self._warned: dict[int | None, float] = {}
         self._stopping = False
+        self._sock: zmq.Socket[Any] | None = None
+        self._sock_lock = threading.Lock()
+        self._mon: zmq.Socket[Any] | None = None
+        self._thread: threading.Thread | None = None
+
+    def watch(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], lock: threading.Lock | None = None) -> None:
+        """Read ``sock``'s connection events in a thread of their own until :meth:`stop`."""
         self._sock = sock
-        self._sock_lock = lock or threading.Lock()  # the ROUTER is shared with threads that send on it
+        self._sock_lock = lock or self._sock_lock  # the ROUTER is shared with threads that send on it
         addr = f"inproc://autosaved.monitor.{id(self)}"
         sock.monitor(addr, EVENTS)
-        self._mon: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
+        self._mon = ctx.socket(zmq.PAIR)
         # Every event must arrive (a lost DISCONNECTED would count a connection for ever): no high-water mark.
         self._mon.setsockopt(zmq.RCVHWM, 0)
         self._mon.connect(addr)
@@ -136,35 +178,88 @@ class ConnGuard:
 
     def stop(self) -> None:
         self._stopping = True
-        self._thread.join()
-        with self._sock_lock, contextlib.suppress(zmq.ZMQError):
-            self._sock.disable_monitor()
-        self._mon.close(0)
+        if self._thread is not None:
+            self._thread.join()
+        if self._sock is not None:
+            with self._sock_lock, contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+        if self._mon is not None:
+            self._mon.close(0)
         self._reopen()
 
     def open_of(self, uid: int) -> int:
         return self.by_uid.get(uid, 0)
 
     def _run(self) -> None:
+        assert self._mon is not None
         while not self._stopping:
             if time.monotonic() - self._reconciled_at >= RECONCILE_S:
-                self._reconcile()
+                self._recount()
             try:
                 if not self._mon.poll(200):
                     continue
-                event = parse_monitor_message(self._mon.recv_multipart())
+                batch: list[tuple[int, int]] = []
+                while len(batch) < BATCH:
+                    try:
+                        event = parse_monitor_message(self._mon.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    batch.append((int(event["event"]), int(event["value"])))
             except zmq.ZMQError:
                 return
-            kind, fd = int(event["event"]), int(event["value"])
             try:
-                if kind == zmq.EVENT_ACCEPTED:
-                    self._accepted(fd)
-                elif kind == zmq.EVENT_DISCONNECTED:
-                    self._gone(fd)
-                elif kind == zmq.EVENT_MONITOR_STOPPED:
-                    return
+                self.handle(batch)
             except Exception:  # a bug here must not end the guard: log it, keep counting
-                log.exception("connection guard: event %d for fd %d", kind, fd)
+                log.exception("connection guard: a batch of %d events", len(batch))
+            if any(kind == zmq.EVENT_MONITOR_STOPPED for kind, _fd in batch):
+                return
+
+    def handle(self, events: Sequence[tuple[int, int]]) -> None:
+        """Count a batch of monitor events (kind, fd), in order; then refuse the newest connections of the
+        batch that are over a cap, by the live count (see the module's docstring)."""
+        accepted: list[int] = []
+        for kind, fd in events:
+            if kind == zmq.EVENT_ACCEPTED:
+                self._accepted(fd)
+                accepted.append(fd)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._gone(fd)
+        if accepted and self._over_a_cap():
+            self._recount()
+            self.peak = max(self.peak, self.total)
+            self._refuse_newest(accepted)
+        else:
+            self.peak = max(self.peak, self.total)
+        if self.total >= self.total_cap and not self.closed and self.path is not None:
+            self._close()
+
+    def _over_a_cap(self) -> bool:
+        per_user = self.per_user()
+        return self.total > self.total_cap or any(
+            n > per_user for uid, n in self.by_uid.items() if uid is not None)
+
+    def _refuse_newest(self, accepted: list[int]) -> None:
+        # One warning per bound hit, with the count its last refusal left (the cap), not the batch's peak.
+        reasons: dict[int | None, str] = {}
+        for fd in reversed(accepted):
+            if fd not in self._fds:
+                continue  # gone already (or refused: a number the batch accepted twice)
+            uid = self._fds[fd]
+            why = refusal(uid, self.by_uid.get(uid, 0), self.total, per_user=self.per_user(),
+                          total_cap=self.total_cap)
+            if why is None or peer_uid_of_fd(fd, self.path) != uid:
+                continue
+            shut_down(fd)
+            self.refused += 1
+            per_user = not why.startswith("max_connections")
+            reasons[uid if per_user else None] = why
+            if per_user and uid is not None and uid not in self.denied:
+                self.denied.add(uid)
+                self._set_acl()
+            # Shut down is gone for the count: its DISCONNECTED, when read, finds nothing to take off.
+            self._gone(fd)
+        for key, why in reasons.items():
+            self._warn(key, f"refused a connection: {why}")
 
     def _accepted(self, fd: int) -> None:
         uid = peer_uid_of_fd(fd, self.path)
@@ -174,22 +269,9 @@ class ConnGuard:
         try:
             self._inodes[fd] = os.fstat(fd).st_ino
         except OSError:
-            self._inodes[fd] = -1  # already closed: the next reconcile forgets it
+            self._inodes[fd] = -1  # already closed: the next recount forgets it
         self.total += 1
-        self.peak = max(self.peak, self.total)
-        user_open = self.by_uid.get(uid, 0) + 1
-        self.by_uid[uid] = user_open
-        why = refusal(uid, user_open, self.total, per_user=self.per_user(), total_cap=self.total_cap)
-        if why is not None and peer_uid_of_fd(fd, self.path) == uid:
-            shut_down(fd)
-            self.refused += 1
-            per_user = not why.startswith("max_connections")
-            self._warn(uid if per_user else None, f"refused a connection: {why}")
-            if per_user and uid is not None and uid not in self.denied:
-                self.denied.add(uid)
-                self._set_acl()
-        if self.total >= self.total_cap and not self.closed and self.path is not None:
-            self._close()
+        self.by_uid[uid] = self.by_uid.get(uid, 0) + 1
 
     def _gone(self, fd: int) -> None:
         if fd not in self._fds:
@@ -208,18 +290,14 @@ class ConnGuard:
         if self.closed and self.total <= self.total_cap - max(1, self.total_cap // 10):
             self._reopen()
 
-    def _reconcile(self) -> None:
-        """Forget counted connections whose fd is closed or names another socket now (O(counted), once a
-        second: the counted are at most the cap plus a burst)."""
+    def _recount(self) -> None:
+        """Forget counted connections that are gone, whatever events are still queued for them (O(counted):
+        at most the cap plus a burst; once a second, and before any refusal)."""
         self._reconciled_at = time.monotonic()
-        for fd, ino in list(self._inodes.items()):
-            try:
-                alive = os.fstat(fd).st_ino == ino
-            except OSError:
-                alive = False
-            if not alive:
-                self.reconciled += 1
-                self._gone(fd)
+        live = alive(self._inodes)
+        for fd in [fd for fd in self._inodes if fd not in live]:
+            self.reconciled += 1
+            self._gone(fd)
 
     def _close(self) -> None:
         assert self.path is not None

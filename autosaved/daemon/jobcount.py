@@ -7,11 +7,18 @@ that owner's folder (O(their jobs), in a worker thread) plus the jobs of theirs 
 on the job table adds a name when it takes a job in and forgets it when the job's folder is gone. A job
 folder only comes into being for a job the table holds, so the set stays exact without another listing.
 Changes that happen while the listing runs are replayed onto it, in order.
+
+A job being created counts from the moment its quota check passes: the check and the table taking the
+job in are separated by awaits (the job's folder is read in a thread, a bucket may seed it), and two
+first updates of different new names by one user both passed a check with one slot left (issue 19).
+``creating`` holds the name in the count over that gap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 
 import anyio
 import anyio.to_thread
@@ -26,6 +33,31 @@ class JobNames:
         self._pending: dict[int, list[tuple[str, bool]]] = {}
         self._locks: dict[int, anyio.Lock] = {}
         self.listings = 0  # owner folders listed so far (one per owner per daemon run): tests read it
+        # Per owner, the names of jobs a request is creating now (passed the quota check, not yet taken in),
+        # with how many requests create each (a few: they are requests in flight, quota.max_requests).
+        self._creating: dict[int, Counter[str]] = {}
+
+    def used(self, owner: int, names: set[str], name: str) -> int | None:
+        """How many jobs ``owner`` has, counting those being created; None when ``name`` is already one of
+        them (creating it again takes no slot). O(the owner's creates in flight)."""
+        creating = self._creating.get(owner, Counter())
+        if name in names or name in creating:
+            return None
+        return len(names) + sum(1 for n in creating if n not in names)
+
+    @contextlib.contextmanager
+    def creating(self, owner: int, name: str) -> Iterator[None]:
+        """Count ``name`` for ``owner`` while a request creates it (see the module's docstring)."""
+        mine = self._creating.setdefault(owner, Counter())
+        mine[name] += 1
+        try:
+            yield
+        finally:
+            mine[name] -= 1
+            if not mine[name]:
+                del mine[name]
+            if not mine:
+                del self._creating[owner]
 
     def add(self, owner: int, name: str) -> None:
         self._note(owner, name, True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -16,6 +16,9 @@ from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter, replay_speed
 from .accounting import Hold, Ledger
 from .loglock import LogLock
+
+if TYPE_CHECKING:
+    from .statecache import StateCache
 
 # A job is named by (owner uid, job name) everywhere in the daemon.
 JobKey = tuple[int, str]
@@ -31,8 +34,8 @@ class LogWaiter:
     # Called (on the event loop) once the record's batch is synced or failed: the rpc layer answers from it.
     notify: Callable[[], None] | None = None
     # Called in the log thread right after the sync, with the sessions' durable seqs (``durable(session)``):
-    # sends the reply from there, ahead of ``notify`` (issue 21).
-    early: Callable[[Callable[[str], int]], None] | None = None
+    # sends the reply from there, ahead of ``notify`` (issue 21); whether it was sent.
+    early: Callable[[Callable[[str], int]], bool] | None = None
     # The client slots the record reads until it is written (released when its batch is done).
     hold: Hold | None = None
 
@@ -113,6 +116,18 @@ class Job:
     # Set by ``delete`` (under the job's key lock): nothing may be acknowledged for it or written into its
     # folder any more; a request for the job waits for the delete and then starts a new job.
     deleted: bool = False
+    # The state cache (statecache.py): whether ``root`` is the state or an evicted job's stub, the cache's
+    # estimate of the tree's memory, the encoded size of its leaves only in chunk files (at load), the
+    # last use, requests using the tree now (pins) and updates queued behind a reload (kept in order by
+    # ``reload_lock``, the innermost lock: held only while the tree loads and such an update applies).
+    cache: StateCache | None = None
+    resident: bool = True
+    cache_bytes: int = 0
+    stored_cost: int = 0
+    last_used: float = 0.0
+    pins: int = 0
+    queued_updates: int = 0
+    reload_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
     def key(self) -> JobKey:
@@ -125,6 +140,7 @@ class Job:
     def plan(self, delta: State) -> Merged:
         """The merge of ``delta`` and what it changes, without applying it (path copying: nothing shared
         is touched), so a quota can refuse it first."""
+        assert self.resident, "an evicted job's tree must be loaded back first"
         return merge_counted(self.root, delta)
 
     def set_root(self, root: Node) -> None:
@@ -160,6 +176,8 @@ class Job:
         if self.dirty_since is None:
             self.dirty_since = now
         self.last_update_at = now
+        if self.cache is not None:  # after the job turned dirty: a dirty job is never evicted
+            self.cache.changed(self)
         return self.generation
 
     def _changes(self, delta: State, step: int | None, meta: dict[str, Any] | None, changes: bool | None) -> bool:
@@ -233,6 +251,8 @@ class Job:
             "bytes_written": self.bytes_written,
             "held_bytes": self.held_bytes(),
             "state_bytes": self.root.cost,
+            "resident": self.resident,
+            "cache_bytes": self.cache_bytes,
             "last_error": self.last_error,
             "wal_lsn": self.last_lsn,
             "wal_bytes": self.wal.size if self.wal is not None else 0,

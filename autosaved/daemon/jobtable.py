@@ -8,24 +8,26 @@ policy, the clock, the scheduler's wake-up and the replicator), never the daemon
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 
 from ..config import PolicySettings
-from ..errors import StorageError
-from ..state import counted, empty_node
+from ..errors import AutosavedError, StorageError
+from ..state import Node, counted, empty_node
 from ..storage.base import Storage
 from ..storage.faults import point
-from ..storage.local import Recovered
+from ..storage.local import JobStore, Recovered
 from ..storage.wal import WalWriter
+from ..storage.warm import warm
 from .accounting import Ledger
 from .jobcount import JobNames
 from .jobs import Job, JobKey
 from .keylocks import KeyedLocks
+from .statecache import StateCache, stored_cost
 
 if TYPE_CHECKING:
     from .replicator import Replicator
@@ -35,7 +37,8 @@ log = logging.getLogger("autosaved.daemon")
 
 class JobTable:
     def __init__(self, store: Storage, *, policy: Callable[[], PolicySettings], clock: Callable[[], float],
-                 poke: Callable[[Job], None], replicator: Replicator | None = None) -> None:
+                 poke: Callable[[Job], None], replicator: Replicator | None = None,
+                 memory_limit: Callable[[], int] | None = None) -> None:
         self.store = store
         self.policy = policy
         self.clock = clock
@@ -49,6 +52,8 @@ class JobTable:
                               lambda owner: list(self.by_owner.get(owner, ())))
         # What the held jobs' states cost, per owner, and which client slots they read: see accounting.py.
         self.ledger = Ledger()
+        # The jobs' trees, within memory_limit (statecache.py).
+        self.cache = StateCache(self.ledger, memory_limit or (lambda: 1 << 62), clock)
         # One lock per (owner, job) while in use: loading, deleting and recreating a job are serialised
         # by it, so no request is ever acknowledged for a job whose folder is being deleted.
         self._load_locks: KeyedLocks[JobKey] = KeyedLocks()
@@ -68,6 +73,8 @@ class JobTable:
         self.names.add(job.owner, job.name)
         job.ledger = self.ledger
         self.ledger.attach(job.owner, job.root)
+        job.cache = self.cache
+        self.cache.add(job, loaded=job.latest_version is not None)
 
     def remove(self, key: JobKey) -> None:
         """Let a job go (delete): its state is no longer charged to its owner."""
@@ -82,6 +89,9 @@ class JobTable:
         if job is not None and job.ledger is not None:
             job.ledger.detach(job.owner, job.root)
             job.ledger = None
+        if job is not None and job.cache is not None:
+            job.cache.remove(job)
+            job.cache = None
 
     def jobs_of(self, owner: int | None) -> list[Job]:
         """The loaded jobs of ``owner`` (every one for ``None``): O(what is returned)."""
@@ -132,17 +142,21 @@ class JobTable:
                 # replicator writes chunk files, so it seeds through its own handle on the local store.
                 await self.replicator.seed(owner, name, self.replicator.local_store(owner, name))
 
-            def load() -> tuple[Recovered | None, list[int]]:
+            def load() -> tuple[Recovered | None, list[int], int]:
                 point("load", "job", "before", name)
                 store.clean_tmp()
                 recovered = store.recover(load_data=False, repair=True)
+                stored = 0
                 if recovered is not None:
                     # Counted once here, in the thread: from now on every change keeps the counts.
                     recovered.tree = counted(recovered.tree) if recovered.tree else empty_node()
-                return recovered, store.version_ids()
+                    stored = stored_cost(recovered.tree)
+                    if recovered.version is not None and not recovered.replay.records:
+                        _warm(store, recovered.version.info.id, recovered.tree)
+                return recovered, store.version_ids(), stored
 
             try:
-                recovered, ids = await anyio.to_thread.run_sync(load)
+                recovered, ids, stored = await anyio.to_thread.run_sync(load)
             except OSError as exc:
                 raise StorageError(f"cannot open job {name!r}: {exc}") from exc
             log_bytes = recovered.replay.bytes if recovered is not None else 0
@@ -150,6 +164,7 @@ class JobTable:
                       wal=WalWriter(store.log_dir, size=log_bytes))
             if recovered is not None:
                 job.root = recovered.tree
+                job.stored_cost = stored
                 job.sessions = dict(recovered.sessions)
                 job.durable = dict(recovered.sessions)
                 job.step = recovered.step
@@ -176,6 +191,54 @@ class JobTable:
                 self.replicator.attach(owner, name, ids)
             return job
 
+    async def make_resident(self, job: Job) -> None:
+        """Load an evicted job's tree back from its newest version (the caller holds ``job.reload_lock``
+        and a pin): exactly the state it had, which that version holds (only a clean job is evicted). A
+        version that cannot be read is the request's error; the job stays evicted and is never served from
+        an older version."""
+        if job.resident:
+            self.cache.hit(job)
+            return
+        version = job.latest_version
+        assert version is not None
+        store = job.store
+
+        def load() -> tuple[Node, int]:
+            point("load", "job", "before", job.name)
+            loaded = store.load(version, load_data=False, verify=False)
+            tree = counted(loaded.tree) if loaded.tree else empty_node()
+            _warm(store, version, tree)
+            return tree, stored_cost(tree)
+
+        try:
+            root, stored = await anyio.to_thread.run_sync(load)
+        except AutosavedError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot load job {job.name!r} back: {exc}") from exc
+        if job.deleted or self.jobs.get(job.key) is not job:
+            raise StorageError(f"job {job.name!r} was deleted")
+        self.cache.reloaded(job, root, stored)
+        log.info("loaded job=%s owner=%d version=%d back into the state cache", job.name, job.owner, version)
+
+    @asynccontextmanager
+    async def use(self, job: Job) -> AsyncIterator[Job]:
+        """The job with its tree resident and pinned (not evicted) while the caller uses it."""
+        job.pins += 1
+        try:
+            async with job.reload_lock:
+                await self.make_resident(job)
+            yield job
+        finally:
+            job.pins -= 1
+            self.cache.settle()
+
+    def job_saved(self, job: Job) -> None:
+        """A save of ``job`` ended: the scheduler decides for it again, and if the save made it clean the
+        cache may evict (it, or states used less recently)."""
+        self.poke(job)
+        self.cache.settle()
+
     def forget_if_unused(self, job: Job) -> None:
         """Drop a job that ``get`` created for a request that was then refused: nothing was ever accepted
         into it, so it must not show in ``list`` as an empty job (issue 22)."""
@@ -201,3 +264,12 @@ class JobTable:
         for owner, name, ids in found:
             if ids:
                 replicator.attach(owner, name, ids)
+
+
+def _warm(store: object, version: int, tree: Node) -> None:
+    """The next format-2 save of a loaded job diffs against the tree just loaded (storage/warm.py)."""
+    if isinstance(store, JobStore):
+        try:
+            warm(store, version, tree)
+        except (AutosavedError, OSError) as exc:  # the next save re-encodes the whole state: slower, not wrong
+            log.warning("job=%s: could not keep the loaded tree for the next save: %s", store.job, exc)

@@ -85,6 +85,17 @@ class RemoteSample:
 
 
 @dataclass(frozen=True)
+class CacheSample:
+    """The state cache (statecache.py): its accounted bytes, its limit and its counters."""
+
+    nbytes: int
+    limit: int
+    hits: int
+    loads: int
+    evictions: int
+
+
+@dataclass(frozen=True)
 class Sample:
     uptime_s: float
     requests: int
@@ -108,6 +119,7 @@ class Sample:
     expired: int = 0
     # With ``[remote]``: upload counters and the jobs the replicator holds; ``None`` without it.
     remote: RemoteSample | None = None
+    cache: CacheSample | None = None
 
 
 def _epoch(iso: str | None) -> float | None:
@@ -148,6 +160,17 @@ def families(s: Sample) -> Iterator[Metric]:
     yield gauge("autosaved_jobs", "Jobs held by the daemon.", len(s.jobs))
     if s.remote is not None:
         yield from _remote_families(s.remote)
+    if s.cache is not None:
+        yield gauge("autosaved_state_cache_bytes", "Estimated memory of the jobs' resident state trees.",
+                    s.cache.nbytes)
+        yield gauge("autosaved_state_cache_limit_bytes", "memory_limit: what the state cache may hold.",
+                    s.cache.limit)
+        yield counter("autosaved_state_cache_hits_total", "Requests that found their job's tree resident.",
+                      s.cache.hits)
+        yield counter("autosaved_state_cache_loads_total", "Job trees loaded from disk into the state cache.",
+                      s.cache.loads)
+        yield counter("autosaved_state_cache_evictions_total", "Job trees evicted to their root.",
+                      s.cache.evictions)
     yield from s.durations.collect()
     if s.log_sync_durations is not None:
         yield from s.log_sync_durations.collect()

@@ -71,6 +71,7 @@ class Replica:
     fenced: str | None = None
     lease: Lease | None = None
     known: dict[str, str] | None = None  # digest → object key, of chunks the bucket has
+    complete: set[str] = field(default_factory=set)  # pages whose whole subtree the bucket has (with known)
     waiters: list[tuple[int, anyio.Event]] = field(default_factory=list)
     wake: anyio.Event = field(default_factory=anyio.Event)
     gone: str | None = None  # the job was deleted: this record is dropped and its task cancelled
@@ -694,6 +695,7 @@ class Replicator:
         lease = await self._lease(replica)
         if replica.known is None:
             replica.known = {d: k for d, (k, _) in (await replica.remote.chunk_index()).items()}
+            replica.complete = set()  # goes stale with known: a version's first upload walks all its pages
 
         def planned(nbytes: int) -> None:
             replica.queued_bytes[version] = nbytes
@@ -707,7 +709,8 @@ class Replicator:
 
         started, held, before = time.monotonic(), self.rate.throttled_s, replica.bytes_uploaded
         chunks = await upload_version(replica.remote, replica.local, version, lease, holder=self.holder,
-                                      ttl=self.settings.lease_ttl, known=replica.known, pace=self.rate,
+                                      ttl=self.settings.lease_ttl, known=replica.known,
+                                      complete=replica.complete, pace=self.rate,
                                       planned=planned, sent=sent)
         nbytes, elapsed = replica.bytes_uploaded - before, time.monotonic() - started
         # Only uploads the throttle did not hold back say how fast the link is (the deadline plans with it).

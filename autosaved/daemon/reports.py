@@ -15,7 +15,7 @@ from .. import __version__
 from ..deadline import estimate_s
 from ..tree import Walked
 from .jobs import Job, JobKey
-from .metrics import Histogram, JobSample, RemoteSample, ReplicaSample, Sample
+from .metrics import CacheSample, Histogram, JobSample, RemoteSample, ReplicaSample, Sample
 from .runstate import RunState
 
 if TYPE_CHECKING:
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .reload import Reloader
     from .replicator import Replicator
     from .slottable import SlotTable
+    from .statecache import StateCache
     from .walcommit import LogCommitter
     from .writer import Writer
 
@@ -51,6 +52,8 @@ class ReportContext:
     log_sync_durations: Histogram | None = None
     # What the daemon's edge holds and refused (connections, the fd limit): see Daemon.edge_report.
     edge: Callable[[], dict[str, Any]] = dict
+    # The jobs' trees within memory_limit (statecache.py): its size, limit, hits, loads and evictions.
+    cache: StateCache | None = None
 
 
 class Reports:
@@ -76,7 +79,7 @@ class Reports:
             reloads=reloader.reloads, reload_failures=reloader.failures, task_restarts=run.task_failures,
             durations=self.ctx.durations, log_syncs=self.ctx.wal.syncs, log_sync_durations=self.ctx.log_sync_durations,
             quota_refusals=run.quota_refusals, expired=run.expired,
-            throttle_rate=self._throttle_rate(), remote=self._remote_sample(),
+            throttle_rate=self._throttle_rate(), remote=self._remote_sample(), cache=self._cache_sample(),
             jobs=tuple(
                 JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
                           dirty_bytes=j.dirty_bytes, held_bytes=j.held_bytes(), state_bytes=j.root.cost,
@@ -85,6 +88,12 @@ class Reports:
                 for j in self.ctx.jobs.values()
             ),
         )
+
+    def _cache_sample(self) -> CacheSample | None:
+        c = self.ctx.cache
+        if c is None:
+            return None
+        return CacheSample(nbytes=c.total, limit=c.limit(), hits=c.hits, loads=c.loads, evictions=c.evictions)
 
     def _throttle_rate(self) -> float | None:
         """The pacing rate of background saves, when one applies (unlimited: no series)."""
@@ -146,6 +155,9 @@ class Reports:
                 "throttle": self.ctx.io.status(),
                 "remote": self.ctx.replicator.summary() if self.ctx.replicator is not None else None,
                 "edge": self.ctx.edge(),
+                "cache": ({**self.ctx.cache.status(), "owner_bytes": self.ctx.ledger.cached_of(owner)}
+                          if self.ctx.cache is not None and owner is not None else
+                          self.ctx.cache.status() if self.ctx.cache is not None else None),
             },
             "jobs": jobs,
         }

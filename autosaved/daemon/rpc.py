@@ -58,6 +58,7 @@ class Handlers(UpdateOps, RestoreOps, AdminOps):
         answered without waiting for anything, else the coroutine that finishes it. The rpc loop answers
         the first kind inline and gives only the second a task of its own (perf, issue 14: a task per
         request cost more than a small update's whole handling)."""
+        self.ctx.wal.settle()  # the bookkeeping of log batches synced since: every request sees it done
         op = REGISTRY.get(req.op)
         if op is None:
             raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})
@@ -79,8 +80,8 @@ class Handlers(UpdateOps, RestoreOps, AdminOps):
 
     async def op_hello(self, req: RpcRequest) -> Reply:
         name = self._job_name(req)
-        await self._check_job_quota(req.owner, name)
-        job = await self.ctx.table.find(req.owner, name)
+        async with self._job_quota(req.owner, name):
+            job = await self.ctx.table.find(req.owner, name)
         if job is None:
             # A job exists from its first accepted update, not from a hello (issue 22: a typo made jobs);
             # the client sends its policy with every update, so nothing is lost by not keeping it here.

@@ -5,9 +5,10 @@ share (whose jobs a request acts on, the job quota, a client's policy overrides)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -86,11 +87,12 @@ class Deferred:
         self.early: Callable[[Reply], bool] | None = None
         self.sent_early = False
 
-    def send_early(self, reply: Reply) -> None:
+    def send_early(self, reply: Reply) -> bool:
         """From a log thread, before :meth:`resolve`: send ``reply`` now if the rpc loop allows it; the
         later :meth:`resolve` then only closes the request."""
         if self.early is not None and self.early(reply):
             self.sent_early = True
+        return self.sent_early
 
     def on_done(self, callback: Callable[[Reply | Exception], None]) -> None:
         if self._result is not None:
@@ -181,20 +183,27 @@ class HandlerBase:
             raise Forbidden(f"uid {req.owner} may not act on jobs of uid {asked}; only root may")
         return asked
 
-    async def _check_job_quota(self, owner: int, name: str) -> None:
-        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt). A job counts when its folder
-        is on disk or it is loaded. O(1): the table keeps each owner's names (jobcount.py; an owner's
-        folder is listed once per daemon run, at the first check that needs it)."""
+    @contextlib.asynccontextmanager
+    async def _job_quota(self, owner: int, name: str) -> AsyncIterator[None]:
+        """Refuse to create a job beyond ``quota.max_jobs`` (root is exempt), and count the job from the
+        check until the block ends (the table takes it in meanwhile: concurrent creates of different names
+        cannot all pass with one slot left). A job counts when its folder is on disk or it is loaded. O(1):
+        the table keeps each owner's names (jobcount.py; an owner's folder is listed once per daemon run,
+        at the first check that needs it)."""
         limit = self.ctx.config().quota.max_jobs
         if limit is None or owner == 0 or (owner, name) in self.ctx.table.jobs:
+            yield
             return
         names = await self.ctx.table.names.of(owner)
-        if name not in names and len(names) >= limit:
+        used = self.ctx.table.names.used(owner, names, name)
+        if used is not None and used >= limit:
             raise QuotaExceeded(
-                f"quota.max_jobs: uid {owner} already has {len(names)} jobs (the limit is {limit}); delete one "
+                f"quota.max_jobs: uid {owner} already has {used} jobs (the limit is {limit}); delete one "
                 "with `autosaved delete JOB` or ask the administrator to raise the quota",
-                details={"quota": "max_jobs", "limit": limit, "used": len(names)},
+                details={"quota": "max_jobs", "limit": limit, "used": used},
             )
+        with self.ctx.table.names.creating(owner, name):
+            yield
 
     def _job_name(self, req: RpcRequest) -> str:
         return validate_job_name(req.header.get("job"))

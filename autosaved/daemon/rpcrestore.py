@@ -13,11 +13,13 @@ import anyio.to_thread
 import msgpack
 
 from ..errors import ProtocolError
-from ..protocol import blob_descriptors, validate_path
+from ..protocol import INLINE_LEAF_MAX, INLINE_TOTAL_MAX, blob_descriptors, inline_allowed, validate_path
 from ..shm import layout, release_mapping
 from ..state import State
 from ..storage.base import JobStorage
 from ..storage.fsutil import pwrite_all
+from ..storage.local import JobStore
+from ..storage.pathread import subtrees
 from ..tree import Blob, to_node
 from .jobs import Job
 from .rpcbase import HandlerBase, Reply, RpcRequest, _opt_int, log
@@ -59,8 +61,28 @@ class RestoreOps(HandlerBase):
         # a stored version) is read from chunk files, and a save's retention and gc (or `autosaved gc`),
         # which hold this lock, could otherwise delete them meanwhile, once a newer update replaced the
         # leaf (the soak's "restore raised CorruptVersion(... (live state): chunk ... is missing)").
-        async with self.ctx.table.io_lock((req.owner, name)):
+        if version is None and job is not None and job.resident:
+            # The live tree, kept (not evicted by the state cache) while it is sent.
+            async with table.use(job), table.io_lock((req.owner, name)):
+                return await self._restore_locked(req, version, paths, job, store)
+        async with table.io_lock((req.owner, name)):
+            if version is None and job is not None and not job.resident:
+                return await self._restore_evicted(req, paths, job, store)
             return await self._restore_locked(req, version, paths, job, store)
+
+    async def _restore_evicted(self, req: RpcRequest, paths: Any, job: Job, store: JobStorage) -> Reply:
+        """The live state of a job the state cache evicted (under its io lock: no save or gc meanwhile).
+        Its newest version holds exactly that state: some paths of a format-2 version are read from the
+        pages on them alone (storage/pathread.py), leaving the job evicted; anything else loads the tree
+        back first."""
+        version = job.latest_version
+        if paths is not None and version is not None and isinstance(store, JobStore):
+            sent = await anyio.to_thread.run_sync(lambda: subtrees(store, version, paths))
+            if sent is not None and not job.resident:  # still evicted: nothing newer was merged meanwhile
+                self.ctx.table.cache.path_reads += 1
+                return await self._send_tree(req, store, sent, {"version": version, "step": job.step, "live": True})
+        async with self.ctx.table.use(job):
+            return await self._restore_locked(req, None, paths, job, store)
 
     async def _restore_locked(self, req: RpcRequest, version: int | None, paths: Any, job: Job | None,
                               store: JobStorage) -> Reply:
@@ -104,7 +126,10 @@ class RestoreOps(HandlerBase):
         return job
 
     async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: Any, info: dict[str, Any]) -> Reply:
-        node, blobs = to_node(tree)
+        # Small bytes leaves in memory go inside the header for an SDK that reads them (protocol 2): a
+        # LangGraph record and its channel values come back as one frame.
+        inline = INLINE_LEAF_MAX if inline_allowed(req.header) else 0
+        node, blobs = to_node(tree, inline_max=inline, inline_total=INLINE_TOTAL_MAX)
         # What the reply may make the daemon hold (read buffers, a memfd) is charged before it is read.
         with self.ctx.reply_reserve(req.owner, sum(b.nbytes for b in blobs)):
             return await self._build_tree_reply(req, store, node, blobs, info)
@@ -122,7 +147,13 @@ class RestoreOps(HandlerBase):
                 return memoryview(bytes(blob.data))
             return store.read_blob(blob)
 
-        frames = await anyio.to_thread.run_sync(lambda: [read(b) for i, b in enumerate(blobs) if i not in placed])
+        sent = [b for i, b in enumerate(blobs) if i not in placed]
+        if sum(b.nbytes for b in sent) <= INLINE_TOTAL_MAX and all(b.data is not None for b in sent):
+            # In memory and small (a LangGraph get_tuple): nothing to read, at most a small copy, so no hop
+            # to a worker thread, which on a busy host cost a restore milliseconds (perf, issue 21).
+            frames = [read(b) for b in sent]
+        else:
+            frames = await anyio.to_thread.run_sync(lambda: [read(b) for b in sent])
         return Reply({"tree": node, "blobs": blob_descriptors(blobs), **info, **({"shm": shm} if shm else {})},
                      frames)
 

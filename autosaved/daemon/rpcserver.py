@@ -196,8 +196,9 @@ class RpcServer:
         if path is not None:
             os.chmod(path, 0o660)
             self.ctx.give_to_socket_group(path)
-        self.conn_guard = ConnGuard(ctx, sock, None if path is None else str(path), total_cap=self.ctx.listener_cap(),
-                                    per_user=lambda: self.ctx.config().quota.max_connections, lock=self._shared.lock)
+        self.conn_guard = ConnGuard(None if path is None else str(path), total_cap=self.ctx.listener_cap(),
+                                    per_user=lambda: self.ctx.config().quota.max_connections)
+        self.conn_guard.watch(ctx, sock, self._shared.lock)
         stack.callback(self.conn_guard.stop)
         self._sock = sock
         return sock

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
-from ..protocol import ACK_LEVELS, blobs_from_frames
+from ..protocol import ACK_LEVELS, INLINE_LEAF_MAX, blobs_from_frames, inline_allowed
 from ..state import Merged, Node, State, changes_anything, merge_counted
 from ..tree import Blob, from_node
 from .jobs import CommitWaiter, Job, LogWaiter
@@ -57,11 +57,15 @@ def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
     return normal
 
 
-def _decode_delta(tree: Any, blobs: list[Blob]) -> State:
-    delta = from_node(tree, blobs, allow_delete=True)
+def _decode_delta(tree: Any, blobs: list[Blob], inline_max: int) -> State:
+    delta = from_node(tree, blobs, allow_delete=True, inline_max=inline_max)
     if not isinstance(delta, dict):
         raise ProtocolError("an update's delta must be a mapping")
     return delta
+
+
+def _inline_max(header: dict[str, Any]) -> int:
+    return INLINE_LEAF_MAX if inline_allowed(header) else 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class UpdateOps(HandlerBase):
     def _parse_update(self, req: RpcRequest) -> ParsedUpdate:
         """Everything an update says that can be checked from the request alone (no job, no await)."""
         u, blobs = self._parse_fields(req)
-        u.delta = _decode_delta(req.header.get("tree"), blobs)
+        u.delta = _decode_delta(req.header.get("tree"), blobs, _inline_max(req.header))
         self._check_running()
         return u
 
@@ -149,6 +153,9 @@ class UpdateOps(HandlerBase):
         job = self.ctx.table.jobs.get((req.owner, u.name))
         if job is None or job.deleted:
             return self._update_loading(req, u)
+        if not job.resident or job.queued_updates:  # evicted, or updates wait for its reload: after them
+            return self._update_reloading(req, u, job)
+        self.ctx.table.cache.hit(job)
         return self._apply_update(req, u, job)
 
     async def op_update_big(self, req: RpcRequest) -> Reply:
@@ -157,34 +164,72 @@ class UpdateOps(HandlerBase):
         ``req.on_applied`` (their order is kept)."""
         try:
             u, blobs = self._parse_fields(req)
-            u.delta = await off_loop(_decode_delta, req.header.pop("tree", None), blobs)
+            inline_max = _inline_max(req.header)
+            u.delta = await off_loop(_decode_delta, req.header.pop("tree", None), blobs, inline_max)
             self._check_running()
             job = self.ctx.table.jobs.get((req.owner, u.name))
             if job is None or job.deleted:
-                await self._check_job_quota(req.owner, u.name)
-                job = await self.ctx.table.get(req.owner, u.name)
-            root = job.root
-            planned: Planned | None = await off_loop(_plan, root, u.delta)
-            if planned is not None and job.root is not planned.root:
-                planned = None  # the job changed meanwhile (a load, a replace): planned again on the loop
-            try:
-                started = self._apply_update(req, u, job, planned)
-            except BaseException:
-                self.ctx.table.forget_if_unused(job)
-                raise
+                async with self._job_quota(req.owner, u.name):
+                    job = await self.ctx.table.get(req.owner, u.name)
+            started = await self._apply_planned(req, u, job)
         finally:
             if req.on_applied is not None:
                 req.on_applied()
         return await finish(started)
 
+    async def _apply_planned(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
+        """Merge a big update planned off the loop: under the job's reload lock, as an update of an evicted
+        job (updates that come meanwhile queue behind it; the tree stays resident while pinned)."""
+        table = self.ctx.table
+        job.queued_updates += 1
+        job.pins += 1
+        try:
+            async with job.reload_lock:
+                if job.deleted or table.jobs.get(job.key) is not job:
+                    return self._update_loading(req, u)  # deleted meanwhile: a new job of that name
+                await table.make_resident(job)
+                root = job.root
+                planned: Planned | None = await off_loop(_plan, root, u.delta)
+                if planned is not None and job.root is not planned.root:
+                    planned = None  # the job changed meanwhile: planned again on the loop
+                try:
+                    return self._apply_update(req, u, job, planned)
+                except BaseException:
+                    table.forget_if_unused(job)
+                    raise
+        finally:
+            job.queued_updates -= 1
+            job.pins -= 1
+
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
-        await self._check_job_quota(req.owner, u.name)
-        job = await self.ctx.table.get(req.owner, u.name)
+        async with self._job_quota(req.owner, u.name):
+            job = await self.ctx.table.get(req.owner, u.name)
+        if not job.resident or job.queued_updates:
+            return await self._update_reloading(req, u, job)
         try:
             started = self._apply_update(req, u, job)
         except BaseException:
             self.ctx.table.forget_if_unused(job)  # a refused first update leaves no empty job behind
             raise
+        return await finish(started)
+
+    async def _update_reloading(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Reply:
+        """An update of a job whose tree the state cache evicted: loaded back first. Updates queue on the
+        job's reload lock (first come, first served) and apply under it, so they keep their order."""
+        table = self.ctx.table
+        job.queued_updates += 1
+        job.pins += 1
+        try:
+            async with job.reload_lock:
+                gone = job.deleted or table.jobs.get(job.key) is not job
+                if not gone:
+                    await table.make_resident(job)
+                    started = self._apply_update(req, u, job)
+        finally:
+            job.queued_updates -= 1
+            job.pins -= 1
+        if gone:  # deleted meanwhile: a new job of that name
+            return await self._update_loading(req, u)
         return await finish(started)
 
     def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job, planned: Planned | None = None) -> Started:

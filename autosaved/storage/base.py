@@ -8,6 +8,9 @@ Where the object store fits: :mod:`autosaved.storage.remote` is not a second imp
 interface but a replica beside it (async, create-only puts, a fencing lease): the replicator copies
 committed local versions to it, and ``restore(remote=...)`` / ``seed`` read back from it into a local
 :class:`JobStorage`. The replicator reads local chunk files directly, so it takes the local ``JobStore``.
+Below both sits one page/chunk store (:mod:`autosaved.storage.objects`): the object names, the checks of
+chunks, pages and root records, and the reader of trees by path, over two backends (the job's folder, the
+job's prefix in the bucket).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import fileops
@@ -38,6 +39,16 @@ def fsync_dirs(dirs: Iterable[Path]) -> None:
             raise error
 
 
+@dataclass(frozen=True)
+class Written:
+    """A chunk file written but not yet durable or named (see :meth:`ChunkPipeline.write`)."""
+
+    fd: int
+    tmp: Path
+    size: int
+    kind: str
+
+
 class ChunkPipeline:
     def __init__(self, pace: Pacer | None, depth: int = 2) -> None:
         self.pace = pace
@@ -48,18 +59,36 @@ class ChunkPipeline:
         """Write ``data`` to the new file ``tmp`` (O_EXCL) and queue its fsync and its rename to ``target``;
         returns the bytes written. Raises the error of any earlier chunk that failed. ``kind`` names the
         fault points (``chunk``, or ``page`` for the pages of a format-2 state tree)."""
+        written = self.write(tmp, data, kind)
+        self.settle(written, target)
+        return written.size
+
+    def write(self, tmp: Path, data: memoryview | bytes, kind: str = "chunk", *, readable: bool = False) -> Written:
+        """The first half of :meth:`put`: write ``data`` to the new file ``tmp`` and keep it open, neither
+        durable nor named, until :meth:`settle` or :meth:`discard`. ``readable`` opens it for reading too
+        (a caller that names the chunk by hashing what reached the file, :mod:`.slotwrite`)."""
         while len(self._pending) >= self.depth:
             self._pending.pop(0).result()
         point(kind, "open", "before", tmp)
-        fd = fileops.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        mode = os.O_RDWR if readable else os.O_WRONLY
+        fd = fileops.open_fd(tmp, mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            written = self._write(fd, tmp, data, kind)
+            size = self._write(fd, tmp, data, kind)
         except BaseException:
             fileops.close(fd)
             fileops.unlink(tmp, missing_ok=True)
             raise
-        self._pending.append(_SYNCER.submit(_settle, fd, tmp, target, kind))
-        return written
+        return Written(fd, tmp, size, kind)
+
+    def settle(self, written: Written, target: Path) -> None:
+        """Queue the fsync of a :meth:`write` and its rename to ``target`` (the syncer thread's work)."""
+        self._pending.append(_SYNCER.submit(_settle, written.fd, written.tmp, target, written.kind))
+
+    @staticmethod
+    def discard(written: Written) -> None:
+        """Drop a :meth:`write` the store turned out to hold already: never synced, never named."""
+        fileops.close(written.fd)
+        fileops.unlink(written.tmp, missing_ok=True)
 
     def _write(self, fd: int, tmp: Path, data: memoryview | bytes, kind: str) -> int:
         # As fsutil.write_fsync: with a pacer, 1 MiB slices announced first, and an fdatasync every

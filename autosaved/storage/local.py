@@ -18,6 +18,7 @@ a crash during garbage collection can only leave unreferenced chunks, which the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import mmap
 import os
@@ -25,7 +26,7 @@ import re
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -37,9 +38,9 @@ from ..settings import KeepBest
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
 from . import fileops, hashing, paged
-from . import statepages as sp
+from . import objects as obj
 from .chunkwriter import ChunkPipeline, fsync_dirs
-from .compress import SUFFIX, ChunkDecodeError, compress_chunk, decompress_chunk, worth_trying
+from .compress import SUFFIX, compress_chunk, worth_trying
 from .faults import point
 from .fsutil import (
     Pacer,
@@ -47,7 +48,6 @@ from .fsutil import (
     fsync_dir,
     make_dirs,
     pwrite_all,
-    read_exact,
     temp_name,
 )
 from .manifest import (
@@ -57,11 +57,10 @@ from .manifest import (
     blob_from_record,
     blob_record,
     seal,
-    tree_from_manifest,
-    unseal,
     utc_now_iso,
 )
 from .retention import best_versions, score, versions_to_delete
+from .slotwrite import store_slot_leaf
 from .wal import LogChanged, LogDamaged, Replay, read_log, scan_segment, segments
 
 log = logging.getLogger("autosaved.storage")
@@ -72,11 +71,10 @@ _VERSION_FILE = re.compile(r"^(\d{12})\.json$")
 DIR_MODE = 0o750
 # How often recover() starts again when a daemon's commit changed the log under an offline reader.
 _RECOVER_TRIES = 5
-# Hashing runs in threads: hashlib releases the GIL on large buffers, so two cores hash twice as fast.
-_HASH_POOL = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)), thread_name_prefix="autosaved-hash")
+_HASH_POOL = obj.HASH_POOL
 
 
-# Chunks of a shared-memory leaf copied and hashed ahead of the one being written.
+# Chunks of a shared-memory leaf copied (or written, slotwrite) and hashed ahead of the one being written.
 _SHARED_WINDOW = max(2, min(8, os.cpu_count() or 2))
 
 
@@ -94,11 +92,6 @@ def submit_digests(data: memoryview, chunk_size: int, algo: str = HASH_NAME) -> 
 
 def chunk_digests(data: memoryview, chunk_size: int) -> tuple[Chunk, ...]:
     return tuple(Chunk(f.result(), n, HASH_NAME) for n, f in submit_digests(data, chunk_size))
-
-
-def _check_digest(chunk: Chunk, data: memoryview) -> str:
-    """``data``'s digest under the algorithm that named ``chunk`` (run in the hash pool)."""
-    return hashing.HASHERS[chunk.hash](data)
 
 
 @dataclass
@@ -167,6 +160,9 @@ class JobStore:
         self.objects_dir = self.path / "objects"
         self.tmp_dir = self.path / "tmp"
         self.log_dir = self.path / "log"
+        # The job's folder as a backend of the one page/chunk store, and the reader every restore uses.
+        self.objects = obj.LocalBackend(self.path, self.tmp_dir, DIR_MODE)
+        self.reader = obj.Reader(self.objects, self.job)
         # The format new versions are written in (the daemon sets it from the config; see paged.py).
         self.write_format = WRITE_FORMAT
         # Format 2: what the last save or load left for the next save to diff against (paged.Cache).
@@ -187,7 +183,7 @@ class JobStore:
                 fileops.unlink(leftover, missing_ok=True)
 
     def object_path(self, digest: str, compressed: bool = False) -> Path:
-        return self.objects_dir / digest[:2] / (digest + SUFFIX if compressed else digest)
+        return self.objects.path(obj.object_name(digest, compressed))
 
     def has_object(self, digest: str) -> bool:
         """Whether the chunk is stored, in either form: dedup is by the raw bytes' digest."""
@@ -319,8 +315,10 @@ class JobStore:
     def _write_shared(self, blob: Blob, chunk_size: int, compression: str, pipeline: ChunkPipeline,
                       dirs_touched: set[Path], queued: set[str]) -> tuple[dict[str, Any], int, int]:
         """Store a leaf whose bytes live in a client's shared-memory slot, which the client may still write
-        into (a forked child, a stray pointer): each chunk is copied once into private memory and named by
-        the hash of that copy, the bytes that are then written. So a chunk's name is always the hash of its
+        into (a forked child, a stray pointer): each chunk is named by the hash of the bytes stored, never
+        of bytes read from the slot a second time. Uncompressed, the chunk goes from the slot into its file
+        and the file is hashed (:mod:`.slotwrite`); compressed, it is copied once into private memory and
+        the copy is hashed, compressed and written. So a chunk's name is always the hash of its
         stored bytes, and a scribbling client can only change what its own version holds, never make the
         store hold a chunk that does not match its name (which dedup would spread into later versions).
         Named with the store's algorithm (``HASH_NAME``) like every other new chunk; written through the
@@ -329,6 +327,15 @@ class JobStore:
         assert blob.data is not None
         data = blob.data
         try_compress = worth_trying(blob, compression)
+        if not try_compress:
+            # No private copy: each chunk is named by the hash of the file it was written to (slotwrite).
+            pairs, written, count = store_slot_leaf(
+                data, chunk_size, HASH_NAME, pipeline=pipeline, pool=_HASH_POOL, window=_SHARED_WINDOW,
+                tmp_dir=self.tmp_dir, object_path=self.object_path, stored=self.has_object, queued=queued,
+                dirs_touched=dirs_touched)
+            done = tuple(Chunk(digest, size, HASH_NAME) for digest, size in pairs)
+            blob.digests[chunk_size] = done
+            return blob_record(blob, done), written, count
         starts = list(range(0, data.nbytes, chunk_size)) or [0]
         hash_fn = hashing.HASHERS[HASH_NAME]
 
@@ -376,7 +383,7 @@ class JobStore:
         return (self.versions_dir / f"{version:012d}.json").exists()
 
     def read_page(self, digest: str) -> bytes:
-        return paged.read_page(self, digest)
+        return self.reader.page(digest)
 
     def leaf_records(self, version: int) -> list[dict[str, Any]]:
         """The records (descriptor and chunks, as in a format-1 manifest) of a version's leaves stored as
@@ -384,30 +391,13 @@ class JobStore:
         doc = self.read_manifest(version)
         if doc["format"] != paged.FORMAT:
             return list(doc["blobs"])
-        tree = paged.load_tree(self, doc, f"{self.job} version {version}")
-        return [blob_record(b, b.chunks) for b in sp.blobs_of(tree) if b.chunks is not None]
+        _tree, blobs = self.reader.tree(doc, f"{self.job} version {version}")
+        return [blob_record(b, b.chunks) for b in blobs if b.chunks is not None]
 
     def load_path(self, version: int, path: tuple[str | int, ...]) -> Any:
         """The subtree at ``path`` of a stored version, its binary leaves read and verified. For format 2 it
         reads only the pages on the path and the leaves below it; a format-1 manifest is read whole."""
-        where = f"{self.job} version {version}"
-        doc = self.read_manifest(version)
-        if doc["format"] == paged.FORMAT:
-            tree = paged.load_tree(self, doc, where, tuple(path))
-        else:
-            tree, _ = tree_from_manifest(doc, where)
-            for elem in path:
-                try:
-                    tree = tree[elem]
-                except (KeyError, IndexError, TypeError):
-                    raise NotFound(f"{where} has nothing at {list(path)!r}") from None
-        for blob in sp.blobs_of(tree):
-            if blob.data is None:
-                assert blob.chunks is not None
-                buf = bytearray(blob.nbytes)
-                self._read_chunks(blob.chunks, memoryview(buf), True, where)
-                blob.data = memoryview(buf)
-        return tree
+        return self.reader.load_path(self.read_manifest(version), f"{self.job} version {version}", tuple(path))
 
     def version_ids(self) -> list[int]:
         try:
@@ -426,67 +416,25 @@ class JobStore:
             raise NotFound(f"job {self.job!r} has no version {version}") from None
         except OSError as exc:
             raise StorageError(f"cannot read {path}: {exc.strerror}") from exc
-        doc = unseal(raw, f"{self.job} version {version}")
-        if doc.get("job") != self.job or doc.get("version") != version:
-            raise CorruptVersion(f"{self.job} version {version}: manifest names another job or version")
-        return doc
+        return obj.open_record(raw, self.job, version, str(path))
 
     def _info(self, doc: dict[str, Any], ok: bool = True, error: str | None = None) -> VersionInfo:
-        return VersionInfo(
-            job=self.job, id=int(doc["version"]), step=doc.get("step"), time=str(doc.get("time")),
-            bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")), meta=dict(doc.get("meta") or {}),
-            ok=ok, error=error,
-        )
+        return dataclasses.replace(obj.version_info(doc, self.job), ok=ok, error=error)
 
     def load(self, version: int, *, load_data: bool = True, verify: bool = True) -> LoadedVersion:
         """Read one version. With ``verify`` every chunk is hashed; any mismatch raises CorruptVersion.
         Without ``load_data`` the blobs keep only their chunk lists (the daemon's lazy base state)."""
         where = f"{self.job} version {version}"
         doc = self.read_manifest(version)
-        if doc["format"] == paged.FORMAT:
-            tree = paged.load_tree(self, doc, where)
-            blobs = [b for b in sp.blobs_of(tree) if b.data is None]  # inline leaves came with their page
-        else:
-            tree, blobs = tree_from_manifest(doc, where)
-        for blob in blobs:
-            assert blob.chunks is not None
-            if load_data:
-                buf = bytearray(blob.nbytes)
-                self._read_chunks(blob.chunks, memoryview(buf), verify, where)
-                blob.data = memoryview(buf)
-            elif verify:
-                self.verify_chunks(blob.chunks, where)
-        sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
-        return LoadedVersion(info=self._info(doc), tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)))
-
-    def _read_chunks(self, chunks: tuple[Chunk, ...], into: memoryview, verify: bool, where: str) -> None:
-        # Each chunk is hashed in the pool while the next one is read: verifying costs little beyond the read.
-        pending = []
-        offset = 0
-        for chunk in chunks:
-            view = into[offset : offset + chunk.size]
-            self._read_chunk(chunk, view, where)
-            if verify:
-                pending.append((chunk, _HASH_POOL.submit(_check_digest, chunk, view)))
-            offset += chunk.size
-        for chunk, digest in pending:
-            if digest.result() != chunk.digest:
-                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
-
-    def _read_chunk(self, chunk: Chunk, into: memoryview, where: str) -> None:
-        """Fill ``into`` with the raw bytes of ``chunk``, from whichever form is stored (raw first: most
-        chunks are). Unhashed: the caller verifies. A missing or undecodable chunk is CorruptVersion."""
-        try:
-            try:
-                read_exact(self.object_path(chunk.digest), chunk.size, into)
-                return
-            except FileNotFoundError:
-                packed = self.object_path(chunk.digest, compressed=True).read_bytes()
-            into[:] = decompress_chunk(packed, chunk.size)
-        except FileNotFoundError:
-            raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… is missing") from None
-        except (OSError, ChunkDecodeError) as exc:
-            raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}…: {exc}") from None
+        tree, blobs = self.reader.tree(doc, where)
+        if load_data:
+            self.reader.fill(blobs, where, verify=verify)
+        elif verify:
+            for blob in blobs:
+                assert blob.chunks is not None
+                self.reader.verify_chunks(blob.chunks, where)
+        return LoadedVersion(info=self._info(doc), tree=tree, sessions=obj.sessions_of(doc),
+                             wal_lsn=int(doc.get("wal_lsn", 0)))
 
     def read_blob(self, blob: Blob) -> memoryview:
         """The bytes of a blob: in memory already, or read from its chunks and verified."""
@@ -495,7 +443,7 @@ class JobStore:
         assert blob.chunks is not None
         point("restore", "read", "before", self.job)
         buf = bytearray(blob.nbytes)
-        self._read_chunks(blob.chunks, memoryview(buf), True, f"{self.job} (live state)")
+        self.reader.read_chunks(blob.chunks, memoryview(buf), f"{self.job} (live state)")
         return memoryview(buf)
 
     def send_blob(self, blob: Blob, out_fd: int, offset: int, mapping: mmap.mmap) -> None:
@@ -509,33 +457,30 @@ class JobStore:
         pending = []
         pos = 0
         for chunk in blob.chunks:
+            path = self.object_path(chunk.digest)
             try:
-                fd = os.open(self.object_path(chunk.digest), os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 raw = bytearray(chunk.size)
-                self._read_chunk(chunk, memoryview(raw), where)  # the .zst form, or CorruptVersion
+                # The .zst form, or CorruptVersion.
+                location = self.reader.read_chunk(chunk, memoryview(raw), where)
                 pwrite_all(out_fd, memoryview(raw), offset + pos)
             else:
+                location = str(path)
                 try:
                     _sendfile_chunk(fd, out_fd, offset + pos, chunk, where)
                 finally:
                     os.close(fd)
             piece = check[pos : pos + chunk.size]
-            pending.append((chunk, _HASH_POOL.submit(_check_digest, chunk, piece)))
+            pending.append((chunk, location, _HASH_POOL.submit(obj.chunk_ok, chunk, piece)))
             pos += chunk.size
-        for chunk, digest in pending:
-            if digest.result() != chunk.digest:
-                raise CorruptVersion(f"{where}: chunk {chunk.digest[:16]}… does not match its hash")
+        for chunk, location, ok in pending:
+            if not ok.result():
+                raise obj.corrupt(where, "chunk", chunk.digest, "does not match its hash", location)
         check.release()
 
     def verify_chunks(self, chunks: tuple[Chunk, ...], where: str, seen: set[str] | None = None) -> None:
-        for chunk in chunks:
-            if seen is not None and chunk.digest in seen:
-                continue
-            buf = bytearray(chunk.size)
-            self._read_chunks((chunk,), memoryview(buf), True, where)
-            if seen is not None:
-                seen.add(chunk.digest)
+        self.reader.verify_chunks(chunks, where, seen)
 
     def verify(self, version: int, seen: set[str] | None = None) -> VersionInfo:
         """Re-hash one version; returns its info with ``ok`` and ``error`` set instead of raising."""
@@ -547,7 +492,7 @@ class JobStore:
         if doc["format"] == paged.FORMAT:
             try:
                 paged.referenced(self, doc, where, seen if seen is not None else set(), verify=True)
-                paged.load_tree(self, doc, where)
+                self.reader.tree(doc, where)
             except Exception as exc:
                 return self._info(doc, ok=False, error=str(exc))
             return self._info(doc)

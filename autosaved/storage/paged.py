@@ -15,7 +15,7 @@ rename; then the directories' fsync) before the root record that names it is com
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -182,14 +182,10 @@ def blob_of(doc: dict[str, Any], where: str) -> Any:
     return make
 
 
-def load_tree(store: JobStore, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> Any:
-    """The state (or the subtree at ``path``, reading only the pages on it) of a format-2 root record.
-    ``NotFound`` when the version has nothing at ``path``."""
-    return tree_from_pages(store.read_page, doc, where, path)
-
-
 def tree_from_pages(get: prolly.Get, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> Any:
-    """As :func:`load_tree`, with pages from ``get`` (the local objects, or pages fetched from a bucket)."""
+    """The state (or the subtree at ``path``, reading only the pages on it) of a format-2 root record, its
+    pages from ``get`` (see :class:`.objects.Reader`, or pages fetched from a bucket). ``NotFound`` when
+    the version has nothing at ``path``."""
     root, _params = check_root(doc, where)
     lo = sp.enc_path(path)
     entries = prolly.iterate(root, get, where, lo, lo + sp.SUBTREE_END if path else None)
@@ -212,14 +208,16 @@ def page_links(raw: bytes, digest: str, doc: dict[str, Any], where: str) -> tupl
     return [r.digest for r in page.refs], chunks
 
 
-def version_objects(store: JobStore, doc: dict[str, Any], where: str) -> dict[str, int]:
-    """Every object (page or chunk: digest -> stored-size hint) a format-2 version needs, for an upload."""
+def version_objects(store: JobStore, doc: dict[str, Any], where: str,
+                    skip: Container[str] = frozenset()) -> dict[str, int]:
+    """Every object (page or chunk: digest -> stored-size hint) a format-2 version needs, for an upload,
+    not descending into the pages in ``skip`` (whose whole subtrees the bucket is known to hold)."""
     root, _params = check_root(doc, where)
     out: dict[str, int] = {}
     stack = [root]
     while stack:
         digest = stack.pop()
-        if digest in out:
+        if digest in out or digest in skip:
             continue
         raw = store.read_page(digest)
         out[digest] = len(raw)
@@ -271,17 +269,3 @@ def _mark(store: JobStore, digest: str, where: str, marked: set[str], make: Any)
         marked.add(d)
         marked.update(refs[1])
         stack.extend(refs[0])
-
-
-def read_page(store: JobStore, digest: str) -> bytes:
-    """A page's bytes, checked against its name; a missing or altered page is CorruptVersion."""
-    where = f"{store.job}"
-    try:
-        raw = store.object_path(digest).read_bytes()
-    except FileNotFoundError:
-        raise CorruptVersion(f"{where}: page {digest[:16]}… is missing") from None
-    except OSError as exc:
-        raise CorruptVersion(f"{where}: page {digest[:16]}…: {exc}") from None
-    if prolly.page_digest(raw) != digest:
-        raise CorruptVersion(f"{where}: page {digest[:16]}… does not match its hash")
-    return raw

@@ -10,8 +10,9 @@ Layout under ``s3://bucket/prefix``, mirroring the local store (see :mod:`.local
 
 Commit protocol (no rename on a bucket, so no temp + rename): every chunk is written with
 ``If-None-Match: *`` (a 412 means the bucket has it: success), then the manifest, also ``If-None-Match: *``.
-A reader trusts only manifests and checks every chunk's SHA-256, so a version whose upload was cut off is
-simply not there.
+A reader trusts only manifests and checks every page and chunk by its name, so a version whose upload was
+cut off is simply not there. Names, checks and the reading of trees by path are the local store's, written
+once in :mod:`.objects`; :class:`BucketBackend` is the bucket as its backend.
 
 Fencing: one writer per (owner, job). The lease object names the holder, its epoch and when it expires;
 the holder renews it with ``If-Match`` on its ETag (compare-and-swap) before every manifest it writes, so a
@@ -34,6 +35,7 @@ import os
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -43,6 +45,7 @@ from typing import Any
 import aiofiles
 import aiofiles.os
 import anyio
+import anyio.from_thread
 import numpy as np
 
 from ..errors import ConfigError, CorruptVersion, NotFound, StorageError
@@ -50,11 +53,11 @@ from ..names import validate_job_name
 from ..settings import Location as Location
 from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
-from . import fileops, hashing, paged, prolly, statepages
-from .compress import SUFFIX, ChunkDecodeError, decompress_chunk
-from .fsutil import atomic_write, fsync_dir, temp_name
-from .local import DIR_MODE, JobStore
-from .manifest import VersionInfo, seal, tree_from_manifest, unseal
+from . import objects as obj
+from . import paged, prolly
+from .fsutil import atomic_write, fsync_dir
+from .local import JobStore
+from .manifest import VersionInfo, seal, unseal
 from .remote_errors import explain
 from .retention import versions_to_delete
 
@@ -211,6 +214,8 @@ class RemoteStore:
         self.timeout = timeout
         self.max_retries = max_retries
         self._client: Any = None
+        # Requests sent, by method (GET, HEAD, PUT, LIST, DELETE): what a bucket bills, and what tests count.
+        self.requests: Counter[str] = Counter()
 
     @property
     def client(self) -> Any:
@@ -253,6 +258,7 @@ class RemoteStore:
         """Write an object; returns its ETag. ``create``: ``If-None-Match: *`` (``FileExistsError`` on
         412); ``if_match``: ``If-Match`` (``PreconditionError`` → :class:`Fenced` at the caller)."""
         obs = _obstore()
+        self.requests["PUT"] += 1
         mode: Any = "create" if create else ({"e_tag": if_match} if if_match is not None else "overwrite")
         try:
             result = await obs.put_async(self.client, key, data, mode=mode, use_multipart=False)
@@ -267,6 +273,7 @@ class RemoteStore:
 
     async def get(self, key: str) -> tuple[memoryview, str | None]:
         obs = _obstore()
+        self.requests["GET"] += 1
         try:
             result = await obs.get_async(self.client, key)
             data = await result.bytes_async()
@@ -279,8 +286,23 @@ class RemoteStore:
         # obstore's Bytes exposes the buffer protocol: no copy into a Python bytes object.
         return memoryview(data), result.meta.get("e_tag")
 
+    async def exists(self, key: str) -> bool:
+        """Whether the object is there (a HEAD request)."""
+        obs = _obstore()
+        self.requests["HEAD"] += 1
+        try:
+            await obs.head_async(self.client, key)
+        except FileNotFoundError:
+            return False
+        except _errors().NotFoundError:
+            return False
+        except Exception as exc:
+            raise _wrap(exc, f"HEAD {key}", self.describe()) from None
+        return True
+
     async def stream(self, key: str) -> AsyncIterator[memoryview]:
         obs = _obstore()
+        self.requests["GET"] += 1
         try:
             result = await obs.get_async(self.client, key)
             async for piece in result:
@@ -294,6 +316,7 @@ class RemoteStore:
 
     async def list_objects(self, prefix: str) -> list[dict[str, Any]]:
         obs = _obstore()
+        self.requests["LIST"] += 1
         try:
             return [m for batch in [await obs.list(self.client, prefix, chunk_size=1000).collect_async()]
                     for m in batch]
@@ -302,6 +325,7 @@ class RemoteStore:
 
     async def list_dirs(self, prefix: str) -> list[str]:
         obs = _obstore()
+        self.requests["LIST"] += 1
         try:
             result = await obs.list_with_delimiter_async(self.client, prefix)
         except Exception as exc:
@@ -312,6 +336,7 @@ class RemoteStore:
         if not keys:
             return
         obs = _obstore()
+        self.requests["DELETE"] += 1
         try:
             await obs.delete_async(self.client, list(keys))
         except Exception as exc:
@@ -353,9 +378,47 @@ class _PreconditionFailed(Exception):
     pass
 
 
-def _digest(chunk: Chunk, data: bytes | memoryview) -> str:
-    """``data``'s digest under the algorithm that named ``chunk`` (BLAKE3 since issue 14, SHA-256 before)."""
-    return hashing.HASHERS[chunk.hash](memoryview(data))
+class BucketBackend:
+    """A job's prefix in the bucket as a :class:`.objects.Backend`. Its calls are sync: they run the async
+    client on the event loop from a worker thread (``anyio.to_thread``), so the one :class:`.objects.Reader`
+    reads a bucket as it reads a folder (restore by path: one GET per page on the path, one per chunk)."""
+
+    def __init__(self, job: RemoteJob) -> None:
+        self.job = job
+
+    def get(self, name: str) -> memoryview:
+        data, _etag = anyio.from_thread.run(self.job.store.get, self.job.key(name))
+        return data
+
+    def get_into(self, name: str, into: memoryview) -> None:
+        data = self.get(name)
+        if data.nbytes != into.nbytes:
+            raise OSError(f"object {self.job.key(name)} has {data.nbytes} bytes, not the {into.nbytes} expected")
+        into[:] = data
+
+    def put(self, name: str, data: bytes | memoryview, *, create: bool = False) -> bool:
+        """Create-only puts (``If-None-Match: *``): ``False`` on 412, the bucket has the object already."""
+        async def put() -> bool:
+            try:
+                await self.job.store.put(self.job.key(name), data, create=create)
+            except FileExistsError:
+                return False
+            return True
+
+        return anyio.from_thread.run(put)
+
+    def exists(self, name: str) -> bool:
+        return anyio.from_thread.run(self.job.store.exists, self.job.key(name))
+
+    def list(self, prefix: str) -> list[str]:
+        found = anyio.from_thread.run(self.job.store.list_objects, self.job.key(prefix))
+        return sorted(self.job.name_of(str(m["path"])) for m in found)
+
+    def delete(self, names: Sequence[str]) -> None:
+        anyio.from_thread.run(self.job.store.delete, [self.job.key(n) for n in names])
+
+    def locate(self, name: str) -> str:
+        return self.job.key(name)
 
 
 class RemoteJob:
@@ -366,9 +429,22 @@ class RemoteJob:
         self.owner = owner
         self.job = validate_job_name(job)
         self.prefix = f"jobs/{owner}/{job}"
+        self.objects = BucketBackend(self)
+        self.reader = obj.Reader(self.objects, self.job)
+
+    def key(self, name: str) -> str:
+        """The bucket key of a named object (:mod:`.objects`); chunks and pages live under ``chunks/``."""
+        if name == obj.OBJECTS or name.startswith(obj.OBJECTS + "/"):
+            name = "chunks" + name[len(obj.OBJECTS) :]
+        return f"{self.prefix}/{name}"
+
+    def name_of(self, key: str) -> str:
+        """The object name of a bucket key under the job (the inverse of :meth:`key`)."""
+        name = key.removeprefix(self.prefix + "/")
+        return obj.OBJECTS + name[len("chunks"):] if name.startswith("chunks/") else name
 
     def chunk_key(self, digest: str, packed: bool = False) -> str:
-        return f"{self.prefix}/chunks/{digest[:2]}/{digest}{SUFFIX if packed else ''}"
+        return self.key(obj.object_name(digest, packed))
 
     def version_key(self, version: int, epoch: int) -> str:
         return f"{self.prefix}/versions/{version:012d}.e{epoch:06d}.json"
@@ -443,38 +519,38 @@ class RemoteJob:
             raw, _ = await self.store.get(vk.key)
         except FileNotFoundError:
             raise CorruptVersion(f"{where}: object {vk.key} is missing") from None
-        doc = unseal(bytes(raw), f"{where} (object {vk.key})")
-        remote = doc.get("remote") or {}
-        if doc.get("job") != self.job or doc.get("version") != vk.id or remote.get("epoch") != vk.epoch:
-            raise CorruptVersion(f"{where}: object {vk.key} names another job, version or epoch")
+        doc = obj.open_record(bytes(raw), self.job, vk.id, f"object {vk.key}")
+        if (doc.get("remote") or {}).get("epoch") != vk.epoch:
+            raise CorruptVersion(f"{where}: the manifest names another epoch (object {vk.key})")
         return doc
 
     # -- versions --------------------------------------------------------------------------------
 
-    async def load(self, vk: VersionKey) -> RemoteLoaded:
-        """Download and verify one version into memory."""
+    async def load(self, vk: VersionKey, path: tuple[str | int, ...] = ()) -> RemoteLoaded:
+        """Download and verify one version into memory: the whole of it, many requests in flight, or the
+        subtree at ``path`` through the one reader (:mod:`.objects`), which for format 2 GETs only the
+        pages on the path (O(log N)) and the chunks of the leaves below it. ``NotFound``: nothing there."""
         where = f"{self.job} version {vk.id}"
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
-        if doc.get("format") == paged.FORMAT:
-            pages = await self._fetch_pages(doc, where)
-            tree = paged.tree_from_pages(pages.__getitem__, doc, where)
-            blobs = [b for b in statepages.blobs_of(tree) if b.data is None]  # inline leaves came with a page
-        else:
-            tree, blobs = tree_from_manifest(doc, where)
-        await self._fetch_blobs(blobs, packed, where)
-        info = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
-                           bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
-                           meta=dict(doc.get("meta") or {}))
-        sessions = {str(k): int(v) for k, v in (doc.get("sessions") or {}).items()}
-        return RemoteLoaded(info=info, tree=tree, sessions=sessions, wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
+        if path:
+            tree = await anyio.to_thread.run_sync(self.reader.load_path, doc, where, tuple(path), packed)
+        else:  # every page at once, level by level, then every chunk, many requests in flight
+            pages = await self._fetch_pages(doc, where) if doc.get("format") == paged.FORMAT else {}
+            tree, blobs = self.reader.tree(doc, where, fetched=pages)
+            await self._fetch_blobs(blobs, packed, where)
+        return RemoteLoaded(info=obj.version_info(doc, self.job), tree=tree, sessions=obj.sessions_of(doc),
+                            wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
 
-    async def _fetch_pages(self, doc: dict[str, Any], where: str) -> dict[str, bytes]:
+    async def _fetch_pages(self, doc: dict[str, Any], where: str,
+                           skip: set[str] | None = None) -> dict[str, bytes]:
         """Every page of a format-2 version, verified by its name, level by level (``CONCURRENCY`` at a
-        time); a missing or altered one is :class:`CorruptVersion`."""
+        time); a missing or altered one is :class:`CorruptVersion`. Not below a page in ``skip`` (gc's
+        marks: a subtree shared with a version marked before is fetched once per collection)."""
         root, _params = paged.check_root(doc, where)
         pages: dict[str, bytes] = {}
-        level = [root]
+        seen = skip if skip is not None else set()
+        level = [root] if root not in seen else []
         limiter = anyio.CapacityLimiter(CONCURRENCY)
 
         failures: list[BaseException] = []
@@ -486,9 +562,8 @@ class RemoteJob:
                     try:
                         raw, _ = await self.store.get(key)
                     except FileNotFoundError:
-                        raise CorruptVersion(f"{where}: object {key} is missing") from None
-                    if prolly.page_digest(bytes(raw)) != digest:
-                        raise CorruptVersion(f"{where}: object {key} does not match its hash")
+                        raise obj.corrupt(where, "page", digest, "is missing", key) from None
+                    obj.check_page(digest, bytes(raw), where, key)
                 except (CorruptVersion, RemoteError) as exc:  # raised as itself, not in an exception group
                     failures.append(exc)
                     scope.cancel()
@@ -504,7 +579,7 @@ class RemoteJob:
                 raise failures[0]
             pages.update(got)
             children = {c for d, raw in got.items() for c in paged.page_links(raw, d, doc, where)[0]}
-            level = sorted(children - pages.keys())
+            level = sorted(children - pages.keys() - seen)
         return pages
 
     async def _fetch_blobs(self, blobs: list[Blob], packed: set[str], where: str) -> None:
@@ -528,7 +603,7 @@ class RemoteJob:
                     try:
                         data, _ = await self.store.get(key)
                     except FileNotFoundError:
-                        raise CorruptVersion(f"{where}: object {key} is missing") from None
+                        raise obj.corrupt(where, "chunk", chunk.digest, "is missing", key) from None
                     await ready.wait()
                     assert blob.data is not None
                     await anyio.to_thread.run_sync(_verified, chunk, data, chunk.digest in packed, key, where,
@@ -550,18 +625,20 @@ class RemoteJob:
             raise failures[0]
 
     async def load_version(self, version: int | None,
-                           on_skip: Callable[[CorruptVersion], None] | None = None) -> RemoteLoaded | None:
+                           on_skip: Callable[[CorruptVersion], None] | None = None,
+                           path: tuple[str | int, ...] = ()) -> RemoteLoaded | None:
         """``version`` by id (``NotFound``, or ``CorruptVersion`` when it fails to verify), or the newest
-        version that verifies; corrupt newer ones are passed to ``on_skip`` and skipped."""
+        version that verifies; corrupt newer ones are passed to ``on_skip`` and skipped. ``path``: only
+        the subtree there (see :meth:`load`)."""
         visible = await self.visible_versions()
         if version is not None:
             for vk in visible:
                 if vk.id == version:
-                    return await self.load(vk)
+                    return await self.load(vk, path)
             raise NotFound(f"job {self.job!r} has no version {version} in {self.store.describe()}")
         for vk in reversed(visible):
             try:
-                return await self.load(vk)
+                return await self.load(vk, path)
             except CorruptVersion as exc:
                 if on_skip is not None:
                     on_skip(exc)
@@ -580,9 +657,7 @@ class RemoteJob:
                 except CorruptVersion as exc:
                     out[i] = VersionInfo(self.job, vk.id, None, "", 0, "", {}, ok=False, error=str(exc))
                     return
-            out[i] = VersionInfo(job=self.job, id=vk.id, step=doc.get("step"), time=str(doc.get("time")),
-                                 bytes=int(doc.get("bytes", 0)), reason=str(doc.get("reason", "")),
-                                 meta=dict(doc.get("meta") or {}))
+            out[i] = obj.version_info(doc, self.job)
 
         async with anyio.create_task_group() as tg:
             for i, vk in enumerate(visible):
@@ -625,14 +700,10 @@ class RemoteJob:
         where = f"{self.job} version {vk.id}"
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
-        if doc.get("format") == paged.FORMAT:  # pages are objects beside the chunks, copied the same way
-            pages = await self._fetch_pages(doc, where)
-            tree = paged.tree_from_pages(pages.__getitem__, doc, where)  # the whole version must parse first
-            blobs = list(statepages.blobs_of(tree))
-            chunks = {d: Chunk(d, len(raw), prolly.PAGE_HASH) for d, raw in pages.items()}
-        else:
-            _tree, blobs = tree_from_manifest(doc, where)  # the whole manifest must parse before anything is written
-            chunks = {}
+        # Pages are objects beside the chunks, copied the same way; the whole version must parse first.
+        pages = await self._fetch_pages(doc, where) if doc.get("format") == paged.FORMAT else {}
+        _tree, blobs = self.reader.tree(doc, where, fetched=pages)
+        chunks = {d: Chunk(d, len(raw), prolly.PAGE_HASH) for d, raw in pages.items()}
         chunks.update({c.digest: c for blob in blobs for c in (blob.chunks or ())})
         await anyio.to_thread.run_sync(local.ensure_dirs)
         dirs: set[Path] = {local.objects_dir}
@@ -640,10 +711,10 @@ class RemoteJob:
         failures: list[BaseException] = []
 
         async def one(chunk: Chunk, scope: anyio.CancelScope) -> None:
-            target = local.objects_dir / chunk.digest[:2] / chunk.digest
+            target = local.object_path(chunk.digest)
             dirs.add(target.parent)  # a chunk already here may not have a durable name yet (defect 6)
             if await aiofiles.os.path.exists(target) or await aiofiles.os.path.exists(
-                    target.with_name(chunk.digest + SUFFIX)):
+                    local.object_path(chunk.digest, True)):
                 return
             is_packed = chunk.digest in packed
             key = self.chunk_key(chunk.digest, is_packed)
@@ -652,12 +723,10 @@ class RemoteJob:
                     try:
                         data, _ = await self.store.get(key)
                     except FileNotFoundError:
-                        raise CorruptVersion(f"{where}: object {key} is missing") from None
+                        raise obj.corrupt(where, "chunk", chunk.digest, "is missing", key) from None
                     await anyio.to_thread.run_sync(_verified, chunk, data, is_packed, key, where, None)
-                    final = target.with_name(chunk.digest + SUFFIX) if is_packed else target
-                    # Through the storage layer's file seam (fileops), like every other durable write.
-                    await anyio.to_thread.run_sync(fileops.write_new, temp_name(local.tmp_dir, chunk.digest), data,
-                                                   final, DIR_MODE)
+                    # Stored as uploaded (zstd stays zstd), durably: temp, fsync, rename through fileops.
+                    await anyio.to_thread.run_sync(local.objects.put, obj.object_name(chunk.digest, is_packed), data)
                 except (CorruptVersion, RemoteError, OSError) as exc:
                     failures.append(exc)
                     scope.cancel()
@@ -870,8 +939,8 @@ class RemoteJob:
             except CorruptVersion:
                 return result  # never collect while a manifest is unreadable: it may reference anything
             if doc.get("format") == paged.FORMAT:
-                try:  # a format-2 version's pages and the chunks its leaves name
-                    pages = await self._fetch_pages(doc, f"{self.job} version {vk.id}")
+                try:  # a format-2 version's pages and the chunks its leaves name, marked subtrees skipped
+                    pages = await self._fetch_pages(doc, f"{self.job} version {vk.id}", refs)
                 except CorruptVersion:
                     return result
                 for digest, page in pages.items():
@@ -906,16 +975,9 @@ class RemoteJob:
 
 def _verified(chunk: Chunk, data: memoryview, packed: bool, key: str, where: str,
               into: memoryview | None) -> bytes | memoryview:
-    """``data`` (decompressed when ``packed``) if it is ``chunk`` (size and hash), copied into ``into`` when
-    given; else :class:`CorruptVersion` naming the object. Runs in a worker thread."""
-    raw: bytes | memoryview = data
-    if packed:
-        try:
-            raw = decompress_chunk(bytes(data), chunk.size)
-        except ChunkDecodeError as exc:
-            raise CorruptVersion(f"{where}: object {key} does not decompress ({exc})") from None
-    if len(raw) != chunk.size or _digest(chunk, raw) != chunk.digest:
-        raise CorruptVersion(f"{where}: object {key} does not match its hash")
+    """``data`` checked as ``chunk`` (:func:`.objects.check_chunk`), copied into ``into`` when given.
+    Runs in a worker thread."""
+    raw = obj.check_chunk(chunk, data, packed, where, key)
     if into is not None:
         # numpy's copy releases the GIL (a memoryview slice assignment would hold it for the whole copy).
         np.copyto(np.frombuffer(into, dtype=np.uint8), np.frombuffer(raw, dtype=np.uint8))

@@ -93,7 +93,10 @@ class Record:
 def encode(rec: Record, synced: int = 0) -> list[bytes | memoryview]:
     """The pieces of one record, ready for writev-style appending (blob bytes are not copied).
     ``synced``: the last lsn of this segment a sync made durable before this record is written."""
-    node, blobs = to_node(rec.delta, allow_delete=True)
+    return _encode(rec, *to_node(rec.delta, allow_delete=True), synced)
+
+
+def _encode(rec: Record, node: Any, blobs: list[Blob], synced: int) -> list[bytes | memoryview]:
     head = msgpack.packb(
         {"lsn": rec.lsn, "sessions": rec.sessions, "step": rec.step, "meta": rec.meta, "tree": node,
          "blobs": [b.descriptor() for b in blobs], "synced": synced},
@@ -113,6 +116,34 @@ def encode(rec: Record, synced: int = 0) -> list[bytes | memoryview]:
         crc = zlib.crc32(p, crc)
         length += memoryview(p).nbytes
     return [_HEAD.pack(MAGIC, length, crc), *pieces]
+
+
+# Pieces smaller than this are joined into one buffer (one write); larger ones are written as they are.
+COALESCE = 1 << 16
+
+
+def coalesce(pieces: Sequence[bytes | memoryview], limit: int = COALESCE) -> list[bytes | memoryview]:
+    """``pieces`` as few buffers, in order: runs of small pieces joined (a copy of at most ``limit`` bytes
+    each), large pieces kept as views (a blob is never copied only to save a system call)."""
+    out: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    size = 0
+    for p in pieces:
+        n = memoryview(p).nbytes
+        if n >= limit:
+            if run:
+                out.append(b"".join(run))
+                run, size = [], 0
+            out.append(p)
+            continue
+        run.append(p)
+        size += n
+        if size >= limit:
+            out.append(b"".join(run))
+            run, size = [], 0
+    if run:
+        out.append(b"".join(run))
+    return out
 
 
 def _decode(payload: memoryview, where: str) -> Record:
@@ -359,6 +390,19 @@ def read_log(log_dir: Path, after_lsn: int, *, repair: bool = False) -> Replay:
     return Replay(out, last, warnings, max_lsn, total, gap)
 
 
+# Records whose blobs hold at most this many bytes in all are framed ahead by :meth:`WalWriter.frame`.
+FRAME_AHEAD = 1 << 16
+
+
+@dataclass
+class Framed:
+    """Records encoded ahead of their append (:meth:`WalWriter.frame`): each record's buffers."""
+
+    buffers: list[list[bytes | memoryview]]
+    # The segment's ``synced`` they carry: an append whose segment is not in that state frames them again.
+    synced: int
+
+
 class WalWriter:
     """Appends records to the current segment. Used from one worker thread at a time (the daemon's
     group committer), so it needs no lock of its own."""
@@ -383,19 +427,47 @@ class WalWriter:
         self._fd, self._segment_first, self._synced = fd, first_lsn, 0
         return fd
 
-    def append(self, records: Sequence[Record]) -> None:
-        """Write records and fdatasync once (group commit). On any error the segment is abandoned: after
-        a failed fsync nothing written to it may be called durable, so the next append starts a new one
-        and the caller must not ack these records."""
+    def frame(self, records: Sequence[Record], *, rotate: bool = False) -> Framed | None:
+        """Encode ``records`` now, for the :meth:`append` that follows (with ``rotate``: after a
+        :meth:`rotate`), so the thread that appends only writes and syncs (issue 21: the log thread's
+        Python work is what it and the event loop take turns on the GIL for). Call it while no append of
+        this log runs (the daemon: on the event loop, holding the log's lock). None where the blobs are
+        large (over :data:`FRAME_AHEAD` bytes): checksumming those would hold up the caller; the append
+        frames them itself."""
+        encoded = []
+        for rec in records:
+            node, blobs = to_node(rec.delta, allow_delete=True)
+            if sum(b.nbytes for b in blobs) > FRAME_AHEAD:
+                return None
+            encoded.append((rec, node, blobs))
+        synced = self._next_synced(rotate)
+        return Framed([coalesce(_encode(rec, node, blobs, synced)) for rec, node, blobs in encoded], synced)
+
+    def _next_synced(self, rotate: bool = False) -> int:
+        """The ``synced`` the next record written carries (a new segment starts from 0)."""
+        return 0 if rotate or self._fd is None else self._synced
+
+    def append(self, records: Sequence[Record], framed: Framed | None = None) -> None:
+        """Write records (``framed``: as :meth:`frame` encoded them) and fdatasync once (group commit). On
+        any error the segment is abandoned: after a failed fsync nothing written to it may be called
+        durable, so the next append starts a new one and the caller must not ack these records."""
         if not records:
             return
+        if framed is not None and framed.synced != self._next_synced():
+            framed = None  # framed for another state of the segment: the markers must be this one's
         fd = self._fd if self._fd is not None else self._open(records[0].lsn)
         try:
-            for rec in records:
-                for piece in encode(rec, self._synced):
-                    view = memoryview(piece).cast("B")
+            for i, rec in enumerate(records):
+                point("wal", "write", "before", rec.lsn)
+                # Framed once: a small record is one write (issue 21: it was one per piece, three or more);
+                # only large blobs keep writes of their own, never copied. Still one write (at least) per
+                # record, never one for a whole batch: the power-loss checker gives each write its own fate,
+                # so it keeps building the states where a later record of an unsynced batch survives an
+                # earlier one (test_powerloss's reordered group commit), as a disk's writeback may.
+                bufs = framed.buffers[i] if framed is not None else coalesce(encode(rec, self._synced))
+                for buf in bufs:
+                    view = memoryview(buf).cast("B")
                     while view.nbytes:
-                        point("wal", "write", "before", rec.lsn)
                         n = fileops.write(fd, view, "wal", rec.lsn)
                         self.size += n
                         view = view[n:]
