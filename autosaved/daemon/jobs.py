@@ -163,13 +163,14 @@ class Job:
         self.root = root
 
     def apply(self, delta: State, *, session: str, seq: int, step: int | None, meta: dict[str, Any] | None,
-              size: int, now: float, merged: Merged | None = None) -> int:
+              size: int, now: float, merged: Merged | None = None, changes: bool | None = None) -> int:
         """Merge one delta (``merged``: its :meth:`plan`, when the caller made it); returns the new
         generation. Runs in one event-loop step, so it is atomic. An update that changes nothing (same
-        values, a DELETE of a missing key) leaves the job clean: it makes no version (issue 22)."""
+        values, a DELETE of a missing key) leaves the job clean: it makes no version (issue 22).
+        ``changes``: whether ``delta`` changes the current root, when the caller computed it (offload.py)."""
         self.sessions[session] = seq
         self.unlogged_sessions[session] = seq
-        if not self._changes(delta, step, meta):
+        if not self._changes(delta, step, meta, changes):
             return self.generation
         if merged is None:
             merged = merge_counted(self.root, delta, self.merge_gen)
@@ -192,12 +193,12 @@ class Job:
             self.cache.changed(self)
         return self.generation
 
-    def _changes(self, delta: State, step: int | None, meta: dict[str, Any] | None) -> bool:
+    def _changes(self, delta: State, step: int | None, meta: dict[str, Any] | None, changes: bool | None) -> bool:
         # A new job's first update counts whatever it holds: the job exists from then on (issue 22).
         return ((self.generation == 0 and self.latest_version is None)
                 or (step is not None and step != self.step)
                 or (bool(meta) and any(k not in self.meta or self.meta[k] != v for k, v in (meta or {}).items()))
-                or changes_anything(self.root, delta))
+                or (changes if changes is not None else changes_anything(self.root, delta)))
 
     def take_log_record(self) -> Record:
         """The next log record: everything not yet covered by the log or a commit. Taken in the same
