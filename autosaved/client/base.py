@@ -4,6 +4,7 @@ socket options, and the result types."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Protocol, TypeVar
 import zmq
 
 from ..config import discover_address
-from ..errors import DaemonUnavailable
+from ..errors import DaemonUnavailable, QuotaExceeded
 from ..protocol import PROTOCOL_VERSION, pack_header, unpack_header
 
 DEFAULT_TIMEOUT = 10.0
@@ -122,6 +123,80 @@ def configure(sock: Any, address: str) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     sock.connect(address)
+
+
+_monitors = itertools.count()
+
+
+class LinkWatch:
+    """Tells a request that the connection it went into closed before its reply (issue 19).
+
+    A DEALER writes a request into its live connection (or keeps it queued until one is up) and, when that
+    connection closes, reconnects without resending it: the daemon's connection guard shuts down a
+    connection over ``quota.max_connections``, and a daemon that dies mid-request leaves its request
+    unanswered for ever, so the client waited out its whole timeout. libzmq's monitor reports each closed
+    connection (``EVENT_DISCONNECTED``, and only that is asked for: a healthy link sends no events), and
+    the drivers wait on its fd beside the DEALER's in the same poll. :meth:`begin`, just before a request
+    is sent, forgets the closes seen so far: a request sent while no connection exists is sent when the
+    daemon comes up, and is only lost if *that* connection closes. Nothing is ever resent: the daemon does
+    not dedupe updates. Per request on a healthy link this costs one ``ZMQ_EVENTS`` read of the monitor.
+    Create it before the DEALER connects, so that no close escapes it."""
+
+    def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any]) -> None:
+        addr = f"inproc://autosaved.client.link.{os.getpid()}.{next(_monitors)}"
+        sock.monitor(addr, zmq.EVENT_DISCONNECTED)
+        self.mon: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
+        self.mon.setsockopt(zmq.LINGER, 0)
+        self.mon.connect(addr)
+        # Readable whenever the monitor has news (ZeroMQ's FD: "look at EVENTS again"); polled as a plain fd,
+        # so a wait costs no extra ZMQ_EVENTS read.
+        self.fd: int = self.mon.FD
+
+    def begin(self) -> None:
+        """A request is about to be sent: closes seen until now happened before it."""
+        events = self.mon.getsockopt(zmq.EVENTS)
+        if isinstance(events, int) and events & zmq.POLLIN:
+            self._closes()
+
+    def lost(self) -> bool:
+        """Whether a connection closed since :meth:`begin` (the monitor's fd was readable)."""
+        return self._closes() > 0
+
+    def _closes(self) -> int:
+        n = 0
+        while True:
+            try:
+                frames = self.mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return n
+            except zmq.ZMQError:
+                return n
+            if len(frames) == 2 and len(frames[0]) >= 2 and int.from_bytes(frames[0][:2], "little") \
+                    == zmq.EVENT_DISCONNECTED:
+                n += 1
+
+    def close(self) -> None:
+        self.mon.close(0)
+
+
+def closed_early(address: str, op: str) -> DaemonUnavailable | QuotaExceeded:
+    """The error for a request whose connection closed before its reply. The daemon closes the socket
+    file to a user over ``quota.max_connections`` (an ACL) or to everyone at its global cap (mode 0), so a
+    file this process may no longer open tells a refusal from a stop or restart."""
+    path = address.removeprefix("ipc://") if address.startswith("ipc://") else None
+    details = {"address": address, "op": op, "bound": "quota.max_connections"}
+    unknown = (f"{op!r} was not answered and may or may not have been applied (it is never resent; send it "
+               "again if it must be)")
+    if path is not None and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return QuotaExceeded(
+            f"the autosaved daemon at {address} refused this connection: this user has quota.max_connections "
+            f"connections open to it (or the daemon is at its max_connections); {unknown}. Close some of this "
+            "user's clients (each open Client holds one connection) or ask the operator to raise "
+            "quota.max_connections.", details=details)
+    return DaemonUnavailable(
+        f"the autosaved daemon at {address} closed the connection before answering: it stopped or restarted, "
+        f"or refused the connection (this user over quota.max_connections); {unknown}. {_how_to_start(address)}",
+        details=details)
 
 
 # A long op (hello may wait for a job's replay, save for a commit) is waited for up to the save timeout. On a
