@@ -28,7 +28,6 @@ from .base import (
     JobFacade,
     LinkWatch,
     check_reachable,
-    closed_early,
     configure,
     is_probe_reply,
     probe_frames,
@@ -114,7 +113,7 @@ class AsyncConnection:
         if self._sock is None:
             check_reachable(self.address)
             self._sock = self._ctx.socket(zmq.DEALER)
-            self._watch = LinkWatch(self._ctx, self._sock)
+            self._watch = LinkWatch(self._ctx, self._sock, self.address)
             configure(self._sock, self.address)
         return self._sock
 
@@ -183,8 +182,9 @@ class AsyncConnection:
             loop.remove_reader(fd)
             loop.remove_reader(watch.fd)
         if got is None:
+            error = watch.error(self._op)
             self.close()  # what is still queued in it must not reach a daemon later
-            raise closed_early(self.address, self._op)
+            raise error
         return got
 
     async def _probe(self, sock: zmq.Socket[bytes]) -> None:

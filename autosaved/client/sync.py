@@ -21,7 +21,6 @@ from .base import (
     JobFacade,
     LinkWatch,
     check_reachable,
-    closed_early,
     configure,
     is_probe_reply,
     probe_frames,
@@ -74,7 +73,7 @@ class Connection:
         if self._sock is None:
             check_reachable(self.address)
             self._sock = self._ctx.socket(zmq.DEALER)
-            self._watch = LinkWatch(self._ctx, self._sock)
+            self._watch = LinkWatch(self._ctx, self._sock, self.address)
             configure(self._sock, self.address)
             self._poller.register(self._sock, zmq.POLLIN)
             self._poller.register(self._watch.fd, zmq.POLLIN)
@@ -131,8 +130,9 @@ class Connection:
                 return True
             assert self._watch is not None
             if self._watch.fd in ready and self._watch.lost():
+                error = self._watch.error(self._op)
                 self.close()  # what is still queued in it must not reach a daemon later
-                raise closed_early(self.address, self._op)
+                raise error
         return False
 
     def _receive(self) -> list[memoryview]:

@@ -249,13 +249,17 @@ class ConnGuard:
                           total_cap=self.total_cap)
             if why is None or peer_uid_of_fd(fd, self.path) != uid:
                 continue
-            shut_down(fd)
-            self.refused += 1
             per_user = not why.startswith("max_connections")
-            reasons[uid if per_user else None] = why
+            # The file is closed to the user first: a client that sees its connection shut down finds it so,
+            # and tells its user it was refused (client.base.closed_early), not that the daemon went away.
             if per_user and uid is not None and uid not in self.denied:
                 self.denied.add(uid)
                 self._set_acl()
+            elif not per_user and not self.closed and self.path is not None:
+                self._close()
+            shut_down(fd)
+            self.refused += 1
+            reasons[uid if per_user else None] = why
             # Shut down is gone for the count: its DISCONNECTED, when read, finds nothing to take off.
             self._gone(fd)
         for key, why in reasons.items():
