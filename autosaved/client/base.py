@@ -245,7 +245,8 @@ def closed_early(address: str, op: str, path: str | None) -> AutosavedError:
             "quota.max_connections.", details=details)
     return DaemonUnavailable(
         f"the autosaved daemon at {address} closed the connection before answering: it stopped or restarted, "
-        f"or refused the connection (this user over quota.max_connections); {unknown}. {_how_to_start(address)}",
+        f"or refused the connection (this user over quota.max_connections), or dropped it (a frame over its "
+        f"max_message_bytes); {unknown}. {_how_to_start(address)}",
         details=details)
 
 

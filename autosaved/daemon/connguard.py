@@ -27,7 +27,8 @@ from the truth: a counted fd is alive while it still names the same socket and i
 over a cap. A refusal never rests on connections that are gone. (What made root's ``status`` time out
 after a flood in issue 19 was not the count: the flood's own connections were still open — libzmq
 closes a closed socket's fd later, in its own thread — and a refused connection loses the request
-already written into it: the client waits out its timeout.)
+already written into it. The client now tells that at once, see client.base.LinkWatch: the file is closed
+to the user before the connection is shut down, so the client finds it so and names the bound.)
 """
 
 from __future__ import annotations
