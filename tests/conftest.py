@@ -152,6 +152,16 @@ def fault_fired(faults: Path, point: str, timeout: float = 60.0) -> None:
         raise AssertionError(f"fault point {point} was not reached within {timeout}s") from None
 
 
+def rule_fired(faults: Path, point: str, timeout: float = 60.0) -> None:
+    """Wait until a rule of ``faults`` on ``point`` acts (its n-th hit, recorded in ``<faults>.fired`` before
+    the action), where :func:`fault_fired` returns at the point's first hit."""
+    fired = faults.with_name(faults.name + ".fired")
+    try:
+        wait_for(lambda: fired.exists() and point in fired.read_text().split(), timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"no rule on fault point {point} acted within {timeout}s") from None
+
+
 def version_files(state_dir: Path, job: str) -> list[Path]:
     return sorted((state_dir / "jobs" / str(os.geteuid()) / job / "versions").glob("*.json"))
 

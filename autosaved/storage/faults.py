@@ -17,7 +17,9 @@ so ``crash`` there leaves a real torn tail and an error a real partial file; aft
 the write goes on with the other half.
 
 With faults on, every point reached is also recorded, once per name, in ``<file>.seen``: the tests
-check that the crash scenario reaches every storage point in :data:`POINTS`, and nothing else.
+check that the crash scenario reaches every storage point in :data:`POINTS`, and nothing else. A rule
+about to act is recorded in ``<file>.fired`` (its point's name, once per firing, before the action): a
+test waits on that to know the n-th hit it asked for, not just the first, was reached.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ class _Faults:
                     rule.seen += 1
                     if rule.seen == rule.nth or (rule.persistent and rule.seen > rule.nth):
                         due = due or rule
+            if due is not None:
+                with open(self.path + ".fired", "a") as fh:
+                    fh.write(name + "\n")
             return due
 
     def point(self, kind: str, op: str, phase: str, detail: object = "") -> None:

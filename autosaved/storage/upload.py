@@ -65,8 +65,9 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
                          sent: Callable[[int], None] = lambda _nbytes: None) -> int:
     """Publish local ``version`` under ``lease``; returns how many chunks were sent. ``known`` (digest →
     object key of the chunks the bucket has) is updated as chunks go up. ``pace(n)`` is awaited before
-    each chunk of ``n`` bytes is sent (the upload throttle); ``planned(total)`` is told the bytes to send,
-    ``sent(n)`` each chunk's bytes once the bucket has them (a 412 counts: the bytes were sent).
+    each chunk of ``n`` bytes is sent (the upload throttle); ``planned(total)`` is told the bytes to send
+    (chunks and the root record), ``sent(n)`` each chunk's bytes once the bucket has them (a 412 counts:
+    the bytes were sent).
     ``complete`` (format 2): pages whose whole subtree the bucket holds, so the walk of this version stops
     there; once the version is published its pages join it. The caller empties it whenever ``known`` may
     have gone stale (a new lease, a remote collection that deleted anything), as it does ``known``.
@@ -82,7 +83,10 @@ async def upload_version(remote: RemoteJob, local: JobStore, version: int, lease
     refs = await anyio.to_thread.run_sync(referenced, doc, local, where,
                                           frozenset() if complete is None else complete)
     todo = lacking(refs, known)
-    planned(sum(todo.values()))
+    # The root record goes up last and is still to upload until then: counted in, a version held between
+    # its last chunk and its manifest is never shown with an empty backlog (its size estimates the
+    # published record's). The replicator drops the version's figure once it is published.
+    planned(sum(todo.values()) + len(raw))
     packed: set[str] = {d for d, k in known.items() if k.endswith(SUFFIX)}
     failures: list[BaseException] = []
     limiter = anyio.CapacityLimiter(UPLOAD_CONCURRENCY)
