@@ -208,7 +208,12 @@ def encode(value: Any, *, allow_delete: bool = False, pinned: PinnedBuffers | No
         return blob(Blob(kind="bytes", dtype="bytes", shape=(data.nbytes,), nbytes=data.nbytes, data=data))
 
     def mapping(v: Mapping[Any, Any], path: Any) -> dict[str, Any]:
-        count(len(v))
+        n = len(v)
+        Walked.entries += n
+        if small:
+            left[0] -= n
+            if left[0] < 0:
+                raise NotSmall
         items = []
         for key, sub in v.items():
             tk = type(key)
@@ -219,7 +224,15 @@ def encode(value: Any, *, allow_delete: bool = False, pinned: PinnedBuffers | No
                 if isinstance(key, int) and not MSGPACK_INT_MIN <= key <= MSGPACK_INT_MAX:
                     raise InvalidValue(f"{path_str(_path(path))} has int key {key}, outside the 64-bit range keys "
                                        "may use")
-            items.append([key, sub if as_is(sub) else enc(sub, (path, key), True)])
+            # The common leaves and nested dicts without the detour through enc (a LangGraph delta is a
+            # chain of one-key dicts down to a few strings and bytes).
+            ts = type(sub)
+            if ts is str or sub is None or ts is bool:
+                items.append([key, sub])
+            elif ts is dict:
+                items.append([key, mapping(sub, (path, key))])
+            else:
+                items.append([key, sub if as_is(sub) else enc(sub, (path, key), True)])
         return {"m": items}
 
     def enc(v: Any, path: Any, in_mapping: bool = False) -> Any:

@@ -35,6 +35,8 @@ class Walked:
     and not a clock, that a request's work does not grow with what the daemon holds (issue 19)."""
 
     entries = 0
+    # Entries copied by path copying (a merge into a mapping a snapshot may hold copies it first).
+    copied = 0
 
 # msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
 MSGPACK_INT_MIN: Final = -(2**63)
@@ -175,9 +177,13 @@ def _as_is(value: Any) -> bool:
     return t is float and math.isfinite(value)
 
 
-def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
-    """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs)."""
+def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
+            inline_total: int = 0) -> tuple[Any, list[Blob]]:
+    """Encode a tree whose binary leaves are :class:`Blob` into (node, blobs). ``inline_max``: bytes
+    leaves in memory of at most this size (``inline_total`` in all) become ``{"B": bytes}`` nodes (a reply
+    to a protocol 2 request); 0: none."""
     blobs: list[Blob] = []
+    left = [inline_total]
 
     def enc(value: Any, path: list[str | int], in_mapping: bool = False) -> Any:
         if value is None or isinstance(value, bool | str):
@@ -189,6 +195,10 @@ def to_node(tree: Any, *, allow_delete: bool = False) -> tuple[Any, list[Blob]]:
                 return value
             return {"F": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
         if isinstance(value, Blob):
+            if (inline_max > 0 and value.kind == "bytes" and value.data is not None and value.nbytes <= inline_max
+                    and value.nbytes <= left[0]):
+                left[0] -= value.nbytes
+                return {"B": bytes(value.data)}
             blobs.append(value)
             return {"b": len(blobs) - 1}
         if isinstance(value, Mapping):

@@ -230,6 +230,16 @@ def test_a_version_1_request_still_works_and_may_not_inline(daemon: PrivateDaemo
         assert ok["ok"] is True and ok["ack"] == "logged"
         refused = send({"m": [["a", {"B": b"new"}]]}, seq=2)
         assert refused["ok"] is False and refused["code"] == "bad_request" and "'B'" in str(refused["message"])
+        # A restore answers in the request's version: a v1 peer gets the bytes as a frame, a v2 one inline.
+        for version, seq in ((1, 3), (2, 4)):
+            sock.send_multipart([msgpack.packb({"v": version, "op": "restore", "seq": seq, "job": "v1"})])
+            assert sock.poll(60_000)
+            frames = sock.recv_multipart()
+            header = msgpack.unpackb(frames[0], raw=False, strict_map_key=False)
+            if version == 1:
+                assert header["tree"] == {"m": [["a", {"b": 0}]]} and frames[1:] == [b"old"]
+            else:
+                assert header["tree"] == {"m": [["a", {"B": b"old"}]]} and header["blobs"] == [] and len(frames) == 1
     finally:
         sock.close(0)
     with autosaved.Client("v1", address=daemon.address) as c:

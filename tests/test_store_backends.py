@@ -244,3 +244,31 @@ def test_remote_gc_fetches_each_shared_page_once(s3server: Any, tmp_path: Path,
     assert result.removed_chunks == 0 and result.deleted_versions == []
     # The lease, three root records, gc.json, and each distinct page once.
     assert pages <= job.store.requests["GET"] <= pages + 5, (pages, job.store.requests)
+
+
+def test_both_backends_keep_one_object_contract(s3server: Any, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """get/put/exists/list/delete of named objects, and the create-only put, alike on the folder and the
+    bucket (whose sync calls run from a worker thread, as the reader runs them)."""
+    both = Both(s3server, tmp_path, monkeypatch)
+    both.local.ensure_dirs()
+
+    def contract(backend: Any) -> None:
+        name = object_name("ab" * 32)
+        assert not backend.exists(name)
+        with pytest.raises(FileNotFoundError):
+            backend.get(name)
+        assert backend.put(name, b"one", create=True) is True
+        assert backend.put(name, b"two", create=True) is False  # immutable: the first write stays
+        assert bytes(backend.get(name)) == b"one" and backend.exists(name)
+        into = memoryview(bytearray(3))
+        backend.get_into(name, into)
+        assert bytes(into) == b"one"
+        with pytest.raises(OSError):
+            backend.get_into(name, memoryview(bytearray(4)))
+        assert backend.list("objects") == [name]
+        backend.delete([name])
+        assert not backend.exists(name) and backend.list("objects") == []
+
+    contract(both.local.objects)
+    anyio.run(lambda: anyio.to_thread.run_sync(contract, both.writer.objects))

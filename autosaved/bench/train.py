@@ -12,8 +12,11 @@ checkpoint of ``{"model", "optim", "step"}`` after every optimizer step:
 - ``dcp_async``: ``torch.distributed.checkpoint.async_save`` (a one-process gloo group), waiting for the
   previous save before starting the next, as DCP requires.
 
+Each mode runs twice, in mirrored order (none, eager, ..., dcp_async, dcp_async, ..., none), with half of
+``--steps`` each time, so a host whose load drifts during the run charges the drift to every mode alike.
+
 Keys: ``step_s_<mode>`` (median wall time of a steady-state step, checkpoint included: the first
-``--warmup`` steps, which pay for fresh memory, slot creation and connections, are dropped),
+``--warmup`` steps of each run, which pay for fresh memory, slot creation and connections, are dropped),
 ``blocking_s_<mode>`` (median time per step the trainer was stopped by the checkpoint: the call itself plus,
 for lazy, the fence and, for DCP, the wait for the previous save), ``alone_s_<eager|lazy>`` (the same
 state handed over once more after the loop with nothing else running: ``update`` for eager, ``update`` +
@@ -64,7 +67,7 @@ TINY = GPTConfig(vocab=1024, ctx=128, layers=2, heads=4, width=128)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true", help="a 2-layer, 128-wide model (quick runs, tests)")
     p.add_argument("--steps", type=int, default=3, help="measured steps per mode, after the warm-up (default 3)")
-    p.add_argument("--warmup", type=int, default=2, help="steps per mode run first and not counted (default 2)")
+    p.add_argument("--warmup", type=int, default=2, help="uncounted steps at the start of each run (default 2)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -128,7 +131,7 @@ def _state_bytes(state: Any) -> int:
 
 
 def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path,
-             address: str | None, warmup: int = 2) -> dict[str, float]:
+             address: str | None, warmup: int = 2) -> dict[str, Any]:
     import torch
 
     model = build_model(cfg)
@@ -224,14 +227,15 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
                 raise AutosavedError(f"bench train: loss became {float(loss.detach())}")
         state_bytes = _state_bytes(_state(model, opt, steps))
         before_step()  # the last lazy copy is done before the state is handed over alone
-        alone_s = statistics.median(alone() for _ in range(2)) if alone is not None else None
+        alones = [alone() for _ in range(2)] if alone is not None else []
     finally:
         cleanup()
-    out = {"step_s": statistics.median(times), "step_mean_s": statistics.mean(times),
-           "blocking_s": statistics.median(blocked), "state_bytes": state_bytes}
-    if alone_s is not None:
-        out["alone_s"] = alone_s
-    return out
+    return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes}
+
+
+def _halves(steps: int) -> tuple[int, int]:
+    """Measured steps of a mode's first and second run (the second may be 0: ``--steps 1``)."""
+    return (steps + 1) // 2, steps // 2
 
 
 def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup: int = 2) -> dict[str, Any]:
@@ -240,19 +244,28 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
     out: dict[str, Any] = {"host": f"{socket.gethostname()} ({os.cpu_count()} cpus)", "steps": steps,
                            "warmup": warmup,
                            "threads": torch.get_num_threads(), "config": cfg.__dict__, "seq": seq, "batch": batch}
+    # Each mode runs twice, in the order A B C ... C B A, half of its steps each time: on a shared host
+    # whose load drifts over the minutes of a run, a fixed order charged the drift to whichever mode ran
+    # last (issue 21: ``none`` first, lazy third). Mirrored, a linear drift falls on every mode alike.
+    first, second = _halves(steps)
+    order = [(mode, first) for mode in MODES] + [(mode, second) for mode in reversed(MODES) if second]
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
         stage = Stages("train")
-        for i, mode in enumerate(MODES):
-            stage(f"mode {i + 1}/{len(MODES)}: {mode}, {steps} steps")
-            r = run_mode(mode, cfg, steps, seq, batch, work, daemon.address, warmup)
-            out[f"step_s_{mode}"] = r["step_s"]
-            out[f"step_mean_s_{mode}"] = r["step_mean_s"]
-            if mode != "none":
-                out[f"blocking_s_{mode}"] = r["blocking_s"]
-            if "alone_s" in r:
-                out[f"alone_s_{mode}"] = r["alone_s"]
-            out["state_bytes"] = r["state_bytes"]
+        for i, (mode, n) in enumerate(order):
+            stage(f"run {i + 1}/{len(order)}: {mode}, {n} steps")
+            runs[mode].append(run_mode(mode, cfg, n, seq, batch, work, daemon.address, warmup))
         stage.done()
+    for mode, results in runs.items():
+        times = [t for r in results for t in r["times"]]
+        out[f"step_s_{mode}"] = statistics.median(times)
+        out[f"step_mean_s_{mode}"] = statistics.mean(times)
+        if mode != "none":
+            out[f"blocking_s_{mode}"] = statistics.median(b for r in results for b in r["blocked"])
+        alones = [a for r in results for a in r["alone"]]
+        if alones:
+            out[f"alone_s_{mode}"] = statistics.median(alones)
+        out["state_bytes"] = results[-1]["state_bytes"]
     out["params"] = sum(p.numel() for p in build_model(cfg).parameters())
     return out
 
@@ -268,8 +281,8 @@ def render(r: dict[str, Any]) -> str:
     lazy_vs = f"; blocking_s_lazy = {r['blocking_s_lazy'] / dcp:.3f}x blocking_s_dcp_async" if dcp else ""
     return "\n".join([
         f"autosaved bench train: GPT-2-shaped, {r['params'] / 1e6:.1f}M parameters, state "
-        f"{human_bytes(r['state_bytes'])}, median of {r['steps']} steady-state steps per mode (after "
-        f"{r['warmup']} warm-up steps), on {r['host']}",
+        f"{human_bytes(r['state_bytes'])}, median of {r['steps']} steady-state steps per mode (two runs per "
+        f"mode in mirrored order, each after {r['warmup']} warm-up steps), on {r['host']}",
         table(rows, ["mode", "step_s", "vs none", "blocking_s", "alone_s"]),
         "alone_s: the same state handed over once more with nothing else running (lazy: update + fence)",
         f"targets: lazy <= 1.15x none and <= eager (lazy {r['step_s_lazy'] / base:.3f}x, eager "

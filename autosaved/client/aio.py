@@ -228,6 +228,7 @@ class AsyncClient(JobFacade):
         # After a timeout the daemon may still act on a queued update, so no slot may be reused.
         self._slots = SlotPool(address, timeout=timeout)
         self._core = ClientCore(job, policy=policy, slots=self._slots)
+        self._core.timeouts = (timeout, save_timeout)
         self._conn = AsyncConnection(address, timeout=timeout, save_timeout=save_timeout,
                                      on_state_lost=on_state_lost, on_close=self._slots.reset)
 

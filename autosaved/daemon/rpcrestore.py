@@ -13,7 +13,7 @@ import anyio.to_thread
 import msgpack
 
 from ..errors import ProtocolError
-from ..protocol import INLINE_TOTAL_MAX, blob_descriptors, validate_path
+from ..protocol import INLINE_LEAF_MAX, INLINE_TOTAL_MAX, blob_descriptors, inline_allowed, validate_path
 from ..shm import layout, release_mapping
 from ..state import State
 from ..storage.base import JobStorage
@@ -126,7 +126,10 @@ class RestoreOps(HandlerBase):
         return job
 
     async def _send_tree(self, req: RpcRequest, store: JobStorage, tree: Any, info: dict[str, Any]) -> Reply:
-        node, blobs = to_node(tree)
+        # Small bytes leaves in memory go inside the header for an SDK that reads them (protocol 2): a
+        # LangGraph record and its channel values come back as one frame.
+        inline = INLINE_LEAF_MAX if inline_allowed(req.header) else 0
+        node, blobs = to_node(tree, inline_max=inline, inline_total=INLINE_TOTAL_MAX)
         # What the reply may make the daemon hold (read buffers, a memfd) is charged before it is read.
         with self.ctx.reply_reserve(req.owner, sum(b.nbytes for b in blobs)):
             return await self._build_tree_reply(req, store, node, blobs, info)

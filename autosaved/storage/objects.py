@@ -17,14 +17,16 @@ on a bucket) where a writer must never overwrite. Two implement it:
   rename). The S3 client is async; the backend runs its calls from a worker thread, so the one reader
   below serves both.
 
-What the bytes mean lives here, once, for both: object names (:func:`object_name`), the check of a chunk
-(its size, its zstd form, its hash under the algorithm that named it) and of a page (the BLAKE3 of its
-bytes), with one wording for every failure, and :class:`Reader`, which reads a version's tree (format 1
-from its manifest, format 2 from only the pages on a path, :func:`.paged.tree_from_pages`) and fills its
-leaves from verified chunks. Local restore (``JobStore.load``/``load_path``/``read_blob``/``verify``) and
-remote restore by path (``RemoteJob.load_path``) read through a :class:`Reader`; the bucket's whole-version
-download, seed and the replicator's upload keep their concurrent transfers (many requests in flight on
-the event loop) and check every object with the functions here.
+What the bytes mean lives here, once, for both: object names (:func:`object_name`), the opening of a
+root record (:func:`open_record`: sealed, a format this autosaved reads, naming its job and version), the
+check of a chunk (its size, its zstd form, its hash under the algorithm that named it) and of a page (the
+BLAKE3 of its bytes), with one wording for every failure, and :class:`Reader`, which reads a version's
+tree (format 1 from its manifest, format 2 from only the pages on a path, :func:`.paged.tree_from_pages`)
+and fills its leaves from verified chunks. Every tree of either store is decoded by a :class:`Reader`:
+local restore (``JobStore.load``/``load_path``/``read_blob``/``verify``), the bucket's restore by path
+(``RemoteJob.load_version(path=...)``: one GET per page on the path) and its whole-version download and
+seed, which fetch many pages and chunks at once on the event loop and hand the reader what they fetched,
+each object checked by the functions here. The replicator's upload reads local pages through it too.
 
 What stays with each store is what differs by nature: the local writer's pipeline (fsync batching, the
 throttle, sendfile into a restore's memfd), the bucket's lease, fences and version keys (``<id>.e<epoch>``).
@@ -33,7 +35,7 @@ throttle, sendfile into a restore's memfd), the bucket's lease, fences and versi
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -232,13 +234,16 @@ class Reader:
                 self.read_chunks(blob.chunks, memoryview(buf), where, verify=verify, packed=packed)
                 blob.data = memoryview(buf)
 
-    def tree(self, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> tuple[Any, list[Blob]]:
+    def tree(self, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = (),
+             fetched: Mapping[str, bytes] | None = None) -> tuple[Any, list[Blob]]:
         """The state (or the subtree at ``path``) a manifest or root record describes and its leaves
         stored as chunks (not read yet). Format 2 reads only the pages on ``path``; a format-1 manifest
-        holds the whole tree. :class:`NothingAt` when the version has nothing at ``path``."""
+        holds the whole tree. :class:`NothingAt` when the version has nothing at ``path``. ``fetched``:
+        the version's pages, already fetched and checked (the bucket's concurrent download), by digest."""
         if doc.get("format") == paged.FORMAT:
+            get = (lambda d: self.page(d, where)) if fetched is None else fetched.__getitem__
             try:
-                tree = paged.tree_from_pages(lambda d: self.page(d, where), doc, where, path)
+                tree = paged.tree_from_pages(get, doc, where, path)
             except NotFound as exc:
                 raise NothingAt(str(exc)) from None
         else:

@@ -182,14 +182,10 @@ def blob_of(doc: dict[str, Any], where: str) -> Any:
     return make
 
 
-def load_tree(store: JobStore, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> Any:
-    """The state (or the subtree at ``path``, reading only the pages on it) of a format-2 root record.
-    ``NotFound`` when the version has nothing at ``path``."""
-    return tree_from_pages(store.read_page, doc, where, path)
-
-
 def tree_from_pages(get: prolly.Get, doc: dict[str, Any], where: str, path: tuple[str | int, ...] = ()) -> Any:
-    """As :func:`load_tree`, with pages from ``get`` (the local objects, or pages fetched from a bucket)."""
+    """The state (or the subtree at ``path``, reading only the pages on it) of a format-2 root record, its
+    pages from ``get`` (see :class:`.objects.Reader`, or pages fetched from a bucket). ``NotFound`` when
+    the version has nothing at ``path``."""
     root, _params = check_root(doc, where)
     lo = sp.enc_path(path)
     entries = prolly.iterate(root, get, where, lo, lo + sp.SUBTREE_END if path else None)
@@ -273,8 +269,3 @@ def _mark(store: JobStore, digest: str, where: str, marked: set[str], make: Any)
         marked.add(d)
         marked.update(refs[1])
         stack.extend(refs[0])
-
-
-def read_page(store: JobStore, digest: str) -> bytes:
-    """A page's bytes, checked against its name; a missing or altered page is CorruptVersion."""
-    return store.reader.page(digest)

@@ -40,6 +40,6 @@ def _subtree(store: JobStore, doc: dict[str, Any], root: str, where: str, path: 
         if item is None or item[0] != key or sp.decode_value(item[1], where)[0] != "m":
             return None
     try:
-        return paged.load_tree(store, doc, where, path)
+        return store.reader.tree(doc, where, path)[0]
     except NotFound:
         return None

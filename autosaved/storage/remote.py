@@ -54,10 +54,10 @@ from ..settings import Location as Location
 from ..settings import parse_url as parse_url
 from ..tree import Blob, Chunk
 from . import objects as obj
-from . import paged, prolly, statepages
+from . import paged, prolly
 from .fsutil import atomic_write, fsync_dir
 from .local import JobStore
-from .manifest import VersionInfo, seal, tree_from_manifest, unseal
+from .manifest import VersionInfo, seal, unseal
 from .remote_errors import explain
 from .retention import versions_to_delete
 
@@ -214,7 +214,7 @@ class RemoteStore:
         self.timeout = timeout
         self.max_retries = max_retries
         self._client: Any = None
-        # Requests sent, by method (GET, PUT, LIST, DELETE): what a bucket bills, and what tests count.
+        # Requests sent, by method (GET, HEAD, PUT, LIST, DELETE): what a bucket bills, and what tests count.
         self.requests: Counter[str] = Counter()
 
     @property
@@ -285,6 +285,20 @@ class RemoteStore:
             raise _wrap(exc, f"GET {key}", self.describe()) from None
         # obstore's Bytes exposes the buffer protocol: no copy into a Python bytes object.
         return memoryview(data), result.meta.get("e_tag")
+
+    async def exists(self, key: str) -> bool:
+        """Whether the object is there (a HEAD request)."""
+        obs = _obstore()
+        self.requests["HEAD"] += 1
+        try:
+            await obs.head_async(self.client, key)
+        except FileNotFoundError:
+            return False
+        except _errors().NotFoundError:
+            return False
+        except Exception as exc:
+            raise _wrap(exc, f"HEAD {key}", self.describe()) from None
+        return True
 
     async def stream(self, key: str) -> AsyncIterator[memoryview]:
         obs = _obstore()
@@ -394,9 +408,7 @@ class BucketBackend:
         return anyio.from_thread.run(put)
 
     def exists(self, name: str) -> bool:
-        key = self.job.key(name)
-        found = anyio.from_thread.run(self.job.store.list_objects, key)
-        return any(str(m["path"]) == key for m in found)
+        return anyio.from_thread.run(self.job.store.exists, self.job.key(name))
 
     def list(self, prefix: str) -> list[str]:
         found = anyio.from_thread.run(self.job.store.list_objects, self.job.key(prefix))
@@ -422,8 +434,8 @@ class RemoteJob:
 
     def key(self, name: str) -> str:
         """The bucket key of a named object (:mod:`.objects`); chunks and pages live under ``chunks/``."""
-        if name.startswith(obj.OBJECTS + "/"):
-            name = "chunks/" + name[len(obj.OBJECTS) + 1 :]
+        if name == obj.OBJECTS or name.startswith(obj.OBJECTS + "/"):
+            name = "chunks" + name[len(obj.OBJECTS) :]
         return f"{self.prefix}/{name}"
 
     def name_of(self, key: str) -> str:
@@ -523,13 +535,9 @@ class RemoteJob:
         packed = set((doc.get("remote") or {}).get("packed") or ())
         if path:
             tree = await anyio.to_thread.run_sync(self.reader.load_path, doc, where, tuple(path), packed)
-        elif doc.get("format") == paged.FORMAT:
-            pages = await self._fetch_pages(doc, where)
-            tree = paged.tree_from_pages(pages.__getitem__, doc, where)
-            blobs = [b for b in statepages.blobs_of(tree) if b.data is None]  # inline leaves came with a page
-        else:
-            tree, blobs = tree_from_manifest(doc, where)
-        if not path:
+        else:  # every page at once, level by level, then every chunk, many requests in flight
+            pages = await self._fetch_pages(doc, where) if doc.get("format") == paged.FORMAT else {}
+            tree, blobs = self.reader.tree(doc, where, fetched=pages)
             await self._fetch_blobs(blobs, packed, where)
         return RemoteLoaded(info=obj.version_info(doc, self.job), tree=tree, sessions=obj.sessions_of(doc),
                             wal_lsn=int(doc.get("wal_lsn", 0)), doc=doc)
@@ -692,14 +700,10 @@ class RemoteJob:
         where = f"{self.job} version {vk.id}"
         doc = await self.read_manifest(vk)
         packed = set((doc.get("remote") or {}).get("packed") or ())
-        if doc.get("format") == paged.FORMAT:  # pages are objects beside the chunks, copied the same way
-            pages = await self._fetch_pages(doc, where)
-            tree = paged.tree_from_pages(pages.__getitem__, doc, where)  # the whole version must parse first
-            blobs = list(statepages.blobs_of(tree))
-            chunks = {d: Chunk(d, len(raw), prolly.PAGE_HASH) for d, raw in pages.items()}
-        else:
-            _tree, blobs = tree_from_manifest(doc, where)  # the whole manifest must parse before anything is written
-            chunks = {}
+        # Pages are objects beside the chunks, copied the same way; the whole version must parse first.
+        pages = await self._fetch_pages(doc, where) if doc.get("format") == paged.FORMAT else {}
+        _tree, blobs = self.reader.tree(doc, where, fetched=pages)
+        chunks = {d: Chunk(d, len(raw), prolly.PAGE_HASH) for d, raw in pages.items()}
         chunks.update({c.digest: c for blob in blobs for c in (blob.chunks or ())})
         await anyio.to_thread.run_sync(local.ensure_dirs)
         dirs: set[Path] = {local.objects_dir}
