@@ -94,6 +94,13 @@ class QuotaExceeded(AutosavedError):
     code = "quota"
 
 
+class Expired(AutosavedError):
+    """The request waited in the daemon past the deadline its client sent (``expires``): the client has
+    given up on it, so it was not applied."""
+
+    code = "expired"
+
+
 class ConfigError(AutosavedError, ValueError):
     """An invalid configuration value; the message names the key."""
 
@@ -126,6 +133,7 @@ _BY_CODE: dict[str, type[AutosavedError]] = {
         CorruptVersion,
         Forbidden,
         QuotaExceeded,
+        Expired,
         ConfigError,
         AlreadyRunning,
         InternalError,

@@ -203,7 +203,8 @@ def steady(address: str, seconds: float, rate: float) -> dict[str, float]:
 ROLES = ("connections", "unread", "halfsent", "shapes", "deletes")
 
 
-def run(seconds: float, alone_s: float, rate: float, p99_factor: float) -> dict[str, Any]:
+def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: tuple[str, ...] = ROLES,
+        profile: str | None = None) -> dict[str, Any]:
     import psutil
 
     from autosaved.client.admin import Admin
@@ -249,8 +250,15 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float) -> dict[
             sampler.start()
             attackers = [subprocess.Popen(hostile.command([*me, "--role", r, d.address, str(seconds)]),
                                           env={**os.environ, "HOME": "/tmp"}, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL) for r in ROLES]
+                                          stderr=subprocess.DEVNULL) for r in roles]
+            # The daemon's stacks while it is under attack (py-spy's collapsed format): where its loop goes.
+            spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            spy = None if profile is None else subprocess.Popen(
+                [spy_bin, "record", "--format", "raw", "--rate", "200", "--output", profile, "--pid", str(d.proc.pid),
+                 "--duration", str(int(seconds))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             under = as_good(seconds)
+            if spy is not None:
+                spy.wait(120)
             for a in attackers:
                 try:
                     a.wait(60)
@@ -270,7 +278,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float) -> dict[
     budget = rss_budget(baseline_rss)
     rss_max = max((r for r, _ in samples), default=0)
     report = {
-        "seconds": seconds, "roles": list(ROLES), "alone": alone, "under_attack": under,
+        "seconds": seconds, "roles": list(roles), "alone": alone, "under_attack": under,
         "p99_ratio": under["p99_ms"] / max(alone["p99_ms"], 1e-9),
         "daemon_exits": 0 if exited is None else 1, "stop_exit_code": stop_code,
         "rss_baseline_mib": baseline_rss / MiB, "rss_max_mib": rss_max / MiB, "rss_budget_mib": budget / MiB,
@@ -295,10 +303,17 @@ def main() -> int:
                                                                "at most 60)")
     ap.add_argument("--rate", type=float, default=50.0, help="the well-behaved client's updates per second")
     ap.add_argument("--p99-factor", type=float, default=3.0)
+    ap.add_argument("--roles", default=",".join(ROLES),
+                    help=f"the hostile roles to run, comma-separated (default: all of {','.join(ROLES)})")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy the daemon during the attack into FILE "
+                                                       "(collapsed stacks; needs py-spy)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    roles = tuple(r for r in args.roles.split(",") if r)
+    if not roles or any(r not in ROLES for r in roles):
+        ap.error(f"--roles: choose from {','.join(ROLES)}")
     alone = args.alone if args.alone is not None else min(60.0, max(5.0, args.seconds / 4))
-    report = run(args.seconds, alone, args.rate, args.p99_factor)
+    report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile)
     if args.json:
         print(json.dumps(report))
     else:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "autosaved"
 # sit on top. Parts on one line are peers and may import each other.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "names", "settings", "fmt", "backoff", "logfmt"),
-    ("protocol", "codec", "tree", "state", "shm", "deadline", "throttle", "policy", "seaweed"),
+    ("protocol", "codec", "tree", "state", "shm", "deadline", "throttle", "policy", "seaweed", "fairqueue"),
     ("config",),  # reads the TOML; must not load the storage layer (and with it zstandard, obstore)
     ("storage",),
     ("offline", "remote_offline"),

@@ -36,7 +36,7 @@ from .conftest import NO_AUTO_POLICY, fault_fired, finish, skip_or_fail, spawn_p
 # gc's, the replicator's, delete's) are each reached by a test that waits for it with ``fault_fired``.
 CRASH_POINTS = sorted(p for p in POINTS
                       if not p.startswith(("loop.", "rpc.", "task.", "gc.", "remote.", "delete.", "load.",
-                                           "restore.")))
+                                           "restore.", "offload.")))
 LATER_HIT = 3
 W_LEN = 40_000  # 320 KB of float64: five 64 KiB chunks, so every chunk point is hit several times a save
 

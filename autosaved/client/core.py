@@ -19,6 +19,7 @@ it onto a state that misses earlier deltas. The client then raises :class:`~auto
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -138,14 +139,22 @@ class Exchange:
         self.owner = owner  # act on another user's job (honoured for root only)
         self.seq = 0
         self.boot: str | None = None
+        # (timeout, save_timeout) of the connection: each request then carries its deadline (``expires``),
+        # and the daemon drops it unapplied if it waited past it (issue 19: never applied after the
+        # client gave up on it).
+        self.timeouts: tuple[float, float] | None = None
 
     def request(self, op: str, fields: dict[str, Any], blobs: list[memoryview] | None = None) -> Request:
         self.seq += 1
-        header = {"v": PROTOCOL_VERSION, "op": op, "seq": self.seq, "job": self.job, **fields}
+        long = is_long(op, fields)
+        # The short fields first: the daemon reads a big header's leading fields without decoding it whole.
+        header: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op, "seq": self.seq, "job": self.job}
+        if self.timeouts is not None:
+            header["expires"] = time.time() + self.timeouts[1 if long else 0]
+        header.update(fields)
         if self.owner is not None:
             header["owner"] = self.owner
-        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])],
-                       long=is_long(op, header))
+        return Request(op=op, seq=self.seq, frames=[pack_header(header), *(blobs or [])], long=long)
 
     def matches(self, req: Request, frames: list[memoryview]) -> dict[str, Any] | None:
         """The reply header if ``frames`` answer ``req``; ``None`` for a stale reply to an earlier,

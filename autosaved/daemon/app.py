@@ -33,7 +33,7 @@ from ..policy import SaveReason
 from ..shm import fd_socket_path
 from ..storage.faults import point
 from ..storage.local import Store
-from . import preempt
+from . import offload, preempt
 from .fdlimit import listener_cap, raise_nofile
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
@@ -336,5 +336,6 @@ class Daemon:
 def serve(config: Config) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code."""
     daemon = Daemon(config)
+    offload.install()  # the rpc loop gets the GIL back quickly from a thread decoding a big request
     return anyio.run(daemon.run, backend="asyncio")
 

@@ -11,7 +11,17 @@ import anyio
 from ..backoff import backoff
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
-from ..state import Merged, Node, Refs, State, add_refs, changes_anything, empty_node, merge_counted, merge_deltas
+from ..state import (
+    Merged,
+    Node,
+    Refs,
+    State,
+    add_refs,
+    changes_anything,
+    empty_node,
+    merge_counted,
+    merge_deltas_into,
+)
 from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter, replay_speed
 from .accounting import Hold, Ledger
@@ -65,6 +75,9 @@ class Job:
     # Every applied update increments ``generation``; a save commits the generation it snapshotted.
     generation: int = 0
     saved_generation: int = 0
+    # The live tree's merge generation (state.merge_counted): mappings built since the last snapshot are
+    # changed in place by the next update; a snapshot starts a new one, so a tree it holds never changes.
+    merge_gen: int = 1
     dirty_bytes: int = 0
     dirty_since: float | None = None
     last_update_at: float | None = None
@@ -150,22 +163,23 @@ class Job:
         self.root = root
 
     def apply(self, delta: State, *, session: str, seq: int, step: int | None, meta: dict[str, Any] | None,
-              size: int, now: float, merged: Merged | None = None) -> int:
+              size: int, now: float, merged: Merged | None = None, changes: bool | None = None) -> int:
         """Merge one delta (``merged``: its :meth:`plan`, when the caller made it); returns the new
         generation. Runs in one event-loop step, so it is atomic. An update that changes nothing (same
-        values, a DELETE of a missing key) leaves the job clean: it makes no version (issue 22)."""
+        values, a DELETE of a missing key) leaves the job clean: it makes no version (issue 22).
+        ``changes``: whether ``delta`` changes the current root, when the caller computed it (offload.py)."""
         self.sessions[session] = seq
         self.unlogged_sessions[session] = seq
-        if not self._changes(delta, step, meta):
+        if not self._changes(delta, step, meta, changes):
             return self.generation
         if merged is None:
-            merged = self.plan(delta)
+            merged = merge_counted(self.root, delta, self.merge_gen)
         if self.ledger is not None:
             self.ledger.apply(self.owner, merged)
         self.root = merged.root
         self.unlogged_refs = add_refs(self.unlogged_refs, merged.added_refs)
         self.generation += 1
-        self.unlogged = merge_deltas(self.unlogged, delta)
+        self.unlogged = merge_deltas_into(self.unlogged, delta)
         self.unlogged_generation = self.generation
         if step is not None:
             self.step = step
@@ -179,12 +193,12 @@ class Job:
             self.cache.changed(self)
         return self.generation
 
-    def _changes(self, delta: State, step: int | None, meta: dict[str, Any] | None) -> bool:
+    def _changes(self, delta: State, step: int | None, meta: dict[str, Any] | None, changes: bool | None) -> bool:
         # A new job's first update counts whatever it holds: the job exists from then on (issue 22).
         return ((self.generation == 0 and self.latest_version is None)
                 or (step is not None and step != self.step)
                 or (bool(meta) and any(k not in self.meta or self.meta[k] != v for k, v in (meta or {}).items()))
-                or changes_anything(self.root, delta))
+                or (changes if changes is not None else changes_anything(self.root, delta)))
 
     def take_log_record(self) -> Record:
         """The next log record: everything not yet covered by the log or a commit. Taken in the same
@@ -291,6 +305,7 @@ def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
     )
     # Records after this snapshot go to a new segment, so the commit can drop the old ones whole.
     job.rotate_log = True
+    job.merge_gen += 1  # the ticket holds the root: from now on updates copy what they change, once
     job.next_version += 1
     job.saving = True
     job.explicit_requested = False

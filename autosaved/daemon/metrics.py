@@ -115,6 +115,8 @@ class Sample:
     log_syncs: int = 0
     log_sync_durations: Histogram | None = None
     quota_refusals: int = 0
+    # Requests dropped unapplied because their client's deadline passed while they waited (issue 19).
+    expired: int = 0
     # With ``[remote]``: upload counters and the jobs the replicator holds; ``None`` without it.
     remote: RemoteSample | None = None
     cache: CacheSample | None = None
@@ -153,6 +155,8 @@ def families(s: Sample) -> Iterator[Metric]:
                     s.throttle_rate)
     yield counter("autosaved_log_syncs_total", "Write-ahead log group commits (one fdatasync each).", s.log_syncs)
     yield counter("autosaved_quota_refusals_total", "Requests refused by a per-user quota.", s.quota_refusals)
+    yield counter("autosaved_requests_expired_total", "Requests dropped unapplied: their client's deadline "
+                  "passed while they waited in the daemon.", s.expired)
     yield gauge("autosaved_jobs", "Jobs held by the daemon.", len(s.jobs))
     if s.remote is not None:
         yield from _remote_families(s.remote)

@@ -78,7 +78,7 @@ class Reports:
             saves=writer.saves, save_failures=writer.failures, bytes_written=writer.bytes_written,
             reloads=reloader.reloads, reload_failures=reloader.failures, task_restarts=run.task_failures,
             durations=self.ctx.durations, log_syncs=self.ctx.wal.syncs, log_sync_durations=self.ctx.log_sync_durations,
-            quota_refusals=run.quota_refusals,
+            quota_refusals=run.quota_refusals, expired=run.expired,
             throttle_rate=self._throttle_rate(), remote=self._remote_sample(), cache=self._cache_sample(),
             jobs=tuple(
                 JobSample(job=j.name, owner=j.owner, saves=j.saves, bytes_written=j.bytes_written,
@@ -149,6 +149,7 @@ class Reports:
                 "state_bytes": self.ctx.ledger.state_total,
                 "referenced_slot_mappings": len(self.ctx.ledger.refs),
                 "tree_entries_walked": Walked.entries,
+                "tree_entries_copied": Walked.copied,
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "shm": self.ctx.slots.report(),
                 "preempted": self.ctx.run.preempted,

@@ -64,6 +64,8 @@ class Handlers(UpdateOps, RestoreOps, AdminOps):
             raise ProtocolError(f"unknown op {req.op!r}", details={"code": "unknown_op"})
         if op.spec.access is Access.JOB_OWNER:
             req.owner = self._effective_owner(req)
+        if req.op == "update" and req.on_applied is not None:
+            return self.op_update_big(req)  # a big header (offload.py): decoded off the event loop
         return op.handler(self, req)
 
     def start_ping(self, req: RpcRequest) -> Reply:

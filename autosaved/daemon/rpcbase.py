@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import anyio
 import anyio.to_thread
 
 from ..config import PolicySettings
-from ..errors import Forbidden, ProtocolError, QuotaExceeded
+from ..errors import Expired, Forbidden, ProtocolError, QuotaExceeded
 from ..names import validate_job_name
 from .jobs import Job
 
@@ -41,6 +42,31 @@ class RpcRequest:
     frames: Sequence[memoryview]
     owner: int
     header_size: int
+    # A big request (offload.py): its header frame, decoded in a worker thread; until then ``header`` holds
+    # only its leading fields. ``on_applied`` is called once its update is merged (or it failed): the
+    # sender's next requests may start from then on.
+    raw_header: memoryview | None = None
+    on_applied: Callable[[], None] | None = None
+
+
+def expires_of(header: dict[str, Any]) -> float | None:
+    """The client's deadline for this request (``expires``: seconds since the epoch, the client's clock,
+    which on ipc is this host's), or ``None`` from a client that sends none."""
+    value = header.get("expires")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ProtocolError("expires must be a time in seconds since the epoch")
+    return float(value)
+
+
+def check_expiry(request: RpcRequest, now: float) -> None:
+    """Refuse a request its client has given up on (it waited past ``expires``): never applied late."""
+    expires = expires_of(request.header)
+    if expires is not None and now > expires:
+        raise Expired(f"the request waited {now - expires:.3f}s past its client's deadline in the daemon's "
+                      "queue (the daemon was busy); it was not applied",
+                      details={"late_s": round(now - expires, 3)})
 
 
 @dataclass

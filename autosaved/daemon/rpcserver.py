@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,24 @@ import anyio.abc
 import anyio.to_thread
 import zmq
 
-from ..errors import AutosavedError, Forbidden, InternalError, MessageTooLarge, ProtocolError, QuotaExceeded
+from ..errors import (
+    AutosavedError,
+    Expired,
+    Forbidden,
+    InternalError,
+    MessageTooLarge,
+    ProtocolError,
+    QuotaExceeded,
+    ShuttingDown,
+)
+from ..fairqueue import FairQueue
 from ..protocol import check_request, error_reply, ok_reply, pack_header, unpack_header
 from ..storage import faults
 from ..storage.faults import point
+from . import offload
 from .connguard import ConnGuard
 from .replybudget import SEND_HWM, TRACK_MIN, ReplyBudget, over_budget
-from .rpcbase import Deferred, Reply, RpcRequest, Started
+from .rpcbase import Deferred, Reply, RpcRequest, Started, check_expiry, expires_of, finish
 from .rpcsocket import Receiver, SharedSocket
 from .runstate import RunState
 
@@ -49,6 +61,69 @@ def peer_uid(frame: Any) -> int | None:
     if len(parts) >= 4 and parts[-3].isdigit():
         return int(parts[-3])
     return None
+
+
+# What a request costs in the fair queue beyond its bytes: a flood of tiny requests is not free.
+REQUEST_COST = 1024
+# Requests of these ops that one user may have running as tasks at once; more wait in the user's queue.
+# Each running one puts steps on the event loop's ready queue (a flood of deletes or restores kept 256 of
+# them there, ahead of every other user's request); updates and saves are not capped (a committed
+# update waits for its save for long, costing the loop nothing meanwhile).
+CAPPED_OPS = frozenset({"delete", "restore", "status", "list", "verify", "gc"})
+TASKS_PER_USER = 8
+ERROR_LINES_PER_S = 50
+REFUSALS_PER_S = 200
+
+
+class LineBudget:
+    """At most :data:`ERROR_LINES_PER_S` lines a second for failed requests (issue 19: one user's flood of
+    refused requests spent a fifth of the event loop on log lines); each second's surplus is counted
+    and said in one line. Every error is still counted (metrics) and answered."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._lines = 0
+        self._skipped = 0
+
+    def allow(self, now: float) -> bool:
+        second = int(now)
+        if second != self._second:
+            if self._skipped:
+                log.info("%d more failed requests not logged in the previous second(s)", self._skipped)
+            self._second, self._lines, self._skipped = second, 0, 0
+        self._lines += 1
+        if self._lines > ERROR_LINES_PER_S:
+            self._skipped += 1
+            return False
+        return True
+
+
+class RefusalBudget:
+    """At most :data:`REFUSALS_PER_S` ``quota.max_requests`` refusals answered per user a second; past
+    it a user's requests over the quota are dropped unanswered (counted: ``status`` ``daemon.edge``). A
+    client that sends that many past its quota is not waiting for the answers."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._answered: dict[int, int] = {}
+
+    def allow(self, uid: int, now: float) -> bool:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._answered.clear()  # O(users refused in the last second), once a second
+        n = self._answered.get(uid, 0) + 1
+        self._answered[uid] = n
+        return n <= REFUSALS_PER_S
+
+
+@dataclass
+class Queued:
+    """A request received and checked at the edge, waiting for its turn (fairqueue.py)."""
+
+    identity: bytes
+    seq: int
+    request: RpcRequest
 
 
 @dataclass(frozen=True)
@@ -86,6 +161,13 @@ class RpcServer:
         self._early_sent: dict[int, int] = {}
         # When the rpc loop last went round: the watchdog pings only while this keeps moving.
         self.progress_at = ctx.clock()
+        # Requests received and not started yet, per user: served in fair order, not arrival order.
+        self.queue: FairQueue[Queued] = FairQueue()
+        self._dispatching = False
+        self.expired = 0
+        self._error_lines = LineBudget()
+        self._refusals = RefusalBudget()
+        self._tasks_by_uid: dict[int, int] = {}
 
     def bind(self, stack: contextlib.AsyncExitStack) -> zmq.Socket[Any]:
         config = self.ctx.config()
@@ -141,6 +223,8 @@ class RpcServer:
                     "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False,
                     "missed_disconnects": guard.reconciled if guard else 0},
             "requests_in_flight": sum(self.in_flight_by_uid.values()),
+            "requests_queued": len(self.queue), "requests_expired": self.expired,
+            "requests_unanswered": self.ctx.run.requests_unanswered,
             "replies": {"queued_bytes": self.replies.total(),
                         "dropped": self.replies.dropped + (self._shared.dropped if self._shared else 0),
                         "refused": self.replies.refused,
@@ -152,7 +236,7 @@ class RpcServer:
         self._tg = tg
         assert self._sock is not None and self._tg is not None
         assert self._shared is not None
-        with Receiver(self._sock, self._handle, self._shared.lock) as receiver:
+        with Receiver(self._sock, self._handle, self._shared.lock, after_batch=self._dispatch) as receiver:
             self._receiver = self._shared.receiver = receiver
             try:
                 while True:
@@ -166,10 +250,15 @@ class RpcServer:
                     self.replies.sweep()
             finally:
                 self._receiver = self._shared.receiver = None
+                for owner, queued in self.queue.drain():  # never started: said so, not left to time out
+                    self._done(owner)
+                    self._send_error(queued.identity, queued.seq,
+                                     ShuttingDown("the daemon is stopping; this request was not applied"))
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
-        """Start one request: answered here when it needs no waiting (most small updates), else handed
-        to a task of its own that answers when it is done."""
+        """Check one request at the edge and queue it under its sender (:meth:`_dispatch` starts it in
+        fair order once the batch is in). A big header (offload.py) is not decoded here: its leading
+        fields are enough to check it and to refuse it."""
         if len(frames) < 2:
             return  # nothing to answer: a ROUTER frame with no content
         identity = frames[0].bytes
@@ -183,7 +272,8 @@ class RpcServer:
                     f"message of {total} bytes is over the daemon's max_message_bytes ({config.max_message_bytes})"
                 )
             header_frame = frames[1]
-            header = unpack_header(header_frame.buffer)
+            big = len(header_frame) > offload.OFFLOAD_MIN
+            header = offload.peek_header(header_frame.buffer) if big else unpack_header(header_frame.buffer)
             raw_seq = header.get("seq")
             seq = raw_seq if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) else None
             op, seq = check_request(header)
@@ -193,20 +283,58 @@ class RpcServer:
             # A request counts until its reply has left: big replies still queued in libzmq count too.
             in_flight = counted - self._early_sent.get(owner, 0) + self.replies.queued(owner)[1]
             if in_flight >= config.quota.max_requests:
+                if not self._refusals.allow(owner, time.monotonic()):
+                    # Past its budget of refusals this second: dropped unanswered, counted. Each answer cost the
+                    # event loop a send (issue 19: a flood past the quota took 60% of the loop in error replies).
+                    self.ctx.run.requests_unanswered += 1
+                    self.ctx.run.quota_refusals += 1
+                    return
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
                     f"{config.quota.max_requests}); wait for their replies",
                     details={"quota": "max_requests", "limit": config.quota.max_requests, "used": in_flight},
                 )
+            expires_of(header)
             request = RpcRequest(op=op, seq=seq, header=header, frames=[f.buffer for f in frames[2:]],
-                                 owner=owner, header_size=len(header_frame))
-            self.in_flight_by_uid[owner] = counted + 1
-            try:
-                started = self.ctx.start(request)
-            except BaseException:
-                self._done(owner)
-                raise
+                                 owner=owner, header_size=len(header_frame),
+                                 raw_header=header_frame.buffer if big else None)
         except Exception as exc:
+            self._send_error(identity, seq, exc)
+            return
+        # Counted from now on, queued or started: quota.max_requests bounds each user's queue too.
+        self.in_flight_by_uid[owner] = counted + 1
+        self.queue.push(owner, Queued(identity, seq, request), total + REQUEST_COST)
+
+    def _dispatch(self) -> None:
+        """Start the queued requests, in fair order: each user's in the order they came."""
+        if self._dispatching:
+            return  # a request started below released a user: the loop here serves them
+        self._dispatching = True
+        try:
+            while (nxt := self.queue.pop(self._may_start)) is not None:
+                self._start(nxt[1])
+        finally:
+            self._dispatching = False
+
+    def _may_start(self, owner: int, queued: Queued) -> bool:
+        return queued.request.op not in CAPPED_OPS or self._tasks_by_uid.get(owner, 0) < TASKS_PER_USER
+
+    def _start(self, queued: Queued) -> None:
+        """Start one request: answered here when it needs no waiting (most small updates), else handed
+        to a task of its own that answers when it is done."""
+        identity, seq, request = queued.identity, queued.seq, queued.request
+        owner = request.owner
+        try:
+            check_expiry(request, time.time())
+            if request.raw_header is not None:
+                assert self._tg is not None
+                # Nothing more of this user starts until it is merged: their requests keep their order.
+                self.queue.hold(owner)
+                self._tg.start_soon(self._finish_big, identity, seq, request)
+                return
+            started = self.ctx.start(request)
+        except Exception as exc:
+            self._done(owner)
             self._send_error(identity, seq, exc)
             return
         if isinstance(started, Reply):
@@ -218,7 +346,46 @@ class RpcServer:
                              else self._answer(identity, seq, owner, result))
         else:
             assert self._tg is not None
-            self._tg.start_soon(self._finish, identity, seq, owner, started)
+            capped = request.op in CAPPED_OPS
+            if capped:
+                self._tasks_by_uid[owner] = self._tasks_by_uid.get(owner, 0) + 1
+            self._tg.start_soon(self._finish, identity, seq, owner, started, capped)
+
+    async def _finish_big(self, identity: bytes, seq: int, request: RpcRequest) -> None:
+        """A big request: its header decoded in a worker thread (offload.py), then started and answered.
+        Its user is held (no other request of theirs starts) until it is merged or has failed."""
+        owner = request.owner
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.queue.release(owner)
+                self._dispatch()
+
+        request.on_applied = release
+        try:
+            try:
+                assert request.raw_header is not None
+                header = await offload.off_loop(offload.unpack_sliced, request.raw_header)
+                op, full_seq = check_request(header)
+                if (op, full_seq) != (request.op, seq):
+                    raise ProtocolError("a big request's header must lead with v, op and seq")
+                request.header, request.raw_header = header, None
+                check_expiry(request, time.time())
+                started = self.ctx.start(request)
+                if request.op != "update":
+                    release()  # started: as any request, it runs beside the user's next ones
+                result: Reply | Exception = await finish(started)
+            except Exception as exc:
+                result = exc
+        except BaseException:
+            self._done(owner)
+            raise
+        finally:
+            release()
+        self._answer(identity, seq, owner, result)
 
     def _answer(self, identity: bytes, seq: int, owner: int, result: Reply | Exception) -> None:
         """Send a request's one reply (an error reply for an exception, or for a reply that cannot be sent)."""
@@ -263,16 +430,27 @@ class RpcServer:
             else:
                 del self._early_sent[owner]
 
-    async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply]) -> None:
+    async def _finish(self, identity: bytes, seq: int, owner: int, started: Coroutine[Any, Any, Reply],
+                      capped: bool = False) -> None:
         """The rest of a request that had to wait (a load from disk, a save), and its reply."""
         try:
-            result: Reply | Exception = await started
-        except Exception as exc:
-            result = exc
-        except BaseException:
-            self._done(owner)
-            raise
+            try:
+                result: Reply | Exception = await started
+            except Exception as exc:
+                result = exc
+            except BaseException:
+                self._done(owner)
+                raise
+        finally:
+            if capped:
+                left = self._tasks_by_uid[owner] - 1
+                if left:
+                    self._tasks_by_uid[owner] = left
+                else:
+                    del self._tasks_by_uid[owner]
         self._answer(identity, seq, owner, result)
+        if capped and self.queue.queued(owner):
+            self._dispatch()  # the user's next capped request may start now
 
     def _done(self, owner: int) -> None:
         left = self.in_flight_by_uid[owner] - 1
@@ -283,13 +461,17 @@ class RpcServer:
 
     def _send_error(self, identity: bytes, seq: int | None, exc: Exception) -> None:
         self.ctx.run.errors += 1
+        if isinstance(exc, Expired):
+            self.expired += 1
+            self.ctx.run.expired += 1
         if getattr(exc, "code", None) == "quota":
             self.ctx.run.quota_refusals += 1
         if isinstance(exc, AutosavedError):
-            if not isinstance(exc, ProtocolError):
-                log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)
-            else:
-                log.warning("bad request seq=%s: %s", seq, exc.message)
+            if self._error_lines.allow(time.monotonic()):
+                if not isinstance(exc, ProtocolError):
+                    log.info("request failed seq=%s code=%s error=%s", seq, exc.code, exc.message)
+                else:
+                    log.warning("bad request seq=%s: %s", seq, exc.message)
             error = exc
         else:
             log.error("internal error handling a request", exc_info=exc)

@@ -35,6 +35,9 @@ log = logging.getLogger("autosaved.daemon")
 
 # Messages handled in one go before the event loop gets a turn (other tasks, timers) under a flood.
 BATCH = 64
+# Messages received before ``after_batch`` starts them (the rpc server's fair order applies within it):
+# a request waits for at most this many others' edge checks before it starts.
+MINI_BATCH = 16
 
 
 class SharedSocket:
@@ -98,9 +101,11 @@ class Receiver:
     """Hands every message of ``sock`` to ``handle`` while :meth:`serve` runs (entered: the fd is watched)."""
 
     def __init__(self, sock: zmq.Socket[Any], handle: Callable[[list[zmq.Frame]], None],
-                 lock: threading.Lock | None = None) -> None:
+                 lock: threading.Lock | None = None, after_batch: Callable[[], None] | None = None) -> None:
         self.sock = sock
         self.handle = handle
+        # Called after each batch handed over: the rpc server queues a batch, then serves it in fair order.
+        self.after_batch = after_batch
         # Held around every use of the socket: log threads send replies on it too (SharedSocket).
         self.lock = lock or threading.Lock()
         self._fd = int(sock.getsockopt(zmq.FD))
@@ -176,7 +181,7 @@ class Receiver:
     def _drain(self) -> None:
         self._draining = True
         try:
-            for _ in range(BATCH):
+            for i in range(1, BATCH + 1):
                 try:
                     with self.lock:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -186,7 +191,14 @@ class Receiver:
                     self.handle(frames)
                 except Exception:  # handle answers every error itself; this is a bug, never the loop's end
                     log.exception("unexpected error handling a request")
+                if i % MINI_BATCH == 0 and self.after_batch is not None:
+                    self.after_batch()
         finally:
             self._draining = False
+            if self.after_batch is not None:
+                try:
+                    self.after_batch()
+                except Exception:
+                    log.exception("unexpected error serving requests")
         if self._again is None and self.readable():
             self._schedule()  # more waiting: after the other callbacks and tasks have had a turn

@@ -5,15 +5,17 @@ step, and answered at the level it asked for (accepted, logged, committed, repli
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NotFound, ProtocolError, QuotaExceeded, ShuttingDown, StateLost, StorageError
 from ..protocol import ACK_LEVELS, INLINE_LEAF_MAX, blobs_from_frames, inline_allowed
-from ..state import Merged, State
-from ..tree import from_node
+from ..state import Merged, Node, State, changes_anything, merge_counted
+from ..tree import Blob, from_node
 from .jobs import CommitWaiter, Job, LogWaiter
-from .rpcbase import Deferred, HandlerBase, Reply, RpcRequest, Started, _opt_int, finish
+from .offload import off_loop
+from .rpcbase import Deferred, HandlerBase, Reply, RpcRequest, Started, _opt_int, check_expiry, finish
 from .slottable import SlotConn
 
 MAX_META_BYTES = 64 * 1024
@@ -55,10 +57,34 @@ def _meta(header: dict[str, Any]) -> dict[str, Any] | None:
     return normal
 
 
+def _decode_delta(tree: Any, blobs: list[Blob], inline_max: int) -> State:
+    delta = from_node(tree, blobs, allow_delete=True, inline_max=inline_max)
+    if not isinstance(delta, dict):
+        raise ProtocolError("an update's delta must be a mapping")
+    return delta
+
+
+def _inline_max(header: dict[str, Any]) -> int:
+    return INLINE_LEAF_MAX if inline_allowed(header) else 0
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A big update's merge, planned in a worker thread against ``root`` (offload.py)."""
+
+    root: Node
+    merged: Merged
+    changes: bool
+
+
+def _plan(root: Node, delta: State) -> Planned:
+    return Planned(root, merge_counted(root, delta), changes_anything(root, delta))
+
+
 class UpdateOps(HandlerBase):
     """The ``update`` and ``save`` ops."""
 
-    def _check_bytes_quota(self, job: Job, delta: State) -> Merged | None:
+    def _check_bytes_quota(self, job: Job, delta: State, planned: Merged | None = None) -> Merged | None:
         """Refuse an update that would make the owner's states larger than ``quota.max_bytes``; the merge
         it planned (applied as it is when the update goes on). O(the update): the owner's usage is a
         counter (accounting.py) and the merge says what it adds. An update that adds nothing (a delete)
@@ -66,7 +92,7 @@ class UpdateOps(HandlerBase):
         limit = self.ctx.config().quota.max_bytes
         if limit is None or job.owner == 0:
             return None
-        merged = job.plan(delta)
+        merged = planned or job.plan(delta)
         used = self.ctx.table.ledger.used(job.owner)
         if merged.cost > 0 and used + merged.cost > limit:
             raise QuotaExceeded(
@@ -79,6 +105,17 @@ class UpdateOps(HandlerBase):
 
     def _parse_update(self, req: RpcRequest) -> ParsedUpdate:
         """Everything an update says that can be checked from the request alone (no job, no await)."""
+        u, blobs = self._parse_fields(req)
+        u.delta = _decode_delta(req.header.get("tree"), blobs, _inline_max(req.header))
+        self._check_running()
+        return u
+
+    def _check_running(self) -> None:
+        if self.ctx.shutting_down():
+            raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
+
+    def _parse_fields(self, req: RpcRequest) -> tuple[ParsedUpdate, list[Blob]]:
+        """:meth:`_parse_update` but the delta's decode (left empty): the fields and the blobs it carries."""
         h = req.header
         name = self._job_name(req)
         session = h.get("session")
@@ -103,16 +140,10 @@ class UpdateOps(HandlerBase):
             except ValueError as exc:
                 raise ProtocolError(f"shm: {exc}") from None
         blobs = blobs_from_frames(h.get("blobs"), req.frames, placed)
-        inline_max = INLINE_LEAF_MAX if inline_allowed(h) else 0
-        delta = from_node(h.get("tree"), blobs, allow_delete=True, inline_max=inline_max)
-        if not isinstance(delta, dict):
-            raise ProtocolError("an update's delta must be a mapping")
-        if self.ctx.shutting_down():
-            raise ShuttingDown("the daemon is shutting down and saving; this update was not applied")
         # The delta's blobs are exactly ``blobs``: its size needs no second walk of the tree.
         size = req.header_size + sum(b.nbytes for b in blobs)
         return ParsedUpdate(name=name, session=session, wait=wait, step=step, meta=meta, acked=acked, conn=conn,
-                            delta=delta, size=size)
+                            delta={}, size=size), blobs
 
     def start_update(self, req: RpcRequest) -> Started:
         """An update of a loaded job is applied right here, in the rpc loop's step (so updates apply in the
@@ -126,6 +157,49 @@ class UpdateOps(HandlerBase):
             return self._update_reloading(req, u, job)
         self.ctx.table.cache.hit(job)
         return self._apply_update(req, u, job)
+
+    async def op_update_big(self, req: RpcRequest) -> Reply:
+        """An update whose header is big (offload.py): decoded and its merge planned in a worker thread,
+        merged here on the event loop. The rpc server starts none of the sender's other requests until
+        ``req.on_applied`` (their order is kept)."""
+        try:
+            u, blobs = self._parse_fields(req)
+            inline_max = _inline_max(req.header)
+            u.delta = await off_loop(_decode_delta, req.header.pop("tree", None), blobs, inline_max)
+            self._check_running()
+            job = self.ctx.table.jobs.get((req.owner, u.name))
+            if job is None or job.deleted:
+                async with self._job_quota(req.owner, u.name):
+                    job = await self.ctx.table.get(req.owner, u.name)
+            started = await self._apply_planned(req, u, job)
+        finally:
+            if req.on_applied is not None:
+                req.on_applied()
+        return await finish(started)
+
+    async def _apply_planned(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
+        """Merge a big update planned off the loop: under the job's reload lock, as an update of an evicted
+        job (updates that come meanwhile queue behind it; the tree stays resident while pinned)."""
+        table = self.ctx.table
+        job.queued_updates += 1
+        job.pins += 1
+        try:
+            async with job.reload_lock:
+                if job.deleted or table.jobs.get(job.key) is not job:
+                    return self._update_loading(req, u)  # deleted meanwhile: a new job of that name
+                await table.make_resident(job)
+                root = job.root
+                planned: Planned | None = await off_loop(_plan, root, u.delta)
+                if planned is not None and job.root is not planned.root:
+                    planned = None  # the job changed meanwhile: planned again on the loop
+                try:
+                    return self._apply_update(req, u, job, planned)
+                except BaseException:
+                    table.forget_if_unused(job)
+                    raise
+        finally:
+            job.queued_updates -= 1
+            job.pins -= 1
 
     async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
         async with self._job_quota(req.owner, u.name):
@@ -158,10 +232,11 @@ class UpdateOps(HandlerBase):
             return await self._update_loading(req, u)
         return await finish(started)
 
-    def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
+    def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job, planned: Planned | None = None) -> Started:
         """Check the update against its job and merge it, in one event-loop step (atomic); the ack for
         ``accepted``, or the coroutine that waits for the level asked for."""
         h = req.header
+        check_expiry(req, time.time())  # a load or a decode may have awaited: never applied after its deadline
         client_boot = h.get("boot")
         if client_boot is not None and client_boot != self.ctx.boot and u.acked > job.durable.get(u.session, 0):
             raise StateLost(
@@ -177,9 +252,12 @@ class UpdateOps(HandlerBase):
                 f"the write-ahead log of {u.name!r} is unavailable after an I/O error ({job.wal_broken}); a snapshot "
                 "is being saved. This update was not applied; retry, or use wait='committed'."
             )
-        merged = self._check_bytes_quota(job, u.delta)
+        merged = self._check_bytes_quota(job, u.delta, planned.merged if planned else None)
+        if merged is None and planned is not None:
+            merged = planned.merged
         generation = job.apply(u.delta, session=u.session, seq=req.seq, step=u.step, meta=u.meta, size=u.size,
-                               now=self.ctx.clock(), merged=merged)
+                               now=self.ctx.clock(), merged=merged,
+                               changes=planned.changes if planned is not None else None)
         if u.wait == "accepted":
             self.ctx.poke_for(job)
             return Reply({"ack": "accepted", "durable": job.durable.get(u.session, 0), "generation": generation,

@@ -31,6 +31,10 @@ class RunState:
     failing_until: dict[str, float] = field(default_factory=dict)
     # Requests refused by a per-user quota (the metrics' autosaved_quota_refusals_total).
     quota_refusals: int = 0
+    # Requests dropped unapplied because their client's deadline (``expires``) passed while they waited.
+    expired: int = 0
+    # Requests over quota.max_requests dropped unanswered (past the refusals answered per user a second).
+    requests_unanswered: int = 0
 
     @property
     def shutting_down(self) -> bool:

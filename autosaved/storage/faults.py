@@ -60,6 +60,8 @@ POINTS: dict[str, str] = {
     "loop.tick.before": "the rpc loop goes round, on the event loop itself (sleep: a hung event loop)",
     "rpc.poll.before": "the rpc loop goes round, in a worker thread (sleep: an rpc loop that stalls while "
                        "the event loop runs)",
+    "offload.decode.before": "a big request is about to be decoded or planned in a worker thread "
+                             "(sleep: a long decode, while the rest of the daemon serves)",
     "load.job.before": "a job is about to be loaded from disk, in a worker thread (sleep: a long replay)",
     "gc.collect.before": "a garbage collection is about to list what the manifests reference",
     "restore.read.before": "a restore is about to read a stored leaf's chunks, in a worker thread (sleep: a "

@@ -1,0 +1,147 @@
+"""Big requests decoded off the event loop (issue 19).
+
+Measured (scripts/hostile_user.py --roles shapes, 2 cores): an update of 20,000 tiny maps (a 330 KB
+header) took the event loop 0.3-0.6 s to unpack, decode and merge, most of it in CPython's cyclic garbage
+collector, which ran dozens of times while the unpacker built 80,000 containers; a well-behaved user's
+small update beside a stream of them had a p99 of 3.2 s (18 ms alone). Here such a request's header is
+unpacked in slices of :data:`SLICE` bytes (msgpack's streaming unpacker resumes where it stopped, so no
+C call holds the GIL for more than a slice), and its decode and merge plan run in a worker thread, with
+the collector paused meanwhile (what it would collect is the request's own acyclic temporaries). The event
+loop takes the GIL back within the interpreter's switch interval (:data:`SWITCH_INTERVAL`), however long
+the worker runs.
+
+A request is big when its header frame is over :data:`OFFLOAD_MIN` bytes: blobs travel as frames of
+their own and cost nothing to decode, so the header's size is what decoding costs.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import msgpack
+
+from ..errors import ProtocolError
+from ..protocol import MAX_HEADER_BYTES
+from ..storage.faults import point
+
+T = TypeVar("T")
+
+# Headers above this are decoded in a worker thread; below, inline (a 64 KiB header decodes in ~1 ms,
+# and a thread hop costs ~50-100 us: small updates stay on the fast path of issue 14).
+OFFLOAD_MIN = 64 * 1024
+# Bytes fed to the unpacker per call: each call holds the GIL for about 0.1-0.5 ms.
+SLICE = 16 * 1024
+# The leading fields of a big header (v, op, seq, job: the SDK packs them first) are read from its first
+# bytes only, to check and refuse the request at the edge without decoding it whole.
+PEEK_BYTES = 4096
+# How long a thread holding the GIL keeps it while another waits (CPython's default is 5 ms). Each send and
+# receive of the rpc loop releases the GIL and may wait about this long to get it back from a busy worker
+# (measured: a zmq round trip beside a decoding thread, 3.2 ms at 5 ms, 0.2-0.7 ms at 0.5 ms, load 19).
+SWITCH_INTERVAL = 0.0002
+
+# As unpackb's for a whole header (the streaming unpacker would derive them from its buffer size).
+_LIMITS: dict[str, int] = {f"max_{kind}_len": MAX_HEADER_BYTES for kind in ("str", "bin", "array", "map", "ext")}
+
+_lock = threading.Lock()
+_paused = 0
+_was_enabled = False
+
+
+def install() -> None:
+    """Set the switch interval: the rpc loop gets the GIL back quickly from a decoding worker."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+def peek_header(raw: bytes | memoryview) -> dict[str, Any]:
+    """The scalar fields at the start of a header map, read from its first :data:`PEEK_BYTES` only
+    (a field packed after a big one is not seen); ``ProtocolError`` if it does not start as a map."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=PEEK_BYTES, **_LIMITS)
+    unpacker.feed(bytes(raw[:PEEK_BYTES]))
+    out: dict[str, Any] = {}
+    try:
+        n = unpacker.read_map_header()
+        for _ in range(min(n, 16)):
+            key = unpacker.unpack()
+            value = unpacker.unpack()
+            if isinstance(key, str) and (value is None or isinstance(value, bool | int | float | str)):
+                out[key] = value
+    except msgpack.OutOfData:
+        pass
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    return out
+
+
+def unpack_sliced(raw: bytes | memoryview) -> dict[str, Any]:
+    """:func:`autosaved.protocol.unpack_header`, fed :data:`SLICE` bytes at a time (for a worker thread:
+    the GIL is free between slices)."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes is over the {MAX_HEADER_BYTES} byte limit")
+    view = memoryview(raw)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(view) + 1, **_LIMITS)
+    header: Any = None
+    done = False
+    try:
+        for start in range(0, len(view), SLICE):
+            unpacker.feed(view[start:start + SLICE])
+            try:
+                header = unpacker.unpack()
+                done = True
+                break
+            except msgpack.OutOfData:
+                continue
+        if done and unpacker.tell() != len(view):
+            raise ValueError("extra data after the header")
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not done:
+        raise ProtocolError("header is not valid msgpack: truncated")
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    return header
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic collector off while a worker decodes (nested and concurrent uses count): the objects it
+    would walk again and again are the request's own, freed by reference counting."""
+    global _paused, _was_enabled
+    with _lock:
+        if _paused == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _paused += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _paused -= 1
+            if _paused == 0 and _was_enabled:
+                gc.enable()
+
+
+def _paused_call(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    point("offload", "decode", "before")
+    with gc_paused():
+        return fn(*args)
+
+
+# One decode at a time, apart from the default pool the disk work uses: the collector is then on again
+# between two decodes (a stream of overlapping ones would keep it off, and cyclic garbage would pile up);
+# one user's decodes run one after another anyway (the rpc server holds the user).
+_limiter: anyio.CapacityLimiter | None = None
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a decoding worker thread, the collector paused."""
+    global _limiter
+    if _limiter is None:
+        _limiter = anyio.CapacityLimiter(1)
+    return await anyio.to_thread.run_sync(_paused_call, fn, args, limiter=_limiter)
