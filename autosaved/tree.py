@@ -35,6 +35,8 @@ class Walked:
     and not a clock, that a request's work does not grow with what the daemon holds (issue 19)."""
 
     entries = 0
+    # Entries copied by path copying (a merge into a mapping a snapshot may hold copies it first).
+    copied = 0
 
 # msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
 MSGPACK_INT_MIN: Final = -(2**63)

@@ -173,6 +173,45 @@ def test_a_merge_never_visits_what_it_does_not_touch() -> None:
     assert Walked.entries - before <= 10
 
 
+def test_an_update_copies_a_big_mapping_once_per_snapshot_not_once_per_update() -> None:
+    """Issue 20: path copying copied the whole mapping on an update's path, so each put into a history of
+    100,000 checkpoints copied 100,000 entries (and the garbage collector walked the copy). A merge of the
+    job's generation changes what that generation built in place; a snapshot starts a new generation and
+    its tree never changes."""
+    job = Job(owner=0, name="j", store=None, settings=None)  # type: ignore[arg-type]
+    job.root = counted({"cp": {f"{i:08d}": {"a": i, "l": [i]} for i in range(5000)}, "n": 0})
+    snapshot, frozen = job.root, to_node(job.root)[0]
+    job.merge_gen += 1
+
+    def put(k: int) -> int:
+        before = Walked.copied
+        job.apply({"cp": {f"x{k:07d}": {"a": k, "l": [k]}}, "n": k}, session="s", seq=k, step=None, meta=None,
+                  size=1, now=0.0)
+        return Walked.copied - before
+
+    assert put(1) >= 5000  # the first update after the snapshot copies the mappings on its path, once
+    # What the next ones copy: at most the update's own one-key map, once (the pending log delta's copy).
+    assert sum(put(k) for k in range(2, 50)) <= 2
+    assert to_node(snapshot)[0] == frozen and len(snapshot["cp"]) == 5000
+    assert len(job.root["cp"]) == 5049 and job.root.cost == encoded_cost(job.root)
+    job.merge_gen += 1  # the next snapshot
+    assert put(50) >= 5049 and put(51) == 0
+
+
+def test_the_pending_log_delta_grows_in_place_and_never_changes_a_callers_delta() -> None:
+    """Issue 20: at ``accepted`` the job's pending log delta collects every update since the last log
+    record or save; copying it at each update made 90,000 puts without a save quadratic."""
+    job = Job(owner=0, name="j", store=None, settings=None)  # type: ignore[arg-type]
+    deltas = [{"cp": {f"{k:08d}": {"m": k}}, "n": k} for k in range(3000)]
+    before = Walked.copied
+    for k, delta in enumerate(deltas):
+        job.apply(delta, session="s", seq=k + 1, step=None, meta=None, size=1, now=0.0)
+    assert Walked.copied - before < 3 * 3000  # not 3000 * 3000 / 2
+    assert deltas[5] == {"cp": {"00000005": {"m": 5}}, "n": 5}  # the callers' deltas are as they sent them
+    assert len(job.unlogged["cp"]) == 3000 and job.unlogged["n"] == 2999
+    assert merge({}, job.unlogged) == merge({}, {"cp": {f"{k:08d}": {"m": k} for k in range(3000)}, "n": 2999})
+
+
 def test_small_flat_maps_stay_plain_dicts_and_others_are_nodes() -> None:
     """The garbage collector never tracks a plain dict of scalars, but tracks every Node: 600,000 tiny maps
     as Nodes made every collection walk them (a ping beside them took 3x as long)."""
@@ -216,6 +255,7 @@ def test_counters_equal_a_full_recount_after_any_merges_and_deletes(deltas: list
     job.ledger = ledger
     ledger.attach(job.owner, job.root)
     held_snapshots = []
+    frozen: list[tuple[Any, Any, list[int]]] = []
     for i, delta in enumerate(deltas):
         job.apply(delta, session="s", seq=i + 1, step=None, meta=None, size=1, now=0.0)
         cost, held, refs = recount(job.root)
@@ -224,12 +264,16 @@ def test_counters_equal_a_full_recount_after_any_merges_and_deletes(deltas: list
         live = {id(b) for b in iter_blobs(job.root)}
         assert all(id(b) in live for b in iter_blobs(job.unlogged))
         if i in snaps:  # a snapshot being saved holds its root's slots until released
+            job.merge_gen += 1  # as take_snapshot does: later updates must not change what it holds
             held_snapshots.append((job.root, ledger.hold(job.root.refs)))
+            frozen.append((job.root, to_node(job.root)[0], [id(b) for b in iter_blobs(job.root)]))
         expected = Counter(refs)
         for snap, _ in held_snapshots:
             expected.update(recount(snap)[2])
         assert ledger.refs == dict(expected)
         assert ledger.used(1000) == cost and ledger.held_bytes == ledger.held_of(1000) == held
+    for snap, node, blob_ids in frozen:  # updates merged in place never touched a snapshot's tree
+        assert to_node(snap)[0] == node and [id(b) for b in iter_blobs(snap)] == blob_ids
     for _, hold in held_snapshots:
         hold.release()
         hold.release()  # idempotent
@@ -311,6 +355,26 @@ def test_an_update_costs_the_same_beside_a_job_of_many_tiny_maps(make_daemon: Ca
     b_job = next(j for j in big["jobs"] if j["job"] == "b")
     assert b_job["state_bytes"] >= 60_000 * 10 and big["daemon"]["state_bytes"] >= b_job["state_bytes"]
     assert big["daemon"]["referenced_slot_mappings"] >= 1 and big["daemon"]["held_bytes"] >= 1 << 20
+
+
+def test_updates_into_a_long_history_copy_nothing_between_saves(make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """Issue 20, through the daemon: after a save, the first update into a 20,000-entry mapping copies it
+    once; the next ones copy nothing (status counts the entries merges copied), and the saved version and
+    the live state both come back exact."""
+    d = make_daemon(NO_AUTO_POLICY)
+    copied = lambda: int(raw(d.address, "status")["daemon"]["tree_entries_copied"])  # noqa: E731
+    with autosaved.Client("h", address=d.address) as c:
+        c.update({"cp": {f"{i:08d}": {"m": f"message {i}"} for i in range(20_000)}})
+        version = c.save()
+        c.update({"cp": {"x0": {"m": "after the save"}}}, wait="logged")
+        before = copied()
+        for k in range(1, 20):
+            c.update({"cp": {f"x{k}": {"m": k}}, "n": k}, wait="logged")
+        assert copied() - before < 100, copied() - before
+        live = c.restore()
+        assert len(live["cp"]) == 20_020 and live["cp"]["x19"] == {"m": 19} and live["n"] == 19
+        saved = c.restore(version)
+        assert len(saved["cp"]) == 20_000 and "n" not in saved
 
 
 SHAPES = {

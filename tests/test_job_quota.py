@@ -368,3 +368,21 @@ def test_wakeups_keep_each_jobs_earliest_and_hand_out_only_what_is_due() -> None
     w.at((A, "x"), 1.0)
     w.every()
     assert w.take(0.0) is None and w.take(2.0) == []  # every job was decided: its old wake-ups are gone
+
+
+def test_a_refused_first_update_gives_its_max_jobs_slot_back(tmp_path: Path) -> None:
+    """A first update refused after the job quota's check (here: over quota.max_bytes) leaves no empty job
+    behind (issue 22), and no name in the job count either: under max_jobs = 1 the next new job is
+    accepted (the name kept the slot until a restart)."""
+    config = Config(address=f"ipc://{tmp_path}/d.sock", state_dir=tmp_path / "state", write_speed=100_000_000,
+                    quota=QuotaSettings(max_jobs=1, max_bytes=4096))
+    daemon = Daemon(config, clock=FakeClock(), notifier=RecordingNotifier())
+
+    async def main() -> None:
+        with pytest.raises(QuotaExceeded, match="max_bytes"):
+            await call(daemon.handlers, _update("big", {"w": "x" * 10_000}, seq=1, owner=A))
+        assert daemon.table.jobs_of(A) == [] and await daemon.table.names.of(A) == set()
+        await call(daemon.handlers, _update("small", {"w": 1}, seq=1, owner=A))
+        assert [j.name for j in daemon.table.jobs_of(A)] == ["small"]
+
+    anyio.run(main)

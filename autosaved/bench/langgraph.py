@@ -16,7 +16,8 @@ savers alternate, so a busy host's drift hits all of them alike), through ``aput
 
 Reported per saver and API: p50/p99 latency of one call (median of the rounds' p50s) and calls per second,
 and then the p50 of ``get_tuple``/``aget_tuple`` of the thread's newest checkpoint (what a graph reads when
-it resumes a thread), ``--gets`` times.
+it resumes a thread), ``--gets`` times; for our savers also the CPU per put in this process and in the
+daemon (the profile's first cut, which a busy host's scheduling waits do not blur).
 Targets (issue 21): logged p50 <= sqlite_full's, accepted p50 <= sqlite_default's.
 Needs ``pip install 'autosaved[langgraph]' langgraph-checkpoint-sqlite``.
 """
@@ -136,7 +137,18 @@ SAVERS = ("autosaved_logged", "sqlite_full", "autosaved_accepted", "sqlite_norma
 PEERS = {"autosaved_logged": "sqlite_full", "autosaved_accepted": "sqlite_default"}
 
 
-async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: list[Any], gets: int) -> dict[str, Any]:
+def _cpu(daemon: PrivateDaemon) -> tuple[float, float]:
+    """CPU seconds so far of this process (the client, its ZeroMQ I/O thread included) and of the daemon."""
+    import psutil
+
+    mine = psutil.Process().cpu_times()
+    assert daemon.proc is not None
+    theirs = psutil.Process(daemon.proc.pid).cpu_times()
+    return mine.user + mine.system, theirs.user + theirs.system
+
+
+async def _round(r: int, puts: int, root: Path, daemon: PrivateDaemon, api: str, cps: list[Any],
+                 gets: int) -> dict[str, Any]:
     """One saver after the other, each on a thread of its own."""
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -148,8 +160,14 @@ async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: lis
     for name in SAVERS:
         thread = f"{name}-{api}-{r}"
         if name.startswith("autosaved_"):
-            with AutosavedSaver("bench-langgraph", address=address, wait=name.removeprefix("autosaved_")) as saver:
+            wait = name.removeprefix("autosaved_")
+            with AutosavedSaver("bench-langgraph", address=daemon.address, wait=wait) as saver:
+                before = _cpu(daemon)
                 out[name] = await _adrive(saver, thread, cps) if api == "aput" else _drive(saver, thread, cps)
+                after = _cpu(daemon)
+                # Where a put's time goes, robust to a busy host (whose scheduling waits only wall time shows).
+                out[name]["client_cpu_us"] = 1e6 * (after[0] - before[0]) / len(cps)
+                out[name]["daemon_cpu_us"] = 1e6 * (after[1] - before[1]) / len(cps)
                 out[name].update(await _aget(saver, thread, gets) if api == "aput" else _get(saver, thread, gets))
         elif name.startswith("sqlite_"):
             mode = name.removeprefix("sqlite_")
@@ -177,16 +195,17 @@ async def _round(r: int, puts: int, root: Path, address: str, api: str, cps: lis
     return out
 
 
-async def _measure(puts: int, rounds: int, root: Path, address: str, gets: int) -> dict[str, Any]:
+async def _measure(puts: int, rounds: int, root: Path, daemon: PrivateDaemon, gets: int) -> dict[str, Any]:
     cps = _checkpoints(puts)
     results: dict[str, Any] = {}
     for api in ("aput", "put"):
-        per_round = [await _round(r, puts, root, address, api, cps, gets) for r in range(rounds)]
+        per_round = [await _round(r, puts, root, daemon, api, cps, gets) for r in range(rounds)]
         results[api] = {}
         for name in SAVERS:
             runs = [pr[name] for pr in per_round]
             merged: dict[str, Any] = {k: round(statistics.median(run[k] for run in runs), 3)
-                                      for k in ("p50_ms", "p99_ms", "puts_per_s", "get_p50_ms") if k in runs[0]}
+                                      for k in ("p50_ms", "p99_ms", "puts_per_s", "get_p50_ms", "client_cpu_us",
+                                                "daemon_cpu_us") if k in runs[0]}
             if "synchronous" in runs[0]:
                 merged["synchronous"] = runs[0]["synchronous"]
             results[api][name] = merged
@@ -201,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--puts must be at least 20")
     with tempfile.TemporaryDirectory(prefix="autosaved-bench-lg-") as tmp, \
             PrivateDaemon(Path(tmp) / "daemon", config=POLICY) as daemon:
-        result = asyncio.run(_measure(args.puts, max(1, args.rounds), Path(tmp), daemon.address, max(0, args.gets)))
+        result = asyncio.run(_measure(args.puts, max(1, args.rounds), Path(tmp), daemon, max(0, args.gets)))
     result["puts"] = args.puts
     result["rounds"] = args.rounds
     result["gets"] = args.gets
@@ -223,6 +242,9 @@ def run(args: argparse.Namespace) -> int:
         for ours, peer in PEERS.items():
             key = f"{ours}_p50_vs_{peer}"
             print(f"       {ours} p50 / {peer} p50 = {r[key]} (target <= 1.0)")
+        for ours in PEERS:
+            print(f"       {ours}: CPU per {api} {r[ours]['client_cpu_us']:.0f} us in this process (its ZeroMQ thread "
+                  f"included), {r[ours]['daemon_cpu_us']:.0f} us in the daemon")
     return 0
 
 

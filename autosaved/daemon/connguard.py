@@ -27,7 +27,8 @@ from the truth: a counted fd is alive while it still names the same socket and i
 over a cap. A refusal never rests on connections that are gone. (What made root's ``status`` time out
 after a flood in issue 19 was not the count: the flood's own connections were still open — libzmq
 closes a closed socket's fd later, in its own thread — and a refused connection loses the request
-already written into it: the client waits out its timeout.)
+already written into it. The client now tells that at once, see client.base.LinkWatch: the file is closed
+to the user before the connection is shut down, so the client finds it so and names the bound.)
 """
 
 from __future__ import annotations
@@ -249,13 +250,17 @@ class ConnGuard:
                           total_cap=self.total_cap)
             if why is None or peer_uid_of_fd(fd, self.path) != uid:
                 continue
-            shut_down(fd)
-            self.refused += 1
             per_user = not why.startswith("max_connections")
-            reasons[uid if per_user else None] = why
+            # The file is closed to the user first: a client that sees its connection shut down finds it so,
+            # and tells its user it was refused (client.base.closed_early), not that the daemon went away.
             if per_user and uid is not None and uid not in self.denied:
                 self.denied.add(uid)
                 self._set_acl()
+            elif not per_user and not self.closed and self.path is not None:
+                self._close()
+            shut_down(fd)
+            self.refused += 1
+            reasons[uid if per_user else None] = why
             # Shut down is gone for the count: its DISCONNECTED, when read, finds nothing to take off.
             self._gone(fd)
         for key, why in reasons.items():

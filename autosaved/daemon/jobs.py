@@ -11,7 +11,17 @@ import anyio
 from ..backoff import backoff
 from ..config import PolicySettings
 from ..policy import JobView, SaveReason
-from ..state import Merged, Node, Refs, State, add_refs, changes_anything, empty_node, merge_counted, merge_deltas
+from ..state import (
+    Merged,
+    Node,
+    Refs,
+    State,
+    add_refs,
+    changes_anything,
+    empty_node,
+    merge_counted,
+    merge_deltas_into,
+)
 from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter, replay_speed
 from .accounting import Hold, Ledger
@@ -65,6 +75,9 @@ class Job:
     # Every applied update increments ``generation``; a save commits the generation it snapshotted.
     generation: int = 0
     saved_generation: int = 0
+    # The live tree's merge generation (state.merge_counted): mappings built since the last snapshot are
+    # changed in place by the next update; a snapshot starts a new one, so a tree it holds never changes.
+    merge_gen: int = 1
     dirty_bytes: int = 0
     dirty_since: float | None = None
     last_update_at: float | None = None
@@ -160,13 +173,13 @@ class Job:
         if not self._changes(delta, step, meta, changes):
             return self.generation
         if merged is None:
-            merged = self.plan(delta)
+            merged = merge_counted(self.root, delta, self.merge_gen)
         if self.ledger is not None:
             self.ledger.apply(self.owner, merged)
         self.root = merged.root
         self.unlogged_refs = add_refs(self.unlogged_refs, merged.added_refs)
         self.generation += 1
-        self.unlogged = merge_deltas(self.unlogged, delta)
+        self.unlogged = merge_deltas_into(self.unlogged, delta)
         self.unlogged_generation = self.generation
         if step is not None:
             self.step = step
@@ -292,6 +305,7 @@ def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
     )
     # Records after this snapshot go to a new segment, so the commit can drop the old ones whole.
     job.rotate_log = True
+    job.merge_gen += 1  # the ticket holds the root: from now on updates copy what they change, once
     job.next_version += 1
     job.saving = True
     job.explicit_requested = False

@@ -241,12 +241,16 @@ class JobTable:
 
     def forget_if_unused(self, job: Job) -> None:
         """Drop a job that ``get`` created for a request that was then refused: nothing was ever accepted
-        into it, so it must not show in ``list`` as an empty job (issue 22)."""
+        into it, so it must not show in ``list`` as an empty job (issue 22), nor keep a ``quota.max_jobs``
+        slot until a restart (issue 19): its name leaves the count too, unless its folder is on disk (a
+        stat, on this rare path only)."""
         if (self.jobs.get(job.key) is job and job.generation == 0 and job.latest_version is None
                 and not job.saving and not job.waiters and not job.log_pending and not job.log_writing):
             if job.wal is not None:
                 job.wal.close()
             self.remove(job.key)
+            if not job.store.path.exists():
+                self.folder_gone(job.owner, job.name)
 
     async def replicate_stored_jobs(self, replicator: Replicator) -> None:
         """With ``[remote]``, every job on disk is attached at start: a backlog a crash left behind goes up

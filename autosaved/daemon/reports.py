@@ -149,6 +149,7 @@ class Reports:
                 "state_bytes": self.ctx.ledger.state_total,
                 "referenced_slot_mappings": len(self.ctx.ledger.refs),
                 "tree_entries_walked": Walked.entries,
+                "tree_entries_copied": Walked.copied,
                 "rss_bytes": psutil.Process().memory_info().rss,
                 "shm": self.ctx.slots.report(),
                 "preempted": self.ctx.run.preempted,

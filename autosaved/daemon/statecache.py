@@ -228,9 +228,12 @@ class StateCache:
 
 def drop_store_caches(job: Job) -> None:
     """What the job's store keeps in memory for the next save (format 2: the last tree written, its leaf
-    page refs, gc's memo of page links) goes with the tree; a reload warms it again (storage/warm.py)."""
+    page refs, gc's memo of page links and its reference counts) goes with the tree; a reload warms it again
+    (storage/warm.py; the counts come back by one full mark at the next collection)."""
     store: Any = job.store
     if hasattr(store, "paged_cache"):
         store.paged_cache = None
     if hasattr(store, "page_refs"):
         store.page_refs = {}
+    if hasattr(store, "live"):
+        store.live.forget()  # gc's reference counts (storage/gcmark.py): rebuilt by one full mark

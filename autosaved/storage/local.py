@@ -37,7 +37,7 @@ from ..names import validate_job_name
 from ..settings import KeepBest
 from ..state import merge
 from ..tree import Blob, Chunk, from_node, to_node
-from . import fileops, hashing, paged
+from . import fileops, gcmark, hashing, paged
 from . import objects as obj
 from .chunkwriter import ChunkPipeline, fsync_dirs
 from .compress import SUFFIX, compress_chunk, worth_trying
@@ -169,6 +169,9 @@ class JobStore:
         self.paged_cache: paged.Cache | None = None
         # Format 2: page digest -> (child pages, chunks) it references, for gc's marking (paged.referenced).
         self.page_refs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # What the versions on disk reference, kept between collections so retention after a save sweeps
+        # only what the dropped versions alone held (gcmark.py).
+        self.live = gcmark.LiveSet()
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -206,6 +209,7 @@ class JobStore:
         """Commit ``tree`` as version ``version``. ``pace`` (see :data:`fsutil.Pacer`) throttles the
         chunk writes; the manifest, a few KB, is never held back. ``compression`` is a mode of
         :mod:`.compress`; it only decides how new chunks are stored, never their names."""
+        self.live.adopt_if_new(self)
         try:
             if self.write_format == paged.FORMAT:
                 return paged.write_version(self, tree, version, step, reason, meta, sessions, chunk_size, pace,
@@ -213,7 +217,11 @@ class JobStore:
             return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace, wal_lsn,
                                        compression)
         except OSError as exc:
+            self.live.stale = True  # its chunks and pages without a manifest: the next collection sweeps all
             raise StorageError(f"saving {self.job} version {version} failed: {exc}") from exc
+        except BaseException:
+            self.live.stale = True
+            raise
 
     def _write_version(
         self, tree: Any, version: int, step: int | None, reason: str, meta: dict[str, Any],
@@ -589,16 +597,19 @@ class JobStore:
                         keep_every: float | None = None, *, collect: bool = True,
                         keep_best: KeepBest | None = None) -> list[int]:
         """Delete the versions :func:`~.retention.versions_to_delete` picks (never one in ``protect``),
-        manifests first, then collect the chunks no remaining version references. Returns the deleted ids."""
+        manifests first, then collect the objects only the deleted versions reached (see gcmark.py: a
+        collection costs what changed since the last one). Returns the deleted ids."""
         doomed = self._doomed(keep_last, keep_every, frozenset(protect or ()), keep_best)
+        if doomed and collect:
+            self.live.mark_new(self)
         for vid in doomed:
             point("version", "delete", "before", vid)
             fileops.unlink(self.versions_dir / f"{vid:012d}.json", missing_ok=True)
             point("version", "delete", "after", vid)
         if doomed:
             fsync_dir(self.versions_dir, "version")
-            if collect:
-                self.collect_garbage()
+            if collect and (blocked := self.live.collect(self).blocked):
+                log.warning("%s: %s", self.job, blocked)
         return doomed
 
     def _doomed(self, keep_last: int, keep_every: float | None, protect: frozenset[int],
@@ -660,25 +671,12 @@ class JobStore:
         return refs
 
     def collect_garbage(self) -> GcResult:
-        """Delete chunks no manifest references. Crash-safe because manifests go first: a chunk is only
-        ever deleted once nothing can reach it, and a crash half-way leaves garbage for the next run."""
-        point("gc", "collect", "before", self.job)
-        refs = self.referenced_digests()
-        if refs is None:
-            msg = "not collecting garbage while a manifest is unreadable (see `autosaved verify`)"
-            log.warning("%s: %s", self.job, msg)
-            return GcResult(blocked=msg)
-        result = GcResult()
-        for sub in self._object_dirs():
-            for entry in os.scandir(sub):
-                if entry.name.removesuffix(SUFFIX) not in refs:  # either stored form of a referenced chunk stays
-                    size = entry.stat().st_size
-                    point("chunk", "delete", "before", entry.path)
-                    fileops.unlink(entry.path, missing_ok=True)
-                    self.page_refs.pop(entry.name, None)
-                    point("chunk", "delete", "after", entry.path)
-                    result.removed_chunks += 1
-                    result.freed_bytes += size
+        """Delete every object no manifest references (a full mark and sweep, see gcmark.py). Crash-safe
+        because manifests go first: an object is only ever deleted once nothing can reach it, and a crash
+        half-way leaves garbage for the next full collection."""
+        result = self.live.full(self)
+        if result.blocked:
+            log.warning("%s: %s", self.job, result.blocked)
         return result
 
     def _would_collect(self, doomed: frozenset[int]) -> GcResult:
