@@ -1,6 +1,6 @@
 """What an idle job costs the daemon (issue 20: <= 64 KiB beyond its root once evicted).
 
-    python scripts/idle_jobs.py --jobs 400 --memory-limit 1MiB   # nearly all evicted
+    python scripts/idle_jobs.py --jobs 400 --memory-limit 1MiB   # nearly all evicted: ~12 KiB of RSS per job
     python scripts/idle_jobs.py --jobs 400 --memory-limit 4GiB   # all resident
 
 Starts a private daemon under ``memory_limit``, writes and saves ``--jobs`` jobs of about 30 KB encoded
