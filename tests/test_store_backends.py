@@ -244,6 +244,9 @@ def test_remote_gc_fetches_each_shared_page_once(s3server: Any, tmp_path: Path,
     assert result.removed_chunks == 0 and result.deleted_versions == []
     # The lease, three root records, gc.json, and each distinct page once.
     assert pages <= job.store.requests["GET"] <= pages + 5, (pages, job.store.requests)
+    # Listings: the root records before and after retention, and every object once (the chunks' index and
+    # their sizes come from the same listing).
+    assert job.store.requests["LIST"] == 3, job.store.requests
 
 
 def test_both_backends_keep_one_object_contract(s3server: Any, tmp_path: Path,

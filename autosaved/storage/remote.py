@@ -451,13 +451,16 @@ class RemoteJob:
 
     # -- chunks ----------------------------------------------------------------------------------
 
-    async def chunk_index(self) -> dict[str, tuple[str, float]]:
-        """digest → (key, last-modified unix time) of every chunk in the bucket."""
+    async def chunk_index(self, sizes: dict[str, int] | None = None) -> dict[str, tuple[str, float]]:
+        """digest → (key, last-modified unix time) of every chunk and page in the bucket (one listing);
+        ``sizes`` gets key → bytes from the same listing."""
         out = {}
         for meta in await self.store.list_objects(f"{self.prefix}/chunks"):
             m = _CHUNK_KEY.search(str(meta["path"]))
             if m:
                 out[m.group(1)] = (str(meta["path"]), meta["last_modified"].timestamp())
+            if sizes is not None:
+                sizes[str(meta["path"])] = int(meta["size"])
         return out
 
     async def put_chunk(self, digest: str, data: bytes | memoryview, packed: bool) -> bool:
@@ -954,8 +957,8 @@ class RemoteJob:
             pending = {str(k): float(v) for k, v in json.loads(bytes(raw)).items()}
         except (FileNotFoundError, ValueError, AttributeError):
             pending = {}
-        index = await self.chunk_index()
-        sizes = {str(m["path"]): int(m["size"]) for m in await self.store.list_objects(f"{self.prefix}/chunks")}
+        sizes: dict[str, int] = {}
+        index = await self.chunk_index(sizes)  # one listing of every object, not one per use
         gone = []
         new_pending = {}
         for digest, (key, modified) in index.items():

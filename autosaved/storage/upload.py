@@ -8,14 +8,15 @@ way the daemon does.
 
 Format 2: the walk of a version's pages stops at pages whose whole subtree the bucket is known to hold
 (``complete``), so an upload reads the pages its save wrote, not the whole state. Small objects are not
-packed into bigger ones (issue 20 item 5 asked to, where it helps), because it does not pay here: pages are
-already 4-16 KiB packs of small leaves (leaves up to 2 KiB live inside them), so a save's new objects are
-few (measured on a LangGraph-shaped history, 1,000 and 10,000 checkpoints: one save after 100 puts wrote
-14 and 16 objects, 6.5-7 kB each; after one put, 2-3 objects), and a version's fixed requests (its root
-record and two lease renewals) are as many as its pages. Packing would cost what the design relies on:
-create-only dedup by name (a pack holds many digests, so the bucket would need an index to dedup against),
-gc by object (a pack dies only when all its members do, or must be rewritten), and O(log N) reads by path
-(a page's pack and offset would need an index that is itself O(N) or another tree to read).
+packed into bigger ones (issue 20 item 5 asked to, where it helps), because it does not pay here: pages
+are already 4-16 KiB packs of small leaves (leaves up to 2 KiB live inside them), so a save's new objects
+are few (``scripts/remote_path_gets.py``, a LangGraph-shaped history of 1,000 and 10,000 checkpoints: an
+upload after 100 puts sent 14 and 16 objects of 6.5-7 kB; after one put, 2 and 3), and a version's fixed
+requests (its root record and two lease renewals) are as many as its pages. Packing would cost what the
+design relies on: create-only dedup by name (a pack holds many digests, so the bucket would need an index
+to dedup against), gc by object (a pack dies only when all its members do, or must be rewritten), and
+O(log N) reads by path (a page's pack and offset would need an index that is itself O(N), or another tree
+to read).
 """
 
 from __future__ import annotations
