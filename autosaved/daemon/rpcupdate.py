@@ -153,11 +153,11 @@ class UpdateOps(HandlerBase):
         u = self._parse_update(req)
         key = (req.owner, u.name)
         job = self.ctx.table.jobs.get(key)
-        if job is None or job.deleted or self.ctx.table.update_turns.busy(key):
-            # Its place behind earlier updates still waiting for the load is taken now, at arrival.
+        if (job is None or job.deleted or not job.resident or job.queued_updates
+                or self.ctx.table.update_turns.busy(key)):
+            # Not loaded, evicted, or earlier updates wait for its (re)load: its place behind them is taken
+            # now, at arrival (a task's first step may come after a later update's fast path).
             return self._update_in_turn(req, u, self.ctx.table.update_turns.take(key))
-        if not job.resident or job.queued_updates:  # evicted, or updates wait for its reload: after them
-            return self._update_reloading(req, u, job)
         self.ctx.table.cache.hit(job)
         return self._apply_update(req, u, job)
 
@@ -215,8 +215,8 @@ class UpdateOps(HandlerBase):
             job.pins -= 1
 
     async def _update_in_turn(self, req: RpcRequest, u: ParsedUpdate, turn: Turn) -> Reply:
-        """An update of a job not loaded yet (or of one whose earlier updates still wait for its load):
-        loaded and applied in its turn, so updates apply in the order they arrived (the fast path is
+        """An update of a job not loaded yet or evicted (or of one whose earlier updates still wait for its
+        load): loaded and applied in its turn, so updates apply in the order they arrived (the fast path is
         closed to the key until the last turn is done); its ack waits outside the turn."""
         turns = self.ctx.table.update_turns
         key = (req.owner, u.name)
@@ -237,9 +237,6 @@ class UpdateOps(HandlerBase):
         except BaseException:
             self.ctx.table.forget_if_unused(job)  # a refused first update leaves no empty job behind
             raise
-
-    async def _update_reloading(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Reply:
-        return await finish(await self._reload_and_apply(req, u, job))
 
     async def _reload_and_apply(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
         """An update of a job whose tree the state cache evicted: loaded back first. Updates queue on the
