@@ -251,11 +251,12 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
             attackers = [subprocess.Popen(hostile.command([*me, "--role", r, d.address, str(seconds)]),
                                           env={**os.environ, "HOME": "/tmp"}, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL) for r in roles]
-            # The daemon's stacks while it is under attack (py-spy's collapsed format): where its loop goes.
+            # The daemon's stacks under attack (py-spy's collapsed format, sampled without pausing it).
             spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             spy = None if profile is None else subprocess.Popen(
-                [spy_bin, "record", "--format", "raw", "--rate", "200", "--output", profile, "--pid", str(d.proc.pid),
-                 "--duration", str(int(seconds))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "200", "--output", profile,
+                 "--pid", str(d.proc.pid), "--duration", str(int(seconds))],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             under = as_good(seconds)
             if spy is not None:
                 spy.wait(120)

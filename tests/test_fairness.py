@@ -183,3 +183,61 @@ def test_a_cheap_request_is_served_while_another_users_expensive_stream_waits(
                 p.kill()
                 p.wait()
         d.cleanup()
+
+
+# User A: "make": a job whose leaf is stored; "flood": 10 restores of it sent at once on one DEALER, after
+# a line from stdin; prints how many were answered ok.
+RESTORES = """
+import json, sys, numpy as np, zmq, autosaved
+from autosaved.protocol import pack_header, unpack_header
+address, phase = sys.argv[1], sys.argv[2]
+if phase == "make":
+    with autosaved.Client("r", address=address, timeout=120) as c:
+        c.update({"arr": np.ones(100_000, np.uint8)}, wait="committed")
+    raise SystemExit(0)
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(address)
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+for i in range(1, 11):
+    sock.send_multipart([pack_header({"v": 1, "op": "restore", "seq": i, "job": "r"})])
+ok = 0
+for _ in range(10):
+    assert sock.poll(120_000), "no reply"
+    ok += unpack_header(sock.recv_multipart()[0])["ok"]
+print(json.dumps({"ok": ok}), flush=True)
+"""
+
+
+def test_a_user_has_at_most_8_restores_running_and_the_rest_wait_their_turn(
+        users: tuple[list[User], str], tmp_path: Path) -> None:
+    """User A sends 10 restores at once; the first one's read is held (fault point ``restore.read.before``,
+    the others wait for the job's io lock): 8 run, the other 2 wait in A's queue (``requests_queued``),
+    where before each of the 10 was a task on the event loop. All 10 are answered once the read goes on."""
+    (a_user, _), group = users
+    faults = tmp_path / "faults"
+    faults.write_text("")
+    d = PrivateDaemon(tmp_path / "d", config=TEST_WRITE_SPEED + f'socket_group = "{group}"\n' + NO_AUTO_POLICY,
+                      log_level="debug", env={"AUTOSAVED_FAULTS_FILE": str(faults)})
+    flood: subprocess.Popen[bytes] | None = None
+    try:
+        d.start()
+        made = a_user.python(textwrap.dedent(RESTORES), d.address, "make")
+        assert made.wait(120) == 0
+        d.kill()
+        d.start()  # the job is loaded again by the first restore: its leaf is read from its chunk files
+        flood = a_user.python(textwrap.dedent(RESTORES), d.address, "flood", stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+        assert _line(flood) == {"ready": True}
+        faults.write_text("restore.read.before 1 sleep:10\n")
+        _say(flood)
+        fault_fired(faults, "restore.read.before")
+        wait_for(lambda: edge(d)["requests_queued"] == 2, timeout=60)
+        assert _line(flood) == {"ok": 10}
+        assert flood.wait(60) == 0
+        assert edge(d)["requests_queued"] == 0
+    finally:
+        if flood is not None and flood.poll() is None:
+            flood.kill()
+            flood.wait()
+        d.cleanup()

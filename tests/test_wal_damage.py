@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -213,3 +214,24 @@ def test_an_offline_reader_racing_a_commit_reads_the_newest_state(tmp_path: Path
     monkeypatch.setattr(local_mod, "read_log", racing)
     recovered = store.recover()
     assert recovered is not None and recovered.tree == {"n": 2}
+
+
+def test_a_whole_record_that_does_not_decode_is_refused_even_at_the_tail(tmp_path: Path) -> None:
+    """A record whose checksum matches but whose payload does not decode (a newer or broken writer: a power
+    cut never writes one) was cut as a torn tail, silently dropping an acknowledged update. Even as the
+    newest segment's last record it is damage: refused, not a byte cut."""
+    log = tmp_path / "log"
+    _write(log, [[1, 2], [3]])
+    (seg,) = [p for _, p in segments(log)]
+    data = bytearray(seg.read_bytes())
+    at = _offsets(seg)[2]
+    (length,) = struct.unpack_from("<Q", data, at + 4)
+    payload = b"\xc1" * length  # 0xc1 is never valid msgpack
+    data[at + 16 : at + 16 + length] = payload
+    struct.pack_into("<I", data, at + 12, zlib.crc32(payload))
+    seg.write_bytes(bytes(data))
+    before = seg.read_bytes()
+    assert scan_segment(seg).damaged is True
+    with pytest.raises(LogDamaged, match=r"valid checksum does not decode"):
+        read_log(log, 0, repair=True)
+    assert seg.read_bytes() == before

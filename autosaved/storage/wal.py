@@ -38,7 +38,9 @@ later record's ``synced`` may have been acknowledged; one above every later reco
   corrupt newer one whose log was already dropped) is reported with a warning, as before.
 
 A last-batch record damaged *after* its sync (bit rot in the newest, never-confirmed batch) cannot be
-told apart from a torn tail on disk; it is cut with the same warning. Power loss never produces it.
+told apart from a torn tail on disk; it is cut with the same warning. Power loss never produces it. A
+whole record whose checksum matches but which does not decode is never a torn write: it is damage (a
+record of a newer or broken writer), refused like the rest, wherever it stands.
 """
 
 from __future__ import annotations
@@ -262,11 +264,14 @@ def scan_segment(path: Path) -> SegmentScan:
         try:
             scan.records.append(_decode(payload, where))
         except Exception as exc:
-            scan.torn = f"{where}: undecodable record ({exc})"
+            # Its checksum matched: a power cut does not write whole records that fail to decode, so this is
+            # a record another autosaved wrote (newer, or broken) and cutting it would drop an acked update.
+            scan.torn = f"{where}: a record with a valid checksum does not decode ({exc})"
+            scan.damaged = True
             break
         offset += _HEAD.size + length
         scan.good_bytes = offset
-    if scan.torn is not None:
+    if scan.torn is not None and not scan.damaged:
         bad_lsn = scan.last_lsn + 1
         for at, synced in _whole_records_after(data, scan.good_bytes):
             if synced is None or synced >= bad_lsn:
