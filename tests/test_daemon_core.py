@@ -271,3 +271,37 @@ def test_requests_for_jobs_that_do_not_exist_leave_no_lock_behind(tmp_path: Path
         assert daemon.table.locks_held() == 0 and not daemon.table.jobs
 
     anyio.run(main)
+
+
+def test_keyed_turns_go_in_arrival_order_and_leave_nothing_behind() -> None:
+    """The per-key queue that keeps updates of a loading job in arrival order (rpcupdate.py): turns go
+    first come, first served whatever order their tasks wake in, a key stays busy until its last turn is
+    done, a turn cancelled while waiting is dropped from the queue, and an idle key holds nothing."""
+    from autosaved.daemon.keylocks import KeyedTurns, Turn
+
+    async def main() -> list[int]:
+        turns: KeyedTurns[str] = KeyedTurns()
+        order: list[int] = []
+        taken = [turns.take("k") for _ in range(5)]
+        assert turns.busy("k") and not turns.busy("other") and taken[0].ready and not taken[1].ready
+
+        async def run(i: int, turn: Turn) -> None:
+            try:
+                await turn.wait()
+                order.append(i)
+            finally:
+                turns.done("k", turn)
+
+        async with anyio.create_task_group() as tg:
+            for i in (4, 2, 3, 1):  # their tasks start in another order than their turns were taken
+                tg.start_soon(run, i, taken[i])
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await run(99, turns.take("k"))  # cancelled while waiting: leaves the queue
+            await anyio.sleep(0)
+            assert turns.busy("k")
+            tg.start_soon(run, 0, taken[0])
+        assert not turns.busy("k") and len(turns) == 0
+        return order
+
+    assert anyio.run(main) == [0, 1, 2, 3, 4]

@@ -25,6 +25,7 @@ from autosaved.protocol import pack_header, unpack_header
 from autosaved.shm import fd_socket_path
 from autosaved.storage.local import Store
 from autosaved.testing.private import PrivateDaemon
+from autosaved.tree import to_node
 
 from .conftest import NO_AUTO_POLICY, fault_fired, wait_for
 
@@ -197,3 +198,50 @@ def test_a_snapshot_holds_its_slots_from_the_instant_it_is_taken(tmp_path: Path)
     anyio.run(main)
     assert seen == [True, False]
     assert job.latest_version == 1
+
+
+def test_updates_pipelined_to_a_job_being_loaded_apply_in_the_order_sent(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    """Updates of one job sent back to back (no ack awaited) while the daemon loads the job from disk apply
+    in the order sent: those that came during the load and those that come as it finishes. Before, the
+    load's waiters were woken one per event-loop turn while an update received meanwhile took the fast path
+    of a loaded job and was applied ahead of them (a later value overwritten by an earlier one)."""
+    faults = tmp_path / "faults"
+    d = make_daemon(NO_AUTO_POLICY, env={"AUTOSAVED_FAULTS_FILE": str(faults)})
+    with autosaved.Client("o", address=d.address) as c:
+        c.update({"x": -1}, wait="committed")
+    d.stop()
+    faults.write_text("load.job.before 1 sleep1\n")  # the load holds its lock a while: updates queue behind it
+    d.start()  # the job is on disk, not loaded
+    during, after = 120, 120  # below quota.max_requests (256) in flight
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(d.address)
+
+    def send(k: int) -> None:
+        node, _ = to_node({"x": k, f"k{k}": k})
+        sock.send_multipart([pack_header({"v": 1, "op": "update", "job": "o", "seq": k, "session": "pipe",
+                                          "tree": node})])
+
+    replies: list[dict[str, Any]] = []
+    try:
+        send(1)
+        fault_fired(faults, "load.job.before")  # the first update is loading the job
+        for k in range(2, during + 1):
+            send(k)
+        assert sock.poll(120_000), "no reply"
+        replies.append(unpack_header(sock.recv_multipart()[0]))  # the load is done: keep sending as it ends
+        for k in range(during + 1, during + after + 1):
+            send(k)
+        while len(replies) < during + after:
+            assert sock.poll(120_000), "no reply"
+            replies.append(unpack_header(sock.recv_multipart()[0]))
+    finally:
+        sock.close(0)
+    assert all(r.get("ack") == "accepted" for r in replies), [r for r in replies if r.get("ack") != "accepted"]
+    # Each accepted update is answered with the job's generation after it: in seq order, one apiece.
+    generations = [r["generation"] for r in sorted(replies, key=lambda r: r["seq"])]
+    assert generations == sorted(generations) and len(set(generations)) == len(generations), generations
+    with autosaved.Client("o", address=d.address) as c:
+        got = c.restore()
+    assert got["x"] == during + after
+    assert all(got[f"k{k}"] == k for k in range(1, during + after + 1))

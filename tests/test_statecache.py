@@ -276,6 +276,8 @@ def test_status_of_an_evicted_job_does_not_load_it(make_daemon: Callable[..., Pr
     finally:
         sock.close(0)
     assert all(r.get("ack") == "accepted" for r in replies), replies
+    generations = [r["generation"] for r in sorted(replies, key=lambda r: r["seq"])]
+    assert generations == sorted(set(generations)), generations  # applied one by one, in seq order
     with autosaved.Client("j1", address=d.address) as c:
         got = c.restore()
     assert got["order"] == 20 and all(got[f"k{k}"] == k for k in range(1, 21))

@@ -26,7 +26,7 @@ from ..storage.warm import warm
 from .accounting import Ledger
 from .jobcount import JobNames
 from .jobs import Job, JobKey
-from .keylocks import KeyedLocks
+from .keylocks import KeyedLocks, KeyedTurns
 from .statecache import StateCache, stored_cost
 
 if TYPE_CHECKING:
@@ -60,6 +60,9 @@ class JobTable:
         # One io lock per (owner, job), whether the job is loaded or not: saves, gc and verify of a job
         # exclude each other through it (a loaded Job pins it as its io_lock until it is removed).
         self._io_locks: KeyedLocks[JobKey] = KeyedLocks()
+        # Updates of a job not loaded yet, in the order they arrived: a later update of the key takes no
+        # fast path while earlier ones still wait for the load (rpcupdate.py).
+        self.update_turns: KeyedTurns[JobKey] = KeyedTurns()
 
     def __iter__(self) -> Iterator[Job]:
         return iter(list(self.jobs.values()))
@@ -112,7 +115,7 @@ class JobTable:
 
     def locks_held(self) -> int:
         """Locks the table holds now (bounded by jobs loaded plus requests in flight; issue 19, defect 9)."""
-        return len(self._load_locks) + len(self._io_locks)
+        return len(self._load_locks) + len(self._io_locks) + len(self.update_turns)
 
     async def find(self, owner: int, name: str) -> Job | None:
         """The job, loaded (log replayed) if it exists on disk, or ``None`` if there is no such job."""

@@ -9,6 +9,7 @@ holds as an attribute), so the table's locks are bounded by the jobs loaded plus
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Generic, TypeVar
@@ -51,3 +52,62 @@ class KeyedLocks(Generic[K]):
                 yield
         finally:
             self.unpin(key)
+
+
+class Turn:
+    """A place in a :class:`KeyedTurns` queue, taken at arrival; :meth:`wait` returns when it is first."""
+
+    __slots__ = ("_event", "ready")
+
+    def __init__(self, ready: bool) -> None:
+        self.ready = ready
+        self._event: anyio.Event | None = None  # made by the waiter, in its task (not at arrival)
+
+    async def wait(self) -> None:
+        if not self.ready:
+            self._event = anyio.Event()
+            await self._event.wait()
+
+    def go(self) -> None:
+        self.ready = True
+        if self._event is not None:
+            self._event.set()
+
+
+class KeyedTurns(Generic[K]):
+    """First come, first served per key, with the place decided synchronously when a request arrives.
+
+    A lock cannot give this: its waiters are woken one event-loop turn after another, and a request that
+    arrives meanwhile and finds the lock free (or takes a path with no lock) overtakes the ones not woken
+    yet. Here a key stays :meth:`busy` until the last turn taken is done, so every later arrival queues
+    behind. Bounded like the locks: a key's queue exists only while turns are taken on it."""
+
+    def __init__(self) -> None:
+        self._queues: dict[K, deque[Turn]] = {}
+
+    def __len__(self) -> int:
+        return len(self._queues)
+
+    def busy(self, key: K) -> bool:
+        return key in self._queues
+
+    def take(self, key: K) -> Turn:
+        """A place at the end of ``key``'s queue (call at arrival, before any await)."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = deque()
+        turn = Turn(ready=not queue)
+        queue.append(turn)
+        return turn
+
+    def done(self, key: K, turn: Turn) -> None:
+        """``turn`` is over (its request applied, failed or was cancelled): the next one goes."""
+        queue = self._queues[key]
+        if queue[0] is turn:
+            queue.popleft()
+            if queue:
+                queue[0].go()
+        else:
+            queue.remove(turn)  # cancelled while waiting (the daemon stopping): rare, O(the queue)
+        if not queue:
+            del self._queues[key]

@@ -14,6 +14,7 @@ from ..protocol import ACK_LEVELS, INLINE_LEAF_MAX, blobs_from_frames, inline_al
 from ..state import Merged, Node, State, changes_anything, merge_counted
 from ..tree import Blob, from_node
 from .jobs import CommitWaiter, Job, LogWaiter
+from .keylocks import Turn
 from .offload import off_loop
 from .rpcbase import Deferred, HandlerBase, Reply, RpcRequest, Started, _opt_int, check_expiry, finish
 from .slottable import SlotConn
@@ -150,11 +151,13 @@ class UpdateOps(HandlerBase):
         order they arrived); ``accepted`` is answered at once, the other levels return what waits for them.
         A job not loaded yet (or being deleted) takes the slow path, which may read the disk."""
         u = self._parse_update(req)
-        job = self.ctx.table.jobs.get((req.owner, u.name))
-        if job is None or job.deleted:
-            return self._update_loading(req, u)
-        if not job.resident or job.queued_updates:  # evicted, or updates wait for its reload: after them
-            return self._update_reloading(req, u, job)
+        key = (req.owner, u.name)
+        job = self.ctx.table.jobs.get(key)
+        if (job is None or job.deleted or not job.resident or job.queued_updates
+                or self.ctx.table.update_turns.busy(key)):
+            # Not loaded, evicted, or earlier updates wait for its (re)load: its place behind them is taken
+            # now, at arrival (a task's first step may come after a later update's fast path).
+            return self._update_in_turn(req, u, self.ctx.table.update_turns.take(key))
         self.ctx.table.cache.hit(job)
         return self._apply_update(req, u, job)
 
@@ -167,11 +170,21 @@ class UpdateOps(HandlerBase):
             inline_max = _inline_max(req.header)
             u.delta = await off_loop(_decode_delta, req.header.pop("tree", None), blobs, inline_max)
             self._check_running()
-            job = self.ctx.table.jobs.get((req.owner, u.name))
-            if job is None or job.deleted:
-                async with self._job_quota(req.owner, u.name):
-                    job = await self.ctx.table.get(req.owner, u.name)
-            started = await self._apply_planned(req, u, job)
+            key = (req.owner, u.name)
+            turns = self.ctx.table.update_turns
+            job = self.ctx.table.jobs.get(key)
+            if job is None or job.deleted or turns.busy(key):
+                # Behind the updates waiting for the job's load (the sender's later ones wait for this one).
+                turn = turns.take(key)
+                try:
+                    await turn.wait()
+                    async with self._job_quota(req.owner, u.name):
+                        job = await self.ctx.table.get(req.owner, u.name)
+                    started = await self._apply_planned(req, u, job)
+                finally:
+                    turns.done(key, turn)
+            else:
+                started = await self._apply_planned(req, u, job)
         finally:
             if req.on_applied is not None:
                 req.on_applied()
@@ -186,7 +199,7 @@ class UpdateOps(HandlerBase):
         try:
             async with job.reload_lock:
                 if job.deleted or table.jobs.get(job.key) is not job:
-                    return self._update_loading(req, u)  # deleted meanwhile: a new job of that name
+                    return await self._load_and_apply(req, u)  # deleted meanwhile: a new job of that name
                 await table.make_resident(job)
                 root = job.root
                 planned: Planned | None = await off_loop(_plan, root, u.delta)
@@ -201,19 +214,31 @@ class UpdateOps(HandlerBase):
             job.queued_updates -= 1
             job.pins -= 1
 
-    async def _update_loading(self, req: RpcRequest, u: ParsedUpdate) -> Reply:
+    async def _update_in_turn(self, req: RpcRequest, u: ParsedUpdate, turn: Turn) -> Reply:
+        """An update of a job not loaded yet or evicted (or of one whose earlier updates still wait for its
+        load): loaded and applied in its turn, so updates apply in the order they arrived (the fast path is
+        closed to the key until the last turn is done); its ack waits outside the turn."""
+        turns = self.ctx.table.update_turns
+        key = (req.owner, u.name)
+        try:
+            await turn.wait()
+            started = await self._load_and_apply(req, u)
+        finally:
+            turns.done(key, turn)
+        return await finish(started)
+
+    async def _load_and_apply(self, req: RpcRequest, u: ParsedUpdate) -> Started:
         async with self._job_quota(req.owner, u.name):
             job = await self.ctx.table.get(req.owner, u.name)
         if not job.resident or job.queued_updates:
-            return await self._update_reloading(req, u, job)
+            return await self._reload_and_apply(req, u, job)
         try:
-            started = self._apply_update(req, u, job)
+            return self._apply_update(req, u, job)
         except BaseException:
             self.ctx.table.forget_if_unused(job)  # a refused first update leaves no empty job behind
             raise
-        return await finish(started)
 
-    async def _update_reloading(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Reply:
+    async def _reload_and_apply(self, req: RpcRequest, u: ParsedUpdate, job: Job) -> Started:
         """An update of a job whose tree the state cache evicted: loaded back first. Updates queue on the
         job's reload lock (first come, first served) and apply under it, so they keep their order."""
         table = self.ctx.table
@@ -229,8 +254,8 @@ class UpdateOps(HandlerBase):
             job.queued_updates -= 1
             job.pins -= 1
         if gone:  # deleted meanwhile: a new job of that name
-            return await self._update_loading(req, u)
-        return await finish(started)
+            return await self._load_and_apply(req, u)
+        return started
 
     def _apply_update(self, req: RpcRequest, u: ParsedUpdate, job: Job, planned: Planned | None = None) -> Started:
         """Check the update against its job and merge it, in one event-loop step (atomic); the ack for
