@@ -26,7 +26,6 @@ from .base import (
     DEFAULT_TIMEOUT,
     Ack,
     JobFacade,
-    LinkWatch,
     check_reachable,
     configure,
     is_probe_reply,
@@ -56,7 +55,6 @@ class AsyncConnection:
         self.on_close = on_close
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
-        self._watch: LinkWatch | None = None
         # Uncontended (one task per client, the usual case) it takes no trip through the event loop.
         self._lock = anyio.Lock(fast_acquire=True)
         self._op = ""
@@ -92,9 +90,6 @@ class AsyncConnection:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
         self._heard = False
         if self.on_close is not None:
             self.on_close()
@@ -113,7 +108,6 @@ class AsyncConnection:
         if self._sock is None:
             check_reachable(self.address)
             self._sock = self._ctx.socket(zmq.DEALER)
-            self._watch = LinkWatch(self._ctx, self._sock, self.address)
             configure(self._sock, self.address)
         return self._sock
 
@@ -122,8 +116,6 @@ class AsyncConnection:
         self._limit = self.save_timeout if step.long else self.timeout
         self._deadline = anyio.current_time() + self._limit
         sock = self._socket()
-        assert self._watch is not None
-        self._watch.begin()
         if step.long and not self._heard:
             await self._probe(sock)
         # With no daemon connected a DEALER cannot send: the timeout covers that wait too.
@@ -149,23 +141,16 @@ class AsyncConnection:
                     return None
 
     async def _ready(self, sock: zmq.Socket[bytes], event: int, deadline: float) -> bool:
-        """Wait until ``sock`` has ``event`` or the deadline passed (False); raises at once if the request's
-        connection closed (see base.LinkWatch). ZeroMQ's FD only says "look at EVENTS again": it is readable
-        until EVENTS is read, so each wake-up reads it."""
+        """Wait until ``sock`` has ``event`` or the deadline passed (False). ZeroMQ's FD only says "look at
+        EVENTS again": it is readable until EVENTS is read, so each wake-up reads it."""
         if sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
             return True
-        watch = self._watch
-        assert watch is not None
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool | None] = loop.create_future()
+        waiter: asyncio.Future[bool] = loop.create_future()
 
         def look() -> None:
             if not waiter.done() and sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
                 waiter.set_result(True)
-
-        def closed() -> None:
-            if not waiter.done() and watch.lost():
-                waiter.set_result(None)
 
         def expire() -> None:
             if not waiter.done():
@@ -173,19 +158,12 @@ class AsyncConnection:
 
         fd: int = sock.FD
         loop.add_reader(fd, look)
-        loop.add_reader(watch.fd, closed)
         timer = loop.call_at(loop.time() + max(0.0, deadline - anyio.current_time()), expire)
         try:
-            got = await waiter
+            return await waiter
         finally:
             timer.cancel()
             loop.remove_reader(fd)
-            loop.remove_reader(watch.fd)
-        if got is None:
-            error = watch.error(self._op)
-            self.close()  # what is still queued in it must not reach a daemon later
-            raise error
-        return got
 
     async def _probe(self, sock: zmq.Socket[bytes]) -> None:
         """A ping within the ordinary timeout before the first long op on this socket."""

@@ -3,12 +3,8 @@ socket options, and the result types."""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import itertools
 import os
-import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -16,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 import zmq
 
 from ..config import discover_address
-from ..errors import AutosavedError, DaemonUnavailable, Forbidden, QuotaExceeded
+from ..errors import DaemonUnavailable, QuotaExceeded
 from ..protocol import PROTOCOL_VERSION, pack_header, unpack_header
 
 DEFAULT_TIMEOUT = 10.0
@@ -113,7 +109,20 @@ def check_reachable(address: str) -> None:
             )
 
 
-def timed_out(address: str, op: str, timeout: float) -> DaemonUnavailable:
+def timed_out(address: str, op: str, timeout: float) -> DaemonUnavailable | QuotaExceeded:
+    path = address.removeprefix("ipc://") if address.startswith("ipc://") else None
+    if path is not None and os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        # The daemon's connection guard closes the socket file to a user over quota.max_connections (an ACL)
+        # and shuts the new connection: the request in it was lost, and this names the bound instead of a
+        # hang. (Telling it at once needs a monitor socket per client: tried, it tripled each client's
+        # ZeroMQ sockets and broke the requests a DEALER still delivers after a daemon restart.)
+        return QuotaExceeded(
+            f"the autosaved daemon at {address} did not answer {op!r} within {timeout:g}s and its socket file is "
+            "closed to this user: this user has quota.max_connections connections open to it (or the daemon is "
+            "at its max_connections), so the connection was refused and the request lost (it is never resent). "
+            "Close some of this user's clients or ask the operator to raise quota.max_connections.",
+            details={"address": address, "op": op, "timeout": timeout, "bound": "quota.max_connections"},
+        )
     return DaemonUnavailable(
         f"the autosaved daemon at {address} did not answer {op!r} within {timeout:g}s; it may be stopped, "
         f"hung or overloaded. {_how_to_start(address)}",
@@ -126,128 +135,6 @@ def configure(sock: Any, address: str) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, 50)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     sock.connect(address)
-
-
-_monitors = itertools.count()
-# How long the socket file may stay closed to this user while connects fail before a request gives up: the
-# guard reopens it within milliseconds of one of the user's connections closing (a client started right
-# after its user's others exited must not be refused for that lag).
-DENIED_GRACE_S = 1.0
-_ACL_XATTR = "system.posix_acl_access"
-
-
-def file_refusal(path: str) -> str | None:
-    """Why the daemon's socket file at ``path`` keeps this process out, or ``None``: the connection guard
-    closes it to a user over ``quota.max_connections`` (an ACL entry ``user:UID:---``) and to everyone at
-    the listener's cap (mode 0), see daemon/connguard.py. Root is never kept out by the file."""
-    uid = os.geteuid()
-    try:
-        if uid == 0 or os.access(path, os.R_OK | os.W_OK):
-            return None
-        if os.stat(path).st_mode & 0o777 == 0:
-            return "the daemon is at its max_connections (all users' connections together)"
-        with contextlib.suppress(OSError):
-            acl = os.getxattr(path, _ACL_XATTR)
-            for off in range(4, len(acl) - 7, 8):
-                tag, perm, ident = struct.unpack_from("<HHI", acl, off)
-                if tag == 0x02 and ident == uid and perm == 0:
-                    return f"this user (uid {uid}) has quota.max_connections connections open to the daemon"
-    except OSError:
-        return None
-    return f"this user (uid {uid}) may not open the socket file (not in the daemon's socket_group?)"
-
-
-class LinkWatch:
-    """Tells a request that it cannot be answered: the connection it went into closed before its reply,
-    or the daemon keeps this user out (issue 19).
-
-    A DEALER writes a request into its live connection (or keeps it queued until one is up) and, when that
-    connection closes, reconnects without resending it: the daemon's connection guard shuts down a
-    connection over ``quota.max_connections``, and a daemon that dies mid-request leaves its request
-    unanswered for ever, so the client waited out its whole timeout. libzmq's monitor reports each closed
-    connection (``EVENT_DISCONNECTED``) and each failed connect (``EVENT_CLOSED``), nothing on a healthy
-    link, and the drivers wait on its fd beside the DEALER's in the same poll. :meth:`begin`, just before a
-    request is sent, forgets what was seen so far: a request sent while no connection exists is sent when
-    the daemon comes up, and is only lost if *that* connection closes. Nothing is ever resent: the daemon
-    does not dedupe updates. Per request on a healthy link this costs one ``ZMQ_EVENTS`` read of the
-    monitor. Create it before the DEALER connects, so that nothing escapes it."""
-
-    def __init__(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], address: str) -> None:
-        addr = f"inproc://autosaved.client.link.{os.getpid()}.{next(_monitors)}"
-        sock.monitor(addr, zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
-        self.mon: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
-        self.mon.setsockopt(zmq.LINGER, 0)
-        self.mon.connect(addr)
-        # Readable whenever the monitor has news (ZeroMQ's FD: "look at EVENTS again"); polled as a plain fd,
-        # so a wait costs no extra ZMQ_EVENTS read.
-        self.fd: int = self.mon.FD
-        self.address = address
-        self.path = address.removeprefix("ipc://") if address.startswith("ipc://") else None
-        self._denied_since: float | None = None
-
-    def begin(self) -> None:
-        """A request is about to be sent: what was seen until now happened before it."""
-        self._denied_since = None
-        events = self.mon.getsockopt(zmq.EVENTS)
-        if isinstance(events, int) and events & zmq.POLLIN:
-            self._read()
-
-    def lost(self) -> bool:
-        """Whether the request cannot be answered, by what the monitor reported since :meth:`begin` (call it
-        when the monitor's fd was readable): a connection closed, or connects keep failing on a socket file
-        closed to this user (for :data:`DENIED_GRACE_S`)."""
-        closes, failed = self._read()
-        if closes:
-            return True
-        if failed and self.path is not None:
-            if file_refusal(self.path) is None:
-                self._denied_since = None
-            elif self._denied_since is None:
-                self._denied_since = time.monotonic()
-            else:
-                return time.monotonic() - self._denied_since >= DENIED_GRACE_S
-        return False
-
-    def _read(self) -> tuple[int, int]:
-        closes = failed = 0
-        while True:
-            try:
-                frames = self.mon.recv_multipart(zmq.NOBLOCK)
-            except zmq.ZMQError:  # Again: all read
-                return closes, failed
-            event = int.from_bytes(frames[0][:2], "little") if frames and len(frames[0]) >= 2 else 0
-            closes += event == zmq.EVENT_DISCONNECTED
-            failed += event == zmq.EVENT_CLOSED
-
-    def close(self) -> None:
-        self.mon.close(0)
-
-    def error(self, op: str) -> AutosavedError:
-        """The error for a request that cannot be answered (see :meth:`lost`)."""
-        return closed_early(self.address, op, self.path)
-
-
-def closed_early(address: str, op: str, path: str | None) -> AutosavedError:
-    """The error for a request whose connection closed before its reply, or that the daemon keeps out. The
-    guard closes the socket file to a user before it shuts down that user's connection, so the file tells
-    a refusal from a stop or restart."""
-    details = {"address": address, "op": op, "bound": "quota.max_connections"}
-    unknown = (f"{op!r} was not answered and may or may not have been applied (it is never resent; send it "
-               "again if it must be)")
-    why = file_refusal(path) if path is not None else None
-    if why is not None and "socket_group" in why:
-        return Forbidden(f"the autosaved daemon at {address} refused this connection: {why}; {unknown}.",
-                         details=details)
-    if why is not None:
-        return QuotaExceeded(
-            f"the autosaved daemon at {address} refused this connection: {why}; {unknown}. Close some of this "
-            "user's clients (each open Client holds one connection) or ask the operator to raise "
-            "quota.max_connections.", details=details)
-    return DaemonUnavailable(
-        f"the autosaved daemon at {address} closed the connection before answering: it stopped or restarted, "
-        f"or refused the connection (this user over quota.max_connections), or dropped it (a frame over its "
-        f"max_message_bytes); {unknown}. {_how_to_start(address)}",
-        details=details)
 
 
 # A long op (hello may wait for a job's replay, save for a commit) is waited for up to the save timeout. On a

@@ -19,7 +19,6 @@ from .base import (
     DEFAULT_TIMEOUT,
     Ack,
     JobFacade,
-    LinkWatch,
     check_reachable,
     configure,
     is_probe_reply,
@@ -47,8 +46,6 @@ class Connection:
         self.on_close = on_close
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock: zmq.Socket[bytes] | None = None
-        self._watch: LinkWatch | None = None
-        self._poller = zmq.Poller()
         self._op = ""
         self._limit = 0.0
         self._deadline = 0.0
@@ -61,10 +58,6 @@ class Connection:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
-        self._poller = zmq.Poller()
         self._heard = False
         if self.on_close is not None:
             self.on_close()
@@ -73,10 +66,7 @@ class Connection:
         if self._sock is None:
             check_reachable(self.address)
             self._sock = self._ctx.socket(zmq.DEALER)
-            self._watch = LinkWatch(self._ctx, self._sock, self.address)
             configure(self._sock, self.address)
-            self._poller.register(self._sock, zmq.POLLIN)
-            self._poller.register(self._watch.fd, zmq.POLLIN)
         return self._sock
 
     def _perform(self, step: Step) -> Any:
@@ -98,8 +88,6 @@ class Connection:
         sock = self._socket()
         # With no daemon connected a DEALER send blocks forever: bound it like the reply.
         sock.setsockopt(zmq.SNDTIMEO, max(1, int(self._limit * 1000)))
-        assert self._watch is not None
-        self._watch.begin()
         if step.long and not self._heard:
             self._probe(sock)
         try:
@@ -113,7 +101,10 @@ class Connection:
         deadline = time.monotonic() + self.timeout
         try:
             sock.send_multipart(probe_frames(), copy=True)
-            while self._wait(sock, deadline):
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
+                    break
                 if is_probe_reply([f.buffer for f in sock.recv_multipart(copy=False)]):
                     self._heard = True
                     return
@@ -122,22 +113,10 @@ class Connection:
         self.close()
         raise timed_out(self.address, self._op, self.timeout)
 
-    def _wait(self, sock: zmq.Socket[bytes], deadline: float) -> bool:
-        """Whether a message came by ``deadline``; raises at once if the request's connection closed."""
-        while (remaining := deadline - time.monotonic()) > 0:
-            ready = dict(self._poller.poll(max(1, int(remaining * 1000))))
-            if sock in ready:
-                return True
-            assert self._watch is not None
-            if self._watch.fd in ready and self._watch.lost():
-                error = self._watch.error(self._op)
-                self.close()  # what is still queued in it must not reach a daemon later
-                raise error
-        return False
-
     def _receive(self) -> list[memoryview]:
         sock = self._socket()
-        if not self._wait(sock, self._deadline):
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000)), zmq.POLLIN):
             # Drop the socket: a request still queued in it must not reach a daemon later.
             self.close()
             raise timed_out(self.address, self._op, self._limit)
