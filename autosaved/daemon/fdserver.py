@@ -53,9 +53,18 @@ class FdServer:
         self.refused = 0
         # Restore memfds sent and not yet read, per uid (see replybudget.py).
         self._restore_bytes: dict[int, int] = {}
+        # Per uid, each open connection's settle(): it gives back what its client has read since. A budget
+        # check settles first: charges were given back only at the connection's next send, so one restore
+        # read long ago kept a user's next restore over quota.max_reply_bytes (every second restore of a
+        # state the size of the quota failed).
+        self._settlers: dict[int, set[Callable[[], None]]] = {}
 
     def restore_bytes(self, uid: int | None) -> int:
-        """Bytes of restore buffers ``uid`` (None: everyone) was sent and has not read."""
+        """Bytes of restore buffers ``uid`` (None: everyone) was sent and has not read. O(the user's
+        connections, at most quota.max_connections) for one uid."""
+        for settle in list(self._settlers.get(uid, ()) if uid is not None else
+                           (s for group in self._settlers.values() for s in group)):
+            settle()
         return sum(self._restore_bytes.values()) if uid is None else self._restore_bytes.get(uid, 0)
 
     def _charge(self, uid: int, delta: int) -> None:
@@ -125,11 +134,14 @@ class FdServer:
         raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
         unread = [0]  # restore bytes sent on this connection since its send queue was last seen empty
 
+        def settle() -> None:
+            if unread[0] and unread_bytes(raw) == 0:  # the client read everything sent so far
+                self._charge(uid, -unread[0])
+                unread[0] = 0
+
         async def send_fds(msg: bytes, fds: list[int]) -> None:
             async with send_lock:  # replies here and restore buffers from request handlers share the stream
-                if unread[0] and unread_bytes(raw) == 0:  # the client read everything sent so far
-                    self._charge(uid, -unread[0])
-                    unread[0] = 0
+                settle()
                 size = sum(os.fstat(fd).st_size for fd in fds)
                 held = self.restore_bytes(uid) + self.ctx.replies_held(uid)
                 why = over_budget(uid, held, size, self.ctx.config().quota.max_reply_bytes)
@@ -144,6 +156,7 @@ class FdServer:
                 await stream.send(msg)
 
         conn.send_fds = send_fds
+        self._settlers.setdefault(uid, set()).add(settle)
         try:
             async with stream:
                 await send(msgpack.packb({"token": conn.token, "boot": self.ctx.boot}))
@@ -164,6 +177,11 @@ class FdServer:
         finally:
             log.info("slot connection closed pid=%d: reclaiming %d slots", pid, len(conn.slots))
             self._charge(uid, -unread[0])
+            group = self._settlers.get(uid)
+            if group is not None:
+                group.discard(settle)
+                if not group:
+                    del self._settlers[uid]
             self.ctx.slots.close(conn)
 
     def _request(self, conn: Any, msg: bytes, fds: list[int]) -> dict[str, Any]:
