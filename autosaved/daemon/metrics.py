@@ -47,6 +47,18 @@ class Histogram(prometheus_client.Histogram):
         super().__init__(name, help_text, buckets=buckets, registry=None)
 
 
+class Frozen(Collector):
+    """A collector's families as they were when the sample was taken. The page is rendered later, in a
+    thread, and a live histogram read then could count a log sync that the sample's counter had not (the
+    loop's bookkeeping of a sync answered from its thread comes a moment after the ack)."""
+
+    def __init__(self, source: Collector) -> None:
+        self._families = list(source.collect())
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
 def log_sync_histogram() -> Histogram:
     return Histogram("autosaved_log_sync_duration_seconds",
                      "Time of one write-ahead log append and its fdatasync (a group commit).", LOG_SYNC_BUCKETS)
@@ -113,7 +125,7 @@ class Sample:
     throttle_rate: float | None = None
     # Write-ahead log group commits (each one fdatasync) and their durations; requests refused by a quota.
     log_syncs: int = 0
-    log_sync_durations: Histogram | None = None
+    log_sync_durations: Collector | None = None
     quota_refusals: int = 0
     # Requests dropped unapplied because their client's deadline passed while they waited (issue 19).
     expired: int = 0

@@ -15,7 +15,7 @@ from .. import __version__
 from ..deadline import estimate_s
 from ..tree import Walked
 from .jobs import Job, JobKey
-from .metrics import CacheSample, Histogram, JobSample, RemoteSample, ReplicaSample, Sample
+from .metrics import CacheSample, Frozen, Histogram, JobSample, RemoteSample, ReplicaSample, Sample
 from .runstate import RunState
 
 if TYPE_CHECKING:
@@ -77,7 +77,8 @@ class Reports:
             uptime_s=time.time() - run.started_at, requests=run.requests, request_errors=run.errors,
             saves=writer.saves, save_failures=writer.failures, bytes_written=writer.bytes_written,
             reloads=reloader.reloads, reload_failures=reloader.failures, task_restarts=run.task_failures,
-            durations=self.ctx.durations, log_syncs=self.ctx.wal.syncs, log_sync_durations=self.ctx.log_sync_durations,
+            durations=self.ctx.durations, log_syncs=self.ctx.wal.syncs,
+            log_sync_durations=None if self.ctx.log_sync_durations is None else Frozen(self.ctx.log_sync_durations),
             quota_refusals=run.quota_refusals, expired=run.expired,
             throttle_rate=self._throttle_rate(), remote=self._remote_sample(), cache=self._cache_sample(),
             jobs=tuple(
