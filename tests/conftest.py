@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from autosaved.testing.private import PrivateDaemon
+from autosaved.testing.realusers import User, missing, real_users
 
 # Under CI a skip is a failure (see tests/ci_skips.py): these names make pytest run the hooks.
 from .ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
@@ -217,3 +218,14 @@ def free_port() -> int:
                 continue
         return port
     raise RuntimeError(f"no free port in {base}-{base + _PORT_BLOCK - 1}")
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[tuple[list[User], str]]:
+    """Two real non-root users and a group for the socket (one pair per test module; a module may define
+    its own ``users``)."""
+    why = missing()
+    if why is not None:
+        skip_or_fail(why)
+    with real_users(2) as made:
+        yield made

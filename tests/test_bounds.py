@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +37,11 @@ from autosaved.daemon.fdlimit import listener_cap
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.testing import zmtp
 from autosaved.testing.private import PrivateDaemon
-from autosaved.testing.realusers import User, missing, real_users
+from autosaved.testing.realusers import User, missing
 
 from .conftest import NO_AUTO_POLICY, TEST_WRITE_SPEED, skip_or_fail, wait_for
 
 pytestmark = pytest.mark.xdist_group("realusers")
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[tuple[list[User], str]]:
-    why = missing()
-    if why is not None:
-        skip_or_fail(why)
-    with real_users(2) as made:
-        yield made
 
 
 def as_user(user: User, code: str, *args: str) -> dict[str, object]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,9 +21,9 @@ from autosaved.client.admin import Admin
 from autosaved.errors import DaemonUnavailable
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.testing.private import PrivateDaemon
-from autosaved.testing.realusers import User, missing, real_users
+from autosaved.testing.realusers import User
 
-from .conftest import NO_AUTO_POLICY, TEST_WRITE_SPEED, fault_fired, skip_or_fail, wait_for
+from .conftest import NO_AUTO_POLICY, TEST_WRITE_SPEED, fault_fired, wait_for
 
 pytestmark = pytest.mark.xdist_group("realusers")
 
@@ -76,15 +76,6 @@ def test_an_update_whose_client_gave_up_while_the_loop_stalled_is_never_applied(
 
 
 # -- one user's expensive stream beside another user's cheap request -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[tuple[list[User], str]]:
-    why = missing()
-    if why is not None:
-        skip_or_fail(why)
-    with real_users(2) as made:
-        yield made
 
 
 # User A: N updates of job "a", each with a big header (5,000 small maps: over offload.OFFLOAD_MIN), sent at
