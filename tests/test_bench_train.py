@@ -23,6 +23,9 @@ def test_bench_train_small_reports_every_key() -> None:
                 "blocking_s_eager", "blocking_s_lazy", "blocking_s_dcp_async", "blocking_s_torch_save",
                 "alone_s_eager", "alone_s_lazy"):
         assert report[key] > 0, key
+    for mode in ("none", "eager", "lazy", "torch_save", "dcp_async"):
+        assert report[f"cpu_s_{mode}"] > 0 and report[f"minflt_{mode}"] >= 0, mode
+    assert report["daemon_cpu_s_eager"] >= 0 and report["daemon_cpu_s_lazy"] >= 0
     # The checkpoint holds the parameters and AdamW's two moments (fp32) at the least.
     assert report["state_bytes"] >= 3 * 4 * report["params"]
     assert report["config"]["layers"] == 2 and report["steps"] == 1 and report["warmup"] == 1

@@ -85,7 +85,7 @@ def test_a_fence_copies_the_rest_of_the_update_itself() -> None:
     trainer's priority, as an eager update would)."""
     import threading
 
-    from autosaved.client.lazy import PIECE, SharedCopy
+    from autosaved.client.slotcopy import PIECE, SharedCopy
 
     rng = np.random.default_rng(0)
     src = rng.integers(0, 255, 5 * PIECE + 123, dtype=np.uint8)
@@ -111,3 +111,31 @@ def test_the_background_copy_runs_at_the_lowest_priority(daemon: PrivateDaemon) 
         sender = lazy._worker.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert nice == BACKGROUND_NICE and sender != BACKGROUND_NICE  # the copy yields; picking a slot does not
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != BACKGROUND_NICE  # the caller's own
+
+
+def test_helpers_copy_a_waited_for_copy_beside_the_caller() -> None:
+    """client/slotcopy.py: a copy the trainer waits for is shared with helper threads (its compute threads
+    are idle then). The caller takes no piece here, so the helpers alone must finish it exactly."""
+    from autosaved.client.slotcopy import PARALLEL_MIN, PIECE, SharedCopy, assist, copy_waited, helper_count
+
+    rng = np.random.default_rng(2)
+    src = rng.integers(0, 255, PARALLEL_MIN + 3 * PIECE + 17, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    shared = SharedCopy([(dst, src)])
+    if helper_count() == 0:  # one core: nobody to help, the caller copies alone
+        assist(shared)
+        assert shared.untaken() > 0
+        shared.work()
+    else:
+        assist(shared)
+        assert shared.done.wait(60), "the helpers did not copy"
+    shared.wait()
+    np.testing.assert_array_equal(dst, src)
+    small = rng.integers(0, 255, PIECE, dtype=np.uint8)
+    into = np.zeros_like(small)
+    alone = SharedCopy([(into, small)])
+    assist(alone)  # below PARALLEL_MIN: not worth waking a helper
+    assert alone.untaken() == 1
+    copy_waited([(dst, src[::-1].copy()), (into, small)])
+    np.testing.assert_array_equal(dst, src[::-1])
+    np.testing.assert_array_equal(into, small)

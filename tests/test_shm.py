@@ -276,3 +276,38 @@ def test_restores_the_size_of_the_reply_quota_succeed_one_after_another(
             got = c.restore(version)
             assert got["a"].nbytes == 8 << 20 and int(got["a"][-1]) == 255
             del got
+
+
+def test_steady_updates_alternate_two_slots_and_never_touch_the_held_or_saved_version(
+        make_daemon: Callable[..., PrivateDaemon]) -> None:
+    """Issue 21: a trainer updating the same state every step writes two slots in turn (the one the daemon
+    released when it merged the previous update), never a fresh one after the first two, and a write into
+    the free slot changes neither the version the daemon holds nor one it saved. 24 MiB: above the size at
+    which the copy is shared with helper threads (client/slotcopy.py)."""
+    d = make_daemon(NO_AUTO_POLICY)
+    weights = np.arange(6 * 1024 * 1024, dtype=np.float32)  # 24 MiB
+    moments = np.ones(3 * 1024 * 1024, dtype=np.float64)  # 24 MiB
+    with autosaved.Client("steady", address=d.address) as c:
+        used: list[int] = []
+        for step in range(8):
+            mapped = set(c._slots.slots)
+            c.update({"w": weights, "m": moments}, step=step)
+            new = set(c._slots.slots) - mapped
+            assert (not new) if step >= 2 else len(new) == 1, (step, new)  # faulted in once, then reused
+            (held,) = c._slots.lent  # the daemon references exactly the slot of this update
+            used.append(held)
+            if step == 3:
+                version, saved_w, saved_m = c.save(), weights.copy(), moments.copy()
+            before_w, before_m = weights.copy(), moments.copy()
+            weights += 1.0  # the caller's arrays change at once; the next update goes into the other slot
+            moments *= 1.5
+            assert np.array_equal(c.restore()["w"], before_w)  # the held version is the update's bytes
+        assert used[2:] == used[:2] * 3 and used[0] != used[1]  # A B A B ...: two slots, in turn
+        assert len(c._slots.slots) == 2
+        assert daemon_status(d)["daemon"]["shm"]["slots"] == 2
+        back = c.restore()
+        np.testing.assert_array_equal(back["w"], before_w)
+        np.testing.assert_array_equal(back["m"], before_m)
+        old = c.restore(version)
+        np.testing.assert_array_equal(old["w"], saved_w)  # written into its slot again twice since
+        np.testing.assert_array_equal(old["m"], saved_m)

@@ -18,7 +18,12 @@ Each mode runs twice, in mirrored order (none, eager, ..., dcp_async, dcp_async,
 Keys: ``step_s_<mode>`` (median wall time of a steady-state step, checkpoint included: the first
 ``--warmup`` steps of each run, which pay for fresh memory, slot creation and connections, are dropped),
 ``blocking_s_<mode>`` (median time per step the trainer was stopped by the checkpoint: the call itself plus,
-for lazy, the fence and, for DCP, the wait for the previous save), ``alone_s_<eager|lazy>`` (the same
+for lazy, the fence and, for DCP, the wait for the previous save), ``cpu_s_<mode>`` (median CPU seconds
+the trainer process spent per steady-state step, every thread, the lazy copier's included: what the
+checkpoint costs in CPU, which the host's load does not inflate the way it inflates wall time),
+``minflt_<mode>`` (median minor page faults of the trainer per step: a slot faulted in afresh would show
+here as ~size/4 KiB more than ``none``), ``daemon_cpu_s_<mode>`` (the daemon's CPU seconds per step),
+``alone_s_<eager|lazy>`` (the same
 state handed over once more after the loop with nothing else running: ``update`` for eager, ``update`` +
 ``fence`` for lazy: what the copy costs by itself), and ``state_bytes``. The daemon runs privately in a
 temp dir with its save policy off, so ``eager``/``lazy`` measure what the trainer pays for handing its
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import socket
 import statistics
 import tempfile
@@ -130,8 +136,20 @@ def _state_bytes(state: Any) -> int:
     return 0
 
 
+def _usage(daemon: Any) -> tuple[float, int, float]:
+    """(this process's CPU seconds, its minor faults, the daemon's CPU seconds): per-step counters that
+    a busy host does not stretch the way it stretches wall time."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    theirs = 0.0
+    if daemon is not None:
+        times = daemon.cpu_times()
+        theirs = times.user + times.system
+    return own.ru_utime + own.ru_stime, own.ru_minflt, theirs
+
+
 def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path,
-             address: str | None, warmup: int = 2) -> dict[str, Any]:
+             address: str | None, warmup: int = 2, daemon_pid: int | None = None) -> dict[str, Any]:
+    import psutil
     import torch
 
     model = build_model(cfg)
@@ -139,6 +157,8 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     gen = torch.Generator().manual_seed(1)
     blocked: list[float] = []
     times: list[float] = []
+    usage: list[tuple[float, int, float]] = []  # per measured step: trainer CPU s, minor faults, daemon CPU s
+    daemon = psutil.Process(daemon_pid) if daemon_pid is not None and mode in ("eager", "lazy") else None
     checkpoint: Callable[[int], None] = lambda _step: None  # noqa: E731
     before_step: Callable[[], None] = lambda: None  # noqa: E731
     cleanup: Callable[[], None] = lambda: None  # noqa: E731
@@ -210,6 +230,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
         for i in range(steps + warmup):
             tokens = torch.randint(0, cfg.vocab, (batch, seq + 1), generator=gen)
             started = time.perf_counter()
+            used = _usage(daemon)
             pending_block[0] = 0.0
             logits = model(tokens[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), tokens[:, 1:].reshape(-1))
@@ -223,6 +244,8 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
             if i >= warmup:  # the first steps pay for fresh memory, connections, slot creation
                 times.append(time.perf_counter() - started)
                 blocked.append(stopped)
+                now = _usage(daemon)
+                usage.append((now[0] - used[0], now[1] - used[1], now[2] - used[2]))
             if not math.isfinite(float(loss.detach())):
                 raise AutosavedError(f"bench train: loss became {float(loss.detach())}")
         state_bytes = _state_bytes(_state(model, opt, steps))
@@ -230,7 +253,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
         alones = [alone() for _ in range(2)] if alone is not None else []
     finally:
         cleanup()
-    return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes}
+    return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes, "usage": usage}
 
 
 def _halves(steps: int) -> tuple[int, int]:
@@ -254,12 +277,18 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
         stage = Stages("train")
         for i, (mode, n) in enumerate(order):
             stage(f"run {i + 1}/{len(order)}: {mode}, {n} steps")
-            runs[mode].append(run_mode(mode, cfg, n, seq, batch, work, daemon.address, warmup))
+            runs[mode].append(run_mode(mode, cfg, n, seq, batch, work, daemon.address, warmup,
+                                       daemon.proc.pid if daemon.proc is not None else None))
         stage.done()
     for mode, results in runs.items():
         times = [t for r in results for t in r["times"]]
         out[f"step_s_{mode}"] = statistics.median(times)
         out[f"step_mean_s_{mode}"] = statistics.mean(times)
+        usage = [u for r in results for u in r["usage"]]
+        out[f"cpu_s_{mode}"] = statistics.median(u[0] for u in usage)
+        out[f"minflt_{mode}"] = statistics.median(u[1] for u in usage)
+        if mode in ("eager", "lazy"):
+            out[f"daemon_cpu_s_{mode}"] = statistics.median(u[2] for u in usage)
         if mode != "none":
             out[f"blocking_s_{mode}"] = statistics.median(b for r in results for b in r["blocked"])
         alones = [a for r in results for a in r["alone"]]
@@ -276,15 +305,18 @@ def render(r: dict[str, Any]) -> str:
     for mode in MODES:
         block, alone = r.get(f"blocking_s_{mode}"), r.get(f"alone_s_{mode}")
         rows.append([mode, f"{r[f'step_s_{mode}']:.3f}", f"{r[f'step_s_{mode}'] / base:.3f}x",
-                     "-" if block is None else f"{block:.4f}", "-" if alone is None else f"{alone:.4f}"])
+                     "-" if block is None else f"{block:.4f}", "-" if alone is None else f"{alone:.4f}",
+                     f"{r[f'cpu_s_{mode}']:.3f}", f"{r[f'minflt_{mode}']:.0f}"])
     dcp = r.get("blocking_s_dcp_async") or 0.0
     lazy_vs = f"; blocking_s_lazy = {r['blocking_s_lazy'] / dcp:.3f}x blocking_s_dcp_async" if dcp else ""
     return "\n".join([
         f"autosaved bench train: GPT-2-shaped, {r['params'] / 1e6:.1f}M parameters, state "
         f"{human_bytes(r['state_bytes'])}, median of {r['steps']} steady-state steps per mode (two runs per "
         f"mode in mirrored order, each after {r['warmup']} warm-up steps), on {r['host']}",
-        table(rows, ["mode", "step_s", "vs none", "blocking_s", "alone_s"]),
-        "alone_s: the same state handed over once more with nothing else running (lazy: update + fence)",
+        table(rows, ["mode", "step_s", "vs none", "blocking_s", "alone_s", "cpu_s", "faults"]),
+        "alone_s: the same state handed over once more with nothing else running (lazy: update + fence); "
+        "cpu_s, faults: the trainer's CPU seconds and minor page faults per step (every thread)",
+        f"daemon CPU per step: eager {r['daemon_cpu_s_eager']:.3f} s, lazy {r['daemon_cpu_s_lazy']:.3f} s",
         f"targets: lazy <= 1.15x none and <= eager (lazy {r['step_s_lazy'] / base:.3f}x, eager "
         f"{r['step_s_eager'] / base:.3f}x); lazy blocking <= 0.1x DCP's{lazy_vs}",
     ])

@@ -11,7 +11,7 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
 - The bulk copy runs on a thread of its own at the lowest CPU priority (nice 19; the thread that picks
   the slot and sends keeps the caller's priority, so a fence never waits for a starved thread to start),
   and a ``fence()`` that finds the copy unfinished takes the rest of it on itself, piece by piece, beside
-  that thread (issue 21): on a CPU-bound
+  that thread and the process's other cores (:mod:`autosaved.client.slotcopy`; issue 21): on a CPU-bound
   trainer the copy then fills only the cores' idle moments and never preempts PyTorch's intra-op threads
   (whose parallel regions wait at a barrier for the slowest of them: a preempted one stalls them all, so
   an overlapped copy at normal priority cost the step more than copying it at the fence), and what is
@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -44,59 +44,12 @@ from ..errors import InvalidValue
 from ..protocol import ACK_LEVELS
 from ..tree import Blob
 from .base import Ack
+from .slotcopy import SharedCopy, assist, quietly
 from .slots import Placement
 from .sync import Client
 
-# Pieces of the bulk copy that the background thread and a fencing caller take in turn. Small, so a fence
-# that must wait for the piece the nice-19 copier holds waits about one scheduler slice, not several: on
-# a busy host that thread runs in short slices between others' (measured at load 8-12 with 8 MiB pieces:
-# update + fence of a 1.5 GiB state alone took 0.77 s against eager's 0.48 s). ~5 µs of overhead each.
-PIECE = 1024 * 1024
 # The background copy's nice value: it runs only when a core has nothing better to do.
 BACKGROUND_NICE = 19
-
-
-class SharedCopy:
-    """The bulk copy of one update, split into pieces that any thread may take (the background thread,
-    and a caller that fences before it is done). ``done`` once every piece is copied (or one failed)."""
-
-    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        self._pieces: list[tuple[np.ndarray, np.ndarray]] = []
-        for dst, src in pairs:
-            for at in range(0, max(1, dst.nbytes), PIECE):
-                self._pieces.append((dst[at : at + PIECE], src[at : at + PIECE]))
-        self._next = 0
-        self._left = len(self._pieces)
-        self._lock = threading.Lock()
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        if not self._pieces:
-            self.done.set()
-
-    def work(self) -> None:
-        """Copy pieces until none is left to take (numpy releases the GIL for each)."""
-        while True:
-            with self._lock:
-                if self._next >= len(self._pieces) or self.error is not None:
-                    return
-                dst, src = self._pieces[self._next]
-                self._next += 1
-            try:
-                np.copyto(dst, src)
-            except BaseException as exc:
-                self.error = exc
-                self.done.set()
-                raise
-            with self._lock:
-                self._left -= 1
-                if self._left == 0:
-                    self.done.set()
-
-    def wait(self) -> None:
-        """Until every piece is copied, by whichever thread took it; raise the copy's error."""
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
 
 
 class PendingUpdate:
@@ -113,6 +66,7 @@ class PendingUpdate:
         thread); raise if the copy failed."""
         shared = self.copy
         if shared is not None and not self.copied.is_set():
+            assist(shared)  # the trainer's cores are idle while it waits: the helpers copy beside it
             with contextlib.suppress(BaseException):  # its error is the background thread's to report
                 shared.work()
         if not self.copied.wait(timeout):
@@ -225,7 +179,7 @@ class LazyClient:
         def share(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
             shared = SharedCopy(pairs)
             pending.copy = shared  # from now on a fence helps copy
-            self._copier.submit(_quietly, shared.work)
+            self._copier.submit(quietly, shared.work)
             shared.wait()
 
         def placer(blobs: Sequence[Blob]) -> Placement | None:
@@ -265,7 +219,3 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
-def _quietly(work: Callable[[], None]) -> None:
-    """Run ``work``; its error is reported through the shared copy, not the executor's future."""
-    with contextlib.suppress(BaseException):
-        work()

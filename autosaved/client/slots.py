@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import AutosavedError
 from ..shm import NO_SLOT, fd_socket_path, layout, release_mapping, round_up
 from ..tree import Blob
+from .slotcopy import copy_waited
 
 log = logging.getLogger("autosaved.shm")
 
@@ -72,11 +73,6 @@ class Placement:
 Copier = Callable[[list[tuple[np.ndarray, np.ndarray]]], None]
 
 
-def copy_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    for dst, src in pairs:
-        np.copyto(dst, src)
-
-
 @dataclass
 class SlotPool:
     """The client's slots and its fd connection to the daemon. Blocking I/O, short and local; used by
@@ -97,7 +93,8 @@ class SlotPool:
     def place(self, blobs: Sequence[Blob], copy: Copier | None = None) -> Placement | None:
         """Copy the bulk blobs into a free slot and say where (the caller's arrays are then free
         again); ``None`` sends everything inline. ``copy``: who copies the (slot, source) pairs (the
-        lazy client shares the copy with a fencing caller); by default, this thread, here."""
+        lazy client shares the copy with a fencing caller); by default, this thread and the helpers
+        (:func:`~autosaved.client.slotcopy.copy_waited`), here."""
         if fd_socket_path(self.address) is None:
             return None  # tcp: no fd passing, everything inline
         if self.disabled_reason is not None:
@@ -126,7 +123,7 @@ class SlotPool:
             src = blobs[i].data
             assert src is not None
             pairs.append((slot.array[off : off + src.nbytes], np.frombuffer(src, dtype=np.uint8)))
-        (copy or copy_pairs)(pairs)
+        (copy or copy_waited)(pairs)
         self.lent.add(slot.id)
         assert self.token is not None
         return Placement(self.token, slot.id, refs)
