@@ -139,3 +139,31 @@ def test_helpers_copy_a_waited_for_copy_beside_the_caller() -> None:
     copy_waited([(dst, src[::-1].copy()), (into, small)])
     np.testing.assert_array_equal(dst, src[::-1])
     np.testing.assert_array_equal(into, small)
+
+
+def test_a_forked_child_copies_with_helpers_of_its_own() -> None:
+    """A DataLoader worker forked after the helpers started inherits none of their threads: its copies get
+    a pool of their own (work queued on the parent's would never run and would pin its arrays)."""
+    import os
+
+    from autosaved.client import slotcopy
+
+    if slotcopy.helper_count() == 0:
+        return  # one core: no helpers in parent or child
+    src = np.arange(slotcopy.PARALLEL_MIN * 2, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    slotcopy.copy_waited([(dst, src)])  # the parent's pool exists now
+    assert slotcopy._helpers is not None
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        ok = False
+        try:
+            into = np.zeros_like(src)
+            slotcopy.copy_waited([(into, src)])
+            pool = slotcopy._helpers
+            ok = (pool is not None and np.array_equal(into, src)
+                  and all(t.is_alive() for t in pool._threads))  # type: ignore[attr-defined]
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -87,6 +87,16 @@ _helpers: ThreadPoolExecutor | None = None
 _helpers_lock = threading.Lock()
 
 
+def _forget_helpers() -> None:
+    # A forked child (a DataLoader worker) inherits the pool but none of its threads: work queued there
+    # would never run and would keep its arrays alive. The child starts a pool of its own when it needs one.
+    global _helpers, _helpers_lock
+    _helpers, _helpers_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_helpers)
+
+
 def helper_count() -> int:
     """Helper threads for a copy the caller waits for: the cores this process may run on, less its own."""
     try:
