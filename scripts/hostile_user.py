@@ -12,6 +12,12 @@ random names. The well-behaved user sends small ``accepted`` updates at a steady
 beside the attack. Asserted (exit status 1 otherwise): the daemon never exits, its RSS stays within the
 budget the config implies, and the well-behaved p99 under attack is at most ``--p99-factor`` times its
 p99 alone.
+
+CPU: on 2 cores the attack's five busy processes, the daemon and the well-behaved client share the CPU.
+``--cpu-layout`` says how (cgroups, see ``LAYOUTS``): ``service`` (the default) is what the unit file gives
+on any systemd host, the daemon in a group of its own and both users in another; ``per-user`` adds
+systemd's per-user slices; ``flat`` puts everything in one group. The well-behaved client reports its
+p99 also net of the time it waited for a core itself (``net_p99_ms``).
 """
 
 from __future__ import annotations
