@@ -10,6 +10,8 @@ but not in the trace, unless the recorder's ``crash`` waits for it (:mod:`.fstra
 Installed as the seam's plug-in (``AUTOSAVED_FILEOPS=autosaved.testing.preempt:install``, with the
 recorder's environment, :func:`.fstrace.daemon_env`), while the fault file holds a ``crash`` rule:
 
+- renames into ``objects/`` happen in the order their temp files were created (so the second one, X's,
+  is never the one the writing thread waits for before it writes the next chunk);
 - the second rename into ``objects/`` (thread X), once recorded, waits until another rename into
   ``objects/`` has reached the disk (at most :data:`WAIT` seconds);
 - that rename (thread Y) stalls :data:`STALL` seconds after it reached the disk and before the recorder
@@ -36,11 +38,12 @@ WAIT = 10.0
 
 class _State:
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.renames = 0
         self.x_done = False
         self.later = threading.Event()
         self.faults = os.environ.get("AUTOSAVED_FAULTS_FILE", "")
+        self.pending: list[str] = []  # temp files created while armed, oldest first, not yet renamed or gone
 
     def armed(self) -> bool:
         try:
@@ -48,6 +51,12 @@ class _State:
                 return "crash" in fh.read()
         except OSError:
             return False
+
+    def gone(self, path: str) -> None:
+        with self.lock:
+            if path in self.pending:
+                self.pending.remove(path)
+                self.lock.notify_all()
 
 
 def _into_objects(dst: StrPath) -> bool:
@@ -71,25 +80,42 @@ class _Stalling(FileOps):
 
 
 class _Waiting(FileOps):
-    """Over the recorder: X's rename is recorded, then X waits for Y before it reaches its fault point."""
+    """Over the recorder: renames in creation order; X's rename is recorded, then X waits for Y before it
+    reaches its fault point."""
 
     def __init__(self, inner: FileOps, state: _State) -> None:
         self.inner = inner
         self.state = state
 
     def __getattribute__(self, name: str) -> Any:
-        if name in ("replace", "inner", "state"):
+        if name in ("open", "replace", "unlink", "inner", "state"):
             return object.__getattribute__(self, name)
         return getattr(object.__getattribute__(self, "inner"), name)
 
+    def open(self, path: StrPath, flags: int, mode: int = 0o640) -> int:
+        fd = self.inner.open(path, flags, mode)
+        if flags & os.O_EXCL and self.state.armed():
+            with self.state.lock:
+                self.state.pending.append(os.fsdecode(os.fspath(path)))
+        return fd
+
+    def unlink(self, path: StrPath) -> None:
+        self.inner.unlink(path)
+        self.state.gone(os.fsdecode(os.fspath(path)))
+
     def replace(self, src: StrPath, dst: StrPath) -> None:
         s = self.state
+        name = os.fsdecode(os.fspath(src))
         n = 0
         if _into_objects(dst) and s.armed():
             with s.lock:
+                s.lock.wait_for(lambda: name not in s.pending or s.pending.index(name) == 0, WAIT)
                 s.renames += 1
                 n = s.renames
-        self.inner.replace(src, dst)
+        try:
+            self.inner.replace(src, dst)
+        finally:
+            s.gone(name)
         if n == 2:
             s.x_done = True
             s.later.wait(WAIT)
