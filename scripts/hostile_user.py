@@ -204,10 +204,11 @@ ROLES = ("connections", "unread", "halfsent", "shapes", "deletes")
 
 
 def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: tuple[str, ...] = ROLES,
-        profile: str | None = None) -> dict[str, Any]:
+        profile: str | None = None, slices: str = "auto") -> dict[str, Any]:
     import psutil
 
     from autosaved.client.admin import Admin
+    from autosaved.testing import slices as cgroups
     from autosaved.testing.private import PrivateDaemon
     from autosaved.testing.realusers import missing, real_users
 
@@ -217,11 +218,23 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
     me = [sys.executable, os.path.abspath(__file__)]
     root = Path(tempfile.mkdtemp(prefix="autosaved-hostile-"))
     os.chmod(root, 0o755)
-    with real_users(2) as (users, group):
+    no_slices = cgroups.missing()
+    if slices == "on" and no_slices is not None:
+        raise SystemExit(f"--slices on: {no_slices}")
+    layout = "flat" if slices == "off" or no_slices is not None else "slices"
+    with real_users(2) as (users, group), contextlib.ExitStack() as stack:
         hostile, good = users
+        groups = (stack.enter_context(cgroups.cpu_slices(("daemon", "good", "hostile")))
+                  if layout == "slices" else {})
+
+        def into(name: str) -> Any:
+            return groups[name].preexec() if groups else None
+
         d = PrivateDaemon(root / "d", config=config(group))
         d.start()
         assert d.proc is not None
+        if groups:
+            groups["daemon"].join(d.proc.pid)
         proc = psutil.Process(d.proc.pid)
         samples: list[tuple[int, int]] = []
         stop = threading.Event()
@@ -237,7 +250,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
         def as_good(secs: float) -> dict[str, float]:
             out = subprocess.run(good.command([*me, "--steady", d.address, str(secs), str(rate)]),
                                  capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"},
-                                 timeout=secs + 120)
+                                 timeout=secs + 120, preexec_fn=into("good"))
             if out.returncode != 0:
                 raise RuntimeError(f"the well-behaved client failed: {out.stderr[-2000:]}")
             result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -250,7 +263,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
             sampler.start()
             attackers = [subprocess.Popen(hostile.command([*me, "--role", r, d.address, str(seconds)]),
                                           env={**os.environ, "HOME": "/tmp"}, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL) for r in roles]
+                                          stderr=subprocess.DEVNULL, preexec_fn=into("hostile")) for r in roles]
             # The daemon's stacks under attack (py-spy's collapsed format, sampled without pausing it).
             spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             spy = None if profile is None else subprocess.Popen(
@@ -279,7 +292,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
     budget = rss_budget(baseline_rss)
     rss_max = max((r for r, _ in samples), default=0)
     report = {
-        "seconds": seconds, "roles": list(roles), "alone": alone, "under_attack": under,
+        "seconds": seconds, "roles": list(roles), "cpu_layout": layout, "alone": alone, "under_attack": under,
         "p99_ratio": under["p99_ms"] / max(alone["p99_ms"], 1e-9),
         "daemon_exits": 0 if exited is None else 1, "stop_exit_code": stop_code,
         "rss_baseline_mib": baseline_rss / MiB, "rss_max_mib": rss_max / MiB, "rss_budget_mib": budget / MiB,
@@ -308,13 +321,17 @@ def main() -> int:
                     help=f"the hostile roles to run, comma-separated (default: all of {','.join(ROLES)})")
     ap.add_argument("--profile", metavar="FILE", help="py-spy the daemon during the attack into FILE "
                                                        "(collapsed stacks; needs py-spy)")
+    ap.add_argument("--slices", choices=("auto", "on", "off"), default="auto",
+                    help="put the daemon, the well-behaved user and the hostile user in CPU groups of equal "
+                         "weight, as systemd does on a real host (auto: where cgroups allow; off: one flat "
+                         "group, where the kernel shares the cores between every runnable thread)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     roles = tuple(r for r in args.roles.split(",") if r)
     if not roles or any(r not in ROLES for r in roles):
         ap.error(f"--roles: choose from {','.join(ROLES)}")
     alone = args.alone if args.alone is not None else min(60.0, max(5.0, args.seconds / 4))
-    report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile)
+    report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile, args.slices)
     if args.json:
         print(json.dumps(report))
     else:
