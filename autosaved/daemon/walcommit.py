@@ -14,6 +14,7 @@ import collections
 import contextlib
 import contextvars
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -60,9 +61,19 @@ class SyncThreads:
       that sends its next update soon pays for one wake-up of the loop, not two. A thread that answered its
       batch waits :data:`LINGER` for such a request and wakes the loop itself if none came; a batch it
       could not answer (an error, a request with client slots) wakes the loop at once;
-    - work goes to the thread that went idle last (see ``__init__``): one client's updates keep one warm
-      thread instead of going round all of them (measured, 1 client: daemon CPU per ``logged`` update
-      677-712 -> 496-563 µs, thread switches 11.3-11.5 -> 7.5-8.4).
+    - threads start as work needs them (one more when the work not taken yet outnumbers the threads
+      waiting for work, lingering ones included): with all 8 started up front one client's batches went
+      round all of them (the shared queue wakes the thread that waited longest), and each thread woke
+      about once per update, ~7.6 of the ~11.9 thread switches of a ``logged`` update. Now one client
+      keeps one thread: per update 9.2-9.5 switches and 580-640 µs of daemon CPU against 11.8-12.2 and
+      620-690 µs (load 6-12); 8 clients start up to 8 threads and their syncs overlap as before.
+
+    Tried: a stack of idle threads, each waiting on a lock of its own (work to the thread idle last),
+    gave one client 7.5-8.4 switches and 496-563 µs, but 8 clients 15.5-16.2 switches and 555-625 µs
+    against 11.6-12.5 and 472-513 µs with the shared queue (4 runs each, load 7-8); not understood, so
+    the queue stayed. With either, one client's updates per second were lower than with 8 rotating
+    threads in most runs on the loaded host (a thread that runs every millisecond waits behind other
+    processes more than one that slept for eight), which a quiet host has to settle.
 
     Tried and dropped: handing work over at the end of the loop's step (``call_soon``, so the woken thread
     would not wait for the GIL the loop holds) made the hop slower (d2->d3 ~130 µs against ~100 µs under
@@ -72,16 +83,13 @@ class SyncThreads:
     def __init__(self, threads: int = 8, linger: float = LINGER) -> None:
         self._count = threads
         self._linger = linger
+        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        # Threads start as work needs them: one more when the work not taken yet outnumbers the threads
+        # waiting for it (issue 21: with all 8 started, one client's updates went round all of them).
         self._started = 0
-        # Hand-off (issue 21): each thread waits on a lock of its own, and work goes to the thread that went
-        # idle last (a stack), or queues while every thread is busy. With one shared queue every batch woke
-        # whichever thread had waited longest: with 8 threads one client's updates went round all of them,
-        # each thread woke once per update (on work, or at the end of its linger, then for the GIL), ~8 of
-        # the ~11 thread switches of a ``logged`` update. The most recently idle thread is usually still
-        # lingering (awake on a core's cache, its linger not over), so one client costs one thread.
-        self._lock = threading.Lock()
-        self._idle: list[_Idle] = []
-        self._backlog: collections.deque[_Work] = collections.deque()
+        self._waiting = 0  # threads waiting for work, lingering ones too
+        self._unclaimed = 0  # work submitted that no thread has taken yet
+        self._waiting_lock = threading.Lock()
         # Finished work whose ``done`` the event loop has not run yet (appended by threads, run by the loop).
         self._completed: collections.deque[tuple[Done, BaseException | None, contextvars.Context]] = \
             collections.deque()
@@ -90,19 +98,16 @@ class SyncThreads:
 
     def submit(self, func: Callable[[], bool], done: Done) -> None:
         """Run ``func()`` in one of the threads; then ``done(exception or None)`` on this event loop."""
-        # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
-        work: _Work = (func, asyncio.get_running_loop(), done, contextvars.copy_context())
-        with self._lock:
-            idle = self._idle.pop() if self._idle else None
-            if idle is None:
-                self._backlog.append(work)
-                start = self._started < self._count
-                self._started += start
-        if idle is not None:
-            idle.item = work
-            idle.wake.release()
-        elif start:  # every thread is busy (or none runs yet): one more, up to the count
+        with self._waiting_lock:
+            # Work already queued and not taken yet has a waiting thread each first: a burst of batches (8
+            # jobs in one step) starts threads for all of them, so their syncs overlap.
+            start = self._unclaimed >= self._waiting and self._started < self._count
+            self._unclaimed += 1
+            self._started += start
+        if start:
             threading.Thread(target=self._work, name=f"autosaved-log-{self._started - 1}", daemon=True).start()
+        # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
+        self._queue.put((func, asyncio.get_running_loop(), done, contextvars.copy_context()))
 
     def settle(self) -> None:
         """On the event loop: run what finished work left to do here (cheap when nothing did)."""
@@ -124,59 +129,42 @@ class SyncThreads:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the daemon is exiting)
             loop.call_soon_threadsafe(self._woken)
 
-    def _take(self, me: _Idle, lingering: asyncio.AbstractEventLoop | None) -> _Work:
-        """The next work: queued work at once, else this thread waits on its own lock (on the idle stack) for
-        work handed to it; while ``lingering``, at most :data:`LINGER` before it wakes that loop for the
-        bookkeeping no request settled meanwhile."""
-        with self._lock:
-            if self._backlog:
-                item = self._backlog.popleft()
-            else:
-                self._idle.append(me)
-                item = None
-        if item is None:
-            if lingering is not None and not me.wake.acquire(timeout=self._linger):
-                if self._completed:  # no request settled it
-                    self._wake(lingering)
-                lingering = None
-            if lingering is None:
-                me.wake.acquire()  # still on the idle stack: work comes through ``me``
-            assert me.item is not None
-            item, me.item = me.item, None
-        if lingering is not None and self._completed:  # work came, but not from a request that settled
-            self._wake(lingering)
-        return item
-
     def _work(self) -> None:
-        me = _Idle()
         lingering: asyncio.AbstractEventLoop | None = None
+        with self._waiting_lock:
+            self._waiting += 1
         while True:
-            func, loop, done, context = self._take(me, lingering)
-            lingering = None
+            try:
+                item: _Work | None = None
+                if lingering is not None:
+                    with contextlib.suppress(queue.Empty):
+                        item = self._queue.get(timeout=self._linger)
+                    if self._completed:  # no request settled it meanwhile
+                        self._wake(lingering)
+                    lingering = None
+                if item is None:
+                    item = self._queue.get()
+            finally:
+                with self._waiting_lock:
+                    self._waiting -= 1
+                    self._unclaimed -= 1
+            func, loop, done, context = item
             error: BaseException | None = None
             answered = False
             try:
                 answered = func()
             except BaseException as exc:
                 error = exc
+            # Counted as waiting before the completion is visible: the request that settles it must not
+            # start another thread for its batch (with two waiting, batches would go round them again).
+            with self._waiting_lock:
+                self._waiting += 1
             self._completed.append((done, error, context))
             if error is None and answered:
                 lingering = loop
             else:
                 self._wake(loop)
-            del func, done, error, context
-
-
-class _Idle:
-    """A log thread as the idle stack holds it: the lock it waits on (held while it waits) and the work handed
-    to it before the release."""
-
-    __slots__ = ("item", "wake")
-
-    def __init__(self) -> None:
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.item: _Work | None = None
+            del item, func, done, error, context
 
 
 def _answer_synced(job: Job, batch: list[LogWaiter]) -> bool:
