@@ -97,37 +97,6 @@ def test_a_failed_batch_hands_its_error_to_the_event_loop() -> None:
     anyio.run(main)
 
 
-def test_one_job_after_another_keeps_one_thread_and_concurrent_batches_get_their_own() -> None:
-    """Batches one after another go to the thread that went idle last (one warm thread for one client,
-    not a round of all of them: each woke once per update), and batches submitted together still run on
-    threads of their own at once (different jobs' syncs overlap)."""
-    async def main() -> None:
-        threads = SyncThreads(threads=4)
-        ran_on: list[int] = []
-        for _ in range(20):
-            done = anyio.Event()
-
-            def work() -> bool:
-                ran_on.append(threading.get_ident())
-                return True
-
-            threads.submit(work, lambda exc, done=done: done.set())
-            with anyio.fail_after(30):
-                await done.wait()
-        assert len(set(ran_on)) == 1
-
-        together = threading.Barrier(3, timeout=30)  # passes only if three batches run at once
-        finished: list[BaseException | None] = []
-        for _ in range(3):
-            threads.submit(lambda: together.wait() is None, finished.append)
-        with anyio.fail_after(30):
-            while len(finished) < 3:
-                threads.settle()
-                await anyio.sleep(0.001)
-        assert finished == [None, None, None]
-    anyio.run(main)
-
-
 def test_settle_runs_what_the_threads_left_in_the_callers_step() -> None:
     """A request's ``settle`` runs the bookkeeping of a batch already answered, before the linger ends."""
     async def main() -> None:

@@ -60,22 +60,17 @@ class SyncThreads:
       :attr:`_completed` for the loop's next step: every request starts with :meth:`settle`, so a client
       that sends its next update soon pays for one wake-up of the loop, not two. A thread that answered its
       batch waits :data:`LINGER` for such a request and wakes the loop itself if none came; a batch it
-      could not answer (an error, a request with client slots) wakes the loop at once;
-    - threads start as work needs them (one more when the work not taken yet outnumbers the threads
-      waiting for work, lingering ones included): with all 8 started up front one client's batches went
-      round all of them (the shared queue wakes the thread that waited longest), and each thread woke
-      about once per update, ~7.6 of the ~11.9 thread switches of a ``logged`` update. Now one client
-      keeps one thread: per update 9.2-9.5 switches and 580-640 µs of daemon CPU against 11.8-12.2 and
-      620-690 µs (load 6-12); 8 clients start up to 8 threads and their syncs overlap as before.
+      could not answer (an error, a request with client slots) wakes the loop at once.
 
-    Tried: a stack of idle threads, each waiting on a lock of its own (work to the thread idle last),
-    gave one client 7.5-8.4 switches and 496-563 µs, but 8 clients 15.5-16.2 switches and 555-625 µs
-    against 11.6-12.5 and 472-513 µs with the shared queue (4 runs each, load 7-8); not understood, so
-    the queue stayed. With either, one client's updates per second were lower than with 8 rotating
-    threads in most runs on the loaded host (a thread that runs every millisecond waits behind other
-    processes more than one that slept for eight), which a quiet host has to settle.
-
-    Tried and dropped: handing work over at the end of the loop's step (``call_soon``, so the woken thread
+    Tried and dropped (issue 21, ``scripts/cost_per_request.py``): with 8 threads on one queue, one client's
+    batches go round all of them (each thread wakes about once per update: ~7.6 of ~11.9 switches of a
+    ``logged`` update). One thread per client (threads started as work needs them, or a stack of idle
+    threads) cut that to 8-10 switches, but on the loaded host (load 6-12) one client's ``logged`` updates
+    got slower in most runs (per second 220-565 against 342-878, mean latency up to 4x) and its CPU per
+    update did not drop reliably; the idle stack also cost 8 clients more (15.5-16.2 switches and 555-625 µs
+    per update against 11.6-12.5 and 472-513). A thread that runs every millisecond may wait behind other
+    processes more than eight that each slept for eight; to be measured on a quiet host before trying again.
+    And handing work over at the end of the loop's step (``call_soon``, so the woken thread
     would not wait for the GIL the loop holds) made the hop slower (d2->d3 ~130 µs against ~100 µs under
     the same load), as the thread then also waited for the rest of the step.
     """
@@ -84,12 +79,7 @@ class SyncThreads:
         self._count = threads
         self._linger = linger
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
-        # Threads start as work needs them: one more when the work not taken yet outnumbers the threads
-        # waiting for it (issue 21: with all 8 started, one client's updates went round all of them).
-        self._started = 0
-        self._waiting = 0  # threads waiting for work, lingering ones too
-        self._unclaimed = 0  # work submitted that no thread has taken yet
-        self._waiting_lock = threading.Lock()
+        self._started = False
         # Finished work whose ``done`` the event loop has not run yet (appended by threads, run by the loop).
         self._completed: collections.deque[tuple[Done, BaseException | None, contextvars.Context]] = \
             collections.deque()
@@ -98,14 +88,10 @@ class SyncThreads:
 
     def submit(self, func: Callable[[], bool], done: Done) -> None:
         """Run ``func()`` in one of the threads; then ``done(exception or None)`` on this event loop."""
-        with self._waiting_lock:
-            # Work already queued and not taken yet has a waiting thread each first: a burst of batches (8
-            # jobs in one step) starts threads for all of them, so their syncs overlap.
-            start = self._unclaimed >= self._waiting and self._started < self._count
-            self._unclaimed += 1
-            self._started += start
-        if start:
-            threading.Thread(target=self._work, name=f"autosaved-log-{self._started - 1}", daemon=True).start()
+        if not self._started:
+            self._started = True
+            for i in range(self._count):
+                threading.Thread(target=self._work, name=f"autosaved-log-{i}", daemon=True).start()
         # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
         self._queue.put((func, asyncio.get_running_loop(), done, contextvars.copy_context()))
 
@@ -131,23 +117,19 @@ class SyncThreads:
 
     def _work(self) -> None:
         lingering: asyncio.AbstractEventLoop | None = None
-        with self._waiting_lock:
-            self._waiting += 1
         while True:
-            try:
-                item: _Work | None = None
-                if lingering is not None:
-                    with contextlib.suppress(queue.Empty):
-                        item = self._queue.get(timeout=self._linger)
-                    if self._completed:  # no request settled it meanwhile
-                        self._wake(lingering)
-                    lingering = None
+            if lingering is not None:
+                try:
+                    item: _Work | None = self._queue.get(timeout=self._linger)
+                except queue.Empty:
+                    item = None
+                if self._completed:  # no request settled it meanwhile
+                    self._wake(lingering)
+                lingering = None
                 if item is None:
-                    item = self._queue.get()
-            finally:
-                with self._waiting_lock:
-                    self._waiting -= 1
-                    self._unclaimed -= 1
+                    continue
+            else:
+                item = self._queue.get()
             func, loop, done, context = item
             error: BaseException | None = None
             answered = False
@@ -155,10 +137,6 @@ class SyncThreads:
                 answered = func()
             except BaseException as exc:
                 error = exc
-            # Counted as waiting before the completion is visible: the request that settles it must not
-            # start another thread for its batch (with two waiting, batches would go round them again).
-            with self._waiting_lock:
-                self._waiting += 1
             self._completed.append((done, error, context))
             if error is None and answered:
                 lingering = loop
