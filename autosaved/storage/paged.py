@@ -7,8 +7,9 @@ step, meta, sessions and covered log position. Pages are objects in ``objects/<a
 data chunks, named by the BLAKE3 of their bytes and verified on every read.
 
 A save diffs the tree it is given against the tree of the job's last save (kept in memory, see
-:class:`Cache`), writes the new data chunks, re-chunks only the leaf pages the diff touches and rebuilds
-the interior pages above (a few, cached), so it writes O(changed leaves x log N) bytes. The crash-safety
+:class:`Cache`), on the paths the daemon says changed when it knows them (:data:`Changed`), writes the
+new data chunks, re-chunks only the leaf pages the diff touches and the interior pages around them
+(:func:`.prolly.edit`), so it writes and computes O(changed leaves x log N). The crash-safety
 argument is format 1's: every page and chunk is durable under its final name (pipeline: write, fsync,
 rename; then the directories' fsync) before the root record that names it is committed.
 """

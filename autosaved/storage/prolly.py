@@ -17,7 +17,10 @@ equal states must be equal bytes, so pages dedup across versions and across a jo
 - *Edits re-chunk locally*: the chunker's decision depends only on the items since the last cut, so
   an edit re-chunks from the start of the page it falls in until a new cut lands where an old page ended
   after the last edit; from there the old pages are the new pages. An update of ``k`` keys reads and
-  writes O(k) leaf pages and the O(k log N) interior pages above them.
+  writes O(k) leaf pages and the O(k log N) interior pages above them. The same holds one level up: an
+  interior level is the sequence of the refs below, cut by the same rule, so :func:`edit` re-chunks each
+  level only around the refs that changed below, taking an old page's children from the level below held
+  in memory (:class:`Levels`), and no interior page is read.
 
 Interior pages hold, per child, its first key, its digest and its item count; a lookup descends to the
 last child whose first key is <= the key. Ranges (a subtree of the state: every key with one prefix)

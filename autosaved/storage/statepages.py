@@ -13,7 +13,9 @@ a small binary leaf inline in the page (no chunk file, no object per value).
 
 A save diffs the new tree against the tree of the previous save by identity first: the daemon's merge
 copies only the paths an update touches (:mod:`autosaved.state`), so unchanged subtrees are the same
-objects and are skipped without a look inside. The work is O(the width of the mappings on changed paths).
+objects and are skipped without a look inside. Given the paths the daemon's merges changed
+(:class:`autosaved.state.Touched`), a mapping's diff visits only those keys: the work is O(the change),
+not the width of the mappings on changed paths (a history of 100,000 checkpoints is one mapping).
 """
 
 from __future__ import annotations
