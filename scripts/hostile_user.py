@@ -12,6 +12,12 @@ random names. The well-behaved user sends small ``accepted`` updates at a steady
 beside the attack. Asserted (exit status 1 otherwise): the daemon never exits, its RSS stays within the
 budget the config implies, and the well-behaved p99 under attack is at most ``--p99-factor`` times its
 p99 alone.
+
+CPU: on 2 cores the attack's five busy processes, the daemon and the well-behaved client share the CPU.
+``--cpu-layout`` says how (cgroups, see ``LAYOUTS``): ``service`` (the default) is what the unit file gives
+on any systemd host, the daemon in a group of its own and both users in another; ``per-user`` adds
+systemd's per-user slices; ``flat`` puts everything in one group. The well-behaved client reports its
+p99 also net of the time it waited for a core itself (``net_p99_ms``).
 """
 
 from __future__ import annotations
@@ -169,13 +175,25 @@ def role(name: str, address: str, seconds: float) -> None:
 # -- the well-behaved user ---------------------------------------------------------------------------------
 
 
+def _runqueue_wait_s() -> float:
+    """How long this thread has waited for a core so far (the kernel's schedstat), 0 where unreadable."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def steady(address: str, seconds: float, rate: float) -> dict[str, float]:
-    """Small ``accepted`` updates at ``rate`` per second; the latency of each as the client sees it."""
+    """Small ``accepted`` updates at ``rate`` per second; the latency of each as the client sees it, and
+    the same less the time this client itself waited for a core meanwhile (``net``: what the daemon and
+    the transport took, whoever kept this process off the CPU)."""
     import numpy as np
 
     import autosaved
 
     lat: list[float] = []
+    net: list[float] = []
     errors = 0
     with autosaved.Client("steady", address=address, timeout=30) as c:
         c.update({"w": np.zeros(512), "step": 0})
@@ -183,17 +201,22 @@ def steady(address: str, seconds: float, rate: float) -> dict[str, float]:
         step = 0
         while time.monotonic() < deadline:
             step += 1
+            waited = _runqueue_wait_s()
             t = time.perf_counter()
             try:
                 c.update({"step": step, "w": np.full(512, step, dtype=np.float64)}, wait="accepted")
-                lat.append(time.perf_counter() - t)
+                took = time.perf_counter() - t
+                lat.append(took)
+                net.append(took - (_runqueue_wait_s() - waited))
             except Exception:
                 errors += 1
             time.sleep(max(0.0, 1 / rate - (time.perf_counter() - t)))
         restored = c.restore()["step"]
     lat.sort()
+    net.sort()
     return {"n": len(lat), "errors": errors, "p50_ms": 1000 * lat[len(lat) // 2],
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))], "max_ms": 1000 * lat[-1],
+            "net_p99_ms": 1000 * net[min(len(net) - 1, int(len(net) * 0.99))],
             "restored_step_ok": float(restored == step)}
 
 
@@ -201,13 +224,25 @@ def steady(address: str, seconds: float, rate: float) -> dict[str, float]:
 
 
 ROLES = ("connections", "unread", "halfsent", "shapes", "deletes")
+# The CPU layouts a run can measure: which group of equal CPU weight the daemon, the well-behaved user and
+# the hostile user run in. "service" is what the unit file gives on any systemd host (its CPUWeight= turns
+# the cpu controller on: the service's slice and user.slice share the cores by weight, users' processes
+# share user.slice's part among themselves); "per-user" adds systemd's per-user slices with weights, as a
+# shared host's admin sets them; "flat" is one group, where the kernel shares the cores between every
+# runnable thread, whoever's.
+LAYOUTS: dict[str, dict[str, str]] = {
+    "service": {"daemon": "service", "good": "users", "hostile": "users"},
+    "per-user": {"daemon": "service", "good": "user-good", "hostile": "user-hostile"},
+    "flat": {},
+}
 
 
 def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: tuple[str, ...] = ROLES,
-        profile: str | None = None) -> dict[str, Any]:
+        profile: str | None = None, layout: str = "service") -> dict[str, Any]:
     import psutil
 
     from autosaved.client.admin import Admin
+    from autosaved.testing import slices as cgroups
     from autosaved.testing.private import PrivateDaemon
     from autosaved.testing.realusers import missing, real_users
 
@@ -217,11 +252,23 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
     me = [sys.executable, os.path.abspath(__file__)]
     root = Path(tempfile.mkdtemp(prefix="autosaved-hostile-"))
     os.chmod(root, 0o755)
-    with real_users(2) as (users, group):
+    if layout != "flat" and (no_slices := cgroups.missing()) is not None:
+        raise SystemExit(f"--cpu-layout {layout}: {no_slices} (--cpu-layout flat runs without CPU groups)")
+    # Which CPU group each party runs in (see autosaved/testing/slices.py).
+    group_of = LAYOUTS[layout]
+    with real_users(2) as (users, group), contextlib.ExitStack() as stack:
         hostile, good = users
+        groups = (stack.enter_context(cgroups.cpu_slices(tuple(sorted(set(group_of.values())))))
+                  if group_of else {})
+
+        def into(party: str) -> Any:
+            return groups[group_of[party]].preexec() if groups else None
+
         d = PrivateDaemon(root / "d", config=config(group))
         d.start()
         assert d.proc is not None
+        if groups:
+            groups[group_of["daemon"]].join(d.proc.pid)
         proc = psutil.Process(d.proc.pid)
         samples: list[tuple[int, int]] = []
         stop = threading.Event()
@@ -237,7 +284,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
         def as_good(secs: float) -> dict[str, float]:
             out = subprocess.run(good.command([*me, "--steady", d.address, str(secs), str(rate)]),
                                  capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"},
-                                 timeout=secs + 120)
+                                 timeout=secs + 120, preexec_fn=into("good"))
             if out.returncode != 0:
                 raise RuntimeError(f"the well-behaved client failed: {out.stderr[-2000:]}")
             result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -250,12 +297,12 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
             sampler.start()
             attackers = [subprocess.Popen(hostile.command([*me, "--role", r, d.address, str(seconds)]),
                                           env={**os.environ, "HOME": "/tmp"}, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL) for r in roles]
+                                          stderr=subprocess.DEVNULL, preexec_fn=into("hostile")) for r in roles]
             # The daemon's stacks under attack (py-spy's collapsed format, sampled without pausing it).
             spy_bin = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             spy = None if profile is None else subprocess.Popen(
-                [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "200", "--output", profile,
-                 "--pid", str(d.proc.pid), "--duration", str(int(seconds))],
+                [spy_bin, "record", "--nonblocking", "--format", "raw", "--rate", "200", "--threads",
+                 "--output", profile, "--pid", str(d.proc.pid), "--duration", str(int(seconds))],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             under = as_good(seconds)
             if spy is not None:
@@ -279,8 +326,9 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
     budget = rss_budget(baseline_rss)
     rss_max = max((r for r, _ in samples), default=0)
     report = {
-        "seconds": seconds, "roles": list(roles), "alone": alone, "under_attack": under,
+        "seconds": seconds, "roles": list(roles), "cpu_layout": layout, "alone": alone, "under_attack": under,
         "p99_ratio": under["p99_ms"] / max(alone["p99_ms"], 1e-9),
+        "net_p99_ratio": under["net_p99_ms"] / max(alone["net_p99_ms"], 1e-9),
         "daemon_exits": 0 if exited is None else 1, "stop_exit_code": stop_code,
         "rss_baseline_mib": baseline_rss / MiB, "rss_max_mib": rss_max / MiB, "rss_budget_mib": budget / MiB,
         "fds_max": max((f for _, f in samples), default=0), "edge": edge, "load": os.getloadavg(),
@@ -308,13 +356,17 @@ def main() -> int:
                     help=f"the hostile roles to run, comma-separated (default: all of {','.join(ROLES)})")
     ap.add_argument("--profile", metavar="FILE", help="py-spy the daemon during the attack into FILE "
                                                        "(collapsed stacks; needs py-spy)")
+    ap.add_argument("--cpu-layout", choices=tuple(LAYOUTS), default="service",
+                    help="CPU groups of equal weight (cgroups, root): 'service' puts the daemon in one and both "
+                         "users in another, as the unit file does on any systemd host; 'per-user' gives each "
+                         "user a group of their own too; 'flat' runs all in one (default: service)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     roles = tuple(r for r in args.roles.split(",") if r)
     if not roles or any(r not in ROLES for r in roles):
         ap.error(f"--roles: choose from {','.join(ROLES)}")
     alone = args.alone if args.alone is not None else min(60.0, max(5.0, args.seconds / 4))
-    report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile)
+    report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile, args.cpu_layout)
     if args.json:
         print(json.dumps(report))
     else:

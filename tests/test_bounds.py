@@ -454,7 +454,8 @@ def test_a_hostile_user_beside_a_well_behaved_one(figure: Callable[[str], None])
     if why is not None:
         skip_or_fail(why)
     script = Path(__file__).parent.parent / "scripts" / "hostile_user.py"
-    out = subprocess.run([sys.executable, str(script), "--seconds", "25", "--alone", "5", "--json"],
+    out = subprocess.run([sys.executable, str(script), "--seconds", "25", "--alone", "5", "--json",
+                          "--cpu-layout", "flat"],
                          capture_output=True, text=True, timeout=300)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     figure(f"hostile run 25 s: daemon exits {report['daemon_exits']}, RSS max {report['rss_max_mib']:.0f} MiB "

@@ -232,3 +232,19 @@ def test_a_user_has_at_most_8_restores_running_and_the_rest_wait_their_turn(
             flood.kill()
             flood.wait()
         d.cleanup()
+
+
+def test_a_connection_past_its_users_refusal_budget_is_muted_for_the_rest_of_that_second() -> None:
+    """Past :data:`REFUSALS_PER_S` answered refusals, the connection that went over is dropped before its
+    header is read until the second turns (the daemon's core, in process: a clock of our own)."""
+    from autosaved.daemon.rpcserver import REFUSALS_PER_S, RefusalBudget
+
+    budget = RefusalBudget()
+    assert all(budget.allow(7, 100.1) for _ in range(REFUSALS_PER_S))
+    assert not budget.allow(7, 100.2)
+    assert not budget.muted(b"conn-a", 100.2)  # nothing is muted until the server says so
+    budget.mute(b"conn-a")
+    assert budget.muted(b"conn-a", 100.9) and not budget.muted(b"conn-b", 100.9)
+    assert budget.allow(8, 100.9)  # another user's budget is its own
+    assert not budget.muted(b"conn-a", 101.0)  # a new second: read again, and answered again
+    assert budget.allow(7, 101.0)

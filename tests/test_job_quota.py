@@ -11,6 +11,7 @@ between so the jobs are on disk only.
 from __future__ import annotations
 
 import fcntl
+import inspect
 import math
 import os
 import threading
@@ -34,7 +35,7 @@ from autosaved.daemon.rpc import Handlers, Reply, RpcRequest, finish
 from autosaved.daemon.runstate import RunState
 from autosaved.daemon.slottable import SlotConn, SlotTable
 from autosaved.daemon.wakeups import Wakeups
-from autosaved.errors import QuotaExceeded
+from autosaved.errors import NotFound, QuotaExceeded
 from autosaved.storage.wal import WalWriter
 from autosaved.testing.private import PrivateDaemon
 
@@ -384,5 +385,42 @@ def test_a_refused_first_update_gives_its_max_jobs_slot_back(tmp_path: Path) -> 
         assert daemon.table.jobs_of(A) == [] and await daemon.table.names.of(A) == set()
         await call(daemon.handlers, _update("small", {"w": 1}, seq=1, owner=A))
         assert [j.name for j in daemon.table.jobs_of(A)] == ["small"]
+
+    anyio.run(main)
+
+
+def test_a_delete_of_a_job_that_surely_does_not_exist_is_refused_without_a_task(tmp_path: Path) -> None:
+    """A flood of deletes of random names (issue 19's hostile user) is refused where it is received: no
+    task, lock or worker thread per request, once the owner's job names are known. Any doubt (names not
+    listed yet, the job loaded, being created or being deleted) takes the full path."""
+    daemon, _ = _daemon(tmp_path, max_jobs=10)
+
+    async def main() -> None:
+        d = daemon.handlers
+        first = d.start(_req("delete", A, job="nope0"))  # A's names are not known yet: a look on disk
+        assert inspect.iscoroutine(first)
+        with pytest.raises(NotFound, match="nope0"):
+            await finish(first)
+        with pytest.raises(NotFound, match="nope1"):
+            d.start(_req("delete", A, job="nope1"))  # now refused at once, with no coroutine to run
+        assert daemon.table.locks_held() == 0
+        await call(d, _update("a1", {"w": 1}, seq=1, owner=A))
+        with daemon.table.names.creating(A, "c1"):
+            pending = d.start(_req("delete", A, job="c1"))
+            assert inspect.iscoroutine(pending)
+            pending.close()
+        async with daemon.table.key_lock((A, "k1")):
+            pending = d.start(_req("delete", A, job="k1"))
+            assert inspect.iscoroutine(pending)
+            pending.close()
+        loaded = d.start(_req("delete", A, job="a1"))
+        assert inspect.iscoroutine(loaded)
+        assert (await finish(loaded)).fields["job"] == "a1"
+        with pytest.raises(NotFound, match="a1"):
+            d.start(_req("delete", A, job="a1"))  # deleted: its name left the owner's set
+        other = d.start(_req("delete", B, job="nope0"))  # B's names are their own, not known yet
+        assert inspect.iscoroutine(other)
+        with pytest.raises(NotFound):
+            await finish(other)
 
     anyio.run(main)

@@ -59,6 +59,12 @@ class JobNames:
             if not mine:
                 del self._creating[owner]
 
+    def surely_absent(self, owner: int, name: str) -> bool:
+        """Whether ``owner`` certainly has no job ``name``: their set is established (a listing has run) and
+        neither holds nor is creating it. O(1); False whenever it cannot tell without the disk."""
+        names = self._names.get(owner)
+        return names is not None and name not in names and name not in self._creating.get(owner, ())
+
     def add(self, owner: int, name: str) -> None:
         self._note(owner, name, True)
 

@@ -107,6 +107,12 @@ class JobTable:
         if (owner, name) not in self.jobs:
             self.names.forget(owner, name)
 
+    def surely_absent(self, key: JobKey) -> bool:
+        """Whether job ``key`` certainly does not exist on this host (issue 19: a flood of deletes of random
+        names each took a worker thread to look for a folder): not loaded, nobody loading, creating or
+        deleting it, and not among its owner's job names. O(1)."""
+        return key not in self.jobs and key not in self._load_locks and self.names.surely_absent(*key)
+
     def key_lock(self, key: JobKey) -> AbstractAsyncContextManager[None]:
         return self._load_locks.hold(key)
 

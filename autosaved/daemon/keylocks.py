@@ -27,6 +27,10 @@ class KeyedLocks(Generic[K]):
     def __len__(self) -> int:
         return len(self._locks)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether anything holds, waits for or pins ``key``'s lock now."""
+        return key in self._locks
+
     def pin(self, key: K) -> anyio.Lock:
         """The key's lock, kept until :meth:`unpin` (a loaded job holds its io lock this way)."""
         lock, users = self._locks.get(key) or (anyio.Lock(), 0)

@@ -123,5 +123,5 @@ REGISTRY: Final = _registry({
     "list": Handlers.op_list,
     "verify": Handlers.op_verify,
     "gc": Handlers.op_gc,
-    "delete": Handlers.op_delete,
+    "delete": Handlers.start_delete,
 })

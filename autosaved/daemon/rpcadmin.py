@@ -15,7 +15,7 @@ from ..names import validate_job_name
 from ..storage.base import JobStorage
 from ..storage.faults import point
 from .jobs import Job
-from .rpcbase import HandlerBase, Reply, RpcRequest, log
+from .rpcbase import HandlerBase, Reply, RpcRequest, Started, log
 
 
 class AdminOps(HandlerBase):
@@ -118,6 +118,16 @@ class AdminOps(HandlerBase):
         ids = await anyio.to_thread.run_sync(store.version_ids)
         return self.ctx.replicator.unreplicated(store.owner, store.job, ids)
 
+    def start_delete(self, req: RpcRequest) -> Started:
+        """A delete of a job that certainly does not exist is refused here, with no task, lock or thread
+        (issue 19: a flood of deletes of random names kept worker threads and the loop busy looking for
+        folders); every other delete is :meth:`op_delete`."""
+        name = self._job_name(req)
+        if (req.header.get("dry_run", False) is False and self.ctx.replicator is None
+                and self.ctx.table.surely_absent((req.owner, name))):
+            raise NotFound(f"no job named {name!r}")
+        return self.op_delete(req)
+
     async def op_delete(self, req: RpcRequest) -> Reply:
         """Forget a job: its live state and every stored version. A client that sends to it again starts
         a new, empty job of that name."""
@@ -136,6 +146,7 @@ class AdminOps(HandlerBase):
             replicator = self.ctx.replicator
             if job is None and not await anyio.to_thread.run_sync(store.path.exists) and (
                     replicator is None or not await replicator.in_bucket(req.owner, name)):
+                await self.ctx.table.names.of(req.owner)  # once per owner: later ones are refused in start_delete
                 raise NotFound(f"no job named {name!r}")
             try:
                 if replicator is not None:  # first: from now on nothing re-seeds the job from the bucket
