@@ -54,10 +54,6 @@ class Cache:
     # Big mappings of ``tree`` known to be in key order or not, by path: see statepages.Differ.
     in_key_order: KeyOrder = field(default_factory=dict)
 
-    @property
-    def root(self) -> str:
-        return self.levels.root
-
 
 # What a save passes on about its tree: (the version whose tree the paths are relative to, the paths the
 # daemon's merges changed since; see autosaved.state.Touched). ``None``: unknown, the diff visits all.

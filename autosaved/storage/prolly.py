@@ -191,16 +191,8 @@ def chunk_leaves(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put)
 
 def build_levels(leaves: list[Ref], params: Params, put: Put) -> tuple[str, int]:
     """The interior levels over ``leaves``: (root digest, height); height 0 is a lone leaf page."""
-    level, refs = 0, leaves
-    while len(refs) > 1:
-        level += 1
-        ch = _Chunker(level, params, put)
-        for ref in refs:
-            ch.add(ref.first, ref, _ref_size(ref))
-        if not ch.empty:
-            ch.cut()
-        refs = ch.out
-    return refs[0].digest, level
+    levels = Levels.build(leaves, params, put)
+    return levels.root, levels.height
 
 
 def build(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put) -> tuple[str, list[Ref]]:
@@ -212,24 +204,6 @@ def build(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put) -> tup
 
 def load_page(get: Get, digest: str, where: str) -> Page:
     return decode_page(get(digest), digest, where)
-
-
-def leaf_refs(root: str, get: Get, where: str) -> list[Ref]:
-    """Every leaf page of a tree in key order, reading only its interior pages."""
-    page = load_page(get, root, where)
-    if page.level == 0:
-        return [Ref(page.items[0][0] if page.items else b"", root, len(page.items))]
-    out: list[Ref] = []
-
-    def walk(p: Page) -> None:
-        for ref in p.refs:
-            if p.level == 1:
-                out.append(ref)
-            else:
-                walk(load_page(get, ref.digest, where))
-
-    walk(page)
-    return out
 
 
 def iterate(root: str, get: Get, where: str, lo: bytes = b"", hi: bytes | None = None
@@ -402,7 +376,7 @@ class Levels:
 
     @classmethod
     def build(cls, leaves: list[Ref], params: Params, put: Put) -> Levels:
-        """The interior levels over ``leaves`` built whole (what :func:`build_levels` writes)."""
+        """The interior levels over ``leaves``, built whole."""
         refs, level = [leaves], 0
         while len(refs[-1]) > 1:
             level += 1
