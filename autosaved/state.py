@@ -142,7 +142,11 @@ def measure(value: Any) -> tuple[int, int, Refs | None]:
             return value.nbytes + BLOB_OVERHEAD, 0, None
         refs = {id(data.obj): 1} if isinstance(data.obj, mmap.mmap) else None
         return value.nbytes + BLOB_OVERHEAD, value.nbytes, refs
-    if t is dict or isinstance(value, Mapping):
+    if t is dict:
+        return _measure_items(value.items(), mapping=True)
+    if t is list or t is tuple:  # before the ABC check below, which is slow (perf, issue 21)
+        return _measure_items(value, mapping=False)
+    if isinstance(value, Mapping):
         return _measure_items(value.items(), mapping=True)
     if isinstance(value, list | tuple):
         return _measure_items(value, mapping=False)
@@ -276,7 +280,7 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
                 c, h, r = measure(old)  # a Node's totals, or a small flat dict's (O(FLAT_MAX))
                 cost, held = cost - c, held - h
                 if (to is not Node and to is not dict) or t is Replace or t in PLAIN_TYPES \
-                        or not isinstance(value, Mapping):  # replaced or deleted whole
+                        or (t is not dict and not isinstance(value, Mapping)):  # replaced or deleted whole
                     if r:
                         removed[0] = add_refs(removed[0], r)
                         refs = add_refs(refs, r, -1)
@@ -292,7 +296,7 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
             continue
         if t is Replace:
             new, c, h, r = _fresh(value.mapping, added)
-        elif isinstance(value, Mapping):
+        elif t is dict or isinstance(value, Mapping):  # the exact type first: an ABC check is slow
             to = type(old)
             if to is Node:
                 new, c, h, r = _merge_node(old, old.cost, old.held, old.refs, value, added, removed, gen=gen)
@@ -337,7 +341,7 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
         else:
             if t is Replace:
                 value, c, h, r = _fresh(value.mapping, added)
-            elif isinstance(value, Mapping):
+            elif t is dict or isinstance(value, Mapping):
                 value, c, h, r = _fresh(value, added)
             else:
                 c, h, r = measure(value)
@@ -419,12 +423,17 @@ def merge_deltas_into(first: State, second: Mapping[str | int, Any]) -> State:
         Walked.copied += len(first)
         out = _Owned(first)
     for key, value in second.items():
-        if type(value) in PLAIN_TYPES:
+        t = type(value)
+        if t in PLAIN_TYPES:
             out[key] = value
             continue
         before = out.get(key, _MISSING)
-        if value is DELETE or isinstance(value, Replace) or not isinstance(value, Mapping) or before is _MISSING:
+        # Exact types before the ABC checks (perf, issue 21: they were most of this walk).
+        if before is _MISSING or (t is not dict and (value is DELETE or isinstance(value, Replace)
+                                                     or not isinstance(value, Mapping))):
             out[key] = value
+        elif type(before) is _Owned or type(before) is dict:
+            out[key] = merge_deltas_into(before, value)
         elif isinstance(before, Replace):
             out[key] = Replace(merge(before.mapping, value))
         elif isinstance(before, Mapping):
@@ -505,12 +514,12 @@ def changes_anything(base: State, delta: Mapping[str | int, Any]) -> bool:
             # ``1 == True == 1.0`` but they are different leaves; NaN != NaN counts as a change.
             if type(before) is not type(value) or before != value:
                 return True
-        elif isinstance(value, Replace) or before is _MISSING:
+        elif before is _MISSING:
             return True
-        elif isinstance(value, Mapping):
+        elif type(value) is dict or (not isinstance(value, Replace) and isinstance(value, Mapping)):
             if not isinstance(before, dict) or changes_anything(before, value):
                 return True
-        elif not _same_leaf(before, value):
+        elif isinstance(value, Replace) or not _same_leaf(before, value):
             return True
     return False
 

@@ -260,16 +260,24 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
     def dec(n: Any, depth: int, in_mapping: bool) -> Any:
         if depth > max_depth:
             raise ProtocolError(f"state nested deeper than {max_depth} levels")
-        if n is None or isinstance(n, bool | int | float | str):
+        # Exact types first: msgpack decodes to exactly these, and an isinstance with a union or an ABC
+        # was a third of the daemon's decode of a LangGraph put (perf, issue 21).
+        tn = type(n)
+        if tn in PLAIN_TYPES:
             return n
-        if not isinstance(n, dict) or len(n) != 1:
-            raise ProtocolError(f"malformed node of type {type(n).__name__}")
+        if tn is not dict:
+            if isinstance(n, bool | int | float | str):
+                return n
+            if not isinstance(n, dict):
+                raise ProtocolError(f"malformed node of type {tn.__name__}")
+        if len(n) != 1:
+            raise ProtocolError(f"malformed node of type {tn.__name__}")
         ((tag, body),) = n.items()
         if tag == "m" and isinstance(body, list):
             Walked.entries += len(body)
             out: dict[str | int, Any] = {}
             for item in body:
-                if not isinstance(item, list | tuple) or len(item) != 2:
+                if (type(item) is not list and not isinstance(item, list | tuple)) or len(item) != 2:
                     raise ProtocolError("malformed mapping item")
                 key, sub = item
                 if type(key) is not str and (isinstance(key, bool) or not isinstance(key, str | int)):

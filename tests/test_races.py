@@ -7,6 +7,7 @@ real save or gc path), so each test hits its window every time instead of once i
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -245,3 +246,36 @@ def test_updates_pipelined_to_a_job_being_loaded_apply_in_the_order_sent(
         got = c.restore()
     assert got["x"] == during + after
     assert all(got[f"k{k}"] == k for k in range(1, during + after + 1))
+
+
+def test_a_recovery_save_held_before_its_manifest_is_never_overtaken_by_the_next_save_or_its_collection(
+        make_daemon: Callable[..., PrivateDaemon], tmp_path: Path) -> None:
+    """Issue 19's power-loss flake, suspects ruled out: the restart's recovery save is held before its
+    manifest while the next save is asked for; the next save drops the leaf the recovery save wrote, and
+    ``keep_last = 1`` makes each save's retention collect. A save's write and another save's write or
+    retention of the job must never overlap: the recovery save's collection (after its commit, when the job
+    no longer counts as saving) would sweep pages the next save has written but not yet named, and the next
+    save's collection would sweep the recovery save's chunks. The saves run one after the other, in version
+    order, and the one version left verifies."""
+    faults = tmp_path / "faults"
+    d = make_daemon(NO_AUTO_POLICY + "keep_last = 1\n", env={"AUTOSAVED_FAULTS_FILE": str(faults)})
+    rng = np.random.default_rng(4)
+    with autosaved.Client("rv", address=d.address) as c:
+        c.update({"n": 1, "a": rng.standard_normal(40_000)}, wait="committed")
+        c.update({"n": 2, "b": rng.standard_normal(40_000)}, wait="logged")  # only in the log
+    d.kill()
+    faults.write_text("manifest.open.before 1 sleep4\n")  # the recovery save, once its chunks are in
+    d.start()
+    with autosaved.Client("rv", address=d.address) as c:  # its hello loads the job: the recovery save starts
+        fault_fired(faults, "manifest.open.before")
+        version = c.update({"n": 3, "b": autosaved.DELETE}, wait="committed").version
+    # The ack comes at the commit; the save's retention (which drops version 2) follows it.
+    wait_for(lambda: "retention job=rv deleted_versions=[2]" in d.log(), timeout=60)
+    saved = [(int(m.group(1)), m.group(2)) for m in re.finditer(r"saved job=rv .*?version=(\d+) .*?reason=(\w+)",
+                                                                 d.log())]
+    assert saved == [(1, "explicit"), (2, "recovery"), (version, "explicit")] and version == 3, saved
+    store = Store(d.state_dir).job(os.geteuid(), "rv")
+    assert [(v.id, v.ok, v.error) for v in store.list_versions(verify=True)] == [(3, True, None)]
+    d.kill()
+    got = autosaved.restore("rv", state_dir=d.state_dir)
+    assert got["n"] == 3 and "b" not in got

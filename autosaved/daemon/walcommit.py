@@ -62,7 +62,15 @@ class SyncThreads:
       batch waits :data:`LINGER` for such a request and wakes the loop itself if none came; a batch it
       could not answer (an error, a request with client slots) wakes the loop at once.
 
-    Tried and dropped: handing work over at the end of the loop's step (``call_soon``, so the woken thread
+    Tried and dropped (issue 21, ``scripts/cost_per_request.py``): with 8 threads on one queue, one client's
+    batches go round all of them (each thread wakes about once per update: ~7.6 of ~11.9 switches of a
+    ``logged`` update). One thread per client (threads started as work needs them, or a stack of idle
+    threads) cut that to 8-10 switches, but on the loaded host (load 6-12) one client's ``logged`` updates
+    got slower in most runs (per second 220-565 against 342-878, mean latency up to 4x) and its CPU per
+    update did not drop reliably; the idle stack also cost 8 clients more (15.5-16.2 switches and 555-625 µs
+    per update against 11.6-12.5 and 472-513). A thread that runs every millisecond may wait behind other
+    processes more than eight that each slept for eight; to be measured on a quiet host before trying again.
+    And handing work over at the end of the loop's step (``call_soon``, so the woken thread
     would not wait for the GIL the loop holds) made the hop slower (d2->d3 ~130 µs against ~100 µs under
     the same load), as the thread then also waited for the rest of the step.
     """

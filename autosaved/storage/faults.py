@@ -8,10 +8,11 @@ the daemon runs) holds one rule per line::
 
 Every instrumented point is listed in :data:`POINTS`. The rule fires on the ``n``-th matching call
 (counted from when the rule appeared), and on every later one with a trailing ``+``. ``kind`` may be
-``*``. Actions: ``crash`` (SIGKILL this process: a power cut at exactly that instant, as far as this
-process is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``raise`` (a RuntimeError: a bug, for the
-supervision tests), ``sleep:<seconds>`` (block the calling thread: on the event loop's own points, a hung
-loop; in a worker, a widened race window). ``<kind>.write.middle`` is inside a
+``*``. Actions: ``crash`` (SIGKILL this process, through the seam's :func:`.fileops.crash`, which a
+recorder makes wait until no operation is half recorded: a power cut at exactly that instant, as far as
+this process is concerned), ``enospc``, ``eio``, ``erofs`` (raise that OSError), ``raise`` (a RuntimeError:
+a bug, for the supervision tests), ``sleep:<seconds>`` (block the calling thread: on the event loop's own
+points, a hung loop; in a worker, a widened race window). ``<kind>.write.middle`` is inside a
 write (:func:`autosaved.storage.fileops.write`): half of the buffer has reached the kernel when it fires,
 so ``crash`` there leaves a real torn tail and an error a real partial file; after a non-fatal action
 the write goes on with the other half.
@@ -152,7 +153,10 @@ class _Faults:
     @staticmethod
     def _fire(rule: _Rule, where: str) -> None:
         if rule.action == "crash":
-            os.kill(os.getpid(), signal.SIGKILL)
+            from . import fileops  # which imports this module
+
+            fileops.crash()
+            os.kill(os.getpid(), signal.SIGKILL)  # not reached: a plug-in's crash must kill too
         if rule.action == "raise":
             raise RuntimeError(f"injected failure at {where}")
         if rule.action.startswith("sleep"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 from pathlib import Path
 
 from . import faults
@@ -59,6 +60,12 @@ class FileOps:
 
     def rmdir(self, path: StrPath) -> None:
         os.rmdir(path)
+
+    def crash(self) -> None:
+        """Die at once (SIGKILL to this process): the fault injector's ``crash``. Part of the seam so a
+        plug-in that records the operations can make the death fall between two of them, never inside
+        one (see :mod:`autosaved.testing.fstrace`)."""
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 ops: FileOps = FileOps()
@@ -143,6 +150,10 @@ def rmtree(path: StrPath) -> None:
                     ops.rmdir(full)
     with contextlib.suppress(FileNotFoundError):
         ops.rmdir(path)
+
+
+def crash() -> None:
+    ops.crash()
 
 
 def fsync_dir(path: StrPath) -> None:

@@ -2,18 +2,20 @@
 
 The recorder plugs into the storage layer's one seam for durable I/O (:mod:`autosaved.storage.fileops`):
 :func:`install` wraps its operations (``open``, ``write``, ``pwrite``, ``fsync``, ``fdatasync``,
-``ftruncate``, ``close``, ``replace``, ``unlink``, ``mkdir``, ``rmdir``), so every durable operation of the
-storage code is seen (the log's segments and repairs, the bucket seed's chunk files included) and nothing
-else is patched. A daemon records from its start when its environment names this module's
-:func:`install` as the seam's plug-in (``AUTOSAVED_FILEOPS=autosaved.testing.fstrace:install``) with
-``AUTOSAVED_FSTRACE=<trace file>`` and ``AUTOSAVED_FSTRACE_ROOT=<state dir>`` (whose ``jobs/`` subtree is
-recorded): :data:`DAEMON_ENV` builds that environment. Production never sets them.
+``ftruncate``, ``close``, ``replace``, ``unlink``, ``mkdir``, ``rmdir``, and the fault injector's
+``crash``), so every durable operation of the storage code is seen (the log's segments and repairs, the
+bucket seed's chunk files included) and nothing else is patched. A daemon records from its start when its
+environment names this module's :func:`install` as the seam's plug-in
+(``AUTOSAVED_FILEOPS=autosaved.testing.fstrace:install``) with ``AUTOSAVED_FSTRACE=<trace file>`` and
+``AUTOSAVED_FSTRACE_ROOT=<state dir>`` (whose ``jobs/`` subtree is recorded): :data:`DAEMON_ENV` builds
+that environment. Production never sets them.
 
 Each call on a path or fd under the recorded tree runs under one lock together with the append of its
 record, so the trace is a linearisation of what the threads of every daemon process that shares the
-trace file did. Other processes (the workload) append ``mark`` records to the same file with
-:func:`mark`; ``O_APPEND`` writes of one buffer are ordered with the daemon's, so a mark written after a
-reply arrived follows every operation the reply depended on.
+trace file did. A fault's ``crash`` takes that lock before the process dies, so no operation is ever on
+disk (where a restarted daemon builds on it) but missing from the trace. Other processes (the workload)
+append ``mark`` records to the same file with :func:`mark`; ``O_APPEND`` writes of one buffer are ordered
+with the daemon's, so a mark written after a reply arrived follows every operation the reply depended on.
 
 A record is one msgpack map; the file is their concatenation. Files are named by ``(st_dev, st_ino)``
 (the checker turns those into identities, since inode numbers are reused); directories by path.
@@ -184,6 +186,14 @@ class Recorder(FileOps):
 
     def rmdir(self, path: StrPath) -> None:
         self._path_op("rmdir", path, self.inner.rmdir)
+
+    def crash(self) -> None:
+        # Die holding the lock, so no other thread is between an operation and its record. A rename done
+        # but not yet recorded when a fault's SIGKILL landed was on disk for the restarted daemon (whose
+        # recovery save dedup'd the chunk) and missing from every crash state the checker built: a
+        # version half-visible even with every un-synced change kept (issue 19's power-loss flake).
+        self.lock.acquire()
+        self.inner.crash()
 
 
 _recorder: Recorder | None = None
