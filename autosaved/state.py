@@ -467,8 +467,10 @@ def touch(touched: Touched, base: Mapping[str | int, Any], delta: Mapping[str | 
         if sub is None:
             continue
         before = base.get(key, _MISSING)
-        if type(value) in PLAIN_TYPES or not isinstance(value, Mapping) or isinstance(value, Replace) \
-                or not isinstance(before, dict):
+        t = type(value)
+        merged_into = (t is dict or (t not in PLAIN_TYPES and t is not Replace and isinstance(value, Mapping))) \
+            and isinstance(before, dict)  # the exact types first: an ABC check is slow
+        if not merged_into:
             if value is DELETE and before is not _MISSING:
                 touched.dropped = True
             touched[key] = None
