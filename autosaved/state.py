@@ -445,6 +445,59 @@ def merge_deltas_into(first: State, second: Mapping[str | int, Any]) -> State:
 
 _MISSING: Any = object()
 
+
+class Touched(dict[str | int, "Touched | None"]):
+    """The paths a job's updates changed since its last snapshot (issue 20: a save then visits only those,
+    not every key of a 100,000-entry mapping). A key maps to the ``Touched`` of a mapping merged into, or
+    to ``None``: its whole subtree may differ (added, replaced or deleted). ``dropped``: a key of this
+    mapping was deleted, so its key order may have changed (a save then compares the mapping whole)."""
+
+    __slots__ = ("dropped",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = False
+
+
+def touch(touched: Touched, base: Mapping[str | int, Any], delta: Mapping[str | int, Any]) -> None:
+    """Add the paths merging ``delta`` into ``base`` changes to ``touched`` (before the merge: an in-place
+    merge changes ``base``). O(the delta); a key new to ``base`` is recorded as a whole subtree."""
+    for key, value in delta.items():
+        sub = touched.get(key, _MISSING)
+        if sub is None:
+            continue
+        before = base.get(key, _MISSING)
+        t = type(value)
+        merged_into = (t is dict or (t not in PLAIN_TYPES and t is not Replace and isinstance(value, Mapping))) \
+            and isinstance(before, dict)  # the exact types first: an ABC check is slow
+        if not merged_into:
+            if value is DELETE and before is not _MISSING:
+                touched.dropped = True
+            touched[key] = None
+        else:
+            if sub is _MISSING:
+                sub = touched[key] = Touched()
+            touch(sub, before, value)
+
+
+def touched_union(older: Touched, newer: Touched) -> Touched:
+    """The paths of ``older`` and ``newer`` (a failed save's paths given back to the next one)."""
+    out = Touched()
+    out.dropped = older.dropped or newer.dropped
+    for src, other in ((older, newer), (newer, older)):
+        for key, sub in src.items():
+            if key in out:
+                continue
+            theirs = other.get(key, _MISSING)
+            if sub is None or theirs is None:
+                out[key] = None
+            elif theirs is _MISSING:
+                out[key] = sub
+            else:
+                out[key] = touched_union(sub, theirs)
+    return out
+
+
 # Binary leaves up to this size are compared byte for byte when resent; larger ones count as changed (a
 # compare of a large tensor would hold the event loop for about a millisecond per MiB, and a resent large
 # tensor costs a version but no disk: its chunks dedup).

@@ -192,7 +192,7 @@ def test_a_refused_connection_names_the_bound(users: tuple[list[User], str], tmp
         got = as_user(user, OVER_THE_CAP, d.address, "2")
         assert str(got["module"]).startswith(str(Path(autosaved.__file__).parent)), got
         for name in ("sync", "async"):
-            assert got[name] == "QuotaExceeded", got
+            assert got[name] == "QuotaExceeded", (got, d.log()[-4000:])
             assert "quota.max_connections" in str(got[f"{name}_message"]), got
         assert got["after"] == "answered", got
         assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]

@@ -305,3 +305,45 @@ def test_keyed_turns_go_in_arrival_order_and_leave_nothing_behind() -> None:
         return order
 
     assert anyio.run(main) == [0, 1, 2, 3, 4]
+
+
+def test_a_save_gets_the_paths_changed_since_the_stores_tree_even_after_a_failed_save(tmp_path: Path) -> None:
+    """The job records the paths its updates change (issue 20) and each snapshot hands them to the store
+    with the version they are relative to; a failed save gives its paths back to the next one, whose root
+    is then the one a build from scratch of the same state gives."""
+    from autosaved.daemon.jobs import commit_failed, commit_succeeded, take_snapshot
+    from autosaved.errors import StorageError
+    from autosaved.storage.local import JobStore
+
+    def store(path: Path) -> JobStore:
+        js = JobStore(path, UID, "t")
+        js.write_format = 2
+        return js
+
+    js = store(tmp_path / "daemon")
+    job = Job(owner=UID, name="t", store=js, settings=PolicySettings())
+
+    def update(delta: dict[str, Any]) -> None:
+        job.apply(pack(delta), session="s", seq=job.generation + 1, step=None, meta=None, size=1, now=0.0)
+
+    def save(fail: bool = False) -> Any:
+        ticket = take_snapshot(job, SaveReason.EXPLICIT, 0.0)
+        if fail:
+            commit_failed(ticket, StorageError("disk full"), 0.0)
+        else:
+            js.write_version(ticket.root, version=ticket.version, step=None, reason="t", meta={}, sessions={},
+                             chunk_size=1 << 20, changed=ticket.changed)
+            commit_succeeded(ticket, "now", 0)
+        return ticket
+
+    update({"h": {f"{i:04d}": {"v": i} for i in range(200)}, "s": 0})
+    assert save().changed is None  # a new job: the store has no tree to diff against
+    update({"h": {"0200": {"v": 1}}})
+    assert save(fail=True).changed == (1, {"h": {"0200": None}})
+    update({"h": {"0201": {"v": 2}, "0003": {"v": 3}}, "s": 1})
+    last = save()
+    assert last.changed == (1, {"h": {"0200": None, "0201": None, "0003": {"v": None}}, "s": None})
+    full = store(tmp_path / "full")
+    full.write_version(last.root, version=last.version, step=None, reason="t", meta={}, sessions={},
+                       chunk_size=1 << 20)
+    assert js.read_manifest(last.version)["root"] == full.read_manifest(last.version)["root"]

@@ -16,6 +16,7 @@ from autosaved.errors import CorruptVersion, NotFound
 from autosaved.state import counted, merge
 from autosaved.storage import paged
 from autosaved.storage.local import JobStore
+from autosaved.tree import DELETE, Replace
 
 CHUNK = 64 * 1024
 
@@ -212,3 +213,34 @@ def test_format_2_replicates_restores_seeds_and_collects_in_a_bucket(tmp_path: P
     anyio.run(lambda: remote.store.put(key, b"not the page"))
     with pytest.raises(CorruptVersion, match="does not match its hash"):
         anyio.run(lambda: remote.load_version(3))
+
+
+def test_a_save_of_the_changed_paths_gives_the_root_a_full_build_gives(tmp_path: Path) -> None:
+    """The daemon's way: merges with generations, the paths each changed recorded before it (state.touch),
+    each save given them; every version's root is the one a save from scratch of the same state gives, and a
+    save given paths relative to another version than the store's last (a failed save's) is still right."""
+    from autosaved.state import Touched, merge_counted, touch
+
+    live, full = store(tmp_path / "live"), store(tmp_path / "full")
+    root = counted(pack(history(300)))
+    touched, base, gen = Touched(), None, 1
+    deltas = [{"cp": {f"{300 + i:08d}": {"msg": f"new {i}", "step": i}}, "step": i} for i in range(6)]
+    deltas += [{"cp": {"00000005": None, "00000007": {"msg": "changed"}}}, {"cp": {"00000000": DELETE}},
+               {"cp": {"00000000": {"msg": "back, last"}}, "x": {"a": np.arange(3)}}]
+    for version, raw in enumerate(deltas, start=1):
+        delta = pack(raw, allow_delete=True)
+        if "x" in delta:
+            delta["x"] = Replace(delta["x"])
+        touch(touched, root, delta)
+        root = merge_counted(root, delta, gen).root
+        gen += 1
+        changed = (base, touched) if base is not None else None
+        if version == 4:
+            changed = (base - 1, touched) if base is not None else None  # relative to an older tree: ignored
+        live.write_version(root, version=version, step=version, reason="t", meta={}, sessions={},
+                           chunk_size=CHUNK, changed=changed)
+        full.paged_cache = None
+        full.write_version(root, version=version, step=version, reason="t", meta={}, sessions={}, chunk_size=CHUNK)
+        assert live.read_manifest(version)["root"] == full.read_manifest(version)["root"]
+        touched, base = Touched(), version
+    assert unpack(live.load(len(deltas)).tree)["cp"]["00000000"] == {"msg": "back, last"}

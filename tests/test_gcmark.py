@@ -234,3 +234,21 @@ def test_every_kept_version_stays_whole_through_the_daemons_mix_of_saves_and_col
             js = store(tmp_path)
         for vid in js.version_ids():
             assert js.verify(vid).ok, (step, op, js.verify(vid).error)
+
+
+def test_marking_a_new_version_reads_none_of_the_pages_its_save_wrote(tmp_path: Path) -> None:
+    """The save knows what each page it wrote references: the collection after it reads only the pages
+    the dropped version alone held (each to find what it held), none of the new version's."""
+    js = store(tmp_path)
+    tree = pack(agent(3000))
+    save(js, tree, 1)
+    for v in range(2, 7):
+        tree = merge(tree, pack({"cp": {f"{3000 + v:08d}": {"msg": f"new {v}", "step": v}}, "step": v}))
+        read, deleted = js.live.stats.pages_read, js.live.stats.objects_deleted
+        written = save(js, tree, v)
+        assert written > 0
+        if v > 3:  # (the first collection, at 3, marks versions 1 and 2 too, whose saves are long past)
+            # no chunked leaves here: every object deleted is a page the dropped version alone held
+            assert js.live.stats.pages_read - read == js.live.stats.objects_deleted - deleted > 0
+    assert js.live.stats.full == 0 and js.version_ids() == [5, 6]
+    exact(js)

@@ -7,13 +7,14 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from autosaved.errors import CorruptVersion
+from autosaved.state import Touched, counted, merge_counted, touch
 from autosaved.storage import prolly
 from autosaved.storage import statepages as sp
-from autosaved.tree import Blob
+from autosaved.tree import DELETE, Blob, Replace
 
 P = prolly.Params()
 SMALL = prolly.Params(min_bytes=256, max_bytes=1024, q_leaf=4, q_node=4)  # many pages from few items
@@ -261,7 +262,7 @@ def test_a_big_mappings_order_follows_it_through_diffs(new: dict[str, int]) -> N
     assert list(sp.unflatten(iter(sorted(have.items())), blob, "t")["m"]) == list(new)
     # and again from what the first diff learned (the next save's memo)
     newer = {**new, "zzzz": 0}
-    second = sp.Differ(value, differ.learned)
+    second = sp.Differ(value, differ.memo)
     second.diff({"m": new}, {"m": newer})
     for k, v in second.edits.items():
         if v is None:
@@ -269,3 +270,151 @@ def test_a_big_mappings_order_follows_it_through_diffs(new: dict[str, int]) -> N
         else:
             have[k] = v
     assert list(sp.unflatten(iter(sorted(have.items())), blob, "t")["m"]) == list(newer)
+
+
+# -- editing the tree level by level (what a save does) ---------------------------------------------
+
+TINY = prolly.Params(min_bytes=64, max_bytes=256, q_leaf=3, q_node=3)  # deep trees from few items
+
+
+def _levels_of(items: dict[bytes, bytes], params: prolly.Params, pages: Pages) -> prolly.Levels:
+    return prolly.Levels.build(prolly.chunk_leaves(sorted(items.items()), params, pages.put), params, pages.put)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.binary(min_size=1, max_size=6), st.binary(max_size=40), max_size=300),
+       st.lists(st.lists(st.tuples(st.binary(min_size=1, max_size=6), st.none() | st.binary(max_size=40)),
+                         max_size=60), min_size=1, max_size=6),
+       st.sampled_from([TINY, SMALL]))
+def test_an_edited_tree_is_the_tree_a_full_build_gives(start: dict[bytes, bytes],
+                                                       batches: list[list[tuple[bytes, bytes | None]]],
+                                                       params: prolly.Params) -> None:
+    """Incremental edits (leaf pages around the edits, then per level the interior pages around the
+    changed refs below, no interior page read) give the root and every level a build from scratch gives,
+    over random sequences of inserts, updates and deletes, including trees that gain and lose levels."""
+    pages = Pages()
+    tree = _levels_of(start, params, pages)
+    state = dict(start)
+    for batch in batches:
+        edits = dict(batch)
+        before = dict(pages.pages)
+        pages.reads.clear()
+        tree = prolly.edit(tree, edits, params, pages.get, pages.put, "t")
+        for k, v in edits.items():
+            if v is None:
+                state.pop(k, None)
+            else:
+                state[k] = v
+        want = _levels_of(state, params, Pages())
+        assert tree.root == want.root and tree.refs == want.refs and tree.firsts == want.firsts
+        # only leaf pages are read; every page of the tree is stored
+        assert all(prolly.decode_page(before[d], d, "t").level == 0 for d in pages.reads)
+        assert prolly.load_levels(tree.root, pages.get, "t") == tree
+    assert list(prolly.iterate(tree.root, pages.get, "t")) == sorted(state.items())
+
+
+def test_an_edit_of_a_big_tree_writes_one_page_per_level() -> None:
+    pages = Pages()
+    tree = _levels_of(kv(100_000), P, pages)
+    assert tree.height >= 2
+    pages.reads.clear()
+    pages.writes.clear()
+    new = prolly.edit(tree, {b"key0050000": b"new value", b"key0050001x": b"inserted"}, P, pages.get,
+                      pages.put, "t")
+    assert len(pages.reads) == 1  # the leaf; interior pages come from the levels in memory
+    assert len(pages.writes) == 1 + tree.height
+    assert new.refs[0][:10] == tree.refs[0][:10] and new.refs[0][-10:] == tree.refs[0][-10:]
+
+
+# -- a save that visits only the paths the daemon's merges changed -----------------------------------
+
+_KEYS = st.sampled_from(["a", "b", "c", 1, 2]) | st.text(alphabet="xyz", min_size=1, max_size=2)
+_LEAF = st.none() | st.integers(-3, 3) | st.text(max_size=3) | st.lists(st.integers(0, 2), max_size=2)
+
+
+def _delta_values(depth: int) -> Any:
+    if depth == 0:
+        return _LEAF | st.just(DELETE)
+    sub = st.dictionaries(_KEYS, _delta_values(depth - 1), max_size=3)
+    return _LEAF | st.just(DELETE) | sub | sub.map(Replace)
+
+
+# A big mapping's keys: present, absent between them, after them (appends), so deletes and re-adds meet.
+_HISTORY_KEYS = st.sampled_from([f"k{i:03d}" for i in (0, 1, 2, 100, 101, 198, 199, 250, 251, 252)])
+_DELTA = st.fixed_dictionaries({}, optional={
+    "h": st.dictionaries(_HISTORY_KEYS, st.integers(0, 3) | st.just(DELETE) | st.fixed_dictionaries({"v": _LEAF}),
+                         max_size=4),
+    "n": st.dictionaries(_KEYS, _delta_values(2), max_size=3),
+    "a": _delta_values(1),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(_DELTA, max_size=8), min_size=1, max_size=5))
+@example([[{"h": {"k000": DELETE}}, {"h": {"k000": 0}}]])  # deleted and added back: now last, out of key order
+@example([[{"n": {"a": DELETE}}, {"n": {"a": {"b": 1}}}], [{"n": {"a": DELETE, "b": 2}}]])
+def test_a_diff_of_the_touched_paths_gives_the_full_diffs_items(snapshots: list[list[dict[str, Any]]]) -> None:
+    """The daemon records the paths each merge changes (state.touch, before the merge, which may change
+    the live tree in place); a diff that visits only those (and keeps its key-order memo by path from save
+    to save) gives the items of the new state, like the full diff, over random deltas of nested maps,
+    deletions, replacements and a big mapping's appends, inserts and deletes."""
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    root = counted({"h": {f"k{i:03d}": i for i in range(0, 200, 2)}, "n": {"a": {"b": 1}}, "a": 1})
+    have = dict(sp.items(root, value))
+    memo: dict[bytes, tuple[Any, bool]] = {}
+    gen = 1
+    for deltas in snapshots:
+        old = root
+        gen += 1  # a snapshot holds ``old``: merges copy what they change, once
+        touched = Touched()
+        for delta in deltas:
+            touch(touched, root, delta)
+            root = merge_counted(root, delta, gen).root
+        differ = sp.Differ(value, dict(memo))
+        differ.diff(old, root, touched=touched)
+        for k, v in differ.edits.items():
+            if v is None:
+                have.pop(k, None)
+            else:
+                have[k] = v
+        assert sorted(have.items()) == sorted(sp.items(root, value))
+        assert list(sp.new_blobs(old, root, touched)) == list(sp.new_blobs(old, root))
+        memo = differ.memo
+        for path, (mapping, in_order) in memo.items():  # the memo holds the new tree's mappings, and is right
+            assert mapping is _at(root, sp.dec_path(path))
+            assert in_order == (list(mapping) == sorted(mapping, key=sp.enc_elem))
+
+
+def _at(tree: Any, path: tuple[str | int, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+class _NoWalk(dict[Any, Any]):
+    """A mapping that may be looked into but never walked: a diff that iterates it fails."""
+
+    def _walk(self, *_args: Any) -> Any:
+        raise AssertionError("walked a mapping whose keys were not touched")
+
+    __iter__ = keys = values = items = _walk  # type: ignore[assignment]
+
+
+def test_a_touched_diff_visits_the_changed_keys_not_the_mapping() -> None:
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    entries = {f"{i:08d}": {"m": "x" * 20, "s": i} for i in range(20_000)}
+    old = {"cp": _NoWalk(entries), "step": 0}
+    new = {"cp": _NoWalk({**entries, "00020000": {"m": "new", "s": 1}}), "step": 1}
+    touched = Touched()
+    touch(touched, {"cp": {}, "step": 0}, {"cp": {"00020000": {"m": "new"}}, "step": 1})
+    assert touched == {"cp": {"00020000": None}, "step": None}
+    differ = sp.Differ(value, {sp.enc_path(["cp"]): (old["cp"], True)})
+    differ.diff(old, new, touched=touched)
+    assert set(differ.edits) == {sp.enc_path(p) for p in [("cp", "00020000"), ("cp", "00020000", "m"),
+                                                          ("cp", "00020000", "s"), ("step",)]}
+    assert differ.memo[sp.enc_path(["cp"])] == (new["cp"], True)  # still in key order: no container edit
+    assert list(sp.new_blobs(old, new, touched)) == []

@@ -16,11 +16,14 @@ from ..state import (
     Node,
     Refs,
     State,
+    Touched,
     add_refs,
     changes_anything,
     empty_node,
     merge_counted,
     merge_deltas_into,
+    touch,
+    touched_union,
 )
 from ..storage.base import JobStorage
 from ..storage.wal import Record, WalWriter, replay_speed
@@ -78,6 +81,10 @@ class Job:
     # The live tree's merge generation (state.merge_counted): mappings built since the last snapshot are
     # changed in place by the next update; a snapshot starts a new one, so a tree it holds never changes.
     merge_gen: int = 1
+    # The paths updates changed since the tree of version ``touched_base`` (a snapshot's, or the one the
+    # tree was loaded from; ``None``: unknown): a format-2 save of the next snapshot diffs only those.
+    touched: Touched = field(default_factory=Touched)
+    touched_base: int | None = None
     dirty_bytes: int = 0
     dirty_since: float | None = None
     last_update_at: float | None = None
@@ -172,6 +179,8 @@ class Job:
         self.unlogged_sessions[session] = seq
         if not self._changes(delta, step, meta, changes):
             return self.generation
+        if self.touched_base is not None:
+            touch(self.touched, self.root, delta)  # before the merge, which may change the root in place
         if merged is None:
             merged = merge_counted(self.root, delta, self.merge_gen)
         if self.ledger is not None:
@@ -294,6 +303,8 @@ class SaveTicket:
     wal_lsn: int
     # The client slots the snapshot reads until it is written (released by the writer).
     hold: Hold = field(default_factory=lambda: Hold(None, None))
+    # The paths changed since the tree of an earlier version (see Job.touched), for the store.
+    changed: tuple[int, Touched] | None = None
 
 
 def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
@@ -302,7 +313,9 @@ def take_snapshot(job: Job, reason: SaveReason, now: float) -> SaveTicket:
         step=job.step, meta=dict(job.meta), sessions=dict(job.sessions), dirty_bytes=job.dirty_bytes,
         dirty_since=job.dirty_since, started_at=now, wal_lsn=job.last_lsn,
         hold=job.ledger.hold(job.root.refs) if job.ledger is not None else Hold(None, None),
+        changed=(job.touched_base, job.touched) if job.touched_base is not None else None,
     )
+    job.touched, job.touched_base = Touched(), job.next_version
     # Records after this snapshot go to a new segment, so the commit can drop the old ones whole.
     job.rotate_log = True
     job.merge_gen += 1  # the ticket holds the root: from now on updates copy what they change, once
@@ -350,6 +363,11 @@ def commit_failed(ticket: SaveTicket, error: Exception, now: float) -> None:
     """Put back what the snapshot took, so the state is saved again after a backoff."""
     job = ticket.job
     job.saving = False
+    if job.touched_base == ticket.version:
+        # The store still holds the tree this ticket's paths were relative to: they go to the next save.
+        job.touched_base = ticket.changed[0] if ticket.changed is not None else None
+        if ticket.changed is not None:
+            job.touched = touched_union(ticket.changed[1], job.touched)
     job.dirty_bytes += ticket.dirty_bytes
     if ticket.dirty_since is not None:
         job.dirty_since = ticket.dirty_since if job.dirty_since is None else min(job.dirty_since, ticket.dirty_since)

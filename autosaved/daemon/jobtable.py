@@ -17,7 +17,7 @@ import anyio.to_thread
 
 from ..config import PolicySettings
 from ..errors import AutosavedError, StorageError
-from ..state import Node, counted, empty_node
+from ..state import Node, Touched, counted, empty_node
 from ..storage.base import Storage
 from ..storage.faults import point
 from ..storage.local import JobStore, Recovered
@@ -181,6 +181,8 @@ class JobTable:
                 job.last_lsn = recovered.replay.max_lsn
                 if recovered.version is not None:
                     job.latest_version = recovered.version.info.id
+                    if not recovered.replay.records:  # the tree is that version's: the next save diffs the change
+                        job.touched_base = job.latest_version
                     job.last_save_time = recovered.version.info.time
                     job.last_lsn = max(job.last_lsn, recovered.version.wal_lsn)
                 if recovered.replay.records:
@@ -228,6 +230,7 @@ class JobTable:
         if job.deleted or self.jobs.get(job.key) is not job:
             raise StorageError(f"job {job.name!r} was deleted")
         self.cache.reloaded(job, root, stored)
+        job.touched, job.touched_base = Touched(), version
         log.info("loaded job=%s owner=%d version=%d back into the state cache", job.name, job.owner, version)
 
     @asynccontextmanager

@@ -235,5 +235,7 @@ def drop_store_caches(job: Job) -> None:
         store.paged_cache = None
     if hasattr(store, "page_refs"):
         store.page_refs = {}
+    if hasattr(store, "fresh_links"):
+        store.fresh_links = {}
     if hasattr(store, "live"):
         store.live.forget()  # gc's reference counts (storage/gcmark.py): rebuilt by one full mark

@@ -126,7 +126,7 @@ class Writer:
                         ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
                         meta=ticket.meta, sessions=ticket.sessions, chunk_size=chunk_size,
                         wal_lsn=ticket.wal_lsn, compression=compression,
-                        pace=counted,
+                        pace=counted, changed=ticket.changed,
                     )
                 )
                 self._learn_speed(result.bytes_written, time.perf_counter() - write_started, pace.throttled_s)

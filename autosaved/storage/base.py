@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .fsutil import Pacer
     from .local import GcResult, JobStore, LoadedVersion, Recovered, SaveResult, Store
     from .manifest import VersionInfo
+    from .paged import Changed
 
 
 class JobStorage(Protocol):
@@ -40,7 +41,7 @@ class JobStorage(Protocol):
     # writing (the daemon's writer; one save of a job at a time)
     def write_version(self, tree: Any, *, version: int, step: int | None, reason: str, meta: dict[str, Any],
                       sessions: dict[str, int], chunk_size: int, pace: Pacer | None = None, wal_lsn: int = 0,
-                      compression: str = "off") -> SaveResult: ...
+                      compression: str = "off", changed: Changed | None = None) -> SaveResult: ...
     def clean_tmp(self) -> None: ...
 
     # reading

@@ -246,6 +246,9 @@ class LiveSet:
     def _links(self, store: JobStore, digest: bytes, where: str) -> tuple[list[bytes], set[bytes]]:
         """A page's child pages and the chunks its leaves are stored in (read and checked against its name)."""
         hexdigest = digest.hex()
+        fresh = store.fresh_links.pop(hexdigest, None)  # a page the last save wrote: it knows them
+        if fresh is not None:
+            return [bytes.fromhex(c) for c in fresh[0]], {bytes.fromhex(c) for c in fresh[1]}
         raw = store.read_page(hexdigest)
         self.stats.pages_read += 1
         children, chunks = paged.page_links(raw, hexdigest, {}, where)

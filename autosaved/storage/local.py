@@ -169,6 +169,8 @@ class JobStore:
         self.paged_cache: paged.Cache | None = None
         # Format 2: page digest -> (child pages, chunks) it references, for gc's marking (paged.referenced).
         self.page_refs: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # Format 2: the same for the pages the last save wrote, so marking its version reads none of them.
+        self.fresh_links: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         # What the versions on disk reference, kept between collections so retention after a save sweeps
         # only what the dropped versions alone held (gcmark.py).
         self.live = gcmark.LiveSet()
@@ -205,15 +207,17 @@ class JobStore:
         pace: Pacer | None = None,
         wal_lsn: int = 0,
         compression: str = "off",
+        changed: paged.Changed | None = None,
     ) -> SaveResult:
         """Commit ``tree`` as version ``version``. ``pace`` (see :data:`fsutil.Pacer`) throttles the
         chunk writes; the manifest, a few KB, is never held back. ``compression`` is a mode of
-        :mod:`.compress`; it only decides how new chunks are stored, never their names."""
+        :mod:`.compress`; it only decides how new chunks are stored, never their names. ``changed``: the
+        paths the daemon's merges changed since an earlier version (format 2 then diffs only those)."""
         self.live.adopt_if_new(self)
         try:
             if self.write_format == paged.FORMAT:
                 return paged.write_version(self, tree, version, step, reason, meta, sessions, chunk_size, pace,
-                                           wal_lsn, compression)
+                                           wal_lsn, compression, changed)
             return self._write_version(tree, version, step, reason, meta, sessions, chunk_size, pace, wal_lsn,
                                        compression)
         except OSError as exc:

@@ -7,8 +7,9 @@ step, meta, sessions and covered log position. Pages are objects in ``objects/<a
 data chunks, named by the BLAKE3 of their bytes and verified on every read.
 
 A save diffs the tree it is given against the tree of the job's last save (kept in memory, see
-:class:`Cache`), writes the new data chunks, re-chunks only the leaf pages the diff touches and rebuilds
-the interior pages above (a few, cached), so it writes O(changed leaves x log N) bytes. The crash-safety
+:class:`Cache`), on the paths the daemon says changed when it knows them (:data:`Changed`), writes the
+new data chunks, re-chunks only the leaf pages the diff touches and the interior pages around them
+(:func:`.prolly.edit`), so it writes and computes O(changed leaves x log N). The crash-safety
 argument is format 1's: every page and chunk is durable under its final name (pipeline: write, fsync,
 rename; then the directories' fsync) before the root record that names it is committed.
 """
@@ -29,26 +30,34 @@ from .fsutil import Pacer, atomic_write, temp_name
 from .manifest import HASH_NAME, VersionInfo, blob_from_record, blob_record, seal, utc_now_iso
 
 if TYPE_CHECKING:
+    from ..state import Touched
     from .local import JobStore, SaveResult
 
 FORMAT: Final = 2
 
 
+KeyOrder = dict[bytes, tuple[Any, bool]]  # see statepages.Differ
+
+
 @dataclass
 class Cache:
     """What a job's last save (or load) left in memory so the next save costs only the change: the tree
-    it wrote (the daemon never mutates a tree, so unchanged subtrees stay the same objects), its leaf page
-    refs, and the interior pages known to be stored."""
+    it wrote (the daemon never mutates a tree, so unchanged subtrees stay the same objects) and the page
+    refs of every level of its pages (:class:`.prolly.Levels`: an edit re-chunks the pages around the
+    changes and reads no interior page)."""
 
     version: int
-    root: str
     tree: Any
-    leaves: list[prolly.Ref]
+    levels: prolly.Levels
     params: prolly.Params
     bytes: int
-    interior: set[str] = field(default_factory=set)
-    # Big mappings of ``tree`` known to be in key order or not (by id, holding them): see statepages.Differ.
-    in_key_order: dict[int, tuple[Any, bool]] = field(default_factory=dict)
+    # Big mappings of ``tree`` known to be in key order or not, by path: see statepages.Differ.
+    in_key_order: KeyOrder = field(default_factory=dict)
+
+
+# What a save passes on about its tree: (the version whose tree the paths are relative to, the paths the
+# daemon's merges changed since; see autosaved.state.Touched). ``None``: unknown, the diff visits all.
+Changed = tuple[int, "Touched"]
 
 
 def _blob_value(records: dict[int, dict[str, Any]]) -> sp.BlobValue:
@@ -70,7 +79,7 @@ def _inline(blob: Blob) -> bool:
 
 def write_version(store: JobStore, tree: Any, version: int, step: int | None, reason: str, meta: dict[str, Any],
                   sessions: dict[str, int], chunk_size: int, pace: Pacer | None, wal_lsn: int,
-                  compression: str) -> SaveResult:
+                  compression: str, changed: Changed | None = None) -> SaveResult:
     from .local import SaveResult, submit_digests
 
     store.ensure_dirs()
@@ -79,7 +88,9 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
     if cache is not None and (cache.params != params or not store.has_version(cache.version)):
         cache = None  # another page layout, or the version it described is gone: start from the store
     old_tree = cache.tree if cache is not None else None
-    added = list(sp.new_blobs(old_tree, tree)) if cache is not None else list(sp.blobs_of(tree))
+    # The daemon's changed paths hold only relative to the tree the cache holds.
+    touched = changed[1] if changed is not None and cache is not None and changed[0] == cache.version else None
+    added = list(sp.new_blobs(old_tree, tree, touched)) if cache is not None else list(sp.blobs_of(tree))
     to_store = [b for b in added if not _inline(b)]
     ahead = {id(b): submit_digests(b.data, chunk_size) for b in to_store
              if b.data is not None and chunk_size not in b.digests and not _shared(b)}
@@ -89,9 +100,13 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
     pipeline = ChunkPipeline(pace)
     queued: set[str] = set()
     pages = [0, 0]  # bytes, pages written
+    where = f"{store.job} version {version}"
+    # What each page this save writes references, for gc's marking of this version (gcmark.LiveSet reads a
+    # page only when it has no entry): the last save's only, so the memo stays one save's size.
+    links = store.fresh_links = {}
 
     def put(digest: str, raw: bytes) -> None:
-        if digest in queued or (cache is not None and digest in cache.interior):
+        if digest in queued:
             return
         dirs_touched.add(store.object_path(digest).parent)
         if store.has_object(digest):
@@ -101,28 +116,23 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
         pages[0] += pipeline.put(temp_name(store.tmp_dir, digest), target, raw, kind="page")
         pages[1] += 1
         queued.add(digest)
+        links[digest] = fresh_links(raw, digest, where)
 
-    where = f"{store.job} version {version}"
     try:
         store.write_chunks(to_store, ahead, chunk_size, compression, pipeline, records, dirs_touched, counts)
         blob_value = _blob_value({id(b): rec for b, rec in zip(to_store, records, strict=True)})
-        learned: dict[int, tuple[Any, bool]] = {}
+        memo: dict[bytes, tuple[Any, bool]] = {}
         if cache is None:
-            leaves = prolly.chunk_leaves(sp.items(tree, blob_value), params, put)
+            levels = prolly.Levels.build(prolly.chunk_leaves(sp.items(tree, blob_value), params, put), params, put)
             total = sum(b.nbytes for b in added)
         else:
-            differ = sp.Differ(blob_value, cache.in_key_order)
-            differ.diff(cache.tree, tree)
-            learned = differ.learned
-            leaves = prolly.apply(cache.leaves, differ.edits, params, store.read_page, put, where)
-            total = cache.bytes + sum(b.nbytes for b in added) - sum(b.nbytes for b in sp.new_blobs(tree, old_tree))
-        interior: set[str] = set()
-
-        def put_interior(digest: str, raw: bytes) -> None:
-            interior.add(digest)
-            put(digest, raw)
-
-        root, height = prolly.build_levels(leaves, params, put_interior)
+            differ = sp.Differ(blob_value, dict(cache.in_key_order))
+            differ.diff(cache.tree, tree, touched=touched)
+            memo = differ.memo
+            levels = prolly.edit(cache.levels, differ.edits, params, store.read_page, put, where)
+            removed = sp.new_blobs(tree, old_tree, touched)
+            total = cache.bytes + sum(b.nbytes for b in added) - sum(b.nbytes for b in removed)
+        root, height = levels.root, levels.height
         pipeline.finish()
     except BaseException:
         pipeline.abandon()
@@ -140,7 +150,7 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
     }
     manifest = seal(body)
     atomic_write(store.versions_dir / f"{version:012d}.json", manifest, store.tmp_dir)
-    store.paged_cache = Cache(version, root, tree, leaves, params, total, interior, learned)
+    store.paged_cache = Cache(version, tree, levels, params, total, memo)
     return SaveResult(info=info, bytes_written=counts[0] + pages[0] + len(manifest),
                       chunks_written=counts[1] + pages[1])
 
@@ -199,6 +209,18 @@ def tree_from_pages(get: prolly.Get, doc: dict[str, Any], where: str, path: tupl
         yield from entries
 
     return sp.unflatten(chained(), blob_of(doc, where), where, base=lo)
+
+
+NO_LINKS: Final[tuple[tuple[str, ...], tuple[str, ...]]] = ((), ())
+
+
+def fresh_links(raw: bytes, digest: str, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A page's child pages and chunks, from the bytes a save writes. A leaf page without the bytes of a
+    chunked leaf's tag (``["b", ...``) has neither, without a decode (most pages of an agent's state)."""
+    if raw[2:3] == b"\x00" and b"\xa1b" not in raw:
+        return NO_LINKS
+    children, chunks = page_links(raw, digest, {}, where)
+    return tuple(children), tuple(chunks)
 
 
 def page_links(raw: bytes, digest: str, doc: dict[str, Any], where: str) -> tuple[list[str], dict[str, int]]:

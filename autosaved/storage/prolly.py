@@ -17,7 +17,10 @@ equal states must be equal bytes, so pages dedup across versions and across a jo
 - *Edits re-chunk locally*: the chunker's decision depends only on the items since the last cut, so
   an edit re-chunks from the start of the page it falls in until a new cut lands where an old page ended
   after the last edit; from there the old pages are the new pages. An update of ``k`` keys reads and
-  writes O(k) leaf pages and the O(k log N) interior pages above them.
+  writes O(k) leaf pages and the O(k log N) interior pages above them. The same holds one level up: an
+  interior level is the sequence of the refs below, cut by the same rule, so :func:`edit` re-chunks each
+  level only around the refs that changed below, taking an old page's children from the level below held
+  in memory (:class:`Levels`), and no interior page is read.
 
 Interior pages hold, per child, its first key, its digest and its item count; a lookup descends to the
 last child whose first key is <= the key. Ranges (a subtree of the state: every key with one prefix)
@@ -188,16 +191,8 @@ def chunk_leaves(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put)
 
 def build_levels(leaves: list[Ref], params: Params, put: Put) -> tuple[str, int]:
     """The interior levels over ``leaves``: (root digest, height); height 0 is a lone leaf page."""
-    level, refs = 0, leaves
-    while len(refs) > 1:
-        level += 1
-        ch = _Chunker(level, params, put)
-        for ref in refs:
-            ch.add(ref.first, ref, _ref_size(ref))
-        if not ch.empty:
-            ch.cut()
-        refs = ch.out
-    return refs[0].digest, level
+    levels = Levels.build(leaves, params, put)
+    return levels.root, levels.height
 
 
 def build(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put) -> tuple[str, list[Ref]]:
@@ -209,24 +204,6 @@ def build(items: Iterable[tuple[bytes, bytes]], params: Params, put: Put) -> tup
 
 def load_page(get: Get, digest: str, where: str) -> Page:
     return decode_page(get(digest), digest, where)
-
-
-def leaf_refs(root: str, get: Get, where: str) -> list[Ref]:
-    """Every leaf page of a tree in key order, reading only its interior pages."""
-    page = load_page(get, root, where)
-    if page.level == 0:
-        return [Ref(page.items[0][0] if page.items else b"", root, len(page.items))]
-    out: list[Ref] = []
-
-    def walk(p: Page) -> None:
-        for ref in p.refs:
-            if p.level == 1:
-                out.append(ref)
-            else:
-                walk(load_page(get, ref.digest, where))
-
-    walk(page)
-    return out
 
 
 def iterate(root: str, get: Get, where: str, lo: bytes = b"", hi: bytes | None = None
@@ -257,32 +234,37 @@ def walk_pages(root: str, get: Get, where: str, skip: Callable[[str], bool]) -> 
         yield from walk_pages(ref.digest, get, where, skip)
 
 
+Splice = tuple[int, int, list[Ref]]  # refs [lo, hi) of a level's old list are replaced by these
+
+
 def apply(leaves: list[Ref], edits: Mapping[bytes, bytes | None], params: Params, get: Get, put: Put,
           where: str) -> list[Ref]:
-    """The leaf refs after setting (value) or deleting (``None``) ``edits``' keys.
+    """The leaf refs after setting (value) or deleting (``None``) ``edits``' keys (see :func:`leaf_splices`)."""
+    return _spliced(leaves, leaf_splices(leaves, [r.first for r in leaves], edits, params, get, put, where))
+
+
+def leaf_splices(leaves: list[Ref], firsts: list[bytes], edits: Mapping[bytes, bytes | None], params: Params,
+                 get: Get, put: Put, where: str) -> list[Splice]:
+    """How the leaf refs change when ``edits``' keys are set (value) or deleted (``None``): sorted,
+    disjoint ranges of ``leaves`` and the refs that replace them (``firsts``: the leaves' first keys).
 
     Reads the leaf pages the edits fall in, and re-chunks from the start of each until a new cut meets
     an old page end past the last edit in reach (see the module docstring); every other leaf ref is
     reused as it is. New pages go to ``put``."""
     if not edits:
-        return list(leaves)
+        return []
     keys = sorted(edits)
-    firsts = [r.first for r in leaves]
 
     def leaf_of(key: bytes) -> int:
         return max(0, bisect.bisect_right(firsts, key) - 1)
 
-    out: list[Ref] = []
+    out: list[Splice] = []
     i = e = 0
     n = len(leaves)
-    while i < n:
-        if e == len(keys):
-            out.extend(leaves[i:])
-            break
-        j = leaf_of(keys[e])
-        if j > i:
-            out.extend(leaves[i:j])
-            i = j
+    gone = 0  # leaf refs the splices so far removed, net
+    while i < n and e < len(keys):
+        i = max(i, leaf_of(keys[e]))
+        start = i
         ch = _Chunker(0, params, put)
         while True:
             hi = firsts[i + 1] if i + 1 < n else None
@@ -294,13 +276,174 @@ def apply(leaves: list[Ref], edits: Mapping[bytes, bytes | None], params: Params
                 ch.add(key, (key, value), _item_size(key, value))
             i += 1
             if i == n:
-                if not ch.empty or not (out or ch.out):
+                if not ch.empty or not (start - gone or ch.out):  # an empty map is one empty page
                     ch.cut()
                 break
             if ch.empty and (e == len(keys) or leaf_of(keys[e]) >= i):
                 break
-        out.extend(ch.out)
+        out.append((start, i, ch.out))
+        gone += i - start - len(ch.out)
     return out
+
+
+def _spliced(old: list[Any], splices: list[Splice], key: Callable[[Ref], Any] | None = None) -> list[Any]:
+    """``old`` with the splices made (of ``key`` of each new ref, when given): copies of the untouched
+    runs, at memcpy speed, and no Python-level work per untouched item."""
+    out: list[Any] = []
+    pos = 0
+    for lo, hi, refs in splices:
+        out += old[pos:lo]
+        out += refs if key is None else [key(r) for r in refs]
+        pos = hi
+    out += old[pos:]
+    return out
+
+
+def _level_splices(level: int, children: list[Ref], child_firsts: list[bytes], pages: list[Ref],
+                   page_firsts: list[bytes], below: list[Splice], params: Params, put: Put) -> list[Splice]:
+    """How an interior level's refs change when the level below changes by ``below``: the re-chunking of
+    :func:`leaf_splices` one level up, its pages' children taken from the old list below (no page read).
+    Starts at the old page that holds a splice's first child; stops where a cut meets an old page's end
+    with no splice left in reach."""
+    n, npages = len(children), len(pages)
+
+    def start(p: int) -> int:  # where page p's children start in the old list below
+        return 0 if p == 0 else bisect.bisect_left(child_firsts, page_firsts[p])
+
+    def page_of(child: int) -> int:
+        lo, hi = 0, npages - 1  # the last page whose start is <= child
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if start(mid) <= child:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    out: list[Splice] = []
+    k = 0
+    last = -1  # the old pages before this one are done
+    while k < len(below):
+        p = max(last + 1, page_of(below[k][0]))
+        j = start(p)
+        q = p + 1  # the next old page whose start is ahead
+        next_start = start(q) if q < npages else n
+        ch = _Chunker(level, params, put)
+        while True:
+            if k < len(below) and below[k][0] == j:
+                for ref in below[k][2]:
+                    ch.add(ref.first, ref, _ref_size(ref))
+                j = below[k][1]
+                k += 1
+            elif j < n:
+                ref = children[j]
+                ch.add(ref.first, ref, _ref_size(ref))
+                j += 1
+            else:
+                if not ch.empty:
+                    ch.cut()
+                q = npages
+                break
+            while q < npages and next_start < j:
+                q += 1
+                next_start = start(q) if q < npages else n
+            if q < npages and j == next_start and ch.empty and (k == len(below) or below[k][0] >= j):
+                break  # in step with the old pages again
+        out.append((p, q, ch.out))
+        last = q - 1
+    return out
+
+
+@dataclass(frozen=True)
+class Levels:
+    """A tree's page refs, level by level (``refs[0]``: the leaves; the last level: the root alone), with
+    each level's first keys: what a save keeps in memory to edit the tree without reading interior pages."""
+
+    refs: list[list[Ref]]
+    firsts: list[list[bytes]]
+
+    @property
+    def root(self) -> str:
+        return self.refs[-1][0].digest
+
+    @property
+    def height(self) -> int:
+        return len(self.refs) - 1
+
+    @property
+    def leaves(self) -> list[Ref]:
+        return self.refs[0]
+
+    @classmethod
+    def build(cls, leaves: list[Ref], params: Params, put: Put) -> Levels:
+        """The interior levels over ``leaves``, built whole."""
+        refs, level = [leaves], 0
+        while len(refs[-1]) > 1:
+            level += 1
+            refs.append(_chunk_refs(level, refs[-1], params, put))
+        return cls(refs, [[r.first for r in lv] for lv in refs])
+
+
+def _chunk_refs(level: int, refs: list[Ref], params: Params, put: Put) -> list[Ref]:
+    ch = _Chunker(level, params, put)
+    for ref in refs:
+        ch.add(ref.first, ref, _ref_size(ref))
+    if not ch.empty:
+        ch.cut()
+    return ch.out
+
+
+def edit(tree: Levels, edits: Mapping[bytes, bytes | None], params: Params, get: Get, put: Put,
+         where: str) -> Levels:
+    """The tree after setting (value) or deleting (``None``) ``edits``' keys, as :func:`build` would make
+    it from the resulting items (history independence), writing only the pages that differ: the leaf
+    pages around the edits and, per level, the interior pages around the changed refs below. ``tree`` is
+    left as it was (a save that fails keeps the old one)."""
+    splices = leaf_splices(tree.refs[0], tree.firsts[0], edits, params, get, put, where)
+    refs: list[list[Ref]] = []
+    firsts: list[list[bytes]] = []
+    level = 0
+    while True:
+        if not splices:  # nothing changed from here up
+            refs += tree.refs[level:]
+            firsts += tree.firsts[level:]
+            break
+        new = _spliced(tree.refs[level], splices)
+        refs.append(new)
+        firsts.append(_spliced(tree.firsts[level], splices, key=_first))
+        if len(new) == 1:  # the root (the tree may have lost levels)
+            break
+        if level + 1 >= len(tree.refs):  # the tree grew a level: build it (and any above) whole
+            while len(refs[-1]) > 1:
+                refs.append(_chunk_refs(len(refs), refs[-1], params, put))
+                firsts.append([r.first for r in refs[-1]])
+            break
+        splices = _level_splices(level + 1, tree.refs[level], tree.firsts[level], tree.refs[level + 1],
+                                 tree.firsts[level + 1], splices, params, put)
+        level += 1
+    return Levels(refs, firsts)
+
+
+def _first(ref: Ref) -> bytes:
+    return ref.first
+
+
+def load_levels(root: str, get: Get, where: str) -> Levels:
+    """A stored tree's :class:`Levels`, reading only its interior pages."""
+    page = load_page(get, root, where)
+    if page.level == 0:
+        refs = [[Ref(page.items[0][0] if page.items else b"", root, len(page.items))]]
+    else:
+        count = sum(r.count for r in page.refs)
+        refs = [[Ref(page.refs[0].first, root, count)]]
+        pages = [page]
+        for _ in range(page.level):
+            below = [r for p in pages for r in p.refs]
+            refs.insert(0, below)
+            if pages[0].level == 1:
+                break
+            pages = [load_page(get, r.digest, where) for r in below]
+    return Levels(refs, [[r.first for r in lv] for lv in refs])
 
 
 def _merged(items: list[tuple[bytes, bytes]], keys: list[bytes], edits: Mapping[bytes, bytes | None]

@@ -4,7 +4,7 @@ A format-2 save costs the change only when the store remembers the tree it last 
 a job loaded from disk (at start, or back after the state cache evicted it) would otherwise re-encode
 and re-hash its whole state at its next save. :func:`warm` sets that memory from the version the state
 was loaded from: the tree the daemon now holds (the same objects, so unchanged subtrees diff by
-identity) and the version's leaf page refs (read from its interior pages, a few).
+identity) and the version's page refs, level by level (read from its interior pages, a few).
 """
 
 from __future__ import annotations
@@ -25,5 +25,5 @@ def warm(store: JobStore, version: int, tree: Any) -> None:
     root, params = paged.check_root(doc, where)
     if params != prolly.DEFAULT_PARAMS:
         return
-    leaves = prolly.leaf_refs(root, store.read_page, where)
-    store.paged_cache = paged.Cache(version, root, tree, leaves, params, int(doc.get("bytes", 0)))
+    levels = prolly.load_levels(root, store.read_page, where)
+    store.paged_cache = paged.Cache(version, tree, levels, params, int(doc.get("bytes", 0)))
