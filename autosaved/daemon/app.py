@@ -33,7 +33,7 @@ from ..policy import SaveReason
 from ..shm import fd_socket_path
 from ..storage.faults import point
 from ..storage.local import Store
-from . import offload, preempt
+from . import gcpolicy, offload, preempt
 from .fdlimit import listener_cap, raise_nofile
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
@@ -219,6 +219,7 @@ class Daemon:
                 self._supervise(tg, "signals", self._signal_loop)
                 self._supervise(tg, "reloader", self.reloader.watch)
                 self._supervise(tg, "watchdog", self._watchdog)
+                self._supervise(tg, "gc", gcpolicy.full_collections)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
                                     self.listener_cap(), self._health)
@@ -337,5 +338,6 @@ def serve(config: Config) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code."""
     daemon = Daemon(config)
     offload.install()  # the rpc loop gets the GIL back quickly from a thread decoding a big request
+    gcpolicy.install()  # full collections on a timer (gcpolicy.full_collections), not every few seconds
     return anyio.run(daemon.run, backend="asyncio")
 
