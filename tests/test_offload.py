@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import gc
-
 import msgpack
 import pytest
 
-from autosaved.daemon.offload import PEEK_BYTES, SLICE, gc_paused, peek_header, unpack_sliced
+from autosaved.daemon.offload import PEEK_BYTES, SLICE, peek_header, unpack_sliced
 from autosaved.errors import ProtocolError
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.tree import to_node
@@ -45,10 +43,3 @@ def test_the_peek_reads_the_leading_scalar_fields_from_the_first_bytes_only() ->
         peek_header(msgpack.packb([1, 2, 3]))
 
 
-def test_the_collector_is_paused_while_any_decode_runs_and_back_after() -> None:
-    assert gc.isenabled()
-    with gc_paused():
-        with gc_paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()
-    assert gc.isenabled()
