@@ -116,7 +116,7 @@ def test_a_bug_in_a_log_append_is_the_jobs_error(faulty: Callable[..., Any]) -> 
 
 
 @pytest.mark.parametrize("task", ["rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics",
-                                  "preemption"])
+                                  "preemption", "collector"])
 def test_a_task_that_fails_at_start_is_restarted(faulty: Callable[..., Any], task: str) -> None:
     port = free_port()
     # The preemption watcher runs only when configured: point it at a closed local port (it logs and polls on).

@@ -219,7 +219,7 @@ class Daemon:
                 self._supervise(tg, "signals", self._signal_loop)
                 self._supervise(tg, "reloader", self.reloader.watch)
                 self._supervise(tg, "watchdog", self._watchdog)
-                self._supervise(tg, "gc", gcpolicy.full_collections)
+                self._supervise(tg, "collector", gcpolicy.full_collections)
                 if metrics is not None:
                     self._supervise(tg, "metrics", serve_metrics, metrics, self.reports.metrics_sample,
                                     self.listener_cap(), self._health)

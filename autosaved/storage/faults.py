@@ -74,7 +74,7 @@ POINTS: dict[str, str] = {
                               "(sleep, in a worker thread: an upload held half-done)",
     **{f"task.{t}.start": "a supervised daemon task starts (raise: a bug at its start)"
        for t in ("rpc", "scheduler", "signals", "reloader", "watchdog", "iocontrol", "metrics", "preemption",
-                 "probe", "attach", "uploadrate", "replica", "remotedelete", "walflush")},
+                 "probe", "attach", "uploadrate", "replica", "remotedelete", "walflush", "collector")},
     **{f"task.{t}.before": "a daemon task is about to do one piece of work (raise: a bug in that piece)"
        for t in ("rpc", "scheduler", "writer", "logger", "fd", "metrics", "main")},
 }
