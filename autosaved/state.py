@@ -464,6 +464,10 @@ def touch(touched: Touched, base: Mapping[str | int, Any], delta: Mapping[str | 
     merge changes ``base``). O(the delta); a key new to ``base`` is recorded as a whole subtree."""
     for key, value in delta.items():
         sub = touched.get(key, _MISSING)
+        # Before the skip below: a key already recorded whole and now deleted still moves the mapping's key
+        # order when it comes back (hypothesis found set, delete, set again in one snapshot).
+        if value is DELETE and key in base:
+            touched.dropped = True
         if sub is None:
             continue
         before = base.get(key, _MISSING)
@@ -471,8 +475,6 @@ def touch(touched: Touched, base: Mapping[str | int, Any], delta: Mapping[str | 
         merged_into = (t is dict or (t not in PLAIN_TYPES and t is not Replace and isinstance(value, Mapping))) \
             and isinstance(before, dict)  # the exact types first: an ABC check is slow
         if not merged_into:
-            if value is DELETE and before is not _MISSING:
-                touched.dropped = True
             touched[key] = None
         else:
             if sub is _MISSING:

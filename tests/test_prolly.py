@@ -353,6 +353,9 @@ _DELTA = st.fixed_dictionaries({}, optional={
 @given(st.lists(st.lists(_DELTA, max_size=8), min_size=1, max_size=5))
 @example([[{"h": {"k000": DELETE}}, {"h": {"k000": 0}}]])  # deleted and added back: now last, out of key order
 @example([[{"n": {"a": DELETE}}, {"n": {"a": {"b": 1}}}], [{"n": {"a": DELETE, "b": 2}}]])
+# Set, deleted and set again in one snapshot: the key was already recorded whole when its delete came.
+@example([[{"h": {}, "a": None, "n": {"b": None}}, {"h": {}, "n": {"c": None}}],
+          [{"n": {"b": None}}, {"n": {"b": DELETE}}, {"h": {}, "a": None, "n": {"b": None}}]])
 def test_a_diff_of_the_touched_paths_gives_the_full_diffs_items(snapshots: list[list[dict[str, Any]]]) -> None:
     """The daemon records the paths each merge changes (state.touch, before the merge, which may change
     the live tree in place); a diff that visits only those (and keeps its key-order memo by path from save
