@@ -280,8 +280,7 @@ class RpcServer:
         identity = frames[0].bytes
         self.ctx.run.requests += 1
         if self._refusals.muted(identity, time.monotonic()):
-            self.ctx.run.requests_unanswered += 1
-            self.ctx.run.quota_refusals += 1
+            self._unanswered()
             return
         seq: int | None = None
         config = self.ctx.config()
@@ -306,8 +305,7 @@ class RpcServer:
                 if not self._refusals.allow(owner, time.monotonic()):
                     # Past its budget of refusals this second: dropped unanswered, counted. Each answer cost the
                     # event loop a send (issue 19: a flood past the quota took 60% of the loop in error replies).
-                    self.ctx.run.requests_unanswered += 1
-                    self.ctx.run.quota_refusals += 1
+                    self._unanswered()
                     self._refusals.mute(identity)
                     return
                 raise QuotaExceeded(
@@ -325,6 +323,11 @@ class RpcServer:
         # Counted from now on, queued or started: quota.max_requests bounds each user's queue too.
         self.in_flight_by_uid[owner] = counted + 1
         self.queue.push(owner, Queued(identity, seq, request), total + REQUEST_COST)
+
+    def _unanswered(self) -> None:
+        """A request over its user's quota dropped without an answer: counted as both."""
+        self.ctx.run.requests_unanswered += 1
+        self.ctx.run.quota_refusals += 1
 
     def _dispatch(self) -> None:
         """Start the queued requests, in fair order: each user's in the order they came."""
