@@ -8,14 +8,16 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
   the caller may rebind keys, step a scheduler, etc.), then returns a :class:`PendingUpdate`. A
   background thread copies the array and tensor bytes into the slots (numpy releases the GIL for the
   copy) and only then sends the update; ``accepted`` still means the bytes are in the daemon's hands.
-- The bulk copy runs on a thread of its own at the lowest CPU priority (nice 19; the thread that picks
-  the slot and sends keeps the caller's priority, so a fence never waits for a starved thread to start),
-  and a ``fence()`` that finds the copy unfinished takes the rest of it on itself, piece by piece, beside
-  that thread and the process's other cores (:mod:`autosaved.client.slotcopy`; issue 21): on a CPU-bound
-  trainer the copy then fills only the cores' idle moments and never preempts PyTorch's intra-op threads
-  (whose parallel regions wait at a barrier for the slowest of them: a preempted one stalls them all, so
-  an overlapped copy at normal priority cost the step more than copying it at the fence), and what is
-  left at the fence runs at the trainer's own priority, as an eager update would.
+- Where the bulk copy runs is decided per update (:mod:`autosaved.client.lazyplan`; issue 21): where the
+  process has a core to spare beside the caller's compute threads (PyTorch's intra-op threads), a thread
+  of its own copies at the lowest CPU priority (nice 19) while the trainer runs on. Where it has none, the
+  copy waits for the fence and runs there on the caller's thread and helpers on every core, as an eager
+  update's copy does (:mod:`autosaved.client.slotcopy`): a copy overlapped with a trainer that fills
+  every core cost the step far more than the copy (PyTorch's OpenMP threads wait at each op's barrier for
+  one that lost its core to the copier, and the copy competes for memory bandwidth), so lazy paid more
+  than eager. A copy nobody fences runs in the background after a while (:func:`~autosaved.client.
+  lazyplan.fence_wait`), so every update is still sent. A fence that finds an overlapped copy unfinished
+  takes the rest on itself the same way.
 - ``fence()`` returns once that copy is done (waiting if it is not): from then on the caller may mutate
   its arrays, and nothing it does can reach the update. :meth:`LazyClient.hook_optimizer` installs a step
   pre-hook that fences before every ``optimizer.step()``, so a parameter update can never slip in before
@@ -31,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -44,7 +48,8 @@ from ..errors import InvalidValue
 from ..protocol import ACK_LEVELS
 from ..tree import Blob
 from .base import Ack
-from .slotcopy import SharedCopy, assist, quietly
+from .lazyplan import CopyAt, copy_at, fence_wait
+from .slotcopy import SharedCopy, assist, cores, quietly
 from .slots import Placement
 from .sync import Client
 
@@ -55,15 +60,25 @@ BACKGROUND_NICE = 19
 class PendingUpdate:
     """One lazy update: ``copied`` once its bytes left the caller's arrays, ``result()`` once acked."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy_at: CopyAt = "overlap") -> None:
+        self.copy_at: CopyAt = copy_at  # where the bulk copy runs (lazyplan.copy_at)
         self.copied = threading.Event()
         self.copy_error: BaseException | None = None
         self.future: Future[Ack] = Future()
         self.copy: SharedCopy | None = None  # the bulk copy, once the background thread has a slot
+        self.ready = threading.Event()  # ``copy`` is set, or there is none (the update got past its copy)
+        self.fencing = threading.Event()  # a caller fences: a copy left for the fence is its to do
+        self.created = time.monotonic()
+        self.fenced_after: float | None = None  # seconds from update() to the first fence
 
     def fence(self, timeout: float | None = None) -> None:
         """Wait until the update no longer reads the caller's arrays (copying what is left of it in this
-        thread); raise if the copy failed."""
+        thread and the helpers); raise if the copy failed."""
+        if self.fenced_after is None:
+            self.fenced_after = time.monotonic() - self.created
+        self.fencing.set()
+        if not self.ready.wait(timeout):  # the background thread is still picking the slot
+            raise TimeoutError("the lazy update's copy did not start in time")
         shared = self.copy
         if shared is not None and not self.copied.is_set():
             assist(shared)  # the trainer's cores are idle while it waits: the helpers copy beside it
@@ -75,15 +90,21 @@ class PendingUpdate:
             raise self.copy_error
 
     def result(self, timeout: float | None = None) -> Ack:
-        """The update's ack (raises its error)."""
+        """The update's ack (raises its error); fences first (a copy left for the fence is done here)."""
+        self.fence(timeout)
         return self.future.result(timeout)
 
 
 class LazyClient:
     """Lazy-snapshot updates over ``client`` (which it then owns: use only the LazyClient)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, overlap: bool | None = None) -> None:
+        """``overlap``: ``True`` always copies in the background, ``False`` always at the fence; ``None``
+        (the default) decides per update by the cores left over (:func:`~autosaved.client.lazyplan.copy_at`)."""
         self.client = client
+        self.overlap = overlap
+        self.background_copies = 0  # bulk copies handed to the background thread (overlapped or unfenced)
+        self._gap: float | None = None  # seconds from the caller's last update to its fence
         # One thread: updates are copied and sent in the order they were made.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autosaved-lazy")
         # The bulk copy's own thread, at the lowest priority: it fills the cores' idle moments.
@@ -102,7 +123,10 @@ class LazyClient:
                meta: Mapping[str, Any] | None = None, wait: str = "accepted") -> PendingUpdate:
         """Start an update and return at once. The caller must not mutate the arrays and tensors in
         ``delta`` until :meth:`fence` (or the optimizer hook) returned; everything else it may."""
+        previous = self._last
         self.wait()  # the previous update is acked (or its error raised) before this one starts
+        if previous is not None and previous.fenced_after is not None:
+            self._gap = previous.fenced_after
         if not isinstance(delta, Mapping):
             raise InvalidValue(f"update() takes a mapping, not {type(delta).__name__}")
         if wait not in ACK_LEVELS:
@@ -110,11 +134,17 @@ class LazyClient:
         # Structure and scalars are captured now; blobs still point at the caller's memory. A dict copy
         # of meta: the caller may change it after we return.
         packed = pack(delta, allow_delete=True, pinned=self.client._core.pinned)
-        pending = PendingUpdate()
+        pending = PendingUpdate(self.copy_at())
         self._last = pending
         meta_copy = dict(meta) if meta is not None else None
-        self._worker.submit(self._run, pending, packed, step, meta_copy, wait)
+        self._worker.submit(self._run, pending, packed, step, meta_copy, wait, fence_wait(self._gap))
         return pending
+
+    def copy_at(self) -> CopyAt:
+        """Where the next update's bulk copy runs: in the background, or at the fence."""
+        if self.overlap is not None:
+            return "overlap" if self.overlap else "fence"
+        return copy_at(cores(), _compute_threads())
 
     def fence(self, timeout: float | None = None) -> None:
         """Return once the last update no longer reads the caller's arrays (waiting for its copy)."""
@@ -160,26 +190,34 @@ class LazyClient:
     # -- the background side ----------------------------------------------------------------------
 
     def _run(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-             wait: str) -> None:
+             wait: str, fence_wait_s: float) -> None:
         try:
-            ack = self._send(pending, packed, step, meta, wait)
+            ack = self._send(pending, packed, step, meta, wait, fence_wait_s)
         except BaseException as exc:
             if not pending.copied.is_set():
                 pending.copy_error = exc
                 pending.copied.set()
+            pending.ready.set()
             pending.future.set_exception(exc)
         else:
+            pending.copied.set()  # an update with nothing to copy never reached the placer
+            pending.ready.set()
             pending.future.set_result(ack)
 
     def _send(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-              wait: str) -> Ack:
+              wait: str, fence_wait_s: float) -> Ack:
         client, slots = self.client, self.client._slots
         placed: list[tuple[Sequence[Blob], Placement | None]] = []
 
         def share(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
             shared = SharedCopy(pairs)
             pending.copy = shared  # from now on a fence helps copy
-            self._copier.submit(quietly, shared.work)
+            pending.ready.set()
+            # Left for the fence: the caller's threads copy it when they would wait anyway. Only if no
+            # fence comes in time does the background thread copy it (the update must still be sent).
+            if pending.copy_at == "overlap" or not pending.fencing.wait(fence_wait_s):
+                self.background_copies += 1
+                self._copier.submit(quietly, shared.work)
             shared.wait()
 
         def placer(blobs: Sequence[Blob]) -> Placement | None:
@@ -194,6 +232,7 @@ class LazyClient:
                 placed.append((blobs, placement))
             finally:
                 pending.copied.set()
+                pending.ready.set()
             return placement
 
         def from_our_slot() -> None:
@@ -211,6 +250,17 @@ class LazyClient:
         flow = client._core.update(packed, step=step, meta=meta, wait=wait, placer=placer,
                                    before_resend=from_our_slot)
         return client._conn.run(flow)
+
+
+def _compute_threads() -> int:
+    """The caller's compute threads: PyTorch's intra-op threads where it is loaded, else the caller alone."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 1
+    try:
+        return int(torch.get_num_threads())
+    except Exception:  # a torch that is half imported or stubbed: count the caller alone
+        return 1
 
 
 def _lower_priority() -> None:

@@ -97,13 +97,17 @@ def _forget_helpers() -> None:
 os.register_at_fork(after_in_child=_forget_helpers)
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def helper_count() -> int:
     """Helper threads for a copy the caller waits for: the cores this process may run on, less its own."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(0, min(MAX_HELPERS, cores - 1))
+    return max(0, min(MAX_HELPERS, cores() - 1))
 
 
 def _pool() -> ThreadPoolExecutor | None:
