@@ -25,6 +25,8 @@ the trainer process spent per steady-state step, every thread, the lazy copier's
 checkpoint costs in CPU, which the host's load does not inflate the way it inflates wall time),
 ``minflt_<mode>`` (median minor page faults of the trainer per step: a slot faulted in afresh would show
 here as ~size/4 KiB more than ``none``), ``daemon_cpu_s_<mode>`` (the daemon's CPU seconds per step),
+``copy_at_lazy`` (where the lazy copy ran: ``overlap`` in the background, or ``fence`` at the next
+step's fence, when no core is left over beside torch's threads: :mod:`autosaved.client.lazyplan`),
 ``alone_s_<eager|lazy>`` (the same
 state handed over once more after the loop with nothing else running: ``update`` for eager, ``update`` +
 ``fence`` for lazy: what the copy costs by itself), and ``state_bytes``. The daemon runs privately in a
@@ -176,6 +178,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     cleanup: Callable[[], None] = lambda: None  # noqa: E731
     pending_block = [0.0]
     alone: Callable[[], float] | None = None  # one more hand-over of the state, nothing else running
+    copy_at: str | None = None  # lazy: where its copy ran (client/lazyplan.py)
 
     if mode == "eager":
         assert address is not None
@@ -212,6 +215,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
             return time.perf_counter() - t
 
         cleanup = lazy.close
+        copy_at = lazy.copy_at()
     elif mode == "torch_save":
         def checkpoint(step: int) -> None:
             with (work / "ckpt.pt").open("wb") as fh:
@@ -265,7 +269,8 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
         alones = [alone() for _ in range(2)] if alone is not None else []
     finally:
         cleanup()
-    return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes, "usage": usage}
+    return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes, "usage": usage,
+            "copy_at": copy_at}
 
 
 def _halves(steps: int) -> tuple[int, int]:
@@ -307,6 +312,8 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
         if alones:
             out[f"alone_s_{mode}"] = statistics.median(alones)
         out["state_bytes"] = results[-1]["state_bytes"]
+        if results[-1]["copy_at"] is not None:
+            out[f"copy_at_{mode}"] = results[-1]["copy_at"]
     out["params"] = sum(p.numel() for p in build_model(cfg).parameters())
     return out
 
@@ -328,7 +335,9 @@ def render(r: dict[str, Any]) -> str:
         table(rows, ["mode", "step_s", "vs none", "blocking_s", "alone_s", "cpu_s", "faults"]),
         "alone_s: the same state handed over once more with nothing else running (lazy: update + fence); "
         "cpu_s, faults: the trainer's CPU seconds and minor page faults per step (every thread)",
-        f"daemon CPU per step: eager {r['daemon_cpu_s_eager']:.3f} s, lazy {r['daemon_cpu_s_lazy']:.3f} s",
+        f"daemon CPU per step: eager {r['daemon_cpu_s_eager']:.3f} s, lazy {r['daemon_cpu_s_lazy']:.3f} s; lazy's copy "
+        f"ran {'in the background' if r.get('copy_at_lazy') == 'overlap' else 'at the fence'} "
+        f"({r['threads']} torch threads on {r['host']})",
         f"targets: lazy <= 1.15x none and <= eager (lazy {r['step_s_lazy'] / base:.3f}x, eager "
         f"{r['step_s_eager'] / base:.3f}x); lazy blocking <= 0.1x DCP's{lazy_vs}",
     ])
