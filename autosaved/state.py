@@ -255,6 +255,8 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
                 delta: Mapping[str | int, Any], added: list[Refs | None], removed: list[Refs | None],
                 force: bool = False, gen: int = 0) -> tuple[Any, int, int, Refs | None]:
     Walked.entries += len(delta)
+    if Walked.entries >= Walked.step_at:
+        Walked.step()
     out: dict[str | int, Any]
     if type(base) is Node and gen and base.gen == gen:
         out = base  # built by this generation: no snapshot holds it
@@ -322,6 +324,8 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
     """``_merge_node`` into an empty mapping, faster: a new subtree needs no look-up of what it replaces
     (most of an update that adds many small maps is here)."""
     Walked.entries += len(delta)
+    if Walked.entries >= Walked.step_at:
+        Walked.step()
     out: dict[str | int, Any] = {}
     cost = held = 0
     refs: Refs | None = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -37,6 +37,18 @@ class Walked:
     entries = 0
     # Entries copied by path copying (a merge into a mapping a snapshot may hold copies it first).
     copied = 0
+    # Yield points of the long walks (decode, merge): once ``entries`` passes ``step_at`` a walk calls
+    # ``step``. The daemon sets it (daemon/loopfirst.py: a worker thread decoding a big request waits there
+    # while the event loop has work); elsewhere nothing is set and the check never fires.
+    step_at = 1 << 62
+    on_step: Callable[[], None] | None = None
+
+    @staticmethod
+    def step() -> None:
+        if Walked.on_step is None:
+            Walked.step_at = 1 << 62
+        else:
+            Walked.on_step()
 
 # msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
 MSGPACK_INT_MIN: Final = -(2**63)
@@ -203,6 +215,8 @@ def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
             return {"b": len(blobs) - 1}
         if isinstance(value, Mapping):
             Walked.entries += len(value)
+            if Walked.entries >= Walked.step_at:
+                Walked.step()
             items = []
             for key, sub in value.items():
                 if type(key) is not str:
@@ -218,6 +232,8 @@ def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
             return {"m": items}
         if isinstance(value, list | tuple):
             Walked.entries += len(value)
+            if Walked.entries >= Walked.step_at:
+                Walked.step()
         if isinstance(value, list):
             return {"l": [v if _as_is(v) else enc(v, [*path, i]) for i, v in enumerate(value)]}
         if isinstance(value, tuple):
@@ -275,6 +291,8 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
         ((tag, body),) = n.items()
         if tag == "m" and isinstance(body, list):
             Walked.entries += len(body)
+            if Walked.entries >= Walked.step_at:
+                Walked.step()
             out: dict[str | int, Any] = {}
             for item in body:
                 if (type(item) is not list and not isinstance(item, list | tuple)) or len(item) != 2:
@@ -291,6 +309,8 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
             return out
         if tag in ("l", "t") and isinstance(body, list):
             Walked.entries += len(body)
+            if Walked.entries >= Walked.step_at:
+                Walked.step()
             items = [dec(sub, depth + 1, False) for sub in body]
             return items if tag == "l" else tuple(items)
         if tag == "b" and isinstance(body, int) and not isinstance(body, bool):

@@ -238,7 +238,7 @@ LAYOUTS: dict[str, dict[str, str]] = {
 
 
 def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: tuple[str, ...] = ROLES,
-        profile: str | None = None, layout: str = "service") -> dict[str, Any]:
+        profile: str | None = None, layout: str = "service", run_weight: int | None = None) -> dict[str, Any]:
     import psutil
 
     from autosaved.client.admin import Admin
@@ -258,7 +258,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
     group_of = LAYOUTS[layout]
     with real_users(2) as (users, group), contextlib.ExitStack() as stack:
         hostile, good = users
-        groups = (stack.enter_context(cgroups.cpu_slices(tuple(sorted(set(group_of.values())))))
+        groups = (stack.enter_context(cgroups.cpu_slices(tuple(sorted(set(group_of.values()))), run_weight))
                   if group_of else {})
 
         def into(party: str) -> Any:
@@ -326,7 +326,8 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
     budget = rss_budget(baseline_rss)
     rss_max = max((r for r, _ in samples), default=0)
     report = {
-        "seconds": seconds, "roles": list(roles), "cpu_layout": layout, "alone": alone, "under_attack": under,
+        "seconds": seconds, "roles": list(roles), "cpu_layout": layout, "run_weight": run_weight,
+        "alone": alone, "under_attack": under,
         "p99_ratio": under["p99_ms"] / max(alone["p99_ms"], 1e-9),
         "net_p99_ratio": under["net_p99_ms"] / max(alone["net_p99_ms"], 1e-9),
         "daemon_exits": 0 if exited is None else 1, "stop_exit_code": stop_code,
@@ -360,13 +361,18 @@ def main() -> int:
                     help="CPU groups of equal weight (cgroups, root): 'service' puts the daemon in one and both "
                          "users in another, as the unit file does on any systemd host; 'per-user' gives each "
                          "user a group of their own too; 'flat' runs all in one (default: service)")
+    ap.add_argument("--run-weight", type=int, default=None, metavar="W",
+                    help="the CPU weight of this run's groups together against the host's other work (cgroup v2 "
+                         "units, default 100 like any other group): on a shared host a larger one (say 10000) "
+                         "keeps other people's processes from blurring the measurement")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     roles = tuple(r for r in args.roles.split(",") if r)
     if not roles or any(r not in ROLES for r in roles):
         ap.error(f"--roles: choose from {','.join(ROLES)}")
     alone = args.alone if args.alone is not None else min(60.0, max(5.0, args.seconds / 4))
-    report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile, args.cpu_layout)
+    report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile, args.cpu_layout,
+                 args.run_weight)
     if args.json:
         print(json.dumps(report))
     else:

@@ -33,7 +33,7 @@ from ..policy import SaveReason
 from ..shm import fd_socket_path
 from ..storage.faults import point
 from ..storage.local import Store
-from . import gcpolicy, offload, preempt
+from . import gcpolicy, loopfirst, offload, preempt
 from .fdlimit import listener_cap, raise_nofile
 from .fdserver import FdContext, FdServer
 from .flush import FlushContext, drain_remote, flush_all
@@ -339,5 +339,6 @@ def serve(config: Config) -> int:
     daemon = Daemon(config)
     offload.install()  # the rpc loop gets the GIL back quickly from a thread decoding a big request
     gcpolicy.install()  # full collections on a timer (gcpolicy.full_collections), not every few seconds
-    return anyio.run(daemon.run, backend="asyncio")
+    loopfirst.install()  # a worker decoding a big request waits while the loop has work
+    return anyio.run(daemon.run, backend="asyncio", backend_options={"loop_factory": loopfirst.new_event_loop})
 

@@ -30,6 +30,7 @@ import msgpack
 from ..errors import ProtocolError
 from ..protocol import MAX_HEADER_BYTES
 from ..storage.faults import point
+from . import loopfirst
 
 T = TypeVar("T")
 
@@ -88,6 +89,7 @@ def unpack_sliced(raw: bytes | memoryview) -> dict[str, Any]:
     try:
         for start in range(0, len(view), SLICE):
             unpacker.feed(view[start:start + SLICE])
+            loopfirst.yield_point()
             try:
                 header = unpacker.unpack()
                 done = True
@@ -107,7 +109,8 @@ def unpack_sliced(raw: bytes | memoryview) -> dict[str, Any]:
 
 def _decode_call(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
     point("offload", "decode", "before")
-    return fn(*args)
+    with loopfirst.stepping_aside():  # the event loop's requests first (loopfirst.py)
+        return fn(*args)
 
 
 # One decode at a time, apart from the default pool the disk work uses (one user's decodes run one after

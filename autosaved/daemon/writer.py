@@ -21,7 +21,9 @@ import anyio.to_thread
 from ..errors import AutosavedError, StorageError
 from ..policy import SaveReason
 from ..storage.faults import point
+from ..storage.local import SaveResult
 from ..throttle import SaveAborted, SavePace, TokenBucket
+from . import loopfirst
 from .jobs import Job, JobKey, SaveTicket, commit_failed, commit_succeeded, take_snapshot
 
 log = logging.getLogger("autosaved.writer")
@@ -121,14 +123,16 @@ class Writer:
                     pace(nbytes)
                     job.save_written += nbytes  # read by `status` for `autosaved top` (a display figure)
 
-                result = await anyio.to_thread.run_sync(
-                    lambda: job.store.write_version(
-                        ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
-                        meta=ticket.meta, sessions=ticket.sessions, chunk_size=chunk_size,
-                        wal_lsn=ticket.wal_lsn, compression=compression,
-                        pace=counted, changed=ticket.changed,
-                    )
-                )
+                def write() -> SaveResult:
+                    with loopfirst.stepping_aside():  # the event loop's requests first (loopfirst.py)
+                        return job.store.write_version(
+                            ticket.root, version=ticket.version, step=ticket.step, reason=str(ticket.reason),
+                            meta=ticket.meta, sessions=ticket.sessions, chunk_size=chunk_size,
+                            wal_lsn=ticket.wal_lsn, compression=compression,
+                            pace=counted, changed=ticket.changed,
+                        )
+
+                result = await anyio.to_thread.run_sync(write)
                 self._learn_speed(result.bytes_written, time.perf_counter() - write_started, pace.throttled_s)
         except Exception as exc:
             # Whatever went wrong (a bug included) is this job's error, retried with backoff; never the

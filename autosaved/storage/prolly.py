@@ -43,6 +43,7 @@ import blake3
 import msgpack
 
 from ..errors import CorruptVersion
+from ..tree import Walked
 
 PAGE_FORMAT: Final = 1
 PAGE_HASH: Final = "blake3"  # names pages (a root record says so, so another could come later)
@@ -168,6 +169,9 @@ class _Chunker:
         digest = page_digest(raw)
         self.put(digest, raw)
         self.out.append(Ref(first, digest, count))
+        Walked.entries += len(self.items)
+        if Walked.entries >= Walked.step_at:  # a yield point of a save (daemon/loopfirst.py)
+            Walked.step()
         self.items, self.size = [], 0
 
 

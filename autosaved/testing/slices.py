@@ -64,9 +64,11 @@ def missing() -> str | None:
 
 
 @contextmanager
-def cpu_slices(names: tuple[str, ...]) -> Iterator[dict[str, Slice]]:
+def cpu_slices(names: tuple[str, ...], run_weight: int | None = None) -> Iterator[dict[str, Slice]]:
     """One group of equal CPU weight per name, under a parent group of this run; removed afterwards (their
-    processes are moved back to the parent's parent first)."""
+    processes are moved back to the parent's parent first). ``run_weight`` is that parent's weight against
+    the host's other work (in cgroup v2 units, 1-10000, default 100): a measurement on a shared host raises
+    it so that other people's processes do not blur what the groups share among themselves."""
     where = _cpu_parent()
     if where is None:
         raise RuntimeError(missing() or "no cpu cgroups")
@@ -75,6 +77,8 @@ def cpu_slices(names: tuple[str, ...]) -> Iterator[dict[str, Slice]]:
     top.mkdir()
     if weight_file == "cpu.weight":  # v2: children get the cpu controller only if the parent delegates it
         (top / "cgroup.subtree_control").write_text("+cpu\n")
+    if run_weight is not None:
+        (top / weight_file).write_text(f"{run_weight if weight_file == 'cpu.weight' else run_weight * 1024 // 100}\n")
     made = {name: Slice(top / name) for name in names}
     try:
         for s in made.values():
