@@ -13,11 +13,10 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
   of its own copies at the lowest CPU priority (nice 19) while the trainer runs on. Where it has none, the
   copy waits for the fence and runs there on the caller's thread and helpers on every core, as an eager
   update's copy does (:mod:`autosaved.client.slotcopy`): a copy overlapped with a trainer that fills
-  every core cost the step far more than the copy (PyTorch's OpenMP threads wait at each op's barrier for
-  one that lost its core to the copier, and the copy competes for memory bandwidth), so lazy paid more
-  than eager. A copy nobody fences runs in the background after a while (:func:`~autosaved.client.
-  lazyplan.fence_wait`), so every update is still sent. A fence that finds an overlapped copy unfinished
-  takes the rest on itself the same way.
+  every core can only take a core from one of PyTorch's OpenMP threads (the others wait for it at the
+  op's barrier) and compete with the step for memory bandwidth. A copy nobody fences runs in the
+  background after a while (:func:`~autosaved.client.lazyplan.fence_wait`), so every update is sent. A
+  fence that finds an overlapped copy unfinished takes the rest on itself the same way.
 - ``fence()`` returns once that copy is done (waiting if it is not): from then on the caller may mutate
   its arrays, and nothing it does can reach the update. :meth:`LazyClient.hook_optimizer` installs a step
   pre-hook that fences before every ``optimizer.step()``, so a parameter update can never slip in before

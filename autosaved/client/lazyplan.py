@@ -1,13 +1,14 @@
 """Where and when a lazy update's copy runs: pure functions of the process's cores and the caller's cadence.
 
 Issue 21: on the 2-core host a GPT-2-small trainer runs PyTorch's two intra-op (OpenMP) threads on both
-cores. The lazy copier, even at nice 19, got slices of a core from one of them, and the other waited for it
-at the op's barrier; the copy also competed for memory bandwidth with the step's memory-bound ops. The
-overlapped copy cost the step 1.1-1.4 CPU-s against 0.27-0.44 CPU-s for the same bytes copied eagerly
-while the trainer waited (lazy 1.49x / 1.63x no checkpoint, eager 1.12x / 1.20x). A copy overlaps the
-trainer only where a core is left over for it; otherwise it waits for the fence (the point before the
-state next changes: the next ``optimizer.step()``, ``update()``, ``wait()``) and runs there with every
-core, as an eager update's copy does, so lazy never costs more than eager.
+cores, and a lazy step cost 1.1-1.4 CPU-s more than no checkpoint against 0.27-0.44 CPU-s for an eager
+copy of the same bytes. A copy overlapped with threads that fill every core can only take a core from one
+of them (the others then wait at the op's barrier) and compete with the step for memory bandwidth, so a
+copy overlaps the trainer only where a core is left over for it; otherwise it waits for the fence (the
+point before the state next changes: the next ``optimizer.step()``, ``update()``, ``wait()``) and runs
+there with every core, as an eager update's copy does. (Measured since: with the copy at the fence a lazy
+step was still slower than an eager one with the same blocking, so the overlapped copy was not the whole
+cause of the gap; README, issue 21.)
 """
 
 from __future__ import annotations
