@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from .errors import InvalidValue, ProtocolError
@@ -122,20 +122,67 @@ class Chunk:
     hash: str = "sha256"
 
 
-@dataclass(eq=False)
+def _held(data: memoryview | bytes | None) -> memoryview | bytes | None:
+    """What a Blob keeps of ``data``: a view of a whole ``bytes`` object as that object itself (a
+    memoryview and the buffer it manages cost about 230 bytes per leaf, as much as a small leaf's bytes:
+    issue 20), any other view (a slot's mapping, a frame, part of a buffer) as it is."""
+    if type(data) is memoryview and type(data.obj) is bytes and data.format == "B" and data.ndim == 1 \
+            and data.nbytes == len(data.obj):
+        return data.obj
+    return data
+
+
 class Blob:
     """A binary leaf. ``data`` holds its bytes in memory; a blob loaded lazily from storage has
     ``data is None`` and ``chunks`` naming where its bytes live. Blobs are immutable once built:
-    a new value for the same key is a new Blob, which is what lets snapshots share them."""
+    a new value for the same key is a new Blob, which is what lets snapshots share them.
 
+    Compact (issue 20: one agent checkpoint holds four small binary leaves, and a dataclass Blob with its
+    ``__dict__``, its memoryview and an empty ``digests`` dict cost ~570 bytes each beside their bytes):
+    slots, bytes held as ``bytes`` (``data`` makes the view when asked), ``digests`` made on first use."""
+
+    __slots__ = ("_data", "_digests", "chunks", "dtype", "kind", "nbytes", "shape")
     kind: str
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
-    data: memoryview | None = None
-    chunks: tuple[Chunk, ...] | None = None
-    # Hashes of the chunks of ``data`` once the writer computed them, keyed by chunk size.
-    digests: dict[int, tuple[Chunk, ...]] = field(default_factory=dict)
+    chunks: tuple[Chunk, ...] | None
+
+    def __init__(self, kind: str, dtype: str, shape: tuple[int, ...], nbytes: int,
+                 data: memoryview | bytes | None = None, chunks: tuple[Chunk, ...] | None = None,
+                 digests: dict[int, tuple[Chunk, ...]] | None = None) -> None:
+        self.kind, self.dtype, self.shape, self.nbytes = kind, dtype, shape, nbytes
+        self._data = _held(data)
+        self.chunks = chunks
+        # Hashes of the chunks of ``data`` once the writer computed them, keyed by chunk size.
+        self._digests = digests
+
+    @property
+    def data(self) -> memoryview | None:
+        """The bytes as a view (a new one over a held ``bytes``; ``None`` when they live only in chunks)."""
+        d = self._data
+        return memoryview(d) if type(d) is bytes else d  # type: ignore[return-value]
+
+    @data.setter
+    def data(self, value: memoryview | bytes | None) -> None:
+        self._data = _held(value)
+
+    @property
+    def buffer(self) -> memoryview | bytes | None:
+        """The bytes as held, without making a view (a hot path's ``is None`` or mapping check)."""
+        return self._data
+
+    @property
+    def digests(self) -> dict[int, tuple[Chunk, ...]]:
+        d = self._digests
+        if d is None:
+            d = self._digests = {}
+        return d
+
+    def __repr__(self) -> str:
+        held = "none" if self._data is None else type(self._data).__name__
+        return f"Blob(kind={self.kind!r}, dtype={self.dtype!r}, shape={self.shape!r}, nbytes={self.nbytes}, " \
+               f"data={held}, chunks={self.chunks!r})"
 
     def descriptor(self) -> dict[str, Any]:
         return {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
@@ -243,7 +290,7 @@ PLAIN_TYPES: Final = frozenset({type(None), bool, int, float, str})
 
 def inline_blob(data: bytes) -> Blob:
     """The Blob of an inline bytes leaf (``{"B": data}``)."""
-    return Blob(kind="bytes", dtype="bytes", shape=(len(data),), nbytes=len(data), data=memoryview(data))
+    return Blob(kind="bytes", dtype="bytes", shape=(len(data),), nbytes=len(data), data=data)
 
 
 def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, allow_replace: bool = False,

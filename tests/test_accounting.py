@@ -449,3 +449,32 @@ def test_counters_follow_replay_and_delete(make_daemon: Callable[..., PrivateDae
     assert raw(d.address, "delete", job="r")["ok"]
     daemon = raw(d.address, "status")["daemon"]
     assert daemon["state_bytes"] == 0 and daemon["held_bytes"] == 0
+
+
+def test_a_bytes_leaf_is_held_compactly_and_a_slot_view_stays_a_view() -> None:
+    """Issue 20: an agent checkpoint holds four small bytes leaves, and each Blob cost ~570 bytes beside its
+    bytes (a dataclass's ``__dict__``, a memoryview and its managed buffer, an empty ``digests`` dict)."""
+    import tracemalloc
+
+    from autosaved.tree import inline_blob
+
+    raw = bytes(range(200))
+    blob = Blob(kind="bytes", dtype="bytes", shape=(200,), nbytes=200, data=memoryview(raw))
+    assert blob.buffer is raw and blob.data is not None and blob.data.obj is raw and bytes(blob.data) == raw
+    assert measure(blob) == (200 + BLOB_OVERHEAD, 200, None)
+    part = Blob(kind="bytes", dtype="bytes", shape=(10,), nbytes=10, data=memoryview(raw)[10:20])
+    assert type(part.buffer) is memoryview and bytes(part.data or b"") == raw[10:20]  # never copied
+    slot = slot_blob(1)
+    assert type(slot.buffer) is memoryview and measure(slot)[2] == {id(SLOTS[1]): 1}
+    blob.digests[4096] = ()
+    assert blob.digests == {4096: ()} and not hasattr(blob, "__dict__")
+
+    datas = [os.urandom(8) for _ in range(2000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        blobs = [inline_blob(d) for d in datas]
+        per_leaf = (tracemalloc.get_traced_memory()[0] - before) / len(blobs)
+    finally:
+        tracemalloc.stop()
+    assert per_leaf < 250, per_leaf  # ~570 before (its bytes, allocated by the decoder, not counted here)
