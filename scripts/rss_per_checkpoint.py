@@ -54,6 +54,25 @@ if os.environ.get("RSS_PROBE_DIR"):
             out = {"rss": rss()}
             m = libc.mallinfo2()
             out["malloc"] = {"arena": m.arena, "in_use": m.uordblks, "free": m.fordblks, "mmapped": m.hblkhd}
+            # pymalloc's own figures (sys._debugmallocstats writes them to fd 2, borrowed for the call).
+            import sys, tempfile
+            with tempfile.TemporaryFile() as tmp:
+                saved = os.dup(2)
+                os.dup2(tmp.fileno(), 2)
+                try:
+                    sys._debugmallocstats()
+                finally:
+                    os.dup2(saved, 2)
+                    os.close(saved)
+                tmp.seek(0)
+                text = tmp.read().decode()
+            pym = {}
+            for line in text.splitlines():
+                if line.startswith("#") and "=" in line:
+                    k, v = line[1:].split("=", 1)
+                    pym[k.strip()] = int(v.strip().replace(",", ""))
+            out["pymalloc"] = {k: pym.get(k, 0) for k in ("bytes in allocated blocks", "bytes in available blocks",
+                                                           "bytes in unused pools", "arenas allocated current")}
             objs = gc.get_objects()
             out["tracked"] = len(objs)
             out["types"] = collections.Counter(type(o).__name__ for o in objs).most_common(25)
@@ -127,6 +146,9 @@ def run_build(build: Path, sizes: list[int], top: int, per_step: float, collect:
             while thread.steps < size:
                 thread.put(min(size - thread.steps, save_every or size))
                 admin.save()
+            # A save's reply comes at its commit; what follows it (retention, a heap trim) is done within a
+            # second or two, as it is by the time ``bench history`` reads the RSS (after 150 more requests).
+            time.sleep(2)
             rep = probe.ask(top=top, collect=collect)
             grown = rep["rss"] - base["rss"]
             payload = per_step * (thread.steps - 10)
@@ -170,6 +192,7 @@ def main() -> None:
                   f" gc-tracked {r['tracked']}"
                   + (f"; after gc.collect() ({r['collected']} freed) RSS {r['rss_after_collect'] / 2**20:.1f} MB"
                      + f", after malloc_trim {r['rss_after_trim'] / 2**20:.1f} MB" if "collected" in r else ""))
+            print("   pymalloc:", r["pymalloc"])
             print("   types:", ", ".join(f"{t}={n}" for t, n in r["types"][:14]))
             if "sites" in r:
                 print(f"   traced {r['traced'] / 2**20:.1f} MB, {r['traced_per_checkpoint']:.0f} B/checkpoint, "
