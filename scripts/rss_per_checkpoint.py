@@ -117,7 +117,7 @@ class Probe:
 
 
 def run_build(build: Path, sizes: list[int], top: int, per_step: float, collect: bool,
-              save_every: int) -> list[dict[str, Any]]:
+              save_every: int, before_save: bool = False) -> list[dict[str, Any]]:
     from autosaved.bench.history import Thread
     from autosaved.client.sync import Client
     from autosaved.integrations.langgraph import AutosavedSaver
@@ -145,6 +145,13 @@ def run_build(build: Path, sizes: list[int], top: int, per_step: float, collect:
         for size in sizes:
             while thread.steps < size:
                 thread.put(min(size - thread.steps, save_every or size))
+                if before_save:
+                    pre = probe.ask(top=top)
+                    print(f"   before the save at {thread.steps}: RSS {pre['rss'] / 2**20:.1f} MB, pymalloc "
+                          f"{pre['pymalloc']}, glibc {pre['malloc']}" + (f", traced {pre['traced'] / 2**20:.1f} MB"
+                                                                         if top else ""), flush=True)
+                    for site, nbytes, count in pre.get("sites", []):
+                        print(f"   {nbytes / 2**20:8.2f} MB {count:>9} {site}")
                 admin.save()
             # A save's reply comes at its commit; what follows it (retention, a heap trim) is done within a
             # second or two, as it is by the time ``bench history`` reads the RSS (after 150 more requests).
@@ -168,6 +175,7 @@ def main() -> None:
     p.add_argument("--collect", action="store_true", help="also run gc.collect() in the daemon and report RSS after")
     p.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="save after every N puts (default: only at each size, as the bench does)")
+    p.add_argument("--before-save", action="store_true", help="also probe before each save")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     from autosaved.bench.history import payload
@@ -177,7 +185,7 @@ def main() -> None:
     result: dict[str, Any] = {"payload_per_checkpoint": per_step, "load": os.getloadavg()[0], "builds": {}}
     for build in args.builds.split(","):
         result["builds"][build] = run_build(Path(build), sizes, args.tracemalloc, per_step, args.collect,
-                                             args.save_every)
+                                             args.save_every, args.before_save)
     result["load_after"] = os.getloadavg()[0]
     if args.json:
         json.dump(result, sys.stdout)
