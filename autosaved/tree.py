@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -141,17 +142,18 @@ class Blob:
     ``__dict__``, its memoryview and an empty ``digests`` dict cost ~570 bytes each beside their bytes):
     slots, bytes held as ``bytes`` (``data`` makes the view when asked), ``digests`` made on first use."""
 
-    __slots__ = ("_data", "_digests", "chunks", "dtype", "kind", "nbytes", "shape")
+    __slots__ = ("_data", "_digests", "_shape", "chunks", "dtype", "kind", "nbytes")
     kind: str
     dtype: str
-    shape: tuple[int, ...]
     nbytes: int
     chunks: tuple[Chunk, ...] | None
 
     def __init__(self, kind: str, dtype: str, shape: tuple[int, ...], nbytes: int,
                  data: memoryview | bytes | None = None, chunks: tuple[Chunk, ...] | None = None,
                  digests: dict[int, tuple[Chunk, ...]] | None = None) -> None:
-        self.kind, self.dtype, self.shape, self.nbytes = kind, dtype, shape, nbytes
+        self.kind, self.dtype, self.nbytes = kind, dtype, nbytes
+        # A bytes leaf's shape is always (nbytes,): made when asked rather than a tuple kept per leaf.
+        self._shape: tuple[int, ...] | None = None if kind == "bytes" and shape == (nbytes,) else shape
         self._data = _held(data)
         self.chunks = chunks
         # Hashes of the chunks of ``data`` once the writer computed them, keyed by chunk size.
@@ -166,6 +168,11 @@ class Blob:
     @data.setter
     def data(self, value: memoryview | bytes | None) -> None:
         self._data = _held(value)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self._shape
+        return (self.nbytes,) if shape is None else shape
 
     @property
     def buffer(self) -> memoryview | bytes | None:
@@ -288,6 +295,14 @@ def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
 PLAIN_TYPES: Final = frozenset({type(None), bool, int, float, str})
 
 
+# Decoded strings up to this length are interned: a tree repeats its short strings (keys, a stage's name,
+# a serializer's tag: "msgpack" four times in every LangGraph checkpoint) and each decoded copy is an
+# object of its own (56 bytes and up) held as long as the state (issue 20). A unique one costs its entry
+# in the interpreter's table of interned strings, dropped when the string is freed.
+SHARED_STR_MAX: Final = 16
+_intern = sys.intern
+
+
 def inline_blob(data: bytes) -> Blob:
     """The Blob of an inline bytes leaf (``{"B": data}``)."""
     return Blob(kind="bytes", dtype="bytes", shape=(len(data),), nbytes=len(data), data=data)
@@ -311,7 +326,7 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
         # was a third of the daemon's decode of a LangGraph put (perf, issue 21).
         tn = type(n)
         if tn in PLAIN_TYPES:
-            return n
+            return _intern(n) if tn is str and len(n) <= SHARED_STR_MAX else n
         if tn is not dict:
             if isinstance(n, bool | int | float | str):
                 return n
@@ -331,7 +346,12 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
                     raise ProtocolError(f"mapping key of type {type(key).__name__}")
                 # A scalar leaf needs no call of its own (most of a small update is scalars: perf, issue 14);
                 # the depth rule is the same as dec's.
-                if type(sub) in PLAIN_TYPES and depth + 1 <= max_depth:
+                if type(key) is str and len(key) <= SHARED_STR_MAX:
+                    key = _intern(key)
+                ts = type(sub)
+                if ts is str and depth + 1 <= max_depth:
+                    out[key] = _intern(sub) if len(sub) <= SHARED_STR_MAX else sub
+                elif ts in PLAIN_TYPES and depth + 1 <= max_depth:
                     out[key] = sub
                 else:
                     out[key] = dec(sub, depth + 1, True)

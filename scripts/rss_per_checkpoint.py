@@ -5,7 +5,8 @@
     python scripts/rss_per_checkpoint.py --checkpoints 2000,20000 --tracemalloc 25        # file:line table
 
 Fills one thread of ``autosaved bench history``'s shape (:func:`autosaved.bench.history.checkpoint`) at
-``accepted`` into a private daemon (format 2), saves at each size, and asks the daemon itself (a probe
+``accepted`` into a private daemon (format 2), saves at each size, puts 100 more and reads 50 (as the
+bench does before it reads the RSS), and asks the daemon itself (a probe
 thread that ``sitecustomize`` starts only in that daemon) for its RSS, glibc's heap figures (``mallinfo2``),
 the count of each type among the objects the garbage collector tracks and, with ``--tracemalloc N``
 (slower, more memory), the N file:line sites holding the most memory. Prints the RSS growth per checkpoint
@@ -143,6 +144,7 @@ def run_build(build: Path, sizes: list[int], top: int, per_step: float, collect:
         admin.save()
         base = probe.ask(top=top)
         for size in sizes:
+            size -= 100  # the 100 puts after the save make it ``size``
             while thread.steps < size:
                 thread.put(min(size - thread.steps, save_every or size))
                 if before_save:
@@ -153,9 +155,12 @@ def run_build(build: Path, sizes: list[int], top: int, per_step: float, collect:
                     for site, nbytes, count in pre.get("sites", []):
                         print(f"   {nbytes / 2**20:8.2f} MB {count:>9} {site}")
                 admin.save()
-            # A save's reply comes at its commit; what follows it (retention, a heap trim) is done within a
-            # second or two, as it is by the time ``bench history`` reads the RSS (after 150 more requests).
-            time.sleep(2)
+            # As ``bench history`` does before it reads the RSS: 100 more puts (the job dirty again: its big
+            # mappings copied once, beside the saved tree's) and 50 reads.
+            thread.put(100)
+            thread.get(50)
+            # A save's reply comes at its commit; what follows it (retention, a heap trim) is done by now.
+            time.sleep(1)
             rep = probe.ask(top=top, collect=collect)
             grown = rep["rss"] - base["rss"]
             payload = per_step * (thread.steps - 10)

@@ -477,4 +477,23 @@ def test_a_bytes_leaf_is_held_compactly_and_a_slot_view_stays_a_view() -> None:
         per_leaf = (tracemalloc.get_traced_memory()[0] - before) / len(blobs)
     finally:
         tracemalloc.stop()
-    assert per_leaf < 250, per_leaf  # ~570 before (its bytes, allocated by the decoder, not counted here)
+    assert per_leaf < 130, per_leaf  # ~570 before (its bytes, allocated by the decoder, not counted here)
+    assert blobs[0].shape == (8,) and blob.shape == (200,) and blob.descriptor()["shape"] == [200]
+
+
+def test_decoded_short_strings_are_shared() -> None:
+    """Issue 20: a LangGraph checkpoint's four ``["msgpack", <bytes>]`` values decoded four str objects."""
+    from autosaved.tree import SHARED_STR_MAX, from_node
+
+    def fresh(s: str) -> str:
+        return "".join([s[:1], s[1:]])  # a str object of its own, as a decoder makes
+
+    short, long = "msgpack", "x" * (SHARED_STR_MAX + 1)
+    node = {"m": [[fresh("k"), {"l": [fresh(short), fresh(short), fresh(long), fresh(long)]}],
+                  [fresh("stage"), fresh(short)]]}
+    tree = from_node(node, [])
+    (a, b, c, d), e = tree["k"], tree["stage"]
+    assert a == b == e == short and a is b is e
+    assert c == d == long and c is not d  # a long (likely unique) string is not worth a table entry
+    other = from_node({"m": [[fresh("stage"), 1]]}, [])
+    assert next(iter(other)) is list(tree)[1]  # keys too
