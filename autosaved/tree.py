@@ -358,7 +358,11 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
             return out
         if tag in ("l", "t") and isinstance(body, list):
             Walked.entries += len(body)
-            items = [dec(sub, depth + 1, False) for sub in body]
+            # Exactly as long as the list (a comprehension's spare capacity cost 16 bytes per small list a
+            # state holds: four in every LangGraph checkpoint, issue 20).
+            items: list[Any] = [None] * len(body)
+            for i, sub in enumerate(body):
+                items[i] = dec(sub, depth + 1, False)
             return items if tag == "l" else tuple(items)
         if tag == "b" and isinstance(body, int) and not isinstance(body, bool):
             if not 0 <= body < len(blobs) or body in used:

@@ -497,3 +497,12 @@ def test_decoded_short_strings_are_shared() -> None:
     assert c == d == long and c is not d  # a long (likely unique) string is not worth a table entry
     other = from_node({"m": [[fresh("stage"), 1]]}, [])
     assert next(iter(other)) is list(tree)[1]  # keys too
+
+
+def test_a_decoded_list_has_no_spare_capacity() -> None:
+    import sys
+
+    from autosaved.tree import from_node
+
+    for n in (1, 2, 5, 17):
+        assert sys.getsizeof(from_node({"l": list(range(n))}, [])) == sys.getsizeof([0] * n)
