@@ -162,6 +162,8 @@ def run_build(build: Path, sizes: list[int], top: int, per_step: float, collect:
             # A save's reply comes at its commit; what follows it (retention, a heap trim) is done by now.
             time.sleep(1)
             rep = probe.ask(top=top, collect=collect)
+            # The state cache's estimate of the tree's memory (README: binary leaves + 6x the rest's encoding).
+            rep["cache_estimate"] = admin.status().get("cache_bytes", 0)
             grown = rep["rss"] - base["rss"]
             payload = per_step * (thread.steps - 10)
             rep.update(checkpoints=thread.steps, rss_growth=grown, per_checkpoint=grown / (thread.steps - 10),
@@ -202,7 +204,8 @@ def main() -> None:
             print(f"{build}: {r['checkpoints']} checkpoints: RSS {r['rss'] / 2**20:.1f} MB, growth "
                   f"{r['per_checkpoint']:.0f} B/checkpoint = {r['ratio']:.2f}x payload; glibc in use "
                   f"{m['in_use'] / 2**20:.1f} MB free {m['free'] / 2**20:.1f} MB mmapped {m['mmapped'] / 2**20:.1f} MB;"
-                  f" gc-tracked {r['tracked']}"
+                  f" gc-tracked {r['tracked']}; the cache's estimate {r['cache_estimate'] / r['checkpoints']:.0f} "
+                  "B/checkpoint"
                   + (f"; after gc.collect() ({r['collected']} freed) RSS {r['rss_after_collect'] / 2**20:.1f} MB"
                      + f", after malloc_trim {r['rss_after_trim'] / 2**20:.1f} MB" if "collected" in r else ""))
             print("   pymalloc:", r["pymalloc"])

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
+import time
 from collections.abc import Callable
 from typing import Final
 
 import anyio.to_thread
+
+log = logging.getLogger("autosaved.memtrim")
 
 TRIM_AFTER_BYTES: Final = 8 * 1024 * 1024
 
@@ -42,11 +46,13 @@ def worth_trimming(written: int) -> bool:
     return TRIM is not None and written >= TRIM_AFTER_BYTES
 
 
-async def after_save(written: int) -> bool:
-    """Trim the heap when a save that wrote ``written`` bytes is done; whether it did."""
+async def after_save(job: str, written: int) -> bool:
+    """Trim the heap when a save of ``job`` that wrote ``written`` bytes is done; whether it did."""
     if not worth_trimming(written):
         return False
     assert TRIM is not None
     trim = TRIM
+    started = time.perf_counter()
     await anyio.to_thread.run_sync(lambda: trim(0))
+    log.info("heap trimmed job=%s written=%d ms=%.1f", job, written, (time.perf_counter() - started) * 1000)
     return True

@@ -183,7 +183,7 @@ class Writer:
         except Exception as exc:
             log.warning("retention failed job=%s error=%s", job.name, exc)
         # Last: the save's buffers and its retention's are all freed by now.
-        await memtrim.after_save(result.bytes_written)
+        await memtrim.after_save(job.name, result.bytes_written)
 
     def _learn_speed(self, nbytes: int, elapsed: float, throttled: float) -> None:
         # Time spent waiting for tokens is not the disk's; with two saves sharing the bucket the
