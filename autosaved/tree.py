@@ -128,7 +128,7 @@ def _held(data: memoryview | bytes | None) -> memoryview | bytes | None:
     memoryview and the buffer it manages cost about 230 bytes per leaf, as much as a small leaf's bytes:
     issue 20), any other view (a slot's mapping, a frame, part of a buffer) as it is."""
     if type(data) is memoryview and type(data.obj) is bytes and data.format == "B" and data.ndim == 1 \
-            and data.nbytes == len(data.obj):
+            and data.c_contiguous and data.nbytes == len(data.obj):
         return data.obj
     return data
 

@@ -464,6 +464,8 @@ def test_a_bytes_leaf_is_held_compactly_and_a_slot_view_stays_a_view() -> None:
     assert measure(blob) == (200 + BLOB_OVERHEAD, 200, None)
     part = Blob(kind="bytes", dtype="bytes", shape=(10,), nbytes=10, data=memoryview(raw)[10:20])
     assert type(part.buffer) is memoryview and bytes(part.data or b"") == raw[10:20]  # never copied
+    backwards = Blob(kind="bytes", dtype="bytes", shape=(200,), nbytes=200, data=memoryview(raw)[::-1])
+    assert bytes(backwards.data or b"") == raw[::-1]
     slot = slot_blob(1)
     assert type(slot.buffer) is memoryview and measure(slot)[2] == {id(SLOTS[1]): 1}
     blob.digests[4096] = ()

@@ -16,7 +16,6 @@ while it does, so a small save, which frees little, pays nothing. Not glibc (mus
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -31,8 +30,8 @@ TRIM_AFTER_BYTES: Final = 8 * 1024 * 1024
 
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        # The interpreter's own symbols (libc among them): no library search, which would run ldconfig.
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
