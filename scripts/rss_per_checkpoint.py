@@ -46,6 +46,7 @@ if os.environ.get("RSS_PROBE_DIR"):
                         return int(line.split()[1]) * 1024
             return 0
         n = 0
+        prev = None
         while True:
             req = os.path.join(d, f"req-{n}")
             if not os.path.exists(req):
@@ -85,6 +86,12 @@ if os.environ.get("RSS_PROBE_DIR"):
                 stats = snap.statistics("lineno")
                 out["traced"] = sum(s.size for s in stats)
                 out["sites"] = [[str(s.traceback), s.size, s.count] for s in stats[: ask.get("top", 25)]]
+                if prev is not None:  # what was freed since the last report, by site: where holes come from
+                    group = "traceback" if tracemalloc.get_traceback_limit() > 1 else "lineno"
+                    freed = sorted(snap.compare_to(prev, group), key=lambda d: d.size_diff)
+                    out["freed"] = [[" <- ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in d.traceback),
+                                     d.size_diff, d.count_diff] for d in freed[:12] if d.size_diff < 0]
+                prev = snap
                 del snap, stats
             if ask.get("collect"):
                 out["collected"] = gc.collect()
@@ -133,7 +140,7 @@ def run_build(build: Path, sizes: list[int], top: int, per_step: float, collect:
     # PYTHONSAFEPATH: no current directory first on sys.path, so the build named is the one that runs.
     env = {"PYTHONPATH": f"{site}:{build.resolve()}", "RSS_PROBE_DIR": str(probe_dir), "PYTHONSAFEPATH": "1"}
     if top:
-        env["PYTHONTRACEMALLOC"] = "1"
+        env["PYTHONTRACEMALLOC"] = os.environ.get("RSS_TRACE_FRAMES", "1")  # more frames: tracebacks of what was freed
     out = []
     with PrivateDaemon(root / "d", config=CONFIG, env=env) as daemon, \
             AutosavedSaver("history", address=daemon.address, wait="accepted") as saver, \
@@ -210,6 +217,8 @@ def main() -> None:
                      + f", after malloc_trim {r['rss_after_trim'] / 2**20:.1f} MB" if "collected" in r else ""))
             print("   pymalloc:", r["pymalloc"])
             print("   types:", ", ".join(f"{t}={n}" for t, n in r["types"][:14]))
+            for site, nbytes, count in r.get("freed", []):
+                print(f"   freed since the probe before: {nbytes / 2**20:8.2f} MB {count:>9} {site}")
             if "sites" in r:
                 print(f"   traced {r['traced'] / 2**20:.1f} MB, {r['traced_per_checkpoint']:.0f} B/checkpoint, "
                       f"peak since the last report {r['traced_peak'] / 2**20:.1f} MB")
