@@ -137,10 +137,10 @@ def measure(value: Any) -> tuple[int, int, Refs | None]:
     if t is float:
         return 9, 0, None
     if t is Blob:
-        data = value.data
+        data = value.buffer
         if data is None:
             return value.nbytes + BLOB_OVERHEAD, 0, None
-        refs = {id(data.obj): 1} if isinstance(data.obj, mmap.mmap) else None
+        refs = {id(data.obj): 1} if type(data) is memoryview and isinstance(data.obj, mmap.mmap) else None
         return value.nbytes + BLOB_OVERHEAD, value.nbytes, refs
     if t is dict:
         return _measure_items(value.items(), mapping=True)

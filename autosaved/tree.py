@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from .errors import InvalidValue, ProtocolError
@@ -134,20 +135,73 @@ class Chunk:
     hash: str = "sha256"
 
 
-@dataclass(eq=False)
+def _held(data: memoryview | bytes | None) -> memoryview | bytes | None:
+    """What a Blob keeps of ``data``: a view of a whole ``bytes`` object as that object itself (a
+    memoryview and the buffer it manages cost about 230 bytes per leaf, as much as a small leaf's bytes:
+    issue 20), any other view (a slot's mapping, a frame, part of a buffer) as it is."""
+    if type(data) is memoryview and type(data.obj) is bytes and data.format == "B" and data.ndim == 1 \
+            and data.c_contiguous and data.nbytes == len(data.obj):
+        return data.obj
+    return data
+
+
 class Blob:
     """A binary leaf. ``data`` holds its bytes in memory; a blob loaded lazily from storage has
     ``data is None`` and ``chunks`` naming where its bytes live. Blobs are immutable once built:
-    a new value for the same key is a new Blob, which is what lets snapshots share them."""
+    a new value for the same key is a new Blob, which is what lets snapshots share them.
 
+    Compact (issue 20: one agent checkpoint holds four small binary leaves, and a dataclass Blob with its
+    ``__dict__``, its memoryview and an empty ``digests`` dict cost ~570 bytes each beside their bytes):
+    slots, bytes held as ``bytes`` (``data`` makes the view when asked), ``digests`` made on first use."""
+
+    __slots__ = ("_data", "_digests", "_shape", "chunks", "dtype", "kind", "nbytes")
     kind: str
     dtype: str
-    shape: tuple[int, ...]
     nbytes: int
-    data: memoryview | None = None
-    chunks: tuple[Chunk, ...] | None = None
-    # Hashes of the chunks of ``data`` once the writer computed them, keyed by chunk size.
-    digests: dict[int, tuple[Chunk, ...]] = field(default_factory=dict)
+    chunks: tuple[Chunk, ...] | None
+
+    def __init__(self, kind: str, dtype: str, shape: tuple[int, ...], nbytes: int,
+                 data: memoryview | bytes | None = None, chunks: tuple[Chunk, ...] | None = None,
+                 digests: dict[int, tuple[Chunk, ...]] | None = None) -> None:
+        self.kind, self.dtype, self.nbytes = kind, dtype, nbytes
+        # A bytes leaf's shape is always (nbytes,): made when asked rather than a tuple kept per leaf.
+        self._shape: tuple[int, ...] | None = None if kind == "bytes" and shape == (nbytes,) else shape
+        self._data = _held(data)
+        self.chunks = chunks
+        # Hashes of the chunks of ``data`` once the writer computed them, keyed by chunk size.
+        self._digests = digests
+
+    @property
+    def data(self) -> memoryview | None:
+        """The bytes as a view (a new one over a held ``bytes``; ``None`` when they live only in chunks)."""
+        d = self._data
+        return memoryview(d) if type(d) is bytes else d  # type: ignore[return-value]
+
+    @data.setter
+    def data(self, value: memoryview | bytes | None) -> None:
+        self._data = _held(value)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self._shape
+        return (self.nbytes,) if shape is None else shape
+
+    @property
+    def buffer(self) -> memoryview | bytes | None:
+        """The bytes as held, without making a view (a hot path's ``is None`` or mapping check)."""
+        return self._data
+
+    @property
+    def digests(self) -> dict[int, tuple[Chunk, ...]]:
+        d = self._digests
+        if d is None:
+            d = self._digests = {}
+        return d
+
+    def __repr__(self) -> str:
+        held = "none" if self._data is None else type(self._data).__name__
+        return f"Blob(kind={self.kind!r}, dtype={self.dtype!r}, shape={self.shape!r}, nbytes={self.nbytes}, " \
+               f"data={held}, chunks={self.chunks!r})"
 
     def descriptor(self) -> dict[str, Any]:
         return {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes}
@@ -257,9 +311,17 @@ def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
 PLAIN_TYPES: Final = frozenset({type(None), bool, int, float, str})
 
 
+# Decoded strings up to this length are interned: a tree repeats its short strings (keys, a stage's name,
+# a serializer's tag: "msgpack" four times in every LangGraph checkpoint) and each decoded copy is an
+# object of its own (56 bytes and up) held as long as the state (issue 20). A unique one costs its entry
+# in the interpreter's table of interned strings, dropped when the string is freed.
+SHARED_STR_MAX: Final = 16
+_intern = sys.intern
+
+
 def inline_blob(data: bytes) -> Blob:
     """The Blob of an inline bytes leaf (``{"B": data}``)."""
-    return Blob(kind="bytes", dtype="bytes", shape=(len(data),), nbytes=len(data), data=memoryview(data))
+    return Blob(kind="bytes", dtype="bytes", shape=(len(data),), nbytes=len(data), data=data)
 
 
 def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, allow_replace: bool = False,
@@ -280,7 +342,7 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
         # was a third of the daemon's decode of a LangGraph put (perf, issue 21).
         tn = type(n)
         if tn in PLAIN_TYPES:
-            return n
+            return _intern(n) if tn is str and len(n) <= SHARED_STR_MAX else n
         if tn is not dict:
             if isinstance(n, bool | int | float | str):
                 return n
@@ -302,7 +364,12 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
                     raise ProtocolError(f"mapping key of type {type(key).__name__}")
                 # A scalar leaf needs no call of its own (most of a small update is scalars: perf, issue 14);
                 # the depth rule is the same as dec's.
-                if type(sub) in PLAIN_TYPES and depth + 1 <= max_depth:
+                if type(key) is str and len(key) <= SHARED_STR_MAX:
+                    key = _intern(key)
+                ts = type(sub)
+                if ts is str and depth + 1 <= max_depth:
+                    out[key] = _intern(sub) if len(sub) <= SHARED_STR_MAX else sub
+                elif ts in PLAIN_TYPES and depth + 1 <= max_depth:
                     out[key] = sub
                 else:
                     out[key] = dec(sub, depth + 1, True)
@@ -311,7 +378,11 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
             Walked.entries += len(body)
             if Walked.entries >= Walked.step_at:
                 Walked.step()
-            items = [dec(sub, depth + 1, False) for sub in body]
+            # Exactly as long as the list (a comprehension's spare capacity cost 16 bytes per small list a
+            # state holds: four in every LangGraph checkpoint, issue 20).
+            items: list[Any] = [None] * len(body)
+            for i, sub in enumerate(body):
+                items[i] = dec(sub, depth + 1, False)
             return items if tag == "l" else tuple(items)
         if tag == "b" and isinstance(body, int) and not isinstance(body, bool):
             if not 0 <= body < len(blobs) or body in used:

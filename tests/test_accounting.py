@@ -449,3 +449,103 @@ def test_counters_follow_replay_and_delete(make_daemon: Callable[..., PrivateDae
     assert raw(d.address, "delete", job="r")["ok"]
     daemon = raw(d.address, "status")["daemon"]
     assert daemon["state_bytes"] == 0 and daemon["held_bytes"] == 0
+
+
+def test_a_bytes_leaf_is_held_compactly_and_a_slot_view_stays_a_view() -> None:
+    """Issue 20: an agent checkpoint holds four small bytes leaves, and each Blob cost ~570 bytes beside its
+    bytes (a dataclass's ``__dict__``, a memoryview and its managed buffer, an empty ``digests`` dict)."""
+    import tracemalloc
+
+    from autosaved.tree import inline_blob
+
+    raw = bytes(range(200))
+    blob = Blob(kind="bytes", dtype="bytes", shape=(200,), nbytes=200, data=memoryview(raw))
+    assert blob.buffer is raw and blob.data is not None and blob.data.obj is raw and bytes(blob.data) == raw
+    assert measure(blob) == (200 + BLOB_OVERHEAD, 200, None)
+    part = Blob(kind="bytes", dtype="bytes", shape=(10,), nbytes=10, data=memoryview(raw)[10:20])
+    assert type(part.buffer) is memoryview and bytes(part.data or b"") == raw[10:20]  # never copied
+    backwards = Blob(kind="bytes", dtype="bytes", shape=(200,), nbytes=200, data=memoryview(raw)[::-1])
+    assert bytes(backwards.data or b"") == raw[::-1]
+    slot = slot_blob(1)
+    assert type(slot.buffer) is memoryview and measure(slot)[2] == {id(SLOTS[1]): 1}
+    blob.digests[4096] = ()
+    assert blob.digests == {4096: ()} and not hasattr(blob, "__dict__")
+
+    datas = [os.urandom(8) for _ in range(2000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        blobs = [inline_blob(d) for d in datas]
+        per_leaf = (tracemalloc.get_traced_memory()[0] - before) / len(blobs)
+    finally:
+        tracemalloc.stop()
+    assert per_leaf < 130, per_leaf  # ~570 before (its bytes, allocated by the decoder, not counted here)
+    assert blobs[0].shape == (8,) and blob.shape == (200,) and blob.descriptor()["shape"] == [200]
+
+
+def test_decoded_short_strings_are_shared() -> None:
+    """Issue 20: a LangGraph checkpoint's four ``["msgpack", <bytes>]`` values decoded four str objects."""
+    from autosaved.tree import SHARED_STR_MAX, from_node
+
+    def fresh(s: str) -> str:
+        return "".join([s[:1], s[1:]])  # a str object of its own, as a decoder makes
+
+    short, long = "msgpack", "x" * (SHARED_STR_MAX + 1)
+    node = {"m": [[fresh("k"), {"l": [fresh(short), fresh(short), fresh(long), fresh(long)]}],
+                  [fresh("stage"), fresh(short)]]}
+    tree = from_node(node, [])
+    (a, b, c, d), e = tree["k"], tree["stage"]
+    assert a == b == e == short and a is b is e
+    assert c == d == long and c is not d  # a long (likely unique) string is not worth a table entry
+    other = from_node({"m": [[fresh("stage"), 1]]}, [])
+    assert next(iter(other)) is list(tree)[1]  # keys too
+
+
+def test_a_decoded_list_has_no_spare_capacity() -> None:
+    import sys
+
+    from autosaved.tree import from_node
+
+    for n in (1, 2, 5, 17):
+        assert sys.getsizeof(from_node({"l": list(range(n))}, [])) == sys.getsizeof([0] * n)
+
+
+def _agent_put(i: int) -> tuple[dict[str, Any], int]:
+    """Step ``i`` of one agent thread in AutosavedSaver's layout (without LangGraph: the shape of
+    ``autosaved bench history``), and its payload: the bytes of its four binary leaves."""
+    cid, ver = f"1ef{i:033x}", f"{i + 1:032}.0"
+    parent = f"1ef{i - 1:033x}" if i else None
+    leaves = [os.urandom(300), os.urandom(100), os.urandom(1800), os.urandom(12)]
+    delta = {"threads": {"t": {
+        "cp": {"": {cid: {"c": ["msgpack", leaves[0]], "m": ["msgpack", leaves[1]], "p": parent, "r": None}}},
+        "v": {"": {"messages": {ver: ["msgpack", leaves[2]]}, "step": {ver: ["msgpack", leaves[3]]}}},
+        "latest": {"": cid}}}}
+    return delta, sum(map(len, leaves))
+
+
+def test_an_agent_history_costs_the_daemon_about_twice_its_payload(tmp_path: Any, figure: Any) -> None:
+    """Issue 20: the daemon's RSS growth over an agent's history, filled at ``accepted`` and saved (what
+    ``bench history`` measures), stays under 3x the history's payload: ~5x before (a small bytes leaf's
+    ~570 B of objects; a save's peak of every new item at once, kept by the allocators), ~2.2x now."""
+    n0, n1 = 500, 4500
+    payload = 0
+    with PrivateDaemon(tmp_path / "d", config='memory_limit = "8GiB"\n' + NO_AUTO_POLICY) as d, \
+            autosaved.Client("agent", address=d.address, timeout=60, save_timeout=300) as c:
+        for i in range(n0):
+            c.update(_agent_put(i)[0], wait="accepted")
+        c.save()
+        base = c.status()
+        assert base["bytes_written"] < 8 << 20  # no heap trim follows this one
+        with autosaved.client.admin.Admin(address=d.address) as a:
+            rss0 = a.status()["daemon"]["rss_bytes"]
+            for i in range(n0, n1):
+                delta, size = _agent_put(i)
+                payload += size
+                c.update(delta, wait="accepted")
+            c.save()
+            assert c.status()["bytes_written"] - base["bytes_written"] >= 8 << 20  # a save the heap trim follows
+            wait_for(lambda: d.log().count("heap trimmed") >= 1)
+            rss1 = a.status()["daemon"]["rss_bytes"]
+    ratio = (rss1 - rss0) / payload
+    figure(f"agent history: RSS growth {(rss1 - rss0) / (n1 - n0):.0f} B per checkpoint, {ratio:.2f}x the payload")
+    assert ratio < 3.0, ratio

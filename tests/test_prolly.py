@@ -421,3 +421,78 @@ def test_a_touched_diff_visits_the_changed_keys_not_the_mapping() -> None:
                                                           ("cp", "00020000", "s"), ("step",)]}
     assert differ.memo[sp.enc_path(["cp"])] == (new["cp"], True)  # still in key order: no container edit
     assert list(sp.new_blobs(old, new, touched)) == []
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.lists(_DELTA, max_size=8), min_size=1, max_size=5), st.sampled_from([TINY, SMALL]))
+@example([[{"h": {"k003": {"v": [1, 2]}, "k300": 1}, "n": {"new": {"a": {"b": None}}}}]], TINY)
+def test_a_lazy_diff_edits_the_tree_a_full_build_gives(snapshots: list[list[dict[str, Any]]],
+                                                        params: prolly.Params) -> None:
+    """A save's diff with new subtrees as :class:`prolly.Insert` (their items made only when the edit's
+    chunker reaches them, issue 20) edits the stored tree into the one a build of the new state from
+    scratch gives, page for page, over the random deltas of the test above; the eager diff does too."""
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    root = counted({"h": {f"k{i:03d}": i for i in range(0, 200, 2)}, "n": {"a": {"b": 1}}, "a": 1})
+    pages = Pages()
+    lazy = eager = prolly.Levels.build(prolly.chunk_leaves(sp.items(root, value), params, pages.put), params, pages.put)
+    memo: dict[bytes, tuple[Any, bool]] = {}
+    gen = 1
+    inserts = 0
+    for deltas in snapshots:
+        old = root
+        gen += 1
+        touched = Touched()
+        for delta in deltas:
+            touch(touched, root, delta)
+            root = merge_counted(root, delta, gen).root
+        differ = sp.Differ(value, dict(memo), lazy=True)
+        differ.diff(old, root, touched=touched)
+        inserts += sum(isinstance(v, prolly.Insert) for v in differ.edits.values())
+        memo = differ.memo
+        lazy = prolly.edit(lazy, differ.edits, params, pages.get, pages.put, "t")
+        full: dict[bytes, bytes | None] = {}
+        sp.diff(old, root, value, full)
+        assert not any(isinstance(v, prolly.Insert) for v in full.values())
+        eager = prolly.edit(eager, full, params, pages.get, pages.put, "t")
+        want = prolly.Levels.build(prolly.chunk_leaves(sp.items(root, value), params, Pages().put), params,
+                                   Pages().put)
+        assert lazy.root == eager.root == want.root and lazy.refs == want.refs
+    assert list(prolly.iterate(lazy.root, pages.get, "t")) == sorted(sp.items(root, value))
+
+
+def test_a_lazy_diff_holds_one_insert_per_new_subtree_not_its_items() -> None:
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    old = counted({"cp": {f"{i:08d}": {"m": "x", "s": i} for i in range(100)}})
+    new = merge_counted(old, {"cp": {f"{i:08d}": {"m": "y" * 20, "s": i, "l": [1, 2]} for i in range(100, 400)}},
+                        2).root
+    touched = Touched()
+    touch(touched, old, {"cp": {f"{i:08d}": {} for i in range(100, 400)}})
+    differ = sp.Differ(value, lazy=True)
+    differ.diff(old, new, touched=touched)
+    assert sum(isinstance(v, prolly.Insert) for v in differ.edits.values()) == 300
+    assert len(differ.edits) <= 301  # and the mapping's own value at most: no item of a new subtree
+
+
+def test_a_lazy_diff_is_freed_by_reference_counting() -> None:
+    """No cycle through the Inserts: the daemon's full garbage collections run every 5 minutes, and a
+    save's edits must not live that long."""
+    import gc
+    import weakref
+
+    def value(b: Blob) -> bytes:
+        raise AssertionError
+
+    differ = sp.Differ(value, lazy=True)
+    differ.diff(counted({"a": 1}), counted({"a": 1, "b": {"c": [1]}}))
+    assert any(isinstance(v, prolly.Insert) for v in differ.edits.values())
+    gone = weakref.ref(differ)
+    gc.disable()
+    try:
+        del differ
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -23,7 +23,7 @@ from ..policy import SaveReason
 from ..storage.faults import point
 from ..storage.local import SaveResult
 from ..throttle import SaveAborted, SavePace, TokenBucket
-from . import loopfirst
+from . import loopfirst, memtrim
 from .jobs import Job, JobKey, SaveTicket, commit_failed, commit_succeeded, take_snapshot
 
 log = logging.getLogger("autosaved.writer")
@@ -185,6 +185,8 @@ class Writer:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)
         except Exception as exc:
             log.warning("retention failed job=%s error=%s", job.name, exc)
+        # Last: the save's buffers and its retention's are all freed by now.
+        await memtrim.after_save(job.name, result.bytes_written)
 
     def _learn_speed(self, nbytes: int, elapsed: float, throttled: float) -> None:
         # Time spent waiting for tokens is not the disk's; with two saves sharing the bucket the

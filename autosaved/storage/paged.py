@@ -126,7 +126,7 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
             levels = prolly.Levels.build(prolly.chunk_leaves(sp.items(tree, blob_value), params, put), params, put)
             total = sum(b.nbytes for b in added)
         else:
-            differ = sp.Differ(blob_value, dict(cache.in_key_order))
+            differ = sp.Differ(blob_value, dict(cache.in_key_order), lazy=True)
             differ.diff(cache.tree, tree, touched=touched)
             memo = differ.memo
             levels = prolly.edit(cache.levels, differ.edits, params, store.read_page, put, where)

@@ -88,6 +88,26 @@ Get = Callable[[str], bytes]
 Put = Callable[[str, bytes], None]
 
 
+class Insert:
+    """An edit that inserts a run of sorted items where no item was, the first at the edit's own key and
+    every other under it (a save's new subtree), made only when the chunker reaches it (issue 20: a save
+    after 90,000 new checkpoints held every new item, its key and its value, in memory at once before
+    the first page was cut; an RSS peak that glibc and pymalloc then kept). ``expand(source, key)``
+    gives the items; every key it gives must sort before the next edit's key and after the item before."""
+
+    __slots__ = ("expand", "key", "source")
+
+    def __init__(self, source: Any, key: bytes, expand: Callable[[Any, bytes], Iterator[tuple[bytes, bytes]]]) -> None:
+        self.source, self.key, self.expand = source, key, expand
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        return self.expand(self.source, self.key)
+
+
+# What an edit sets a key to: a value, ``None`` (delete), or an :class:`Insert` of a run of new items.
+Edit = bytes | None | Insert
+
+
 def pack(value: Any) -> bytes:
     out: bytes = msgpack.packb(value, use_bin_type=True)
     return out
@@ -241,13 +261,13 @@ def walk_pages(root: str, get: Get, where: str, skip: Callable[[str], bool]) -> 
 Splice = tuple[int, int, list[Ref]]  # refs [lo, hi) of a level's old list are replaced by these
 
 
-def apply(leaves: list[Ref], edits: Mapping[bytes, bytes | None], params: Params, get: Get, put: Put,
+def apply(leaves: list[Ref], edits: Mapping[bytes, Edit], params: Params, get: Get, put: Put,
           where: str) -> list[Ref]:
     """The leaf refs after setting (value) or deleting (``None``) ``edits``' keys (see :func:`leaf_splices`)."""
     return _spliced(leaves, leaf_splices(leaves, [r.first for r in leaves], edits, params, get, put, where))
 
 
-def leaf_splices(leaves: list[Ref], firsts: list[bytes], edits: Mapping[bytes, bytes | None], params: Params,
+def leaf_splices(leaves: list[Ref], firsts: list[bytes], edits: Mapping[bytes, Edit], params: Params,
                  get: Get, put: Put, where: str) -> list[Splice]:
     """How the leaf refs change when ``edits``' keys are set (value) or deleted (``None``): sorted,
     disjoint ranges of ``leaves`` and the refs that replace them (``firsts``: the leaves' first keys).
@@ -397,7 +417,7 @@ def _chunk_refs(level: int, refs: list[Ref], params: Params, put: Put) -> list[R
     return ch.out
 
 
-def edit(tree: Levels, edits: Mapping[bytes, bytes | None], params: Params, get: Get, put: Put,
+def edit(tree: Levels, edits: Mapping[bytes, Edit], params: Params, get: Get, put: Put,
          where: str) -> Levels:
     """The tree after setting (value) or deleting (``None``) ``edits``' keys, as :func:`build` would make
     it from the resulting items (history independence), writing only the pages that differ: the leaf
@@ -450,18 +470,22 @@ def load_levels(root: str, get: Get, where: str) -> Levels:
     return Levels(refs, [[r.first for r in lv] for lv in refs])
 
 
-def _merged(items: list[tuple[bytes, bytes]], keys: list[bytes], edits: Mapping[bytes, bytes | None]
+def _merged(items: list[tuple[bytes, bytes]], keys: list[bytes], edits: Mapping[bytes, Edit]
             ) -> Iterator[tuple[bytes, bytes]]:
-    """``items`` with the sorted ``keys`` set or deleted as ``edits`` says."""
+    """``items`` with the sorted ``keys`` set or deleted as ``edits`` says (an :class:`Insert` expanded)."""
     k = 0
     for key, value in items:
         while k < len(keys) and keys[k] < key:
             new = edits[keys[k]]
-            if new is not None:
+            if isinstance(new, Insert):
+                yield from new.items()
+            elif new is not None:
                 yield keys[k], new
             k += 1
         if k < len(keys) and keys[k] == key:
             new = edits[key]
+            if isinstance(new, Insert):
+                raise AssertionError(f"an insert at {key!r}, where an item is")
             if new is not None:
                 yield key, new
             k += 1
@@ -469,5 +493,7 @@ def _merged(items: list[tuple[bytes, bytes]], keys: list[bytes], edits: Mapping[
             yield key, value
     for key in keys[k:]:
         new = edits[key]
-        if new is not None:
+        if isinstance(new, Insert):
+            yield from new.items()
+        elif new is not None:
             yield key, new

@@ -23,12 +23,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgpack
 
 from ..errors import CorruptVersion
 from ..tree import Blob, from_node, to_node
+from . import prolly
 
 if TYPE_CHECKING:
     from ..state import Touched
@@ -154,10 +155,27 @@ class Differ:
     cached tree) a mapping's diff visits only its touched keys: a save costs the paths that changed, not
     the width of the mappings on them."""
 
-    def __init__(self, blob_value: BlobValue, memo: dict[bytes, tuple[Any, bool]] | None = None) -> None:
+    def __init__(self, blob_value: BlobValue, memo: dict[bytes, tuple[Any, bool]] | None = None,
+                 lazy: bool = False) -> None:
         self.blob_value = blob_value
-        self.edits: dict[bytes, bytes | None] = {}
+        self.edits: dict[bytes, prolly.Edit] = {}
         self.memo: dict[bytes, tuple[Any, bool]] = {} if memo is None else memo
+        # With ``lazy``, a subtree under a key ``old`` lacks is one :class:`prolly.Insert` (its items made
+        # when :func:`prolly.edit` reaches it), not its items: a save's memory follows a page, not the
+        # change (issue 20). Without: every edit is a value or ``None`` (what :func:`diff` gives).
+        self.lazy = lazy
+        # One function for every Insert, and not a bound method: an Insert that held the Differ would make
+        # a cycle (Differ -> edits -> Insert -> Differ) that only a full collection frees (the daemon's run
+        # every 5 minutes), keeping a save's edits that long.
+        self._expand: Callable[[Any, bytes], Iterator[tuple[bytes, bytes]]] = \
+            lambda sub, key: items(sub, blob_value, key)
+
+    def _add(self, sub: Any, key: bytes) -> None:
+        """The items of ``sub``, new at ``key`` (nothing was at or under ``key``)."""
+        if self.lazy:
+            self.edits[key] = prolly.Insert(sub, key, self._expand)
+        else:
+            self.edits.update(items(sub, self.blob_value, key))
 
     def _in_key_order(self, mapping: dict[Any, Any], prefix: bytes) -> bool:
         hit = self.memo.get(prefix)
@@ -214,7 +232,7 @@ class Differ:
                     if was is sub:  # unchanged (the merge shared it): the common case, without a call
                         continue
                     if was is missing:
-                        edits.update(items(sub, self.blob_value, prefix + enc_elem(key)))
+                        self._add(sub, prefix + enc_elem(key))
                     else:
                         self.diff(was, sub, prefix + enc_elem(key), touched.get(key) if touched else None)
             else:
@@ -225,7 +243,7 @@ class Differ:
                         if old[i] is not sub:
                             self.diff(old[i], sub, prefix + enc_elem(i))
                     else:
-                        edits.update(items(sub, self.blob_value, prefix + enc_elem(i)))
+                        self._add(sub, prefix + enc_elem(i))
                 for i in range(len(new), len(old)):
                     self.delete(old[i], prefix + enc_elem(i))
             return
@@ -250,7 +268,7 @@ class Differ:
                 self.delete(was, kp)
             elif was is _MISSING:
                 added.append(key)
-                edits.update(items(sub, self.blob_value, kp))
+                self._add(sub, kp)
             else:
                 self.diff(was, sub, kp, sub_touched)
         if gone:
@@ -281,13 +299,13 @@ def diff(old: Any, new: Any, blob_value: BlobValue, edits: dict[bytes, bytes | N
     """Put into ``edits`` what turns the items of ``old`` into those of ``new`` (``None``: delete)."""
     differ = Differ(blob_value)
     differ.diff(old, new)
-    edits.update(differ.edits)
+    edits.update(cast(dict[bytes, bytes | None], differ.edits))  # not lazy: no Insert
 
 
 _MISSING: Any = object()
 
 
-def _delete(node: Any, prefix: bytes, edits: dict[bytes, bytes | None],
+def _delete(node: Any, prefix: bytes, edits: dict[bytes, prolly.Edit],
             memo: dict[bytes, tuple[Any, bool]] | None = None) -> None:
     edits[prefix] = None
     if is_container(node):
