@@ -9,8 +9,9 @@ heap's 101 MB were free. ``malloc_trim(0)`` hands every whole free page back (``
 memory stays the heap's, so nothing moves and nothing is copied): 46 MB there.
 
 Only once saves wrote at least :data:`TRIM_AFTER_BYTES` since the last trim (what is freed follows what
-is written), in a worker thread, and at most once every :data:`MIN_INTERVAL` seconds (a save that finds a
-trim too recent leaves one to run when the interval is over): a trim walks the heap's free chunks and holds
+is written), in a worker thread, and at most once every :data:`MIN_INTERVAL` seconds (a save that finds the
+last trim too recent leaves its bytes to the next save's trim), after the save has let go of its job: a
+trim walks the heap's free chunks and holds
 each arena while it does, and the event loop, the main thread, allocates from the main arena, so it waits
 for the whole trim. Measured (``malloc_trim(0)`` in a thread over a heap of 750,000 freed and 750,000 live
 600-1,200 byte objects, the main thread allocating meanwhile): trims of 35 and 68 ms stalled the main
@@ -59,30 +60,28 @@ class _Trimmer:
     def __init__(self) -> None:
         self.pending = 0
         self.last_at: float | None = None
-        self.waiting = False
+        self.running = False
 
 
 _trimmer = _Trimmer()
 
 
 async def after_save(job: str, written: int, clock: Callable[[], float] = time.monotonic) -> bool:
-    """Trim the heap when a save of ``job`` that wrote ``written`` bytes is done (or later, once the last
-    trim is :data:`MIN_INTERVAL` old); whether this call trimmed."""
+    """Trim the heap after a save of ``job`` that wrote ``written`` bytes, if enough was saved since the
+    last trim and that was :data:`MIN_INTERVAL` ago or more (else the bytes wait for a later save's
+    trim: nothing sleeps here, so no save, restore or shutdown ever waits for a trim's turn); whether it
+    trimmed."""
     t = _trimmer
     t.pending += written
-    wait = trim_in(t.pending, t.last_at, clock())
-    if wait is None or t.waiting:
-        return False  # not worth it yet, or a trim is already waiting for its turn
-    if wait > 0:
-        t.waiting = True
-        try:
-            await anyio.sleep(wait)
-        finally:
-            t.waiting = False
+    if trim_in(t.pending, t.last_at, clock()) != 0.0 or t.running:
+        return False
     assert TRIM is not None
     trim = TRIM
-    pending, t.pending, t.last_at = t.pending, 0, clock()
+    pending, t.pending, t.last_at, t.running = t.pending, 0, clock(), True
     started = time.perf_counter()
-    await anyio.to_thread.run_sync(lambda: trim(0))
+    try:
+        await anyio.to_thread.run_sync(lambda: trim(0))
+    finally:
+        t.running = False
     log.info("heap trimmed job=%s written=%d ms=%.1f", job, pending, (time.perf_counter() - started) * 1000)
     return True

@@ -97,7 +97,7 @@ class Writer:
         key = (*job.key, ticket.version)
         try:
             async with job.io_lock:
-                await self._write(ticket, pace)
+                written = await self._write(ticket, pace)
         finally:
             del self.in_flight[key]
             paces = self.paces[job.key]
@@ -105,8 +105,12 @@ class Writer:
             if not paces:
                 del self.paces[job.key]
             ticket.hold.release()
+        # Last, outside the job's lock (a restore waits for it): the save's and its retention's buffers
+        # are all freed by now.
+        await memtrim.after_save(job.name, written)
 
-    async def _write(self, ticket: SaveTicket, pace: SavePace) -> None:
+    async def _write(self, ticket: SaveTicket, pace: SavePace) -> int:
+        """Write, commit and apply retention; the bytes written (0 if the save failed)."""
         job = ticket.job
         started = time.perf_counter()
         try:
@@ -144,7 +148,7 @@ class Writer:
             log.error("save failed job=%s version=%d reason=%s error=%s retry_in=%.1fs", job.name,
                       ticket.version, ticket.reason, exc, (job.retry_at or 0) - self.clock())
             self._done(job)
-            return
+            return 0
         except BaseException as exc:
             commit_failed(ticket, StorageError(f"save interrupted: {exc!r}"), self.clock())
             raise
@@ -185,8 +189,7 @@ class Writer:
                 log.info("retention job=%s deleted_versions=%s", job.name, deleted)
         except Exception as exc:
             log.warning("retention failed job=%s error=%s", job.name, exc)
-        # Last: the save's buffers and its retention's are all freed by now.
-        await memtrim.after_save(job.name, result.bytes_written)
+        return result.bytes_written
 
     def _learn_speed(self, nbytes: int, elapsed: float, throttled: float) -> None:
         # Time spent waiting for tokens is not the disk's; with two saves sharing the bucket the
