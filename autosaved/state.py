@@ -41,7 +41,7 @@ import mmap
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
-from .tree import DELETE, MSGPACK_INT_MAX, MSGPACK_INT_MIN, PLAIN_TYPES, Blob, Replace, Walked
+from .tree import DELETE, MSGPACK_INT_MAX, MSGPACK_INT_MIN, PLAIN_TYPES, Blob, Packed, Replace, Walked, pack_subtree
 
 State = dict[str | int, Any]
 # Client shared-memory mapping (``id()`` of the mmap a blob's bytes live in) -> how many leaves use it.
@@ -52,6 +52,10 @@ BLOB_OVERHEAD: Final = 64
 # A mapping of at most this many scalar values stays a plain dict: CPython's garbage collector never
 # tracks those (it tracks every instance of a dict subclass), so 600,000 tiny maps cost it nothing, as before.
 FLAT_MAX: Final = 16
+# A mapping, list or tuple a merge adds under a new key of a mapping that already has this many keys is
+# kept packed (see the module docstring), when its encoded size is at most PACK_MAX.
+PACK_WIDTH: Final = 64
+PACK_MAX: Final = 16384
 # Kept in sync with the node form of tree.to_node: {"m": [[key, value], ...]}, {"l": [...]}, {"t": [...]}.
 _CONTAINER: Final = 3  # the one-key map header and its tag
 _ITEM: Final = 1  # the [key, value] pair's array header
@@ -136,6 +140,8 @@ def measure(value: Any) -> tuple[int, int, Refs | None]:
         return 1, 0, None
     if t is float:
         return 9, 0, None
+    if t is Packed:
+        return value.cost, value.held, None
     if t is Blob:
         data = value.buffer
         if data is None:
@@ -171,6 +177,17 @@ def _measure_items(items: Any, *, mapping: bool) -> tuple[int, int, Refs | None]
         if r:
             refs = add_refs(refs, r)
     return cost + _CONTAINER + _array_header(n), held, refs
+
+
+def unpacked(value: Packed) -> Any:
+    """A :class:`Packed` subtree as the counted tree it stands for (its mappings Nodes or small plain dicts,
+    as a merge builds them), to merge into."""
+    tree = value.open()
+    return _counted(tree)[0] if isinstance(tree, dict) else tree
+
+
+def _packable(t: type) -> bool:
+    return t is dict or t is list or t is tuple
 
 
 def _small_flat(out: dict[str | int, Any]) -> bool:
@@ -266,9 +283,25 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
         if type(out) is Node:
             out.gen = gen
     cost, held, refs = base_cost - _CONTAINER - _array_header(len(base)), base_held, base_refs
+    wide = len(out) >= PACK_WIDTH
     for key, value in delta.items():
         old = out.get(key, _MISSING)
         t = type(value)
+        if t is Packed and value.is_mapping and _is_mapping(old):
+            value = value.open()  # merged into what the key holds, as the tree it stands for
+            t = type(value)
+        if old is _MISSING and wide and _packable(t):
+            c, h, r = measure(value)
+            packed = pack_subtree(value, c, h) if r is None and c <= PACK_MAX else None
+            if packed is not None:
+                out[key] = packed
+                cost += key_cost(key) + c
+                held += h
+                if type(delta) is dict:
+                    # The delta the job logs holds the same object (its meaning is the same tree): the
+                    # pending log delta of updates at ``accepted`` then costs no second copy of the subtree.
+                    delta[key] = packed
+                continue
         if old is not _MISSING:  # what the key held goes
             cost -= key_cost(key)
             to = type(old)
@@ -300,6 +333,9 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
             new, c, h, r = _fresh(value.mapping, added)
         elif t is dict or isinstance(value, Mapping):  # the exact type first: an ABC check is slow
             to = type(old)
+            if to is Packed and old.is_mapping:
+                old = unpacked(old)
+                to = type(old)
             if to is Node:
                 new, c, h, r = _merge_node(old, old.cost, old.held, old.refs, value, added, removed, gen=gen)
             elif to is dict:  # a small flat map
@@ -362,6 +398,12 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
     return _finish(out, cost, held, refs)
 
 
+def _is_mapping(value: Any) -> bool:
+    t = type(value)
+    return t is Node or t is dict or (t is Packed and value.is_mapping) or (
+        t is not Packed and t not in PLAIN_TYPES and isinstance(value, Mapping))
+
+
 def merge(base: State, delta: Mapping[str | int, Any]) -> State:
     """Return ``base`` with ``delta`` deep-merged: mappings merge, other values replace, DELETE removes,
     a :class:`Replace` sets a mapping wholesale. A counted ``base`` (:class:`Node`) gives a counted tree."""
@@ -369,6 +411,10 @@ def merge(base: State, delta: Mapping[str | int, Any]) -> State:
         return merge_counted(base, delta).root
     out = dict(base)
     for key, value in delta.items():
+        if type(value) is Packed and value.is_mapping and _is_mapping(out.get(key)):
+            value = value.open()
+        if type(out.get(key)) is Packed and isinstance(value, Mapping):
+            out[key] = out[key].open()
         if type(value) in PLAIN_TYPES:  # the common case first: the ABC check below is slow (perf, issue 14)
             out[key] = value
         elif value is DELETE:
@@ -397,6 +443,7 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
             out[key] = value
             continue
         before = out.get(key, _MISSING)
+        value, before = _unpack_pair(value, before)
         if value is DELETE or isinstance(value, Replace) or not isinstance(value, Mapping) or before is _MISSING:
             out[key] = value
         elif isinstance(before, Replace):
@@ -406,6 +453,17 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
         else:  # DELETE or a plain value came first
             out[key] = Replace(merge({}, value))
     return out
+
+
+def _unpack_pair(value: Any, before: Any) -> tuple[Any, Any]:
+    """(value, before) of a merge of deltas, a :class:`Packed` one opened where it meets the other: a packed
+    value stays shared only where it is new (nothing to merge it with, and a ``Replace`` is not needed
+    after nothing); a packed ``before`` opens where a mapping merges into it."""
+    if type(value) is Packed and before is not _MISSING:
+        value = value.open()
+    if type(before) is Packed and type(value) is not Replace and value is not DELETE and isinstance(value, Mapping):
+        before = before.open()
+    return value, before
 
 
 class _Owned(dict[str | int, Any]):
@@ -432,6 +490,8 @@ def merge_deltas_into(first: State, second: Mapping[str | int, Any]) -> State:
             out[key] = value
             continue
         before = out.get(key, _MISSING)
+        value, before = _unpack_pair(value, before)
+        t = type(value)
         # Exact types before the ABC checks (perf, issue 21: they were most of this walk).
         if before is _MISSING or (t is not dict and (value is DELETE or isinstance(value, Replace)
                                                      or not isinstance(value, Mapping))):
@@ -515,6 +575,12 @@ def changes_anything(base: State, delta: Mapping[str | int, Any]) -> bool:
     deleting a missing key must not make a version). O(the delta)."""
     for key, value in delta.items():
         before = base.get(key, _MISSING)
+        if type(before) is Packed:
+            before = before.open()
+        if type(value) is Packed:
+            if before is _MISSING:
+                return True
+            value = value.open()
         if value is DELETE:
             if before is not _MISSING:
                 return True

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+import msgpack
 
 from .errors import InvalidValue, ProtocolError
 
@@ -260,6 +263,8 @@ def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
             if math.isfinite(value):
                 return value
             return {"F": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+        if type(value) is Packed:
+            return enc(value.open(), path, in_mapping)
         if isinstance(value, Blob):
             if (inline_max > 0 and value.kind == "bytes" and value.data is not None and value.nbytes <= inline_max
                     and value.nbytes <= left[0]):
@@ -413,3 +418,73 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
 def iter_blobs(tree: Any) -> list[Blob]:
     """Every Blob of a tree, in encoding order."""
     return to_node(tree, allow_delete=True)[1]
+
+
+# A Packed's header: its subtree's cost and held bytes (autosaved.state's totals) and its kind.
+_PACKED_HEAD: Final = struct.Struct("<IIc")
+
+
+class Packed(bytes):
+    """A subtree of a daemon-held state kept in its encoded form (issue 20): one object holding its node
+    form as msgpack, its small bytes leaves inline, behind a header with the subtree's totals
+    (``cost``, ``held``) and its kind (``m``: a mapping, ``l``/``t``: a list/tuple).
+
+    It stands for exactly the tree :meth:`open` gives, everywhere a state or a delta is read: an encoder
+    encodes that tree, a merge into it merges into that tree, and it compares equal to it. Why and where
+    the daemon makes them: :mod:`autosaved.state` (``PACK_WIDTH``). Not a dict subclass on purpose: a
+    reader that forgot it fails loudly (``to_node`` refuses bytes) instead of reading an empty mapping."""
+
+    __slots__ = ()
+
+    @property
+    def cost(self) -> int:
+        return _PACKED_HEAD.unpack_from(self)[0]  # type: ignore[no-any-return]
+
+    @property
+    def held(self) -> int:
+        return _PACKED_HEAD.unpack_from(self)[1]  # type: ignore[no-any-return]
+
+    @property
+    def is_mapping(self) -> bool:
+        return self[8] == 0x6D  # b"m"
+
+    def open(self) -> Any:
+        """The subtree, as new objects (plain dicts, lists, tuples, scalars and bytes :class:`Blob`)."""
+        node = msgpack.unpackb(memoryview(self)[_PACKED_HEAD.size:], raw=False, strict_map_key=False)
+        return from_node(node, (), inline_max=len(self))
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is Packed:
+            return bytes.__eq__(self, other)
+        return bool(self.open() == other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = bytes.__hash__
+
+    def __repr__(self) -> str:
+        return f"Packed({self.open()!r})"
+
+
+def pack_subtree(value: Any, cost: int, held: int) -> Packed | None:
+    """``value`` (a mapping, list or tuple whose totals are ``cost`` and ``held``) as a :class:`Packed`, or
+    ``None`` when it cannot be one: it holds a leaf that is not a small bytes leaf in memory (an array, a
+    leaf stored only in chunk files), a ``DELETE`` or something no state holds."""
+    if type(value) is dict or isinstance(value, Mapping):
+        kind = b"m"
+    elif type(value) is list:
+        kind = b"l"
+    elif type(value) is tuple:
+        kind = b"t"
+    else:
+        return None
+    if cost >= 1 << 32 or held >= 1 << 32:
+        return None
+    try:
+        node, blobs = to_node(value, inline_max=cost, inline_total=cost)
+    except InvalidValue:
+        return None
+    if blobs:
+        return None
+    return Packed(_PACKED_HEAD.pack(cost, held, kind) + msgpack.packb(node, use_bin_type=True))

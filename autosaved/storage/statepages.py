@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import msgpack
 
 from ..errors import CorruptVersion
-from ..tree import Blob, from_node, to_node
+from ..tree import Blob, Packed, from_node, to_node
 from . import prolly
 
 if TYPE_CHECKING:
@@ -120,6 +120,8 @@ def scalar_value(value: Any) -> bytes:
 
 def items(tree: Any, blob_value: BlobValue, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
     """Every item of ``tree`` in key order (the full build)."""
+    if type(tree) is Packed:
+        tree = tree.open()
     if is_container(tree):
         yield prefix, container_value(tree)
         for key, sub in _children(tree):
@@ -214,6 +216,13 @@ class Differ:
         """Put into ``edits`` what turns the items of ``old`` into those of ``new`` (``None``: delete)."""
         if old is new:
             return
+        if type(old) is Packed or type(new) is Packed:
+            if type(old) is type(new) and old == new:
+                return  # the same bytes: the same tree
+            # The trees they stand for (new objects: their leaves differ by identity, so a leaf is written
+            # again when unchanged; the pages come out the same).
+            old, new = (v.open() if type(v) is Packed else v for v in (old, new))
+            touched = None
         edits = self.edits
         if is_container(old) and is_container(new) and _kind(old) == _kind(new):
             if isinstance(new, dict):
@@ -308,6 +317,8 @@ _MISSING: Any = object()
 def _delete(node: Any, prefix: bytes, edits: dict[bytes, prolly.Edit],
             memo: dict[bytes, tuple[Any, bool]] | None = None) -> None:
     edits[prefix] = None
+    if type(node) is Packed:
+        node = node.open()
     if is_container(node):
         if memo and isinstance(node, dict) and len(node) > 64:
             memo.pop(prefix, None)
@@ -316,6 +327,8 @@ def _delete(node: Any, prefix: bytes, edits: dict[bytes, prolly.Edit],
 
 
 def blobs_of(tree: Any) -> Iterator[Blob]:
+    if type(tree) is Packed:
+        tree = tree.open()
     if isinstance(tree, Blob):
         yield tree
     elif is_container(tree):
