@@ -224,8 +224,16 @@ def _counted(tree: Mapping[str | int, Any], force: bool = False) -> tuple[Any, i
     out: dict[str | int, Any] = {}
     cost = held = 0
     refs: Refs | None = None
+    wide = len(tree) >= PACK_WIDTH
     for key, value in tree.items():
-        if isinstance(value, Mapping):
+        if wide and _packable(type(value)):  # a loaded state is all cold: its wide mappings' subtrees pack
+            c, h, r = measure(value)
+            packed = pack_subtree(value, c, h) if r is None and c <= PACK_MAX else None
+            if packed is not None:
+                value = packed
+            elif type(value) is dict:
+                value, c, h, r = _counted(value)
+        elif isinstance(value, Mapping):
             value, c, h, r = _counted(value)
         else:
             c, h, r = measure(value)

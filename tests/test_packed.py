@@ -218,7 +218,7 @@ def test_an_agent_history_held_packed_comes_back_exactly_after_a_kill_a_save_and
     d.kill()  # SIGKILL: the log holds every update, packed subtrees encoded as the trees they stand for
     d.start()
     with autosaved.Client("agent", address=d.address) as c:
-        check(c)
+        check(c)  # the log replayed
         assert c.status()["state_bytes"] == status["state_bytes"]
         more = agent_delta(150)
         rec = more["threads"]["t"]["cp"][""][f"1ef{150:033x}"]
@@ -236,4 +236,23 @@ def test_an_agent_history_held_packed_comes_back_exactly_after_a_kill_a_save_and
     assert autosaved.restore("agent", state_dir=d.state_dir)["threads"]["t"]["cp"][""] == want  # offline
     d.start()
     with autosaved.Client("agent", address=d.address) as c:
+        check(c)  # loaded from its pages: every record of the wide mappings packed again (state.counted)
+        c.update({"threads": {"t": {"cp": {"": {f"1ef{0:033x}": {"r": "again"}, f"1ef{120:033x}": DELETE}}}}},
+                 wait="accepted")
+        want[f"1ef{0:033x}"]["r"] = "again"
+        del want[f"1ef{120:033x}"]
+        c.save()  # its diff against the loaded tree, packed subtrees and all
         check(c)
+    assert d.stop() == 0
+    d.start()
+    with autosaved.Client("agent", address=d.address) as c:
+        check(c)
+
+
+def test_a_loaded_state_packs_the_subtrees_of_its_wide_mappings() -> None:
+    plain = {"h": {f"k{i:03d}": {"v": [i, "x" * i], "b": heap_blob(3)} for i in range(100)},
+             "small": {"a": {"b": 1}}, "list": [{"a": 1}] * 100}
+    tree = counted(plain)
+    assert packed_in(tree["h"]) == 100 and packed_in(tree["small"]) == 0
+    assert canon(tree) == canon(plain) and (tree.cost, tree.held) == recount(tree)
+    assert all(type(v) is not Packed for v in tree["list"])  # a list's items are never packed
