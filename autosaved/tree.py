@@ -450,8 +450,7 @@ class Packed(bytes):
 
     def open(self) -> Any:
         """The subtree, as new objects (plain dicts, lists, tuples, scalars and bytes :class:`Blob`)."""
-        node = msgpack.unpackb(memoryview(self)[_PACKED_HEAD.size:], raw=False, strict_map_key=False)
-        return from_node(node, (), inline_max=len(self))
+        return _unpack(memoryview(self)[_PACKED_HEAD.size:])
 
     def __eq__(self, other: object) -> bool:
         if type(other) is Packed:
@@ -469,8 +468,8 @@ class Packed(bytes):
 
 def pack_subtree(value: Any, cost: int, held: int) -> Packed | None:
     """``value`` (a mapping, list or tuple whose totals are ``cost`` and ``held``) as a :class:`Packed`, or
-    ``None`` when it cannot be one: it holds a leaf that is not a small bytes leaf in memory (an array, a
-    leaf stored only in chunk files), a ``DELETE`` or something no state holds."""
+    ``None`` when it cannot be one: it holds a leaf that is not a bytes leaf in memory (an array, a leaf
+    stored only in chunk files), an int msgpack cannot carry, a ``DELETE`` or something no state holds."""
     if type(value) is dict or isinstance(value, Mapping):
         kind = b"m"
     elif type(value) is list:
@@ -482,9 +481,44 @@ def pack_subtree(value: Any, cost: int, held: int) -> Packed | None:
     if cost >= 1 << 32 or held >= 1 << 32:
         return None
     try:
-        node, blobs = to_node(value, inline_max=cost, inline_total=cost)
-    except InvalidValue:
+        body = _packb(value)
+    except (TypeError, ValueError, OverflowError):
         return None
-    if blobs:
-        return None
-    return Packed(_PACKED_HEAD.pack(cost, held, kind) + msgpack.packb(node, use_bin_type=True))
+    return Packed(_PACKED_HEAD.pack(cost, held, kind) + body)
+
+
+# The body of a Packed: msgpack's own encoding (all in C: a daemon packs three subtrees per LangGraph put
+# and opens one per read), with extension types for what msgpack would lose: a tuple (strict types: never
+# an array) and a bytes leaf. Mappings keep their key order and int keys, floats their NaN and sign.
+_EXT_TUPLE: Final = 1
+_EXT_BYTES: Final = 2
+
+
+def _packed_default(obj: Any) -> Any:
+    t = type(obj)
+    if t is tuple:
+        return msgpack.ExtType(_EXT_TUPLE, _packb(list(obj)))
+    if t is Blob and obj.kind == "bytes":
+        data = obj.buffer
+        if data is not None:
+            return msgpack.ExtType(_EXT_BYTES, data if type(data) is bytes else bytes(data))
+    elif isinstance(obj, dict) and t is not dict:  # a counted mapping (autosaved.state.Node)
+        return dict(obj)
+    raise TypeError(f"{t.__name__} is not packed")
+
+
+def _packb(value: Any) -> bytes:
+    out: bytes = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_packed_default)
+    return out
+
+
+def _packed_ext(code: int, data: bytes) -> Any:
+    if code == _EXT_TUPLE:
+        return tuple(_unpack(data))
+    if code == _EXT_BYTES:
+        return inline_blob(data)
+    raise ProtocolError(f"unknown packed extension {code}")
+
+
+def _unpack(data: memoryview | bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_packed_ext)
