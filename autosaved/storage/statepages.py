@@ -16,6 +16,10 @@ copies only the paths an update touches (:mod:`autosaved.state`), so unchanged s
 objects and are skipped without a look inside. Given the paths the daemon's merges changed
 (:class:`autosaved.state.Touched`), a mapping's diff visits only those keys: the work is O(the change),
 not the width of the mappings on changed paths (a history of 100,000 checkpoints is one mapping).
+New keys that sort after all of a mapping's keys are one lazy edit of their run, and a packed subtree
+(:class:`autosaved.tree.Packed`, see :mod:`autosaved.state`) is read as the tree it stands for, opened
+only when its items are made: its leaves are all inline, so what it adds to a version's ``bytes`` is its
+``held``, counted unopened.
 """
 
 from __future__ import annotations
