@@ -468,8 +468,9 @@ class Packed(bytes):
 
 def pack_subtree(value: Any, cost: int, held: int) -> Packed | None:
     """``value`` (a mapping, list or tuple whose totals are ``cost`` and ``held``) as a :class:`Packed`, or
-    ``None`` when it cannot be one: it holds a leaf that is not a bytes leaf in memory (an array, a leaf
-    stored only in chunk files), an int msgpack cannot carry, a ``DELETE`` or something no state holds."""
+    ``None`` when it cannot be one: it holds a leaf that is not a bytes leaf in memory of at most
+    :data:`PACKED_LEAF_MAX` bytes (an array, a leaf stored only in chunk files), an int msgpack cannot
+    carry, a ``DELETE`` or something no state holds."""
     if type(value) is dict or isinstance(value, Mapping):
         kind = b"m"
     elif type(value) is list:
@@ -492,13 +493,16 @@ def pack_subtree(value: Any, cost: int, held: int) -> Packed | None:
 # an array) and a bytes leaf. Mappings keep their key order and int keys, floats their NaN and sign.
 _EXT_TUPLE: Final = 1
 _EXT_BYTES: Final = 2
+# The largest bytes leaf a Packed holds: a format-2 page holds leaves up to this size inline (storage's
+# statepages.INLINE_MAX, which must not be smaller), so a save never has a chunk to write for one.
+PACKED_LEAF_MAX: Final = 2048
 
 
 def _packed_default(obj: Any) -> Any:
     t = type(obj)
     if t is tuple:
         return msgpack.ExtType(_EXT_TUPLE, _packb(list(obj)))
-    if t is Blob and obj.kind == "bytes":
+    if t is Blob and obj.kind == "bytes" and obj.nbytes <= PACKED_LEAF_MAX:
         data = obj.buffer
         if data is not None:
             return msgpack.ExtType(_EXT_BYTES, data if type(data) is bytes else bytes(data))

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 import autosaved
 from autosaved.daemon.jobs import Job
 from autosaved.state import PACK_WIDTH, Node, counted, measure, merge, merge_counted
+from autosaved.storage.statepages import INLINE_MAX
 from autosaved.testing.private import PrivateDaemon
-from autosaved.tree import DELETE, Blob, Packed, from_node, to_node
+from autosaved.tree import DELETE, PACKED_LEAF_MAX, Blob, Packed, from_node, to_node
 
 from .conftest import NO_AUTO_POLICY
 
@@ -142,11 +143,15 @@ def test_what_cannot_be_packed_stays_a_tree() -> None:
     slot = Blob(kind="bytes", dtype="bytes", shape=(8,), nbytes=8, data=memoryview(SLOT)[:8])
     array = Blob(kind="ndarray", dtype="<f4", shape=(2,), nbytes=8, data=bytes(8))
     stored = Blob(kind="bytes", dtype="bytes", shape=(8,), nbytes=8, data=None)
-    for value in ({"s": slot}, {"a": array}, {"d": stored}, {"big": "x" * 20_000}, {"gone": DELETE}):
+    for value in ({"s": slot}, {"a": array}, {"d": stored}, {"big": "x" * 20_000}, {"gone": DELETE},
+                  {"chunked": heap_blob(PACKED_LEAF_MAX + 1)}, {"int": 2**70}):
         after = merge_counted(root, {"h": {"k": value}}, 2).root
         assert type(after["h"]["k"]) is not Packed
         assert (after.cost, after.held) == recount(after)
     assert measure(merge_counted(root, {"h": {"k": {"s": slot}}}, 2).root)[2] == {id(SLOT): 1}
+    # A packed leaf is always inline in a page: a save never looks for its chunks.
+    assert PACKED_LEAF_MAX <= INLINE_MAX
+    assert type(merge_counted(root, {"h": {"k": [heap_blob(PACKED_LEAF_MAX)]}}, 2).root["h"]["k"]) is Packed
 
 
 KEYS = st.sampled_from(["a", "b", 1, "new0", "new1", "new2", "w000", "w001", "w063"])
