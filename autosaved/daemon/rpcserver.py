@@ -103,7 +103,8 @@ class RefusalBudget:
     it a user's requests over the quota are dropped unanswered (counted: ``status`` ``daemon.edge``). A
     client that sends that many past its quota is not waiting for the answers. The connection that went
     past it is muted for the rest of that second: its messages are dropped before their header is read
-    (each one read, checked and refused cost the event loop tens of microseconds, issue 19)."""
+    (each one read, checked and refused cost the event loop tens of microseconds, issue 19), and on ipc it
+    is cut, with the socket file closed to its user for that long (connguard.ConnGuard.cut)."""
 
     def __init__(self) -> None:
         self._second = -1
@@ -237,6 +238,7 @@ class RpcServer:
         return {
             "ipc": {"open": guard.total if guard else 0, "peak": guard.peak if guard else 0,
                     "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False,
+                    "cut_for_flooding": guard.cut_count if guard else 0,
                     "missed_disconnects": guard.reconciled if guard else 0},
             "requests_in_flight": sum(self.in_flight_by_uid.values()),
             "requests_queued": len(self.queue), "requests_expired": self.expired,
@@ -307,6 +309,7 @@ class RpcServer:
                     # event loop a send (issue 19: a flood past the quota took 60% of the loop in error replies).
                     self._unanswered()
                     self._refusals.mute(identity)
+                    self._cut(header_frame, owner)
                     return
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
@@ -323,6 +326,18 @@ class RpcServer:
         # Counted from now on, queued or started: quota.max_requests bounds each user's queue too.
         self.in_flight_by_uid[owner] = counted + 1
         self.queue.push(owner, Queued(identity, seq, request), total + REQUEST_COST)
+
+    def _cut(self, frame: zmq.Frame, owner: int) -> None:
+        """Cut the connection a flood past the refusal budget came on (connguard.ConnGuard.cut): muted, its
+        requests would still each be received on the event loop."""
+        guard = self.conn_guard
+        if guard is None:
+            return
+        try:
+            fd = int(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, TypeError, ValueError):
+            return
+        guard.cut(fd, owner)
 
     def _unanswered(self) -> None:
         """A request over its user's quota dropped without an answer: counted as both."""
