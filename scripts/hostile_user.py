@@ -319,6 +319,8 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
                 edge = admin.status()["daemon"]["edge"]
             exited = d.proc.poll()
             stop_code = d.stop()
+            # Why a stop failed, in the report itself: the daemon's directory is gone after the run.
+            stop_log = "" if stop_code == 0 else d.log()[-4000:]
         finally:
             stop.set()
             d.cleanup()
@@ -331,6 +333,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
         "p99_ratio": under["p99_ms"] / max(alone["p99_ms"], 1e-9),
         "net_p99_ratio": under["net_p99_ms"] / max(alone["net_p99_ms"], 1e-9),
         "daemon_exits": 0 if exited is None else 1, "stop_exit_code": stop_code,
+        "stop_log_tail": stop_log,
         "rss_baseline_mib": baseline_rss / MiB, "rss_max_mib": rss_max / MiB, "rss_budget_mib": budget / MiB,
         "fds_max": max((f for _, f in samples), default=0), "edge": edge, "load": os.getloadavg(),
     }
