@@ -35,6 +35,7 @@ import zmq
 import autosaved
 from autosaved.client.admin import Admin
 from autosaved.daemon.connguard import ACL_XATTR, CUT_DENY_S, ConnGuard, acl_denying, refusal
+from autosaved.daemon.cpushare import CONTENDED_S
 from autosaved.daemon.fdlimit import listener_cap
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.testing import zmtp
@@ -399,6 +400,68 @@ def test_a_flood_past_the_refusal_budget_is_cut_and_other_users_served(
         if flood is not None and flood.poll() is None:
             flood.kill()
             flood.wait()
+        d.cleanup()
+
+
+# argv: address, n. n updates of 20,000 tiny maps (a ~300 KB header each: decoded off the event loop).
+BIG_UPDATES = """
+import json, sys, autosaved
+address, n = sys.argv[1], int(sys.argv[2])
+with autosaved.Client("big", address=address, timeout=120) as c:
+    for i in range(n):
+        c.update({f"m{i}": {str(j): {"a": j} for j in range(20_000)}}, wait="accepted")
+    got = sorted(k for k in c.restore() if k.startswith("m"))
+print(json.dumps({"keys": got}))
+"""
+
+# Small updates until stdin closes; prints one line after the first.
+STEADY = """
+import sys, threading, time, autosaved
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+with autosaved.Client("steady", address=sys.argv[1], timeout=120) as c:
+    c.update({"k": 0}, wait="accepted")
+    print("{}", flush=True)
+    step = 0
+    while not done.is_set():
+        step += 1
+        c.update({"k": step}, wait="accepted")
+        time.sleep(0.02)
+"""
+
+
+def _decode_throttled_s(address: str) -> float:
+    with Admin(address=address, timeout=60) as admin:
+        return float(admin.status()["daemon"]["edge"]["decode_cpu"]["throttled_s"])
+
+
+def test_a_users_decodes_wait_for_its_cpu_share_only_while_another_user_is_served(
+        users: tuple[list[User], str], tmp_path: Path) -> None:
+    """``quota.cpu_share``: a user's big updates decode at full speed while it is alone on the daemon; while
+    another user is being served, their decoding waits once past the user's share of CPU (counted in
+    ``status`` ``daemon.edge.decode_cpu``), and every update is still applied."""
+    (heavy, good_user), group = users
+    d = PrivateDaemon(tmp_path / "d", config=TEST_WRITE_SPEED + f'socket_group = "{group}"\n' + NO_AUTO_POLICY
+                      + "[quota]\ncpu_share = 0.1\n")
+    steady: subprocess.Popen[bytes] | None = None
+    try:
+        d.start()
+        keys = [f"m{i}" for i in range(4)]
+        time.sleep(CONTENDED_S + 0.5)  # the start's readiness ping (root, another user) is out of the window
+        assert as_user(heavy, BIG_UPDATES, d.address, "4") == {"keys": keys}
+        assert _decode_throttled_s(d.address) == 0.0  # alone: never slowed
+        steady = good_user.python(textwrap.dedent(STEADY), d.address, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
+        assert steady.stdout is not None and steady.stdout.readline().strip() == b"{}"
+        assert as_user(heavy, BIG_UPDATES, d.address, "4") == {"keys": keys}
+        assert _decode_throttled_s(d.address) > 0.0
+        steady.stdin.close()  # type: ignore[union-attr]
+        assert steady.wait(60) == 0
+        assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
+    finally:
+        if steady is not None and steady.poll() is None:
+            steady.kill()
+            steady.wait()
         d.cleanup()
 
 

@@ -243,6 +243,8 @@ class RpcServer:
             "requests_in_flight": sum(self.in_flight_by_uid.values()),
             "requests_queued": len(self.queue), "requests_expired": self.expired,
             "requests_unanswered": self.ctx.run.requests_unanswered,
+            "decode_cpu": {"throttled_s": round(offload.shares.throttled_s, 3) if offload.shares else 0.0,
+                           "users_charged": offload.shares.users_charged() if offload.shares else 0},
             "replies": {"queued_bytes": self.replies.total(),
                         "dropped": self.replies.dropped + (self._shared.dropped if self._shared else 0),
                         "refused": self.replies.refused,
@@ -299,6 +301,7 @@ class RpcServer:
             seq = raw_seq if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) else None
             op, seq = check_request(header)
             owner = self.owner_of(header_frame)
+            offload.note_request(owner)
             point("task", "rpc", "before", op)
             counted = self.in_flight_by_uid.get(owner, 0)
             # A request counts until its reply has left: big replies still queued in libzmq count too.
@@ -407,7 +410,7 @@ class RpcServer:
         try:
             try:
                 assert request.raw_header is not None
-                header = await offload.off_loop(offload.unpack_sliced, request.raw_header)
+                header = await offload.off_loop(offload.unpack_sliced, request.raw_header, owner=owner)
                 op, full_seq = check_request(header)
                 if (op, full_seq) != (request.op, seq):
                     raise ProtocolError("a big request's header must lead with v, op and seq")
