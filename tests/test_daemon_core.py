@@ -19,7 +19,7 @@ import pytest
 from autosaved.codec import pack
 from autosaved.config import Config, PolicySettings
 from autosaved.daemon.app import Daemon
-from autosaved.daemon.flush import FlushContext, flush_all
+from autosaved.daemon.flush import FlushContext, flush_all, to_write
 from autosaved.daemon.jobs import Job
 from autosaved.daemon.jobtable import JobTable
 from autosaved.daemon.notify import Notifier
@@ -229,6 +229,31 @@ def test_the_flush_commits_every_dirty_job_smallest_first_and_tells_systemd(tmp_
     assert notifier.sent[0] == ("stopping", "shutdown: saving 3 dirty jobs within 30s")
     assert ("status", "shutdown: 3/3 jobs saved") in notifier.sent
     assert kinds.count("extend_timeout") >= 2  # at the start and after each commit
+
+
+def test_the_flush_plans_a_small_state_updated_often_by_its_size_not_by_its_updates(tmp_path: Path) -> None:
+    """Dirty bytes count every update: a small state updated often is planned by what its save writes (at
+    most the state), so it is saved before bigger jobs, not after them (issue 19: a well-behaved user's
+    job was left unsaved behind a hostile user's)."""
+    clock, notifier = FakeClock(), RecordingNotifier()
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            ctx, jobs, order = _flush_rig(tmp_path, clock, notifier, 30.0, tg)
+            small = jobs[(UID, "small")]
+            for seq in range(2, 400):
+                small.apply(pack({"x": np.full(1_000, seq % 256, dtype=np.uint8)}), session="s", seq=seq, step=seq,
+                            meta=None, size=1_000, now=clock())
+            out["dirty"] = {k[1]: j.dirty_bytes for k, j in jobs.items()}
+            out["missed"] = await flush_all(ctx, SaveReason.SHUTDOWN)
+            out["order"] = order
+
+    anyio.run(main)
+    assert out["dirty"]["small"] > out["dirty"]["big"], out
+    assert out["missed"] == []
+    assert out["order"] == ["small", "mid", "big"]
+    assert to_write(400_000, 1_100) == 1_100 and to_write(5_000, 1_100_000) == 5_000
 
 
 def test_a_job_waiting_for_its_retry_is_reported_missed_at_the_deadline(tmp_path: Path) -> None:

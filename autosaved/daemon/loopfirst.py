@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Final
 
 from ..tree import Walked
+from .cpushare import Meter
 
 # Entries walked between two checks: about 50-100 us of decoding (a check costs well under 1 us).
 STEP: Final = 256
@@ -62,9 +63,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def yield_point() -> None:
-    """Where a stepping-aside worker waits while the loop is awake (at most :data:`MAX_WAIT`)."""
-    if getattr(_local, "aside", False) and not _loop_asleep.is_set():
-        _loop_asleep.wait(MAX_WAIT)
+    """Where a stepping-aside worker waits while the loop is awake (at most :data:`MAX_WAIT`), and sleeps
+    while its user is over its CPU share (cpushare.py)."""
+    if getattr(_local, "aside", False):
+        if not _loop_asleep.is_set():
+            _loop_asleep.wait(MAX_WAIT)
+        meter: Meter | None = getattr(_local, "meter", None)
+        if meter is not None:
+            meter.check()
 
 
 def _step() -> None:
@@ -82,10 +88,13 @@ def install() -> None:
 
 
 @contextmanager
-def stepping_aside() -> Iterator[None]:
-    """Within this, the calling (worker) thread waits at its yield points while the event loop is awake."""
+def stepping_aside(meter: Meter | None = None) -> Iterator[None]:
+    """Within this, the calling (worker) thread waits at its yield points while the event loop is awake,
+    and its CPU is charged to ``meter``'s user."""
     _local.aside = _installed
+    _local.meter = meter if _installed else None
     try:
         yield
     finally:
         _local.aside = False
+        _local.meter = None
