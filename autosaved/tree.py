@@ -425,14 +425,15 @@ _PACKED_HEAD: Final = struct.Struct("<IIc")
 
 
 class Packed(bytes):
-    """A subtree of a daemon-held state kept in its encoded form (issue 20): one object holding its node
-    form as msgpack, its small bytes leaves inline, behind a header with the subtree's totals
-    (``cost``, ``held``) and its kind (``m``: a mapping, ``l``/``t``: a list/tuple).
+    """A subtree of a daemon-held state kept in its encoded form (issue 20): one object holding the
+    subtree as msgpack (its small bytes leaves inline, see :func:`pack_subtree`), behind a header with
+    the subtree's totals (``cost``, ``held``) and its kind (``m``: a mapping, ``l``/``t``: a list/tuple).
 
     It stands for exactly the tree :meth:`open` gives, everywhere a state or a delta is read: an encoder
     encodes that tree, a merge into it merges into that tree, and it compares equal to it. Why and where
-    the daemon makes them: :mod:`autosaved.state` (``PACK_WIDTH``). Not a dict subclass on purpose: a
-    reader that forgot it fails loudly (``to_node`` refuses bytes) instead of reading an empty mapping."""
+    the daemon makes them: :mod:`autosaved.state` (``PACK_WIDTH``). Not a dict or list subclass on purpose:
+    a reader that does not know it sees no container to walk (and ``to_node`` without the case above
+    would refuse it) rather than an empty or partial one."""
 
     __slots__ = ()
 
