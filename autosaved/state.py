@@ -60,7 +60,7 @@ pending log delta holds the unpacked subtrees until that save anyway. Page refer
 every reader above (merges and the change check run on the event loop) and read a whole page (many
 checkpoints) to serve one. Packing at the merge costs each new subtree one C-level encoding (~5 us) when
 it arrives and ~3 us to open one for a read; ``scripts/rss_per_checkpoint.py --checkpoints
-1000,10000,100000``: 4,977 B of RSS per checkpoint (2.24x the payload) before, 3,398 B (1.53x) after.
+1000,10000,100000``: 4,977 B of RSS per checkpoint (2.24x the payload) before, 3,383 B (1.52x) after.
 """
 
 from __future__ import annotations
