@@ -214,8 +214,13 @@ def unpacked(value: Packed) -> Any:
     return _counted(tree)[0] if isinstance(tree, dict) else tree
 
 
-def _packable(t: type) -> bool:
-    return t is dict or t is list or t is tuple
+def _pack_new(value: Any) -> Packed | None:
+    """``value`` packed, when it is a mapping, list or tuple that may be (module docstring), else ``None``."""
+    t = type(value)
+    if t is not dict and t is not list and t is not tuple:
+        return None
+    c, h, r = measure(value)
+    return pack_subtree(value, c, h) if r is None and c <= PACK_MAX else None
 
 
 def _small_flat(out: dict[str | int, Any]) -> bool:
@@ -254,13 +259,10 @@ def _counted(tree: Mapping[str | int, Any], force: bool = False) -> tuple[Any, i
     refs: Refs | None = None
     wide = len(tree) >= PACK_WIDTH
     for key, value in tree.items():
-        if wide and _packable(type(value)):  # a loaded state is all cold: its wide mappings' subtrees pack
-            c, h, r = measure(value)
-            packed = pack_subtree(value, c, h) if r is None and c <= PACK_MAX else None
-            if packed is not None:
-                value = packed
-            elif type(value) is dict:
-                value, c, h, r = _counted(value)
+        # A loaded state is all cold: its wide mappings' subtrees pack.
+        packed = _pack_new(value) if wide else None
+        if packed is not None:
+            value, c, h, r = packed, packed.cost, packed.held, None
         elif isinstance(value, Mapping):
             value, c, h, r = _counted(value)
         else:
@@ -326,18 +328,16 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
         if t is Packed and value.is_mapping and _is_mapping(old):
             value = value.open()  # merged into what the key holds, as the tree it stands for
             t = type(value)
-        if old is _MISSING and wide and _packable(t):
-            c, h, r = measure(value)
-            packed = pack_subtree(value, c, h) if r is None and c <= PACK_MAX else None
-            if packed is not None:
-                out[key] = packed
-                cost += key_cost(key) + c
-                held += h
-                if type(delta) is dict:
-                    # The delta the job logs holds the same object (its meaning is the same tree): the
-                    # pending log delta of updates at ``accepted`` then costs no second copy of the subtree.
-                    delta[key] = packed
-                continue
+        packed = _pack_new(value) if old is _MISSING and wide else None
+        if packed is not None:
+            out[key] = packed
+            cost += key_cost(key) + packed.cost
+            held += packed.held
+            if type(delta) is dict:
+                # The delta the job logs holds the same object (its meaning is the same tree): the
+                # pending log delta of updates at ``accepted`` then costs no second copy of the subtree.
+                delta[key] = packed
+            continue
         if old is not _MISSING:  # what the key held goes
             cost -= key_cost(key)
             to = type(old)
@@ -401,6 +401,7 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
     out: dict[str | int, Any] = {}
     cost = held = 0
     refs: Refs | None = None
+    wide = len(delta) >= PACK_WIDTH  # a new mapping as wide as those whose new subtrees pack
     for key, value in delta.items():
         t = type(value)
         if t is str:
@@ -415,7 +416,12 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
         elif value is DELETE:
             continue
         else:
-            if t is Replace:
+            packed = _pack_new(value) if wide else None
+            if packed is not None:
+                value, c, h, r = packed, packed.cost, packed.held, None
+                if type(delta) is dict:
+                    delta[key] = packed  # shared with the pending log delta, as in _merge_node
+            elif t is Replace:
                 value, c, h, r = _fresh(value.mapping, added)
             elif t is dict or isinstance(value, Mapping):
                 value, c, h, r = _fresh(value, added)

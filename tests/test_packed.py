@@ -254,6 +254,17 @@ def test_an_agent_history_held_packed_comes_back_exactly_after_a_kill_a_save_and
         check(c)
 
 
+def test_a_new_wide_mapping_packs_its_subtrees_in_the_update_that_brings_it() -> None:
+    job = Job(owner=1, name="j", store=None, settings=None)  # type: ignore[arg-type]
+    records = {f"r{i:03d}": {"c": ["msgpack", heap_blob(40)], "i": i} for i in range(100)}
+    want = canon(records)
+    delta = {"copied": records}
+    job.apply(delta, session="s", seq=1, step=None, meta=None, size=1, now=0.0)
+    assert packed_in(job.root["copied"]) == 100 and canon(job.root["copied"]) == want
+    assert job.unlogged["copied"]["r050"] is job.root["copied"]["r050"]
+    assert (job.root.cost, job.root.held) == recount(job.root)
+
+
 def test_a_loaded_state_packs_the_subtrees_of_its_wide_mappings() -> None:
     plain = {"h": {f"k{i:03d}": {"v": [i, "x" * i], "b": heap_blob(3)} for i in range(100)},
              "small": {"a": {"b": 1}}, "list": [{"a": 1}] * 100}
