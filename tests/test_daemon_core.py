@@ -8,6 +8,7 @@ retry backoff read) and systemd (the notifier) are stand-ins, as ``Daemon(clock=
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,45 @@ def test_the_flush_plans_a_small_state_updated_often_by_its_size_not_by_its_upda
     assert out["missed"] == []
     assert out["order"] == ["small", "mid", "big"]
     assert to_write(400_000, 1_100) == 1_100 and to_write(5_000, 1_100_000) == 5_000
+
+
+def test_the_flush_does_not_wait_for_background_saves_of_other_jobs(tmp_path: Path) -> None:
+    """Background saves of two big jobs hold every background slot of the writer and do not end; the flush
+    saves the small job at once (slots of its own, and no wait for saves it did not start), then waits for
+    them. Before, a well-behaved user's job waited behind a hostile user's saves and missed the deadline."""
+    clock, notifier = FakeClock(), RecordingNotifier()
+    out: dict[str, Any] = {}
+    release = threading.Event()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            ctx, jobs, order = _flush_rig(tmp_path, clock, notifier, 60.0, tg)
+            for name in ("big", "mid"):
+                job = jobs[(UID, name)]
+                real = job.store.write_version
+
+                def held(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                    release.wait(120)
+                    return _real(*args, **kwargs)
+
+                job.store.write_version = held  # type: ignore[method-assign]
+                ctx.writer.begin(job, SaveReason.IDLE, tg)
+
+            async def release_after_small() -> None:
+                while "small" not in order:
+                    await anyio.sleep(0.01)
+                out["saving_when_small_committed"] = sorted(j.name for j in jobs.values() if j.saving)
+                release.set()
+
+            tg.start_soon(release_after_small)
+            with anyio.move_on_after(60):
+                out["missed"] = [j.name for j in await flush_all(ctx, SaveReason.SHUTDOWN)]
+            release.set()
+            out["order"] = order
+
+    anyio.run(main)
+    assert out.get("saving_when_small_committed") == ["big", "mid"], out
+    assert out["missed"] == [] and out["order"][0] == "small", out
 
 
 def test_a_job_waiting_for_its_retry_is_reported_missed_at_the_deadline(tmp_path: Path) -> None:

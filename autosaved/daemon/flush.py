@@ -93,16 +93,20 @@ async def flush_all(ctx: FlushContext, reason: SaveReason) -> list[Job]:
     else:
         ctx.notifier.status(status)
     ctx.notifier.extend_timeout(deadline + 5)
+    flushing: set[JobKey] = set()  # jobs whose save this flush started
     with anyio.move_on_after(deadline):
         committed = 0
         while todo := pending():
             now = ctx.clock()
-            ready = [j for j in todo if j.retry_at is None or j.retry_at <= now]
-            if any(j.saving for j in todo):
-                await ctx.wait_save_done(1.0)
-            elif ready:
-                ctx.begin_save(ready[0], reason)
+            startable = [j for j in todo if not j.saving and (j.retry_at is None or j.retry_at <= now)]
+            if startable and not any(j.saving and j.key in flushing for j in todo):
+                # One flush save at a time, in the plan's order; a background save already running (another
+                # user's big job) is not waited for before the next job of the plan starts.
+                flushing.add(startable[0].key)
+                ctx.begin_save(startable[0], reason)
                 await ctx.wait_save_done(math.inf)
+            elif any(j.saving for j in todo):
+                await ctx.wait_save_done(1.0)
             else:  # every remaining job failed and waits for its retry
                 await ctx.wait_save_done(max(0.0, min(j.retry_at or now for j in todo) - now))
             if total - len(pending()) > committed:
