@@ -219,7 +219,9 @@ def _pack_new(value: Any) -> Packed | None:
     t = type(value)
     if t is not dict and t is not list and t is not tuple:
         return None
-    c, h, r = measure(value)
+    c, h, r = measure(value)  # counts the entries it walks: a yield point of the long walks follows
+    if Walked.entries >= Walked.step_at:
+        Walked.step()
     return pack_subtree(value, c, h) if r is None and c <= PACK_MAX else None
 
 
