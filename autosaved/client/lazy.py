@@ -11,12 +11,16 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
 - Where the bulk copy runs is decided per update (:mod:`autosaved.client.lazyplan`; issue 21): where the
   process has a core to spare beside the caller's compute threads (PyTorch's intra-op threads), a thread
   of its own copies at the lowest CPU priority (nice 19) while the trainer runs on. Where it has none, the
-  copy waits for the fence and runs there on the caller's thread and helpers on every core, as an eager
-  update's copy does (:mod:`autosaved.client.slotcopy`): a copy overlapped with a trainer that fills
-  every core can only take a core from one of PyTorch's OpenMP threads (the others wait for it at the
-  op's barrier) and compete with the step for memory bandwidth. A copy nobody fences runs in the
-  background after a while (:func:`~autosaved.client.lazyplan.fence_wait`), so every update is sent. A
-  fence that finds an overlapped copy unfinished takes the rest on itself the same way.
+  whole update waits for the fence: there the background thread encodes it and picks the slot, the
+  caller's thread and helpers on every core copy it, as an eager update's copy does
+  (:mod:`autosaved.client.slotcopy`), and an ``accepted`` update's send and ack complete before the fence
+  returns. Any thread that runs beside a trainer whose OpenMP threads fill every core takes a core from
+  one of them while the other spins at the op's barrier, so there nothing of the update may run beside
+  the step: not the copy, and not the encode, the send or the daemon's accept either (issue 21: with
+  only the copy at the fence a lazy step still cost more CPU than an eager one). An update nobody
+  fences is copied and sent in the background after a while
+  (:func:`~autosaved.client.lazyplan.fence_wait`), so every update is sent. A fence that finds an
+  overlapped copy unfinished takes the rest on itself the same way.
 - ``fence()`` returns once that copy is done (waiting if it is not): from then on the caller may mutate
   its arrays, and nothing it does can reach the update. :meth:`LazyClient.hook_optimizer` installs a step
   pre-hook that fences before every ``optimizer.step()``, so a parameter update can never slip in before
@@ -37,6 +41,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from types import TracebackType
 from typing import Any
 
@@ -59,8 +64,11 @@ BACKGROUND_NICE = 19
 class PendingUpdate:
     """One lazy update: ``copied`` once its bytes left the caller's arrays, ``result()`` once acked."""
 
-    def __init__(self, copy_at: CopyAt = "overlap") -> None:
+    def __init__(self, copy_at: CopyAt = "overlap", ack_at_fence: bool = False) -> None:
         self.copy_at: CopyAt = copy_at  # where the bulk copy runs (lazyplan.copy_at)
+        # The fence also waits for the ack: the send and the daemon's accept run while the caller waits,
+        # not beside its next compute (an update left for the fence, at ``accepted``).
+        self.ack_at_fence = ack_at_fence
         self.copied = threading.Event()
         self.copy_error: BaseException | None = None
         self.future: Future[Ack] = Future()
@@ -87,6 +95,9 @@ class PendingUpdate:
             raise TimeoutError("the lazy update's copy did not finish in time")
         if self.copy_error is not None:
             raise self.copy_error
+        if self.ack_at_fence:
+            # An accepted ack follows the copy by one round trip; its error is result()'s to raise.
+            futures_wait([self.future], timeout)
 
     def result(self, timeout: float | None = None) -> Ack:
         """The update's ack (raises its error); fences first (a copy left for the fence is done here)."""
@@ -133,7 +144,8 @@ class LazyClient:
         # Structure and scalars are captured now; blobs still point at the caller's memory. A dict copy
         # of meta: the caller may change it after we return.
         packed = pack(delta, allow_delete=True, pinned=self.client._core.pinned)
-        pending = PendingUpdate(self.copy_at())
+        where = self.copy_at()
+        pending = PendingUpdate(where, ack_at_fence=where == "fence" and wait == "accepted")
         self._last = pending
         meta_copy = dict(meta) if meta is not None else None
         self._worker.submit(self._run, pending, packed, step, meta_copy, wait, fence_wait(self._gap))
@@ -190,8 +202,12 @@ class LazyClient:
 
     def _run(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
              wait: str, fence_wait_s: float) -> None:
+        if pending.copy_at == "fence":
+            # Nothing of this update runs beside the caller's compute: not even the encode and slot pick
+            # (Python work that takes the GIL and a core). Only an update nobody fences in time goes on.
+            pending.fencing.wait(fence_wait_s)
         try:
-            ack = self._send(pending, packed, step, meta, wait, fence_wait_s)
+            ack = self._send(pending, packed, step, meta, wait)
         except BaseException as exc:
             if not pending.copied.is_set():
                 pending.copy_error = exc
@@ -204,7 +220,7 @@ class LazyClient:
             pending.future.set_result(ack)
 
     def _send(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-              wait: str, fence_wait_s: float) -> Ack:
+              wait: str) -> Ack:
         client, slots = self.client, self.client._slots
         placed: list[tuple[Sequence[Blob], Placement | None]] = []
 
@@ -212,9 +228,10 @@ class LazyClient:
             shared = SharedCopy(pairs)
             pending.copy = shared  # from now on a fence helps copy
             pending.ready.set()
-            # Left for the fence: the caller's threads copy it when they would wait anyway. Only if no
-            # fence comes in time does the background thread copy it (the update must still be sent).
-            if pending.copy_at == "overlap" or not pending.fencing.wait(fence_wait_s):
+            # Left for the fence: the caller's threads copy it when they would wait anyway (_run waited for
+            # the fence). Only if none came in time does the background thread copy it (the update must
+            # still be sent).
+            if pending.copy_at == "overlap" or not pending.fencing.is_set():
                 self.background_copies += 1
                 self._copier.submit(quietly, shared.work)
             shared.wait()
