@@ -26,7 +26,10 @@ checkpoint costs in CPU, which the host's load does not inflate the way it infla
 ``minflt_<mode>`` (median minor page faults of the trainer per step: a slot faulted in afresh would show
 here as ~size/4 KiB more than ``none``), ``daemon_cpu_s_<mode>`` (the daemon's CPU seconds per step),
 ``copy_at_lazy`` (where the lazy copy ran: ``overlap`` in the background, or ``fence`` at the next
-step's fence, when no core is left over beside torch's threads: :mod:`autosaved.client.lazyplan`),
+step's fence, when no core is left over beside torch's threads: :mod:`autosaved.client.lazyplan`; there
+the whole update, encode, copy, send and ack, runs at the fence),
+``background_copies_lazy`` (lazy updates whose copy ran on the background copier, warm-up included: with
+the copy at the fence, one that no fence reached in time; 0 is what the fence placement promises),
 ``alone_s_<eager|lazy>`` (the same
 state handed over once more after the loop with nothing else running: ``update`` for eager, ``update`` +
 ``fence`` for lazy: what the copy costs by itself), and ``state_bytes``. The daemon runs privately in a
@@ -179,6 +182,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     pending_block = [0.0]
     alone: Callable[[], float] | None = None  # one more hand-over of the state, nothing else running
     copy_at: str | None = None  # lazy: where its copy ran (client/lazyplan.py)
+    background: Callable[[], int] = lambda: 0  # noqa: E731  (lazy: copies the background copier made)
 
     if mode == "eager":
         assert address is not None
@@ -216,6 +220,9 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
 
         cleanup = lazy.close
         copy_at = lazy.copy_at()
+
+        def background() -> int:
+            return lazy.background_copies
     elif mode == "torch_save":
         def checkpoint(step: int) -> None:
             with (work / "ckpt.pt").open("wb") as fh:
@@ -270,7 +277,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     finally:
         cleanup()
     return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes, "usage": usage,
-            "copy_at": copy_at}
+            "copy_at": copy_at, "background_copies": background()}
 
 
 def _halves(steps: int) -> tuple[int, int]:
@@ -314,6 +321,7 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
         out["state_bytes"] = results[-1]["state_bytes"]
         if results[-1]["copy_at"] is not None:
             out[f"copy_at_{mode}"] = results[-1]["copy_at"]
+            out[f"background_copies_{mode}"] = sum(r["background_copies"] for r in results)
     out["params"] = sum(p.numel() for p in build_model(cfg).parameters())
     return out
 
@@ -337,6 +345,7 @@ def render(r: dict[str, Any]) -> str:
         "cpu_s, faults: the trainer's CPU seconds and minor page faults per step (every thread)",
         f"daemon CPU per step: eager {r['daemon_cpu_s_eager']:.3f} s, lazy {r['daemon_cpu_s_lazy']:.3f} s; lazy's copy "
         f"ran {'in the background' if r.get('copy_at_lazy') == 'overlap' else 'at the fence'} "
+        f"({r.get('background_copies_lazy', 0)} copies by the background copier) "
         f"({r['threads']} torch threads on {r['host']})",
         f"targets: lazy <= 1.15x none and <= eager (lazy {r['step_s_lazy'] / base:.3f}x, eager "
         f"{r['step_s_eager'] / base:.3f}x); lazy blocking <= 0.1x DCP's{lazy_vs}",
