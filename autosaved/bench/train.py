@@ -28,8 +28,9 @@ here as ~size/4 KiB more than ``none``), ``daemon_cpu_s_<mode>`` (the daemon's C
 ``copy_at_lazy`` (where the lazy copy ran: ``overlap`` in the background, or ``fence`` at the next
 step's fence, when no core is left over beside torch's threads: :mod:`autosaved.client.lazyplan`; there
 the whole update, encode, copy, send and ack, runs at the fence),
-``background_copies_lazy`` (lazy updates whose copy ran on the background copier, warm-up included: with
-the copy at the fence, one that no fence reached in time; 0 is what the fence placement promises),
+``background_copies_lazy`` (lazy updates whose copy ran on the background copier during a measured step:
+with the copy at the fence, one that no fence reached in time, and that step paid for a copy beside its
+compute; 0 is what the fence placement promises),
 ``alone_s_<eager|lazy>`` (the same
 state handed over once more after the loop with nothing else running: ``update`` for eager, ``update`` +
 ``fence`` for lazy: what the copy costs by itself), and ``state_bytes``. The daemon runs privately in a
@@ -183,6 +184,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     alone: Callable[[], float] | None = None  # one more hand-over of the state, nothing else running
     copy_at: str | None = None  # lazy: where its copy ran (client/lazyplan.py)
     background: Callable[[], int] = lambda: 0  # noqa: E731  (lazy: copies the background copier made)
+    background_copies = 0  # ... during the measured steps
 
     if mode == "eager":
         assert address is not None
@@ -254,6 +256,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
             tokens = torch.randint(0, cfg.vocab, (batch, seq + 1), generator=gen)
             started = time.perf_counter()
             used = _usage(daemon)
+            copies = background()
             pending_block[0] = 0.0
             logits = model(tokens[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), tokens[:, 1:].reshape(-1))
@@ -269,6 +272,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
                 blocked.append(stopped)
                 now = _usage(daemon)
                 usage.append((now[0] - used[0], now[1] - used[1], now[2] - used[2]))
+                background_copies += background() - copies
             if not math.isfinite(float(loss.detach())):
                 raise AutosavedError(f"bench train: loss became {float(loss.detach())}")
         state_bytes = _state_bytes(_state(model, opt, steps))
@@ -277,7 +281,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     finally:
         cleanup()
     return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes, "usage": usage,
-            "copy_at": copy_at, "background_copies": background()}
+            "copy_at": copy_at, "background_copies": background_copies}
 
 
 def _halves(steps: int) -> tuple[int, int]:
