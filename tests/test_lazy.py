@@ -179,12 +179,12 @@ def test_with_no_spare_core_the_whole_update_waits_for_the_fence(daemon: Private
     from autosaved.client.core import ClientCore
 
     monkeypatch.setattr(lazy_module, "cores", lambda: 1)  # the caller's own thread fills the only core
-    built: list[bool] = []  # per update request built: had the caller fenced that update yet?
+    fences = [0]  # fences the test has started
+    built: list[int] = []  # per update request built: how many fences had started by then
     real_build = ClientCore.update_request
 
     def spy(core: ClientCore, *args, **kwargs):  # type: ignore[no-untyped-def]
-        last = lz._last  # set before the update goes to the background thread
-        built.append(last is not None and last.fencing.is_set())
+        built.append(fences[0])
         return real_build(core, *args, **kwargs)
 
     monkeypatch.setattr(ClientCore, "update_request", spy)
@@ -195,11 +195,12 @@ def test_with_no_spare_core_the_whole_update_waits_for_the_fence(daemon: Private
         assert lz.copy_at() == "fence"
         for step in range(2):  # the second update also learns the first one's cadence
             pending = lz.update({"big": big}, step=step)
+            fences[0] += 1
             lz.fence()  # encodes, copies and sends it here
             assert pending.copied.is_set() and pending.copy is not None and pending.copy.untaken() == 0
             assert pending.future.done()  # the ack came while the caller waited, not during its next step
             assert pending.result().level == "accepted"
-        assert built == [True, True]  # never built before the fence: nothing ran beside the caller's step
+        assert built == [1, 2]  # each built only after its fence began: nothing ran beside the caller's step
         assert lz.background_copies == 0  # the background copier never ran
         big += 1.0
         state = lz.restore()
