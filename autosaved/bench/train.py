@@ -7,7 +7,8 @@ checkpoint of ``{"model", "optim", "step"}`` after every optimizer step:
 - ``none``: no checkpoint (the baseline);
 - ``eager``: ``Client.update(...)`` (returns once every byte is copied into the daemon's slots);
 - ``lazy``: ``LazyClient.update(...)`` right after the step, and its fence just before the next step (what
-  the optimizer hook does), so the copy overlaps the next forward and backward;
+  the optimizer hook does), so the copy overlaps the next forward and backward where a core is spare
+  beside torch's threads; where none is, the whole update runs at that fence (``copy_at_lazy``);
 - ``torch_save``: ``torch.save`` to a file + fsync;
 - ``dcp_async``: ``torch.distributed.checkpoint.async_save`` (a one-process gloo group), waiting for the
   previous save before starting the next, as DCP requires.
