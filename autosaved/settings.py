@@ -149,6 +149,17 @@ def count(minimum: int, *, off: bool = False) -> Parser:
     return parse
 
 
+def fraction(*, off: bool = False) -> Parser:
+    """A number of cores above 0 (``0.5``: half of one core); with ``off``, an off word gives None."""
+    def parse(value: Any, key: str) -> float | None:
+        if off and is_off(value):
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1024:
+            raise ConfigError(f"{key}: expected a number of cores above 0 like 0.5, got {value!r}")
+        return float(value)
+    return parse
+
+
 def boolean(value: Any, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -383,6 +394,9 @@ class QuotaSettings(Table):
     # Bytes of replies and restore buffers one user may leave unread in the daemon (root included); past
     # it a reply becomes a "quota" error. None: no limit.
     max_reply_bytes: int | None = setting(512 * 1024**2, size(off=True))
+    # Cores one user's big requests may take to decode while another user is being served (root exempt);
+    # past it that user's decodes wait (daemon/cpushare.py). None: no limit.
+    cpu_share: float | None = setting(0.5, fraction(off=True))
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class Walked:
 # msgpack carries integers from -2**63 to 2**64 - 1; larger ones travel as decimal strings.
 MSGPACK_INT_MIN: Final = -(2**63)
 MSGPACK_INT_MAX: Final = 2**64 - 1
+# The longest int a state may hold, in decimal digits (below CPython's own 4,300-digit str() limit).
+MAX_INT_DIGITS: Final = 4000
+INT_DIGITS: Final = re.compile(rf"-?\d{{1,{MAX_INT_DIGITS}}}")
 
 
 class _DeleteMarker:
@@ -393,8 +396,10 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
             return inline_blob(body)
         if tag == "F" and body in ("nan", "inf", "-inf"):
             return float(body)
-        if tag == "I" and isinstance(body, str) and re.fullmatch(r"-?\d{1,4000}", body):
+        if tag == "I" and isinstance(body, str) and re.fullmatch(INT_DIGITS, body):
             return int(body)
+        if tag == "I" and isinstance(body, str) and re.fullmatch(r"-?\d+", body):
+            raise ProtocolError(f"an int of {len(body.lstrip('-'))} digits: at most {MAX_INT_DIGITS} are kept")
         if tag == "x" and allow_delete and in_mapping:
             return DELETE
         if tag == "r" and allow_replace and in_mapping:

@@ -46,11 +46,12 @@ MAX_BYTES = 64 * MiB
 MAX_SHM = 256 * MiB
 
 
-def config(group: str) -> str:
+def config(group: str, cpu_share: str = "0.5") -> str:
     return (f'write_speed = "200MiB"\nsocket_group = "{group}"\nmax_message_bytes = {MAX_MESSAGE}\n'
             '[policy]\nidle = "2s"\ninterval = "off"\nmin_gap = "1s"\n'
             f'[quota]\nmax_connections = {MAX_CONNECTIONS}\nmax_reply_bytes = {MAX_REPLY}\n'
-            f'max_bytes = {MAX_BYTES}\nmax_shm_bytes = {MAX_SHM}\nmax_jobs = 20\n')
+            f'max_bytes = {MAX_BYTES}\nmax_shm_bytes = {MAX_SHM}\nmax_jobs = 20\n'
+            f'cpu_share = {cpu_share if cpu_share == "off" else float(cpu_share)!r}\n')
 
 
 def rss_budget(baseline: int) -> int:
@@ -238,7 +239,8 @@ LAYOUTS: dict[str, dict[str, str]] = {
 
 
 def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: tuple[str, ...] = ROLES,
-        profile: str | None = None, layout: str = "service", run_weight: int | None = None) -> dict[str, Any]:
+        profile: str | None = None, layout: str = "service", run_weight: int | None = None,
+        cpu_share: str = "0.5") -> dict[str, Any]:
     import psutil
 
     from autosaved.client.admin import Admin
@@ -264,7 +266,7 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
         def into(party: str) -> Any:
             return groups[group_of[party]].preexec() if groups else None
 
-        d = PrivateDaemon(root / "d", config=config(group))
+        d = PrivateDaemon(root / "d", config=config(group, cpu_share))
         d.start()
         assert d.proc is not None
         if groups:
@@ -319,6 +321,8 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
                 edge = admin.status()["daemon"]["edge"]
             exited = d.proc.poll()
             stop_code = d.stop()
+            # Why a stop failed, in the report itself: the daemon's directory is gone after the run.
+            stop_log = "" if stop_code == 0 else d.log()[-4000:]
         finally:
             stop.set()
             d.cleanup()
@@ -327,10 +331,12 @@ def run(seconds: float, alone_s: float, rate: float, p99_factor: float, roles: t
     rss_max = max((r for r, _ in samples), default=0)
     report = {
         "seconds": seconds, "roles": list(roles), "cpu_layout": layout, "run_weight": run_weight,
+        "cpu_share": cpu_share,
         "alone": alone, "under_attack": under,
         "p99_ratio": under["p99_ms"] / max(alone["p99_ms"], 1e-9),
         "net_p99_ratio": under["net_p99_ms"] / max(alone["net_p99_ms"], 1e-9),
         "daemon_exits": 0 if exited is None else 1, "stop_exit_code": stop_code,
+        "stop_log_tail": stop_log,
         "rss_baseline_mib": baseline_rss / MiB, "rss_max_mib": rss_max / MiB, "rss_budget_mib": budget / MiB,
         "fds_max": max((f for _, f in samples), default=0), "edge": edge, "load": os.getloadavg(),
     }
@@ -365,6 +371,7 @@ def main() -> int:
                     help="the CPU weight of this run's groups together against the host's other work (cgroup v2 "
                          "units, default 100 like any other group): on a shared host a larger one (say 10000) "
                          "keeps other people's processes from blurring the measurement")
+    ap.add_argument("--cpu-share", default="0.5", help="the daemon's quota.cpu_share (cores, or off)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     roles = tuple(r for r in args.roles.split(",") if r)
@@ -372,7 +379,7 @@ def main() -> int:
         ap.error(f"--roles: choose from {','.join(ROLES)}")
     alone = args.alone if args.alone is not None else min(60.0, max(5.0, args.seconds / 4))
     report = run(args.seconds, alone, args.rate, args.p99_factor, roles, args.profile, args.cpu_layout,
-                 args.run_weight)
+                 args.run_weight, args.cpu_share)
     if args.json:
         print(json.dumps(report))
     else:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import resource
 import select
 import signal
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,8 @@ import zmq
 
 import autosaved
 from autosaved.client.admin import Admin
-from autosaved.daemon.connguard import ConnGuard, refusal
+from autosaved.daemon.connguard import ACL_XATTR, CUT_DENY_S, ConnGuard, acl_denying, refusal
+from autosaved.daemon.cpushare import CONTENDED_S
 from autosaved.daemon.fdlimit import listener_cap
 from autosaved.protocol import pack_header, unpack_header
 from autosaved.testing import zmtp
@@ -302,6 +305,164 @@ def test_the_guard_refuses_by_the_live_count_not_by_queued_events(tmp_path: Path
         guard.stop()
         for s in kept:
             s.close()
+
+
+def test_a_cut_connection_is_shut_down_and_its_user_kept_off_the_socket_for_a_while(tmp_path: Path) -> None:
+    """A connection flooding past its user's refusal budget is cut (rpcserver): shut down, taken off the
+    count, and the socket file closed to that user alone (an ACL) for :data:`CUT_DENY_S`, then opened again.
+    Only a counted connection of the user named is cut."""
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)
+    served, _ = listener.accept()
+    uid = os.getuid()
+    guard = ConnGuard(path, total_cap=10, per_user=lambda: 10)  # fed by hand: no monitor thread
+    try:
+        guard.handle([(zmq.EVENT_ACCEPTED, served.fileno())])
+        assert not guard.cut(served.fileno(), uid + 1)  # not that user's connection
+        assert not guard.cut(served.fileno() + 100, uid)  # not a counted connection
+        assert (guard.total, guard.cut_count) == (1, 0)
+        assert guard.cut(served.fileno(), uid)
+        assert (guard.total, guard.cut_count) == (0, 1)
+        client.settimeout(10)
+        assert client.recv(1) == b""  # shut down: the peer reads the end
+        try:
+            acl = os.getxattr(path, ACL_XATTR)
+        except OSError as exc:
+            skip_or_fail(f"no POSIX ACLs on {tmp_path}: {exc}")
+        assert acl == acl_denying(os.stat(path).st_mode, [uid])
+        now = time.monotonic()
+        guard.expire_cuts(now)  # not yet
+        assert os.getxattr(path, ACL_XATTR) == acl
+        guard.expire_cuts(now + CUT_DENY_S + 0.01)
+        with pytest.raises(OSError):
+            os.getxattr(path, ACL_XATTR)  # open to the user again
+    finally:
+        guard.stop()
+        for s in (client, served, listener):
+            s.close()
+
+
+# Floods the daemon with deletes on one DEALER (reading nothing) until stdin closes.
+FLOOD = """
+import sys, time, zmq
+from autosaved.protocol import pack_header
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+seq = 0
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    for _ in range(500):
+        seq += 1
+        try:
+            sock.send(pack_header({"v": 1, "op": "delete", "seq": seq, "job": f"nope{seq}"}), zmq.NOBLOCK)
+        except zmq.Again:
+            break
+    time.sleep(0.01)
+print("{}", flush=True)
+"""
+
+
+def test_a_flood_past_the_refusal_budget_is_cut_and_other_users_served(
+        users: tuple[list[User], str], tmp_path: Path) -> None:
+    """A user floods deletes far past ``quota.max_requests`` on one connection and reads nothing. Past its
+    second's budget of answered refusals, that connection is cut and the socket file closed to the user for
+    a moment: its next requests wait in its own process instead of each being received and dropped on the
+    daemon's event loop. Another user is served throughout, and the flooder is served again afterwards."""
+    (flooder, good_user), group = users
+    d = PrivateDaemon(tmp_path / "d", config=TEST_WRITE_SPEED + f'socket_group = "{group}"\n' + NO_AUTO_POLICY
+                      + "[quota]\nmax_requests = 4\n")
+    flood: subprocess.Popen[bytes] | None = None
+    try:
+        d.start()
+        assert d.proc is not None
+        flood = flooder.python(textwrap.dedent(FLOOD), d.address, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        wait_for(lambda: f"cut a connection of uid {flooder.uid}" in d.log() or d.proc.poll() is not None,  # type: ignore[union-attr]
+                 timeout=60)
+        assert d.proc.poll() is None, d.log()[-3000:]
+        assert as_user(good_user, CLIENT, d.address, "victim", "-1", "1") == {"restored": -1}
+        with Admin(address=d.address, timeout=60) as admin:
+            edge = admin.status()["daemon"]["edge"]
+        assert edge["ipc"]["cut_for_flooding"] >= 1 and edge["requests_unanswered"] >= 1, edge
+        flood.kill()
+        flood.wait(60)
+        # The file opens to the flooder again (the ACL goes after CUT_DENY_S), and it is served.
+        wait_for(lambda: as_user(flooder, PROBE, d.address.removeprefix("ipc://")) == {"errno": 0}, timeout=60)
+        assert as_user(flooder, CLIENT, d.address, "mine", "-1", "5") == {"restored": -1}
+        assert as_user(good_user, CLIENT, d.address, "victim", "1", "2") == {"restored": 1}
+        assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
+    finally:
+        if flood is not None and flood.poll() is None:
+            flood.kill()
+            flood.wait()
+        d.cleanup()
+
+
+# argv: address, n. n updates of 20,000 tiny maps (a ~300 KB header each: decoded off the event loop).
+BIG_UPDATES = """
+import json, sys, autosaved
+address, n = sys.argv[1], int(sys.argv[2])
+with autosaved.Client("big", address=address, timeout=120) as c:
+    for i in range(n):
+        c.update({f"m{i}": {str(j): {"a": j} for j in range(20_000)}}, wait="accepted")
+    got = sorted(k for k in c.restore() if k.startswith("m"))
+print(json.dumps({"keys": got}))
+"""
+
+# Small updates until stdin closes; prints one line after the first.
+STEADY = """
+import sys, threading, time, autosaved
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+with autosaved.Client("steady", address=sys.argv[1], timeout=120) as c:
+    c.update({"k": 0}, wait="accepted")
+    print("{}", flush=True)
+    step = 0
+    while not done.is_set():
+        step += 1
+        c.update({"k": step}, wait="accepted")
+        time.sleep(0.02)
+"""
+
+
+def _decode_throttled_s(address: str) -> float:
+    with Admin(address=address, timeout=60) as admin:
+        return float(admin.status()["daemon"]["edge"]["decode_cpu"]["throttled_s"])
+
+
+def test_a_users_decodes_wait_for_its_cpu_share_only_while_another_user_is_served(
+        users: tuple[list[User], str], tmp_path: Path) -> None:
+    """``quota.cpu_share``: a user's big updates decode at full speed while it is alone on the daemon; while
+    another user is being served, their decoding waits once past the user's share of CPU (counted in
+    ``status`` ``daemon.edge.decode_cpu``), and every update is still applied."""
+    (heavy, good_user), group = users
+    d = PrivateDaemon(tmp_path / "d", config=TEST_WRITE_SPEED + f'socket_group = "{group}"\n' + NO_AUTO_POLICY
+                      + "[quota]\ncpu_share = 0.1\n")
+    steady: subprocess.Popen[bytes] | None = None
+    try:
+        d.start()
+        keys = [f"m{i}" for i in range(4)]
+        time.sleep(CONTENDED_S + 0.5)  # the start's readiness ping (root, another user) is out of the window
+        assert as_user(heavy, BIG_UPDATES, d.address, "4") == {"keys": keys}
+        assert _decode_throttled_s(d.address) == 0.0  # alone: never slowed
+        steady = good_user.python(textwrap.dedent(STEADY), d.address, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
+        assert steady.stdout is not None and steady.stdout.readline().strip() == b"{}"
+        assert as_user(heavy, BIG_UPDATES, d.address, "4") == {"keys": keys}
+        assert _decode_throttled_s(d.address) > 0.0
+        steady.stdin.close()  # type: ignore[union-attr]
+        assert steady.wait(60) == 0
+        assert d.stop(signal.SIGTERM) == 0, d.log()[-3000:]
+    finally:
+        if steady is not None and steady.poll() is None:
+            steady.kill()
+            steady.wait()
+        d.cleanup()
 
 
 def test_listener_cap_leaves_half_the_fds() -> None:

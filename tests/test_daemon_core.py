@@ -8,6 +8,7 @@ retry backoff read) and systemd (the notifier) are stand-ins, as ``Daemon(clock=
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 from autosaved.codec import pack
 from autosaved.config import Config, PolicySettings
 from autosaved.daemon.app import Daemon
-from autosaved.daemon.flush import FlushContext, flush_all
+from autosaved.daemon.flush import FlushContext, flush_all, to_write
 from autosaved.daemon.jobs import Job
 from autosaved.daemon.jobtable import JobTable
 from autosaved.daemon.notify import Notifier
@@ -229,6 +230,70 @@ def test_the_flush_commits_every_dirty_job_smallest_first_and_tells_systemd(tmp_
     assert notifier.sent[0] == ("stopping", "shutdown: saving 3 dirty jobs within 30s")
     assert ("status", "shutdown: 3/3 jobs saved") in notifier.sent
     assert kinds.count("extend_timeout") >= 2  # at the start and after each commit
+
+
+def test_the_flush_plans_a_small_state_updated_often_by_its_size_not_by_its_updates(tmp_path: Path) -> None:
+    """Dirty bytes count every update: a small state updated often is planned by what its save writes (at
+    most the state), so it is saved before bigger jobs, not after them (issue 19: a well-behaved user's
+    job was left unsaved behind a hostile user's)."""
+    clock, notifier = FakeClock(), RecordingNotifier()
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            ctx, jobs, order = _flush_rig(tmp_path, clock, notifier, 30.0, tg)
+            small = jobs[(UID, "small")]
+            for seq in range(2, 400):
+                small.apply(pack({"x": np.full(1_000, seq % 256, dtype=np.uint8)}), session="s", seq=seq, step=seq,
+                            meta=None, size=1_000, now=clock())
+            out["dirty"] = {k[1]: j.dirty_bytes for k, j in jobs.items()}
+            out["missed"] = await flush_all(ctx, SaveReason.SHUTDOWN)
+            out["order"] = order
+
+    anyio.run(main)
+    assert out["dirty"]["small"] > out["dirty"]["big"], out
+    assert out["missed"] == []
+    assert out["order"] == ["small", "mid", "big"]
+    assert to_write(400_000, 1_100) == 1_100 and to_write(5_000, 1_100_000) == 5_000
+
+
+def test_the_flush_does_not_wait_for_background_saves_of_other_jobs(tmp_path: Path) -> None:
+    """Background saves of two big jobs hold every background slot of the writer and do not end; the flush
+    saves the small job at once (slots of its own, and no wait for saves it did not start), then waits for
+    them. Before, a well-behaved user's job waited behind a hostile user's saves and missed the deadline."""
+    clock, notifier = FakeClock(), RecordingNotifier()
+    out: dict[str, Any] = {}
+    release = threading.Event()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            ctx, jobs, order = _flush_rig(tmp_path, clock, notifier, 60.0, tg)
+            for name in ("big", "mid"):
+                job = jobs[(UID, name)]
+                real = job.store.write_version
+
+                def held(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                    release.wait(120)
+                    return _real(*args, **kwargs)
+
+                job.store.write_version = held  # type: ignore[method-assign]
+                ctx.writer.begin(job, SaveReason.IDLE, tg)
+
+            async def release_after_small() -> None:
+                while "small" not in order:
+                    await anyio.sleep(0.01)
+                out["saving_when_small_committed"] = sorted(j.name for j in jobs.values() if j.saving)
+                release.set()
+
+            tg.start_soon(release_after_small)
+            with anyio.move_on_after(60):
+                out["missed"] = [j.name for j in await flush_all(ctx, SaveReason.SHUTDOWN)]
+            release.set()
+            out["order"] = order
+
+    anyio.run(main)
+    assert out.get("saving_when_small_committed") == ["big", "mid"], out
+    assert out["missed"] == [] and out["order"][0] == "small", out
 
 
 def test_a_job_waiting_for_its_retry_is_reported_missed_at_the_deadline(tmp_path: Path) -> None:

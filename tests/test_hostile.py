@@ -395,3 +395,18 @@ def test_state_dir_with_a_bad_owner_or_mode_is_refused(make_daemon: Callable[...
     assert "state_dir" in str(info.value)
     assert "writable" in str(info.value) or "owned by uid" in str(info.value)
 
+
+
+def test_an_int_past_the_digit_limit_is_refused_naming_the_limit() -> None:
+    """An int of more than ``MAX_INT_DIGITS`` digits is refused with a message that says so (it read
+    "unknown or misplaced node tag 'I'"); one at the limit is kept exactly."""
+    from autosaved.daemon.rpcupdate import _decode_delta
+    from autosaved.errors import ProtocolError
+    from autosaved.tree import MAX_INT_DIGITS, to_node
+
+    at_limit = int("9" * MAX_INT_DIGITS)
+    node, blobs = to_node({"n": at_limit}, allow_delete=True)
+    assert _decode_delta(node, blobs, 0)["n"] == at_limit
+    node, blobs = to_node({"n": 10**MAX_INT_DIGITS}, allow_delete=True)
+    with pytest.raises(ProtocolError, match=f"an int of {MAX_INT_DIGITS + 1} digits: at most {MAX_INT_DIGITS}"):
+        _decode_delta(node, blobs, 0)

@@ -48,9 +48,16 @@ def test_the_selector_marks_the_loop_asleep_only_while_it_blocks() -> None:
         b.close()
 
 
+def test_a_worker_waits_no_longer_than_it_ran_and_at_most_max_wait() -> None:
+    assert loopfirst.wait_s(0.0005) == 0.0005
+    assert loopfirst.wait_s(10.0) == loopfirst.MAX_WAIT
+    assert loopfirst.wait_s(-1.0) == 0.0  # a clock read out of order never makes a negative wait
+
+
 def test_a_worker_stepping_aside_waits_while_the_loop_is_awake(installed: None,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loopfirst, "MAX_WAIT", 600.0)
+    monkeypatch.setattr(loopfirst, "wait_s", lambda worked: 600.0)  # as if it had run long: the whole wait
     loopfirst._loop_asleep.clear()
     passed = threading.Event()
 

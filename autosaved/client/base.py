@@ -119,8 +119,9 @@ def timed_out(address: str, op: str, timeout: float) -> DaemonUnavailable | Quot
         return QuotaExceeded(
             f"the autosaved daemon at {address} did not answer {op!r} within {timeout:g}s and its socket file is "
             "closed to this user: this user has quota.max_connections connections open to it (or the daemon is "
-            "at its max_connections), so the connection was refused and the request lost (it is never resent). "
-            "Close some of this user's clients or ask the operator to raise quota.max_connections.",
+            "at its max_connections), or its clients sent requests far past quota.max_requests for a second, so "
+            "the connection was refused or cut and the request lost (it is never resent). Close some of this "
+            "user's clients, wait for replies before sending more, or ask the operator to raise the quota.",
             details={"address": address, "op": op, "timeout": timeout, "bound": "quota.max_connections"},
         )
     return DaemonUnavailable(

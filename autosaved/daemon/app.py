@@ -337,7 +337,9 @@ class Daemon:
 def serve(config: Config) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code."""
     daemon = Daemon(config)
-    offload.install()  # the rpc loop gets the GIL back quickly from a thread decoding a big request
+    # the rpc loop gets the GIL back quickly from a thread decoding a big request; each user's decodes
+    # are charged to quota.cpu_share
+    offload.install(lambda: daemon.config.quota.cpu_share)
     gcpolicy.install()  # full collections on a timer (gcpolicy.full_collections), not every few seconds
     loopfirst.install()  # a worker decoding a big request waits while the loop has work
     return anyio.run(daemon.run, backend="asyncio", backend_options={"loop_factory": loopfirst.new_event_loop})

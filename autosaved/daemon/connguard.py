@@ -58,6 +58,9 @@ BATCH = 4096
 _DEAD = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
 # One warning per user (and for the global cap) per this many seconds: a flood must not flood the log.
 WARN_EVERY_S = 10.0
+# How long the socket file stays closed to a user one of whose connections was cut for flooding past its
+# budget of refusals (rpcserver.RefusalBudget): the rest of that budget's second, give or take a poll.
+CUT_DENY_S = 1.0
 
 
 ACL_XATTR = "system.posix_acl_access"
@@ -163,6 +166,11 @@ class ConnGuard:
         self._sock_lock = threading.Lock()
         self._mon: zmq.Socket[Any] | None = None
         self._thread: threading.Thread | None = None
+        # Users kept off the socket file until a time, for a flood (cut()), and how many connections were cut.
+        self._cut_until: dict[int, float] = {}
+        self.cut_count = 0
+        # The event thread counts and refuses; the rpc loop cuts (cut()): one at a time.
+        self._lock = threading.RLock()
 
     def watch(self, ctx: zmq.Context[Any], sock: zmq.Socket[Any], lock: threading.Lock | None = None) -> None:
         """Read ``sock``'s connection events in a thread of their own until :meth:`stop`."""
@@ -194,8 +202,10 @@ class ConnGuard:
     def _run(self) -> None:
         assert self._mon is not None
         while not self._stopping:
-            if time.monotonic() - self._reconciled_at >= RECONCILE_S:
-                self._recount()
+            with self._lock:
+                if time.monotonic() - self._reconciled_at >= RECONCILE_S:
+                    self._recount()
+                self.expire_cuts(time.monotonic())
             try:
                 if not self._mon.poll(200):
                     continue
@@ -209,7 +219,8 @@ class ConnGuard:
             except zmq.ZMQError:
                 return
             try:
-                self.handle(batch)
+                with self._lock:
+                    self.handle(batch)
             except Exception:  # a bug here must not end the guard: log it, keep counting
                 log.exception("connection guard: a batch of %d events", len(batch))
             if any(kind == zmq.EVENT_MONITOR_STOPPED for kind, _fd in batch):
@@ -265,6 +276,49 @@ class ConnGuard:
             self._gone(fd)
         for key, why in reasons.items():
             self._warn(key, f"refused a connection: {why}")
+
+    def cut(self, fd: int, uid: int) -> bool:
+        """Shut down connection ``fd`` of ``uid``, which is flooding the daemon with requests past its budget
+        of refusals, and close the socket file to ``uid`` for :data:`CUT_DENY_S` (from the rpc loop).
+
+        Why: a muted connection's requests are dropped unanswered, but each one is still received on the
+        event loop (a ROUTER cannot stop reading one peer), and a flood of them kept the loop awake and
+        every other user's request behind it (issue 19: 10,000 deletes a second took half a core). Cut, the
+        flood's next requests wait in the flooder's own process: its reconnects fail in ``connect``
+        (``EACCES``) until the file opens again, and cost the daemon nothing. The client sees its requests
+        go unanswered and is told the socket file is closed to it (client.base.timed_out). Only a counted
+        connection of that user is cut, as for a refusal (the number may have been reused)."""
+        # Never wait on the event thread's batch (the event loop calls this): a busy guard skips the cut, and
+        # the flood's next second tries again; meanwhile its connection stays muted.
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self.path is None or self._fds.get(fd, -1) != uid or peer_uid_of_fd(fd, self.path) != uid:
+                return False
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_ino != self._inodes.get(fd):
+                    return False
+            self._cut_until[uid] = time.monotonic() + CUT_DENY_S
+            self._set_acl()  # first: the client that sees its connection shut down finds the file closed
+            shut_down(fd)
+            self.cut_count += 1
+            self._gone(fd)
+            self._warn(uid, f"cut a connection of uid {uid}: it sent requests past quota.max_requests and "
+                            f"past {CUT_DENY_S:g} s of refusals; the socket is closed to the user for "
+                            f"{CUT_DENY_S:g} s")
+            return True
+        finally:
+            self._lock.release()
+
+    def expire_cuts(self, now: float) -> None:
+        """Open the socket file again to users cut for a flood whose time is up at ``now`` (monotonic)."""
+        if not self._cut_until:
+            return
+        over = [uid for uid, until in self._cut_until.items() if until <= now]
+        for uid in over:
+            del self._cut_until[uid]
+        if over:
+            self._set_acl()
 
     def _accepted(self, fd: int) -> None:
         uid = peer_uid_of_fd(fd, self.path)
@@ -327,12 +381,14 @@ class ConnGuard:
         log.info("ipc socket: %d connections open; accepting new ones again", self.total)
 
     def _set_acl(self) -> None:
-        """Give the socket file an ACL that denies the users in :attr:`denied` (or none, when empty)."""
+        """Give the socket file an ACL that denies the users in :attr:`denied` and those cut for a flood (or
+        none, when there are none)."""
         if self.path is None or not self._acl_ok:
             return
+        denied = self.denied | self._cut_until.keys()
         try:
-            if self.denied:
-                os.setxattr(self.path, ACL_XATTR, acl_denying(os.stat(self.path).st_mode, sorted(self.denied)))
+            if denied:
+                os.setxattr(self.path, ACL_XATTR, acl_denying(os.stat(self.path).st_mode, sorted(denied)))
             else:
                 with contextlib.suppress(OSError):
                     os.removexattr(self.path, ACL_XATTR)

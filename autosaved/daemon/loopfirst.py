@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import selectors
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final
 
 from ..tree import Walked
+from .cpushare import Meter
 
 # Entries walked between two checks: about 50-100 us of decoding (a check costs well under 1 us).
 STEP: Final = 256
@@ -61,10 +63,25 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(LoopFirstSelector())
 
 
+def wait_s(worked: float) -> float:
+    """How long a worker that ran ``worked`` seconds since its last wait may wait now (pure): no longer than
+    it ran, so a loop that never sleeps slows a worker down at most twice, and at most :data:`MAX_WAIT`.
+    (Waiting the whole 2 ms at every yield point made a save of 4,700 small pages take 20-40 s beside a
+    user flooding the loop, and the shutdown flush miss its deadline.)"""
+    return min(MAX_WAIT, max(0.0, worked))
+
+
 def yield_point() -> None:
-    """Where a stepping-aside worker waits while the loop is awake (at most :data:`MAX_WAIT`)."""
-    if getattr(_local, "aside", False) and not _loop_asleep.is_set():
-        _loop_asleep.wait(MAX_WAIT)
+    """Where a stepping-aside worker waits while the loop is awake (:func:`wait_s`), and sleeps while its
+    user is over its CPU share (cpushare.py)."""
+    if getattr(_local, "aside", False):
+        if not _loop_asleep.is_set():
+            now = time.perf_counter()
+            _loop_asleep.wait(wait_s(now - getattr(_local, "resumed", now)))
+            _local.resumed = time.perf_counter()
+        meter: Meter | None = getattr(_local, "meter", None)
+        if meter is not None:
+            meter.check()
 
 
 def _step() -> None:
@@ -82,10 +99,14 @@ def install() -> None:
 
 
 @contextmanager
-def stepping_aside() -> Iterator[None]:
-    """Within this, the calling (worker) thread waits at its yield points while the event loop is awake."""
+def stepping_aside(meter: Meter | None = None) -> Iterator[None]:
+    """Within this, the calling (worker) thread waits at its yield points while the event loop is awake,
+    and its CPU is charged to ``meter``'s user."""
     _local.aside = _installed
+    _local.meter = meter if _installed else None
+    _local.resumed = time.perf_counter()
     try:
         yield
     finally:
         _local.aside = False
+        _local.meter = None

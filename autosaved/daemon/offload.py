@@ -31,6 +31,7 @@ from ..errors import ProtocolError
 from ..protocol import MAX_HEADER_BYTES
 from ..storage.faults import point
 from . import loopfirst
+from .cpushare import CpuShares, Meter
 
 T = TypeVar("T")
 
@@ -52,9 +53,22 @@ _LIMITS: dict[str, int] = {f"max_{kind}_len": MAX_HEADER_BYTES for kind in ("str
 
 
 
-def install() -> None:
-    """Set the switch interval: the rpc loop gets the GIL back quickly from a decoding worker."""
+# Each user's CPU for decoding, against quota.cpu_share (cpushare.py); None outside the daemon.
+shares: CpuShares | None = None
+
+
+def install(cpu_share: Callable[[], float | None] | None = None) -> None:
+    """Set the switch interval: the rpc loop gets the GIL back quickly from a decoding worker; and charge
+    each user's decodes to ``cpu_share`` (cores, from the live config)."""
+    global shares
     sys.setswitchinterval(SWITCH_INTERVAL)
+    shares = None if cpu_share is None else CpuShares(cpu_share)
+
+
+def note_request(owner: int) -> None:
+    """A request from ``owner`` arrived (the rpc server, for each): other users' decodes are contended."""
+    if shares is not None:
+        shares.note(owner)
 
 
 def peek_header(raw: bytes | memoryview) -> dict[str, Any]:
@@ -107,20 +121,23 @@ def unpack_sliced(raw: bytes | memoryview) -> dict[str, Any]:
     return header
 
 
-def _decode_call(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+def _decode_call(fn: Callable[..., T], args: tuple[Any, ...], owner: int | None) -> T:
     point("offload", "decode", "before")
-    with loopfirst.stepping_aside():  # the event loop's requests first (loopfirst.py)
+    # Root's work is not charged (quota settings exempt root).
+    meter = None if shares is None or owner is None or owner == 0 else Meter(shares, owner)
+    with loopfirst.stepping_aside(meter):  # the event loop's requests first (loopfirst.py)
         return fn(*args)
 
 
-# One decode at a time, apart from the default pool the disk work uses (one user's decodes run one after
-# another anyway: the rpc server holds the user).
+# Two decodes at a time, apart from the default pool the disk work uses: one user's decodes run one after
+# another anyway (the rpc server holds the user), so a user sleeping for its CPU share never holds up
+# another user's.
 _limiter: anyio.CapacityLimiter | None = None
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` in a decoding worker thread."""
+async def off_loop(fn: Callable[..., T], *args: Any, owner: int | None = None) -> T:
+    """``fn(*args)`` in a decoding worker thread, its CPU charged to ``owner`` (cpushare.py)."""
     global _limiter
     if _limiter is None:
-        _limiter = anyio.CapacityLimiter(1)
-    return await anyio.to_thread.run_sync(_decode_call, fn, args, limiter=_limiter)
+        _limiter = anyio.CapacityLimiter(2)
+    return await anyio.to_thread.run_sync(_decode_call, fn, args, owner, limiter=_limiter)

@@ -103,7 +103,8 @@ class RefusalBudget:
     it a user's requests over the quota are dropped unanswered (counted: ``status`` ``daemon.edge``). A
     client that sends that many past its quota is not waiting for the answers. The connection that went
     past it is muted for the rest of that second: its messages are dropped before their header is read
-    (each one read, checked and refused cost the event loop tens of microseconds, issue 19)."""
+    (each one read, checked and refused cost the event loop tens of microseconds, issue 19), and on ipc it
+    is cut, with the socket file closed to its user for that long (connguard.ConnGuard.cut)."""
 
     def __init__(self) -> None:
         self._second = -1
@@ -237,10 +238,13 @@ class RpcServer:
         return {
             "ipc": {"open": guard.total if guard else 0, "peak": guard.peak if guard else 0,
                     "refused": guard.refused if guard else 0, "closed": guard.closed if guard else False,
+                    "cut_for_flooding": guard.cut_count if guard else 0,
                     "missed_disconnects": guard.reconciled if guard else 0},
             "requests_in_flight": sum(self.in_flight_by_uid.values()),
             "requests_queued": len(self.queue), "requests_expired": self.expired,
             "requests_unanswered": self.ctx.run.requests_unanswered,
+            "decode_cpu": {"throttled_s": round(offload.shares.throttled_s, 3) if offload.shares else 0.0,
+                           "users_charged": offload.shares.users_charged() if offload.shares else 0},
             "replies": {"queued_bytes": self.replies.total(),
                         "dropped": self.replies.dropped + (self._shared.dropped if self._shared else 0),
                         "refused": self.replies.refused,
@@ -297,6 +301,7 @@ class RpcServer:
             seq = raw_seq if isinstance(raw_seq, int) and not isinstance(raw_seq, bool) else None
             op, seq = check_request(header)
             owner = self.owner_of(header_frame)
+            offload.note_request(owner)
             point("task", "rpc", "before", op)
             counted = self.in_flight_by_uid.get(owner, 0)
             # A request counts until its reply has left: big replies still queued in libzmq count too.
@@ -307,6 +312,7 @@ class RpcServer:
                     # event loop a send (issue 19: a flood past the quota took 60% of the loop in error replies).
                     self._unanswered()
                     self._refusals.mute(identity)
+                    self._cut(header_frame, owner)
                     return
                 raise QuotaExceeded(
                     f"quota.max_requests: uid {owner} already has {in_flight} requests in flight (the limit is "
@@ -323,6 +329,18 @@ class RpcServer:
         # Counted from now on, queued or started: quota.max_requests bounds each user's queue too.
         self.in_flight_by_uid[owner] = counted + 1
         self.queue.push(owner, Queued(identity, seq, request), total + REQUEST_COST)
+
+    def _cut(self, frame: zmq.Frame, owner: int) -> None:
+        """Cut the connection a flood past the refusal budget came on (connguard.ConnGuard.cut): muted, its
+        requests would still each be received on the event loop."""
+        guard = self.conn_guard
+        if guard is None:
+            return
+        try:
+            fd = int(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, TypeError, ValueError):
+            return
+        guard.cut(fd, owner)
 
     def _unanswered(self) -> None:
         """A request over its user's quota dropped without an answer: counted as both."""
@@ -392,7 +410,7 @@ class RpcServer:
         try:
             try:
                 assert request.raw_header is not None
-                header = await offload.off_loop(offload.unpack_sliced, request.raw_header)
+                header = await offload.off_loop(offload.unpack_sliced, request.raw_header, owner=owner)
                 op, full_seq = check_request(header)
                 if (op, full_seq) != (request.op, seq):
                     raise ProtocolError("a big request's header must lead with v, op and seq")

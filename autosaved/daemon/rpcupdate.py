@@ -168,7 +168,7 @@ class UpdateOps(HandlerBase):
         try:
             u, blobs = self._parse_fields(req)
             inline_max = _inline_max(req.header)
-            u.delta = await off_loop(_decode_delta, req.header.pop("tree", None), blobs, inline_max)
+            u.delta = await off_loop(_decode_delta, req.header.pop("tree", None), blobs, inline_max, owner=req.owner)
             self._check_running()
             key = (req.owner, u.name)
             turns = self.ctx.table.update_turns
@@ -202,7 +202,7 @@ class UpdateOps(HandlerBase):
                     return await self._load_and_apply(req, u)  # deleted meanwhile: a new job of that name
                 await table.make_resident(job)
                 root = job.root
-                planned: Planned | None = await off_loop(_plan, root, u.delta)
+                planned: Planned | None = await off_loop(_plan, root, u.delta, owner=req.owner)
                 if planned is not None and job.root is not planned.root:
                     planned = None  # the job changed meanwhile: planned again on the loop
                 try:

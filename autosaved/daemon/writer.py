@@ -51,6 +51,9 @@ class Writer:
         # Told which job's save ended (the daemon's scheduler then decides for that job alone).
         self.on_job_done: Callable[[Job], None] | None = None
         self.limiter = anyio.CapacityLimiter(concurrency)
+        # Saves someone waits for (explicit, the deadline flush) have slots of their own: behind background
+        # saves of another user's big jobs, a well-behaved user's shutdown save missed the deadline (issue 19).
+        self.urgent_limiter = anyio.CapacityLimiter(concurrency)
         self.saves = 0
         self.failures = 0
         self.bytes_written = 0
@@ -117,7 +120,7 @@ class Writer:
             if job.deleted:
                 raise StorageError(f"job {job.name!r} was deleted")
             point("task", "writer", "before", job.name)
-            async with self.limiter:
+            async with self.urgent_limiter if ticket.reason in URGENT_REASONS else self.limiter:
                 write_started = time.perf_counter()
                 # Read now, from the live config: a reload may change them mid-save.
                 compression, chunk_size = job.settings.compression, self.chunk_size()

@@ -6,7 +6,8 @@ while the CPU copied the next chunk into the page cache, and the CPU idled while
 while one syncer thread makes chunk *n* durable and renames it into place. The crash-safety argument is
 unchanged: a chunk gets its final name only after its fsync returned, and the caller commits no
 manifest before :meth:`ChunkPipeline.finish` has seen every chunk renamed and fsynced the directories.
-At most ``depth`` chunks are written but not yet durable, which bounds the dirty page cache a save adds.
+At most ``depth`` chunks (or up to :data:`MAX_IN_FLIGHT` small ones, see there) are written but not yet
+durable, which bounds the dirty page cache a save adds.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ from . import fileops
 from .faults import point
 from .fsutil import SYNC_EVERY, WRITE_PIECE, Pacer, fsync_dir, rename
 
-# One syncer for the whole process: saves of different jobs then queue their fsyncs instead of
-# multiplying them, and a chunk's fsync never waits behind more than the pipeline's depth.
-_SYNCER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="autosaved-sync")
+# Chunks a save has written but not yet made durable: at most DEPTH of any size, or more small ones (a
+# format-2 state's pages, 4-16 KiB each) while they stay under SMALL_IN_FLIGHT_BYTES. A small file's fsync
+# is mostly a wait for the journal's commit, and fsyncs issued together share commits. Measured here (600
+# files of 5 KB, each written, fsynced and renamed): 1.07 ms a file one at a time, 0.65 two at a time, 0.36
+# eight and 0.23 thirty-two at a time. A save of 3,778 pages took 9 s two at a time on a busy host and
+# made the shutdown flush of a hostile user's jobs miss its deadline (issue 19).
+DEPTH = 2
+MAX_IN_FLIGHT = 32
+SMALL_IN_FLIGHT_BYTES = 4 * 1024 * 1024
+# One pool of syncers for the whole process: enough for one save's small files at once; big chunks stay
+# at DEPTH per save, so saves of different jobs queue their big fsyncs instead of multiplying them.
+_SYNCER = ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT, thread_name_prefix="autosaved-sync")
 # Directory fsyncs at the end of a save, all at once: profiled (py-spy, 512 MiB save) one after another
 # they took 20% of the save, one journal commit each for up to 256 ``objects/<ab>`` folders; issued
 # together, the filesystem's journal commits them in a few batches.
@@ -50,10 +60,16 @@ class Written:
 
 
 class ChunkPipeline:
-    def __init__(self, pace: Pacer | None, depth: int = 2) -> None:
+    def __init__(self, pace: Pacer | None, depth: int = DEPTH) -> None:
         self.pace = pace
         self.depth = depth
         self._pending: list[Future[None]] = []
+        self._sizes: list[int] = []  # of the chunks in _pending, in the same order
+        self._in_flight_bytes = 0
+
+    def _full(self) -> bool:
+        n = len(self._pending)
+        return n >= self.depth and (n >= MAX_IN_FLIGHT or self._in_flight_bytes >= SMALL_IN_FLIGHT_BYTES)
 
     def put(self, tmp: Path, target: Path, data: memoryview | bytes, kind: str = "chunk") -> int:
         """Write ``data`` to the new file ``tmp`` (O_EXCL) and queue its fsync and its rename to ``target``;
@@ -67,7 +83,8 @@ class ChunkPipeline:
         """The first half of :meth:`put`: write ``data`` to the new file ``tmp`` and keep it open, neither
         durable nor named, until :meth:`settle` or :meth:`discard`. ``readable`` opens it for reading too
         (a caller that names the chunk by hashing what reached the file, :mod:`.slotwrite`)."""
-        while len(self._pending) >= self.depth:
+        while self._full():
+            self._in_flight_bytes -= self._sizes.pop(0)
             self._pending.pop(0).result()
         point(kind, "open", "before", tmp)
         mode = os.O_RDWR if readable else os.O_WRONLY
@@ -83,6 +100,8 @@ class ChunkPipeline:
     def settle(self, written: Written, target: Path) -> None:
         """Queue the fsync of a :meth:`write` and its rename to ``target`` (the syncer thread's work)."""
         self._pending.append(_SYNCER.submit(_settle, written.fd, written.tmp, target, written.kind))
+        self._sizes.append(written.size)
+        self._in_flight_bytes += written.size
 
     @staticmethod
     def discard(written: Written) -> None:
@@ -119,7 +138,7 @@ class ChunkPipeline:
                 future.result()
             except BaseException as exc:  # wait for all of them before raising: no fd is left open
                 error = error or exc
-        self._pending = []
+        self._pending, self._sizes, self._in_flight_bytes = [], [], 0
         if error is not None:
             raise error
 
@@ -127,7 +146,7 @@ class ChunkPipeline:
         """After a failure: wait for the queued chunks (their errors are moot) so none outlives the save."""
         for future in self._pending:
             future.exception()
-        self._pending = []
+        self._pending, self._sizes, self._in_flight_bytes = [], [], 0
 
 
 def _settle(fd: int, tmp: Path, target: Path, kind: str) -> None:
