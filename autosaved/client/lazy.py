@@ -11,10 +11,10 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
 - Where the bulk copy runs is decided per update (:mod:`autosaved.client.lazyplan`; issue 21): where the
   process has a core to spare beside the caller's compute threads (PyTorch's intra-op threads), a thread
   of its own copies at the lowest CPU priority (nice 19) while the trainer runs on. Where it has none, the
-  whole update waits for the fence: there the background thread encodes it and picks the slot, the
-  caller's thread and helpers on every core copy it, as an eager update's copy does
-  (:mod:`autosaved.client.slotcopy`), and an ``accepted`` update's send and ack complete before the fence
-  returns. Any thread that runs beside a trainer whose OpenMP threads fill every core takes a core from
+  whole update waits for the fence: there an ``accepted`` update runs on the caller's thread as an eager
+  one does (encode, slot pick, the copy with helpers on every core: :mod:`autosaved.client.slotcopy`,
+  send, ack); at a deeper wait level the background thread encodes and sends it once the fence came, and
+  the fence copies it. Any thread that runs beside a trainer whose OpenMP threads fill every core takes a core from
   one of them while the other spins at the op's barrier, so there nothing of the update may run beside
   the step: not the copy, and not the encode, the send or the daemon's accept either (issue 21: with
   only the copy at the fence a lazy step still cost more CPU than an eager one). An update nobody
@@ -39,7 +39,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from types import TracebackType
@@ -53,7 +53,7 @@ from ..protocol import ACK_LEVELS
 from ..tree import Blob
 from .base import Ack
 from .lazyplan import CopyAt, copy_at, fence_wait
-from .slotcopy import SharedCopy, assist, cores, quietly
+from .slotcopy import SharedCopy, assist, copy_waited, cores, quietly
 from .slots import Placement
 from .sync import Client
 
@@ -77,6 +77,15 @@ class PendingUpdate:
         self.fencing = threading.Event()  # a caller fences: a copy left for the fence is its to do
         self.created = time.monotonic()
         self.fenced_after: float | None = None  # seconds from update() to the first fence
+        # An update left for the fence runs on whichever thread claims it first: the fence's (on the caller's
+        # thread, as an eager update runs: no hand-offs between threads) or, if no fence came in time, the
+        # background thread's.
+        self._claim = threading.Lock()
+        self.run_here: Callable[[], None] | None = None
+
+    def claim(self) -> bool:
+        """True for the one thread that gets to run this update (a fence, or the background thread)."""
+        return self._claim.acquire(blocking=False)
 
     def fence(self, timeout: float | None = None) -> None:
         """Wait until the update no longer reads the caller's arrays (copying what is left of it in this
@@ -84,6 +93,8 @@ class PendingUpdate:
         if self.fenced_after is None:
             self.fenced_after = time.monotonic() - self.created
         self.fencing.set()
+        if self.run_here is not None and self.claim():
+            self.run_here()  # the whole update, here: encode, copy (with the helpers), send, ack
         if not self.ready.wait(timeout):  # the background thread is still picking the slot
             raise TimeoutError("the lazy update's copy did not start in time")
         shared = self.copy
@@ -148,7 +159,9 @@ class LazyClient:
         pending = PendingUpdate(where, ack_at_fence=where == "fence" and wait == "accepted")
         self._last = pending
         meta_copy = dict(meta) if meta is not None else None
-        self._worker.submit(self._run, pending, packed, step, meta_copy, wait, fence_wait(self._gap))
+        if pending.ack_at_fence:
+            pending.run_here = lambda: self._run(pending, packed, step, meta_copy, wait, inline=True)
+        self._worker.submit(self._background, pending, packed, step, meta_copy, wait, fence_wait(self._gap))
         return pending
 
     def copy_at(self) -> CopyAt:
@@ -200,14 +213,22 @@ class LazyClient:
 
     # -- the background side ----------------------------------------------------------------------
 
-    def _run(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-             wait: str, fence_wait_s: float) -> None:
+    def _background(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
+                    wait: str, fence_wait_s: float) -> None:
         if pending.copy_at == "fence":
             # Nothing of this update runs beside the caller's compute: not even the encode and slot pick
-            # (Python work that takes the GIL and a core). Only an update nobody fences in time goes on.
+            # (Python work that takes the GIL and a core). A fence runs it; only an update nobody fences in
+            # time is run here.
             pending.fencing.wait(fence_wait_s)
+        if pending.claim():
+            self._run(pending, packed, step, meta, wait)
+
+    def _run(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
+             wait: str, inline: bool = False) -> None:
+        """Encode, copy and send the update (``inline``: on the fencing caller's thread, which copies with
+        the helpers, as an eager update does); its outcome goes to ``pending``."""
         try:
-            ack = self._send(pending, packed, step, meta, wait)
+            ack = self._send(pending, packed, step, meta, wait, inline)
         except BaseException as exc:
             if not pending.copied.is_set():
                 pending.copy_error = exc
@@ -220,11 +241,14 @@ class LazyClient:
             pending.future.set_result(ack)
 
     def _send(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-              wait: str) -> Ack:
+              wait: str, inline: bool) -> Ack:
         client, slots = self.client, self.client._slots
         placed: list[tuple[Sequence[Blob], Placement | None]] = []
 
         def share(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+            if inline:  # the fencing caller's own thread: it copies now, with the helpers
+                copy_waited(pairs)
+                return
             shared = SharedCopy(pairs)
             pending.copy = shared  # from now on a fence helps copy
             pending.ready.set()
