@@ -33,6 +33,34 @@ that brought it (amortised O(the request)), never a walk of the rest of the tree
 A merge into a counted root gives a counted root (:func:`merge_counted` also says what changed); a
 merge into a plain root stays plain and uncounted (storage's log replay, whose result the daemon
 counts once with :func:`counted` when it loads the job).
+
+**Packed subtrees (issue 20: RSS growth over a history <= 2x its payload).** A mapping, list or tuple
+that a merge adds under a new key of a mapping already holding :data:`PACK_WIDTH` (64) keys, or that
+:func:`counted` finds there when a job loads, is kept as one :class:`~autosaved.tree.Packed` object: its
+msgpack encoding (small bytes leaves inline) behind a header with its ``cost``, ``held`` and kind. One
+LangGraph checkpoint was a record Node, four lists, four Blobs and their bytes objects and a parent id
+string (~1.4 KB of objects beside its ~2.2 KB payload); it is now three bytes objects. The merge also puts
+the Packed into the delta in place of the subtree it stands for, so the pending log delta of updates at
+``accepted`` holds the same object instead of a second tree until the next save. A Packed stands for
+exactly the tree it opens to, everywhere: encoders (``to_node``: replies, log records, format 1) encode
+that tree; a merge of a mapping into a packed mapping opens it (counted) and merges, and a packed delta
+value meeting a mapping opens too, so a plan made against an older root applies right; a merge of deltas
+keeps a packed value shared only where its key is new; restore by path, the save's diff, its blob walk
+and the change check open it where they reach it. Only subtrees whose leaves are scalars and bytes leaves
+in daemon memory pack, up to :data:`PACK_MAX` encoded bytes (a read or a merge into one opens O(16 KiB) at
+most): a leaf in a client slot (counted in ``refs``), an array, a leaf stored only in chunk files, a big
+int or a ``DELETE`` keeps its subtree a tree. Narrow mappings (a trainer's state, a stage's progress)
+never pack: their subtrees are few and hot.
+
+Why at the merge, and not the proposed compaction of cold subtrees after a save (to their encoding, or
+dropped to page references the cache reloads): a history is filled between saves (``bench history``
+puts 90,000 checkpoints at ``accepted`` before one), so compacting after the save leaves the daemon's
+peak, and with it its RSS (pymalloc keeps an arena while any object in it lives), where it was, and the
+pending log delta holds the unpacked subtrees until that save anyway. Page references would add I/O to
+every reader above (merges and the change check run on the event loop) and read a whole page (many
+checkpoints) to serve one. Packing at the merge costs each new subtree one C-level encoding (~5 us) when
+it arrives and ~3 us to open one for a read; ``scripts/rss_per_checkpoint.py --checkpoints
+1000,10000,100000``: 4,977 B of RSS per checkpoint (2.24x the payload) before, 3,383 B (1.52x) after.
 """
 
 from __future__ import annotations
@@ -41,7 +69,7 @@ import mmap
 from collections.abc import Mapping
 from typing import Any, Final, NamedTuple
 
-from .tree import DELETE, MSGPACK_INT_MAX, MSGPACK_INT_MIN, PLAIN_TYPES, Blob, Replace, Walked
+from .tree import DELETE, MSGPACK_INT_MAX, MSGPACK_INT_MIN, PLAIN_TYPES, Blob, Packed, Replace, Walked, pack_subtree
 
 State = dict[str | int, Any]
 # Client shared-memory mapping (``id()`` of the mmap a blob's bytes live in) -> how many leaves use it.
@@ -52,6 +80,10 @@ BLOB_OVERHEAD: Final = 64
 # A mapping of at most this many scalar values stays a plain dict: CPython's garbage collector never
 # tracks those (it tracks every instance of a dict subclass), so 600,000 tiny maps cost it nothing, as before.
 FLAT_MAX: Final = 16
+# A mapping, list or tuple a merge adds under a new key of a mapping that already has this many keys is
+# kept packed (see the module docstring), when its encoded size is at most PACK_MAX.
+PACK_WIDTH: Final = 64
+PACK_MAX: Final = 16384
 # Kept in sync with the node form of tree.to_node: {"m": [[key, value], ...]}, {"l": [...]}, {"t": [...]}.
 _CONTAINER: Final = 3  # the one-key map header and its tag
 _ITEM: Final = 1  # the [key, value] pair's array header
@@ -136,6 +168,8 @@ def measure(value: Any) -> tuple[int, int, Refs | None]:
         return 1, 0, None
     if t is float:
         return 9, 0, None
+    if t is Packed:
+        return value.cost, value.held, None
     if t is Blob:
         data = value.buffer
         if data is None:
@@ -173,6 +207,24 @@ def _measure_items(items: Any, *, mapping: bool) -> tuple[int, int, Refs | None]
     return cost + _CONTAINER + _array_header(n), held, refs
 
 
+def unpacked(value: Packed) -> Any:
+    """A :class:`Packed` subtree as the counted tree it stands for (its mappings Nodes or small plain dicts,
+    as a merge builds them), to merge into."""
+    tree = value.open()
+    return _counted(tree)[0] if isinstance(tree, dict) else tree
+
+
+def _pack_new(value: Any) -> Packed | None:
+    """``value`` packed, when it is a mapping, list or tuple that may be (module docstring), else ``None``."""
+    t = type(value)
+    if t is not dict and t is not list and t is not tuple:
+        return None
+    c, h, r = measure(value)  # counts the entries it walks: a yield point of the long walks follows
+    if Walked.entries >= Walked.step_at:
+        Walked.step()
+    return pack_subtree(value, c, h) if r is None and c <= PACK_MAX else None
+
+
 def _small_flat(out: dict[str | int, Any]) -> bool:
     """Whether a mapping stays a plain dict: at most :data:`FLAT_MAX` entries, all scalars (O(FLAT_MAX))."""
     return len(out) <= FLAT_MAX and all(type(v) in PLAIN_TYPES for v in out.values())
@@ -207,8 +259,13 @@ def _counted(tree: Mapping[str | int, Any], force: bool = False) -> tuple[Any, i
     out: dict[str | int, Any] = {}
     cost = held = 0
     refs: Refs | None = None
+    wide = len(tree) >= PACK_WIDTH
     for key, value in tree.items():
-        if isinstance(value, Mapping):
+        # A loaded state is all cold: its wide mappings' subtrees pack.
+        packed = _pack_new(value) if wide else None
+        if packed is not None:
+            value, c, h, r = packed, packed.cost, packed.held, None
+        elif isinstance(value, Mapping):
             value, c, h, r = _counted(value)
         else:
             c, h, r = measure(value)
@@ -266,9 +323,23 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
         if type(out) is Node:
             out.gen = gen
     cost, held, refs = base_cost - _CONTAINER - _array_header(len(base)), base_held, base_refs
+    wide = len(out) >= PACK_WIDTH
     for key, value in delta.items():
         old = out.get(key, _MISSING)
         t = type(value)
+        if t is Packed and value.is_mapping and _is_mapping(old):
+            value = value.open()  # merged into what the key holds, as the tree it stands for
+            t = type(value)
+        packed = _pack_new(value) if old is _MISSING and wide else None
+        if packed is not None:
+            out[key] = packed
+            cost += key_cost(key) + packed.cost
+            held += packed.held
+            if type(delta) is dict:
+                # The delta the job logs holds the same object (its meaning is the same tree): the
+                # pending log delta of updates at ``accepted`` then costs no second copy of the subtree.
+                delta[key] = packed
+            continue
         if old is not _MISSING:  # what the key held goes
             cost -= key_cost(key)
             to = type(old)
@@ -300,6 +371,9 @@ def _merge_node(base: dict[str | int, Any], base_cost: int, base_held: int, base
             new, c, h, r = _fresh(value.mapping, added)
         elif t is dict or isinstance(value, Mapping):  # the exact type first: an ABC check is slow
             to = type(old)
+            if to is Packed and old.is_mapping:
+                old = unpacked(old)
+                to = type(old)
             if to is Node:
                 new, c, h, r = _merge_node(old, old.cost, old.held, old.refs, value, added, removed, gen=gen)
             elif to is dict:  # a small flat map
@@ -329,6 +403,7 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
     out: dict[str | int, Any] = {}
     cost = held = 0
     refs: Refs | None = None
+    wide = len(delta) >= PACK_WIDTH  # a new mapping as wide as those whose new subtrees pack
     for key, value in delta.items():
         t = type(value)
         if t is str:
@@ -343,7 +418,12 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
         elif value is DELETE:
             continue
         else:
-            if t is Replace:
+            packed = _pack_new(value) if wide else None
+            if packed is not None:
+                value, c, h, r = packed, packed.cost, packed.held, None
+                if type(delta) is dict:
+                    delta[key] = packed  # shared with the pending log delta, as in _merge_node
+            elif t is Replace:
                 value, c, h, r = _fresh(value.mapping, added)
             elif t is dict or isinstance(value, Mapping):
                 value, c, h, r = _fresh(value, added)
@@ -362,6 +442,12 @@ def _fresh(delta: Mapping[str | int, Any], added: list[Refs | None]) -> tuple[An
     return _finish(out, cost, held, refs)
 
 
+def _is_mapping(value: Any) -> bool:
+    t = type(value)
+    return t is Node or t is dict or (t is Packed and value.is_mapping) or (
+        t is not Packed and t not in PLAIN_TYPES and isinstance(value, Mapping))
+
+
 def merge(base: State, delta: Mapping[str | int, Any]) -> State:
     """Return ``base`` with ``delta`` deep-merged: mappings merge, other values replace, DELETE removes,
     a :class:`Replace` sets a mapping wholesale. A counted ``base`` (:class:`Node`) gives a counted tree."""
@@ -369,6 +455,10 @@ def merge(base: State, delta: Mapping[str | int, Any]) -> State:
         return merge_counted(base, delta).root
     out = dict(base)
     for key, value in delta.items():
+        if type(value) is Packed and value.is_mapping and _is_mapping(out.get(key)):
+            value = value.open()
+        if type(out.get(key)) is Packed and isinstance(value, Mapping):
+            out[key] = out[key].open()
         if type(value) in PLAIN_TYPES:  # the common case first: the ABC check below is slow (perf, issue 14)
             out[key] = value
         elif value is DELETE:
@@ -397,6 +487,7 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
             out[key] = value
             continue
         before = out.get(key, _MISSING)
+        value, before = _unpack_pair(value, before)
         if value is DELETE or isinstance(value, Replace) or not isinstance(value, Mapping) or before is _MISSING:
             out[key] = value
         elif isinstance(before, Replace):
@@ -406,6 +497,17 @@ def merge_deltas(first: Mapping[str | int, Any], second: Mapping[str | int, Any]
         else:  # DELETE or a plain value came first
             out[key] = Replace(merge({}, value))
     return out
+
+
+def _unpack_pair(value: Any, before: Any) -> tuple[Any, Any]:
+    """(value, before) of a merge of deltas, a :class:`Packed` one opened where it meets the other: a packed
+    value stays shared only where it is new (nothing to merge it with, and a ``Replace`` is not needed
+    after nothing); a packed ``before`` opens where a mapping merges into it."""
+    if type(value) is Packed and before is not _MISSING:
+        value = value.open()
+    if type(before) is Packed and type(value) is not Replace and value is not DELETE and isinstance(value, Mapping):
+        before = before.open()
+    return value, before
 
 
 class _Owned(dict[str | int, Any]):
@@ -432,6 +534,8 @@ def merge_deltas_into(first: State, second: Mapping[str | int, Any]) -> State:
             out[key] = value
             continue
         before = out.get(key, _MISSING)
+        value, before = _unpack_pair(value, before)
+        t = type(value)
         # Exact types before the ABC checks (perf, issue 21: they were most of this walk).
         if before is _MISSING or (t is not dict and (value is DELETE or isinstance(value, Replace)
                                                      or not isinstance(value, Mapping))):
@@ -515,6 +619,12 @@ def changes_anything(base: State, delta: Mapping[str | int, Any]) -> bool:
     deleting a missing key must not make a version). O(the delta)."""
     for key, value in delta.items():
         before = base.get(key, _MISSING)
+        if type(before) is Packed:
+            before = before.open()
+        if type(value) is Packed:
+            if before is _MISSING:
+                return True
+            value = value.open()
         if value is DELETE:
             if before is not _MISSING:
                 return True

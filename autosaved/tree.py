@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+import msgpack
 
 from .errors import InvalidValue, ProtocolError
 
@@ -263,6 +266,8 @@ def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
             if math.isfinite(value):
                 return value
             return {"F": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+        if type(value) is Packed:
+            return enc(value.open(), path, in_mapping)
         if isinstance(value, Blob):
             if (inline_max > 0 and value.kind == "bytes" and value.data is not None and value.nbytes <= inline_max
                     and value.nbytes <= left[0]):
@@ -418,3 +423,112 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
 def iter_blobs(tree: Any) -> list[Blob]:
     """Every Blob of a tree, in encoding order."""
     return to_node(tree, allow_delete=True)[1]
+
+
+# A Packed's header: its subtree's cost and held bytes (autosaved.state's totals) and its kind.
+_PACKED_HEAD: Final = struct.Struct("<IIc")
+
+
+class Packed(bytes):
+    """A subtree of a daemon-held state kept in its encoded form (issue 20): one object holding the
+    subtree as msgpack (its small bytes leaves inline, see :func:`pack_subtree`), behind a header with
+    the subtree's totals (``cost``, ``held``) and its kind (``m``: a mapping, ``l``/``t``: a list/tuple).
+
+    It stands for exactly the tree :meth:`open` gives, everywhere a state or a delta is read: an encoder
+    encodes that tree, a merge into it merges into that tree, and it compares equal to it. Why and where
+    the daemon makes them: :mod:`autosaved.state` (``PACK_WIDTH``). Not a dict or list subclass on purpose:
+    a reader that does not know it sees no container to walk (and ``to_node`` without the case above
+    would refuse it) rather than an empty or partial one."""
+
+    __slots__ = ()
+
+    @property
+    def cost(self) -> int:
+        return _PACKED_HEAD.unpack_from(self)[0]  # type: ignore[no-any-return]
+
+    @property
+    def held(self) -> int:
+        return _PACKED_HEAD.unpack_from(self)[1]  # type: ignore[no-any-return]
+
+    @property
+    def is_mapping(self) -> bool:
+        return self[8] == 0x6D  # b"m"
+
+    def open(self) -> Any:
+        """The subtree, as new objects (plain dicts, lists, tuples, scalars and bytes :class:`Blob`)."""
+        return _unpack(memoryview(self)[_PACKED_HEAD.size:])
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is Packed:
+            return bytes.__eq__(self, other)
+        return bool(self.open() == other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = bytes.__hash__
+
+    def __repr__(self) -> str:
+        return f"Packed({self.open()!r})"
+
+
+def pack_subtree(value: Any, cost: int, held: int) -> Packed | None:
+    """``value`` (a mapping, list or tuple whose totals are ``cost`` and ``held``) as a :class:`Packed`, or
+    ``None`` when it cannot be one: it holds a leaf that is not a bytes leaf in memory of at most
+    :data:`PACKED_LEAF_MAX` bytes (an array, a leaf stored only in chunk files), an int msgpack cannot
+    carry, a ``DELETE`` or something no state holds."""
+    if type(value) is dict or isinstance(value, Mapping):
+        kind = b"m"
+    elif type(value) is list:
+        kind = b"l"
+    elif type(value) is tuple:
+        kind = b"t"
+    else:
+        return None
+    if cost >= 1 << 32 or held >= 1 << 32:
+        return None
+    try:
+        body = _packb(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return Packed(_PACKED_HEAD.pack(cost, held, kind) + body)
+
+
+# The body of a Packed: msgpack's own encoding (all in C: a daemon packs three subtrees per LangGraph put
+# and opens one per read), with extension types for what msgpack would lose: a tuple (strict types: never
+# an array) and a bytes leaf. Mappings keep their key order and int keys, floats their NaN and sign.
+_EXT_TUPLE: Final = 1
+_EXT_BYTES: Final = 2
+# The largest bytes leaf a Packed holds: a format-2 page holds leaves up to this size inline (storage's
+# statepages.INLINE_MAX, which must not be smaller), so a save never has a chunk to write for one.
+PACKED_LEAF_MAX: Final = 2048
+
+
+def _packed_default(obj: Any) -> Any:
+    t = type(obj)
+    if t is tuple:
+        return msgpack.ExtType(_EXT_TUPLE, _packb(list(obj)))
+    if t is Blob and obj.kind == "bytes" and obj.nbytes <= PACKED_LEAF_MAX:
+        data = obj.buffer
+        if data is not None:
+            return msgpack.ExtType(_EXT_BYTES, data if type(data) is bytes else bytes(data))
+    elif isinstance(obj, dict) and t is not dict:  # a counted mapping (autosaved.state.Node)
+        return dict(obj)
+    raise TypeError(f"{t.__name__} is not packed")
+
+
+def _packb(value: Any) -> bytes:
+    out: bytes = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_packed_default)
+    return out
+
+
+def _packed_ext(code: int, data: bytes) -> Any:
+    if code == _EXT_TUPLE:
+        return tuple(_unpack(data))
+    if code == _EXT_BYTES:
+        return inline_blob(data)
+    raise ProtocolError(f"unknown packed extension {code}")
+
+
+def _unpack(data: memoryview | bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_packed_ext)

@@ -407,7 +407,8 @@ def test_a_save_gets_the_paths_changed_since_the_stores_tree_even_after_a_failed
     assert save(fail=True).changed == (1, {"h": {"0200": None}})
     update({"h": {"0201": {"v": 2}, "0003": {"v": 3}}, "s": 1})
     last = save()
-    assert last.changed == (1, {"h": {"0200": None, "0201": None, "0003": {"v": None}}, "s": None})
+    # "h" has 200 keys: its subtrees are held packed (state.py), and a merge into one records it whole.
+    assert last.changed == (1, {"h": {"0200": None, "0201": None, "0003": None}, "s": None})
     full = store(tmp_path / "full")
     full.write_version(last.root, version=last.version, step=None, reason="t", meta={}, sessions={},
                        chunk_size=1 << 20)

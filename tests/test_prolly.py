@@ -463,18 +463,24 @@ def test_a_lazy_diff_edits_the_tree_a_full_build_gives(snapshots: list[list[dict
 
 
 def test_a_lazy_diff_holds_one_insert_per_new_subtree_not_its_items() -> None:
+    """New keys that sort after all of a wide mapping's keys (a history's growing ids) are one Insert of
+    their run; new keys among the old ones, one Insert each. Never an item of a new subtree."""
     def value(b: Blob) -> bytes:
         raise AssertionError
 
-    old = counted({"cp": {f"{i:08d}": {"m": "x", "s": i} for i in range(100)}})
-    new = merge_counted(old, {"cp": {f"{i:08d}": {"m": "y" * 20, "s": i, "l": [1, 2]} for i in range(100, 400)}},
-                        2).root
-    touched = Touched()
-    touch(touched, old, {"cp": {f"{i:08d}": {} for i in range(100, 400)}})
-    differ = sp.Differ(value, lazy=True)
-    differ.diff(old, new, touched=touched)
-    assert sum(isinstance(v, prolly.Insert) for v in differ.edits.values()) == 300
-    assert len(differ.edits) <= 301  # and the mapping's own value at most: no item of a new subtree
+    old = counted({"cp": {f"{i:08d}": {"m": "x", "s": i} for i in range(0, 200, 2)}})
+    for keys, inserts in ((range(200, 500), 1), (range(1, 200, 2), 100)):
+        new = merge_counted(old, {"cp": {f"{i:08d}": {"m": "y" * 20, "s": i, "l": [1, 2]} for i in keys}}, 2).root
+        touched = Touched()
+        touch(touched, old, {"cp": {f"{i:08d}": {} for i in keys}})
+        differ = sp.Differ(value, lazy=True)
+        differ.diff(old, new, touched=touched)
+        assert sum(isinstance(v, prolly.Insert) for v in differ.edits.values()) == inserts
+        assert len(differ.edits) <= inserts + 1  # and the mapping's own value at most: no item of a new subtree
+        got = [item for k in sorted(differ.edits) if isinstance(v := differ.edits[k], prolly.Insert)
+               for item in v.items()]
+        had = dict(sp.items(old, value))
+        assert got == [kv for kv in sp.items(new, value) if kv[0] not in had]  # in key order, every one
 
 
 def test_a_lazy_diff_is_freed_by_reference_counting() -> None:

@@ -20,7 +20,7 @@ from ..storage.base import JobStorage
 from ..storage.fsutil import pwrite_all
 from ..storage.local import JobStore
 from ..storage.pathread import subtrees
-from ..tree import Blob, to_node
+from ..tree import Blob, Packed, to_node
 from .jobs import Job
 from .rpcbase import HandlerBase, Reply, RpcRequest, _opt_int, log
 
@@ -38,6 +38,8 @@ def _paths(raw: Any) -> list[tuple[str | int, ...]] | None:
 def _subtree(tree: Any, path: tuple[str | int, ...]) -> Any:
     """The node at ``path`` under ``tree``; ``None`` when a key is missing or a step is not a mapping."""
     for key in path:
+        if type(tree) is Packed:
+            tree = tree.open()
         if not isinstance(tree, dict) or key not in tree:
             return None
         tree = tree[key]

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Final
 import psutil
 
 from ..state import BLOB_OVERHEAD, Node, empty_node
-from ..storage.statepages import blobs_of
+from ..storage.statepages import leaves_of
+from ..tree import Blob
 
 if TYPE_CHECKING:
     from .accounting import Ledger
@@ -73,7 +74,8 @@ def resident_estimate(cost: int, held: int, stored: int) -> int:
 
 def stored_cost(tree: Any) -> int:
     """The encoded size of the leaves of ``tree`` that live only in chunk files (a walk: at load only)."""
-    return sum(b.nbytes + BLOB_OVERHEAD for b in blobs_of(tree) if b.data is None)
+    # A packed subtree holds no such leaf (autosaved.state): it stays unopened.
+    return sum(b.nbytes + BLOB_OVERHEAD for b in leaves_of(tree) if isinstance(b, Blob) and b.data is None)
 
 
 @dataclass(frozen=True)

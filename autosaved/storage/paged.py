@@ -90,8 +90,9 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
     old_tree = cache.tree if cache is not None else None
     # The daemon's changed paths hold only relative to the tree the cache holds.
     touched = changed[1] if changed is not None and cache is not None and changed[0] == cache.version else None
-    added = list(sp.new_blobs(old_tree, tree, touched)) if cache is not None else list(sp.blobs_of(tree))
-    to_store = [b for b in added if not _inline(b)]
+    # Packed subtrees come unopened: their leaves are all inline (autosaved.state, PACK_WIDTH).
+    added = list(sp.new_blobs(old_tree, tree, touched) if cache is not None else sp.leaves_of(tree))
+    to_store = [b for b in added if type(b) is Blob and not _inline(b)]
     ahead = {id(b): submit_digests(b.data, chunk_size) for b in to_store
              if b.data is not None and chunk_size not in b.digests and not _shared(b)}
     records: list[dict[str, Any]] = []
@@ -124,14 +125,14 @@ def write_version(store: JobStore, tree: Any, version: int, step: int | None, re
         memo: dict[bytes, tuple[Any, bool]] = {}
         if cache is None:
             levels = prolly.Levels.build(prolly.chunk_leaves(sp.items(tree, blob_value), params, put), params, put)
-            total = sum(b.nbytes for b in added)
+            total = sum(sp.leaf_bytes(b) for b in added)
         else:
             differ = sp.Differ(blob_value, dict(cache.in_key_order), lazy=True)
             differ.diff(cache.tree, tree, touched=touched)
             memo = differ.memo
             levels = prolly.edit(cache.levels, differ.edits, params, store.read_page, put, where)
             removed = sp.new_blobs(tree, old_tree, touched)
-            total = cache.bytes + sum(b.nbytes for b in added) - sum(b.nbytes for b in removed)
+            total = cache.bytes + sum(sp.leaf_bytes(b) for b in added) - sum(sp.leaf_bytes(b) for b in removed)
         root, height = levels.root, levels.height
         pipeline.finish()
     except BaseException:

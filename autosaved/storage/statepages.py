@@ -16,6 +16,10 @@ copies only the paths an update touches (:mod:`autosaved.state`), so unchanged s
 objects and are skipped without a look inside. Given the paths the daemon's merges changed
 (:class:`autosaved.state.Touched`), a mapping's diff visits only those keys: the work is O(the change),
 not the width of the mappings on changed paths (a history of 100,000 checkpoints is one mapping).
+New keys that sort after all of a mapping's keys are one lazy edit of their run, and a packed subtree
+(:class:`autosaved.tree.Packed`, see :mod:`autosaved.state`) is read as the tree it stands for, opened
+only when its items are made: its leaves are all inline, so what it adds to a version's ``bytes`` is its
+``held``, counted unopened.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import msgpack
 
 from ..errors import CorruptVersion
-from ..tree import Blob, from_node, to_node
+from ..tree import Blob, Packed, from_node, to_node
 from . import prolly
 
 if TYPE_CHECKING:
@@ -120,6 +124,8 @@ def scalar_value(value: Any) -> bytes:
 
 def items(tree: Any, blob_value: BlobValue, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
     """Every item of ``tree`` in key order (the full build)."""
+    if type(tree) is Packed:
+        tree = tree.open()
     if is_container(tree):
         yield prefix, container_value(tree)
         for key, sub in _children(tree):
@@ -169,6 +175,8 @@ class Differ:
         # every 5 minutes), keeping a save's edits that long.
         self._expand: Callable[[Any, bytes], Iterator[tuple[bytes, bytes]]] = \
             lambda sub, key: items(sub, blob_value, key)
+        self._expand_run: Callable[[Any, bytes], Iterator[tuple[bytes, bytes]]] = \
+            lambda run, _key: _run_items(run, blob_value)
 
     def _add(self, sub: Any, key: bytes) -> None:
         """The items of ``sub``, new at ``key`` (nothing was at or under ``key``)."""
@@ -214,6 +222,13 @@ class Differ:
         """Put into ``edits`` what turns the items of ``old`` into those of ``new`` (``None``: delete)."""
         if old is new:
             return
+        if type(old) is Packed or type(new) is Packed:
+            if type(old) is type(new) and old == new:
+                return  # the same bytes: the same tree
+            # The trees they stand for (new objects: their leaves differ by identity, so a leaf is written
+            # again when unchanged; the pages come out the same).
+            old, new = (v.open() if type(v) is Packed else v for v in (old, new))
+            touched = None
         edits = self.edits
         if is_container(old) and is_container(new) and _kind(old) == _kind(new):
             if isinstance(new, dict):
@@ -268,9 +283,12 @@ class Differ:
                 self.delete(was, kp)
             elif was is _MISSING:
                 added.append(key)
-                self._add(sub, kp)
+                if not self.lazy:
+                    self._add(sub, kp)
             else:
                 self.diff(was, sub, kp, sub_touched)
+        if added and self.lazy:
+            self._add_keys(old, new, prefix, added)
         if gone:
             cv = self._dict_value(old, new, prefix)
         elif not added and len(new) == len(old):
@@ -283,8 +301,29 @@ class Differ:
         if cv is not None:
             edits[prefix] = cv
 
+    def _add_keys(self, old: dict[Any, Any], new: dict[Any, Any], prefix: bytes, added: list[Any]) -> None:
+        """The subtrees of ``new`` under ``added`` (keys ``old`` lacks), in a lazy diff. Keys that all sort
+        after ``old``'s (ids that grow: a history's checkpoints) are one :class:`prolly.Insert` of their run
+        (issue 20: an edit, its key and an Insert per new key were ~0.5 KB per checkpoint at the peak of a
+        save after 30,000 puts, kept by pymalloc after it): no item of ``old`` sorts among them."""
+        if len(added) > 1 and len(old) > 64 and self._in_key_order(old, prefix):
+            run = sorted((enc_elem(k), k) for k in added)
+            if run[0][0] > enc_elem(next(reversed(old))):
+                self.edits[prefix + run[0][0]] = prolly.Insert((new, prefix, [k for _, k in run]), prefix + run[0][0],
+                                                               self._expand_run)
+                return
+        for key in added:
+            self._add(new[key], prefix + enc_elem(key))
+
     def delete(self, node: Any, prefix: bytes) -> None:
         _delete(node, prefix, self.edits, self.memo)
+
+
+def _run_items(run: tuple[dict[Any, Any], bytes, list[Any]], blob_value: BlobValue) -> Iterator[tuple[bytes, bytes]]:
+    """The items of a run of new keys of one mapping (see :meth:`Differ._add_keys`), in key order."""
+    mapping, prefix, keys = run
+    for key in keys:
+        yield from items(mapping[key], blob_value, prefix + enc_elem(key))
 
 
 def _sorted_after(old: dict[Any, Any], tail: list[Any]) -> bool:
@@ -308,6 +347,8 @@ _MISSING: Any = object()
 def _delete(node: Any, prefix: bytes, edits: dict[bytes, prolly.Edit],
             memo: dict[bytes, tuple[Any, bool]] | None = None) -> None:
     edits[prefix] = None
+    if type(node) is Packed:
+        node = node.open()
     if is_container(node):
         if memo and isinstance(node, dict) and len(node) > 64:
             memo.pop(prefix, None)
@@ -316,6 +357,8 @@ def _delete(node: Any, prefix: bytes, edits: dict[bytes, prolly.Edit],
 
 
 def blobs_of(tree: Any) -> Iterator[Blob]:
+    if type(tree) is Packed:
+        tree = tree.open()
     if isinstance(tree, Blob):
         yield tree
     elif is_container(tree):
@@ -323,9 +366,26 @@ def blobs_of(tree: Any) -> Iterator[Blob]:
             yield from blobs_of(sub)
 
 
-def new_blobs(old: Any, new: Any, touched: Touched | None = None) -> Iterator[Blob]:
-    """The blobs of ``new`` that ``old`` does not hold as the same object (what a save may have to write);
-    with ``touched`` (the paths that may differ, see :class:`Differ`) only those paths are visited."""
+def leaves_of(tree: Any) -> Iterator[Blob | Packed]:
+    """The binary leaves of ``tree``, a :class:`Packed` subtree as itself, unopened: every leaf it holds is
+    a small bytes leaf in memory (inline in a page, never a chunk to write), ``held`` bytes in all (one
+    that holds no bytes is left out: it adds nothing a save counts)."""
+    if isinstance(tree, Blob) or (type(tree) is Packed and tree.held):
+        yield tree
+    elif is_container(tree):
+        for _key, sub in _children(tree):
+            yield from leaves_of(sub)
+
+
+def leaf_bytes(leaf: Blob | Packed) -> int:
+    """The bytes of the binary leaves :func:`leaves_of` gave as ``leaf``."""
+    return leaf.held if isinstance(leaf, Packed) else leaf.nbytes
+
+
+def new_blobs(old: Any, new: Any, touched: Touched | None = None) -> Iterator[Blob | Packed]:
+    """The binary leaves of ``new`` that ``old`` does not hold as the same object (what a save may have to
+    write), as :func:`leaves_of` gives them; with ``touched`` (the paths that may differ, see
+    :class:`Differ`) only those paths are visited."""
     if old is new:
         return
     if isinstance(new, dict) and isinstance(old, dict):
@@ -344,7 +404,7 @@ def new_blobs(old: Any, new: Any, touched: Touched | None = None) -> Iterator[Bl
         for i, sub in enumerate(new):
             yield from new_blobs(old[i] if i < len(old) else None, sub)
     else:
-        yield from blobs_of(new)
+        yield from leaves_of(new)
 
 
 def decode_value(raw: bytes, where: str) -> list[Any]:
