@@ -18,8 +18,10 @@ Each mode runs twice, in mirrored order (none, eager, ..., dcp_async, dcp_async,
 
 Keys: ``step_s_<mode>`` (median wall time of a steady-state step, checkpoint included: the first
 ``--warmup`` steps of each run, which pay for fresh memory, slot creation and connections, are dropped;
-eager drops at least :data:`SLOT_WARMUP`, lazy one more: its update's copy, slot creation included, runs
-during the next step),
+every mode drops at least :data:`MIN_WARMUP`, so that each measures the same training steps: eager's
+slots are made in its first :data:`SLOT_WARMUP` steps and lazy's update, slot creation included, runs
+during the next step; the model and tokens are seeded alike in every run, and float32 denormals are
+flushed to zero, so step k costs the same in every mode: see :data:`MIN_WARMUP`),
 ``blocking_s_<mode>`` (median time per step the trainer was stopped by the checkpoint: the call itself plus,
 for lazy, the fence and, for DCP, the wait for the previous save), ``cpu_s_<mode>`` (median CPU seconds
 the trainer process spent per steady-state step, every thread, the lazy copier's included: what the
@@ -67,6 +69,12 @@ MODES = ("none", "eager", "lazy", "torch_save", "dcp_async")
 # ``--warmup 1`` the measured step made the second slot: +1.65 GB of page faults in it (issue 21, the
 # ``minflt`` column: 561k per eager step against 218k for none).
 SLOT_WARMUP = 2
+# The warm-up every mode drops: lazy's, one more than eager's. Alike for all, so every mode measures the same
+# training steps (issue 21: with eager and none after 2 and lazy after 3, lazy measured a step later, and
+# this model's step on random tokens grew from 1.06 s at its 4th step to 3.62 s at its 8th, no checkpoint
+# at all, as denormal floats reached its matmuls: lazy's "extra" 0.5 s and 0.8 CPU-s per step). The
+# denormals are flushed as well (``torch.set_flush_denormal``), which keeps the steps flat (1.0-1.06 s).
+MIN_WARMUP = SLOT_WARMUP + 1
 _DAEMON_CONFIG = ('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'
                   '[throttle]\nenabled = false\n')
 
@@ -87,9 +95,9 @@ TINY = GPTConfig(vocab=1024, ctx=128, layers=2, heads=4, width=128)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true", help="a 2-layer, 128-wide model (quick runs, tests)")
     p.add_argument("--steps", type=int, default=3, help="measured steps per mode, after the warm-up (default 3)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help=f"uncounted steps at the start of each run (default 2; eager: at least {SLOT_WARMUP}, lazy: "
-                        f"{SLOT_WARMUP + 1})")
+    p.add_argument("--warmup", type=int, default=MIN_WARMUP,
+                   help=f"uncounted steps at the start of each run (default and least: {MIN_WARMUP}, the same for "
+                        "every mode)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -168,9 +176,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     import psutil
     import torch
 
-    if mode in ("eager", "lazy"):
-        # Lazy: update k (and the slot it makes) runs in the background during step k + 1.
-        warmup = max(warmup, SLOT_WARMUP + (mode == "lazy"))
+    warmup = max(warmup, MIN_WARMUP)  # the same steps measured in every mode (lazy: update k runs in step k + 1)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(1)
@@ -290,11 +296,16 @@ def _halves(steps: int) -> tuple[int, int]:
     return (steps + 1) // 2, steps // 2
 
 
-def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup: int = 2) -> dict[str, Any]:
+def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path,
+            warmup: int = MIN_WARMUP) -> dict[str, Any]:
     import torch
 
+    warmup = max(warmup, MIN_WARMUP)
+    # Denormal floats made this model's step grow 3.4x over its first 8 steps (see MIN_WARMUP): flushed, a
+    # step costs the same whichever step a mode measures. A CPU trainer of its own would want the same.
+    flushed = bool(torch.set_flush_denormal(True))
     out: dict[str, Any] = {"host": f"{socket.gethostname()} ({os.cpu_count()} cpus)", "steps": steps,
-                           "warmup": warmup,
+                           "warmup": warmup, "flush_denormal": flushed,
                            "threads": torch.get_num_threads(), "config": cfg.__dict__, "seq": seq, "batch": batch}
     # Each mode runs twice, in the order A B C ... C B A, half of its steps each time: on a shared host
     # whose load drifts over the minutes of a run, a fixed order charged the drift to whichever mode ran
@@ -302,13 +313,16 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
     first, second = _halves(steps)
     order = [(mode, first) for mode in MODES] + [(mode, second) for mode in reversed(MODES) if second]
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
-        stage = Stages("train")
-        for i, (mode, n) in enumerate(order):
-            stage(f"run {i + 1}/{len(order)}: {mode}, {n} steps")
-            runs[mode].append(run_mode(mode, cfg, n, seq, batch, work, daemon.address, warmup,
-                                       daemon.proc.pid if daemon.proc is not None else None))
-        stage.done()
+    try:
+        with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
+            stage = Stages("train")
+            for i, (mode, n) in enumerate(order):
+                stage(f"run {i + 1}/{len(order)}: {mode}, {n} steps")
+                runs[mode].append(run_mode(mode, cfg, n, seq, batch, work, daemon.address, warmup,
+                                           daemon.proc.pid if daemon.proc is not None else None))
+            stage.done()
+    finally:
+        torch.set_flush_denormal(False)
     for mode, results in runs.items():
         times = [t for r in results for t in r["times"]]
         out[f"step_s_{mode}"] = statistics.median(times)
