@@ -172,10 +172,11 @@ def test_a_forked_child_copies_with_helpers_of_its_own() -> None:
 
 def test_with_no_spare_core_the_whole_update_waits_for_the_fence(daemon: PrivateDaemon, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Issue 21: with every core busy with the caller's compute threads, anything that runs beside its step
-    costs it more than the same work at the fence (an overlapped copy: lazy 1.5-1.6x no checkpoint, eager
-    1.1-1.2x; with only the copy at the fence the encode, slot pick, send and ack still ran beside the
-    step). With no core to spare, an ``accepted`` update is encoded only once the caller fences, on the
-    caller's thread (as an eager one: no hand-offs), and its ack is in when the fence returns: counted."""
+    takes a core from one of them while the other spins at the op's barrier (an overlapped copy: lazy
+    1.5-1.6x no checkpoint, eager 1.1-1.2x); with only the copy at the fence the encode, slot pick, send
+    and ack still ran beside the step. With no core to spare, an ``accepted`` update is encoded only once
+    the caller fences, on the caller's thread (as an eager one: no hand-offs), and its ack is in when the
+    fence returns: counted."""
     from autosaved.client import lazy as lazy_module
     from autosaved.client.core import ClientCore
 

@@ -16,8 +16,7 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
   send, ack); at a deeper wait level the background thread encodes and sends it once the fence came, and
   the fence copies it. Any thread that runs beside a trainer whose OpenMP threads fill every core takes a core from
   one of them while the other spins at the op's barrier, so there nothing of the update may run beside
-  the step: not the copy, and not the encode, the send or the daemon's accept either (issue 21: with
-  only the copy at the fence a lazy step still cost more CPU than an eager one). An update nobody
+  the step: not the copy, and not the encode, the send or the daemon's accept either (issue 21). An update nobody
   fences is copied and sent in the background after a while
   (:func:`~autosaved.client.lazyplan.fence_wait`), so every update is sent. A fence that finds an
   overlapped copy unfinished takes the rest on itself the same way.

@@ -6,12 +6,12 @@ copy of the same bytes. A copy overlapped with threads that fill every core can 
 of them (the others then wait at the op's barrier) and compete with the step for memory bandwidth, so a
 copy overlaps the trainer only where a core is left over for it; otherwise it waits for the fence (the
 point before the state next changes: the next ``optimizer.step()``, ``update()``, ``wait()``) and runs
-there with every core, as an eager update's copy does. Not only the copy: with the copy at the fence a lazy
-step was still slower than an eager one with the same blocking, since the rest of the update (its encode and
-slot pick before the fence, its send, the daemon's accept and the ack during ``optimizer.step()``) still ran
-beside the caller's compute, and a fence wait of twice the last step ran out on a shared host whose steps
-swing 2-3x, handing the whole copy to the background (README, issue 21). So with no core to spare the whole
-update waits for the fence.
+there with every core, as an eager update's copy does. Not only the copy: the rest of the update (its encode
+and slot pick, its send, the daemon's accept and the ack) ran beside the caller's compute too, and a fence
+wait of twice the last step ran out on a host whose steps swing 2-3x, handing the whole copy to the
+background (issue 21). So with no core to spare the whole update waits for the fence. (The lazy step that
+measured slower than eager's was the benchmark's: it measured lazy one training step later, on a model whose
+steps grew as denormal floats appeared; README, issue 21.)
 """
 
 from __future__ import annotations
