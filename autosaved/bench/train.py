@@ -8,7 +8,7 @@ checkpoint of ``{"model", "optim", "step"}`` after every optimizer step:
 - ``eager``: ``Client.update(...)`` (returns once every byte is copied into the daemon's slots);
 - ``lazy``: ``LazyClient.update(...)`` right after the step, and its fence just before the next step (what
   the optimizer hook does), so the copy overlaps the next forward and backward where a core is spare
-  beside torch's threads; where none is, the whole update runs at that fence (``copy_at_lazy``);
+  beside torch's threads; where none is, the copy runs at that fence (``copy_at_lazy``);
 - ``torch_save``: ``torch.save`` to a file + fsync;
 - ``dcp_async``: ``torch.distributed.checkpoint.async_save`` (a one-process gloo group), waiting for the
   previous save before starting the next, as DCP requires.
@@ -29,8 +29,7 @@ checkpoint costs in CPU, which the host's load does not inflate the way it infla
 ``minflt_<mode>`` (median minor page faults of the trainer per step: a slot faulted in afresh would show
 here as ~size/4 KiB more than ``none``), ``daemon_cpu_s_<mode>`` (the daemon's CPU seconds per step),
 ``copy_at_lazy`` (where the lazy copy ran: ``overlap`` in the background, or ``fence`` at the next
-step's fence, when no core is left over beside torch's threads: :mod:`autosaved.client.lazyplan`; there
-the whole update, encode, copy, send and ack, runs at the fence),
+step's fence, when no core is left over beside torch's threads: :mod:`autosaved.client.lazyplan`),
 ``background_copies_lazy`` (lazy updates whose copy ran on the background copier during a measured step:
 with the copy at the fence, one that no fence reached in time, and that step paid for a copy beside its
 compute; 0 is what the fence placement promises),

@@ -11,15 +11,12 @@ snapshot of DataStates-LLM, here out of process). :class:`LazyClient` wraps a :c
 - Where the bulk copy runs is decided per update (:mod:`autosaved.client.lazyplan`; issue 21): where the
   process has a core to spare beside the caller's compute threads (PyTorch's intra-op threads), a thread
   of its own copies at the lowest CPU priority (nice 19) while the trainer runs on. Where it has none, the
-  whole update waits for the fence: there an ``accepted`` update runs on the caller's thread as an eager
-  one does (encode, slot pick, the copy with helpers on every core: :mod:`autosaved.client.slotcopy`,
-  send, ack); at a deeper wait level the background thread encodes and sends it once the fence came, and
-  the fence copies it. Any thread that runs beside a trainer whose OpenMP threads fill every core takes a core from
-  one of them while the other spins at the op's barrier, so there nothing of the update may run beside
-  the step: not the copy, and not the encode, the send or the daemon's accept either (issue 21). An update nobody
-  fences is copied and sent in the background after a while
-  (:func:`~autosaved.client.lazyplan.fence_wait`), so every update is sent. A fence that finds an
-  overlapped copy unfinished takes the rest on itself the same way.
+  copy waits for the fence and runs there on the caller's thread and helpers on every core, as an eager
+  update's copy does (:mod:`autosaved.client.slotcopy`): a copy overlapped with a trainer that fills
+  every core can only take a core from one of PyTorch's OpenMP threads (the others wait for it at the
+  op's barrier) and compete with the step for memory bandwidth. A copy nobody fences runs in the
+  background after a while (:func:`~autosaved.client.lazyplan.fence_wait`), so every update is sent. A
+  fence that finds an overlapped copy unfinished takes the rest on itself the same way.
 - ``fence()`` returns once that copy is done (waiting if it is not): from then on the caller may mutate
   its arrays, and nothing it does can reach the update. :meth:`LazyClient.hook_optimizer` installs a step
   pre-hook that fences before every ``optimizer.step()``, so a parameter update can never slip in before
@@ -38,9 +35,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from types import TracebackType
 from typing import Any
 
@@ -52,7 +48,7 @@ from ..protocol import ACK_LEVELS
 from ..tree import Blob
 from .base import Ack
 from .lazyplan import CopyAt, copy_at, fence_wait
-from .slotcopy import SharedCopy, assist, copy_waited, cores, quietly
+from .slotcopy import SharedCopy, assist, cores, quietly
 from .slots import Placement
 from .sync import Client
 
@@ -63,11 +59,8 @@ BACKGROUND_NICE = 19
 class PendingUpdate:
     """One lazy update: ``copied`` once its bytes left the caller's arrays, ``result()`` once acked."""
 
-    def __init__(self, copy_at: CopyAt = "overlap", ack_at_fence: bool = False) -> None:
+    def __init__(self, copy_at: CopyAt = "overlap") -> None:
         self.copy_at: CopyAt = copy_at  # where the bulk copy runs (lazyplan.copy_at)
-        # The fence also waits for the ack: the send and the daemon's accept run while the caller waits,
-        # not beside its next compute (an update left for the fence, at ``accepted``).
-        self.ack_at_fence = ack_at_fence
         self.copied = threading.Event()
         self.copy_error: BaseException | None = None
         self.future: Future[Ack] = Future()
@@ -76,15 +69,6 @@ class PendingUpdate:
         self.fencing = threading.Event()  # a caller fences: a copy left for the fence is its to do
         self.created = time.monotonic()
         self.fenced_after: float | None = None  # seconds from update() to the first fence
-        # An update left for the fence runs on whichever thread claims it first: the fence's (on the caller's
-        # thread, as an eager update runs: no hand-offs between threads) or, if no fence came in time, the
-        # background thread's.
-        self._claim = threading.Lock()
-        self.run_here: Callable[[], None] | None = None
-
-    def claim(self) -> bool:
-        """True for the one thread that gets to run this update (a fence, or the background thread)."""
-        return self._claim.acquire(blocking=False)
 
     def fence(self, timeout: float | None = None) -> None:
         """Wait until the update no longer reads the caller's arrays (copying what is left of it in this
@@ -92,8 +76,6 @@ class PendingUpdate:
         if self.fenced_after is None:
             self.fenced_after = time.monotonic() - self.created
         self.fencing.set()
-        if self.run_here is not None and self.claim():
-            self.run_here()  # the whole update, here: encode, copy (with the helpers), send, ack
         if not self.ready.wait(timeout):  # the background thread is still picking the slot
             raise TimeoutError("the lazy update's copy did not start in time")
         shared = self.copy
@@ -105,9 +87,6 @@ class PendingUpdate:
             raise TimeoutError("the lazy update's copy did not finish in time")
         if self.copy_error is not None:
             raise self.copy_error
-        if self.ack_at_fence:
-            # An accepted ack follows the copy by one round trip; its error is result()'s to raise.
-            futures_wait([self.future], timeout)
 
     def result(self, timeout: float | None = None) -> Ack:
         """The update's ack (raises its error); fences first (a copy left for the fence is done here)."""
@@ -154,13 +133,10 @@ class LazyClient:
         # Structure and scalars are captured now; blobs still point at the caller's memory. A dict copy
         # of meta: the caller may change it after we return.
         packed = pack(delta, allow_delete=True, pinned=self.client._core.pinned)
-        where = self.copy_at()
-        pending = PendingUpdate(where, ack_at_fence=where == "fence" and wait == "accepted")
+        pending = PendingUpdate(self.copy_at())
         self._last = pending
         meta_copy = dict(meta) if meta is not None else None
-        if pending.ack_at_fence:
-            pending.run_here = lambda: self._run(pending, packed, step, meta_copy, wait, inline=True)
-        self._worker.submit(self._background, pending, packed, step, meta_copy, wait, fence_wait(self._gap))
+        self._worker.submit(self._run, pending, packed, step, meta_copy, wait, fence_wait(self._gap))
         return pending
 
     def copy_at(self) -> CopyAt:
@@ -212,22 +188,10 @@ class LazyClient:
 
     # -- the background side ----------------------------------------------------------------------
 
-    def _background(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-                    wait: str, fence_wait_s: float) -> None:
-        if pending.copy_at == "fence":
-            # Nothing of this update runs beside the caller's compute: not even the encode and slot pick
-            # (Python work that takes the GIL and a core). A fence runs it; only an update nobody fences in
-            # time is run here.
-            pending.fencing.wait(fence_wait_s)
-        if pending.claim():
-            self._run(pending, packed, step, meta, wait)
-
     def _run(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-             wait: str, inline: bool = False) -> None:
-        """Encode, copy and send the update (``inline``: on the fencing caller's thread, which copies with
-        the helpers, as an eager update does); its outcome goes to ``pending``."""
+             wait: str, fence_wait_s: float) -> None:
         try:
-            ack = self._send(pending, packed, step, meta, wait, inline)
+            ack = self._send(pending, packed, step, meta, wait, fence_wait_s)
         except BaseException as exc:
             if not pending.copied.is_set():
                 pending.copy_error = exc
@@ -240,21 +204,17 @@ class LazyClient:
             pending.future.set_result(ack)
 
     def _send(self, pending: PendingUpdate, packed: Any, step: int | None, meta: dict[str, Any] | None,
-              wait: str, inline: bool) -> Ack:
+              wait: str, fence_wait_s: float) -> Ack:
         client, slots = self.client, self.client._slots
         placed: list[tuple[Sequence[Blob], Placement | None]] = []
 
         def share(pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
-            if inline:  # the fencing caller's own thread: it copies now, with the helpers
-                copy_waited(pairs)
-                return
             shared = SharedCopy(pairs)
             pending.copy = shared  # from now on a fence helps copy
             pending.ready.set()
-            # Left for the fence: the caller's threads copy it when they would wait anyway (_run waited for
-            # the fence). Only if none came in time does the background thread copy it (the update must
-            # still be sent).
-            if pending.copy_at == "overlap" or not pending.fencing.is_set():
+            # Left for the fence: the caller's threads copy it when they would wait anyway. Only if no
+            # fence comes in time does the background thread copy it (the update must still be sent).
+            if pending.copy_at == "overlap" or not pending.fencing.wait(fence_wait_s):
                 self.background_copies += 1
                 self._copier.submit(quietly, shared.work)
             shared.wait()

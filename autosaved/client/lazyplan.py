@@ -6,12 +6,11 @@ copy of the same bytes. A copy overlapped with threads that fill every core can 
 of them (the others then wait at the op's barrier) and compete with the step for memory bandwidth, so a
 copy overlaps the trainer only where a core is left over for it; otherwise it waits for the fence (the
 point before the state next changes: the next ``optimizer.step()``, ``update()``, ``wait()``) and runs
-there with every core, as an eager update's copy does. Not only the copy: the rest of the update (its encode
-and slot pick, its send, the daemon's accept and the ack) ran beside the caller's compute too, and a fence
-wait of twice the last step ran out on a host whose steps swing 2-3x, handing the whole copy to the
-background (issue 21). So with no core to spare the whole update waits for the fence. (The lazy step that
-measured slower than eager's was the benchmark's: it measured lazy one training step later, on a model whose
-steps grew as denormal floats appeared; README, issue 21.)
+there with every core, as an eager update's copy does. A fence wait of twice the last step ran out on a host
+whose steps swing 2-3x, handing the whole copy to the background beside the step (issue 21): the wait is
+now several steps. (The lazy step that measured slower than eager's with the copy at the fence was the
+benchmark's: it measured lazy one training step later, on a model whose steps grew as denormal floats
+appeared; README, issue 21.)
 """
 
 from __future__ import annotations
