@@ -453,7 +453,11 @@ def test_a_users_decodes_wait_for_its_cpu_share_only_while_another_user_is_serve
         steady = good_user.python(textwrap.dedent(STEADY), d.address, stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE)
         assert steady.stdout is not None and steady.stdout.readline().strip() == b"{}"
-        assert as_user(heavy, BIG_UPDATES, d.address, "4") == {"keys": keys}
+        # Past the 0.1 CPU-s burst: a few rounds on a host fast enough to decode four updates within it.
+        for _ in range(10):
+            assert as_user(heavy, BIG_UPDATES, d.address, "4") == {"keys": keys}
+            if _decode_throttled_s(d.address) > 0.0:
+                break
         assert _decode_throttled_s(d.address) > 0.0
         steady.stdin.close()  # type: ignore[union-attr]
         assert steady.wait(60) == 0
