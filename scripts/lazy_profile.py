@@ -4,6 +4,12 @@ modes rotated in blocks, each step's wall time, per-thread CPU and run-queue wai
 less ours): only steps where others used under ``--quiet`` cores are kept, since on a shared host the
 load swings the step time several-fold.
 
+Per mode also each thread's minor page faults (``/proc/self/task/*/stat``) and the lazy updates whose copy
+went to the background copier during the kept steps (``bg``): with the copy at the fence any is a fence
+that came after ``lazyplan.fence_wait`` ran out, and that step paid for a copy beside its compute (issue 21:
+before the wait became 8x the last step, a block's first lazy step did so here, since the fence at the
+end of the block before taught a gap of ~0 and a 1 s wait).
+
 Modes: ``none``, ``eager``, ``lazy`` (the copy where ``client/lazyplan.py`` puts it), ``lazy_old``
 (``overlap=True``: always in the background at nice 19), ``lazy_idle`` (the background copier as
 SCHED_IDLE), ``lazy_nice0``.
@@ -29,8 +35,8 @@ from autosaved.client.sync import Client
 from autosaved.testing.private import PrivateDaemon
 
 
-def tasks() -> dict[int, tuple[int, int, int, int]]:
-    """tid -> (run ns, wait ns, vol cs, invol cs)"""
+def tasks() -> dict[int, tuple[int, int, int, int, int]]:
+    """tid -> (run ns, wait ns, vol cs, invol cs, minor faults)"""
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
@@ -43,7 +49,9 @@ def tasks() -> dict[int, tuple[int, int, int, int]]:
                         vol = int(line.split()[1])
                     elif line.startswith("nonvoluntary_ctxt_switches"):
                         inv = int(line.split()[1])
-            out[int(tid)] = (run, wait, vol, inv)
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                minflt = int(f.read().rsplit(")", 1)[1].split()[7])
+            out[int(tid)] = (run, wait, vol, inv, minflt)
         except (FileNotFoundError, ProcessLookupError, ValueError):
             pass
     return out
@@ -130,6 +138,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     sb, own = sysbusy(), owncpu(d.proc.pid)
                     before = tasks()
+                    bg = lazy.background_copies
                     step(i, mode)
                     wall = time.perf_counter() - t0
                     after = tasks()
@@ -140,11 +149,11 @@ def main() -> None:
                         continue
                     per = {}
                     for tid, v in after.items():
-                        b = before.get(tid, (0, 0, 0, 0))
+                        b = before.get(tid, (0, 0, 0, 0, 0))
                         dv = tuple(x - y for x, y in zip(v, b, strict=False))
                         if dv[0] > 1e6 or dv[2] or dv[3]:
                             per[names.get(tid, str(tid))] = dv
-                    res[mode].append((wall, per, others / wall, (sa[1] - sb[1]) / wall))
+                    res[mode].append((wall, per, others / wall, (sa[1] - sb[1]) / wall, lazy.background_copies - bg))
                 fence()
                 lazy.wait()
         lazy.close()
@@ -156,9 +165,11 @@ def main() -> None:
     for mode in modes:
         walls = [x[0] for x in res[mode]]
         med = statistics.median(walls)
-        print(f"== {mode}: step median {med:.3f} s ({med / base:.2f}x) quiet walls {[round(w, 3) for w in walls]}")
+        bgs = sum(x[4] for x in res[mode])
+        print(f"== {mode}: step median {med:.3f} s ({med / base:.2f}x) quiet walls {[round(w, 3) for w in walls]}"
+              f" bg {bgs}")
         agg: dict[str, list] = {}
-        for _, per, _o, _s in res[mode]:
+        for _, per, _o, _s, _bg in res[mode]:
             for n, v in per.items():
                 agg.setdefault(n, []).append(v)
         n_steps = len(res[mode])
@@ -169,8 +180,10 @@ def main() -> None:
             wait = sum(v[1] for v in vs) / n_steps / 1e9
             vol = sum(v[2] for v in vs) / n_steps
             inv = sum(v[3] for v in vs) / n_steps
+            flt = sum(v[4] for v in vs) / n_steps
             if run > 0.005 or vol > 5:
-                print(f"   {n:>8}: cpu {run:.3f} s  runq-wait {wait:.3f} s  vol {vol:.0f}  invol {inv:.0f}")
+                print(f"   {n:>8}: cpu {run:.3f} s  runq-wait {wait:.3f} s  vol {vol:.0f}  invol {inv:.0f}"
+                      f"  minflt {flt:.0f}")
         print(f"   total cpu {tot:.3f}")
 
 

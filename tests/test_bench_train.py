@@ -26,14 +26,19 @@ def test_bench_train_small_reports_every_key() -> None:
     for mode in ("none", "eager", "lazy", "torch_save", "dcp_async"):
         assert report[f"cpu_s_{mode}"] > 0 and report[f"minflt_{mode}"] >= 0, mode
     assert report["copy_at_lazy"] in ("overlap", "fence")
+    if report["copy_at_lazy"] == "fence":  # no core to spare: no lazy copy ran beside a step (issue 21)
+        assert report["background_copies_lazy"] == 0
     assert report["daemon_cpu_s_eager"] >= 0 and report["daemon_cpu_s_lazy"] >= 0
-    # --warmup 1, yet no measured step made a slot: a fresh one faults in ~state_bytes / 4 KiB pages
+    # --warmup 1 (raised to 3), yet no measured step made a slot: a fresh one faults in ~state_bytes / 4 KiB pages
     # (2,125 per step measured so; 22 in steady state).
     assert report["minflt_eager"] < report["state_bytes"] / 4096 / 2
     assert report["minflt_lazy"] < report["state_bytes"] / 4096 / 2  # its update's slot faults in a step later
     # The checkpoint holds the parameters and AdamW's two moments (fp32) at the least.
     assert report["state_bytes"] >= 3 * 4 * report["params"]
-    assert report["config"]["layers"] == 2 and report["steps"] == 1 and report["warmup"] == 1
+    assert report["config"]["layers"] == 2 and report["steps"] == 1
+    # Every mode measures the same training steps (issue 21: lazy measured one step later than eager and
+    # none, on a model whose steps grew 3.4x over its first 8 as denormals appeared), with them flushed.
+    assert report["warmup"] == 3 and report["flush_denormal"] is True
 
 
 def test_gpt2_small_config_is_over_100m_parameters() -> None:

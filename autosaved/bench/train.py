@@ -7,7 +7,8 @@ checkpoint of ``{"model", "optim", "step"}`` after every optimizer step:
 - ``none``: no checkpoint (the baseline);
 - ``eager``: ``Client.update(...)`` (returns once every byte is copied into the daemon's slots);
 - ``lazy``: ``LazyClient.update(...)`` right after the step, and its fence just before the next step (what
-  the optimizer hook does), so the copy overlaps the next forward and backward;
+  the optimizer hook does), so the copy overlaps the next forward and backward where a core is spare
+  beside torch's threads; where none is, the copy runs at that fence (``copy_at_lazy``);
 - ``torch_save``: ``torch.save`` to a file + fsync;
 - ``dcp_async``: ``torch.distributed.checkpoint.async_save`` (a one-process gloo group), waiting for the
   previous save before starting the next, as DCP requires.
@@ -17,8 +18,10 @@ Each mode runs twice, in mirrored order (none, eager, ..., dcp_async, dcp_async,
 
 Keys: ``step_s_<mode>`` (median wall time of a steady-state step, checkpoint included: the first
 ``--warmup`` steps of each run, which pay for fresh memory, slot creation and connections, are dropped;
-eager drops at least :data:`SLOT_WARMUP`, lazy one more: its update's copy, slot creation included, runs
-during the next step),
+every mode drops at least :data:`MIN_WARMUP`, so that each measures the same training steps: eager's
+slots are made in its first :data:`SLOT_WARMUP` steps and lazy's update, slot creation included, runs
+during the next step; the model and tokens are seeded alike in every run, and float32 denormals are
+flushed to zero, so step k costs the same in every mode: see :data:`MIN_WARMUP`),
 ``blocking_s_<mode>`` (median time per step the trainer was stopped by the checkpoint: the call itself plus,
 for lazy, the fence and, for DCP, the wait for the previous save), ``cpu_s_<mode>`` (median CPU seconds
 the trainer process spent per steady-state step, every thread, the lazy copier's included: what the
@@ -27,6 +30,9 @@ checkpoint costs in CPU, which the host's load does not inflate the way it infla
 here as ~size/4 KiB more than ``none``), ``daemon_cpu_s_<mode>`` (the daemon's CPU seconds per step),
 ``copy_at_lazy`` (where the lazy copy ran: ``overlap`` in the background, or ``fence`` at the next
 step's fence, when no core is left over beside torch's threads: :mod:`autosaved.client.lazyplan`),
+``background_copies_lazy`` (lazy updates whose copy ran on the background copier during a measured step:
+with the copy at the fence, one that no fence reached in time, and that step paid for a copy beside its
+compute; 0 is what the fence placement promises),
 ``alone_s_<eager|lazy>`` (the same
 state handed over once more after the loop with nothing else running: ``update`` for eager, ``update`` +
 ``fence`` for lazy: what the copy costs by itself), and ``state_bytes``. The daemon runs privately in a
@@ -62,6 +68,12 @@ MODES = ("none", "eager", "lazy", "torch_save", "dcp_async")
 # ``--warmup 1`` the measured step made the second slot: +1.65 GB of page faults in it (issue 21, the
 # ``minflt`` column: 561k per eager step against 218k for none).
 SLOT_WARMUP = 2
+# The warm-up every mode drops: lazy's, one more than eager's. Alike for all, so every mode measures the same
+# training steps (issue 21: with eager and none after 2 and lazy after 3, lazy measured a step later, and
+# this model's step on random tokens grew from 1.06 s at its 4th step to 3.62 s at its 8th, no checkpoint
+# at all, as denormal floats reached its matmuls: lazy's "extra" 0.5 s and 0.8 CPU-s per step). The
+# denormals are flushed as well (``torch.set_flush_denormal``), which keeps the steps flat (1.0-1.06 s).
+MIN_WARMUP = SLOT_WARMUP + 1
 _DAEMON_CONFIG = ('[policy]\nidle = "off"\ninterval = "off"\ndirty_bytes = "off"\nmin_gap = "0s"\n'
                   '[throttle]\nenabled = false\n')
 
@@ -82,9 +94,9 @@ TINY = GPTConfig(vocab=1024, ctx=128, layers=2, heads=4, width=128)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small", action="store_true", help="a 2-layer, 128-wide model (quick runs, tests)")
     p.add_argument("--steps", type=int, default=3, help="measured steps per mode, after the warm-up (default 3)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help=f"uncounted steps at the start of each run (default 2; eager: at least {SLOT_WARMUP}, lazy: "
-                        f"{SLOT_WARMUP + 1})")
+    p.add_argument("--warmup", type=int, default=MIN_WARMUP,
+                   help=f"uncounted steps at the start of each run (default and least: {MIN_WARMUP}, the same for "
+                        "every mode)")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -163,9 +175,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     import psutil
     import torch
 
-    if mode in ("eager", "lazy"):
-        # Lazy: update k (and the slot it makes) runs in the background during step k + 1.
-        warmup = max(warmup, SLOT_WARMUP + (mode == "lazy"))
+    warmup = max(warmup, MIN_WARMUP)  # the same steps measured in every mode (lazy: update k runs in step k + 1)
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(1)
@@ -179,6 +189,8 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     pending_block = [0.0]
     alone: Callable[[], float] | None = None  # one more hand-over of the state, nothing else running
     copy_at: str | None = None  # lazy: where its copy ran (client/lazyplan.py)
+    background: Callable[[], int] = lambda: 0  # noqa: E731  (lazy: copies the background copier made)
+    background_copies = 0  # ... during the measured steps
 
     if mode == "eager":
         assert address is not None
@@ -216,6 +228,9 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
 
         cleanup = lazy.close
         copy_at = lazy.copy_at()
+
+        def background() -> int:
+            return lazy.background_copies
     elif mode == "torch_save":
         def checkpoint(step: int) -> None:
             with (work / "ckpt.pt").open("wb") as fh:
@@ -247,6 +262,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
             tokens = torch.randint(0, cfg.vocab, (batch, seq + 1), generator=gen)
             started = time.perf_counter()
             used = _usage(daemon)
+            copies = background()
             pending_block[0] = 0.0
             logits = model(tokens[:, :-1])
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab), tokens[:, 1:].reshape(-1))
@@ -262,6 +278,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
                 blocked.append(stopped)
                 now = _usage(daemon)
                 usage.append((now[0] - used[0], now[1] - used[1], now[2] - used[2]))
+                background_copies += background() - copies
             if not math.isfinite(float(loss.detach())):
                 raise AutosavedError(f"bench train: loss became {float(loss.detach())}")
         state_bytes = _state_bytes(_state(model, opt, steps))
@@ -270,7 +287,7 @@ def run_mode(mode: str, cfg: GPTConfig, steps: int, seq: int, batch: int, work: 
     finally:
         cleanup()
     return {"times": times, "blocked": blocked, "alone": alones, "state_bytes": state_bytes, "usage": usage,
-            "copy_at": copy_at}
+            "copy_at": copy_at, "background_copies": background_copies}
 
 
 def _halves(steps: int) -> tuple[int, int]:
@@ -278,11 +295,16 @@ def _halves(steps: int) -> tuple[int, int]:
     return (steps + 1) // 2, steps // 2
 
 
-def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup: int = 2) -> dict[str, Any]:
+def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path,
+            warmup: int = MIN_WARMUP) -> dict[str, Any]:
     import torch
 
+    warmup = max(warmup, MIN_WARMUP)
+    # Denormal floats made this model's step grow 3.4x over its first 8 steps (see MIN_WARMUP): flushed, a
+    # step costs the same whichever step a mode measures. A CPU trainer of its own would want the same.
+    flushed = bool(torch.set_flush_denormal(True))
     out: dict[str, Any] = {"host": f"{socket.gethostname()} ({os.cpu_count()} cpus)", "steps": steps,
-                           "warmup": warmup,
+                           "warmup": warmup, "flush_denormal": flushed,
                            "threads": torch.get_num_threads(), "config": cfg.__dict__, "seq": seq, "batch": batch}
     # Each mode runs twice, in the order A B C ... C B A, half of its steps each time: on a shared host
     # whose load drifts over the minutes of a run, a fixed order charged the drift to whichever mode ran
@@ -290,13 +312,16 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
     first, second = _halves(steps)
     order = [(mode, first) for mode in MODES] + [(mode, second) for mode in reversed(MODES) if second]
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
-    with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
-        stage = Stages("train")
-        for i, (mode, n) in enumerate(order):
-            stage(f"run {i + 1}/{len(order)}: {mode}, {n} steps")
-            runs[mode].append(run_mode(mode, cfg, n, seq, batch, work, daemon.address, warmup,
-                                       daemon.proc.pid if daemon.proc is not None else None))
-        stage.done()
+    try:
+        with PrivateDaemon(work / "daemon", config=_DAEMON_CONFIG) as daemon:
+            stage = Stages("train")
+            for i, (mode, n) in enumerate(order):
+                stage(f"run {i + 1}/{len(order)}: {mode}, {n} steps")
+                runs[mode].append(run_mode(mode, cfg, n, seq, batch, work, daemon.address, warmup,
+                                           daemon.proc.pid if daemon.proc is not None else None))
+            stage.done()
+    finally:
+        torch.set_flush_denormal(False)
     for mode, results in runs.items():
         times = [t for r in results for t in r["times"]]
         out[f"step_s_{mode}"] = statistics.median(times)
@@ -314,6 +339,7 @@ def measure(cfg: GPTConfig, steps: int, seq: int, batch: int, work: Path, warmup
         out["state_bytes"] = results[-1]["state_bytes"]
         if results[-1]["copy_at"] is not None:
             out[f"copy_at_{mode}"] = results[-1]["copy_at"]
+            out[f"background_copies_{mode}"] = sum(r["background_copies"] for r in results)
     out["params"] = sum(p.numel() for p in build_model(cfg).parameters())
     return out
 
@@ -337,6 +363,7 @@ def render(r: dict[str, Any]) -> str:
         "cpu_s, faults: the trainer's CPU seconds and minor page faults per step (every thread)",
         f"daemon CPU per step: eager {r['daemon_cpu_s_eager']:.3f} s, lazy {r['daemon_cpu_s_lazy']:.3f} s; lazy's copy "
         f"ran {'in the background' if r.get('copy_at_lazy') == 'overlap' else 'at the fence'} "
+        f"({r.get('background_copies_lazy', 0)} copies by the background copier) "
         f"({r['threads']} torch threads on {r['host']})",
         f"targets: lazy <= 1.15x none and <= eager (lazy {r['step_s_lazy'] / base:.3f}x, eager "
         f"{r['step_s_eager'] / base:.3f}x); lazy blocking <= 0.1x DCP's{lazy_vs}",
