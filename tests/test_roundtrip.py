@@ -158,7 +158,10 @@ def test_encode_matches_pack_then_to_node() -> None:
     from autosaved.codec import NotSmall, encode, pack
     from autosaved.tree import to_node
 
-    for state in (sample_state(), small_state(), {"d": autosaved.DELETE, "x": {"y": autosaved.DELETE}}):
+    # A LangGraph put's shape: one-key dicts down to [kind, bytes] lists (the encoder's fast paths).
+    put = {"threads": {"t": {"cp": {"": {"1": {"c": ["msgpack", b"\x81"], "m": ("json", b"{}", None, 2.5),
+                                               "p": None, "r": "run"}}}, "latest": {"": "1"}}}}
+    for state in (sample_state(), small_state(), {"d": autosaved.DELETE, "x": {"y": autosaved.DELETE}}, put):
         old_node, old_blobs = to_node(pack(state, allow_delete=True), allow_delete=True)
         node, blobs = encode(state, allow_delete=True)
         assert node == old_node
