@@ -61,6 +61,12 @@ class AsyncConnection:
         self._limit = 0.0
         self._deadline = 0.0
         self._heard = False  # this socket has had a reply (see base.probe_frames)
+        # The event loop that watches the socket's FD, and the FD: registered once per socket and loop, not
+        # once per wait (an add_reader and a remove_reader per reply were a sixth of an aput's client CPU:
+        # perf, issue 21). _look wakes the one wait there is at a time (flows are serialised).
+        self._watching: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._waiting_for = 0
 
     async def run(self, flow: Flow[T]) -> T:
         await self._lock.acquire()
@@ -87,6 +93,7 @@ class AsyncConnection:
                 self._lock.release()
 
     def close(self) -> None:
+        self._unwatch()
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
@@ -144,29 +151,48 @@ class AsyncConnection:
                 continue
 
     async def _ready(self, sock: zmq.Socket[bytes], event: int, deadline: float) -> bool:
-        """Wait until ``sock`` has ``event`` or the deadline passed (False). ZeroMQ's FD only says "look at
-        EVENTS again": it is readable until EVENTS is read, so each wake-up reads it."""
+        """Wait until ``sock`` has ``event`` or the deadline passed (False)."""
         if sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
             return True
         loop = asyncio.get_running_loop()
+        fd: int = sock.FD
+        if self._watching != (loop, fd):
+            self._unwatch()
+            loop.add_reader(fd, self._look)
+            self._watching = (loop, fd)
         waiter: asyncio.Future[bool] = loop.create_future()
-
-        def look() -> None:
-            if not waiter.done() and sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
-                waiter.set_result(True)
+        self._waiter, self._waiting_for = waiter, event
 
         def expire() -> None:
             if not waiter.done():
                 waiter.set_result(False)
 
-        fd: int = sock.FD
-        loop.add_reader(fd, look)
-        timer = loop.call_at(loop.time() + max(0.0, deadline - anyio.current_time()), expire)
+        # anyio's clock on the asyncio backend is the loop's.
+        timer = loop.call_at(max(loop.time(), deadline), expire)
         try:
             return await waiter
         finally:
             timer.cancel()
-            loop.remove_reader(fd)
+            self._waiter = None
+
+    def _look(self) -> None:
+        """The FD's reader. ZeroMQ's FD only says "look at EVENTS again": it stays readable until EVENTS is
+        read, so every wake-up reads it, whether a wait is on or not."""
+        if self._sock is None:
+            return
+        events = self._sock.getsockopt(zmq.EVENTS)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and events & self._waiting_for:  # type: ignore[operator]
+            waiter.set_result(True)
+
+    def _unwatch(self) -> None:
+        """Take the socket's FD off its loop, before the socket closes (a closed FD left registered breaks a
+        later add_reader of its number). From another thread too: the selector's update is one call."""
+        if self._watching is not None:
+            loop, fd = self._watching
+            self._watching = None
+            if not loop.is_closed():
+                loop.remove_reader(fd)
 
     async def _probe(self, sock: zmq.Socket[bytes]) -> None:
         """A ping within the ordinary timeout before the first long op on this socket."""
