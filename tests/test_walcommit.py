@@ -77,12 +77,12 @@ def test_a_finished_batch_reaches_the_event_loop_with_no_request_to_carry_it(ans
     anyio.run(main)
 
 
-def test_a_jobs_next_batch_goes_to_its_idle_thread_and_never_waits_behind_another_job() -> None:
+def test_a_jobs_next_batch_goes_to_its_lingering_thread_and_no_batch_waits_while_a_thread_is_free() -> None:
     """A job's batches stay on the thread that ran its last one while that thread lingers idle (they no
     longer go round every thread, each waking the loop when its linger ran out); a batch preferring a
     busy thread runs on another one at once."""
     async def main() -> None:
-        threads = SyncThreads(threads=3, linger=3600.0)
+        threads = SyncThreads(threads=2, linger=3600.0)
         ran_on: list[int | None] = []
 
         async def run(prefer: int | None, work: Callable[[], bool] | None = None) -> int | None:
@@ -117,6 +117,43 @@ def test_a_jobs_next_batch_goes_to_its_idle_thread_and_never_waits_behind_anothe
             other = await run(first)
             assert other is not None and other != first
             release.set()
+        # Every thread lingers for its job (for an hour here): a new job's batch is still taken at once, by
+        # one of them, and work beyond the threads waits for the first one free, in order.
+        ran_on.clear()
+        assert {await run(first), await run(other)} == {first, other}
+        for _ in range(3):
+            assert await run(None) in (first, other)
+        # Both threads busy: more work waits, and is taken as they finish.
+        gate = threading.Event()
+        holding = [threading.Event(), threading.Event()]
+        ran: list[int] = []
+        finished: list[BaseException | None] = []
+
+        def hold(i: int) -> Callable[[], bool]:
+            def run() -> bool:
+                holding[i].set()
+                return gate.wait(30)
+            return run
+
+        for i in range(2):
+            threads.submit(hold(i), finished.append)
+        for event in holding:
+            await anyio.to_thread.run_sync(event.wait, 30)
+        def note(n: int) -> Callable[[], bool]:
+            def run() -> bool:
+                ran.append(n)
+                return True
+            return run
+
+        for n in (1, 2, 3):
+            threads.submit(note(n), finished.append)
+        assert ran == []  # no thread was free
+        gate.set()
+        with anyio.fail_after(30):
+            while len(finished) < 5:
+                threads.settle()
+                await anyio.sleep(0.001)
+        assert sorted(ran) == [1, 2, 3] and finished == [None] * 5
     anyio.run(main)
 
 

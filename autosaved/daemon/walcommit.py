@@ -37,11 +37,12 @@ _Work = tuple[Callable[[], bool], asyncio.AbstractEventLoop, Done, contextvars.C
 LINGER = 0.002
 
 
-@dataclass
+@dataclass(eq=False)
 class _LogThread:
     number: int
-    # Work handed to this thread alone, while it lingers after its last (the same job's next batch).
-    own: queue.SimpleQueue[_Work] = field(default_factory=queue.SimpleQueue)
+    # Work handed to this thread (by :meth:`SyncThreads.submit`, under its lock): also what wakes it.
+    inbox: queue.SimpleQueue[_Work] = field(default_factory=queue.SimpleQueue)
+    # Idle after work it answered itself, for at most the linger: the same job's next batch comes here.
     lingering: bool = False
 
 
@@ -71,19 +72,21 @@ class SyncThreads:
       batch waits :data:`LINGER` for such a request and wakes the loop itself if none came; a batch it
       could not answer (an error, a request with client slots) wakes the loop at once.
 
-    A job's next batch goes to the thread that ran its last one if that thread lingers idle (``prefer``),
-    else to the queue all threads take from. With all work on that one queue, one client's batches went
-    round all 8 threads: the next batch woke another thread than the one lingering after the last, whose
-    linger then ran out and woke the loop for nothing. Measured over 5,000 ``logged`` updates of one client
-    (``cProfile``): the event loop went round 7,035 times with one queue, 5,084 with the job's thread
-    preferred. ``scripts/cost_per_request.py --what small,eight --waits logged``, the two builds alternating
-    three times each (load 1.3-3.1): one client's daemon CPU per update 547-577 -> 478-499 µs, thread
-    switches 11.0 -> 8.2, updates per second 1,222-1,252 -> 1,324-1,399, p50 0.76-0.79 -> 0.72-0.76 ms;
-    8 clients' 2,083-2,138 -> 2,005-2,090 per second (within this host's noise). Only an idle thread is preferred: a job never waits behind another job's sync on
-    "its" thread while another thread is free (as a fixed thread per job would make it, for any user who
-    holds more jobs than there are threads). An earlier try (a thread per client, started as work came,
-    or a stack of idle threads) was dropped after runs at load 6-12 where one client's ``logged`` updates
-    got slower; those runs did not separate the design from the load.
+    Work is handed to a thread, not left on one queue they all wait on (:meth:`submit`): a job's next batch
+    to the thread that ran its last one while that thread lingers, else to an idle thread, else to one
+    lingering for another job, else it waits for the first thread to finish. With one shared queue, one
+    client's batches went round all 8 threads: each batch woke another thread than the one lingering after
+    the last, whose linger then ran out and woke the loop for nothing. Measured over 5,000 ``logged``
+    updates of one client (``cProfile``): the event loop went round 7,035 times with one queue, 5,084 with
+    the job's thread preferred. ``scripts/cost_per_request.py --what small,eight --waits logged``, the two
+    builds alternating three times each (load 1.4-3.1): one client's daemon CPU per update 541-561 ->
+    456-474 µs, thread switches 11.0 -> 8.2, updates per second 1,172-1,296 -> 1,339-1,380, p50 0.76-0.78
+    -> 0.70-0.73 ms; 8 clients' 2,141-2,254 -> 2,101-2,244 per second (unchanged). A thread
+    is only preferred while it lingers, and a lingering thread takes any job's work when no thread is
+    idle: a batch never waits behind another job's sync, or for a linger to run out, while a thread is free.
+    An earlier try (a thread per client, started as work came, or a stack of idle threads) was dropped
+    after runs at load 6-12 where one client's ``logged`` updates got slower; those runs did not separate
+    the design from the load.
     And handing work over at the end of the loop's step (``call_soon``, so the woken thread
     would not wait for the GIL the loop holds) made the hop slower (d2->d3 ~130 µs against ~100 µs under
     the same load), as the thread then also waited for the rest of the step.
@@ -91,10 +94,12 @@ class SyncThreads:
 
     def __init__(self, threads: int = 8, linger: float = LINGER) -> None:
         self._linger = linger
-        self._shared: queue.SimpleQueue[_Work] = queue.SimpleQueue()
         self._threads = [_LogThread(i) for i in range(threads)]
-        # Guards each thread's ``lingering`` with what its own queue holds (see :meth:`_work`).
+        # Who may be handed work, and the work no thread was free for; all guarded by ``_lock``.
         self._lock = threading.Lock()
+        self._idle: list[_LogThread] = []
+        self._lingering: dict[_LogThread, None] = {}  # oldest first
+        self._backlog: collections.deque[_Work] = collections.deque()
         self._current = threading.local()
         self._started = False
         # Finished work whose ``done`` the event loop has not run yet (appended by threads, run by the loop).
@@ -109,22 +114,31 @@ class SyncThreads:
         return number
 
     def submit(self, func: Callable[[], bool], done: Done, prefer: int | None = None) -> None:
-        """Run ``func()`` in a log thread: thread ``prefer`` if it lingers idle after its last work (a
-        job's previous batch ran there: :meth:`current`), else whichever thread is free first; then
-        ``done(exception or None)`` on this event loop."""
+        """Run ``func()`` in a log thread, then ``done(exception or None)`` on this event loop. The thread:
+        ``prefer`` if it lingers after its last work (the job's previous batch ran there: :meth:`current`),
+        else an idle one, else one lingering for another job, else the first to finish its work."""
         if not self._started:
             self._started = True
             for t in self._threads:
                 threading.Thread(target=self._work, args=(t,), name=f"autosaved-log-{t.number}", daemon=True).start()
+                self._idle.append(t)
         # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
         item = (func, asyncio.get_running_loop(), done, contextvars.copy_context())
-        if prefer is not None:
-            thread = self._threads[prefer]
-            with self._lock:
-                if thread.lingering:
-                    thread.own.put(item)
-                    return
-        self._shared.put(item)
+        with self._lock:
+            thread: _LogThread | None = None
+            if prefer is not None and self._threads[prefer].lingering:
+                thread = self._threads[prefer]
+            elif self._idle:
+                thread = self._idle.pop()
+            elif self._lingering:
+                thread = next(iter(self._lingering))
+            if thread is None:
+                self._backlog.append(item)
+                return
+            if thread.lingering:
+                thread.lingering = False
+                del self._lingering[thread]
+            thread.inbox.put(item)
 
     def settle(self) -> None:
         """On the event loop: run what finished work left to do here (cheap when nothing did)."""
@@ -148,22 +162,10 @@ class SyncThreads:
 
     def _work(self, me: _LogThread) -> None:
         self._current.number = me.number
-        lingering: asyncio.AbstractEventLoop | None = None
+        item: _Work | None = None
         while True:
-            item: _Work | None = None
-            if lingering is not None:
-                with contextlib.suppress(queue.Empty):
-                    item = me.own.get(timeout=self._linger)
-                if self._completed:  # no request settled it meanwhile
-                    self._wake(lingering)
-                lingering = None
-            with self._lock:
-                # From here on work for this thread goes to the shared queue; what came before is taken.
-                me.lingering = False
-                if item is None and not me.own.empty():
-                    item = me.own.get_nowait()
             if item is None:
-                item = self._shared.get()
+                item = me.inbox.get()  # idle: until work is handed over
             func, loop, done, context = item
             error: BaseException | None = None
             answered = False
@@ -172,13 +174,31 @@ class SyncThreads:
             except BaseException as exc:
                 error = exc
             self._completed.append((done, error, context))
-            if error is None and answered:
-                with self._lock:
-                    me.lingering = True
-                lingering = loop
-            else:
-                self._wake(loop)
+            lingers = error is None and answered
             del item, func, done, error, context
+            with self._lock:
+                item = self._backlog.popleft() if self._backlog else None
+                if item is None and lingers:
+                    me.lingering = True
+                    self._lingering[me] = None
+                elif item is None:
+                    self._idle.append(me)
+            if not lingers or item is not None:
+                self._wake(loop)  # nothing will settle it soon: wake the loop now
+                continue
+            try:
+                item = me.inbox.get(timeout=self._linger)
+            except queue.Empty:
+                with self._lock:
+                    if me.lingering:  # nobody handed it work meanwhile
+                        me.lingering = False
+                        del self._lingering[me]
+                        self._idle.append(me)
+                    else:  # handed work as the linger ran out: it is in the inbox already (put under the lock)
+                        item = me.inbox.get_nowait()
+            if self._completed:  # no request settled it meanwhile
+                self._wake(loop)
+            del loop
 
 
 def wal_size(job: Job) -> int:
