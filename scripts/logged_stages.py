@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from autosaved import Client
-from autosaved.bench.small import _DAEMON_CONFIG, fsync_s, rtt_s, small_delta
+from autosaved.bench.small import _DAEMON_CONFIG, fsync_s, rtt_s, small_delta, sync_echo_s
 from autosaved.testing.private import PrivateDaemon
 
 # Installed as sitecustomize in the daemon's process only (PYTHONPATH of its environment): wraps the
@@ -109,73 +109,6 @@ STAGES = [  # (name, from stamp, to stamp)
 ]
 ACCEPTED_STAGES = [*STAGES[:6], ("reply built", "merge<", "send>"), *STAGES[-2:]]
 
-# The floors of this design, in plain Python over the same ZeroMQ ipc socket: a ROUTER that appends each
-# message to a file and fdatasyncs it before echoing it, on its one thread, or (the daemon's shape: the
-# event loop never waits for the disk) in a second thread that syncs and replies while the first receives.
-_SYNC_ECHO = """
-import os, queue, sys, threading, zmq
-s = zmq.Context().socket(zmq.ROUTER)
-s.bind(sys.argv[1])
-fd = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-lock, work = threading.Lock(), queue.SimpleQueue()
-def sync_and_reply():
-    while True:
-        frames = work.get()
-        os.write(fd, frames[1].bytes)
-        os.fdatasync(fd)
-        with lock:
-            s.send_multipart(frames, copy=False)
-threading.Thread(target=sync_and_reply, daemon=True).start()
-poller = zmq.Poller()
-poller.register(s, zmq.POLLIN)
-print("ready", flush=True)
-while True:
-    poller.poll()
-    with lock:
-        try:
-            frames = s.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            continue
-    if frames[1].bytes == b"stop":
-        break
-    if sys.argv[3] == "thread":
-        work.put(frames)
-    else:
-        os.write(fd, frames[1].bytes)
-        os.fdatasync(fd)
-        with lock:
-            s.send_multipart(frames, copy=False)
-"""
-
-
-def sync_echo_us(directory: Path, how: str, count: int = 2000) -> float:
-    """The median round trip through :data:`_SYNC_ECHO` (``how``: ``inline`` or ``thread``)."""
-    import subprocess
-
-    import zmq
-
-    address = f"ipc://{directory}/sync-echo.sock"
-    proc = subprocess.Popen([sys.executable, "-c", _SYNC_ECHO, address, str(directory / "sync-echo.log"), how],
-                            stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout is not None
-        proc.stdout.readline()
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        times = []
-        for i in range(count + 100):
-            t = time.perf_counter()
-            sock.send_multipart([b"x" * 200])
-            sock.recv_multipart()
-            if i >= 100:
-                times.append(time.perf_counter() - t)
-        sock.send_multipart([b"stop"])
-        sock.close(0)
-        return statistics.median(times) * 1e6
-    finally:
-        proc.wait(10)
-
 def requests(stamps: list[tuple[str, float]], calls: list[tuple[float, float]]) -> list[dict[str, float]]:
     """The daemon's stamps cut into requests (each starts at a ``recv``), with the client's call and return."""
     out: list[dict[str, float]] = []
@@ -241,10 +174,10 @@ def main() -> None:
         report: dict[str, object] = {"load": round(os.getloadavg()[0], 2)}
         with PrivateDaemon(config=_DAEMON_CONFIG, env=env) as daemon:
             assert daemon.proc is not None
-            report["rtt_us"] = rtt_s(1000, Path(tmp)) * 1e6
-            report["fsync_us"] = fsync_s(daemon.root) * 1e6
-            report["sync_echo_us"] = sync_echo_us(Path(tmp), "inline")
-            report["sync_echo_thread_us"] = sync_echo_us(Path(tmp), "thread")
+            report["rtt_us"] = rtt_s(1000, daemon.sock_dir) * 1e6
+            report["fsync_us"] = fsync_s(daemon.state_dir) * 1e6
+            report["sync_echo_us"] = sync_echo_s(1000, daemon.sock_dir, daemon.state_dir, "inline") * 1e6
+            report["sync_echo_thread_us"] = sync_echo_s(1000, daemon.sock_dir, daemon.state_dir, "thread") * 1e6
             for wait in args.waits.split(","):
                 report[wait] = profile(daemon.address, daemon.proc.pid, stamps, wait, args.count, f"stages-{wait}")
             daemon.stop()
