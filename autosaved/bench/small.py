@@ -126,10 +126,16 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def rtt_s(count: int, sock_dir: Path, server: str = _ECHO) -> float:
+    """The median round trip of a 200-byte message through ``server`` (an echo, in its own process)."""
+    return _echo_rtt_s(count, f"ipc://{sock_dir}/echo.sock", [server])
+
+
+def _echo_rtt_s(count: int, address: str, argv: list[str]) -> float:
+    """Start ``python -c argv[0] address argv[1:]`` (a ROUTER that prints "ready" once bound and answers each
+    message), time ``count`` round trips after 100 that pay for the connection, and stop it."""
     import zmq
 
-    address = f"ipc://{sock_dir}/echo.sock"
-    proc = subprocess.Popen([sys.executable, "-c", server, address], stdout=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", argv[0], address, *argv[1:]], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         proc.stdout.readline()  # "ready": bound
@@ -143,13 +149,16 @@ def rtt_s(count: int, sock_dir: Path, server: str = _ECHO) -> float:
             t = time.perf_counter()
             sock.send_multipart([payload])
             sock.recv_multipart()
-            if i >= 100:  # the first ones pay for the connection
+            if i >= 100:
                 times.append(time.perf_counter() - t)
         sock.send_multipart([b"stop"])
         sock.close(0)
+        proc.wait(10)
         return statistics.median(times)
     finally:
-        proc.wait(10)
+        if proc.poll() is None:  # stopped early (an error, SIGTERM): the server must not outlive the benchmark
+            proc.kill()
+            proc.wait()
 
 
 # The floors of this design, in plain Python over the same ZeroMQ ipc socket: a ROUTER that appends each
@@ -194,30 +203,10 @@ while True:
 def sync_echo_s(count: int, sock_dir: Path, log_dir: Path, how: str = "thread") -> float:
     """The median round trip through :data:`_SYNC_ECHO` (``how``: ``inline`` or ``thread``), its log in
     ``log_dir`` (the daemon's state dir: the same disk)."""
-    import zmq
-
-    address = f"ipc://{sock_dir}/sync-echo.sock"
     log = log_dir / "sync-echo.log"
-    proc = subprocess.Popen([sys.executable, "-c", _SYNC_ECHO, address, str(log), how], stdout=subprocess.PIPE)
     try:
-        assert proc.stdout is not None
-        proc.stdout.readline()
-        ctx: Any = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
-        times = []
-        for i in range(count + 100):
-            t = time.perf_counter()
-            sock.send_multipart([b"x" * 200])
-            sock.recv_multipart()
-            if i >= 100:
-                times.append(time.perf_counter() - t)
-        sock.send_multipart([b"stop"])
-        sock.close(0)
-        return statistics.median(times)
+        return _echo_rtt_s(count, f"ipc://{sock_dir}/sync-echo.sock", [_SYNC_ECHO, str(log), how])
     finally:
-        proc.wait(10)
         log.unlink(missing_ok=True)
 
 
