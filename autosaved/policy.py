@@ -61,10 +61,14 @@ class JobView:
 
 def log_over_bound(job: JobView) -> bool:
     """Whether the log a restart would replay is past ``log_bytes`` or ``replay_time`` (pure)."""
-    s = job.settings
-    if s.log_bytes is not None and job.log_bytes >= s.log_bytes:
+    return log_over(job.settings, job.log_bytes, job.replay_speed)
+
+
+def log_over(s: PolicySettings, log_bytes: int, replay_speed: float) -> bool:
+    """:func:`log_over_bound` from the three figures it reads (after each log append: no view is built)."""
+    if s.log_bytes is not None and log_bytes >= s.log_bytes:
         return True
-    return s.replay_time is not None and job.log_bytes >= s.replay_time * job.replay_speed
+    return s.replay_time is not None and log_bytes >= s.replay_time * replay_speed
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ Per request it prints the CPU time of the client process and of the daemon (all 
 hand-off between threads, each wait for the GIL or the disk), beside the p50/p90/mean latency, which the
 host's load does blur. ``--threads`` adds the same per thread (libzmq names its I/O thread ``ZMQbg/IO/0``; the
 daemon's main thread is marked ``*``). Needs ``pip install 'autosaved[langgraph]'`` for ``put``.
-Compare two trees by running it from each, alternately, on one host (``PYTHONPATH=<tree>``).
+Compare two trees by running it from each tree's root with ``PYTHONPATH=<tree>``, alternately, on one host:
+the private daemon runs ``python -m autosaved``, which imports from the working directory first.
 """
 
 from __future__ import annotations

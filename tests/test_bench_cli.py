@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from autosaved.bench.data import KEYS, render
 
 
@@ -56,3 +58,54 @@ def test_a_row_that_needs_a_missing_package_says_which() -> None:
     assert "needs torch" in torch_row and "autosaved[torch]" in torch_row, text
     dcp_row = next(line for line in text.splitlines() if line.startswith("dcp_async_blocking_s"))
     assert "not measured" in dcp_row, text
+
+
+@pytest.mark.parametrize("when", ["starting", "measuring"])
+def test_a_bench_stopped_with_sigterm_stops_its_private_daemon_and_removes_its_files(when: str) -> None:
+    """SIGTERM (a CI timeout, ``kill``) unwinds the benchmark as Ctrl-C does, while its daemon starts or
+    while it measures: before, its private daemon (and the echo server of a floor) kept running, with its
+    temp dir, after the benchmark was gone."""
+    import signal
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    from autosaved.client.admin import Admin
+    from autosaved.errors import DaemonUnavailable
+
+    proc = subprocess.Popen([sys.executable, "-m", "autosaved", "bench", "small", "--count", "1000000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        daemon = None
+        while daemon is None:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the benchmark started no daemon"
+            daemon = next((c for c in psutil.Process(proc.pid).children(recursive=True)
+                           if "serve" in c.cmdline()), None)
+            time.sleep(0.05)
+        state_dir = Path(daemon.cmdline()[daemon.cmdline().index("--state-dir") + 1])
+        while not state_dir.exists():
+            assert time.monotonic() < deadline, "the daemon made no state dir"
+            time.sleep(0.05)
+        if when == "measuring":
+            address = daemon.cmdline()[daemon.cmdline().index("--address") + 1]
+            while True:
+                assert time.monotonic() < deadline, "the daemon never answered"
+                try:
+                    with Admin(address=address, timeout=1) as admin:
+                        admin.ping()
+                    break
+                except DaemonUnavailable:
+                    time.sleep(0.05)
+            time.sleep(0.5)  # the floors' echo servers run in the first seconds
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive, f"processes outlived their benchmark: {[p.cmdline() for p in alive]}"
+        assert not state_dir.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

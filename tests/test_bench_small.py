@@ -17,7 +17,7 @@ def test_bench_small_reports_every_key() -> None:
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
-    for key in (*KEYS, "async_rtt_s", "loop_rtt_s"):
+    for key in (*KEYS, "async_rtt_s", "loop_rtt_s", "sync_echo_s", "logged_p50_over_sync_echo"):
         assert report[key] > 0, key
     assert report["accepted_p99_s"] >= report["accepted_p50_s"]
     assert report["logged_p99_s"] >= report["logged_p50_s"]

@@ -77,6 +77,86 @@ def test_a_finished_batch_reaches_the_event_loop_with_no_request_to_carry_it(ans
     anyio.run(main)
 
 
+def test_a_jobs_next_batch_goes_to_its_lingering_thread_and_no_batch_waits_while_a_thread_is_free() -> None:
+    """A job's batches stay on the thread that ran its last one while that thread lingers idle (they no
+    longer go round every thread, each waking the loop when its linger ran out); a batch preferring a
+    busy thread runs on another one at once."""
+    async def main() -> None:
+        threads = SyncThreads(threads=2, linger=3600.0)
+        ran_on: list[int | None] = []
+
+        async def run(prefer: int | None, work: Callable[[], bool] | None = None) -> int | None:
+            finished = anyio.Event()
+
+            def record() -> bool:
+                ran_on.append(threads.current())
+                return True if work is None else work()
+
+            threads.submit(record, lambda exc: finished.set(), prefer=prefer)
+            with anyio.fail_after(30):
+                while not finished.is_set():
+                    threads.settle()
+                    await anyio.sleep(0.001)
+            return ran_on[-1]
+
+        first = await run(None)
+        assert first is not None
+        for _ in range(20):
+            assert await run(first) == first  # it lingers idle after each: the job stays there
+        # That thread is busy with another job's slow sync: the job's next batch does not wait for it.
+        release = threading.Event()
+        busy = threading.Event()
+
+        def slow() -> bool:
+            busy.set()
+            return release.wait(30)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, first, slow)
+            await anyio.to_thread.run_sync(busy.wait, 30)
+            other = await run(first)
+            assert other is not None and other != first
+            release.set()
+        # Every thread lingers for its job (for an hour here): a new job's batch is still taken at once, by
+        # one of them, and work beyond the threads waits for the first one free, in order.
+        ran_on.clear()
+        assert {await run(first), await run(other)} == {first, other}
+        for _ in range(3):
+            assert await run(None) in (first, other)
+        # Both threads busy: more work waits, and is taken as they finish.
+        gate = threading.Event()
+        holding = [threading.Event(), threading.Event()]
+        ran: list[int] = []
+        finished: list[BaseException | None] = []
+
+        def hold(i: int) -> Callable[[], bool]:
+            def run() -> bool:
+                holding[i].set()
+                return gate.wait(30)
+            return run
+
+        for i in range(2):
+            threads.submit(hold(i), finished.append)
+        for event in holding:
+            await anyio.to_thread.run_sync(event.wait, 30)
+        def note(n: int) -> Callable[[], bool]:
+            def run() -> bool:
+                ran.append(n)
+                return True
+            return run
+
+        for n in (1, 2, 3):
+            threads.submit(note(n), finished.append)
+        assert ran == []  # no thread was free
+        gate.set()
+        with anyio.fail_after(30):
+            while len(finished) < 5:
+                threads.settle()
+                await anyio.sleep(0.001)
+        assert sorted(ran) == [1, 2, 3] and finished == [None] * 5
+    anyio.run(main)
+
+
 def test_a_failed_batch_hands_its_error_to_the_event_loop() -> None:
     async def main() -> None:
         threads = SyncThreads(threads=1)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any
 
@@ -86,11 +87,18 @@ def resolve(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     error = resolve(args)
     if error is not None:
         print(f"autosaved bench: error: {error}", file=sys.stderr)
         return 2
+    # A benchmark stopped with SIGTERM (a CI timeout, ``kill``) unwinds like one stopped with Ctrl-C: its
+    # private daemons and temp dirs are cleaned up (the default action left the daemon running).
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     mode = MODES.get(args.bench_mode)
     code: int = (mode[0] if mode is not None else data).run(args)
     return code

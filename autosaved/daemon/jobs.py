@@ -42,7 +42,6 @@ class LogWaiter:
     """A logged request waiting for its record's fsync (shared with the others in its group commit)."""
 
     record: Record
-    done: anyio.Event = field(default_factory=anyio.Event)
     error: Exception | None = None
     # Called (on the event loop) once the record's batch is synced or failed: the rpc layer answers from it.
     notify: Callable[[], None] | None = None
@@ -133,6 +132,8 @@ class Job:
     log_pending: list[LogWaiter] = field(default_factory=list)
     log_writing: list[LogWaiter] = field(default_factory=list)
     log_flushing: bool = False
+    # The log thread that synced its last batch: its next one goes there if that thread is idle (walcommit).
+    log_thread: int | None = None
     # Set by ``delete`` (under the job's key lock): nothing may be acknowledged for it or written into its
     # folder any more; a request for the job waits for the delete and then starts a new job.
     deleted: bool = False

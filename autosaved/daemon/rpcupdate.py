@@ -20,6 +20,8 @@ from .rpcbase import Deferred, HandlerBase, Reply, RpcRequest, Started, _opt_int
 from .slottable import SlotConn
 
 MAX_META_BYTES = 64 * 1024
+# What closes a request whose reply a log thread already sent (rpcserver: never sent again).
+SENT_EARLY = Reply({})
 
 
 @dataclass
@@ -304,6 +306,9 @@ class UpdateOps(HandlerBase):
         """The record's batch was synced (or failed): answer the update."""
         if waiter.error is not None:
             deferred.resolve(waiter.error)
+            return
+        if deferred.sent_early:
+            deferred.resolve(SENT_EARLY)  # the log thread sent the reply: this only closes the request
             return
         try:
             reply = Reply({"ack": "logged", "durable": job.durable.get(u.session, 0), "lsn": waiter.record.lsn,

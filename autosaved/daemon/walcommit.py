@@ -18,11 +18,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ..errors import NotFound, StorageError
-from ..policy import log_over_bound
+from ..policy import log_over
 from ..storage.faults import point
-from ..storage.wal import Record
+from ..storage.wal import Record, replay_speed
 from .jobs import Job, LogWaiter, raise_durable
 
 log = logging.getLogger("autosaved.wal")
@@ -34,6 +35,15 @@ _Work = tuple[Callable[[], bool], asyncio.AbstractEventLoop, Done, contextvars.C
 # How long a log thread that answered its batch itself waits before waking the event loop for the
 # batch's bookkeeping (see SyncThreads).
 LINGER = 0.002
+
+
+@dataclass(eq=False)
+class _LogThread:
+    number: int
+    # Work handed to this thread (by :meth:`SyncThreads.submit`, under its lock): also what wakes it.
+    inbox: queue.SimpleQueue[_Work] = field(default_factory=queue.SimpleQueue)
+    # Idle after work it answered itself, for at most the linger: the same job's next batch comes here.
+    lingering: bool = False
 
 
 class SyncThreads:
@@ -62,23 +72,35 @@ class SyncThreads:
       batch waits :data:`LINGER` for such a request and wakes the loop itself if none came; a batch it
       could not answer (an error, a request with client slots) wakes the loop at once.
 
-    Tried and dropped (issue 21, ``scripts/cost_per_request.py``): with 8 threads on one queue, one client's
-    batches go round all of them (each thread wakes about once per update: ~7.6 of ~11.9 switches of a
-    ``logged`` update). One thread per client (threads started as work needs them, or a stack of idle
-    threads) cut that to 8-10 switches, but on the loaded host (load 6-12) one client's ``logged`` updates
-    got slower in most runs (per second 220-565 against 342-878, mean latency up to 4x) and its CPU per
-    update did not drop reliably; the idle stack also cost 8 clients more (15.5-16.2 switches and 555-625 µs
-    per update against 11.6-12.5 and 472-513). A thread that runs every millisecond may wait behind other
-    processes more than eight that each slept for eight; to be measured on a quiet host before trying again.
+    Work is handed to a thread, not left on one queue they all wait on (:meth:`submit`): a job's next batch
+    to the thread that ran its last one while that thread lingers, else to an idle thread, else to one
+    lingering for another job, else it waits for the first thread to finish. With one shared queue, one
+    client's batches went round all 8 threads: each batch woke another thread than the one lingering after
+    the last, whose linger then ran out and woke the loop for nothing. Measured over 5,000 ``logged``
+    updates of one client (``cProfile``): the event loop went round 7,035 times with one queue, 5,084 with
+    the job's thread preferred. ``scripts/cost_per_request.py --what small,eight --waits logged``, the two
+    builds alternating three times each (load 1.4-3.1): one client's daemon CPU per update 541-561 ->
+    456-474 µs, thread switches 11.0 -> 8.2, updates per second 1,172-1,296 -> 1,339-1,380, p50 0.76-0.78
+    -> 0.70-0.73 ms; 8 clients' 2,141-2,254 -> 2,101-2,244 per second (unchanged). A thread
+    is only preferred while it lingers, and a lingering thread takes any job's work when no thread is
+    idle: a batch never waits behind another job's sync, or for a linger to run out, while a thread is free.
+    An earlier try (a thread per client, started as work came, or a stack of idle threads) was dropped
+    after runs at load 6-12 where one client's ``logged`` updates got slower; those runs did not separate
+    the design from the load.
     And handing work over at the end of the loop's step (``call_soon``, so the woken thread
     would not wait for the GIL the loop holds) made the hop slower (d2->d3 ~130 µs against ~100 µs under
     the same load), as the thread then also waited for the rest of the step.
     """
 
     def __init__(self, threads: int = 8, linger: float = LINGER) -> None:
-        self._count = threads
         self._linger = linger
-        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._threads = [_LogThread(i) for i in range(threads)]
+        # Who may be handed work, and the work no thread was free for; all guarded by ``_lock``.
+        self._lock = threading.Lock()
+        self._idle: list[_LogThread] = []
+        self._lingering: dict[_LogThread, None] = {}  # oldest first
+        self._backlog: collections.deque[_Work] = collections.deque()
+        self._current = threading.local()
         self._started = False
         # Finished work whose ``done`` the event loop has not run yet (appended by threads, run by the loop).
         self._completed: collections.deque[tuple[Done, BaseException | None, contextvars.Context]] = \
@@ -86,14 +108,37 @@ class SyncThreads:
         self._wake_lock = threading.Lock()
         self._wake_pending = False
 
-    def submit(self, func: Callable[[], bool], done: Done) -> None:
-        """Run ``func()`` in one of the threads; then ``done(exception or None)`` on this event loop."""
+    def current(self) -> int | None:
+        """In a log thread: its number (what :meth:`submit` takes as ``prefer``)."""
+        number: int | None = getattr(self._current, "number", None)
+        return number
+
+    def submit(self, func: Callable[[], bool], done: Done, prefer: int | None = None) -> None:
+        """Run ``func()`` in a log thread, then ``done(exception or None)`` on this event loop. The thread:
+        ``prefer`` if it lingers after its last work (the job's previous batch ran there: :meth:`current`),
+        else an idle one, else one lingering for another job, else the first to finish its work."""
         if not self._started:
             self._started = True
-            for i in range(self._count):
-                threading.Thread(target=self._work, name=f"autosaved-log-{i}", daemon=True).start()
+            for t in self._threads:
+                threading.Thread(target=self._work, args=(t,), name=f"autosaved-log-{t.number}", daemon=True).start()
+                self._idle.append(t)
         # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
-        self._queue.put((func, asyncio.get_running_loop(), done, contextvars.copy_context()))
+        item = (func, asyncio.get_running_loop(), done, contextvars.copy_context())
+        with self._lock:
+            thread: _LogThread | None = None
+            if prefer is not None and self._threads[prefer].lingering:
+                thread = self._threads[prefer]
+            elif self._idle:
+                thread = self._idle.pop()
+            elif self._lingering:
+                thread = next(iter(self._lingering))
+            if thread is None:
+                self._backlog.append(item)
+                return
+            if thread.lingering:
+                thread.lingering = False
+                del self._lingering[thread]
+            thread.inbox.put(item)
 
     def settle(self) -> None:
         """On the event loop: run what finished work left to do here (cheap when nothing did)."""
@@ -115,21 +160,12 @@ class SyncThreads:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (the daemon is exiting)
             loop.call_soon_threadsafe(self._woken)
 
-    def _work(self) -> None:
-        lingering: asyncio.AbstractEventLoop | None = None
+    def _work(self, me: _LogThread) -> None:
+        self._current.number = me.number
+        item: _Work | None = None
         while True:
-            if lingering is not None:
-                try:
-                    item: _Work | None = self._queue.get(timeout=self._linger)
-                except queue.Empty:
-                    item = None
-                if self._completed:  # no request settled it meanwhile
-                    self._wake(lingering)
-                lingering = None
-                if item is None:
-                    continue
-            else:
-                item = self._queue.get()
+            if item is None:
+                item = me.inbox.get()  # idle: until work is handed over
             func, loop, done, context = item
             error: BaseException | None = None
             answered = False
@@ -138,11 +174,35 @@ class SyncThreads:
             except BaseException as exc:
                 error = exc
             self._completed.append((done, error, context))
-            if error is None and answered:
-                lingering = loop
-            else:
-                self._wake(loop)
+            lingers = error is None and answered
             del item, func, done, error, context
+            with self._lock:
+                item = self._backlog.popleft() if self._backlog else None
+                if item is None and lingers:
+                    me.lingering = True
+                    self._lingering[me] = None
+                elif item is None:
+                    self._idle.append(me)
+            if not lingers or item is not None:
+                self._wake(loop)  # nothing will settle it soon: wake the loop now
+                continue
+            try:
+                item = me.inbox.get(timeout=self._linger)
+            except queue.Empty:
+                with self._lock:
+                    if me.lingering:  # nobody handed it work meanwhile
+                        me.lingering = False
+                        del self._lingering[me]
+                        self._idle.append(me)
+                    else:  # handed work as the linger ran out: it is in the inbox already (put under the lock)
+                        item = me.inbox.get_nowait()
+            if self._completed:  # no request settled it meanwhile
+                self._wake(loop)
+            del loop
+
+
+def wal_size(job: Job) -> int:
+    return job.wal.size if job.wal is not None else 0
 
 
 def _answer_synced(job: Job, batch: list[LogWaiter]) -> bool:
@@ -195,16 +255,6 @@ class LogCommitter:
             self._next(job)
         return waiter
 
-    async def wait(self, waiter: LogWaiter) -> None:
-        """Until the record's batch is synced; its error, if the append failed."""
-        await waiter.done.wait()
-        if waiter.error is not None:
-            raise waiter.error
-
-    async def submit(self, job: Job, waiter: LogWaiter) -> None:
-        """Queue a record (taken from the job in the caller's event-loop step) and wait for its sync."""
-        await self.wait(self.enqueue(job, waiter))
-
     def _next(self, job: Job) -> None:
         """The flusher's next step: the next batch now if the lock is free, a task that waits for it if not,
         or the end of this flusher when nothing is pending."""
@@ -232,11 +282,12 @@ class LogCommitter:
         took: list[float] = []
 
         def timed() -> bool:
+            job.log_thread = self._threads.current()  # its next batch prefers this thread (SyncThreads)
             answered = append()
             took.append(time.perf_counter() - started)
             return answered
 
-        self._threads.submit(timed, lambda exc: self._appended(job, batch, exc, took))
+        self._threads.submit(timed, lambda exc: self._appended(job, batch, exc, took), prefer=job.log_thread)
 
     def settle(self) -> None:
         """On the event loop: finish the bookkeeping of batches synced since (see :class:`SyncThreads`)."""
@@ -276,7 +327,7 @@ class LogCommitter:
             if took and self.observe_sync is not None:
                 self.observe_sync(took[0])
             self.records += len(records)
-            if log_over_bound(job.view()):
+            if log_over(job.settings, wal_size(job), replay_speed.value):
                 self._poke(job)  # the log a restart would replay reached its bound: save now (policy.log_bytes)
             self._done(job, batch, None)
         elif isinstance(exc, Exception):
@@ -307,7 +358,6 @@ class LogCommitter:
             if w.hold is not None:
                 w.hold.release()  # written (or failed): its slots are the state's business now
             w.error = error
-            w.done.set()
             if w.notify is not None:
                 try:
                     w.notify()  # the reply goes out from here: no task waits per request

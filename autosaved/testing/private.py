@@ -102,7 +102,11 @@ class PrivateDaemon:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PrivateDaemon:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a start that failed or was interrupted (SIGTERM, Ctrl-C): no daemon left behind
+            self.cleanup()
+            raise
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.cleanup()
