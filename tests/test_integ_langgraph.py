@@ -159,3 +159,44 @@ def test_bench_langgraph_runs_every_saver_beside_its_peer() -> None:
             r["autosaved_logged"]["p50_ms"] / r["sqlite_full"]["p50_ms"], 3)
         assert "autosaved_accepted_p50_vs_sqlite_default" in r
     assert result["puts"] == 20
+
+
+def test_put_writes_after_put_is_one_request_and_the_first_write_still_wins(daemon: PrivateDaemon) -> None:
+    """A graph step is put_writes on the checkpoint the saver just put: it knows that one has no writes yet,
+    so the writes go in one request, without reading the checkpoint's writes first (perf, issue 21). A
+    checkpoint it did not just create (another saver's, or an older one put again) is still read first, so
+    LangGraph's "the first write of a (task, idx) wins" holds."""
+    thread = {"thread_id": "w", "checkpoint_ns": ""}
+
+    def counted(saver: AutosavedSaver) -> list[object]:
+        restores: list[object] = []
+        real = saver._client.restore
+        saver._client.restore = lambda **kw: (restores.append(kw), real(**kw))[1]  # type: ignore[method-assign]
+        return restores
+
+    def put(saver: AutosavedSaver, cp: dict[str, object], parent: str | None) -> dict[str, object]:
+        config = {"configurable": {**thread, **({"checkpoint_id": parent} if parent else {})}}
+        return saver.put(config, cp, {"step": 1, "source": "loop"}, {})  # type: ignore[arg-type,return-value]
+
+    cps = [empty_checkpoint(), empty_checkpoint()]
+    for cp in cps:
+        cp["id"] = str(uuid6(clock_seq=-1))
+    with AutosavedSaver("writes", address=daemon.address) as saver:
+        restores = counted(saver)
+        first = put(saver, cps[0], None)
+        restores.clear()
+        saver.put_writes(first, [("ch", "first")], "task-1")  # type: ignore[arg-type]
+        second = put(saver, cps[1], cps[0]["id"])
+        saver.put_writes(second, [("ch", "a")], "task-2")  # type: ignore[arg-type]
+        saver.put_writes(second, [("ch", "b")], "task-2")  # type: ignore[arg-type]  # the same (task, idx)
+        assert restores == []
+    with AutosavedSaver("writes", address=daemon.address) as other:  # knows nothing of these checkpoints
+        restores = counted(other)
+        put(other, cps[0], None)  # an older checkpoint put again: it has writes
+        restores.clear()
+        other.put_writes(first, [("ch", "second")], "task-1")  # type: ignore[arg-type]
+        other.put_writes(second, [("ch", "c")], "task-2")  # type: ignore[arg-type]
+        assert len(restores) == 2  # each read first
+        for config, write in ((first, ("task-1", "ch", "first")), (second, ("task-2", "ch", "a"))):
+            got = other.get_tuple(config)  # type: ignore[arg-type]
+            assert got is not None and got.pending_writes == [write]

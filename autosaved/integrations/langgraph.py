@@ -27,7 +27,9 @@ part of the SDK and protocol for everyone (a rank's part, one stage of a pipelin
 Cost of a ``put``: one update that carries this checkpoint's record and the values of the channels in
 ``new_versions`` — never the history; the daemon merges it in memory, logs that delta alone (at
 ``wait="logged"``) and its content-addressed store writes only new chunks on a save. The first put on a
-thread by a saver also reads the thread's ``latest`` pointer once (cached after).
+thread by a saver also reads the thread's ``latest`` pointer once (cached after). A ``put_writes`` is one
+update too: the saver remembers which writes it stored (a new checkpoint it put has none), and reads a
+checkpoint's writes only for one it has not seen.
 
 Durability is the SDK's ``wait``: ``"logged"`` (default) returns once the delta is fsynced in the daemon's
 write-ahead log, so it survives SIGKILL of this process and of the daemon; ``"accepted"`` returns once it
@@ -308,7 +310,18 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         yield ("update", delta)
         if newest is None or cid > newest:
             self._latest[key] = cid
+            # A checkpoint newer than the thread's latest is new: it has no writes yet (but what this saver
+            # wrote for it before), so the graph's put_writes for it need not read them first: a round trip
+            # less per step (perf, issue 21). Another process writing it at once is the known limit above.
+            if (tid, ns, cid) not in self._written:
+                self._remember_written((tid, ns, cid), set())
         return {"configurable": {"thread_id": tid, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    def _remember_written(self, key: tuple[str, str, str], seen: set[str]) -> None:
+        self._written[key] = seen
+        self._written.move_to_end(key)
+        while len(self._written) > _WRITTEN_CACHE:
+            self._written.popitem(last=False)
 
     def _plan_put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
                          task_path: str) -> Plan:
@@ -319,10 +332,7 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         if seen is None:
             (stored,) = yield ("restore", [(T, tid, "w", ns, cid)])
             seen = set(stored or ())
-        self._written[key] = seen
-        self._written.move_to_end(key)
-        while len(self._written) > _WRITTEN_CACHE:
-            self._written.popitem(last=False)
+        self._remember_written(key, seen)
         entries: dict[str, Any] = {}
         for idx, (channel, value) in enumerate(writes):
             at = WRITES_IDX_MAP.get(channel, idx)
