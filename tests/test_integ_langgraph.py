@@ -200,3 +200,23 @@ def test_put_writes_after_put_is_one_request_and_the_first_write_still_wins(daem
         for config, write in ((first, ("task-1", "ch", "first")), (second, ("task-2", "ch", "a"))):
             got = other.get_tuple(config)  # type: ignore[arg-type]
             assert got is not None and got.pending_writes == [write]
+
+
+def test_a_graph_that_read_its_thread_puts_without_reading_latest_again(daemon: PrivateDaemon) -> None:
+    """A graph run starts with get_tuple (which reads the thread's ``latest``) and then puts: the put uses
+    what get_tuple saw instead of a second read (perf, issue 21), on an empty thread and on a long one."""
+    with AutosavedSaver("seen", address=daemon.address) as writer:
+        parent = _put(writer, "long", 0, None)
+    with AutosavedSaver("seen", address=daemon.address) as saver:
+        restores: list[object] = []
+        real = saver._client.restore
+        saver._client.restore = lambda **kw: (restores.append(kw), real(**kw))[1]  # type: ignore[method-assign]
+        assert saver.get_tuple({"configurable": {"thread_id": "new"}}) is None
+        assert saver.get_tuple({"configurable": {"thread_id": "long"}}) is not None
+        restores.clear()
+        _put(saver, "new", 0, None)
+        newest = _put(saver, "long", 1, parent)
+        assert restores == []
+        got = saver.get_tuple({"configurable": {"thread_id": "long"}})
+        assert got is not None and got.config["configurable"]["checkpoint_id"] == newest
+        assert saver.get_tuple({"configurable": {"thread_id": "new"}}) is not None

@@ -109,7 +109,8 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         self._sync_lock = threading.Lock()
         self._connected = False
         self._aio: dict[int, tuple[asyncio.AbstractEventLoop, AsyncClient]] = {}
-        self._latest: dict[tuple[str, str], str] = {}
+        # (thread, ns) -> its newest checkpoint id as this saver last saw it (None: none yet).
+        self._latest: dict[tuple[str, str], str | None] = {}
         self._written: OrderedDict[tuple[str, str, str], set[str]] = OrderedDict()
 
     # -- drivers -----------------------------------------------------------------------------------
@@ -207,6 +208,7 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         cid = get_checkpoint_id(config)
         if cid is None:
             (cid,) = yield ("restore", [(T, tid, "latest", ns)])
+            self._saw_latest((tid, ns), cid)  # the graph's next put on the thread need not read it again
             if cid is None:
                 return None
         rec, writes = yield ("restore", [(T, tid, "cp", ns, cid), (T, tid, "w", ns, cid)])
@@ -298,9 +300,8 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         key = (tid, ns)
         if key not in self._latest:
             (known,) = yield ("restore", [(T, tid, "latest", ns)])
-            if known is not None:
-                self._latest[key] = known
-        newest = self._latest.get(key)
+            self._saw_latest(key, known)
+        newest = self._latest[key]
         if newest is None or cid > newest:
             thread["latest"] = {ns: cid}
         delta: dict[str, Any] = {T: {tid: thread}}
@@ -316,6 +317,11 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
             if (tid, ns, cid) not in self._written:
                 self._remember_written((tid, ns, cid), set())
         return {"configurable": {"thread_id": tid, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    def _saw_latest(self, key: tuple[str, str], cid: str | None) -> None:
+        known = self._latest.get(key)
+        if key not in self._latest or (cid is not None and (known is None or cid > known)):
+            self._latest[key] = cid
 
     def _remember_written(self, key: tuple[str, str, str], seen: set[str]) -> None:
         self._written[key] = seen
