@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final, Literal
 
 import numpy as np
 
 from .errors import InvalidValue
 from .protocol import INLINE_LEAF_MAX, INLINE_TOTAL_MAX
-from .tree import DELETE, MSGPACK_INT_MAX, MSGPACK_INT_MIN, PLAIN_TYPES, TORCH_ITEMSIZE, Blob, Walked, path_str
+from .tree import (
+    DELETE,
+    MSGPACK_INT_MAX,
+    MSGPACK_INT_MIN,
+    PLAIN_TYPES,
+    TORCH_ITEMSIZE,
+    Blob,
+    Walked,
+    path_str,
+    unlink,
+)
 
 TensorMode = Literal["numpy", "torch"]
 
@@ -171,17 +181,6 @@ def _path(linked: Any) -> list[str | int]:
     return keys[::-1]
 
 
-def _unlink(*walkers: Callable[..., Any]) -> None:
-    """Empty the closure cells of nested functions that call each other, once they are done: such functions
-    are a reference cycle that only the cyclic garbage collector frees. The encoder's were 28 objects per
-    LangGraph put: a young collection every 25 puts and, every few thousand, a full one over the whole
-    process (perf, issue 21). (A ``del`` of the names does the same, but linters read it as a use before
-    definition.)"""
-    for walker in walkers:
-        for cell in walker.__closure__ or ():
-            cell.cell_contents = None
-
-
 def encode(value: Any, *, allow_delete: bool = False, pinned: PinnedBuffers | None = None, inline: bool = False,
            small: bool = False) -> tuple[Any, list[Blob]]:
     """:func:`pack` and :func:`autosaved.tree.to_node` in one walk: validate a user value and encode it
@@ -322,7 +321,7 @@ def encode(value: Any, *, allow_delete: bool = False, pinned: PinnedBuffers | No
         return enc(value, ()), blobs
     finally:
         Walked.entries += budget - left[0]
-        _unlink(enc, mapping, sequence)
+        unlink(enc, mapping, sequence)
 
 
 def _blob_bytes(blob: Blob) -> memoryview:

@@ -235,6 +235,23 @@ class Blob:
         return kind, dtype, tuple(shape), expected
 
 
+def unlink(*walkers: Callable[..., Any]) -> None:
+    """Break the reference cycle of nested functions that call themselves or each other through their
+    closures, once they are done: only the cyclic garbage collector would free them. The encoders' and
+    decoders' walkers were 9 to 28 such objects per request, in the client (a young collection every 25
+    LangGraph puts, every few thousand a full one over the whole process) and in the daemon (perf, issue
+    21). Only the cells that hold one of ``walkers`` are emptied: the variables they share with the
+    enclosing function keep their values."""
+    for walker in walkers:
+        for cell in walker.__closure__ or ():
+            try:
+                held = cell.cell_contents
+            except ValueError:  # a cell whose variable was never bound
+                continue
+            if any(held is w for w in walkers):
+                cell.cell_contents = None
+
+
 def path_str(path: Sequence[str | int]) -> str:
     return "state" + "".join(f"[{p!r}]" for p in path)
 
@@ -312,7 +329,10 @@ def to_node(tree: Any, *, allow_delete: bool = False, inline_max: int = 0,
             "torch tensors)"
         )
 
-    return enc(tree, []), blobs
+    try:
+        return enc(tree, []), blobs
+    finally:
+        unlink(enc)
 
 
 # The exact types msgpack and JSON decode scalars to: values of these types are leaves as they are.
@@ -414,7 +434,10 @@ def from_node(node: Any, blobs: Sequence[Blob], *, allow_delete: bool = False, a
             return Replace(inner)
         raise ProtocolError(f"unknown or misplaced node tag {tag!r}")
 
-    tree = dec(node, 0, False)
+    try:
+        tree = dec(node, 0, False)
+    finally:
+        unlink(dec)
     if len(used) != len(blobs):
         raise ProtocolError("message carries blobs the state does not reference")
     return tree

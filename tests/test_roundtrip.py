@@ -184,14 +184,18 @@ def test_encode_matches_pack_then_to_node() -> None:
             encode(bad, allow_delete=True, inline=True)
 
 
-def test_encode_leaves_no_garbage_for_the_cycle_collector() -> None:
-    """The encoder's walkers call each other through closures (a reference cycle per call): 28 objects per
-    LangGraph put that only the cyclic collector freed, a young collection every 25 puts and every few
-    thousand a full one over the whole process (perf, issue 21). They are freed when the call returns now,
-    on success and on error."""
+def test_encoders_and_decoders_leave_no_garbage_for_the_cycle_collector() -> None:
+    """The walkers of the client's encoder and of the tree's encoder and decoder call themselves or each
+    other through closures (a reference cycle per call): 28 objects per LangGraph put in the client, 20 in
+    the daemon, that only the cyclic collector freed (in the client a young collection every 25 puts and
+    every few thousand a full one over the whole process: perf, issue 21). They are freed when the call
+    returns now, on success and on error."""
     import gc
 
     from autosaved.codec import NotSmall, encode
+    from autosaved.errors import ProtocolError
+    from autosaved.protocol import INLINE_LEAF_MAX
+    from autosaved.tree import from_node, to_node
 
     put = {"threads": {"t": {"cp": {"": {"1": {"c": ["msgpack", b"\x81"], "p": None}}}, "latest": {"": "1"}}}}
     gc.collect()
@@ -204,6 +208,11 @@ def test_encode_leaves_no_garbage_for_the_cycle_collector() -> None:
                 encode({"a": np.zeros(2)}, inline=True, small=True)
             with pytest.raises(autosaved.InvalidValue):
                 encode({"a": {"b": object()}}, allow_delete=True)
+            node, _ = encode(put, allow_delete=True, inline=True, small=True)
+            tree = from_node(node, [], allow_delete=True, inline_max=INLINE_LEAF_MAX)
+            assert to_node(tree, allow_delete=True)[0] != node  # bytes leaves as blob references
+            with pytest.raises(ProtocolError):
+                from_node({"m": [["a", {"q": 1}]]}, [])
         assert gc.collect() == 0
     finally:
         gc.enable()
