@@ -54,10 +54,12 @@ def test_async_clients_come_and_go_on_one_loop_across_loops_and_threads(daemon: 
     """The async client keeps its socket's FD registered with the event loop between requests (perf, issue
     21), so closing must take it off first: a closed FD left registered breaks the next add_reader of its
     number (a new client's socket often gets it). Closed on the loop, after a timeout, after its loop
-    ended, and from another thread while its loop runs."""
+    ended, from another thread while its loop runs, and never (the loop holds it weakly)."""
     import asyncio
+    import gc
     import signal
     import threading
+    import weakref
 
     async def one(job: str, value: int, timeout: float = 10.0) -> autosaved.AsyncClient:
         c = autosaved.AsyncClient(job, address=daemon.address, timeout=timeout)
@@ -68,6 +70,11 @@ def test_async_clients_come_and_go_on_one_loop_across_loops_and_threads(daemon: 
     async def on_one_loop() -> autosaved.AsyncClient:
         for i in range(4):
             (await one(f"come-go-{i}", i)).close()
+        c = await one("dropped", 1)
+        dropped = weakref.ref(c._conn)  # never closed: its connection is collected all the same
+        del c
+        gc.collect()
+        assert dropped() is None
         c = await one("stopped", 1, timeout=0.5)
         daemon.send_signal(signal.SIGSTOP)
         try:

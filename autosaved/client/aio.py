@@ -11,6 +11,8 @@ cost an ``aput`` about as much CPU as the daemon's whole handling of it (perf, i
 from __future__ import annotations
 
 import asyncio
+import functools
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
@@ -41,6 +43,18 @@ from .sync import Client
 T = TypeVar("T")
 
 
+def _look(conn: weakref.ref[AsyncConnection]) -> None:
+    """The reader of a connection's FD (see AsyncConnection._ready)."""
+    alive = conn()
+    if alive is not None:
+        alive._look()
+
+
+def _drop_reader(loop: asyncio.AbstractEventLoop, fd: int, _: object = None) -> None:
+    if not loop.is_closed():
+        loop.remove_reader(fd)
+
+
 class AsyncConnection:
     """A DEALER socket to the daemon that runs flows, one at a time (a lock serialises them, so one
     client may be shared by several tasks: the seq counter and the slot pool are shared state)."""
@@ -64,7 +78,8 @@ class AsyncConnection:
         # The event loop that watches the socket's FD, and the FD: registered once per socket and loop, not
         # once per wait (an add_reader and a remove_reader per reply were a sixth of an aput's client CPU:
         # perf, issue 21). _look wakes the one wait there is at a time (flows are serialised).
-        self._watching: tuple[asyncio.AbstractEventLoop, int] | None = None
+        # (loop, fd, the weak reference the loop's reader holds): see _ready.
+        self._watching: tuple[asyncio.AbstractEventLoop, int, weakref.ref[AsyncConnection]] | None = None
         self._waiter: asyncio.Future[bool] | None = None
         self._waiting_for = 0
 
@@ -156,10 +171,13 @@ class AsyncConnection:
             return True
         loop = asyncio.get_running_loop()
         fd: int = sock.FD
-        if self._watching != (loop, fd):
+        if self._watching is None or self._watching[:2] != (loop, fd):
             self._unwatch()
-            loop.add_reader(fd, self._look)
-            self._watching = (loop, fd)
+            # The reader holds the connection weakly: a client dropped without close() is still collected,
+            # and then its FD leaves the loop before its socket closes (what close() does).
+            me = weakref.ref(self, functools.partial(_drop_reader, loop, fd))
+            loop.add_reader(fd, _look, me)
+            self._watching = (loop, fd, me)
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter, self._waiting_for = waiter, event
 
@@ -189,10 +207,9 @@ class AsyncConnection:
         """Take the socket's FD off its loop, before the socket closes (a closed FD left registered breaks a
         later add_reader of its number). From another thread too: the selector's update is one call."""
         if self._watching is not None:
-            loop, fd = self._watching
-            self._watching = None
-            if not loop.is_closed():
-                loop.remove_reader(fd)
+            loop, fd, _ = self._watching
+            self._watching = None  # and with it the weak reference, whose callback then never runs
+            _drop_reader(loop, fd)
 
     async def _probe(self, sock: zmq.Socket[bytes]) -> None:
         """A ping within the ordinary timeout before the first long op on this socket."""
