@@ -220,3 +220,39 @@ def test_a_graph_that_read_its_thread_puts_without_reading_latest_again(daemon: 
         got = saver.get_tuple({"configurable": {"thread_id": "long"}})
         assert got is not None and got.config["configurable"]["checkpoint_id"] == newest
         assert saver.get_tuple({"configurable": {"thread_id": "new"}}) is not None
+
+
+def test_get_tuple_of_the_checkpoint_the_saver_put_is_two_requests_and_never_stale(daemon: PrivateDaemon) -> None:
+    """A get_tuple of the checkpoint this saver put last on the thread asks for its channel values beside its
+    record (2 requests, not 3: perf, issue 21), and checks the record names those versions: a checkpoint
+    another saver put again with other values reads right."""
+    def counted(saver: AutosavedSaver) -> list[object]:
+        restores: list[object] = []
+        real = saver._client.restore
+        saver._client.restore = lambda **kw: (restores.append(kw), real(**kw))[1]  # type: ignore[method-assign]
+        return restores
+
+    def put(saver: AutosavedSaver, cp_id: str, text: str) -> None:
+        cp = empty_checkpoint()
+        cp["id"] = cp_id
+        version = saver.get_next_version(None, None)
+        cp["channel_values"] = {"messages": text, "step": 1}
+        cp["channel_versions"] = {"messages": version, "step": version}
+        saver.put({"configurable": {"thread_id": "g", "checkpoint_ns": ""}}, cp, {"step": 1, "source": "loop"},
+                  {"messages": version, "step": version})
+
+    thread = {"configurable": {"thread_id": "g"}}
+    cp_id = str(uuid6(clock_seq=-1))
+    with AutosavedSaver("gets", address=daemon.address) as a, AutosavedSaver("gets", address=daemon.address) as b:
+        put(a, cp_id, "from a")
+        restores = counted(a)
+        got = a.get_tuple(thread)  # type: ignore[arg-type]
+        assert len(restores) == 2
+        assert got is not None and got.checkpoint["channel_values"] == {"messages": "from a", "step": 1}
+        cold = b.get_tuple(thread)  # type: ignore[arg-type]  # b never put it: 3 requests, the same tuple
+        assert cold is not None and cold.checkpoint == got.checkpoint and cold.metadata == got.metadata
+        put(b, cp_id, "from b")  # the same checkpoint id, put again by another saver with new versions
+        restores.clear()
+        again = a.get_tuple(thread)  # type: ignore[arg-type]
+        assert again is not None and again.checkpoint["channel_values"] == {"messages": "from b", "step": 1}
+        assert len(restores) == 3  # a's guess was wrong: read again

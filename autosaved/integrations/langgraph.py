@@ -18,7 +18,8 @@ it names (with the SDK's partial restore, ``restore(path=...)`` / ``restore(path
 Why a partial restore and not one job per thread: a thread is the unit LangGraph reads, but it grows
 without bound (10,000 checkpoints is a normal long-lived agent), so "restore the thread's job" would make
 ``get_tuple`` cost the whole history again. A restore by path costs what it names: ``get_tuple`` reads one
-checkpoint record, its writes and the channel versions it references (three small requests at most), and
+checkpoint record, its writes and the channel versions it references (three small requests at most; two
+when this saver put that checkpoint last on the thread), and
 ``list`` on a thread reads that thread's records and then only the values of the checkpoints it returns.
 It also keeps one job per agent for the operator (``autosaved list/status/gc``), one set of retention and
 quota rules, and avoids a job (and a write-ahead log and folder) per conversation. The partial restore is
@@ -73,7 +74,8 @@ from ..tree import DELETE
 __all__ = ["AutosavedSaver"]
 
 T = "threads"
-_WRITTEN_CACHE = 4096  # checkpoints whose write keys a saver remembers (LRU)
+_WRITTEN_CACHE = 4096  # checkpoints whose write keys a saver remembers (LRU), and threads' last puts
+_MAX_GUESS = 4094  # value paths a get_tuple asks for beside the record and its writes (the protocol's 4096)
 
 # A plan is a generator that yields requests and gets their results back: ("restore", paths) → list of
 # subtrees, ("update", delta) → None. One plan serves the sync and the async driver.
@@ -84,6 +86,11 @@ Plan = Generator[Op, Any, Any]
 def _ids(config: RunnableConfig) -> tuple[str, str]:
     conf = config["configurable"]
     return str(conf["thread_id"]), str(conf.get("checkpoint_ns", ""))
+
+
+def _paths_of(tid: str, ns: str, versions: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Where the values of a checkpoint's channel versions are."""
+    return [(T, tid, "v", ns, str(ch), str(ver)) for ch, ver in versions.items()]
 
 
 def _typed(value: Any) -> tuple[str, bytes]:
@@ -112,6 +119,9 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         # (thread, ns) -> its newest checkpoint id as this saver last saw it (None: none yet).
         self._latest: dict[tuple[str, str], str | None] = {}
         self._written: OrderedDict[tuple[str, str, str], set[str]] = OrderedDict()
+        # (thread, ns) -> (id, channel versions) of the checkpoint this saver put last there: a get_tuple of
+        # it asks for its values along with its record (one request less), and checks they were the right ones.
+        self._last_put: OrderedDict[tuple[str, str], tuple[str, dict[str, str]]] = OrderedDict()
 
     # -- drivers -----------------------------------------------------------------------------------
 
@@ -192,8 +202,7 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         )
 
     def _value_paths(self, tid: str, ns: str, rec: dict[str, Any]) -> list[tuple[str, ...]]:
-        versions = self.serde.loads_typed(_typed(rec["c"]))["channel_versions"]
-        return [(T, tid, "v", ns, str(ch), str(ver)) for ch, ver in versions.items()]
+        return _paths_of(tid, ns, self.serde.loads_typed(_typed(rec["c"]))["channel_versions"])
 
     def _values(self, paths: list[tuple[str, ...]], got: list[Any]) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -211,11 +220,18 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
             self._saw_latest((tid, ns), cid)  # the graph's next put on the thread need not read it again
             if cid is None:
                 return None
-        rec, writes = yield ("restore", [(T, tid, "cp", ns, cid), (T, tid, "w", ns, cid)])
+        last = self._last_put.get((tid, ns))
+        guess = _paths_of(tid, ns, last[1]) if last is not None and last[0] == cid else []
+        if len(guess) > _MAX_GUESS:
+            guess = []
+        rec, writes, *guessed = yield ("restore", [(T, tid, "cp", ns, cid), (T, tid, "w", ns, cid), *guess])
         if rec is None:
             return None
         paths = self._value_paths(tid, ns, rec)
-        got = (yield ("restore", paths)) if paths else []
+        if guess and set(paths) == set(guess):  # the record names the versions this saver put
+            paths, got = guess, guessed
+        else:
+            got = (yield ("restore", paths)) if paths else []
         return self._tuple(tid, ns, cid, rec, writes, self._values(paths, got))
 
     def _plan_list(self, config: RunnableConfig | None, filter: dict[str, Any] | None,
@@ -316,6 +332,10 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
             # less per step (perf, issue 21). Another process writing it at once is the known limit above.
             if (tid, ns, cid) not in self._written:
                 self._remember_written((tid, ns, cid), set())
+            self._last_put[key] = (cid, {str(ch): str(ver) for ch, ver in checkpoint["channel_versions"].items()})
+            self._last_put.move_to_end(key)
+            while len(self._last_put) > _WRITTEN_CACHE:
+                self._last_put.popitem(last=False)
         return {"configurable": {"thread_id": tid, "checkpoint_ns": ns, "checkpoint_id": cid}}
 
     def _saw_latest(self, key: tuple[str, str], cid: str | None) -> None:
@@ -375,6 +395,8 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
             del self._latest[key]
         for wkey in [k for k in self._written if k[0] == tid]:
             del self._written[wkey]
+        for pkey in [k for k in self._last_put if k[0] == tid]:
+            del self._last_put[pkey]
 
     def _plan_delete_threads(self, thread_ids: Sequence[str]) -> Plan:
         tids = [str(t) for t in thread_ids]
