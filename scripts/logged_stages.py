@@ -79,12 +79,12 @@ _PROBE = textwrap.dedent('''
             mark("fsync>"); sync(fd); mark("fsync<")
         fileops.fdatasync = fdatasync
         submit = walcommit.SyncThreads.submit
-        def submitted(self, func, done, prefer=None):
+        def submitted(self, func, done, *args, **kwargs):
             mark("submit")
             def run():
                 mark("thread")
                 return func()
-            return submit(self, run, done, prefer)
+            return submit(self, run, done, *args, **kwargs)
         walcommit.SyncThreads.submit = submitted
         receiver_init = rpcsocket.Receiver.__init__
         def init(self, sock, handle, *args, **kwargs):
