@@ -14,8 +14,8 @@ Per request it prints the CPU time of the client process and of the daemon (all 
 hand-off between threads, each wait for the GIL or the disk), beside the p50/p90/mean latency, which the
 host's load does blur. ``--threads`` adds the same per thread (libzmq names its I/O thread ``ZMQbg/IO/0``; the
 daemon's main thread is marked ``*``). Needs ``pip install 'autosaved[langgraph]'`` for ``put``.
-Compare two trees by running it from each tree's root with ``PYTHONPATH=<tree>``, alternately, on one host:
-the private daemon runs ``python -m autosaved``, which imports from the working directory first.
+Compare two trees by running it with ``PYTHONPATH=<tree>`` for each, alternately, on one host: the private
+daemon runs the same tree as the client (``PYTHONSAFEPATH``: not the working directory's).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import autosaved
 from autosaved import Client
 from autosaved.bench.small import _DAEMON_CONFIG, logged_per_s, small_delta
 from autosaved.testing.private import PrivateDaemon
@@ -134,7 +136,11 @@ def main() -> None:
     args = p.parse_args()
     what, n, warm = args.what.split(","), args.count, 20
     print(f"load {os.getloadavg()[0]:.2f}", flush=True)
-    with PrivateDaemon(config=_DAEMON_CONFIG) as daemon:
+    # The daemon runs the tree this script imports (not whatever the working directory holds: ``python -m``
+    # would put it first on the path).
+    tree = str(Path(autosaved.__file__).resolve().parent.parent)
+    env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+    with PrivateDaemon(config=_DAEMON_CONFIG, env=env) as daemon:
         assert daemon.proc is not None
         pid = daemon.proc.pid
         for wait in args.waits.split(","):
