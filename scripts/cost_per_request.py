@@ -1,17 +1,21 @@
 """What one request costs the client and the daemon, in figures a busy host does not blur much (issue 21).
 
-    python scripts/cost_per_request.py [--count 1500] [--what put,small,eight] [--waits accepted,logged] [--threads]
+    python scripts/cost_per_request.py [--count 1500] [--what put,small,eight,pair] [--waits accepted,logged]
+                                        [--threads]
 
 Runs a private daemon and, one after the other: ``put`` (LangGraph ``AutosavedSaver.put`` of the checkpoints
 ``autosaved bench langgraph`` uses), ``small`` (``Client.update`` of ``bench small``'s delta) at each ``--waits``
-level, and ``eight`` (``bench small``'s ``logged`` throughput window with 1 and then 8 client processes).
+level, ``eight`` (``bench small``'s ``logged`` throughput window with 1 and then 8 client processes), and
+``pair`` (two clients of one job in two threads sending a ``logged`` update at once, round after round: the
+median of the slower one's latency, two syncs when the second record's batch starts right after the
+first's).
 Per request it prints the CPU time of the client process and of the daemon (all their threads, from
 ``/proc/<pid>/task/*/schedstat``, in µs) and their voluntary context switches (thread switches: each
 hand-off between threads, each wait for the GIL or the disk), beside the p50/p90/mean latency, which the
 host's load does blur. ``--threads`` adds the same per thread (libzmq names its I/O thread ``ZMQbg/IO/0``; the
 daemon's main thread is marked ``*``). Needs ``pip install 'autosaved[langgraph]'`` for ``put``.
-Compare two trees by running it from each tree's root with ``PYTHONPATH=<tree>``, alternately, on one host:
-the private daemon runs ``python -m autosaved``, which imports from the working directory first.
+Compare two trees by running it with ``PYTHONPATH=<tree>`` for each, alternately, on one host: the private
+daemon runs the same tree as the client (``PYTHONSAFEPATH``: not the working directory's).
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import json
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import autosaved
 from autosaved import Client
 from autosaved.bench.small import _DAEMON_CONFIG, logged_per_s, small_delta
 from autosaved.testing.private import PrivateDaemon
@@ -89,17 +95,52 @@ def _timed(call: Callable[[int], object], start: int, n: int) -> Callable[[], li
     return run
 
 
+def pair(address: str, rounds: int) -> dict[str, float]:
+    import threading
+
+    clients = [Client("pair", address=address) for _ in range(2)]
+    try:
+        for c in clients:
+            for i in range(20):
+                c.update(small_delta(i), wait="logged")
+        together = threading.Barrier(2)
+        latencies: list[list[float]] = [[], []]
+
+        def run(k: int) -> None:
+            for i in range(rounds):
+                together.wait()
+                t = time.perf_counter()
+                clients[k].update(small_delta(i), wait="logged")
+                latencies[k].append(time.perf_counter() - t)
+
+        workers = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        slower = sorted(max(a, b) for a, b in zip(*latencies, strict=True))
+        return {"slower_p50_ms": round(1e3 * slower[len(slower) // 2], 3),
+                "slower_p90_ms": round(1e3 * slower[int(0.9 * len(slower))], 3)}
+    finally:
+        for c in clients:
+            c.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=1500, help="requests per measure (default 1500)")
-    p.add_argument("--what", default="put,small,eight", help="put, small and/or eight (default: all)")
+    p.add_argument("--what", default="put,small,eight,pair", help="put, small, eight and/or pair (default: all)")
     p.add_argument("--waits", default="accepted,logged", help="ack levels for put and small")
     p.add_argument("--seconds", type=float, default=2.0, help="the window of eight (default 2 s)")
     p.add_argument("--threads", action="store_true", help="per thread too")
     args = p.parse_args()
     what, n, warm = args.what.split(","), args.count, 20
     print(f"load {os.getloadavg()[0]:.2f}", flush=True)
-    with PrivateDaemon(config=_DAEMON_CONFIG) as daemon:
+    # The daemon runs the tree this script imports (not whatever the working directory holds: ``python -m``
+    # would put it first on the path).
+    tree = str(Path(autosaved.__file__).resolve().parent.parent)
+    env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+    with PrivateDaemon(config=_DAEMON_CONFIG, env=env) as daemon:
         assert daemon.proc is not None
         pid = daemon.proc.pid
         for wait in args.waits.split(","):
@@ -120,6 +161,8 @@ def main() -> None:
                         return client.update(small_delta(i), wait=wait)
                     _timed(update, 0, warm)()
                     measure(f"small {wait}", _timed(update, warm, n), n, pid, args.threads)
+        if "pair" in what:
+            print(json.dumps({"what": "two logged writers of one job", **pair(daemon.address, n)}), flush=True)
         if "eight" in what:
             for clients in (1, 8):
                 before = per_thread(pid)

@@ -2,7 +2,7 @@
 
     python scripts/logged_stages.py [--count 3000] [--waits accepted,logged]
 
-Runs a private daemon (from this tree: run it from the tree's root) with a probe that stamps the moments a
+Runs a private daemon (of the tree this script imports) with a probe that stamps the moments a
 request passes (``time.perf_counter``, CLOCK_MONOTONIC: the client's stamps and the daemon's are on one
 clock), drives ``--count`` updates of ``autosaved bench small``'s ~200-byte delta at each level, and prints
 the median of each stage beside the floors measured in the same run (a raw ZeroMQ round trip, and a 200-byte
@@ -40,6 +40,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import autosaved
 from autosaved import Client
 from autosaved.bench.small import _DAEMON_CONFIG, fsync_s, rtt_s, small_delta, sync_echo_s
 from autosaved.testing.private import PrivateDaemon
@@ -79,12 +80,12 @@ _PROBE = textwrap.dedent('''
             mark("fsync>"); sync(fd); mark("fsync<")
         fileops.fdatasync = fdatasync
         submit = walcommit.SyncThreads.submit
-        def submitted(self, func, done, prefer=None):
+        def submitted(self, func, done, *args, **kwargs):
             mark("submit")
             def run():
                 mark("thread")
                 return func()
-            return submit(self, run, done, prefer)
+            return submit(self, run, done, *args, **kwargs)
         walcommit.SyncThreads.submit = submitted
         receiver_init = rpcsocket.Receiver.__init__
         def init(self, sock, handle, *args, **kwargs):
@@ -170,7 +171,9 @@ def main() -> None:
         (probe_dir / "sitecustomize.py").write_text(_PROBE)
         stamps = Path(tmp) / "stamps.json"
         env = {"AUTOSAVED_STAGES": str(stamps),
-               "PYTHONPATH": os.pathsep.join([str(probe_dir), os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+               "PYTHONSAFEPATH": "1",  # the daemon runs the tree this script imports, not the working directory's
+               "PYTHONPATH": os.pathsep.join([str(probe_dir), str(Path(autosaved.__file__).resolve().parent.parent),
+                                              os.environ.get("PYTHONPATH", "")])}
         report: dict[str, object] = {"load": round(os.getloadavg()[0], 2)}
         with PrivateDaemon(config=_DAEMON_CONFIG, env=env) as daemon:
             assert daemon.proc is not None

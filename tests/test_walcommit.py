@@ -157,6 +157,20 @@ def test_a_jobs_next_batch_goes_to_its_lingering_thread_and_no_batch_waits_while
     anyio.run(main)
 
 
+def test_work_queued_behind_an_answered_batch_wakes_the_loop_at_once() -> None:
+    """A job's second writer's record waits for the first batch's ``done`` to start its own: a thread whose
+    batch answered everything still wakes the loop at once when ``more()`` says so, instead of lingering
+    (measured before: the second of two concurrent ``logged`` updates to one job waited for the linger,
+    slower-of-the-pair p50 2.0-3.4 ms against 1.2-1.4 ms now; scripts in the closing note of issue 21)."""
+    async def main() -> None:
+        threads = SyncThreads(threads=1, linger=3600.0)  # lingering, it would wake the loop in an hour
+        done = anyio.Event()
+        threads.submit(lambda: True, lambda exc: done.set(), more=lambda: True)
+        with anyio.fail_after(30):
+            await done.wait()  # nothing calls settle here
+    anyio.run(main)
+
+
 def test_a_failed_batch_hands_its_error_to_the_event_loop() -> None:
     async def main() -> None:
         threads = SyncThreads(threads=1)

@@ -29,9 +29,9 @@ from .jobs import Job, LogWaiter, raise_durable
 log = logging.getLogger("autosaved.wal")
 # Called on the event loop once a thread's work returned: its exception, or None.
 Done = Callable[[BaseException | None], None]
-# What a log thread is handed: the work (which returns whether it answered every request itself), and
-# where and how to report back.
-_Work = tuple[Callable[[], bool], asyncio.AbstractEventLoop, Done, contextvars.Context]
+# What a log thread is handed: the work (which returns whether it answered every request itself), where
+# and how to report back, and whether more work waits for that report (see SyncThreads.submit).
+_Work = tuple[Callable[[], bool], asyncio.AbstractEventLoop, Done, contextvars.Context, Callable[[], bool] | None]
 # How long a log thread that answered its batch itself waits before waking the event loop for the
 # batch's bookkeeping (see SyncThreads).
 LINGER = 0.002
@@ -113,17 +113,20 @@ class SyncThreads:
         number: int | None = getattr(self._current, "number", None)
         return number
 
-    def submit(self, func: Callable[[], bool], done: Done, prefer: int | None = None) -> None:
+    def submit(self, func: Callable[[], bool], done: Done, prefer: int | None = None,
+               more: Callable[[], bool] | None = None) -> None:
         """Run ``func()`` in a log thread, then ``done(exception or None)`` on this event loop. The thread:
         ``prefer`` if it lingers after its last work (the job's previous batch ran there: :meth:`current`),
-        else an idle one, else one lingering for another job, else the first to finish its work."""
+        else an idle one, else one lingering for another job, else the first to finish its work. ``more()``
+        (asked in the thread once ``done`` is queued): whether work waits for ``done`` to run, so the
+        loop is woken at once even though ``func`` answered everything itself."""
         if not self._started:
             self._started = True
             for t in self._threads:
                 threading.Thread(target=self._work, args=(t,), name=f"autosaved-log-{t.number}", daemon=True).start()
                 self._idle.append(t)
         # ``done`` runs in this caller's context, not the thread's: anyio finds its event loop through it.
-        item = (func, asyncio.get_running_loop(), done, contextvars.copy_context())
+        item = (func, asyncio.get_running_loop(), done, contextvars.copy_context(), more)
         with self._lock:
             thread: _LogThread | None = None
             if prefer is not None and self._threads[prefer].lingering:
@@ -166,7 +169,7 @@ class SyncThreads:
         while True:
             if item is None:
                 item = me.inbox.get()  # idle: until work is handed over
-            func, loop, done, context = item
+            func, loop, done, context, more = item
             error: BaseException | None = None
             answered = False
             try:
@@ -174,8 +177,10 @@ class SyncThreads:
             except BaseException as exc:
                 error = exc
             self._completed.append((done, error, context))
-            lingers = error is None and answered
-            del item, func, done, error, context
+            # Records queued behind this batch (a second writer of the job) wait for ``done`` to start theirs:
+            # lingering would leave them waiting for the next request or the linger's end.
+            lingers = error is None and answered and not (more is not None and more())
+            del item, func, done, error, context, more
             with self._lock:
                 item = self._backlog.popleft() if self._backlog else None
                 if item is None and lingers:
@@ -248,8 +253,11 @@ class LogCommitter:
 
     def enqueue(self, job: Job, waiter: LogWaiter) -> LogWaiter:
         """Queue a record; the caller takes it from the job in this same event-loop step (lsn order)."""
-        self._threads.settle()  # a batch of this job synced meanwhile: its flusher goes on from here
         job.log_pending.append(waiter)
+        # A batch of this job synced meanwhile: its bookkeeping starts the next batch, with this record. After
+        # the append: a log thread checks for pending records only after its completion is queued, so this
+        # settle or that check sees the other (see SyncThreads.submit's ``more``).
+        self._threads.settle()
         if not job.log_flushing:
             job.log_flushing = True
             self._next(job)
@@ -287,7 +295,8 @@ class LogCommitter:
             took.append(time.perf_counter() - started)
             return answered
 
-        self._threads.submit(timed, lambda exc: self._appended(job, batch, exc, took), prefer=job.log_thread)
+        self._threads.submit(timed, lambda exc: self._appended(job, batch, exc, took), prefer=job.log_thread,
+                             more=lambda: bool(job.log_pending))
 
     def settle(self) -> None:
         """On the event loop: finish the bookkeeping of batches synced since (see :class:`SyncThreads`)."""
