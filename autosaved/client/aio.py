@@ -75,10 +75,9 @@ class AsyncConnection:
         self._limit = 0.0
         self._deadline = 0.0
         self._heard = False  # this socket has had a reply (see base.probe_frames)
-        # The event loop that watches the socket's FD, and the FD: registered once per socket and loop, not
-        # once per wait (an add_reader and a remove_reader per reply were a sixth of an aput's client CPU:
-        # perf, issue 21). _look wakes the one wait there is at a time (flows are serialised).
-        # (loop, fd, the weak reference the loop's reader holds): see _ready.
+        # (loop, FD, the weak reference the loop's reader holds): the socket's FD is registered once per
+        # socket and loop, not once per wait (an add_reader and a remove_reader per reply were a sixth of an
+        # aput's client CPU: perf, issue 21); _look wakes the one wait there is at a time (flows are serialised).
         self._watching: tuple[asyncio.AbstractEventLoop, int, weakref.ref[AsyncConnection]] | None = None
         self._waiter: asyncio.Future[bool] | None = None
         self._waiting_for = 0
