@@ -63,10 +63,11 @@ def test_async_clients_come_and_go_on_one_loop_across_loops_and_threads(daemon: 
     from autosaved.client.aio import AsyncConnection
 
     def connections() -> int:
+        gc.collect()  # what earlier tests in this process left in cycles goes first
         return sum(type(o) is AsyncConnection for o in gc.get_objects())
 
-    async def one(job: str, value: int, timeout: float = 10.0) -> autosaved.AsyncClient:
-        c = autosaved.AsyncClient(job, address=daemon.address, timeout=timeout)
+    async def one(job: str, value: int) -> autosaved.AsyncClient:
+        c = autosaved.AsyncClient(job, address=daemon.address, timeout=30)
         await c.update({"v": value})
         assert await c.restore(path=["v"]) == value
         return c
@@ -77,15 +78,16 @@ def test_async_clients_come_and_go_on_one_loop_across_loops_and_threads(daemon: 
         before = connections()
         c = await one("dropped", 1)
         del c  # never closed: its connection is collected all the same
-        gc.collect()
         assert connections() == before
-        c = await one("stopped", 1, timeout=0.5)
+        c = await one("stopped", 1)
+        c.timeout = 0.5
         daemon.send_signal(signal.SIGSTOP)
         try:
             with pytest.raises(autosaved.DaemonUnavailable):
                 await c.update({"v": 2})  # times out: the client drops its socket on the loop
         finally:
             daemon.send_signal(signal.SIGCONT)
+        c.timeout = 30.0
         await c.update({"v": 3})  # a new socket, watched anew
         return c
 
