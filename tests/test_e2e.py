@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -202,6 +203,24 @@ def test_hung_daemon_times_out(daemon: PrivateDaemon) -> None:
         daemon.send_signal(signal.SIGCONT)
     c.update({"a": 2})  # a new socket after the timeout; the daemon is back
     assert c.restore() == {"a": 2}
+    c.close()
+
+
+def test_a_timeout_lowered_between_requests_bounds_the_next_one(daemon: PrivateDaemon) -> None:
+    """The blocking client keeps the receive timeout it set on its socket while it still fits the request's
+    deadline (perf, issue 21): one set for a 60 s timeout must not outlive a lowered one."""
+    c = autosaved.Client("lowered", address=daemon.address, timeout=60)
+    c.connect()
+    c.update({"a": 1})
+    c.timeout = 0.5
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(autosaved.DaemonUnavailable, match=r"within 0\.5s"):
+            c.update({"a": 2})
+        assert time.monotonic() - start < 30  # a receive timeout kept from before (60 s, or a hello's 600 s) would not
+    finally:
+        daemon.send_signal(signal.SIGCONT)
     c.close()
 
 

@@ -159,3 +159,100 @@ def test_bench_langgraph_runs_every_saver_beside_its_peer() -> None:
             r["autosaved_logged"]["p50_ms"] / r["sqlite_full"]["p50_ms"], 3)
         assert "autosaved_accepted_p50_vs_sqlite_default" in r
     assert result["puts"] == 20
+
+
+def test_put_writes_after_put_is_one_request_and_the_first_write_still_wins(daemon: PrivateDaemon) -> None:
+    """A graph step is put_writes on the checkpoint the saver just put: it knows that one has no writes yet,
+    so the writes go in one request, without reading the checkpoint's writes first (perf, issue 21). A
+    checkpoint it did not just create (another saver's, or an older one put again) is still read first, so
+    LangGraph's "the first write of a (task, idx) wins" holds."""
+    thread = {"thread_id": "w", "checkpoint_ns": ""}
+
+    def counted(saver: AutosavedSaver) -> list[object]:
+        restores: list[object] = []
+        real = saver._client.restore
+        saver._client.restore = lambda **kw: (restores.append(kw), real(**kw))[1]  # type: ignore[method-assign]
+        return restores
+
+    def put(saver: AutosavedSaver, cp: dict[str, object], parent: str | None) -> dict[str, object]:
+        config = {"configurable": {**thread, **({"checkpoint_id": parent} if parent else {})}}
+        return saver.put(config, cp, {"step": 1, "source": "loop"}, {})  # type: ignore[arg-type,return-value]
+
+    cps = [empty_checkpoint(), empty_checkpoint()]
+    for cp in cps:
+        cp["id"] = str(uuid6(clock_seq=-1))
+    with AutosavedSaver("writes", address=daemon.address) as saver:
+        restores = counted(saver)
+        first = put(saver, cps[0], None)
+        restores.clear()
+        saver.put_writes(first, [("ch", "first")], "task-1")  # type: ignore[arg-type]
+        second = put(saver, cps[1], cps[0]["id"])
+        saver.put_writes(second, [("ch", "a")], "task-2")  # type: ignore[arg-type]
+        saver.put_writes(second, [("ch", "b")], "task-2")  # type: ignore[arg-type]  # the same (task, idx)
+        assert restores == []
+    with AutosavedSaver("writes", address=daemon.address) as other:  # knows nothing of these checkpoints
+        restores = counted(other)
+        put(other, cps[0], None)  # an older checkpoint put again: it has writes
+        restores.clear()
+        other.put_writes(first, [("ch", "second")], "task-1")  # type: ignore[arg-type]
+        other.put_writes(second, [("ch", "c")], "task-2")  # type: ignore[arg-type]
+        assert len(restores) == 2  # each read first
+        for config, write in ((first, ("task-1", "ch", "first")), (second, ("task-2", "ch", "a"))):
+            got = other.get_tuple(config)  # type: ignore[arg-type]
+            assert got is not None and got.pending_writes == [write]
+
+
+def test_a_graph_that_read_its_thread_puts_without_reading_latest_again(daemon: PrivateDaemon) -> None:
+    """A graph run starts with get_tuple (which reads the thread's ``latest``) and then puts: the put uses
+    what get_tuple saw instead of a second read (perf, issue 21), on an empty thread and on a long one."""
+    with AutosavedSaver("seen", address=daemon.address) as writer:
+        parent = _put(writer, "long", 0, None)
+    with AutosavedSaver("seen", address=daemon.address) as saver:
+        restores: list[object] = []
+        real = saver._client.restore
+        saver._client.restore = lambda **kw: (restores.append(kw), real(**kw))[1]  # type: ignore[method-assign]
+        assert saver.get_tuple({"configurable": {"thread_id": "new"}}) is None
+        assert saver.get_tuple({"configurable": {"thread_id": "long"}}) is not None
+        restores.clear()
+        _put(saver, "new", 0, None)
+        newest = _put(saver, "long", 1, parent)
+        assert restores == []
+        got = saver.get_tuple({"configurable": {"thread_id": "long"}})
+        assert got is not None and got.config["configurable"]["checkpoint_id"] == newest
+        assert saver.get_tuple({"configurable": {"thread_id": "new"}}) is not None
+
+
+def test_get_tuple_of_the_checkpoint_the_saver_put_is_two_requests_and_never_stale(daemon: PrivateDaemon) -> None:
+    """A get_tuple of the checkpoint this saver put last on the thread asks for its channel values beside its
+    record (2 requests, not 3: perf, issue 21), and checks the record names those versions: a checkpoint
+    another saver put again with other values reads right."""
+    def counted(saver: AutosavedSaver) -> list[object]:
+        restores: list[object] = []
+        real = saver._client.restore
+        saver._client.restore = lambda **kw: (restores.append(kw), real(**kw))[1]  # type: ignore[method-assign]
+        return restores
+
+    def put(saver: AutosavedSaver, cp_id: str, text: str) -> None:
+        cp = empty_checkpoint()
+        cp["id"] = cp_id
+        version = saver.get_next_version(None, None)
+        cp["channel_values"] = {"messages": text, "step": 1}
+        cp["channel_versions"] = {"messages": version, "step": version}
+        saver.put({"configurable": {"thread_id": "g", "checkpoint_ns": ""}}, cp, {"step": 1, "source": "loop"},
+                  {"messages": version, "step": version})
+
+    thread = {"configurable": {"thread_id": "g"}}
+    cp_id = str(uuid6(clock_seq=-1))
+    with AutosavedSaver("gets", address=daemon.address) as a, AutosavedSaver("gets", address=daemon.address) as b:
+        put(a, cp_id, "from a")
+        restores = counted(a)
+        got = a.get_tuple(thread)  # type: ignore[arg-type]
+        assert len(restores) == 2
+        assert got is not None and got.checkpoint["channel_values"] == {"messages": "from a", "step": 1}
+        cold = b.get_tuple(thread)  # type: ignore[arg-type]  # b never put it: 3 requests, the same tuple
+        assert cold is not None and cold.checkpoint == got.checkpoint and cold.metadata == got.metadata
+        put(b, cp_id, "from b")  # the same checkpoint id, put again by another saver with new versions
+        restores.clear()
+        again = a.get_tuple(thread)  # type: ignore[arg-type]
+        assert again is not None and again.checkpoint["channel_values"] == {"messages": "from b", "step": 1}
+        assert len(restores) == 3  # a's guess was wrong: read again

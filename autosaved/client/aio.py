@@ -11,6 +11,8 @@ cost an ``aput`` about as much CPU as the daemon's whole handling of it (perf, i
 from __future__ import annotations
 
 import asyncio
+import functools
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar
@@ -41,6 +43,18 @@ from .sync import Client
 T = TypeVar("T")
 
 
+def _look(conn: weakref.ref[AsyncConnection]) -> None:
+    """The reader of a connection's FD (see AsyncConnection._ready)."""
+    alive = conn()
+    if alive is not None:
+        alive._look()
+
+
+def _drop_reader(loop: asyncio.AbstractEventLoop, fd: int, _: object = None) -> None:
+    if not loop.is_closed():
+        loop.remove_reader(fd)
+
+
 class AsyncConnection:
     """A DEALER socket to the daemon that runs flows, one at a time (a lock serialises them, so one
     client may be shared by several tasks: the seq counter and the slot pool are shared state)."""
@@ -61,6 +75,12 @@ class AsyncConnection:
         self._limit = 0.0
         self._deadline = 0.0
         self._heard = False  # this socket has had a reply (see base.probe_frames)
+        # (loop, FD, the weak reference the loop's reader holds): the socket's FD is registered once per
+        # socket and loop, not once per wait (an add_reader and a remove_reader per reply were a sixth of an
+        # aput's client CPU: perf, issue 21); _look wakes the one wait there is at a time (flows are serialised).
+        self._watching: tuple[asyncio.AbstractEventLoop, int, weakref.ref[AsyncConnection]] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._waiting_for = 0
 
     async def run(self, flow: Flow[T]) -> T:
         await self._lock.acquire()
@@ -87,6 +107,7 @@ class AsyncConnection:
                 self._lock.release()
 
     def close(self) -> None:
+        self._unwatch()
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
@@ -134,36 +155,60 @@ class AsyncConnection:
     async def _recv_by(self, sock: zmq.Socket[bytes], deadline: float) -> list[memoryview] | None:
         """The next message, or ``None`` at the deadline. Waiting holds no message: a cancelled wait loses none."""
         while True:
+            # Ask EVENTS first (what _ready does): a reply is never there yet right after its request, and
+            # the failed receive's zmq.Again cost three times the look (perf, issue 21).
+            if not await self._ready(sock, zmq.POLLIN, deadline):
+                return None
             try:
                 return [f.buffer for f in sock.recv_multipart(zmq.NOBLOCK, copy=False)]
             except zmq.Again:
-                if not await self._ready(sock, zmq.POLLIN, deadline):
-                    return None
+                continue
 
     async def _ready(self, sock: zmq.Socket[bytes], event: int, deadline: float) -> bool:
-        """Wait until ``sock`` has ``event`` or the deadline passed (False). ZeroMQ's FD only says "look at
-        EVENTS again": it is readable until EVENTS is read, so each wake-up reads it."""
+        """Wait until ``sock`` has ``event`` or the deadline passed (False)."""
         if sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
             return True
         loop = asyncio.get_running_loop()
+        fd: int = sock.FD
+        if self._watching is None or self._watching[:2] != (loop, fd):
+            self._unwatch()
+            # The reader holds the connection weakly: a client dropped without close() is still collected,
+            # and then its FD leaves the loop before its socket closes (what close() does).
+            me = weakref.ref(self, functools.partial(_drop_reader, loop, fd))
+            loop.add_reader(fd, _look, me)
+            self._watching = (loop, fd, me)
         waiter: asyncio.Future[bool] = loop.create_future()
-
-        def look() -> None:
-            if not waiter.done() and sock.getsockopt(zmq.EVENTS) & event:  # type: ignore[operator]
-                waiter.set_result(True)
+        self._waiter, self._waiting_for = waiter, event
 
         def expire() -> None:
             if not waiter.done():
                 waiter.set_result(False)
 
-        fd: int = sock.FD
-        loop.add_reader(fd, look)
-        timer = loop.call_at(loop.time() + max(0.0, deadline - anyio.current_time()), expire)
+        # anyio's clock on the asyncio backend is the loop's.
+        timer = loop.call_at(max(loop.time(), deadline), expire)
         try:
             return await waiter
         finally:
             timer.cancel()
-            loop.remove_reader(fd)
+            self._waiter = None
+
+    def _look(self) -> None:
+        """The FD's reader. ZeroMQ's FD only says "look at EVENTS again": it stays readable until EVENTS is
+        read, so every wake-up reads it, whether a wait is on or not."""
+        if self._sock is None:
+            return
+        events = self._sock.getsockopt(zmq.EVENTS)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and events & self._waiting_for:  # type: ignore[operator]
+            waiter.set_result(True)
+
+    def _unwatch(self) -> None:
+        """Take the socket's FD off its loop, before the socket closes (a closed FD left registered breaks a
+        later add_reader of its number). From another thread too: the selector's update is one call."""
+        if self._watching is not None:
+            loop, fd, _ = self._watching
+            self._watching = None  # and with it the weak reference, whose callback then never runs
+            _drop_reader(loop, fd)
 
     async def _probe(self, sock: zmq.Socket[bytes]) -> None:
         """A ping within the ordinary timeout before the first long op on this socket."""

@@ -18,7 +18,8 @@ it names (with the SDK's partial restore, ``restore(path=...)`` / ``restore(path
 Why a partial restore and not one job per thread: a thread is the unit LangGraph reads, but it grows
 without bound (10,000 checkpoints is a normal long-lived agent), so "restore the thread's job" would make
 ``get_tuple`` cost the whole history again. A restore by path costs what it names: ``get_tuple`` reads one
-checkpoint record, its writes and the channel versions it references (three small requests at most), and
+checkpoint record, its writes and the channel versions it references (three small requests at most; two
+when this saver put that checkpoint last on the thread), and
 ``list`` on a thread reads that thread's records and then only the values of the checkpoints it returns.
 It also keeps one job per agent for the operator (``autosaved list/status/gc``), one set of retention and
 quota rules, and avoids a job (and a write-ahead log and folder) per conversation. The partial restore is
@@ -27,7 +28,9 @@ part of the SDK and protocol for everyone (a rank's part, one stage of a pipelin
 Cost of a ``put``: one update that carries this checkpoint's record and the values of the channels in
 ``new_versions`` — never the history; the daemon merges it in memory, logs that delta alone (at
 ``wait="logged"``) and its content-addressed store writes only new chunks on a save. The first put on a
-thread by a saver also reads the thread's ``latest`` pointer once (cached after).
+thread by a saver also reads the thread's ``latest`` pointer once (cached after). A ``put_writes`` is one
+update too: the saver remembers which writes it stored (a new checkpoint it put has none), and reads a
+checkpoint's writes only for one it has not seen.
 
 Durability is the SDK's ``wait``: ``"logged"`` (default) returns once the delta is fsynced in the daemon's
 write-ahead log, so it survives SIGKILL of this process and of the daemon; ``"accepted"`` returns once it
@@ -71,7 +74,8 @@ from ..tree import DELETE
 __all__ = ["AutosavedSaver"]
 
 T = "threads"
-_WRITTEN_CACHE = 4096  # checkpoints whose write keys a saver remembers (LRU)
+_WRITTEN_CACHE = 4096  # checkpoints whose write keys a saver remembers (LRU), and threads' last puts
+_MAX_GUESS = 4094  # value paths a get_tuple asks for beside the record and its writes (the protocol's 4096)
 
 # A plan is a generator that yields requests and gets their results back: ("restore", paths) → list of
 # subtrees, ("update", delta) → None. One plan serves the sync and the async driver.
@@ -82,6 +86,11 @@ Plan = Generator[Op, Any, Any]
 def _ids(config: RunnableConfig) -> tuple[str, str]:
     conf = config["configurable"]
     return str(conf["thread_id"]), str(conf.get("checkpoint_ns", ""))
+
+
+def _paths_of(tid: str, ns: str, versions: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Where the values of a checkpoint's channel versions are."""
+    return [(T, tid, "v", ns, str(ch), str(ver)) for ch, ver in versions.items()]
 
 
 def _typed(value: Any) -> tuple[str, bytes]:
@@ -107,8 +116,12 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         self._sync_lock = threading.Lock()
         self._connected = False
         self._aio: dict[int, tuple[asyncio.AbstractEventLoop, AsyncClient]] = {}
-        self._latest: dict[tuple[str, str], str] = {}
+        # (thread, ns) -> its newest checkpoint id as this saver last saw it (None: none yet).
+        self._latest: dict[tuple[str, str], str | None] = {}
         self._written: OrderedDict[tuple[str, str, str], set[str]] = OrderedDict()
+        # (thread, ns) -> (id, channel versions) of the checkpoint this saver put last there: a get_tuple of
+        # it asks for its values along with its record (one request less), and checks they were the right ones.
+        self._last_put: OrderedDict[tuple[str, str], tuple[str, dict[str, str]]] = OrderedDict()
 
     # -- drivers -----------------------------------------------------------------------------------
 
@@ -189,8 +202,7 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         )
 
     def _value_paths(self, tid: str, ns: str, rec: dict[str, Any]) -> list[tuple[str, ...]]:
-        versions = self.serde.loads_typed(_typed(rec["c"]))["channel_versions"]
-        return [(T, tid, "v", ns, str(ch), str(ver)) for ch, ver in versions.items()]
+        return _paths_of(tid, ns, self.serde.loads_typed(_typed(rec["c"]))["channel_versions"])
 
     def _values(self, paths: list[tuple[str, ...]], got: list[Any]) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -205,13 +217,21 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         cid = get_checkpoint_id(config)
         if cid is None:
             (cid,) = yield ("restore", [(T, tid, "latest", ns)])
+            self._saw_latest((tid, ns), cid)  # the graph's next put on the thread need not read it again
             if cid is None:
                 return None
-        rec, writes = yield ("restore", [(T, tid, "cp", ns, cid), (T, tid, "w", ns, cid)])
+        last = self._last_put.get((tid, ns))
+        guess = _paths_of(tid, ns, last[1]) if last is not None and last[0] == cid else []
+        if len(guess) > _MAX_GUESS:
+            guess = []
+        rec, writes, *guessed = yield ("restore", [(T, tid, "cp", ns, cid), (T, tid, "w", ns, cid), *guess])
         if rec is None:
             return None
         paths = self._value_paths(tid, ns, rec)
-        got = (yield ("restore", paths)) if paths else []
+        if guess and set(paths) == set(guess):  # the record names the versions this saver put
+            paths, got = guess, guessed
+        else:
+            got = (yield ("restore", paths)) if paths else []
         return self._tuple(tid, ns, cid, rec, writes, self._values(paths, got))
 
     def _plan_list(self, config: RunnableConfig | None, filter: dict[str, Any] | None,
@@ -296,9 +316,8 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         key = (tid, ns)
         if key not in self._latest:
             (known,) = yield ("restore", [(T, tid, "latest", ns)])
-            if known is not None:
-                self._latest[key] = known
-        newest = self._latest.get(key)
+            self._saw_latest(key, known)
+        newest = self._latest[key]
         if newest is None or cid > newest:
             thread["latest"] = {ns: cid}
         delta: dict[str, Any] = {T: {tid: thread}}
@@ -308,7 +327,27 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         yield ("update", delta)
         if newest is None or cid > newest:
             self._latest[key] = cid
+            # A checkpoint newer than the thread's latest is new: it has no writes yet (but what this saver
+            # wrote for it before), so the graph's put_writes for it need not read them first: a round trip
+            # less per step (perf, issue 21). Another process writing it at once is the known limit above.
+            if (tid, ns, cid) not in self._written:
+                self._remember_written((tid, ns, cid), set())
+            self._last_put[key] = (cid, {str(ch): str(ver) for ch, ver in checkpoint["channel_versions"].items()})
+            self._last_put.move_to_end(key)
+            while len(self._last_put) > _WRITTEN_CACHE:
+                self._last_put.popitem(last=False)
         return {"configurable": {"thread_id": tid, "checkpoint_ns": ns, "checkpoint_id": cid}}
+
+    def _saw_latest(self, key: tuple[str, str], cid: str | None) -> None:
+        known = self._latest.get(key)
+        if key not in self._latest or (cid is not None and (known is None or cid > known)):
+            self._latest[key] = cid
+
+    def _remember_written(self, key: tuple[str, str, str], seen: set[str]) -> None:
+        self._written[key] = seen
+        self._written.move_to_end(key)
+        while len(self._written) > _WRITTEN_CACHE:
+            self._written.popitem(last=False)
 
     def _plan_put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
                          task_path: str) -> Plan:
@@ -319,10 +358,7 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         if seen is None:
             (stored,) = yield ("restore", [(T, tid, "w", ns, cid)])
             seen = set(stored or ())
-        self._written[key] = seen
-        self._written.move_to_end(key)
-        while len(self._written) > _WRITTEN_CACHE:
-            self._written.popitem(last=False)
+        self._remember_written(key, seen)
         entries: dict[str, Any] = {}
         for idx, (channel, value) in enumerate(writes):
             at = WRITES_IDX_MAP.get(channel, idx)
@@ -359,6 +395,8 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
             del self._latest[key]
         for wkey in [k for k in self._written if k[0] == tid]:
             del self._written[wkey]
+        for pkey in [k for k in self._last_put if k[0] == tid]:
+            del self._last_put[pkey]
 
     def _plan_delete_threads(self, thread_ids: Sequence[str]) -> Plan:
         tids = [str(t) for t in thread_ids]
