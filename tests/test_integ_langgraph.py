@@ -222,6 +222,28 @@ def test_a_graph_that_read_its_thread_puts_without_reading_latest_again(daemon: 
         assert saver.get_tuple({"configurable": {"thread_id": "new"}}) is not None
 
 
+def test_a_saver_remembers_a_bounded_number_of_threads_and_an_evicted_one_stays_right(
+        daemon: PrivateDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread -> latest checkpoint cache is bounded (it grew with every thread a saver ever saw); a
+    thread it forgot reads ``latest`` again, so an older checkpoint put there never moves it back."""
+    import autosaved.integrations.langgraph as lg
+
+    monkeypatch.setattr(lg, "_WRITTEN_CACHE", 4)
+    with AutosavedSaver("bounded", address=daemon.address) as saver:
+        first = _put(saver, "t0", 0, None)
+        newest = _put(saver, "t0", 1, first)
+        for i in range(1, 10):
+            _put(saver, f"t{i}", 0, None)
+        assert len(saver._latest) <= 4 and ("t0", "") not in saver._latest
+        # An older checkpoint id put again on the forgotten thread: latest stays the newest one.
+        older = empty_checkpoint()
+        older["id"] = first
+        saver.put({"configurable": {"thread_id": "t0", "checkpoint_ns": ""}}, older, {"step": 0}, {})
+        got = saver.get_tuple({"configurable": {"thread_id": "t0"}})
+        assert got is not None and got.config["configurable"]["checkpoint_id"] == newest
+        assert len(saver._latest) <= 4
+
+
 def test_get_tuple_of_the_checkpoint_the_saver_put_is_two_requests_and_never_stale(daemon: PrivateDaemon) -> None:
     """A get_tuple of the checkpoint this saver put last on the thread asks for its channel values beside its
     record (2 requests, not 3: perf, issue 21), and checks the record names those versions: a checkpoint

@@ -74,7 +74,7 @@ from ..tree import DELETE
 __all__ = ["AutosavedSaver"]
 
 T = "threads"
-_WRITTEN_CACHE = 4096  # checkpoints whose write keys a saver remembers (LRU), and threads' last puts
+_WRITTEN_CACHE = 4096  # checkpoints whose write keys a saver remembers (LRU), threads' last puts and latest
 _MAX_GUESS = 4094  # value paths a get_tuple asks for beside the record and its writes (the protocol's 4096)
 
 # A plan is a generator that yields requests and gets their results back: ("restore", paths) → list of
@@ -117,7 +117,9 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
         self._connected = False
         self._aio: dict[int, tuple[asyncio.AbstractEventLoop, AsyncClient]] = {}
         # (thread, ns) -> its newest checkpoint id as this saver last saw it (None: none yet).
-        self._latest: dict[tuple[str, str], str | None] = {}
+        # (bounded like the caches below: a saver serving many threads must not grow without end; a thread
+        # evicted reads its ``latest`` again at its next put)
+        self._latest: OrderedDict[tuple[str, str], str | None] = OrderedDict()
         self._written: OrderedDict[tuple[str, str, str], set[str]] = OrderedDict()
         # (thread, ns) -> (id, channel versions) of the checkpoint this saver put last there: a get_tuple of
         # it asks for its values along with its record (one request less), and checks they were the right ones.
@@ -326,7 +328,7 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
             delta["runs"] = {str(run): {tid: {ns: {cid: 1}}}}
         yield ("update", delta)
         if newest is None or cid > newest:
-            self._latest[key] = cid
+            self._set_latest(key, cid)
             # A checkpoint newer than the thread's latest is new: it has no writes yet (but what this saver
             # wrote for it before), so the graph's put_writes for it need not read them first: a round trip
             # less per step (perf, issue 21). Another process writing it at once is the known limit above.
@@ -341,7 +343,13 @@ class AutosavedSaver(BaseCheckpointSaver[str]):
     def _saw_latest(self, key: tuple[str, str], cid: str | None) -> None:
         known = self._latest.get(key)
         if key not in self._latest or (cid is not None and (known is None or cid > known)):
-            self._latest[key] = cid
+            self._set_latest(key, cid)
+
+    def _set_latest(self, key: tuple[str, str], cid: str | None) -> None:
+        self._latest[key] = cid
+        self._latest.move_to_end(key)
+        while len(self._latest) > _WRITTEN_CACHE:
+            self._latest.popitem(last=False)
 
     def _remember_written(self, key: tuple[str, str, str], seen: set[str]) -> None:
         self._written[key] = seen
